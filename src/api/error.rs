@@ -1,0 +1,174 @@
+//! The one place where errors become HTTP: status + OpenAI error JSON
+//! `{"error":{"message","type","param","code"}}`. Also the JSON extractor that makes
+//! malformed bodies come back in that shape, naming the offending field.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error` naming a parameter.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: (!param.is_empty()).then(|| param.to_string()),
+            code: None,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("not_found"),
+        }
+    }
+
+    pub fn model_not_found(model: &str, served: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist; this server serves `{served}`"),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    fn server(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            message,
+            kind,
+            param: None,
+            code: Some(code),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::QueueFull(_) => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "queue_full",
+                msg,
+            ),
+            EngineError::Loading => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_loading",
+                msg,
+            ),
+            EngineError::Unavailable(_) => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "engine_unavailable",
+                msg,
+            ),
+            EngineError::Template(_) => {
+                Self::invalid("messages", msg).with_code("invalid_messages")
+            }
+            EngineError::Tokenizer(_) => Self::invalid("", msg),
+            EngineError::Load(_) | EngineError::Fetch(_) | EngineError::Model(_) => Self::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                msg,
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// JSON body extractor whose rejections are OpenAI errors naming the bad field.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError {
+                status: e.status(),
+                message: format!("could not read the request body: {}", e.body_text()),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_body"),
+            })?;
+        if !is_json && bytes.is_empty() {
+            return Err(ApiError::invalid(
+                "",
+                "expected a JSON body (Content-Type: application/json)",
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::invalid("", format!("malformed JSON body: {e}")).with_code("invalid_json")
+        })?;
+        parse(&value).map(Json)
+    }
+}
+
+/// Deserialize `T` from a parsed body, naming the offending field in the error.
+pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = if path == "." { String::new() } else { path };
+        let msg = if param.is_empty() {
+            format!("invalid request body: {inner}")
+        } else {
+            format!("invalid value for `{param}`: {inner}")
+        };
+        ApiError::invalid(&param, msg).with_code("invalid_type")
+    })
+}

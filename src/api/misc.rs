@@ -1,0 +1,129 @@
+//! Small endpoints: models, health, tokenize/detokenize, metrics, fallbacks.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::engine::EngineState;
+use crate::metrics;
+
+use super::error::{ApiError, Json};
+use super::types::{DetokenizeRequest, ModelCard, ModelList, TokenizeRequest};
+use super::{validate, AppState};
+
+fn card(info: &crate::engine::ModelInfo) -> ModelCard {
+    ModelCard {
+        id: info.id.clone(),
+        object: "model",
+        created: info.created,
+        owned_by: "candela",
+        context_length: info.ctx_size,
+    }
+}
+
+pub async fn models(State(st): State<AppState>) -> Result<axum::Json<ModelList>, ApiError> {
+    let loaded = st.engine.loaded()?;
+    Ok(axum::Json(ModelList {
+        object: "list",
+        data: vec![card(&loaded.info)],
+    }))
+}
+
+pub async fn model(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ModelCard>, ApiError> {
+    let loaded = st.engine.loaded()?;
+    validate::check_model(Some(&id), &loaded)?;
+    Ok(axum::Json(card(&loaded.info)))
+}
+
+pub async fn health(State(st): State<AppState>) -> Response {
+    match st.engine.state() {
+        EngineState::Ready(l) => {
+            axum::Json(json!({"status": "ok", "model": l.info.id})).into_response()
+        }
+        EngineState::Loading => ApiError::from(crate::engine::EngineError::Loading).into_response(),
+        EngineState::Failed(e) => {
+            ApiError::from(crate::engine::EngineError::Unavailable(e)).into_response()
+        }
+    }
+}
+
+pub async fn tokenize(
+    State(st): State<AppState>,
+    Json(req): Json<TokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let loaded = st.engine.loaded()?;
+    validate::check_model(req.model.as_deref(), &loaded)?;
+    let text = match (&req.content, &req.messages) {
+        (Some(c), None) => c.clone(),
+        (None, Some(m)) => loaded
+            .template
+            .render(&validate::template_messages(m)?, None, true)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "content",
+                "give exactly one of `content` or `messages`",
+            ))
+        }
+    };
+    let ids = loaded.tok.encode(&text, req.add_special.unwrap_or(false))?;
+    if req.with_pieces.unwrap_or(false) {
+        let pieces: Vec<_> = ids
+            .iter()
+            .map(|&id| json!({"id": id, "piece": loaded.tok.decode(&[id], true).unwrap_or_default()}))
+            .collect();
+        return Ok(axum::Json(json!({"tokens": pieces, "count": ids.len()})).into_response());
+    }
+    Ok(axum::Json(json!({"tokens": ids, "count": ids.len()})).into_response())
+}
+
+pub async fn detokenize(
+    State(st): State<AppState>,
+    Json(req): Json<DetokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let loaded = st.engine.loaded()?;
+    validate::check_model(req.model.as_deref(), &loaded)?;
+    if let Some(bad) = req
+        .tokens
+        .iter()
+        .find(|&&t| t as usize >= loaded.info.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "token id {bad} is out of range (vocabulary has {} ids)",
+                loaded.info.vocab_size
+            ),
+        ));
+    }
+    let content = loaded.tok.decode(&req.tokens, true)?;
+    Ok(axum::Json(json!({"content": content})).into_response())
+}
+
+pub async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed on this route".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
+}

@@ -1,0 +1,70 @@
+//! HTTP layer: the axum router, OpenAI-compatible handlers, SSE, and the single place
+//! where errors are mapped to HTTP (`error`). Talks to the model only through
+//! [`crate::engine::Engine`].
+
+pub mod error;
+mod generate;
+mod misc;
+pub mod types;
+mod validate;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::engine::Engine;
+use crate::metrics;
+
+/// Route paths, in one place.
+pub mod routes {
+    pub const CHAT: &str = "/v1/chat/completions";
+    pub const COMPLETIONS: &str = "/v1/completions";
+    pub const MODELS: &str = "/v1/models";
+    pub const MODEL: &str = "/v1/models/{id}";
+    pub const HEALTH: &str = "/health";
+    pub const TOKENIZE: &str = "/tokenize";
+    pub const DETOKENIZE: &str = "/detokenize";
+    pub const METRICS: &str = "/metrics";
+}
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(routes::CHAT, post(generate::chat))
+        .route(routes::COMPLETIONS, post(generate::completions))
+        .route(routes::MODELS, get(misc::models))
+        .route(routes::MODEL, get(misc::model))
+        .route(routes::HEALTH, get(misc::health))
+        .route(routes::TOKENIZE, post(misc::tokenize))
+        .route(routes::DETOKENIZE, post(misc::detokenize))
+        .route(routes::METRICS, get(misc::metrics))
+        .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Count every request by route template (bounded) and status.
+async fn track(req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "other".to_string());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    metrics::http_request(&endpoint, resp.status().as_u16(), t0.elapsed());
+    resp
+}

@@ -1,0 +1,268 @@
+//! Turns raw OpenAI request fields into checked engine parameters before anything
+//! expensive happens. Every rejection names the parameter and the limit.
+
+use crate::engine::{fetch, Loaded, SamplingParams, TemplateMessage};
+
+use super::error::ApiError;
+use super::types::{ChatMessage, CommonParams, Content};
+
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_LEN: usize = 256;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Checked length + sampling fields.
+pub struct Checked {
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// None: as many as the context allows.
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+/// The request's `model` must name the served model (or one of its aliases).
+pub fn check_model(model: Option<&str>, loaded: &Loaded) -> Result<(), ApiError> {
+    let Some(m) = model else { return Ok(()) };
+    let served = &loaded.info.id;
+    let ok = m == served
+        || m.is_empty()
+        || fetch::known_model(m).is_some_and(|k| k.id == served)
+        || loaded
+            .info
+            .path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy() == m);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(m, served))
+    }
+}
+
+pub fn check_common(c: &CommonParams, logprobs: Option<usize>) -> Result<Checked, ApiError> {
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::invalid(
+                "n",
+                format!("only n = 1 is supported, got {n}"),
+            ));
+        }
+    }
+    let max_tokens = match (c.max_completion_tokens, c.max_tokens) {
+        (Some(v), _) => Some(("max_completion_tokens", v)),
+        (None, Some(v)) => Some(("max_tokens", v)),
+        _ => None,
+    };
+    let max_tokens = match max_tokens {
+        None => None,
+        Some((p, v)) if v < 1 => {
+            return Err(ApiError::invalid(p, format!("{p} must be >= 1, got {v}")));
+        }
+        Some((_, v)) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
+    };
+    let top_k = match c.top_k {
+        None => 0,
+        Some(k) if k >= 0 => k as usize,
+        Some(-1) => 0,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k must be >= 0 (or -1 for off), got {k}"),
+            ))
+        }
+    };
+    let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    if let Some(s) = stop.iter().find(|s| s.chars().count() > MAX_STOP_LEN) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "stop strings must be at most {MAX_STOP_LEN} characters, got {}",
+                s.chars().count()
+            ),
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature: range("temperature", c.temperature, 0.0, 2.0, 1.0)?,
+        top_p: match range("top_p", c.top_p, 0.0, 1.0, 1.0)? {
+            p if p <= 0.0 => return Err(ApiError::invalid("top_p", "top_p must be > 0, got 0")),
+            p => p,
+        },
+        top_k,
+        min_p: range("min_p", c.min_p, 0.0, 1.0, 0.0)?,
+        seed: c.seed.map(|s| s as u64),
+        presence_penalty: range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)?,
+        frequency_penalty: range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)?,
+        repetition_penalty: match range("repetition_penalty", c.repetition_penalty, 0.0, 10.0, 1.0)?
+        {
+            p if p <= 0.0 => {
+                return Err(ApiError::invalid(
+                    "repetition_penalty",
+                    "repetition_penalty must be > 0, got 0",
+                ))
+            }
+            p => p,
+        },
+        logprobs,
+    };
+    Ok(Checked {
+        sampling,
+        stop,
+        max_tokens,
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Final length check against the context: returns the max tokens to generate.
+pub fn fit_context(
+    prompt_len: usize,
+    max_tokens: Option<usize>,
+    ctx: usize,
+    prompt_param: &str,
+) -> Result<usize, ApiError> {
+    if prompt_len == 0 {
+        return Err(ApiError::invalid(
+            prompt_param,
+            format!("{prompt_param} must not be empty"),
+        ));
+    }
+    let exceeded = |want: usize| {
+        ApiError::invalid(
+            prompt_param,
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, you requested {} tokens \
+                 ({prompt_len} in the prompt, {want} for the completion). Please reduce the prompt or max_tokens.",
+                prompt_len.saturating_add(want)
+            ),
+        )
+        .with_code("context_length_exceeded")
+    };
+    match max_tokens {
+        Some(m) if prompt_len.saturating_add(m) > ctx => Err(exceeded(m)),
+        Some(m) => Ok(m),
+        None if prompt_len >= ctx => Err(exceeded(1)),
+        None => Ok(ctx - prompt_len),
+    }
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Messages as the chat template sees them.
+pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<TemplateMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role `{}` (expected one of {})", m.role, ROLES.join(", ")),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut out = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => out.push_str(t),
+                            (k, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!("content part type `{k}` is not supported (only `text` with a `text` field)"),
+                                ))
+                            }
+                        }
+                    }
+                    out
+                }
+            };
+            // The developer role is the system role under another name.
+            let role = if m.role == "developer" { "system" } else { &m.role };
+            Ok(TemplateMessage {
+                role: role.to_string(),
+                content,
+                name: m.name.clone(),
+                tool_call_id: m.tool_call_id.clone(),
+                tool_calls: m.tool_calls.clone(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_fit() {
+        assert_eq!(fit_context(10, Some(5), 100, "prompt").unwrap(), 5);
+        assert_eq!(fit_context(10, None, 100, "prompt").unwrap(), 90);
+        let e = fit_context(90, Some(20), 100, "messages").unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(fit_context(0, None, 100, "prompt").is_err());
+        assert!(fit_context(5, Some(usize::MAX), 100, "prompt").is_err());
+    }
+
+    #[test]
+    fn common_rejects_out_of_range() {
+        let c = CommonParams {
+            temperature: Some(3.0),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_common(&c, None).err().unwrap().param.as_deref(),
+            Some("temperature")
+        );
+        let c = CommonParams {
+            n: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_common(&c, None).err().unwrap().param.as_deref(),
+            Some("n")
+        );
+        let c = CommonParams {
+            max_tokens: Some(-5),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_common(&c, None).err().unwrap().param.as_deref(),
+            Some("max_tokens")
+        );
+        let c = CommonParams {
+            max_tokens: Some(5),
+            max_completion_tokens: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(check_common(&c, None).ok().unwrap().max_tokens, Some(7));
+    }
+}

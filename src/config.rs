@@ -1,0 +1,172 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`, else
+//! `config/default.toml` when present), then environment variables `CANDELA_*`, then
+//! command-line flags — later sources win. Validated once at start-up.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::error::Error;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "candela",
+    version,
+    about = "Local OpenAI-compatible LLM server on candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over HTTP (the default).
+    Serve(ServeArgs),
+    /// Download and verify a model into the data dir without serving it.
+    Fetch {
+        /// `default`, a known model name, or a hub repo id.
+        model: Option<String>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+}
+
+/// Flags shared by `serve` and `fetch`; every one is also an env var and a TOML key.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file (default: config/default.toml if present).
+    #[arg(long, env = "CANDELA_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Address to bind.
+    #[arg(long, env = "CANDELA_HOST", global = true)]
+    pub host: Option<String>,
+    /// Port to bind (0 = any free port).
+    #[arg(long, env = "CANDELA_PORT", global = true)]
+    pub port: Option<u16>,
+    /// `default`, a known model name, a .gguf path, a directory, or a hub repo id.
+    #[arg(long, env = "CANDELA_MODEL", global = true)]
+    pub model: Option<String>,
+    /// Where models (and later session caches) are stored.
+    #[arg(long, env = "CANDELA_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Context size in tokens (0 = the model's training context).
+    #[arg(long, env = "CANDELA_CTX_SIZE", global = true)]
+    pub ctx_size: Option<usize>,
+    /// Compute threads (0 = all cores).
+    #[arg(long, env = "CANDELA_THREADS", global = true)]
+    pub threads: Option<usize>,
+    /// Requests that may wait for the engine before new ones get 503.
+    #[arg(long, env = "CANDELA_QUEUE_SIZE", global = true)]
+    pub queue_size: Option<usize>,
+    /// Sequences decoded together in one batched step.
+    #[arg(long, env = "CANDELA_MAX_BATCH", global = true)]
+    pub max_batch: Option<usize>,
+}
+
+/// Keys accepted in the TOML file (same names as the flags, with underscores).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    model: Option<String>,
+    data_dir: Option<PathBuf>,
+    ctx_size: Option<usize>,
+    threads: Option<usize>,
+    queue_size: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub model: String,
+    pub data_dir: PathBuf,
+    pub ctx_size: usize,
+    pub threads: usize,
+    pub queue_size: usize,
+    pub max_batch: usize,
+}
+
+fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("candela")
+}
+
+impl Config {
+    pub fn load(args: &ServeArgs) -> Result<Self, Error> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None if Path::new("config/default.toml").exists() => {
+                read_file(Path::new("config/default.toml"))?
+            }
+            None => FileConfig::default(),
+        };
+        let cfg = Config {
+            host: args
+                .host
+                .clone()
+                .or(file.host)
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            port: args.port.or(file.port).unwrap_or(8080),
+            model: args
+                .model
+                .clone()
+                .or(file.model)
+                .unwrap_or_else(|| "default".into()),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+            ctx_size: args.ctx_size.or(file.ctx_size).unwrap_or(8192),
+            threads: args.threads.or(file.threads).unwrap_or(0),
+            queue_size: args.queue_size.or(file.queue_size).unwrap_or(64),
+            max_batch: args.max_batch.or(file.max_batch).unwrap_or(8),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.ctx_size > 1 << 20 {
+            return bad(format!(
+                "ctx_size must be <= 1048576, got {}",
+                self.ctx_size
+            ));
+        }
+        if self.queue_size == 0 || self.queue_size > 100_000 {
+            return bad(format!(
+                "queue_size must be in 1..=100000, got {}",
+                self.queue_size
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > 256 {
+            return bad(format!(
+                "max_batch must be in 1..=256, got {}",
+                self.max_batch
+            ));
+        }
+        if self.threads > 1024 {
+            return bad(format!("threads must be <= 1024, got {}", self.threads));
+        }
+        if self.model.trim().is_empty() {
+            return bad("model must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+fn read_file(p: &Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))?;
+    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+}

@@ -1,0 +1,215 @@
+//! The inference engine: model loading, tokenizer, chat template, sampling, stop
+//! conditions and the generation worker, which runs on its own thread and owns the
+//! model. Callers reach it only through [`Engine`]: a bounded queue of typed requests,
+//! each carrying its own reply channel.
+//!
+//! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
+
+pub mod fetch;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+pub use sampling::{SamplingParams, TokenLogprob};
+pub use template::{ChatTemplate, TemplateMessage};
+pub use tokenizer::Tok;
+
+/// Errors of the engine layer. `api` maps them to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model load failed: {0}")]
+    Load(String),
+    #[error("model fetch failed: {0}")]
+    Fetch(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("model error: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error("the request queue is full ({0} waiting); retry later")]
+    QueueFull(usize),
+    #[error("the model is still loading")]
+    Loading,
+    #[error("the engine is not running: {0}")]
+    Unavailable(String),
+}
+
+/// What the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: String,
+    pub data_dir: PathBuf,
+    /// Context size in tokens; 0 = the model's training context.
+    pub ctx_size: usize,
+    pub threads: usize,
+    /// Requests that may wait for the worker before new ones get 503.
+    pub queue_size: usize,
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+}
+
+/// Facts about the loaded model, for `/v1/models`, validation and metrics.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub id: String,
+    pub path: PathBuf,
+    pub arch: String,
+    pub ctx_size: usize,
+    pub vocab_size: usize,
+    pub n_layers: usize,
+    pub weight_bytes: usize,
+    pub kv_bytes_per_token: usize,
+    pub created: u64,
+}
+
+/// Everything the HTTP side may use once the model is loaded (all thread-safe).
+pub struct Loaded {
+    pub info: ModelInfo,
+    pub tok: Arc<Tok>,
+    pub template: ChatTemplate,
+}
+
+#[derive(Clone)]
+pub enum EngineState {
+    Loading,
+    Ready(Arc<Loaded>),
+    Failed(String),
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// A token's logprob with texts, ready for the OpenAI `logprobs` object.
+#[derive(Debug, Clone)]
+pub struct LogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the worker sends back while generating.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// One generated token; `text` is what it completes (may be empty while a multi-byte
+    /// character or a possible stop string is held back).
+    Token {
+        text: String,
+        logprob: Option<LogprobEntry>,
+    },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Error(String),
+}
+
+/// A checked generation request.
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub events: mpsc::UnboundedSender<GenEvent>,
+    pub span: tracing::Span,
+    pub enqueued: Instant,
+}
+
+/// Handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<GenRequest>,
+    state: watch::Receiver<EngineState>,
+    queue_size: usize,
+}
+
+impl Engine {
+    /// Start the worker thread: it fetches and loads the model, then serves requests.
+    pub fn start(cfg: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
+        let (state_tx, state) = watch::channel(EngineState::Loading);
+        let queue_size = cfg.queue_size;
+        std::thread::Builder::new()
+            .name("candela-engine".into())
+            .spawn(move || worker::run(cfg, rx, state_tx))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("cannot spawn engine thread: {e}"));
+        Self {
+            tx,
+            state,
+            queue_size,
+        }
+    }
+
+    pub fn state(&self) -> EngineState {
+        self.state.borrow().clone()
+    }
+
+    /// Wait until the model is loaded or loading failed.
+    pub async fn wait_ready(&self) -> Result<Arc<Loaded>, EngineError> {
+        let mut rx = self.state.clone();
+        loop {
+            match rx.borrow_and_update().clone() {
+                EngineState::Ready(l) => return Ok(l),
+                EngineState::Failed(e) => return Err(EngineError::Load(e)),
+                EngineState::Loading => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(EngineError::Unavailable("engine thread exited".into()));
+            }
+        }
+    }
+
+    pub fn loaded(&self) -> Result<Arc<Loaded>, EngineError> {
+        match self.state() {
+            EngineState::Ready(l) => Ok(l),
+            EngineState::Loading => Err(EngineError::Loading),
+            EngineState::Failed(e) => Err(EngineError::Unavailable(e)),
+        }
+    }
+
+    /// Queue a request; a full queue is an immediate error, never an unbounded wait.
+    pub fn submit(&self, req: GenRequest) -> Result<(), EngineError> {
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue_size),
+            mpsc::error::TrySendError::Closed(_) => {
+                EngineError::Unavailable("engine thread stopped".into())
+            }
+        })
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}

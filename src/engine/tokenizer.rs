@@ -1,0 +1,204 @@
+//! Tokenizer: a `tokenizers::Tokenizer` built from GGUF metadata (or a `tokenizer.json`),
+//! plus what generation needs around it: BOS handling the way llama.cpp does it, the set
+//! of end-of-generation ids, and an incremental detokenizer for streaming.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::Tokenizer;
+
+use super::EngineError;
+
+/// Token texts that end a turn in common chat formats.
+const EOG_TEXTS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+pub struct Tok {
+    inner: Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub add_bos: bool,
+    /// Ids that end generation (EOS and the chat formats' end-of-turn tokens).
+    pub eog: HashSet<u32>,
+    pub vocab_size: usize,
+}
+
+fn meta_u32(ct: &gguf_file::Content, k: &str) -> Option<u32> {
+    ct.metadata.get(k).and_then(|v| v.to_u32().ok())
+}
+
+impl Tok {
+    /// Build from GGUF metadata; a `tokenizer.json` beside the model file wins if present.
+    pub fn from_gguf(
+        ct: &gguf_file::Content,
+        sibling_json: Option<&Path>,
+    ) -> Result<Self, EngineError> {
+        let inner = match sibling_json.filter(|p| p.exists()) {
+            Some(p) => Tokenizer::from_file(p)
+                .map_err(|e| EngineError::Load(format!("{}: {e}", p.display())))?,
+            None => {
+                let mut t = Tokenizer::from_gguf(ct)
+                    .map_err(|e| EngineError::Load(format!("tokenizer from GGUF: {e}")))?;
+                let pre = ct
+                    .metadata
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .cloned()
+                    .unwrap_or_default();
+                fix_pre_tokenizer(&mut t, &pre);
+                t
+            }
+        };
+        let add_bos = ct
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let bos_id = meta_u32(ct, "tokenizer.ggml.bos_token_id");
+        let eos_id = meta_u32(ct, "tokenizer.ggml.eos_token_id");
+        Ok(Self::assemble(inner, bos_id, eos_id, add_bos))
+    }
+
+    /// Build from a `tokenizer.json` (safetensors model directories).
+    pub fn from_file(
+        path: &Path,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+    ) -> Result<Self, EngineError> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        Ok(Self::assemble(inner, bos_id, eos_id, false))
+    }
+
+    fn assemble(inner: Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Self {
+        let mut eog: HashSet<u32> = eos_id.into_iter().collect();
+        for t in EOG_TEXTS {
+            if let Some(id) = inner.token_to_id(t) {
+                eog.insert(id);
+            }
+        }
+        let vocab_size = inner.get_vocab_size(true);
+        Self {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+            eog,
+            vocab_size,
+        }
+    }
+
+    /// Token ids of `text`. Special-token texts in it (e.g. `<|im_start|>`) become their
+    /// ids, as llama.cpp's server does for prompts. `with_bos` adds BOS when the model
+    /// asks for it and the text does not already start with it.
+    pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if with_bos && self.add_bos {
+            if let Some(b) = self.bos_id {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`; special tokens are kept only when `keep_special`.
+    pub fn decode(&self, ids: &[u32], keep_special: bool) -> Result<String, EngineError> {
+        if ids.iter().any(|&i| i as usize >= self.vocab_size) {
+            return Err(EngineError::Tokenizer(format!(
+                "token id out of range (vocabulary has {} ids)",
+                self.vocab_size
+            )));
+        }
+        self.inner
+            .decode(ids, !keep_special)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, t: &str) -> Option<u32> {
+        self.inner.token_to_id(t)
+    }
+}
+
+/// candle's GGUF tokenizer falls back to GPT-2's byte-level pre-tokenizer with a prefix
+/// space for pre-tokenizer names it does not know; llama.cpp adds no prefix space and
+/// splits digits one by one for `smollm`. Match llama.cpp (checked against its ids in
+/// `tests/fixtures/llama_ref.json`).
+fn fix_pre_tokenizer(t: &mut Tokenizer, pre: &str) {
+    match pre {
+        "qwen2" | "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => {}
+        "smollm" | "starcoder" | "refact" => {
+            let seq = Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ]);
+            t.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(seq)));
+        }
+        _ => {
+            t.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+                false, true, true,
+            ))));
+        }
+    }
+}
+
+/// Incremental detokenizer: turns a growing list of ids into text deltas without ever
+/// emitting half a UTF-8 character (a byte-level BPE token can end mid-character).
+#[derive(Debug, Default)]
+pub struct DetokStream {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl DetokStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add one id; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tok, id: u32) -> Result<String, EngineError> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read], false)?;
+        let now = tok.decode(&self.ids[self.prefix..], false)?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            let delta = now.get(before.len()..).unwrap_or_default().to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Text held back because it did not yet form whole characters.
+    pub fn flush(&mut self, tok: &Tok) -> Result<String, EngineError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], false)?;
+        let now = tok.decode(&self.ids[self.prefix..], false)?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}

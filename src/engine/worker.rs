@@ -1,0 +1,336 @@
+//! The generation worker: one thread that owns the model and every live sequence.
+//!
+//! Each loop turn admits queued requests (up to `max_batch` live sequences), prefills
+//! one chunk of one new sequence, then runs one decode step for all sequences that are
+//! past prefill in a single batched forward pass. Sequences join and leave between steps.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use tokio::sync::{mpsc, watch};
+
+use super::model::{Model, SeqInput};
+use super::sampling::Sampler;
+use super::stop::StopMatcher;
+use super::template::{ChatTemplate, CHATML};
+use super::tokenizer::{DetokStream, Tok};
+use super::{
+    fetch, EngineConfig, EngineError, EngineState, FinishReason, GenEvent, GenRequest, Loaded,
+    LogprobEntry, ModelInfo, Usage,
+};
+use crate::kv::SeqCache;
+use crate::metrics;
+
+/// Prompt tokens processed per forward pass during prefill, so that a long prompt does
+/// not stall the decode steps of other sequences for its whole length.
+const PREFILL_CHUNK: usize = 512;
+
+/// KV cache element type: f16 halves the bytes and is what llama.cpp stores too.
+pub const KV_DTYPE: DType = DType::F16;
+
+struct Seq {
+    req: GenRequest,
+    cache: SeqCache,
+    sampler: Sampler,
+    detok: DetokStream,
+    stop: StopMatcher,
+    /// Prompt tokens not yet run through the model.
+    prefill_pos: usize,
+    generated: Vec<u32>,
+    /// Last sampled token, to be fed in the next decode step.
+    next: Option<u32>,
+    first_token_at: Option<Instant>,
+    last_token_at: Instant,
+}
+
+fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
+    let resolved = fetch::resolve(&cfg.model, &cfg.data_dir)?;
+    let path = resolved.gguf.clone();
+    tracing::info!(path = %path.display(), "loading model");
+    let t0 = Instant::now();
+    let mut f =
+        File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
+    let device = Device::Cpu;
+    let probe = super::model::ModelConfig::from_gguf(&ct)?;
+    let ctx = if cfg.ctx_size == 0 {
+        probe.train_ctx
+    } else {
+        cfg.ctx_size
+    };
+    let model = Model::from_gguf(&ct, &mut f, &device, ctx)?;
+    let sibling = path.with_file_name("tokenizer.json");
+    let tok = Tok::from_gguf(&ct, Some(&sibling))?;
+    let meta_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
+    let tmpl_src = meta_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
+    let tok_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let template = ChatTemplate::new(&tmpl_src, &tok_text(tok.bos_id), &tok_text(tok.eos_id))?;
+    let info = ModelInfo {
+        id: resolved.id,
+        path,
+        arch: model.config.arch.clone(),
+        ctx_size: ctx,
+        vocab_size: model.config.vocab,
+        n_layers: model.config.n_layers,
+        weight_bytes: model.weight_bytes,
+        kv_bytes_per_token: model.cache_layout(KV_DTYPE).bytes_per_token(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    tracing::info!(
+        model = %info.id, arch = %info.arch, ctx = info.ctx_size, layers = info.n_layers,
+        weight_mb = info.weight_bytes / (1 << 20), secs = t0.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    metrics::model_loaded(&info.id, &info.arch, info.weight_bytes, info.ctx_size);
+    Ok((
+        model,
+        Arc::new(Loaded {
+            info,
+            tok: Arc::new(tok),
+            template,
+        }),
+    ))
+}
+
+pub(super) fn run(
+    cfg: EngineConfig,
+    mut rx: mpsc::Receiver<GenRequest>,
+    state: watch::Sender<EngineState>,
+) {
+    if cfg.threads > 0 {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .build_global()
+        {
+            tracing::warn!("thread pool already set up: {e}");
+        }
+    }
+    let (model, loaded) = match load(&cfg) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = state.send(EngineState::Failed(e.to_string()));
+            return;
+        }
+    };
+    let _ = state.send(EngineState::Ready(loaded.clone()));
+    let tok = loaded.tok.clone();
+    let mut seqs: Vec<Seq> = Vec::new();
+    loop {
+        if seqs.is_empty() {
+            match rx.blocking_recv() {
+                Some(r) => seqs.push(admit(&model, r)),
+                None => return,
+            }
+        }
+        while seqs.len() < cfg.max_batch.max(1) {
+            match rx.try_recv() {
+                Ok(r) => seqs.push(admit(&model, r)),
+                Err(_) => break,
+            }
+        }
+        metrics::set_running(seqs.len(), rx.len());
+        if let Some(i) = seqs.iter().position(|s| s.prefill_pos < s.req.prompt.len()) {
+            if let Err(e) = prefill_chunk(&model, &tok, &mut seqs[i]) {
+                fail(&mut seqs, i, &e.to_string());
+            }
+        }
+        decode_step(&model, &tok, &mut seqs);
+        // Keep sequences still prefilling or with a token to feed whose client listens.
+        seqs.retain(|s| {
+            (s.next.is_some() || s.prefill_pos < s.req.prompt.len()) && !s.req.events.is_closed()
+        });
+    }
+}
+
+fn admit(model: &Model, req: GenRequest) -> Seq {
+    metrics::observe_queue_wait(req.enqueued.elapsed());
+    let cache = SeqCache::new(model.cache_layout(KV_DTYPE), model.device());
+    Seq {
+        sampler: Sampler::new(req.sampling.clone()),
+        stop: StopMatcher::new(req.stop.clone()),
+        req,
+        cache,
+        detok: DetokStream::new(),
+        prefill_pos: 0,
+        generated: Vec::new(),
+        next: None,
+        first_token_at: None,
+        last_token_at: Instant::now(),
+    }
+}
+
+fn fail(seqs: &mut Vec<Seq>, i: usize, msg: &str) {
+    let s = seqs.swap_remove(i);
+    tracing::error!(parent: &s.req.span, "generation failed: {msg}");
+    let _ = s.req.events.send(GenEvent::Error(msg.to_string()));
+}
+
+fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineError> {
+    let span = s.req.span.clone();
+    let _g = span.enter();
+    let t0 = Instant::now();
+    let end = (s.prefill_pos + PREFILL_CHUNK).min(s.req.prompt.len());
+    let chunk = &s.req.prompt[s.prefill_pos..end];
+    let mut input = [SeqInput {
+        tokens: chunk,
+        cache: &mut s.cache,
+        all_logits: false,
+    }];
+    let logits = model.forward(&mut input)?;
+    s.prefill_pos = end;
+    metrics::observe_prefill(chunk.len(), t0.elapsed());
+    if end == s.req.prompt.len() {
+        let mut row = logits
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Tokenizer("no logits".into()))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        accept(tok, s, &mut row)?;
+    }
+    Ok(())
+}
+
+/// One batched decode step for every sequence that has a token to feed.
+fn decode_step(model: &Model, tok: &Tok, seqs: &mut Vec<Seq>) {
+    let ready: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].next.is_some())
+        .collect();
+    if ready.is_empty() {
+        return;
+    }
+    let t0 = Instant::now();
+    let feeds: Vec<[u32; 1]> = seqs.iter().filter_map(|s| s.next.map(|t| [t])).collect();
+    let result = {
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter_mut()
+            .filter(|s| s.next.is_some())
+            .zip(&feeds)
+            .map(|(s, f)| SeqInput {
+                tokens: f,
+                cache: &mut s.cache,
+                all_logits: false,
+            })
+            .collect();
+        model.forward(&mut inputs)
+    };
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            for &i in ready.iter().rev() {
+                fail(seqs, i, &e.to_string());
+            }
+            return;
+        }
+    };
+    metrics::observe_decode_step(ready.len(), t0.elapsed());
+    let mut failed = Vec::new();
+    for (k, &i) in ready.iter().enumerate() {
+        let s = &mut seqs[i];
+        s.next = None;
+        let r = logits[k]
+            .squeeze(0)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(EngineError::from)
+            .and_then(|mut row| accept(tok, s, &mut row));
+        if let Err(e) = r {
+            failed.push((i, e.to_string()));
+        }
+    }
+    for (i, e) in failed.into_iter().rev() {
+        fail(seqs, i, &e);
+    }
+}
+
+/// Sample from `logits`, stream the token, and decide whether the sequence goes on
+/// (`s.next` set) or is finished (a `Done` event sent).
+fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError> {
+    let context: Vec<u32> = if s.sampler_needs_context() {
+        s.req.prompt.iter().chain(&s.generated).copied().collect()
+    } else {
+        Vec::new()
+    };
+    let (id, lp) = s.sampler.sample(logits, &context);
+    let now = Instant::now();
+    match s.first_token_at {
+        None => {
+            s.first_token_at = Some(now);
+            metrics::observe_ttft(s.req.enqueued.elapsed());
+        }
+        Some(_) => metrics::observe_itl(now - s.last_token_at),
+    }
+    s.last_token_at = now;
+    s.generated.push(id);
+    let is_eog = tok.eog.contains(&id);
+    let mut finish = None;
+    let mut text = String::new();
+    if is_eog {
+        finish = Some(FinishReason::Stop);
+    } else {
+        let delta = s.detok.push(tok, id)?;
+        let step = s.stop.push(&delta);
+        text = step.emit;
+        if step.stopped {
+            finish = Some(FinishReason::Stop);
+        }
+    }
+    // The API layer guarantees prompt + max_tokens fits the context.
+    if finish.is_none() && s.generated.len() >= s.req.max_tokens {
+        finish = Some(FinishReason::Length);
+    }
+    if finish == Some(FinishReason::Length) {
+        // Release what the detokenizer and stop matcher held back.
+        let tail = s.detok.flush(tok)?;
+        let step = s.stop.push(&tail);
+        text.push_str(&step.emit);
+        if !step.stopped {
+            text.push_str(&s.stop.finish());
+        }
+    }
+    let logprob = lp.map(|lp| LogprobEntry {
+        token: tok.decode(&[id], true).unwrap_or_default(),
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .iter()
+            .map(|&(t, l)| (tok.decode(&[t], true).unwrap_or_default(), l))
+            .collect(),
+    });
+    let gone = s
+        .req
+        .events
+        .send(GenEvent::Token { text, logprob })
+        .is_err();
+    if gone {
+        tracing::info!(parent: &s.req.span, tokens = s.generated.len(), "client went away; generation cancelled");
+        metrics::cancelled();
+        return Ok(());
+    }
+    match finish {
+        Some(f) => {
+            let usage = Usage {
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: s.generated.len(),
+                cached_tokens: 0,
+            };
+            metrics::finished(f.as_str(), usage.prompt_tokens, usage.completion_tokens);
+            let _ = s.req.events.send(GenEvent::Done { finish: f, usage });
+        }
+        None => s.next = Some(id),
+    }
+    Ok(())
+}
+
+impl Seq {
+    fn sampler_needs_context(&self) -> bool {
+        self.req.sampling.repetition_penalty != 1.0
+    }
+}

@@ -1,0 +1,116 @@
+//! candela: a local OpenAI-compatible LLM server on candle, with per-session KV caches
+//! and Prometheus metrics.
+//!
+//! Module dependencies run one way: `api → engine → kv`; `metrics` is a leaf anyone
+//! may call.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod metrics;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::Error;
+
+use engine::{Engine, EngineConfig};
+
+/// The server: listener bound, engine started (loading in the background).
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    engine: Engine,
+}
+
+impl App {
+    /// Bind the listener and start the engine thread. `/health` answers 503 until the
+    /// model is loaded.
+    pub async fn build(cfg: Config) -> Result<Self, Error> {
+        let engine = Engine::start(engine_config(&cfg));
+        let listener = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
+        let router = api::router(api::AppState {
+            engine: engine.clone(),
+        });
+        Ok(Self {
+            listener,
+            router,
+            engine,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serve until Ctrl-C / SIGTERM, or until the model fails to load.
+    pub async fn run(self) -> Result<(), Error> {
+        let engine = self.engine.clone();
+        let failed = async move {
+            match engine.wait_ready().await {
+                Ok(_) => std::future::pending::<Error>().await,
+                Err(e) => Error::Engine(e),
+            }
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = stop_rx => {}
+            }
+        });
+        tokio::select! {
+            r = server => r.map_err(Error::Io),
+            e = failed => {
+                drop(stop_tx);
+                Err(e)
+            }
+        }
+    }
+}
+
+pub fn engine_config(cfg: &Config) -> EngineConfig {
+    EngineConfig {
+        model: cfg.model.clone(),
+        data_dir: cfg.data_dir.clone(),
+        ctx_size: cfg.ctx_size,
+        threads: cfg.threads,
+        queue_size: cfg.queue_size,
+        max_batch: cfg.max_batch,
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

@@ -1,0 +1,52 @@
+use candela::config::{Cli, Command};
+use candela::{App, Config};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "candela=info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Fetch { model, args }) => fetch(model, &args).await,
+        Some(Command::Serve(args)) => serve(&args).await,
+        None => serve(&cli.serve).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("candela: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: &candela::config::ServeArgs) -> Result<(), candela::Error> {
+    let cfg = Config::load(args)?;
+    let app = App::build(cfg.clone()).await?;
+    eprintln!(
+        "candela: listening on http://{} (model `{}` loading; /health turns 200 when ready)",
+        app.local_addr()?,
+        cfg.model
+    );
+    app.run().await
+}
+
+async fn fetch(
+    model: Option<String>,
+    args: &candela::config::ServeArgs,
+) -> Result<(), candela::Error> {
+    let cfg = Config::load(args)?;
+    let spec = model.unwrap_or(cfg.model);
+    let dir = cfg.data_dir.clone();
+    let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
+        .await
+        .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
+    println!("{}", r.gguf.display());
+    Ok(())
+}

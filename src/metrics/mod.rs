@@ -1,0 +1,216 @@
+//! Prometheus metrics: one registry, every metric name in this module, helpers that
+//! any layer calls to record an event. Labels are bounded (endpoint, status class,
+//! finish reason): never a session id, request id or raw path.
+//!
+//! Depends on nothing else in the crate.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    finish: IntCounterVec,
+    prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
+    cancelled: IntCounter,
+    ttft: Histogram,
+    itl: Histogram,
+    queue_wait: Histogram,
+    prefill: Histogram,
+    decode_step: HistogramVec,
+    request_duration: HistogramVec,
+    running: IntGauge,
+    waiting: IntGauge,
+    model_info: IntGaugeVec,
+    model_weight_bytes: IntGauge,
+    model_ctx: IntGauge,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+}
+
+fn build() -> prometheus::Result<Metrics> {
+    let r = Registry::new();
+    let hist = |name: &str, help: &str| -> prometheus::Result<Histogram> {
+        let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))?;
+        r.register(Box::new(h.clone()))?;
+        Ok(h)
+    };
+    let m = Metrics {
+        requests: IntCounterVec::new(
+            Opts::new(
+                "candela_http_requests_total",
+                "HTTP requests by endpoint and status code",
+            ),
+            &["endpoint", "status"],
+        )?,
+        finish: IntCounterVec::new(
+            Opts::new(
+                "candela_request_finish_total",
+                "Finished generations by finish reason",
+            ),
+            &["reason"],
+        )?,
+        prompt_tokens: IntCounter::new(
+            "candela_prompt_tokens_total",
+            "Prompt tokens of finished generations",
+        )?,
+        generated_tokens: IntCounter::new("candela_generated_tokens_total", "Generated tokens")?,
+        cancelled: IntCounter::new(
+            "candela_requests_cancelled_total",
+            "Generations stopped because the client went away",
+        )?,
+        ttft: hist(
+            "candela_time_to_first_token_seconds",
+            "Time from enqueue to first token",
+        )?,
+        itl: hist(
+            "candela_inter_token_latency_seconds",
+            "Time between consecutive tokens of a stream",
+        )?,
+        queue_wait: hist(
+            "candela_queue_wait_seconds",
+            "Time a request waited before the worker took it",
+        )?,
+        prefill: hist(
+            "candela_prefill_seconds",
+            "Duration of one prefill forward pass",
+        )?,
+        decode_step: HistogramVec::new(
+            HistogramOpts::new(
+                "candela_decode_step_seconds",
+                "Duration of one batched decode step",
+            )
+            .buckets(latency_buckets()),
+            &["batch"],
+        )?,
+        request_duration: HistogramVec::new(
+            HistogramOpts::new("candela_request_duration_seconds", "HTTP request duration")
+                .buckets(latency_buckets()),
+            &["endpoint"],
+        )?,
+        running: IntGauge::new("candela_requests_running", "Sequences live in the engine")?,
+        waiting: IntGauge::new("candela_requests_waiting", "Requests queued for the engine")?,
+        model_info: IntGaugeVec::new(
+            Opts::new("candela_model_info", "The loaded model (value 1)"),
+            &["model", "arch"],
+        )?,
+        model_weight_bytes: IntGauge::new("candela_model_weight_bytes", "Bytes of model weights")?,
+        model_ctx: IntGauge::new("candela_model_context_tokens", "Context size in tokens")?,
+        registry: r,
+    };
+    let build_info = IntGaugeVec::new(
+        Opts::new("candela_build_info", "Build information (value 1)"),
+        &["version"],
+    )?;
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    for c in [
+        Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(m.finish.clone()),
+        Box::new(m.prompt_tokens.clone()),
+        Box::new(m.generated_tokens.clone()),
+        Box::new(m.cancelled.clone()),
+        Box::new(m.decode_step.clone()),
+        Box::new(m.request_duration.clone()),
+        Box::new(m.running.clone()),
+        Box::new(m.waiting.clone()),
+        Box::new(m.model_info.clone()),
+        Box::new(m.model_weight_bytes.clone()),
+        Box::new(m.model_ctx.clone()),
+        Box::new(build_info),
+    ] {
+        m.registry.register(c)?;
+    }
+    Ok(m)
+}
+
+/// The process-wide metrics. Registration of fixed, distinct names cannot fail; if it
+/// somehow did, that is a programming error found by the first test.
+pub fn get() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| build().expect("metric registration"))
+}
+
+/// Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    let enc = TextEncoder::new();
+    if let Err(e) = enc.encode(&get().registry.gather(), &mut buf) {
+        tracing::error!("metrics encoding failed: {e}");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+pub fn http_request(endpoint: &str, status: u16, dur: Duration) {
+    let m = get();
+    m.requests
+        .with_label_values(&[endpoint, &status.to_string()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[endpoint])
+        .observe(dur.as_secs_f64());
+}
+
+pub fn model_loaded(id: &str, arch: &str, weight_bytes: usize, ctx: usize) {
+    let m = get();
+    m.model_info.with_label_values(&[id, arch]).set(1);
+    m.model_weight_bytes.set(weight_bytes as i64);
+    m.model_ctx.set(ctx as i64);
+}
+
+pub fn set_running(running: usize, waiting: usize) {
+    get().running.set(running as i64);
+    get().waiting.set(waiting as i64);
+}
+
+pub fn observe_queue_wait(d: Duration) {
+    get().queue_wait.observe(d.as_secs_f64());
+}
+
+pub fn observe_prefill(_tokens: usize, d: Duration) {
+    get().prefill.observe(d.as_secs_f64());
+}
+
+/// Batch sizes are bucketed so the label stays bounded.
+pub fn observe_decode_step(batch: usize, d: Duration) {
+    let b = match batch {
+        1 => "1",
+        2..=4 => "2-4",
+        5..=8 => "5-8",
+        _ => "9+",
+    };
+    get()
+        .decode_step
+        .with_label_values(&[b])
+        .observe(d.as_secs_f64());
+}
+
+pub fn observe_ttft(d: Duration) {
+    get().ttft.observe(d.as_secs_f64());
+}
+
+pub fn observe_itl(d: Duration) {
+    get().itl.observe(d.as_secs_f64());
+}
+
+pub fn cancelled() {
+    get().cancelled.inc();
+}
+
+pub fn finished(reason: &str, prompt_tokens: usize, completion_tokens: usize) {
+    let m = get();
+    m.finish.with_label_values(&[reason]).inc();
+    m.prompt_tokens.inc_by(prompt_tokens as u64);
+    m.generated_tokens.inc_by(completion_tokens as u64);
+}
