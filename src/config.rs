@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Sequences decoded together in one batched step.
     #[arg(long, env = "CANDELA_MAX_BATCH", global = true)]
     pub max_batch: Option<usize>,
+    /// Bytes the idle session KV caches may hold: a number with an optional unit
+    /// (`512MiB`, `2GiB`, `1.5GB`) or a fraction of RAM (`0.25`). Default: 1/8 of RAM, at most 4 GiB.
+    #[arg(long, env = "CANDELA_KV_BUDGET", global = true)]
+    pub kv_budget: Option<String>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -79,6 +83,7 @@ struct FileConfig {
     threads: Option<usize>,
     queue_size: Option<usize>,
     max_batch: Option<usize>,
+    kv_budget: Option<String>,
 }
 
 /// The validated configuration.
@@ -92,6 +97,8 @@ pub struct Config {
     pub threads: usize,
     pub queue_size: usize,
     pub max_batch: usize,
+    /// Session KV cache budget in bytes.
+    pub kv_budget: usize,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -130,6 +137,10 @@ impl Config {
             threads: args.threads.or(file.threads).unwrap_or(0),
             queue_size: args.queue_size.or(file.queue_size).unwrap_or(64),
             max_batch: args.max_batch.or(file.max_batch).unwrap_or(8),
+            kv_budget: match args.kv_budget.clone().or(file.kv_budget) {
+                Some(s) => parse_bytes(&s, total_ram())?,
+                None => (total_ram() / 8).min(4 << 30),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -169,4 +180,53 @@ fn read_file(p: &Path) -> Result<FileConfig, Error> {
     let text = std::fs::read_to_string(p)
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))?;
     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+}
+
+fn total_ram() -> usize {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.total_memory() as usize
+}
+
+/// `123`, `512MiB`, `2GiB`, `1.5GB`, `64k`, or a fraction of `ram` such as `0.25`.
+pub fn parse_bytes(s: &str, ram: usize) -> Result<usize, Error> {
+    let t = s.trim();
+    let bad = || {
+        Error::Config(format!(
+            "kv_budget: cannot read `{s}` (try 512MiB, 2GiB or 0.25 of RAM)"
+        ))
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" if n < 1.0 && num.contains('.') => return Ok((n * ram as f64) as usize),
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    Ok((n * mult) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("512MiB", 0).unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2GiB", 0).unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5GB", 0).unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("1000", 0).unwrap(), 1000);
+        assert_eq!(parse_bytes("0.25", 4000).unwrap(), 1000);
+        assert!(parse_bytes("lots", 0).is_err());
+        assert!(parse_bytes("3 parsecs", 0).is_err());
+    }
 }

@@ -90,6 +90,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         threads: cfg.threads,
         queue_size: cfg.queue_size,
         max_batch: cfg.max_batch,
+        kv_budget: cfg.kv_budget,
     }
 }
 

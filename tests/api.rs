@@ -82,7 +82,10 @@ async fn greedy_completions_follow_llama_cpp() {
             .collect();
         let (st, r) = post(
             "/v1/completions",
-            json!({"prompt": g["prompt_ids"], "max_tokens": 32, "temperature": 0}),
+            // A fresh session per run: no prefix reuse, so the prefill is the same every time
+            // (this model's logits are sensitive to how the prompt is chunked).
+            json!({"prompt": g["prompt_ids"], "max_tokens": 32, "temperature": 0,
+                   "prompt_cache_key": format!("greedy-{}", uuid::Uuid::new_v4().simple())}),
         )
         .await;
         assert_eq!(st, 200, "{r}");
@@ -214,7 +217,10 @@ async fn streaming_chat_matches_non_streaming() {
     );
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
-    assert_eq!(last["usage"], whole["usage"]);
+    // cached_tokens may differ (the anonymous prefix pool); the counts may not.
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][k], whole["usage"][k]);
+    }
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));

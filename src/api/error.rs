@@ -89,6 +89,14 @@ impl From<EngineError> for ApiError {
                 "engine_unavailable",
                 msg,
             ),
+            EngineError::Session(crate::kv::store::KvError::Busy(_)) => Self {
+                status: StatusCode::CONFLICT,
+                message: msg,
+                kind: "invalid_request_error",
+                param: Some("prompt_cache_key".into()),
+                code: Some("session_busy"),
+            },
+            EngineError::Session(crate::kv::store::KvError::NotFound(_)) => Self::not_found(msg),
             EngineError::Template(_) => {
                 Self::invalid("messages", msg).with_code("invalid_messages")
             }
@@ -114,9 +122,10 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE
-            || self.status == StatusCode::TOO_MANY_REQUESTS
-        {
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS | StatusCode::CONFLICT
+        ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }

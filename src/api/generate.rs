@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -46,10 +47,16 @@ struct Job {
     checked: Checked,
     max_tokens: usize,
     want_logprobs: bool,
+    session: Option<String>,
+}
+
+fn header_session(h: &HeaderMap) -> Option<&str> {
+    h.get("x-session-id").and_then(|v| v.to_str().ok())
 }
 
 pub async fn chat(
     State(st): State<AppState>,
+    headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let loaded = st.engine.loaded()?;
@@ -91,12 +98,17 @@ pub async fn chat(
         checked,
         max_tokens,
         want_logprobs,
+        session: validate::session_key(
+            common.prompt_cache_key.as_deref(),
+            header_session(&headers),
+        )?,
     };
     run(st, job).await
 }
 
 pub async fn completions(
     State(st): State<AppState>,
+    headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let loaded = st.engine.loaded()?;
@@ -150,6 +162,10 @@ pub async fn completions(
         checked,
         max_tokens,
         want_logprobs: top.is_some(),
+        session: validate::session_key(
+            common.prompt_cache_key.as_deref(),
+            header_session(&headers),
+        )?,
     };
     run(st, job).await
 }
@@ -163,14 +179,42 @@ async fn run(st: AppState, job: Job) -> Result<Response, ApiError> {
         max_tokens: job.max_tokens,
         sampling: job.checked.sampling.clone(),
         stop: job.checked.stop.clone(),
+        session: job.session.clone(),
         events: tx,
         span,
         enqueued: Instant::now(),
     })?;
+    // Wait for the first event before choosing the response: a refusal (busy session)
+    // then gets its own status instead of a 200 stream that fails.
+    let mut rx = rx;
+    let first = match rx.recv().await {
+        Some(GenEvent::Rejected(e)) => return Err(e.into()),
+        Some(ev) => ev,
+        None => return Err(internal("the engine dropped the request".into())),
+    };
+    let events = Events {
+        peek: Some(first),
+        rx,
+    };
     if job.checked.stream {
-        Ok(stream(job, rx).into_response())
+        Ok(stream(job, events).into_response())
     } else {
-        collect(job, rx).await
+        collect(job, events).await
+    }
+}
+
+/// The engine's events, with the first one already taken off the channel.
+struct Events {
+    peek: Option<GenEvent>,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<GenEvent> {
+        match self.peek.take() {
+            Some(e) => Some(e),
+            None => self.rx.recv().await,
+        }
     }
 }
 
@@ -178,20 +222,18 @@ fn finish_json(f: Option<FinishReason>) -> Value {
     f.map(|f| Value::from(f.as_str())).unwrap_or(Value::Null)
 }
 
-async fn collect(
-    job: Job,
-    mut rx: mpsc::UnboundedReceiver<GenEvent>,
-) -> Result<Response, ApiError> {
+async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps: Vec<LogprobEntry> = Vec::new();
     let (finish, usage) = loop {
-        match rx.recv().await {
+        match rx.next().await {
             Some(GenEvent::Token { text: t, logprob }) => {
                 text.push_str(&t);
                 lps.extend(logprob);
             }
             Some(GenEvent::Done { finish, usage }) => break (finish, usage),
             Some(GenEvent::Error(e)) => return Err(internal(e)),
+            Some(GenEvent::Rejected(e)) => return Err(e.into()),
             None => return Err(internal("the engine dropped the request".into())),
         }
     };
@@ -300,17 +342,14 @@ fn data(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
-fn stream(
-    job: Job,
-    mut rx: mpsc::UnboundedReceiver<GenEvent>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+fn stream(job: Job, mut rx: Events) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = now_secs();
     let s = async_stream::stream! {
         if job.kind == Kind::Chat {
             yield data(&chunk(&job, created, None, &[], None, true, None));
         }
         loop {
-            match rx.recv().await {
+            match rx.next().await {
                 Some(GenEvent::Token { text, logprob }) => {
                     let lps: Vec<LogprobEntry> = logprob.into_iter().collect();
                     if !text.is_empty() || !lps.is_empty() {
@@ -329,6 +368,10 @@ fn stream(
                 }
                 Some(GenEvent::Error(e)) => {
                     yield data(&json!({"error": {"message": e, "type": "server_error", "param": null, "code": "internal_error"}}));
+                    break;
+                }
+                Some(GenEvent::Rejected(e)) => {
+                    yield data(&json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": null, "code": "rejected"}}));
                     break;
                 }
                 None => {

@@ -5,6 +5,7 @@
 pub mod error;
 mod generate;
 mod misc;
+mod sessions;
 pub mod types;
 mod validate;
 
@@ -29,6 +30,8 @@ pub mod routes {
     pub const TOKENIZE: &str = "/tokenize";
     pub const DETOKENIZE: &str = "/detokenize";
     pub const METRICS: &str = "/metrics";
+    pub const SESSIONS: &str = "/v1/sessions";
+    pub const SESSION: &str = "/v1/sessions/{id}";
 }
 
 /// Largest accepted request body.
@@ -49,6 +52,13 @@ pub fn router(state: AppState) -> Router {
         .route(routes::TOKENIZE, post(misc::tokenize))
         .route(routes::DETOKENIZE, post(misc::detokenize))
         .route(routes::METRICS, get(misc::metrics))
+        .route(routes::SESSIONS, get(sessions::list))
+        .route(
+            routes::SESSION,
+            get(sessions::get)
+                .delete(sessions::delete)
+                .patch(sessions::patch),
+        )
         .fallback(misc::not_found)
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

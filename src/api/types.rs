@@ -48,6 +48,8 @@ pub struct CommonParams {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Session whose KV cache this request uses and extends (also header `X-Session-Id`).
+    pub prompt_cache_key: Option<String>,
     /// Accepted and ignored (no per-user accounting).
     pub user: Option<String>,
     /// Accepted and ignored (no token biasing yet).

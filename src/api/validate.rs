@@ -133,6 +133,24 @@ pub fn check_common(c: &CommonParams, logprobs: Option<usize>) -> Result<Checked
     })
 }
 
+/// The session key from `prompt_cache_key` or the `X-Session-Id` header (the body wins).
+pub fn session_key(body: Option<&str>, header: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(k) = body.or(header) else {
+        return Ok(None);
+    };
+    let ok = !k.is_empty()
+        && k.len() <= 128
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c));
+    if !ok {
+        return Err(ApiError::invalid(
+            "prompt_cache_key",
+            "prompt_cache_key must be 1-128 characters of A-Z, a-z, 0-9, '-', '_', '.', ':', '@'",
+        ));
+    }
+    Ok(Some(k.to_string()))
+}
+
 /// Final length check against the context: returns the max tokens to generate.
 pub fn fit_context(
     prompt_len: usize,

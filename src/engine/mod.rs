@@ -15,10 +15,12 @@ pub mod tokenizer;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
+
+use crate::kv::store::{KvError, SessionInfo, SessionStore};
 
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatTemplate, TemplateMessage};
@@ -43,6 +45,8 @@ pub enum EngineError {
     Loading,
     #[error("the engine is not running: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Session(#[from] KvError),
 }
 
 /// What the engine needs to start.
@@ -57,6 +61,8 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// Sequences decoded together in one step.
     pub max_batch: usize,
+    /// Bytes the idle session caches may hold.
+    pub kv_budget: usize,
 }
 
 /// Facts about the loaded model, for `/v1/models`, validation and metrics.
@@ -132,11 +138,15 @@ pub enum GenEvent {
         usage: Usage,
     },
     Error(String),
+    /// Refused before any work (e.g. the session is busy).
+    Rejected(EngineError),
 }
 
 /// A checked generation request.
 pub struct GenRequest {
     pub prompt: Vec<u32>,
+    /// Session whose cache to use and keep (`prompt_cache_key`); None: anonymous pool.
+    pub session: Option<String>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
@@ -151,6 +161,7 @@ pub struct Engine {
     tx: mpsc::Sender<GenRequest>,
     state: watch::Receiver<EngineState>,
     queue_size: usize,
+    sessions: Arc<Mutex<SessionStore>>,
 }
 
 impl Engine {
@@ -159,16 +170,45 @@ impl Engine {
         let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let queue_size = cfg.queue_size;
+        let sessions = Arc::new(Mutex::new(SessionStore::new(cfg.kv_budget)));
+        let store = sessions.clone();
         std::thread::Builder::new()
             .name("candela-engine".into())
-            .spawn(move || worker::run(cfg, rx, state_tx))
+            .spawn(move || worker::run(cfg, rx, state_tx, store))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot spawn engine thread: {e}"));
         Self {
             tx,
             state,
             queue_size,
+            sessions,
         }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, SessionStore> {
+        // The store's maps stay consistent between statements, so a lock poisoned by a
+        // panic elsewhere is still usable.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn list_sessions(&self) -> Vec<SessionInfo> {
+        self.store().list()
+    }
+
+    pub fn session(&self, id: &str) -> Result<SessionInfo, EngineError> {
+        Ok(self.store().get(id)?)
+    }
+
+    pub fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        Ok(self.store().delete(id)?)
+    }
+
+    pub fn pin_session(&self, id: &str, pinned: bool) -> Result<SessionInfo, EngineError> {
+        Ok(self.store().set_pinned(id, pinned)?)
+    }
+
+    pub fn kv_stats(&self) -> crate::kv::store::StoreStats {
+        self.store().stats()
     }
 
     pub fn state(&self) -> EngineState {

@@ -21,8 +21,10 @@ use super::{
     fetch, EngineConfig, EngineError, EngineState, FinishReason, GenEvent, GenRequest, Loaded,
     LogprobEntry, ModelInfo, Usage,
 };
+use crate::kv::store::{Lookup, SessionStore};
 use crate::kv::SeqCache;
 use crate::metrics;
+use std::sync::Mutex;
 
 /// Prompt tokens processed per forward pass during prefill, so that a long prompt does
 /// not stall the decode steps of other sequences for its whole length.
@@ -44,6 +46,8 @@ struct Seq {
     next: Option<u32>,
     first_token_at: Option<Instant>,
     last_token_at: Instant,
+    /// Prompt tokens served from the cache.
+    reused: usize,
 }
 
 fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
@@ -103,7 +107,10 @@ pub(super) fn run(
     cfg: EngineConfig,
     mut rx: mpsc::Receiver<GenRequest>,
     state: watch::Sender<EngineState>,
+    store: Arc<Mutex<SessionStore>>,
 ) {
+    // The store stays consistent between statements; a poisoned lock is still usable.
+    let lock = || store.lock().unwrap_or_else(|p| p.into_inner());
     if cfg.threads > 0 {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
@@ -121,18 +128,19 @@ pub(super) fn run(
         }
     };
     let _ = state.send(EngineState::Ready(loaded.clone()));
+    metrics::kv_store(&lock().stats());
     let tok = loaded.tok.clone();
     let mut seqs: Vec<Seq> = Vec::new();
     loop {
         if seqs.is_empty() {
             match rx.blocking_recv() {
-                Some(r) => seqs.push(admit(&model, r)),
+                Some(r) => seqs.extend(admit(&model, r, &mut lock())),
                 None => return,
             }
         }
         while seqs.len() < cfg.max_batch.max(1) {
             match rx.try_recv() {
-                Ok(r) => seqs.push(admit(&model, r)),
+                Ok(r) => seqs.extend(admit(&model, r, &mut lock())),
                 Err(_) => break,
             }
         }
@@ -143,34 +151,62 @@ pub(super) fn run(
             }
         }
         decode_step(&model, &tok, &mut seqs);
-        // Keep sequences still prefilling or with a token to feed whose client listens.
-        seqs.retain(|s| {
+        // Keep sequences still prefilling or with a token to feed whose client listens;
+        // the others hand their cache back (it holds exactly the tokens computed).
+        let (live, done): (Vec<Seq>, Vec<Seq>) = seqs.into_iter().partition(|s| {
             (s.next.is_some() || s.prefill_pos < s.req.prompt.len()) && !s.req.events.is_closed()
         });
+        seqs = live;
+        if !done.is_empty() {
+            let mut st = lock();
+            for s in done {
+                st.checkin(s.req.session.as_deref(), s.cache);
+            }
+            metrics::kv_store(&st.stats());
+        }
     }
 }
 
-fn admit(model: &Model, req: GenRequest) -> Seq {
+fn admit(model: &Model, req: GenRequest, store: &mut SessionStore) -> Option<Seq> {
     metrics::observe_queue_wait(req.enqueued.elapsed());
-    let cache = SeqCache::new(model.cache_layout(KV_DTYPE), model.device());
-    Seq {
+    let layout = model.cache_layout(KV_DTYPE);
+    let checked = store.checkout(req.session.as_deref(), &req.prompt, layout, model.device());
+    let (co, lookup) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = req.events.send(GenEvent::Rejected(e.into()));
+            return None;
+        }
+    };
+    let result = match lookup {
+        Lookup::Hit => "hit",
+        Lookup::Partial => "partial",
+        Lookup::Miss => "miss",
+    };
+    metrics::kv_lookup(result, req.prompt.len(), co.reused);
+    Some(Seq {
         sampler: Sampler::new(req.sampling.clone()),
         stop: StopMatcher::new(req.stop.clone()),
         req,
-        cache,
+        cache: co.cache,
         detok: DetokStream::new(),
-        prefill_pos: 0,
+        prefill_pos: co.reused,
+        reused: co.reused,
         generated: Vec::new(),
         next: None,
         first_token_at: None,
         last_token_at: Instant::now(),
-    }
+    })
 }
 
-fn fail(seqs: &mut Vec<Seq>, i: usize, msg: &str) {
-    let s = seqs.swap_remove(i);
+/// End a sequence with an error. Its cache keeps what was computed before the failure
+/// (the model commits positions only after a successful pass) and goes back to the store.
+fn fail(seqs: &mut [Seq], i: usize, msg: &str) {
+    let s = &mut seqs[i];
     tracing::error!(parent: &s.req.span, "generation failed: {msg}");
     let _ = s.req.events.send(GenEvent::Error(msg.to_string()));
+    s.next = None;
+    s.prefill_pos = s.req.prompt.len();
 }
 
 fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineError> {
@@ -200,7 +236,7 @@ fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineErro
 }
 
 /// One batched decode step for every sequence that has a token to feed.
-fn decode_step(model: &Model, tok: &Tok, seqs: &mut Vec<Seq>) {
+fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
     let ready: Vec<usize> = (0..seqs.len())
         .filter(|&i| seqs[i].next.is_some())
         .collect();
@@ -319,7 +355,7 @@ fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError>
             let usage = Usage {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.generated.len(),
-                cached_tokens: 0,
+                cached_tokens: s.reused,
             };
             metrics::finished(f.as_str(), usage.prompt_tokens, usage.completion_tokens);
             let _ = s.req.events.send(GenEvent::Done { finish: f, usage });

@@ -3,7 +3,9 @@
 //! Owns the K/V tensors of one sequence (every layer) and the token ids they were
 //! computed from. The model code borrows a [`SeqCache`] mutably for a forward pass and
 //! appends to it; the caller decides how long a cache lives (one request, or a whole
-//! agent session). This module must not depend on `engine` or `api`.
+//! agent session, see [`store`]). This module must not depend on `engine` or `api`.
+
+pub mod store;
 
 use candle_core::{DType, Device, Result, Tensor};
 

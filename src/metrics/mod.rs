@@ -2,7 +2,11 @@
 //! any layer calls to record an event. Labels are bounded (endpoint, status class,
 //! finish reason): never a session id, request id or raw path.
 //!
-//! Depends on nothing else in the crate.
+//! Reads only plain stat structs of other modules (e.g. `kv::store::StoreStats`).
+
+mod kv;
+
+pub use kv::{lookup as kv_lookup, store as kv_store};
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -51,6 +51,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         threads: 0,
         queue_size: 64,
         max_batch: 8,
+        kv_budget: 256 << 20,
     };
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -1,0 +1,103 @@
+//! KV-cache metrics: resident bytes against the budget, sessions by state, lookups by
+//! result and token-level reuse. Registered into the crate registry on first use.
+
+use std::sync::OnceLock;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use crate::kv::store::StoreStats;
+
+struct KvMetrics {
+    bytes: IntGaugeVec,
+    budget: IntGauge,
+    usage: prometheus::Gauge,
+    sessions: IntGaugeVec,
+    lookups: IntCounterVec,
+    query_tokens: IntCounter,
+    hit_tokens: IntCounter,
+}
+
+fn build() -> prometheus::Result<KvMetrics> {
+    let m = KvMetrics {
+        bytes: IntGaugeVec::new(
+            Opts::new(
+                "candela_kv_cache_bytes",
+                "Bytes held by idle session caches, by tier",
+            ),
+            &["tier"],
+        )?,
+        budget: IntGauge::new(
+            "candela_kv_cache_budget_bytes",
+            "Byte budget of the session caches",
+        )?,
+        usage: prometheus::Gauge::new(
+            "candela_kv_cache_usage_ratio",
+            "Resident cache bytes / budget",
+        )?,
+        sessions: IntGaugeVec::new(
+            Opts::new(
+                "candela_kv_sessions",
+                "Sessions by state (busy, idle, anonymous)",
+            ),
+            &["state"],
+        )?,
+        lookups: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_lookups_total",
+                "Cache lookups by result (hit, partial, miss)",
+            ),
+            &["result"],
+        )?,
+        query_tokens: IntCounter::new(
+            "candela_kv_query_tokens_total",
+            "Prompt tokens looked up in the cache",
+        )?,
+        hit_tokens: IntCounter::new(
+            "candela_kv_hit_tokens_total",
+            "Prompt tokens served from the cache",
+        )?,
+    };
+    let r = &super::get().registry;
+    r.register(Box::new(m.bytes.clone()))?;
+    r.register(Box::new(m.budget.clone()))?;
+    r.register(Box::new(m.usage.clone()))?;
+    r.register(Box::new(m.sessions.clone()))?;
+    r.register(Box::new(m.lookups.clone()))?;
+    r.register(Box::new(m.query_tokens.clone()))?;
+    r.register(Box::new(m.hit_tokens.clone()))?;
+    Ok(m)
+}
+
+fn get() -> &'static KvMetrics {
+    static M: OnceLock<KvMetrics> = OnceLock::new();
+    M.get_or_init(|| build().expect("kv metric registration"))
+}
+
+pub fn store(s: &StoreStats) {
+    let m = get();
+    m.bytes
+        .with_label_values(&["memory"])
+        .set(s.resident_bytes as i64);
+    m.budget.set(s.budget_bytes as i64);
+    m.usage.set(if s.budget_bytes > 0 {
+        s.resident_bytes as f64 / s.budget_bytes as f64
+    } else {
+        0.0
+    });
+    m.sessions
+        .with_label_values(&["busy"])
+        .set(s.sessions_busy as i64);
+    m.sessions
+        .with_label_values(&["idle"])
+        .set(s.sessions_idle as i64);
+    m.sessions
+        .with_label_values(&["anonymous"])
+        .set(s.anon as i64);
+}
+
+pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {
+    let m = get();
+    m.lookups.with_label_values(&[result]).inc();
+    m.query_tokens.inc_by(prompt_tokens as u64);
+    m.hit_tokens.inc_by(reused as u64);
+}
