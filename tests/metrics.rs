@@ -269,3 +269,63 @@ async fn dashboard_queries_only_existing_metrics() {
         assert!(have.contains(n), "dashboard queries {n}, not in /metrics");
     }
 }
+
+/// A real scrape (after traffic) passes `promtool check metrics`: valid exposition
+/// format and Prometheus naming conventions. CI installs promtool (Debian package
+/// `prometheus`); set `CANDELA_SKIP_PROMTOOL=1` to skip where it is not installed.
+#[tokio::test]
+async fn scrape_passes_promtool_check_metrics() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    if std::env::var_os("CANDELA_SKIP_PROMTOOL").is_some() {
+        eprintln!("CANDELA_SKIP_PROMTOOL set: promtool check skipped");
+        return;
+    }
+    let _turn = TURN.lock().await;
+    completion("Hello", 3).await;
+    let s = scrape_with("candela_host_memory_total_bytes").await;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool not found: apt-get install -y prometheus (or set CANDELA_SKIP_PROMTOOL=1)",
+        );
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check metrics:\n{report}");
+    assert!(
+        report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+}
+
+/// A chunked request (no Content-Length) is counted as the handler reads it.
+#[tokio::test]
+async fn chunked_request_bytes_are_counted() {
+    let _turn = TURN.lock().await;
+    let peer = [("peer", "loopback")];
+    let parts: Vec<&'static [u8]> = vec![b"{\"content\": ", b"\"Hello, chunked ", b"world\"}"];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let stream = futures::stream::iter(parts.into_iter().map(Ok::<_, std::io::Error>));
+    let before = scrape().await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/tokenize", common::server()))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let after = scrape().await;
+    let delta = value(&after, "candela_http_request_bytes_total", &peer).unwrap()
+        - value(&before, "candela_http_request_bytes_total", &peer).unwrap_or(0.0);
+    assert_eq!(delta, len as f64);
+}

@@ -53,8 +53,13 @@ fn class_v6(ip: Ipv6Addr) -> &'static str {
     }
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+/// Body size from `Content-Length` or the body's exact size hint. Bodies of known size
+/// are counted up front and left untouched, so hyper still sends `Content-Length` and
+/// empty bodies cost nothing.
+fn known_len(h: &HeaderMap, body: &Body) -> Option<u64> {
+    h.get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| body.size_hint().exact())
 }
 
 /// Count request and response body bytes by peer class.
@@ -66,7 +71,7 @@ pub async fn count_bytes(req: Request, next: Next) -> Response {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| peer_class(c.0.ip()))
         .unwrap_or("unknown");
-    let req = match content_length(req.headers()) {
+    let req = match known_len(req.headers(), req.body()) {
         Some(n) => {
             metrics::http_request_bytes(peer, n);
             req
@@ -81,9 +86,7 @@ pub async fn count_bytes(req: Request, next: Next) -> Response {
     };
     let resp = next.run(req).await;
     let counter = metrics::http_response_bytes(peer);
-    // Bodies of known size are left untouched so hyper still sends Content-Length.
-    let known = content_length(resp.headers()).or_else(|| resp.body().size_hint().exact());
-    match known {
+    match known_len(resp.headers(), resp.body()) {
         Some(n) => {
             counter.inc_by(n);
             resp
