@@ -207,8 +207,8 @@ async fn collectors_report_which_sources_are_up() {
     );
 }
 
-/// Every `candela_*` / `process_*` name in the dashboard's queries.
-fn dashboard_metric_names() -> BTreeSet<String> {
+/// The PromQL of every panel of the Grafana dashboard.
+fn dashboard_exprs() -> Vec<String> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/grafana/candela.json");
     let d: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let mut exprs = Vec::new();
@@ -228,6 +228,12 @@ fn dashboard_metric_names() -> BTreeSet<String> {
     }
     walk(&d, &mut exprs);
     assert!(exprs.len() >= 10, "dashboard has {} queries", exprs.len());
+    exprs
+}
+
+/// Every `candela_*` / `process_*` name in the dashboard's queries.
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let exprs = dashboard_exprs();
     let mut names = BTreeSet::new();
     for e in exprs {
         for prefix in ["candela_", "process_"] {
@@ -270,22 +276,20 @@ async fn dashboard_queries_only_existing_metrics() {
     }
 }
 
-/// A real scrape (after traffic) passes `promtool check metrics`: valid exposition
-/// format and Prometheus naming conventions. CI installs promtool (Debian package
-/// `prometheus`); set `CANDELA_SKIP_PROMTOOL=1` to skip where it is not installed.
-#[tokio::test]
-async fn scrape_passes_promtool_check_metrics() {
+fn promtool_skipped() -> bool {
+    let skip = std::env::var_os("CANDELA_SKIP_PROMTOOL").is_some();
+    if skip {
+        eprintln!("CANDELA_SKIP_PROMTOOL set: promtool check skipped");
+    }
+    skip
+}
+
+/// Run promtool with `input` on stdin; its exit status and everything it printed.
+fn promtool(args: &[&str], input: &str) -> (bool, String) {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    if std::env::var_os("CANDELA_SKIP_PROMTOOL").is_some() {
-        eprintln!("CANDELA_SKIP_PROMTOOL set: promtool check skipped");
-        return;
-    }
-    let _turn = TURN.lock().await;
-    completion("Hello", 3).await;
-    let s = scrape_with("candela_host_memory_total_bytes").await;
     let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -293,14 +297,54 @@ async fn scrape_passes_promtool_check_metrics() {
         .expect(
             "promtool not found: apt-get install -y prometheus (or set CANDELA_SKIP_PROMTOOL=1)",
         );
-    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool check metrics:\n{report}");
+    (out.status.success(), report)
+}
+
+/// Every dashboard query is valid PromQL: promtool parses them as recording rules
+/// (Grafana's `$__rate_interval` and `$job` replaced by plain values).
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    if promtool_skipped() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yml");
+    let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+    for (i, e) in dashboard_exprs().iter().enumerate() {
+        let e = e.replace("$__rate_interval", "1m").replace("$job", ".*");
+        let e = serde_json::to_string(&e).unwrap();
+        rules.push_str(&format!("  - record: dashboard:q{i}\n    expr: {e}\n"));
+    }
+    std::fs::write(&path, rules).unwrap();
+    let (ok, report) = promtool(&["check", "rules", path.to_str().unwrap()], "");
+    assert!(ok, "promtool check rules:\n{report}");
+}
+
+/// A real scrape (after traffic) passes `promtool check metrics`: valid exposition
+/// format and Prometheus naming conventions. CI installs promtool (Debian package
+/// `prometheus`); set `CANDELA_SKIP_PROMTOOL=1` to skip where it is not installed.
+#[tokio::test]
+async fn scrape_passes_promtool_check_metrics() {
+    if promtool_skipped() {
+        return;
+    }
+    let _turn = TURN.lock().await;
+    completion("Hello", 3).await;
+    let s = scrape_with("candela_host_memory_total_bytes").await;
+    let (ok, report) = promtool(&["check", "metrics"], &s);
+    assert!(ok, "promtool check metrics:\n{report}");
     assert!(
         report.trim().is_empty(),
         "promtool check metrics:\n{report}"
