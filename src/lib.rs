@@ -33,6 +33,8 @@ impl App {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let engine = Engine::start(engine_config(&cfg));
         let listener = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
+        // Host/GPU probes sample in the background so a scrape never waits on them.
+        metrics::probes::start(metrics::probes::DEFAULT_INTERVAL)?;
         let router = api::router(api::AppState {
             engine: engine.clone(),
         });

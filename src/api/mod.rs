@@ -5,6 +5,7 @@
 pub mod error;
 mod generate;
 mod misc;
+pub mod net;
 mod sessions;
 pub mod types;
 mod validate;
@@ -63,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(net::count_bytes))
         .with_state(state)
 }
 

@@ -3,8 +3,10 @@
 //! finish reason): never a session id, request id or raw path.
 //!
 //! Reads only plain stat structs of other modules (e.g. `kv::store::StoreStats`).
+//! Host and GPU probes live in [`probes`].
 
 mod kv;
+pub mod probes;
 
 pub use kv::{lookup as kv_lookup, store as kv_store};
 
@@ -34,6 +36,9 @@ pub struct Metrics {
     model_info: IntGaugeVec,
     model_weight_bytes: IntGauge,
     model_ctx: IntGauge,
+    http_request_bytes: IntCounterVec,
+    http_response_bytes: IntCounterVec,
+    probes: probes::ProbeMetrics,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -110,6 +115,21 @@ fn build() -> prometheus::Result<Metrics> {
         )?,
         model_weight_bytes: IntGauge::new("candela_model_weight_bytes", "Bytes of model weights")?,
         model_ctx: IntGauge::new("candela_model_context_tokens", "Context size in tokens")?,
+        http_request_bytes: IntCounterVec::new(
+            Opts::new(
+                "candela_http_request_bytes_total",
+                "HTTP request body bytes by peer class (loopback|lan|internet|unknown)",
+            ),
+            &["peer"],
+        )?,
+        http_response_bytes: IntCounterVec::new(
+            Opts::new(
+                "candela_http_response_bytes_total",
+                "HTTP response body bytes by peer class (loopback|lan|internet|unknown)",
+            ),
+            &["peer"],
+        )?,
+        probes: probes::ProbeMetrics::register(&r)?,
         registry: r,
     };
     let build_info = IntGaugeVec::new(
@@ -132,10 +152,17 @@ fn build() -> prometheus::Result<Metrics> {
         Box::new(m.model_info.clone()),
         Box::new(m.model_weight_bytes.clone()),
         Box::new(m.model_ctx.clone()),
+        Box::new(m.http_request_bytes.clone()),
+        Box::new(m.http_response_bytes.clone()),
         Box::new(build_info),
     ] {
         m.registry.register(c)?;
     }
+    // Standard process_* metrics (RSS, CPU seconds, open fds, threads).
+    #[cfg(target_os = "linux")]
+    m.registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
     Ok(m)
 }
 
@@ -164,6 +191,20 @@ pub fn http_request(endpoint: &str, status: u16, dur: Duration) {
     m.request_duration
         .with_label_values(&[endpoint])
         .observe(dur.as_secs_f64());
+}
+
+/// Request body bytes from one peer class (see `api::net`).
+pub fn http_request_bytes(peer: &str, n: u64) {
+    get()
+        .http_request_bytes
+        .with_label_values(&[peer])
+        .inc_by(n);
+}
+
+/// The response-bytes counter of one peer class, for a body wrapper to advance per
+/// chunk without a label lookup each time.
+pub fn http_response_bytes(peer: &str) -> IntCounter {
+    get().http_response_bytes.with_label_values(&[peer])
 }
 
 pub fn model_loaded(id: &str, arch: &str, weight_bytes: usize, ctx: usize) {

@@ -1,0 +1,419 @@
+//! Host and GPU probes: a background sampler thread reads host memory and swap
+//! (`/proc/meminfo`), memory pressure (`/proc/pressure/memory`) and GPUs (NVML) into
+//! plain stat structs and sets gauges, so a `/metrics` scrape only reads numbers and
+//! never waits on a probe.
+//!
+//! Each source reports `candela_collector_up{source}`; a source that is absent (no GPU,
+//! no PSI in the kernel) is 0, never an error. Depends on nothing else in the crate.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::{CounterVec, GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// How often the sampler reads the probes unless told otherwise.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Names of the per-GPU gauges. They appear in a scrape only once a GPU was read, so
+/// tests that look for dashboard metrics need to know them.
+pub const GPU_METRICS: [&str; 6] = [
+    "candela_gpu_utilization_ratio",
+    "candela_gpu_memory_used_bytes",
+    "candela_gpu_memory_total_bytes",
+    "candela_gpu_power_watts",
+    "candela_gpu_temperature_celsius",
+    "candela_gpu_clock_hertz",
+];
+
+/// Host memory and swap, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostMemStats {
+    pub total: u64,
+    pub available: u64,
+    pub swap_total: u64,
+    pub swap_free: u64,
+}
+
+impl HostMemStats {
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+    pub fn swap_used(&self) -> u64 {
+        self.swap_total.saturating_sub(self.swap_free)
+    }
+}
+
+/// Cumulative memory stall time from Linux PSI, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PsiStats {
+    pub some_total_us: u64,
+    pub full_total_us: u64,
+}
+
+/// One GPU's readings; a reading the driver does not offer is `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuStats {
+    pub index: u32,
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub power_watts: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub clock_hertz: Option<f64>,
+}
+
+/// Parse `/proc/meminfo` text (values in kB). `None` if `MemTotal` or `MemAvailable`
+/// is missing.
+pub fn parse_meminfo(text: &str) -> Option<HostMemStats> {
+    let mut s = HostMemStats::default();
+    let (mut total, mut avail) = (false, false);
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(key), Some(val)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(kb) = val.parse::<u64>() else {
+            continue;
+        };
+        let bytes = kb.saturating_mul(1024);
+        match key {
+            "MemTotal:" => (s.total, total) = (bytes, true),
+            "MemAvailable:" => (s.available, avail) = (bytes, true),
+            "SwapTotal:" => s.swap_total = bytes,
+            "SwapFree:" => s.swap_free = bytes,
+            _ => {}
+        }
+    }
+    (total && avail).then_some(s)
+}
+
+/// Parse `/proc/pressure/memory` text: the `total=` fields of the `some` and `full`
+/// lines. `None` if the `some` line is missing.
+pub fn parse_psi(text: &str) -> Option<PsiStats> {
+    let mut s = PsiStats::default();
+    let mut some = false;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let kind = it.next();
+        let total = it
+            .find_map(|f| f.strip_prefix("total="))
+            .and_then(|v| v.parse::<u64>().ok());
+        match (kind, total) {
+            (Some("some"), Some(t)) => (s.some_total_us, some) = (t, true),
+            (Some("full"), Some(t)) => s.full_total_us = t,
+            _ => {}
+        }
+    }
+    some.then_some(s)
+}
+
+#[cfg(target_os = "linux")]
+fn read_host_mem() -> Option<HostMemStats> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_host_mem() -> Option<HostMemStats> {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let total = sys.total_memory();
+    (total > 0).then(|| HostMemStats {
+        total,
+        available: sys.available_memory(),
+        swap_total: sys.total_swap(),
+        swap_free: sys.free_swap(),
+    })
+}
+
+fn read_psi() -> Option<PsiStats> {
+    parse_psi(&std::fs::read_to_string("/proc/pressure/memory").ok()?)
+}
+
+/// NVML, loaded at run time: no library or no GPU means no readings.
+#[cfg(not(target_os = "macos"))]
+mod gpu {
+    use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+    use nvml_wrapper::Nvml;
+
+    use super::GpuStats;
+
+    pub struct Gpus(Option<Nvml>);
+
+    impl Gpus {
+        pub fn open() -> Self {
+            match Nvml::init() {
+                Ok(n) => Self(Some(n)),
+                Err(e) => {
+                    tracing::debug!("NVML unavailable, no GPU metrics: {e}");
+                    Self(None)
+                }
+            }
+        }
+
+        /// `None` when NVML is not usable; otherwise one entry per device.
+        pub fn read(&self) -> Option<Vec<GpuStats>> {
+            let nvml = self.0.as_ref()?;
+            let n = nvml.device_count().ok()?;
+            let mut out = Vec::with_capacity(n as usize);
+            for index in 0..n {
+                let Ok(d) = nvml.device_by_index(index) else {
+                    continue;
+                };
+                let mem = d.memory_info().ok();
+                out.push(GpuStats {
+                    index,
+                    utilization_ratio: d.utilization_rates().ok().map(|u| u.gpu as f64 / 100.0),
+                    memory_used_bytes: mem.as_ref().map(|m| m.used),
+                    memory_total_bytes: mem.as_ref().map(|m| m.total),
+                    power_watts: d.power_usage().ok().map(|mw| mw as f64 / 1000.0),
+                    temperature_celsius: d.temperature(TemperatureSensor::Gpu).ok().map(f64::from),
+                    clock_hertz: d
+                        .clock_info(Clock::Graphics)
+                        .ok()
+                        .map(|mhz| mhz as f64 * 1e6),
+                });
+            }
+            Some(out)
+        }
+    }
+}
+
+/// macOS: Metal / IOReport probes are not implemented; the `macos` source reports 0.
+#[cfg(target_os = "macos")]
+mod gpu {
+    use super::GpuStats;
+
+    pub struct Gpus;
+
+    impl Gpus {
+        pub fn open() -> Self {
+            Self
+        }
+        pub fn read(&self) -> Option<Vec<GpuStats>> {
+            None
+        }
+    }
+}
+
+/// The gauges the sampler sets. Registered once with the crate's registry.
+pub(crate) struct ProbeMetrics {
+    up: IntGaugeVec,
+    mem_total: IntGauge,
+    mem_available: IntGauge,
+    mem_used: IntGauge,
+    swap_total: IntGauge,
+    swap_used: IntGauge,
+    pressure: CounterVec,
+    gpu_util: GaugeVec,
+    gpu_mem_used: GaugeVec,
+    gpu_mem_total: GaugeVec,
+    gpu_power: GaugeVec,
+    gpu_temp: GaugeVec,
+    gpu_clock: GaugeVec,
+}
+
+impl ProbeMetrics {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let gpu = |name: &str, help: &str| -> prometheus::Result<GaugeVec> {
+            let g = GaugeVec::new(Opts::new(name, help), &["gpu"])?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let up = IntGaugeVec::new(
+            Opts::new(
+                "candela_collector_up",
+                "Whether a probe source was readable at the last sample (1) or not (0)",
+            ),
+            &["source"],
+        )?;
+        r.register(Box::new(up.clone()))?;
+        let pressure = CounterVec::new(
+            Opts::new(
+                "candela_host_memory_pressure_stall_seconds_total",
+                "Time tasks stalled on memory (Linux PSI), by kind (some|full)",
+            ),
+            &["kind"],
+        )?;
+        r.register(Box::new(pressure.clone()))?;
+        Ok(Self {
+            up,
+            mem_total: gauge("candela_host_memory_total_bytes", "Host memory")?,
+            mem_available: gauge(
+                "candela_host_memory_available_bytes",
+                "Host memory available for new allocations without swapping",
+            )?,
+            mem_used: gauge(
+                "candela_host_memory_used_bytes",
+                "Host memory in use (total - available)",
+            )?,
+            swap_total: gauge("candela_host_swap_total_bytes", "Host swap space")?,
+            swap_used: gauge("candela_host_swap_used_bytes", "Host swap in use")?,
+            pressure,
+            gpu_util: gpu(
+                GPU_METRICS[0],
+                "Fraction of the last sample period a kernel ran on the GPU",
+            )?,
+            gpu_mem_used: gpu(GPU_METRICS[1], "GPU memory in use")?,
+            gpu_mem_total: gpu(GPU_METRICS[2], "GPU memory installed")?,
+            gpu_power: gpu(GPU_METRICS[3], "GPU power draw")?,
+            gpu_temp: gpu(GPU_METRICS[4], "GPU core temperature")?,
+            gpu_clock: gpu(GPU_METRICS[5], "GPU graphics clock")?,
+        })
+    }
+
+    fn set_up(&self, source: &str, ok: bool) {
+        self.up.with_label_values(&[source]).set(i64::from(ok));
+    }
+
+    fn set_host(&self, m: Option<HostMemStats>) {
+        self.set_up("meminfo", m.is_some());
+        if let Some(m) = m {
+            self.mem_total.set(clamp(m.total));
+            self.mem_available.set(clamp(m.available));
+            self.mem_used.set(clamp(m.used()));
+            self.swap_total.set(clamp(m.swap_total));
+            self.swap_used.set(clamp(m.swap_used()));
+        }
+    }
+
+    /// PSI totals are kernel counters; the Prometheus counter advances by the delta so
+    /// that it equals the kernel's value in seconds.
+    fn set_psi(&self, p: Option<PsiStats>, last: &mut PsiStats) {
+        self.set_up("psi", p.is_some());
+        let Some(p) = p else { return };
+        for (kind, now, before) in [
+            ("some", p.some_total_us, &mut last.some_total_us),
+            ("full", p.full_total_us, &mut last.full_total_us),
+        ] {
+            let c = self.pressure.with_label_values(&[kind]);
+            if now >= *before {
+                c.inc_by((now - *before) as f64 / 1e6);
+            }
+            *before = now;
+        }
+    }
+
+    fn set_gpus(&self, gpus: Option<Vec<GpuStats>>) {
+        self.set_up("nvml", gpus.is_some());
+        for g in gpus.unwrap_or_default() {
+            let idx = g.index.to_string();
+            let l = [idx.as_str()];
+            let set = |v: &GaugeVec, x: Option<f64>| {
+                if let Some(x) = x {
+                    v.with_label_values(&l).set(x);
+                }
+            };
+            set(&self.gpu_util, g.utilization_ratio);
+            set(&self.gpu_mem_used, g.memory_used_bytes.map(|b| b as f64));
+            set(&self.gpu_mem_total, g.memory_total_bytes.map(|b| b as f64));
+            set(&self.gpu_power, g.power_watts);
+            set(&self.gpu_temp, g.temperature_celsius);
+            set(&self.gpu_clock, g.clock_hertz);
+        }
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Start the process-wide sampler thread (once; later calls are no-ops): it samples
+/// every `interval` until the process exits.
+pub fn start(interval: Duration) -> std::io::Result<()> {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    let m = &super::get().probes;
+    // Reserved for Metal / IOReport probes; not implemented, so always 0.
+    #[cfg(target_os = "macos")]
+    m.set_up("macos", false);
+    let spawned = std::thread::Builder::new()
+        .name("candela-probes".into())
+        .spawn(move || {
+            let gpus = gpu::Gpus::open();
+            let mut last_psi = PsiStats::default();
+            loop {
+                m.set_host(read_host_mem());
+                m.set_psi(read_psi(), &mut last_psi);
+                m.set_gpus(gpus.read());
+                std::thread::sleep(interval);
+            }
+        });
+    if let Err(e) = spawned {
+        STARTED.store(false, Ordering::SeqCst);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_parses_kb_into_bytes() {
+        let t = "MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    4000000 kB\n\
+                 SwapTotal:       2000000 kB\nSwapFree:        1500000 kB\n";
+        let s = parse_meminfo(t).unwrap();
+        assert_eq!(s.total, 16_000_000 * 1024);
+        assert_eq!(s.available, 4_000_000 * 1024);
+        assert_eq!(s.used(), 12_000_000 * 1024);
+        assert_eq!(s.swap_used(), 500_000 * 1024);
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn psi_parses_totals() {
+        let t = "some avg10=0.00 avg60=0.00 avg300=0.00 total=1234567\n\
+                 full avg10=0.00 avg60=0.00 avg300=0.00 total=89\n";
+        let p = parse_psi(t).unwrap();
+        assert_eq!(p.some_total_us, 1_234_567);
+        assert_eq!(p.full_total_us, 89);
+        assert_eq!(parse_psi(""), None);
+    }
+
+    #[test]
+    fn gpu_readings_set_every_gpu_gauge() {
+        let r = Registry::new();
+        let m = ProbeMetrics::register(&r).unwrap();
+        m.set_gpus(Some(vec![GpuStats {
+            index: 0,
+            utilization_ratio: Some(0.5),
+            memory_used_bytes: Some(1 << 30),
+            memory_total_bytes: Some(8 << 30),
+            power_watts: Some(120.0),
+            temperature_celsius: Some(60.0),
+            clock_hertz: Some(1.5e9),
+        }]));
+        let fams = r.gather();
+        for name in GPU_METRICS {
+            let f = fams.iter().find(|f| f.name() == name).expect(name);
+            assert_eq!(f.get_metric()[0].get_label()[0].value(), "0");
+        }
+        let up = fams.iter().find(|f| f.name() == "candela_collector_up");
+        assert_eq!(up.unwrap().get_metric()[0].get_gauge().get_value(), 1.0);
+    }
+
+    #[test]
+    fn psi_counter_tracks_kernel_total() {
+        let r = Registry::new();
+        let m = ProbeMetrics::register(&r).unwrap();
+        let mut last = PsiStats::default();
+        for (some, full) in [(1_500_000, 0), (2_000_000, 250_000)] {
+            let p = PsiStats {
+                some_total_us: some,
+                full_total_us: full,
+            };
+            m.set_psi(Some(p), &mut last);
+        }
+        let get = |k: &str| m.pressure.with_label_values(&[k]).get();
+        assert!((get("some") - 2.0).abs() < 1e-9);
+        assert!((get("full") - 0.25).abs() < 1e-9);
+    }
+}
