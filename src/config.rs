@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// (`512MiB`, `2GiB`, `1.5GB`) or a fraction of RAM (`0.25`). Default: 1/8 of RAM, at most 4 GiB.
     #[arg(long, env = "CANDELA_KV_BUDGET", global = true)]
     pub kv_budget: Option<String>,
+    /// Where evicted sessions are spilled (default: <data dir>/sessions).
+    #[arg(long, env = "CANDELA_KV_SPILL_DIR", global = true)]
+    pub kv_spill_dir: Option<PathBuf>,
+    /// Bytes the spill dir may hold (units as for --kv-budget; 0 turns spilling off).
+    #[arg(long, env = "CANDELA_KV_DISK_BUDGET", global = true)]
+    pub kv_disk_budget: Option<String>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -84,6 +90,8 @@ struct FileConfig {
     queue_size: Option<usize>,
     max_batch: Option<usize>,
     kv_budget: Option<String>,
+    kv_spill_dir: Option<PathBuf>,
+    kv_disk_budget: Option<String>,
 }
 
 /// The validated configuration.
@@ -99,6 +107,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Session KV cache budget in bytes.
     pub kv_budget: usize,
+    pub kv_spill_dir: PathBuf,
+    /// 0: evicted sessions are dropped, not spilled.
+    pub kv_disk_budget: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -116,6 +127,11 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir);
         let cfg = Config {
             host: args
                 .host
@@ -128,11 +144,16 @@ impl Config {
                 .clone()
                 .or(file.model)
                 .unwrap_or_else(|| "default".into()),
-            data_dir: args
-                .data_dir
+            kv_spill_dir: args
+                .kv_spill_dir
                 .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(default_data_dir),
+                .or(file.kv_spill_dir)
+                .unwrap_or_else(|| data_dir.join("sessions")),
+            kv_disk_budget: match args.kv_disk_budget.clone().or(file.kv_disk_budget) {
+                Some(s) => parse_bytes(&s, total_ram())? as u64,
+                None => 8 << 30,
+            },
+            data_dir,
             ctx_size: args.ctx_size.or(file.ctx_size).unwrap_or(8192),
             threads: args.threads.or(file.threads).unwrap_or(0),
             queue_size: args.queue_size.or(file.queue_size).unwrap_or(64),

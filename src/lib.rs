@@ -55,6 +55,16 @@ impl App {
 
     /// Serve until Ctrl-C / SIGTERM, or until the model fails to load.
     pub async fn run(self) -> Result<(), Error> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serve until `stop` resolves (or the model fails to load): stop accepting, let
+    /// in-flight requests finish, then write the idle sessions to the spill dir so they
+    /// survive a restart.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
         let engine = self.engine.clone();
         let failed = async move {
             match engine.wait_ready().await {
@@ -62,25 +72,22 @@ impl App {
                 Err(e) => Error::Engine(e),
             }
         };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = stop_rx => {}
-            }
-        });
-        tokio::select! {
+        .with_graceful_shutdown(stop);
+        let result = tokio::select! {
             r = server => r.map_err(Error::Io),
-            e = failed => {
-                drop(stop_tx);
-                Err(e)
-            }
-        }
+            e = failed => return Err(e),
+        };
+        let engine = self.engine.clone();
+        let n = tokio::task::spawn_blocking(move || engine.spill_all())
+            .await
+            .unwrap_or(0);
+        tracing::info!(sessions = n, "sessions spilled; bye");
+        result
     }
 }
 
@@ -93,6 +100,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         queue_size: cfg.queue_size,
         max_batch: cfg.max_batch,
         kv_budget: cfg.kv_budget,
+        kv_spill_dir: cfg.kv_spill_dir.clone(),
+        kv_disk_budget: cfg.kv_disk_budget,
     }
 }
 

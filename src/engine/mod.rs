@@ -63,6 +63,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Bytes the idle session caches may hold.
     pub kv_budget: usize,
+    pub kv_spill_dir: PathBuf,
+    /// 0: no spilling.
+    pub kv_disk_budget: u64,
 }
 
 /// Facts about the loaded model, for `/v1/models`, validation and metrics.
@@ -209,6 +212,11 @@ impl Engine {
 
     pub fn kv_stats(&self) -> crate::kv::store::StoreStats {
         self.store().stats()
+    }
+
+    /// Write every idle session to the spill dir (graceful shutdown).
+    pub fn spill_all(&self) -> usize {
+        self.store().spill_all()
     }
 
     pub fn state(&self) -> EngineState {

@@ -21,7 +21,7 @@ use super::{
     fetch, EngineConfig, EngineError, EngineState, FinishReason, GenEvent, GenRequest, Loaded,
     LogprobEntry, ModelInfo, Usage,
 };
-use crate::kv::store::{Lookup, SessionStore};
+use crate::kv::store::{Lookup, SessionStore, SpillConfig};
 use crate::kv::SeqCache;
 use crate::metrics;
 use std::sync::Mutex;
@@ -127,6 +127,28 @@ pub(super) fn run(
             return;
         }
     };
+    if cfg.kv_disk_budget > 0 {
+        let layout = model.cache_layout(KV_DTYPE);
+        let fingerprint = format!(
+            "{}:{}:{}x{}x{}:{:?}",
+            loaded.info.id,
+            std::fs::metadata(&loaded.info.path)
+                .map(|m| m.len())
+                .unwrap_or(0),
+            layout.n_layers,
+            layout.n_kv_heads,
+            layout.head_dim,
+            layout.dtype
+        );
+        let found = lock().enable_spill(SpillConfig {
+            dir: cfg.kv_spill_dir.clone(),
+            disk_budget: cfg.kv_disk_budget,
+            fingerprint,
+            layout,
+            device: model.device().clone(),
+        });
+        tracing::info!(dir = %cfg.kv_spill_dir.display(), sessions = found, "session spill dir indexed");
+    }
     let _ = state.send(EngineState::Ready(loaded.clone()));
     metrics::kv_store(&lock().stats());
     let tok = loaded.tok.clone();

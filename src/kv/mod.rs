@@ -5,6 +5,7 @@
 //! appends to it; the caller decides how long a cache lives (one request, or a whole
 //! agent session, see [`store`]). This module must not depend on `engine` or `api`.
 
+pub mod spill;
 pub mod store;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -165,6 +166,51 @@ impl SeqCache {
     /// Record that `tokens` now occupy the positions after the current length.
     pub fn commit(&mut self, tokens: &[u32]) {
         self.tokens.extend_from_slice(tokens);
+    }
+
+    /// The filled part of every layer, `(1, n_kv_heads, len, head_dim)` each, contiguous.
+    pub fn export_layers(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        let len = self.len();
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match l {
+                Some(kv) => Ok((
+                    kv.k.narrow(2, 0, len)?.contiguous()?,
+                    kv.v.narrow(2, 0, len)?.contiguous()?,
+                )),
+                None => candle_core::bail!("kv cache layer {i} not allocated"),
+            })
+            .collect()
+    }
+
+    /// Rebuild a cache from exported layers and their token ids (shapes are checked).
+    pub fn from_layers(
+        layout: CacheLayout,
+        device: &Device,
+        tokens: Vec<u32>,
+        layers: &[(Tensor, Tensor)],
+    ) -> Result<Self> {
+        if layers.len() != layout.n_layers {
+            candle_core::bail!("expected {} layers, got {}", layout.n_layers, layers.len());
+        }
+        let want = [1, layout.n_kv_heads, tokens.len(), layout.head_dim];
+        let mut c = Self::new(layout, device);
+        c.reserve(tokens.len())?;
+        for (i, (k, v)) in layers.iter().enumerate() {
+            if k.dims() != want || v.dims() != want {
+                candle_core::bail!(
+                    "layer {i}: shape {:?}/{:?}, expected {want:?}",
+                    k.dims(),
+                    v.dims()
+                );
+            }
+            if !tokens.is_empty() {
+                c.write_layer(i, 0, &k.to_device(device)?, &v.to_device(device)?)?;
+            }
+        }
+        c.commit(&tokens);
+        Ok(c)
     }
 }
 

@@ -7,11 +7,12 @@
 //! while out, its session is busy and a second request on it is refused.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 
-use super::{CacheLayout, SeqCache};
+use super::{spill, CacheLayout, SeqCache};
 
 /// Anonymous caches kept for prefix reuse by requests without a session key.
 pub const ANON_MAX: usize = 8;
@@ -41,9 +42,19 @@ pub struct SessionInfo {
 }
 
 #[derive(Debug)]
+enum Slot {
+    Memory(SeqCache),
+    Disk {
+        path: PathBuf,
+        bytes: u64,
+    },
+    /// Checked out by a request.
+    Busy,
+}
+
+#[derive(Debug)]
 struct Entry {
-    /// None while a request has it checked out.
-    cache: Option<SeqCache>,
+    slot: Slot,
     tokens: usize,
     bytes: usize,
     created: u64,
@@ -67,6 +78,8 @@ pub struct Checkout {
     pub cache: SeqCache,
     /// Prompt tokens whose K/V were already cached.
     pub reused: usize,
+    /// The cache came back from disk.
+    pub restored: bool,
 }
 
 /// Counters for metrics.
@@ -74,9 +87,23 @@ pub struct Checkout {
 pub struct StoreStats {
     pub resident_bytes: usize,
     pub budget_bytes: usize,
+    pub disk_bytes: u64,
+    pub disk_budget_bytes: u64,
     pub sessions_busy: usize,
     pub sessions_idle: usize,
+    pub sessions_disk: usize,
     pub anon: usize,
+}
+
+/// Where and for which model sessions are spilled.
+#[derive(Debug, Clone)]
+pub struct SpillConfig {
+    pub dir: PathBuf,
+    pub disk_budget: u64,
+    /// Identifies the model and cache format; files with another one are ignored.
+    pub fingerprint: String,
+    pub layout: CacheLayout,
+    pub device: Device,
 }
 
 fn now_secs() -> u64 {
@@ -99,8 +126,11 @@ pub struct SessionStore {
     budget: usize,
     sessions: HashMap<String, Entry>,
     anon: Vec<Anon>,
+    spill: Option<SpillConfig>,
     /// Evictions since start, for tests and metrics.
     pub evictions: u64,
+    pub spills: u64,
+    pub restores: u64,
 }
 
 impl SessionStore {
@@ -109,12 +139,70 @@ impl SessionStore {
             budget: budget_bytes,
             sessions: HashMap::new(),
             anon: Vec::new(),
+            spill: None,
             evictions: 0,
+            spills: 0,
+            restores: 0,
         }
     }
 
     pub fn budget(&self) -> usize {
         self.budget
+    }
+
+    /// Spill evicted sessions to `cfg.dir` from now on, and index the sessions already
+    /// there: files for this model become disk-tier sessions; foreign, torn or corrupt
+    /// files are skipped with a warning. Returns how many sessions were found.
+    pub fn enable_spill(&mut self, cfg: SpillConfig) -> usize {
+        let mut found = 0;
+        if let Ok(rd) = std::fs::read_dir(&cfg.dir) {
+            for e in rd.flatten() {
+                let path = e.path();
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if name.ends_with(".tmp") {
+                    tracing::warn!(path = %path.display(), "removing an unfinished spill file");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                if !name.ends_with(".kv.safetensors") {
+                    continue;
+                }
+                match spill::read_meta(&path) {
+                    Ok((m, _))
+                        if m.fingerprint == cfg.fingerprint
+                            && !self.sessions.contains_key(&m.session) =>
+                    {
+                        let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        self.sessions.insert(
+                            m.session.clone(),
+                            Entry {
+                                slot: Slot::Disk { path, bytes },
+                                tokens: m.tokens,
+                                bytes: 0,
+                                created: m.created,
+                                last_used: m.created,
+                                lru: Instant::now(),
+                                hits: m.hits,
+                                pinned: false,
+                                doomed: false,
+                            },
+                        );
+                        found += 1;
+                    }
+                    Ok((m, _)) if m.fingerprint != cfg.fingerprint => {
+                        tracing::warn!(path = %path.display(), "skipping a spilled session of another model");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("skipping an unreadable spill file: {e}"),
+                }
+            }
+        }
+        self.spill = Some(cfg);
+        self.enforce_disk_budget();
+        found
     }
 
     /// Take the cache for a request. The cache is cut back to the longest prefix it shares
@@ -127,20 +215,44 @@ impl SessionStore {
         device: &Device,
     ) -> Result<(Checkout, Lookup), KvError> {
         let fresh = || SeqCache::new(layout, device);
+        let mut restored = false;
         let mut cache = match key {
             Some(k) => match self.sessions.get_mut(k) {
-                Some(e) if e.cache.is_none() => return Err(KvError::Busy(k.to_string())),
                 Some(e) => {
+                    let cache = match std::mem::replace(&mut e.slot, Slot::Busy) {
+                        Slot::Busy => return Err(KvError::Busy(k.to_string())),
+                        Slot::Memory(c) => c,
+                        Slot::Disk { path, .. } => {
+                            let fp = self
+                                .spill
+                                .as_ref()
+                                .map(|s| s.fingerprint.clone())
+                                .unwrap_or_default();
+                            let r = spill::read(&path, layout, device, &fp);
+                            let _ = std::fs::remove_file(&path);
+                            match r {
+                                Ok((c, _)) => {
+                                    restored = true;
+                                    self.restores += 1;
+                                    c
+                                }
+                                Err(err) => {
+                                    tracing::warn!("could not restore session `{k}`, starting it afresh: {err}");
+                                    fresh()
+                                }
+                            }
+                        }
+                    };
                     e.lru = Instant::now();
                     e.last_used = now_secs();
-                    e.cache.take().unwrap_or_else(fresh)
+                    cache
                 }
                 None => {
                     let now = now_secs();
                     self.sessions.insert(
                         k.to_string(),
                         Entry {
-                            cache: None,
+                            slot: Slot::Busy,
                             tokens: 0,
                             bytes: 0,
                             created: now,
@@ -185,7 +297,14 @@ impl SessionStore {
                 e.hits += 1;
             }
         }
-        Ok((Checkout { cache, reused }, lookup))
+        Ok((
+            Checkout {
+                cache,
+                reused,
+                restored,
+            },
+            lookup,
+        ))
     }
 
     /// Return a cache after its request; then keep the resident bytes under budget.
@@ -199,7 +318,7 @@ impl SessionStore {
                     e.bytes = cache.allocated_bytes();
                     e.lru = Instant::now();
                     e.last_used = now_secs();
-                    e.cache = Some(cache);
+                    e.slot = Slot::Memory(cache);
                 }
             }
             None if key.is_none() && !cache.is_empty() => {
@@ -225,12 +344,12 @@ impl SessionStore {
         self.enforce_budget();
     }
 
-    /// Bytes of every cache the store holds (idle ones; busy ones are counted by their
+    /// Bytes of the caches held in memory while idle (busy ones are counted by their
     /// requests until check-in).
     pub fn resident_bytes(&self) -> usize {
         self.sessions
             .values()
-            .filter(|e| e.cache.is_some())
+            .filter(|e| matches!(e.slot, Slot::Memory(_)))
             .map(|e| e.bytes)
             .sum::<usize>()
             + self
@@ -238,6 +357,54 @@ impl SessionStore {
                 .iter()
                 .map(|a| a.cache.allocated_bytes())
                 .sum::<usize>()
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.sessions
+            .values()
+            .map(|e| match e.slot {
+                Slot::Disk { bytes, .. } => bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Move a named session's cache to disk (or drop it when spilling is off or fails).
+    fn spill_one(&mut self, k: &str) {
+        let Some(e) = self.sessions.get_mut(k) else {
+            return;
+        };
+        let Slot::Memory(cache) = std::mem::replace(&mut e.slot, Slot::Busy) else {
+            return;
+        };
+        let written = match &self.spill {
+            Some(cfg) if !cache.is_empty() => {
+                let meta = spill::SpillMeta {
+                    session: k.to_string(),
+                    fingerprint: cfg.fingerprint.clone(),
+                    tokens: cache.len(),
+                    created: e.created,
+                    hits: e.hits,
+                };
+                match spill::write(&cfg.dir, &cache, &meta) {
+                    Ok(x) => Some(x),
+                    Err(err) => {
+                        tracing::warn!("could not spill session `{k}`, dropping it: {err}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        match written {
+            Some((path, bytes)) => {
+                e.slot = Slot::Disk { path, bytes };
+                self.spills += 1;
+            }
+            None => {
+                self.sessions.remove(k);
+            }
+        }
     }
 
     /// Evict least recently used idle, unpinned caches until under budget.
@@ -251,15 +418,13 @@ impl SessionStore {
             let named = self
                 .sessions
                 .iter()
-                .filter(|(_, e)| e.cache.is_some() && !e.pinned)
+                .filter(|(_, e)| matches!(e.slot, Slot::Memory(_)) && !e.pinned)
                 .map(|(k, e)| (e.lru, Some(k.clone()), None));
             let Some((_, name, idx)) = anon.chain(named).min_by_key(|c| c.0) else {
                 break; // only pinned or busy caches left
             };
             match (name, idx) {
-                (Some(k), _) => {
-                    self.sessions.remove(&k);
-                }
+                (Some(k), _) => self.spill_one(&k),
                 (None, Some(i)) => {
                     self.anon.swap_remove(i);
                 }
@@ -267,15 +432,61 @@ impl SessionStore {
             }
             self.evictions += 1;
         }
+        self.enforce_disk_budget();
+    }
+
+    /// Delete the oldest spilled sessions past the disk budget.
+    fn enforce_disk_budget(&mut self) {
+        let Some(limit) = self.spill.as_ref().map(|s| s.disk_budget) else {
+            return;
+        };
+        while self.disk_bytes() > limit {
+            let oldest = self
+                .sessions
+                .iter()
+                .filter(|(_, e)| matches!(e.slot, Slot::Disk { .. }))
+                .min_by_key(|(_, e)| e.lru)
+                .map(|(k, _)| k.clone());
+            let Some(k) = oldest else { break };
+            if let Some(Entry {
+                slot: Slot::Disk { path, .. },
+                ..
+            }) = self.sessions.remove(&k)
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Spill every idle named session (graceful shutdown). Returns how many were written.
+    pub fn spill_all(&mut self) -> usize {
+        if self.spill.is_none() {
+            return 0;
+        }
+        let keys: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| matches!(e.slot, Slot::Memory(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let before = self.spills;
+        for k in keys {
+            self.spill_one(&k);
+        }
+        (self.spills - before) as usize
     }
 
     fn info(id: &str, e: &Entry) -> SessionInfo {
+        let (tier, bytes) = match &e.slot {
+            Slot::Disk { bytes, .. } => ("disk", *bytes as usize),
+            _ => ("memory", e.bytes),
+        };
         SessionInfo {
             id: id.to_string(),
             tokens: e.tokens,
-            bytes: e.bytes,
-            tier: "memory",
-            busy: e.cache.is_none(),
+            bytes,
+            tier,
+            busy: matches!(e.slot, Slot::Busy),
             pinned: e.pinned,
             created: e.created,
             last_used: e.last_used,
@@ -300,16 +511,22 @@ impl SessionStore {
             .ok_or_else(|| KvError::NotFound(id.to_string()))
     }
 
-    /// Delete a session; a busy one goes when its request finishes.
+    /// Delete a session (and its spill file); a busy one goes when its request finishes.
     pub fn delete(&mut self, id: &str) -> Result<(), KvError> {
         match self.sessions.get_mut(id) {
             None => Err(KvError::NotFound(id.to_string())),
-            Some(e) if e.cache.is_none() => {
+            Some(e) if matches!(e.slot, Slot::Busy) => {
                 e.doomed = true;
                 Ok(())
             }
             Some(_) => {
-                self.sessions.remove(id);
+                if let Some(Entry {
+                    slot: Slot::Disk { path, .. },
+                    ..
+                }) = self.sessions.remove(id)
+                {
+                    let _ = std::fs::remove_file(path);
+                }
                 Ok(())
             }
         }
@@ -325,12 +542,15 @@ impl SessionStore {
     }
 
     pub fn stats(&self) -> StoreStats {
-        let busy = self.sessions.values().filter(|e| e.cache.is_none()).count();
+        let count = |f: fn(&Slot) -> bool| self.sessions.values().filter(|e| f(&e.slot)).count();
         StoreStats {
             resident_bytes: self.resident_bytes(),
             budget_bytes: self.budget,
-            sessions_busy: busy,
-            sessions_idle: self.sessions.len() - busy,
+            disk_bytes: self.disk_bytes(),
+            disk_budget_bytes: self.spill.as_ref().map(|s| s.disk_budget).unwrap_or(0),
+            sessions_busy: count(|s| matches!(s, Slot::Busy)),
+            sessions_idle: count(|s| matches!(s, Slot::Memory(_))),
+            sessions_disk: count(|s| matches!(s, Slot::Disk { .. })),
             anon: self.anon.len(),
         }
     }
@@ -431,5 +651,68 @@ mod tests {
             turn(&mut s, Some(&key), &prompt);
             assert!(s.resident_bytes() <= s.budget().max(per), "over budget");
         }
+    }
+
+    fn spill_cfg(dir: &std::path::Path, fp: &str) -> SpillConfig {
+        SpillConfig {
+            dir: dir.to_path_buf(),
+            disk_budget: u64::MAX,
+            fingerprint: fp.into(),
+            layout: layout(),
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn evicted_sessions_spill_and_restore_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let per = 256 * layout().bytes_per_token();
+        let mut s = SessionStore::new(per);
+        s.enable_spill(spill_cfg(dir.path(), "m"));
+        turn(&mut s, Some("a"), &[1, 2, 3, 4, 5]);
+        turn(&mut s, Some("b"), &[9, 9, 9]);
+        assert_eq!(s.get("a").unwrap().tier, "disk");
+        assert_eq!(s.get("b").unwrap().tier, "memory");
+        assert!(s.resident_bytes() <= s.budget());
+        // Next turn of `a` restores it and reuses its whole prefix.
+        assert_eq!(turn(&mut s, Some("a"), &[1, 2, 3, 4, 5, 6]), 5);
+        assert_eq!(s.restores, 1);
+        assert_eq!(s.get("a").unwrap().tier, "memory");
+        assert_eq!(s.get("b").unwrap().tier, "disk");
+    }
+
+    #[test]
+    fn sessions_survive_a_restart_and_foreign_files_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SessionStore::new(usize::MAX);
+        s.enable_spill(spill_cfg(dir.path(), "model-1"));
+        turn(&mut s, Some("keep"), &[5, 6, 7]);
+        assert_eq!(s.spill_all(), 1);
+        std::fs::write(dir.path().join("junk.kv.safetensors"), b"not a file").unwrap();
+        std::fs::write(dir.path().join("half.kv.tmp"), b"torn").unwrap();
+        // Same model: the session is back, on disk, and restores on use.
+        let mut s2 = SessionStore::new(usize::MAX);
+        assert_eq!(s2.enable_spill(spill_cfg(dir.path(), "model-1")), 1);
+        assert_eq!(s2.get("keep").unwrap().tier, "disk");
+        assert_eq!(turn(&mut s2, Some("keep"), &[5, 6, 7, 8]), 3);
+        assert!(!dir.path().join("half.kv.tmp").exists());
+        // Another model: nothing is loaded.
+        s2.spill_all();
+        let mut s3 = SessionStore::new(usize::MAX);
+        assert_eq!(s3.enable_spill(spill_cfg(dir.path(), "model-2")), 0);
+        assert!(s3.get("keep").is_err());
+    }
+
+    #[test]
+    fn disk_budget_deletes_the_oldest_spilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SessionStore::new(0);
+        let mut cfg = spill_cfg(dir.path(), "m");
+        cfg.disk_budget = 1;
+        s.enable_spill(cfg);
+        turn(&mut s, Some("x"), &[1, 2]);
+        // Budget 0 in memory, 1 byte on disk: nothing can stay.
+        assert!(s.get("x").is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

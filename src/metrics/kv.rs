@@ -10,6 +10,7 @@ use crate::kv::store::StoreStats;
 struct KvMetrics {
     bytes: IntGaugeVec,
     budget: IntGauge,
+    disk_budget: IntGauge,
     usage: prometheus::Gauge,
     sessions: IntGaugeVec,
     lookups: IntCounterVec,
@@ -29,6 +30,10 @@ fn build() -> prometheus::Result<KvMetrics> {
         budget: IntGauge::new(
             "candela_kv_cache_budget_bytes",
             "Byte budget of the session caches",
+        )?,
+        disk_budget: IntGauge::new(
+            "candela_kv_cache_disk_budget_bytes",
+            "Byte budget of the spill dir",
         )?,
         usage: prometheus::Gauge::new(
             "candela_kv_cache_usage_ratio",
@@ -60,6 +65,7 @@ fn build() -> prometheus::Result<KvMetrics> {
     let r = &super::get().registry;
     r.register(Box::new(m.bytes.clone()))?;
     r.register(Box::new(m.budget.clone()))?;
+    r.register(Box::new(m.disk_budget.clone()))?;
     r.register(Box::new(m.usage.clone()))?;
     r.register(Box::new(m.sessions.clone()))?;
     r.register(Box::new(m.lookups.clone()))?;
@@ -79,6 +85,13 @@ pub fn store(s: &StoreStats) {
         .with_label_values(&["memory"])
         .set(s.resident_bytes as i64);
     m.budget.set(s.budget_bytes as i64);
+    m.bytes
+        .with_label_values(&["disk"])
+        .set(s.disk_bytes as i64);
+    m.disk_budget.set(s.disk_budget_bytes as i64);
+    m.sessions
+        .with_label_values(&["disk"])
+        .set(s.sessions_disk as i64);
     m.usage.set(if s.budget_bytes > 0 {
         s.resident_bytes as f64 / s.budget_bytes as f64
     } else {

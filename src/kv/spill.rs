@@ -1,0 +1,325 @@
+//! Spill files: one session's cache as safetensors (`k.{layer}`, `v.{layer}`, `tokens`)
+//! plus metadata (format version, model fingerprint, dtype, session id, counters).
+//! Written crash-safe (temp file, fsync, rename, fsync of the directory) and readable
+//! only by the owner. Reading checks everything before a tensor is trusted: a torn,
+//! corrupt or foreign file is an error, never a panic.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{CacheLayout, SeqCache};
+
+pub const FORMAT: &str = "candela-kv-1";
+/// Refuse headers larger than this (a corrupt length field must not allocate gigabytes).
+const MAX_HEADER: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpillError {
+    #[error("{path}: {msg}")]
+    Bad { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> SpillError {
+    SpillError::Bad {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SpillError + '_ {
+    move |source| SpillError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What a spill file says about itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpillMeta {
+    pub session: String,
+    pub fingerprint: String,
+    pub tokens: usize,
+    pub created: u64,
+    pub hits: u64,
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        _ => "other",
+    }
+}
+
+/// File name for a session id (ids are restricted to `[A-Za-z0-9-_.:@]` by the API;
+/// anything else is hex-escaped so a name can never leave the directory).
+pub fn file_name(session: &str) -> String {
+    let safe: String = session
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
+            other => format!("%{other:02x}"),
+        })
+        .collect();
+    format!("{safe}.kv.safetensors")
+}
+
+/// Write `cache` for `meta.session` into `dir`; returns the path and its size in bytes.
+pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf, u64), SpillError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(file_name(&meta.session));
+    let layers = cache
+        .export_layers()
+        .map_err(|e| bad(&path, e.to_string()))?;
+    let tokens =
+        Tensor::new(cache.tokens(), &Device::Cpu).map_err(|e| bad(&path, e.to_string()))?;
+    let mut named: Vec<(String, Tensor)> = vec![("tokens".into(), tokens)];
+    for (i, (k, v)) in layers.into_iter().enumerate() {
+        let host = |t: Tensor| {
+            t.to_device(&Device::Cpu)
+                .map_err(|e| bad(&path, e.to_string()))
+        };
+        named.push((format!("k.{i}"), host(k)?));
+        named.push((format!("v.{i}"), host(v)?));
+    }
+    let layout = cache.layout();
+    let info: HashMap<String, String> = [
+        ("format", FORMAT.to_string()),
+        ("session", meta.session.clone()),
+        ("fingerprint", meta.fingerprint.clone()),
+        ("dtype", dtype_name(layout.dtype).to_string()),
+        ("tokens", cache.len().to_string()),
+        ("created", meta.created.to_string()),
+        ("hits", meta.hits.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
+        .map_err(|e| bad(&path, e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(io(&path))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((path, bytes.len() as u64))
+}
+
+/// Read only the header's metadata (cheap: used to index the directory at start-up).
+pub fn read_meta(path: &Path) -> Result<(SpillMeta, HashMap<String, String>), SpillError> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let len = f.metadata().map_err(io(path))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad(path, "too short for a safetensors header"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n + 8 > len {
+        return Err(bad(
+            path,
+            format!("header length {n} does not fit the file ({len} bytes)"),
+        ));
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).map_err(|_| bad(path, "torn header"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&h).map_err(|e| bad(path, format!("header: {e}")))?;
+    let m: HashMap<String, String> = v
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .ok_or_else(|| bad(path, "no metadata"))?;
+    if m.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(bad(path, format!("not a {FORMAT} file")));
+    }
+    let num = |k: &str| -> Result<u64, SpillError> {
+        m.get(k)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(path, format!("metadata `{k}` missing")))
+    };
+    let meta = SpillMeta {
+        session: m
+            .get("session")
+            .cloned()
+            .ok_or_else(|| bad(path, "metadata `session` missing"))?,
+        fingerprint: m.get("fingerprint").cloned().unwrap_or_default(),
+        tokens: num("tokens")? as usize,
+        created: num("created")?,
+        hits: num("hits")?,
+    };
+    Ok((meta, m))
+}
+
+/// Load a spill file back into a cache for `layout` on `device`, after checking that it
+/// was written for the same model (`fingerprint`) and cache element type.
+pub fn read(
+    path: &Path,
+    layout: CacheLayout,
+    device: &Device,
+    fingerprint: &str,
+) -> Result<(SeqCache, SpillMeta), SpillError> {
+    let (meta, m) = read_meta(path)?;
+    if meta.fingerprint != fingerprint {
+        return Err(bad(
+            path,
+            format!("written for another model ({})", meta.fingerprint),
+        ));
+    }
+    if m.get("dtype").map(String::as_str) != Some(dtype_name(layout.dtype)) {
+        return Err(bad(path, "written with another cache dtype"));
+    }
+    let data = fs::read(path).map_err(io(path))?;
+    let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)
+        .map_err(|e| bad(path, e.to_string()))?;
+    let get = |n: &str| {
+        tensors
+            .get(n)
+            .ok_or_else(|| bad(path, format!("tensor `{n}` missing")))
+    };
+    let tokens: Vec<u32> = get("tokens")?
+        .to_vec1()
+        .map_err(|e| bad(path, e.to_string()))?;
+    if tokens.len() != meta.tokens {
+        return Err(bad(path, "token count does not match the metadata"));
+    }
+    let mut layers = Vec::with_capacity(layout.n_layers);
+    for i in 0..layout.n_layers {
+        layers.push((
+            get(&format!("k.{i}"))?.clone(),
+            get(&format!("v.{i}"))?.clone(),
+        ));
+    }
+    let cache = SeqCache::from_layers(layout, device, tokens, &layers)
+        .map_err(|e| bad(path, e.to_string()))?;
+    Ok((cache, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> CacheLayout {
+        CacheLayout {
+            n_layers: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            dtype: DType::F16,
+        }
+    }
+
+    fn cache(n: usize) -> SeqCache {
+        let mut c = SeqCache::new(layout(), &Device::Cpu);
+        c.reserve(n).unwrap();
+        for l in 0..2 {
+            let t = Tensor::arange(0f32, (n * 4) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((1, 1, n, 4))
+                .unwrap();
+            c.write_layer(l, 0, &(&t + l as f64).unwrap(), &(&t * 2.0).unwrap())
+                .unwrap();
+        }
+        c.commit(&(0..n as u32).collect::<Vec<_>>());
+        c
+    }
+
+    fn meta(fp: &str) -> SpillMeta {
+        SpillMeta {
+            session: "s/1".into(),
+            fingerprint: fp.into(),
+            tokens: 5,
+            created: 1,
+            hits: 2,
+        }
+    }
+
+    #[test]
+    fn round_trip_is_exact_and_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(5);
+        let (path, bytes) = write(dir.path(), &c, &meta("m1")).unwrap();
+        assert!(path.starts_with(dir.path()), "escaped the dir: {path:?}");
+        assert!(bytes > 0);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o077, 0);
+        }
+        let (back, m) = read(&path, layout(), &Device::Cpu, "m1").unwrap();
+        assert_eq!(m, meta("m1"));
+        assert_eq!(back.tokens(), c.tokens());
+        for ((k1, v1), (k2, v2)) in back
+            .export_layers()
+            .unwrap()
+            .iter()
+            .zip(c.export_layers().unwrap().iter())
+        {
+            let d = |a: &Tensor, b: &Tensor| {
+                a.to_dtype(DType::F32)
+                    .unwrap()
+                    .sub(&b.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(d(k1, k2), 0.0);
+            assert_eq!(d(v1, v2), 0.0);
+        }
+    }
+
+    #[test]
+    fn foreign_torn_and_garbage_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = write(
+            dir.path(),
+            &cache(3),
+            &SpillMeta {
+                tokens: 3,
+                ..meta("m1")
+            },
+        )
+        .unwrap();
+        assert!(read(&path, layout(), &Device::Cpu, "other-model").is_err());
+        let other = CacheLayout {
+            dtype: DType::F32,
+            ..layout()
+        };
+        assert!(read(&path, other, &Device::Cpu, "m1").is_err());
+        let full = fs::read(&path).unwrap();
+        for cut in [0, 4, 20, full.len() / 2, full.len() - 1] {
+            fs::write(&path, &full[..cut]).unwrap();
+            assert!(
+                read(&path, layout(), &Device::Cpu, "m1").is_err(),
+                "torn at {cut} accepted"
+            );
+        }
+        let mut garbage = full.clone();
+        garbage[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        fs::write(&path, &garbage).unwrap();
+        assert!(read(&path, layout(), &Device::Cpu, "m1").is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! Sessions survive a graceful restart: spilled on stop, indexed on start, restored on
+//! use with identical continuations. Foreign and torn files in the spill dir are skipped.
+
+mod common;
+
+use serde_json::{json, Value};
+
+struct Running {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn start(spill: &std::path::Path, budget: usize) -> Running {
+    let cfg = candela::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        model: common::model_path().to_string_lossy().into_owned(),
+        data_dir: common::data_dir(),
+        ctx_size: 2048,
+        threads: 0,
+        queue_size: 16,
+        max_batch: 4,
+        kv_budget: budget,
+        kv_spill_dir: spill.to_path_buf(),
+        kv_disk_budget: 1 << 30,
+    };
+    let app = candela::App::build(cfg).await.unwrap();
+    let url = format!("http://{}", app.local_addr().unwrap());
+    app.engine().wait_ready().await.unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        app.run_until(async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running { url, stop, done }
+}
+
+async fn chat(url: &str, key: &str, messages: &Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": messages, "max_tokens": 12, "temperature": 0, "prompt_cache_key": key}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_restart_with_identical_continuations() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn1 = json!([{"role": "user", "content": "Give me a word that rhymes with cat."}]);
+    let a = start(dir.path(), 256 << 20).await;
+    let r1 = chat(&a.url, "agent-r", &turn1).await;
+    let r1b = chat(&a.url, "agent-control", &turn1).await;
+    assert_eq!(r1["choices"], r1b["choices"]);
+    let reply = r1["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let turn2 = json!([
+        {"role": "user", "content": "Give me a word that rhymes with cat."},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Another one?"}
+    ]);
+    // The control session continues in memory on the first server.
+    let control = chat(&a.url, "agent-control", &turn2).await;
+    std::fs::write(dir.path().join("foreign.kv.safetensors"), b"garbage").unwrap();
+    a.stop.send(()).unwrap();
+    a.done.await.unwrap();
+    assert!(dir.path().join("agent-r.kv.safetensors").exists());
+
+    let b = start(dir.path(), 256 << 20).await;
+    let s: Value = reqwest::get(format!("{}/v1/sessions/agent-r", b.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["tier"], "disk", "{s}");
+    let restored = chat(&b.url, "agent-r", &turn2).await;
+    assert_eq!(
+        restored["usage"]["prompt_tokens_details"]["cached_tokens"],
+        control["usage"]["prompt_tokens_details"]["cached_tokens"]
+    );
+    assert!(
+        restored["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 20
+    );
+    assert_eq!(
+        restored["choices"][0]["message"],
+        control["choices"][0]["message"]
+    );
+    let s: Value = reqwest::get(format!("{}/v1/sessions/agent-r", b.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["tier"], "memory");
+    b.stop.send(()).unwrap();
+    b.done.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_budget_sessions_spill_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one session's cache (256 tokens x 23 KB) in memory: the rest go to disk.
+    let s = start(dir.path(), 6 << 20).await;
+    let msgs = |i: usize| json!([{"role": "user", "content": format!("Session {i}: say something short.")}]);
+    let mut first = Vec::new();
+    for i in 0..3 {
+        first.push(chat(&s.url, &format!("spill-{i}"), &msgs(i)).await);
+    }
+    let list: Value = reqwest::get(format!("{}/v1/sessions", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        list["resident_bytes"].as_u64().unwrap() <= list["budget_bytes"].as_u64().unwrap(),
+        "{list}"
+    );
+    let tiers: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["tier"].as_str().unwrap())
+        .collect();
+    assert!(tiers.contains(&"disk"), "{list}");
+    // The oldest, spilled session serves its next turn from disk.
+    let again = chat(&s.url, "spill-0", &msgs(0)).await;
+    let p = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+        p - 1
+    );
+    assert_eq!(again["choices"], first[0]["choices"]);
+    s.stop.send(()).unwrap();
+    s.done.await.unwrap();
+}
