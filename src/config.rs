@@ -75,6 +75,21 @@ pub struct ServeArgs {
     /// Bytes the spill dir may hold (units as for --kv-budget; 0 turns spilling off).
     #[arg(long, env = "CANDELA_KV_DISK_BUDGET", global = true)]
     pub kv_disk_budget: Option<String>,
+    /// API key required as `Authorization: Bearer <key>` on /v1 (repeat for several;
+    /// env: comma-separated).
+    #[arg(
+        long = "api-key",
+        env = "CANDELA_API_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub api_keys: Vec<String>,
+    /// File with one API key per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "CANDELA_API_KEY_FILE", global = true)]
+    pub api_key_file: Option<PathBuf>,
+    /// Require an API key on /metrics too.
+    #[arg(long, env = "CANDELA_METRICS_AUTH", global = true)]
+    pub metrics_auth: Option<bool>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -92,10 +107,13 @@ struct FileConfig {
     kv_budget: Option<String>,
     kv_spill_dir: Option<PathBuf>,
     kv_disk_budget: Option<String>,
+    api_keys: Option<Vec<String>>,
+    api_key_file: Option<PathBuf>,
+    metrics_auth: Option<bool>,
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. Its `Debug` leaves the API keys out.
+#[derive(Clone)]
 pub struct Config {
     pub host: String,
     pub port: u16,
@@ -110,6 +128,32 @@ pub struct Config {
     pub kv_spill_dir: PathBuf,
     /// 0: evicted sessions are dropped, not spilled.
     pub kv_disk_budget: u64,
+    /// Accepted API keys; empty means no auth. Never printed.
+    pub api_keys: Vec<String>,
+    pub metrics_auth: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("model", &self.model)
+            .field("data_dir", &self.data_dir)
+            .field("ctx_size", &self.ctx_size)
+            .field("threads", &self.threads)
+            .field("queue_size", &self.queue_size)
+            .field("max_batch", &self.max_batch)
+            .field("kv_budget", &self.kv_budget)
+            .field("kv_spill_dir", &self.kv_spill_dir)
+            .field("kv_disk_budget", &self.kv_disk_budget)
+            .field(
+                "api_keys",
+                &format_args!("<{} hidden>", self.api_keys.len()),
+            )
+            .field("metrics_auth", &self.metrics_auth)
+            .finish()
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -162,6 +206,26 @@ impl Config {
                 Some(s) => parse_bytes(&s, total_ram())?,
                 None => (total_ram() / 8).min(4 << 30),
             },
+            api_keys: {
+                let mut keys = if args.api_keys.is_empty() {
+                    file.api_keys.unwrap_or_default()
+                } else {
+                    args.api_keys.clone()
+                };
+                if let Some(p) = args.api_key_file.clone().or(file.api_key_file) {
+                    let text = std::fs::read_to_string(&p)
+                        .map_err(|e| Error::Config(format!("api_key_file {}: {e}", p.display())))?;
+                    keys.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                            .map(String::from),
+                    );
+                }
+                keys.retain(|k| !k.trim().is_empty());
+                keys
+            },
+            metrics_auth: args.metrics_auth.or(file.metrics_auth).unwrap_or(false),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -35,8 +35,14 @@ impl App {
         let listener = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
         // Host/GPU probes sample in the background so a scrape never waits on them.
         metrics::probes::start(metrics::probes::DEFAULT_INTERVAL)?;
+        if !cfg.api_keys.is_empty() {
+            tracing::info!(keys = cfg.api_keys.len(), "API keys required on /v1");
+        } else if !is_loopback(&cfg.host) {
+            tracing::warn!(host = %cfg.host, "listening beyond this machine without an API key: anyone who can reach it can use it (set --api-key)");
+        }
         let router = api::router(api::AppState {
             engine: engine.clone(),
+            auth: std::sync::Arc::new(api::auth::Auth::new(&cfg.api_keys, cfg.metrics_auth)),
         });
         Ok(Self {
             listener,
@@ -89,6 +95,14 @@ impl App {
         tracing::info!(sessions = n, "sessions spilled; bye");
         result
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 pub fn engine_config(cfg: &Config) -> EngineConfig {

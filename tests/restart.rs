@@ -24,6 +24,8 @@ async fn start(spill: &std::path::Path, budget: usize) -> Running {
         kv_budget: budget,
         kv_spill_dir: spill.to_path_buf(),
         kv_disk_budget: 1 << 30,
+        api_keys: vec![],
+        metrics_auth: false,
     };
     let app = candela::App::build(cfg).await.unwrap();
     let url = format!("http://{}", app.local_addr().unwrap());

@@ -90,8 +90,10 @@ fn unauthorized() -> Response {
         code: Some("invalid_api_key"),
     }
     .into_response();
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
     r
 }
 

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
+use super::auth::Principal;
 use super::error::{parse, ApiError, Json};
 use super::types::{
     ChatLogprobs, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest, Prompt,
@@ -56,6 +57,7 @@ fn header_session(h: &HeaderMap) -> Option<&str> {
 
 pub async fn chat(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
@@ -101,13 +103,15 @@ pub async fn chat(
         session: validate::session_key(
             common.prompt_cache_key.as_deref(),
             header_session(&headers),
-        )?,
+        )?
+        .map(|k| who.scope(&k)),
     };
     run(st, job).await
 }
 
 pub async fn completions(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
@@ -165,7 +169,8 @@ pub async fn completions(
         session: validate::session_key(
             common.prompt_cache_key.as_deref(),
             header_session(&headers),
-        )?,
+        )?
+        .map(|k| who.scope(&k)),
     };
     run(st, job).await
 }

@@ -2,6 +2,7 @@
 //! where errors are mapped to HTTP (`error`). Talks to the model only through
 //! [`crate::engine::Engine`].
 
+pub mod auth;
 pub mod error;
 mod generate;
 mod misc;
@@ -41,6 +42,7 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    pub auth: std::sync::Arc<auth::Auth>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,6 +65,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(misc::not_found)
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(middleware::from_fn(track))
         .layer(middleware::from_fn(net::count_bytes))
         .with_state(state)

@@ -55,6 +55,8 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         kv_spill_dir: std::env::temp_dir()
             .join(format!("candela-test-spill-{}-{key}", std::process::id())),
         kv_disk_budget: 1 << 30,
+        api_keys: vec![],
+        metrics_auth: false,
     };
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
