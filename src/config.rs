@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// Require an API key on /metrics too.
     #[arg(long, env = "CANDELA_METRICS_AUTH", global = true)]
     pub metrics_auth: Option<bool>,
+    /// Compute device: auto (GPU when the build has one), cpu, cuda, cuda:N, metal.
+    #[arg(long, env = "CANDELA_DEVICE", global = true)]
+    pub device: Option<String>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -110,6 +113,7 @@ struct FileConfig {
     api_keys: Option<Vec<String>>,
     api_key_file: Option<PathBuf>,
     metrics_auth: Option<bool>,
+    device: Option<String>,
 }
 
 /// The validated configuration. Its `Debug` leaves the API keys out.
@@ -131,6 +135,7 @@ pub struct Config {
     /// Accepted API keys; empty means no auth. Never printed.
     pub api_keys: Vec<String>,
     pub metrics_auth: bool,
+    pub device: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -152,6 +157,7 @@ impl std::fmt::Debug for Config {
                 &format_args!("<{} hidden>", self.api_keys.len()),
             )
             .field("metrics_auth", &self.metrics_auth)
+            .field("device", &self.device)
             .finish()
     }
 }
@@ -226,6 +232,11 @@ impl Config {
                 keys
             },
             metrics_auth: args.metrics_auth.or(file.metrics_auth).unwrap_or(false),
+            device: args
+                .device
+                .clone()
+                .or(file.device)
+                .unwrap_or_else(|| "auto".into()),
         };
         cfg.validate()?;
         Ok(cfg)

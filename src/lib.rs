@@ -116,6 +116,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         kv_budget: cfg.kv_budget,
         kv_spill_dir: cfg.kv_spill_dir.clone(),
         kv_disk_budget: cfg.kv_disk_budget,
+        device: cfg.device.clone(),
     }
 }
 

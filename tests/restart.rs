@@ -26,6 +26,7 @@ async fn start(spill: &std::path::Path, budget: usize) -> Running {
         kv_disk_budget: 1 << 30,
         api_keys: vec![],
         metrics_auth: false,
+        device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
     };
     let app = candela::App::build(cfg).await.unwrap();
     let url = format!("http://{}", app.local_addr().unwrap());

@@ -14,6 +14,8 @@ pub mod template;
 pub mod tokenizer;
 mod worker;
 
+pub use worker::pick_device;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -66,6 +68,8 @@ pub struct EngineConfig {
     pub kv_spill_dir: PathBuf,
     /// 0: no spilling.
     pub kv_disk_budget: u64,
+    /// `auto`, `cpu`, `cuda[:N]` or `metal`.
+    pub device: String,
 }
 
 /// Facts about the loaded model, for `/v1/models`, validation and metrics.
@@ -229,7 +233,7 @@ impl Engine {
         loop {
             match rx.borrow_and_update().clone() {
                 EngineState::Ready(l) => return Ok(l),
-                EngineState::Failed(e) => return Err(EngineError::Load(e)),
+                EngineState::Failed(e) => return Err(EngineError::Unavailable(e)),
                 EngineState::Loading => {}
             }
             if rx.changed().await.is_err() {

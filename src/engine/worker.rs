@@ -59,7 +59,8 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
         File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
     let ct = gguf_file::Content::read(&mut f)
         .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
-    let device = Device::Cpu;
+    let device = pick_device(&cfg.device)?;
+    tracing::info!(device = ?device.location(), "compute device");
     let probe = super::model::ModelConfig::from_gguf(&ct)?;
     let ctx = if cfg.ctx_size == 0 {
         probe.train_ctx
@@ -390,5 +391,35 @@ fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError>
 impl Seq {
     fn sampler_needs_context(&self) -> bool {
         self.req.sampling.repetition_penalty != 1.0
+    }
+}
+
+/// `auto` (the GPU when this build has one, else the CPU), `cpu`, `cuda`, `cuda:N`, `metal`.
+pub fn pick_device(spec: &str) -> Result<Device, EngineError> {
+    let dev = |r: candle_core::Result<Device>| {
+        r.map_err(|e| EngineError::Load(format!("device `{spec}`: {e}")))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                dev(Device::new_cuda(0))
+            } else if candle_core::utils::metal_is_available() {
+                dev(Device::new_metal(0))
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "cuda" => dev(Device::new_cuda(0)),
+        "metal" => dev(Device::new_metal(0)),
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => dev(Device::new_cuda(n)),
+            None => Err(EngineError::Load(format!(
+                "unknown device `{s}` (expected auto, cpu, cuda, cuda:N or metal)"
+            ))),
+        },
     }
 }

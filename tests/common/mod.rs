@@ -57,6 +57,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         kv_disk_budget: 1 << 30,
         api_keys: vec![],
         metrics_auth: false,
+        device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
     };
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
