@@ -93,6 +93,9 @@ pub struct ServeArgs {
     /// Compute device: auto (GPU when the build has one), cpu, cuda, cuda:N, metal.
     #[arg(long, env = "CANDELA_DEVICE", global = true)]
     pub device: Option<String>,
+    /// Generation requests one API key may have in flight (0 = unlimited); more get 429.
+    #[arg(long, env = "CANDELA_MAX_CONCURRENT_PER_KEY", global = true)]
+    pub max_concurrent_per_key: Option<usize>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -114,6 +117,7 @@ struct FileConfig {
     api_key_file: Option<PathBuf>,
     metrics_auth: Option<bool>,
     device: Option<String>,
+    max_concurrent_per_key: Option<usize>,
 }
 
 /// The validated configuration. Its `Debug` leaves the API keys out.
@@ -136,6 +140,7 @@ pub struct Config {
     pub api_keys: Vec<String>,
     pub metrics_auth: bool,
     pub device: String,
+    pub max_concurrent_per_key: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -158,6 +163,7 @@ impl std::fmt::Debug for Config {
             )
             .field("metrics_auth", &self.metrics_auth)
             .field("device", &self.device)
+            .field("max_concurrent_per_key", &self.max_concurrent_per_key)
             .finish()
     }
 }
@@ -237,6 +243,10 @@ impl Config {
                 .clone()
                 .or(file.device)
                 .unwrap_or_else(|| "auto".into()),
+            max_concurrent_per_key: args
+                .max_concurrent_per_key
+                .or(file.max_concurrent_per_key)
+                .unwrap_or(32),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -43,6 +43,7 @@ impl App {
         let router = api::router(api::AppState {
             engine: engine.clone(),
             auth: std::sync::Arc::new(api::auth::Auth::new(&cfg.api_keys, cfg.metrics_auth)),
+            limiter: api::limits::Limiter::new(cfg.max_concurrent_per_key),
         });
         Ok(Self {
             listener,

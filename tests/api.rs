@@ -521,6 +521,20 @@ async fn error_paths_are_openai_shaped() {
     )
     .await;
     expect_error("/v1/nope", "{}", 404, "invalid_request_error", None).await;
+    let many: Vec<Value> = (0..5000)
+        .map(|_| json!({"role": "user", "content": "x"}))
+        .collect();
+    expect_error(
+        chat,
+        &json!({"messages": many}).to_string(),
+        400,
+        "invalid_request_error",
+        Some("messages"),
+    )
+    .await;
+    let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(9 << 20));
+    let r = expect_error("/v1/completions", &huge, 413, "invalid_request_error", None).await;
+    assert_eq!(r["error"]["code"], "invalid_body");
     // The server is still healthy and serving after all of that.
     let (st, _) = post("/v1/completions", json!({"prompt": "ok", "max_tokens": 2})).await;
     assert_eq!(st, 200);

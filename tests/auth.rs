@@ -144,3 +144,65 @@ fn config_debug_never_prints_keys() {
     assert!(!shown.contains("super-secret-key"), "{shown}");
     assert!(shown.contains("1 hidden"));
 }
+
+fn limited() -> String {
+    common::server_with("limited", |c| {
+        c.api_keys = vec!["lim-a".into(), "lim-b".into()];
+        c.max_concurrent_per_key = 1;
+    })
+}
+
+#[tokio::test]
+async fn concurrent_requests_per_key_are_limited_with_429() {
+    let base = limited();
+    let c = reqwest::Client::new();
+    let body = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 200, "stream": true});
+    let mut long = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth("lim-a")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status().as_u16(), 200);
+    let _ = long.chunk().await.unwrap();
+    let short = json!({"prompt": "hi", "max_tokens": 2});
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth("lim-a")
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    // Another key is not held back.
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth("lim-b")
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Hanging up frees the permit.
+    drop(long);
+    let mut ok = false;
+    for _ in 0..50 {
+        let r = c
+            .post(format!("{base}/v1/completions"))
+            .bearer_auth("lim-a")
+            .json(&short)
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "permit not released after the client left");
+}

@@ -27,6 +27,7 @@ async fn start(spill: &std::path::Path, budget: usize) -> Running {
         api_keys: vec![],
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        max_concurrent_per_key: 32,
     };
     let app = candela::App::build(cfg).await.unwrap();
     let url = format!("http://{}", app.local_addr().unwrap());

@@ -106,7 +106,7 @@ pub async fn chat(
         )?
         .map(|k| who.scope(&k)),
     };
-    run(st, job).await
+    run(st, &who, job).await
 }
 
 pub async fn completions(
@@ -172,10 +172,11 @@ pub async fn completions(
         )?
         .map(|k| who.scope(&k)),
     };
-    run(st, job).await
+    run(st, &who, job).await
 }
 
-async fn run(st: AppState, job: Job) -> Result<Response, ApiError> {
+async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiError> {
+    let permit = st.limiter.acquire(who)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let span =
         tracing::info_span!("generate", request_id = %job.id, prompt_tokens = job.prompt.len());
@@ -200,6 +201,7 @@ async fn run(st: AppState, job: Job) -> Result<Response, ApiError> {
     let events = Events {
         peek: Some(first),
         rx,
+        _permit: permit,
     };
     if job.checked.stream {
         Ok(stream(job, events).into_response())
@@ -212,6 +214,8 @@ async fn run(st: AppState, job: Job) -> Result<Response, ApiError> {
 struct Events {
     peek: Option<GenEvent>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
+    /// Released when the response (or stream) is dropped.
+    _permit: super::limits::Permit,
 }
 
 impl Events {

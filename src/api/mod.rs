@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 mod generate;
+pub mod limits;
 mod misc;
 pub mod net;
 mod sessions;
@@ -43,6 +44,7 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub struct AppState {
     pub engine: Engine,
     pub auth: std::sync::Arc<auth::Auth>,
+    pub limiter: std::sync::Arc<limits::Limiter>,
 }
 
 pub fn router(state: AppState) -> Router {

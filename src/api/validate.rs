@@ -7,6 +7,7 @@ use super::error::ApiError;
 use super::types::{ChatMessage, CommonParams, Content};
 
 pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_MESSAGES: usize = 4096;
 pub const MAX_STOP_LEN: usize = 256;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -191,6 +192,15 @@ pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<TemplateMessage
         return Err(ApiError::invalid(
             "messages",
             "messages must contain at least one message",
+        ));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "at most {MAX_MESSAGES} messages are allowed, got {}",
+                messages.len()
+            ),
         ));
     }
     messages

@@ -58,6 +58,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         api_keys: vec![],
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        max_concurrent_per_key: 32,
     };
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
