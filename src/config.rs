@@ -33,6 +33,18 @@ pub enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Size a machine: weights, KV bytes per token, how many tokens and sessions fit
+    /// the KV budget (--kv-budget), and what is left of RAM.
+    Plan {
+        /// KV cache element type to plan for: f16 (what candela serves with), f32, q8_0.
+        #[arg(long, default_value = "f16")]
+        kv_dtype: String,
+        /// Length of one session, for the "how many sessions" line.
+        #[arg(long, default_value_t = 4096)]
+        session_tokens: usize,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
 }
 
 /// Flags shared by `serve` and `fetch`; every one is also an env var and a TOML key.
@@ -96,6 +108,10 @@ pub struct ServeArgs {
     /// Generation requests one API key may have in flight (0 = unlimited); more get 429.
     #[arg(long, env = "CANDELA_MAX_CONCURRENT_PER_KEY", global = true)]
     pub max_concurrent_per_key: Option<usize>,
+    /// Spill idle sessions when the host's available memory falls below this (bytes with
+    /// units, or a RAM fraction; default 0.05; 0 = never).
+    #[arg(long, env = "CANDELA_KV_MIN_FREE", global = true)]
+    pub kv_min_free: Option<String>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -118,6 +134,7 @@ struct FileConfig {
     metrics_auth: Option<bool>,
     device: Option<String>,
     max_concurrent_per_key: Option<usize>,
+    kv_min_free: Option<String>,
 }
 
 /// The validated configuration. Its `Debug` leaves the API keys out.
@@ -141,6 +158,7 @@ pub struct Config {
     pub metrics_auth: bool,
     pub device: String,
     pub max_concurrent_per_key: usize,
+    pub kv_min_free: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -164,6 +182,7 @@ impl std::fmt::Debug for Config {
             .field("metrics_auth", &self.metrics_auth)
             .field("device", &self.device)
             .field("max_concurrent_per_key", &self.max_concurrent_per_key)
+            .field("kv_min_free", &self.kv_min_free)
             .finish()
     }
 }
@@ -247,6 +266,14 @@ impl Config {
                 .max_concurrent_per_key
                 .or(file.max_concurrent_per_key)
                 .unwrap_or(32),
+            kv_min_free: parse_bytes(
+                &args
+                    .kv_min_free
+                    .clone()
+                    .or(file.kv_min_free)
+                    .unwrap_or_else(|| "0.05".into()),
+                total_ram(),
+            )?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -288,7 +315,7 @@ fn read_file(p: &Path) -> Result<FileConfig, Error> {
     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
 }
 
-fn total_ram() -> usize {
+pub fn total_ram() -> usize {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     sys.total_memory() as usize

@@ -118,6 +118,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         kv_spill_dir: cfg.kv_spill_dir.clone(),
         kv_disk_budget: cfg.kv_disk_budget,
         device: cfg.device.clone(),
+        kv_min_free: cfg.kv_min_free,
     }
 }
 

@@ -15,6 +15,11 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Fetch { model, args }) => fetch(model, &args).await,
         Some(Command::Serve(args)) => serve(&args).await,
+        Some(Command::Plan {
+            kv_dtype,
+            session_tokens,
+            args,
+        }) => plan(&kv_dtype, session_tokens, &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -48,5 +53,32 @@ async fn fetch(
         .await
         .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
     println!("{}", r.gguf.display());
+    Ok(())
+}
+
+async fn plan(
+    kv_dtype: &str,
+    session_tokens: usize,
+    args: &candela::config::ServeArgs,
+) -> Result<(), candela::Error> {
+    let cfg = Config::load(args)?;
+    let (spec, dir) = (cfg.model.clone(), cfg.data_dir.clone());
+    let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
+        .await
+        .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let p = candela::engine::plan::plan(
+        &r.gguf,
+        &r.id,
+        kv_dtype,
+        cfg.kv_budget as u64,
+        session_tokens,
+        (sys.total_memory(), sys.available_memory()),
+    )?;
+    print!("{}", p.render());
+    if kv_dtype != "f16" {
+        println!("note: the server stores its cache as f16 today; {kv_dtype} is a what-if.");
+    }
     Ok(())
 }

@@ -12,6 +12,10 @@ struct Running {
 }
 
 async fn start(spill: &std::path::Path, budget: usize) -> Running {
+    start_with(spill, budget, 0).await
+}
+
+async fn start_with(spill: &std::path::Path, budget: usize, min_free: usize) -> Running {
     let cfg = candela::Config {
         host: "127.0.0.1".into(),
         port: 0,
@@ -28,6 +32,7 @@ async fn start(spill: &std::path::Path, budget: usize) -> Running {
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
         max_concurrent_per_key: 32,
+        kv_min_free: min_free,
     };
     let app = candela::App::build(cfg).await.unwrap();
     let url = format!("http://{}", app.local_addr().unwrap());
@@ -149,6 +154,40 @@ async fn over_budget_sessions_spill_and_come_back() {
         p - 1
     );
     assert_eq!(again["choices"], first[0]["choices"]);
+    s.stop.send(()).unwrap();
+    s.done.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_host_memory_moves_idle_sessions_to_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ask for more free memory than the machine has: every idle cache must yield.
+    let s = start_with(dir.path(), 256 << 20, usize::MAX / 4).await;
+    let m = json!([{"role": "user", "content": "Tell me about rivers."}]);
+    chat(&s.url, "pressure-0", &m).await;
+    let mut tier = String::new();
+    for i in 0..40 {
+        // The worker looks at host memory about once a second while it works.
+        chat(&s.url, &format!("pressure-other-{i}"), &m).await;
+        let v: Value = reqwest::get(format!("{}/v1/sessions/pressure-0", s.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tier = v["tier"].as_str().unwrap_or_default().to_string();
+        if tier == "disk" {
+            break;
+        }
+    }
+    assert_eq!(tier, "disk");
+    let back = chat(&s.url, "pressure-0", &m).await;
+    assert!(
+        back["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     s.stop.send(()).unwrap();
     s.done.await.unwrap();
 }

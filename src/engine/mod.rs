@@ -7,6 +7,7 @@
 
 pub mod fetch;
 pub mod model;
+pub mod plan;
 pub mod quant;
 pub mod sampling;
 pub mod stop;
@@ -70,6 +71,9 @@ pub struct EngineConfig {
     pub kv_disk_budget: u64,
     /// `auto`, `cpu`, `cuda[:N]` or `metal`.
     pub device: String,
+    /// When the host's available memory drops below this many bytes, idle session caches
+    /// leave memory (0 = never).
+    pub kv_min_free: usize,
 }
 
 /// Facts about the loaded model, for `/v1/models`, validation and metrics.

@@ -33,6 +33,9 @@ const PREFILL_CHUNK: usize = 512;
 /// KV cache element type: f16 halves the bytes and is what llama.cpp stores too.
 pub const KV_DTYPE: DType = DType::F16;
 
+/// How often the worker looks at the host's available memory.
+const MEM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct Seq {
     req: GenRequest,
     cache: SeqCache,
@@ -154,6 +157,8 @@ pub(super) fn run(
     metrics::kv_store(&lock().stats());
     let tok = loaded.tok.clone();
     let mut seqs: Vec<Seq> = Vec::new();
+    let mut sys = sysinfo::System::new();
+    let mut last_mem_check = Instant::now();
     loop {
         if seqs.is_empty() {
             match rx.blocking_recv() {
@@ -174,6 +179,21 @@ pub(super) fn run(
             }
         }
         decode_step(&model, &tok, &mut seqs);
+        if cfg.kv_min_free > 0 && last_mem_check.elapsed() >= MEM_CHECK_EVERY {
+            last_mem_check = Instant::now();
+            sys.refresh_memory();
+            let avail = sys.available_memory() as usize;
+            if avail < cfg.kv_min_free {
+                let freed = lock().relieve(cfg.kv_min_free - avail);
+                if freed > 0 {
+                    tracing::warn!(
+                        available = avail,
+                        freed,
+                        "host memory low: idle session caches moved out of memory"
+                    );
+                }
+            }
+        }
         // Keep sequences still prefilling or with a token to feed whose client listens;
         // the others hand their cache back (it holds exactly the tokens computed).
         let (live, done): (Vec<Seq>, Vec<Seq>) = seqs.into_iter().partition(|s| {

@@ -409,7 +409,20 @@ impl SessionStore {
 
     /// Evict least recently used idle, unpinned caches until under budget.
     pub fn enforce_budget(&mut self) {
-        while self.resident_bytes() > self.budget {
+        self.evict_until(self.budget);
+    }
+
+    /// The host is short of memory: move up to `bytes` of idle caches out of memory
+    /// (spilled or dropped, LRU first), so the cache yields before the OS swaps.
+    /// Returns the bytes freed.
+    pub fn relieve(&mut self, bytes: usize) -> usize {
+        let before = self.resident_bytes();
+        self.evict_until(before.saturating_sub(bytes));
+        before - self.resident_bytes()
+    }
+
+    fn evict_until(&mut self, limit: usize) {
+        while self.resident_bytes() > limit {
             let anon = self
                 .anon
                 .iter()
@@ -714,5 +727,17 @@ mod tests {
         // Budget 0 in memory, 1 byte on disk: nothing can stay.
         assert!(s.get("x").is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn relieve_frees_lru_first() {
+        let mut s = SessionStore::new(usize::MAX);
+        turn(&mut s, Some("old"), &[1; 10]);
+        turn(&mut s, Some("new"), &[2; 10]);
+        let one = s.get("old").unwrap().bytes;
+        assert_eq!(s.relieve(1), one);
+        assert!(s.get("old").is_err(), "no spill dir: dropped");
+        assert!(s.get("new").is_ok());
+        assert_eq!(s.relieve(0), 0);
     }
 }

@@ -59,6 +59,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
         max_concurrent_per_key: 32,
+        kv_min_free: 0,
     };
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -1,0 +1,153 @@
+//! `candela plan`: what a model and a KV budget mean for a machine, before buying or
+//! sizing one — weights size, KV bytes per token, how many tokens and sessions fit.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+
+use super::model::ModelConfig;
+use super::EngineError;
+use crate::kv::GROW_TOKENS;
+
+/// Figures for one model, one cache element type and one budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub model: String,
+    pub arch: String,
+    pub weight_bytes: u64,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub train_ctx: usize,
+    pub kv_dtype: String,
+    pub bytes_per_token: f64,
+    pub budget: u64,
+    pub tokens_fit: u64,
+    pub session_tokens: usize,
+    pub sessions_fit: u64,
+    pub ram_total: u64,
+    pub ram_available: u64,
+}
+
+/// Bytes per cached element for a cache type name (q8_0: 34-byte blocks of 32).
+pub fn elem_bytes(dtype: &str) -> Result<f64, EngineError> {
+    match dtype {
+        "f32" => Ok(4.0),
+        "f16" | "bf16" => Ok(2.0),
+        "q8_0" => Ok(34.0 / 32.0),
+        other => Err(EngineError::Load(format!(
+            "unknown kv dtype `{other}` (f32, f16, bf16, q8_0)"
+        ))),
+    }
+}
+
+pub fn plan(
+    gguf: &Path,
+    model_id: &str,
+    kv_dtype: &str,
+    budget: u64,
+    session_tokens: usize,
+    ram: (u64, u64),
+) -> Result<Plan, EngineError> {
+    let mut f = std::fs::File::open(gguf)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
+    let cfg = ModelConfig::from_gguf(&ct)?;
+    let weight_bytes: u64 = ct
+        .tensor_infos
+        .values()
+        .map(|t| {
+            let n = t.shape.elem_count();
+            (n / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+        })
+        .sum();
+    let bpt = 2.0 * (cfg.n_layers * cfg.n_kv_heads * cfg.head_dim) as f64 * elem_bytes(kv_dtype)?;
+    // Caches are allocated in GROW_TOKENS steps, so a session occupies whole steps.
+    let per_session = session_tokens.div_ceil(GROW_TOKENS) * GROW_TOKENS;
+    Ok(Plan {
+        model: model_id.to_string(),
+        arch: cfg.arch.clone(),
+        weight_bytes,
+        n_layers: cfg.n_layers,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        train_ctx: cfg.train_ctx,
+        kv_dtype: kv_dtype.to_string(),
+        bytes_per_token: bpt,
+        budget,
+        tokens_fit: (budget as f64 / bpt) as u64,
+        session_tokens,
+        sessions_fit: if per_session == 0 {
+            0
+        } else {
+            (budget as f64 / (bpt * per_session as f64)) as u64
+        },
+        ram_total: ram.0,
+        ram_available: ram.1,
+    })
+}
+
+fn gib(b: f64) -> String {
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+impl Plan {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "model            {} ({}, {} layers, {} KV heads x {})",
+            self.model, self.arch, self.n_layers, self.n_kv_heads, self.head_dim
+        );
+        let _ = writeln!(s, "weights          {}", gib(self.weight_bytes as f64));
+        let _ = writeln!(
+            s,
+            "KV per token     {:.0} bytes ({})",
+            self.bytes_per_token, self.kv_dtype
+        );
+        let _ = writeln!(s, "KV budget        {}", gib(self.budget as f64));
+        let _ = writeln!(s, "tokens that fit  {}", self.tokens_fit);
+        let _ = writeln!(
+            s,
+            "sessions of {:>5} tokens that fit: {} (model context {})",
+            self.session_tokens, self.sessions_fit, self.train_ctx
+        );
+        let need = self.weight_bytes + self.budget;
+        let _ = writeln!(
+            s,
+            "RAM              {} total, {} available now",
+            gib(self.ram_total as f64),
+            gib(self.ram_available as f64)
+        );
+        let left = self.ram_available as f64 - need as f64;
+        let _ = writeln!(
+            s,
+            "after weights + full KV budget: {} {}",
+            gib(left.abs()),
+            if left >= 0.0 {
+                "left"
+            } else {
+                "SHORT: the machine would swap; lower --kv-budget"
+            }
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elem_sizes() {
+        assert_eq!(elem_bytes("f16").unwrap(), 2.0);
+        assert_eq!(elem_bytes("q8_0").unwrap(), 1.0625);
+        assert!(elem_bytes("f8").is_err());
+    }
+}
