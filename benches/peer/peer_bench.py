@@ -396,9 +396,12 @@ def build_rows(res):
     rows.append(("tg128 share of bandwidth bound", "%",
                  c_tg / bound if c_tg and bound else None,
                  lb_tg / bound if lb_tg and bound else None, True))
+    # Machine figures: the same for both engines, no ratio.
+    rows.append(("memory bandwidth, copy (machine)", "GB/s", bw, bw, True))
+    rows.append(("decode bound = bandwidth / weight bytes", "tok/s", bound, bound, True))
     out = []
     for name, unit, cv, lv, _ in rows:
-        ratio = cv / lv if cv and lv else None
+        ratio = cv / lv if cv and lv and unit not in ("GB/s",) and "bound =" not in name else None
         out.append({"metric": name, "unit": unit, "candela": cv, "llama_cpp": lv,
                     "ratio": ratio})
     return out, bound
@@ -406,7 +409,7 @@ def build_rows(res):
 
 def print_table(res, rows, bound):
     head = ("metric", "candela", "llama.cpp", "ratio")
-    body = [(r["metric"] + (f" [{r['unit']}]" if r["unit"] in ("ms",) else ""),
+    body = [(r["metric"] + (f" [{r['unit']}]" if r["unit"] in ("ms", "GB/s") else ""),
              fmt(r["candela"], r["unit"]), fmt(r["llama_cpp"], r["unit"]),
              f"{r['ratio']:.2f}" if r["ratio"] else "-") for r in rows]
     w = [max(len(x[i]) for x in [head] + body) for i in range(4)]
@@ -416,7 +419,8 @@ def print_table(res, rows, bound):
     for b in body:
         print("| " + b[0].ljust(w[0]) + " | " + " | ".join(b[i].rjust(w[i]) for i in (1, 2, 3)) + " |")
     print()
-    print(f"machine: {res['cpu']}, {res['threads']} threads, {res['date']}")
+    print(f"machine: {res['cpu']}, {res['cores']} cores, {res['threads']} threads, {res['date']}; "
+          f"load average before/after: {res['loadavg_before']:.1f}/{res['loadavg_after']:.1f}")
     print(f"memory bandwidth (copy, {res['bandwidth_procs']} procs): "
           f"{res['bandwidth_bytes_s'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e6:.0f} MB"
           f" per token -> decode bound {bound:.0f} tok/s" if bound else "")
@@ -459,6 +463,8 @@ def main():
         "model": model,
         "streams": args.streams,
         "reps": args.reps,
+        # A busy machine slows llama.cpp's spinning thread pool more than rayon's.
+        "loadavg_before": os.getloadavg()[0],
     }
 
     log("memory bandwidth")
@@ -496,6 +502,7 @@ def main():
             log("llama-server")
             res["llama_server"] = server_suite(port, prompts, args, {"ignore_eos": True})
 
+    res["loadavg_after"] = os.getloadavg()[0]
     rows, bound = build_rows(res)
     res["decode_bound_tok_s"] = bound
     res["table"] = rows
