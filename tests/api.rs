@@ -539,3 +539,53 @@ async fn error_paths_are_openai_shaped() {
     let (st, _) = post("/v1/completions", json!({"prompt": "ok", "max_tokens": 2})).await;
     assert_eq!(st, 200);
 }
+
+#[tokio::test]
+async fn dashboard_page_reads_only_metrics_that_exist() {
+    let base = common::server();
+    let c = reqwest::Client::new();
+    let r = c.get(format!("{base}/dashboard")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("fetch(\"/metrics\""),
+        "the page must poll /metrics"
+    );
+    assert!(!page.contains("<script src="), "no external scripts");
+    let _ = post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2})).await;
+    let metrics = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gpu = metrics.contains("candela_collector_up{source=\"nvml\"} 1");
+    let mut names: Vec<&str> = page
+        .match_indices("candela_")
+        .map(|(i, _)| {
+            let rest = &page[i..];
+            let end = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for n in names {
+        if n.starts_with("candela_gpu_") && !gpu {
+            continue; // no GPU here: the page shows n/a
+        }
+        assert!(
+            metrics.contains(n),
+            "dashboard reads {n}, which /metrics lacks"
+        );
+    }
+}

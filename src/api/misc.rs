@@ -114,6 +114,18 @@ pub async fn metrics() -> Response {
         .into_response()
 }
 
+/// A live page of the vitals, drawn in the browser from `/metrics` (no CDN).
+pub async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {}", uri.path()))
 }

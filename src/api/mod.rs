@@ -33,6 +33,7 @@ pub mod routes {
     pub const TOKENIZE: &str = "/tokenize";
     pub const DETOKENIZE: &str = "/detokenize";
     pub const METRICS: &str = "/metrics";
+    pub const DASHBOARD: &str = "/dashboard";
     pub const SESSIONS: &str = "/v1/sessions";
     pub const SESSION: &str = "/v1/sessions/{id}";
 }
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route(routes::TOKENIZE, post(misc::tokenize))
         .route(routes::DETOKENIZE, post(misc::detokenize))
         .route(routes::METRICS, get(misc::metrics))
+        .route(routes::DASHBOARD, get(misc::dashboard))
         .route(routes::SESSIONS, get(sessions::list))
         .route(
             routes::SESSION,
