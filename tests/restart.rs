@@ -154,6 +154,24 @@ async fn over_budget_sessions_spill_and_come_back() {
         p - 1
     );
     assert_eq!(again["choices"], first[0]["choices"]);
+    // The metrics saw the evictions, the spill and the restore.
+    let m = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let val = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert!(val("candela_kv_evictions_total{reason=\"lru\"}") >= 1.0);
+    assert!(val("candela_kv_spill_bytes_total") > 0.0);
+    assert!(val("candela_kv_restore_bytes_total") > 0.0);
+    assert!(val("candela_kv_session_tokens_count") >= 4.0);
     s.stop.send(()).unwrap();
     s.done.await.unwrap();
 }

@@ -211,7 +211,10 @@ impl Engine {
     }
 
     pub fn delete_session(&self, id: &str) -> Result<(), EngineError> {
-        Ok(self.store().delete(id)?)
+        let mut st = self.store();
+        st.delete(id)?;
+        crate::metrics::kv_store(&st.stats());
+        Ok(())
     }
 
     pub fn pin_session(&self, id: &str, pinned: bool) -> Result<SessionInfo, EngineError> {

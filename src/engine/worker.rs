@@ -203,6 +203,7 @@ pub(super) fn run(
         if !done.is_empty() {
             let mut st = lock();
             for s in done {
+                metrics::kv_session_tokens(s.cache.len());
                 st.checkin(s.req.session.as_deref(), s.cache);
             }
             metrics::kv_store(&st.stats());

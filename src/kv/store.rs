@@ -83,7 +83,7 @@ pub struct Checkout {
 }
 
 /// Counters for metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct StoreStats {
     pub resident_bytes: usize,
     pub budget_bytes: usize,
@@ -93,6 +93,19 @@ pub struct StoreStats {
     pub sessions_idle: usize,
     pub sessions_disk: usize,
     pub anon: usize,
+    pub counters: StoreCounters,
+}
+
+/// Cumulative counts since start: evictions by reason, spill/restore bytes and time.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct StoreCounters {
+    pub evicted_lru: u64,
+    pub evicted_pressure: u64,
+    pub evicted_explicit: u64,
+    pub spilled_bytes: u64,
+    pub spill_seconds: f64,
+    pub restored_bytes: u64,
+    pub restore_seconds: f64,
 }
 
 /// Where and for which model sessions are spilled.
@@ -131,6 +144,8 @@ pub struct SessionStore {
     pub evictions: u64,
     pub spills: u64,
     pub restores: u64,
+    /// Cumulative counters for metrics (read through `stats()`).
+    pub counters: StoreCounters,
 }
 
 impl SessionStore {
@@ -143,6 +158,7 @@ impl SessionStore {
             evictions: 0,
             spills: 0,
             restores: 0,
+            counters: StoreCounters::default(),
         }
     }
 
@@ -228,12 +244,16 @@ impl SessionStore {
                                 .as_ref()
                                 .map(|s| s.fingerprint.clone())
                                 .unwrap_or_default();
+                            let t0 = Instant::now();
+                            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                             let r = spill::read(&path, layout, device, &fp);
                             let _ = std::fs::remove_file(&path);
                             match r {
                                 Ok((c, _)) => {
                                     restored = true;
                                     self.restores += 1;
+                                    self.counters.restored_bytes += size;
+                                    self.counters.restore_seconds += t0.elapsed().as_secs_f64();
                                     c
                                 }
                                 Err(err) => {
@@ -386,8 +406,13 @@ impl SessionStore {
                     created: e.created,
                     hits: e.hits,
                 };
+                let t0 = Instant::now();
                 match spill::write(&cfg.dir, &cache, &meta) {
-                    Ok(x) => Some(x),
+                    Ok(x) => {
+                        self.counters.spilled_bytes += x.1;
+                        self.counters.spill_seconds += t0.elapsed().as_secs_f64();
+                        Some(x)
+                    }
                     Err(err) => {
                         tracing::warn!("could not spill session `{k}`, dropping it: {err}");
                         None
@@ -409,7 +434,7 @@ impl SessionStore {
 
     /// Evict least recently used idle, unpinned caches until under budget.
     pub fn enforce_budget(&mut self) {
-        self.evict_until(self.budget);
+        self.evict_until(self.budget, false);
     }
 
     /// The host is short of memory: move up to `bytes` of idle caches out of memory
@@ -417,11 +442,11 @@ impl SessionStore {
     /// Returns the bytes freed.
     pub fn relieve(&mut self, bytes: usize) -> usize {
         let before = self.resident_bytes();
-        self.evict_until(before.saturating_sub(bytes));
+        self.evict_until(before.saturating_sub(bytes), true);
         before - self.resident_bytes()
     }
 
-    fn evict_until(&mut self, limit: usize) {
+    fn evict_until(&mut self, limit: usize, pressure: bool) {
         while self.resident_bytes() > limit {
             let anon = self
                 .anon
@@ -444,6 +469,11 @@ impl SessionStore {
                 _ => break,
             }
             self.evictions += 1;
+            if pressure {
+                self.counters.evicted_pressure += 1;
+            } else {
+                self.counters.evicted_lru += 1;
+            }
         }
         self.enforce_disk_budget();
     }
@@ -526,6 +556,9 @@ impl SessionStore {
 
     /// Delete a session (and its spill file); a busy one goes when its request finishes.
     pub fn delete(&mut self, id: &str) -> Result<(), KvError> {
+        if self.sessions.contains_key(id) {
+            self.counters.evicted_explicit += 1;
+        }
         match self.sessions.get_mut(id) {
             None => Err(KvError::NotFound(id.to_string())),
             Some(e) if matches!(e.slot, Slot::Busy) => {
@@ -565,6 +598,7 @@ impl SessionStore {
             sessions_idle: count(|s| matches!(s, Slot::Memory(_))),
             sessions_disk: count(|s| matches!(s, Slot::Disk { .. })),
             anon: self.anon.len(),
+            counters: self.counters,
         }
     }
 }

@@ -3,9 +3,13 @@
 
 use std::sync::OnceLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use std::sync::Mutex;
 
-use crate::kv::store::StoreStats;
+use prometheus::{
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+
+use crate::kv::store::{StoreCounters, StoreStats};
 
 struct KvMetrics {
     bytes: IntGaugeVec,
@@ -16,6 +20,14 @@ struct KvMetrics {
     lookups: IntCounterVec,
     query_tokens: IntCounter,
     hit_tokens: IntCounter,
+    evictions: IntCounterVec,
+    spill_bytes: IntCounter,
+    spill_seconds: Counter,
+    restore_bytes: IntCounter,
+    restore_seconds: Counter,
+    session_tokens: Histogram,
+    /// Counters last seen in the store, to turn its totals into increments.
+    last: Mutex<StoreCounters>,
 }
 
 fn build() -> prometheus::Result<KvMetrics> {
@@ -61,6 +73,39 @@ fn build() -> prometheus::Result<KvMetrics> {
             "candela_kv_hit_tokens_total",
             "Prompt tokens served from the cache",
         )?,
+        evictions: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_evictions_total",
+                "Caches moved out of memory, by reason (lru, pressure, explicit)",
+            ),
+            &["reason"],
+        )?,
+        spill_bytes: IntCounter::new(
+            "candela_kv_spill_bytes_total",
+            "Bytes written to spill files",
+        )?,
+        spill_seconds: Counter::new(
+            "candela_kv_spill_seconds_total",
+            "Time spent writing spill files",
+        )?,
+        restore_bytes: IntCounter::new(
+            "candela_kv_restore_bytes_total",
+            "Bytes read back from spill files",
+        )?,
+        restore_seconds: Counter::new(
+            "candela_kv_restore_seconds_total",
+            "Time spent restoring spilled sessions",
+        )?,
+        session_tokens: Histogram::with_opts(
+            HistogramOpts::new(
+                "candela_kv_session_tokens",
+                "Tokens a session cache holds when its request ends",
+            )
+            .buckets(vec![
+                64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
+            ]),
+        )?,
+        last: Mutex::new(StoreCounters::default()),
     };
     let r = &super::get().registry;
     r.register(Box::new(m.bytes.clone()))?;
@@ -71,6 +116,15 @@ fn build() -> prometheus::Result<KvMetrics> {
     r.register(Box::new(m.lookups.clone()))?;
     r.register(Box::new(m.query_tokens.clone()))?;
     r.register(Box::new(m.hit_tokens.clone()))?;
+    r.register(Box::new(m.evictions.clone()))?;
+    r.register(Box::new(m.spill_bytes.clone()))?;
+    r.register(Box::new(m.spill_seconds.clone()))?;
+    r.register(Box::new(m.restore_bytes.clone()))?;
+    r.register(Box::new(m.restore_seconds.clone()))?;
+    r.register(Box::new(m.session_tokens.clone()))?;
+    for reason in ["lru", "pressure", "explicit"] {
+        m.evictions.with_label_values(&[reason]);
+    }
     Ok(m)
 }
 
@@ -80,6 +134,7 @@ fn get() -> &'static KvMetrics {
 }
 
 pub fn store(s: &StoreStats) {
+    counters(&s.counters);
     let m = get();
     m.bytes
         .with_label_values(&["memory"])
@@ -113,4 +168,32 @@ pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {
     m.lookups.with_label_values(&[result]).inc();
     m.query_tokens.inc_by(prompt_tokens as u64);
     m.hit_tokens.inc_by(reused as u64);
+}
+
+/// Tokens held by a session cache as its request ends.
+pub fn session_tokens(tokens: usize) {
+    get().session_tokens.observe(tokens as f64);
+}
+
+fn counters(c: &StoreCounters) {
+    let m = get();
+    let mut last = m.last.lock().unwrap_or_else(|p| p.into_inner());
+    let d = |now: u64, was: u64| now.saturating_sub(was);
+    m.evictions
+        .with_label_values(&["lru"])
+        .inc_by(d(c.evicted_lru, last.evicted_lru));
+    m.evictions
+        .with_label_values(&["pressure"])
+        .inc_by(d(c.evicted_pressure, last.evicted_pressure));
+    m.evictions
+        .with_label_values(&["explicit"])
+        .inc_by(d(c.evicted_explicit, last.evicted_explicit));
+    m.spill_bytes.inc_by(d(c.spilled_bytes, last.spilled_bytes));
+    m.restore_bytes
+        .inc_by(d(c.restored_bytes, last.restored_bytes));
+    m.spill_seconds
+        .inc_by((c.spill_seconds - last.spill_seconds).max(0.0));
+    m.restore_seconds
+        .inc_by((c.restore_seconds - last.restore_seconds).max(0.0));
+    *last = *c;
 }
