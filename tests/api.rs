@@ -5,15 +5,7 @@ mod common;
 use serde_json::{json, Value};
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
-    let url = format!("{}{path}", common::server());
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    common::post_json(&format!("{}{path}", common::server()), &body).await
 }
 
 async fn post_raw(path: &str, body: &str) -> (u16, Value) {

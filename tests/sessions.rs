@@ -10,14 +10,7 @@ fn base() -> String {
 }
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{}{path}", base()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
+    common::post_json(&format!("{}{path}", base()), &body).await
 }
 
 async fn tokens(messages: &Value) -> usize {

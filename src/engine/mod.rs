@@ -213,7 +213,8 @@ impl Engine {
     pub fn delete_session(&self, id: &str) -> Result<(), EngineError> {
         let mut st = self.store();
         st.delete(id)?;
-        crate::metrics::kv_store(&st.stats());
+        let (stats, delta) = st.report();
+        crate::metrics::kv_store(&stats, &delta);
         Ok(())
     }
 

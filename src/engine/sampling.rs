@@ -72,10 +72,21 @@ impl Sampler {
     /// Pick the next token. `context` is the prompt + generated ids, for the repetition
     /// penalty; presence/frequency penalties apply to generated tokens only (OpenAI).
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> (u32, Option<TokenLogprob>) {
+        self.sample_after(logits, context, &[])
+    }
+
+    /// [`Sampler::sample`] with the context in two parts (prompt, generated), so the
+    /// decode loop need not join them into a new vector every token.
+    pub fn sample_after(
+        &mut self,
+        logits: &mut [f32],
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
-            for &t in context {
+            for &t in prompt.iter().chain(generated) {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
                         *l = if *l > 0.0 {

@@ -154,7 +154,8 @@ pub(super) fn run(
         tracing::info!(dir = %cfg.kv_spill_dir.display(), sessions = found, "session spill dir indexed");
     }
     let _ = state.send(EngineState::Ready(loaded.clone()));
-    metrics::kv_store(&lock().stats());
+    let (stats, delta) = lock().report();
+    metrics::kv_store(&stats, &delta);
     let tok = loaded.tok.clone();
     let mut seqs: Vec<Seq> = Vec::new();
     let mut sys = sysinfo::System::new();
@@ -206,7 +207,8 @@ pub(super) fn run(
                 metrics::kv_session_tokens(s.cache.len());
                 st.checkin(s.req.session.as_deref(), s.cache);
             }
-            metrics::kv_store(&st.stats());
+            let (stats, delta) = st.report();
+            metrics::kv_store(&stats, &delta);
         }
     }
 }
@@ -333,12 +335,7 @@ fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
 /// Sample from `logits`, stream the token, and decide whether the sequence goes on
 /// (`s.next` set) or is finished (a `Done` event sent).
 fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError> {
-    let context: Vec<u32> = if s.sampler_needs_context() {
-        s.req.prompt.iter().chain(&s.generated).copied().collect()
-    } else {
-        Vec::new()
-    };
-    let (id, lp) = s.sampler.sample(logits, &context);
+    let (id, lp) = s.sampler.sample_after(logits, &s.req.prompt, &s.generated);
     let now = Instant::now();
     match s.first_token_at {
         None => {
@@ -407,12 +404,6 @@ fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError>
         None => s.next = Some(id),
     }
     Ok(())
-}
-
-impl Seq {
-    fn sampler_needs_context(&self) -> bool {
-        self.req.sampling.repetition_penalty != 1.0
-    }
 }
 
 /// `auto` (the GPU when this build has one, else the CPU), `cpu`, `cuda`, `cuda:N`, `metal`.

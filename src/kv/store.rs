@@ -146,6 +146,8 @@ pub struct SessionStore {
     pub restores: u64,
     /// Cumulative counters for metrics (read through `stats()`).
     pub counters: StoreCounters,
+    /// What [`SessionStore::report`] handed out last, so each report carries only news.
+    reported: StoreCounters,
 }
 
 impl SessionStore {
@@ -159,6 +161,7 @@ impl SessionStore {
             spills: 0,
             restores: 0,
             counters: StoreCounters::default(),
+            reported: StoreCounters::default(),
         }
     }
 
@@ -585,6 +588,23 @@ impl SessionStore {
             .ok_or_else(|| KvError::NotFound(id.to_string()))?;
         e.pinned = pinned;
         Ok(Self::info(id, e))
+    }
+
+    /// Stats plus the counter increments since the previous report (for metrics; each
+    /// store reports its own increments, so several stores in one process add up).
+    pub fn report(&mut self) -> (StoreStats, StoreCounters) {
+        let (c, r) = (self.counters, self.reported);
+        let delta = StoreCounters {
+            evicted_lru: c.evicted_lru - r.evicted_lru,
+            evicted_pressure: c.evicted_pressure - r.evicted_pressure,
+            evicted_explicit: c.evicted_explicit - r.evicted_explicit,
+            spilled_bytes: c.spilled_bytes - r.spilled_bytes,
+            spill_seconds: c.spill_seconds - r.spill_seconds,
+            restored_bytes: c.restored_bytes - r.restored_bytes,
+            restore_seconds: c.restore_seconds - r.restore_seconds,
+        };
+        self.reported = c;
+        (self.stats(), delta)
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -3,8 +3,6 @@
 
 use std::sync::OnceLock;
 
-use std::sync::Mutex;
-
 use prometheus::{
     Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
@@ -26,8 +24,6 @@ struct KvMetrics {
     restore_bytes: IntCounter,
     restore_seconds: Counter,
     session_tokens: Histogram,
-    /// Counters last seen in the store, to turn its totals into increments.
-    last: Mutex<StoreCounters>,
 }
 
 fn build() -> prometheus::Result<KvMetrics> {
@@ -105,7 +101,6 @@ fn build() -> prometheus::Result<KvMetrics> {
                 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
             ]),
         )?,
-        last: Mutex::new(StoreCounters::default()),
     };
     let r = &super::get().registry;
     r.register(Box::new(m.bytes.clone()))?;
@@ -133,8 +128,9 @@ fn get() -> &'static KvMetrics {
     M.get_or_init(|| build().expect("kv metric registration"))
 }
 
-pub fn store(s: &StoreStats) {
-    counters(&s.counters);
+/// Gauges from `s`; counters advance by `delta` (the store's increments since its last report).
+pub fn store(s: &StoreStats, delta: &StoreCounters) {
+    counters(delta);
     let m = get();
     m.bytes
         .with_label_values(&["memory"])
@@ -175,25 +171,19 @@ pub fn session_tokens(tokens: usize) {
     get().session_tokens.observe(tokens as f64);
 }
 
-fn counters(c: &StoreCounters) {
+fn counters(d: &StoreCounters) {
     let m = get();
-    let mut last = m.last.lock().unwrap_or_else(|p| p.into_inner());
-    let d = |now: u64, was: u64| now.saturating_sub(was);
     m.evictions
         .with_label_values(&["lru"])
-        .inc_by(d(c.evicted_lru, last.evicted_lru));
+        .inc_by(d.evicted_lru);
     m.evictions
         .with_label_values(&["pressure"])
-        .inc_by(d(c.evicted_pressure, last.evicted_pressure));
+        .inc_by(d.evicted_pressure);
     m.evictions
         .with_label_values(&["explicit"])
-        .inc_by(d(c.evicted_explicit, last.evicted_explicit));
-    m.spill_bytes.inc_by(d(c.spilled_bytes, last.spilled_bytes));
-    m.restore_bytes
-        .inc_by(d(c.restored_bytes, last.restored_bytes));
-    m.spill_seconds
-        .inc_by((c.spill_seconds - last.spill_seconds).max(0.0));
-    m.restore_seconds
-        .inc_by((c.restore_seconds - last.restore_seconds).max(0.0));
-    *last = *c;
+        .inc_by(d.evicted_explicit);
+    m.spill_bytes.inc_by(d.spilled_bytes);
+    m.restore_bytes.inc_by(d.restored_bytes);
+    m.spill_seconds.inc_by(d.spill_seconds.max(0.0));
+    m.restore_seconds.inc_by(d.restore_seconds.max(0.0));
 }

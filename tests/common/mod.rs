@@ -81,3 +81,15 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
 pub fn server() -> String {
     server_with("default", |_| {})
 }
+
+/// POST a JSON body; the status and the JSON answer (Null when it is not JSON).
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
