@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// units, or a RAM fraction; default 0.05; 0 = never).
     #[arg(long, env = "CANDELA_KV_MIN_FREE", global = true)]
     pub kv_min_free: Option<String>,
+    /// Seconds a streaming client may leave its events unread before the stream is cut
+    /// and its generation cancelled (0 = never).
+    #[arg(long, env = "CANDELA_STREAM_IDLE_TIMEOUT", global = true)]
+    pub stream_idle_timeout: Option<u64>,
 }
 
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
@@ -135,6 +139,7 @@ struct FileConfig {
     device: Option<String>,
     max_concurrent_per_key: Option<usize>,
     kv_min_free: Option<String>,
+    stream_idle_timeout: Option<u64>,
 }
 
 /// The validated configuration. Its `Debug` leaves the API keys out.
@@ -159,6 +164,8 @@ pub struct Config {
     pub device: String,
     pub max_concurrent_per_key: usize,
     pub kv_min_free: usize,
+    /// Seconds (0 = never); see [`ServeArgs::stream_idle_timeout`].
+    pub stream_idle_timeout: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -183,6 +190,7 @@ impl std::fmt::Debug for Config {
             .field("device", &self.device)
             .field("max_concurrent_per_key", &self.max_concurrent_per_key)
             .field("kv_min_free", &self.kv_min_free)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
             .finish()
     }
 }
@@ -262,6 +270,10 @@ impl Config {
                 .clone()
                 .or(file.device)
                 .unwrap_or_else(|| "auto".into()),
+            stream_idle_timeout: args
+                .stream_idle_timeout
+                .or(file.stream_idle_timeout)
+                .unwrap_or(60),
             max_concurrent_per_key: args
                 .max_concurrent_per_key
                 .or(file.max_concurrent_per_key)

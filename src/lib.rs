@@ -44,6 +44,8 @@ impl App {
             engine: engine.clone(),
             auth: std::sync::Arc::new(api::auth::Auth::new(&cfg.api_keys, cfg.metrics_auth)),
             limiter: api::limits::Limiter::new(cfg.max_concurrent_per_key),
+            stream_idle_timeout: (cfg.stream_idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(cfg.stream_idle_timeout)),
         });
         Ok(Self {
             listener,
@@ -79,8 +81,10 @@ impl App {
                 Err(e) => Error::Engine(e),
             }
         };
+        use axum::serve::ListenerExt;
+        let listener = self.listener.tap_io(tune_connection);
         let server = axum::serve(
-            self.listener,
+            listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
@@ -95,6 +99,22 @@ impl App {
             .unwrap_or(0);
         tracing::info!(sessions = n, "sessions spilled; bye");
         result
+    }
+}
+
+/// Kernel send buffer per connection. Linux grows it up to 4 MiB by default (and a
+/// loopback segment is 64 KiB), which would let a client that stopped reading park
+/// megabytes of a stream in the kernel before back-pressure reaches the generation;
+/// token streams need far less.
+const SEND_BUFFER: usize = 256 << 10;
+
+/// Per accepted connection: no Nagle delay on small SSE chunks, a bounded send buffer.
+fn tune_connection(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY: {e}");
+    }
+    if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER) {
+        tracing::debug!("SO_SNDBUF: {e}");
     }
 }
 

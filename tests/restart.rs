@@ -32,6 +32,7 @@ async fn start_with(spill: &std::path::Path, budget: usize, min_free: usize) -> 
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
         max_concurrent_per_key: 32,
+        stream_idle_timeout: 60,
         kv_min_free: min_free,
     };
     let app = candela::App::build(cfg).await.unwrap();

@@ -2,7 +2,7 @@
 //! map, streamed as OpenAI SSE chunks or collected into one response.
 
 use std::convert::Infallible;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
@@ -82,7 +82,11 @@ pub async fn chat(
             "top_logprobs requires logprobs: true",
         ));
     }
-    let checked = validate::check_common(&common, want_logprobs.then_some(top))?;
+    let checked = validate::check_common(
+        &common,
+        want_logprobs.then_some(top),
+        loaded.info.vocab_size,
+    )?;
     let messages = validate::template_messages(&req.messages)?;
     let text = loaded.template.render(&messages, None, true)?;
     let prompt = loaded.tok.encode(&text, true)?;
@@ -129,7 +133,7 @@ pub async fn completions(
             ))
         }
     };
-    let checked = validate::check_common(&common, top)?;
+    let checked = validate::check_common(&common, top, loaded.info.vocab_size)?;
     let prompt = match req.prompt {
         Prompt::Text(t) => loaded.tok.encode(&t, true)?,
         Prompt::Texts(v) if v.len() == 1 => loaded.tok.encode(&v[0], true)?,
@@ -204,7 +208,7 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
         _permit: permit,
     };
     if job.checked.stream {
-        Ok(stream(job, events).into_response())
+        Ok(stream(job, events, st.stream_idle_timeout).into_response())
     } else {
         collect(job, events).await
     }
@@ -351,9 +355,62 @@ fn data(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
-fn stream(job: Job, mut rx: Events) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+/// Events buffered between the generation and a slow client before back-pressure.
+const STREAM_BUFFER: usize = 64;
+
+fn stream(
+    job: Job,
+    rx: Events,
+    idle: Option<Duration>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let (tx, out) = mpsc::channel(STREAM_BUFFER);
+    let id = job.id.clone();
+    tokio::spawn(async move {
+        if forward(sse_events(job, rx), tx, idle).await == Forwarded::IdleTimeout {
+            tracing::warn!(request_id = %id, "stream left unread past the idle timeout; generation cancelled");
+            crate::metrics::stream_idle_timeout();
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).keep_alive(KeepAlive::default())
+}
+
+#[derive(Debug, PartialEq)]
+enum Forwarded {
+    /// The source ended.
+    Done,
+    /// The client went away (its receiver was dropped).
+    Gone,
+    /// The client kept the connection but read nothing for `idle`.
+    IdleTimeout,
+}
+
+/// Move `src` into `tx` until it ends, the receiver is dropped, or one event waits
+/// longer than `idle` for room. Dropping `src` on return cancels the generation
+/// behind it (the engine sees its channel closed at the next step).
+async fn forward<S, T>(src: S, tx: mpsc::Sender<T>, idle: Option<Duration>) -> Forwarded
+where
+    S: futures::Stream<Item = T>,
+{
+    use futures::StreamExt;
+    let mut src = std::pin::pin!(src);
+    while let Some(item) = src.next().await {
+        let sent = match idle {
+            Some(d) => tx.send_timeout(item, d).await.map_err(|e| match e {
+                mpsc::error::SendTimeoutError::Timeout(_) => Forwarded::IdleTimeout,
+                mpsc::error::SendTimeoutError::Closed(_) => Forwarded::Gone,
+            }),
+            None => tx.send(item).await.map_err(|_| Forwarded::Gone),
+        };
+        if let Err(why) = sent {
+            return why;
+        }
+    }
+    Forwarded::Done
+}
+
+fn sse_events(job: Job, mut rx: Events) -> impl futures::Stream<Item = Result<Event, Infallible>> {
     let created = now_secs();
-    let s = async_stream::stream! {
+    async_stream::stream! {
         if job.kind == Kind::Chat {
             yield data(&chunk(&job, created, None, &[], None, true, None));
         }
@@ -389,10 +446,72 @@ fn stream(job: Job, mut rx: Events) -> Sse<impl futures::Stream<Item = Result<Ev
                 }
             }
         }
-    };
-    Sse::new(s).keep_alive(KeepAlive::default())
+    }
 }
 
 fn usage_json(u: Usage) -> Value {
     serde_json::to_value(UsageOut::from(u)).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// An endless source that records when it is dropped.
+    fn endless(dropped: Arc<AtomicBool>) -> impl futures::Stream<Item = u32> {
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Flag(dropped);
+        async_stream::stream! {
+            let _flag = flag;
+            let mut i = 0u32;
+            loop {
+                i += 1;
+                yield i;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unread_stream_is_cut_after_idle_and_source_dropped() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (tx, _rx_kept_but_unread) = mpsc::channel(4);
+        let t0 = Instant::now();
+        let why = forward(
+            endless(dropped.clone()),
+            tx,
+            Some(Duration::from_millis(100)),
+        )
+        .await;
+        assert_eq!(why, Forwarded::IdleTimeout);
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        assert!(dropped.load(Ordering::SeqCst), "generation not released");
+    }
+
+    #[tokio::test]
+    async fn gone_client_stops_forwarding_and_reader_gets_everything_else() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        let why = forward(endless(dropped.clone()), tx, Some(Duration::from_secs(60))).await;
+        assert_eq!(why, Forwarded::Gone);
+        assert!(dropped.load(Ordering::SeqCst));
+
+        let (tx, mut rx) = mpsc::channel(1);
+        let src = futures::stream::iter(0..100u32);
+        let fwd = tokio::spawn(forward(src, tx, Some(Duration::from_secs(5))));
+        let mut got = Vec::new();
+        while let Some(x) = rx.recv().await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            got.push(x);
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        assert_eq!(fwd.await.unwrap(), Forwarded::Done);
+    }
 }

@@ -114,6 +114,15 @@ pub async fn metrics() -> Response {
         .into_response()
 }
 
+/// The OpenAPI document (see `openapi`).
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+        .into_response()
+}
+
 /// A live page of the vitals, drawn in the browser from `/metrics` (no CDN).
 pub async fn dashboard() -> Response {
     (

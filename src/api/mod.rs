@@ -8,9 +8,10 @@ mod generate;
 pub mod limits;
 mod misc;
 pub mod net;
+pub mod openapi;
 mod sessions;
 pub mod types;
-mod validate;
+pub mod validate;
 
 use std::time::Instant;
 
@@ -36,6 +37,23 @@ pub mod routes {
     pub const DASHBOARD: &str = "/dashboard";
     pub const SESSIONS: &str = "/v1/sessions";
     pub const SESSION: &str = "/v1/sessions/{id}";
+    pub const OPENAPI: &str = "/openapi.json";
+
+    /// Every route, for the OpenAPI coverage test.
+    pub const ALL: &[&str] = &[
+        CHAT,
+        COMPLETIONS,
+        MODELS,
+        MODEL,
+        HEALTH,
+        TOKENIZE,
+        DETOKENIZE,
+        METRICS,
+        DASHBOARD,
+        SESSIONS,
+        SESSION,
+        OPENAPI,
+    ];
 }
 
 /// Largest accepted request body.
@@ -46,6 +64,8 @@ pub struct AppState {
     pub engine: Engine,
     pub auth: std::sync::Arc<auth::Auth>,
     pub limiter: std::sync::Arc<limits::Limiter>,
+    /// A stream whose events sit unread this long is cut and its generation cancelled.
+    pub stream_idle_timeout: Option<std::time::Duration>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -59,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route(routes::DETOKENIZE, post(misc::detokenize))
         .route(routes::METRICS, get(misc::metrics))
         .route(routes::DASHBOARD, get(misc::dashboard))
+        .route(routes::OPENAPI, get(misc::openapi))
         .route(routes::SESSIONS, get(sessions::list))
         .route(
             routes::SESSION,

@@ -4,9 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// `stop`: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
@@ -22,7 +23,7 @@ impl StopSpec {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -30,7 +31,7 @@ pub struct StreamOptions {
 
 /// Sampling and length fields shared by chat and text completions (parsed from the
 /// same body as the endpoint's own fields).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(default)]
 pub struct CommonParams {
     pub model: Option<String>,
@@ -52,19 +53,20 @@ pub struct CommonParams {
     pub prompt_cache_key: Option<String>,
     /// Accepted and ignored (no per-user accounting).
     pub user: Option<String>,
-    /// Accepted and ignored (no token biasing yet).
+    /// `{"<token id>": bias in [-100, 100]}` added to the logits before sampling.
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
 }
 
 /// Message content: a string or a list of parts (only text parts are supported).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -72,7 +74,7 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -82,10 +84,11 @@ pub struct ChatMessage {
     #[serde(default)]
     pub tool_call_id: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     /// `true` to return logprobs of the chosen tokens.
@@ -96,7 +99,7 @@ pub struct ChatRequest {
 }
 
 /// `prompt`: a string, a list of one string, or token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -104,7 +107,7 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
     /// Legacy completions: number of top logprobs per token (0..=20).
@@ -118,12 +121,12 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -193,22 +196,25 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelCard {
     pub id: String,
+    #[schema(value_type = String)]
     pub object: &'static str,
     pub created: u64,
+    #[schema(value_type = String)]
     pub owned_by: &'static str,
     pub context_length: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
+    #[schema(value_type = String)]
     pub object: &'static str,
     pub data: Vec<ModelCard>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -223,7 +229,7 @@ pub struct TokenizeRequest {
     pub with_pieces: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     #[serde(default)]
     pub model: Option<String>,

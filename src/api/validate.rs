@@ -1,6 +1,8 @@
 //! Turns raw OpenAI request fields into checked engine parameters before anything
 //! expensive happens. Every rejection names the parameter and the limit.
 
+use serde_json::Value;
+
 use crate::engine::{fetch, Loaded, SamplingParams, TemplateMessage};
 
 use super::error::ApiError;
@@ -51,7 +53,66 @@ pub fn check_model(model: Option<&str>, loaded: &Loaded) -> Result<(), ApiError>
     }
 }
 
-pub fn check_common(c: &CommonParams, logprobs: Option<usize>) -> Result<Checked, ApiError> {
+/// Most entries a `logit_bias` map may have.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// OpenAI's `logit_bias`: `{"<token id>": bias}` with bias in [-100, 100], added to the
+/// logits before sampling (-100 in effect bans a token, 100 forces it).
+pub fn check_logit_bias(v: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias must be an object mapping token ids to biases",
+            ))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {}",
+                map.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, b) in map {
+        let id: u32 = k.trim().parse().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias key `{k}` is not a token id"),
+            )
+        })?;
+        if id as usize >= vocab {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias token id {id} is out of range (vocabulary has {vocab} ids)"),
+            ));
+        }
+        let bias = match b.as_f64() {
+            Some(x) if (-100.0..=100.0).contains(&x) => x as f32,
+            _ => {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!(
+                        "logit_bias value for token {id} must be a number in [-100, 100], got {b}"
+                    ),
+                ))
+            }
+        };
+        out.push((id, bias));
+    }
+    Ok(out)
+}
+
+pub fn check_common(
+    c: &CommonParams,
+    logprobs: Option<usize>,
+    vocab: usize,
+) -> Result<Checked, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
             return Err(ApiError::invalid(
@@ -124,6 +185,7 @@ pub fn check_common(c: &CommonParams, logprobs: Option<usize>) -> Result<Checked
             p => p,
         },
         logprobs,
+        logit_bias: check_logit_bias(c.logit_bias.as_ref(), vocab)?,
     };
     Ok(Checked {
         sampling,
@@ -267,7 +329,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            check_common(&c, None).err().unwrap().param.as_deref(),
+            check_common(&c, None, 100).err().unwrap().param.as_deref(),
             Some("temperature")
         );
         let c = CommonParams {
@@ -275,7 +337,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            check_common(&c, None).err().unwrap().param.as_deref(),
+            check_common(&c, None, 100).err().unwrap().param.as_deref(),
             Some("n")
         );
         let c = CommonParams {
@@ -283,7 +345,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            check_common(&c, None).err().unwrap().param.as_deref(),
+            check_common(&c, None, 100).err().unwrap().param.as_deref(),
             Some("max_tokens")
         );
         let c = CommonParams {
@@ -291,6 +353,9 @@ mod tests {
             max_completion_tokens: Some(7),
             ..Default::default()
         };
-        assert_eq!(check_common(&c, None).ok().unwrap().max_tokens, Some(7));
+        assert_eq!(
+            check_common(&c, None, 100).ok().unwrap().max_tokens,
+            Some(7)
+        );
     }
 }

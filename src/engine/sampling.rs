@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many alternatives to report per token; None: no logprobs.
     pub logprobs: Option<usize>,
+    /// Added to the logits of these tokens first (OpenAI `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +40,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -84,6 +87,11 @@ impl Sampler {
         generated: &[u32],
     ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &t in prompt.iter().chain(generated) {

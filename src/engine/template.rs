@@ -23,6 +23,9 @@ pub struct TemplateMessage {
     pub tool_calls: Option<serde_json::Value>,
 }
 
+/// Instructions one render may execute (a 4,096-message chat needs well under 1%).
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
@@ -78,6 +81,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, EngineError> {
         let mut env = Environment::new();
+        // Templates come from model files: bound the work one render may do, so a
+        // hostile or broken template fails instead of spinning.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -124,6 +130,18 @@ mod tests {
             tool_call_id: None,
             tool_calls: None,
         }
+    }
+
+    #[test]
+    fn endless_template_runs_out_of_fuel() {
+        let t = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = t.render(&[msg("user", "hi")], None, true).unwrap_err();
+        assert!(e.to_string().contains("fuel"), "{e}");
     }
 
     #[test]

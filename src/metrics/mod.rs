@@ -25,6 +25,7 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     generated_tokens: IntCounter,
     cancelled: IntCounter,
+    stream_idle: IntCounter,
     ttft: Histogram,
     itl: Histogram,
     queue_wait: Histogram,
@@ -77,6 +78,10 @@ fn build() -> prometheus::Result<Metrics> {
         cancelled: IntCounter::new(
             "candela_requests_cancelled_total",
             "Generations stopped because the client went away",
+        )?,
+        stream_idle: IntCounter::new(
+            "candela_stream_idle_timeouts_total",
+            "Streams cut because the client left its events unread past --stream-idle-timeout",
         )?,
         ttft: hist(
             "candela_time_to_first_token_seconds",
@@ -145,6 +150,7 @@ fn build() -> prometheus::Result<Metrics> {
         Box::new(m.prompt_tokens.clone()),
         Box::new(m.generated_tokens.clone()),
         Box::new(m.cancelled.clone()),
+        Box::new(m.stream_idle.clone()),
         Box::new(m.decode_step.clone()),
         Box::new(m.request_duration.clone()),
         Box::new(m.running.clone()),
@@ -251,6 +257,10 @@ pub fn observe_itl(d: Duration) {
 
 pub fn cancelled() {
     get().cancelled.inc();
+}
+
+pub fn stream_idle_timeout() {
+    get().stream_idle.inc();
 }
 
 pub fn finished(reason: &str, prompt_tokens: usize, completion_tokens: usize) {

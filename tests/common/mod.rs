@@ -59,6 +59,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
         max_concurrent_per_key: 32,
+        stream_idle_timeout: 60,
         kv_min_free: 0,
     };
     tweak(&mut cfg);
@@ -92,4 +93,115 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json:
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The real `candela` binary running as a child process, its stderr collected.
+pub struct Child {
+    pub child: std::process::Child,
+    pub url: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Child {
+    /// `candela serve --port 0 --model <default> --data-dir <shared> <extra...>`, waiting
+    /// until it listens and `/health` answers 200.
+    pub fn spawn(extra: &[&std::ffi::OsStr]) -> Child {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_candela"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model_path())
+            .arg("--data-dir")
+            .arg(data_dir())
+            .args(extra)
+            .env("CANDELA_CONFIG", "/dev/null")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        // "candela: listening on http://127.0.0.1:PORT (...)"
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("stderr closed before the listen line")
+                .unwrap();
+            log.lock().unwrap().push(line.clone());
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let t0 = Instant::now();
+        loop {
+            if get_status(&url, "/health") == Some(200) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "never became healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Child { child, url, log }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for exit (panics after `secs`).
+    pub fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed().as_secs() < secs, "did not exit in {secs} s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status of a plain `GET path` on `url` (http://host:port), without an async runtime.
+pub fn get_status(url: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }

@@ -1,0 +1,244 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the request types
+//! (`utoipa::ToSchema` derives in `types`) and the route table. Chat and text
+//! completion bodies are the endpoint's own fields plus the shared `CommonParams`.
+
+use serde::Deserialize;
+use utoipa::{OpenApi, ToSchema};
+
+use super::types::{
+    ChatMessage, ChatRequest, CommonParams, CompletionRequest, Content, ContentPart,
+    DetokenizeRequest, ModelCard, ModelList, Prompt, PromptTokensDetails, StopSpec, StreamOptions,
+    TokenizeRequest, UsageOut,
+};
+
+/// Body of `POST /v1/chat/completions`.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ChatBody {
+    #[serde(flatten)]
+    chat: ChatRequest,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+/// Body of `POST /v1/completions`.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CompletionBody {
+    #[serde(flatten)]
+    completion: CompletionRequest,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+/// Every error: `{"error": {...}}` with a 4xx (bad input) or 5xx status.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    message: String,
+    #[serde(rename = "type")]
+    kind: String,
+    param: Option<String>,
+    code: Option<String>,
+}
+
+/// `PATCH /v1/sessions/{id}`.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SessionPatch {
+    pinned: bool,
+}
+
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatBody,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending in `data: [DONE]`"),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 409, description = "The session is busy with another request", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this key", body = ErrorBody),
+        (status = 503, description = "Loading, or the queue is full", body = ErrorBody),
+    ))]
+#[allow(dead_code)]
+fn chat() {}
+
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionBody,
+    responses(
+        (status = 200, description = "A `text_completion` object, or an SSE stream of them"),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 409, description = "The session is busy with another request", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this key", body = ErrorBody),
+        (status = 503, description = "Loading, or the queue is full", body = ErrorBody),
+    ))]
+#[allow(dead_code)]
+fn completions() {}
+
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, body = ModelList), (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn models() {}
+
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "Model id")),
+    responses((status = 200, body = ModelCard), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn model() {}
+
+#[utoipa::path(get, path = "/health", tag = "candela",
+    responses((status = 200, description = "Ready"), (status = 503, description = "Loading or failed", body = ErrorBody)))]
+#[allow(dead_code)]
+fn health() {}
+
+#[utoipa::path(post, path = "/tokenize", tag = "candela",
+    request_body = TokenizeRequest,
+    responses((status = 200, description = "`{\"tokens\": [...], \"count\": n}`"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn tokenize() {}
+
+#[utoipa::path(post, path = "/detokenize", tag = "candela",
+    request_body = DetokenizeRequest,
+    responses((status = 200, description = "`{\"content\": \"...\"}`"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn detokenize() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "candela",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+#[allow(dead_code)]
+fn metrics() {}
+
+#[utoipa::path(get, path = "/dashboard", tag = "candela",
+    responses((status = 200, description = "Live vitals page", content_type = "text/html")))]
+#[allow(dead_code)]
+fn dashboard() {}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "candela",
+    responses((status = 200, description = "This document")))]
+#[allow(dead_code)]
+fn openapi() {}
+
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+    responses((status = 200, description = "`{\"object\": \"list\", \"data\": [session...]}`")))]
+#[allow(dead_code)]
+fn sessions() {}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id (prompt_cache_key)")),
+    responses((status = 200, description = "The session: id, tokens, bytes, tier, busy, pinned, created, last_used, hits"), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn session_get() {}
+
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 200, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn session_delete() {}
+
+#[utoipa::path(patch, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    request_body = SessionPatch,
+    responses((status = 200, description = "The session after the change"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn session_patch() {}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "candela",
+        description = "Local OpenAI-compatible LLM server with per-session KV cache"
+    ),
+    paths(
+        chat,
+        completions,
+        models,
+        model,
+        health,
+        tokenize,
+        detokenize,
+        metrics,
+        dashboard,
+        openapi,
+        sessions,
+        session_get,
+        session_delete,
+        session_patch
+    ),
+    components(schemas(
+        ChatBody,
+        CompletionBody,
+        ErrorBody,
+        ErrorDetail,
+        SessionPatch,
+        ChatMessage,
+        ChatRequest,
+        CommonParams,
+        CompletionRequest,
+        Content,
+        ContentPart,
+        DetokenizeRequest,
+        ModelCard,
+        ModelList,
+        Prompt,
+        PromptTokensDetails,
+        StopSpec,
+        StreamOptions,
+        TokenizeRequest,
+        UsageOut
+    ))
+)]
+pub struct ApiDoc;
+
+/// The document as JSON text (built once).
+pub fn document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::routes;
+
+    /// The document and the router list the same paths, with axum's `{id}` syntax,
+    /// which OpenAPI shares.
+    #[test]
+    fn every_route_is_documented_and_nothing_else() {
+        let doc: serde_json::Value = serde_json::from_str(super::document()).unwrap();
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        documented.sort();
+        let mut served = routes::ALL.to_vec();
+        served.sort();
+        assert_eq!(documented, served);
+        let schemas = &doc["components"]["schemas"];
+        let chat = schemas["ChatBody"].to_string();
+        assert!(
+            chat.contains("ChatRequest") && chat.contains("CommonParams"),
+            "{chat}"
+        );
+        assert!(schemas["ChatRequest"]["properties"]["messages"].is_object());
+        assert!(schemas["CommonParams"]["properties"]["temperature"].is_object());
+    }
+}

@@ -1,0 +1,55 @@
+//! Schemathesis (PyPI) fuzzes the real binary from its own `/openapi.json`: every
+//! operation, schema-driven and random bodies, stateful sequences. No response may be a
+//! 5xx or carry an undocumented status or content type, and the server must still be
+//! healthy afterwards without a panic in its log. `.ci/run` installs schemathesis.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn schemathesis_finds_no_server_error() {
+    let spill = tempfile::tempdir().unwrap();
+    // A tiny context keeps every generated request cheap to serve.
+    let server = common::Child::spawn(&[
+        "--ctx-size".as_ref(),
+        "96".as_ref(),
+        "--kv-spill-dir".as_ref(),
+        spill.path().as_os_str(),
+    ]);
+    // Through the interpreter, so no console-script shim has to be on PATH.
+    let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .args([
+            "-m",
+            "schemathesis.cli",
+            "run",
+            &format!("{}/openapi.json", server.url),
+        ])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance",
+            "--max-examples",
+            "25",
+            "--no-color",
+        ])
+        .output()
+        .expect("schemathesis is not installed (pip install schemathesis)");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis failed:\n{text}");
+    assert_eq!(
+        common::get_status(&server.url, "/health"),
+        Some(200),
+        "{text}"
+    );
+    let log = server.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    eprintln!(
+        "{}",
+        text.lines().rev().take(12).collect::<Vec<_>>().join("\n")
+    );
+}
