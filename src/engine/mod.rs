@@ -5,7 +5,9 @@
 //!
 //! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
 
+pub mod constrain;
 pub mod fetch;
+pub mod grammar;
 pub mod model;
 pub mod plan;
 pub mod quant;
