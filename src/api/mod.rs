@@ -9,6 +9,7 @@ pub mod limits;
 mod misc;
 pub mod net;
 mod sessions;
+pub mod tools;
 pub mod types;
 mod validate;
 

@@ -52,6 +52,8 @@ pub enum EngineError {
     Unavailable(String),
     #[error(transparent)]
     Session(#[from] KvError),
+    #[error("constrained decoding failed: {0}")]
+    Constraint(String),
 }
 
 /// What the engine needs to start.
@@ -97,6 +99,8 @@ pub struct Loaded {
     pub info: ModelInfo,
     pub tok: Arc<Tok>,
     pub template: ChatTemplate,
+    /// The vocabulary as bytes, for constrained decoding.
+    pub tokens: Arc<constrain::TokenTable>,
 }
 
 #[derive(Clone)]
@@ -163,6 +167,8 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Grammar the output must follow (`response_format`, forced tool calls).
+    pub grammar: Option<Arc<grammar::Grammar>>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub span: tracing::Span,
     pub enqueued: Instant,
