@@ -6,8 +6,11 @@ For each mode (plain text, response_format json_object, a json_schema, a forced 
 call) it times a 1-token request (prompt + first token; the prompt is then cached) and
 a greedy completion of up to --tokens tokens, and takes decode tok/s = (tokens - 1) /
 (full time - 1-token time). Modes alternate rep by rep so that load on a shared
-machine hits them alike. It also reads candela_constraint_mask_seconds from
-/metrics for the mean time of one token mask.
+machine hits them alike. Because the forward pass dominates and swings with machine
+load, it also reads from /metrics, per mode, the forward time per token
+(candela_decode_step_seconds), the inter-token latency, and the mask time
+(candela_constraint_mask_seconds): the constraint's cost is what the inter-token
+latency adds on top of the forward pass.
 """
 import argparse
 import json
@@ -65,32 +68,47 @@ def stream(extra, max_tokens):
     return n, times
 
 
-def mask_stats():
+def stats():
+    """(decode step sum, count, inter-token sum, count, mask sum, count) from /metrics."""
     text = urllib.request.urlopen(base + "/metrics").read().decode()
-    s = re.search(r"^candela_constraint_mask_seconds_sum (\S+)", text, re.M)
-    c = re.search(r"^candela_constraint_mask_seconds_count (\S+)", text, re.M)
-    return float(s.group(1)) if s else 0.0, float(c.group(1)) if c else 0.0
+
+    def one(name):
+        v = re.findall(r"^%s(?:\{[^}]*\})? (\S+)" % name, text, re.M)
+        return sum(float(x) for x in v)
+
+    return [one(n) for n in (
+        "candela_decode_step_seconds_sum", "candela_decode_step_seconds_count",
+        "candela_inter_token_latency_seconds_sum", "candela_inter_token_latency_seconds_count",
+        "candela_constraint_mask_seconds_sum", "candela_constraint_mask_seconds_count")]
 
 
-rates = {m: [] for m in modes}
-masks = {m: [] for m in modes}
+rows = {m: {"rate": [], "fwd": [], "itl": [], "mask": []} for m in modes}
 for rep in range(a.reps):
     for m, extra in modes.items():
         t0 = time.perf_counter()
         stream(extra, 1)
         one = time.perf_counter() - t0
-        s0, c0 = mask_stats()
+        s0 = stats()
         t0 = time.perf_counter()
         n, _ = stream(extra, a.tokens)
         dt = time.perf_counter() - t0
-        s1, c1 = mask_stats()
-        rates[m].append((n - 1) / max(dt - one, 1e-6))
-        if c1 > c0:
-            masks[m].append((s1 - s0) / (c1 - c0) * 1e3)
-        print(f"rep {rep} {m:14s} {n:4d} tokens {rates[m][-1]:6.1f} tok/s", flush=True)
-base_rate = sorted(rates["plain"])[len(rates["plain"]) // 2]
-print("\nmode            median tok/s  vs plain  mean mask ms/token")
-for m in modes:
-    r = sorted(rates[m])[len(rates[m]) // 2]
-    mk = sum(masks[m]) / len(masks[m]) if masks[m] else 0.0
-    print(f"{m:15s} {r:12.1f} {r / base_rate:9.2f} {mk:19.3f}")
+        d = [y - x for x, y in zip(s0, stats())]
+        r = rows[m]
+        r["rate"].append((n - 1) / max(dt - one, 1e-6))
+        r["fwd"].append(d[0] / max(d[1], 1) * 1e3)
+        r["itl"].append(d[2] / max(d[3], 1) * 1e3)
+        r["mask"].append(d[4] / max(d[5], 1) * 1e3)
+        print(f"rep {rep} {m:14s} {n:4d} tokens {r['rate'][-1]:6.1f} tok/s  forward {r['fwd'][-1]:6.2f} ms"
+              f"  inter-token {r['itl'][-1]:6.2f} ms  mask {r['mask'][-1]:.3f} ms", flush=True)
+
+
+def med(x):
+    return sorted(x)[len(x) // 2]
+
+
+print("\nmode            tok/s  forward ms/token  inter-token ms  outside forward ms  mask ms  mask/forward")
+for m, r in rows.items():
+    outside = [i - f for i, f in zip(r["itl"], r["fwd"])]
+    share = [k / f for k, f in zip(r["mask"], r["fwd"])]
+    print(f"{m:15s} {med(r['rate']):5.1f} {med(r['fwd']):17.2f} {med(r['itl']):15.2f} {med(outside):19.3f}"
+          f" {med(r['mask']):8.3f} {100 * med(share):11.1f}%")

@@ -91,8 +91,8 @@ async fn json_schema_outputs_validate_over_seeds_and_temperatures() {
             let choice = &v["choices"][0];
             assert_eq!(choice["finish_reason"], "stop", "{v}");
             let text = choice["message"]["content"].as_str().unwrap();
-            let inst: Value = serde_json::from_str(text)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+            let inst: Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
             cases.push((schema.clone(), inst));
         }
     }
@@ -132,7 +132,10 @@ async fn json_object_mode_gives_an_object_and_length_cuts_say_length() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
-    assert!(serde_json::from_str::<Value>(v["choices"][0]["message"]["content"].as_str().unwrap()).is_err());
+    assert!(
+        serde_json::from_str::<Value>(v["choices"][0]["message"]["content"].as_str().unwrap())
+            .is_err()
+    );
 }
 
 fn tools() -> Value {
@@ -202,7 +205,8 @@ async fn forced_tool_calls_have_schema_valid_arguments() {
             if let Some(want) = choice.get("function") {
                 assert_eq!(name, want["name"], "{v}");
             }
-            let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
             cases.push((params_of(name), args));
         }
     }
@@ -213,13 +217,20 @@ async fn forced_tool_calls_have_schema_valid_arguments() {
 async fn stream_calls(body: &Value) -> (Vec<(String, String, String)>, String) {
     let mut body = body.clone();
     body["stream"] = json!(true);
-    let r = reqwest::Client::new().post(url()).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(url())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let mut calls: Vec<(String, String, String)> = Vec::new();
     let mut finish = String::new();
     for line in text.lines() {
-        let Some(d) = line.strip_prefix("data: ") else { continue };
+        let Some(d) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if d == "[DONE]" {
             break;
         }
@@ -254,7 +265,11 @@ async fn streamed_tool_calls_reassemble_into_the_whole_response() {
     for (seed, choice, parallel) in [
         (1, json!("required"), false),
         (2, json!("required"), true),
-        (3, json!({"type": "function", "function": {"name": "get_weather"}}), false),
+        (
+            3,
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            false,
+        ),
         (4, json!("auto"), true),
     ] {
         let body = json!({
@@ -290,36 +305,71 @@ async fn streamed_tool_calls_reassemble_into_the_whole_response() {
 async fn bad_tool_and_format_inputs_are_400() {
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let cases = [
-        (json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f",
+        (
+            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f",
             "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^a"}}}}}]}),
-         "tools[0].function.parameters/properties/x/pattern"),
-        (json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f",
+            "tools[0].function.parameters/properties/x/pattern",
+        ),
+        (
+            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f",
             "parameters": {"type": "object", "patternProperties": {"^x": {}}}}}]}),
-         "tools[0].function.parameters/patternProperties"),
-        (json!({"messages": msgs, "tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
-         "tool_choice"),
-        (json!({"messages": msgs, "tool_choice": "required"}), "tool_choice"),
-        (json!({"messages": msgs, "tools": tools(), "tool_choice": "sometimes"}), "tool_choice"),
-        (json!({"messages": msgs, "tools": [{"type": "code_interpreter"}]}), "tools[0].type"),
-        (json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}},
+            "tools[0].function.parameters/patternProperties",
+        ),
+        (
+            json!({"messages": msgs, "tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": msgs, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": msgs, "tools": tools(), "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": msgs, "tools": [{"type": "code_interpreter"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}},
                                             {"type": "function", "function": {"name": "f"}}]}),
-         "tools[1].function.name"),
-        (json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}),
-         "tools[0].function.parameters"),
-        (json!({"messages": msgs, "response_format": {"type": "json_schema",
+            "tools[1].function.name",
+        ),
+        (
+            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"messages": msgs, "response_format": {"type": "json_schema",
             "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}}}}),
-         "response_format.json_schema.schema/properties/n/minimum"),
-        (json!({"messages": msgs, "response_format": {"type": "json_schema",
+            "response_format.json_schema.schema/properties/n/minimum",
+        ),
+        (
+            json!({"messages": msgs, "response_format": {"type": "json_schema",
             "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}}}),
-         "response_format.json_schema.schema"),
-        (json!({"messages": msgs, "response_format": {"type": "yaml"}}), "response_format.type"),
-        (json!({"messages": msgs, "response_format": {"type": "json_schema"}}), "response_format.json_schema"),
-        (json!({"messages": msgs, "tools": tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}),
-         "response_format"),
-        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
-         "messages[1].tool_call_id"),
-        (json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}]}),
-         "messages[0].tool_calls[0]"),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"messages": msgs, "response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"messages": msgs, "response_format": {"type": "json_schema"}}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"messages": msgs, "tools": tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
+            "messages[1].tool_call_id",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}]}),
+            "messages[0].tool_calls[0]",
+        ),
     ];
     for (body, param) in cases {
         let (status, v) = common::post_json(&url(), &body).await;
@@ -328,9 +378,16 @@ async fn bad_tool_and_format_inputs_are_400() {
         assert_eq!(v["error"]["type"], "invalid_request_error");
     }
     // The message names the unsupported keyword.
-    let (_, v) = common::post_json(&url(), &json!({"messages": msgs, "response_format": {"type": "json_schema",
-        "json_schema": {"name": "x", "schema": {"type": "string", "format": "email"}}}})).await;
-    assert!(v["error"]["message"].as_str().unwrap().contains("`format`"), "{v}");
+    let (_, v) = common::post_json(
+        &url(),
+        &json!({"messages": msgs, "response_format": {"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "string", "format": "email"}}}}),
+    )
+    .await;
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("`format`"),
+        "{v}"
+    );
 }
 
 #[test]

@@ -17,11 +17,11 @@ use crate::engine::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
 use super::auth::Principal;
 use super::error::{parse, ApiError, Json};
+use super::tools::{self, CallParser, Piece, ToolPlan};
 use super::types::{
     ChatLogprobs, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest, Prompt,
     TokenLogprobOut, UsageOut,
 };
-use super::tools::{self, CallParser, Piece, ToolPlan};
 use super::validate::{self, Checked, MAX_TOP_LOGPROBS};
 use super::AppState;
 
@@ -104,7 +104,9 @@ pub async fn chat(
     let messages = validate::template_messages(&req.messages)?;
     let (messages, tool_list) =
         tools::prompt_messages(messages, plan.as_ref(), loaded.template.handles_tools());
-    let text = loaded.template.render(&messages, tool_list.as_ref(), true)?;
+    let text = loaded
+        .template
+        .render(&messages, tool_list.as_ref(), true)?;
     let prompt = loaded.tok.encode(&text, true)?;
     let max_tokens = validate::fit_context(
         prompt.len(),
@@ -269,7 +271,10 @@ async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
         }
     };
     let (message, finish) = match &job.tools {
-        None => (json!({"role": "assistant", "content": text}), finish.as_str()),
+        None => (
+            json!({"role": "assistant", "content": text}),
+            finish.as_str(),
+        ),
         Some(plan) => {
             let mut p = CallParser::new(plan, &job.id);
             let mut pieces = p.push(&text);
@@ -282,7 +287,10 @@ async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
                     Piece::Call(c) => calls.push(c),
                 }
             }
-            (tools::message(content, &calls), finish_str(finish, p.calls()))
+            (
+                tools::message(content, &calls),
+                finish_str(finish, p.calls()),
+            )
         }
     };
     let body = match job.kind {

@@ -43,7 +43,11 @@ pub struct ToolPlan {
 }
 
 fn schema_err(param: &str, e: SchemaError) -> ApiError {
-    let at = if e.path == "/" { String::new() } else { e.path.clone() };
+    let at = if e.path == "/" {
+        String::new()
+    } else {
+        e.path.clone()
+    };
     ApiError::invalid(
         &format!("{param}{at}"),
         format!("{param}: {} (at {})", e.message, e.path),
@@ -54,8 +58,7 @@ fn schema_err(param: &str, e: SchemaError) -> ApiError {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
@@ -84,7 +87,9 @@ pub fn plan(body: &Value) -> Result<Option<ToolPlan>, ApiError> {
         let f = t
             .get("function")
             .and_then(Value::as_object)
-            .ok_or_else(|| ApiError::invalid(&format!("{p}.function"), "missing `function` object"))?;
+            .ok_or_else(|| {
+                ApiError::invalid(&format!("{p}.function"), "missing `function` object")
+            })?;
         let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
         if !valid_name(name) {
             return Err(ApiError::invalid(
@@ -294,12 +299,16 @@ pub fn check_messages(messages: &[super::types::ChatMessage]) -> Result<(), ApiE
             ));
         }
         let list = calls.as_array().ok_or_else(|| {
-            ApiError::invalid(&format!("messages[{i}].tool_calls"), "tool_calls must be a list")
+            ApiError::invalid(
+                &format!("messages[{i}].tool_calls"),
+                "tool_calls must be a list",
+            )
         })?;
         for (j, c) in list.iter().enumerate() {
             let f = c.get("function");
             let ok = f.and_then(|f| f.get("name")).is_some_and(Value::is_string)
-                && f.and_then(|f| f.get("arguments")).is_some_and(Value::is_string);
+                && f.and_then(|f| f.get("arguments"))
+                    .is_some_and(Value::is_string);
             if !ok {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].tool_calls[{j}]"),
@@ -490,11 +499,7 @@ fn close_str() -> &'static str {
 
 impl CallParser {
     pub fn new(plan: &ToolPlan, response_id: &str) -> Self {
-        let max_calls = if plan.parallel {
-            usize::MAX
-        } else {
-            1
-        };
+        let max_calls = if plan.parallel { usize::MAX } else { 1 };
         let tail = response_id.rsplit('-').next().unwrap_or(response_id);
         Self {
             names: plan.offered().iter().map(|t| t.name.clone()).collect(),
@@ -566,7 +571,11 @@ impl CallParser {
                     }
                 }
                 Mode::Text => {
-                    if let Some(at) = self.buf.find(open_str()).filter(|_| self.calls < self.max_calls) {
+                    if let Some(at) = self
+                        .buf
+                        .find(open_str())
+                        .filter(|_| self.calls < self.max_calls)
+                    {
                         let before: String = self.buf.drain(..at).collect();
                         if !before.is_empty() {
                             out.push(Piece::Content(before));
@@ -711,7 +720,11 @@ pub fn message(content: String, calls: &[Call]) -> Value {
         let c = content.trim();
         m.insert(
             "content".into(),
-            if c.is_empty() { Value::Null } else { json!(content) },
+            if c.is_empty() {
+                Value::Null
+            } else {
+                json!(content)
+            },
         );
         m.insert(
             "tool_calls".into(),

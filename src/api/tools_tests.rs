@@ -38,7 +38,11 @@ fn run(p: &mut CallParser, text: &str, step: usize) -> Vec<Piece> {
 
 fn parse_all(text: &str, parallel: bool) -> Vec<Piece> {
     let plan = weather_plan(parallel);
-    let whole = run(&mut CallParser::new(&plan, "chatcmpl-abc"), text, usize::MAX);
+    let whole = run(
+        &mut CallParser::new(&plan, "chatcmpl-abc"),
+        text,
+        usize::MAX,
+    );
     for step in [1, 2, 3, 7] {
         let parts = run(&mut CallParser::new(&plan, "chatcmpl-abc"), text, step);
         assert_eq!(parts, whole, "step {step} on {text:?}");
@@ -59,7 +63,10 @@ fn names(p: &[Piece]) -> Vec<String> {
 fn qwen_blocks_and_several_calls() {
     let t = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
     let p = parse_all(t, true);
-    assert_eq!(names(&p), vec!["get_weather{\"city\":\"Paris\"}", "get_time{}"]);
+    assert_eq!(
+        names(&p),
+        vec!["get_weather{\"city\":\"Paris\"}", "get_time{}"]
+    );
     assert!(p.iter().all(|x| matches!(x, Piece::Call(_))));
     // Not parallel: the first call only.
     assert_eq!(names(&parse_all(t, false)).len(), 1);
@@ -67,9 +74,15 @@ fn qwen_blocks_and_several_calls() {
 
 #[test]
 fn bare_json_and_fenced_json() {
-    let p = parse_all("{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}", true);
+    let p = parse_all(
+        "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}",
+        true,
+    );
     assert_eq!(names(&p), vec!["get_weather{\"city\":\"Rome\"}"]);
-    let p = parse_all("```json\n{\"name\": \"get_time\", \"parameters\": {}}\n```", true);
+    let p = parse_all(
+        "```json\n{\"name\": \"get_time\", \"parameters\": {}}\n```",
+        true,
+    );
     assert_eq!(names(&p), vec!["get_time{}"]);
     let p = parse_all("[{\"name\": \"get_time\", \"arguments\": {}}, {\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Oslo\\\"}\"}]", true);
     assert_eq!(names(&p).len(), 2);
@@ -83,7 +96,10 @@ fn text_and_unknown_tools_stay_text() {
     assert_eq!(parse_all(t, true), vec![Piece::Content(t.into())]);
     let t = "{\"a\": 1}";
     assert_eq!(parse_all(t, true), vec![Piece::Content(t.into())]);
-    let p = parse_all("Let me check. <tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>", true);
+    let p = parse_all(
+        "Let me check. <tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>",
+        true,
+    );
     assert_eq!(p[0], Piece::Content("Let me check. ".into()));
     assert_eq!(names(&p), vec!["get_time{}"]);
     // A tag-like text that is not a call.
@@ -94,7 +110,10 @@ fn text_and_unknown_tools_stay_text() {
 #[test]
 fn closing_tag_inside_a_string_does_not_cut_the_call() {
     let t = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a</tool_call>b\"}}</tool_call>";
-    assert_eq!(names(&parse_all(t, true)), vec!["get_weather{\"city\":\"a</tool_call>b\"}"]);
+    assert_eq!(
+        names(&parse_all(t, true)),
+        vec!["get_weather{\"city\":\"a</tool_call>b\"}"]
+    );
 }
 
 #[test]
@@ -102,17 +121,23 @@ fn bad_tools_are_rejected_with_the_param() {
     let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "f",
         "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^a"}}}}}]}))
     .unwrap_err();
-    assert_eq!(e.param.as_deref(), Some("tools[0].function.parameters/properties/x/pattern"));
+    assert_eq!(
+        e.param.as_deref(),
+        Some("tools[0].function.parameters/properties/x/pattern")
+    );
     assert!(e.message.contains("pattern"), "{}", e.message);
-    let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "f"}}],
-        "tool_choice": {"type": "function", "function": {"name": "g"}}}))
+    let e = plan_of(
+        json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+    )
     .unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tool_choice"));
     let e = plan_of(json!({"tool_choice": "required"})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tool_choice"));
     let e = plan_of(json!({"tools": [{"type": "retrieval"}]})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tools[0].type"));
-    let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]})).unwrap_err();
+    let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}))
+        .unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tools[0].function.name"));
     let e = response_grammar(&json!({"response_format": {"type": "json_schema",
         "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}}}))
@@ -124,10 +149,29 @@ fn bad_tools_are_rejected_with_the_param() {
 fn prompt_without_template_tools_support() {
     let plan = weather_plan(true);
     let msgs = vec![
-        TemplateMessage { role: "user".into(), content: "Weather in Paris?".into(), name: None, tool_call_id: None, tool_calls: None },
-        TemplateMessage { role: "assistant".into(), content: String::new(), name: None, tool_call_id: None,
-            tool_calls: Some(json!([{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}])) },
-        TemplateMessage { role: "tool".into(), content: "sunny".into(), name: None, tool_call_id: Some("call_1".into()), tool_calls: None },
+        TemplateMessage {
+            role: "user".into(),
+            content: "Weather in Paris?".into(),
+            name: None,
+            tool_call_id: None,
+            tool_calls: None,
+        },
+        TemplateMessage {
+            role: "assistant".into(),
+            content: String::new(),
+            name: None,
+            tool_call_id: None,
+            tool_calls: Some(
+                json!([{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]),
+            ),
+        },
+        TemplateMessage {
+            role: "tool".into(),
+            content: "sunny".into(),
+            name: None,
+            tool_call_id: Some("call_1".into()),
+            tool_calls: None,
+        },
     ];
     let (out, tools) = prompt_messages(msgs.clone(), Some(&plan), false);
     assert!(tools.is_none());
@@ -138,5 +182,8 @@ fn prompt_without_template_tools_support() {
     assert_eq!(out[3].content, "<tool_response>\nsunny\n</tool_response>");
     let (out, tools) = prompt_messages(msgs, Some(&plan), true);
     assert_eq!(tools.unwrap().as_array().unwrap().len(), 2);
-    assert_eq!(out[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"], json!({"city": "Paris"}));
+    assert_eq!(
+        out[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
+        json!({"city": "Paris"})
+    );
 }

@@ -362,7 +362,7 @@ fn feed(g: &Grammar, mut st: Stack, c: u8, out: &mut Vec<Stack>) {
                             *count += 1;
                             true
                         }
-                        0xC2..=0xDF | 0xE0..=0xEF | 0xF0..=0xF4 => {
+                        0xC2..=0xF4 => {
                             *count += 1;
                             *utf8 = if c >= 0xF0 {
                                 3
@@ -597,12 +597,14 @@ fn stack_can_end(st: &Stack) -> bool {
 pub struct TokenTable {
     /// Bytes of each token; empty: never allowed as text (control tokens).
     bytes: Vec<Box<[u8]>>,
-    /// Usable token ids by first byte.
+    /// Usable token ids by first byte, each list sorted by the tokens' bytes (so tokens
+    /// that share a second byte are adjacent).
     by_first: Vec<Vec<u32>>,
     /// Tokens that are plain string content (no `"`, `\`, control bytes; whole UTF-8
     /// characters), with their character counts.
     plain: Vec<(u32, u32)>,
-    /// Usable tokens that are not plain.
+    /// Usable tokens that are not plain and may still continue a string (no control
+    /// byte before their first `"` or `\`).
     nonplain: Vec<u32>,
     /// End-of-generation ids.
     eog: Vec<u32>,
@@ -624,13 +626,22 @@ impl TokenTable {
                 };
                 by_first[b[0] as usize].push(id as u32);
                 let is_plain = !b.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20);
+                // A raw control byte can never come inside a string.
+                let dead_in_string = b
+                    .iter()
+                    .find(|&&c| c == b'"' || c == b'\\' || c < 0x20)
+                    .is_some_and(|&c| c < 0x20);
                 match std::str::from_utf8(&b) {
                     Ok(s) if is_plain => plain.push((id as u32, s.chars().count() as u32)),
+                    _ if dead_in_string => {}
                     _ => nonplain.push(id as u32),
                 }
                 b.into_boxed_slice()
             })
             .collect();
+        for ids in &mut by_first {
+            ids.sort_by(|&x, &y| bytes[x as usize].cmp(&bytes[y as usize]));
+        }
         Self {
             bytes,
             by_first,
@@ -738,9 +749,20 @@ impl Constraint {
                 if after.is_empty() {
                     continue;
                 }
+                // Tokens sharing a second byte are adjacent: feed it once per run, and
+                // skip the whole run when the automaton refuses it.
+                let mut second: Option<(u8, Vec<Stack>)> = None;
                 for &id in ids {
                     let b = &t.bytes[id as usize];
-                    if b.len() == 1 || accepts(g, &after, &b[1..]) {
+                    let Some(&c2) = b.get(1) else {
+                        self.allowed[id as usize] = true;
+                        continue;
+                    };
+                    if second.as_ref().map(|s| s.0) != Some(c2) {
+                        second = Some((c2, feed_all(g, &after, c2)));
+                    }
+                    let Some((_, after2)) = &second else { continue };
+                    if !after2.is_empty() && (b.len() == 2 || accepts(g, after2, &b[2..])) {
                         self.allowed[id as usize] = true;
                     }
                 }

@@ -16,9 +16,38 @@ fn vocab() -> (TokenTable, Vec<Vec<u8>>) {
         toks.push(vec![c]);
     }
     for t in [
-        "\n", "\t", "{\"", "\":", "\",", "\"}", "\": \"", "true", "false", "null", "12", "3.5",
-        "e+", "name", "city", "\"name\"", "\"age\":", "é", "日本", "\\n", "\\u00e9", "\\u", "\"]",
-        "],", "}}", "<tool_call>", "</tool_call>", "<tool", "_call>", "\n<", "  ", "ab\"c",
+        "\n",
+        "\t",
+        "{\"",
+        "\":",
+        "\",",
+        "\"}",
+        "\": \"",
+        "true",
+        "false",
+        "null",
+        "12",
+        "3.5",
+        "e+",
+        "name",
+        "city",
+        "\"name\"",
+        "\"age\":",
+        "é",
+        "日本",
+        "\\n",
+        "\\u00e9",
+        "\\u",
+        "\"]",
+        "],",
+        "}}",
+        "<tool_call>",
+        "</tool_call>",
+        "<tool",
+        "_call>",
+        "\n<",
+        "  ",
+        "ab\"c",
     ] {
         toks.push(t.as_bytes().to_vec());
     }
@@ -48,7 +77,11 @@ fn walk(g: &Grammar, seed: u64, limit: usize) -> Option<Vec<u8>> {
             .filter(|(_, &a)| a)
             .map(|(i, _)| i as u32)
             .collect();
-        assert!(!allowed.is_empty(), "dead end after {:?}", String::from_utf8_lossy(&out));
+        assert!(
+            !allowed.is_empty(),
+            "dead end after {:?}",
+            String::from_utf8_lossy(&out)
+        );
         // Prefer ending (and structure) now and then so walks finish.
         let id = if allowed.contains(&EOS) && rng.gen_bool(0.5) {
             EOS
@@ -109,7 +142,9 @@ fn schema_walks_follow_the_schema() {
         if let Some(t) = o.get("tags") {
             let t = t.as_array().unwrap();
             assert!((1..=2).contains(&t.len()), "{v}");
-            assert!(t.iter().all(|x| *x == json!("a") || *x == json!("b") || *x == json!(3)));
+            assert!(t
+                .iter()
+                .all(|x| *x == json!("a") || *x == json!("b") || *x == json!(3)));
         }
         if let Some(b) = o.get("ok") {
             assert!(b.is_boolean() || b.is_null(), "{v}");
@@ -120,8 +155,10 @@ fn schema_walks_follow_the_schema() {
 #[test]
 fn exact_texts() {
     let g = Arc::new(
-        Grammar::from_schema(&json!({"type":"object","properties":{"a":{"type":"number"}},"required":["a"]}))
-            .unwrap(),
+        Grammar::from_schema(
+            &json!({"type":"object","properties":{"a":{"type":"number"}},"required":["a"]}),
+        )
+        .unwrap(),
     );
     let c = Constraint::new(g.clone());
     assert!(c.accepts_text(b"{\"a\": -1.5e+3}"));
@@ -150,7 +187,11 @@ fn end_only_when_complete_and_control_tokens_never() {
     assert!(c.advance(&table, close));
     let a = c.allowed(&table);
     assert!(a[EOS as usize]);
-    assert_eq!(a.iter().filter(|&&x| x).count(), 1, "only EOS after the object");
+    assert_eq!(
+        a.iter().filter(|&&x| x).count(),
+        1,
+        "only EOS after the object"
+    );
 }
 
 #[test]
@@ -206,4 +247,40 @@ fn recursive_schema_walks() {
         }
     }
     vals.iter().for_each(check);
+}
+
+#[test]
+fn fast_mask_equals_brute_force() {
+    let (table, toks) = vocab();
+    let grammars = [
+        Grammar::json_object(),
+        Grammar::from_schema(&json!({"type":"object","properties":{
+            "s":{"type":"string","maxLength":3},"n":{"type":["integer","null"]},
+            "e":{"enum":["ab","a\"c", 1]}},"required":["s"]}))
+        .unwrap(),
+    ];
+    for g in grammars {
+        let g = Arc::new(g);
+        for seed in 0..30 {
+            let mut c = Constraint::new(g.clone());
+            let mut rng = StdRng::seed_from_u64(seed);
+            for _ in 0..60 {
+                let fast: Vec<bool> = c.allowed(&table).to_vec();
+                for (id, t) in toks.iter().enumerate().skip(1) {
+                    assert_eq!(
+                        fast[id],
+                        c.accepts_text(t),
+                        "token {:?}",
+                        String::from_utf8_lossy(t)
+                    );
+                }
+                assert_eq!(fast[EOS as usize], c.can_end());
+                let ok: Vec<usize> = (1..toks.len()).filter(|&i| fast[i]).collect();
+                if ok.is_empty() {
+                    break;
+                }
+                assert!(c.advance(&table, ok[rng.gen_range(0..ok.len())] as u32));
+            }
+        }
+    }
 }

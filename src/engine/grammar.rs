@@ -232,7 +232,11 @@ struct Compiler<'a> {
 
 fn err(path: &str, message: impl Into<String>) -> SchemaError {
     SchemaError {
-        path: if path.is_empty() { "/".into() } else { path.into() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.into()
+        },
         message: message.into(),
     }
 }
@@ -255,7 +259,10 @@ fn count(v: &Value, path: &str, key: &str) -> Result<Option<u32>, SchemaError> {
 impl Compiler<'_> {
     fn push(&mut self, n: Node) -> Result<NodeId, SchemaError> {
         if self.g.nodes.len() >= MAX_NODES {
-            return Err(err("", format!("schema too large (over {MAX_NODES} nodes)")));
+            return Err(err(
+                "",
+                format!("schema too large (over {MAX_NODES} nodes)"),
+            ));
         }
         Ok(self.g.push(n))
     }
@@ -355,11 +362,17 @@ impl Compiler<'_> {
             Some(Value::Array(ts)) => ts
                 .iter()
                 .map(|t| {
-                    t.as_str()
-                        .ok_or_else(|| err(&format!("{path}/type"), "`type` entries must be strings"))
+                    t.as_str().ok_or_else(|| {
+                        err(&format!("{path}/type"), "`type` entries must be strings")
+                    })
                 })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(err(&format!("{path}/type"), "`type` must be a string or a list")),
+            Some(_) => {
+                return Err(err(
+                    &format!("{path}/type"),
+                    "`type` must be a string or a list",
+                ))
+            }
         };
         if types.is_empty() {
             // No type: infer from the keywords present, else any value.
@@ -443,11 +456,20 @@ impl Compiler<'_> {
             Some(Value::Array(r)) => r
                 .iter()
                 .map(|x| {
-                    x.as_str()
-                        .ok_or_else(|| err(&format!("{path}/required"), "`required` entries must be strings"))
+                    x.as_str().ok_or_else(|| {
+                        err(
+                            &format!("{path}/required"),
+                            "`required` entries must be strings",
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(err(&format!("{path}/required"), "`required` must be a list")),
+            Some(_) => {
+                return Err(err(
+                    &format!("{path}/required"),
+                    "`required` must be a list",
+                ))
+            }
         };
         let props = match obj.get("properties") {
             None => None,
@@ -544,8 +566,10 @@ mod tests {
 
     #[test]
     fn unsupported_keywords_are_named() {
-        let e = Grammar::from_schema(&json!({"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}))
-            .unwrap_err();
+        let e = Grammar::from_schema(
+            &json!({"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}),
+        )
+        .unwrap_err();
         assert_eq!(e.path, "/properties/a/pattern");
         assert!(e.message.contains("pattern"));
         let e = Grammar::from_schema(&json!({"type":"object","patternProperties":{}})).unwrap_err();
@@ -554,8 +578,9 @@ mod tests {
         assert!(e.message.contains("oneOf"));
         let e = Grammar::from_schema(&json!({"$ref":"http://x/y"})).unwrap_err();
         assert!(e.message.contains("$ref"));
-        let e = Grammar::from_schema(&json!({"$defs":{"A":{"$ref":"#/$defs/A"}},"$ref":"#/$defs/A"}))
-            .unwrap_err();
+        let e =
+            Grammar::from_schema(&json!({"$defs":{"A":{"$ref":"#/$defs/A"}},"$ref":"#/$defs/A"}))
+                .unwrap_err();
         assert!(e.message.contains("cycle"), "{e}");
     }
 

@@ -189,9 +189,8 @@ impl Tok {
                         .chars()
                         .map(|c| unmap.get(&c).copied())
                         .collect::<Option<Vec<u8>>>()
-                } else if let Some(hex) = piece
-                    .strip_prefix("<0x")
-                    .and_then(|h| h.strip_suffix('>'))
+                } else if let Some(hex) =
+                    piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
                 {
                     u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
                 } else {

@@ -12,8 +12,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use tokio::sync::{mpsc, watch};
 
-use super::model::{Model, SeqInput};
 use super::constrain::{Constraint, TokenTable};
+use super::model::{Model, SeqInput};
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
 use super::template::{ChatTemplate, CHATML};
