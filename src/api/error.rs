@@ -101,7 +101,10 @@ impl From<EngineError> for ApiError {
                 Self::invalid("messages", msg).with_code("invalid_messages")
             }
             EngineError::Tokenizer(_) => Self::invalid("", msg),
-            EngineError::Load(_) | EngineError::Fetch(_) | EngineError::Model(_) => Self::server(
+            EngineError::Load(_)
+            | EngineError::Fetch(_)
+            | EngineError::Model(_)
+            | EngineError::Constraint(_) => Self::server(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "internal_error",

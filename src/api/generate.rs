@@ -2,6 +2,7 @@
 //! map, streamed as OpenAI SSE chunks or collected into one response.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Extension, State};
@@ -11,10 +12,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::engine::grammar::Grammar;
 use crate::engine::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
 use super::auth::Principal;
 use super::error::{parse, ApiError, Json};
+use super::tools::{self, CallParser, Piece, ToolPlan};
 use super::types::{
     ChatLogprobs, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest, Prompt,
     TokenLogprobOut, UsageOut,
@@ -49,6 +52,9 @@ struct Job {
     max_tokens: usize,
     want_logprobs: bool,
     session: Option<String>,
+    grammar: Option<Arc<Grammar>>,
+    /// Tools whose calls are parsed out of the output (tool_choice other than none).
+    tools: Option<ToolPlan>,
 }
 
 fn header_session(h: &HeaderMap) -> Option<&str> {
@@ -87,8 +93,24 @@ pub async fn chat(
         want_logprobs.then_some(top),
         loaded.info.vocab_size,
     )?;
+    let plan = tools::plan(&body)?;
+    tools::check_messages(&req.messages)?;
+    let mut grammar = tools::response_grammar(&body)?;
+    if let Some(p) = plan.as_ref().filter(|p| p.active()) {
+        if grammar.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format cannot be combined with tools unless tool_choice is `none`",
+            ));
+        }
+        grammar = p.grammar()?;
+    }
     let messages = validate::template_messages(&req.messages)?;
-    let text = loaded.template.render(&messages, None, true)?;
+    let (messages, tool_list) =
+        tools::prompt_messages(messages, plan.as_ref(), loaded.template.handles_tools());
+    let text = loaded
+        .template
+        .render(&messages, tool_list.as_ref(), true)?;
     let prompt = loaded.tok.encode(&text, true)?;
     let max_tokens = validate::fit_context(
         prompt.len(),
@@ -109,6 +131,8 @@ pub async fn chat(
             header_session(&headers),
         )?
         .map(|k| who.scope(&k)),
+        grammar,
+        tools: plan.filter(|p| p.active()),
     };
     run(st, &who, job).await
 }
@@ -134,6 +158,7 @@ pub async fn completions(
         }
     };
     let checked = validate::check_common(&common, top, loaded.info.vocab_size)?;
+    let grammar = tools::response_grammar(&body)?;
     let prompt = match req.prompt {
         Prompt::Text(t) => loaded.tok.encode(&t, true)?,
         Prompt::Texts(v) if v.len() == 1 => loaded.tok.encode(&v[0], true)?,
@@ -175,6 +200,8 @@ pub async fn completions(
             header_session(&headers),
         )?
         .map(|k| who.scope(&k)),
+        grammar,
+        tools: None,
     };
     run(st, &who, job).await
 }
@@ -189,6 +216,7 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
         max_tokens: job.max_tokens,
         sampling: job.checked.sampling.clone(),
         stop: job.checked.stop.clone(),
+        grammar: job.grammar.clone(),
         session: job.session.clone(),
         events: tx,
         span,
@@ -231,10 +259,6 @@ impl Events {
     }
 }
 
-fn finish_json(f: Option<FinishReason>) -> Value {
-    f.map(|f| Value::from(f.as_str())).unwrap_or(Value::Null)
-}
-
 async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps: Vec<LogprobEntry> = Vec::new();
@@ -250,15 +274,38 @@ async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
             None => return Err(internal("the engine dropped the request".into())),
         }
     };
+    let (message, finish) = match &job.tools {
+        None => (
+            json!({"role": "assistant", "content": text}),
+            finish.as_str(),
+        ),
+        Some(plan) => {
+            let mut p = CallParser::new(plan, &job.id);
+            let mut pieces = p.push(&text);
+            pieces.extend(p.finish());
+            let mut content = String::new();
+            let mut calls = Vec::new();
+            for x in pieces {
+                match x {
+                    Piece::Content(t) => content.push_str(&t),
+                    Piece::Call(c) => calls.push(c),
+                }
+            }
+            (
+                tools::message(content, &calls),
+                finish_str(finish, p.calls()),
+            )
+        }
+    };
     let body = match job.kind {
         Kind::Chat => json!({
             "id": job.id, "object": "chat.completion", "created": now_secs(), "model": job.model,
             "system_fingerprint": fingerprint(),
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": job.want_logprobs.then(|| chat_logprobs(&lps)),
-                "finish_reason": finish.as_str(),
+                "finish_reason": finish,
             }],
             "usage": UsageOut::from(usage),
         }),
@@ -268,12 +315,21 @@ async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
             "choices": [{
                 "index": 0, "text": text,
                 "logprobs": job.want_logprobs.then(|| completion_logprobs(&lps, 0)),
-                "finish_reason": finish.as_str(),
+                "finish_reason": finish,
             }],
             "usage": UsageOut::from(usage),
         }),
     };
     Ok(axum::Json(body).into_response())
+}
+
+/// `tool_calls` when a turn that ended normally produced calls.
+fn finish_str(f: FinishReason, calls: usize) -> &'static str {
+    if f == FinishReason::Stop && calls > 0 {
+        "tool_calls"
+    } else {
+        f.as_str()
+    }
 }
 
 fn internal(msg: String) -> ApiError {
@@ -308,32 +364,36 @@ fn completion_logprobs(lps: &[LogprobEntry], start_offset: usize) -> Value {
 }
 
 /// One SSE chunk in the endpoint's format.
+#[allow(clippy::too_many_arguments)]
 fn chunk(
     job: &Job,
     created: u64,
     text: Option<&str>,
     lps: &[LogprobEntry],
-    finish: Option<FinishReason>,
+    finish: Option<Value>,
     first: bool,
     usage: Option<Value>,
+    delta: Option<Value>,
 ) -> Value {
+    let finish = finish.unwrap_or(Value::Null);
     let choice = match job.kind {
         Kind::Chat => {
-            let delta = match (first, text) {
-                (true, _) => json!({"role": "assistant", "content": ""}),
-                (false, Some(t)) => json!({"content": t}),
-                (false, None) => json!({}),
+            let delta = match (first, text, delta) {
+                (true, _, _) => json!({"role": "assistant", "content": ""}),
+                (false, _, Some(d)) => d,
+                (false, Some(t), None) => json!({"content": t}),
+                (false, None, None) => json!({}),
             };
             json!({
                 "index": 0, "delta": delta,
                 "logprobs": (job.want_logprobs && !lps.is_empty()).then(|| chat_logprobs(lps)),
-                "finish_reason": finish_json(finish),
+                "finish_reason": finish,
             })
         }
         Kind::Text => json!({
             "index": 0, "text": text.unwrap_or(""),
             "logprobs": (job.want_logprobs && !lps.is_empty()).then(|| completion_logprobs(lps, 0)),
-            "finish_reason": finish_json(finish),
+            "finish_reason": finish,
         }),
     };
     let object = if job.kind == Kind::Chat {
@@ -408,24 +468,65 @@ where
     Forwarded::Done
 }
 
+/// Stream deltas for parsed pieces; `calls` counts the calls sent so far.
+fn piece_deltas(pieces: Vec<Piece>, calls: &mut usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Content(t) if !t.is_empty() => out.push(json!({"content": t})),
+            Piece::Content(_) => {}
+            Piece::Call(c) => {
+                for d in tools::call_deltas(*calls, &c) {
+                    out.push(json!({"tool_calls": [d]}));
+                }
+                *calls += 1;
+            }
+        }
+    }
+    out
+}
+
 fn sse_events(job: Job, mut rx: Events) -> impl futures::Stream<Item = Result<Event, Infallible>> {
     let created = now_secs();
+    let mut parser = job.tools.as_ref().map(|p| CallParser::new(p, &job.id));
+    let mut sent_calls = 0usize;
     async_stream::stream! {
         if job.kind == Kind::Chat {
-            yield data(&chunk(&job, created, None, &[], None, true, None));
+            yield data(&chunk(&job, created, None, &[], None, true, None, None));
         }
         loop {
             match rx.next().await {
                 Some(GenEvent::Token { text, logprob }) => {
                     let lps: Vec<LogprobEntry> = logprob.into_iter().collect();
-                    if !text.is_empty() || !lps.is_empty() {
-                        yield data(&chunk(&job, created, Some(&text), &lps, None, false, None));
+                    match parser.as_mut() {
+                        None => {
+                            if !text.is_empty() || !lps.is_empty() {
+                                yield data(&chunk(&job, created, Some(&text), &lps, None, false, None, None));
+                            }
+                        }
+                        Some(p) => {
+                            let deltas = piece_deltas(p.push(&text), &mut sent_calls);
+                            if deltas.is_empty() && !lps.is_empty() {
+                                yield data(&chunk(&job, created, None, &lps, None, false, None, Some(json!({}))));
+                            }
+                            for (i, d) in deltas.into_iter().enumerate() {
+                                let l: &[LogprobEntry] = if i == 0 { &lps } else { &[] };
+                                yield data(&chunk(&job, created, None, l, None, false, None, Some(d)));
+                            }
+                        }
                     }
                 }
                 Some(GenEvent::Done { finish, usage }) => {
-                    yield data(&chunk(&job, created, None, &[], Some(finish), false, None));
+                    let mut reason = finish.as_str();
+                    if let Some(p) = parser.as_mut() {
+                        for d in piece_deltas(p.finish(), &mut sent_calls) {
+                            yield data(&chunk(&job, created, None, &[], None, false, None, Some(d)));
+                        }
+                        reason = finish_str(finish, p.calls());
+                    }
+                    yield data(&chunk(&job, created, None, &[], Some(json!(reason)), false, None, None));
                     if job.checked.include_usage {
-                        let mut v = chunk(&job, created, None, &[], None, false, Some(usage_json(usage)));
+                        let mut v = chunk(&job, created, None, &[], None, false, Some(usage_json(usage)), None);
                         v["choices"] = json!([]);
                         yield data(&v);
                     }

@@ -10,6 +10,7 @@ mod misc;
 pub mod net;
 pub mod openapi;
 mod sessions;
+pub mod tools;
 pub mod types;
 pub mod validate;
 

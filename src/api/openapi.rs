@@ -19,6 +19,16 @@ pub struct ChatBody {
     chat: ChatRequest,
     #[serde(flatten)]
     common: CommonParams,
+    /// Function tools: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<serde_json::Value>,
+    /// `"auto"`, `"none"`, `"required"`, or `{"type": "function", "function": {"name"}}`.
+    #[schema(value_type = Option<Object>)]
+    tool_choice: Option<serde_json::Value>,
+    parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    #[schema(value_type = Option<Object>)]
+    response_format: Option<serde_json::Value>,
 }
 
 /// Body of `POST /v1/completions`.
@@ -29,6 +39,9 @@ pub struct CompletionBody {
     completion: CompletionRequest,
     #[serde(flatten)]
     common: CommonParams,
+    /// As on chat: `json_object` or `json_schema`.
+    #[schema(value_type = Option<Object>)]
+    response_format: Option<serde_json::Value>,
 }
 
 /// Every error: `{"error": {...}}` with a 4xx (bad input) or 5xx status.

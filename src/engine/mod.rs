@@ -5,7 +5,9 @@
 //!
 //! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
 
+pub mod constrain;
 pub mod fetch;
+pub mod grammar;
 pub mod model;
 pub mod plan;
 pub mod quant;
@@ -50,6 +52,8 @@ pub enum EngineError {
     Unavailable(String),
     #[error(transparent)]
     Session(#[from] KvError),
+    #[error("constrained decoding failed: {0}")]
+    Constraint(String),
 }
 
 /// What the engine needs to start.
@@ -95,6 +99,8 @@ pub struct Loaded {
     pub info: ModelInfo,
     pub tok: Arc<Tok>,
     pub template: ChatTemplate,
+    /// The vocabulary as bytes, for constrained decoding.
+    pub tokens: Arc<constrain::TokenTable>,
 }
 
 #[derive(Clone)]
@@ -161,6 +167,8 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Grammar the output must follow (`response_format`, forced tool calls).
+    pub grammar: Option<Arc<grammar::Grammar>>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub span: tracing::Span,
     pub enqueued: Instant,

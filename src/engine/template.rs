@@ -30,6 +30,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    handles_tools: bool,
 }
 
 fn raise_exception(msg: String) -> Result<String, JinjaError> {
@@ -93,7 +94,14 @@ impl ChatTemplate {
             env,
             bos: bos.to_string(),
             eos: eos.to_string(),
+            // HF templates that render tools read the `tools` variable.
+            handles_tools: source.contains("tools"),
         })
+    }
+
+    /// Whether the template renders `tools` (and tool turns) itself.
+    pub fn handles_tools(&self) -> bool {
+        self.handles_tools
     }
 
     /// Render a conversation into the prompt text.

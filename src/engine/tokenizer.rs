@@ -34,6 +34,9 @@ pub struct Tok {
     /// Ids that end generation (EOS and the chat formats' end-of-turn tokens).
     pub eog: HashSet<u32>,
     pub vocab_size: usize,
+    /// Added tokens that are text, not control (GGUF token type 4, "user defined", e.g.
+    /// Qwen's `<tool_call>`): kept when decoding, usable by constrained decoding.
+    pub textual: HashSet<u32>,
 }
 
 fn meta_u32(ct: &gguf_file::Content, k: &str) -> Option<u32> {
@@ -69,7 +72,16 @@ impl Tok {
             .unwrap_or(false);
         let bos_id = meta_u32(ct, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(ct, "tokenizer.ggml.eos_token_id");
-        Ok(Self::assemble(inner, bos_id, eos_id, add_bos))
+        let mut tok = Self::assemble(inner, bos_id, eos_id, add_bos);
+        if let Some(gguf_file::Value::Array(types)) = ct.metadata.get("tokenizer.ggml.token_type") {
+            tok.textual = types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.to_i32().ok() == Some(4) || t.to_u32().ok() == Some(4))
+                .map(|(i, _)| i as u32)
+                .collect();
+        }
+        Ok(tok)
     }
 
     /// Build from a `tokenizer.json` (safetensors model directories).
@@ -98,6 +110,7 @@ impl Tok {
             add_bos,
             eog,
             vocab_size,
+            textual: HashSet::new(),
         }
     }
 
@@ -128,9 +141,63 @@ impl Tok {
                 self.vocab_size
             )));
         }
-        self.inner
-            .decode(ids, !keep_special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        let dec = |ids: &[u32]| {
+            self.inner
+                .decode(ids, !keep_special)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        };
+        if keep_special || !ids.iter().any(|i| self.textual.contains(i)) {
+            return dec(ids);
+        }
+        // Textual added tokens are marked special in the tokenizer; keep their text.
+        let mut out = String::new();
+        for part in ids.split_inclusive(|i| self.textual.contains(i)) {
+            match part.split_last() {
+                Some((last, rest)) if self.textual.contains(last) => {
+                    out.push_str(&dec(rest)?);
+                    out.push_str(&self.inner.id_to_token(*last).unwrap_or_default());
+                }
+                _ => out.push_str(&dec(part)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The raw bytes of every token id, for constrained decoding: None for control
+    /// tokens (never part of generated text). Byte-level BPE pieces are mapped back
+    /// through GPT-2's byte table; SentencePiece pieces turn `▁` into a space and
+    /// `<0xNN>` into that byte.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let unmap = gpt2_unicode_to_byte();
+        let added = self.inner.get_added_tokens_decoder();
+        let n = self.inner.get_vocab_size(true);
+        (0..n as u32)
+            .map(|id| {
+                let piece = self.inner.id_to_token(id)?;
+                if let Some(a) = added.get(&id) {
+                    if a.special && !self.textual.contains(&id) {
+                        return None;
+                    }
+                    return Some(a.content.as_bytes().to_vec());
+                }
+                if byte_level {
+                    piece
+                        .chars()
+                        .map(|c| unmap.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                } else if let Some(hex) =
+                    piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+                {
+                    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
+                } else {
+                    Some(piece.replace('\u{2581}', " ").into_bytes())
+                }
+            })
+            .collect()
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
@@ -140,6 +207,26 @@ impl Tok {
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
         self.inner.token_to_id(t)
     }
+}
+
+/// GPT-2's byte-to-unicode table, inverted: the character a byte-level BPE vocabulary
+/// uses for each byte.
+fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::new();
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let c = if printable {
+            char::from_u32(b as u32)
+        } else {
+            n += 1;
+            char::from_u32(255 + n)
+        };
+        if let Some(c) = c {
+            map.insert(c, b);
+        }
+    }
+    map
 }
 
 /// candle's GGUF tokenizer falls back to GPT-2's byte-level pre-tokenizer with a prefix

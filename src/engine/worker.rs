@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use tokio::sync::{mpsc, watch};
 
+use super::constrain::{Constraint, TokenTable};
 use super::model::{Model, SeqInput};
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
@@ -51,6 +52,7 @@ struct Seq {
     last_token_at: Instant,
     /// Prompt tokens served from the cache.
     reused: usize,
+    constraint: Option<(Constraint, Arc<TokenTable>)>,
 }
 
 fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
@@ -77,6 +79,10 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
     let tmpl_src = meta_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
     let tok_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(&tmpl_src, &tok_text(tok.bos_id), &tok_text(tok.eos_id))?;
+    let tokens = Arc::new(TokenTable::new(
+        tok.token_bytes(),
+        tok.eog.iter().copied().collect(),
+    ));
     let info = ModelInfo {
         id: resolved.id,
         path,
@@ -103,6 +109,7 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
             info,
             tok: Arc::new(tok),
             template,
+            tokens,
         }),
     ))
 }
@@ -163,13 +170,13 @@ pub(super) fn run(
     loop {
         if seqs.is_empty() {
             match rx.blocking_recv() {
-                Some(r) => seqs.extend(admit(&model, r, &mut lock())),
+                Some(r) => seqs.extend(admit(&model, &loaded.tokens, r, &mut lock())),
                 None => return,
             }
         }
         while seqs.len() < cfg.max_batch.max(1) {
             match rx.try_recv() {
-                Ok(r) => seqs.extend(admit(&model, r, &mut lock())),
+                Ok(r) => seqs.extend(admit(&model, &loaded.tokens, r, &mut lock())),
                 Err(_) => break,
             }
         }
@@ -213,7 +220,12 @@ pub(super) fn run(
     }
 }
 
-fn admit(model: &Model, req: GenRequest, store: &mut SessionStore) -> Option<Seq> {
+fn admit(
+    model: &Model,
+    tokens: &Arc<TokenTable>,
+    req: GenRequest,
+    store: &mut SessionStore,
+) -> Option<Seq> {
     metrics::observe_queue_wait(req.enqueued.elapsed());
     let layout = model.cache_layout(KV_DTYPE);
     let checked = store.checkout(req.session.as_deref(), &req.prompt, layout, model.device());
@@ -231,6 +243,10 @@ fn admit(model: &Model, req: GenRequest, store: &mut SessionStore) -> Option<Seq
     };
     metrics::kv_lookup(result, req.prompt.len(), co.reused);
     Some(Seq {
+        constraint: req
+            .grammar
+            .clone()
+            .map(|g| (Constraint::new(g), tokens.clone())),
         sampler: Sampler::new(req.sampling.clone()),
         stop: StopMatcher::new(req.stop.clone()),
         req,
@@ -335,7 +351,24 @@ fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
 /// Sample from `logits`, stream the token, and decide whether the sequence goes on
 /// (`s.next` set) or is finished (a `Done` event sent).
 fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError> {
+    if let Some((c, table)) = &mut s.constraint {
+        let t0 = Instant::now();
+        let n = c.mask(table, logits);
+        metrics::observe_constraint_mask(t0.elapsed());
+        if n == 0 {
+            return Err(EngineError::Constraint(
+                "the output grammar allows no token here".into(),
+            ));
+        }
+    }
     let (id, lp) = s.sampler.sample_after(logits, &s.req.prompt, &s.generated);
+    if let Some((c, table)) = &mut s.constraint {
+        if !c.advance(table, id) {
+            return Err(EngineError::Constraint(format!(
+                "sampled token {id} is outside the output grammar"
+            )));
+        }
+    }
     let now = Instant::now();
     match s.first_token_at {
         None => {

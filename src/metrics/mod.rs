@@ -31,6 +31,7 @@ pub struct Metrics {
     queue_wait: Histogram,
     prefill: Histogram,
     decode_step: HistogramVec,
+    constraint_mask: Histogram,
     request_duration: HistogramVec,
     running: IntGauge,
     waiting: IntGauge,
@@ -99,6 +100,19 @@ fn build() -> prometheus::Result<Metrics> {
             "candela_prefill_seconds",
             "Duration of one prefill forward pass",
         )?,
+        constraint_mask: {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(
+                    "candela_constraint_mask_seconds",
+                    "Time to compute one token mask for grammar-constrained decoding",
+                )
+                .buckets(vec![
+                    0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1,
+                ]),
+            )?;
+            r.register(Box::new(h.clone()))?;
+            h
+        },
         decode_step: HistogramVec::new(
             HistogramOpts::new(
                 "candela_decode_step_seconds",
@@ -245,6 +259,10 @@ pub fn observe_decode_step(batch: usize, d: Duration) {
         .decode_step
         .with_label_values(&[b])
         .observe(d.as_secs_f64());
+}
+
+pub fn observe_constraint_mask(d: Duration) {
+    get().constraint_mask.observe(d.as_secs_f64());
 }
 
 pub fn observe_ttft(d: Duration) {

@@ -1,0 +1,189 @@
+use super::*;
+
+fn plan_of(body: Value) -> Result<Option<ToolPlan>, ApiError> {
+    plan(&body)
+}
+
+fn weather_plan(parallel: bool) -> ToolPlan {
+    plan_of(json!({
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+        ],
+        "parallel_tool_calls": parallel
+    }))
+    .unwrap()
+    .unwrap()
+}
+
+/// Feed the text in pieces of `step` bytes (on char boundaries) and collect.
+fn run(p: &mut CallParser, text: &str, step: usize) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    for part in chars.chunks(step) {
+        out.extend(p.push(&part.iter().collect::<String>()));
+    }
+    out.extend(p.finish());
+    // Merge adjacent content pieces so chunkings compare equal.
+    let mut merged: Vec<Piece> = Vec::new();
+    for x in out {
+        match (merged.last_mut(), x) {
+            (Some(Piece::Content(a)), Piece::Content(b)) => a.push_str(&b),
+            (_, x) => merged.push(x),
+        }
+    }
+    merged
+}
+
+fn parse_all(text: &str, parallel: bool) -> Vec<Piece> {
+    let plan = weather_plan(parallel);
+    let whole = run(
+        &mut CallParser::new(&plan, "chatcmpl-abc"),
+        text,
+        usize::MAX,
+    );
+    for step in [1, 2, 3, 7] {
+        let parts = run(&mut CallParser::new(&plan, "chatcmpl-abc"), text, step);
+        assert_eq!(parts, whole, "step {step} on {text:?}");
+    }
+    whole
+}
+
+fn names(p: &[Piece]) -> Vec<String> {
+    p.iter()
+        .filter_map(|x| match x {
+            Piece::Call(c) => Some(format!("{}{}", c.name, c.arguments)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn qwen_blocks_and_several_calls() {
+    let t = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+    let p = parse_all(t, true);
+    assert_eq!(
+        names(&p),
+        vec!["get_weather{\"city\":\"Paris\"}", "get_time{}"]
+    );
+    assert!(p.iter().all(|x| matches!(x, Piece::Call(_))));
+    // Not parallel: the first call only.
+    assert_eq!(names(&parse_all(t, false)).len(), 1);
+}
+
+#[test]
+fn bare_json_and_fenced_json() {
+    let p = parse_all(
+        "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}",
+        true,
+    );
+    assert_eq!(names(&p), vec!["get_weather{\"city\":\"Rome\"}"]);
+    let p = parse_all(
+        "```json\n{\"name\": \"get_time\", \"parameters\": {}}\n```",
+        true,
+    );
+    assert_eq!(names(&p), vec!["get_time{}"]);
+    let p = parse_all("[{\"name\": \"get_time\", \"arguments\": {}}, {\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Oslo\\\"}\"}]", true);
+    assert_eq!(names(&p).len(), 2);
+}
+
+#[test]
+fn text_and_unknown_tools_stay_text() {
+    let p = parse_all("The weather is fine.", true);
+    assert_eq!(p, vec![Piece::Content("The weather is fine.".into())]);
+    let t = "{\"name\": \"launch_rockets\", \"arguments\": {}}";
+    assert_eq!(parse_all(t, true), vec![Piece::Content(t.into())]);
+    let t = "{\"a\": 1}";
+    assert_eq!(parse_all(t, true), vec![Piece::Content(t.into())]);
+    let p = parse_all(
+        "Let me check. <tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>",
+        true,
+    );
+    assert_eq!(p[0], Piece::Content("Let me check. ".into()));
+    assert_eq!(names(&p), vec!["get_time{}"]);
+    // A tag-like text that is not a call.
+    let p = parse_all("use <tool> here", true);
+    assert_eq!(p, vec![Piece::Content("use <tool> here".into())]);
+}
+
+#[test]
+fn closing_tag_inside_a_string_does_not_cut_the_call() {
+    let t = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a</tool_call>b\"}}</tool_call>";
+    assert_eq!(
+        names(&parse_all(t, true)),
+        vec!["get_weather{\"city\":\"a</tool_call>b\"}"]
+    );
+}
+
+#[test]
+fn bad_tools_are_rejected_with_the_param() {
+    let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^a"}}}}}]}))
+    .unwrap_err();
+    assert_eq!(
+        e.param.as_deref(),
+        Some("tools[0].function.parameters/properties/x/pattern")
+    );
+    assert!(e.message.contains("pattern"), "{}", e.message);
+    let e = plan_of(
+        json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    let e = plan_of(json!({"tool_choice": "required"})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    let e = plan_of(json!({"tools": [{"type": "retrieval"}]})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("tools[0].type"));
+    let e = plan_of(json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}))
+        .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("tools[0].function.name"));
+    let e = response_grammar(&json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}}}))
+    .unwrap_err();
+    assert!(e.message.contains("patternProperties"));
+}
+
+#[test]
+fn prompt_without_template_tools_support() {
+    let plan = weather_plan(true);
+    let msgs = vec![
+        TemplateMessage {
+            role: "user".into(),
+            content: "Weather in Paris?".into(),
+            name: None,
+            tool_call_id: None,
+            tool_calls: None,
+        },
+        TemplateMessage {
+            role: "assistant".into(),
+            content: String::new(),
+            name: None,
+            tool_call_id: None,
+            tool_calls: Some(
+                json!([{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]),
+            ),
+        },
+        TemplateMessage {
+            role: "tool".into(),
+            content: "sunny".into(),
+            name: None,
+            tool_call_id: Some("call_1".into()),
+            tool_calls: None,
+        },
+    ];
+    let (out, tools) = prompt_messages(msgs.clone(), Some(&plan), false);
+    assert!(tools.is_none());
+    assert_eq!(out[0].role, "system");
+    assert!(out[0].content.contains("get_weather") && out[0].content.contains("<tool_call>"));
+    assert_eq!(out[2].content, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call>");
+    assert_eq!(out[3].role, "user");
+    assert_eq!(out[3].content, "<tool_response>\nsunny\n</tool_response>");
+    let (out, tools) = prompt_messages(msgs, Some(&plan), true);
+    assert_eq!(tools.unwrap().as_array().unwrap().len(), 2);
+    assert_eq!(
+        out[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
+        json!({"city": "Paris"})
+    );
+}
