@@ -332,6 +332,24 @@ async fn models_lists_both_and_requests_route_by_model() {
         (st, r["error"]["code"].as_str()),
         (404, Some("model_not_found"))
     );
+
+    // Per-model series carry the model's name, one series per configured model.
+    let text = reqwest::get(format!("{}/metrics", both()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for m in [QWEN, SMOL] {
+        for name in [
+            "candela_generated_tokens_total",
+            "candela_model_weight_bytes",
+            "candela_requests_running",
+        ] {
+            let series = format!("{name}{{model=\"{m}\"}}");
+            assert!(text.contains(&series), "missing {series}");
+        }
+    }
 }
 
 /// Sessions are per model: the same id names one session in each model's store.
