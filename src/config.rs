@@ -390,4 +390,38 @@ mod tests {
         assert!(parse_bytes("lots", 0).is_err());
         assert!(parse_bytes("3 parsecs", 0).is_err());
     }
+
+    #[test]
+    fn several_models_from_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |text: &str| {
+            let p = dir.path().join(format!("c{}.toml", text.len()));
+            std::fs::write(&p, text).unwrap();
+            ServeArgs {
+                config: Some(p),
+                ..Default::default()
+            }
+        };
+        let args = file("models = [\"default\", \"qwen2.5-coder-0.5b\"]\n");
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.models, ["default", "qwen2.5-coder-0.5b"]);
+        // Flags (and CANDELA_MODEL, through clap) replace the file's list.
+        let flags = ServeArgs {
+            model: vec!["qwen".into()],
+            ..args
+        };
+        assert_eq!(Config::load(&flags).unwrap().models, ["qwen"]);
+        assert_eq!(
+            Config::load(&file("model = \"qwen\"\n")).unwrap().models,
+            ["qwen"]
+        );
+        let both = file("model = \"a\"\nmodels = [\"b\"]\n");
+        assert!(Config::load(&both).is_err());
+        assert!(Config::load(&file("models = []\n")).is_err());
+        // The CLI splits a comma list into models.
+        let cli =
+            <Cli as clap::Parser>::try_parse_from(["candela", "--model", "a,b", "--model", "c"])
+                .unwrap();
+        assert_eq!(cli.serve.model, ["a", "b", "c"]);
+    }
 }

