@@ -16,13 +16,16 @@ pub struct Served {
 /// Every model this server holds, in configuration order (never empty).
 #[derive(Clone)]
 pub struct Models {
+    /// The default model, also `list[0]`.
+    default: Served,
     list: Vec<Served>,
 }
 
 impl Models {
     /// `list` must not be empty; the first entry is the default model.
     pub fn new(list: Vec<Served>) -> Option<Self> {
-        (!list.is_empty()).then_some(Self { list })
+        let default = list.first()?.clone();
+        Some(Self { default, list })
     }
 
     pub fn all(&self) -> &[Served] {
@@ -31,8 +34,7 @@ impl Models {
 
     /// The default (first) model.
     pub fn first(&self) -> &Served {
-        // `new` refuses an empty list.
-        &self.list[0]
+        &self.default
     }
 
     /// The model a request names. No name, `""` and `"default"` mean the first model;
