@@ -60,8 +60,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_PORT", global = true)]
     pub port: Option<u16>,
     /// `default`, a known model name, a .gguf path, a directory, or a hub repo id.
-    #[arg(long, env = "CANDELA_MODEL", global = true)]
-    pub model: Option<String>,
+    /// Repeat it (or give a comma-separated list) to serve several models; the first is
+    /// the default one.
+    #[arg(long, env = "CANDELA_MODEL", value_delimiter = ',', global = true)]
+    pub model: Vec<String>,
     /// Where models (and later session caches) are stored.
     #[arg(long, env = "CANDELA_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -118,13 +120,19 @@ pub struct ServeArgs {
     pub stream_idle_timeout: Option<u64>,
 }
 
+/// Models one server may hold (each has its own engine thread, weights and KV store).
+pub const MAX_MODELS: usize = 8;
+
 /// Keys accepted in the TOML file (same names as the flags, with underscores).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
+    /// One model (`model = "..."`) ...
     model: Option<String>,
+    /// ... or several (`models = ["a", "b"]`); not both.
+    models: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     ctx_size: Option<usize>,
     threads: Option<usize>,
@@ -147,7 +155,9 @@ struct FileConfig {
 pub struct Config {
     pub host: String,
     pub port: u16,
-    pub model: String,
+    /// Models to serve (known names, paths, hub repo ids); the first is the default one
+    /// that requests without `model` (or with `"default"`) get.
+    pub models: Vec<String>,
     pub data_dir: PathBuf,
     pub ctx_size: usize,
     pub threads: usize,
@@ -173,7 +183,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("host", &self.host)
             .field("port", &self.port)
-            .field("model", &self.model)
+            .field("models", &self.models)
             .field("data_dir", &self.data_dir)
             .field("ctx_size", &self.ctx_size)
             .field("threads", &self.threads)
@@ -222,11 +232,20 @@ impl Config {
                 .or(file.host)
                 .unwrap_or_else(|| "127.0.0.1".into()),
             port: args.port.or(file.port).unwrap_or(8080),
-            model: args
-                .model
-                .clone()
-                .or(file.model)
-                .unwrap_or_else(|| "default".into()),
+            models: if !args.model.is_empty() {
+                args.model.clone()
+            } else {
+                match (file.model, file.models) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Config(
+                            "give either `model` or `models` in the config file, not both".into(),
+                        ))
+                    }
+                    (Some(m), None) => vec![m],
+                    (None, Some(ms)) => ms,
+                    (None, None) => vec!["default".into()],
+                }
+            },
             kv_spill_dir: args
                 .kv_spill_dir
                 .clone()
@@ -314,7 +333,16 @@ impl Config {
         if self.threads > 1024 {
             return bad(format!("threads must be <= 1024, got {}", self.threads));
         }
-        if self.model.trim().is_empty() {
+        if self.models.is_empty() {
+            return bad("models must name at least one model".into());
+        }
+        if self.models.len() > MAX_MODELS {
+            return bad(format!(
+                "at most {MAX_MODELS} models can be served at once, got {}",
+                self.models.len()
+            ));
+        }
+        if self.models.iter().any(|m| m.trim().is_empty()) {
             return bad("model must not be empty".into());
         }
         Ok(())
@@ -373,5 +401,39 @@ mod tests {
         assert_eq!(parse_bytes("0.25", 4000).unwrap(), 1000);
         assert!(parse_bytes("lots", 0).is_err());
         assert!(parse_bytes("3 parsecs", 0).is_err());
+    }
+
+    #[test]
+    fn several_models_from_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |text: &str| {
+            let p = dir.path().join(format!("c{}.toml", text.len()));
+            std::fs::write(&p, text).unwrap();
+            ServeArgs {
+                config: Some(p),
+                ..Default::default()
+            }
+        };
+        let args = file("models = [\"default\", \"qwen2.5-coder-0.5b\"]\n");
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.models, ["default", "qwen2.5-coder-0.5b"]);
+        // Flags (and CANDELA_MODEL, through clap) replace the file's list.
+        let flags = ServeArgs {
+            model: vec!["qwen".into()],
+            ..args
+        };
+        assert_eq!(Config::load(&flags).unwrap().models, ["qwen"]);
+        assert_eq!(
+            Config::load(&file("model = \"qwen\"\n")).unwrap().models,
+            ["qwen"]
+        );
+        let both = file("model = \"a\"\nmodels = [\"b\"]\n");
+        assert!(Config::load(&both).is_err());
+        assert!(Config::load(&file("models = []\n")).is_err());
+        // The CLI splits a comma list into models.
+        let cli =
+            <Cli as clap::Parser>::try_parse_from(["candela", "--model", "a,b", "--model", "c"])
+                .unwrap();
+        assert_eq!(cli.serve.model, ["a", "b", "c"]);
     }
 }

@@ -20,18 +20,33 @@ pub use error::Error;
 
 use engine::{Engine, EngineConfig};
 
-/// The server: listener bound, engine started (loading in the background).
+/// The server: listener bound, one engine per configured model started (loading in
+/// the background).
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
-    engine: Engine,
+    engines: Vec<Engine>,
 }
 
 impl App {
     /// Bind the listener and start the engine thread. `/health` answers 503 until the
     /// model is loaded.
     pub async fn build(cfg: Config) -> Result<Self, Error> {
-        let engine = Engine::start(engine_config(&cfg));
+        let mut served: Vec<api::models::Served> = Vec::new();
+        for (i, spec) in cfg.models.iter().enumerate() {
+            let id = engine::fetch::served_id(spec);
+            if served.iter().any(|s| s.id == id) {
+                return Err(Error::Config(format!(
+                    "model `{id}` is configured twice (models: {:?})",
+                    cfg.models
+                )));
+            }
+            let engine = Engine::start(engine_config(&cfg, i));
+            served.push(api::models::Served { id, engine });
+        }
+        let engines: Vec<Engine> = served.iter().map(|s| s.engine.clone()).collect();
+        let models = api::models::Models::new(served)
+            .ok_or_else(|| Error::Config("no model configured".into()))?;
         let listener = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
         // Host/GPU probes sample in the background so a scrape never waits on them.
         metrics::probes::start(metrics::probes::DEFAULT_INTERVAL)?;
@@ -41,7 +56,7 @@ impl App {
             tracing::warn!(host = %cfg.host, "listening beyond this machine without an API key: anyone who can reach it can use it (set --api-key)");
         }
         let router = api::router(api::AppState {
-            engine: engine.clone(),
+            models,
             auth: std::sync::Arc::new(api::auth::Auth::new(&cfg.api_keys, cfg.metrics_auth)),
             limiter: api::limits::Limiter::new(cfg.max_concurrent_per_key),
             stream_idle_timeout: (cfg.stream_idle_timeout > 0)
@@ -50,7 +65,7 @@ impl App {
         Ok(Self {
             listener,
             router,
-            engine,
+            engines,
         })
     }
 
@@ -58,8 +73,23 @@ impl App {
         Ok(self.listener.local_addr()?)
     }
 
+    /// The default (first) model's engine.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        // `build` refuses an empty model list.
+        &self.engines[0]
+    }
+
+    /// Every model's engine, in configuration order.
+    pub fn engines(&self) -> &[Engine] {
+        &self.engines
+    }
+
+    /// Wait until every model is loaded (or the first failure).
+    pub async fn wait_ready(&self) -> Result<(), Error> {
+        for e in &self.engines {
+            e.wait_ready().await?;
+        }
+        Ok(())
     }
 
     /// Serve until Ctrl-C / SIGTERM, or until the model fails to load.
@@ -74,11 +104,22 @@ impl App {
         self,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let engine = self.engine.clone();
+        let engines = self.engines.clone();
         let failed = async move {
-            match engine.wait_ready().await {
-                Ok(_) => std::future::pending::<Error>().await,
-                Err(e) => Error::Engine(e),
+            // Any model failing to load stops the server, as a single one always did.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(engines.len());
+            for engine in engines {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = engine.wait_ready().await {
+                        let _ = tx.send(e).await;
+                    }
+                });
+            }
+            drop(tx);
+            match rx.recv().await {
+                Some(e) => Error::Engine(e),
+                None => std::future::pending::<Error>().await,
             }
         };
         use axum::serve::ListenerExt;
@@ -93,8 +134,8 @@ impl App {
             r = server => r.map_err(Error::Io),
             e = failed => return Err(e),
         };
-        let engine = self.engine.clone();
-        let n = tokio::task::spawn_blocking(move || engine.spill_all())
+        let engines = self.engines.clone();
+        let n = tokio::task::spawn_blocking(move || engines.iter().map(|e| e.spill_all()).sum())
             .await
             .unwrap_or(0);
         tracing::info!(sessions = n, "sessions spilled; bye");
@@ -126,17 +167,46 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
-pub fn engine_config(cfg: &Config) -> EngineConfig {
+/// The engine settings of the `index`-th configured model. With several models the KV
+/// budgets (memory and disk) are split evenly between them, so the configured totals
+/// hold; the first model spills into `kv_spill_dir` itself (a single-model setup is
+/// unchanged), every other model into `kv_spill_dir/<model id>`, so that sessions of
+/// the same name never share a file.
+pub fn engine_config(cfg: &Config, index: usize) -> EngineConfig {
+    let n = cfg.models.len().max(1);
+    let spec = cfg.models.get(index).cloned().unwrap_or_default();
+    let kv_spill_dir = if index == 0 {
+        cfg.kv_spill_dir.clone()
+    } else {
+        let id = engine::fetch::served_id(&spec);
+        let safe: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        // Never `.` or `..`: a leading dot gets an underscore before it.
+        let safe = if safe.starts_with('.') {
+            format!("_{safe}")
+        } else {
+            safe
+        };
+        cfg.kv_spill_dir.join(safe)
+    };
     EngineConfig {
-        model: cfg.model.clone(),
+        model: spec,
         data_dir: cfg.data_dir.clone(),
         ctx_size: cfg.ctx_size,
         threads: cfg.threads,
         queue_size: cfg.queue_size,
         max_batch: cfg.max_batch,
-        kv_budget: cfg.kv_budget,
-        kv_spill_dir: cfg.kv_spill_dir.clone(),
-        kv_disk_budget: cfg.kv_disk_budget,
+        kv_budget: cfg.kv_budget / n,
+        kv_spill_dir,
+        kv_disk_budget: cfg.kv_disk_budget / n as u64,
         device: cfg.device.clone(),
         kv_min_free: cfg.kv_min_free,
     }

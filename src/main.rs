@@ -35,9 +35,10 @@ async fn serve(args: &candela::config::ServeArgs) -> Result<(), candela::Error> 
     let cfg = Config::load(args)?;
     let app = App::build(cfg.clone()).await?;
     eprintln!(
-        "candela: listening on http://{} (model `{}` loading; /health turns 200 when ready)",
+        "candela: listening on http://{} (model{} `{}` loading; /health turns 200 when ready)",
         app.local_addr()?,
-        cfg.model
+        if cfg.models.len() > 1 { "s" } else { "" },
+        cfg.models.join("`, `")
     );
     app.run().await
 }
@@ -47,12 +48,15 @@ async fn fetch(
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
-    let spec = model.unwrap_or(cfg.model);
-    let dir = cfg.data_dir.clone();
-    let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
-        .await
-        .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
-    println!("{}", r.gguf.display());
+    // `candela fetch NAME`, else every configured model.
+    let specs = model.map(|m| vec![m]).unwrap_or(cfg.models);
+    for spec in specs {
+        let dir = cfg.data_dir.clone();
+        let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
+            .await
+            .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
+        println!("{}", r.gguf.display());
+    }
     Ok(())
 }
 
@@ -62,21 +66,28 @@ async fn plan(
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
-    let (spec, dir) = (cfg.model.clone(), cfg.data_dir.clone());
-    let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
-        .await
-        .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
-    let mut sys = sysinfo::System::new();
-    sys.refresh_memory();
-    let p = candela::engine::plan::plan(
-        &r.gguf,
-        &r.id,
-        kv_dtype,
-        cfg.kv_budget as u64,
-        session_tokens,
-        (sys.total_memory(), sys.available_memory()),
-    )?;
-    print!("{}", p.render());
+    let n = cfg.models.len();
+    for (i, spec) in cfg.models.iter().enumerate() {
+        let (spec, dir) = (spec.clone(), cfg.data_dir.clone());
+        let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
+            .await
+            .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        // With several models each gets an even share of the KV budget (as when serving).
+        let p = candela::engine::plan::plan(
+            &r.gguf,
+            &r.id,
+            kv_dtype,
+            (cfg.kv_budget / n) as u64,
+            session_tokens,
+            (sys.total_memory(), sys.available_memory()),
+        )?;
+        if i > 0 {
+            println!();
+        }
+        print!("{}", p.render());
+    }
     if kv_dtype != "f16" {
         println!("note: the server stores its cache as f16 today; {kv_dtype} is a what-if.");
     }

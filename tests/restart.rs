@@ -19,7 +19,7 @@ async fn start_with(spill: &std::path::Path, budget: usize, min_free: usize) -> 
     let cfg = candela::Config {
         host: "127.0.0.1".into(),
         port: 0,
-        model: common::model_path().to_string_lossy().into_owned(),
+        models: vec![common::model_path().to_string_lossy().into_owned()],
         data_dir: common::data_dir(),
         ctx_size: 2048,
         threads: 0,

@@ -17,9 +17,14 @@ It prints one table and writes the same as JSON to bench-out/peer.json.
 Every prompt is random token ids from its own seed, so no request can reuse a cached
 prefix (candela's anonymous prefix pool, llama-server's slot cache).
 
+`--n-prompt` / `--n-gen` change the 512 / 128 (the names follow: pp128, tg64);
+`--streams 0` skips the concurrent streams. `--model` takes a GGUF path or a known
+model name (`qwen2.5-coder-0.5b`), which `candela fetch` resolves to its cached file.
+
 Stdlib only. Typical use, from the repo root:
     cargo build --release
     python3 benches/peer/peer_bench.py --model /path/to/model.gguf
+    python3 benches/peer/peer_bench.py --model qwen2.5-coder-0.5b --n-prompt 128 --n-gen 64
 """
 
 import argparse
@@ -305,10 +310,10 @@ def measure_concurrent(port, prompts, streams, n_gen, extra, prompt_len):
     }
 
 
-def run_llama_bench(bin_dir, model, threads, reps):
+def run_llama_bench(bin_dir, model, threads, reps, n_prompt, n_gen):
     argv = [
         os.path.join(bin_dir, "llama-bench"),
-        "-m", model, "-t", str(threads), "-p", "512", "-n", "128",
+        "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
         "-r", str(reps), "-o", "json",
     ]
     log("running " + " ".join(argv))
@@ -316,10 +321,10 @@ def run_llama_bench(bin_dir, model, threads, reps):
     rows = json.loads(out)
     res = {}
     for row in rows:
-        if row.get("n_prompt") == 512 and row.get("n_gen") == 0:
-            res["pp512"] = row["avg_ts"]
-        elif row.get("n_gen") == 128 and row.get("n_prompt") == 0:
-            res["tg128"] = row["avg_ts"]
+        if row.get("n_prompt") == n_prompt and row.get("n_gen") == 0:
+            res[f"pp{n_prompt}"] = row["avg_ts"]
+        elif row.get("n_gen") == n_gen and row.get("n_prompt") == 0:
+            res[f"tg{n_gen}"] = row["avg_ts"]
     res["build_commit"] = rows[0].get("build_commit") if rows else None
     res["cpu_info"] = rows[0].get("cpu_info") if rows else None
     return res
@@ -329,14 +334,16 @@ def server_suite(port, prompts, args, extra):
     # One throwaway request: page in weights, spin up thread pools.
     stream_completion(port, prompts.make(16), 8, extra)
     out = {}
-    log("  pp512")
-    out["pp512"] = measure_pp(port, prompts, 512, args.reps, extra)
-    log("  tg128")
-    out["tg128"] = measure_tg(port, prompts, 128, args.reps, extra, args.short_prompt)
-    log(f"  {args.streams} concurrent streams")
-    out["concurrent"] = measure_concurrent(
-        port, prompts, args.streams, 128, extra, args.short_prompt
-    )
+    pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
+    log(f"  {pp}")
+    out[pp] = measure_pp(port, prompts, args.n_prompt, args.reps, extra)
+    log(f"  {tg}")
+    out[tg] = measure_tg(port, prompts, args.n_gen, args.reps, extra, args.short_prompt)
+    if args.streams > 0:
+        log(f"  {args.streams} concurrent streams")
+        out["concurrent"] = measure_concurrent(
+            port, prompts, args.streams, args.n_gen, extra, args.short_prompt
+        )
     return out
 
 
@@ -377,23 +384,24 @@ def build_rows(res):
             d = d[p]
         return d
 
-    c_tg = g(c, "tg128", "tok_s")
+    pp, tg = res["pp_name"], res["tg_name"]
+    c_tg = g(c, tg, "tok_s")
     rows = [
         # metric, unit, candela, llama.cpp, higher is better
-        ("pp512 tok/s (llama-bench vs candela HTTP)", "tok/s",
-         g(c, "pp512", "tok_s"), lb.get("pp512"), True),
-        ("tg128 tok/s (llama-bench vs candela HTTP)", "tok/s", c_tg, lb.get("tg128"), True),
-        ("pp512 tok/s, HTTP server", "tok/s",
-         g(c, "pp512", "tok_s"), g(ls, "pp512", "tok_s"), True),
-        ("tg128 tok/s, HTTP server", "tok/s", c_tg, g(ls, "tg128", "tok_s"), True),
+        (f"{pp} tok/s (llama-bench vs candela HTTP)", "tok/s",
+         g(c, pp, "tok_s"), lb.get(pp), True),
+        (f"{tg} tok/s (llama-bench vs candela HTTP)", "tok/s", c_tg, lb.get(tg), True),
+        (f"{pp} tok/s, HTTP server", "tok/s",
+         g(c, pp, "tok_s"), g(ls, pp, "tok_s"), True),
+        (f"{tg} tok/s, HTTP server", "tok/s", c_tg, g(ls, tg, "tok_s"), True),
         (f"{res['streams']}-stream aggregate decode tok/s", "tok/s",
          g(c, "concurrent", "aggregate_tok_s"), g(ls, "concurrent", "aggregate_tok_s"), True),
         (f"{res['streams']}-stream mean inter-token ms", "ms",
          g(c, "concurrent", "mean_itl_s"), g(ls, "concurrent", "mean_itl_s"), False),
     ]
     bound = bw / wb if bw and wb else None
-    lb_tg = lb.get("tg128")
-    rows.append(("tg128 share of bandwidth bound", "%",
+    lb_tg = lb.get(tg)
+    rows.append((f"{tg} share of bandwidth bound", "%",
                  c_tg / bound if c_tg and bound else None,
                  lb_tg / bound if lb_tg and bound else None, True))
     # Machine figures: the same for both engines, no ratio.
@@ -431,7 +439,10 @@ def print_table(res, rows, bound):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="GGUF file (default: %(default)s)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="GGUF file or known model name (default: %(default)s)")
+    ap.add_argument("--n-prompt", type=int, default=512, help="prefill length (pp)")
+    ap.add_argument("--n-gen", type=int, default=128, help="decode length (tg)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per single-stream metric")
     ap.add_argument("--streams", type=int, default=8)
@@ -446,11 +457,16 @@ def main():
     ap.add_argument("--seed", type=int, default=20240601)
     args = ap.parse_args()
 
-    model = os.path.abspath(args.model)
-    if not os.path.isfile(model):
-        sys.exit(f"model not found: {model}")
     if not os.access(args.candela, os.X_OK):
         sys.exit(f"candela binary not found: {args.candela} (run cargo build --release)")
+    model = os.path.abspath(args.model)
+    if not os.path.isfile(model):
+        # A known model name: candela fetches (or finds in its cache) and prints the path.
+        out = subprocess.run([args.candela, "fetch", args.model, "--data-dir", args.data_dir],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"model not found: {args.model}\n{out.stderr}")
+        model = out.stdout.strip().splitlines()[-1]
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     prompts = Prompts(args.seed)
@@ -462,6 +478,8 @@ def main():
         "threads": args.threads,
         "model": model,
         "streams": args.streams,
+        "pp_name": f"pp{args.n_prompt}",
+        "tg_name": f"tg{args.n_gen}",
         "reps": args.reps,
         # A busy machine slows llama.cpp's spinning thread pool more than rayon's.
         "loadavg_before": os.getloadavg()[0],
@@ -480,11 +498,12 @@ def main():
             log("llama.cpp not built yet: running build_llama_cpp.sh")
             subprocess.run([os.path.join(HERE, "build_llama_cpp.sh"), args.llama_dir],
                            check=True, stdout=subprocess.DEVNULL)
-        res["llama_bench"] = run_llama_bench(bin_dir, model, args.threads, args.reps)
+        res["llama_bench"] = run_llama_bench(bin_dir, model, args.threads, args.reps,
+                                             args.n_prompt, args.n_gen)
 
     port = free_port()
     argv = [args.candela, "--model", model, "--port", str(port), "--data-dir", args.data_dir,
-            "--threads", str(args.threads), "--max-batch", str(args.streams)]
+            "--threads", str(args.threads), "--max-batch", str(max(args.streams, 1))]
     with Server("candela", argv, port, os.path.join(out_dir, "candela.log")) as srv:
         srv.wait_ready()
         wb = metric_value(port, "candela_model_weight_bytes")
@@ -495,7 +514,8 @@ def main():
     if bin_dir:
         port = free_port()
         argv = [os.path.join(bin_dir, "llama-server"), "-m", model, "-t", str(args.threads),
-                "--parallel", str(args.streams), "-c", str(1024 * args.streams),
+                "--parallel", str(max(args.streams, 1)),
+                "-c", str(1024 * max(args.streams, 1)),
                 "--port", str(port), "--host", "127.0.0.1"]
         with Server("llama-server", argv, port, os.path.join(out_dir, "llama-server.log")) as srv:
             srv.wait_ready()

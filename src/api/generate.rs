@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::engine::grammar::Grammar;
-use crate::engine::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
+use crate::engine::{Engine, FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
 use super::auth::Principal;
 use super::error::{parse, ApiError, Json};
@@ -45,6 +45,8 @@ enum Kind {
 /// A validated request on its way to the engine.
 struct Job {
     kind: Kind,
+    /// The engine of the model the request named.
+    engine: Engine,
     id: String,
     model: String,
     prompt: Vec<u32>,
@@ -67,10 +69,10 @@ pub async fn chat(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let loaded = st.engine.loaded()?;
     let req: ChatRequest = parse(&body)?;
     let common: CommonParams = parse(&body)?;
-    validate::check_model(common.model.as_deref(), &loaded)?;
+    let engine = st.models.pick(common.model.as_deref())?.engine.clone();
+    let loaded = engine.loaded()?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = match req.top_logprobs {
         None => 0,
@@ -120,6 +122,7 @@ pub async fn chat(
     )?;
     let job = Job {
         kind: Kind::Chat,
+        engine,
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         model: loaded.info.id.clone(),
         prompt,
@@ -143,10 +146,10 @@ pub async fn completions(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let loaded = st.engine.loaded()?;
     let req: CompletionRequest = parse(&body)?;
     let common: CommonParams = parse(&body)?;
-    validate::check_model(common.model.as_deref(), &loaded)?;
+    let engine = st.models.pick(common.model.as_deref())?.engine.clone();
+    let loaded = engine.loaded()?;
     let top = match req.logprobs {
         None => None,
         Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
@@ -189,6 +192,7 @@ pub async fn completions(
     )?;
     let job = Job {
         kind: Kind::Text,
+        engine,
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         model: loaded.info.id.clone(),
         prompt,
@@ -211,7 +215,7 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
     let (tx, rx) = mpsc::unbounded_channel();
     let span =
         tracing::info_span!("generate", request_id = %job.id, prompt_tokens = job.prompt.len());
-    st.engine.submit(GenRequest {
+    job.engine.submit(GenRequest {
         prompt: job.prompt.clone(),
         max_tokens: job.max_tokens,
         sampling: job.checked.sampling.clone(),

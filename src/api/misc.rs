@@ -22,11 +22,22 @@ fn card(info: &crate::engine::ModelInfo) -> ModelCard {
     }
 }
 
+/// Every configured model, the default first. A model still loading is left out until
+/// it is ready; while none is, the answer is 503 like `/health`'s.
 pub async fn models(State(st): State<AppState>) -> Result<axum::Json<ModelList>, ApiError> {
-    let loaded = st.engine.loaded()?;
+    let data: Vec<ModelCard> = st
+        .models
+        .all()
+        .iter()
+        .filter_map(|s| s.engine.loaded().ok())
+        .map(|l| card(&l.info))
+        .collect();
+    if data.is_empty() {
+        st.models.first().engine.loaded()?;
+    }
     Ok(axum::Json(ModelList {
         object: "list",
-        data: vec![card(&loaded.info)],
+        data,
     }))
 }
 
@@ -34,29 +45,32 @@ pub async fn model(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<ModelCard>, ApiError> {
-    let loaded = st.engine.loaded()?;
-    validate::check_model(Some(&id), &loaded)?;
+    let loaded = st.models.pick(Some(&id))?.engine.loaded()?;
     Ok(axum::Json(card(&loaded.info)))
 }
 
+/// 200 once every configured model is loaded; 503 while one loads or if one failed.
 pub async fn health(State(st): State<AppState>) -> Response {
-    match st.engine.state() {
-        EngineState::Ready(l) => {
-            axum::Json(json!({"status": "ok", "model": l.info.id})).into_response()
-        }
-        EngineState::Loading => ApiError::from(crate::engine::EngineError::Loading).into_response(),
-        EngineState::Failed(e) => {
-            ApiError::from(crate::engine::EngineError::Unavailable(e)).into_response()
+    let mut ids = Vec::new();
+    for s in st.models.all() {
+        match s.engine.state() {
+            EngineState::Ready(l) => ids.push(l.info.id.clone()),
+            EngineState::Loading => {
+                return ApiError::from(crate::engine::EngineError::Loading).into_response()
+            }
+            EngineState::Failed(e) => {
+                return ApiError::from(crate::engine::EngineError::Unavailable(e)).into_response()
+            }
         }
     }
+    axum::Json(json!({"status": "ok", "model": ids.first(), "models": ids})).into_response()
 }
 
 pub async fn tokenize(
     State(st): State<AppState>,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let loaded = st.engine.loaded()?;
-    validate::check_model(req.model.as_deref(), &loaded)?;
+    let loaded = st.models.pick(req.model.as_deref())?.engine.loaded()?;
     let text = match (&req.content, &req.messages) {
         (Some(c), None) => c.clone(),
         (None, Some(m)) => loaded
@@ -84,8 +98,7 @@ pub async fn detokenize(
     State(st): State<AppState>,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let loaded = st.engine.loaded()?;
-    validate::check_model(req.model.as_deref(), &loaded)?;
+    let loaded = st.models.pick(req.model.as_deref())?.engine.loaded()?;
     if let Some(bad) = req
         .tokens
         .iter()

@@ -7,6 +7,7 @@ pub mod error;
 mod generate;
 pub mod limits;
 mod misc;
+pub mod models;
 pub mod net;
 pub mod openapi;
 mod sessions;
@@ -22,7 +23,6 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::engine::Engine;
 use crate::metrics;
 
 /// Route paths, in one place.
@@ -62,7 +62,8 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: Engine,
+    /// The served models; a request picks one by its `model` field.
+    pub models: models::Models,
     pub auth: std::sync::Arc<auth::Auth>,
     pub limiter: std::sync::Arc<limits::Limiter>,
     /// A stream whose events sit unread this long is cut and its generation cancelled.

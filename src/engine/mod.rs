@@ -177,6 +177,8 @@ pub struct GenRequest {
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
+    /// The name the model is served under (`fetch::served_id` of its spec).
+    id: Arc<str>,
     tx: mpsc::Sender<GenRequest>,
     state: watch::Receiver<EngineState>,
     queue_size: usize,
@@ -189,6 +191,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let queue_size = cfg.queue_size;
+        let id: Arc<str> = fetch::served_id(&cfg.model).into();
         let sessions = Arc::new(Mutex::new(SessionStore::new(cfg.kv_budget)));
         let store = sessions.clone();
         std::thread::Builder::new()
@@ -197,11 +200,17 @@ impl Engine {
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot spawn engine thread: {e}"));
         Self {
+            id,
             tx,
             state,
             queue_size,
             sessions,
         }
+    }
+
+    /// The name the model is served under.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, SessionStore> {
@@ -222,7 +231,7 @@ impl Engine {
         let mut st = self.store();
         st.delete(id)?;
         let (stats, delta) = st.report();
-        crate::metrics::kv_store(&stats, &delta);
+        crate::metrics::kv_store(&self.id, &stats, &delta);
         Ok(())
     }
 

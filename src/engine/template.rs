@@ -66,6 +66,83 @@ fn strftime_now(fmt: String) -> String {
         .replace("%b", &MONTHS[(m as usize - 1) % 12][..3])
 }
 
+/// `tojson` as transformers defines it for chat templates: Python's `json.dumps` with
+/// `ensure_ascii=False` — `", "` and `": "` separators, keys in insertion order, no HTML
+/// escaping (minijinja's built-in is compact and escapes `<`, `>`, `&`, `'`). Models
+/// were trained on prompts rendered this way, e.g. Qwen's tool signatures.
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut json = serde_json::to_value(&value)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    if sort_keys.unwrap_or(false) {
+        sort_json_keys(&mut json);
+    }
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&pad),
+            );
+            serde::Serialize::serialize(&json, &mut ser)
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
+            serde::Serialize::serialize(&json, &mut ser)
+        }
+    };
+    written.map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    // Safe: the output is JSON, and the template must not escape it again.
+    Ok(Value::from_safe_string(
+        String::from_utf8(out).unwrap_or_default(),
+    ))
+}
+
+fn sort_json_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.sort_keys();
+            m.values_mut().for_each(sort_json_keys);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(sort_json_keys),
+        _ => {}
+    }
+}
+
+/// Python's default `json.dumps` separators: `", "` between items, `": "` after keys.
+struct PyFormatter;
+
+impl serde_json::ser::Formatter for PyFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -88,6 +165,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::Load(format!("chat template does not parse: {e}")))?;
         Ok(Self {
@@ -174,6 +252,23 @@ mod tests {
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "").unwrap();
         assert_eq!(t.render(&[msg("user", "  x  ")], None, false).unwrap(), "x");
+    }
+
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let t = ChatTemplate::new(
+            "{{ messages[0].tool_calls | tojson }}|{{ messages[0].tool_calls | tojson(indent=2) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let mut m = msg("assistant", "");
+        m.tool_calls = Some(serde_json::json!({"z": 1, "a": ["<b>", "é"], "m": {}}));
+        let out = t.render(&[m], None, false).unwrap();
+        assert_eq!(
+            out,
+            "{\"z\": 1, \"a\": [\"<b>\", \"é\"], \"m\": {}}|{\n  \"z\": 1,\n  \"a\": [\n    \"<b>\",\n    \"é\"\n  ],\n  \"m\": {}\n}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -62,6 +63,11 @@ impl Tok {
                     .cloned()
                     .unwrap_or_default();
                 fix_pre_tokenizer(&mut t, &pre);
+                // candle gives `qwen2` Hugging Face's NFC normalizer; llama.cpp normalizes
+                // nothing for BPE vocabularies, so a decomposed "e\u{301}" keeps its two
+                // code points there. Match llama.cpp (case in llama_ref_qwen.json).
+                t.with_normalizer(None::<NormalizerWrapper>)
+                    .map_err(|e| EngineError::Load(format!("tokenizer normalizer: {e}")))?;
                 t
             }
         };
@@ -232,7 +238,9 @@ fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
 /// candle's GGUF tokenizer falls back to GPT-2's byte-level pre-tokenizer with a prefix
 /// space for pre-tokenizer names it does not know; llama.cpp adds no prefix space and
 /// splits digits one by one for `smollm`. Match llama.cpp (checked against its ids in
-/// `tests/fixtures/llama_ref.json`).
+/// `tests/fixtures/llama_ref.json`). `qwen2` keeps candle's pipeline: the same split
+/// regex as llama.cpp's (single digits, no prefix space), checked in
+/// `tests/fixtures/llama_ref_qwen.json`.
 fn fix_pre_tokenizer(t: &mut Tokenizer, pre: &str) {
     match pre {
         "qwen2" | "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => {}

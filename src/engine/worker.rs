@@ -160,9 +160,10 @@ pub(super) fn run(
         });
         tracing::info!(dir = %cfg.kv_spill_dir.display(), sessions = found, "session spill dir indexed");
     }
+    metrics::bind_model(&loaded.info.id);
     let _ = state.send(EngineState::Ready(loaded.clone()));
     let (stats, delta) = lock().report();
-    metrics::kv_store(&stats, &delta);
+    metrics::kv_store(&loaded.info.id, &stats, &delta);
     let tok = loaded.tok.clone();
     let mut seqs: Vec<Seq> = Vec::new();
     let mut sys = sysinfo::System::new();
@@ -215,7 +216,7 @@ pub(super) fn run(
                 st.checkin(s.req.session.as_deref(), s.cache);
             }
             let (stats, delta) = st.report();
-            metrics::kv_store(&stats, &delta);
+            metrics::kv_store(&loaded.info.id, &stats, &delta);
         }
     }
 }

