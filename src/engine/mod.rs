@@ -5,6 +5,7 @@
 //!
 //! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
 
+pub mod attn;
 pub mod fetch;
 pub mod model;
 pub mod plan;
