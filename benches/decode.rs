@@ -6,7 +6,7 @@ use candela::engine::model::{Model, SeqInput};
 use candela::kv::SeqCache;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 
 fn model_path() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("CANDELA_BENCH_MODEL") {
@@ -85,5 +85,54 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// Process CPU time (user + system) in seconds, from /proc (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// `CANDELA_BENCH_CPU_STEPS=N`: run N batch-1 decode steps at context 128 and print the
+/// CPU time per step next to the wall time. On a shared machine CPU time is the steadier
+/// number; run with `RAYON_NUM_THREADS=1` so that no idle worker spins into it.
+fn cpu_steps(n: usize) {
+    let model = load();
+    let mut caches = primed(&model, 1, 128);
+    let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
+    for _ in 0..n {
+        model
+            .forward(&mut [SeqInput {
+                tokens: &[1234],
+                cache: &mut caches[0],
+                all_logits: false,
+            }])
+            .unwrap();
+        caches[0].truncate(128);
+    }
+    let (cpu, wall) = (cpu_seconds() - c0, t0.elapsed().as_secs_f64());
+    println!(
+        "decode step, batch 1, ctx 128: {:.2} ms CPU, {:.2} ms wall (isa {:?})",
+        cpu * 1e3 / n as f64,
+        wall * 1e3 / n as f64,
+        candela::engine::quant::isa()
+    );
+}
+
 criterion_group!(benches, decode);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(n) = std::env::var("CANDELA_BENCH_CPU_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return cpu_steps(n);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

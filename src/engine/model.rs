@@ -433,7 +433,14 @@ impl Model {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
         }
         if self.device.is_cpu() && batch.iter().all(|s| s.cache.is_host()) {
-            return self.forward_host(batch, &spans, &ids);
+            // The whole pass runs on a pool thread: a parallel loop started from outside
+            // the pool hands off to it and sleeps on a latch (a futex round trip per
+            // loop, ~100 per decode step); from inside, the caller works along.
+            return if rayon::current_thread_index().is_some() {
+                self.forward_host(batch, &spans, &ids)
+            } else {
+                rayon::scope(|_| self.forward_host(batch, &spans, &ids))
+            };
         }
         let total = ids.len();
         let mut x = match &self.embed {

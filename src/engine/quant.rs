@@ -150,8 +150,17 @@ pub enum Isa {
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
+        // CANDELA_ISA=scalar|avx2 caps the level (for comparisons and tests).
+        let cap = std::env::var("CANDELA_ISA").unwrap_or_default();
+        if cap == "scalar" {
+            return Isa::Scalar;
+        }
         #[cfg(target_arch = "x86_64")]
         {
+            if cap == "avx2" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
                     return Isa::Avx2Vnni;
@@ -263,29 +272,36 @@ impl QWeight {
         hsum8(acc) + summs
     }
 
-    /// `R` dot products of weight row `c` (one per activation row) at the given level.
-    /// The weight block is unpacked once for all `R` rows; each row's sum is formed in
+    /// Dot products of weight rows `c..c + C` with `R` activation rows, at the given
+    /// level: `out[j][r]` is column `c + j` against row `r`. A weight block is unpacked
+    /// once for all `R` rows and an activation block loaded once for all `C` columns;
+    /// the `C * R` sums are independent chains (no FMA latency bound), each formed in
     /// exactly the order of [`QWeight::dot_lanes`].
     #[inline]
-    fn dot_rows<const R: usize>(&self, isa: Isa, c: usize, rows: [Row<'_>; R]) -> [f32; R] {
+    fn dot_tile<const R: usize, const C: usize>(
+        &self,
+        isa: Isa,
+        c: usize,
+        rows: [Row<'_>; R],
+    ) -> [[f32; R]; C] {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: `isa` comes from `isa()` (or a lower level), so the CPU has the
             // features each variant enables; shapes were checked by the caller.
             unsafe {
                 match (isa, self.kind) {
-                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot_vnni::<0, R>(c, rows),
-                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot_vnni::<1, R>(c, rows),
-                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot_vnni::<2, R>(c, rows),
-                    (Isa::Avx2, Kind::Q4_0) => return self.dot_avx2::<0, R>(c, rows),
-                    (Isa::Avx2, Kind::Q4_1) => return self.dot_avx2::<1, R>(c, rows),
-                    (Isa::Avx2, Kind::Q8_0) => return self.dot_avx2::<2, R>(c, rows),
+                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot_vnni::<0, R, C>(c, rows),
+                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot_vnni::<1, R, C>(c, rows),
+                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot_vnni::<2, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q4_0) => return self.dot_avx2::<0, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q4_1) => return self.dot_avx2::<1, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q8_0) => return self.dot_avx2::<2, R, C>(c, rows),
                     (Isa::Scalar, _) => {}
                 }
             }
         }
         let _ = isa;
-        rows.map(|r| self.dot_lanes(c, r))
+        std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
     }
 
     /// `out[r * ldo + c] = x_r · w_c` for every row `r` of `x` and column `c` of the
@@ -295,7 +311,12 @@ impl QWeight {
         self.matmul_into_isa(isa(), x, out, ldo)
     }
 
-    fn matmul_into_isa(&self, isa: Isa, x: &QActs, out: &mut [f32], ldo: usize) {
+    /// [`QWeight::matmul_into`] at a chosen level (at most [`isa()`]), for tests and benches.
+    pub fn matmul_into_isa(&self, isa: Isa, x: &QActs, out: &mut [f32], ldo: usize) {
+        assert!(
+            isa as u8 <= self::isa() as u8,
+            "{isa:?} is not supported by this CPU"
+        );
         let (m, n) = (x.m, self.n);
         assert_eq!(
             x.k, self.k,
@@ -320,31 +341,52 @@ impl QWeight {
         }
     }
 
-    /// Columns `c0..c1` for every row, in tiles of rows that stay in L1.
+    /// Columns `c0..c1` for every row, in tiles of rows that stay in L1: four rows by
+    /// two columns at a time where there are four rows, else one row by four columns.
     fn cols(&self, isa: Isa, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         const ROW_TILE: usize = 32;
+        // SAFETY (every write below): in bounds (checked in matmul_into), and the
+        // columns c0..c1 belong to this task alone.
+        let put = |r: usize, c: usize, v: f32| unsafe { out.write(r * ldo + c, v) };
         for r0 in (0..x.m).step_by(ROW_TILE) {
             let r1 = (r0 + ROW_TILE).min(x.m);
-            for c in c0..c1 {
+            let mut c = c0;
+            while c < c1 {
+                let wide = if r1 - r0 >= 4 { 2 } else { 4 };
+                let cw = if c + wide <= c1 { wide } else { 1 };
                 let mut r = r0;
                 while r + 4 <= r1 {
-                    let v = self.dot_rows::<4>(
-                        isa,
-                        c,
-                        [x.row(r), x.row(r + 1), x.row(r + 2), x.row(r + 3)],
-                    );
-                    for (i, v) in v.into_iter().enumerate() {
-                        // SAFETY: in bounds (checked in matmul_into); column c is this task's.
-                        unsafe { out.write((r + i) * ldo + c, v) };
+                    let rows = [x.row(r), x.row(r + 1), x.row(r + 2), x.row(r + 3)];
+                    if cw == 2 {
+                        let v = self.dot_tile::<4, 2>(isa, c, rows);
+                        for (j, col) in v.iter().enumerate() {
+                            for (i, &y) in col.iter().enumerate() {
+                                put(r + i, c + j, y);
+                            }
+                        }
+                    } else {
+                        let [col] = self.dot_tile::<4, 1>(isa, c, rows);
+                        for (i, &y) in col.iter().enumerate() {
+                            put(r + i, c, y);
+                        }
                     }
                     r += 4;
                 }
                 while r < r1 {
-                    let [v] = self.dot_rows::<1>(isa, c, [x.row(r)]);
-                    // SAFETY: as above.
-                    unsafe { out.write(r * ldo + c, v) };
+                    if cw == 4 {
+                        let v = self.dot_tile::<1, 4>(isa, c, [x.row(r)]);
+                        for (j, &[y]) in v.iter().enumerate() {
+                            put(r, c + j, y);
+                        }
+                    } else {
+                        for j in 0..cw {
+                            let [[y]] = self.dot_tile::<1, 1>(isa, c + j, [x.row(r)]);
+                            put(r, c + j, y);
+                        }
+                    }
                     r += 1;
                 }
+                c += cw;
             }
         }
     }
@@ -382,62 +424,75 @@ macro_rules! x86_dot {
         #[cfg(target_arch = "x86_64")]
         impl QWeight {
             #[target_feature(enable = $feat)]
-            unsafe fn $name<const K: u8, const R: usize>(
+            unsafe fn $name<const K: u8, const R: usize, const C: usize>(
                 &self,
                 c: usize,
                 rows: [Row<'_>; R],
-            ) -> [f32; R] {
+            ) -> [[f32; R]; C] {
                 use std::arch::x86_64::*;
                 let nbk = self.k / QK;
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut summs = [0f32; R];
+                let mut acc = [[_mm256_setzero_ps(); R]; C];
+                let mut summs = [[0f32; R]; C];
                 let ones = _mm256_set1_epi16(1);
                 let low = _mm256_set1_epi8(0x0F);
                 let off8 = _mm256_set1_epi8(8);
                 let qs = self.qs.as_ptr();
                 for b in 0..nbk {
-                    let wb = c * nbk + b;
-                    let dw = *self.d.get_unchecked(wb);
-                    let w = if K == 2 {
-                        _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
-                    } else {
-                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-                        if K == 0 {
-                            _mm256_sub_epi8(q, off8)
+                    let mut ws = [_mm256_setzero_si256(); C];
+                    for (j, w) in ws.iter_mut().enumerate() {
+                        let wb = (c + j) * nbk + b;
+                        *w = if K == 2 {
+                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
                         } else {
-                            q
-                        }
-                    };
-                    // Q4_1 nibbles are unsigned already; signed weights move their sign
-                    // onto the activations so that `maddubs` sees |w| (ggml's trick).
-                    let ax = if K == 1 { w } else { _mm256_sign_epi8(w, w) };
+                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                            let q =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                            if K == 0 {
+                                _mm256_sub_epi8(q, off8)
+                            } else {
+                                q
+                            }
+                        };
+                    }
                     for r in 0..R {
                         let row = rows.get_unchecked(r);
                         let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                        let sy = if K == 1 { yq } else { _mm256_sign_epi8(yq, w) };
-                        let sum = if $vnni {
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-                        } else {
-                            _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
-                        };
-                        let dd = _mm256_set1_ps(dw * *row.d.get_unchecked(b));
-                        let a = acc.get_unchecked_mut(r);
-                        *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
-                        if K == 1 {
-                            let s = summs.get_unchecked_mut(r);
-                            *s = self
-                                .m
-                                .get_unchecked(wb)
-                                .mul_add(*row.s.get_unchecked(b), *s);
+                        let dy = *row.d.get_unchecked(b);
+                        for j in 0..C {
+                            let wb = (c + j) * nbk + b;
+                            let w = ws[j];
+                            // Q4_1 nibbles are unsigned already; signed weights move their
+                            // sign onto the activations so `maddubs` sees |w| (ggml's trick).
+                            let (ax, sy) = if K == 1 {
+                                (w, yq)
+                            } else {
+                                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
+                            };
+                            let sum = if $vnni {
+                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                            } else {
+                                _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                            };
+                            let dd = _mm256_set1_ps(*self.d.get_unchecked(wb) * dy);
+                            let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                            *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                            if K == 1 {
+                                let s = summs.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *s = self
+                                    .m
+                                    .get_unchecked(wb)
+                                    .mul_add(*row.s.get_unchecked(b), *s);
+                            }
                         }
                     }
                 }
-                let mut out = [0f32; R];
-                for r in 0..R {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-                    out[r] = hsum8(lanes) + summs[r];
+                let mut out = [[0f32; R]; C];
+                for j in 0..C {
+                    for r in 0..R {
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
+                        out[j][r] = hsum8(lanes) + summs[j][r];
+                    }
                 }
                 out
             }
