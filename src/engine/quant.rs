@@ -402,7 +402,7 @@ impl QWeight {
     }
 
     /// Columns `c0..c1` for every row, in tiles of rows that stay in L1: four rows by
-    /// two columns at a time where there are four rows, else one row by four columns.
+    /// two columns at a time where there are four rows, else one row by eight columns.
     fn cols(&self, isa: Isa, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         const ROW_TILE: usize = 32;
         // SAFETY (every write below): in bounds (checked in matmul_into), and the
@@ -412,7 +412,7 @@ impl QWeight {
             let r1 = (r0 + ROW_TILE).min(x.m);
             let mut c = c0;
             while c < c1 {
-                let wide = if r1 - r0 >= 4 { 2 } else { 4 };
+                let wide = if r1 - r0 >= 4 { 2 } else { 8 };
                 let cw = if c + wide <= c1 { wide } else { 1 };
                 let mut r = r0;
                 while r + 4 <= r1 {
@@ -433,8 +433,8 @@ impl QWeight {
                     r += 4;
                 }
                 while r < r1 {
-                    if cw == 4 {
-                        let v = self.dot_tile::<1, 4>(isa, c, [x.row(r)]);
+                    if cw == 8 {
+                        let v = self.dot_tile::<1, 8>(isa, c, [x.row(r)]);
                         for (j, &[y]) in v.iter().enumerate() {
                             put(r, c + j, y);
                         }
