@@ -28,7 +28,9 @@ pub struct QWeight {
     kind: Kind,
     n: usize,
     k: usize,
-    /// Per block scale `d` (and `m` for Q4_1), as f32.
+    /// Per block scale `d` (and `m` for Q4_1), as f32, grouped by eight columns:
+    /// `[c / 8][block][c % 8]` (see [`QWeight::sc`]), so that one load gives a block's
+    /// scales for eight columns.
     d: Vec<f32>,
     m: Vec<f32>,
     /// Q4: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block (as u8).
@@ -266,19 +268,26 @@ impl QWeight {
                 nb * bsz
             );
         }
+        let nbk = k / QK;
+        let grouped = n.div_ceil(8) * 8 * nbk;
         let mut w = QWeight {
             kind,
             n,
             k,
-            d: Vec::with_capacity(nb),
-            m: Vec::new(),
+            d: vec![0.0; grouped],
+            m: if kind == Kind::Q4_1 {
+                vec![0.0; grouped]
+            } else {
+                Vec::new()
+            },
             qs: Vec::with_capacity(nb * qlen),
         };
-        for blk in raw.chunks_exact(bsz) {
-            w.d.push(f16_at(blk, 0));
+        for (i, blk) in raw.chunks_exact(bsz).enumerate() {
+            let at = w.sc(i / nbk, i % nbk);
+            w.d[at] = f16_at(blk, 0);
             let q0 = match kind {
                 Kind::Q4_1 => {
-                    w.m.push(f16_at(blk, 2));
+                    w.m[at] = f16_at(blk, 2);
                     4
                 }
                 _ => 2,
@@ -286,6 +295,12 @@ impl QWeight {
             w.qs.extend_from_slice(&blk[q0..q0 + qlen]);
         }
         Ok(Some(w))
+    }
+
+    /// Index of the scales of column `c`, block `b` in `d` and `m`.
+    #[inline(always)]
+    fn sc(&self, c: usize, b: usize) -> usize {
+        ((c / 8) * (self.k / QK) + b) * 8 + c % 8
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -320,13 +335,13 @@ impl QWeight {
                 }
             }
             let y = &x.qs[b * QK..b * QK + QK];
-            let dd = self.d[wb] * x.d[b];
+            let dd = self.d[self.sc(c, b)] * x.d[b];
             for (lane, a) in acc.iter_mut().enumerate() {
                 let s: i32 = (4 * lane..4 * lane + 4).map(|e| w[e] * y[e] as i32).sum();
                 *a = dd.mul_add(s as f32, *a);
             }
             if self.kind == Kind::Q4_1 {
-                summs = self.m[wb].mul_add(x.s[b], summs);
+                summs = self.m[self.sc(c, b)].mul_add(x.s[b], summs);
             }
         }
         hsum8(acc) + summs
@@ -362,6 +377,31 @@ impl QWeight {
         }
         let _ = isa;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
+    }
+
+    /// One activation row against columns `c..c + 8`, `c` a multiple of 8 (the scales
+    /// of those columns are one vector). Same sums as [`QWeight::dot_lanes`].
+    #[inline]
+    fn dot_row8(&self, isa: Isa, c: usize, row: Row<'_>) -> [f32; 8] {
+        debug_assert!(c.is_multiple_of(8) && c + 8 <= self.n);
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `dot_tile`; the grouped scale arrays are padded to whole
+            // groups of eight columns.
+            unsafe {
+                match (isa, self.kind) {
+                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot8_vnni::<0>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot8_vnni::<1>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot8_vnni::<2>(c, row),
+                    (Isa::Avx2, Kind::Q4_0) => return self.dot8_avx2::<0>(c, row),
+                    (Isa::Avx2, Kind::Q4_1) => return self.dot8_avx2::<1>(c, row),
+                    (Isa::Avx2, Kind::Q8_0) => return self.dot8_avx2::<2>(c, row),
+                    (Isa::Scalar, _) => {}
+                }
+            }
+        }
+        let _ = isa;
+        std::array::from_fn(|j| self.dot_lanes(c + j, row))
     }
 
     /// `out[r * ldo + c] = x_r · w_c` for every row `r` of `x` and column `c` of the
@@ -434,8 +474,8 @@ impl QWeight {
                 }
                 while r < r1 {
                     if cw == 8 {
-                        let v = self.dot_tile::<1, 8>(isa, c, [x.row(r)]);
-                        for (j, &[y]) in v.iter().enumerate() {
+                        let v = self.dot_row8(isa, c, x.row(r));
+                        for (j, &y) in v.iter().enumerate() {
                             put(r, c + j, y);
                         }
                     } else {
@@ -480,7 +520,7 @@ impl OutPtr {
 /// `vpmaddubsw` + `vpmaddwd`; the integer sums are the same (no i16 saturation is
 /// possible: |w| <= 15 or 128, |y| <= 127, so a pair sums to at most 32512).
 macro_rules! x86_dot {
-    ($name:ident, $feat:literal, $vnni:expr) => {
+    ($name:ident, $name8:ident, $feat:literal, $vnni:expr) => {
         #[cfg(target_arch = "x86_64")]
         impl QWeight {
             #[target_feature(enable = $feat)]
@@ -519,7 +559,6 @@ macro_rules! x86_dot {
                         let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
                         let dy = *row.d.get_unchecked(b);
                         for j in 0..C {
-                            let wb = (c + j) * nbk + b;
                             let w = ws[j];
                             // Q4_1 nibbles are unsigned already; signed weights move their
                             // sign onto the activations so `maddubs` sees |w| (ggml's trick).
@@ -533,14 +572,15 @@ macro_rules! x86_dot {
                             } else {
                                 _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
                             };
-                            let dd = _mm256_set1_ps(*self.d.get_unchecked(wb) * dy);
+                            let si = self.sc(c + j, b);
+                            let dd = _mm256_set1_ps(*self.d.get_unchecked(si) * dy);
                             let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
                             *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
                             if K == 1 {
                                 let s = summs.get_unchecked_mut(j).get_unchecked_mut(r);
                                 *s = self
                                     .m
-                                    .get_unchecked(wb)
+                                    .get_unchecked(si)
                                     .mul_add(*row.s.get_unchecked(b), *s);
                             }
                         }
@@ -556,12 +596,78 @@ macro_rules! x86_dot {
                 }
                 out
             }
+
+            /// One activation row against the eight columns `c..c + 8` (`c % 8 == 0`):
+            /// the eight `d_w * d_y` products and Q4_1's eight `m * s` chains are
+            /// vector lanes (the same products and FMAs as the scalar ones, per lane).
+            #[target_feature(enable = $feat)]
+            unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] {
+                use std::arch::x86_64::*;
+                let nbk = self.k / QK;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut summs = _mm256_setzero_ps();
+                let ones = _mm256_set1_epi16(1);
+                let low = _mm256_set1_epi8(0x0F);
+                let off8 = _mm256_set1_epi8(8);
+                let qs = self.qs.as_ptr();
+                for b in 0..nbk {
+                    let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                    let si = self.sc(c, b);
+                    let dd8 = _mm256_mul_ps(
+                        _mm256_loadu_ps(self.d.as_ptr().add(si)),
+                        _mm256_set1_ps(*row.d.get_unchecked(b)),
+                    );
+                    if K == 1 {
+                        summs = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(self.m.as_ptr().add(si)),
+                            _mm256_set1_ps(*row.s.get_unchecked(b)),
+                            summs,
+                        );
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let wb = (c + j) * nbk + b;
+                        let w = if K == 2 {
+                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
+                        } else {
+                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                            let q =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                            if K == 0 {
+                                _mm256_sub_epi8(q, off8)
+                            } else {
+                                q
+                            }
+                        };
+                        let (ax, sy) = if K == 1 {
+                            (w, yq)
+                        } else {
+                            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
+                        };
+                        let sum = if $vnni {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                        } else {
+                            _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                        };
+                        let dd = _mm256_permutevar8x32_ps(dd8, _mm256_set1_epi32(j as i32));
+                        *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                    }
+                }
+                let mut sm = [0f32; 8];
+                _mm256_storeu_ps(sm.as_mut_ptr(), summs);
+                let mut out = [0f32; 8];
+                for j in 0..8 {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j]);
+                    out[j] = hsum8(lanes) + sm[j];
+                }
+                out
+            }
         }
     };
 }
 
-x86_dot!(dot_avx2, "avx2,fma", false);
-x86_dot!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", true);
+x86_dot!(dot_avx2, dot8_avx2, "avx2,fma", false);
+x86_dot!(dot_vnni, dot8_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
 #[cfg(test)]
 mod tests {
