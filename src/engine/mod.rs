@@ -5,6 +5,7 @@
 //!
 //! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
 
+pub mod attn;
 pub mod constrain;
 pub mod fetch;
 pub mod grammar;

@@ -7,12 +7,14 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod host;
+
 use std::collections::HashMap;
 use std::io::{Read, Seek};
+use std::sync::Mutex;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::Embedding;
 
 use super::quant::QWeight;
 use crate::kv::{CacheLayout, SeqCache};
@@ -104,33 +106,73 @@ impl Weight {
     }
 }
 
+/// One weight matrix with its optional bias; the bias also as host floats.
 #[derive(Debug)]
 struct Linear {
     w: Weight,
-    b: Option<Tensor>,
+    b: Option<(Tensor, Vec<f32>)>,
+    /// Output width.
+    n: usize,
 }
 
-impl Linear {
+/// Projections that read the same input, run as one matrix where their types allow:
+/// Q|K|V and gate|up are concatenated at load (their rows are whole blocks), so a
+/// step does one matmul (one pass of the thread pool) instead of three or two.
+#[derive(Debug)]
+struct Proj {
+    parts: Vec<Linear>,
+}
+
+impl Proj {
+    fn width(&self) -> usize {
+        self.parts.iter().map(|p| p.n).sum()
+    }
+
+    /// `(rows, width)`: the parts' outputs side by side.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let ys = self
+            .parts
+            .iter()
+            .map(|p| {
+                let y = p.w.forward(x)?;
+                match &p.b {
+                    Some((b, _)) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if ys.len() == 1 {
+            Ok(ys.into_iter().next().expect("one part"))
+        } else {
+            Tensor::cat(&ys, 1)
         }
     }
 }
 
+/// An RMSNorm weight, on the device and as host floats.
+#[derive(Debug)]
+struct Norm {
+    t: Tensor,
+    v: Vec<f32>,
+}
+
 #[derive(Debug)]
 struct Layer {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    attn_norm: Norm,
+    /// Q, K and V (widths `n_heads*head_dim`, `n_kv_heads*head_dim` twice).
+    qkv: Proj,
+    wo: Proj,
+    ffn_norm: Norm,
+    /// Gate and up (width `2 * ffn`).
+    gate_up: Proj,
+    down: Proj,
+}
+
+/// The token embedding table: host floats on the CPU, a device tensor elsewhere.
+#[derive(Debug)]
+enum Embed {
+    Host(Vec<f32>),
+    Dev(Tensor),
 }
 
 /// One sequence's share of a forward pass.
@@ -146,13 +188,17 @@ pub struct SeqInput<'a> {
 #[derive(Debug)]
 pub struct Model {
     pub config: ModelConfig,
-    embed: Embedding,
+    embed: Embed,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Norm,
     output: Weight,
     cos: Tensor,
     sin: Tensor,
+    /// `cos`/`sin` as host floats, `(ctx, head_dim / 2)`.
+    rope_host: (Vec<f32>, Vec<f32>),
     device: Device,
+    /// Reused buffers of the CPU path.
+    scratch: Mutex<host::Scratch>,
     /// Bytes of the weights as stored (quantized).
     pub weight_bytes: usize,
     pub ctx_size: usize,
@@ -178,15 +224,81 @@ impl<R: Read + Seek> Loader<'_, R> {
     fn dense(&mut self, name: &str) -> Result<Tensor> {
         self.qtensor(name)?.dequantize(self.device)
     }
-    fn linear(&mut self, name: &str) -> Result<Linear> {
-        let w = Weight::new(self.qtensor(&format!("{name}.weight"))?, self.dequantize)?;
+    fn norm(&mut self, name: &str) -> Result<Norm> {
+        let t = self.dense(name)?;
+        let v = t.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Norm { t, v })
+    }
+    fn bias(&mut self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
         let bias = format!("{name}.bias");
-        let b = if self.has(&bias) {
-            Some(self.dense(&bias)?)
+        if !self.has(&bias) {
+            return Ok(None);
+        }
+        let v: Vec<f32> = self.dense(&bias)?.to_dtype(DType::F32)?.to_vec1()?;
+        if v.len() != n {
+            candle_core::bail!("{bias} has {} values, expected {n}", v.len());
+        }
+        Ok(Some(v))
+    }
+    fn linear_from(&self, t: QTensor, bias: Option<Vec<f32>>) -> Result<Linear> {
+        let n = t.shape().dims2()?.0;
+        let w = Weight::new(t, self.dequantize)?;
+        let b = match bias {
+            Some(v) => Some((Tensor::from_slice(&v, n, self.device)?, v)),
+            None => None,
+        };
+        Ok(Linear { w, b, n })
+    }
+    /// The projections `names` (which read the same input) as one matrix when they
+    /// share a block type and input width, else side by side.
+    fn proj(&mut self, names: &[String]) -> Result<Proj> {
+        let mut ts = Vec::new();
+        let mut biases = Vec::new();
+        for name in names {
+            let t = self.qtensor(&format!("{name}.weight"))?;
+            let n = t.shape().dims2()?.0;
+            biases.push((self.bias(name, n)?, n));
+            ts.push(t);
+        }
+        let dims: Vec<(usize, usize)> = ts
+            .iter()
+            .map(|t| t.shape().dims2())
+            .collect::<Result<_>>()?;
+        let dtype = ts[0].dtype();
+        let blocky = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let same = ts.iter().all(|t| t.dtype() == dtype) && dims.iter().all(|d| d.1 == dims[0].1);
+        if ts.len() == 1 || !same || !blocky {
+            let parts = ts
+                .into_iter()
+                .zip(biases)
+                .map(|(t, (b, _))| self.linear_from(t, b))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Proj { parts });
+        }
+        // Rows are whole blocks, so the row-major block data concatenates as it is.
+        let mut raw = Vec::new();
+        for t in &ts {
+            raw.extend_from_slice(&t.data()?);
+        }
+        let n = dims.iter().map(|d| d.0).sum();
+        let cat = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &raw,
+            vec![n, dims[0].1],
+            self.device,
+        )?;
+        let bias = if biases.iter().any(|(b, _)| b.is_some()) {
+            let mut v = Vec::with_capacity(n);
+            for (b, w) in biases {
+                v.extend(b.unwrap_or_else(|| vec![0.0; w]));
+            }
+            Some(v)
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Proj {
+            parts: vec![self.linear_from(cat, bias)?],
+        })
     }
 }
 
@@ -228,30 +340,42 @@ impl Model {
             dequantize,
         };
         let embed_q = ld.qtensor("token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, config.hidden);
+        let table = embed_q.dequantize(device)?.to_dtype(DType::F32)?;
+        let embed = if device.is_cpu() {
+            Embed::Host(table.flatten_all()?.to_vec1()?)
+        } else {
+            Embed::Dev(table)
+        };
         let output = if ld.has("output.weight") {
             Weight::new(ld.qtensor("output.weight")?, dequantize)?
         } else {
             // Tied embeddings: the quantized table doubles as the output projection.
             Weight::new(embed_q, dequantize)?
         };
-        let norm = ld.dense("output_norm.weight")?;
+        let norm = ld.norm("output_norm.weight")?;
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let p = format!("blk.{i}");
-            layers.push(Layer {
-                attn_norm: ld.dense(&format!("{p}.attn_norm.weight"))?,
-                wq: ld.linear(&format!("{p}.attn_q"))?,
-                wk: ld.linear(&format!("{p}.attn_k"))?,
-                wv: ld.linear(&format!("{p}.attn_v"))?,
-                wo: ld.linear(&format!("{p}.attn_output"))?,
-                ffn_norm: ld.dense(&format!("{p}.ffn_norm.weight"))?,
-                gate: ld.linear(&format!("{p}.ffn_gate"))?,
-                up: ld.linear(&format!("{p}.ffn_up"))?,
-                down: ld.linear(&format!("{p}.ffn_down"))?,
-            });
+            let names =
+                |xs: &[&str]| -> Vec<String> { xs.iter().map(|x| format!("{p}.{x}")).collect() };
+            let layer = Layer {
+                attn_norm: ld.norm(&format!("{p}.attn_norm.weight"))?,
+                qkv: ld.proj(&names(&["attn_q", "attn_k", "attn_v"]))?,
+                wo: ld.proj(&names(&["attn_output"]))?,
+                ffn_norm: ld.norm(&format!("{p}.ffn_norm.weight"))?,
+                gate_up: ld.proj(&names(&["ffn_gate", "ffn_up"]))?,
+                down: ld.proj(&names(&["ffn_down"]))?,
+            };
+            let want = config.head_dim * (config.n_heads + 2 * config.n_kv_heads);
+            if layer.qkv.width() != want || !layer.gate_up.width().is_multiple_of(2) {
+                candle_core::bail!("{p}: unexpected projection shapes");
+            }
+            layers.push(layer);
         }
-        let (cos, sin) = rope_tables(config.head_dim, config.rope_base, ctx_size, device)?;
+        let (cos_v, sin_v) = rope_tables(config.head_dim, config.rope_base, ctx_size);
+        let half = config.head_dim / 2;
+        let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
+        let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
         Ok(Self {
             weight_bytes: ld.bytes,
             config,
@@ -261,7 +385,9 @@ impl Model {
             output,
             cos,
             sin,
+            rope_host: (cos_v, sin_v),
             device: device.clone(),
+            scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
         })
     }
@@ -303,19 +429,45 @@ impl Model {
             spans.push((ids.len(), s.tokens.len(), pos));
             ids.extend_from_slice(s.tokens);
         }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
+        }
+        if self.device.is_cpu() && batch.iter().all(|s| s.cache.is_host()) {
+            // The whole pass runs on a pool thread: a parallel loop started from outside
+            // the pool hands off to it and sleeps on a latch (a futex round trip per
+            // loop, ~100 per decode step); from inside, the caller works along.
+            return if rayon::current_thread_index().is_some() {
+                self.forward_host(batch, &spans, &ids)
+            } else {
+                rayon::scope(|_| self.forward_host(batch, &spans, &ids))
+            };
+        }
         let total = ids.len();
-        let ids = Tensor::from_vec(ids, total, &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
+        let mut x = match &self.embed {
+            Embed::Dev(table) => {
+                table.index_select(&Tensor::from_vec(ids, total, &self.device)?, 0)?
+            }
+            Embed::Host(table) => {
+                let h = cfg.hidden;
+                let mut rows = Vec::with_capacity(total * h);
+                for &t in &ids {
+                    rows.extend_from_slice(&table[t as usize * h..(t as usize + 1) * h]);
+                }
+                Tensor::from_vec(rows, (total, h), &self.device)?
+            }
+        };
         let masks = spans
             .iter()
             .map(|&(_, n, pos)| self.mask(n, pos, cfg.n_heads / cfg.n_kv_heads))
             .collect::<Result<Vec<_>>>()?;
         let eps = cfg.rms_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm.t, eps)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let (nq, nkv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+            let q = qkv.narrow(1, 0, nq)?;
+            let k = qkv.narrow(1, nq, nkv)?;
+            let v = qkv.narrow(1, nq + nkv, nkv)?;
             let mut ys = Vec::with_capacity(batch.len());
             for (si, s) in batch.iter_mut().enumerate() {
                 let (off, n, pos) = spans[si];
@@ -337,9 +489,11 @@ impl Model {
                 Tensor::cat(&ys, 0)?
             };
             x = (layer.wo.forward(&y)? + &x)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let u = layer.up.forward(&h)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm.t, eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let ffn = gu.dim(1)? / 2;
+            let g = candle_nn::ops::silu(&gu.narrow(1, 0, ffn)?)?;
+            let u = gu.narrow(1, ffn, ffn)?;
             x = (layer.down.forward(&(g * u)?)? + &x)?;
         }
         // Only the rows whose logits are wanted go through the norm and the vocab matmul.
@@ -354,7 +508,7 @@ impl Model {
         }
         let nrows = rows.len();
         let sel = x.index_select(&Tensor::from_vec(rows, nrows, &self.device)?, 0)?;
-        let h = candle_nn::ops::rms_norm(&sel, &self.norm, eps)?;
+        let h = candle_nn::ops::rms_norm(&sel, &self.norm.t, eps)?;
         let logits = self.output.forward(&h)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
@@ -437,23 +591,24 @@ impl Model {
     }
 }
 
-fn rope_tables(dim: usize, base: f32, ctx: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f64> = (0..dim / 2)
-        .map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / dim as f64))
-        .collect();
+/// Rotary tables `(ctx, dim / 2)` of cos and sin, row-major, computed the way ggml's
+/// rope cache computes them: the angle of pair `i` at position `p` is `p` times
+/// `base^(-2/dim)` applied `i` times in f32, then f32 `cos`/`sin`. (Angles computed in
+/// f64 differ in the last bits at high positions; llama.cpp's greedy outputs are
+/// followed further with ggml's.)
+fn rope_tables(dim: usize, base: f32, ctx: usize) -> (Vec<f32>, Vec<f32>) {
+    let theta_scale = base.powf(-2.0 / dim as f32);
     let mut cos = Vec::with_capacity(ctx * dim / 2);
     let mut sin = Vec::with_capacity(ctx * dim / 2);
     for p in 0..ctx {
-        for f in &inv {
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+        let mut theta = p as f32;
+        for _ in 0..dim / 2 {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (ctx, dim / 2), device)?,
-        Tensor::from_vec(sin, (ctx, dim / 2), device)?,
-    ))
+    (cos, sin)
 }
 
 /// GGUF metadata as plain strings/numbers, for the tokenizer and the chat template.

@@ -28,7 +28,9 @@ pub struct QWeight {
     kind: Kind,
     n: usize,
     k: usize,
-    /// Per block scale `d` (and `m` for Q4_1), as f32.
+    /// Per block scale `d` (and `m` for Q4_1), as f32, grouped by eight columns:
+    /// `[c / 8][block][c % 8]` (see [`QWeight::sc`]), so that one load gives a block's
+    /// scales for eight columns.
     d: Vec<f32>,
     m: Vec<f32>,
     /// Q4: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block (as u8).
@@ -46,43 +48,198 @@ fn hsum8(l: [f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// Activations of one row quantized to 8 bits per block.
-pub struct QRow {
+/// Rows of activations quantized to 8 bits per block (ggml's Q8_0/Q8_1 for the x86
+/// path), reused between calls so that a decode step allocates nothing once warm.
+#[derive(Debug, Default)]
+pub struct QActs {
+    k: usize,
+    m: usize,
     d: Vec<f32>,
     /// `d * sum(qs)` rounded to f16 (only used against Q4_1).
     s: Vec<f32>,
     qs: Vec<i8>,
 }
 
-/// ggml's `quantize_row_q8_0`/`q8_1` (x86 flavour).
-pub fn quantize_row(x: &[f32]) -> QRow {
+/// One quantized row, borrowed from [`QActs`].
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    qs: &'a [i8],
+}
+
+/// ggml's `quantize_row_q8_0`/`q8_1` (x86 flavour) of one row into the given slices.
+fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: AVX2 and FMA are present at any level above Scalar; slices are sized
+        // by the caller (`x`: nb*32, `d`/`s`: nb, `qs`: nb*32).
+        return unsafe { quantize_avx2(x, d, s, qs) };
+    }
+    quantize_scalar(x, d, s, qs)
+}
+
+/// The same with AVX2, as ggml's x86 code does it: every step is exact (max, products
+/// by one factor, round-half-even, integer sums), so it equals the scalar path bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+    use std::arch::x86_64::*;
     let nb = x.len() / QK;
-    let mut out = QRow {
-        d: Vec::with_capacity(nb),
-        s: Vec::with_capacity(nb),
-        qs: vec![0; nb * QK],
-    };
+    assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
+    let sign = _mm256_set1_ps(-0.0);
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        let dv = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mul = _mm256_set1_ps(id);
+        let mut sum = _mm256_setzero_si256();
+        let mut q = [0i32; QK];
+        for (i, vi) in v.iter().enumerate() {
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(*vi, mul),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let qi = _mm256_cvtps_epi32(r);
+            sum = _mm256_add_epi32(sum, qi);
+            _mm256_storeu_si256(q.as_mut_ptr().add(i * 8) as *mut __m256i, qi);
+        }
+        for (dst, &v) in qs[b * QK..b * QK + QK].iter_mut().zip(&q) {
+            *dst = v as i8;
+        }
+        let mut sl = [0i32; 8];
+        _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum);
+        let total: i32 = sl.iter().sum();
+        d[b] = f16::from_f32(dv).to_f32();
+        s[b] = f16::from_f32(dv * total as f32).to_f32();
+    }
+}
+
+/// Portable reference of [`quantize_into`].
+fn quantize_scalar(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
     for (b, xs) in x.chunks_exact(QK).enumerate() {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
+        let dv = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
-        for (j, v) in xs.iter().enumerate() {
-            let q = (v * id).round_ties_even() as i32;
-            out.qs[b * QK + j] = q as i8;
-            sum += q;
+        for (q, v) in qs[b * QK..b * QK + QK].iter_mut().zip(xs) {
+            let qv = (v * id).round_ties_even() as i32;
+            *q = qv as i8;
+            sum += qv;
         }
-        out.d.push(f16::from_f32(d).to_f32());
-        out.s.push(f16::from_f32(d * sum as f32).to_f32());
+        d[b] = f16::from_f32(dv).to_f32();
+        s[b] = f16::from_f32(dv * sum as f32).to_f32();
     }
-    out
 }
+
+impl QActs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Quantize `x`, `m` rows of `k` values (`k` a multiple of 32), replacing the contents.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        assert!(
+            k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+            "QActs::quantize: bad shape"
+        );
+        let m = x.len() / k;
+        let nb = k / QK;
+        self.k = k;
+        self.m = m;
+        self.d.resize(m * nb, 0.0);
+        self.s.resize(m * nb, 0.0);
+        self.qs.resize(m * k, 0);
+        let work = self
+            .d
+            .chunks_mut(nb)
+            .zip(self.s.chunks_mut(nb))
+            .zip(self.qs.chunks_mut(k))
+            .zip(x.chunks(k));
+        if m >= 16 {
+            work.par_bridge()
+                .for_each(|(((d, s), q), x)| quantize_into(x, d, s, q));
+        } else {
+            work.for_each(|(((d, s), q), x)| quantize_into(x, d, s, q));
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.k / QK;
+        Row {
+            d: &self.d[r * nb..(r + 1) * nb],
+            s: &self.s[r * nb..(r + 1) * nb],
+            qs: &self.qs[r * self.k..(r + 1) * self.k],
+        }
+    }
+}
+
+/// Quantize one row (tests and references).
+pub fn quantize_row(x: &[f32]) -> QActs {
+    let mut a = QActs::new();
+    a.quantize(x, x.len());
+    a
+}
+
+/// Instruction-set level of the kernels, detected once at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX2 + FMA with 256-bit VNNI (`vpdpbusd`, from AVX512-VNNI+VL or AVX-VNNI).
+    Avx2Vnni,
+}
+
+/// The best level this CPU supports.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        // CANDELA_ISA=scalar|avx2 caps the level (for comparisons and tests).
+        let cap = std::env::var("CANDELA_ISA").unwrap_or_default();
+        if cap == "scalar" {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if cap == "avx2" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    return Isa::Avx2Vnni;
+                }
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Output pointer shared by the tasks of one matmul; each task writes its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (distinct columns) and the owner outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 impl QWeight {
     /// Repack a GGUF tensor; None for types these kernels do not cover.
@@ -111,19 +268,26 @@ impl QWeight {
                 nb * bsz
             );
         }
+        let nbk = k / QK;
+        let grouped = n.div_ceil(8) * 8 * nbk;
         let mut w = QWeight {
             kind,
             n,
             k,
-            d: Vec::with_capacity(nb),
-            m: Vec::new(),
+            d: vec![0.0; grouped],
+            m: if kind == Kind::Q4_1 {
+                vec![0.0; grouped]
+            } else {
+                Vec::new()
+            },
             qs: Vec::with_capacity(nb * qlen),
         };
-        for blk in raw.chunks_exact(bsz) {
-            w.d.push(f16_at(blk, 0));
+        for (i, blk) in raw.chunks_exact(bsz).enumerate() {
+            let at = w.sc(i / nbk, i % nbk);
+            w.d[at] = f16_at(blk, 0);
             let q0 = match kind {
                 Kind::Q4_1 => {
-                    w.m.push(f16_at(blk, 2));
+                    w.m[at] = f16_at(blk, 2);
                     4
                 }
                 _ => 2,
@@ -133,29 +297,22 @@ impl QWeight {
         Ok(Some(w))
     }
 
+    /// Index of the scales of column `c`, block `b` in `d` and `m`.
+    #[inline(always)]
+    fn sc(&self, c: usize, b: usize) -> usize {
+        ((c / 8) * (self.k / QK) + b) * 8 + c % 8
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
 
-    /// Dot product of weight row `c` with a quantized activation row, summed exactly as
-    /// ggml's AVX2 kernels sum it: eight f32 lanes (lane i takes block elements 4i..4i+3),
-    /// each block added with a fused multiply-add, then a fixed horizontal sum; Q4_1's
-    /// `m * s` terms go into a separate scalar. The AVX2 path and the scalar path below
-    /// produce bit-identical results (tested).
-    #[inline]
-    fn dot(&self, c: usize, x: &QRow) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_avx2() {
-                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                return unsafe { self.dot_avx2(c, x) };
-            }
-        }
-        self.dot_lanes(c, x)
-    }
-
-    /// Portable reference with the same lane structure and rounding as the AVX2 path.
-    fn dot_lanes(&self, c: usize, x: &QRow) -> f32 {
+    /// Portable reference of one dot product (weight row `c` with one activation row),
+    /// with the lane structure and rounding of ggml's AVX2 kernels: eight f32 lanes
+    /// (lane i takes block elements 4i..4i+3), each block added with a fused
+    /// multiply-add, then a fixed horizontal sum; Q4_1's `m * s` terms go into a
+    /// separate scalar. The SIMD paths produce bit-identical results (tested).
+    fn dot_lanes(&self, c: usize, x: Row<'_>) -> f32 {
         let nbk = self.k / QK;
         let mut acc = [0f32; 8];
         let mut summs = 0f32;
@@ -178,56 +335,160 @@ impl QWeight {
                 }
             }
             let y = &x.qs[b * QK..b * QK + QK];
-            let dd = self.d[wb] * x.d[b];
+            let dd = self.d[self.sc(c, b)] * x.d[b];
             for (lane, a) in acc.iter_mut().enumerate() {
                 let s: i32 = (4 * lane..4 * lane + 4).map(|e| w[e] * y[e] as i32).sum();
                 *a = dd.mul_add(s as f32, *a);
             }
             if self.kind == Kind::Q4_1 {
-                summs = self.m[wb].mul_add(x.s[b], summs);
+                summs = self.m[self.sc(c, b)].mul_add(x.s[b], summs);
             }
         }
         hsum8(acc) + summs
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_avx2(&self, c: usize, x: &QRow) -> f32 {
-        use std::arch::x86_64::*;
-        let nbk = self.k / QK;
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let off8 = _mm256_set1_epi8(8);
-        for b in 0..nbk {
-            let wb = c * nbk + b;
-            let yq = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
-            let dd = _mm256_set1_ps(self.d[wb] * x.d[b]);
-            let (ax, sy) = match self.kind {
-                Kind::Q4_1 | Kind::Q4_0 => {
-                    let t = _mm_loadu_si128(self.qs.as_ptr().add(wb * 16) as *const __m128i);
-                    let bytes = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-                    let q = _mm256_and_si256(bytes, low);
-                    if self.kind == Kind::Q4_1 {
-                        summs = self.m[wb].mul_add(x.s[b], summs);
-                        (q, yq)
-                    } else {
-                        let q = _mm256_sub_epi8(q, off8);
-                        (_mm256_sign_epi8(q, q), _mm256_sign_epi8(yq, q))
-                    }
+    /// Dot products of weight rows `c..c + C` with `R` activation rows, at the given
+    /// level: `out[j][r]` is column `c + j` against row `r`. A weight block is unpacked
+    /// once for all `R` rows and an activation block loaded once for all `C` columns;
+    /// the `C * R` sums are independent chains (no FMA latency bound), each formed in
+    /// exactly the order of [`QWeight::dot_lanes`].
+    #[inline]
+    fn dot_tile<const R: usize, const C: usize>(
+        &self,
+        isa: Isa,
+        c: usize,
+        rows: [Row<'_>; R],
+    ) -> [[f32; R]; C] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `isa` comes from `isa()` (or a lower level), so the CPU has the
+            // features each variant enables; shapes were checked by the caller.
+            unsafe {
+                match (isa, self.kind) {
+                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot_vnni::<0, R, C>(c, rows),
+                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot_vnni::<1, R, C>(c, rows),
+                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot_vnni::<2, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q4_0) => return self.dot_avx2::<0, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q4_1) => return self.dot_avx2::<1, R, C>(c, rows),
+                    (Isa::Avx2, Kind::Q8_0) => return self.dot_avx2::<2, R, C>(c, rows),
+                    (Isa::Scalar, _) => {}
                 }
-                Kind::Q8_0 => {
-                    let q = _mm256_loadu_si256(self.qs.as_ptr().add(wb * QK) as *const __m256i);
-                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(yq, q))
-                }
-            };
-            let pairs = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy));
-            acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(pairs), acc);
+            }
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        hsum8(lanes) + summs
+        let _ = isa;
+        std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
+    }
+
+    /// One activation row against columns `c..c + 8`, `c` a multiple of 8 (the scales
+    /// of those columns are one vector). Same sums as [`QWeight::dot_lanes`].
+    #[inline]
+    fn dot_row8(&self, isa: Isa, c: usize, row: Row<'_>) -> [f32; 8] {
+        debug_assert!(c.is_multiple_of(8) && c + 8 <= self.n);
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `dot_tile`; the grouped scale arrays are padded to whole
+            // groups of eight columns.
+            unsafe {
+                match (isa, self.kind) {
+                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot8_vnni::<0>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot8_vnni::<1>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot8_vnni::<2>(c, row),
+                    (Isa::Avx2, Kind::Q4_0) => return self.dot8_avx2::<0>(c, row),
+                    (Isa::Avx2, Kind::Q4_1) => return self.dot8_avx2::<1>(c, row),
+                    (Isa::Avx2, Kind::Q8_0) => return self.dot8_avx2::<2>(c, row),
+                    (Isa::Scalar, _) => {}
+                }
+            }
+        }
+        let _ = isa;
+        std::array::from_fn(|j| self.dot_lanes(c + j, row))
+    }
+
+    /// `out[r * ldo + c] = x_r · w_c` for every row `r` of `x` and column `c` of the
+    /// weight. Columns are split across the thread pool; each task runs all rows over
+    /// its columns, so a weight row is read from memory once per call.
+    pub fn matmul_into(&self, x: &QActs, out: &mut [f32], ldo: usize) {
+        self.matmul_into_isa(isa(), x, out, ldo)
+    }
+
+    /// [`QWeight::matmul_into`] at a chosen level (at most [`isa()`]), for tests and benches.
+    pub fn matmul_into_isa(&self, isa: Isa, x: &QActs, out: &mut [f32], ldo: usize) {
+        assert!(
+            isa as u8 <= self::isa() as u8,
+            "{isa:?} is not supported by this CPU"
+        );
+        let (m, n) = (x.m, self.n);
+        assert_eq!(
+            x.k, self.k,
+            "matmul: activation width differs from the weight's"
+        );
+        assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
+        if m == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = n.div_ceil(threads * 4).next_multiple_of(8);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let tasks = n.div_ceil(chunk);
+        let run = |ci: usize| {
+            let c0 = ci * chunk;
+            self.cols(isa, x, c0, (c0 + chunk).min(n), ptr, ldo);
+        };
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Columns `c0..c1` for every row, in tiles of rows that stay in L1: four rows by
+    /// two columns at a time where there are four rows, else one row by eight columns.
+    fn cols(&self, isa: Isa, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
+        const ROW_TILE: usize = 32;
+        // SAFETY (every write below): in bounds (checked in matmul_into), and the
+        // columns c0..c1 belong to this task alone.
+        let put = |r: usize, c: usize, v: f32| unsafe { out.write(r * ldo + c, v) };
+        for r0 in (0..x.m).step_by(ROW_TILE) {
+            let r1 = (r0 + ROW_TILE).min(x.m);
+            let mut c = c0;
+            while c < c1 {
+                let wide = if r1 - r0 >= 4 { 2 } else { 8 };
+                let cw = if c + wide <= c1 { wide } else { 1 };
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let rows = [x.row(r), x.row(r + 1), x.row(r + 2), x.row(r + 3)];
+                    if cw == 2 {
+                        let v = self.dot_tile::<4, 2>(isa, c, rows);
+                        for (j, col) in v.iter().enumerate() {
+                            for (i, &y) in col.iter().enumerate() {
+                                put(r + i, c + j, y);
+                            }
+                        }
+                    } else {
+                        let [col] = self.dot_tile::<4, 1>(isa, c, rows);
+                        for (i, &y) in col.iter().enumerate() {
+                            put(r + i, c, y);
+                        }
+                    }
+                    r += 4;
+                }
+                while r < r1 {
+                    if cw == 8 {
+                        let v = self.dot_row8(isa, c, x.row(r));
+                        for (j, &y) in v.iter().enumerate() {
+                            put(r, c + j, y);
+                        }
+                    } else {
+                        for j in 0..cw {
+                            let [[y]] = self.dot_tile::<1, 1>(isa, c + j, [x.row(r)]);
+                            put(r, c + j, y);
+                        }
+                    }
+                    r += 1;
+                }
+                c += cw;
+            }
+        }
     }
 
     /// `x (m, k)` times the transposed weight: `(m, n)`.
@@ -237,33 +498,176 @@ impl QWeight {
             candle_core::bail!("matmul: input has {k} columns, weight expects {}", self.k);
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let rows: Vec<QRow> = xs.par_chunks(k).map(quantize_row).collect();
-        let n = self.n;
-        let mut out = vec![0f32; m * n];
-        // Columns are split across threads; each task runs all rows so a weight row is
-        // read once per matmul, not once per activation row.
-        const COLS: usize = 64;
-        let mut col_major = vec![0f32; m * n];
-        col_major
-            .par_chunks_mut(COLS * m)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                let c0 = ci * COLS;
-                let ncols = chunk.len() / m;
-                for dc in 0..ncols {
-                    for (r, row) in rows.iter().enumerate() {
-                        chunk[dc * m + r] = self.dot(c0 + dc, row);
-                    }
-                }
-            });
-        for c in 0..n {
-            for r in 0..m {
-                out[r * n + c] = col_major[c * m + r];
-            }
-        }
-        Tensor::from_vec(out, (m, n), x.device())
+        let mut acts = QActs::new();
+        acts.quantize(&xs, k);
+        let mut out = vec![0f32; m * self.n];
+        self.matmul_into(&acts, &mut out, self.n);
+        Tensor::from_vec(out, (m, self.n), x.device())
     }
 }
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is inside the output slice and no other task writes it.
+    #[inline]
+    unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// The x86 kernels: `K` is the weight kind (0 Q4_0, 1 Q4_1, 2 Q8_0), `R` the number of
+/// activation rows sharing one unpacked weight block. With VNNI one `vpdpbusd` replaces
+/// `vpmaddubsw` + `vpmaddwd`; the integer sums are the same (no i16 saturation is
+/// possible: |w| <= 15 or 128, |y| <= 127, so a pair sums to at most 32512).
+macro_rules! x86_dot {
+    ($name:ident, $name8:ident, $feat:literal, $vnni:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        impl QWeight {
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const K: u8, const R: usize, const C: usize>(
+                &self,
+                c: usize,
+                rows: [Row<'_>; R],
+            ) -> [[f32; R]; C] {
+                use std::arch::x86_64::*;
+                let nbk = self.k / QK;
+                let mut acc = [[_mm256_setzero_ps(); R]; C];
+                let mut summs = [[0f32; R]; C];
+                let ones = _mm256_set1_epi16(1);
+                let low = _mm256_set1_epi8(0x0F);
+                let off8 = _mm256_set1_epi8(8);
+                let qs = self.qs.as_ptr();
+                for b in 0..nbk {
+                    let mut ws = [_mm256_setzero_si256(); C];
+                    for (j, w) in ws.iter_mut().enumerate() {
+                        let wb = (c + j) * nbk + b;
+                        *w = if K == 2 {
+                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
+                        } else {
+                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                            let q =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                            if K == 0 {
+                                _mm256_sub_epi8(q, off8)
+                            } else {
+                                q
+                            }
+                        };
+                    }
+                    for r in 0..R {
+                        let row = rows.get_unchecked(r);
+                        let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                        let dy = *row.d.get_unchecked(b);
+                        for j in 0..C {
+                            let w = ws[j];
+                            // Q4_1 nibbles are unsigned already; signed weights move their
+                            // sign onto the activations so `maddubs` sees |w| (ggml's trick).
+                            let (ax, sy) = if K == 1 {
+                                (w, yq)
+                            } else {
+                                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
+                            };
+                            let sum = if $vnni {
+                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                            } else {
+                                _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                            };
+                            let si = self.sc(c + j, b);
+                            let dd = _mm256_set1_ps(*self.d.get_unchecked(si) * dy);
+                            let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                            *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                            if K == 1 {
+                                let s = summs.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *s = self
+                                    .m
+                                    .get_unchecked(si)
+                                    .mul_add(*row.s.get_unchecked(b), *s);
+                            }
+                        }
+                    }
+                }
+                let mut out = [[0f32; R]; C];
+                for j in 0..C {
+                    for r in 0..R {
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
+                        out[j][r] = hsum8(lanes) + summs[j][r];
+                    }
+                }
+                out
+            }
+
+            /// One activation row against the eight columns `c..c + 8` (`c % 8 == 0`):
+            /// the eight `d_w * d_y` products and Q4_1's eight `m * s` chains are
+            /// vector lanes (the same products and FMAs as the scalar ones, per lane).
+            #[target_feature(enable = $feat)]
+            unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] {
+                use std::arch::x86_64::*;
+                let nbk = self.k / QK;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut summs = _mm256_setzero_ps();
+                let ones = _mm256_set1_epi16(1);
+                let low = _mm256_set1_epi8(0x0F);
+                let off8 = _mm256_set1_epi8(8);
+                let qs = self.qs.as_ptr();
+                for b in 0..nbk {
+                    let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                    let si = self.sc(c, b);
+                    let dd8 = _mm256_mul_ps(
+                        _mm256_loadu_ps(self.d.as_ptr().add(si)),
+                        _mm256_set1_ps(*row.d.get_unchecked(b)),
+                    );
+                    if K == 1 {
+                        summs = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(self.m.as_ptr().add(si)),
+                            _mm256_set1_ps(*row.s.get_unchecked(b)),
+                            summs,
+                        );
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let wb = (c + j) * nbk + b;
+                        let w = if K == 2 {
+                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
+                        } else {
+                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                            let q =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                            if K == 0 {
+                                _mm256_sub_epi8(q, off8)
+                            } else {
+                                q
+                            }
+                        };
+                        let (ax, sy) = if K == 1 {
+                            (w, yq)
+                        } else {
+                            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
+                        };
+                        let sum = if $vnni {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                        } else {
+                            _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                        };
+                        let dd = _mm256_permutevar8x32_ps(dd8, _mm256_set1_epi32(j as i32));
+                        *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                    }
+                }
+                let mut sm = [0f32; 8];
+                _mm256_storeu_ps(sm.as_mut_ptr(), summs);
+                let mut out = [0f32; 8];
+                for j in 0..8 {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j]);
+                    out[j] = hsum8(lanes) + sm[j];
+                }
+                out
+            }
+        }
+    };
+}
+
+x86_dot!(dot_avx2, dot8_avx2, "avx2,fma", false);
+x86_dot!(dot_vnni, dot8_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
 #[cfg(test)]
 mod tests {
@@ -294,6 +698,36 @@ mod tests {
                 let d2 = (&got - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(d2 < 0.03 * scale.max(1.0) + 0.2, "{dt:?}: vs candle {d2}");
             }
+        }
+        Ok(())
+    }
+
+    /// The SIMD quantizer equals the scalar one bit for bit (ties, zeros, huge values).
+    #[test]
+    fn quantize_simd_equals_scalar() -> Result<()> {
+        let dev = Device::Cpu;
+        for nb in [1usize, 3, 18, 48] {
+            let mut x: Vec<f32> = (Tensor::randn(0f32, 1.0, nb * QK, &dev)? * 5.0)?.to_vec1()?;
+            x[0] = 127.0;
+            x[1] = 0.5;
+            x[2] = -2.5;
+            if nb > 1 {
+                x[QK..2 * QK].fill(0.0);
+            }
+            x[nb * QK - 1] = -3e5;
+            let (mut d1, mut s1, mut q1) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
+            let (mut d2, mut s2, mut q2) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
+            quantize_scalar(&x, &mut d1, &mut s1, &mut q1);
+            quantize_into(&x, &mut d2, &mut s2, &mut q2);
+            assert_eq!(q1, q2);
+            assert_eq!(
+                d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
         Ok(())
     }
@@ -333,22 +767,46 @@ mod tests {
         Ok(())
     }
 
-    /// The AVX2 kernels and the portable lane emulation agree bit for bit, for every
-    /// type, on random data including extreme values.
+    /// Every SIMD level this CPU has, for one and four rows at a time, agrees bit for
+    /// bit with the portable lane emulation, for every type, on random data with extreme
+    /// values and odd sizes (columns, rows, blocks per row).
     #[test]
-    fn avx2_equals_portable_bit_for_bit() -> Result<()> {
+    fn simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
+        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni]
+            .into_iter()
+            .filter(|&l| l as u8 <= isa() as u8)
+            .collect();
+        eprintln!("levels tested: {levels:?}");
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = (Tensor::randn(0f32, 1.0, (37, 256), &dev)? * 3.0)?;
-            let ours = QWeight::from_qtensor(&QTensor::quantize(&w, dt)?)?.unwrap();
-            for seed in 0..4 {
-                let mut x: Vec<f32> = Tensor::randn(0f32, 1.0, 256, &dev)?.to_vec1()?;
-                x[seed * 7] = 1e4 * (seed as f32 - 1.5);
-                let row = quantize_row(&x);
-                for c in 0..37 {
-                    let a = ours.dot_lanes(c, &row);
-                    let b = ours.dot(c, &row);
-                    assert_eq!(a.to_bits(), b.to_bits(), "{dt:?} col {c}: {a} vs {b}");
+            for (m, n, k) in [(1, 37, 256), (7, 53, 96), (9, 5, 32), (4, 130, 544)] {
+                let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 3.0)?;
+                let ours = QWeight::from_qtensor(&QTensor::quantize(&w, dt)?)?.unwrap();
+                let mut x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1()?;
+                for (i, v) in x.iter_mut().step_by(37).enumerate() {
+                    *v *= 1e4 * (i as f32 - 1.5);
+                }
+                let mut acts = QActs::new();
+                acts.quantize(&x, k);
+                let mut want = vec![0f32; m * n];
+                for r in 0..m {
+                    for c in 0..n {
+                        want[r * n + c] = ours.dot_lanes(c, acts.row(r));
+                    }
+                }
+                for &level in &levels {
+                    let mut got = vec![f32::NAN; m * (n + 3)];
+                    ours.matmul_into_isa(level, &acts, &mut got, n + 3);
+                    for r in 0..m {
+                        for c in 0..n {
+                            let (a, b) = (want[r * n + c], got[r * (n + 3) + c]);
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{dt:?} {level:?} {m}x{n}x{k} ({r},{c}): {a} vs {b}"
+                            );
+                        }
+                    }
                 }
             }
         }

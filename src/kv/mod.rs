@@ -9,6 +9,7 @@ pub mod spill;
 pub mod store;
 
 use candle_core::{DType, Device, Result, Tensor};
+use half::f16;
 
 /// Capacity grows in steps of this many tokens: one copy per step instead of one per
 /// token (candle's `quantized_llama` concatenates the whole cache every token).
@@ -30,11 +31,20 @@ impl CacheLayout {
     }
 }
 
-/// K and V of one layer: `(1, n_kv_heads, capacity, head_dim)` each, filled up to `len`.
+/// K and V of one layer, `(n_kv_heads, capacity, head_dim)` each, filled up to `len`:
+/// device tensors, or (f16 on the CPU) plain vectors that the CPU kernels read and
+/// write in place without going through tensor ops.
 #[derive(Debug, Clone)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+enum LayerKv {
+    Dev { k: Tensor, v: Tensor },
+    Host { k: Vec<f16>, v: Vec<f16> },
+}
+
+/// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, head_dim)`.
+pub struct HostLayer<'a> {
+    pub k: &'a mut [f16],
+    pub v: &'a mut [f16],
+    pub capacity: usize,
 }
 
 /// The cache of one sequence: token ids plus K/V for every layer.
@@ -112,6 +122,11 @@ impl SeqCache {
         self.capacity = 0;
     }
 
+    /// Whether the cache lives in plain host vectors (f16 on the CPU).
+    pub fn is_host(&self) -> bool {
+        self.device.is_cpu() && self.layout.dtype == DType::F16
+    }
+
     /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
         let need = self.len() + extra;
@@ -119,21 +134,46 @@ impl SeqCache {
             return Ok(());
         }
         let new_cap = need.div_ceil(GROW_TOKENS) * GROW_TOKENS;
-        let shape = (1, self.layout.n_kv_heads, new_cap, self.layout.head_dim);
-        let len = self.len();
+        let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
+        let shape = (1, nh, new_cap, hd);
+        let (len, old_cap) = (self.len(), self.capacity);
+        let host = self.is_host();
         for layer in self.layers.iter_mut() {
-            let k = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
-            if let Some(old) = layer.as_ref() {
-                if len > 0 {
-                    k.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                    v.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            *layer = Some(if host {
+                let mut k = vec![f16::ZERO; nh * new_cap * hd];
+                let mut v = vec![f16::ZERO; nh * new_cap * hd];
+                if let Some(LayerKv::Host { k: ok, v: ov }) = layer.as_ref() {
+                    for h in 0..nh {
+                        let (src, dst) = (h * old_cap * hd, h * new_cap * hd);
+                        k[dst..dst + len * hd].copy_from_slice(&ok[src..src + len * hd]);
+                        v[dst..dst + len * hd].copy_from_slice(&ov[src..src + len * hd]);
+                    }
                 }
-            }
-            *layer = Some(LayerKv { k, v });
+                LayerKv::Host { k, v }
+            } else {
+                let k = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
+                let v = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
+                if let Some(LayerKv::Dev { k: ok, v: ov }) = layer.as_ref() {
+                    if len > 0 {
+                        k.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                        v.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                LayerKv::Dev { k, v }
+            });
         }
         self.capacity = new_cap;
         Ok(())
+    }
+
+    /// The host vectors of `layer`, for in-place writes of new positions and reads by
+    /// the CPU kernels. None for a device cache or an unallocated layer.
+    pub fn host_layer(&mut self, layer: usize) -> Option<HostLayer<'_>> {
+        let capacity = self.capacity;
+        match self.layers.get_mut(layer) {
+            Some(Some(LayerKv::Host { k, v })) => Some(HostLayer { k, v, capacity }),
+            _ => None,
+        }
     }
 
     /// Write K/V of `n` new positions of `layer` at position `pos` and return views of
@@ -153,14 +193,35 @@ impl SeqCache {
                 self.capacity
             );
         }
-        let Some(Some(kv)) = self.layers.get(layer) else {
-            candle_core::bail!("kv cache layer {layer} not allocated");
-        };
-        let k = k.to_dtype(self.layout.dtype)?;
-        let v = v.to_dtype(self.layout.dtype)?;
-        kv.k.slice_set(&k, 2, pos)?;
-        kv.v.slice_set(&v, 2, pos)?;
-        Ok((kv.k.narrow(2, 0, pos + n)?, kv.v.narrow(2, 0, pos + n)?))
+        let (nh, hd, cap) = (self.layout.n_kv_heads, self.layout.head_dim, self.capacity);
+        match self.layers.get_mut(layer) {
+            Some(Some(LayerKv::Dev { k: kc, v: vc })) => {
+                let k = k.to_dtype(self.layout.dtype)?;
+                let v = v.to_dtype(self.layout.dtype)?;
+                kc.slice_set(&k, 2, pos)?;
+                vc.slice_set(&v, 2, pos)?;
+                Ok((kc.narrow(2, 0, pos + n)?, vc.narrow(2, 0, pos + n)?))
+            }
+            Some(Some(LayerKv::Host { k: kc, v: vc })) => {
+                for (src, dst) in [(k, &mut *kc), (v, &mut *vc)] {
+                    let src: Vec<f16> = src.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+                    if src.len() != nh * n * hd {
+                        candle_core::bail!(
+                            "kv write: {} values, expected {}",
+                            src.len(),
+                            nh * n * hd
+                        );
+                    }
+                    for h in 0..nh {
+                        let at = (h * cap + pos) * hd;
+                        dst[at..at + n * hd].copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
+                    }
+                }
+                let view = |t: &[f16]| host_tensor(t, nh, cap, hd, pos + n, &self.device);
+                Ok((view(kc)?, view(vc)?))
+            }
+            _ => candle_core::bail!("kv cache layer {layer} not allocated"),
+        }
     }
 
     /// Record that `tokens` now occupy the positions after the current length.
@@ -175,10 +236,17 @@ impl SeqCache {
             .iter()
             .enumerate()
             .map(|(i, l)| match l {
-                Some(kv) => Ok((
-                    kv.k.narrow(2, 0, len)?.contiguous()?,
-                    kv.v.narrow(2, 0, len)?.contiguous()?,
+                Some(LayerKv::Dev { k, v }) => Ok((
+                    k.narrow(2, 0, len)?.contiguous()?,
+                    v.narrow(2, 0, len)?.contiguous()?,
                 )),
+                Some(LayerKv::Host { k, v }) => {
+                    let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
+                    Ok((
+                        host_tensor(k, nh, self.capacity, hd, len, &self.device)?,
+                        host_tensor(v, nh, self.capacity, hd, len, &self.device)?,
+                    ))
+                }
                 None => candle_core::bail!("kv cache layer {i} not allocated"),
             })
             .collect()
@@ -212,6 +280,22 @@ impl SeqCache {
         c.commit(&tokens);
         Ok(c)
     }
+}
+
+/// Positions `0..len` of a host layer as a `(1, nh, len, hd)` f16 tensor (a copy).
+fn host_tensor(
+    t: &[f16],
+    nh: usize,
+    cap: usize,
+    hd: usize,
+    len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(nh * len * hd);
+    for h in 0..nh {
+        out.extend_from_slice(&t[h * cap * hd..(h * cap + len) * hd]);
+    }
+    Tensor::from_vec(out, (1, nh, len, hd), device)
 }
 
 #[cfg(test)]
@@ -264,6 +348,47 @@ mod tests {
         assert_eq!(at(0), 1.0);
         assert_eq!(at(250), 2.0);
         assert_eq!(at(300), 3.0);
+        Ok(())
+    }
+
+    /// The host form (f16 on the CPU) keeps contents across growth, and its in-place
+    /// view, `write_layer` and `export_layers` agree on the layout.
+    #[test]
+    fn host_cache_grows_and_exports() -> Result<()> {
+        let dev = Device::Cpu;
+        let lay = CacheLayout {
+            dtype: DType::F16,
+            ..layout()
+        };
+        let mut c = SeqCache::new(lay, &dev);
+        assert!(c.is_host());
+        c.reserve(200)?;
+        // Integers below 2048 are exact in f16.
+        let val = |i: usize| (i % 1500) as f32;
+        let t = Tensor::from_vec((0..2400).map(val).collect(), (1, 3, 200, 4), &dev)?;
+        for l in 0..2 {
+            c.write_layer(l, 0, &t, &(&t * 2.0)?)?;
+        }
+        c.commit(&[7; 200]);
+        c.reserve(100)?; // grows to 512: contents move to the wider layout
+        assert_eq!(c.allocated_bytes(), 2 * GROW_TOKENS * lay.bytes_per_token());
+        let hl = c.host_layer(1).unwrap();
+        assert_eq!(hl.capacity, 2 * GROW_TOKENS);
+        // head 2, position 199, element 3
+        let at = (2 * hl.capacity + 199) * 4 + 3;
+        assert_eq!(hl.k[at].to_f32(), val(2 * 200 * 4 + 199 * 4 + 3));
+        hl.k[(hl.capacity + 200) * 4] = half::f16::from_f32(-1.0);
+        c.commit(&[8]);
+        let (k, v) = &c.export_layers()?[1];
+        assert_eq!(k.dims(), &[1, 3, 201, 4]);
+        let k: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        assert_eq!(k[(201 + 200) * 4], -1.0);
+        assert_eq!(k[(2 * 201 + 199) * 4 + 3], val(2 * 200 * 4 + 199 * 4 + 3));
+        assert_eq!(
+            v[(2 * 201 + 199) * 4 + 3],
+            2.0 * val(2 * 200 * 4 + 199 * 4 + 3)
+        );
         Ok(())
     }
 

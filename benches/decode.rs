@@ -1,0 +1,138 @@
+//! One decode step of the default model (batch 1 and batch 8) and one 128-token prefill
+//! chunk, on the CPU. Needs the model: `CANDELA_TEST_DATA_DIR=/tmp/cdata` (or
+//! `CANDELA_BENCH_MODEL=/path/to.gguf`).
+
+use candela::engine::model::{Model, SeqInput};
+use candela::kv::SeqCache;
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use criterion::{criterion_group, Criterion};
+
+fn model_path() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("CANDELA_BENCH_MODEL") {
+        return p.into();
+    }
+    let dir = std::env::var("CANDELA_TEST_DATA_DIR").unwrap_or_else(|_| "/tmp/cdata".into());
+    std::path::Path::new(&dir).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn load() -> Model {
+    let path = model_path();
+    let mut f = std::fs::File::open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (set CANDELA_BENCH_MODEL)", path.display()));
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    Model::from_gguf(&ct, &mut f, &Device::Cpu, 2048).unwrap()
+}
+
+/// Caches each holding a `len`-token prompt.
+fn primed(model: &Model, n: usize, len: usize) -> Vec<SeqCache> {
+    (0..n)
+        .map(|i| {
+            let mut c = SeqCache::new(model.cache_layout(DType::F16), &Device::Cpu);
+            let toks: Vec<u32> = (0..len as u32)
+                .map(|t| 1000 + (t * 37 + i as u32) % 30000)
+                .collect();
+            model
+                .forward(&mut [SeqInput {
+                    tokens: &toks,
+                    cache: &mut c,
+                    all_logits: false,
+                }])
+                .unwrap();
+            c
+        })
+        .collect()
+}
+
+fn decode(c: &mut Criterion) {
+    let model = load();
+    for batch in [1usize, 8] {
+        let mut caches = primed(&model, batch, 128);
+        c.bench_function(&format!("decode_step_batch{batch}_ctx128"), |b| {
+            b.iter(|| {
+                let toks = [1234u32];
+                let mut inputs: Vec<SeqInput> = caches
+                    .iter_mut()
+                    .map(|c| SeqInput {
+                        tokens: &toks,
+                        cache: c,
+                        all_logits: false,
+                    })
+                    .collect();
+                let out = model.forward(&mut inputs).unwrap();
+                for c in caches.iter_mut() {
+                    c.truncate(128);
+                }
+                out
+            })
+        });
+    }
+    let prompt: Vec<u32> = (0..128u32).map(|t| 1000 + t * 91 % 30000).collect();
+    let mut g = c.benchmark_group("prefill");
+    g.sample_size(10);
+    g.bench_function("prefill_128", |b| {
+        b.iter(|| {
+            let mut cache = SeqCache::new(model.cache_layout(DType::F16), &Device::Cpu);
+            model
+                .forward(&mut [SeqInput {
+                    tokens: &prompt,
+                    cache: &mut cache,
+                    all_logits: false,
+                }])
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+/// Process CPU time (user + system) in seconds, from /proc (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// `CANDELA_BENCH_CPU_STEPS=N`: run N batch-1 decode steps at context 128 and print the
+/// CPU time per step next to the wall time. On a shared machine CPU time is the steadier
+/// number; run with `RAYON_NUM_THREADS=1` so that no idle worker spins into it.
+fn cpu_steps(n: usize) {
+    let model = load();
+    let mut caches = primed(&model, 1, 128);
+    let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
+    for _ in 0..n {
+        model
+            .forward(&mut [SeqInput {
+                tokens: &[1234],
+                cache: &mut caches[0],
+                all_logits: false,
+            }])
+            .unwrap();
+        caches[0].truncate(128);
+    }
+    let (cpu, wall) = (cpu_seconds() - c0, t0.elapsed().as_secs_f64());
+    println!(
+        "decode step, batch 1, ctx 128: {:.2} ms CPU, {:.2} ms wall (isa {:?})",
+        cpu * 1e3 / n as f64,
+        wall * 1e3 / n as f64,
+        candela::engine::quant::isa()
+    );
+}
+
+criterion_group!(benches, decode);
+
+fn main() {
+    if let Some(n) = std::env::var("CANDELA_BENCH_CPU_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return cpu_steps(n);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

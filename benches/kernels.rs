@@ -1,0 +1,81 @@
+//! The quantized matmul kernels at every level this CPU has, for the shapes of the
+//! default model (SmolLM2-135M: hidden 576, Q|K|V 960, gate|up 3072, vocab 49152), one
+//! row (a decode step) and 64 rows (prefill), and the attention kernel over 512
+//! cached positions.
+
+use candela::engine::attn;
+use candela::engine::quant::{isa, Isa, QActs, QWeight};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn weight(dt: GgmlDType, n: usize, k: usize) -> QWeight {
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+    QWeight::from_qtensor(&QTensor::quantize(&w, dt).unwrap())
+        .unwrap()
+        .unwrap()
+}
+
+fn matmul(c: &mut Criterion) {
+    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
+        .into_iter()
+        .filter(|&l| l as u8 <= isa() as u8)
+        .collect();
+    let shapes = [
+        ("q4_1_qkv", GgmlDType::Q4_1, 960, 576),
+        ("q4_1_gate_up", GgmlDType::Q4_1, 3072, 576),
+        ("q4_0_gate_up", GgmlDType::Q4_0, 3072, 576),
+        ("q8_0_vocab", GgmlDType::Q8_0, 49152, 576),
+    ];
+    for (name, dt, n, k) in shapes {
+        let w = weight(dt, n, k);
+        for m in [1usize, 64] {
+            if n > 10_000 && m > 1 {
+                continue;
+            }
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut acts = QActs::new();
+            acts.quantize(&x, k);
+            let mut out = vec![0f32; m * n];
+            let mut g = c.benchmark_group(format!("matmul_{name}_m{m}"));
+            g.throughput(Throughput::Elements((m * n * k) as u64));
+            for &level in &levels {
+                if level == Isa::Scalar && (m > 1 || n > 10_000) {
+                    continue;
+                }
+                g.bench_function(format!("{level:?}"), |b| {
+                    b.iter(|| w.matmul_into_isa(level, &acts, &mut out, n))
+                });
+            }
+            g.finish();
+        }
+    }
+    let mut g = c.benchmark_group("quantize_acts");
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, 1536, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut acts = QActs::new();
+    g.bench_function("row_1536", |b| b.iter(|| acts.quantize(&x, 1536)));
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let hd = 64;
+    let len = 512;
+    let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let k: Vec<half::f16> = (0..hd * len)
+        .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()))
+        .collect();
+    let v = k.clone();
+    let mut out = vec![0f32; hd];
+    c.bench_function("attend_hd64_len512", |b| {
+        b.iter(|| attn::attend(&q, &k, &v, 0.125, &mut out))
+    });
+}
+
+criterion_group!(benches, matmul, attention);
+criterion_main!(benches);
