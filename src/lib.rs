@@ -115,6 +115,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         queue_size: cfg.queue_size,
         max_batch: cfg.max_batch,
         kv_budget: cfg.kv_budget,
+        kv_dtype: cfg.kv_dtype,
         kv_spill_dir: cfg.kv_spill_dir.clone(),
         kv_disk_budget: cfg.kv_disk_budget,
         device: cfg.device.clone(),

@@ -23,11 +23,20 @@ pub async fn list(State(st): State<AppState>, Extension(who): Extension<Principa
         })
         .collect();
     let stats = st.engine.kv_stats();
+    let (dtype, per_token) = match st.engine.loaded() {
+        Ok(l) => (
+            Some(l.info.kv_dtype.name()),
+            Some(l.info.kv_bytes_per_token),
+        ),
+        Err(_) => (None, None),
+    };
     axum::Json(json!({
         "object": "list",
         "data": data,
         "resident_bytes": stats.resident_bytes,
         "budget_bytes": stats.budget_bytes,
+        "kv_dtype": dtype,
+        "kv_bytes_per_token": per_token,
     }))
     .into_response()
 }

@@ -54,6 +54,8 @@ pub struct CommonParams {
     pub user: Option<String>,
     /// Accepted and ignored (no token biasing yet).
     pub logit_bias: Option<Value>,
+    /// Extension (as in llama.cpp's server): never end on an end-of-generation token.
+    pub ignore_eos: Option<bool>,
 }
 
 /// Message content: a string or a list of parts (only text parts are supported).

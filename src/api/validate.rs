@@ -124,6 +124,7 @@ pub fn check_common(c: &CommonParams, logprobs: Option<usize>) -> Result<Checked
             p => p,
         },
         logprobs,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
     };
     Ok(Checked {
         sampling,

@@ -24,6 +24,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many alternatives to report per token; None: no logprobs.
     pub logprobs: Option<usize>,
+    /// Never pick an end-of-generation token (llama.cpp's `ignore_eos`): the completion
+    /// runs to `max_tokens` or a stop string. Benchmarks use it to generate fixed lengths.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +41,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            ignore_eos: false,
         }
     }
 }

@@ -212,7 +212,12 @@ impl SessionStore {
                         found += 1;
                     }
                     Ok((m, _)) if m.fingerprint != cfg.fingerprint => {
-                        tracing::warn!(path = %path.display(), "skipping a spilled session of another model");
+                        tracing::warn!(
+                            path = %path.display(),
+                            file = %m.fingerprint,
+                            server = %cfg.fingerprint,
+                            "skipping a spilled session of another model or kv dtype"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("skipping an unreadable spill file: {e}"),
@@ -633,7 +638,7 @@ mod tests {
             n_layers: 1,
             n_kv_heads: 1,
             head_dim: 4,
-            dtype: DType::F32,
+            dtype: crate::kv::KvDtype::F32,
         }
     }
 
