@@ -372,4 +372,22 @@ mod tests {
         assert!(parse_bytes("lots", 0).is_err());
         assert!(parse_bytes("3 parsecs", 0).is_err());
     }
+
+    #[test]
+    fn kv_dtype_is_parsed_and_checked() {
+        let with = |d: &str| {
+            Config::load(&ServeArgs {
+                kv_dtype: Some(d.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(with("q8_0").unwrap().kv_dtype, KvDtype::Q8_0);
+        assert_eq!(with("BF16").unwrap().kv_dtype, KvDtype::BF16);
+        let e = with("f8").unwrap_err().to_string();
+        assert!(e.contains("kv_dtype") && e.contains("`f8`"), "{e}");
+        assert_eq!(
+            Config::load(&ServeArgs::default()).unwrap().kv_dtype,
+            KvDtype::F16
+        );
+    }
 }
