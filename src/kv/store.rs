@@ -549,15 +549,19 @@ impl SessionStore {
         let mut v: Vec<_> = self
             .sessions
             .iter()
+            .filter(|(_, e)| !e.doomed)
             .map(|(k, e)| Self::info(k, e))
             .collect();
         v.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.id.cmp(&b.id)));
         v
     }
 
+    /// A session deleted while busy is gone for the API at once, though its cache
+    /// leaves only when its request checks it in.
     pub fn get(&self, id: &str) -> Result<SessionInfo, KvError> {
         self.sessions
             .get(id)
+            .filter(|e| !e.doomed)
             .map(|e| Self::info(id, e))
             .ok_or_else(|| KvError::NotFound(id.to_string()))
     }
@@ -685,6 +689,8 @@ mod tests {
         );
         assert!(s.get("a").unwrap().busy);
         s.delete("a").unwrap();
+        assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
+        assert!(s.list().is_empty());
         s.checkin(Some("a"), co.cache);
         assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
     }
