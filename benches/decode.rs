@@ -3,9 +3,9 @@
 //! `CANDELA_BENCH_MODEL=/path/to.gguf`).
 
 use candela::engine::model::{Model, SeqInput};
-use candela::kv::SeqCache;
+use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use criterion::{criterion_group, Criterion};
 
 fn model_path() -> std::path::PathBuf {
@@ -28,7 +28,7 @@ fn load() -> Model {
 fn primed(model: &Model, n: usize, len: usize) -> Vec<SeqCache> {
     (0..n)
         .map(|i| {
-            let mut c = SeqCache::new(model.cache_layout(DType::F16), &Device::Cpu);
+            let mut c = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
             let toks: Vec<u32> = (0..len as u32)
                 .map(|t| 1000 + (t * 37 + i as u32) % 30000)
                 .collect();
@@ -72,7 +72,7 @@ fn decode(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("prefill_128", |b| {
         b.iter(|| {
-            let mut cache = SeqCache::new(model.cache_layout(DType::F16), &Device::Cpu);
+            let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
             model
                 .forward(&mut [SeqInput {
                     tokens: &prompt,

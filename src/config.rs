@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::kv::KvDtype;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,9 +37,6 @@ pub enum Command {
     /// Size a machine: weights, KV bytes per token, how many tokens and sessions fit
     /// the KV budget (--kv-budget), and what is left of RAM.
     Plan {
-        /// KV cache element type to plan for: f16 (what candela serves with), f32, q8_0.
-        #[arg(long, default_value = "f16")]
-        kv_dtype: String,
         /// Length of one session, for the "how many sessions" line.
         #[arg(long, default_value_t = 4096)]
         session_tokens: usize,
@@ -83,6 +81,10 @@ pub struct ServeArgs {
     /// (`512MiB`, `2GiB`, `1.5GB`) or a fraction of RAM (`0.25`). Default: 1/8 of RAM, at most 4 GiB.
     #[arg(long, env = "CANDELA_KV_BUDGET", global = true)]
     pub kv_budget: Option<String>,
+    /// KV cache element type: f16 (default), f32, bf16, or q8_0 (8-bit blocks, about
+    /// half the bytes of f16, dequantized when attention reads them).
+    #[arg(long, env = "CANDELA_KV_DTYPE", global = true)]
+    pub kv_dtype: Option<String>,
     /// Where evicted sessions are spilled (default: <data dir>/sessions).
     #[arg(long, env = "CANDELA_KV_SPILL_DIR", global = true)]
     pub kv_spill_dir: Option<PathBuf>,
@@ -139,6 +141,7 @@ struct FileConfig {
     queue_size: Option<usize>,
     max_batch: Option<usize>,
     kv_budget: Option<String>,
+    kv_dtype: Option<String>,
     kv_spill_dir: Option<PathBuf>,
     kv_disk_budget: Option<String>,
     api_keys: Option<Vec<String>>,
@@ -165,6 +168,8 @@ pub struct Config {
     pub max_batch: usize,
     /// Session KV cache budget in bytes.
     pub kv_budget: usize,
+    /// Element type of the session caches.
+    pub kv_dtype: KvDtype,
     pub kv_spill_dir: PathBuf,
     /// 0: evicted sessions are dropped, not spilled.
     pub kv_disk_budget: u64,
@@ -190,6 +195,7 @@ impl std::fmt::Debug for Config {
             .field("queue_size", &self.queue_size)
             .field("max_batch", &self.max_batch)
             .field("kv_budget", &self.kv_budget)
+            .field("kv_dtype", &self.kv_dtype)
             .field("kv_spill_dir", &self.kv_spill_dir)
             .field("kv_disk_budget", &self.kv_disk_budget)
             .field(
@@ -245,6 +251,10 @@ impl Config {
                     (None, Some(ms)) => ms,
                     (None, None) => vec!["default".into()],
                 }
+            },
+            kv_dtype: match args.kv_dtype.clone().or(file.kv_dtype) {
+                Some(s) => s.parse().map_err(Error::Config)?,
+                None => KvDtype::default(),
             },
             kv_spill_dir: args
                 .kv_spill_dir
@@ -435,5 +445,23 @@ mod tests {
             <Cli as clap::Parser>::try_parse_from(["candela", "--model", "a,b", "--model", "c"])
                 .unwrap();
         assert_eq!(cli.serve.model, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn kv_dtype_is_parsed_and_checked() {
+        let with = |d: &str| {
+            Config::load(&ServeArgs {
+                kv_dtype: Some(d.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(with("q8_0").unwrap().kv_dtype, KvDtype::Q8_0);
+        assert_eq!(with("BF16").unwrap().kv_dtype, KvDtype::BF16);
+        let e = with("f8").unwrap_err().to_string();
+        assert!(e.contains("kv_dtype") && e.contains("`f8`"), "{e}");
+        assert_eq!(
+            Config::load(&ServeArgs::default()).unwrap().kv_dtype,
+            KvDtype::F16
+        );
     }
 }

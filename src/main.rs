@@ -16,10 +16,9 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Fetch { model, args }) => fetch(model, &args).await,
         Some(Command::Serve(args)) => serve(&args).await,
         Some(Command::Plan {
-            kv_dtype,
             session_tokens,
             args,
-        }) => plan(&kv_dtype, session_tokens, &args).await,
+        }) => plan(session_tokens, &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -61,7 +60,6 @@ async fn fetch(
 }
 
 async fn plan(
-    kv_dtype: &str,
     session_tokens: usize,
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
@@ -78,7 +76,7 @@ async fn plan(
         let p = candela::engine::plan::plan(
             &r.gguf,
             &r.id,
-            kv_dtype,
+            cfg.kv_dtype,
             (cfg.kv_budget / n) as u64,
             session_tokens,
             (sys.total_memory(), sys.available_memory()),
@@ -87,9 +85,6 @@ async fn plan(
             println!();
         }
         print!("{}", p.render());
-    }
-    if kv_dtype != "f16" {
-        println!("note: the server stores its cache as f16 today; {kv_dtype} is a what-if.");
     }
     Ok(())
 }

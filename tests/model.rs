@@ -4,9 +4,9 @@
 mod common;
 
 use candela::engine::model::{Model, SeqInput};
-use candela::kv::SeqCache;
+use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 fn load() -> Model {
     let path = common::model_path();
@@ -45,7 +45,7 @@ fn first_token_logits_match_llama_cpp() {
             continue;
         };
         let prompt = ids(&g["prompt_ids"]);
-        let mut cache = SeqCache::new(model.cache_layout(DType::F16), &Device::Cpu);
+        let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
         let out = model
             .forward(&mut [SeqInput {
                 tokens: &prompt,
@@ -93,7 +93,7 @@ fn cached_decode_equals_full_recompute() {
         .collect();
     let n = seq.len();
     // Full recompute: every position's logits in one pass.
-    let mut full_cache = SeqCache::new(model.cache_layout(DType::F32), &Device::Cpu);
+    let mut full_cache = SeqCache::new(model.cache_layout(KvDtype::F32), &Device::Cpu);
     let full = model
         .forward(&mut [SeqInput {
             tokens: &seq,
@@ -104,7 +104,7 @@ fn cached_decode_equals_full_recompute() {
     let full = rows(&full[0]);
     // Incremental: a prefill chunk, then one token at a time, in a second cache.
     let split = n - 12;
-    let mut cache = SeqCache::new(model.cache_layout(DType::F32), &Device::Cpu);
+    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F32), &Device::Cpu);
     let mut inc = rows(
         &model
             .forward(&mut [SeqInput {
@@ -142,7 +142,7 @@ fn batched_decode_equals_single_sequence_decode() {
     let fx = common::fixture();
     let a = ids(&fx["greedy"][0]["prompt_ids"]);
     let b = ids(&fx["greedy"][7]["prompt_ids"]);
-    let layout = model.cache_layout(DType::F16);
+    let layout = model.cache_layout(KvDtype::F16);
     let mut ca = SeqCache::new(layout, &Device::Cpu);
     let mut cb = SeqCache::new(layout, &Device::Cpu);
     let mut sa = SeqCache::new(layout, &Device::Cpu);

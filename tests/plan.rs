@@ -2,15 +2,23 @@
 
 mod common;
 
+use candela::kv::KvDtype;
+
 #[test]
 fn plan_figures_for_the_default_model() {
     let gguf = common::model_path();
     let budget = 1u64 << 30;
-    let p =
-        candela::engine::plan::plan(&gguf, "smollm2", "f16", budget, 4096, (24 << 30, 20 << 30))
-            .unwrap();
+    let p = candela::engine::plan::plan(
+        &gguf,
+        "smollm2",
+        KvDtype::F16,
+        budget,
+        4096,
+        (24 << 30, 20 << 30),
+    )
+    .unwrap();
     // 2 (K and V) x 30 layers x 3 KV heads x 64 dims x 2 bytes.
-    assert_eq!(p.bytes_per_token, 23_040.0);
+    assert_eq!(p.bytes_per_token, 23_040);
     assert_eq!(p.tokens_fit, budget / 23_040);
     assert_eq!(p.sessions_fit, budget / (23_040 * 4096));
     // The tensors' own sizes add up to a bit less than the file.
@@ -20,8 +28,21 @@ fn plan_figures_for_the_default_model() {
         "{} vs {file}",
         p.weight_bytes
     );
-    let q8 = candela::engine::plan::plan(&gguf, "smollm2", "q8_0", budget, 4096, (0, 0)).unwrap();
-    assert!((q8.bytes_per_token - 23_040.0 * 1.0625 / 2.0).abs() < 1e-6);
+    let q8 =
+        candela::engine::plan::plan(&gguf, "smollm2", KvDtype::Q8_0, budget, 4096, (0, 0)).unwrap();
+    // 8-bit values plus one f16 scale per 32: 34 bytes per 32 values.
+    assert_eq!(q8.bytes_per_token, 23_040 / 2 * 34 / 32);
+    assert_eq!(q8.tokens_fit, budget / 12_240);
+    // Every dtype is listed with its own size.
+    let listed = p.render();
+    for (d, bytes) in [
+        ("f32", 46_080),
+        ("f16", 23_040),
+        ("bf16", 23_040),
+        ("q8_0", 12_240),
+    ] {
+        assert!(listed.contains(&format!("{d} {bytes}")), "{d}: {listed}");
+    }
     let text = q8.render();
     assert!(
         text.contains("SHORT"),

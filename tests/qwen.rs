@@ -9,9 +9,9 @@ mod common;
 
 use candela::engine::model::{Model, SeqInput};
 use candela::engine::{ChatTemplate, TemplateMessage};
-use candela::kv::SeqCache;
+use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 const QWEN: &str = "qwen2.5-coder-0.5b";
@@ -187,7 +187,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 /// Logits of every position of `seq`, once in one pass and once as a prefill chunk
 /// followed by one token at a time against the cache: at a few positions around the
 /// split, the largest difference and whether the best token is the same.
-fn full_vs_cached(model: &Model, dtype: DType, seq: &[u32], split: usize) -> Vec<(f32, bool)> {
+fn full_vs_cached(model: &Model, dtype: KvDtype, seq: &[u32], split: usize) -> Vec<(f32, bool)> {
     let n = seq.len();
     let mut full_cache = SeqCache::new(model.cache_layout(dtype), &Device::Cpu);
     let full = rows(
@@ -249,10 +249,10 @@ fn cached_decode_equals_full_recompute() {
         .chain(ids(&g["completion_ids"]))
         .collect();
     let split = seq.len() - 12;
-    let r = full_vs_cached(&load(true), DType::F32, &seq, split);
+    let r = full_vs_cached(&load(true), KvDtype::F32, &seq, split);
     eprintln!("f32: (max |full - cached|, same argmax) at 4 positions: {r:?}");
     assert!(r.iter().all(|&(d, same)| d < 1e-3 && same), "{r:?}");
-    let r = full_vs_cached(&load(false), DType::F16, &seq, split);
+    let r = full_vs_cached(&load(false), KvDtype::F16, &seq, split);
     eprintln!("quantized, f16 cache: (max |full - cached|, same argmax): {r:?}");
     assert!(r.iter().all(|&(d, same)| d < 1.0 && same), "{r:?}");
 }
@@ -409,13 +409,20 @@ async fn sessions_are_per_model() {
 fn plan_figures_for_qwen() {
     let gguf = common::qwen_path();
     let budget = 1u64 << 30;
-    let p = candela::engine::plan::plan(&gguf, QWEN, "f16", budget, 4096, (24 << 30, 20 << 30))
-        .unwrap();
+    let p = candela::engine::plan::plan(
+        &gguf,
+        QWEN,
+        KvDtype::F16,
+        budget,
+        4096,
+        (24 << 30, 20 << 30),
+    )
+    .unwrap();
     assert_eq!(
         (p.arch.as_str(), p.n_layers, p.n_kv_heads),
         ("qwen2", 24, 2)
     );
-    assert_eq!(p.bytes_per_token, 12_288.0);
+    assert_eq!(p.bytes_per_token, 12_288);
     assert_eq!(p.tokens_fit, budget / 12_288);
     assert_eq!(p.train_ctx, 32_768);
     let file = std::fs::metadata(&gguf).unwrap().len();

@@ -26,6 +26,7 @@ async fn start_with(spill: &std::path::Path, budget: usize, min_free: usize) -> 
         queue_size: 16,
         max_batch: 4,
         kv_budget: budget,
+        kv_dtype: Default::default(),
         kv_spill_dir: spill.to_path_buf(),
         kv_disk_budget: 1 << 30,
         api_keys: vec![],

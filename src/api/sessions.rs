@@ -54,11 +54,22 @@ pub async fn list(
         resident += stats.resident_bytes;
         budget += stats.budget_bytes;
     }
+    // The cache element type is one setting for every model; bytes per token are the
+    // first (default) model's (each session's own model is named in its entry).
+    let (dtype, per_token) = match st.models.first().engine.loaded() {
+        Ok(l) => (
+            Some(l.info.kv_dtype.name()),
+            Some(l.info.kv_bytes_per_token),
+        ),
+        Err(_) => (None, None),
+    };
     Ok(axum::Json(json!({
         "object": "list",
         "data": data,
         "resident_bytes": resident,
         "budget_bytes": budget,
+        "kv_dtype": dtype,
+        "kv_bytes_per_token": per_token,
     }))
     .into_response())
 }

@@ -56,6 +56,8 @@ pub struct CommonParams {
     /// `{"<token id>": bias in [-100, 100]}` added to the logits before sampling.
     #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
+    /// Extension (as in llama.cpp's server): never end on an end-of-generation token.
+    pub ignore_eos: Option<bool>,
 }
 
 /// Message content: a string or a list of parts (only text parts are supported).

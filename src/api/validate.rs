@@ -167,6 +167,7 @@ pub fn check_common(
         },
         logprobs,
         logit_bias: check_logit_bias(c.logit_bias.as_ref(), vocab)?,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
     };
     Ok(Checked {
         sampling,

@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Bytes the idle session caches may hold.
     pub kv_budget: usize,
+    /// Element type of every session cache.
+    pub kv_dtype: crate::kv::KvDtype,
     pub kv_spill_dir: PathBuf,
     /// 0: no spilling.
     pub kv_disk_budget: u64,
@@ -92,6 +94,7 @@ pub struct ModelInfo {
     pub n_layers: usize,
     pub weight_bytes: usize,
     pub kv_bytes_per_token: usize,
+    pub kv_dtype: crate::kv::KvDtype,
     pub created: u64,
 }
 

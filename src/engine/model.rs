@@ -17,7 +17,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::quant::QWeight;
-use crate::kv::{CacheLayout, SeqCache};
+use crate::kv::{CacheLayout, KvDtype, SeqCache};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -397,7 +397,7 @@ impl Model {
     }
 
     /// Shape of this model's KV cache with the given element type.
-    pub fn cache_layout(&self, dtype: DType) -> CacheLayout {
+    pub fn cache_layout(&self, dtype: KvDtype) -> CacheLayout {
         CacheLayout {
             n_layers: self.config.n_layers,
             n_kv_heads: self.config.n_kv_heads,

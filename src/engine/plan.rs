@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file;
 
 use super::model::ModelConfig;
 use super::EngineError;
-use crate::kv::GROW_TOKENS;
+use crate::kv::{CacheLayout, KvDtype, GROW_TOKENS};
 
 /// Figures for one model, one cache element type and one budget.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,8 +20,10 @@ pub struct Plan {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub train_ctx: usize,
-    pub kv_dtype: String,
-    pub bytes_per_token: f64,
+    pub kv_dtype: KvDtype,
+    pub bytes_per_token: usize,
+    /// Bytes per token in every cache type this model can use, for comparison.
+    pub per_dtype: Vec<(KvDtype, usize)>,
     pub budget: u64,
     pub tokens_fit: u64,
     pub session_tokens: usize,
@@ -30,22 +32,10 @@ pub struct Plan {
     pub ram_available: u64,
 }
 
-/// Bytes per cached element for a cache type name (q8_0: 34-byte blocks of 32).
-pub fn elem_bytes(dtype: &str) -> Result<f64, EngineError> {
-    match dtype {
-        "f32" => Ok(4.0),
-        "f16" | "bf16" => Ok(2.0),
-        "q8_0" => Ok(34.0 / 32.0),
-        other => Err(EngineError::Load(format!(
-            "unknown kv dtype `{other}` (f32, f16, bf16, q8_0)"
-        ))),
-    }
-}
-
 pub fn plan(
     gguf: &Path,
     model_id: &str,
-    kv_dtype: &str,
+    kv_dtype: KvDtype,
     budget: u64,
     session_tokens: usize,
     ram: (u64, u64),
@@ -63,7 +53,19 @@ pub fn plan(
             (n / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
         })
         .sum();
-    let bpt = 2.0 * (cfg.n_layers * cfg.n_kv_heads * cfg.head_dim) as f64 * elem_bytes(kv_dtype)?;
+    let layout = |dtype| CacheLayout {
+        n_layers: cfg.n_layers,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        dtype,
+    };
+    layout(kv_dtype).check().map_err(EngineError::Load)?;
+    let bpt = layout(kv_dtype).bytes_per_token();
+    let per_dtype = KvDtype::ALL
+        .into_iter()
+        .filter(|&d| layout(d).check().is_ok())
+        .map(|d| (d, layout(d).bytes_per_token()))
+        .collect();
     // Caches are allocated in GROW_TOKENS steps, so a session occupies whole steps.
     let per_session = session_tokens.div_ceil(GROW_TOKENS) * GROW_TOKENS;
     Ok(Plan {
@@ -74,15 +76,16 @@ pub fn plan(
         n_kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
         train_ctx: cfg.train_ctx,
-        kv_dtype: kv_dtype.to_string(),
+        kv_dtype,
         bytes_per_token: bpt,
+        per_dtype,
         budget,
-        tokens_fit: (budget as f64 / bpt) as u64,
+        tokens_fit: budget / bpt.max(1) as u64,
         session_tokens,
         sessions_fit: if per_session == 0 {
             0
         } else {
-            (budget as f64 / (bpt * per_session as f64)) as u64
+            budget / (bpt * per_session).max(1) as u64
         },
         ram_total: ram.0,
         ram_available: ram.1,
@@ -108,9 +111,15 @@ impl Plan {
         let _ = writeln!(s, "weights          {}", gib(self.weight_bytes as f64));
         let _ = writeln!(
             s,
-            "KV per token     {:.0} bytes ({})",
+            "KV per token     {} bytes ({})",
             self.bytes_per_token, self.kv_dtype
         );
+        let others: Vec<String> = self
+            .per_dtype
+            .iter()
+            .map(|(d, b)| format!("{d} {b}"))
+            .collect();
+        let _ = writeln!(s, "  by --kv-dtype: {}", others.join(", "));
         let _ = writeln!(s, "KV budget        {}", gib(self.budget as f64));
         let _ = writeln!(s, "tokens that fit  {}", self.tokens_fit);
         let _ = writeln!(
@@ -137,17 +146,5 @@ impl Plan {
             }
         );
         s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn elem_sizes() {
-        assert_eq!(elem_bytes("f16").unwrap(), 2.0);
-        assert_eq!(elem_bytes("q8_0").unwrap(), 1.0625);
-        assert!(elem_bytes("f8").is_err());
     }
 }

@@ -26,6 +26,9 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Added to the logits of these tokens first (OpenAI `logit_bias`).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Never pick an end-of-generation token (llama.cpp's `ignore_eos`): the completion
+    /// runs to `max_tokens` or a stop string. Benchmarks use it to generate fixed lengths.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +44,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logprobs: None,
             logit_bias: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

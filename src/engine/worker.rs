@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use tokio::sync::{mpsc, watch};
 
 use super::constrain::{Constraint, TokenTable};
@@ -23,16 +23,13 @@ use super::{
     LogprobEntry, ModelInfo, Usage,
 };
 use crate::kv::store::{Lookup, SessionStore, SpillConfig};
-use crate::kv::SeqCache;
+use crate::kv::{KvDtype, SeqCache};
 use crate::metrics;
 use std::sync::Mutex;
 
 /// Prompt tokens processed per forward pass during prefill, so that a long prompt does
 /// not stall the decode steps of other sequences for its whole length.
 const PREFILL_CHUNK: usize = 512;
-
-/// KV cache element type: f16 halves the bytes and is what llama.cpp stores too.
-pub const KV_DTYPE: DType = DType::F16;
 
 /// How often the worker looks at the host's available memory.
 const MEM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -73,6 +70,10 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
         cfg.ctx_size
     };
     let model = Model::from_gguf(&ct, &mut f, &device, ctx)?;
+    model
+        .cache_layout(cfg.kv_dtype)
+        .check()
+        .map_err(EngineError::Load)?;
     let sibling = path.with_file_name("tokenizer.json");
     let tok = Tok::from_gguf(&ct, Some(&sibling))?;
     let meta_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
@@ -91,7 +92,8 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
         vocab_size: model.config.vocab,
         n_layers: model.config.n_layers,
         weight_bytes: model.weight_bytes,
-        kv_bytes_per_token: model.cache_layout(KV_DTYPE).bytes_per_token(),
+        kv_bytes_per_token: model.cache_layout(cfg.kv_dtype).bytes_per_token(),
+        kv_dtype: cfg.kv_dtype,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -103,6 +105,7 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
         "model loaded"
     );
     metrics::model_loaded(&info.id, &info.arch, info.weight_bytes, info.ctx_size);
+    metrics::kv_layout(info.kv_dtype.name(), info.kv_bytes_per_token);
     Ok((
         model,
         Arc::new(Loaded {
@@ -139,7 +142,7 @@ pub(super) fn run(
         }
     };
     if cfg.kv_disk_budget > 0 {
-        let layout = model.cache_layout(KV_DTYPE);
+        let layout = model.cache_layout(cfg.kv_dtype);
         let fingerprint = format!(
             "{}:{}:{}x{}x{}:{:?}",
             loaded.info.id,
@@ -171,13 +174,13 @@ pub(super) fn run(
     loop {
         if seqs.is_empty() {
             match rx.blocking_recv() {
-                Some(r) => seqs.extend(admit(&model, &loaded.tokens, r, &mut lock())),
+                Some(r) => seqs.extend(admit(&model, &loaded.tokens, cfg.kv_dtype, r, &mut lock())),
                 None => return,
             }
         }
         while seqs.len() < cfg.max_batch.max(1) {
             match rx.try_recv() {
-                Ok(r) => seqs.extend(admit(&model, &loaded.tokens, r, &mut lock())),
+                Ok(r) => seqs.extend(admit(&model, &loaded.tokens, cfg.kv_dtype, r, &mut lock())),
                 Err(_) => break,
             }
         }
@@ -224,11 +227,12 @@ pub(super) fn run(
 fn admit(
     model: &Model,
     tokens: &Arc<TokenTable>,
+    dtype: KvDtype,
     req: GenRequest,
     store: &mut SessionStore,
 ) -> Option<Seq> {
     metrics::observe_queue_wait(req.enqueued.elapsed());
-    let layout = model.cache_layout(KV_DTYPE);
+    let layout = model.cache_layout(dtype);
     let checked = store.checkout(req.session.as_deref(), &req.prompt, layout, model.device());
     let (co, lookup) = match checked {
         Ok(x) => x,
@@ -352,6 +356,13 @@ fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
 /// Sample from `logits`, stream the token, and decide whether the sequence goes on
 /// (`s.next` set) or is finished (a `Done` event sent).
 fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError> {
+    if s.req.sampling.ignore_eos {
+        for &e in &tok.eog {
+            if let Some(l) = logits.get_mut(e as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     if let Some((c, table)) = &mut s.constraint {
         let t0 = Instant::now();
         let n = c.mask(table, logits);

@@ -5,11 +5,14 @@
 //! appends to it; the caller decides how long a cache lives (one request, or a whole
 //! agent session, see [`store`]). This module must not depend on `engine` or `api`.
 
+pub mod dtype;
 pub mod spill;
 pub mod store;
 
 use candle_core::{DType, Device, Result, Tensor};
 use half::f16;
+
+pub use dtype::KvDtype;
 
 /// Capacity grows in steps of this many tokens: one copy per step instead of one per
 /// token (candle's `quantized_llama` concatenates the whole cache every token).
@@ -21,23 +24,43 @@ pub struct CacheLayout {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    pub dtype: DType,
+    pub dtype: KvDtype,
 }
 
 impl CacheLayout {
-    /// Bytes one token occupies across all layers, K and V.
+    /// Bytes one token occupies across all layers, K and V (the real storage size: for
+    /// q8_0 the 8-bit values and their f16 block scales).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        2 * self.n_layers * self.n_kv_heads * self.dtype.bytes_for(self.head_dim)
+    }
+
+    /// Whether this model's cache can be stored in `dtype` (checked at start-up).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.dtype.check_head_dim(self.head_dim)
     }
 }
 
-/// K and V of one layer, `(n_kv_heads, capacity, head_dim)` each, filled up to `len`:
-/// device tensors, or (f16 on the CPU) plain vectors that the CPU kernels read and
-/// write in place without going through tensor ops.
+/// K and V of one layer, filled up to `len`: device tensors `(1, n_kv_heads, capacity,
+/// head_dim)`; or (f16 on the CPU) plain vectors `(n_kv_heads, capacity, head_dim)` that
+/// the CPU kernels read and write in place without tensor ops; or (q8_0) the offset
+/// 8-bit values plus the f16 scales of their 32-value blocks in
+/// `(1, n_kv_heads, capacity, head_dim / 32)` tensors beside them.
 #[derive(Debug, Clone)]
 enum LayerKv {
-    Dev { k: Tensor, v: Tensor },
-    Host { k: Vec<f16>, v: Vec<f16> },
+    Dense {
+        k: Tensor,
+        v: Tensor,
+    },
+    Host {
+        k: Vec<f16>,
+        v: Vec<f16>,
+    },
+    Q8 {
+        k: Tensor,
+        k_scale: Tensor,
+        v: Tensor,
+        v_scale: Tensor,
+    },
 }
 
 /// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, head_dim)`.
@@ -45,6 +68,87 @@ pub struct HostLayer<'a> {
     pub k: &'a mut [f16],
     pub v: &'a mut [f16],
     pub capacity: usize,
+}
+
+impl LayerKv {
+    /// The stored tensors with their spill-file names (`k.{i}`, `k_scale.{i}`, ...);
+    /// empty for a host layer (see [`SeqCache::export_tensors`]).
+    fn parts(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Self::Dense { k, v } => vec![("k", k), ("v", v)],
+            Self::Host { .. } => Vec::new(),
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => vec![
+                ("k", k),
+                ("k_scale", k_scale),
+                ("v", v),
+                ("v_scale", v_scale),
+            ],
+        }
+    }
+
+    /// K/V values of positions `0..len` as attention reads them (q8_0: dequantized).
+    /// Host layers are read through [`SeqCache::export_layers`].
+    fn values(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Dense { k, v } => Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)),
+            Self::Host { .. } => candle_core::bail!("a host layer has no tensors"),
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => Ok((
+                dtype::dequantize_q8(&k.narrow(2, 0, len)?, &k_scale.narrow(2, 0, len)?)?,
+                dtype::dequantize_q8(&v.narrow(2, 0, len)?, &v_scale.narrow(2, 0, len)?)?,
+            )),
+        }
+    }
+}
+
+/// Storage tensor types and last dimensions of a layer's parts, in [`LayerKv::parts`] order.
+fn part_specs(layout: &CacheLayout) -> Vec<(&'static str, DType, usize)> {
+    let hd = layout.head_dim;
+    match layout.dtype.dense() {
+        Some(dt) => vec![("k", dt, hd), ("v", dt, hd)],
+        None => {
+            let nb = hd / dtype::Q8_BLOCK;
+            vec![
+                ("k", DType::U8, hd),
+                ("k_scale", DType::F16, nb),
+                ("v", DType::U8, hd),
+                ("v_scale", DType::F16, nb),
+            ]
+        }
+    }
+}
+
+/// Build a layer from its parts (in [`part_specs`] order).
+fn layer_from_parts(mut parts: Vec<Tensor>) -> Result<LayerKv> {
+    match parts.len() {
+        2 => {
+            let v = parts.remove(1);
+            let k = parts.remove(0);
+            Ok(LayerKv::Dense { k, v })
+        }
+        4 => {
+            let v_scale = parts.remove(3);
+            let v = parts.remove(2);
+            let k_scale = parts.remove(1);
+            let k = parts.remove(0);
+            Ok(LayerKv::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            })
+        }
+        n => candle_core::bail!("a cache layer has 2 or 4 parts, not {n}"),
+    }
 }
 
 /// The cache of one sequence: token ids plus K/V for every layer.
@@ -124,7 +228,7 @@ impl SeqCache {
 
     /// Whether the cache lives in plain host vectors (f16 on the CPU).
     pub fn is_host(&self) -> bool {
-        self.device.is_cpu() && self.layout.dtype == DType::F16
+        self.device.is_cpu() && self.layout.dtype == KvDtype::F16
     }
 
     /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps.
@@ -133,13 +237,14 @@ impl SeqCache {
         if need <= self.capacity && self.layers.iter().all(Option::is_some) {
             return Ok(());
         }
+        if let Err(e) = self.layout.check() {
+            candle_core::bail!("{e}");
+        }
         let new_cap = need.div_ceil(GROW_TOKENS) * GROW_TOKENS;
         let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-        let shape = (1, nh, new_cap, hd);
         let (len, old_cap) = (self.len(), self.capacity);
-        let host = self.is_host();
-        for layer in self.layers.iter_mut() {
-            *layer = Some(if host {
+        if self.is_host() {
+            for layer in self.layers.iter_mut() {
                 let mut k = vec![f16::ZERO; nh * new_cap * hd];
                 let mut v = vec![f16::ZERO; nh * new_cap * hd];
                 if let Some(LayerKv::Host { k: ok, v: ov }) = layer.as_ref() {
@@ -149,18 +254,23 @@ impl SeqCache {
                         v[dst..dst + len * hd].copy_from_slice(&ov[src..src + len * hd]);
                     }
                 }
-                LayerKv::Host { k, v }
-            } else {
-                let k = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
-                let v = Tensor::zeros(shape, self.layout.dtype, &self.device)?;
-                if let Some(LayerKv::Dev { k: ok, v: ov }) = layer.as_ref() {
-                    if len > 0 {
-                        k.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                        v.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                    }
+                *layer = Some(LayerKv::Host { k, v });
+            }
+            self.capacity = new_cap;
+            return Ok(());
+        }
+        let specs = part_specs(&self.layout);
+        for layer in self.layers.iter_mut() {
+            let old = layer.as_ref().map(LayerKv::parts);
+            let mut parts = Vec::with_capacity(specs.len());
+            for (i, &(_, dt, last)) in specs.iter().enumerate() {
+                let t = Tensor::zeros((1, nh, new_cap, last), dt, &self.device)?;
+                if let (Some(old), true) = (&old, len > 0) {
+                    t.slice_set(&old[i].1.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
                 }
-                LayerKv::Dev { k, v }
-            });
+                parts.push(t);
+            }
+            *layer = Some(layer_from_parts(parts)?);
         }
         self.capacity = new_cap;
         Ok(())
@@ -194,34 +304,44 @@ impl SeqCache {
             );
         }
         let (nh, hd, cap) = (self.layout.n_kv_heads, self.layout.head_dim, self.capacity);
-        match self.layers.get_mut(layer) {
-            Some(Some(LayerKv::Dev { k: kc, v: vc })) => {
-                let k = k.to_dtype(self.layout.dtype)?;
-                let v = v.to_dtype(self.layout.dtype)?;
-                kc.slice_set(&k, 2, pos)?;
-                vc.slice_set(&v, 2, pos)?;
-                Ok((kc.narrow(2, 0, pos + n)?, vc.narrow(2, 0, pos + n)?))
-            }
-            Some(Some(LayerKv::Host { k: kc, v: vc })) => {
-                for (src, dst) in [(k, &mut *kc), (v, &mut *vc)] {
-                    let src: Vec<f16> = src.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
-                    if src.len() != nh * n * hd {
-                        candle_core::bail!(
-                            "kv write: {} values, expected {}",
-                            src.len(),
-                            nh * n * hd
-                        );
-                    }
-                    for h in 0..nh {
-                        let at = (h * cap + pos) * hd;
-                        dst[at..at + n * hd].copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
-                    }
+        if let Some(Some(LayerKv::Host { k: kc, v: vc })) = self.layers.get_mut(layer) {
+            for (src, dst) in [(k, &mut *kc), (v, &mut *vc)] {
+                let src: Vec<f16> = src.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+                if src.len() != nh * n * hd {
+                    candle_core::bail!("kv write: {} values, expected {}", src.len(), nh * n * hd);
                 }
-                let view = |t: &[f16]| host_tensor(t, nh, cap, hd, pos + n, &self.device);
-                Ok((view(kc)?, view(vc)?))
+                for h in 0..nh {
+                    let at = (h * cap + pos) * hd;
+                    dst[at..at + n * hd].copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
+                }
             }
-            _ => candle_core::bail!("kv cache layer {layer} not allocated"),
+            let view = |t: &[f16]| host_tensor(t, nh, cap, hd, pos + n, &self.device);
+            return Ok((view(kc)?, view(vc)?));
         }
+        let Some(Some(kv)) = self.layers.get(layer) else {
+            candle_core::bail!("kv cache layer {layer} not allocated");
+        };
+        match kv {
+            LayerKv::Dense { k: kc, v: vc } => {
+                kc.slice_set(&k.to_dtype(kc.dtype())?, 2, pos)?;
+                vc.slice_set(&v.to_dtype(vc.dtype())?, 2, pos)?;
+            }
+            LayerKv::Host { .. } => unreachable!("host layers are written above"),
+            LayerKv::Q8 {
+                k: kc,
+                k_scale,
+                v: vc,
+                v_scale,
+            } => {
+                let (kq, kd) = dtype::quantize_q8(k)?;
+                let (vq, vd) = dtype::quantize_q8(v)?;
+                kc.slice_set(&kq, 2, pos)?;
+                k_scale.slice_set(&kd, 2, pos)?;
+                vc.slice_set(&vq, 2, pos)?;
+                v_scale.slice_set(&vd, 2, pos)?;
+            }
+        }
+        kv.values(pos + n)
     }
 
     /// Record that `tokens` now occupy the positions after the current length.
@@ -229,17 +349,14 @@ impl SeqCache {
         self.tokens.extend_from_slice(tokens);
     }
 
-    /// The filled part of every layer, `(1, n_kv_heads, len, head_dim)` each, contiguous.
+    /// K/V values of the filled part of every layer, `(1, n_kv_heads, len, head_dim)`
+    /// each, contiguous, as attention sees them (q8_0: dequantized to f32).
     pub fn export_layers(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let len = self.len();
         self.layers
             .iter()
             .enumerate()
             .map(|(i, l)| match l {
-                Some(LayerKv::Dev { k, v }) => Ok((
-                    k.narrow(2, 0, len)?.contiguous()?,
-                    v.narrow(2, 0, len)?.contiguous()?,
-                )),
                 Some(LayerKv::Host { k, v }) => {
                     let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
                     Ok((
@@ -247,38 +364,106 @@ impl SeqCache {
                         host_tensor(v, nh, self.capacity, hd, len, &self.device)?,
                     ))
                 }
+                Some(kv) => {
+                    let (k, v) = kv.values(len)?;
+                    Ok((k.contiguous()?, v.contiguous()?))
+                }
                 None => candle_core::bail!("kv cache layer {i} not allocated"),
             })
             .collect()
     }
 
-    /// Rebuild a cache from exported layers and their token ids (shapes are checked).
-    pub fn from_layers(
+    /// The stored tensors of the filled part, named `k.{layer}`, `v.{layer}` (and for
+    /// q8_0 `k_scale.{layer}`, `v_scale.{layer}`), for spill files.
+    pub fn export_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let len = self.len();
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let Some(kv) = l else {
+                candle_core::bail!("kv cache layer {i} not allocated");
+            };
+            if let LayerKv::Host { k, v } = kv {
+                let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
+                for (name, t) in [("k", k), ("v", v)] {
+                    out.push((
+                        format!("{name}.{i}"),
+                        host_tensor(t, nh, self.capacity, hd, len, &self.device)?,
+                    ));
+                }
+                continue;
+            }
+            for (name, t) in kv.parts() {
+                out.push((format!("{name}.{i}"), t.narrow(2, 0, len)?.contiguous()?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuild a cache from tensors named as [`SeqCache::export_tensors`] names them.
+    /// Every tensor's shape and element type is checked against `layout` first: a tensor
+    /// of another type is an error, never reinterpreted.
+    pub fn from_tensors<'a>(
         layout: CacheLayout,
         device: &Device,
         tokens: Vec<u32>,
-        layers: &[(Tensor, Tensor)],
+        get: impl Fn(&str) -> Option<&'a Tensor>,
     ) -> Result<Self> {
-        if layers.len() != layout.n_layers {
-            candle_core::bail!("expected {} layers, got {}", layout.n_layers, layers.len());
-        }
-        let want = [1, layout.n_kv_heads, tokens.len(), layout.head_dim];
+        let specs = part_specs(&layout);
         let mut c = Self::new(layout, device);
         c.reserve(tokens.len())?;
-        for (i, (k, v)) in layers.iter().enumerate() {
-            if k.dims() != want || v.dims() != want {
-                candle_core::bail!(
-                    "layer {i}: shape {:?}/{:?}, expected {want:?}",
-                    k.dims(),
-                    v.dims()
-                );
-            }
-            if !tokens.is_empty() {
-                c.write_layer(i, 0, &k.to_device(device)?, &v.to_device(device)?)?;
+        for i in 0..layout.n_layers {
+            for (p, &(name, dt, last)) in specs.iter().enumerate() {
+                let key = format!("{name}.{i}");
+                let Some(t) = get(&key) else {
+                    candle_core::bail!("tensor `{key}` missing");
+                };
+                let want = [1, layout.n_kv_heads, tokens.len(), last];
+                if t.dims() != want || t.dtype() != dt {
+                    candle_core::bail!(
+                        "tensor `{key}`: {:?} {:?}, expected {dt:?} {want:?}",
+                        t.dtype(),
+                        t.dims()
+                    );
+                }
+                if tokens.is_empty() {
+                    continue;
+                }
+                let cap = c.capacity;
+                match &mut c.layers[i] {
+                    Some(LayerKv::Host { k, v }) => {
+                        let dst = if p == 0 { k } else { v };
+                        let src: Vec<f16> = t.flatten_all()?.to_vec1()?;
+                        let (nh, hd, n) = (layout.n_kv_heads, layout.head_dim, tokens.len());
+                        for h in 0..nh {
+                            dst[h * cap * hd..h * cap * hd + n * hd]
+                                .copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
+                        }
+                    }
+                    Some(kv) => kv.parts()[p].1.slice_set(&t.to_device(device)?, 2, 0)?,
+                    None => {}
+                }
             }
         }
         c.commit(&tokens);
         Ok(c)
+    }
+
+    /// Bytes of the tensors actually allocated (what [`SeqCache::allocated_bytes`]
+    /// must agree with).
+    #[cfg(test)]
+    fn tensor_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| match l {
+                LayerKv::Host { k, v } => (k.len() + v.len()) * 2,
+                l => l
+                    .parts()
+                    .iter()
+                    .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                    .sum(),
+            })
+            .sum()
     }
 }
 
@@ -307,7 +492,7 @@ mod tests {
             n_layers: 2,
             n_kv_heads: 3,
             head_dim: 4,
-            dtype: DType::F32,
+            dtype: KvDtype::F32,
         }
     }
 
@@ -357,7 +542,7 @@ mod tests {
     fn host_cache_grows_and_exports() -> Result<()> {
         let dev = Device::Cpu;
         let lay = CacheLayout {
-            dtype: DType::F16,
+            dtype: KvDtype::F16,
             ..layout()
         };
         let mut c = SeqCache::new(lay, &dev);
@@ -411,5 +596,116 @@ mod tests {
         assert!(c.write_layer(0, GROW_TOKENS - 1, &t, &t).is_err());
         assert!(c.write_layer(5, 0, &t, &t).is_err());
         Ok(())
+    }
+
+    fn layout_of(dtype: KvDtype) -> CacheLayout {
+        CacheLayout {
+            n_layers: 2,
+            n_kv_heads: 3,
+            head_dim: 64,
+            dtype,
+        }
+    }
+
+    /// Write `n` positions of ramp values into every layer.
+    fn fill(c: &mut SeqCache, n: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let pos = c.len();
+        c.reserve(n)?;
+        for l in 0..c.layout().n_layers {
+            let t = (Tensor::arange(0f32, (3 * n * 64) as f32, &dev)?.reshape((1, 3, n, 64))?
+                * (0.01 * (l + 1) as f64))?;
+            c.write_layer(l, pos, &t, &(&t * -0.5)?)?;
+        }
+        c.commit(&vec![1; n]);
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn accounted_bytes_are_the_real_tensor_bytes_for_every_dtype() -> Result<()> {
+        // Per token: 2 (K, V) x 2 layers x 3 heads x 64 values.
+        let per_token = |d: KvDtype| match d {
+            KvDtype::F32 => 2 * 2 * 3 * 64 * 4,
+            KvDtype::F16 | KvDtype::BF16 => 2 * 2 * 3 * 64 * 2,
+            KvDtype::Q8_0 => 2 * 2 * 3 * (64 + 2 * 2),
+        };
+        for d in KvDtype::ALL {
+            let l = layout_of(d);
+            assert_eq!(l.bytes_per_token(), per_token(d), "{d}");
+            let mut c = SeqCache::new(l, &Device::Cpu);
+            fill(&mut c, 300)?;
+            assert_eq!(c.allocated_bytes(), c.tensor_bytes(), "{d}");
+            assert_eq!(c.allocated_bytes(), 2 * GROW_TOKENS * per_token(d), "{d}");
+        }
+        assert_eq!(
+            layout_of(KvDtype::Q8_0).bytes_per_token() as f64
+                / layout_of(KvDtype::F16).bytes_per_token() as f64,
+            34.0 / 64.0
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn every_dtype_holds_the_values_and_round_trips_through_its_tensors() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two writes (the second at position 30), as prefill then more turns would.
+        let mut reference = SeqCache::new(layout_of(KvDtype::F32), &dev);
+        fill(&mut reference, 30)?;
+        fill(&mut reference, 10)?;
+        let want = reference.export_layers()?;
+        for (d, tol) in [
+            (KvDtype::F32, 0.0),
+            (KvDtype::F16, 2e-3),
+            (KvDtype::BF16, 2e-2),
+            (KvDtype::Q8_0, 1e-2),
+        ] {
+            let mut c = SeqCache::new(layout_of(d), &dev);
+            fill(&mut c, 30)?;
+            fill(&mut c, 10)?;
+            let got = c.export_layers()?;
+            for ((k, v), (wk, wv)) in got.iter().zip(&want) {
+                let scale = wk.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(k.dims(), &[1, 3, 40, 64]);
+                assert!(max_diff(k, wk) <= tol * scale, "{d}: K differs");
+                assert!(max_diff(v, wv) <= tol * scale, "{d}: V differs");
+            }
+            let named = c.export_tensors()?;
+            let map: std::collections::HashMap<_, _> = named.into_iter().collect();
+            let back =
+                SeqCache::from_tensors(layout_of(d), &dev, c.tokens().to_vec(), |n| map.get(n))?;
+            for ((k, v), (bk, bv)) in got.iter().zip(&back.export_layers()?) {
+                assert_eq!(max_diff(k, bk), 0.0, "{d}: K changed in the round trip");
+                assert_eq!(max_diff(v, bv), 0.0, "{d}: V changed in the round trip");
+            }
+            // Tensors of another dtype are refused, never reinterpreted.
+            for other in KvDtype::ALL.into_iter().filter(|o| *o != d) {
+                let r = SeqCache::from_tensors(layout_of(other), &dev, c.tokens().to_vec(), |n| {
+                    map.get(n)
+                });
+                assert!(r.is_err(), "{d} tensors accepted as {other}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn q8_0_refuses_a_head_dim_it_cannot_block() {
+        let l = CacheLayout {
+            head_dim: 4,
+            ..layout_of(KvDtype::Q8_0)
+        };
+        assert!(l.check().is_err());
+        assert!(SeqCache::new(l, &Device::Cpu).reserve(1).is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{CacheLayout, SeqCache};
 
@@ -53,15 +53,6 @@ pub struct SpillMeta {
     pub hits: u64,
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F32 => "f32",
-        _ => "other",
-    }
-}
-
 /// File name for a session id (ids are restricted to `[A-Za-z0-9-_.:@]` by the API;
 /// anything else is hex-escaped so a name can never leave the directory).
 pub fn file_name(session: &str) -> String {
@@ -79,26 +70,24 @@ pub fn file_name(session: &str) -> String {
 pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf, u64), SpillError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(file_name(&meta.session));
-    let layers = cache
-        .export_layers()
+    let stored = cache
+        .export_tensors()
         .map_err(|e| bad(&path, e.to_string()))?;
     let tokens =
         Tensor::new(cache.tokens(), &Device::Cpu).map_err(|e| bad(&path, e.to_string()))?;
     let mut named: Vec<(String, Tensor)> = vec![("tokens".into(), tokens)];
-    for (i, (k, v)) in layers.into_iter().enumerate() {
-        let host = |t: Tensor| {
-            t.to_device(&Device::Cpu)
-                .map_err(|e| bad(&path, e.to_string()))
-        };
-        named.push((format!("k.{i}"), host(k)?));
-        named.push((format!("v.{i}"), host(v)?));
+    for (name, t) in stored {
+        let t = t
+            .to_device(&Device::Cpu)
+            .map_err(|e| bad(&path, e.to_string()))?;
+        named.push((name, t));
     }
     let layout = cache.layout();
     let info: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("session", meta.session.clone()),
         ("fingerprint", meta.fingerprint.clone()),
-        ("dtype", dtype_name(layout.dtype).to_string()),
+        ("dtype", layout.dtype.name().to_string()),
         ("tokens", cache.len().to_string()),
         ("created", meta.created.to_string()),
         ("hits", meta.hits.to_string()),
@@ -186,8 +175,15 @@ pub fn read(
             format!("written for another model ({})", meta.fingerprint),
         ));
     }
-    if m.get("dtype").map(String::as_str) != Some(dtype_name(layout.dtype)) {
-        return Err(bad(path, "written with another cache dtype"));
+    let file_dtype = m.get("dtype").map(String::as_str).unwrap_or("none");
+    if file_dtype != layout.dtype.name() {
+        return Err(bad(
+            path,
+            format!(
+                "written with kv dtype {file_dtype}, this server caches {}",
+                layout.dtype
+            ),
+        ));
     }
     let data = fs::read(path).map_err(io(path))?;
     let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)
@@ -203,14 +199,7 @@ pub fn read(
     if tokens.len() != meta.tokens {
         return Err(bad(path, "token count does not match the metadata"));
     }
-    let mut layers = Vec::with_capacity(layout.n_layers);
-    for i in 0..layout.n_layers {
-        layers.push((
-            get(&format!("k.{i}"))?.clone(),
-            get(&format!("v.{i}"))?.clone(),
-        ));
-    }
-    let cache = SeqCache::from_layers(layout, device, tokens, &layers)
+    let cache = SeqCache::from_tensors(layout, device, tokens, |n| tensors.get(n))
         .map_err(|e| bad(path, e.to_string()))?;
     Ok((cache, meta))
 }
@@ -218,13 +207,15 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::KvDtype;
+    use candle_core::DType;
 
     fn layout() -> CacheLayout {
         CacheLayout {
             n_layers: 2,
             n_kv_heads: 1,
             head_dim: 4,
-            dtype: DType::F16,
+            dtype: KvDtype::F16,
         }
     }
 
@@ -305,7 +296,7 @@ mod tests {
         .unwrap();
         assert!(read(&path, layout(), &Device::Cpu, "other-model").is_err());
         let other = CacheLayout {
-            dtype: DType::F32,
+            dtype: KvDtype::F32,
             ..layout()
         };
         assert!(read(&path, other, &Device::Cpu, "m1").is_err());
@@ -321,5 +312,62 @@ mod tests {
         garbage[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         fs::write(&path, &garbage).unwrap();
         assert!(read(&path, layout(), &Device::Cpu, "m1").is_err());
+    }
+
+    #[test]
+    fn q8_0_file_round_trips_and_is_refused_by_an_f16_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let q8 = CacheLayout {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 32,
+            dtype: KvDtype::Q8_0,
+        };
+        let mut c = SeqCache::new(q8, &Device::Cpu);
+        c.reserve(3).unwrap();
+        for l in 0..2 {
+            let t = Tensor::randn(0f32, 1.0, (1, 2, 3, 32), &Device::Cpu).unwrap();
+            c.write_layer(l, 0, &t, &(&t * 3.0).unwrap()).unwrap();
+        }
+        c.commit(&[7, 8, 9]);
+        let (path, bytes) = write(
+            dir.path(),
+            &c,
+            &SpillMeta {
+                tokens: 3,
+                ..meta("m")
+            },
+        )
+        .unwrap();
+        // The file holds 8-bit values: well under the f16 size of the same cache.
+        let f16_bytes = 3 * CacheLayout {
+            dtype: KvDtype::F16,
+            ..q8
+        }
+        .bytes_per_token() as u64;
+        assert!(bytes < f16_bytes + 2048, "{bytes} bytes");
+        let (back, _) = read(&path, q8, &Device::Cpu, "m").unwrap();
+        let (a, b) = (c.export_layers().unwrap(), back.export_layers().unwrap());
+        for ((k1, v1), (k2, v2)) in a.iter().zip(&b) {
+            let d = |x: &Tensor, y: &Tensor| {
+                (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(d(k1, k2), 0.0);
+            assert_eq!(d(v1, v2), 0.0);
+            assert_eq!(k1.dtype(), DType::F32);
+        }
+        let f16 = CacheLayout {
+            dtype: KvDtype::F16,
+            ..q8
+        };
+        let err = read(&path, f16, &Device::Cpu, "m").unwrap_err().to_string();
+        assert!(err.contains("q8_0") && err.contains("f16"), "{err}");
     }
 }

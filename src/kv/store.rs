@@ -212,7 +212,12 @@ impl SessionStore {
                         found += 1;
                     }
                     Ok((m, _)) if m.fingerprint != cfg.fingerprint => {
-                        tracing::warn!(path = %path.display(), "skipping a spilled session of another model");
+                        tracing::warn!(
+                            path = %path.display(),
+                            file = %m.fingerprint,
+                            server = %cfg.fingerprint,
+                            "skipping a spilled session of another model or kv dtype"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("skipping an unreadable spill file: {e}"),
@@ -544,15 +549,19 @@ impl SessionStore {
         let mut v: Vec<_> = self
             .sessions
             .iter()
+            .filter(|(_, e)| !e.doomed)
             .map(|(k, e)| Self::info(k, e))
             .collect();
         v.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.id.cmp(&b.id)));
         v
     }
 
+    /// A session deleted while busy is gone for the API at once, though its cache
+    /// leaves only when its request checks it in.
     pub fn get(&self, id: &str) -> Result<SessionInfo, KvError> {
         self.sessions
             .get(id)
+            .filter(|e| !e.doomed)
             .map(|e| Self::info(id, e))
             .ok_or_else(|| KvError::NotFound(id.to_string()))
     }
@@ -633,7 +642,7 @@ mod tests {
             n_layers: 1,
             n_kv_heads: 1,
             head_dim: 4,
-            dtype: DType::F32,
+            dtype: crate::kv::KvDtype::F32,
         }
     }
 
@@ -680,6 +689,8 @@ mod tests {
         );
         assert!(s.get("a").unwrap().busy);
         s.delete("a").unwrap();
+        assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
+        assert!(s.list().is_empty());
         s.checkin(Some("a"), co.cache);
         assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
     }

@@ -25,6 +25,7 @@ struct KvMetrics {
     restore_bytes: IntCounter,
     restore_seconds: Counter,
     session_tokens: Histogram,
+    bytes_per_token: IntGaugeVec,
 }
 
 fn build() -> prometheus::Result<KvMetrics> {
@@ -102,6 +103,13 @@ fn build() -> prometheus::Result<KvMetrics> {
                 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
             ]),
         )?,
+        bytes_per_token: IntGaugeVec::new(
+            Opts::new(
+                "candela_kv_bytes_per_token",
+                "Cache bytes one token takes (all layers, K and V), by the kv dtype in use",
+            ),
+            &["dtype"],
+        )?,
     };
     let r = &super::get().registry;
     r.register(Box::new(m.bytes.clone()))?;
@@ -118,6 +126,7 @@ fn build() -> prometheus::Result<KvMetrics> {
     r.register(Box::new(m.restore_bytes.clone()))?;
     r.register(Box::new(m.restore_seconds.clone()))?;
     r.register(Box::new(m.session_tokens.clone()))?;
+    r.register(Box::new(m.bytes_per_token.clone()))?;
     for reason in ["lru", "pressure", "explicit"] {
         m.evictions.with_label_values(&[reason]);
     }
@@ -186,6 +195,14 @@ pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {
     m.lookups.with_label_values(&[result]).inc();
     m.query_tokens.inc_by(prompt_tokens as u64);
     m.hit_tokens.inc_by(reused as u64);
+}
+
+/// The cache element type in use and what one token costs in it (set once at load).
+pub fn layout(dtype: &str, bytes_per_token: usize) {
+    get()
+        .bytes_per_token
+        .with_label_values(&[dtype])
+        .set(bytes_per_token as i64);
 }
 
 /// Tokens held by a session cache as its request ends.

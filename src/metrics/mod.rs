@@ -13,7 +13,10 @@
 mod kv;
 pub mod probes;
 
-pub use kv::{lookup as kv_lookup, session_tokens as kv_session_tokens, store as kv_store};
+pub use kv::{
+    layout as kv_layout, lookup as kv_lookup, session_tokens as kv_session_tokens,
+    store as kv_store,
+};
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -76,6 +76,7 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
         queue_size: 64,
         max_batch: 8,
         kv_budget: 256 << 20,
+        kv_dtype: Default::default(),
         kv_spill_dir: std::env::temp_dir()
             .join(format!("candela-test-spill-{}-{key}", std::process::id())),
         kv_disk_budget: 1 << 30,
