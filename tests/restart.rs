@@ -156,13 +156,24 @@ async fn over_budget_sessions_spill_and_come_back() {
         p - 1
     );
     assert_eq!(again["choices"], first[0]["choices"]);
-    // The metrics saw the evictions, the spill and the restore.
-    let m = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The metrics saw the evictions, the spill and the restore. The engine reports its
+    // store's counters after a step, which may come just after the response: poll.
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = reqwest::get(format!("{}/metrics", s.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let restored = m
+            .lines()
+            .any(|l| l.starts_with("candela_kv_restore_bytes_total ") && !l.ends_with(" 0"));
+        if restored || t0.elapsed() > std::time::Duration::from_secs(10) {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let val = |name: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(name))
@@ -172,7 +183,7 @@ async fn over_budget_sessions_spill_and_come_back() {
     };
     assert!(val("candela_kv_evictions_total{reason=\"lru\"}") >= 1.0);
     assert!(val("candela_kv_spill_bytes_total") > 0.0);
-    assert!(val("candela_kv_restore_bytes_total") > 0.0);
+    assert!(val("candela_kv_restore_bytes_total") > 0.0, "{m}");
     assert!(val("candela_kv_session_tokens_count") >= 4.0);
     s.stop.send(()).unwrap();
     s.done.await.unwrap();
