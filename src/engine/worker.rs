@@ -50,6 +50,10 @@ struct Seq {
     /// Prompt tokens served from the cache.
     reused: usize,
     constraint: Option<(Constraint, Arc<TokenTable>)>,
+    /// The last event (`Done` or `Error`), sent only after the cache is checked back in,
+    /// so a client that sends its next turn the moment it has this answer finds the
+    /// session idle instead of busy.
+    last_event: Option<GenEvent>,
 }
 
 fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
@@ -214,12 +218,19 @@ pub(super) fn run(
         seqs = live;
         if !done.is_empty() {
             let mut st = lock();
+            let mut last = Vec::with_capacity(done.len());
             for s in done {
                 metrics::kv_session_tokens(s.cache.len());
                 st.checkin(s.req.session.as_deref(), s.cache);
+                last.extend(s.last_event.map(|ev| (s.req.events, ev)));
             }
             let (stats, delta) = st.report();
             metrics::kv_store(&loaded.info.id, &stats, &delta);
+            drop(st);
+            // Only now: the session is idle and the metrics count this request.
+            for (events, ev) in last {
+                let _ = events.send(ev);
+            }
         }
     }
 }
@@ -263,6 +274,7 @@ fn admit(
         next: None,
         first_token_at: None,
         last_token_at: Instant::now(),
+        last_event: None,
     })
 }
 
@@ -271,7 +283,7 @@ fn admit(
 fn fail(seqs: &mut [Seq], i: usize, msg: &str) {
     let s = &mut seqs[i];
     tracing::error!(parent: &s.req.span, "generation failed: {msg}");
-    let _ = s.req.events.send(GenEvent::Error(msg.to_string()));
+    s.last_event = Some(GenEvent::Error(msg.to_string()));
     s.next = None;
     s.prefill_pos = s.req.prompt.len();
 }
@@ -444,7 +456,7 @@ fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError>
                 cached_tokens: s.reused,
             };
             metrics::finished(f.as_str(), usage.prompt_tokens, usage.completion_tokens);
-            let _ = s.req.events.send(GenEvent::Done { finish: f, usage });
+            s.last_event = Some(GenEvent::Done { finish: f, usage });
         }
         None => s.next = Some(id),
     }
