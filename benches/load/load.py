@@ -10,7 +10,7 @@ the sessions are deleted. Results also go to bench-out/load.json.
 
     python3 benches/load/load.py --url http://127.0.0.1:8080 --clients 64 --duration 60
 
-Needs httpx (comes with the openai package). Numbers are from whatever machine this
+Needs httpx (`pip install httpx`). Numbers are from whatever machine this
 runs on; nothing here is a pass/fail test, except that the script exits 1 when a 5xx
 was seen or KV bytes ever exceeded the budget.
 """
@@ -64,6 +64,8 @@ async def one_request(client, url, messages, key, hang_up, stats, max_tokens):
             stats["status"][r.status_code] = stats["status"].get(r.status_code, 0) + 1
             if r.status_code != 200:
                 await r.aread()
+                # Like a well-behaved SDK: back off as the server asks (429, 503).
+                await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), 5.0))
                 return None
             chunks = 0
             async for line in r.aiter_lines():

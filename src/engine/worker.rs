@@ -30,6 +30,8 @@ use std::sync::Mutex;
 /// Prompt tokens processed per forward pass during prefill, so that a long prompt does
 /// not stall the decode steps of other sequences for its whole length.
 const PREFILL_CHUNK: usize = 512;
+/// Trim the allocator once idle caches shrank by this much since the last trim.
+const TRIM_AFTER_BYTES: usize = 32 << 20;
 
 /// How often the worker looks at the host's available memory.
 const MEM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -173,6 +175,8 @@ pub(super) fn run(
     metrics::kv_store(&loaded.info.id, &stats, &delta);
     let tok = loaded.tok.clone();
     let mut seqs: Vec<Seq> = Vec::new();
+    // Most bytes the store held since the allocator was last trimmed.
+    let mut resident_peak = 0usize;
     let mut sys = sysinfo::System::new();
     let mut last_mem_check = Instant::now();
     loop {
@@ -227,6 +231,12 @@ pub(super) fn run(
             let (stats, delta) = st.report();
             metrics::kv_store(&loaded.info.id, &stats, &delta);
             drop(st);
+            // Caches left memory (spilled, evicted, dropped): give the pages back.
+            resident_peak = resident_peak.max(stats.resident_bytes);
+            if resident_peak - stats.resident_bytes >= TRIM_AFTER_BYTES {
+                super::release_freed_memory();
+                resident_peak = stats.resident_bytes;
+            }
             // Only now: the session is idle and the metrics count this request.
             for (events, ev) in last {
                 let _ = events.send(ev);
