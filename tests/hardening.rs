@@ -183,3 +183,40 @@ async fn unread_stream_is_cut_after_idle_timeout() {
     a_short_request_succeeds(&base).await;
     drop(sock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_503_with_retry_after_and_recovers() {
+    let base = common::server_with("tiny-queue", |c| {
+        c.queue_size = 1;
+        c.max_batch = 1;
+    });
+    let body = json!({
+        "prompt": "Count slowly:", "max_tokens": 300, "temperature": 0,
+        "logit_bias": no_eos(),
+    });
+    let client = reqwest::Client::new();
+    let sends = (0..6).map(|_| {
+        client
+            .post(format!("{base}/v1/completions"))
+            .json(&body)
+            .send()
+    });
+    let answers = futures::future::join_all(sends).await;
+    let mut busy = 0;
+    for r in answers {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => {}
+            503 => {
+                busy += 1;
+                assert!(r.headers().contains_key("retry-after"));
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "queue_full", "{v}");
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    // One runs, one waits: the others are turned away at once.
+    assert!(busy >= 3, "only {busy} of 6 got 503");
+    a_short_request_succeeds(&base).await;
+}
