@@ -3,8 +3,8 @@
 //! never panic or allocate without bound.
 #![no_main]
 
-use candela::kv::{spill, CacheLayout};
-use candle_core::{DType, Device};
+use candela::kv::{spill, CacheLayout, KvDtype};
+use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let path = dir.join("s.kv.safetensors");
     std::fs::write(&path, data).unwrap();
     let _ = spill::read_meta(&path);
-    for dtype in [DType::F16, DType::F32] {
+    for dtype in KvDtype::ALL {
         let layout = CacheLayout {
             n_layers: 2,
             n_kv_heads: 1,
