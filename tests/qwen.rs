@@ -428,3 +428,26 @@ fn plan_figures_for_qwen() {
     let file = std::fs::metadata(&gguf).unwrap().len();
     assert!(p.weight_bytes < file && p.weight_bytes > file * 9 / 10);
 }
+
+/// The multi-turn tool loop through the official `openai` SDK (call -> tool result ->
+/// answer, plus streamed call deltas), on Qwen with its own tool-aware chat template.
+#[test]
+fn openai_sdk_tool_loop_on_qwen() {
+    let base = both();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_tool_loop.py");
+    let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(&base)
+        .arg(QWEN)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai SDK tool loop on qwen failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains("tool loop ok"), "{stdout}");
+    eprintln!("{stdout}");
+}
