@@ -7,18 +7,6 @@ mod common;
 #[test]
 fn official_openai_python_client_works() {
     let base = common::server();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
-    let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(&base)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai SDK check failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
+    let stdout = common::run_sdk_script("openai_sdk_check.py", &[&base]);
     assert!(stdout.contains("openai sdk ok"), "{stdout}");
 }

@@ -434,20 +434,7 @@ fn plan_figures_for_qwen() {
 #[test]
 fn openai_sdk_tool_loop_on_qwen() {
     let base = both();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_tool_loop.py");
-    let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(&base)
-        .arg(QWEN)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai SDK tool loop on qwen failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
+    let stdout = common::run_sdk_script("openai_tool_loop.py", &[&base, QWEN]);
     assert!(stdout.contains("tool loop ok"), "{stdout}");
     eprintln!("{stdout}");
 }

@@ -18,8 +18,7 @@ fn schemathesis_finds_no_server_error() {
         spill.path().as_os_str(),
     ]);
     // Through the interpreter, so no console-script shim has to be on PATH.
-    let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(python)
+    let out = Command::new(common::python())
         .args([
             "-m",
             "schemathesis.cli",

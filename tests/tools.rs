@@ -11,10 +11,6 @@ fn url() -> String {
     format!("{}/v1/chat/completions", common::server())
 }
 
-fn python() -> String {
-    std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// Validate (schema, instance) pairs with Python's `jsonschema`; panics on any failure.
 fn validate_all(cases: &[(Value, Value)]) {
     use std::io::Write;
@@ -23,7 +19,7 @@ fn validate_all(cases: &[(Value, Value)]) {
         .map(|(s, i)| json!({"schema": s, "instance": i}))
         .collect();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/validate_json.py");
-    let mut child = std::process::Command::new(python())
+    let mut child = std::process::Command::new(common::python())
         .arg(script)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -418,17 +414,6 @@ fn token_bytes_match_the_decoder() {
 #[test]
 fn openai_sdk_tool_loop() {
     let base = common::server();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_tool_loop.py");
-    let out = std::process::Command::new(python())
-        .arg(script)
-        .arg(&base)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai SDK tool loop failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
+    let stdout = common::run_sdk_script("openai_tool_loop.py", &[&base]);
     assert!(stdout.contains("tool loop ok"), "{stdout}");
 }

@@ -230,3 +230,28 @@ pub fn get_status(url: &str, path: &str) -> Option<u16> {
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
+
+/// The Python that runs the SDK scripts: `CANDELA_PYTHON` or `python3`.
+pub fn python() -> String {
+    std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Run `tests/sdk/<script>` with `args`; panics with its output unless it exits 0.
+/// Returns its stdout.
+pub fn run_sdk_script(script: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let out = std::process::Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout
+}
