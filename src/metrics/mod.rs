@@ -10,6 +10,8 @@
 //! Reads only plain stat structs of other modules (e.g. `kv::store::StoreStats`).
 //! Host and GPU probes live in [`probes`].
 
+#[cfg(target_os = "macos")]
+mod apple;
 mod kv;
 pub mod probes;
 

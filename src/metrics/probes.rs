@@ -1,7 +1,8 @@
 //! Host and GPU probes: a background sampler thread reads host memory and swap
-//! (`/proc/meminfo`), memory pressure (`/proc/pressure/memory`) and GPUs (NVML) into
-//! plain stat structs and sets gauges, so a `/metrics` scrape only reads numbers and
-//! never waits on a probe.
+//! (`/proc/meminfo`; sysinfo elsewhere), memory pressure (`/proc/pressure/memory`; on
+//! macOS the kernel's pressure level) and GPUs (NVML; on macOS IOReport and Metal, see
+//! `apple.rs`) into plain stat structs and sets gauges, so a `/metrics` scrape only
+//! reads numbers and never waits on a probe.
 //!
 //! Each source reports `candela_collector_up{source}`; a source that is absent (no GPU,
 //! no PSI in the kernel) is 0, never an error. Depends on nothing else in the crate.
@@ -137,6 +138,9 @@ mod gpu {
 
     use super::GpuStats;
 
+    /// The `candela_collector_up{source}` label of the GPU probe on this platform.
+    pub const SOURCE: &str = "nvml";
+
     pub struct Gpus(Option<Nvml>);
 
     impl Gpus {
@@ -150,8 +154,9 @@ mod gpu {
             }
         }
 
-        /// `None` when NVML is not usable; otherwise one entry per device.
-        pub fn read(&self) -> Option<Vec<GpuStats>> {
+        /// `None` when NVML is not usable; otherwise one entry per device. NVML answers
+        /// at once, so the interval is not used.
+        pub fn read(&mut self, _interval: std::time::Duration) -> Option<Vec<GpuStats>> {
             let nvml = self.0.as_ref()?;
             let n = nvml.device_count().ok()?;
             let mut out = Vec::with_capacity(n as usize);
@@ -178,20 +183,41 @@ mod gpu {
     }
 }
 
-/// macOS: Metal / IOReport probes are not implemented; the `macos` source reports 0.
 #[cfg(target_os = "macos")]
-mod gpu {
-    use super::GpuStats;
+use super::apple as gpu;
 
-    pub struct Gpus;
+/// A reading from Apple's counters (see `metrics/apple.rs`): GPU active residency,
+/// clock in MHz, power in W, temperature in °C (0 when the SMC gave none), and Metal's
+/// (allocated, recommended working set) bytes when the build has Metal.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub(crate) fn apple_gpu_stats(
+    active_ratio: f32,
+    freq_mhz: u32,
+    power_w: f32,
+    temp_c: f32,
+    metal: Option<(u64, u64)>,
+) -> GpuStats {
+    let finite = |v: f32| (v.is_finite() && v >= 0.0).then_some(f64::from(v));
+    GpuStats {
+        index: 0,
+        utilization_ratio: finite(active_ratio).map(|r| r.min(1.0)),
+        memory_used_bytes: metal.map(|m| m.0),
+        memory_total_bytes: metal.map(|m| m.1).filter(|&t| t > 0),
+        power_watts: finite(power_w),
+        temperature_celsius: finite(temp_c).filter(|&t| t > 0.0),
+        clock_hertz: (freq_mhz > 0).then(|| f64::from(freq_mhz) * 1e6),
+    }
+}
 
-    impl Gpus {
-        pub fn open() -> Self {
-            Self
-        }
-        pub fn read(&self) -> Option<Vec<GpuStats>> {
-            None
-        }
+/// `kern.memorystatus_vm_pressure_level` (1 normal, 2 warning, 4 critical) as the
+/// gauge's 0 / 1 / 2.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub(crate) fn pressure_level_from_sysctl(v: i32) -> Option<i64> {
+    match v {
+        1 => Some(0),
+        2 => Some(1),
+        4 => Some(2),
+        _ => None,
     }
 }
 
@@ -204,6 +230,9 @@ pub(crate) struct ProbeMetrics {
     swap_total: IntGauge,
     swap_used: IntGauge,
     pressure: CounterVec,
+    /// macOS only: the kernel's memory-pressure level (0 normal, 1 warning, 2 critical).
+    #[cfg(target_os = "macos")]
+    pressure_level: IntGauge,
     gpu_util: GaugeVec,
     gpu_mem_used: GaugeVec,
     gpu_mem_total: GaugeVec,
@@ -254,6 +283,11 @@ impl ProbeMetrics {
             swap_total: gauge("candela_host_swap_total_bytes", "Host swap space")?,
             swap_used: gauge("candela_host_swap_used_bytes", "Host swap in use")?,
             pressure,
+            #[cfg(target_os = "macos")]
+            pressure_level: gauge(
+                "candela_host_memory_pressure_level",
+                "macOS memory-pressure level: 0 normal, 1 warning, 2 critical",
+            )?,
             gpu_util: gpu(
                 GPU_METRICS[0],
                 "Fraction of the last sample period a kernel ran on the GPU",
@@ -281,6 +315,14 @@ impl ProbeMetrics {
         }
     }
 
+    #[cfg(target_os = "macos")]
+    fn set_pressure_level(&self, level: Option<i64>) {
+        self.set_up("sysctl_pressure", level.is_some());
+        if let Some(l) = level {
+            self.pressure_level.set(l);
+        }
+    }
+
     /// PSI totals are kernel counters; the Prometheus counter advances by the delta so
     /// that it equals the kernel's value in seconds.
     fn set_psi(&self, p: Option<PsiStats>, last: &mut PsiStats) {
@@ -298,8 +340,8 @@ impl ProbeMetrics {
         }
     }
 
-    fn set_gpus(&self, gpus: Option<Vec<GpuStats>>) {
-        self.set_up("nvml", gpus.is_some());
+    fn set_gpus(&self, source: &str, gpus: Option<Vec<GpuStats>>) {
+        self.set_up(source, gpus.is_some());
         for g in gpus.unwrap_or_default() {
             let idx = g.index.to_string();
             let l = [idx.as_str()];
@@ -330,19 +372,20 @@ pub fn start(interval: Duration) -> std::io::Result<()> {
         return Ok(());
     }
     let m = &super::get().probes;
-    // Reserved for Metal / IOReport probes; not implemented, so always 0.
-    #[cfg(target_os = "macos")]
-    m.set_up("macos", false);
     let spawned = std::thread::Builder::new()
         .name("candela-probes".into())
         .spawn(move || {
-            let gpus = gpu::Gpus::open();
+            let mut gpus = gpu::Gpus::open();
             let mut last_psi = PsiStats::default();
             loop {
+                let t0 = std::time::Instant::now();
                 m.set_host(read_host_mem());
                 m.set_psi(read_psi(), &mut last_psi);
-                m.set_gpus(gpus.read());
-                std::thread::sleep(interval);
+                #[cfg(target_os = "macos")]
+                m.set_pressure_level(gpu::pressure_level());
+                // On macOS this read itself takes the interval (IOReport deltas).
+                m.set_gpus(gpu::SOURCE, gpus.read(interval));
+                std::thread::sleep(interval.saturating_sub(t0.elapsed()));
             }
         });
     if let Err(e) = spawned {
@@ -382,15 +425,18 @@ mod tests {
     fn gpu_readings_set_every_gpu_gauge() {
         let r = Registry::new();
         let m = ProbeMetrics::register(&r).unwrap();
-        m.set_gpus(Some(vec![GpuStats {
-            index: 0,
-            utilization_ratio: Some(0.5),
-            memory_used_bytes: Some(1 << 30),
-            memory_total_bytes: Some(8 << 30),
-            power_watts: Some(120.0),
-            temperature_celsius: Some(60.0),
-            clock_hertz: Some(1.5e9),
-        }]));
+        m.set_gpus(
+            "nvml",
+            Some(vec![GpuStats {
+                index: 0,
+                utilization_ratio: Some(0.5),
+                memory_used_bytes: Some(1 << 30),
+                memory_total_bytes: Some(8 << 30),
+                power_watts: Some(120.0),
+                temperature_celsius: Some(60.0),
+                clock_hertz: Some(1.5e9),
+            }]),
+        );
         let fams = r.gather();
         for name in GPU_METRICS {
             let f = fams.iter().find(|f| f.name() == name).expect(name);
@@ -398,6 +444,37 @@ mod tests {
         }
         let up = fams.iter().find(|f| f.name() == "candela_collector_up");
         assert_eq!(up.unwrap().get_metric()[0].get_gauge().get_value(), 1.0);
+    }
+
+    #[test]
+    fn apple_readings_map_to_gpu_stats() {
+        let g = apple_gpu_stats(0.25, 1398, 3.5, 41.0, Some((512 << 20, 16 << 30)));
+        assert_eq!(g.utilization_ratio, Some(0.25));
+        assert_eq!(g.clock_hertz, Some(1398e6));
+        assert_eq!(g.power_watts, Some(3.5));
+        assert_eq!(g.temperature_celsius, Some(41.0));
+        assert_eq!(g.memory_used_bytes, Some(512 << 20));
+        assert_eq!(g.memory_total_bytes, Some(16 << 30));
+        // No SMC temperature, idle clock, no Metal device, garbage ratio: no readings.
+        let g = apple_gpu_stats(f32::NAN, 0, 0.0, 0.0, None);
+        assert_eq!(g.utilization_ratio, None);
+        assert_eq!(g.clock_hertz, None);
+        assert_eq!(g.power_watts, Some(0.0));
+        assert_eq!(g.temperature_celsius, None);
+        assert_eq!(g.memory_used_bytes, None);
+        assert_eq!(
+            apple_gpu_stats(1.7, 1, 1.0, 1.0, None).utilization_ratio,
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn sysctl_pressure_levels_map_to_gauge_values() {
+        assert_eq!(pressure_level_from_sysctl(1), Some(0));
+        assert_eq!(pressure_level_from_sysctl(2), Some(1));
+        assert_eq!(pressure_level_from_sysctl(4), Some(2));
+        assert_eq!(pressure_level_from_sysctl(0), None);
+        assert_eq!(pressure_level_from_sysctl(3), None);
     }
 
     #[test]
