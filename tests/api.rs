@@ -373,9 +373,9 @@ async fn expect_error(
     param: Option<&str>,
 ) -> Value {
     let (st, r) = post_raw(path, body).await;
-    assert_eq!(st, status, "{body} -> {r}");
-    assert_eq!(r["error"]["type"], kind, "{body} -> {r}");
-    assert_eq!(r["error"]["param"].as_str(), param, "{body} -> {r}");
+    assert_eq!(st, status, "{body:.200} -> {r}");
+    assert_eq!(r["error"]["type"], kind, "{body:.200} -> {r}");
+    assert_eq!(r["error"]["param"].as_str(), param, "{body:.200} -> {r}");
     assert!(r["error"]["message"].as_str().unwrap().len() > 5);
     assert!(r["error"].get("code").is_some());
     r
@@ -384,149 +384,116 @@ async fn expect_error(
 #[tokio::test]
 async fn error_paths_are_openai_shaped() {
     let chat = "/v1/chat/completions";
-    let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
-    let r = expect_error(chat, "{not json", 400, "invalid_request_error", None).await;
-    assert_eq!(r["error"]["code"], "invalid_json");
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"temperature":"hot"}}"#),
-        400,
-        "invalid_request_error",
-        Some("temperature"),
-    )
-    .await;
-    expect_error(
-        chat,
-        r#"{"messages":"hello"}"#,
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    )
-    .await;
-    expect_error(
-        chat,
-        r#"{"messages":[]}"#,
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    )
-    .await;
-    expect_error(chat, r#"{}"#, 400, "invalid_request_error", None).await;
-    expect_error(
-        chat,
-        r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
-        400,
-        "invalid_request_error",
-        Some("messages[0].role"),
-    )
-    .await;
-    let r = expect_error(
-        chat,
-        &format!(r#"{{{msgs},"model":"gpt-9"}}"#),
-        404,
-        "invalid_request_error",
-        Some("model"),
-    )
-    .await;
-    assert_eq!(r["error"]["code"], "model_not_found");
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"max_tokens":-1}}"#),
-        400,
-        "invalid_request_error",
-        Some("max_tokens"),
-    )
-    .await;
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"max_tokens":0}}"#),
-        400,
-        "invalid_request_error",
-        Some("max_tokens"),
-    )
-    .await;
-    let r = expect_error(
-        chat,
-        &format!(r#"{{{msgs},"max_tokens":100000000}}"#),
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    )
-    .await;
-    assert_eq!(r["error"]["code"], "context_length_exceeded");
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"n":3}}"#),
-        400,
-        "invalid_request_error",
-        Some("n"),
-    )
-    .await;
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"top_p":1.5}}"#),
-        400,
-        "invalid_request_error",
-        Some("top_p"),
-    )
-    .await;
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"top_logprobs":3}}"#),
-        400,
-        "invalid_request_error",
-        Some("top_logprobs"),
-    )
-    .await;
-    expect_error(
-        chat,
-        &format!(r#"{{{msgs},"stop":[1,2]}}"#),
-        400,
-        "invalid_request_error",
-        Some("stop"),
-    )
-    .await;
-    let long = "word ".repeat(3000);
-    let r = expect_error(
-        "/v1/completions",
-        &json!({"prompt": long}).to_string(),
-        400,
-        "invalid_request_error",
-        Some("prompt"),
-    )
-    .await;
-    assert_eq!(r["error"]["code"], "context_length_exceeded");
-    expect_error(
-        "/v1/completions",
-        r#"{"prompt":[1, 4000000]}"#,
-        400,
-        "invalid_request_error",
-        Some("prompt"),
-    )
-    .await;
-    expect_error(
-        "/v1/completions",
-        r#"{"prompt":""}"#,
-        400,
-        "invalid_request_error",
-        Some("prompt"),
-    )
-    .await;
-    expect_error("/v1/nope", "{}", 404, "invalid_request_error", None).await;
+    let comp = "/v1/completions";
+    let with =
+        |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
     let many: Vec<Value> = (0..5000)
         .map(|_| json!({"role": "user", "content": "x"}))
         .collect();
-    expect_error(
-        chat,
-        &json!({"messages": many}).to_string(),
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    )
-    .await;
+    let long = "word ".repeat(3000);
     let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(9 << 20));
-    let r = expect_error("/v1/completions", &huge, 413, "invalid_request_error", None).await;
-    assert_eq!(r["error"]["code"], "invalid_body");
+    let bad = "invalid_request_error";
+    // (path, body, status, param, code if the test pins it)
+    let cases: Vec<(&str, String, u16, Option<&str>, Option<&str>)> = vec![
+        (chat, "{not json".into(), 400, None, Some("invalid_json")),
+        (
+            chat,
+            with(r#""temperature":"hot""#),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            chat,
+            r#"{"messages":"hello"}"#.into(),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            chat,
+            r#"{"messages":[]}"#.into(),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (chat, "{}".into(), 400, None, None),
+        (
+            chat,
+            r#"{"messages":[{"role":"wizard","content":"x"}]}"#.into(),
+            400,
+            Some("messages[0].role"),
+            None,
+        ),
+        (
+            chat,
+            with(r#""model":"gpt-9""#),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            chat,
+            with(r#""max_tokens":-1"#),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat,
+            with(r#""max_tokens":0"#),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat,
+            with(r#""max_tokens":100000000"#),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (chat, with(r#""n":3"#), 400, Some("n"), None),
+        (chat, with(r#""top_p":1.5"#), 400, Some("top_p"), None),
+        (
+            chat,
+            with(r#""top_logprobs":3"#),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (chat, with(r#""stop":[1,2]"#), 400, Some("stop"), None),
+        (
+            chat,
+            json!({"messages": many}).to_string(),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            comp,
+            json!({"prompt": long}).to_string(),
+            400,
+            Some("prompt"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            comp,
+            r#"{"prompt":[1, 4000000]}"#.into(),
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (comp, r#"{"prompt":""}"#.into(), 400, Some("prompt"), None),
+        ("/v1/nope", "{}".into(), 404, None, None),
+        (comp, huge, 413, None, Some("invalid_body")),
+    ];
+    for (path, body, status, param, code) in cases {
+        let r = expect_error(path, &body, status, bad, param).await;
+        if let Some(code) = code {
+            assert_eq!(r["error"]["code"], code, "{path} {body:.200}");
+        }
+    }
     // The server is still healthy and serving after all of that.
     let (st, _) = post("/v1/completions", json!({"prompt": "ok", "max_tokens": 2})).await;
     assert_eq!(st, 200);
