@@ -5,6 +5,7 @@
 mod common;
 
 use candela::kv::KvDtype;
+use common::Running;
 use serde_json::{json, Value};
 
 fn server(dtype: KvDtype) -> String {
@@ -129,40 +130,12 @@ async fn bytes_per_token_follow_the_dtype_in_the_sessions_api_and_metrics() {
     }
 }
 
-struct Running {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
 async fn start(spill: &std::path::Path, dtype: KvDtype) -> Running {
-    let mut cfg = candela::Config::load(&Default::default()).unwrap();
-    cfg.port = 0;
-    cfg.models = vec![common::model_path().to_string_lossy().into_owned()];
-    cfg.data_dir = common::data_dir();
-    cfg.ctx_size = 2048;
-    cfg.kv_spill_dir = spill.to_path_buf();
-    cfg.kv_disk_budget = 1 << 30;
-    cfg.kv_min_free = 0;
+    let mut cfg = common::test_config(spill.to_path_buf());
+    cfg.queue_size = 16;
+    cfg.max_batch = 4;
     cfg.kv_dtype = dtype;
-    cfg.device = std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let app = candela::App::build(cfg).await.unwrap();
-    let url = format!("http://{}", app.local_addr().unwrap());
-    app.engine().wait_ready().await.unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        app.run_until(async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    Running { url, stop, done }
-}
-
-async fn stop(r: Running) {
-    let _ = r.stop.send(());
-    r.done.await.unwrap();
+    Running::start(cfg).await
 }
 
 async fn session(url: &str, id: &str) -> (u16, Value) {
@@ -179,13 +152,13 @@ async fn a_spill_file_of_another_dtype_is_skipped_and_kept_for_its_own() {
     // f16 server: one session, spilled on the graceful stop.
     let a = start(dir.path(), KvDtype::F16).await;
     let first = chat(&a.url, "keep", &m).await;
-    stop(a).await;
+    a.stop().await;
     // A q8_0 server on the same dir does not load it (and does not crash).
     let b = start(dir.path(), KvDtype::Q8_0).await;
     assert_eq!(session(&b.url, "keep").await.0, 404);
     let fresh = chat(&b.url, "other", &m).await;
     assert_eq!(cached(&fresh), 0);
-    stop(b).await;
+    b.stop().await;
     // Back on f16, the session is there and restores from its file.
     let c = start(dir.path(), KvDtype::F16).await;
     let (st, s) = session(&c.url, "keep").await;
@@ -194,5 +167,5 @@ async fn a_spill_file_of_another_dtype_is_skipped_and_kept_for_its_own() {
     let again = chat(&c.url, "keep", &m).await;
     assert!(cached(&again) > 0, "{again}");
     assert_eq!(text(&again), text(&first));
-    stop(c).await;
+    c.stop().await;
 }

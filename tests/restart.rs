@@ -5,49 +5,19 @@ mod common;
 
 use serde_json::{json, Value};
 
-struct Running {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
+use common::Running;
 
 async fn start(spill: &std::path::Path, budget: usize) -> Running {
     start_with(spill, budget, 0).await
 }
 
 async fn start_with(spill: &std::path::Path, budget: usize, min_free: usize) -> Running {
-    let cfg = candela::Config {
-        host: "127.0.0.1".into(),
-        port: 0,
-        models: vec![common::model_path().to_string_lossy().into_owned()],
-        data_dir: common::data_dir(),
-        ctx_size: 2048,
-        threads: 0,
-        queue_size: 16,
-        max_batch: 4,
-        kv_budget: budget,
-        kv_dtype: Default::default(),
-        kv_spill_dir: spill.to_path_buf(),
-        kv_disk_budget: 1 << 30,
-        api_keys: vec![],
-        metrics_auth: false,
-        device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
-        max_concurrent_per_key: 32,
-        stream_idle_timeout: 60,
-        kv_min_free: min_free,
-    };
-    let app = candela::App::build(cfg).await.unwrap();
-    let url = format!("http://{}", app.local_addr().unwrap());
-    app.engine().wait_ready().await.unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        app.run_until(async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    Running { url, stop, done }
+    let mut cfg = common::test_config(spill.to_path_buf());
+    cfg.queue_size = 16;
+    cfg.max_batch = 4;
+    cfg.kv_budget = budget;
+    cfg.kv_min_free = min_free;
+    Running::start(cfg).await
 }
 
 async fn chat(url: &str, key: &str, messages: &Value) -> Value {
@@ -81,8 +51,7 @@ async fn sessions_survive_restart_with_identical_continuations() {
     // The control session continues in memory on the first server.
     let control = chat(&a.url, "agent-control", &turn2).await;
     std::fs::write(dir.path().join("foreign.kv.safetensors"), b"garbage").unwrap();
-    a.stop.send(()).unwrap();
-    a.done.await.unwrap();
+    a.stop().await;
     assert!(dir.path().join("agent-r.kv.safetensors").exists());
 
     let b = start(dir.path(), 256 << 20).await;
@@ -115,8 +84,7 @@ async fn sessions_survive_restart_with_identical_continuations() {
         .await
         .unwrap();
     assert_eq!(s["tier"], "memory");
-    b.stop.send(()).unwrap();
-    b.done.await.unwrap();
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,8 +143,7 @@ async fn over_budget_sessions_spill_and_come_back() {
     assert!(val("candela_kv_spill_bytes_total") > 0.0);
     assert!(val("candela_kv_restore_bytes_total") > 0.0, "{m}");
     assert!(val("candela_kv_session_tokens_count") >= 4.0);
-    s.stop.send(()).unwrap();
-    s.done.await.unwrap();
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +176,5 @@ async fn low_host_memory_moves_idle_sessions_to_disk() {
             .unwrap()
             > 0
     );
-    s.stop.send(()).unwrap();
-    s.done.await.unwrap();
+    s.stop().await;
 }

@@ -65,28 +65,9 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
     if let Some(u) = map.get(key) {
         return u.clone();
     }
-    let model = model_path();
-    let mut cfg = candela::Config {
-        host: "127.0.0.1".into(),
-        port: 0,
-        models: vec![model.to_string_lossy().into_owned()],
-        data_dir: data_dir(),
-        ctx_size: 2048,
-        threads: 0,
-        queue_size: 64,
-        max_batch: 8,
-        kv_budget: 256 << 20,
-        kv_dtype: Default::default(),
-        kv_spill_dir: std::env::temp_dir()
-            .join(format!("candela-test-spill-{}-{key}", std::process::id())),
-        kv_disk_budget: 1 << 30,
-        api_keys: vec![],
-        metrics_auth: false,
-        device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
-        max_concurrent_per_key: 32,
-        stream_idle_timeout: 60,
-        kv_min_free: 0,
-    };
+    let mut cfg = test_config(
+        std::env::temp_dir().join(format!("candela-test-spill-{}-{key}", std::process::id())),
+    );
     tweak(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -102,6 +83,63 @@ pub fn server_with(key: &'static str, tweak: fn(&mut candela::Config)) -> String
     let url = rx.recv().unwrap();
     map.insert(key, url.clone());
     url
+}
+
+/// The settings every test server starts from: loopback, an OS-chosen port, the
+/// default model, the shared data dir, `CANDELA_TEST_DEVICE` (default cpu), and
+/// `spill` as the session spill dir.
+pub fn test_config(spill: PathBuf) -> candela::Config {
+    candela::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        models: vec![model_path().to_string_lossy().into_owned()],
+        data_dir: data_dir(),
+        ctx_size: 2048,
+        threads: 0,
+        queue_size: 64,
+        max_batch: 8,
+        kv_budget: 256 << 20,
+        kv_dtype: Default::default(),
+        kv_spill_dir: spill,
+        kv_disk_budget: 1 << 30,
+        api_keys: vec![],
+        metrics_auth: false,
+        device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        max_concurrent_per_key: 32,
+        stream_idle_timeout: 60,
+        kv_min_free: 0,
+    }
+}
+
+/// A server in this test's runtime that the test stops gracefully (spilling its
+/// sessions), unlike the shared ones of [`server_with`].
+pub struct Running {
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn start(cfg: candela::Config) -> Self {
+        let app = candela::App::build(cfg).await.unwrap();
+        let url = format!("http://{}", app.local_addr().unwrap());
+        app.engine().wait_ready().await.unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self { url, stop, done }
+    }
+
+    /// Graceful shutdown, waiting until the server has finished (spill included).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.done.await.unwrap();
+    }
 }
 
 pub fn server() -> String {
