@@ -394,7 +394,8 @@ async fn error_paths_are_openai_shaped() {
     let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(9 << 20));
     let bad = "invalid_request_error";
     // (path, body, status, param, code if the test pins it)
-    let cases: Vec<(&str, String, u16, Option<&str>, Option<&str>)> = vec![
+    type Case<'a> = (&'a str, String, u16, Option<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (chat, "{not json".into(), 400, None, Some("invalid_json")),
         (
             chat,
