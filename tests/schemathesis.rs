@@ -27,7 +27,7 @@ fn schemathesis_finds_no_server_error() {
         ])
         .args([
             "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
             "--max-examples",
             "25",
             "--no-color",

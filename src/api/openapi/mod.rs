@@ -1,9 +1,18 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, generated from the request types
 //! (`utoipa::ToSchema` derives in `types`) and the route table. Chat and text
-//! completion bodies are the endpoint's own fields plus the shared `CommonParams`.
+//! completion bodies are the endpoint's own fields plus the shared `CommonParams`;
+//! response bodies are described in `responses`.
+
+mod responses;
 
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
+
+use responses::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs,
+    DetokenizeResponse, FinishReason, FunctionCall, Health, Session, SessionDeleted, SessionList,
+    TextChoice, TextCompletion, TokenEntry, TokenLogprob, TokenizeResponse, ToolCall, TopLogprob,
+};
 
 use super::types::{
     ChatMessage, ChatRequest, CommonParams, CompletionRequest, Content, ContentPart,
@@ -33,6 +42,7 @@ pub struct ChatBody {
 
 /// Body of `POST /v1/completions`.
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"prompt": "The sky is", "max_tokens": 4, "logprobs": 2}))]
 #[allow(dead_code)]
 pub struct CompletionBody {
     #[serde(flatten)]
@@ -69,9 +79,22 @@ pub struct SessionPatch {
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
-    request_body = ChatBody,
+    request_body(content = ChatBody, examples(
+        ("plain" = (summary = "Greedy, with log-probabilities", value = json!({
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2
+        }))),
+        ("tool call" = (summary = "A forced tool call", value = json!({
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                    "required": ["city"]}}}],
+            "tool_choice": "required", "max_tokens": 40, "seed": 1
+        }))),
+    )),
     responses(
-        (status = 200, description = "A `chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending in `data: [DONE]`"),
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending in `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (String = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
@@ -86,7 +109,8 @@ fn chat() {}
 #[utoipa::path(post, path = "/v1/completions", tag = "openai",
     request_body = CompletionBody,
     responses(
-        (status = 200, description = "A `text_completion` object, or an SSE stream of them"),
+        (status = 200, description = "A `text_completion` object, or an SSE stream of them",
+            content((TextCompletion = "application/json"), (String = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
@@ -110,21 +134,21 @@ fn models() {}
 fn model() {}
 
 #[utoipa::path(get, path = "/health", tag = "candela",
-    responses((status = 200, description = "Ready"), (status = 503, description = "Loading or failed", body = ErrorBody)))]
+    responses((status = 200, description = "Ready", body = Health), (status = 503, description = "Loading or failed", body = ErrorBody)))]
 #[allow(dead_code)]
 fn health() {}
 
 #[utoipa::path(post, path = "/tokenize", tag = "candela",
-    request_body = TokenizeRequest,
-    responses((status = 200, description = "`{\"tokens\": [...], \"count\": n}`"), (status = 400, body = ErrorBody),
+    request_body(content = TokenizeRequest, example = json!({"content": "Hello world", "with_pieces": true})),
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 #[allow(dead_code)]
 fn tokenize() {}
 
 #[utoipa::path(post, path = "/detokenize", tag = "candela",
-    request_body = DetokenizeRequest,
-    responses((status = 200, description = "`{\"content\": \"...\"}`"), (status = 400, body = ErrorBody),
+    request_body(content = DetokenizeRequest, example = json!({"tokens": [19556, 905]})),
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 #[allow(dead_code)]
@@ -146,26 +170,26 @@ fn dashboard() {}
 fn openapi() {}
 
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
-    responses((status = 200, description = "`{\"object\": \"list\", \"data\": [session...]}`")))]
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions() {}
 
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
     params(("id" = String, Path, description = "Session id (prompt_cache_key)")),
-    responses((status = 200, description = "The session: id, tokens, bytes, tier, busy, pinned, created, last_used, hits"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Session), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 #[allow(dead_code)]
 fn session_get() {}
 
 #[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
-    responses((status = 200, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = SessionDeleted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 #[allow(dead_code)]
 fn session_delete() {}
 
 #[utoipa::path(patch, path = "/v1/sessions/{id}", tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     request_body = SessionPatch,
-    responses((status = 200, description = "The session after the change"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "The session after the change", body = Session), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
 #[allow(dead_code)]
 fn session_patch() {}
 
@@ -211,7 +235,26 @@ fn session_patch() {}
         StopSpec,
         StreamOptions,
         TokenizeRequest,
-        UsageOut
+        UsageOut,
+        ChatCompletion,
+        ChatChoice,
+        AssistantMessage,
+        ToolCall,
+        FunctionCall,
+        FinishReason,
+        ChatLogprobs,
+        TokenLogprob,
+        TopLogprob,
+        TextCompletion,
+        TextChoice,
+        CompletionLogprobs,
+        Health,
+        TokenizeResponse,
+        TokenEntry,
+        DetokenizeResponse,
+        Session,
+        SessionList,
+        SessionDeleted
     ))
 )]
 pub struct ApiDoc;
