@@ -188,3 +188,60 @@ fn batched_decode_equals_single_sequence_decode() {
         assert!(d < 1e-3, "batched vs single: {d}");
     }
 }
+
+/// Greedy decoding on the model directly (the prompt as one batch, then one token at a
+/// time, as the fixture was made) against llama.cpp's: per prompt, how many leading
+/// tokens agree. The server-level twin is `tests/api.rs`'s greedy test.
+///
+/// Debugging aid: `CANDELA_GREEDY_PROMPT=i` runs only prompt `i` and feeds llama.cpp's
+/// tokens instead of ours (so that `CANDELA_DUMP_DIR` dumps line up with
+/// `tests/fixtures/dump_llama.py`'s).
+#[test]
+fn greedy_decode_follows_llama_cpp() {
+    let model = load();
+    let fx = common::fixture();
+    let only: Option<usize> = std::env::var("CANDELA_GREEDY_PROMPT")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut report = Vec::new();
+    for (i, g) in fx["greedy"].as_array().unwrap().iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let want = ids(&g["completion_ids"]);
+        let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
+        let mut next = ids(&g["prompt_ids"]);
+        let mut agree = 0;
+        let mut parted = false;
+        for (k, &w) in want.iter().enumerate() {
+            let out = model
+                .forward(&mut [SeqInput {
+                    tokens: &next,
+                    cache: &mut cache,
+                    all_logits: false,
+                }])
+                .unwrap();
+            let logits = &rows(&out[0])[0];
+            let t = candela::engine::sampling::argmax(logits) as u32;
+            if t != w && !parted {
+                parted = true;
+                let gap = logits[t as usize] - logits[w as usize];
+                eprintln!("prompt {i}: parts at token {k}: ours {t}, llama.cpp {w} (ahead by {gap:.4})");
+            }
+            if !parted {
+                agree += 1;
+            }
+            next = vec![if only.is_some() { w } else { t }];
+        }
+        report.push(agree);
+    }
+    let full = report.iter().filter(|&&a| a >= 24).count();
+    eprintln!(
+        "tokens agreeing with llama.cpp per prompt: {report:?} ({} of {}), {full} prompts over 24+",
+        report.iter().sum::<usize>(),
+        32 * report.len()
+    );
+    if only.is_none() {
+        assert!(full >= 6, "only {full} prompts agree over 24+ tokens: {report:?}");
+    }
+}
