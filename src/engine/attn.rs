@@ -190,14 +190,8 @@ unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
         i += LANES;
     }
     // 16-lane register j is (acc[2j], acc[2j + 1]).
-    let lo = _mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[4]),
-        _mm256_add_ps(acc[2], acc[6]),
-    );
-    let hi = _mm256_add_ps(
-        _mm256_add_ps(acc[1], acc[5]),
-        _mm256_add_ps(acc[3], acc[7]),
-    );
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
     let mut l = [0f32; 8];
     let mut h = [0f32; 8];
     _mm256_storeu_ps(l.as_mut_ptr(), lo);

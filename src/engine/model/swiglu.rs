@@ -88,7 +88,11 @@ unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) {
         let b = _mm256_fnmadd_ps(n, lo, _mm256_fnmadd_ps(n, hi, x));
         let uu = _mm256_mul_ps(b, b);
         let j = _mm256_fmadd_ps(
-            _mm256_fmadd_ps(_mm256_fmadd_ps(p[4], b, p[3]), uu, _mm256_fmadd_ps(p[2], b, p[1])),
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(p[4], b, p[3]),
+                uu,
+                _mm256_fmadd_ps(p[2], b, p[1]),
+            ),
             uu,
             _mm256_fmadd_ps(p[0], b, one),
         );
@@ -123,8 +127,16 @@ mod tests {
     #[test]
     fn simd_equals_scalar_definition() {
         let mut g: Vec<f32> = (0..4096).map(|i| (i as f32 - 2048.0) * 0.0137).collect();
-        g.extend([0.0, -0.0, 87.0, -87.0, 88.5, -88.5, 100.0, -100.0, 104.0, -104.0, 150.0]);
-        g.extend([-126.0 * std::f32::consts::LN_2, 1e-30, -1e-30, 200.0, -200.0]);
+        g.extend([
+            0.0, -0.0, 87.0, -87.0, 88.5, -88.5, 100.0, -100.0, 104.0, -104.0, 150.0,
+        ]);
+        g.extend([
+            -126.0 * std::f32::consts::LN_2,
+            1e-30,
+            -1e-30,
+            200.0,
+            -200.0,
+        ]);
         while g.len() % 16 != 0 {
             g.push(0.5);
         }
@@ -138,7 +150,13 @@ mod tests {
             } else {
                 g[i] / (1.0 + (-g[i]).exp()) * u[i]
             };
-            assert_eq!(y[i].to_bits(), want.to_bits(), "g {}: {} vs {want}", g[i], y[i]);
+            assert_eq!(
+                y[i].to_bits(),
+                want.to_bits(),
+                "g {}: {} vs {want}",
+                g[i],
+                y[i]
+            );
             let exact = g[i] as f64 / (1.0 + (-(g[i] as f64)).exp()) * u[i] as f64;
             assert!(
                 (y[i] as f64 - exact).abs() <= 1e-6 * exact.abs().max(1e-30),
