@@ -31,10 +31,10 @@ fn has_simd() -> bool {
 /// Lanes of ggml's AVX-512 f16 dot product: four 16-lane accumulators.
 const LANES: usize = 64;
 
-/// ggml's reduction of the 64 lanes: registers `r0 += r2`, `r1 += r3`, `r0 += r1`, then
-/// `_mm512_reduce_add_ps` (halves added: 16 -> 8 -> 4, then `(u0 + u2) + (u1 + u3)`).
-/// `half8[i]` is lane `i` of the 16-lane register after the register additions, minus
-/// the last step: here the caller passes lanes `0..8` and `8..16` of `r0 + r1`.
+/// The end of ggml's reduction of the 64 lanes. Its four 16-lane registers are first
+/// added lane by lane (`r0 += r2`, `r1 += r3`, `r0 += r1`; the callers do that), then
+/// `_mm512_reduce_add_ps(r0)` halves 16 -> 8 -> 4 lanes and adds `(u0 + u2) + (u1 + u3)`.
+/// `lo` and `hi` are lanes `0..8` and `8..16` of `r0`.
 #[inline]
 fn reduce16(lo: [f32; 8], hi: [f32; 8]) -> f32 {
     let mut t = [0f32; 8];
@@ -124,13 +124,9 @@ fn dot(simd: bool, q: &[f16], k: &[f16]) -> f32 {
         }
     }
     // Registers of 16 lanes: r = (r0 + r2) + (r1 + r3), lane by lane.
-    let r: Vec<f32> = (0..16)
-        .map(|l| (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]))
-        .collect();
-    let mut lo = [0f32; 8];
-    let mut hi = [0f32; 8];
-    lo.copy_from_slice(&r[..8]);
-    hi.copy_from_slice(&r[8..]);
+    let r = |l: usize| (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
+    let lo: [f32; 8] = std::array::from_fn(r);
+    let hi: [f32; 8] = std::array::from_fn(|l| r(8 + l));
     tail(reduce16(lo, hi), q, k, np)
 }
 

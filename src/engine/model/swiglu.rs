@@ -137,7 +137,7 @@ mod tests {
             200.0,
             -200.0,
         ]);
-        while g.len() % 16 != 0 {
+        while !g.len().is_multiple_of(16) {
             g.push(0.5);
         }
         g.push(3.0); // a scalar tail element
