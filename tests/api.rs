@@ -56,10 +56,9 @@ async fn detokenize_round_trips() {
 /// many leading tokens agree. Token pieces are compared through `logprobs` so that ids,
 /// not re-tokenized text, are compared.
 ///
-/// Status: every prompt agrees on its first tokens and several agree on all 32, but
-/// our logits still drift from llama.cpp's by ~0.03 (see README, "Correctness"), so
-/// prompts with near-tied candidates part ways. The assertion is the level reached,
-/// as a regression floor; the goal (8 prompts over 24+ tokens) is open.
+/// Every prompt agrees all the way: 32 tokens, or up to llama.cpp's end of turn where
+/// we stop too (the CPU path reproduces ggml's arithmetic bit for bit; see README,
+/// "Correctness"). A prompt is counted when it agrees over 24+ tokens or to its end.
 #[tokio::test]
 async fn greedy_completions_follow_llama_cpp() {
     let fx = common::fixture();
@@ -109,14 +108,14 @@ async fn greedy_completions_follow_llama_cpp() {
             "first greedy token differs from llama.cpp for {:?}",
             g["prompt"]
         );
-        if agree == 32 || (agree == want.len() && want.len() < all.len()) {
+        if agree >= 24 || (agree == want.len() && want.len() < all.len()) {
             full += 1;
         }
     }
     eprintln!("tokens agreeing with llama.cpp per prompt: {report:?}");
     assert!(
-        full >= 3,
-        "only {full} prompts agree over 32 tokens: {report:?}"
+        full >= 10,
+        "only {full} prompts agree over 24+ tokens (or to the end of turn): {report:?}"
     );
 }
 

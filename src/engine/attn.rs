@@ -1,19 +1,18 @@
 //! Attention of one query head over one KV head of an f16 cache, on the CPU.
 //!
-//! The rounding follows ggml's flash-attention kernel as far as the tensor path does:
-//! Q is rounded to f16 (K and V are stored as f16), scores are summed in f32, the
-//! softmax runs in f32 and its weights are rounded to f16 before they scale V. The
-//! SIMD path (AVX2 + F16C + FMA, detected at run time) and the portable path give
-//! bit-identical results: both sum the score of a position in eight f32 lanes with
-//! fused multiply-adds and reduce the lanes in one fixed order.
-
-use std::cell::RefCell;
+//! The arithmetic is that of ggml's CPU flash-attention kernel for one query row (the
+//! path llama.cpp takes for decoding and for prompts shorter than its 64-row tile, as
+//! built for x86 with AVX-512): Q rounded to f16; each score is the f16 dot product
+//! `q · k` summed the way ggml's AVX-512 `ggml_vec_dot_f16` sums it (64 lanes with
+//! fused multiply-adds, its fixed reduction tree), times the scale; an online softmax
+//! over the positions in order, with `expf`; the weighted sum of V kept in f16 (each
+//! step `acc = f16(fma(v, w, acc))`, rescaled in f16 when the maximum grows); the sum of
+//! weights as `S = fma(S, ms, w)`; at the end `f32(acc) * (1 / S)`.
+//!
+//! The SIMD path (AVX2 + F16C + FMA, detected at run time) and the portable path give
+//! bit-identical results.
 
 use half::f16;
-
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 fn has_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -29,10 +28,21 @@ fn has_simd() -> bool {
     false
 }
 
-/// Lane reduction shared by both paths.
+/// Lanes of ggml's AVX-512 f16 dot product: four 16-lane accumulators.
+const LANES: usize = 64;
+
+/// The end of ggml's reduction of the 64 lanes. Its four 16-lane registers are first
+/// added lane by lane (`r0 += r2`, `r1 += r3`, `r0 += r1`; the callers do that), then
+/// `_mm512_reduce_add_ps(r0)` halves 16 -> 8 -> 4 lanes and adds `(u0 + u2) + (u1 + u3)`.
+/// `lo` and `hi` are lanes `0..8` and `8..16` of `r0`.
 #[inline]
-fn hsum8(l: [f32; 8]) -> f32 {
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+fn reduce16(lo: [f32; 8], hi: [f32; 8]) -> f32 {
+    let mut t = [0f32; 8];
+    for i in 0..8 {
+        t[i] = hi[i] + lo[i];
+    }
+    let u = [t[4] + t[0], t[5] + t[1], t[6] + t[2], t[7] + t[3]];
+    (u[0] + u[2]) + (u[1] + u[3])
 }
 
 /// `out = softmax(q·K^T * scale) V` over the `k.len() / q.len()` cached positions.
@@ -43,128 +53,182 @@ pub fn attend(q: &[f32], k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
 
 fn attend_with(simd: bool, q: &[f32], k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
     let hd = q.len();
-    let len = k.len() / hd;
     debug_assert!(v.len() == k.len() && out.len() == hd);
-    let mut q16 = [0f32; 256];
-    let q16 = &mut q16[..hd.min(256)];
     if hd > 256 {
-        // Heads wider than any model we know of take the slow road.
-        let qv: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
-        return attend_rounded(simd, &qv, k, v, scale, out, len);
+        // Heads wider than any model we know of take the allocating road.
+        let mut qh = vec![f16::ZERO; hd];
+        let mut acc = vec![f16::ZERO; hd];
+        return attend_in(simd, q, k, v, scale, out, &mut qh, &mut acc);
     }
-    for (d, &x) in q16.iter_mut().zip(q) {
-        *d = f16::from_f32(x).to_f32();
-    }
-    attend_rounded(simd, q16, k, v, scale, out, len)
+    let mut qh = [f16::ZERO; 256];
+    let mut acc = [f16::ZERO; 256];
+    attend_in(simd, q, k, v, scale, out, &mut qh[..hd], &mut acc[..hd])
 }
 
-fn attend_rounded(
+#[allow(clippy::too_many_arguments)]
+fn attend_in(
     simd: bool,
     q: &[f32],
     k: &[f16],
     v: &[f16],
     scale: f32,
     out: &mut [f32],
-    len: usize,
+    qh: &mut [f16],
+    acc: &mut [f16],
 ) {
     let hd = q.len();
-    SCORES.with(|cell| {
-        let mut s = cell.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
+    let len = k.len() / hd;
+    for (d, &x) in qh.iter_mut().zip(q) {
+        *d = f16::from_f32(x);
+    }
+    acc.fill(f16::ZERO);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for j in 0..len {
+        let s = dot(simd, qh, &k[j * hd..(j + 1) * hd]) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let old = m;
+            m = s;
+            ms = (old - m).exp();
+            scale_h(simd, acc, ms);
+        } else {
+            vs = (s - m).exp();
         }
-        let s = &mut s[..len];
-        for (j, sj) in s.iter_mut().enumerate() {
-            *sj = dot(simd, q, &k[j * hd..(j + 1) * hd]) * scale;
-        }
-        let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for sj in s.iter_mut() {
-            *sj = (*sj - max).exp();
-            sum += *sj;
-        }
-        out.fill(0.0);
-        for (j, &e) in s.iter().enumerate() {
-            let w = f16::from_f32(e / sum).to_f32();
-            mad(simd, w, &v[j * hd..(j + 1) * hd], out);
-        }
-    })
+        mad_h(simd, acc, &v[j * hd..(j + 1) * hd], vs);
+        sum = sum.mul_add(ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a.to_f32() * inv;
+    }
 }
 
-/// `q · k` in eight lanes (element `i` goes to lane `i % 8`), tail added after.
+/// `q · k` over f16 inputs, summed as ggml's AVX-512 `ggml_vec_dot_f16`: lane `i % 64`
+/// of the first `n - n % 64` elements by fused multiply-add, the lanes reduced in
+/// ggml's tree, the rest added in f64.
 #[inline]
-fn dot(simd: bool, q: &[f32], k: &[f16]) -> f32 {
+fn dot(simd: bool, q: &[f16], k: &[f16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: AVX2, FMA and F16C were detected; slices have equal length.
         return unsafe { dot_f16c(q, k) };
     }
     let _ = simd;
-    let n8 = q.len() / 8 * 8;
-    let mut acc = [0f32; 8];
-    for c in 0..n8 / 8 {
+    let n = q.len();
+    let np = n / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    for c in 0..np / LANES {
         for (l, a) in acc.iter_mut().enumerate() {
-            let i = c * 8 + l;
-            *a = q[i].mul_add(k[i].to_f32(), *a);
+            let i = c * LANES + l;
+            *a = k[i].to_f32().mul_add(q[i].to_f32(), *a);
         }
     }
-    let mut r = hsum8(acc);
-    for i in n8..q.len() {
-        r += q[i] * k[i].to_f32();
-    }
-    r
+    // Registers of 16 lanes: r = (r0 + r2) + (r1 + r3), lane by lane.
+    let r = |l: usize| (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
+    let lo: [f32; 8] = std::array::from_fn(r);
+    let hi: [f32; 8] = std::array::from_fn(|l| r(8 + l));
+    tail(reduce16(lo, hi), q, k, np)
 }
 
-/// `out += w * v`, element by element with a fused multiply-add.
+/// ggml's leftovers of the dot product: products rounded to f32, summed in f64.
 #[inline]
-fn mad(simd: bool, w: f32, v: &[f16], out: &mut [f32]) {
+fn tail(head: f32, q: &[f16], k: &[f16], np: usize) -> f32 {
+    let mut s = head as f64;
+    for i in np..q.len() {
+        s += (k[i].to_f32() * q[i].to_f32()) as f64;
+    }
+    s as f32
+}
+
+/// `acc = f16(fma(v, w, f32(acc)))`, element by element (ggml's `ggml_vec_mad_f16`).
+#[inline]
+fn mad_h(simd: bool, acc: &mut [f16], v: &[f16], w: f32) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: as for `dot`.
-        return unsafe { mad_f16c(w, v, out) };
+        return unsafe { mad_f16c(acc, v, w) };
     }
     let _ = simd;
-    for (o, x) in out.iter_mut().zip(v) {
-        *o = w.mul_add(x.to_f32(), *o);
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = f16::from_f32(x.to_f32().mul_add(w, a.to_f32()));
+    }
+}
+
+/// `acc = f16(f32(acc) * w)` (ggml's `ggml_vec_scale_f16`).
+#[inline]
+fn scale_h(simd: bool, acc: &mut [f16], w: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as for `dot`.
+        return unsafe { scale_f16c(acc, w) };
+    }
+    let _ = simd;
+    for a in acc.iter_mut() {
+        *a = f16::from_f32(a.to_f32() * w);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16c(q: &[f32], k: &[f16]) -> f32 {
+unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
     use std::arch::x86_64::*;
-    let n8 = q.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
+    let n = q.len();
+    let np = n / LANES * LANES;
+    let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    // acc[a] holds lanes 8a..8a+8.
+    let mut acc = [_mm256_setzero_ps(); 8];
     let mut i = 0;
-    while i < n8 {
-        let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
-        i += 8;
+    while i < np {
+        for (a, r) in acc.iter_mut().enumerate() {
+            let at = i + 8 * a;
+            *r = _mm256_fmadd_ps(ld(k.as_ptr().add(at)), ld(q.as_ptr().add(at)), *r);
+        }
+        i += LANES;
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut r = hsum8(lanes);
-    for i in n8..q.len() {
-        r += q[i] * k[i].to_f32();
-    }
-    r
+    // 16-lane register j is (acc[2j], acc[2j + 1]).
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    let mut l = [0f32; 8];
+    let mut h = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), lo);
+    _mm256_storeu_ps(h.as_mut_ptr(), hi);
+    tail(reduce16(l, h), q, k, np)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mad_f16c(w: f32, v: &[f16], out: &mut [f32]) {
+unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) {
     use std::arch::x86_64::*;
-    let n8 = out.len() / 8 * 8;
+    let n8 = acc.len() / 8 * 8;
     let wv = _mm256_set1_ps(w);
     let mut i = 0;
     while i < n8 {
         let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-        let o = out.as_mut_ptr().add(i);
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(o)));
+        let p = acc.as_mut_ptr().add(i) as *mut __m128i;
+        let y = _mm256_fmadd_ps(x, wv, _mm256_cvtph_ps(_mm_loadu_si128(p)));
+        _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
         i += 8;
     }
-    for i in n8..out.len() {
-        out[i] = w.mul_add(v[i].to_f32(), out[i]);
+    for i in n8..acc.len() {
+        acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_f16c(acc: &mut [f16], w: f32) {
+    use std::arch::x86_64::*;
+    let n8 = acc.len() / 8 * 8;
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i < n8 {
+        let p = acc.as_mut_ptr().add(i) as *mut __m128i;
+        let y = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), wv);
+        _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+        i += 8;
+    }
+    for a in &mut acc[n8..] {
+        *a = f16::from_f32(a.to_f32() * w);
     }
 }
 

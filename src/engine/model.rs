@@ -8,6 +8,7 @@
 //! per sequence against that sequence's cache.
 
 mod host;
+mod swiglu;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};

@@ -16,6 +16,37 @@ use super::{Embed, Model, Proj, SeqInput, Weight};
 use crate::engine::attn;
 use crate::engine::quant::QActs;
 
+/// Debugging aid: with `CANDELA_DUMP_DIR` set, every forward pass writes its
+/// intermediate values (raw little-endian f32, named as llama.cpp's graph names them:
+/// `attn_norm-0`, `Qcur-0`, `kqv_out-0`, ...) to `$CANDELA_DUMP_DIR/callNN/`, for
+/// op-by-op comparison with llama.cpp's (`tests/fixtures/dump_llama.py`). Off: one
+/// branch per op.
+mod dump {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static CALL: AtomicUsize = AtomicUsize::new(0);
+
+    /// The folder for this forward pass, when dumping is on.
+    pub(super) fn begin() -> Option<PathBuf> {
+        let root = DIR
+            .get_or_init(|| std::env::var_os("CANDELA_DUMP_DIR").map(PathBuf::from))
+            .as_ref()?;
+        let d = root.join(format!("call{:02}", CALL.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&d).ok()?;
+        Some(d)
+    }
+
+    pub(super) fn write(dir: &Option<PathBuf>, name: &str, v: &[f32]) {
+        if let Some(d) = dir {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let _ = std::fs::write(d.join(format!("{name}.f32")), bytes);
+        }
+    }
+}
+
 /// Buffers reused from one forward pass to the next (they only grow).
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
@@ -38,17 +69,17 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-/// RMSNorm of each row of `x` into `out`, with the arithmetic of candle's `rms_norm`
-/// that the tensor path uses (f32 sum of squares, divide by the root, then the weight).
-/// ggml's variant (f64 sum, multiply by the reciprocal) was tried: over the greedy
-/// fixture it agreed with llama.cpp on fewer tokens (see README, "Correctness").
+/// RMSNorm of each row of `x` into `out`, with ggml's arithmetic: squares rounded to
+/// f32 and summed in f64 in order, the mean rounded to f32, `1 / sqrt(mean + eps)` in
+/// f32, then `x * scale * w`.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum2: f32 = xr.iter().map(|&v| v * v).sum();
-        let m = (sum2 / n as f32 + eps).sqrt();
+        let sum2: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum2 / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
         for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *y = v / m * g;
+            *y = v * scale * g;
         }
     }
 }
@@ -63,8 +94,8 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
             (2 * i, 2 * i + 1)
         };
         let (x0, x1) = (x[a], x[b]);
-        x[a] = x0 * cos[i] - x1 * sin[i];
-        x[b] = x0 * sin[i] + x1 * cos[i];
+        x[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+        x[b] = x0.mul_add(sin[i], x1 * cos[i]);
     }
 }
 
@@ -142,12 +173,14 @@ impl Model {
         for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
             row.copy_from_slice(&table[id as usize * hidden..(id as usize + 1) * hidden]);
         }
+        let dd = dump::begin();
         let (cos, sin) = (&self.rope_host.0, &self.rope_host.1);
         let half = hd / 2;
         for (li, layer) in self.layers.iter().enumerate() {
             let x = &mut sc.x[..t * hidden];
             let h = fit(&mut sc.h, t * hidden);
             rms_norm(x, &layer.attn_norm.v, eps, h);
+            dump::write(&dd, &format!("attn_norm-{li}"), h);
             sc.acts.quantize(h, hidden);
             let qkv = fit(&mut sc.qkv, t * dqkv);
             layer.qkv.forward_host(h, &sc.acts, t, qkv, dqkv)?;
@@ -161,6 +194,16 @@ impl Model {
                 for head in row[..nq + nkv].chunks_exact_mut(hd) {
                     rope(head, c, s, cfg.rope_neox);
                 }
+            }
+            if dd.is_some() {
+                let pick = |a: usize, w: usize| -> Vec<f32> {
+                    qkv.chunks_exact(dqkv)
+                        .flat_map(|r| r[a..a + w].to_vec())
+                        .collect()
+                };
+                dump::write(&dd, &format!("Qcur-{li}"), &pick(0, nq));
+                dump::write(&dd, &format!("Kcur-{li}"), &pick(nq, nkv));
+                dump::write(&dd, &format!("Vcur-{li}"), &pick(nq + nkv, nkv));
             }
             // Append K/V to each sequence's cache, then attend.
             let mut views = Vec::with_capacity(batch.len());
@@ -216,15 +259,19 @@ impl Model {
                 att.chunks_mut(hd).enumerate().for_each(job);
             }
             drop(views);
+            dump::write(&dd, &format!("kqv_out-{li}"), att);
             // Output projection and residual.
             sc.acts.quantize(att, nq);
             let tmp = fit(&mut sc.tmp, t * hidden);
             layer.wo.forward_host(att, &sc.acts, t, tmp, hidden)?;
+            dump::write(&dd, &format!("attn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            dump::write(&dd, &format!("ffn_inp-{li}"), x);
             // MLP.
             let h = &mut sc.h[..t * hidden];
             rms_norm(x, &layer.ffn_norm.v, eps, h);
+            dump::write(&dd, &format!("ffn_norm-{li}"), h);
             sc.acts.quantize(h, hidden);
             let dgu = layer.gate_up.width();
             let ffn = dgu / 2;
@@ -232,14 +279,24 @@ impl Model {
             layer.gate_up.forward_host(h, &sc.acts, t, gu, dgu)?;
             let act = fit(&mut sc.act, t * ffn);
             for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(dgu)) {
-                for ((a, &gv), &uv) in a.iter_mut().zip(&g[..ffn]).zip(&g[ffn..]) {
-                    *a = gv / (1.0 + (-gv).exp()) * uv;
-                }
+                super::swiglu::swiglu(&g[..ffn], &g[ffn..], a);
+            }
+            if dd.is_some() {
+                let half_of = |a: usize| -> Vec<f32> {
+                    gu.chunks_exact(dgu)
+                        .flat_map(|r| r[a..a + ffn].to_vec())
+                        .collect()
+                };
+                dump::write(&dd, &format!("ffn_gate-{li}"), &half_of(0));
+                dump::write(&dd, &format!("ffn_up-{li}"), &half_of(ffn));
+                dump::write(&dd, &format!("ffn_swiglu-{li}"), act);
             }
             sc.acts.quantize(act, ffn);
             layer.down.forward_host(act, &sc.acts, t, tmp, hidden)?;
+            dump::write(&dd, &format!("ffn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            dump::write(&dd, &format!("l_out-{li}"), x);
         }
         // Final norm and vocabulary projection for the rows whose logits are wanted.
         let mut sel = Vec::new();
@@ -257,6 +314,7 @@ impl Model {
             let xr = &sc.x[r * hidden..(r + 1) * hidden];
             rms_norm(xr, &self.norm.v, eps, &mut h[i * hidden..(i + 1) * hidden]);
         }
+        dump::write(&dd, "result_norm", h);
         sc.acts.quantize(h, hidden);
         let vocab = cfg.vocab;
         let mut logits = vec![0f32; m * vocab];
@@ -274,6 +332,7 @@ impl Model {
                     .to_vec1()?;
             }
         }
+        dump::write(&dd, "result_output", &logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
         for s in batch.iter_mut() {
