@@ -34,6 +34,11 @@ fn main() {
         .arg("-o")
         .arg(&out)
         .status()
-        .unwrap_or_else(|e| panic!("running {}: {e} (the cuda feature needs nvcc)", nvcc.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {}: {e} (the cuda feature needs nvcc)",
+                nvcc.display()
+            )
+        });
     assert!(status.success(), "nvcc failed on {src}");
 }

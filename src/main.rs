@@ -53,7 +53,11 @@ async fn doctor(
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
-    let spec = cfg.models.first().cloned().unwrap_or_else(|| "default".into());
+    let spec = cfg
+        .models
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "default".into());
     tokio::task::spawn_blocking(move || {
         candela::engine::doctor::run(
             &spec,

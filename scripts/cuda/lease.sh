@@ -43,15 +43,17 @@ stage2)
     BIN=/root/candela
     echo "== doctor (fused: graph + programmatic dependent launch)"
     "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>"$OUT/doctor.err" | tee "$OUT/doctor.txt"
-    echo "== doctor, fused lines: graph without PDL, then no graph"
-    CANDELA_CUDA_PDL=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq|kernels" | tee "$OUT/doctor_nopdl.txt"
-    CANDELA_CUDA_GRAPH=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq" | tee "$OUT/doctor_nograph.txt"
+    if [ "${VARIANTS:-0}" = 1 ]; then
+        echo "== doctor, fused lines: graph without PDL, then no graph"
+        CANDELA_CUDA_PDL=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq|kernels" | tee "$OUT/doctor_nopdl.txt"
+        CANDELA_CUDA_GRAPH=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq" | tee "$OUT/doctor_nograph.txt"
+    fi
     tail -n 5 "$OUT/doctor.err"
     if [ "${SKIP_CHECK:-0}" != 1 ]; then
         echo "== CPU greedy reference, then gpu_check on CUDA"
         DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" --reference /root/cpu_ref.json >"$OUT/cpu_ref.log" 2>&1
         tail -n 2 "$OUT/cpu_ref.log"
-        CANDELA_BIN=$BIN REF=/root/cpu_ref.json OUT=$OUT "$HERE/gpu_check.sh" 2>&1 | grep -v "^  " | tail -n 12
+        CANDELA_BIN=$BIN REF=/root/cpu_ref.json OUT=$OUT "$HERE/gpu_check.sh" 2>&1 | grep -E "^greedy|^single|^8 streams|^memory" | head -n 8
     fi
     if [ -d /root/lcp ]; then
         for _ in $(seq 1 60); do [ -f /root/lcp/build.done ] && break; sleep 5; done

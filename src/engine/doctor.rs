@@ -141,7 +141,8 @@ pub fn run(
 ) -> Result<(), EngineError> {
     let resolved = fetch::resolve(spec, data_dir)?;
     let path = resolved.gguf;
-    let open = || File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())));
+    let open =
+        || File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())));
     let mut f = open()?;
     let ct = gguf_file::Content::read(&mut f)
         .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
@@ -155,13 +156,22 @@ pub fn run(
     } else {
         ctx_size
     };
-    println!("model {} ({}), device {:?}, ctx {ctx}", path.display(), probe.arch, dev.location());
+    println!(
+        "model {} ({}), device {:?}, ctx {ctx}",
+        path.display(),
+        probe.arch,
+        dev.location()
+    );
     let t = Instant::now();
     let model = Model::from_gguf(&ct, &mut f, &dev, ctx)?;
     println!(
         "loaded on the device in {:.2} s; fused GPU decode: {}",
         t.elapsed().as_secs_f64(),
-        if model.has_fused_decode() { "yes" } else { "no" }
+        if model.has_fused_decode() {
+            "yes"
+        } else {
+            "no"
+        }
     );
     let cpu = if dev.is_cpu() {
         None

@@ -218,7 +218,10 @@ fn repack(kind: Kind, raw: &[u8], n: usize, k: usize) -> Result<(Vec<u8>, Vec<f3
     let (bsz, qlen) = kind.sizes();
     let nb = n * k / 32;
     if k % 32 != 0 || raw.len() != nb * bsz {
-        return Err(err(format!("bad {kind:?} tensor: {} bytes for {n}x{k}", raw.len())));
+        return Err(err(format!(
+            "bad {kind:?} tensor: {} bytes for {n}x{k}",
+            raw.len()
+        )));
     }
     let mut qs = Vec::with_capacity(nb * qlen);
     let mut dm = Vec::with_capacity(nb * 2);
@@ -335,8 +338,8 @@ impl FusedDecoder {
         let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
         // SAFETY: `raw` belongs to this context; it is never destroyed (one per model).
         let stream = unsafe { context.wrap_borrowed_stream(raw) };
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(err)?;
+        let event =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(err)?;
         let module = context
             .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(PTX))
             .map_err(err)?;
@@ -378,11 +381,7 @@ impl FusedDecoder {
             }
             let qkv_bias = {
                 let parts = ["attn_q", "attn_k", "attn_v"];
-                let widths = [
-                    cfg.n_heads * hd,
-                    cfg.n_kv_heads * hd,
-                    cfg.n_kv_heads * hd,
-                ];
+                let widths = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd];
                 let mut any = false;
                 let mut v = Vec::with_capacity(want_qkv);
                 for (part, w) in parts.iter().zip(widths) {
@@ -543,8 +542,7 @@ impl Inner {
         let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
         for (i, &t) in tokens.iter().enumerate() {
             self.words.clear();
-            self.words
-                .extend([t as u64, (pos0 + i) as u64, cap as u64]);
+            self.words.extend([t as u64, (pos0 + i) as u64, cap as u64]);
             self.words.extend(&kp);
             self.words.extend(&vp);
             self.stream
@@ -591,15 +589,7 @@ impl Inner {
             .map_err(err)
     }
 
-    fn matvec(
-        &self,
-        m: &QMat,
-        mode: usize,
-        x: u64,
-        norm: u64,
-        bias: u64,
-        out: u64,
-    ) -> Result<()> {
+    fn matvec(&self, m: &QMat, mode: usize, x: u64, norm: u64, bias: u64, out: u64) -> Result<()> {
         let kind = match m.kind {
             Kind::Q4_0 => 0,
             Kind::Q4_1 => 1,
@@ -660,9 +650,14 @@ impl Inner {
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: pdl as u32,
         };
-        sys::cuLaunchKernelEx(&lc, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
-            .result()
-            .map_err(err)
+        sys::cuLaunchKernelEx(
+            &lc,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .map_err(err)
     }
 
     /// Enqueue one decode step on our stream.
@@ -684,7 +679,12 @@ impl Inner {
             Op::Embed => {
                 let hidden = cfg.hidden as i32;
                 let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
-                let mut args = [arg(&self.step.ptr), arg(&embed), arg(&hidden), arg(&self.x.ptr)];
+                let mut args = [
+                    arg(&self.step.ptr),
+                    arg(&embed),
+                    arg(&hidden),
+                    arg(&self.x.ptr),
+                ];
                 let blocks = cfg.hidden.div_ceil(256) as u32;
                 // SAFETY: matches `embed_row`. A plain launch: it follows the step
                 // buffer's copy, not a kernel.
@@ -728,7 +728,14 @@ impl Inner {
                 let smem = ((3 * hd) as u32 + 8 * threads) * 4;
                 // SAFETY: matches `attention`; the step buffer holds the cache pointers.
                 unsafe {
-                    self.go(&self.f.attention, cfg.n_heads as u32, threads, smem, &mut args, true)
+                    self.go(
+                        &self.f.attention,
+                        cfg.n_heads as u32,
+                        threads,
+                        smem,
+                        &mut args,
+                        true,
+                    )
                 }
             }
             Op::Wo => self.matvec(&l.wo, 1, self.att.ptr, 0, 0, self.x.ptr),
