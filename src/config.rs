@@ -34,6 +34,22 @@ pub enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Check the compute device (--device) against the CPU on the first model: greedy
+    /// decoding of a short and a long prompt, tokens agreeing, logit gaps, prefill time,
+    /// decode tok/s, 8 sequences together.
+    Doctor {
+        /// Tokens to decode per run.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Prompt text (the long prompt repeats it).
+        #[arg(
+            long,
+            default_value = "The numbers, one after another: 1, 2, 3, 4, 5, 6, 7, 8,"
+        )]
+        prompt: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Size a machine: weights, KV bytes per token, how many tokens and sessions fit
     /// the KV budget (--kv-budget), and what is left of RAM.
     Plan {

@@ -19,6 +19,11 @@ async fn main() -> std::process::ExitCode {
             session_tokens,
             args,
         }) => plan(session_tokens, &args).await,
+        Some(Command::Doctor {
+            tokens,
+            prompt,
+            args,
+        }) => doctor(tokens, prompt, &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -40,6 +45,32 @@ async fn serve(args: &candela::config::ServeArgs) -> Result<(), candela::Error> 
         cfg.models.join("`, `")
     );
     app.run().await
+}
+
+async fn doctor(
+    tokens: usize,
+    prompt: String,
+    args: &candela::config::ServeArgs,
+) -> Result<(), candela::Error> {
+    let cfg = Config::load(args)?;
+    let spec = cfg
+        .models
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    tokio::task::spawn_blocking(move || {
+        candela::engine::doctor::run(
+            &spec,
+            &cfg.data_dir,
+            &cfg.device,
+            cfg.ctx_size,
+            tokens,
+            &prompt,
+        )
+    })
+    .await
+    .map_err(|e| candela::Error::Config(format!("doctor task failed: {e}")))??;
+    Ok(())
 }
 
 async fn fetch(

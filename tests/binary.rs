@@ -29,3 +29,35 @@ fn sigterm_spills_sessions_and_exits_cleanly() {
         "session not spilled"
     );
 }
+
+/// `candela doctor` on the CPU: it decodes greedily through `Model::forward` and prints
+/// per-run lines (a GPU build adds the fused-path and CPU-comparison lines).
+#[test]
+fn doctor_runs_on_the_cpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
+        .args([
+            "doctor",
+            "--device",
+            "cpu",
+            "--tokens",
+            "4",
+            "--ctx-size",
+            "1024",
+        ])
+        .arg("--model")
+        .arg(common::model_path())
+        .arg("--data-dir")
+        .arg(common::data_dir())
+        .output()
+        .expect("run candela doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "doctor failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fused GPU decode: no"), "{stdout}");
+    assert!(stdout.contains("-- short prompt:"), "{stdout}");
+    assert!(stdout.contains("-- long prompt:"), "{stdout}");
+    assert!(stdout.contains("8 sequences stepped together:"), "{stdout}");
+}

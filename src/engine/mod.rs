@@ -7,6 +7,9 @@
 
 pub mod attn;
 pub mod constrain;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod doctor;
 pub mod fetch;
 pub mod grammar;
 pub mod model;

@@ -12,6 +12,7 @@ mod swiglu;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -203,7 +204,18 @@ pub struct Model {
     /// Bytes of the weights as stored (quantized).
     pub weight_bytes: usize,
     pub ctx_size: usize,
+    /// Our fused CUDA decode path (see `engine::cuda`), when the model's types allow it.
+    #[cfg(feature = "cuda")]
+    fused: Option<super::cuda::FusedDecoder>,
+    /// Whether [`Model::forward`] may take the fused path (on by default).
+    fused_on: AtomicBool,
 }
+
+/// Sequences of at most this many new tokens go through the fused CUDA path one token
+/// at a time (short prompts included: that is faster than the tensor path's prefill up
+/// to about this length, and keeps prefill and decode on the same arithmetic).
+#[cfg(feature = "cuda")]
+const FUSED_MAX_TOKENS: usize = 64;
 
 struct Loader<'a, R> {
     ct: &'a gguf_file::Content,
@@ -377,7 +389,28 @@ impl Model {
         let half = config.head_dim / 2;
         let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
         let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
+        #[cfg(feature = "cuda")]
+        let fused = match (&embed, dequantize) {
+            (Embed::Dev(table), false) if device.is_cuda() => {
+                match super::cuda::FusedDecoder::new(
+                    ct, ld.reader, &config, device, table, &cos, &sin, ctx_size,
+                ) {
+                    Ok(d) => {
+                        tracing::info!(fused = d.is_some(), "fused cuda decode path");
+                        d
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fused cuda decode unavailable");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            fused,
+            fused_on: AtomicBool::new(true),
             weight_bytes: ld.bytes,
             config,
             embed,
@@ -395,6 +428,57 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Allow or forbid the fused GPU decode path; returns whether the model has one.
+    pub fn set_fused_decode(&self, on: bool) -> bool {
+        self.fused_on.store(on, Ordering::Relaxed);
+        self.has_fused_decode()
+    }
+
+    /// Whether this model runs decode steps through our fused GPU kernels.
+    pub fn has_fused_decode(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.fused.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Per-kernel costs of the fused GPU path with the attention at each of `positions`
+    /// (report lines for `candela doctor`); None without a fused path.
+    pub fn fused_bench(&self, positions: &[usize]) -> Result<Option<String>> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            let mut cache = SeqCache::new(self.cache_layout(KvDtype::F16), &self.device);
+            return d.bench_report(&mut cache, positions).map(Some);
+        }
+        let _ = positions;
+        Ok(None)
+    }
+
+    /// The fused path for a batch whose every sequence it covers; None otherwise.
+    #[cfg(feature = "cuda")]
+    fn forward_fused(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<Tensor>>> {
+        use super::cuda::FusedDecoder;
+        let Some(dec) = &self.fused else {
+            return Ok(None);
+        };
+        if !self.fused_on.load(Ordering::Relaxed)
+            || !batch
+                .iter()
+                .all(|s| s.tokens.len() <= FUSED_MAX_TOKENS && FusedDecoder::supports(s.cache))
+        {
+            return Ok(None);
+        }
+        let vocab = self.config.vocab;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            let v = dec.run(s.tokens, s.cache, s.all_logits)?;
+            let rows = v.len() / vocab;
+            out.push(Tensor::from_vec(v, (rows, vocab), &Device::Cpu)?);
+            s.cache.commit(s.tokens);
+        }
+        Ok(Some(out))
     }
 
     /// Shape of this model's KV cache with the given element type.
@@ -432,6 +516,10 @@ impl Model {
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.forward_fused(batch)? {
+            return Ok(out);
         }
         if self.device.is_cpu() && batch.iter().all(|s| s.cache.is_host()) {
             // The whole pass runs on a pool thread: a parallel loop started from outside

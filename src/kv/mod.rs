@@ -286,6 +286,24 @@ impl SeqCache {
         }
     }
 
+    /// Positions allocated per layer.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The K and V tensors `(1, n_kv_heads, capacity, head_dim)` of every layer of a
+    /// dense (f32/f16/bf16) device cache, for kernels that read and write them in place.
+    /// None for a host or q8_0 cache, or before [`SeqCache::reserve`].
+    pub fn dense_layers(&self) -> Option<Vec<(&Tensor, &Tensor)>> {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Some(LayerKv::Dense { k, v }) => Some((k, v)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Write K/V of `n` new positions of `layer` at position `pos` and return views of
     /// positions `0..pos + n`. `k`/`v` are `(1, n_kv_heads, n, head_dim)`.
     /// Call [`SeqCache::reserve`] first and [`SeqCache::commit`] after the last layer.

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU machine's side of a measurement lease, in two calls (the default GGUF is 98 MB
+# and one call carries at most 64 MiB), run from the repo root there:
+#
+#   scripts/cuda/lease.sh stage1   carry .device/a: gguf.part.aa (+ llamacpp.tar.xz)
+#       keeps the first half of the model under /root and, when the llama.cpp source is
+#       there, starts building its llama-bench with CUDA in the background (~5 min).
+#   scripts/cuda/lease.sh stage2   carry .device/b: gguf.part.ab, model.sha256, candela.xz
+#       puts the model together and checks its sha256, then: `candela doctor` (fused path,
+#       tensor path and CPU on the same prompts), the CPU greedy reference and
+#       gpu_check.sh on the fused build, and llama-bench (tg128, pp512) on the same card.
+#
+# On the dev machine: scripts/cuda/build.sh; xz -T0 -c .device/candela >.device/b/candela.xz;
+# scripts/cuda/llamacpp_tar.sh (prunes llama.cpp's source to what llama-bench needs).
+set -uo pipefail
+OUT="${OUT:-./lease-out}"
+mkdir -p "$OUT" /root/cdata/models
+export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+MODEL=/root/cdata/models/SmolLM2-135M-Instruct.Q4_1.gguf
+A="${A:-.device/a}"
+B="${B:-.device/b}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+case "${1:-}" in
+stage1)
+    cp $A/gguf.part.aa /root/gguf.part.aa
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    if [ -f $A/llamacpp.tar.xz ]; then
+        rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $A/llamacpp.tar.xz -C /root/lcp
+        cd /root/lcp
+        setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+            -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
+            >build.log 2>&1 && cmake --build build --target llama-bench -j 16 >>build.log 2>&1;
+            echo $? >build.done' </dev/null >/dev/null 2>&1 &
+        echo "llama.cpp build started in the background"
+    fi
+    ;;
+stage2)
+    cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || exit 1
+    (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256") || exit 1
+    xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
+    BIN=/root/candela
+    echo "== doctor (fused: graph + programmatic dependent launch)"
+    "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>"$OUT/doctor.err" | tee "$OUT/doctor.txt"
+    if [ "${VARIANTS:-0}" = 1 ]; then
+        echo "== doctor, fused lines: graph without PDL, then no graph"
+        CANDELA_CUDA_PDL=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq|kernels" | tee "$OUT/doctor_nopdl.txt"
+        CANDELA_CUDA_GRAPH=0 "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>>"$OUT/doctor.err" | grep -E "fused|8 seq" | tee "$OUT/doctor_nograph.txt"
+    fi
+    tail -n 5 "$OUT/doctor.err"
+    if [ "${SKIP_CHECK:-0}" != 1 ]; then
+        echo "== CPU greedy reference, then gpu_check on CUDA"
+        DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" --reference /root/cpu_ref.json >"$OUT/cpu_ref.log" 2>&1
+        tail -n 2 "$OUT/cpu_ref.log"
+        CANDELA_BIN=$BIN REF=/root/cpu_ref.json OUT=$OUT "$HERE/gpu_check.sh" 2>&1 | grep -E "^greedy|^single|^8 streams|^memory" | head -n 8
+    fi
+    if [ -d /root/lcp ]; then
+        for _ in $(seq 1 60); do [ -f /root/lcp/build.done ] && break; sleep 5; done
+        echo "== llama.cpp build exit: $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished')"
+        tail -n 3 /root/lcp/build.log
+        LB=/root/lcp/build/bin/llama-bench
+        [ -x $LB ] && $LB -m "$MODEL" -ngl 99 -fa 0,1 -p 512 -n 128 -r 5 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
+    fi
+    ;;
+*)
+    echo "usage: $0 stage1|stage2" >&2
+    exit 2
+    ;;
+esac

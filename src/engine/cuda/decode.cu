@@ -1,0 +1,378 @@
+// Fused single-token decode kernels for llama-family models with Q4_0/Q4_1/Q8_0 weights.
+//
+// Compiled to PTX by build.rs (only with the `cuda` feature) and driven by
+// src/engine/cuda.rs, which captures one decode step (embedding, 5 launches per layer,
+// final norm + vocabulary projection) in a CUDA graph. Everything that changes from one
+// token to the next (token id, position, cache capacity, the per-layer K/V cache
+// pointers) is read from a small device "step" buffer, so the same graph replays for
+// every token of every sequence.
+//
+// The arithmetic follows the CPU path (src/engine/model/host.rs) and through it ggml's:
+// activations quantized to 8-bit blocks (scale amax/127 rounded to f16, round-half-even),
+// integer block dot products (dp4a), Q and the attention weights rounded to f16 like
+// K/V, RMSNorm as v / sqrt(mean(v^2) + eps) * g. Float sums run in a different order
+// than on the CPU, so results agree to rounding, not bit for bit.
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define QK 32
+#define KIND_Q4_0 0
+#define KIND_Q4_1 1
+#define KIND_Q8_0 2
+
+// Layout of the step buffer (u64 words): token, pos, cap, then n_layers K pointers,
+// then n_layers V pointers (each an f16 tensor (n_kv_heads, cap, head_dim)).
+#define STEP_TOKEN 0
+#define STEP_POS 1
+#define STEP_CAP 2
+#define STEP_PTRS 3
+
+// Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
+// start while its predecessor finishes; `pdl_wait` blocks until the predecessor's
+// writes are visible (a no-op for a plain launch). Every kernel waits before it reads
+// what an earlier kernel wrote, and none finishes before waiting, so the order holds
+// transitively.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum_i(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum (or max) over the block; every thread gets the result. `red` holds 32 floats.
+__device__ float block_reduce(float v, float* red, bool is_max) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int nw = (blockDim.x + 31) >> 5;
+    __syncthreads();  // `red` may still be read by an earlier call
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : (is_max ? -INFINITY : 0.f);
+    return is_max ? warp_max(t) : warp_sum(t);
+}
+
+__device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
+
+// Quantize K activations (optionally RMS-normalized first) into shared memory:
+// sq[K] int8, sd[K/32] block scales, ss[K/32] scale * sum of the block's ints (Q4_1's
+// `s`), both rounded to f16 like ggml's Q8_1.
+__device__ void quantize_acts(const float* __restrict__ x, const float* __restrict__ norm,
+                              float eps, int K, int8_t* sq, float* sd, float* ss, float* red) {
+    float m = 1.f;
+    if (norm != nullptr) {
+        float s2 = 0.f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            const float v = x[i];
+            s2 = __fadd_rn(s2, __fmul_rn(v, v));
+        }
+        s2 = block_reduce(s2, red, false);
+        m = sqrtf(s2 / (float)K + eps);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int nb = K / QK;
+    for (int b = warp; b < nb; b += nw) {
+        float v = x[b * QK + lane];
+        if (norm != nullptr) v = __fmul_rn(v / m, norm[b * QK + lane]);
+        const float amax = warp_max(fabsf(v));
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        const int q = __float2int_rn(__fmul_rn(v, id));
+        sq[b * QK + lane] = (int8_t)q;
+        const int sum = warp_sum_i(q);
+        if (lane == 0) {
+            sd[b] = round_f16(d);
+            ss[b] = round_f16(__fmul_rn(d, (float)sum));
+        }
+    }
+    __syncthreads();
+}
+
+// Dot product of weight row `row` with the quantized activations; the warp's lanes
+// split the row into half-blocks. Every lane returns the full sum.
+template <int KIND>
+__device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
+                                         const float2* __restrict__ dm, int row, int nb,
+                                         const int8_t* sq, const float* sd, const float* ss,
+                                         int lane) {
+    float acc = 0.f;
+    const float2* wdm = dm + (size_t)row * nb;
+    if (KIND == KIND_Q8_0) {
+        const uint8_t* wq = qs + (size_t)row * nb * 32;
+        for (int i = lane; i < nb * 2; i += 32) {
+            const int b = i >> 1, h = i & 1;
+            const int4 w = __ldg((const int4*)(wq + b * 32 + h * 16));
+            const int* a = (const int*)(sq + b * 32 + h * 16);
+            int s = __dp4a(w.x, a[0], 0);
+            s = __dp4a(w.y, a[1], s);
+            s = __dp4a(w.z, a[2], s);
+            s = __dp4a(w.w, a[3], s);
+            acc += wdm[b].x * sd[b] * (float)s;
+        }
+    } else {
+        const uint8_t* wq = qs + (size_t)row * nb * 16;
+        for (int i = lane; i < nb * 2; i += 32) {
+            const int b = i >> 1, h = i & 1;
+            const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
+            // Byte j of a block holds element j (low nibble) and j + 16 (high nibble).
+            const int* lo = (const int*)(sq + b * 32 + h * 8);
+            const int* hi = (const int*)(sq + b * 32 + 16 + h * 8);
+            int s = __dp4a((int)(w.x & 0x0f0f0f0fu), lo[0], 0);
+            s = __dp4a((int)(w.y & 0x0f0f0f0fu), lo[1], s);
+            s = __dp4a((int)((w.x >> 4) & 0x0f0f0f0fu), hi[0], s);
+            s = __dp4a((int)((w.y >> 4) & 0x0f0f0f0fu), hi[1], s);
+            const float2 sc = wdm[b];
+            if (KIND == KIND_Q4_0) {
+                int sy = __dp4a(0x01010101, lo[0], 0);
+                sy = __dp4a(0x01010101, lo[1], sy);
+                sy = __dp4a(0x01010101, hi[0], sy);
+                sy = __dp4a(0x01010101, hi[1], sy);
+                acc += sc.x * sd[b] * (float)(s - 8 * sy);
+            } else {
+                acc += sc.x * sd[b] * (float)s;
+                if (h == 0) acc += sc.y * ss[b];
+            }
+        }
+    }
+    return warp_sum(acc);
+}
+
+#define MODE_STORE 0
+#define MODE_ADD 1
+#define MODE_SWIGLU 2
+
+// out = W · q8(norm(x)) with an epilogue:
+//   MODE_STORE:  out[r] = dot_r (+ bias[r])
+//   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
+//   MODE_SWIGLU: out[r] = silu(dot_r) * dot_{r + N/2}   (gate and up rows stacked)
+// Each block quantizes the activations into shared memory itself (no extra launch), then
+// each warp takes rows in a grid-stride loop. Dynamic shared memory: K + 8 * K/32 bytes.
+template <int KIND, int MODE>
+__device__ void matvec(const float* __restrict__ x, const float* __restrict__ norm, float eps,
+                       int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                       const float* __restrict__ bias, int N, float* __restrict__ out) {
+    extern __shared__ int smem_i[];
+    __shared__ float red[32];
+    const int nb = K / QK;
+    int8_t* sq = (int8_t*)smem_i;
+    float* sd = (float*)(sq + K);
+    float* ss = sd + nb;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
+    pdl_launch_dependents();
+    // Weights do not depend on the previous kernel: start fetching this warp's first
+    // row (and its `up` twin) into L2 before waiting for the activations.
+    {
+        const int r = blockIdx.x * nw + warp;
+        const int qb = KIND == KIND_Q8_0 ? 32 : 16;
+        if (r < rows) {
+            for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t) {
+                const size_t row = (size_t)r + (size_t)t * rows;
+                const uint8_t* wq = qs + row * nb * qb;
+                for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
+                const uint8_t* wd = (const uint8_t*)(dm + row * nb);
+                for (int off = lane * 128; off < nb * 8; off += 32 * 128) prefetch_l2(wd + off);
+            }
+        }
+    }
+    pdl_wait();
+    quantize_acts(x, norm, eps, K, sq, sd, ss, red);
+    for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
+        const float y = row_dot<KIND>(qs, dm, r, nb, sq, sd, ss, lane);
+        if (MODE == MODE_SWIGLU) {
+            const float u = row_dot<KIND>(qs, dm, r + rows, nb, sq, sd, ss, lane);
+            if (lane == 0) out[r] = __fmul_rn(y / (1.f + expf(-y)), u);
+        } else if (lane == 0) {
+            if (MODE == MODE_ADD) {
+                out[r] += y;
+            } else {
+                out[r] = bias != nullptr ? y + bias[r] : y;
+            }
+        }
+    }
+}
+
+#define MATVEC_ENTRY(KIND, KNAME, MODE, MNAME)                                              \
+    extern "C" __global__ void mv_##KNAME##_##MNAME(                                        \
+        const float* __restrict__ x, const float* __restrict__ norm, float eps, int K,      \
+        const uint8_t* __restrict__ qs, const float2* __restrict__ dm,                      \
+        const float* __restrict__ bias, int N, float* __restrict__ out) {                   \
+        matvec<KIND, MODE>(x, norm, eps, K, qs, dm, bias, N, out);                          \
+    }
+
+MATVEC_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)
+MATVEC_ENTRY(KIND_Q4_0, q4_0, MODE_ADD, add)
+MATVEC_ENTRY(KIND_Q4_0, q4_0, MODE_SWIGLU, swiglu)
+MATVEC_ENTRY(KIND_Q4_1, q4_1, MODE_STORE, store)
+MATVEC_ENTRY(KIND_Q4_1, q4_1, MODE_ADD, add)
+MATVEC_ENTRY(KIND_Q4_1, q4_1, MODE_SWIGLU, swiglu)
+MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_STORE, store)
+MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_ADD, add)
+MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_SWIGLU, swiglu)
+
+// x = embedding row of the step's token (f32 table, `hidden` wide).
+extern "C" __global__ void embed_row(const unsigned long long* __restrict__ step,
+                                     const float* __restrict__ table, int hidden,
+                                     float* __restrict__ x) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const size_t t = (size_t)step[STEP_TOKEN];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hidden; i += gridDim.x * blockDim.x)
+        x[i] = table[t * hidden + i];
+}
+
+// One block per query head: RoPE on Q and on the new K (at the step's position), the
+// new K/V rounded to f16 and written to the cache (by the first query head of each KV
+// group), then softmax(q·K^T * scale)·V over positions 0..=pos of the f16 cache, with
+// ggml's flash-attention rounding (Q and the softmax weights to f16). The new position's
+// K/V come from shared memory, so no block reads a cache slot written in this launch.
+// Scores: one thread per position, the dot product in eight lanes (element i in lane
+// i % 8, fused multiply-adds, ggml's lane reduction) as the CPU path does it. Weighted
+// V: each thread takes 8 dimensions (one 16-byte load) of every G-th position, and the
+// G partial sums are added at the end. head_dim % 8 == 0, head_dim <= 256; `scores`
+// holds ctx floats per head. Dynamic shared memory: (3 * hd + 8 * blockDim.x) floats.
+extern "C" __global__ void attention(const float* __restrict__ qkv,
+                                     const unsigned long long* __restrict__ step, int layer,
+                                     int n_layers, int nh, int nkvh, int hd,
+                                     const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, int neox, float scale,
+                                     float* __restrict__ scores, int ctx,
+                                     float* __restrict__ out) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    float* q = sm;
+    float* kn = sm + hd;
+    float* vn = sm + 2 * hd;
+    float* part = sm + 3 * hd;
+    pdl_launch_dependents();
+    pdl_wait();
+    const int h = blockIdx.x;
+    const int group = nh / nkvh;
+    const int g = h / group;
+    const int pos = (int)step[STEP_POS];
+    const size_t cap = (size_t)step[STEP_CAP];
+    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
+    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    const int half = hd / 2;
+    const int nq = nh * hd, nkv = nkvh * hd;
+    const float* cs = cos_t + (size_t)pos * half;
+    const float* sn = sin_t + (size_t)pos * half;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    for (int i = tid; i < half; i += bd) {
+        const int a = neox ? i : 2 * i;
+        const int b = neox ? i + half : 2 * i + 1;
+        const float c = cs[i], s = sn[i];
+        const float x0 = qkv[h * hd + a], x1 = qkv[h * hd + b];
+        q[a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+        q[b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
+        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
+        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
+        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
+    }
+    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
+    __syncthreads();
+    if (h % group == 0) {
+        for (int d = tid; d < hd; d += bd) {
+            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
+            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
+        }
+    }
+    const int len = pos + 1;
+    const int nc = hd / 8;
+    float* sc = scores + (size_t)h * ctx;
+    float mx = -INFINITY;
+    for (int j = tid; j < len; j += bd) {
+        float acc[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc[l] = 0.f;
+        if (j == pos) {
+            for (int c = 0; c < nc; ++c) {
+#pragma unroll
+                for (int l = 0; l < 8; ++l) acc[l] = fmaf(q[c * 8 + l], kn[c * 8 + l], acc[l]);
+            }
+        } else {
+            const uint4* kr = (const uint4*)(kc + (size_t)j * hd);
+#pragma unroll 8
+            for (int c = 0; c < nc; ++c) {
+                const uint4 raw = kr[c];
+                const __half2* hv = (const __half2*)&raw;
+#pragma unroll
+                for (int l = 0; l < 4; ++l) {
+                    const float2 f = __half22float2(hv[l]);
+                    acc[2 * l] = fmaf(q[c * 8 + 2 * l], f.x, acc[2 * l]);
+                    acc[2 * l + 1] = fmaf(q[c * 8 + 2 * l + 1], f.y, acc[2 * l + 1]);
+                }
+            }
+        }
+        const float s = (((acc[0] + acc[4]) + (acc[2] + acc[6])) +
+                         ((acc[1] + acc[5]) + (acc[3] + acc[7]))) * scale;
+        sc[j] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_reduce(mx, red, true);
+    float sum = 0.f;
+    for (int j = tid; j < len; j += bd) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);
+    for (int j = tid; j < len; j += bd) sc[j] = round_f16(sc[j] / sum);
+    __syncthreads();
+    const int c = tid % nc, gi = tid / nc, ng = bd / nc;
+    float acc[8];
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc[l] = 0.f;
+#pragma unroll 4
+    for (int j = gi; j < len; j += ng) {
+        const float w = sc[j];
+        if (j == pos) {
+#pragma unroll
+            for (int l = 0; l < 8; ++l) acc[l] = fmaf(w, vn[c * 8 + l], acc[l]);
+        } else {
+            const uint4 raw = ((const uint4*)(vc + (size_t)j * hd))[c];
+            const __half2* hv = (const __half2*)&raw;
+#pragma unroll
+            for (int l = 0; l < 4; ++l) {
+                const float2 f = __half22float2(hv[l]);
+                acc[2 * l] = fmaf(w, f.x, acc[2 * l]);
+                acc[2 * l + 1] = fmaf(w, f.y, acc[2 * l + 1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int l = 0; l < 8; ++l) part[gi * hd + c * 8 + l] = acc[l];
+    __syncthreads();
+    for (int d = tid; d < hd; d += bd) {
+        float o = 0.f;
+        for (int p = 0; p < ng; ++p) o += part[p * hd + d];
+        out[h * hd + d] = o;
+    }
+}

@@ -1,0 +1,214 @@
+//! `candela doctor`: check a compute device against the CPU on the real model and time
+//! it, in one command that prints everything (for GPU machines reached seldom, and for a
+//! Mac user verifying Metal). Greedy decoding of a short and a long prompt on the device
+//! (through the fused CUDA path and through the tensor path where the build has both)
+//! and on the CPU; per run: leading tokens equal to the CPU's, the largest logit gap on
+//! the first decoded token, prefill time and decode tok/s; then 8 sequences decoded
+//! together.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+
+use super::model::{Model, SeqInput};
+use super::sampling::argmax;
+use super::tokenizer::Tok;
+use super::{fetch, worker, EngineError};
+use crate::kv::{KvDtype, SeqCache};
+
+struct Run {
+    tokens: Vec<u32>,
+    first: Vec<f32>,
+    prefill_ms: f64,
+    steps_ms: Vec<f64>,
+}
+
+fn forward1(model: &Model, ids: &[u32], cache: &mut SeqCache) -> Result<Vec<f32>, EngineError> {
+    let mut input = [SeqInput {
+        tokens: ids,
+        cache,
+        all_logits: false,
+    }];
+    let out = model.forward(&mut input)?;
+    Ok(out[0].squeeze(0)?.to_vec1::<f32>()?)
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Run, EngineError> {
+    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+    let t0 = Instant::now();
+    let mut logits = forward1(model, prompt, &mut cache)?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let first = logits.clone();
+    let mut tokens = Vec::with_capacity(n);
+    let mut steps_ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let next = argmax(&logits);
+        tokens.push(next);
+        let t = Instant::now();
+        logits = forward1(model, &[next], &mut cache)?;
+        steps_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Run {
+        tokens,
+        first,
+        prefill_ms,
+        steps_ms,
+    })
+}
+
+/// Aggregate decode tok/s of `k` sequences stepped together for `n` steps.
+fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<f64, EngineError> {
+    let mut caches: Vec<SeqCache> = (0..k)
+        .map(|_| SeqCache::new(model.cache_layout(KvDtype::F16), model.device()))
+        .collect();
+    let mut next = Vec::with_capacity(k);
+    for c in caches.iter_mut() {
+        next.push(argmax(&forward1(model, prompt, c)?));
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut inputs: Vec<SeqInput<'_>> = caches
+            .iter_mut()
+            .zip(&toks)
+            .map(|(cache, t)| SeqInput {
+                tokens: t,
+                cache,
+                all_logits: false,
+            })
+            .collect();
+        let out = model.forward(&mut inputs)?;
+        next = out
+            .iter()
+            .map(|t| Ok(argmax(&t.squeeze(0)?.to_vec1::<f32>()?)))
+            .collect::<Result<_, EngineError>>()?;
+    }
+    Ok((k * n) as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(name: &str, r: &Run, cpu: Option<&Run>) -> String {
+    let med = median(&r.steps_ms);
+    let mean = r.steps_ms.iter().sum::<f64>() / r.steps_ms.len().max(1) as f64;
+    let mut line = format!(
+        "{name:<28} prefill {:>8.2} ms  decode median {:>7.1} tok/s (mean {:>7.1})",
+        r.prefill_ms,
+        1e3 / med,
+        1e3 / mean
+    );
+    if let Some(c) = cpu {
+        let agree = r
+            .tokens
+            .iter()
+            .zip(&c.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let gap = r
+            .first
+            .iter()
+            .zip(&c.first)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        line += &format!(
+            "  vs cpu: {agree}/{} leading tokens, max |dlogit| {gap:.4}, first argmax {}",
+            c.tokens.len(),
+            if argmax(&r.first) == argmax(&c.first) {
+                "equal"
+            } else {
+                "DIFFERS"
+            }
+        );
+    }
+    line
+}
+
+/// Run the checks and print the report; `device` as for `--device`.
+pub fn run(
+    spec: &str,
+    data_dir: &Path,
+    device: &str,
+    ctx_size: usize,
+    n: usize,
+    prompt: &str,
+) -> Result<(), EngineError> {
+    let resolved = fetch::resolve(spec, data_dir)?;
+    let path = resolved.gguf;
+    let open =
+        || File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())));
+    let mut f = open()?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
+    let tok = Tok::from_gguf(&ct, Some(&path.with_file_name("tokenizer.json")))?;
+    let short = tok.encode(prompt, true)?;
+    let long = tok.encode(&[prompt; 8].join(" "), true)?;
+    let dev = worker::pick_device(device)?;
+    let probe = super::model::ModelConfig::from_gguf(&ct)?;
+    let ctx = if ctx_size == 0 {
+        probe.train_ctx.min(4096)
+    } else {
+        ctx_size
+    };
+    println!(
+        "model {} ({}), device {:?}, ctx {ctx}",
+        path.display(),
+        probe.arch,
+        dev.location()
+    );
+    let t = Instant::now();
+    let model = Model::from_gguf(&ct, &mut f, &dev, ctx)?;
+    println!(
+        "loaded on the device in {:.2} s; fused GPU decode: {}",
+        t.elapsed().as_secs_f64(),
+        if model.has_fused_decode() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    let cpu = if dev.is_cpu() {
+        None
+    } else {
+        let mut f = open()?;
+        let ct = gguf_file::Content::read(&mut f)?;
+        Some(Model::from_gguf(&ct, &mut f, &Device::Cpu, ctx)?)
+    };
+    for (pname, ids) in [("short", &short), ("long", &long)] {
+        println!("-- {pname} prompt: {} tokens, {n} decoded", ids.len());
+        let c = match &cpu {
+            Some(m) => Some(greedy(m, ids, n)?),
+            None => None,
+        };
+        if let Some(c) = &c {
+            println!("{}", report("cpu", c, None));
+        }
+        if model.has_fused_decode() {
+            // Warm-up: module load and graph capture stay out of the timings.
+            greedy(&model, ids, 4)?;
+            let r = greedy(&model, ids, n)?;
+            println!("{}", report("device, fused path", &r, c.as_ref()));
+            model.set_fused_decode(false);
+            greedy(&model, ids, 4)?;
+            let r = greedy(&model, ids, n);
+            model.set_fused_decode(true);
+            println!("{}", report("device, tensor path", &r?, c.as_ref()));
+        } else {
+            greedy(&model, ids, 4)?;
+            let r = greedy(&model, ids, n)?;
+            println!("{}", report("device", &r, c.as_ref()));
+        }
+    }
+    let agg = batched(&model, &short, 8, n.min(64))?;
+    println!("8 sequences stepped together: {agg:.1} tok/s aggregate");
+    if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
+        print!("{r}");
+    }
+    Ok(())
+}
