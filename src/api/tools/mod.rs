@@ -14,6 +14,7 @@ use super::error::ApiError;
 
 mod parse;
 mod prompt;
+mod scan;
 
 pub use parse::{assemble, message, Call, CallParser, Piece};
 pub use prompt::prompt_messages;
