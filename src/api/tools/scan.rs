@@ -277,7 +277,7 @@ impl Obj {
             ObjSt::InName(s) => {
                 if s.feed(c) {
                     let name = s.decoded().unwrap_or_default();
-                    if !cx.names.iter().any(|n| *n == name) {
+                    if !cx.names.contains(&name) {
                         return Step::Fail;
                     }
                     let index = cx.index;
