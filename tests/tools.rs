@@ -209,20 +209,29 @@ async fn forced_tool_calls_have_schema_valid_arguments() {
     validate_all(&cases);
 }
 
-/// Reassemble streamed tool-call deltas the way an OpenAI client does.
-async fn stream_calls(body: &Value) -> (Vec<(String, String, String)>, String) {
+/// One streamed call: id, name, the argument fragments as they came.
+struct Streamed {
+    name: String,
+    frags: Vec<String>,
+}
+
+/// Reassemble streamed tool-call deltas the way an OpenAI client does, checking their
+/// shape: a call's first delta carries id, type, name and `arguments: ""`; later ones
+/// only its index and a piece of the arguments.
+async fn stream_calls(url: &str, body: &Value) -> (Vec<Streamed>, String, String) {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let r = reqwest::Client::new()
-        .post(url())
+        .post(url)
         .json(&body)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
-    let mut calls: Vec<(String, String, String)> = Vec::new();
+    let mut calls: Vec<Streamed> = Vec::new();
     let mut finish = String::new();
+    let mut content = String::new();
     for line in text.lines() {
         let Some(d) = line.strip_prefix("data: ") else {
             continue;
@@ -235,47 +244,50 @@ async fn stream_calls(body: &Value) -> (Vec<(String, String, String)>, String) {
         if let Some(f) = c["finish_reason"].as_str() {
             finish = f.to_string();
         }
-        for tc in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+        if let Some(t) = c["delta"]["content"].as_str() {
+            content.push_str(t);
+        }
+        let tcs = c["delta"]["tool_calls"].as_array();
+        assert!(tcs.is_none_or(|a| a.len() == 1), "one call per delta: {v}");
+        for tc in tcs.into_iter().flatten() {
             let i = tc["index"].as_u64().unwrap() as usize;
             if i == calls.len() {
-                // The first delta of a call carries its id, type and name.
                 assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
                 assert_eq!(tc["type"], "function");
-                calls.push((
-                    tc["id"].as_str().unwrap().into(),
-                    tc["function"]["name"].as_str().unwrap().into(),
-                    String::new(),
-                ));
+                assert_eq!(tc["function"]["arguments"], "", "{tc}");
+                calls.push(Streamed {
+                    name: tc["function"]["name"].as_str().unwrap().into(),
+                    frags: Vec::new(),
+                });
+                continue;
             }
-            assert!(i < calls.len(), "call index {i} out of order");
-            if let Some(a) = tc["function"]["arguments"].as_str() {
-                calls[i].2.push_str(a);
-            }
+            assert!(i + 1 == calls.len(), "call index {i} out of order");
+            assert!(
+                tc.get("id").is_none() && tc["function"].get("name").is_none(),
+                "{tc}"
+            );
+            let a = tc["function"]["arguments"].as_str().unwrap();
+            assert!(!a.is_empty(), "{tc}");
+            calls[i].frags.push(a.into());
         }
     }
-    (calls, finish)
+    (calls, finish, content)
 }
 
-#[tokio::test]
-async fn streamed_tool_calls_reassemble_into_the_whole_response() {
-    for (seed, choice, parallel) in [
-        (1, json!("required"), false),
-        (2, json!("required"), true),
-        (
-            3,
-            json!({"type": "function", "function": {"name": "get_weather"}}),
-            false,
-        ),
-        (4, json!("auto"), true),
-    ] {
+/// Whole and streamed responses for `(seed, tool_choice, parallel)` cases agree call for
+/// call; forced calls stream their arguments in several pieces.
+async fn streams_match_whole(url: &str, cases: &[(u64, Value, bool)]) {
+    let mut pieces = 0usize;
+    let mut forced_calls = 0usize;
+    for (seed, choice, parallel) in cases {
         let body = json!({
             "messages": [{"role": "user", "content": "What's the weather in Oslo, in celsius?"}],
             "tools": tools(), "tool_choice": choice, "parallel_tool_calls": parallel,
             "max_tokens": 160, "temperature": 0.8, "seed": seed
         });
-        let (status, whole) = common::post_json(&url(), &body).await;
+        let (status, whole) = common::post_json(url, &body).await;
         assert_eq!(status, 200, "{whole}");
-        let (streamed, finish) = stream_calls(&body).await;
+        let (streamed, finish, content) = stream_calls(url, &body).await;
         let c = &whole["choices"][0];
         assert_eq!(finish, c["finish_reason"].as_str().unwrap(), "{whole}");
         let want: Vec<(String, String)> = c["message"]["tool_calls"]
@@ -289,12 +301,58 @@ async fn streamed_tool_calls_reassemble_into_the_whole_response() {
                 )
             })
             .collect();
-        let got: Vec<(String, String)> = streamed.into_iter().map(|(_, n, a)| (n, a)).collect();
-        assert_eq!(got, want, "seed {seed}");
-        if choice != json!("auto") {
+        let got: Vec<(String, String)> = streamed
+            .iter()
+            .map(|s| (s.name.clone(), s.frags.concat()))
+            .collect();
+        assert_eq!(got, want, "seed {seed} {choice}");
+        if want.is_empty() {
+            assert_eq!(
+                content,
+                c["message"]["content"].as_str().unwrap(),
+                "seed {seed}"
+            );
+        }
+        if *choice != json!("auto") {
             assert!(!want.is_empty(), "{whole}");
+            for s in &streamed {
+                // Both tools have required string arguments: many tokens each.
+                assert!(s.frags.len() > 3, "seed {seed}: {:?}", s.frags);
+                forced_calls += 1;
+                pieces += s.frags.len();
+            }
         }
     }
+    eprintln!(
+        "{forced_calls} forced calls, {:.1} argument deltas per call",
+        pieces as f64 / forced_calls.max(1) as f64
+    );
+}
+
+fn stream_cases() -> Vec<(u64, Value, bool)> {
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let mut cases = Vec::new();
+    for seed in 1..=2u64 {
+        cases.push((seed, json!("required"), false));
+        cases.push((seed + 10, json!("required"), true));
+        cases.push((seed + 20, named.clone(), false));
+        cases.push((seed + 30, json!("auto"), true));
+    }
+    cases
+}
+
+#[tokio::test]
+async fn streamed_tool_calls_reassemble_into_the_whole_response() {
+    streams_match_whole(&url(), &stream_cases()).await;
+}
+
+#[tokio::test]
+async fn streamed_tool_calls_reassemble_on_qwen() {
+    let base = common::server_with("qwen", |c| {
+        c.models = vec![common::qwen_path().to_string_lossy().into_owned()]
+    });
+    let url = format!("{base}/v1/chat/completions");
+    streams_match_whole(&url, &stream_cases()).await;
 }
 
 #[tokio::test]

@@ -287,14 +287,7 @@ async fn collect(job: Job, mut rx: Events) -> Result<Response, ApiError> {
             let mut p = CallParser::new(plan, &job.id);
             let mut pieces = p.push(&text);
             pieces.extend(p.finish());
-            let mut content = String::new();
-            let mut calls = Vec::new();
-            for x in pieces {
-                match x {
-                    Piece::Content(t) => content.push_str(&t),
-                    Piece::Call(c) => calls.push(c),
-                }
-            }
+            let (content, calls) = tools::assemble(pieces);
             (
                 tools::message(content, &calls),
                 finish_str(finish, p.calls()),
@@ -472,28 +465,19 @@ where
     Forwarded::Done
 }
 
-/// Stream deltas for parsed pieces; `calls` counts the calls sent so far.
-fn piece_deltas(pieces: Vec<Piece>, calls: &mut usize) -> Vec<Value> {
-    let mut out = Vec::new();
-    for p in pieces {
-        match p {
-            Piece::Content(t) if !t.is_empty() => out.push(json!({"content": t})),
-            Piece::Content(_) => {}
-            Piece::Call(c) => {
-                for d in tools::call_deltas(*calls, &c) {
-                    out.push(json!({"tool_calls": [d]}));
-                }
-                *calls += 1;
-            }
-        }
-    }
-    out
+/// Stream deltas for parsed pieces (a call's first delta names it; later ones carry
+/// pieces of its arguments as they were generated).
+fn piece_deltas(pieces: Vec<Piece>) -> Vec<Value> {
+    pieces
+        .iter()
+        .filter(|p| !matches!(p, Piece::Content(t) | Piece::Args { text: t, .. } if t.is_empty()))
+        .map(Piece::delta)
+        .collect()
 }
 
 fn sse_events(job: Job, mut rx: Events) -> impl futures::Stream<Item = Result<Event, Infallible>> {
     let created = now_secs();
     let mut parser = job.tools.as_ref().map(|p| CallParser::new(p, &job.id));
-    let mut sent_calls = 0usize;
     async_stream::stream! {
         if job.kind == Kind::Chat {
             yield data(&chunk(&job, created, None, &[], None, true, None, None));
@@ -509,7 +493,7 @@ fn sse_events(job: Job, mut rx: Events) -> impl futures::Stream<Item = Result<Ev
                             }
                         }
                         Some(p) => {
-                            let deltas = piece_deltas(p.push(&text), &mut sent_calls);
+                            let deltas = piece_deltas(p.push(&text));
                             if deltas.is_empty() && !lps.is_empty() {
                                 yield data(&chunk(&job, created, None, &lps, None, false, None, Some(json!({}))));
                             }
@@ -523,7 +507,7 @@ fn sse_events(job: Job, mut rx: Events) -> impl futures::Stream<Item = Result<Ev
                 Some(GenEvent::Done { finish, usage }) => {
                     let mut reason = finish.as_str();
                     if let Some(p) = parser.as_mut() {
-                        for d in piece_deltas(p.finish(), &mut sent_calls) {
+                        for d in piece_deltas(p.finish()) {
                             yield data(&chunk(&job, created, None, &[], None, false, None, Some(d)));
                         }
                         reason = finish_str(finish, p.calls());

@@ -77,7 +77,7 @@ stream = client.chat.completions.create(
     model=model, messages=messages[:1], tools=tools, tool_choice="required",
     parallel_tool_calls=False, max_tokens=120, temperature=0.3, seed=11, stream=True,
 )
-name, arguments, ids, finish = None, "", set(), None
+name, arguments, ids, finish, pieces = None, "", set(), None, 0
 for chunk in stream:
     for c in chunk.choices:
         for tc in c.delta.tool_calls or []:
@@ -90,10 +90,15 @@ for chunk in stream:
             if tc.function and tc.function.arguments:
                 assert name is not None, "the name comes before the arguments"
                 arguments += tc.function.arguments
+                pieces += 1
         if c.finish_reason:
             finish = c.finish_reason
 assert finish == "tool_calls", finish
 assert len(ids) == 1 and name == call.function.name, (ids, name)
 assert json.loads(arguments) == args, (arguments, args)
+# The arguments stream as they are generated, not in one piece at the end.
+assert pieces > 1, pieces
+# Same text as the whole response (same seed): the fragments are the model's own JSON.
+assert arguments == call.function.arguments, (arguments, call.function.arguments)
 
 print("tool loop ok:", call.function.name, args, "->", answer.content[:60].replace("\n", " "))

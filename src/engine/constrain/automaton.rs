@@ -1,19 +1,16 @@
-//! Grammar-constrained decoding: a byte-level pushdown automaton over a [`Grammar`]
-//! that says, before each sampling step, which tokens may come next, so the output
-//! always parses and matches the schema. End-of-generation tokens are allowed only when
-//! the JSON (or the last tool call) is complete.
+//! The byte-level pushdown automaton behind [`super::Constraint`]: stacks of frames
+//! over a [`Grammar`]'s nodes, fed one byte at a time. Several stacks live at once
+//! only while `anyOf`/`enum` alternatives share a prefix.
 //!
-//! The state is a small set of stacks (several only while `anyOf`/`enum` alternatives
-//! share a prefix). Masking does not run every token through the automaton: inside a
-//! plain string (the common case by far) a token without `"`, `\` or control bytes is
-//! allowed by its character count alone; elsewhere tokens are grouped by first byte and
-//! only groups whose first byte is accepted are simulated.
-//!
-//! Depends only on [`super::grammar`]; the token table is built from plain byte strings.
+//! Depends only on [`crate::engine::grammar`].
 
-use std::sync::Arc;
+use crate::engine::grammar::{Grammar, Node, NodeId};
 
-use super::grammar::{Grammar, Node, NodeId, ANY_ARRAY, ANY_OBJECT};
+use super::{CALL_CLOSE, CALL_OPEN};
+
+mod start;
+
+use start::{start, start_str};
 
 /// Longest run of insignificant whitespace allowed between tokens of JSON: enough for
 /// pretty-printed output, short enough that a small model cannot stall in blank lines.
@@ -22,10 +19,8 @@ const MAX_WS: u8 = 12;
 const MAX_NUM: u8 = 24;
 /// Longest integer literal: 15 digits and a sign stay exact in f64 and i64.
 const MAX_INT: u8 = 16;
-pub const CALL_OPEN: &[u8] = b"<tool_call>";
-pub const CALL_CLOSE: &[u8] = b"</tool_call>";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ArrSt {
     Open,
     AfterItem,
@@ -33,7 +28,7 @@ enum ArrSt {
     InItem,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ObjSt {
     Open,
     AfterComma,
@@ -43,7 +38,7 @@ enum ObjSt {
     AfterValue,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum CallSt {
     Between,
     Open(u8),
@@ -51,7 +46,7 @@ enum CallSt {
     Close(u8),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum NumSt {
     Minus,
     Zero,
@@ -63,7 +58,7 @@ enum NumSt {
     Exp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Frame {
     /// A value of this node, nothing consumed yet.
     Value(NodeId),
@@ -115,10 +110,20 @@ enum Frame {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stack {
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Stack {
     frames: Vec<Frame>,
     ws: u8,
+}
+
+impl Stack {
+    /// Before the first byte of a value of `node`.
+    pub(super) fn at(node: NodeId) -> Self {
+        Self {
+            frames: vec![Frame::Value(node)],
+            ws: 0,
+        }
+    }
 }
 
 fn is_ws(c: u8) -> bool {
@@ -154,148 +159,15 @@ fn child_done(st: &mut Stack) {
     }
 }
 
-fn obj_parts(g: &Grammar, node: NodeId) -> (&[super::grammar::Prop], Option<NodeId>) {
+fn obj_parts(g: &Grammar, node: NodeId) -> (&[crate::engine::grammar::Prop], Option<NodeId>) {
     match &g.nodes[node] {
         Node::Object { props, extra } => (props.as_slice(), *extra),
         _ => (&[], None),
     }
 }
 
-/// Start a value of `node` whose first (non-whitespace) byte is `c`.
-fn start(g: &Grammar, mut st: Stack, node: NodeId, c: u8, out: &mut Vec<Stack>) {
-    let push = |mut st: Stack, f: Frame, out: &mut Vec<Stack>| {
-        st.frames.push(f);
-        out.push(st);
-    };
-    match &g.nodes[node] {
-        Node::Any => match c {
-            b'{' => start(g, st, ANY_OBJECT, c, out),
-            b'[' => start(g, st, ANY_ARRAY, c, out),
-            b'"' => start_str(st, 0, u32::MAX, out),
-            b't' | b'f' | b'n' => start_kw(st, c, true, true, out),
-            b'-' | b'0'..=b'9' => start_num(st, false, c, out),
-            _ => {}
-        },
-        Node::Null => {
-            if c == b'n' {
-                start_kw(st, c, false, true, out)
-            }
-        }
-        Node::Bool => {
-            if c == b't' || c == b'f' {
-                start_kw(st, c, true, false, out)
-            }
-        }
-        Node::Number { integer } => start_num(st, *integer, c, out),
-        Node::String { min, max } => {
-            if c == b'"' {
-                start_str(st, *min, *max, out)
-            }
-        }
-        Node::Literal(alts) => {
-            for (i, a) in alts.iter().enumerate() {
-                if a.first() == Some(&c) {
-                    let mut s = st.clone();
-                    if a.len() == 1 {
-                        child_done(&mut s);
-                        out.push(s);
-                    } else {
-                        push(
-                            s,
-                            Frame::Lit {
-                                node,
-                                alt: i as u32,
-                                pos: 1,
-                            },
-                            out,
-                        );
-                    }
-                }
-            }
-        }
-        Node::Array { .. } => {
-            if c == b'[' {
-                push(
-                    st,
-                    Frame::Arr {
-                        node,
-                        count: 0,
-                        st: ArrSt::Open,
-                    },
-                    out,
-                )
-            }
-        }
-        Node::Object { .. } => {
-            if c == b'{' {
-                push(
-                    st,
-                    Frame::Obj {
-                        node,
-                        next: 0,
-                        cur: 0,
-                        st: ObjSt::Open,
-                    },
-                    out,
-                )
-            }
-        }
-        Node::AnyOf(alts) => {
-            for &a in alts {
-                start(g, st.clone(), a, c, out);
-            }
-        }
-        Node::Calls { .. } => {
-            st.frames.push(Frame::Calls {
-                node,
-                count: 0,
-                st: CallSt::Between,
-            });
-            feed(g, st, c, out);
-        }
-    }
-}
-
-fn start_str(mut st: Stack, min: u32, max: u32, out: &mut Vec<Stack>) {
-    st.frames.push(Frame::Str {
-        min,
-        max,
-        count: 0,
-        esc: 0,
-        utf8: 0,
-    });
-    out.push(st);
-}
-
-fn start_kw(mut st: Stack, c: u8, bools: bool, null: bool, out: &mut Vec<Stack>) {
-    let word: &'static [u8] = match c {
-        b't' if bools => b"true",
-        b'f' if bools => b"false",
-        b'n' if null => b"null",
-        _ => return,
-    };
-    st.frames.push(Frame::Kw { word, pos: 1 });
-    out.push(st);
-}
-
-fn start_num(mut st: Stack, integer: bool, c: u8, out: &mut Vec<Stack>) {
-    let s = match c {
-        b'-' => NumSt::Minus,
-        b'0' => NumSt::Zero,
-        b'1'..=b'9' => NumSt::Int,
-        _ => return,
-    };
-    st.frames.push(Frame::Num {
-        integer,
-        st: s,
-        len: 1,
-        ed: 0,
-    });
-    out.push(st);
-}
-
 /// Feed one byte to one stack; the surviving stacks go to `out`.
-fn feed(g: &Grammar, mut st: Stack, c: u8, out: &mut Vec<Stack>) {
+pub(super) fn feed(g: &Grammar, mut st: Stack, c: u8, out: &mut Vec<Stack>) {
     loop {
         let Some(top) = st.frames.last_mut() else {
             return; // complete: nothing more may follow
@@ -578,7 +450,7 @@ fn feed(g: &Grammar, mut st: Stack, c: u8, out: &mut Vec<Stack>) {
     }
 }
 
-fn stack_can_end(st: &Stack) -> bool {
+pub(super) fn stack_can_end(st: &Stack) -> bool {
     match st.frames.as_slice() {
         [] => true,
         [Frame::Num { st, .. }] => {
@@ -593,242 +465,51 @@ fn stack_can_end(st: &Stack) -> bool {
     }
 }
 
-/// Per-model facts about the vocabulary, built once.
-pub struct TokenTable {
-    /// Bytes of each token; empty: never allowed as text (control tokens).
-    bytes: Vec<Box<[u8]>>,
-    /// Usable token ids by first byte, each list sorted by the tokens' bytes (so tokens
-    /// that share a second byte are adjacent).
-    by_first: Vec<Vec<u32>>,
-    /// Tokens that are plain string content (no `"`, `\`, control bytes; whole UTF-8
-    /// characters), with their character counts.
-    plain: Vec<(u32, u32)>,
-    /// Usable tokens that are not plain and may still continue a string (no control
-    /// byte before their first `"` or `\`).
-    nonplain: Vec<u32>,
-    /// End-of-generation ids.
-    eog: Vec<u32>,
-}
-
-impl TokenTable {
-    /// `bytes[id]`: the token's bytes, or None for a control token.
-    pub fn new(bytes: Vec<Option<Vec<u8>>>, eog: Vec<u32>) -> Self {
-        let mut by_first = vec![Vec::new(); 256];
-        let mut plain = Vec::new();
-        let mut nonplain = Vec::new();
-        let bytes: Vec<Box<[u8]>> = bytes
-            .into_iter()
-            .enumerate()
-            .map(|(id, b)| {
-                let b = match b {
-                    Some(b) if !b.is_empty() && !eog.contains(&(id as u32)) => b,
-                    _ => return Box::default(),
-                };
-                by_first[b[0] as usize].push(id as u32);
-                let is_plain = !b.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20);
-                // A raw control byte can never come inside a string.
-                let dead_in_string = b
-                    .iter()
-                    .find(|&&c| c == b'"' || c == b'\\' || c < 0x20)
-                    .is_some_and(|&c| c < 0x20);
-                match std::str::from_utf8(&b) {
-                    Ok(s) if is_plain => plain.push((id as u32, s.chars().count() as u32)),
-                    _ if dead_in_string => {}
-                    _ => nonplain.push(id as u32),
-                }
-                b.into_boxed_slice()
-            })
-            .collect();
-        for ids in &mut by_first {
-            ids.sort_by(|&x, &y| bytes[x as usize].cmp(&bytes[y as usize]));
-        }
-        Self {
-            bytes,
-            by_first,
-            plain,
-            nonplain,
-            eog,
-        }
-    }
-
-    pub fn vocab(&self) -> usize {
-        self.bytes.len()
+/// A string being written at a character boundary (one stack, not in an escape):
+/// its `(count, min, max)`.
+pub(super) fn in_plain_string(stacks: &[Stack]) -> Option<(u32, u32, u32)> {
+    match stacks {
+        [s] => match s.frames.last() {
+            Some(Frame::Str {
+                min,
+                max,
+                count,
+                esc: 0,
+                utf8: 0,
+            }) => Some((*count, *min, *max)),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
-/// The live constraint of one sequence.
-pub struct Constraint {
-    g: Arc<Grammar>,
-    stacks: Vec<Stack>,
-    allowed: Vec<bool>,
-    /// Set once an end-of-generation token was accepted.
-    ended: bool,
-}
-
-fn feed_all(g: &Grammar, stacks: &[Stack], c: u8) -> Vec<Stack> {
-    let mut out = Vec::new();
-    for s in stacks {
-        feed(g, s.clone(), c, &mut out);
+/// The string of [`in_plain_string`] with `n` more characters written.
+pub(super) fn add_chars(stacks: &[Stack], n: u32) -> Vec<Stack> {
+    let mut out = stacks.to_vec();
+    for s in &mut out {
+        if let Some(Frame::Str { count, .. }) = s.frames.last_mut() {
+            *count += n;
+        }
     }
     out
 }
 
-fn accepts(g: &Grammar, stacks: &[Stack], bytes: &[u8]) -> bool {
-    let mut cur = stacks.to_vec();
-    for &c in bytes {
-        let mut next = Vec::with_capacity(cur.len());
-        for s in cur {
-            feed(g, s, c, &mut next);
+/// The stacks with what cannot change which bytes come next made equal, so that equal
+/// keys have equal token masks: a string's length once it is past its minimum and has
+/// no maximum.
+pub(super) fn mask_key(stacks: &[Stack]) -> Vec<Stack> {
+    let mut key = stacks.to_vec();
+    for s in &mut key {
+        for f in &mut s.frames {
+            if let Frame::Str {
+                min, max, count, ..
+            } = f
+            {
+                if *max == u32::MAX && *count > *min {
+                    *count = *min;
+                }
+            }
         }
-        if next.is_empty() {
-            return false;
-        }
-        cur = next;
     }
-    true
+    key
 }
-
-impl Constraint {
-    pub fn new(g: Arc<Grammar>) -> Self {
-        let root = g.root;
-        Self {
-            g,
-            stacks: vec![Stack {
-                frames: vec![Frame::Value(root)],
-                ws: 0,
-            }],
-            allowed: Vec::new(),
-            ended: false,
-        }
-    }
-
-    /// Whether the output so far is complete (an end token may come now).
-    pub fn can_end(&self) -> bool {
-        self.stacks.iter().any(stack_can_end)
-    }
-
-    /// Which tokens may come next (indexed by id; ids past the table are never allowed).
-    pub fn allowed(&mut self, t: &TokenTable) -> &[bool] {
-        let n = t.bytes.len();
-        self.allowed.clear();
-        self.allowed.resize(n, false);
-        let g = &*self.g;
-        if self.ended {
-            return &self.allowed;
-        }
-        let plain_str = match self.stacks.as_slice() {
-            [s] => match s.frames.last() {
-                Some(Frame::Str {
-                    max,
-                    count,
-                    esc: 0,
-                    utf8: 0,
-                    ..
-                }) => Some(max - count),
-                _ => None,
-            },
-            _ => None,
-        };
-        if let Some(room) = plain_str {
-            for &(id, chars) in &t.plain {
-                if chars <= room {
-                    self.allowed[id as usize] = true;
-                }
-            }
-            for &id in &t.nonplain {
-                if accepts(g, &self.stacks, &t.bytes[id as usize]) {
-                    self.allowed[id as usize] = true;
-                }
-            }
-        } else {
-            for (c, ids) in t.by_first.iter().enumerate() {
-                if ids.is_empty() {
-                    continue;
-                }
-                let after = feed_all(g, &self.stacks, c as u8);
-                if after.is_empty() {
-                    continue;
-                }
-                // Tokens sharing a second byte are adjacent: feed it once per run, and
-                // skip the whole run when the automaton refuses it.
-                let mut second: Option<(u8, Vec<Stack>)> = None;
-                for &id in ids {
-                    let b = &t.bytes[id as usize];
-                    let Some(&c2) = b.get(1) else {
-                        self.allowed[id as usize] = true;
-                        continue;
-                    };
-                    if second.as_ref().map(|s| s.0) != Some(c2) {
-                        second = Some((c2, feed_all(g, &after, c2)));
-                    }
-                    let Some((_, after2)) = &second else { continue };
-                    if !after2.is_empty() && (b.len() == 2 || accepts(g, after2, &b[2..])) {
-                        self.allowed[id as usize] = true;
-                    }
-                }
-            }
-        }
-        if self.can_end() {
-            for &e in &t.eog {
-                if let Some(a) = self.allowed.get_mut(e as usize) {
-                    *a = true;
-                }
-            }
-        }
-        &self.allowed
-    }
-
-    /// Set the logits of forbidden tokens to -inf; returns how many stay allowed.
-    pub fn mask(&mut self, t: &TokenTable, logits: &mut [f32]) -> usize {
-        let allowed = self.allowed(t);
-        let mut n = 0;
-        for (i, l) in logits.iter_mut().enumerate() {
-            if allowed.get(i).copied().unwrap_or(false) {
-                n += 1;
-            } else {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        n
-    }
-
-    /// Take the sampled token. False if the grammar does not allow it.
-    pub fn advance(&mut self, t: &TokenTable, id: u32) -> bool {
-        if t.eog.contains(&id) {
-            let ok = self.can_end();
-            self.ended = ok;
-            return ok;
-        }
-        let Some(b) = t.bytes.get(id as usize).filter(|b| !b.is_empty()) else {
-            return false;
-        };
-        let mut cur = std::mem::take(&mut self.stacks);
-        for &c in b.iter() {
-            let mut next = Vec::with_capacity(cur.len());
-            for s in cur {
-                feed(&self.g, s, c, &mut next);
-            }
-            let mut i = 0;
-            while i < next.len() {
-                if next[..i].contains(&next[i]) {
-                    next.swap_remove(i);
-                } else {
-                    i += 1;
-                }
-            }
-            cur = next;
-        }
-        let ok = !cur.is_empty();
-        self.stacks = cur;
-        ok
-    }
-
-    /// Feed text directly (tests and tools).
-    pub fn accepts_text(&self, text: &[u8]) -> bool {
-        accepts(&self.g, &self.stacks, text)
-    }
-}
-
-#[cfg(test)]
-#[path = "constrain_tests.rs"]
-mod tests;

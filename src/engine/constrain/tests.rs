@@ -48,6 +48,10 @@ fn vocab() -> (TokenTable, Vec<Vec<u8>>) {
         "\n<",
         "  ",
         "ab\"c",
+        "x\",",
+        "é\"}",
+        "ab\\\"",
+        "\"\n",
     ] {
         toks.push(t.as_bytes().to_vec());
     }
@@ -257,6 +261,18 @@ fn fast_mask_equals_brute_force() {
         Grammar::from_schema(&json!({"type":"object","properties":{
             "s":{"type":"string","maxLength":3},"n":{"type":["integer","null"]},
             "e":{"enum":["ab","a\"c", 1]}},"required":["s"]}))
+        .unwrap(),
+        Grammar::from_schema(&json!({"type":"object","properties":{
+            "a":{"type":"string","minLength":2},"b":{"type":"array","items":{"type":"string"}},
+            "c":{"type":"string","minLength":1,"maxLength":6}},"required":["a","b","c"]}))
+        .unwrap(),
+        Grammar::tool_calls(
+            &[(
+                "f".into(),
+                json!({"type":"object","properties":{"x":{"type":"string"}}}),
+            )],
+            2,
+        )
         .unwrap(),
     ];
     for g in grammars {
