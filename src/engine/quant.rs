@@ -13,6 +13,13 @@ use candle_core::{Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+mod drive;
+mod kquant;
+mod q5_0;
+
+pub use kquant::{KActs, KKind, KWeight, QK_K};
+pub use q5_0::Q5Weight;
+
 pub const QK: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
