@@ -339,10 +339,12 @@ impl Tiled for KWeight {
             // values (checked by the driver and `matmul_into_isa`).
             unsafe {
                 match (level, self.kind) {
-                    (Isa::Avx2Vnni, KKind::Q4K) => return self.q4k_vnni::<R, C>(c, rows),
-                    (Isa::Avx2, KKind::Q4K) => return self.q4k_avx2::<R, C>(c, rows),
-                    (Isa::Avx2Vnni, KKind::Q6K) => return self.q6k_vnni::<R, C>(c, rows),
-                    (Isa::Avx2, KKind::Q6K) => return self.q6k_avx2::<R, C>(c, rows),
+                    (Isa::Avx2 | Isa::Avx2Vnni, KKind::Q4K) => {
+                        return self.q4k_avx2::<R, C>(c, rows)
+                    }
+                    (Isa::Avx2 | Isa::Avx2Vnni, KKind::Q6K) => {
+                        return self.q6k_avx2::<R, C>(c, rows)
+                    }
                     (Isa::Scalar, _) => {}
                 }
             }
@@ -365,10 +367,12 @@ unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
 
 /// The x86 tiles. Integer sums are exact in any order (products fit i16 pairs:
 /// Q4_K 15 * 128 * 2, Q6_K 63 * 128 * 2), so the kernels group them as suits the
-/// registers, then do the float steps of the reference exactly. With VNNI,
-/// `vpdpwssd` fuses the scale multiply with the accumulation.
+/// registers, then do the float steps of the reference exactly. There is no VNNI
+/// variant: the weights are unsigned already, so `vpdpbusd` saves nothing before the
+/// per-sub-block scale, and `vpdpwssd` (scale and accumulate in one) puts its latency
+/// in the accumulation chain — one-row (decode) tiles measured slower with it.
 macro_rules! k_x86 {
-    ($q4:ident, $q6:ident, $feat:literal, $vnni:expr) => {
+    ($q4:ident, $q6:ident, $feat:literal) => {
         #[cfg(target_arch = "x86_64")]
         impl KWeight {
             #[target_feature(enable = $feat)]
@@ -409,11 +413,7 @@ macro_rules! k_x86 {
                                     );
                                     let p = _mm256_maddubs_epi16(qv, y);
                                     let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
-                                    *s = if $vnni {
-                                        _mm256_dpwssd_epi32(*s, p, scale)
-                                    } else {
-                                        _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale))
-                                    };
+                                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
                                 }
                             }
                         }
@@ -518,11 +518,7 @@ macro_rules! k_x86 {
                                     );
                                     let p = _mm256_maddubs_epi16(qv, y);
                                     let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
-                                    *s = if $vnni {
-                                        _mm256_dpwssd_epi32(*s, p, scale)
-                                    } else {
-                                        _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale))
-                                    };
+                                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
                                 }
                             }
                         }
@@ -550,8 +546,7 @@ macro_rules! k_x86 {
     };
 }
 
-k_x86!(q4k_avx2, q6k_avx2, "avx2,fma", false);
-k_x86!(q4k_vnni, q6k_vnni, "avx2,fma,avx512vnni,avx512vl", true);
+k_x86!(q4k_avx2, q6k_avx2, "avx2,fma");
 
 #[cfg(test)]
 #[path = "kquant_tests.rs"]
