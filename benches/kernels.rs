@@ -1,10 +1,11 @@
 //! The quantized matmul kernels at every level this CPU has, for the shapes of the
 //! default model (SmolLM2-135M: hidden 576, Q|K|V 960, gate|up 3072, vocab 49152), one
-//! row (a decode step) and 64 rows (prefill), and the attention kernel over 512
-//! cached positions.
+//! row (a decode step) and 64 rows (prefill); the Q5_0 and K-quant kernels at the
+//! shapes of Qwen2.5-Coder-0.5B (hidden 896, gate|up 9728, ffn 4864); and the attention
+//! kernel over 512 cached positions.
 
 use candela::engine::attn;
-use candela::engine::quant::{isa, Isa, QActs, QWeight};
+use candela::engine::quant::{isa, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -63,6 +64,74 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// Random activations of `m` rows of `k` values.
+fn acts(m: usize, k: usize) -> Vec<f32> {
+    Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Qwen2.5-Coder-0.5B's Q5_0 projections and its Q4_K / Q6_K down projections.
+fn qwen_kernels(c: &mut Criterion) {
+    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
+        .into_iter()
+        .filter(|&l| l as u8 <= isa() as u8)
+        .collect();
+    let quantized = |dt, n, k| {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, dt).unwrap()
+    };
+    for (name, n, k) in [("q5_0_qk", 1024, 896), ("q5_0_gate_up", 9728, 896)] {
+        let w = Q5Weight::from_qtensor(&quantized(GgmlDType::Q5_0, n, k))
+            .unwrap()
+            .unwrap();
+        for m in [1usize, 64] {
+            let mut a = QActs::new();
+            a.quantize(&acts(m, k), k);
+            let mut out = vec![0f32; m * n];
+            let mut g = c.benchmark_group(format!("matmul_{name}_m{m}"));
+            g.throughput(Throughput::Elements((m * n * k) as u64));
+            for &level in &levels {
+                if level == Isa::Scalar && m > 1 {
+                    continue;
+                }
+                g.bench_function(format!("{level:?}"), |b| {
+                    b.iter(|| w.matmul_into_isa(level, &a, &mut out, n))
+                });
+            }
+            g.finish();
+        }
+    }
+    for (name, dt) in [("q4_k_down", GgmlDType::Q4K), ("q6_k_down", GgmlDType::Q6K)] {
+        let (n, k) = (896, 4864);
+        let w = KWeight::from_qtensor(&quantized(dt, n, k))
+            .unwrap()
+            .unwrap();
+        for m in [1usize, 64] {
+            let mut a = KActs::new();
+            a.quantize(&acts(m, k), k);
+            let mut out = vec![0f32; m * n];
+            let mut g = c.benchmark_group(format!("matmul_{name}_m{m}"));
+            g.throughput(Throughput::Elements((m * n * k) as u64));
+            for &level in &levels {
+                if level == Isa::Scalar && m > 1 {
+                    continue;
+                }
+                g.bench_function(format!("{level:?}"), |b| {
+                    b.iter(|| w.matmul_into_isa(level, &a, &mut out, n))
+                });
+            }
+            g.finish();
+        }
+    }
+    let mut g = c.benchmark_group("quantize_acts_q8k");
+    let x = acts(1, 4864);
+    let mut a = KActs::new();
+    g.bench_function("row_4864", |b| b.iter(|| a.quantize(&x, 4864)));
+    g.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let hd = 64;
     let len = 512;
@@ -77,5 +146,5 @@ fn attention(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, matmul, attention);
+criterion_group!(benches, matmul, qwen_kernels, attention);
 criterion_main!(benches);

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::quant::QWeight;
+use super::quant::{KWeight, Q5Weight, QWeight};
 use crate::kv::{CacheLayout, KvDtype, SeqCache};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -83,7 +83,12 @@ impl ModelConfig {
 /// A weight matrix: our ggml-exact kernels where they cover the type, else candle's.
 #[derive(Debug)]
 enum Weight {
+    /// Q4_0, Q4_1, Q8_0.
     Ours(QWeight),
+    /// Q5_0 (Q8_0 activations, like `Ours`).
+    Q5(Q5Weight),
+    /// Q4_K, Q6_K (Q8_K activations).
+    K(KWeight),
     Candle(QMatMul),
 }
 
@@ -96,6 +101,12 @@ impl Weight {
             if let Some(w) = QWeight::from_qtensor(&t)? {
                 return Ok(Self::Ours(w));
             }
+            if let Some(w) = Q5Weight::from_qtensor(&t)? {
+                return Ok(Self::Q5(w));
+            }
+            if let Some(w) = KWeight::from_qtensor(&t)? {
+                return Ok(Self::K(w));
+            }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(t)?))
     }
@@ -103,6 +114,8 @@ impl Weight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Ours(w) => w.matmul(x),
+            Self::Q5(w) => w.matmul(x),
+            Self::K(w) => w.matmul(x),
             Self::Candle(w) => w.forward(x),
         }
     }

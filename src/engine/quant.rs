@@ -5,13 +5,21 @@
 //! llama.cpp's on small, sensitive models; candle's generic path rounds differently.
 //!
 //! Weights are repacked at load into a struct-of-arrays layout (scales as f32) so the
-//! inner loop is integer multiply-adds that the compiler vectorises. Other types fall
-//! back to candle's `QMatMul` (see `model.rs`).
+//! inner loop is integer multiply-adds that the compiler vectorises. Q5_0 and the
+//! K-quants (Q4_K, Q6_K, with Q8_K activations) are in the submodules `q5_0` and
+//! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
+
+mod drive;
+mod kquant;
+mod q5_0;
+
+pub use kquant::{KActs, KKind, KWeight, QK_K};
+pub use q5_0::Q5Weight;
 
 pub const QK: usize = 32;
 

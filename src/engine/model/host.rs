@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::{Embed, Model, Proj, SeqInput, Weight};
 use crate::engine::attn;
-use crate::engine::quant::QActs;
+use crate::engine::quant::{KActs, QActs};
 
 /// Debugging aid: with `CANDELA_DUMP_DIR` set, every forward pass writes its
 /// intermediate values (raw little-endian f32, named as llama.cpp's graph names them:
@@ -58,6 +58,7 @@ pub(super) struct Scratch {
     act: Vec<f32>,
     tmp: Vec<f32>,
     acts: QActs,
+    kacts: KActs,
     /// Per row: (sequence index, position).
     rows: Vec<(usize, usize)>,
 }
@@ -99,38 +100,83 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
     }
 }
 
+/// The activations of one projection input, quantized on first use in the form each
+/// weight type needs (Q8_0/Q8_1 for Q4_0, Q4_1, Q5_0, Q8_0; Q8_K for the K-quants).
+struct Input<'a> {
+    x: &'a [f32],
+    rows: usize,
+    acts: &'a mut QActs,
+    kacts: &'a mut KActs,
+    have: (bool, bool),
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a [f32], rows: usize, acts: &'a mut QActs, kacts: &'a mut KActs) -> Self {
+        Self {
+            x,
+            rows,
+            acts,
+            kacts,
+            have: (false, false),
+        }
+    }
+
+    fn k(&self) -> usize {
+        self.x.len() / self.rows.max(1)
+    }
+
+    fn q8(&mut self) -> &QActs {
+        if !self.have.0 {
+            self.acts.quantize(self.x, self.k());
+            self.have.0 = true;
+        }
+        self.acts
+    }
+
+    fn q8k(&mut self) -> &KActs {
+        if !self.have.1 {
+            self.kacts.quantize(self.x, self.k());
+            self.have.1 = true;
+        }
+        self.kacts
+    }
+}
+
+impl Weight {
+    /// `out[r * ldo + c]` for `c < n` (the weight's output width) and every input row.
+    fn forward_host(&self, x: &mut Input<'_>, n: usize, out: &mut [f32], ldo: usize) -> Result<()> {
+        match self {
+            Weight::Ours(w) => w.matmul_into(x.q8(), out, ldo),
+            Weight::Q5(w) => w.matmul_into(x.q8(), out, ldo),
+            Weight::K(w) => w.matmul_into(x.q8k(), out, ldo),
+            Weight::Candle(w) => {
+                let (rows, k) = (x.rows, x.k());
+                let y = w.forward(&Tensor::from_slice(
+                    x.x,
+                    (rows, k),
+                    &candle_core::Device::Cpu,
+                )?)?;
+                let y: Vec<f32> = y
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for r in 0..rows {
+                    out[r * ldo..r * ldo + n].copy_from_slice(&y[r * n..(r + 1) * n]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Proj {
-    /// `out[r * ldo + c]` for the `rows` rows of `x` (quantized in `acts` when the
-    /// projection uses our kernels; `acts` must hold exactly `x`).
-    fn forward_host(
-        &self,
-        x: &[f32],
-        acts: &QActs,
-        rows: usize,
-        out: &mut [f32],
-        ldo: usize,
-    ) -> Result<()> {
-        let k = x.len() / rows.max(1);
+    /// `out[r * ldo + c]` for every row of the input, the parts side by side, biases added.
+    fn forward_host(&self, x: &mut Input<'_>, out: &mut [f32], ldo: usize) -> Result<()> {
+        let rows = x.rows;
         let mut col = 0;
         for p in &self.parts {
             let dst = &mut out[col..];
-            match &p.w {
-                Weight::Ours(w) => w.matmul_into(acts, dst, ldo),
-                Weight::Candle(w) => {
-                    let y = w.forward(&Tensor::from_slice(
-                        x,
-                        (rows, k),
-                        &candle_core::Device::Cpu,
-                    )?)?;
-                    let y: Vec<f32> = y
-                        .to_dtype(candle_core::DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()?;
-                    for r in 0..rows {
-                        dst[r * ldo..r * ldo + p.n].copy_from_slice(&y[r * p.n..(r + 1) * p.n]);
-                    }
-                }
-            }
+            p.w.forward_host(x, p.n, dst, ldo)?;
             if let Some((_, b)) = &p.b {
                 for r in 0..rows {
                     for (y, b) in dst[r * ldo..r * ldo + p.n].iter_mut().zip(b) {
@@ -181,9 +227,9 @@ impl Model {
             let h = fit(&mut sc.h, t * hidden);
             rms_norm(x, &layer.attn_norm.v, eps, h);
             dump::write(&dd, &format!("attn_norm-{li}"), h);
-            sc.acts.quantize(h, hidden);
             let qkv = fit(&mut sc.qkv, t * dqkv);
-            layer.qkv.forward_host(h, &sc.acts, t, qkv, dqkv)?;
+            let mut input = Input::new(h, t, &mut sc.acts, &mut sc.kacts);
+            layer.qkv.forward_host(&mut input, qkv, dqkv)?;
             // RoPE on Q and K of every row, at that row's position.
             for (r, row) in qkv.chunks_exact_mut(dqkv).enumerate() {
                 let p = sc.rows[r].1;
@@ -261,9 +307,9 @@ impl Model {
             drop(views);
             dump::write(&dd, &format!("kqv_out-{li}"), att);
             // Output projection and residual.
-            sc.acts.quantize(att, nq);
             let tmp = fit(&mut sc.tmp, t * hidden);
-            layer.wo.forward_host(att, &sc.acts, t, tmp, hidden)?;
+            let mut input = Input::new(att, t, &mut sc.acts, &mut sc.kacts);
+            layer.wo.forward_host(&mut input, tmp, hidden)?;
             dump::write(&dd, &format!("attn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
@@ -272,11 +318,11 @@ impl Model {
             let h = &mut sc.h[..t * hidden];
             rms_norm(x, &layer.ffn_norm.v, eps, h);
             dump::write(&dd, &format!("ffn_norm-{li}"), h);
-            sc.acts.quantize(h, hidden);
             let dgu = layer.gate_up.width();
             let ffn = dgu / 2;
             let gu = fit(&mut sc.gu, t * dgu);
-            layer.gate_up.forward_host(h, &sc.acts, t, gu, dgu)?;
+            let mut input = Input::new(h, t, &mut sc.acts, &mut sc.kacts);
+            layer.gate_up.forward_host(&mut input, gu, dgu)?;
             let act = fit(&mut sc.act, t * ffn);
             for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(dgu)) {
                 super::swiglu::swiglu(&g[..ffn], &g[ffn..], a);
@@ -291,8 +337,8 @@ impl Model {
                 dump::write(&dd, &format!("ffn_up-{li}"), &half_of(ffn));
                 dump::write(&dd, &format!("ffn_swiglu-{li}"), act);
             }
-            sc.acts.quantize(act, ffn);
-            layer.down.forward_host(act, &sc.acts, t, tmp, hidden)?;
+            let mut input = Input::new(act, t, &mut sc.acts, &mut sc.kacts);
+            layer.down.forward_host(&mut input, tmp, hidden)?;
             dump::write(&dd, &format!("ffn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
@@ -315,23 +361,11 @@ impl Model {
             rms_norm(xr, &self.norm.v, eps, &mut h[i * hidden..(i + 1) * hidden]);
         }
         dump::write(&dd, "result_norm", h);
-        sc.acts.quantize(h, hidden);
         let vocab = cfg.vocab;
         let mut logits = vec![0f32; m * vocab];
-        match &self.output {
-            Weight::Ours(w) => w.matmul_into(&sc.acts, &mut logits, vocab),
-            Weight::Candle(w) => {
-                let y = w.forward(&Tensor::from_slice(
-                    h,
-                    (m, hidden),
-                    &candle_core::Device::Cpu,
-                )?)?;
-                logits = y
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
-            }
-        }
+        let mut input = Input::new(h, m, &mut sc.acts, &mut sc.kacts);
+        self.output
+            .forward_host(&mut input, vocab, &mut logits, vocab)?;
         dump::write(&dd, "result_output", &logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;

@@ -1,0 +1,103 @@
+//! The loop shared by the Q5_0 and K-quant kernels: columns split across the thread
+//! pool, and inside a task tiles of activation rows and weight columns small enough to
+//! stay in registers and L1. A kernel only says how to compute one tile.
+//!
+//! Must not depend on anything outside `quant`.
+
+use rayon::prelude::*;
+
+use super::{Isa, OutPtr};
+
+/// A weight matrix whose kernel computes `C` columns against `R` activation rows.
+pub(super) trait Tiled: Sync {
+    /// One quantized activation row, borrowed.
+    type Row<'a>: Copy + Send + Sync;
+
+    /// `out[j][r]` = column `c + j` against `rows[r]`; every result is formed in the
+    /// order of the type's portable reference, whatever `R` and `C` are.
+    fn tile<const R: usize, const C: usize>(
+        &self,
+        isa: Isa,
+        c: usize,
+        rows: [Self::Row<'_>; R],
+    ) -> [[f32; R]; C];
+}
+
+/// `out[r * ldo + c] = row(r) · w_c` for `m` rows and `n` columns at level `isa`.
+pub(super) fn matmul<'a, W: Tiled>(
+    w: &W,
+    isa: Isa,
+    n: usize,
+    m: usize,
+    row: impl Fn(usize) -> W::Row<'a> + Sync,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
+    let ptr = OutPtr(out.as_mut_ptr());
+    // SAFETY (every write): in bounds (checked above) and the columns of one task
+    // belong to it alone.
+    let put = |r: usize, c: usize, v: f32| unsafe { ptr.write(r * ldo + c, v) };
+    let run = |ci: usize| {
+        const ROW_TILE: usize = 32;
+        let (c0, c1) = (ci * chunk, ((ci + 1) * chunk).min(n));
+        for r0 in (0..m).step_by(ROW_TILE) {
+            let r1 = (r0 + ROW_TILE).min(m);
+            let mut c = c0;
+            while c < c1 {
+                let many = r1 - r0 >= 4;
+                let cw = match (many, c1 - c) {
+                    (true, left) if left >= 2 => 2,
+                    (false, left) if left >= 4 => 4,
+                    _ => 1,
+                };
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                    if cw == 2 {
+                        let v = w.tile::<4, 2>(isa, c, rows);
+                        for (j, col) in v.iter().enumerate() {
+                            for (i, &y) in col.iter().enumerate() {
+                                put(r + i, c + j, y);
+                            }
+                        }
+                    } else {
+                        for j in 0..cw {
+                            let [col] = w.tile::<4, 1>(isa, c + j, rows);
+                            for (i, &y) in col.iter().enumerate() {
+                                put(r + i, c + j, y);
+                            }
+                        }
+                    }
+                    r += 4;
+                }
+                while r < r1 {
+                    if cw == 4 {
+                        let v = w.tile::<1, 4>(isa, c, [row(r)]);
+                        for (j, &[y]) in v.iter().enumerate() {
+                            put(r, c + j, y);
+                        }
+                    } else {
+                        for j in 0..cw {
+                            let [[y]] = w.tile::<1, 1>(isa, c + j, [row(r)]);
+                            put(r, c + j, y);
+                        }
+                    }
+                    r += 1;
+                }
+                c += cw;
+            }
+        }
+    };
+    let tasks = n.div_ceil(chunk);
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
