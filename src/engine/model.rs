@@ -1,5 +1,6 @@
 //! Decoder-only transformer (llama family: Llama 2/3, Mistral, SmolLM, TinyLlama; and
-//! qwen2 with its QKV biases) over quantized GGUF weights.
+//! qwen2 with its QKV biases) over quantized GGUF weights, or dense weights from a
+//! Hugging Face directory ([`hf`]).
 //!
 //! Unlike candle's `quantized_llama`, the model holds no state: every forward pass
 //! borrows the callers' [`SeqCache`]s, so a cache can outlive a request, be measured and
@@ -7,9 +8,12 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod gguf;
+pub mod hf;
 mod host;
 
-use std::collections::HashMap;
+pub use gguf::metadata_strings;
+
 use std::io::{Read, Seek};
 use std::sync::Mutex;
 
@@ -34,48 +38,6 @@ pub struct ModelConfig {
     pub rope_base: f32,
     /// NEOX rotary layout (pairs `i`, `i + d/2`) instead of interleaved pairs.
     pub rope_neox: bool,
-}
-
-impl ModelConfig {
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let get = |k: &str| {
-            ct.metadata
-                .get(k)
-                .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata lacks `{k}`")))
-        };
-        let arch = get("general.architecture")?.to_string()?.clone();
-        let rope_neox = match arch.as_str() {
-            "llama" | "mistral" => false,
-            "qwen2" => true,
-            other => candle_core::bail!(
-                "unsupported architecture `{other}` (supported: llama, mistral, qwen2)"
-            ),
-        };
-        let u = |k: &str| -> Result<usize> { Ok(get(&format!("{arch}.{k}"))?.to_u32()? as usize) };
-        let n_heads = u("attention.head_count")?;
-        let hidden = u("embedding_length")?;
-        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = u("attention.key_length").unwrap_or(hidden / n_heads);
-        let vocab = match get("tokenizer.ggml.tokens")? {
-            gguf_file::Value::Array(a) => a.len(),
-            _ => candle_core::bail!("tokenizer.ggml.tokens is not an array"),
-        };
-        Ok(Self {
-            n_layers: u("block_count")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            hidden,
-            vocab,
-            train_ctx: u("context_length").unwrap_or(4096),
-            rms_eps: get(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
-            rope_base: get(&format!("{arch}.rope.freq_base"))
-                .and_then(|v| v.to_f32())
-                .unwrap_or(10_000.0),
-            rope_neox,
-            arch,
-        })
-    }
 }
 
 /// A weight matrix: our ggml-exact kernels where they cover the type, else candle's.
@@ -199,7 +161,7 @@ pub struct Model {
     device: Device,
     /// Reused buffers of the CPU path.
     scratch: Mutex<host::Scratch>,
-    /// Bytes of the weights as stored (quantized).
+    /// Bytes of the weights as held: quantized as stored for GGUF, f32 for dense.
     pub weight_bytes: usize,
     pub ctx_size: usize,
 }
@@ -372,12 +334,29 @@ impl Model {
             }
             layers.push(layer);
         }
+        Self::assemble(
+            config, embed, layers, norm, output, device, ctx_size, ld.bytes,
+        )
+    }
+
+    /// The finished model: rotary tables for `ctx_size` positions around the weights.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: ModelConfig,
+        embed: Embed,
+        layers: Vec<Layer>,
+        norm: Norm,
+        output: Weight,
+        device: &Device,
+        ctx_size: usize,
+        weight_bytes: usize,
+    ) -> Result<Self> {
         let (cos_v, sin_v) = rope_tables(config.head_dim, config.rope_base, ctx_size);
         let half = config.head_dim / 2;
         let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
         let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
         Ok(Self {
-            weight_bytes: ld.bytes,
+            weight_bytes,
             config,
             embed,
             layers,
@@ -609,23 +588,4 @@ fn rope_tables(dim: usize, base: f32, ctx: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
-}
-
-/// GGUF metadata as plain strings/numbers, for the tokenizer and the chat template.
-pub fn metadata_strings(ct: &gguf_file::Content) -> HashMap<String, String> {
-    ct.metadata
-        .iter()
-        .filter_map(|(k, v)| {
-            let s = match v {
-                gguf_file::Value::String(s) => s.clone(),
-                gguf_file::Value::U32(x) => x.to_string(),
-                gguf_file::Value::I32(x) => x.to_string(),
-                gguf_file::Value::U64(x) => x.to_string(),
-                gguf_file::Value::Bool(x) => x.to_string(),
-                gguf_file::Value::F32(x) => x.to_string(),
-                _ => return None,
-            };
-            Some((k.clone(), s))
-        })
-        .collect()
 }

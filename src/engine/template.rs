@@ -26,6 +26,26 @@ pub struct TemplateMessage {
 /// Instructions one render may execute (a 4,096-message chat needs well under 1%).
 pub const TEMPLATE_FUEL: u64 = 50_000_000;
 
+/// The chat template a Hugging Face directory ships: `chat_template` of
+/// `tokenizer_config.json` (a string, or a list of named templates of which `default`
+/// or else the first is taken), else a `chat_template.jinja` file.
+pub fn hf_template(tokenizer_config: &serde_json::Value, dir: &std::path::Path) -> Option<String> {
+    match &tokenizer_config["chat_template"] {
+        serde_json::Value::String(s) => return Some(s.clone()),
+        serde_json::Value::Array(list) => {
+            let pick = list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or_else(|| list.first());
+            if let Some(t) = pick.and_then(|t| t["template"].as_str()) {
+                return Some(t.to_string());
+            }
+        }
+        _ => {}
+    }
+    std::fs::read_to_string(dir.join("chat_template.jinja")).ok()
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,

@@ -101,6 +101,63 @@ impl Tok {
         Ok(Self::assemble(inner, bos_id, eos_id, false))
     }
 
+    /// Build from a Hugging Face model directory: `tokenizer.json`, with BOS/EOS and
+    /// `add_bos_token` from `tokenizer_config.json`, and every EOS id that `config.json`
+    /// (given parsed) and `generation_config.json` name. Returns the tokenizer and the
+    /// texts of BOS and EOS (for the chat template).
+    pub fn from_hf_dir(
+        dir: &Path,
+        config: &serde_json::Value,
+    ) -> Result<(Self, String, String), EngineError> {
+        let json = |name: &str| {
+            super::model::hf::read_json(dir, name).map_err(|e| EngineError::Load(e.to_string()))
+        };
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(EngineError::Load(format!(
+                "{}: no tokenizer.json",
+                dir.display()
+            )));
+        }
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let tc = json("tokenizer_config.json")?.unwrap_or_default();
+        let gen = json("generation_config.json")?.unwrap_or_default();
+        // `bos_token` / `eos_token` are a string or an added-token object.
+        let text = |k: &str| match &tc[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(str::to_string),
+        };
+        let id_of = |k: &str, fallback: &serde_json::Value| {
+            text(k)
+                .and_then(|t| inner.token_to_id(&t))
+                .or_else(|| super::model::hf::ids_of(Some(fallback)).first().copied())
+        };
+        let bos_id = id_of("bos_token", &config["bos_token_id"]);
+        let eos_id = id_of("eos_token", &config["eos_token_id"]);
+        // Without `add_bos_token`, ask the tokenizer's post-processor.
+        let add_bos = tc["add_bos_token"].as_bool().unwrap_or_else(|| {
+            let with = inner.encode_fast("a", true).ok();
+            bos_id.is_some() && with.is_some_and(|e| e.get_ids().first() == bos_id.as_ref())
+        });
+        let mut tok = Self::assemble(inner, bos_id, eos_id, add_bos);
+        let extra = [&config["eos_token_id"], &gen["eos_token_id"]];
+        for v in extra {
+            tok.eog.extend(super::model::hf::ids_of(Some(v)));
+        }
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        let bos = text("bos_token").unwrap_or_else(|| name(bos_id));
+        let eos = text("eos_token").unwrap_or_else(|| name(eos_id));
+        Ok((tok, bos, eos))
+    }
+
+    /// Write the underlying `tokenizers` tokenizer as a `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<(), EngineError> {
+        self.inner
+            .save(path, true)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
     fn assemble(inner: Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Self {
         let mut eog: HashSet<u32> = eos_id.into_iter().collect();
         for t in EOG_TEXTS {
