@@ -188,7 +188,13 @@ pub fn open_weights(dir: &Path) -> Result<MmapedSafetensors> {
     let files = weight_files(dir)?;
     // SAFETY: the files are mapped read-only and every tensor is copied out on load;
     // like every mmap, changing a file under a running server is undefined.
-    unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| err(dir, e))
+    unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+        let names: Vec<_> = files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        err(dir, format!("cannot read {}: {e}", names.join(", ")))
+    })
 }
 
 /// Elements of every tensor in the directory's weight files (headers only).

@@ -1,0 +1,528 @@
+//! Hugging Face model directories, checked against the real default model: a directory
+//! is built from the GGUF (every tensor dequantized to f32, Q/K rows un-permuted back to
+//! Hugging Face's layout, HF tensor names, two shards and an index, `config.json` from
+//! the GGUF metadata, the GGUF's tokenizer saved as `tokenizer.json`, its chat template
+//! in `tokenizer_config.json`). Served from that directory, candela must give the same
+//! logits, token ids, chat prompts and greedy completions as the GGUF run in f32.
+//! Bad directories and an unreachable hub must fail at start-up with a clear message.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use candela::engine::model::{Model, ModelConfig, SeqInput};
+use candela::engine::sampling::argmax;
+use candela::engine::Tok;
+use candela::kv::{KvDtype, SeqCache};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+const CTX: usize = 2048;
+
+/// GGUF's converter permutes the rows of Q and K per head, `(2, d/2)` to `(d/2, 2)`, so
+/// interleaved rotary pairs act like Hugging Face's rotate-half; undo it.
+fn unpermute(t: &Tensor, heads: usize) -> Tensor {
+    let (out, inp) = t.dims2().unwrap();
+    t.reshape((heads, out / heads / 2, 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+fn hf_name(gguf: &str) -> String {
+    let fixed = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ];
+    if let Some((_, hf)) = fixed.iter().find(|(g, _)| *g == gguf) {
+        return hf.to_string();
+    }
+    let rest = gguf.strip_prefix("blk.").expect("a layer tensor");
+    let (layer, part) = rest.split_once('.').unwrap();
+    let part = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        other => panic!("unexpected tensor {other}"),
+    };
+    format!("model.layers.{layer}.{part}")
+}
+
+fn gguf() -> (gguf_file::Content, std::fs::File) {
+    let mut f = std::fs::File::open(common::model_path()).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    (ct, f)
+}
+
+/// The Hugging Face directory built from the default GGUF, once per test binary.
+fn hf_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("SmolLM2-135M-Instruct-hf");
+        std::fs::create_dir(&dir).unwrap();
+        build_hf_dir(&dir);
+        (root, dir)
+    })
+    .1
+}
+
+fn build_hf_dir(dir: &Path) {
+    let (ct, mut f) = gguf();
+    let cfg = ModelConfig::from_gguf(&ct).unwrap();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    for name in ct.tensor_infos.keys() {
+        let t = ct
+            .tensor(&mut f, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let t = if name.ends_with("attn_q.weight") {
+            unpermute(&t, cfg.n_heads)
+        } else if name.ends_with("attn_k.weight") {
+            unpermute(&t, cfg.n_kv_heads)
+        } else {
+            t
+        };
+        let hf = hf_name(name);
+        // Layers from the middle on go to the second shard.
+        let second = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .is_some_and(|l| l.parse::<usize>().unwrap() >= cfg.n_layers / 2);
+        weight_map.insert(hf.clone(), json!(files[second as usize]));
+        shards[second as usize].insert(hf, t);
+    }
+    for (shard, file) in shards.iter().zip(files) {
+        candle_core::safetensors::save(shard, dir.join(file)).unwrap();
+    }
+    let write = |name: &str, v: Value| {
+        std::fs::write(dir.join(name), serde_json::to_string_pretty(&v).unwrap()).unwrap()
+    };
+    write(
+        "model.safetensors.index.json",
+        json!({"metadata": {}, "weight_map": weight_map}),
+    );
+    let ffn = ct.metadata["llama.feed_forward_length"].to_u32().unwrap();
+    write(
+        "config.json",
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": cfg.hidden,
+            "intermediate_size": ffn,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads,
+            "vocab_size": cfg.vocab,
+            "max_position_embeddings": cfg.train_ctx,
+            "rms_norm_eps": cfg.rms_eps,
+            "rope_theta": cfg.rope_base,
+            "rope_scaling": null,
+            "hidden_act": "silu",
+            "tie_word_embeddings": true,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32"
+        }),
+    );
+    let tok = Tok::from_gguf(&ct, None).unwrap();
+    tok.save_json(&dir.join("tokenizer.json")).unwrap();
+    let template = ct.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone();
+    // A list of named templates: `default` must be picked, not the first.
+    write(
+        "tokenizer_config.json",
+        json!({
+            "add_bos_token": false,
+            "bos_token": tok.id_to_token(1).unwrap(),
+            "eos_token": {"content": tok.id_to_token(2).unwrap(), "special": true},
+            "chat_template": [
+                {"name": "tool_use", "template": "WRONG TEMPLATE"},
+                {"name": "default", "template": template}
+            ]
+        }),
+    );
+    write("generation_config.json", json!({"eos_token_id": [2]}));
+}
+
+/// The GGUF with every weight dequantized to f32: the reference.
+fn reference() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let (ct, mut f) = gguf();
+        Model::from_gguf_f32(&ct, &mut f, &Device::Cpu, CTX).unwrap()
+    })
+}
+
+fn gguf_tok() -> &'static Tok {
+    static T: OnceLock<Tok> = OnceLock::new();
+    T.get_or_init(|| Tok::from_gguf(&gguf().0, None).unwrap())
+}
+
+/// Logits of every position of `ids`: a prefill of all but the last 4, then single steps.
+fn logits(m: &Model, ids: &[u32], dtype: KvDtype) -> Vec<Vec<f32>> {
+    let mut cache = SeqCache::new(m.cache_layout(dtype), &Device::Cpu);
+    let split = ids.len() - 4;
+    let mut out = Vec::new();
+    for chunk in std::iter::once(&ids[..split]).chain(ids[split..].chunks(1)) {
+        let l = m
+            .forward(&mut [SeqInput {
+                tokens: chunk,
+                cache: &mut cache,
+                all_logits: true,
+            }])
+            .unwrap();
+        out.extend(l[0].to_vec2::<f32>().unwrap());
+    }
+    out
+}
+
+#[test]
+fn logits_match_the_gguf_in_f32_at_every_position() {
+    let hf = Model::from_hf_dir(hf_dir(), &Device::Cpu, CTX).unwrap();
+    let rf = reference();
+    let (a, b) = (&hf.config, &rf.config);
+    assert_eq!(a.arch, "llama");
+    assert_eq!(
+        (
+            a.n_layers,
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+            a.hidden,
+            a.vocab
+        ),
+        (
+            b.n_layers,
+            b.n_heads,
+            b.n_kv_heads,
+            b.head_dim,
+            b.hidden,
+            b.vocab
+        )
+    );
+    assert_eq!(
+        (a.rope_base, a.rms_eps, a.train_ctx),
+        (b.rope_base, b.rms_eps, b.train_ctx)
+    );
+    assert!(a.rope_neox && !b.rope_neox, "HF layout rotates halves");
+    assert_eq!(
+        hf.weight_bytes,
+        4 * 134_515_008,
+        "f32 weights, embeddings tied"
+    );
+    let ids = gguf_tok()
+        .encode(
+            "<|im_start|>user\nWhat is the capital of France, and why is it famous?<|im_end|>\n\
+             <|im_start|>assistant\nThe capital of France is",
+            true,
+        )
+        .unwrap();
+    assert!(ids.len() > 24);
+    // f16 cache: the fused CPU path, where Q and the attention weights are rounded to
+    // f16 as ggml does, so a last-bit difference in a Q.K sum (summed in another order:
+    // the rows of Q and K sit elsewhere) can move a rounding step; f32 cache: the
+    // tensor path in plain f32. A wrong rotary style moves logits by whole units.
+    for (dtype, tol) in [(KvDtype::F16, 0.1), (KvDtype::F32, 1e-3)] {
+        let (x, y) = (logits(&hf, &ids, dtype), logits(rf, &ids, dtype));
+        assert_eq!(x.len(), ids.len());
+        let mut worst = 0f32;
+        for (p, (x, y)) in x.iter().zip(&y).enumerate() {
+            let d = x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            worst = worst.max(d);
+            assert_eq!(argmax(x), argmax(y), "{dtype:?}: best token differs at {p}");
+        }
+        eprintln!(
+            "{dtype:?}: max |logit difference| {worst:e} over {} positions",
+            ids.len()
+        );
+        assert!(worst < tol, "{dtype:?}: logits differ by {worst}");
+    }
+}
+
+/// Greedy ids from the reference, as the server runs it (f16 cache), up to an
+/// end-of-generation token or `n` tokens.
+fn greedy_reference(prompt: &[u32], n: usize) -> Vec<u32> {
+    let m = reference();
+    let mut cache = SeqCache::new(m.cache_layout(KvDtype::F16), &Device::Cpu);
+    let mut out = Vec::new();
+    let mut feed = prompt.to_vec();
+    while out.len() < n {
+        let l = m
+            .forward(&mut [SeqInput {
+                tokens: &feed,
+                cache: &mut cache,
+                all_logits: false,
+            }])
+            .unwrap();
+        let t = argmax(&l[0].to_vec2::<f32>().unwrap()[0]);
+        if gguf_tok().eog.contains(&t) {
+            break;
+        }
+        out.push(t);
+        feed = vec![t];
+    }
+    out
+}
+
+fn hf_server() -> String {
+    common::server_with("hf-dir", |c| {
+        c.models = vec![hf_dir().to_string_lossy().into_owned()];
+    })
+}
+
+async fn get(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+async fn tokenize(base: &str, body: Value) -> Vec<u64> {
+    let (s, v) = common::post_json(&format!("{base}/tokenize"), &body).await;
+    assert_eq!(s, 200, "{v}");
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn served_directory_matches_the_gguf() {
+    let (hf, gg) = (hf_server(), common::server());
+    // Metadata: the directory's name, the context, the KV plan.
+    let models = get(&format!("{hf}/v1/models")).await;
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct-hf");
+    assert_eq!(models["data"][0]["context_length"], CTX);
+    let (a, b) = (
+        get(&format!("{hf}/v1/sessions")).await,
+        get(&format!("{gg}/v1/sessions")).await,
+    );
+    assert_eq!(a["kv_bytes_per_token"], 23040);
+    assert_eq!(a["kv_bytes_per_token"], b["kv_bytes_per_token"]);
+    // Token ids.
+    let texts = [
+        "Hello world",
+        "  leading spaces and\ttabs\n\nnewlines",
+        "naïve café 東京 🚀 12345",
+        "fn main() { println!(\"{}\", 1 + 2); }",
+        "<|im_start|>user\nhi<|im_end|>",
+    ];
+    for t in texts {
+        for special in [false, true] {
+            let body = json!({"content": t, "add_special": special});
+            assert_eq!(
+                tokenize(&hf, body.clone()).await,
+                tokenize(&gg, body).await,
+                "{t:?}"
+            );
+        }
+    }
+    // The chat template renders the same prompt.
+    let messages = json!([
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another?"}
+    ]);
+    let chat_ids = tokenize(&gg, json!({"messages": messages})).await;
+    assert_eq!(tokenize(&hf, json!({"messages": messages})).await, chat_ids);
+    // Greedy completions equal the f32 GGUF's.
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    ];
+    for p in prompts {
+        let ids = gguf_tok().encode(p, true).unwrap();
+        let want = gguf_tok()
+            .decode(&greedy_reference(&ids, 24), false)
+            .unwrap();
+        let (s, v) = common::post_json(
+            &format!("{hf}/v1/completions"),
+            &json!({"prompt": p, "max_tokens": 24, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], want, "prompt {p:?}");
+        assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    }
+    let chat: Vec<u32> = chat_ids.iter().map(|&x| x as u32).collect();
+    let want = gguf_tok()
+        .decode(&greedy_reference(&chat, 32), false)
+        .unwrap();
+    let (s, v) = common::post_json(
+        &format!("{hf}/v1/chat/completions"),
+        &json!({"messages": messages, "max_tokens": 32, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want);
+    assert_eq!(v["usage"]["prompt_tokens"], chat.len());
+}
+
+/// Start a server on `model`; the error it fails to load with.
+async fn load_error(model: &Path) -> String {
+    let mut cfg = candela::Config::load(&Default::default()).unwrap();
+    cfg.port = 0;
+    cfg.models = vec![model.to_string_lossy().into_owned()];
+    cfg.data_dir = common::data_dir();
+    cfg.kv_disk_budget = 0;
+    cfg.device = "cpu".into();
+    let app = candela::App::build(cfg).await.unwrap();
+    let e = app.wait_ready().await.expect_err("the model must not load");
+    e.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_directories_fail_with_clear_errors() {
+    let good = hf_dir();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).unwrap()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let case = |name: &str, files: &[(&str, String)]| {
+        let d = root.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for (f, text) in files {
+            std::fs::write(d.join(f), text).unwrap();
+        }
+        d
+    };
+    let with = |k: &str, v: Value| {
+        let mut c = config.clone();
+        c[k] = v;
+        c.to_string()
+    };
+    let tokenizer = std::fs::read_to_string(good.join("tokenizer.json")).unwrap();
+    let cases = [
+        (
+            case("empty", &[]),
+            "neither a .gguf file nor a Hugging Face model",
+        ),
+        (
+            case("malformed", &[("config.json", "{\"hidden_size\": ".into())]),
+            "config.json is not valid JSON",
+        ),
+        (
+            case(
+                "gpt2",
+                &[(
+                    "config.json",
+                    with("architectures", json!(["GPT2LMHeadModel"])),
+                )],
+            ),
+            "unsupported architecture `GPT2LMHeadModel`",
+        ),
+        (
+            case(
+                "llama3-rope",
+                &[(
+                    "config.json",
+                    with(
+                        "rope_scaling",
+                        json!({"rope_type": "llama3", "factor": 8.0}),
+                    ),
+                )],
+            ),
+            "rope_scaling of type `llama3` is not supported",
+        ),
+        (
+            case("no-tokenizer", &[("config.json", config.to_string())]),
+            "no tokenizer.json",
+        ),
+        (
+            case(
+                "no-weights",
+                &[
+                    ("config.json", config.to_string()),
+                    ("tokenizer.json", tokenizer.clone()),
+                ],
+            ),
+            "no weights: neither model.safetensors nor model.safetensors.index.json",
+        ),
+        (
+            case(
+                "torn-weights",
+                &[
+                    ("config.json", config.to_string()),
+                    ("tokenizer.json", tokenizer),
+                    ("model.safetensors", "\u{8}\0\0\0\0\0\0\0{\"a\":1}".into()),
+                ],
+            ),
+            "model.safetensors",
+        ),
+    ];
+    for (dir, want) in cases {
+        let e = load_error(&dir).await;
+        eprintln!("{}: {e}", dir.display());
+        assert!(e.contains(want), "{}: {e}", dir.display());
+        assert!(
+            e.contains(&*dir.to_string_lossy()),
+            "names the directory: {e}"
+        );
+    }
+}
+
+/// An unreachable hub fails fast, naming the repo and the network error: `candela fetch`
+/// and `candela serve` both exit with it.
+#[test]
+fn unreachable_hub_fails_fast_naming_the_repo() {
+    let data = tempfile::tempdir().unwrap();
+    for cmd in [
+        &["fetch", "someorg/some-model"][..],
+        &["serve", "--port", "0", "--model", "someorg/some-model"],
+    ] {
+        let t0 = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
+            .args(cmd)
+            .arg("--data-dir")
+            .arg(data.path())
+            // Port 1 on loopback refuses at once, whether or not the real hub answers here.
+            .env("HF_ENDPOINT", "http://127.0.0.1:1")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("CANDELA_OFFLINE")
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{cmd:?} ({took:?}): {err}");
+        assert!(!out.status.success(), "{cmd:?} must fail");
+        assert!(took < Duration::from_secs(20), "{cmd:?} took {took:?}");
+        assert!(err.contains("someorg/some-model"), "names the repo: {err}");
+        assert!(
+            err.contains("http://127.0.0.1:1"),
+            "names the endpoint: {err}"
+        );
+        assert!(
+            err.to_lowercase().contains("connection refused"),
+            "names the error: {err}"
+        );
+    }
+}
