@@ -267,6 +267,19 @@ fn logits_match_the_gguf_in_f32_at_every_position() {
     }
 }
 
+#[test]
+fn plan_reads_the_directory() {
+    let p =
+        candela::engine::plan::plan(hf_dir(), "hf", KvDtype::F16, 1 << 30, 4096, (1, 1)).unwrap();
+    assert_eq!(
+        (p.arch.as_str(), p.n_layers, p.n_kv_heads, p.head_dim),
+        ("llama", 30, 3, 64)
+    );
+    assert_eq!(p.bytes_per_token, 23040);
+    assert_eq!(p.train_ctx, 8192);
+    assert_eq!(p.weight_bytes, 4 * 134_515_008, "held as f32");
+}
+
 /// Greedy ids from the reference, as the server runs it (f16 cache), up to an
 /// end-of-generation token or `n` tokens.
 fn greedy_reference(prompt: &[u32], n: usize) -> Vec<u32> {

@@ -587,4 +587,23 @@ mod tests {
         assert_eq!(served_id("default"), "smollm2-135m-instruct");
         assert_eq!(served_id("org/repo-GGUF"), "org/repo-GGUF");
     }
+
+    #[test]
+    fn a_directory_is_a_gguf_inside_or_a_hugging_face_model() {
+        let root = tempfile::tempdir().unwrap();
+        let hf = root.path().join("Qwen2.5-0.5B-Instruct");
+        fs::create_dir(&hf).unwrap();
+        let e = resolve(hf.to_str().unwrap(), root.path()).unwrap_err();
+        assert!(e.to_string().contains("neither a .gguf file nor"), "{e}");
+        fs::write(hf.join("config.json"), "{}").unwrap();
+        let r = resolve(hf.to_str().unwrap(), root.path()).unwrap();
+        assert!(r.is_hf_dir());
+        assert_eq!(r.id, "Qwen2.5-0.5B-Instruct", "a directory keeps its dots");
+        assert_eq!(served_id(hf.to_str().unwrap()), "Qwen2.5-0.5B-Instruct");
+        // A GGUF in the directory wins.
+        fs::write(hf.join("m.Q4_0.gguf"), "x").unwrap();
+        let r = resolve(hf.to_str().unwrap(), root.path()).unwrap();
+        assert!(!r.is_hf_dir());
+        assert_eq!(r.id, "m.Q4_0");
+    }
 }

@@ -269,6 +269,24 @@ mod tests {
     }
 
     #[test]
+    fn hf_template_is_the_string_the_default_of_a_list_or_the_jinja_file() {
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(hf_template(&json!({"chat_template": "A"}), d).unwrap(), "A");
+        let list = json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D"}
+        ]});
+        assert_eq!(hf_template(&list, d).unwrap(), "D");
+        let list = json!({"chat_template": [{"name": "rag", "template": "R"}]});
+        assert_eq!(hf_template(&list, d).unwrap(), "R");
+        assert_eq!(hf_template(&json!({}), d), None);
+        std::fs::write(d.join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(hf_template(&json!({}), d).unwrap(), "J");
+    }
+
+    #[test]
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "").unwrap();
         assert_eq!(t.render(&[msg("user", "  x  ")], None, false).unwrap(), "x");
