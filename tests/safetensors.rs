@@ -503,6 +503,45 @@ async fn bad_directories_fail_with_clear_errors() {
     }
 }
 
+fn candela(args: &[&str], data: &Path) -> (std::process::Output, Duration) {
+    let t0 = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        // Port 1 on loopback refuses at once, whether or not the real hub answers here.
+        .env("HF_ENDPOINT", "http://127.0.0.1:1")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("CANDELA_OFFLINE")
+        .output()
+        .unwrap();
+    (out, t0.elapsed())
+}
+
+/// Without the hub, a repo fetched before comes from hf-hub's cache in the data dir.
+#[test]
+fn unreachable_hub_falls_back_to_the_cached_snapshot() {
+    let data = tempfile::tempdir().unwrap();
+    let repo = data.path().join("hf/models--someorg--cached-model");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for e in std::fs::read_dir(hf_dir()).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    let (out, _) = candela(&["fetch", "someorg/cached-model"], data.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("using the cached copy"), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(printed.trim(), snap.to_string_lossy());
+    // Not fetched before: the error stands.
+    let (out, _) = candela(&["fetch", "someorg/other-model"], data.path());
+    assert!(!out.status.success());
+}
+
 /// An unreachable hub fails fast, naming the repo and the network error: `candela fetch`
 /// and `candela serve` both exit with it.
 #[test]
@@ -512,18 +551,7 @@ fn unreachable_hub_fails_fast_naming_the_repo() {
         &["fetch", "someorg/some-model"][..],
         &["serve", "--port", "0", "--model", "someorg/some-model"],
     ] {
-        let t0 = Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
-            .args(cmd)
-            .arg("--data-dir")
-            .arg(data.path())
-            // Port 1 on loopback refuses at once, whether or not the real hub answers here.
-            .env("HF_ENDPOINT", "http://127.0.0.1:1")
-            .env_remove("HF_HUB_OFFLINE")
-            .env_remove("CANDELA_OFFLINE")
-            .output()
-            .unwrap();
-        let took = t0.elapsed();
+        let (out, took) = candela(cmd, data.path());
         let err = String::from_utf8_lossy(&out.stderr);
         eprintln!("{cmd:?} ({took:?}): {err}");
         assert!(!out.status.success(), "{cmd:?} must fail");

@@ -437,12 +437,50 @@ fn hub_api(data_dir: &Path) -> Result<hf_hub::api::sync::Api, hf_hub::api::sync:
 
 /// A hub repo: a GGUF when it has one (prefer Q4_K_M, then Q4_1/Q4_0, then Q8_0), else
 /// a Hugging Face model (`config.json`, tokenizer files, safetensors with their index).
+/// Without the hub, a repo fetched before is served from the cache, with a warning.
 fn fetch_hub_repo(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError> {
-    if hub_disabled() {
-        return Err(EngineError::Fetch(format!(
+    let listed = if hub_disabled() {
+        Err(EngineError::Fetch(format!(
             "{repo}: hub access disabled (HF_HUB_OFFLINE/CANDELA_OFFLINE)"
-        )));
+        )))
+    } else {
+        fetch_hub_listed(repo, data_dir)
+    };
+    match listed {
+        Err(EngineError::Fetch(why)) if why.contains(LISTING_FAILED) || hub_disabled() => {
+            match cached_snapshot(repo, data_dir) {
+                Some(snap) => {
+                    let path = resolve_dir(&snap)?.path;
+                    tracing::warn!(%repo, path = %path.display(), "hub unavailable ({why}); using the cached copy");
+                    eprintln!(
+                        "candela: {why}; using the cached copy at {}",
+                        path.display()
+                    );
+                    Ok(ResolvedModel {
+                        id: repo.to_string(),
+                        path,
+                    })
+                }
+                None => Err(EngineError::Fetch(why)),
+            }
+        }
+        other => other,
     }
+}
+
+const LISTING_FAILED: &str = "cannot list the repo on the Hugging Face hub";
+
+/// The snapshot directory hf-hub keeps for the repo's `main` revision, if any.
+fn cached_snapshot(repo: &str, data_dir: &Path) -> Option<PathBuf> {
+    let root = data_dir
+        .join("hf")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let commit = fs::read_to_string(root.join("refs").join("main")).ok()?;
+    let snap = root.join("snapshots").join(commit.trim());
+    snap.is_dir().then_some(snap)
+}
+
+fn fetch_hub_listed(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError> {
     let endpoint = hub_endpoint();
     // The listing is the first request: bounded, so an unanswering hub fails fast.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -451,11 +489,8 @@ fn fetch_hub_repo(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineEr
         let r = hub_api(&dir).and_then(|api| api.model(name).info());
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
-    let unreachable = |e: String| {
-        EngineError::Fetch(format!(
-            "{repo}: cannot list the repo on the Hugging Face hub ({endpoint}): {e}"
-        ))
-    };
+    let unreachable =
+        |e: String| EngineError::Fetch(format!("{repo}: {LISTING_FAILED} ({endpoint}): {e}"));
     let info = match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(r) => r.map_err(unreachable)?,
         Err(_) => return Err(unreachable("no answer within 30 s".into())),
