@@ -51,6 +51,9 @@ fn hf_name(gguf: &str) -> String {
     let part = match part {
         "attn_norm.weight" => "input_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
@@ -82,39 +85,43 @@ fn hf_dir() -> &'static Path {
     .1
 }
 
-fn build_hf_dir(dir: &Path) {
-    let (ct, mut f) = gguf();
-    let cfg = ModelConfig::from_gguf(&ct).unwrap();
-    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+/// Every tensor of the GGUF `ct`, dequantized to f32 under its Hugging Face name, in two
+/// shards with an index; Q/K un-permuted where the converter permuted them (llama).
+/// Writes `config.json` too and returns the model's hyper-parameters.
+fn write_weights(ct: &gguf_file::Content, f: &mut std::fs::File, dir: &Path) -> ModelConfig {
+    let cfg = ModelConfig::from_gguf(ct).unwrap();
+    let permuted = !cfg.rope_neox;
     let mut weight_map = serde_json::Map::new();
     let files = [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
     ];
-    for name in ct.tensor_infos.keys() {
-        let t = ct
-            .tensor(&mut f, name, &Device::Cpu)
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap();
-        let t = if name.ends_with("attn_q.weight") {
-            unpermute(&t, cfg.n_heads)
-        } else if name.ends_with("attn_k.weight") {
-            unpermute(&t, cfg.n_kv_heads)
-        } else {
-            t
-        };
-        let hf = hf_name(name);
-        // Layers from the middle on go to the second shard.
-        let second = name
-            .strip_prefix("blk.")
+    // Layers from the middle on go to the second shard; one shard in memory at a time.
+    let shard_of = |name: &str| {
+        name.strip_prefix("blk.")
             .and_then(|r| r.split('.').next())
-            .is_some_and(|l| l.parse::<usize>().unwrap() >= cfg.n_layers / 2);
-        weight_map.insert(hf.clone(), json!(files[second as usize]));
-        shards[second as usize].insert(hf, t);
-    }
-    for (shard, file) in shards.iter().zip(files) {
-        candle_core::safetensors::save(shard, dir.join(file)).unwrap();
+            .is_some_and(|l| l.parse::<usize>().unwrap() >= cfg.n_layers / 2) as usize
+    };
+    for (i, file) in files.iter().enumerate() {
+        let mut shard = HashMap::new();
+        for name in ct.tensor_infos.keys().filter(|n| shard_of(n) == i) {
+            let t = ct
+                .tensor(f, name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let t = if permuted && name.ends_with("attn_q.weight") {
+                unpermute(&t, cfg.n_heads)
+            } else if permuted && name.ends_with("attn_k.weight") {
+                unpermute(&t, cfg.n_kv_heads)
+            } else {
+                t
+            };
+            let hf = hf_name(name);
+            weight_map.insert(hf.clone(), json!(file));
+            shard.insert(hf, t);
+        }
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
     }
     let write = |name: &str, v: Value| {
         std::fs::write(dir.join(name), serde_json::to_string_pretty(&v).unwrap()).unwrap()
@@ -123,12 +130,20 @@ fn build_hf_dir(dir: &Path) {
         "model.safetensors.index.json",
         json!({"metadata": {}, "weight_map": weight_map}),
     );
-    let ffn = ct.metadata["llama.feed_forward_length"].to_u32().unwrap();
+    let arch = cfg.arch.as_str();
+    let ffn = ct.metadata[&format!("{arch}.feed_forward_length")]
+        .to_u32()
+        .unwrap();
+    let hf_arch = match arch {
+        "llama" => "LlamaForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        other => panic!("no HF name for {other}"),
+    };
     write(
         "config.json",
         json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [hf_arch],
+            "model_type": arch,
             "hidden_size": cfg.hidden,
             "intermediate_size": ffn,
             "num_hidden_layers": cfg.n_layers,
@@ -140,12 +155,25 @@ fn build_hf_dir(dir: &Path) {
             "rope_theta": cfg.rope_base,
             "rope_scaling": null,
             "hidden_act": "silu",
-            "tie_word_embeddings": true,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
+            "tie_word_embeddings": !ct.tensor_infos.contains_key("output.weight"),
             "torch_dtype": "float32"
         }),
     );
+    cfg
+}
+
+fn build_hf_dir(dir: &Path) {
+    let (ct, mut f) = gguf();
+    write_weights(&ct, &mut f, dir);
+    let write = |name: &str, v: Value| {
+        std::fs::write(dir.join(name), serde_json::to_string_pretty(&v).unwrap()).unwrap()
+    };
+    // config.json as transformers writes it: BOS/EOS ids beside the shapes.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["bos_token_id"] = json!(1);
+    config["eos_token_id"] = json!(2);
+    write("config.json", config);
     let tok = Tok::from_gguf(&ct, None).unwrap();
     tok.save_json(&dir.join("tokenizer.json")).unwrap();
     let template = ct.metadata["tokenizer.chat_template"]
@@ -278,6 +306,49 @@ fn plan_reads_the_directory() {
     assert_eq!(p.bytes_per_token, 23040);
     assert_eq!(p.train_ctx, 8192);
     assert_eq!(p.weight_bytes, 4 * 134_515_008, "held as f32");
+}
+
+/// The qwen2 path — QKV biases, an untied output matrix, no Q/K permutation in the GGUF
+/// either — against the real Qwen2.5-Coder GGUF in f32, in plain f32 (f32 cache).
+#[test]
+fn qwen2_directory_matches_its_gguf_in_f32() {
+    let mut f = std::fs::File::open(common::qwen_path()).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let cfg = write_weights(&ct, &mut f, root.path());
+    assert_eq!(cfg.arch, "qwen2");
+    let ids = Tok::from_gguf(&ct, None)
+        .unwrap()
+        .encode(
+            "<|im_start|>user\nWrite a Python function that reverses a list.<|im_end|>\n\
+             <|im_start|>assistant\n```python\ndef",
+            true,
+        )
+        .unwrap();
+    // One model in memory at a time (each is ~2.5 GB in f32).
+    let want = {
+        let rf = Model::from_gguf_f32(&ct, &mut f, &Device::Cpu, 256).unwrap();
+        logits(&rf, &ids, KvDtype::F32)
+    };
+    let hf = Model::from_hf_dir(root.path(), &Device::Cpu, 256).unwrap();
+    assert_eq!(hf.config.arch, "qwen2");
+    assert!(hf.config.rope_neox);
+    let got = logits(&hf, &ids, KvDtype::F32);
+    let mut worst = 0f32;
+    for (p, (x, y)) in got.iter().zip(&want).enumerate() {
+        let d = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(d);
+        assert_eq!(argmax(x), argmax(y), "best token differs at {p}");
+    }
+    eprintln!(
+        "qwen2: max |logit difference| {worst:e} over {} positions",
+        ids.len()
+    );
+    assert!(worst < 1e-3, "logits differ by {worst}");
 }
 
 /// Greedy ids from the reference, as the server runs it (f16 cache), up to an
