@@ -85,7 +85,7 @@ async fn fetch(
         let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
             .await
             .map_err(|e| candela::Error::Config(format!("fetch task failed: {e}")))??;
-        println!("{}", r.gguf.display());
+        println!("{}", r.path.display());
     }
     Ok(())
 }
@@ -105,7 +105,7 @@ async fn plan(
         sys.refresh_memory();
         // With several models each gets an even share of the KV budget (as when serving).
         let p = candela::engine::plan::plan(
-            &r.gguf,
+            &r.path,
             &r.id,
             cfg.kv_dtype,
             (cfg.kv_budget / n) as u64,

@@ -53,7 +53,7 @@ fn the_file_is_fetched_and_verified() {
     assert_eq!(marker.trim(), m.sha256);
     // A second resolve uses the cache (no download) and names the model the same way.
     let r = candela::engine::fetch::resolve("qwen", &common::data_dir()).unwrap();
-    assert_eq!((r.id.as_str(), &r.gguf), (QWEN, &p));
+    assert_eq!((r.id.as_str(), &r.path), (QWEN, &p));
 }
 
 #[tokio::test]

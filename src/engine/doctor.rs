@@ -140,7 +140,13 @@ pub fn run(
     prompt: &str,
 ) -> Result<(), EngineError> {
     let resolved = fetch::resolve(spec, data_dir)?;
-    let path = resolved.gguf;
+    let path = resolved.path;
+    if path.is_dir() {
+        return Err(EngineError::Load(format!(
+            "{}: `candela doctor` checks GGUF models; this is a model directory",
+            path.display()
+        )));
+    }
     let open =
         || File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())));
     let mut f = open()?;

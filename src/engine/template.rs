@@ -26,6 +26,26 @@ pub struct TemplateMessage {
 /// Instructions one render may execute (a 4,096-message chat needs well under 1%).
 pub const TEMPLATE_FUEL: u64 = 50_000_000;
 
+/// The chat template a Hugging Face directory ships: `chat_template` of
+/// `tokenizer_config.json` (a string, or a list of named templates of which `default`
+/// or else the first is taken), else a `chat_template.jinja` file.
+pub fn hf_template(tokenizer_config: &serde_json::Value, dir: &std::path::Path) -> Option<String> {
+    match &tokenizer_config["chat_template"] {
+        serde_json::Value::String(s) => return Some(s.clone()),
+        serde_json::Value::Array(list) => {
+            let pick = list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or_else(|| list.first());
+            if let Some(t) = pick.and_then(|t| t["template"].as_str()) {
+                return Some(t.to_string());
+            }
+        }
+        _ => {}
+    }
+    std::fs::read_to_string(dir.join("chat_template.jinja")).ok()
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
@@ -246,6 +266,24 @@ mod tests {
         let t = ChatTemplate::new(src, "", "").unwrap();
         let err = t.render(&[msg("assistant", "x")], None, true).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn hf_template_is_the_string_the_default_of_a_list_or_the_jinja_file() {
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(hf_template(&json!({"chat_template": "A"}), d).unwrap(), "A");
+        let list = json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D"}
+        ]});
+        assert_eq!(hf_template(&list, d).unwrap(), "D");
+        let list = json!({"chat_template": [{"name": "rag", "template": "R"}]});
+        assert_eq!(hf_template(&list, d).unwrap(), "R");
+        assert_eq!(hf_template(&json!({}), d), None);
+        std::fs::write(d.join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(hf_template(&json!({}), d).unwrap(), "J");
     }
 
     #[test]

@@ -101,6 +101,63 @@ impl Tok {
         Ok(Self::assemble(inner, bos_id, eos_id, false))
     }
 
+    /// Build from a Hugging Face model directory: `tokenizer.json`, with BOS/EOS and
+    /// `add_bos_token` from `tokenizer_config.json`, and every EOS id that `config.json`
+    /// (given parsed) and `generation_config.json` name. Returns the tokenizer and the
+    /// texts of BOS and EOS (for the chat template).
+    pub fn from_hf_dir(
+        dir: &Path,
+        config: &serde_json::Value,
+    ) -> Result<(Self, String, String), EngineError> {
+        let json = |name: &str| {
+            super::model::hf::read_json(dir, name).map_err(|e| EngineError::Load(e.to_string()))
+        };
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(EngineError::Load(format!(
+                "{}: no tokenizer.json",
+                dir.display()
+            )));
+        }
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let tc = json("tokenizer_config.json")?.unwrap_or_default();
+        let gen = json("generation_config.json")?.unwrap_or_default();
+        // `bos_token` / `eos_token` are a string or an added-token object.
+        let text = |k: &str| match &tc[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(str::to_string),
+        };
+        let id_of = |k: &str, fallback: &serde_json::Value| {
+            text(k)
+                .and_then(|t| inner.token_to_id(&t))
+                .or_else(|| super::model::hf::ids_of(Some(fallback)).first().copied())
+        };
+        let bos_id = id_of("bos_token", &config["bos_token_id"]);
+        let eos_id = id_of("eos_token", &config["eos_token_id"]);
+        // Without `add_bos_token`, ask the tokenizer's post-processor.
+        let add_bos = tc["add_bos_token"].as_bool().unwrap_or_else(|| {
+            let with = inner.encode_fast("a", true).ok();
+            bos_id.is_some() && with.is_some_and(|e| e.get_ids().first() == bos_id.as_ref())
+        });
+        let mut tok = Self::assemble(inner, bos_id, eos_id, add_bos);
+        let extra = [&config["eos_token_id"], &gen["eos_token_id"]];
+        for v in extra {
+            tok.eog.extend(super::model::hf::ids_of(Some(v)));
+        }
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        let bos = text("bos_token").unwrap_or_else(|| name(bos_id));
+        let eos = text("eos_token").unwrap_or_else(|| name(eos_id));
+        Ok((tok, bos, eos))
+    }
+
+    /// Write the underlying `tokenizers` tokenizer as a `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<(), EngineError> {
+        self.inner
+            .save(path, true)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
     fn assemble(inner: Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Self {
         let mut eog: HashSet<u32> = eos_id.into_iter().collect();
         for t in EOG_TEXTS {
@@ -295,5 +352,84 @@ impl DetokStream {
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A word-level tokenizer whose post-processor puts `<s>` first, as Llama's does.
+    fn write_dir(dir: &Path, tokenizer_config: Option<serde_json::Value>) {
+        let added = |id: u32, content: &str| {
+            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        };
+        let tok = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [added(0, "<s>"), added(1, "</s>")],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}
+            },
+            "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "<unk>",
+                      "vocab": {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "<unk>": 4}}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            json!({"eos_token_id": [1, 3]}).to_string(),
+        )
+        .unwrap();
+        if let Some(tc) = tokenizer_config {
+            std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+        }
+    }
+
+    #[test]
+    fn hf_dir_bos_eos_from_configs_or_the_post_processor() {
+        let config = json!({"bos_token_id": 0, "eos_token_id": 1});
+        let d = tempfile::tempdir().unwrap();
+        write_dir(d.path(), None);
+        let (tok, bos, eos) = Tok::from_hf_dir(d.path(), &config).unwrap();
+        assert_eq!((tok.bos_id, tok.eos_id), (Some(0), Some(1)));
+        assert_eq!((bos.as_str(), eos.as_str()), ("<s>", "</s>"));
+        assert!(tok.add_bos, "the post-processor adds <s>");
+        assert_eq!(tok.encode("a b", true).unwrap(), vec![0, 2, 3]);
+        assert!(
+            tok.eog.contains(&1) && tok.eog.contains(&3),
+            "{:?}",
+            tok.eog
+        );
+        // tokenizer_config.json wins: its flag, and its tokens as text or objects.
+        let d = tempfile::tempdir().unwrap();
+        write_dir(
+            d.path(),
+            Some(
+                json!({"add_bos_token": false, "bos_token": {"content": "<s>"}, "eos_token": "b"}),
+            ),
+        );
+        let (tok, _, eos) = Tok::from_hf_dir(d.path(), &config).unwrap();
+        assert!(!tok.add_bos);
+        assert_eq!(tok.encode("a b", true).unwrap(), vec![2, 3]);
+        assert_eq!((eos.as_str(), tok.eos_id), ("b", Some(3)));
+        assert!(
+            tok.eog.contains(&1),
+            "config.json's eos ends generation too"
+        );
+        // No tokenizer.json: a clear error.
+        let e = Tok::from_hf_dir(tempfile::tempdir().unwrap().path(), &config)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no tokenizer.json"), "{e}");
     }
 }

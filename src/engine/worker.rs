@@ -60,32 +60,21 @@ struct Seq {
 
 fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
     let resolved = fetch::resolve(&cfg.model, &cfg.data_dir)?;
-    let path = resolved.gguf.clone();
+    let path = resolved.path.clone();
     tracing::info!(path = %path.display(), "loading model");
     let t0 = Instant::now();
-    let mut f =
-        File::open(&path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-    let ct = gguf_file::Content::read(&mut f)
-        .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
     let device = pick_device(&cfg.device)?;
     tracing::info!(device = ?device.location(), "compute device");
-    let probe = super::model::ModelConfig::from_gguf(&ct)?;
-    let ctx = if cfg.ctx_size == 0 {
-        probe.train_ctx
+    let (model, tok, template) = if resolved.is_hf_dir() {
+        load_hf_dir(&path, &device, cfg.ctx_size)?
     } else {
-        cfg.ctx_size
+        load_gguf(&path, &device, cfg.ctx_size)?
     };
-    let model = Model::from_gguf(&ct, &mut f, &device, ctx)?;
+    let ctx = model.ctx_size;
     model
         .cache_layout(cfg.kv_dtype)
         .check()
         .map_err(EngineError::Load)?;
-    let sibling = path.with_file_name("tokenizer.json");
-    let tok = Tok::from_gguf(&ct, Some(&sibling))?;
-    let meta_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
-    let tmpl_src = meta_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
-    let tok_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-    let template = ChatTemplate::new(&tmpl_src, &tok_text(tok.bos_id), &tok_text(tok.eos_id))?;
     let tokens = Arc::new(TokenTable::new(
         tok.token_bytes(),
         tok.eog.iter().copied().collect(),
@@ -121,6 +110,52 @@ fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineError> {
             tokens,
         }),
     ))
+}
+
+/// A GGUF file: weights, tokenizer (a `tokenizer.json` beside it wins) and template
+/// from its metadata.
+fn load_gguf(
+    path: &std::path::Path,
+    device: &Device,
+    ctx_size: usize,
+) -> Result<(Model, Tok, ChatTemplate), EngineError> {
+    let mut f =
+        File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF: {e}", path.display())))?;
+    let probe = super::model::ModelConfig::from_gguf(&ct)?;
+    let ctx = if ctx_size == 0 {
+        probe.train_ctx
+    } else {
+        ctx_size
+    };
+    let model = Model::from_gguf(&ct, &mut f, device, ctx)?;
+    let sibling = path.with_file_name("tokenizer.json");
+    let tok = Tok::from_gguf(&ct, Some(&sibling))?;
+    let meta_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
+    let tmpl_src = meta_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
+    let tok_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let template = ChatTemplate::new(&tmpl_src, &tok_text(tok.bos_id), &tok_text(tok.eos_id))?;
+    Ok((model, tok, template))
+}
+
+/// A Hugging Face model directory: `config.json` and safetensors, `tokenizer.json`,
+/// `tokenizer_config.json` (template, BOS/EOS), `generation_config.json` (EOS ids).
+fn load_hf_dir(
+    dir: &std::path::Path,
+    device: &Device,
+    ctx_size: usize,
+) -> Result<(Model, Tok, ChatTemplate), EngineError> {
+    let load = |e: candle_core::Error| EngineError::Load(e.to_string());
+    let (_, config) = super::model::hf::read_config(dir).map_err(load)?;
+    let (tok, bos, eos) = Tok::from_hf_dir(dir, &config)?;
+    let tc = super::model::hf::read_json(dir, "tokenizer_config.json")
+        .map_err(load)?
+        .unwrap_or_default();
+    let src = super::template::hf_template(&tc, dir).unwrap_or_else(|| CHATML.to_string());
+    let template = ChatTemplate::new(&src, &bos, &eos)?;
+    let model = Model::from_hf_dir(dir, device, ctx_size).map_err(load)?;
+    Ok((model, tok, template))
 }
 
 pub(super) fn run(

@@ -20,7 +20,7 @@ pub fn model_path() -> PathBuf {
     P.get_or_init(|| {
         fetch::resolve("default", &data_dir())
             .expect("fetch the default model")
-            .gguf
+            .path
     })
     .clone()
 }
@@ -32,7 +32,7 @@ pub fn qwen_path() -> PathBuf {
     P.get_or_init(|| {
         fetch::resolve("qwen2.5-coder-0.5b", &data_dir())
             .expect("fetch the qwen model")
-            .gguf
+            .path
     })
     .clone()
 }
