@@ -101,13 +101,23 @@ fn cpu_seconds() -> f64 {
 }
 
 /// `CANDELA_BENCH_CPU_STEPS=N`: run N decode steps at context 128, at batch 1 and at
-/// batch 8, and print the CPU time per step next to the wall time. On a shared machine
+/// batch 8 (or the sizes in `CANDELA_BENCH_BATCH`, comma-separated; the context length
+/// in `CANDELA_BENCH_CTX`), and print the CPU time per step next to the wall time. On a shared machine
 /// CPU time is the steadier number; run with `RAYON_NUM_THREADS=1` so that no idle
 /// worker spins into it.
 fn cpu_steps(n: usize) {
     let model = load();
-    for batch in [1usize, 8] {
-        let mut caches = primed(&model, batch, 128);
+    let batches: Vec<usize> = std::env::var("CANDELA_BENCH_BATCH")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    let ctx: usize = std::env::var("CANDELA_BENCH_CTX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    for batch in batches {
+        let mut caches = primed(&model, batch, ctx);
         let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
         for _ in 0..n {
             let mut inputs: Vec<SeqInput> = caches
@@ -120,12 +130,12 @@ fn cpu_steps(n: usize) {
                 .collect();
             model.forward(&mut inputs).unwrap();
             for c in caches.iter_mut() {
-                c.truncate(128);
+                c.truncate(ctx);
             }
         }
         let (cpu, wall) = (cpu_seconds() - c0, t0.elapsed().as_secs_f64());
         println!(
-            "decode step, batch {batch}, ctx 128: {:.2} ms CPU, {:.2} ms wall (isa {:?})",
+            "decode step, batch {batch}, ctx {ctx}: {:.2} ms CPU, {:.2} ms wall (isa {:?})",
             cpu * 1e3 / n as f64,
             wall * 1e3 / n as f64,
             candela::engine::quant::isa()

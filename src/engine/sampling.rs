@@ -302,7 +302,7 @@ fn pick(w: &[f32], r: f32, sums: &mut Vec<f32>) -> Option<usize> {
     sums.clear();
     sums.extend(w.chunks(B).map(sum));
     let total: f32 = sums.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
     let target = r * total;
