@@ -91,7 +91,7 @@ fn cpu_seconds() -> f64 {
 }
 
 /// `CANDELA_BENCH_CPU_SECS=S`: each model shape at 1 and 8 rows, at the best level, run
-/// for about S seconds of CPU time each; prints CPU µs per call and per row. On a shared
+/// for about S seconds of CPU time each; prints CPU µs per call and per row, and wall µs per call. On a shared
 /// machine CPU time is steadier than wall time; run with `RAYON_NUM_THREADS=1`.
 fn cpu_matmul(secs: f64) {
     let shapes = [
@@ -112,7 +112,7 @@ fn cpu_matmul(secs: f64) {
             let mut acts = QActs::new();
             acts.quantize(&x, k);
             let mut out = vec![0f32; m * n];
-            let (c0, mut calls) = (cpu_seconds(), 0u64);
+            let (c0, t0, mut calls) = (cpu_seconds(), std::time::Instant::now(), 0u64);
             while cpu_seconds() - c0 < secs {
                 for _ in 0..16 {
                     w.matmul_into(&acts, &mut out, n);
@@ -120,8 +120,9 @@ fn cpu_matmul(secs: f64) {
                 calls += 16;
             }
             let us = (cpu_seconds() - c0) * 1e6 / calls as f64;
+            let wall = t0.elapsed().as_secs_f64() * 1e6 / calls as f64;
             println!(
-                "{name:>14} m{m}: {us:9.1} µs CPU per call, {:8.1} per row, {:6.1} GMAC/s",
+                "{name:>14} m{m}: {us:9.1} µs CPU per call, {:8.1} per row, {:6.1} GMAC/s; {wall:9.1} µs wall",
                 us / m as f64,
                 (m * n * k) as f64 / us / 1e3
             );
