@@ -1,14 +1,14 @@
 //! The quantized matmul kernels at every level this CPU has, for the shapes of the
 //! default model (SmolLM2-135M: hidden 576, Q|K|V 960, gate|up 3072, vocab 49152), one
-//! row (a decode step) and 64 rows (prefill); the Q5_0 and K-quant kernels at the
-//! shapes of Qwen2.5-Coder-0.5B (hidden 896, gate|up 9728, ffn 4864); and the attention
-//! kernel over 512 cached positions.
+//! row (a decode step), 8 rows (a decode step of 8 sequences) and 64 rows (prefill); the
+//! Q5_0 and K-quant kernels at the shapes of Qwen2.5-Coder-0.5B (hidden 896, gate|up
+//! 9728, ffn 4864); and the attention kernel over 512 cached positions.
 
 use candela::engine::attn;
 use candela::engine::quant::{isa, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 
 fn weight(dt: GgmlDType, n: usize, k: usize) -> QWeight {
     let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
@@ -30,8 +30,8 @@ fn matmul(c: &mut Criterion) {
     ];
     for (name, dt, n, k) in shapes {
         let w = weight(dt, n, k);
-        for m in [1usize, 64] {
-            if n > 10_000 && m > 1 {
+        for m in [1usize, 8, 64] {
+            if n > 10_000 && m > 8 {
                 continue;
             }
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)
@@ -146,5 +146,68 @@ fn attention(c: &mut Criterion) {
     });
 }
 
+/// Process CPU time (user + system) in seconds, from /proc (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// `CANDELA_BENCH_CPU_SECS=S`: each model shape at 1 and 8 rows, at the best level, run
+/// for about S seconds of CPU time each; prints CPU µs per call and per row, and wall µs per call. On a shared
+/// machine CPU time is steadier than wall time; run with `RAYON_NUM_THREADS=1`.
+fn cpu_matmul(secs: f64) {
+    let shapes = [
+        ("q4_1_qkv", GgmlDType::Q4_1, 960, 576),
+        ("q4_1_wo", GgmlDType::Q4_1, 576, 576),
+        ("q4_1_gate_up", GgmlDType::Q4_1, 3072, 576),
+        ("q4_1_down", GgmlDType::Q4_1, 576, 1536),
+        ("q4_0_gate_up", GgmlDType::Q4_0, 3072, 576),
+        ("q8_0_vocab", GgmlDType::Q8_0, 49152, 576),
+    ];
+    for (name, dt, n, k) in shapes {
+        let w = weight(dt, n, k);
+        for m in [1usize, 8] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut acts = QActs::new();
+            acts.quantize(&x, k);
+            let mut out = vec![0f32; m * n];
+            let (c0, t0, mut calls) = (cpu_seconds(), std::time::Instant::now(), 0u64);
+            while cpu_seconds() - c0 < secs {
+                for _ in 0..16 {
+                    w.matmul_into(&acts, &mut out, n);
+                }
+                calls += 16;
+            }
+            let us = (cpu_seconds() - c0) * 1e6 / calls as f64;
+            let wall = t0.elapsed().as_secs_f64() * 1e6 / calls as f64;
+            println!(
+                "{name:>14} m{m}: {us:9.1} µs CPU per call, {:8.1} per row, {:6.1} GMAC/s; {wall:9.1} µs wall",
+                us / m as f64,
+                (m * n * k) as f64 / us / 1e3
+            );
+        }
+    }
+}
+
 criterion_group!(benches, matmul, qwen_kernels, attention);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(s) = std::env::var("CANDELA_BENCH_CPU_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return cpu_matmul(s);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -61,6 +61,10 @@ pub struct Sampler {
     rng: StdRng,
     /// Counts of generated tokens, for presence/frequency penalties.
     counts: HashMap<u32, u32>,
+    /// Reused buffers: candidates, their weights, block sums of the weights.
+    cand: Vec<(u32, f32)>,
+    w: Vec<f32>,
+    sums: Vec<f32>,
 }
 
 impl Sampler {
@@ -73,6 +77,9 @@ impl Sampler {
             params,
             rng,
             counts: HashMap::new(),
+            cand: Vec::new(),
+            w: Vec::new(),
+            sums: Vec::new(),
         }
     }
 
@@ -134,69 +141,243 @@ impl Sampler {
         (tok, lp)
     }
 
+    /// Temperature sampling after top-k, top-p and min-p, without sorting the
+    /// vocabulary: only as many of the best candidates are ordered as top-k or top-p
+    /// need (a selection, then a sort of that prefix), and the draw walks the kept
+    /// candidates in the order they are in. The distribution is the same as sampling
+    /// over the fully sorted list; a given seed gives a given sequence.
     fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
+        let inv_t = 1.0 / p.temperature;
+        let r: f32 = self.rng.gen();
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Nothing is cut: weigh every finite logit where it is.
+            let max = finite_max(logits);
+            if max == f32::NEG_INFINITY {
+                return argmax(logits);
+            }
+            self.w.resize(logits.len(), 0.0);
+            for (w, &l) in self.w.iter_mut().zip(logits) {
+                *w = weight(l, max, inv_t);
+            }
+            return pick(&self.w, r, &mut self.sums).map_or_else(|| argmax(logits), |i| i as u32);
+        }
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l)),
+        );
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // `cand[..sorted]` are the best candidates in descending order.
+        let mut sorted = 0;
         if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, desc);
             cand.truncate(p.top_k);
         }
-        // Probabilities before temperature for top-p/min-p, as llama.cpp's chain does.
-        let probs = softmax(cand.iter().map(|c| c.1));
+        if p.top_k > 0 {
+            cand.sort_unstable_by(desc);
+            sorted = cand.len();
+        }
+        let max = cand.iter().fold(f32::NEG_INFINITY, |a, &(_, l)| a.max(l));
+        // Probabilities before temperature decide top-p and min-p, as in llama.cpp's
+        // chain: weights exp(l - max), so the best has weight 1.
         let mut keep = cand.len();
         if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, pr) in probs.iter().enumerate() {
-                acc += pr;
-                if acc >= p.top_p {
-                    keep = i + 1;
+            weigh(cand.iter().map(|c| c.1), max, 1.0, &mut self.w);
+            let z = sum(&self.w);
+            let target = p.top_p * z;
+            let mut want = 64;
+            'grow: loop {
+                if sorted < cand.len() {
+                    if want < cand.len() {
+                        cand.select_nth_unstable_by(want - 1, desc);
+                        cand[..want].sort_unstable_by(desc);
+                        sorted = want;
+                    } else {
+                        cand.sort_unstable_by(desc);
+                        sorted = cand.len();
+                    }
+                }
+                let mut acc = 0.0;
+                for (i, c) in cand[..sorted].iter().enumerate() {
+                    acc += fast_exp(c.1 - max);
+                    if acc >= target {
+                        keep = i + 1;
+                        break 'grow;
+                    }
+                }
+                if sorted == cand.len() {
                     break;
                 }
+                want *= 8;
             }
         }
         if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
-        }
-        cand.truncate(keep);
-        let probs = softmax(cand.iter().map(|c| c.1 / p.temperature));
-        let r: f32 = self.rng.gen();
-        let mut acc = 0.0;
-        for (c, pr) in cand.iter().zip(&probs) {
-            acc += pr;
-            if r < acc {
-                return c.0;
+            // p_i >= min_p * p_max, i.e. weight >= min_p; the best always stays.
+            let floor = p.min_p;
+            if sorted >= keep {
+                let n = cand[..keep]
+                    .iter()
+                    .take_while(|c| fast_exp(c.1 - max) >= floor)
+                    .count();
+                keep = n.max(1);
+            } else {
+                cand.retain(|c| c.1 == max || fast_exp(c.1 - max) >= floor);
+                keep = cand.len();
             }
         }
-        cand.last().map(|c| c.0).unwrap_or(0)
-    }
-}
-
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > bv {
-            bv = l;
-            best = i;
+        cand.truncate(keep);
+        weigh(cand.iter().map(|c| c.1), max, inv_t, &mut self.w);
+        match pick(&self.w, r, &mut self.sums) {
+            Some(i) => cand[i].0,
+            None => cand[0].0,
         }
     }
-    best as u32
 }
 
-fn softmax(xs: impl Iterator<Item = f32> + Clone) -> Vec<f32> {
-    let m = xs.clone().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = xs.map(|x| (x - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / s).collect()
+/// `exp((l - max) * inv_t)` for a finite logit, 0 for the others.
+#[inline(always)]
+fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
+    let e = fast_exp((l - max) * inv_t);
+    if l.is_finite() {
+        e
+    } else {
+        0.0
+    }
+}
+
+/// [`weight`] of each logit into `w`.
+fn weigh(ls: impl Iterator<Item = f32>, max: f32, inv_t: f32, w: &mut Vec<f32>) {
+    w.clear();
+    w.extend(ls.map(|l| weight(l, max, inv_t)));
+}
+
+/// The largest finite logit (-inf if none), in sixteen lanes so that it vectorises.
+fn finite_max(ls: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = ls.chunks_exact(16);
+    let fold = |a: f32, l: f32| {
+        let v = if l.is_finite() { l } else { f32::NEG_INFINITY };
+        if v > a {
+            v
+        } else {
+            a
+        }
+    };
+    for c in &mut chunks {
+        for (a, &l) in lanes.iter_mut().zip(c) {
+            *a = fold(*a, l);
+        }
+    }
+    let m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &l| fold(a, l));
+    lanes.iter().fold(m, |a, &l| fold(a, l))
+}
+
+/// Sum in sixteen lanes (vectorises), then a fixed reduction.
+fn sum(w: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = w.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in lanes.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Index `i` drawn with probability `w_i / sum(w)` for `r` uniform in [0, 1): the
+/// first index where the running sum passes `r * total`, found block by block.
+fn pick(w: &[f32], r: f32, sums: &mut Vec<f32>) -> Option<usize> {
+    const B: usize = 256;
+    sums.clear();
+    sums.extend(w.chunks(B).map(sum));
+    let total: f32 = sums.iter().sum();
+    if total.is_nan() || total <= 0.0 {
+        return None;
+    }
+    let target = r * total;
+    let mut acc = 0.0;
+    let mut last = None;
+    for (bi, &s) in sums.iter().enumerate() {
+        if s > 0.0 {
+            last = Some(bi);
+        }
+        if s > 0.0 && acc + s > target {
+            let block = &w[bi * B..(bi * B + B).min(w.len())];
+            let mut a = acc;
+            for (j, &v) in block.iter().enumerate() {
+                a += v;
+                if v > 0.0 && a > target {
+                    return Some(bi * B + j);
+                }
+            }
+            // Rounding: the block's own running sum fell short of its total.
+            return block.iter().rposition(|&v| v > 0.0).map(|j| bi * B + j);
+        }
+        acc += s;
+    }
+    // Rounding at the very end: the last candidate with any weight.
+    let bi = last?;
+    let block = &w[bi * B..(bi * B + B).min(w.len())];
+    block.iter().rposition(|&v| v > 0.0).map(|j| bi * B + j)
+}
+
+/// `e^x` for `x <= 0` to about 2 ulp, in plain arithmetic so that loops over it
+/// vectorise (the vocabulary is weighed every token). Below -87 it returns 0.
+#[inline]
+fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // `t`'s low mantissa bits hold the integer `n` (|n| < 2^22).
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let f = xc - n * LN2_HI - n * LN2_LO;
+    // exp(f) on |f| <= ln2/2, Taylor to degree 6.
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Index of the first largest logit (NaN never wins; 0 when none is above -inf).
+pub fn argmax(logits: &[f32]) -> u32 {
+    // The maximum in sixteen lanes (vectorises), then its first position.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = logits.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &l) in lanes.iter_mut().zip(c) {
+            *a = if l > *a { l } else { *a };
+        }
+    }
+    let m = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &l| if l > a { l } else { a });
+    if m == f32::NEG_INFINITY {
+        return 0;
+    }
+    logits.iter().position(|&l| l == m).unwrap_or(0) as u32
 }
 
 /// log-sum-exp of all logits and the `k` best (id, logprob).
@@ -282,6 +463,152 @@ mod tests {
         for _ in 0..50 {
             let t = s.sample(&mut logits(), &[]).0;
             assert!(t == 1 || t == 4, "min_p kept {t}");
+        }
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest() {
+        let scalar = |l: &[f32]| {
+            let (mut best, mut bv) = (0, f32::NEG_INFINITY);
+            for (i, &v) in l.iter().enumerate() {
+                if v > bv {
+                    (best, bv) = (i, v);
+                }
+            }
+            best as u32
+        };
+        let mut l: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 613) as f32 * 0.01)
+            .collect();
+        assert_eq!(argmax(&l), scalar(&l));
+        l[5] = f32::NAN;
+        l[900] = 99.0;
+        l[901] = 99.0;
+        assert_eq!(argmax(&l), 900);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::INFINITY, f32::INFINITY]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (a, b) = (fast_exp(x), x.exp());
+            assert!((a - b).abs() <= 3e-7 * b, "exp({x}): {a} vs {b}");
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(-1000.0), 0.0);
+    }
+
+    /// Reference: the kept set and probabilities by a full sort, as the chain defines it.
+    fn reference(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+        let mut c: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l as f64))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let z: f64 = c.iter().map(|x| (x.1 - c[0].1).exp()).sum();
+        let probs: Vec<f64> = c.iter().map(|x| (x.1 - c[0].1).exp() / z).collect();
+        let mut keep = c.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let n = probs
+                .iter()
+                .take_while(|&&pr| pr >= probs[0] * p.min_p as f64)
+                .count();
+            keep = keep.min(n.max(1));
+        }
+        c.truncate(keep);
+        let t = p.temperature as f64;
+        let z: f64 = c.iter().map(|x| ((x.1 - c[0].1) / t).exp()).sum();
+        c.iter()
+            .map(|x| (x.0, ((x.1 - c[0].1) / t).exp() / z))
+            .collect()
+    }
+
+    /// Drawn frequencies match the chain's probabilities (computed by a full sort) for
+    /// plain temperature sampling over a large vocabulary and for every cut, and tokens
+    /// outside the kept set or with -inf logits never come.
+    #[test]
+    fn draws_follow_the_chain_distribution() {
+        let n = 3000;
+        let mut logits: Vec<f32> = (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2654435761) as f32 / u32::MAX as f32;
+                6.0 * h * h * h - 1.0
+            })
+            .collect();
+        logits[17] = f32::NEG_INFINITY;
+        logits[2999] = 5.5;
+        let cases = [
+            SamplingParams {
+                temperature: 0.7,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: 7,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.3,
+                temperature: 1.3,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.97,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 0.2,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: 50,
+                top_p: 0.6,
+                min_p: 0.3,
+                temperature: 0.9,
+                ..Default::default()
+            },
+        ];
+        let draws = 20_000;
+        for params in cases {
+            let want = reference(&logits, &params);
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(11),
+                ..params.clone()
+            });
+            let mut got = vec![0usize; n];
+            for _ in 0..draws {
+                got[s.sample(&mut logits.clone(), &[]).0 as usize] += 1;
+            }
+            let kept: std::collections::HashSet<u32> = want.iter().map(|w| w.0).collect();
+            for (t, &c) in got.iter().enumerate() {
+                assert!(c == 0 || kept.contains(&(t as u32)), "{params:?}: drew {t}");
+            }
+            for &(t, pr) in want.iter().take(20) {
+                let f = got[t as usize] as f64 / draws as f64;
+                let sd = (pr * (1.0 - pr) / draws as f64).sqrt();
+                assert!(
+                    (f - pr).abs() <= 5.0 * sd + 1e-3,
+                    "{params:?}: token {t} drawn {f}, expected {pr}"
+                );
+            }
         }
     }
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use tokio::sync::{mpsc, watch};
 
 use super::constrain::{Constraint, TokenTable};
@@ -392,19 +393,28 @@ fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
         }
     };
     metrics::observe_decode_step(ready.len(), t0.elapsed());
-    let mut failed = Vec::new();
-    for (k, &i) in ready.iter().enumerate() {
-        let s = &mut seqs[i];
-        s.next = None;
-        let r = logits[k]
-            .squeeze(0)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(EngineError::from)
-            .and_then(|mut row| accept(tok, s, &mut row));
-        if let Err(e) = r {
-            failed.push((i, e.to_string()));
-        }
-    }
+    // Sampling, detokenizing and sending are independent per sequence: spread them over
+    // the thread pool (each costs tens of µs over a large vocabulary).
+    let mut jobs: Vec<(usize, &mut Seq, Tensor)> = seqs
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, s)| s.next.is_some())
+        .zip(logits)
+        .map(|((i, s), l)| (i, s, l))
+        .collect();
+    let failed: Vec<(usize, String)> = jobs
+        .par_iter_mut()
+        .filter_map(|(i, s, l)| {
+            s.next = None;
+            let r = l
+                .squeeze(0)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(EngineError::from)
+                .and_then(|mut row| accept(tok, s, &mut row));
+            r.err().map(|e| (*i, e.to_string()))
+        })
+        .collect();
+    drop(jobs);
     for (i, e) in failed.into_iter().rev() {
         fail(seqs, i, &e);
     }

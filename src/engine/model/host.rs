@@ -298,8 +298,10 @@ impl Model {
                     out,
                 );
             };
+            // (head, position) pairs; a pair costs ~20 ns, entering the pool ~10 µs, so
+            // several short sequences (a decode step of a batch) are worth splitting too.
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
-            if work >= 4096 {
+            if work >= 1024 {
                 att.par_chunks_mut(hd).enumerate().for_each(job);
             } else {
                 att.chunks_mut(hd).enumerate().for_each(job);
