@@ -393,31 +393,49 @@ fn decode_step(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
         }
     };
     metrics::observe_decode_step(ready.len(), t0.elapsed());
+    // The logits rows on the host, in one copy from a GPU (copies from several threads
+    // at once would each wait on the device in turn).
+    let rows = match host_rows(logits) {
+        Ok(r) => r,
+        Err(e) => {
+            for &i in ready.iter().rev() {
+                fail(seqs, i, &e.to_string());
+            }
+            return;
+        }
+    };
     // Sampling, detokenizing and sending are independent per sequence: spread them over
     // the thread pool (each costs tens of µs over a large vocabulary).
-    let mut jobs: Vec<(usize, &mut Seq, Tensor)> = seqs
+    let mut jobs: Vec<(usize, &mut Seq, Vec<f32>)> = seqs
         .iter_mut()
         .enumerate()
         .filter(|(_, s)| s.next.is_some())
-        .zip(logits)
+        .zip(rows)
         .map(|((i, s), l)| (i, s, l))
         .collect();
     let failed: Vec<(usize, String)> = jobs
         .par_iter_mut()
-        .filter_map(|(i, s, l)| {
+        .filter_map(|(i, s, row)| {
             s.next = None;
-            let r = l
-                .squeeze(0)
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(EngineError::from)
-                .and_then(|mut row| accept(tok, s, &mut row));
-            r.err().map(|e| (*i, e.to_string()))
+            accept(tok, s, row).err().map(|e| (*i, e.to_string()))
         })
         .collect();
     drop(jobs);
     for (i, e) in failed.into_iter().rev() {
         fail(seqs, i, &e);
     }
+}
+
+/// Each sequence's `(1, vocab)` logits as a host vector: one stacked copy when they
+/// live on a GPU.
+fn host_rows(logits: Vec<Tensor>) -> candle_core::Result<Vec<Vec<f32>>> {
+    if logits.len() > 1 && !logits[0].device().is_cpu() {
+        return Tensor::cat(&logits, 0)?.to_vec2::<f32>();
+    }
+    logits
+        .iter()
+        .map(|l| l.squeeze(0)?.to_vec1::<f32>())
+        .collect()
 }
 
 /// Sample from `logits`, stream the token, and decide whether the sequence goes on
