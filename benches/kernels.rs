@@ -5,7 +5,7 @@
 //! 9728, ffn 4864); and the attention kernel over 512 cached positions.
 
 use candela::engine::attn;
-use candela::engine::quant::{isa, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
+use candela::engine::quant::{isa_available, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, Criterion, Throughput};
@@ -20,7 +20,7 @@ fn weight(dt: GgmlDType, n: usize, k: usize) -> QWeight {
 fn matmul(c: &mut Criterion) {
     let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
         .into_iter()
-        .filter(|&l| l as u8 <= isa() as u8)
+        .filter(|&l| isa_available(l))
         .collect();
     let shapes = [
         ("q4_1_qkv", GgmlDType::Q4_1, 960, 576),
@@ -76,7 +76,7 @@ fn acts(m: usize, k: usize) -> Vec<f32> {
 fn qwen_kernels(c: &mut Criterion) {
     let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
         .into_iter()
-        .filter(|&l| l as u8 <= isa() as u8)
+        .filter(|&l| isa_available(l))
         .collect();
     let quantized = |dt, n, k| {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();

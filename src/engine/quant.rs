@@ -16,6 +16,8 @@ use rayon::prelude::*;
 
 mod drive;
 mod kquant;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod q5_0;
 
 pub use kquant::{KActs, KKind, KWeight, QK_K};
@@ -214,13 +216,28 @@ pub enum Isa {
     Avx2,
     /// AVX2 + FMA with 256-bit VNNI (`vpdpbusd`, from AVX512-VNNI+VL or AVX-VNNI).
     Avx2Vnni,
+    /// aarch64 NEON (baseline ARMv8), see `quant/neon.rs`.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// aarch64 NEON with the `dotprod` extension (`sdot`).
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
+}
+
+/// Whether `level` runs on this CPU: a level of this architecture at most [`isa()`].
+pub fn isa_available(level: Isa) -> bool {
+    #[cfg(target_arch = "aarch64")]
+    if matches!(level, Isa::Avx2 | Isa::Avx2Vnni) {
+        return false;
+    }
+    level as u8 <= isa() as u8
 }
 
 /// The best level this CPU supports.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        // CANDELA_ISA=scalar|avx2 caps the level (for comparisons and tests).
+        // CANDELA_ISA=scalar|avx2|neon caps the level (for comparisons and tests).
         let cap = std::env::var("CANDELA_ISA").unwrap_or_default();
         if cap == "scalar" {
             return Isa::Scalar;
@@ -238,6 +255,13 @@ pub fn isa() -> Isa {
                 return Isa::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if cap != "neon" && std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Isa::NeonDot;
+        }
+        #[cfg(target_arch = "aarch64")]
+        return Isa::Neon;
+        #[cfg(not(target_arch = "aarch64"))]
         Isa::Scalar
     })
 }
@@ -383,6 +407,10 @@ impl QWeight {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(isa, Isa::Neon | Isa::NeonDot) {
+            return std::array::from_fn(|j| rows.map(|r| self.dot_neon(isa, c + j, r)));
+        }
         let _ = isa;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
     }
@@ -408,6 +436,10 @@ impl QWeight {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(isa, Isa::Neon | Isa::NeonDot) {
+            return std::array::from_fn(|j| self.dot_neon(isa, c + j, row));
+        }
         let _ = isa;
         std::array::from_fn(|j| self.dot_lanes(c + j, row))
     }
@@ -421,10 +453,7 @@ impl QWeight {
 
     /// [`QWeight::matmul_into`] at a chosen level (at most [`isa()`]), for tests and benches.
     pub fn matmul_into_isa(&self, isa: Isa, x: &QActs, out: &mut [f32], ldo: usize) {
-        assert!(
-            isa as u8 <= self::isa() as u8,
-            "{isa:?} is not supported by this CPU"
-        );
+        assert!(isa_available(isa), "{isa:?} is not supported by this CPU");
         let (m, n) = (x.m, self.n);
         assert_eq!(
             x.k, self.k,
@@ -999,11 +1028,23 @@ mod tests {
     #[test]
     fn simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni]
-            .into_iter()
-            .filter(|&l| l as u8 <= isa() as u8)
-            .collect();
+        let levels: Vec<Isa> = [
+            Isa::Avx2,
+            Isa::Avx2Vnni,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon,
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot,
+        ]
+        .into_iter()
+        .filter(|&l| isa_available(l))
+        .collect();
         eprintln!("levels tested: {levels:?}");
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            levels.contains(&Isa::Neon),
+            "NEON must be tested on aarch64"
+        );
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, n, k) in [
                 (1, 37, 256),

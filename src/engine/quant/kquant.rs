@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::drive::{self, Tiled};
-use super::{f16_at, hsum8, isa, Isa};
+use super::{f16_at, hsum8, isa, isa_available, Isa};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -300,7 +300,7 @@ impl KWeight {
 
     /// [`KWeight::matmul_into`] at a chosen level (at most [`isa()`]).
     pub fn matmul_into_isa(&self, level: Isa, x: &KActs, out: &mut [f32], ldo: usize) {
-        assert!(level as u8 <= isa() as u8, "{level:?} is not supported");
+        assert!(isa_available(level), "{level:?} is not supported");
         assert_eq!(
             x.k, self.k,
             "matmul: activation width differs from the weight's"

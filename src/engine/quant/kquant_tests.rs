@@ -4,7 +4,7 @@ use candle_core::{Device, Module};
 fn levels() -> Vec<Isa> {
     [Isa::Avx2, Isa::Avx2Vnni]
         .into_iter()
-        .filter(|&l| l as u8 <= isa() as u8)
+        .filter(|&l| isa_available(l))
         .collect()
 }
 

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
 use super::drive::{self, Tiled};
-use super::{f16_at, hsum8, isa, Isa, QActs, Row, QK};
+use super::{f16_at, hsum8, isa, isa_available, Isa, QActs, Row, QK};
 
 /// One Q5_0 weight matrix `(n, k)`, blocks of column `c` at `c * k / 32 ..`.
 #[derive(Debug)]
@@ -91,7 +91,7 @@ impl Q5Weight {
 
     /// [`Q5Weight::matmul_into`] at a chosen level (at most [`isa()`]).
     pub fn matmul_into_isa(&self, level: Isa, x: &QActs, out: &mut [f32], ldo: usize) {
-        assert!(level as u8 <= isa() as u8, "{level:?} is not supported");
+        assert!(isa_available(level), "{level:?} is not supported");
         assert_eq!(
             x.k, self.k,
             "matmul: activation width differs from the weight's"
@@ -259,7 +259,7 @@ mod tests {
         let dev = Device::Cpu;
         let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni]
             .into_iter()
-            .filter(|&l| l as u8 <= isa() as u8)
+            .filter(|&l| isa_available(l))
             .collect();
         for (m, n, k) in [
             (1, 37, 256),

@@ -1,0 +1,124 @@
+//! NEON kernels (aarch64) for the Q4_0/Q4_1/Q8_0 dot products against [`QActs`]
+//! rows. They form every sum in exactly the order of the portable reference
+//! [`QWeight::dot_lanes`]: eight f32 lanes held as two `float32x4_t` (lane i takes
+//! block elements 4i..4i+3, so lanes 0-3 are the block's first 16 bytes and lanes 4-7
+//! its last 16), one fused multiply-add per block per lane, Q4_1's `m * s` in a
+//! separate scalar, then the same horizontal sum. Integer block sums are exact in any
+//! order, so the results are bit-identical to the portable path (tested under qemu;
+//! see `scripts/arm/test.sh`).
+//!
+//! Two levels, picked at run time by [`super::isa`]: [`Isa::NeonDot`] uses `sdot`
+//! (the `dotprod` extension of Apple M1 and later and most ARMv8.2+
+//! cores); [`Isa::Neon`] widens with `smull` and pairwise-adds, for any ARMv8 core.
+//!
+//! [`QActs`]: super::QActs
+
+use super::{hsum8, Isa, Kind, QWeight, Row, QK};
+use std::arch::aarch64::*;
+
+/// Per-lane sums of four consecutive products of two 16-byte halves with `sdot`
+/// (inline assembly: `vdotq_s32` is still unstable in std, issue 117224).
+///
+/// # Safety
+/// The CPU has `dotprod`.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn lanes_sdot(w: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let mut acc = vdupq_n_s32(0);
+    // SAFETY: register-only instruction, available per this function's contract.
+    std::arch::asm!(
+        "sdot {acc:v}.4s, {w:v}.16b, {y:v}.16b",
+        acc = inout(vreg) acc,
+        w = in(vreg) w,
+        y = in(vreg) y,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    acc
+}
+
+/// The same sums without `dotprod`: 16-bit products (|w·y| <= 128·127 fits), pairs
+/// widened to 32 bits, then neighbouring pairs added.
+#[inline]
+#[target_feature(enable = "neon")]
+fn lanes_smull(w: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(y)));
+    let hi = vpaddlq_s16(vmull_high_s8(w, y));
+    vpaddq_s32(lo, hi)
+}
+
+macro_rules! neon_dot {
+    ($name:ident, $feat:literal, $lanes:ident) => {
+        impl QWeight {
+            /// Weight row `c` against one activation row; `KIND` 0 = Q4_0, 1 = Q4_1,
+            /// 2 = Q8_0 (must match `self.kind`).
+            ///
+            /// # Safety
+            /// The CPU has the enabled features; `c < n` and `x` has `k` values.
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const KIND: u8>(&self, c: usize, x: Row<'_>) -> f32 {
+                let nbk = self.k / QK;
+                debug_assert!(c < self.n && x.qs.len() == self.k && x.d.len() == nbk);
+                let mut acc0 = vdupq_n_f32(0.0);
+                let mut acc1 = vdupq_n_f32(0.0);
+                let mut summs = 0f32;
+                let low4 = vdupq_n_u8(0x0F);
+                let eight = vdupq_n_s8(8);
+                for b in 0..nbk {
+                    let wb = c * nbk + b;
+                    let (w0, w1) = if KIND == 2 {
+                        let p = self.qs.as_ptr().add(wb * QK) as *const i8;
+                        (vld1q_s8(p), vld1q_s8(p.add(16)))
+                    } else {
+                        let q = vld1q_u8(self.qs.as_ptr().add(wb * 16));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(q, low4));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+                        if KIND == 0 {
+                            (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+                        } else {
+                            (lo, hi)
+                        }
+                    };
+                    let yp = x.qs.as_ptr().add(b * QK);
+                    let s0 = $lanes(w0, vld1q_s8(yp));
+                    let s1 = $lanes(w1, vld1q_s8(yp.add(16)));
+                    let at = self.sc(c, b);
+                    let dd = vdupq_n_f32(self.d[at] * x.d[b]);
+                    // acc + s * dd with one rounding, as `dd.mul_add(s, acc)`.
+                    acc0 = vfmaq_f32(acc0, vcvtq_f32_s32(s0), dd);
+                    acc1 = vfmaq_f32(acc1, vcvtq_f32_s32(s1), dd);
+                    if KIND == 1 {
+                        summs = self.m[at].mul_add(x.s[b], summs);
+                    }
+                }
+                let mut l = [0f32; 8];
+                vst1q_f32(l.as_mut_ptr(), acc0);
+                vst1q_f32(l.as_mut_ptr().add(4), acc1);
+                hsum8(l) + summs
+            }
+        }
+    };
+}
+
+neon_dot!(dot_neon_sdot, "neon,dotprod", lanes_sdot);
+neon_dot!(dot_neon_smull, "neon", lanes_smull);
+
+impl QWeight {
+    /// Weight row `c` against `x` at a NEON level; other levels take the portable path.
+    #[inline]
+    pub(super) fn dot_neon(&self, isa: Isa, c: usize, x: Row<'_>) -> f32 {
+        assert!(c < self.n && x.qs.len() == self.k && x.d.len() == self.k / QK);
+        // SAFETY: `isa` is at most `isa()` (checked in `matmul_into_isa`), so NeonDot
+        // means the CPU has dotprod; NEON itself is baseline on aarch64; shapes above.
+        unsafe {
+            match (isa, self.kind) {
+                (Isa::NeonDot, Kind::Q4_0) => self.dot_neon_sdot::<0>(c, x),
+                (Isa::NeonDot, Kind::Q4_1) => self.dot_neon_sdot::<1>(c, x),
+                (Isa::NeonDot, Kind::Q8_0) => self.dot_neon_sdot::<2>(c, x),
+                (Isa::Neon, Kind::Q4_0) => self.dot_neon_smull::<0>(c, x),
+                (Isa::Neon, Kind::Q4_1) => self.dot_neon_smull::<1>(c, x),
+                (Isa::Neon, Kind::Q8_0) => self.dot_neon_smull::<2>(c, x),
+                _ => self.dot_lanes(c, x),
+            }
+        }
+    }
+}
