@@ -124,7 +124,7 @@ fn attend_heads_with(
     scale: f32,
     out: &mut [f32],
 ) {
-    debug_assert!(hd > 0 && q.len() % hd == 0 && out.len() == q.len());
+    debug_assert!(hd > 0 && q.len().is_multiple_of(hd) && out.len() == q.len());
     if hd > 256 {
         for (qh, o) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
             attend_with(simd, qh, k, v, scale, o);
