@@ -144,6 +144,22 @@ fn attention(c: &mut Criterion) {
     c.bench_function("attend_hd64_len512", |b| {
         b.iter(|| attn::attend(&q, &k, &v, 0.125, &mut out))
     });
+    // Three query heads over one KV head (SmolLM2's grouping) at context 128: one head
+    // at a time, and interleaved.
+    let len = 128;
+    let q3: Vec<f32> = (0..3 * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (k, v) = (&k[..hd * len], &v[..hd * len]);
+    let mut out3 = vec![0f32; 3 * hd];
+    c.bench_function("attend_3x_hd64_len128_one_by_one", |b| {
+        b.iter(|| {
+            for (qh, o) in q3.chunks(hd).zip(out3.chunks_mut(hd)) {
+                attn::attend(qh, k, v, 0.125, o)
+            }
+        })
+    });
+    c.bench_function("attend_3x_hd64_len128_grouped", |b| {
+        b.iter(|| attn::attend_heads(&q3, hd, k, v, 0.125, &mut out3))
+    });
 }
 
 /// Process CPU time (user + system) in seconds, from /proc (Linux).

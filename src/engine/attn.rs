@@ -103,6 +103,131 @@ fn attend_in(
     }
 }
 
+/// Heads sharing one KV head, at most this many interleaved in one pass.
+const MAX_GROUP: usize = 4;
+
+/// [`attend`] for the `q.len() / hd` query heads that share one KV head (grouped-query
+/// attention), side by side in `q` and `out`. Each head gets exactly what [`attend`]
+/// gives it; the heads are interleaved position by position, so the K and V rows are
+/// read once for all of them and their independent chains (dot, `exp`, f16 update)
+/// overlap in the CPU.
+pub fn attend_heads(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
+    attend_heads_with(has_simd(), q, hd, k, v, scale, out)
+}
+
+fn attend_heads_with(
+    simd: bool,
+    q: &[f32],
+    hd: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    debug_assert!(hd > 0 && q.len().is_multiple_of(hd) && out.len() == q.len());
+    if hd > 256 {
+        for (qh, o) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            attend_with(simd, qh, k, v, scale, o);
+        }
+        return;
+    }
+    for (qg, og) in q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2, FMA and F16C were detected.
+            unsafe { heads_f16c(qg, hd, k, v, scale, og) };
+            continue;
+        }
+        heads_body(
+            qg,
+            hd,
+            k,
+            v,
+            scale,
+            og,
+            |a, _, b| dot(false, a, b),
+            |a, x, w| mad_h(false, a, x, w),
+            |a, w| scale_h(false, a, w),
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn heads_f16c(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
+    heads_body(
+        q,
+        hd,
+        k,
+        v,
+        scale,
+        out,
+        // SAFETY (the three): the features are enabled here; equal lengths.
+        |_, qf, b| unsafe { dot_f16c_f32(qf, b) },
+        |a, x, w| unsafe { mad_f16c(a, x, w) },
+        |a, w| unsafe { scale_f16c(a, w) },
+    )
+}
+
+/// The loop of [`attend_in`] for up to [`MAX_GROUP`] heads at once (`hd <= 256`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn heads_body(
+    q: &[f32],
+    hd: usize,
+    k: &[f16],
+    v: &[f16],
+    scale: f32,
+    out: &mut [f32],
+    dotf: impl Fn(&[f16], &[f32], &[f16]) -> f32,
+    madf: impl Fn(&mut [f16], &[f16], f32),
+    scalef: impl Fn(&mut [f16], f32),
+) {
+    let gn = q.len() / hd;
+    let len = k.len() / hd;
+    let mut qh = [[f16::ZERO; 256]; MAX_GROUP];
+    // The same values widened back to f32 once (exact), for the SIMD dot product.
+    let mut qf = [[0f32; 256]; MAX_GROUP];
+    let mut acc = [[f16::ZERO; 256]; MAX_GROUP];
+    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
+    let mut sum = [0f32; MAX_GROUP];
+    for h in 0..gn {
+        for ((d, f), &x) in qh[h][..hd]
+            .iter_mut()
+            .zip(&mut qf[h][..hd])
+            .zip(&q[h * hd..(h + 1) * hd])
+        {
+            *d = f16::from_f32(x);
+            *f = d.to_f32();
+        }
+    }
+    for j in 0..len {
+        let kj = &k[j * hd..(j + 1) * hd];
+        let vj = &v[j * hd..(j + 1) * hd];
+        for h in 0..gn {
+            let acc = &mut acc[h][..hd];
+            let s = dotf(&qh[h][..hd], &qf[h][..hd], kj) * scale;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > m[h] {
+                let old = m[h];
+                m[h] = s;
+                ms = (old - s).exp();
+                scalef(acc, ms);
+            } else {
+                vs = (s - m[h]).exp();
+            }
+            madf(acc, vj, vs);
+            sum[h] = sum[h].mul_add(ms, vs);
+        }
+    }
+    for h in 0..gn {
+        let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };
+        for (o, a) in out[h * hd..(h + 1) * hd].iter_mut().zip(&acc[h][..hd]) {
+            *o = a.to_f32() * inv;
+        }
+    }
+}
+
 /// `q · k` over f16 inputs, summed as ggml's AVX-512 `ggml_vec_dot_f16`: lane `i % 64`
 /// of the first `n - n % 64` elements by fused multiply-add, the lanes reduced in
 /// ggml's tree, the rest added in f64.
@@ -188,11 +313,53 @@ unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
     // 16-lane register j is (acc[2j], acc[2j + 1]).
     let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
     let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    let mut l = [0f32; 8];
-    let mut h = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), lo);
-    _mm256_storeu_ps(h.as_mut_ptr(), hi);
-    tail(reduce16(l, h), q, k, np)
+    // `reduce16` in registers: t = hi + lo; u[i] = t[4 + i] + t[i];
+    // (u0 + u2) + (u1 + u3). The same additions, operands in the same order.
+    let t = _mm256_add_ps(hi, lo);
+    let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
+    let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+    let r = _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)));
+    if np == n {
+        return r;
+    }
+    tail(r, q, k, np)
+}
+
+/// [`dot_f16c`] with Q already widened to f32 (the same products and sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16c_f32(q: &[f32], k: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = q.len();
+    let np = n / LANES * LANES;
+    let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i < np {
+        for (a, r) in acc.iter_mut().enumerate() {
+            let at = i + 8 * a;
+            *r = _mm256_fmadd_ps(
+                ld(k.as_ptr().add(at)),
+                _mm256_loadu_ps(q.as_ptr().add(at)),
+                *r,
+            );
+        }
+        i += LANES;
+    }
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    let t = _mm256_add_ps(hi, lo);
+    let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
+    let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+    let r = _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)));
+    if np == n {
+        return r;
+    }
+    let mut s = r as f64;
+    for i in np..n {
+        s += (k[i].to_f32() * q[i]) as f64;
+    }
+    s as f32
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -239,6 +406,41 @@ mod tests {
 
     fn data(rng: &mut rand::rngs::StdRng, n: usize, amp: f32) -> Vec<f32> {
         (0..n).map(|_| rng.gen_range(-amp..amp)).collect()
+    }
+
+    /// Grouped heads give each head exactly what `attend` gives it, on both paths.
+    #[test]
+    fn heads_equal_single_head() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (hd, len, g) in [
+            (64, 1, 3),
+            (64, 130, 3),
+            (13, 9, 5),
+            (8, 40, 1),
+            (64, 17, 9),
+        ] {
+            let q = data(&mut rng, hd * g, 2.0);
+            let k: Vec<f16> = data(&mut rng, hd * len, 2.0)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let v: Vec<f16> = data(&mut rng, hd * len, 3.0)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            for simd in [false, has_simd()] {
+                let mut want = vec![0f32; hd * g];
+                for (qh, o) in q.chunks(hd).zip(want.chunks_mut(hd)) {
+                    attend_with(simd, qh, &k, &v, scale, o);
+                }
+                let mut got = vec![0f32; hd * g];
+                attend_heads_with(simd, &q, hd, &k, &v, scale, &mut got);
+                for (x, y) in want.iter().zip(&got) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "hd {hd} len {len} g {g}");
+                }
+            }
+        }
     }
 
     /// SIMD and portable paths agree bit for bit, and both agree with a plain f64

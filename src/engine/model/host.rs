@@ -283,15 +283,26 @@ impl Model {
             let rows = &sc.rows;
             let scale = 1.0 / (hd as f32).sqrt();
             let group = nh / nkvh;
+            // One job per (row, KV head): the query heads of its group share the K/V rows.
+            // With few rows (a single decode) the groups alone are too few jobs to share
+            // the pool evenly: split them into single heads then.
+            let per = if t * nkvh >= 4 * rayon::current_num_threads() {
+                group
+            } else {
+                1
+            };
+            let jobs_per_row = nh / per;
             let job = |(i, out): (usize, &mut [f32])| {
-                let (r, head) = (i / nh, i % nh);
+                let (r, j) = (i / jobs_per_row, i % jobs_per_row);
+                let (h0, g) = (j * per, j * per / group);
                 let (si, p) = rows[r];
                 let (k, v, cap) = views[si];
-                let g = head / group;
                 let base = g * cap * hd;
                 let len = p + 1;
-                attn::attend(
-                    &qkv[r * dqkv + head * hd..r * dqkv + (head + 1) * hd],
+                let q0 = r * dqkv + h0 * hd;
+                attn::attend_heads(
+                    &qkv[q0..q0 + per * hd],
+                    hd,
                     &k[base..base + len * hd],
                     &v[base..base + len * hd],
                     scale,
@@ -302,9 +313,9 @@ impl Model {
             // several short sequences (a decode step of a batch) are worth splitting too.
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
             if work >= 1024 {
-                att.par_chunks_mut(hd).enumerate().for_each(job);
+                att.par_chunks_mut(per * hd).enumerate().for_each(job);
             } else {
-                att.chunks_mut(hd).enumerate().for_each(job);
+                att.chunks_mut(per * hd).enumerate().for_each(job);
             }
             drop(views);
             dump::write(&dd, &format!("kqv_out-{li}"), att);
