@@ -2,6 +2,9 @@
 //! chunk, on the CPU, and sampling one token from its vocabulary. Needs the model: `CANDELA_TEST_DATA_DIR=/tmp/cdata` (or
 //! `CANDELA_BENCH_MODEL=/path/to.gguf`).
 
+mod util;
+use util::cpu_seconds;
+
 use candela::engine::model::{Model, SeqInput};
 use candela::engine::sampling::Sampler;
 use candela::engine::SamplingParams;
@@ -85,19 +88,6 @@ fn decode(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-/// Process CPU time (user + system) in seconds, from /proc (Linux).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
 }
 
 /// `CANDELA_BENCH_CPU_STEPS=N`: run N decode steps at context 128, at batch 1 and at

@@ -4,6 +4,9 @@
 //! Q5_0 and K-quant kernels at the shapes of Qwen2.5-Coder-0.5B (hidden 896, gate|up
 //! 9728, ffn 4864); and the attention kernel over 512 cached positions.
 
+mod util;
+use util::cpu_seconds;
+
 use candela::engine::attn;
 use candela::engine::quant::{isa_available, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -160,19 +163,6 @@ fn attention(c: &mut Criterion) {
     c.bench_function("attend_3x_hd64_len128_grouped", |b| {
         b.iter(|| attn::attend_heads(&q3, hd, k, v, 0.125, &mut out3))
     });
-}
-
-/// Process CPU time (user + system) in seconds, from /proc (Linux).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
 }
 
 /// `CANDELA_BENCH_CPU_SECS=S`: each model shape at 1 and 8 rows, at the best level, run
