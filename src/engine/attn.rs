@@ -145,7 +145,7 @@ fn attend_heads_with(
             v,
             scale,
             og,
-            |a, _, b| dot(false, a, b),
+            |a, b| dot(false, a, b),
             |a, x, w| mad_h(false, a, x, w),
             |a, w| scale_h(false, a, w),
         );
@@ -163,7 +163,7 @@ unsafe fn heads_f16c(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, out
         scale,
         out,
         // SAFETY (the three): the features are enabled here; equal lengths.
-        |_, qf, b| unsafe { dot_f16c_f32(qf, b) },
+        |a, b| unsafe { dot_f16c(a, b) },
         |a, x, w| unsafe { mad_f16c(a, x, w) },
         |a, w| unsafe { scale_f16c(a, w) },
     )
@@ -179,26 +179,19 @@ fn heads_body(
     v: &[f16],
     scale: f32,
     out: &mut [f32],
-    dotf: impl Fn(&[f16], &[f32], &[f16]) -> f32,
+    dotf: impl Fn(&[f16], &[f16]) -> f32,
     madf: impl Fn(&mut [f16], &[f16], f32),
     scalef: impl Fn(&mut [f16], f32),
 ) {
     let gn = q.len() / hd;
     let len = k.len() / hd;
     let mut qh = [[f16::ZERO; 256]; MAX_GROUP];
-    // The same values widened back to f32 once (exact), for the SIMD dot product.
-    let mut qf = [[0f32; 256]; MAX_GROUP];
     let mut acc = [[f16::ZERO; 256]; MAX_GROUP];
     let mut m = [f32::NEG_INFINITY; MAX_GROUP];
     let mut sum = [0f32; MAX_GROUP];
     for h in 0..gn {
-        for ((d, f), &x) in qh[h][..hd]
-            .iter_mut()
-            .zip(&mut qf[h][..hd])
-            .zip(&q[h * hd..(h + 1) * hd])
-        {
+        for (d, &x) in qh[h][..hd].iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
             *d = f16::from_f32(x);
-            *f = d.to_f32();
         }
     }
     for j in 0..len {
@@ -206,7 +199,7 @@ fn heads_body(
         let vj = &v[j * hd..(j + 1) * hd];
         for h in 0..gn {
             let acc = &mut acc[h][..hd];
-            let s = dotf(&qh[h][..hd], &qf[h][..hd], kj) * scale;
+            let s = dotf(&qh[h][..hd], kj) * scale;
             let (mut ms, mut vs) = (1f32, 1f32);
             if s > m[h] {
                 let old = m[h];
@@ -323,43 +316,6 @@ unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
         return r;
     }
     tail(r, q, k, np)
-}
-
-/// [`dot_f16c`] with Q already widened to f32 (the same products and sums).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16c_f32(q: &[f32], k: &[f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = q.len();
-    let np = n / LANES * LANES;
-    let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut i = 0;
-    while i < np {
-        for (a, r) in acc.iter_mut().enumerate() {
-            let at = i + 8 * a;
-            *r = _mm256_fmadd_ps(
-                ld(k.as_ptr().add(at)),
-                _mm256_loadu_ps(q.as_ptr().add(at)),
-                *r,
-            );
-        }
-        i += LANES;
-    }
-    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    let t = _mm256_add_ps(hi, lo);
-    let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
-    let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
-    let r = _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)));
-    if np == n {
-        return r;
-    }
-    let mut s = r as f64;
-    for i in np..n {
-        s += (k[i].to_f32() * q[i]) as f64;
-    }
-    s as f32
 }
 
 #[cfg(target_arch = "x86_64")]

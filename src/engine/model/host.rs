@@ -39,7 +39,8 @@ mod dump {
         Some(d)
     }
 
-    pub(super) fn write(dir: &Option<PathBuf>, name: &str, v: &[f32]) {
+    /// `name` is formatted only when dumping is on (no allocation per op otherwise).
+    pub(super) fn write(dir: &Option<PathBuf>, name: std::fmt::Arguments<'_>, v: &[f32]) {
         if let Some(d) = dir {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             let _ = std::fs::write(d.join(format!("{name}.f32")), bytes);
@@ -226,7 +227,7 @@ impl Model {
             let x = &mut sc.x[..t * hidden];
             let h = fit(&mut sc.h, t * hidden);
             rms_norm(x, &layer.attn_norm.v, eps, h);
-            dump::write(&dd, &format!("attn_norm-{li}"), h);
+            dump::write(&dd, format_args!("attn_norm-{li}"), h);
             let qkv = fit(&mut sc.qkv, t * dqkv);
             let mut input = Input::new(h, t, &mut sc.acts, &mut sc.kacts);
             layer.qkv.forward_host(&mut input, qkv, dqkv)?;
@@ -247,9 +248,9 @@ impl Model {
                         .flat_map(|r| r[a..a + w].to_vec())
                         .collect()
                 };
-                dump::write(&dd, &format!("Qcur-{li}"), &pick(0, nq));
-                dump::write(&dd, &format!("Kcur-{li}"), &pick(nq, nkv));
-                dump::write(&dd, &format!("Vcur-{li}"), &pick(nq + nkv, nkv));
+                dump::write(&dd, format_args!("Qcur-{li}"), &pick(0, nq));
+                dump::write(&dd, format_args!("Kcur-{li}"), &pick(nq, nkv));
+                dump::write(&dd, format_args!("Vcur-{li}"), &pick(nq + nkv, nkv));
             }
             // Append K/V to each sequence's cache, then attend.
             let mut views = Vec::with_capacity(batch.len());
@@ -318,19 +319,19 @@ impl Model {
                 att.chunks_mut(per * hd).enumerate().for_each(job);
             }
             drop(views);
-            dump::write(&dd, &format!("kqv_out-{li}"), att);
+            dump::write(&dd, format_args!("kqv_out-{li}"), att);
             // Output projection and residual.
             let tmp = fit(&mut sc.tmp, t * hidden);
             let mut input = Input::new(att, t, &mut sc.acts, &mut sc.kacts);
             layer.wo.forward_host(&mut input, tmp, hidden)?;
-            dump::write(&dd, &format!("attn_out-{li}"), tmp);
+            dump::write(&dd, format_args!("attn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
-            dump::write(&dd, &format!("ffn_inp-{li}"), x);
+            dump::write(&dd, format_args!("ffn_inp-{li}"), x);
             // MLP.
             let h = &mut sc.h[..t * hidden];
             rms_norm(x, &layer.ffn_norm.v, eps, h);
-            dump::write(&dd, &format!("ffn_norm-{li}"), h);
+            dump::write(&dd, format_args!("ffn_norm-{li}"), h);
             let dgu = layer.gate_up.width();
             let ffn = dgu / 2;
             let gu = fit(&mut sc.gu, t * dgu);
@@ -346,16 +347,16 @@ impl Model {
                         .flat_map(|r| r[a..a + ffn].to_vec())
                         .collect()
                 };
-                dump::write(&dd, &format!("ffn_gate-{li}"), &half_of(0));
-                dump::write(&dd, &format!("ffn_up-{li}"), &half_of(ffn));
-                dump::write(&dd, &format!("ffn_swiglu-{li}"), act);
+                dump::write(&dd, format_args!("ffn_gate-{li}"), &half_of(0));
+                dump::write(&dd, format_args!("ffn_up-{li}"), &half_of(ffn));
+                dump::write(&dd, format_args!("ffn_swiglu-{li}"), act);
             }
             let mut input = Input::new(act, t, &mut sc.acts, &mut sc.kacts);
             layer.down.forward_host(&mut input, tmp, hidden)?;
-            dump::write(&dd, &format!("ffn_out-{li}"), tmp);
+            dump::write(&dd, format_args!("ffn_out-{li}"), tmp);
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
-            dump::write(&dd, &format!("l_out-{li}"), x);
+            dump::write(&dd, format_args!("l_out-{li}"), x);
         }
         // Final norm and vocabulary projection for the rows whose logits are wanted.
         let mut sel = Vec::new();
@@ -373,13 +374,13 @@ impl Model {
             let xr = &sc.x[r * hidden..(r + 1) * hidden];
             rms_norm(xr, &self.norm.v, eps, &mut h[i * hidden..(i + 1) * hidden]);
         }
-        dump::write(&dd, "result_norm", h);
+        dump::write(&dd, format_args!("result_norm"), h);
         let vocab = cfg.vocab;
         let mut logits = vec![0f32; m * vocab];
         let mut input = Input::new(h, m, &mut sc.acts, &mut sc.kacts);
         self.output
             .forward_host(&mut input, vocab, &mut logits, vocab)?;
-        dump::write(&dd, "result_output", &logits);
+        dump::write(&dd, format_args!("result_output"), &logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
         for s in batch.iter_mut() {
