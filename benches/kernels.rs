@@ -21,7 +21,7 @@ fn weight(dt: GgmlDType, n: usize, k: usize) -> QWeight {
 }
 
 fn matmul(c: &mut Criterion) {
-    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
+    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
         .into_iter()
         .filter(|&l| isa_available(l))
         .collect();
@@ -77,7 +77,7 @@ fn acts(m: usize, k: usize) -> Vec<f32> {
 
 /// Qwen2.5-Coder-0.5B's Q5_0 projections and its Q4_K / Q6_K down projections.
 fn qwen_kernels(c: &mut Criterion) {
-    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
+    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
         .into_iter()
         .filter(|&l| isa_available(l))
         .collect();

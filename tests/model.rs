@@ -189,6 +189,69 @@ fn batched_decode_equals_single_sequence_decode() {
     }
 }
 
+/// A decode step of eight sequences in one batch gives every sequence exactly (bit for
+/// bit) the logits it gets decoding alone: the multi-row kernels keep the one-row
+/// kernels' arithmetic, so a session's output never depends on its batch mates.
+#[test]
+fn batched_decode_steps_are_bit_identical_to_single_steps() {
+    let model = load();
+    let fx = common::fixture();
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| ids(&fx["greedy"][i]["prompt_ids"]))
+        .collect();
+    let layout = model.cache_layout(KvDtype::F16);
+    let prime = |p: &Vec<u32>| {
+        let mut c = SeqCache::new(layout, &Device::Cpu);
+        let out = model
+            .forward(&mut [SeqInput {
+                tokens: p,
+                cache: &mut c,
+                all_logits: false,
+            }])
+            .unwrap();
+        (
+            c,
+            candela::engine::sampling::argmax(&rows(&out[0])[0]) as u32,
+        )
+    };
+    let (mut alone, mut next): (Vec<SeqCache>, Vec<u32>) = prompts.iter().map(prime).unzip();
+    let mut together: Vec<SeqCache> = prompts.iter().map(|p| prime(p).0).collect();
+    for step in 0..4 {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut batch: Vec<SeqInput> = together
+            .iter_mut()
+            .zip(&toks)
+            .map(|(c, t)| SeqInput {
+                tokens: t,
+                cache: c,
+                all_logits: false,
+            })
+            .collect();
+        let batched = model.forward(&mut batch).unwrap();
+        drop(batch);
+        for (i, c) in alone.iter_mut().enumerate() {
+            let single = model
+                .forward(&mut [SeqInput {
+                    tokens: &toks[i],
+                    cache: c,
+                    all_logits: false,
+                }])
+                .unwrap();
+            let (a, b) = (rows(&single[0]), rows(&batched[i]));
+            let differ = a[0]
+                .iter()
+                .zip(&b[0])
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "step {step}, sequence {i}: {differ} logits differ"
+            );
+            next[i] = candela::engine::sampling::argmax(&a[0]) as u32;
+        }
+    }
+}
+
 /// Greedy decoding on the model directly (the prompt as one batch, then one token at a
 /// time, as the fixture was made) against llama.cpp's: per prompt, how many leading
 /// tokens agree. The server-level twin is `tests/api.rs`'s greedy test.

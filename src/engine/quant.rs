@@ -19,6 +19,8 @@ mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod q5_0;
+#[cfg(target_arch = "x86_64")]
+mod zmm;
 
 pub use kquant::{KActs, KKind, KWeight, QK_K};
 pub use q5_0::Q5Weight;
@@ -216,6 +218,9 @@ pub enum Isa {
     Avx2,
     /// AVX2 + FMA with 256-bit VNNI (`vpdpbusd`, from AVX512-VNNI+VL or AVX-VNNI).
     Avx2Vnni,
+    /// AVX-512 (F, BW, VL, VNNI): several activation rows run on 512-bit registers, two
+    /// rows to a register (`quant/zmm.rs`); single rows as [`Isa::Avx2Vnni`].
+    Avx512Vnni,
     /// aarch64 NEON (baseline ARMv8), see `quant/neon.rs`.
     #[cfg(target_arch = "aarch64")]
     Neon,
@@ -227,7 +232,7 @@ pub enum Isa {
 /// Whether `level` runs on this CPU: a level of this architecture at most [`isa()`].
 pub fn isa_available(level: Isa) -> bool {
     #[cfg(target_arch = "aarch64")]
-    if matches!(level, Isa::Avx2 | Isa::Avx2Vnni) {
+    if matches!(level, Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni) {
         return false;
     }
     level as u8 <= isa() as u8
@@ -237,7 +242,7 @@ pub fn isa_available(level: Isa) -> bool {
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        // CANDELA_ISA=scalar|avx2|neon caps the level (for comparisons and tests).
+        // CANDELA_ISA=scalar|avx2|avx2vnni|neon caps the level (for comparisons and tests).
         let cap = std::env::var("CANDELA_ISA").unwrap_or_default();
         if cap == "scalar" {
             return Isa::Scalar;
@@ -250,6 +255,12 @@ pub fn isa() -> Isa {
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    if cap != "avx2vnni"
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                    {
+                        return Isa::Avx512Vnni;
+                    }
                     return Isa::Avx2Vnni;
                 }
                 return Isa::Avx2;
@@ -397,9 +408,15 @@ impl QWeight {
             // features each variant enables; shapes were checked by the caller.
             unsafe {
                 match (isa, self.kind) {
-                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot_vnni::<0, R, C>(c, rows),
-                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot_vnni::<1, R, C>(c, rows),
-                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot_vnni::<2, R, C>(c, rows),
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_0) => {
+                        return self.dot_vnni::<0, R, C>(c, rows)
+                    }
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_1) => {
+                        return self.dot_vnni::<1, R, C>(c, rows)
+                    }
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q8_0) => {
+                        return self.dot_vnni::<2, R, C>(c, rows)
+                    }
                     (Isa::Avx2, Kind::Q4_0) => return self.dot_avx2::<0, R, C>(c, rows),
                     (Isa::Avx2, Kind::Q4_1) => return self.dot_avx2::<1, R, C>(c, rows),
                     (Isa::Avx2, Kind::Q8_0) => return self.dot_avx2::<2, R, C>(c, rows),
@@ -426,9 +443,15 @@ impl QWeight {
             // groups of eight columns.
             unsafe {
                 match (isa, self.kind) {
-                    (Isa::Avx2Vnni, Kind::Q4_0) => return self.dot8_vnni::<0>(c, row),
-                    (Isa::Avx2Vnni, Kind::Q4_1) => return self.dot8_vnni::<1>(c, row),
-                    (Isa::Avx2Vnni, Kind::Q8_0) => return self.dot8_vnni::<2>(c, row),
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_0) => {
+                        return self.dot8_vnni::<0>(c, row)
+                    }
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_1) => {
+                        return self.dot8_vnni::<1>(c, row)
+                    }
+                    (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q8_0) => {
+                        return self.dot8_vnni::<2>(c, row)
+                    }
                     (Isa::Avx2, Kind::Q4_0) => return self.dot8_avx2::<0>(c, row),
                     (Isa::Avx2, Kind::Q4_1) => return self.dot8_avx2::<1>(c, row),
                     (Isa::Avx2, Kind::Q8_0) => return self.dot8_avx2::<2>(c, row),
@@ -482,10 +505,15 @@ impl QWeight {
     /// two columns at a time where there are four rows, else one row by eight columns.
     fn cols(&self, isa: Isa, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Vnni && x.m >= 2 {
-            // SAFETY: the CPU has VNNI (checked by the caller through `isa`), `c0` is a
-            // multiple of 8 and the output range was checked in `matmul_into_isa`.
-            return unsafe { self.cols_vnni(x, c0, c1, out, ldo) };
+        if x.m >= 2 {
+            // SAFETY: the CPU has the features of `isa` (checked by the caller), `c0` is
+            // a multiple of 8 and the output range was checked in `matmul_into_isa`.
+            if isa == Isa::Avx512Vnni {
+                return unsafe { self.cols_zmm(x, c0, c1, out, ldo) };
+            }
+            if isa == Isa::Avx2Vnni {
+                return unsafe { self.cols_vnni(x, c0, c1, out, ldo) };
+            }
         }
         const ROW_TILE: usize = 32;
         // SAFETY (every write below): in bounds (checked in matmul_into), and the
@@ -534,6 +562,36 @@ impl QWeight {
         }
     }
 
+    /// Row `r` of `x` against columns `c0..c1` (`c0` a multiple of 8), eight at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn one_row(
+        &self,
+        isa: Isa,
+        x: &QActs,
+        r: usize,
+        c0: usize,
+        c1: usize,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        let row = x.row(r);
+        let mut c = c0;
+        while c + 8 <= c1 {
+            for (j, &y) in self.dot_row8(isa, c, row).iter().enumerate() {
+                // SAFETY: in bounds (checked in matmul_into_isa); the columns are this task's.
+                unsafe { out.write(r * ldo + c + j, y) };
+            }
+            c += 8;
+        }
+        while c < c1 {
+            let [[y]] = self.dot_tile::<1, 1>(isa, c, [row]);
+            // SAFETY: as above.
+            unsafe { out.write(r * ldo + c, y) };
+            c += 1;
+        }
+    }
+
     /// `x (m, k)` times the transposed weight: `(m, n)`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
@@ -557,6 +615,13 @@ impl OutPtr {
         *self.0.add(i) = v;
     }
 }
+
+/// Bits of the float 1.5 * 2^23. Any `i` with `|i| < 2^22` added to these bits, as an
+/// integer, gives the float `1.5 * 2^23 + i` exactly, so subtracting `1.5 * 2^23` turns an
+/// integer sum into its float value with no conversion instruction. The lane sums of
+/// every kind stay far inside that range (at most 4 * 255 * 127 in magnitude).
+#[cfg(target_arch = "x86_64")]
+const MAGIC_BITS: i32 = 0x4B40_0000;
 
 /// Per-thread buffers of the multi-row VNNI kernel: the activation-side corrections
 /// and the `d_w * d_y` products of one tile, reused between calls.
@@ -667,7 +732,7 @@ impl QWeight {
                 for (i, row) in rows.iter().enumerate() {
                     let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
                     let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, y);
-                    let neg = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+                    let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
                     _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
                 }
             }
@@ -732,6 +797,8 @@ impl QWeight {
         let qs = self.qs.as_ptr();
         let low = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
+        let magic_i = _mm256_set1_epi32(MAGIC_BITS);
+        let magic = _mm256_castsi256_ps(magic_i);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         for b in 0..nbk {
             let mut ws = [_mm256_setzero_si256(); C];
@@ -747,7 +814,7 @@ impl QWeight {
             for (i, row) in rows.iter().enumerate() {
                 let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
                 let start = if K == 1 {
-                    _mm256_setzero_si256()
+                    magic_i
                 } else {
                     _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
                 };
@@ -755,7 +822,10 @@ impl QWeight {
                     let sum = _mm256_dpbusd_epi32(start, *w, y);
                     let d = _mm256_set1_ps(*dd.add((b * R + i) * 8 + j0 + j));
                     let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
-                    *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *a);
+                    // The lane sums sit in the low mantissa bits of MAGIC: one
+                    // subtraction yields them as exact floats (cheaper than vcvtdq2ps).
+                    let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
+                    *a = _mm256_fmadd_ps(d, f, *a);
                 }
             }
         }
@@ -1031,6 +1101,7 @@ mod tests {
         let levels: Vec<Isa> = [
             Isa::Avx2,
             Isa::Avx2Vnni,
+            Isa::Avx512Vnni,
             #[cfg(target_arch = "aarch64")]
             Isa::Neon,
             #[cfg(target_arch = "aarch64")]
@@ -1054,6 +1125,9 @@ mod tests {
                 (8, 67, 576),
                 (19, 43, 160),
                 (2, 11, 64),
+                (3, 16, 64),
+                (5, 9, 96),
+                (6, 24, 32),
             ] {
                 let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 3.0)?;
                 let ours = QWeight::from_qtensor(&QTensor::quantize(&w, dt)?)?.unwrap();

@@ -339,10 +339,10 @@ impl Tiled for KWeight {
             // values (checked by the driver and `matmul_into_isa`).
             unsafe {
                 match (level, self.kind) {
-                    (Isa::Avx2 | Isa::Avx2Vnni, KKind::Q4K) => {
+                    (Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni, KKind::Q4K) => {
                         return self.q4k_avx2::<R, C>(c, rows)
                     }
-                    (Isa::Avx2 | Isa::Avx2Vnni, KKind::Q6K) => {
+                    (Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni, KKind::Q6K) => {
                         return self.q6k_avx2::<R, C>(c, rows)
                     }
                     (Isa::Scalar, _) => {}

@@ -2,7 +2,7 @@ use super::*;
 use candle_core::{Device, Module};
 
 fn levels() -> Vec<Isa> {
-    [Isa::Avx2, Isa::Avx2Vnni]
+    [Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
         .into_iter()
         .filter(|&l| isa_available(l))
         .collect()

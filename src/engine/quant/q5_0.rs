@@ -131,7 +131,7 @@ impl Tiled for Q5Weight {
             // and `matmul_into_isa`).
             unsafe {
                 match level {
-                    Isa::Avx2Vnni => return self.tile_vnni::<R, C>(c, rows),
+                    Isa::Avx2Vnni | Isa::Avx512Vnni => return self.tile_vnni::<R, C>(c, rows),
                     Isa::Avx2 => return self.tile_avx2::<R, C>(c, rows),
                     Isa::Scalar => {}
                 }
@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni]
+        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
             .into_iter()
             .filter(|&l| isa_available(l))
             .collect();
