@@ -169,6 +169,46 @@ fn attention(c: &mut Criterion) {
 /// for about S seconds of CPU time each; prints CPU µs per call and per row, and wall µs per call. On a shared
 /// machine CPU time is steadier than wall time; run with `RAYON_NUM_THREADS=1`.
 fn cpu_matmul(secs: f64) {
+    if std::env::var("CANDELA_BENCH_SEQ").is_ok() {
+        // CANDELA_BENCH_SEQ=1: the model's Q4_1 projection sequence over 30 layers of
+        // distinct random weights, m = 8 (weights stream from memory as in a decode step).
+        let shapes = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)];
+        let layers: Vec<Vec<QWeight>> = (0..30)
+            .map(|_| {
+                shapes
+                    .iter()
+                    .map(|&(n, k)| weight(GgmlDType::Q4_1, n, k))
+                    .collect()
+            })
+            .collect();
+        let acts: Vec<QActs> = shapes
+            .iter()
+            .map(|&(_, k)| {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, 8 * k, &Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mut a = QActs::new();
+                a.quantize(&x, k);
+                a
+            })
+            .collect();
+        let mut out = vec![0f32; 8 * 3072];
+        let (t0, mut steps) = (std::time::Instant::now(), 0);
+        while t0.elapsed().as_secs_f64() < secs {
+            for l in &layers {
+                for (w, a) in l.iter().zip(&acts) {
+                    w.matmul_into(a, &mut out, w.dims().0);
+                }
+            }
+            steps += 1;
+        }
+        println!(
+            "seq m8: {:.3} ms wall per step",
+            t0.elapsed().as_secs_f64() * 1e3 / steps as f64
+        );
+        return;
+    }
     let shapes = [
         ("q4_1_qkv", GgmlDType::Q4_1, 960, 576),
         ("q4_1_wo", GgmlDType::Q4_1, 576, 576),
@@ -177,8 +217,17 @@ fn cpu_matmul(secs: f64) {
         ("q4_0_gate_up", GgmlDType::Q4_0, 3072, 576),
         ("q8_0_vocab", GgmlDType::Q8_0, 49152, 576),
     ];
+    // CANDELA_BENCH_LAYERS=L: L copies of each weight, used in turn, so that (as in the
+    // model) the weights stream from memory instead of staying in cache.
+    let copies: usize = std::env::var("CANDELA_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     for (name, dt, n, k) in shapes {
-        let w = weight(dt, n, k);
+        if copies > 1 && n > 10_000 {
+            continue;
+        }
+        let ws: Vec<QWeight> = (0..copies).map(|_| weight(dt, n, k)).collect();
         for m in [1usize, 8] {
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)
                 .unwrap()
@@ -189,10 +238,10 @@ fn cpu_matmul(secs: f64) {
             let mut out = vec![0f32; m * n];
             let (c0, t0, mut calls) = (cpu_seconds(), std::time::Instant::now(), 0u64);
             while cpu_seconds() - c0 < secs {
-                for _ in 0..16 {
+                for w in &ws {
                     w.matmul_into(&acts, &mut out, n);
                 }
-                calls += 16;
+                calls += ws.len() as u64;
             }
             let us = (cpu_seconds() - c0) * 1e6 / calls as f64;
             let wall = t0.elapsed().as_secs_f64() * 1e6 / calls as f64;

@@ -42,6 +42,9 @@ thread_local! {
     static SCRATCH: RefCell<PairScratch> = RefCell::new(PairScratch::default());
 }
 
+/// How far ahead of the tile being computed its weights are prefetched, in bytes.
+const PREFETCH: usize = 2048;
+
 /// Most row pairs in one tile: four pairs by up to four columns keep sixteen
 /// accumulators and the operands in the 32 vector registers.
 const MAX_PAIRS: usize = 4;
@@ -243,7 +246,18 @@ impl QWeight {
         let magic_i = _mm512_set1_epi32(MAGIC_BITS);
         let magic = _mm512_castsi512_ps(magic_i);
         let mut acc = [[_mm512_setzero_ps(); C]; P];
+        // The weights are one stream in column order; in the model they come from
+        // memory, not cache. Prefetch the blocks `PREFETCH` bytes ahead, one line per
+        // 64 bytes of this tile, so that the loads overlap the arithmetic.
+        let bsz = if K == 2 { QK } else { QK / 2 };
+        let tile = qs.add((g + j0) * nbk * bsz);
+        let lines = (C * nbk * bsz).div_ceil(64);
+        let mut line = 0;
         for b in 0..nbk {
+            while line * nbk < (b + 1) * lines {
+                _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + line * 64) as *const i8);
+                line += 1;
+            }
             let mut ws = [_mm512_setzero_si512(); C];
             for (j, w) in ws.iter_mut().enumerate() {
                 let wb = (g + j0 + j) * nbk + b;
