@@ -165,9 +165,27 @@ impl QWeight {
                 }
             }
         }
+        // The start of this task's weight stream (the tiles prefetch ahead of themselves
+        // from then on), and, group by group, the next group's scales.
+        let bsz = if K == 2 { QK } else { QK / 2 };
+        let first = self.qs.as_ptr().add(c0 * nbk * bsz);
+        for line in 0..PREFETCH.min((c1 - c0) * nbk * bsz) / 64 {
+            _mm_prefetch::<_MM_HINT_T0>(first.add(line * 64) as *const i8);
+        }
         let mut g = c0;
         while g < c1 {
             let cols = (c1 - g).min(8);
+            if g + 8 < c1 {
+                let next = self.sc(g + 8, 0);
+                for line in 0..(nbk * 8 * 4).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(self.d.as_ptr().add(next + line * 16) as *const i8);
+                    if K == 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            self.m.as_ptr().add(next + line * 16) as *const i8
+                        );
+                    }
+                }
+            }
             // Q4_1's `m * s` sums, eight columns to a vector, per row.
             // Two rows to a register as in the tiles; the pairs' chains overlap.
             let mut sm = [[0f32; 8]; 2 * MAX_PAIRS];
