@@ -935,7 +935,18 @@ macro_rules! x86_dot {
                 let low = _mm256_set1_epi8(0x0F);
                 let off8 = _mm256_set1_epi8(8);
                 let qs = self.qs.as_ptr();
+                // The next eight columns' weights (one contiguous region), prefetched a
+                // share per block: the loads of this group are spread over eight
+                // streams, too many for the hardware prefetcher to run far ahead.
+                let bsz = if K == 2 { QK } else { QK / 2 };
+                let next = qs.wrapping_add((c + 8) * nbk * bsz);
+                let lines = 8 * nbk * bsz / 64;
+                let mut line = 0;
                 for b in 0..nbk {
+                    while line * nbk < (b + 1) * lines {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64) as *const i8);
+                        line += 1;
+                    }
                     let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
                     let si = self.sc(c, b);
                     let dd8 = _mm256_mul_ps(
