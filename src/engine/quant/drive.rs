@@ -21,6 +21,25 @@ pub(super) trait Tiled: Sync {
         c: usize,
         rows: [Self::Row<'_>; R],
     ) -> [[f32; R]; C];
+
+    /// Hint that columns `c0..c1` come next (their weights are fetched into cache while
+    /// the current tile computes). The default does nothing.
+    fn prefetch(&self, _c0: usize, _c1: usize) {}
+}
+
+/// Prefetch the cache lines of `len` bytes from `p` (a hint: no effect on results).
+#[inline]
+pub(super) fn prefetch_bytes<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..len.div_ceil(64) {
+        // SAFETY: prefetching has no architectural effect, even out of bounds.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(line * 64));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// `out[r * ldo + c] = row(r) · w_c` for `m` rows and `n` columns at level `isa`.
@@ -56,6 +75,10 @@ pub(super) fn matmul<'a, W: Tiled>(
                     (false, left) if left >= 4 => 4,
                     _ => 1,
                 };
+                if r0 == 0 {
+                    // The weights stream from memory: ask for the next tile's now.
+                    w.prefetch((c + cw).min(c1), (c + 2 * cw).min(c1));
+                }
                 let mut r = r0;
                 while r + 4 <= r1 {
                     let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];

@@ -352,6 +352,19 @@ impl Tiled for KWeight {
         let _ = level;
         std::array::from_fn(|j| rows.map(|r| self.dot_ref(c + j, r)))
     }
+
+    fn prefetch(&self, c0: usize, c1: usize) {
+        let nb = self.k / QK_K;
+        let qlen = self.q.len() / (self.n * nb);
+        drive::prefetch_bytes(
+            self.q.as_ptr().wrapping_add(c0 * nb * qlen),
+            (c1 - c0) * nb * qlen,
+        );
+        drive::prefetch_bytes(
+            self.sc.as_ptr().wrapping_add(c0 * nb * 16),
+            (c1 - c0) * nb * 16,
+        );
+    }
 }
 
 /// Exact sum of eight i32 lanes.

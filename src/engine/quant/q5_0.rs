@@ -140,6 +140,16 @@ impl Tiled for Q5Weight {
         let _ = level;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
     }
+
+    fn prefetch(&self, c0: usize, c1: usize) {
+        let nb = self.k / QK;
+        drive::prefetch_bytes(
+            self.qs.as_ptr().wrapping_add(c0 * nb * 16),
+            (c1 - c0) * nb * 16,
+        );
+        drive::prefetch_bytes(self.qh.as_ptr().wrapping_add(c0 * nb), (c1 - c0) * nb * 4);
+        drive::prefetch_bytes(self.d.as_ptr().wrapping_add(c0 * nb), (c1 - c0) * nb * 4);
+    }
 }
 
 /// AVX2 (and VNNI) tiles: a block is unpacked once for the `R` rows — nibbles as in
