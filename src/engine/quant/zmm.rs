@@ -93,34 +93,38 @@ impl QWeight {
         let mut r = 0;
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
+            // Up to eight rows per pass over the weights; an odd count (3, 5, 7)
+            // pairs its last row with itself, so the weights are still read once.
             while x.m - r >= 2 {
-                let pairs = ((x.m - r) / 2).min(MAX_PAIRS);
+                let pairs = (x.m - r).div_ceil(2).min(MAX_PAIRS);
+                let rows = r..(r + 2 * pairs).min(x.m);
+                let n = rows.len();
                 // SAFETY: as for this function.
                 unsafe {
                     match pairs {
-                        4 => self.pairs_zmm::<K, 4>(x, r, c0, c1, s, out, ldo),
-                        3 => self.pairs_zmm::<K, 3>(x, r, c0, c1, s, out, ldo),
-                        2 => self.pairs_zmm::<K, 2>(x, r, c0, c1, s, out, ldo),
-                        _ => self.pairs_zmm::<K, 1>(x, r, c0, c1, s, out, ldo),
+                        4 => self.pairs_zmm::<K, 4>(x, rows, c0, c1, s, out, ldo),
+                        3 => self.pairs_zmm::<K, 3>(x, rows, c0, c1, s, out, ldo),
+                        2 => self.pairs_zmm::<K, 2>(x, rows, c0, c1, s, out, ldo),
+                        _ => self.pairs_zmm::<K, 1>(x, rows, c0, c1, s, out, ldo),
                     }
                 }
-                r += 2 * pairs;
+                r += n;
             }
         });
         if r < x.m {
-            // An odd last row: the one-row kernels.
+            // One row left after whole tiles (9, 17, ... rows): the one-row kernels.
             self.one_row(Isa::Avx512Vnni, x, r, c0, c1, out, ldo);
         }
     }
 
-    /// Rows `r0..r0 + 2P` against columns `c0..c1`, a group of eight columns (one
-    /// scale vector) at a time.
+    /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
+    /// columns `c0..c1`, a group of eight columns (one scale vector) at a time.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn pairs_zmm<const K: u8, const P: usize>(
         &self,
         x: &QActs,
-        r0: usize,
+        rows: std::ops::Range<usize>,
         c0: usize,
         c1: usize,
         s: &mut PairScratch,
@@ -128,6 +132,8 @@ impl QWeight {
         ldo: usize,
     ) {
         let nbk = self.k / QK;
+        let (r0, nr) = (rows.start, rows.len());
+        debug_assert!(nr == 2 * P || nr == 2 * P - 1);
         if s.y.len() < nbk * MAX_PAIRS * 64 {
             s.y.resize(nbk * MAX_PAIRS * 64, 0);
             s.dy.resize(nbk * MAX_PAIRS * 16, 0.0);
@@ -138,7 +144,7 @@ impl QWeight {
         let off = _mm512_set1_epi8(if K == 0 { 8 } else { -128 });
         for b in 0..nbk {
             for p in 0..P {
-                let (ra, rb) = (x.row(r0 + 2 * p), x.row(r0 + 2 * p + 1));
+                let (ra, rb) = (x.row(r0 + 2 * p), x.row(r0 + (2 * p + 1).min(nr - 1)));
                 let at = b * P + p;
                 let ya = _mm256_loadu_si256(ra.qs.as_ptr().add(b * QK) as *const __m256i);
                 let yb = _mm256_loadu_si256(rb.qs.as_ptr().add(b * QK) as *const __m256i);
@@ -210,11 +216,11 @@ impl QWeight {
             // one reloads the activations too often).
             let mut j = 0;
             while j + 2 <= cols {
-                self.tile_zmm::<K, P, 2>(g, j, s, &sm, out, r0, ldo);
+                self.tile_zmm::<K, P, 2>(g, j, s, &sm, out, (r0, nr), ldo);
                 j += 2;
             }
             if j < cols {
-                self.tile_zmm::<K, P, 1>(g, j, s, &sm, out, r0, ldo);
+                self.tile_zmm::<K, P, 1>(g, j, s, &sm, out, (r0, nr), ldo);
             }
             g += 8;
         }
@@ -232,7 +238,7 @@ impl QWeight {
         s: &PairScratch,
         sm: &[[f32; 8]; 2 * MAX_PAIRS],
         out: OutPtr,
-        r0: usize,
+        (r0, nr): (usize, usize),
         ldo: usize,
     ) {
         let nbk = self.k / QK;
@@ -308,6 +314,9 @@ impl QWeight {
                 let [lo, hi] = hsum8_pair(*a);
                 for (h, v) in [lo, hi].into_iter().enumerate() {
                     let i = 2 * p + h;
+                    if i == nr {
+                        break; // the duplicate of an odd tile's last row
+                    }
                     let v = v + if K == 1 { sm[i][j0 + j] } else { 0.0 };
                     out.write((r0 + i) * ldo + g + j0 + j, v);
                 }
