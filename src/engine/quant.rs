@@ -86,6 +86,11 @@ fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
         // by the caller (`x`: nb*32, `d`/`s`: nb, `qs`: nb*32).
         return unsafe { quantize_avx2(x, d, s, qs) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: NEON is baseline on aarch64; slices sized as above.
+        return unsafe { neon::quantize_neon(x, d, s, qs) };
+    }
     quantize_scalar(x, d, s, qs)
 }
 
@@ -957,7 +962,8 @@ mod tests {
         Ok(())
     }
 
-    /// The SIMD quantizer equals the scalar one bit for bit (ties, zeros, huge values).
+    /// The SIMD quantizer (AVX2 where present; NEON on aarch64) equals the scalar one
+    /// bit for bit (ties, zeros, huge values).
     #[test]
     fn quantize_simd_equals_scalar() -> Result<()> {
         let dev = Device::Cpu;
@@ -973,6 +979,12 @@ mod tests {
             let (mut d1, mut s1, mut q1) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
             let (mut d2, mut s2, mut q2) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
             quantize_scalar(&x, &mut d1, &mut s1, &mut q1);
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is baseline on aarch64; slices sized for `nb` blocks.
+            unsafe {
+                neon::quantize_neon(&x, &mut d2, &mut s2, &mut q2)
+            };
+            #[cfg(not(target_arch = "aarch64"))]
             quantize_into(&x, &mut d2, &mut s2, &mut q2);
             assert_eq!(q1, q2);
             assert_eq!(

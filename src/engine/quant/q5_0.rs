@@ -137,6 +137,17 @@ impl Tiled for Q5Weight {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: as above; NeonDot means the CPU has dotprod.
+            unsafe {
+                match level {
+                    Isa::NeonDot => return self.tile_sdot::<R, C>(c, rows),
+                    Isa::Neon => return self.tile_smull::<R, C>(c, rows),
+                    _ => {}
+                }
+            }
+        }
         let _ = level;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
     }
@@ -222,6 +233,10 @@ macro_rules! q5_x86 {
 q5_x86!(tile_avx2, "avx2,fma", false);
 q5_x86!(tile_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
+#[cfg(target_arch = "aarch64")]
+#[path = "q5_0_neon.rs"]
+mod neon;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,10 +272,22 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni]
-            .into_iter()
-            .filter(|&l| isa_available(l))
-            .collect();
+        let levels: Vec<Isa> = [
+            Isa::Avx2,
+            Isa::Avx2Vnni,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon,
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot,
+        ]
+        .into_iter()
+        .filter(|&l| isa_available(l))
+        .collect();
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            levels.contains(&Isa::Neon),
+            "NEON must be tested on aarch64"
+        );
         for (m, n, k) in [
             (1, 37, 256),
             (7, 53, 96),
