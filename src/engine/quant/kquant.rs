@@ -12,6 +12,10 @@
 //!   the end. We follow that (rather than the un-repacked `vec_dot_q4_K_q8_K`, whose
 //!   lanes differ) because it is what llama.cpp computes on this model.
 //!
+//! The portable reference ([`KWeight::dot_ref`]) encodes that order; the AVX2 tiles
+//! below and the NEON tiles in `kquant_neon.rs` (aarch64) equal it bit for bit, so an
+//! ARM CPU computes what the x86 one does (not what llama.cpp's own ARM code does).
+//!
 //! Must not depend on anything outside `quant`.
 
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -2,7 +2,9 @@
 //! bits) against activations quantized to Q8_0 — ggml's `vec_dot_q5_0_q8_0`, whose
 //! x86 arithmetic is Q4_0's with a fifth bit: each block's 32 integer products are
 //! summed in eight lanes of four, scaled by `d_w * d_y` with one fused multiply-add per
-//! lane, and the lanes added by `hsum_float_8` at the end.
+//! lane, and the lanes added by `hsum_float_8` at the end. [`Q5Weight::dot_lanes`] is
+//! that order; the AVX2/VNNI tiles below and the NEON ones in `q5_0_neon.rs` equal it
+//! bit for bit.
 //!
 //! Must not depend on anything outside `quant`.
 
