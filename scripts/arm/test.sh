@@ -5,6 +5,8 @@
 # only; timings under qemu mean nothing (NEON is untimed on real ARM hardware here).
 #
 # Usage: scripts/arm/test.sh [test filter, default "quant::"] [test harness args, e.g. --nocapture]
+#   ARM_TARGETS="--test model" runs an integration test file instead of the library's
+#   tests (set CANDELA_TEST_DATA_DIR for the real model, as on x86).
 # Needs (Debian): apt-get install -y --no-install-recommends qemu-user \
 #   gcc-aarch64-linux-gnu libc6-dev-arm64-cross   and rustup (network once).
 # ARM_SETUP=1 installs those first (apt-get, needs root).
@@ -30,4 +32,5 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-cpu=generic"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target/aarch64-qemu}"
 filter="${1:-quant::}"
 shift || true
-cargo test --release --target aarch64-unknown-linux-gnu --lib -- "$filter" "$@"
+# shellcheck disable=SC2086 # ARM_TARGETS is a list of cargo arguments
+cargo test --release --target aarch64-unknown-linux-gnu ${ARM_TARGETS:---lib} -- "$filter" "$@"

@@ -7,7 +7,10 @@
 //! Weights are repacked at load into a struct-of-arrays layout (scales as f32) so the
 //! inner loop is integer multiply-adds that the compiler vectorises. Q5_0 and the
 //! K-quants (Q4_K, Q6_K, with Q8_K activations) are in the submodules `q5_0` and
-//! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`).
+//! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`). Every type's
+//! dot product has AVX2 (x86) and NEON (aarch64: `sdot` and plain) kernels, and the
+//! activation quantizers NEON (Q8_0/Q8_1/Q8_K) and AVX2 (Q8_0/Q8_1) ones; each equals
+//! its portable reference bit for bit.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
@@ -87,6 +90,11 @@ fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
         // SAFETY: AVX2 and FMA are present at any level above Scalar; slices are sized
         // by the caller (`x`: nb*32, `d`/`s`: nb, `qs`: nb*32).
         return unsafe { quantize_avx2(x, d, s, qs) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: NEON is baseline on aarch64; slices sized as above.
+        return unsafe { neon::quantize_neon(x, d, s, qs) };
     }
     quantize_scalar(x, d, s, qs)
 }
@@ -1038,7 +1046,8 @@ mod tests {
         Ok(())
     }
 
-    /// The SIMD quantizer equals the scalar one bit for bit (ties, zeros, huge values).
+    /// The SIMD quantizer (AVX2 where present; NEON on aarch64) equals the scalar one
+    /// bit for bit (ties, zeros, huge values).
     #[test]
     fn quantize_simd_equals_scalar() -> Result<()> {
         let dev = Device::Cpu;
@@ -1054,6 +1063,12 @@ mod tests {
             let (mut d1, mut s1, mut q1) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
             let (mut d2, mut s2, mut q2) = (vec![0f32; nb], vec![0f32; nb], vec![0i8; nb * QK]);
             quantize_scalar(&x, &mut d1, &mut s1, &mut q1);
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is baseline on aarch64; slices sized for `nb` blocks.
+            unsafe {
+                neon::quantize_neon(&x, &mut d2, &mut s2, &mut q2)
+            };
+            #[cfg(not(target_arch = "aarch64"))]
             quantize_into(&x, &mut d2, &mut s2, &mut q2);
             assert_eq!(q1, q2);
             assert_eq!(

@@ -12,6 +12,10 @@
 //!   the end. We follow that (rather than the un-repacked `vec_dot_q4_K_q8_K`, whose
 //!   lanes differ) because it is what llama.cpp computes on this model.
 //!
+//! The portable reference ([`KWeight::dot_ref`]) encodes that order; the AVX2 tiles
+//! below and the NEON tiles in `kquant_neon.rs` (aarch64) equal it bit for bit, so an
+//! ARM CPU computes what the x86 one does (not what llama.cpp's own ARM code does).
+//!
 //! Must not depend on anything outside `quant`.
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -43,10 +47,22 @@ pub(super) struct KRow<'a> {
     bsums: &'a [i16],
 }
 
+/// Q8_K quantization of whole super-blocks: NEON on aarch64 (unless capped to
+/// scalar), else the portable [`quantize_k_scalar`], which it equals bit for bit.
+fn quantize_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    #[cfg(target_arch = "aarch64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: NEON is baseline on aarch64; the slices are sized by `KActs::quantize`
+        // (and checked again inside).
+        return unsafe { neon::quantize_k_neon(x, d, qs, bsums) };
+    }
+    quantize_k_scalar(x, d, qs, bsums)
+}
+
 /// ggml's `quantize_row_q8_K_ref` (which the x86 build uses): the scale comes from the
 /// value of largest magnitude (the first one on ties) with its sign, values are
 /// rounded half to even and clamped at 127.
-fn quantize_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+fn quantize_k_scalar(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
     for (b, xs) in x.chunks_exact(QK_K).enumerate() {
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in xs {
@@ -349,6 +365,19 @@ impl Tiled for KWeight {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: as above; NeonDot means the CPU has dotprod.
+            unsafe {
+                match (level, self.kind) {
+                    (Isa::NeonDot, KKind::Q4K) => return self.q4k_sdot::<R, C>(c, rows),
+                    (Isa::NeonDot, KKind::Q6K) => return self.q6k_sdot::<R, C>(c, rows),
+                    (Isa::Neon, KKind::Q4K) => return self.q4k_smull::<R, C>(c, rows),
+                    (Isa::Neon, KKind::Q6K) => return self.q6k_smull::<R, C>(c, rows),
+                    _ => {}
+                }
+            }
+        }
         let _ = level;
         std::array::from_fn(|j| rows.map(|r| self.dot_ref(c + j, r)))
     }
@@ -560,6 +589,10 @@ macro_rules! k_x86 {
 }
 
 k_x86!(q4k_avx2, q6k_avx2, "avx2,fma");
+
+#[cfg(target_arch = "aarch64")]
+#[path = "kquant_neon.rs"]
+mod neon;
 
 #[cfg(test)]
 #[path = "kquant_tests.rs"]

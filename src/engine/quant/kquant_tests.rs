@@ -1,11 +1,27 @@
 use super::*;
 use candle_core::{Device, Module};
 
+/// The SIMD levels of this CPU (on aarch64 at least plain NEON, which every ARMv8
+/// core has; `scripts/arm/test.sh` runs these tests there under qemu).
 fn levels() -> Vec<Isa> {
-    [Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| isa_available(l))
-        .collect()
+    let levels: Vec<Isa> = [
+        Isa::Avx2,
+        Isa::Avx2Vnni,
+        Isa::Avx512Vnni,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot,
+    ]
+    .into_iter()
+    .filter(|&l| isa_available(l))
+    .collect();
+    #[cfg(target_arch = "aarch64")]
+    assert!(
+        levels.contains(&Isa::Neon),
+        "NEON must be tested on aarch64"
+    );
+    levels
 }
 
 /// Activations with spikes of both signs, so that the Q8_K scale comes from
@@ -42,6 +58,42 @@ fn q8k_quantization_matches_ggml_rules() {
     a.quantize(&y, 256);
     assert_eq!(a.row(0).qs[10], -127);
     assert!(a.row(0).d[0] < 0.0);
+}
+
+/// The Q8_K quantizer of this CPU (NEON on aarch64) equals the portable one bit for
+/// bit: random rows, `+max` and `-max` both present (the first decides the sign),
+/// all-zero super-blocks, ties, huge values.
+#[test]
+fn q8k_simd_equals_scalar() -> Result<()> {
+    for nb in [1usize, 2, 3, 7] {
+        let mut x = acts(1, nb * QK_K)?;
+        x[5] = 0.5;
+        x[6] = -2.5;
+        x[7] = 3e5;
+        x[QK_K - 1] = -3e5; // same magnitude later in the block: x[7] decides
+        if nb > 1 {
+            x[QK_K..2 * QK_K].fill(0.0);
+        }
+        if nb > 2 {
+            x[2 * QK_K + 9] = -7.0e4;
+            x[2 * QK_K + 200] = 7.0e4;
+        }
+        let mut want = (vec![0f32; nb], vec![0i8; nb * QK_K], vec![0i16; nb * 16]);
+        let mut got = (vec![1f32; nb], vec![1i8; nb * QK_K], vec![1i16; nb * 16]);
+        quantize_k_scalar(&x, &mut want.0, &mut want.1, &mut want.2);
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on aarch64; slices sized for `nb` super-blocks.
+        unsafe {
+            neon::quantize_k_neon(&x, &mut got.0, &mut got.1, &mut got.2)
+        };
+        #[cfg(not(target_arch = "aarch64"))]
+        quantize_k(&x, &mut got.0, &mut got.1, &mut got.2);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&want.0), bits(&got.0), "d, {nb} super-blocks");
+        assert_eq!(want.1, got.1, "qs, {nb} super-blocks");
+        assert_eq!(want.2, got.2, "bsums, {nb} super-blocks");
+    }
+    Ok(())
 }
 
 /// Within activation-quantization error of the dequantized weights and of candle's

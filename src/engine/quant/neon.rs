@@ -1,5 +1,5 @@
 //! NEON kernels (aarch64) for the Q4_0/Q4_1/Q8_0 dot products against [`QActs`]
-//! rows. They form every sum in exactly the order of the portable reference
+//! rows, and the Q8_0/Q8_1 activation quantizer. They form every sum in exactly the order of the portable reference
 //! [`QWeight::dot_lanes`]: eight f32 lanes held as two `float32x4_t` (lane i takes
 //! block elements 4i..4i+3, so lanes 0-3 are the block's first 16 bytes and lanes 4-7
 //! its last 16), one fused multiply-add per block per lane, Q4_1's `m * s` in a
@@ -14,6 +14,7 @@
 //! [`QActs`]: super::QActs
 
 use super::{hsum8, Isa, Kind, QWeight, Row, QK};
+use half::f16;
 use std::arch::aarch64::*;
 
 /// Per-lane sums of four consecutive products of two 16-byte halves with `sdot`
@@ -23,7 +24,7 @@ use std::arch::aarch64::*;
 /// The CPU has `dotprod`.
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn lanes_sdot(w: int8x16_t, y: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn lanes_sdot(w: int8x16_t, y: int8x16_t) -> int32x4_t {
     let mut acc = vdupq_n_s32(0);
     // SAFETY: register-only instruction, available per this function's contract.
     std::arch::asm!(
@@ -40,7 +41,7 @@ unsafe fn lanes_sdot(w: int8x16_t, y: int8x16_t) -> int32x4_t {
 /// widened to 32 bits, then neighbouring pairs added.
 #[inline]
 #[target_feature(enable = "neon")]
-fn lanes_smull(w: int8x16_t, y: int8x16_t) -> int32x4_t {
+pub(super) fn lanes_smull(w: int8x16_t, y: int8x16_t) -> int32x4_t {
     let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(y)));
     let hi = vpaddlq_s16(vmull_high_s8(w, y));
     vpaddq_s32(lo, hi)
@@ -120,5 +121,44 @@ impl QWeight {
                 _ => self.dot_lanes(c, x),
             }
         }
+    }
+}
+
+/// `quantize_scalar` with NEON: the largest magnitude (NaN ignored, as `f32::max`
+/// does), products by one factor, round half to even, truncation to i8, exact integer
+/// sums and the same two f16 roundings — so equal to it bit for bit.
+///
+/// # Safety
+/// `x` is whole blocks; `d`, `s` hold a value and `qs` 32 per block.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn quantize_neon(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+    let nb = x.len() / QK;
+    assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK);
+        let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+        let mut m = vdupq_n_f32(0.0);
+        for vi in v {
+            m = vmaxnmq_f32(m, vabsq_f32(vi));
+        }
+        let amax = vmaxnmvq_f32(m);
+        let dv = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let idv = vdupq_n_f32(id);
+        let q: [int32x4_t; 8] = v.map(|vi| vcvtnq_s32_f32(vmulq_f32(vi, idv)));
+        let mut sum = vdupq_n_s32(0);
+        for qi in q {
+            sum = vaddq_s32(sum, qi);
+        }
+        let total = vaddvq_s32(sum);
+        let out = qs.as_mut_ptr().add(b * QK);
+        for h in 0..2 {
+            let q = &q[4 * h..4 * h + 4];
+            let lo = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));
+            let hi = vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]));
+            vst1q_s8(out.add(16 * h), vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+        }
+        d[b] = f16::from_f32(dv).to_f32();
+        s[b] = f16::from_f32(dv * total as f32).to_f32();
     }
 }

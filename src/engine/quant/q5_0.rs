@@ -2,7 +2,9 @@
 //! bits) against activations quantized to Q8_0 — ggml's `vec_dot_q5_0_q8_0`, whose
 //! x86 arithmetic is Q4_0's with a fifth bit: each block's 32 integer products are
 //! summed in eight lanes of four, scaled by `d_w * d_y` with one fused multiply-add per
-//! lane, and the lanes added by `hsum_float_8` at the end.
+//! lane, and the lanes added by `hsum_float_8` at the end. [`Q5Weight::dot_lanes`] is
+//! that order; the AVX2/VNNI tiles below and the NEON ones in `q5_0_neon.rs` equal it
+//! bit for bit.
 //!
 //! Must not depend on anything outside `quant`.
 
@@ -137,6 +139,17 @@ impl Tiled for Q5Weight {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: as above; NeonDot means the CPU has dotprod.
+            unsafe {
+                match level {
+                    Isa::NeonDot => return self.tile_sdot::<R, C>(c, rows),
+                    Isa::Neon => return self.tile_smull::<R, C>(c, rows),
+                    _ => {}
+                }
+            }
+        }
         let _ = level;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
     }
@@ -232,6 +245,10 @@ macro_rules! q5_x86 {
 q5_x86!(tile_avx2, "avx2,fma", false);
 q5_x86!(tile_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
+#[cfg(target_arch = "aarch64")]
+#[path = "q5_0_neon.rs"]
+mod neon;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,10 +284,23 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
-            .into_iter()
-            .filter(|&l| isa_available(l))
-            .collect();
+        let levels: Vec<Isa> = [
+            Isa::Avx2,
+            Isa::Avx2Vnni,
+            Isa::Avx512Vnni,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon,
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot,
+        ]
+        .into_iter()
+        .filter(|&l| isa_available(l))
+        .collect();
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            levels.contains(&Isa::Neon),
+            "NEON must be tested on aarch64"
+        );
         for (m, n, k) in [
             (1, 37, 256),
             (7, 53, 96),
