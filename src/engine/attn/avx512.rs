@@ -18,6 +18,7 @@ use super::expf::exp_slice;
 use super::{tail, LANES, MAX_GROUP};
 use half::f16;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// Positions per block.
 const BLOCK: usize = 128;
@@ -55,7 +56,8 @@ pub(super) unsafe fn heads<const G: usize>(
     let mut sum = [0f32; G];
     let mut sc = [[0f32; BLOCK]; G];
     let mut ms = [[0f32; BLOCK]; G];
-    let mut kf = [0f32; 16 * MAX_HD];
+    // Converted K rows; only the rows of the current positions are ever read.
+    let mut kf = [const { MaybeUninit::<f32>::uninit() }; 16 * MAX_HD];
     let mut j0 = 0;
     while j0 < len {
         let bl = (len - j0).min(BLOCK);
@@ -63,7 +65,6 @@ pub(super) unsafe fn heads<const G: usize>(
         // Pass 1: scores.
         for p0 in (0..bl).step_by(16) {
             let n = (bl - p0).min(16);
-            // Rows `n..16` of `kf` hold stale values: their scores are never used.
             let rows = &kb[p0 * hd..(p0 + n) * hd];
             match np / LANES {
                 0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
@@ -179,7 +180,7 @@ pub(super) unsafe fn heads<const G: usize>(
 fn scores<const G: usize, const NC: usize>(
     rows: &[f16],
     hd: usize,
-    kf: &mut [f32; 16 * MAX_HD],
+    kf: &mut [MaybeUninit<f32>; 16 * MAX_HD],
     qf: &[[f32; MAX_HD]; G],
     sc: &mut [[f32; BLOCK]; G],
     p0: usize,
@@ -192,21 +193,26 @@ fn scores<const G: usize, const NC: usize>(
             // SAFETY: `16 * c + 16 <= w <= hd`; `p < 16`, so `p * w + 16 * c + 16 <= kf.len()`.
             unsafe {
                 let x = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(16 * c).cast()));
-                _mm512_storeu_ps(kf.as_mut_ptr().add(p * w + 16 * c), x);
+                _mm512_storeu_ps(kf.as_mut_ptr().add(p * w + 16 * c).cast(), x);
             }
         }
     }
+    let n = rows.len() / hd;
     for h in 0..G {
         let mut r = [_mm512_setzero_ps(); 16];
         for (p, rp) in r.iter_mut().enumerate() {
+            if p >= n {
+                break;
+            }
             let mut a = [_mm512_setzero_ps(); 4];
             for c in 0..NC {
                 for (i, ai) in a.iter_mut().enumerate() {
                     let o = c * LANES + 16 * i;
-                    // SAFETY: `p * w + o + 16 <= 16 * w <= kf.len()`; `o + 16 <= w`.
+                    // SAFETY: `p * w + o + 16 <= 16 * w <= kf.len()`, written above;
+                    // `o + 16 <= w`.
                     let (kv, qv) = unsafe {
                         (
-                            _mm512_loadu_ps(kf.as_ptr().add(p * w + o)),
+                            _mm512_loadu_ps(kf.as_ptr().add(p * w + o).cast()),
                             _mm512_loadu_ps(qf[h].as_ptr().add(o)),
                         )
                     };
