@@ -66,6 +66,11 @@ pub(super) unsafe fn heads<const G: usize>(
         for p0 in (0..bl).step_by(16) {
             let n = (bl - p0).min(16);
             let rows = &kb[p0 * hd..(p0 + n) * hd];
+            // In a decode step the cache is cold: ask now for these positions' V rows
+            // (pass 3) and the next 32 K rows, so that their loads find them.
+            let at = (j0 + p0) * hd;
+            prefetch(&v[at..at + n * hd]);
+            prefetch(&k[(at + 16 * hd).min(k.len())..(at + 48 * hd).min(k.len())]);
             match np / LANES {
                 0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
                 1 => scores::<G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
@@ -135,8 +140,12 @@ pub(super) unsafe fn heads<const G: usize>(
             for j in 0..bl {
                 let row = vb.as_ptr().wrapping_add(j * hd + cb);
                 let x: [__m512; 4] = std::array::from_fn(|r| {
-                    let p = row.wrapping_add(16 * r).cast();
-                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[r], p))
+                    let p = row.wrapping_add(16 * r);
+                    _mm512_cvtph_ps(if mask[r] == u16::MAX {
+                        _mm256_loadu_si256(p.cast())
+                    } else {
+                        _mm256_maskz_loadu_epi16(mask[r], p.cast())
+                    })
                 });
                 for h in 0..G {
                     let w = ms[h][j];
@@ -223,6 +232,15 @@ fn scores<const G: usize, const NC: usize>(
         }
         // SAFETY: `p0 + 16 <= BLOCK`.
         unsafe { _mm512_storeu_ps(sc[h].as_mut_ptr().add(p0), reduce16x16(&r)) };
+    }
+}
+
+/// Prefetch the cache lines of `x` into L1.
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch(x: &[f16]) {
+    for c in x.chunks(32) {
+        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }
 }
 
