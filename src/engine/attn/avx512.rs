@@ -67,10 +67,12 @@ pub(super) unsafe fn heads<const G: usize>(
             let n = (bl - p0).min(16);
             let rows = &kb[p0 * hd..(p0 + n) * hd];
             // In a decode step the cache is cold: ask now for these positions' V rows
-            // (pass 3) and the next 32 K rows, so that their loads find them.
+            // (pass 3) and for K rows 32 positions ahead (at the start, 16 to 48), so
+            // that their loads find them.
             let at = (j0 + p0) * hd;
             prefetch(&v[at..at + n * hd]);
-            prefetch(&k[(at + 16 * hd).min(k.len())..(at + 48 * hd).min(k.len())]);
+            let from = if at == 0 { 16 * hd } else { at + 32 * hd };
+            prefetch(&k[from.min(k.len())..(at + 48 * hd).min(k.len())]);
             match np / LANES {
                 0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
                 1 => scores::<G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
