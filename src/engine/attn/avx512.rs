@@ -13,6 +13,9 @@
 //! 3. V: the f16 accumulators of all heads stay in registers while the block's V rows
 //!    stream by; each step rescales (when the maximum grew) and adds exactly as before,
 //!    and the sum of weights `S = fma(S, ms, vs)` runs alongside.
+//!
+//! A decode step finds the KV cache cold, so pass 1 prefetches the V rows of its
+//! positions and the K rows ahead of it.
 
 use super::expf::exp_slice;
 use super::{tail, LANES, MAX_GROUP};
