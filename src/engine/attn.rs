@@ -9,23 +9,71 @@
 //! step `acc = f16(fma(v, w, acc))`, rescaled in f16 when the maximum grows); the sum of
 //! weights as `S = fma(S, ms, w)`; at the end `f32(acc) * (1 / S)`.
 //!
-//! The SIMD path (AVX2 + F16C + FMA, detected at run time) and the portable path give
-//! bit-identical results.
+//! Three implementations, picked once at run time, give bit-identical results: the
+//! portable loop (the reference), an AVX2 + F16C + FMA version of the same loop, and an
+//! AVX-512 kernel ([`avx512`]) that splits the work into passes and computes `expf` 16
+//! lanes at a time ([`expf`], checked against the C library's `expf` before it is used).
 
 use half::f16;
 
-fn has_simd() -> bool {
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod expf;
+
+/// Which implementation runs, slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Path {
+    Portable,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL/DQ on top of `Avx2`, and a vector `expf` equal to the C library's.
+    Avx512,
+}
+
+fn path() -> Path {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(detect)
+}
+
+/// The best path the CPU supports, or a slower one named by `CANDELA_ATTN_PATH`
+/// (`portable` or `avx2`; for comparing them in benches).
+fn detect() -> Path {
+    let cap = match std::env::var("CANDELA_ATTN_PATH").as_deref() {
+        Ok("portable") => Path::Portable,
+        Ok("avx2") => Path::Avx2,
+        _ => Path::Avx512,
+    };
+    best().min(cap)
+}
+
+fn best() -> Path {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            if has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+                && has!("avx512dq")
+                && expf::agrees_with_libm()
+            {
+                return Path::Avx512;
+            }
+            return Path::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Path::Portable
+}
+
+/// The paths this CPU can run, the reference first (for tests and benches).
+#[cfg(test)]
+fn paths() -> Vec<Path> {
+    match path() {
+        Path::Portable => vec![Path::Portable],
+        Path::Avx2 => vec![Path::Portable, Path::Avx2],
+        Path::Avx512 => vec![Path::Portable, Path::Avx2, Path::Avx512],
+    }
 }
 
 /// Lanes of ggml's AVX-512 f16 dot product: four 16-lane accumulators.
@@ -48,7 +96,7 @@ fn reduce16(lo: [f32; 8], hi: [f32; 8]) -> f32 {
 /// `out = softmax(q·K^T * scale) V` over the `k.len() / q.len()` cached positions.
 /// `k` and `v` are `(positions, head_dim)`, `out` is `head_dim`.
 pub fn attend(q: &[f32], k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
-    attend_with(has_simd(), q, k, v, scale, out)
+    attend_heads_with(path(), q, q.len(), k, v, scale, out)
 }
 
 fn attend_with(simd: bool, q: &[f32], k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
@@ -112,11 +160,11 @@ const MAX_GROUP: usize = 4;
 /// read once for all of them and their independent chains (dot, `exp`, f16 update)
 /// overlap in the CPU.
 pub fn attend_heads(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, out: &mut [f32]) {
-    attend_heads_with(has_simd(), q, hd, k, v, scale, out)
+    attend_heads_with(path(), q, hd, k, v, scale, out)
 }
 
 fn attend_heads_with(
-    simd: bool,
+    path: Path,
     q: &[f32],
     hd: usize,
     k: &[f16],
@@ -125,6 +173,7 @@ fn attend_heads_with(
     out: &mut [f32],
 ) {
     debug_assert!(hd > 0 && q.len().is_multiple_of(hd) && out.len() == q.len());
+    let simd = path != Path::Portable;
     if hd > 256 {
         for (qh, o) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
             attend_with(simd, qh, k, v, scale, o);
@@ -132,6 +181,19 @@ fn attend_heads_with(
         return;
     }
     for (qg, og) in q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)) {
+        #[cfg(target_arch = "x86_64")]
+        if path == Path::Avx512 {
+            // SAFETY: the features were detected; `hd <= 256 = MAX_HD`.
+            unsafe {
+                match qg.len() / hd {
+                    1 => avx512::heads::<1>(qg, hd, k, v, scale, og),
+                    2 => avx512::heads::<2>(qg, hd, k, v, scale, og),
+                    3 => avx512::heads::<3>(qg, hd, k, v, scale, og),
+                    _ => avx512::heads::<4>(qg, hd, k, v, scale, og),
+                }
+            }
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2, FMA and F16C were detected.
@@ -356,92 +418,4 @@ unsafe fn scale_f16c(acc: &mut [f16], w: f32) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn data(rng: &mut rand::rngs::StdRng, n: usize, amp: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.gen_range(-amp..amp)).collect()
-    }
-
-    /// Grouped heads give each head exactly what `attend` gives it, on both paths.
-    #[test]
-    fn heads_equal_single_head() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for (hd, len, g) in [
-            (64, 1, 3),
-            (64, 130, 3),
-            (13, 9, 5),
-            (8, 40, 1),
-            (64, 17, 9),
-        ] {
-            let q = data(&mut rng, hd * g, 2.0);
-            let k: Vec<f16> = data(&mut rng, hd * len, 2.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let v: Vec<f16> = data(&mut rng, hd * len, 3.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let scale = 1.0 / (hd as f32).sqrt();
-            for simd in [false, has_simd()] {
-                let mut want = vec![0f32; hd * g];
-                for (qh, o) in q.chunks(hd).zip(want.chunks_mut(hd)) {
-                    attend_with(simd, qh, &k, &v, scale, o);
-                }
-                let mut got = vec![0f32; hd * g];
-                attend_heads_with(simd, &q, hd, &k, &v, scale, &mut got);
-                for (x, y) in want.iter().zip(&got) {
-                    assert_eq!(x.to_bits(), y.to_bits(), "hd {hd} len {len} g {g}");
-                }
-            }
-        }
-    }
-
-    /// SIMD and portable paths agree bit for bit, and both agree with a plain f64
-    /// softmax-attention to f16 precision; odd head sizes and lengths included.
-    #[test]
-    fn simd_equals_portable_and_reference() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for (hd, len) in [(64, 1), (64, 37), (8, 5), (13, 9), (128, 300), (80, 2)] {
-            let q = data(&mut rng, hd, 2.0);
-            let k: Vec<f16> = data(&mut rng, hd * len, 2.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let v: Vec<f16> = data(&mut rng, hd * len, 3.0)
-                .into_iter()
-                .map(f16::from_f32)
-                .collect();
-            let scale = 1.0 / (hd as f32).sqrt();
-            let mut a = vec![0f32; hd];
-            let mut b = vec![0f32; hd];
-            attend_with(false, &q, &k, &v, scale, &mut a);
-            attend_with(has_simd(), &q, &k, &v, scale, &mut b);
-            for (x, y) in a.iter().zip(&b) {
-                assert_eq!(x.to_bits(), y.to_bits(), "hd {hd} len {len}: {x} vs {y}");
-            }
-            // Reference in f64 on the same f16 inputs.
-            let s: Vec<f64> = (0..len)
-                .map(|j| {
-                    (0..hd)
-                        .map(|d| q[d] as f64 * k[j * hd + d].to_f64())
-                        .sum::<f64>()
-                        * scale as f64
-                })
-                .collect();
-            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for d in 0..hd {
-                let want: f64 = (0..len).map(|j| e[j] / z * v[j * hd + d].to_f64()).sum();
-                assert!(
-                    (want - a[d] as f64).abs() < 2e-2,
-                    "hd {hd} len {len} d {d}: {want} vs {}",
-                    a[d]
-                );
-            }
-        }
-    }
-}
+mod tests;
