@@ -11,7 +11,8 @@ use utoipa::{OpenApi, ToSchema};
 use responses::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs,
     DetokenizeResponse, FinishReason, FunctionCall, Health, Session, SessionDeleted, SessionList,
-    TextChoice, TextCompletion, TokenEntry, TokenLogprob, TokenizeResponse, ToolCall, TopLogprob,
+    SseEvent, TextChoice, TextCompletion, TokenEntry, TokenLogprob, TokenizeResponse, ToolCall,
+    TopLogprob,
 };
 
 use super::types::{
@@ -94,7 +95,7 @@ pub struct SessionPatch {
     )),
     responses(
         (status = 200, description = "A `chat.completion` object, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending in `data: [DONE]`",
-            content((ChatCompletion = "application/json"), (String = "text/event-stream"))),
+            content((ChatCompletion = "application/json"), (SseEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
@@ -110,7 +111,7 @@ fn chat() {}
     request_body = CompletionBody,
     responses(
         (status = 200, description = "A `text_completion` object, or an SSE stream of them",
-            content((TextCompletion = "application/json"), (String = "text/event-stream"))),
+            content((TextCompletion = "application/json"), (SseEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
@@ -238,6 +239,7 @@ fn session_patch() {}
         UsageOut,
         ChatCompletion,
         ChatChoice,
+        SseEvent,
         AssistantMessage,
         ToolCall,
         FunctionCall,

@@ -9,6 +9,22 @@ use utoipa::ToSchema;
 
 use crate::api::types::UsageOut;
 
+/// One server-sent event of a streamed response. OpenAPI 3.1 has no `itemSchema`, so the
+/// `text/event-stream` schema describes each event, as the SSE parsers (and
+/// schemathesis) read it: `data` is one JSON-encoded chunk (`chat.completion.chunk`,
+/// `text_completion`, or an `error` object) or the final `[DONE]`.
+#[derive(Serialize, ToSchema)]
+pub struct SseEvent {
+    /// A JSON-encoded chunk, or `[DONE]`.
+    data: String,
+    /// Not sent; readers default it to `message`.
+    event: Option<String>,
+    /// Not sent.
+    id: Option<String>,
+    /// Not sent.
+    retry: Option<u64>,
+}
+
 /// `chat.completion`.
 #[derive(Serialize, ToSchema)]
 pub struct ChatCompletion {
