@@ -285,6 +285,31 @@ pub fn isa() -> Isa {
     })
 }
 
+/// The SIMD levels of this CPU, for the tests that hold each against the portable
+/// reference (on aarch64 at least plain NEON, which every ARMv8 core has;
+/// `scripts/arm/test.sh` runs them there under qemu).
+#[cfg(test)]
+fn simd_levels() -> Vec<Isa> {
+    let levels: Vec<Isa> = [
+        Isa::Avx2,
+        Isa::Avx2Vnni,
+        Isa::Avx512Vnni,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot,
+    ]
+    .into_iter()
+    .filter(|&l| isa_available(l))
+    .collect();
+    #[cfg(target_arch = "aarch64")]
+    assert!(
+        levels.contains(&Isa::Neon),
+        "NEON must be tested on aarch64"
+    );
+    levels
+}
+
 /// Output pointer shared by the tasks of one matmul; each task writes its own columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -1124,24 +1149,8 @@ mod tests {
     #[test]
     fn simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [
-            Isa::Avx2,
-            Isa::Avx2Vnni,
-            Isa::Avx512Vnni,
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon,
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot,
-        ]
-        .into_iter()
-        .filter(|&l| isa_available(l))
-        .collect();
+        let levels = simd_levels();
         eprintln!("levels tested: {levels:?}");
-        #[cfg(target_arch = "aarch64")]
-        assert!(
-            levels.contains(&Isa::Neon),
-            "NEON must be tested on aarch64"
-        );
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, n, k) in [
                 (1, 37, 256),

@@ -1,27 +1,8 @@
 use super::*;
 use candle_core::{Device, Module};
 
-/// The SIMD levels of this CPU (on aarch64 at least plain NEON, which every ARMv8
-/// core has; `scripts/arm/test.sh` runs these tests there under qemu).
 fn levels() -> Vec<Isa> {
-    let levels: Vec<Isa> = [
-        Isa::Avx2,
-        Isa::Avx2Vnni,
-        Isa::Avx512Vnni,
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon,
-        #[cfg(target_arch = "aarch64")]
-        Isa::NeonDot,
-    ]
-    .into_iter()
-    .filter(|&l| isa_available(l))
-    .collect();
-    #[cfg(target_arch = "aarch64")]
-    assert!(
-        levels.contains(&Isa::Neon),
-        "NEON must be tested on aarch64"
-    );
-    levels
+    crate::engine::quant::simd_levels()
 }
 
 /// Activations with spikes of both signs, so that the Q8_K scale comes from

@@ -284,23 +284,7 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels: Vec<Isa> = [
-            Isa::Avx2,
-            Isa::Avx2Vnni,
-            Isa::Avx512Vnni,
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon,
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot,
-        ]
-        .into_iter()
-        .filter(|&l| isa_available(l))
-        .collect();
-        #[cfg(target_arch = "aarch64")]
-        assert!(
-            levels.contains(&Isa::Neon),
-            "NEON must be tested on aarch64"
-        );
+        let levels = crate::engine::quant::simd_levels();
         for (m, n, k) in [
             (1, 37, 256),
             (7, 53, 96),
