@@ -1,5 +1,6 @@
-//! Model-level checks against the real default model: logits against llama.cpp's, and
-//! cached decoding against full recomputation.
+//! Model-level checks against the real default model: logits against llama.cpp's,
+//! cached decoding against full recomputation, and batched decoding against each
+//! sequence decoded alone.
 
 mod common;
 

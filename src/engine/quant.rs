@@ -7,7 +7,10 @@
 //! Weights are repacked at load into a struct-of-arrays layout (scales as f32) so the
 //! inner loop is integer multiply-adds that the compiler vectorises. Q5_0 and the
 //! K-quants (Q4_K, Q6_K, with Q8_K activations) are in the submodules `q5_0` and
-//! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`). Every type's
+//! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`). Several
+//! activation rows (batched decode, prefill) run two rows per 512-bit register where
+//! AVX-512 is present (`zmm`), the 256-bit multi-row kernel below otherwise; NEON
+//! kernels are in `neon`, `q5_0_neon` and `kquant_neon`. Every type's
 //! dot product has AVX2 (x86) and NEON (aarch64: `sdot` and plain) kernels, and the
 //! activation quantizers NEON (Q8_0/Q8_1/Q8_K) and AVX2 (Q8_0/Q8_1) ones; each equals
 //! its portable reference bit for bit.
