@@ -229,11 +229,7 @@ pub(super) fn run(
             }
         }
         metrics::set_running(seqs.len(), rx.len());
-        if let Some(i) = seqs.iter().position(|s| s.prefill_pos < s.req.prompt.len()) {
-            if let Err(e) = prefill_chunk(&model, &tok, &mut seqs[i]) {
-                fail(&mut seqs, i, &e.to_string());
-            }
-        }
+        prefill_waiting(&model, &tok, &mut seqs);
         decode_step(&model, &tok, &mut seqs);
         if cfg.kv_min_free > 0 && last_mem_check.elapsed() >= MEM_CHECK_EVERY {
             last_mem_check = Instant::now();
@@ -332,6 +328,70 @@ fn fail(seqs: &mut [Seq], i: usize, msg: &str) {
     s.last_event = Some(GenEvent::Error(msg.to_string()));
     s.next = None;
     s.prefill_pos = s.req.prompt.len();
+}
+
+/// Prefill the sequences still reading their prompts: chunks of all of them (at most
+/// `PREFILL_CHUNK` tokens in all) in one forward pass, so that streams joining together
+/// are not prefilled one loop turn each. If that pass fails, each sequence is retried
+/// alone, so that one bad sequence fails only itself (a failed pass commits nothing to
+/// any cache).
+fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
+    let mut budget = PREFILL_CHUNK;
+    let mut picked: Vec<(usize, usize)> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let left = s.req.prompt.len().saturating_sub(s.prefill_pos);
+        if left == 0 || budget == 0 {
+            continue;
+        }
+        let n = left.min(budget);
+        budget -= n;
+        picked.push((i, n));
+    }
+    if picked.len() > 1 {
+        let t0 = Instant::now();
+        let result = {
+            let mut inputs: Vec<SeqInput> = Vec::with_capacity(picked.len());
+            let mut rest = &mut seqs[..];
+            let mut base = 0;
+            for &(i, n) in &picked {
+                let (_, tail) = rest.split_at_mut(i - base);
+                let (one, after) = tail.split_at_mut(1);
+                let s = &mut one[0];
+                inputs.push(SeqInput {
+                    tokens: &s.req.prompt[s.prefill_pos..s.prefill_pos + n],
+                    cache: &mut s.cache,
+                    all_logits: false,
+                });
+                rest = after;
+                base = i + 1;
+            }
+            model.forward(&mut inputs)
+        };
+        if let Ok(logits) = result {
+            let total: usize = picked.iter().map(|&(_, n)| n).sum();
+            metrics::observe_prefill(total, t0.elapsed());
+            for (&(i, n), l) in picked.iter().zip(logits) {
+                let s = &mut seqs[i];
+                s.prefill_pos += n;
+                if s.prefill_pos == s.req.prompt.len() {
+                    let done = l
+                        .squeeze(0)
+                        .and_then(|r| r.to_vec1::<f32>())
+                        .map_err(EngineError::from)
+                        .and_then(|mut row| accept(tok, s, &mut row));
+                    if let Err(e) = done {
+                        fail(seqs, i, &e.to_string());
+                    }
+                }
+            }
+            return;
+        }
+    }
+    for (i, _) in picked {
+        if let Err(e) = prefill_chunk(model, tok, &mut seqs[i]) {
+            fail(seqs, i, &e.to_string());
+        }
+    }
 }
 
 fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineError> {
