@@ -347,7 +347,10 @@ fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
         budget -= n;
         picked.push((i, n));
     }
-    if picked.len() > 1 {
+    // Host caches only: on a GPU the fused decoder takes short prompts one sequence at a
+    // time anyway, and a batch with one long prompt would send all of them to the
+    // tensor path instead.
+    if picked.len() > 1 && picked.iter().all(|&(i, _)| seqs[i].cache.is_host()) {
         let t0 = Instant::now();
         let result = {
             let mut inputs: Vec<SeqInput> = Vec::with_capacity(picked.len());
