@@ -630,17 +630,35 @@ impl QWeight {
 
     /// `x (m, k)` times the transposed weight: `(m, n)`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            candle_core::bail!("matmul: input has {k} columns, weight expects {}", self.k);
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut acts = QActs::new();
-        acts.quantize(&xs, k);
-        let mut out = vec![0f32; m * self.n];
-        self.matmul_into(&acts, &mut out, self.n);
-        Tensor::from_vec(out, (m, self.n), x.device())
+        tensor_matmul(
+            x,
+            self.n,
+            self.k,
+            |a: &mut QActs, xs, k| a.quantize(xs, k),
+            |a, out| self.matmul_into(a, out, self.n),
+        )
     }
+}
+
+/// `x (m, k)` times a transposed `(n, k)` weight, for callers holding tensors (tests,
+/// the tensor path): quantize the rows with `quantize`, run the kernel with `run`.
+fn tensor_matmul<A: Default>(
+    x: &Tensor,
+    n: usize,
+    k: usize,
+    quantize: impl FnOnce(&mut A, &[f32], usize),
+    run: impl FnOnce(&A, &mut [f32]),
+) -> Result<Tensor> {
+    let (m, kx) = x.dims2()?;
+    if kx != k {
+        candle_core::bail!("matmul: input has {kx} columns, weight expects {k}");
+    }
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut acts = A::default();
+    quantize(&mut acts, &xs, k);
+    let mut out = vec![0f32; m * n];
+    run(&acts, &mut out);
+    Tensor::from_vec(out, (m, n), x.device())
 }
 
 impl OutPtr {

@@ -353,21 +353,20 @@ fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
     if picked.len() > 1 && picked.iter().all(|&(i, _)| seqs[i].cache.is_host()) {
         let t0 = Instant::now();
         let result = {
-            let mut inputs: Vec<SeqInput> = Vec::with_capacity(picked.len());
-            let mut rest = &mut seqs[..];
-            let mut base = 0;
-            for &(i, n) in &picked {
-                let (_, tail) = rest.split_at_mut(i - base);
-                let (one, after) = tail.split_at_mut(1);
-                let s = &mut one[0];
-                inputs.push(SeqInput {
-                    tokens: &s.req.prompt[s.prefill_pos..s.prefill_pos + n],
-                    cache: &mut s.cache,
-                    all_logits: false,
-                });
-                rest = after;
-                base = i + 1;
-            }
+            // `picked` is in index order: walk the sequences once, taking those picked.
+            let mut next = picked.iter().peekable();
+            let mut inputs: Vec<SeqInput> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let &(_, n) = next.next_if(|&&(j, _)| j == i)?;
+                    Some(SeqInput {
+                        tokens: &s.req.prompt[s.prefill_pos..s.prefill_pos + n],
+                        cache: &mut s.cache,
+                        all_logits: false,
+                    })
+                })
+                .collect();
             model.forward(&mut inputs)
         };
         if let Ok(logits) = result {

@@ -103,16 +103,13 @@ impl Q5Weight {
 
     /// `x (m, k)` times the transposed weight: `(m, n)`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            candle_core::bail!("matmul: input has {k} columns, weight expects {}", self.k);
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut acts = QActs::new();
-        acts.quantize(&xs, k);
-        let mut out = vec![0f32; m * self.n];
-        self.matmul_into(&acts, &mut out, self.n);
-        Tensor::from_vec(out, (m, self.n), x.device())
+        super::tensor_matmul(
+            x,
+            self.n,
+            self.k,
+            |a: &mut QActs, xs, k| a.quantize(xs, k),
+            |a, out| self.matmul_into(a, out, self.n),
+        )
     }
 }
 
