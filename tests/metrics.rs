@@ -139,6 +139,46 @@ async fn one_completion_moves_counters_by_its_usage() {
     );
 }
 
+/// Concurrent generations share batched decode steps whose sampling runs on the thread
+/// pool; their tokens must still be counted under the model's label, never an empty one.
+#[tokio::test]
+async fn concurrent_completions_count_under_the_model_label() {
+    let _turn = TURN.lock().await;
+    let before = scrape().await;
+    let prompts = [
+        "One, two, three,",
+        "The sky is",
+        "def add(a, b):",
+        "Dear diary,",
+    ];
+    let runs = futures::future::join_all(prompts.iter().map(|p| completion(p, 12))).await;
+    let after = scrape().await;
+    let model = runs[0].2["model"].as_str().unwrap().to_string();
+    let sum = |key: &str| -> f64 {
+        runs.iter()
+            .map(|(_, _, r)| r["usage"][key].as_f64().unwrap())
+            .sum()
+    };
+    let delta = |name: &str| {
+        let l = [("model", model.as_str())];
+        value(&after, name, &l).unwrap_or(0.0) - value(&before, name, &l).unwrap_or(0.0)
+    };
+    assert_eq!(
+        delta("candela_generated_tokens_total"),
+        sum("completion_tokens")
+    );
+    assert_eq!(delta("candela_prompt_tokens_total"), sum("prompt_tokens"));
+    assert!(
+        !after.contains("model=\"\""),
+        "a series with an empty model label:\n{}",
+        after
+            .lines()
+            .filter(|l| l.contains("model=\"\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[tokio::test]
 async fn streamed_response_bytes_are_counted() {
     let _turn = TURN.lock().await;

@@ -271,6 +271,15 @@ pub(super) fn run(
             }
             // Only now: the session is idle and the metrics count this request.
             for (events, ev) in last {
+                // Counted here, on this thread: `accept` may run on a pool thread, and
+                // the model label is this thread's.
+                if let GenEvent::Done { finish, usage } = &ev {
+                    metrics::finished(
+                        finish.as_str(),
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                    );
+                }
                 let _ = events.send(ev);
             }
         }
@@ -590,7 +599,6 @@ fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), EngineError>
                 completion_tokens: s.generated.len(),
                 cached_tokens: s.reused,
             };
-            metrics::finished(f.as_str(), usage.prompt_tokens, usage.completion_tokens);
             s.last_event = Some(GenEvent::Done { finish: f, usage });
         }
         None => s.next = Some(id),
