@@ -6,8 +6,10 @@ shared machine the load changes in between and their ratio means little. This sc
 alternates them on one running server: each round is one single-stream request of
 `--n-gen` tokens immediately followed by N concurrent ones of the same length, and the
 ratio is taken per round (aggregate N-stream tok/s / single-stream tok/s); it prints
-every round and the median. Same requests as `peer_bench.py` (random token-id prompts,
-temperature 1, seed 1, ignore_eos). `--llama` does the same against llama-server
+every round and the median. Two aggregates: over the whole decode window (first token of
+the earliest stream to last token of the latest, so the prefill of streams admitted a
+loop turn later counts against it) and in the steady state (while all N decode). Same
+requests as `peer_bench.py` (random token-id prompts, temperature 1, seed 1, ignore_eos). `--llama` does the same against llama-server
 (`--parallel N`).
 
     python3 benches/peer/batch_ratio.py [--rounds 5] [--streams 8] [--threads 2] [--llama]
@@ -39,11 +41,14 @@ def rounds(port, prompts, args, extra):
             "aggregate_tok_s": c["aggregate_tok_s"],
             "mean_itl_ms": 1e3 * c["mean_itl_s"],
             "ratio": c["aggregate_tok_s"] / single,
+            "steady_tok_s": c["steady_tok_s"] or 0.0,
+            "steady_ratio": (c["steady_tok_s"] or 0.0) / single,
         }
         pb.log(
             f"  round {i + 1}: single {single:.1f} tok/s, {args.streams} streams "
             f"{row['aggregate_tok_s']:.1f} tok/s (mean inter-token {row['mean_itl_ms']:.1f} ms), "
-            f"ratio {row['ratio']:.2f}"
+            f"ratio {row['ratio']:.2f}; steady state {row['steady_tok_s']:.1f} tok/s, "
+            f"ratio {row['steady_ratio']:.2f}"
         )
         out.append(row)
     med = {k: statistics.median(r[k] for r in out) for k in out[0]}
@@ -88,12 +93,15 @@ def main():
     res["loadavg_after"] = os.getloadavg()[0]
     for name in ("candela", "llama_server"):
         if name in res:
-            m = res[name]["median"]
+            m, rs = res[name]["median"], res[name]["rounds"]
             print(
                 f"{name}: median of {args.rounds} rounds: single {m['single_tok_s']:.1f} tok/s "
                 f"({m['single_itl_ms']:.1f} ms/token), {args.streams} streams "
                 f"{m['aggregate_tok_s']:.1f} tok/s aggregate, mean inter-token "
-                f"{m['mean_itl_ms']:.1f} ms, ratio {m['ratio']:.2f}"
+                f"{m['mean_itl_ms']:.1f} ms, ratio {m['ratio']:.2f}; steady state (all "
+                f"{args.streams} decoding) {m['steady_tok_s']:.1f} tok/s, ratio "
+                f"{m['steady_ratio']:.2f}; range of ratios {min(r['ratio'] for r in rs):.2f}-"
+                f"{max(r['ratio'] for r in rs):.2f}"
             )
     print(f"load average before/after: {res['loadavg_before']:.1f}/{res['loadavg_after']:.1f}")
     with open(args.out, "w") as f:

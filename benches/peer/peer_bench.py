@@ -8,8 +8,10 @@ One run measures, for both engines:
              first to last token of a streaming request);
   * the same two through HTTP on llama-server, so both servers are also compared
     request for request;
-  * 8 concurrent streams of 128 tokens: aggregate decode tok/s and mean inter-token
-    time per stream (candela vs llama-server --parallel 8);
+  * 8 concurrent streams of 128 tokens: aggregate decode tok/s (first token of the
+    earliest stream to last token of the latest, so the later streams' prefill counts
+    against it), the steady-state rate (while all 8 decode), and mean inter-token time
+    per stream (candela vs llama-server --parallel 8);
   * the machine's memory bandwidth (a timed large copy) and how close single-stream
     decode gets to the bound bandwidth / weight bytes.
 
@@ -301,8 +303,23 @@ def measure_concurrent(port, prompts, streams, n_gen, extra, prompt_len):
         n, dt = decode_rate(r)
         if n:
             itls.append(dt / n)
+    # Steady state: from the moment every stream has its first token (all are decoding)
+    # to the moment the first one ends. Each stream's tokens in that window are its
+    # chunks there, scaled by its tokens per chunk (a chunk can carry a held-back token).
+    a, b = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    steady = None
+    if b > a:
+        n_in = 0.0
+        for r in results:
+            n, _ = decode_rate(r)
+            chunks = len(r["times"]) - 1
+            if chunks > 0:
+                n_in += sum(1 for t in r["times"] if a < t <= b) * n / chunks
+        steady = n_in / (b - a)
     return {
         "aggregate_tok_s": decoded / (t1 - t0),
+        "steady_tok_s": steady,
+        "steady_s": max(b - a, 0.0),
         "mean_itl_s": statistics.mean(itls),
         "decode_wall_s": t1 - t0,
         "tokens": [r["n_tokens"] for r in results],
@@ -396,6 +413,8 @@ def build_rows(res):
         (f"{tg} tok/s, HTTP server", "tok/s", c_tg, g(ls, tg, "tok_s"), True),
         (f"{res['streams']}-stream aggregate decode tok/s", "tok/s",
          g(c, "concurrent", "aggregate_tok_s"), g(ls, "concurrent", "aggregate_tok_s"), True),
+        (f"{res['streams']}-stream steady-state decode tok/s (all streams decoding)", "tok/s",
+         g(c, "concurrent", "steady_tok_s"), g(ls, "concurrent", "steady_tok_s"), True),
         (f"{res['streams']}-stream mean inter-token ms", "ms",
          g(c, "concurrent", "mean_itl_s"), g(ls, "concurrent", "mean_itl_s"), False),
     ]
