@@ -65,6 +65,11 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
     w: Vec<f32>,
     sums: Vec<f32>,
+    /// Per-bucket counts or weights for the top-k / top-p cuts, and a second candidate
+    /// list for top-p after top-k.
+    hist: Vec<f64>,
+    spare: Vec<(u32, f32)>,
+    edge: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -80,6 +85,9 @@ impl Sampler {
             cand: Vec::new(),
             w: Vec::new(),
             sums: Vec::new(),
+            hist: Vec::new(),
+            spare: Vec::new(),
+            edge: Vec::new(),
         }
     }
 
@@ -141,11 +149,12 @@ impl Sampler {
         (tok, lp)
     }
 
-    /// Temperature sampling after top-k, top-p and min-p, without sorting the
-    /// vocabulary: only as many of the best candidates are ordered as top-k or top-p
-    /// need (a selection, then a sort of that prefix), and the draw walks the kept
-    /// candidates in the order they are in. The distribution is the same as sampling
-    /// over the fully sorted list; a given seed gives a given sequence.
+    /// Temperature sampling after top-k, top-p and min-p, in time linear in the
+    /// vocabulary: the cuts find their boundary by bucketing the candidates by logit
+    /// ([`top_k_cut`], [`top_p_cut`]) and order only the boundary bucket, and the draw
+    /// walks the kept candidates in the order they are left in. The kept set is the one
+    /// a full sort would keep (best logit first, lower id first among equals), so the
+    /// distribution is the same; a given seed gives a given sequence.
     fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
@@ -162,76 +171,47 @@ impl Sampler {
             }
             return pick(&self.w, r, &mut self.sums).map_or_else(|| argmax(logits), |i| i as u32);
         }
-        let cand = &mut self.cand;
-        cand.clear();
-        cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.is_finite())
-                .map(|(i, &l)| (i as u32, l)),
-        );
-        if cand.is_empty() {
+        let max = finite_max(logits);
+        if max == f32::NEG_INFINITY {
             return argmax(logits);
         }
-        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        // `cand[..sorted]` are the best candidates in descending order.
-        let mut sorted = 0;
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, desc);
-            cand.truncate(p.top_k);
-        }
+        // The first cut reads the logits and gathers only what it keeps; top-p after
+        // top-k then works on those.
+        let all = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l));
+        let (cand, spare) = (&mut self.cand, &mut self.spare);
+        let scratch = (&mut self.hist, &mut self.edge);
         if p.top_k > 0 {
-            cand.sort_unstable_by(desc);
-            sorted = cand.len();
+            top_k_cut(all, max, p.top_k, scratch, cand);
+        } else if p.top_p < 1.0 {
+            top_p_cut(all, max, p.top_p, scratch, cand);
+        } else {
+            cand.clear();
+            cand.extend(all);
         }
-        let max = cand.iter().fold(f32::NEG_INFINITY, |a, &(_, l)| a.max(l));
         // Probabilities before temperature decide top-p and min-p, as in llama.cpp's
         // chain: weights exp(l - max), so the best has weight 1.
-        let mut keep = cand.len();
-        if p.top_p < 1.0 {
-            weigh(cand.iter().map(|c| c.1), max, 1.0, &mut self.w);
-            let z = sum(&self.w);
-            let target = p.top_p * z;
-            let mut want = 64;
-            'grow: loop {
-                if sorted < cand.len() {
-                    if want < cand.len() {
-                        cand.select_nth_unstable_by(want - 1, desc);
-                        cand[..want].sort_unstable_by(desc);
-                        sorted = want;
-                    } else {
-                        cand.sort_unstable_by(desc);
-                        sorted = cand.len();
-                    }
-                }
-                let mut acc = 0.0;
-                for (i, c) in cand[..sorted].iter().enumerate() {
-                    acc += fast_exp(c.1 - max);
-                    if acc >= target {
-                        keep = i + 1;
-                        break 'grow;
-                    }
-                }
-                if sorted == cand.len() {
-                    break;
-                }
-                want *= 8;
-            }
+        if p.top_k > 0 && p.top_p < 1.0 {
+            std::mem::swap(cand, spare);
+            let scratch = (&mut self.hist, &mut self.edge);
+            top_p_cut(spare.iter().copied(), max, p.top_p, scratch, cand);
         }
+        let mut keep = cand.len();
         if p.min_p > 0.0 {
             // p_i >= min_p * p_max, i.e. weight >= min_p; the best always stays.
             let floor = p.min_p;
-            if sorted >= keep {
-                let n = cand[..keep]
-                    .iter()
-                    .take_while(|c| fast_exp(c.1 - max) >= floor)
-                    .count();
-                keep = n.max(1);
-            } else {
-                cand.retain(|c| c.1 == max || fast_exp(c.1 - max) >= floor);
-                keep = cand.len();
+            let mut n = 0;
+            for i in 0..keep {
+                let l = cand[i].1;
+                if l == max || fast_exp(l - max) >= floor {
+                    cand.swap(n, i);
+                    n += 1;
+                }
             }
+            keep = n.max(1);
         }
         cand.truncate(keep);
         weigh(cand.iter().map(|c| c.1), max, inv_t, &mut self.w);
@@ -240,6 +220,166 @@ impl Sampler {
             None => cand[0].0,
         }
     }
+}
+
+/// Buckets the cuts spread the candidates over, by how far their logit is below the
+/// maximum; logits more than [`SPAN`] below it share the last bucket.
+const BUCKETS: usize = 1024;
+const SPAN: f32 = 32.0;
+
+/// The bucket of logit `l`: non-decreasing as `l` falls, so every bucket is a run of the
+/// candidates in sorted order, and equal logits share one.
+#[inline]
+fn bucket(l: f32, max: f32) -> usize {
+    (((max - l) * (BUCKETS as f32 / SPAN)) as usize).min(BUCKETS - 1)
+}
+
+/// Best first, lower id first among equal logits: the order the cuts are defined in.
+fn desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Into `out`: the candidates of buckets `< b` (returns how many), then those of `b`.
+fn gather(
+    src: impl Iterator<Item = (u32, f32)>,
+    max: f32,
+    b: usize,
+    out: &mut Vec<(u32, f32)>,
+    edge: &mut Vec<(u32, f32)>,
+) -> usize {
+    out.clear();
+    edge.clear();
+    for c in src {
+        match bucket(c.1, max).cmp(&b) {
+            std::cmp::Ordering::Less => out.push(c),
+            std::cmp::Ordering::Equal => edge.push(c),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    let n = out.len();
+    out.append(edge);
+    n
+}
+
+/// Into `out`: the `k` best of `src` (finite logits, `max` the largest) in [`desc`]
+/// order, as a set; all of them if there are no more than `k`.
+fn top_k_cut(
+    src: impl Iterator<Item = (u32, f32)> + Clone,
+    max: f32,
+    k: usize,
+    (hist, edge): (&mut Vec<f64>, &mut Vec<(u32, f32)>),
+    out: &mut Vec<(u32, f32)>,
+) {
+    hist.clear();
+    hist.resize(BUCKETS, 0.0);
+    for (_, l) in src.clone() {
+        hist[bucket(l, max)] += 1.0;
+    }
+    let (mut b, mut before) = (0, 0usize);
+    while b + 1 < BUCKETS && before + (hist[b] as usize) < k {
+        before += hist[b] as usize;
+        b += 1;
+    }
+    let n = gather(src, max, b, out, edge);
+    let tail = &mut out[n..];
+    let need = k.saturating_sub(n);
+    if need > 0 && need < tail.len() {
+        tail.select_nth_unstable_by(need - 1, desc);
+    }
+    out.truncate(k);
+}
+
+/// Into `out`: the smallest set of the best of `src` (finite logits, `max` the largest)
+/// in [`desc`] order whose weights `exp(l - max)` reach `top_p` of their total (at least
+/// one).
+fn top_p_cut(
+    src: impl Iterator<Item = (u32, f32)> + Clone,
+    max: f32,
+    top_p: f32,
+    (hist, edge): (&mut Vec<f64>, &mut Vec<(u32, f32)>),
+    out: &mut Vec<(u32, f32)>,
+) {
+    hist.clear();
+    hist.resize(BUCKETS, 0.0);
+    let mut z = 0f64;
+    for (_, l) in src.clone() {
+        let w = f64::from(fast_exp(l - max));
+        hist[bucket(l, max)] += w;
+        z += w;
+    }
+    // The bucket where the running mass reaches the target, and what is left of it there.
+    let mut t = f64::from(top_p) * z;
+    let mut b = 0;
+    while b + 1 < BUCKETS && hist[b] < t {
+        t -= hist[b];
+        b += 1;
+    }
+    let n = gather(src, max, b, out, edge);
+    let keep = n + mass_prefix(&mut out[n..], max, t);
+    out.truncate(keep.max(1));
+}
+
+/// Reorders `c` so that `c[..n]` is the shortest prefix of its [`desc`] order whose
+/// weights `exp(l - max)` reach `t`, and returns `n` (`c.len()` if none does): a
+/// selection by mass, partitioning around a pivot logit as quickselect does, expected
+/// linear time; only the last few are sorted.
+fn mass_prefix(c: &mut [(u32, f32)], max: f32, mut t: f64) -> usize {
+    let w = |x: &(u32, f32)| f64::from(fast_exp(x.1 - max));
+    let (mut lo, mut hi) = (0, c.len());
+    while hi - lo > 32 {
+        let r = &mut c[lo..hi];
+        let (a, m, z) = (r[0].1, r[r.len() / 2].1, r[r.len() - 1].1);
+        let pivot = a.max(m).min(a.min(m).max(z));
+        // [> pivot | == pivot | < pivot], with the mass of the first two groups.
+        let (mut gt, mut i, mut lt) = (0, 0, r.len());
+        let (mut m_gt, mut m_eq) = (0f64, 0f64);
+        while i < lt {
+            let l = r[i].1;
+            if l > pivot {
+                m_gt += w(&r[i]);
+                r.swap(gt, i);
+                gt += 1;
+                i += 1;
+            } else if l < pivot {
+                lt -= 1;
+                r.swap(i, lt);
+            } else {
+                m_eq += w(&r[i]);
+                i += 1;
+            }
+        }
+        if m_gt >= t {
+            hi = lo + gt;
+            continue;
+        }
+        t -= m_gt;
+        if m_eq >= t {
+            // The cut falls among equal logits: lower ids first.
+            let eq = &mut r[gt..lt];
+            eq.sort_unstable_by(desc);
+            let we = w(&eq[0]);
+            let mut acc = 0f64;
+            for (j, _) in eq.iter().enumerate() {
+                acc += we;
+                if acc >= t {
+                    return lo + gt + j + 1;
+                }
+            }
+            return lo + lt;
+        }
+        t -= m_eq;
+        lo += lt;
+    }
+    let r = &mut c[lo..hi];
+    r.sort_unstable_by(desc);
+    let mut acc = 0f64;
+    for (j, x) in r.iter().enumerate() {
+        acc += w(x);
+        if acc >= t {
+            return lo + j + 1;
+        }
+    }
+    hi
 }
 
 /// `exp((l - max) * inv_t)` for a finite logit, 0 for the others.
@@ -540,6 +680,71 @@ mod tests {
         c.iter()
             .map(|x| (x.0, ((x.1 - c[0].1) / t).exp() / z))
             .collect()
+    }
+
+    /// The bucketed cuts keep exactly the set a full sort keeps (best logit first, lower
+    /// id first among equals), on flat, peaked, tied and very wide logits, small and
+    /// vocabulary-sized, for top-k and top-p values from the extremes to the middle.
+    #[test]
+    fn cuts_keep_what_a_full_sort_keeps() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let shapes: [fn(&mut StdRng) -> f32; 4] = [
+            |r| r.gen::<f32>(),
+            |r| {
+                let u: f32 = r.gen::<f32>().max(1e-7);
+                -10.0 * u.ln().abs().sqrt() + 20.0
+            },
+            |r| (r.gen::<f32>() * 8.0).round() * 0.5,
+            |r| r.gen::<f32>() * 110.0 - 100.0,
+        ];
+        let (mut hist, mut edge) = (Vec::new(), Vec::new());
+        for (si, shape) in shapes.iter().enumerate() {
+            for n in [1usize, 2, 7, 64, 100, 1000, 1000, 1000, 5000, 49152] {
+                let logits: Vec<(u32, f32)> = (0..n as u32).map(|i| (i, shape(&mut rng))).collect();
+                let max = logits.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.1));
+                let mut sorted = logits.clone();
+                sorted.sort_by(desc);
+                let ids = |c: &[(u32, f32)]| {
+                    let mut v: Vec<u32> = c.iter().map(|c| c.0).collect();
+                    v.sort_unstable();
+                    v
+                };
+                for k in [1, 3, 40, n.saturating_sub(1)] {
+                    if k == 0 || k >= n {
+                        continue;
+                    }
+                    let mut c = Vec::new();
+                    top_k_cut(
+                        logits.iter().copied(),
+                        max,
+                        k,
+                        (&mut hist, &mut edge),
+                        &mut c,
+                    );
+                    assert_eq!(ids(&c), ids(&sorted[..k]), "shape {si} n {n} k {k}");
+                }
+                let z: f64 = logits.iter().map(|c| f64::from(fast_exp(c.1 - max))).sum();
+                for top_p in (0..40).map(|i| i as f32 / 40.0).chain([0.999, 0.999_999]) {
+                    let target = f64::from(top_p) * z;
+                    let mut acc = 0.0;
+                    let want = sorted
+                        .iter()
+                        .position(|c| {
+                            acc += f64::from(fast_exp(c.1 - max));
+                            acc >= target
+                        })
+                        .map_or(n, |i| i + 1);
+                    let mut c = Vec::new();
+                    let src = logits.iter().copied();
+                    top_p_cut(src, max, top_p, (&mut hist, &mut edge), &mut c);
+                    assert_eq!(
+                        ids(&c),
+                        ids(&sorted[..want]),
+                        "shape {si} n {n} top_p {top_p}"
+                    );
+                }
+            }
+        }
     }
 
     /// Drawn frequencies match the chain's probabilities (computed by a full sort) for
