@@ -322,6 +322,71 @@ async fn concurrent_requests_all_complete_correctly() {
     }
 }
 
+/// A long prompt joining while another stream decodes is prefilled in chunks that the
+/// running stream's decode steps ride along with (one forward pass for both): the stream
+/// keeps getting tokens while the newcomer reads its prompt, instead of waiting for each
+/// 512-token prefill pass and a decode pass of its own. Counted in tokens, not timed; and
+/// both outputs are what each gives alone (greedy).
+#[tokio::test]
+async fn running_stream_advances_while_a_long_prompt_is_prefilled() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let url = format!("{}/v1/completions", common::server());
+    let a_prompt = "Count with me: 1, 2, 3,";
+    let a_body = |stream: bool| {
+        json!({"prompt": a_prompt, "max_tokens": 60, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&a_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let seen = tokens.clone();
+    let reader = tokio::spawn(async move {
+        let (mut resp, mut body) = (resp, String::new());
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let part = String::from_utf8_lossy(&chunk).to_string();
+            seen.fetch_add(part.matches("\"text\"").count(), Ordering::SeqCst);
+            body.push_str(&part);
+        }
+        body
+    });
+    while tokens.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let before = tokens.load(Ordering::SeqCst);
+    let long = "apple banana cherry ".repeat(400);
+    let b_body = json!({"prompt": long, "max_tokens": 4, "temperature": 0});
+    let (st, b) = post("/v1/completions", b_body.clone()).await;
+    let during = tokens.load(Ordering::SeqCst) - before;
+    assert_eq!(st, 200, "{b}");
+    let prompt_tokens = b["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens >= 1024, "prompt of {prompt_tokens} tokens");
+    // At least 8 chunks of 128 tokens, each with the running stream's next token; the
+    // separate passes gave it about one token per 512-token chunk (4 here).
+    assert!(
+        during >= 6,
+        "the running stream got {during} tokens while {prompt_tokens} prompt tokens were read"
+    );
+    // The streamed text of A, from its chunks, against A alone; B against B alone.
+    let body = reader.await.unwrap();
+    let streamed: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    let (_, a_alone) = post("/v1/completions", a_body(false)).await;
+    assert_eq!(streamed, a_alone["choices"][0]["text"].as_str().unwrap());
+    let (_, b_alone) = post("/v1/completions", b_body).await;
+    assert_eq!(b["choices"][0]["text"], b_alone["choices"][0]["text"]);
+}
+
 #[tokio::test]
 async fn models_health_and_metrics() {
     let base = common::server();

@@ -1,8 +1,10 @@
 //! The generation worker: one thread that owns the model and every live sequence.
 //!
-//! Each loop turn admits queued requests (up to `max_batch` live sequences), prefills
-//! one chunk of one new sequence, then runs one decode step for all sequences that are
-//! past prefill in a single batched forward pass. Sequences join and leave between steps.
+//! Each loop turn admits queued requests (up to `max_batch` live sequences), then runs
+//! one forward pass where it can: the next prompt chunks of sequences still reading
+//! their prompts (`PREFILL_CHUNK` tokens in all, `MIXED_PREFILL_CHUNK` while others
+//! decode) together with the next token of every decoding sequence. Sequences join and
+//! leave between steps.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -31,6 +33,11 @@ use std::sync::Mutex;
 /// Prompt tokens processed per forward pass during prefill, so that a long prompt does
 /// not stall the decode steps of other sequences for its whole length.
 const PREFILL_CHUNK: usize = 512;
+/// Prompt tokens per forward pass while other sequences are decoding. Their next tokens
+/// ride in the same pass (a mixed step), so a long prompt joining holds each running
+/// stream up by one such chunk at a time (~0.1 s on two cores for a small model), not by
+/// a whole `PREFILL_CHUNK` plus a separate decode pass.
+const MIXED_PREFILL_CHUNK: usize = 128;
 /// Trim the allocator once idle caches shrank by this much since the last trim.
 const TRIM_AFTER_BYTES: usize = 32 << 20;
 
@@ -229,8 +236,18 @@ pub(super) fn run(
             }
         }
         metrics::set_running(seqs.len(), rx.len());
-        prefill_waiting(&model, &tok, &mut seqs);
-        decode_step(&model, &tok, &mut seqs);
+        // Mixed steps on host caches; a GPU keeps separate prefill and decode passes.
+        let mixed = seqs.iter().any(|s| s.next.is_some()) && seqs.iter().all(|s| s.cache.is_host());
+        let budget = if mixed {
+            MIXED_PREFILL_CHUNK
+        } else {
+            PREFILL_CHUNK
+        };
+        let picked = pick_prefill(&seqs, budget);
+        if !(mixed && !picked.is_empty() && mixed_step(&model, &tok, &mut seqs, &picked)) {
+            prefill_picked(&model, &tok, &mut seqs, &picked);
+            decode_step(&model, &tok, &mut seqs);
+        }
         if cfg.kv_min_free > 0 && last_mem_check.elapsed() >= MEM_CHECK_EVERY {
             last_mem_check = Instant::now();
             sys.refresh_memory();
@@ -339,14 +356,10 @@ fn fail(seqs: &mut [Seq], i: usize, msg: &str) {
     s.prefill_pos = s.req.prompt.len();
 }
 
-/// Prefill the sequences still reading their prompts: chunks of all of them (at most
-/// `PREFILL_CHUNK` tokens in all) in one forward pass, so that streams joining together
-/// are not prefilled one loop turn each. If that pass fails, each sequence is retried
-/// alone, so that one bad sequence fails only itself (a failed pass commits nothing to
-/// any cache).
-fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
-    let mut budget = PREFILL_CHUNK;
-    let mut picked: Vec<(usize, usize)> = Vec::new();
+/// The sequences still reading their prompts and how many of their tokens the next
+/// pass takes: in order, up to `budget` tokens in all.
+fn pick_prefill(seqs: &[Seq], mut budget: usize) -> Vec<(usize, usize)> {
+    let mut picked = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
         let left = s.req.prompt.len().saturating_sub(s.prefill_pos);
         if left == 0 || budget == 0 {
@@ -356,6 +369,14 @@ fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
         budget -= n;
         picked.push((i, n));
     }
+    picked
+}
+
+/// Prefill the `picked` chunks: all in one forward pass, so that streams joining
+/// together are not prefilled one loop turn each. If that pass fails, each sequence is
+/// retried alone, so that one bad sequence fails only itself (a failed pass commits
+/// nothing to any cache).
+fn prefill_picked(model: &Model, tok: &Tok, seqs: &mut [Seq], picked: &[(usize, usize)]) {
     // Host caches only: on a GPU the fused decoder takes short prompts one sequence at a
     // time anyway, and a batch with one long prompt would send all of them to the
     // tensor path instead.
@@ -398,18 +419,19 @@ fn prefill_waiting(model: &Model, tok: &Tok, seqs: &mut [Seq]) {
             return;
         }
     }
-    for (i, _) in picked {
-        if let Err(e) = prefill_chunk(model, tok, &mut seqs[i]) {
+    for &(i, n) in picked {
+        if let Err(e) = prefill_chunk(model, tok, &mut seqs[i], n) {
             fail(seqs, i, &e.to_string());
         }
     }
 }
 
-fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineError> {
+/// The next `n` prompt tokens of `s` in a forward pass of their own.
+fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq, n: usize) -> Result<(), EngineError> {
     let span = s.req.span.clone();
     let _g = span.enter();
     let t0 = Instant::now();
-    let end = (s.prefill_pos + PREFILL_CHUNK).min(s.req.prompt.len());
+    let end = (s.prefill_pos + n).min(s.req.prompt.len());
     let chunk = &s.req.prompt[s.prefill_pos..end];
     let mut input = [SeqInput {
         tokens: chunk,
@@ -429,6 +451,67 @@ fn prefill_chunk(model: &Model, tok: &Tok, s: &mut Seq) -> Result<(), EngineErro
         accept(tok, s, &mut row)?;
     }
     Ok(())
+}
+
+/// One forward pass for the `picked` prompt chunks and the next token of every decoding
+/// sequence (host caches). Returns false, having changed nothing, if the pass fails: the
+/// caller then prefills and decodes separately, which retries each sequence alone.
+fn mixed_step(model: &Model, tok: &Tok, seqs: &mut [Seq], picked: &[(usize, usize)]) -> bool {
+    let t0 = Instant::now();
+    let feeds: Vec<Option<[u32; 1]>> = seqs.iter().map(|s| s.next.map(|t| [t])).collect();
+    let chunk = |i: usize| picked.iter().find(|&&(j, _)| j == i).map(|&(_, n)| n);
+    let result = {
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter_mut()
+            .zip(&feeds)
+            .enumerate()
+            .filter_map(|(i, (s, feed))| {
+                let tokens: &[u32] = match (feed, chunk(i)) {
+                    (Some(f), _) => f,
+                    (None, Some(n)) => &s.req.prompt[s.prefill_pos..s.prefill_pos + n],
+                    (None, None) => return None,
+                };
+                Some(SeqInput {
+                    tokens,
+                    cache: &mut s.cache,
+                    all_logits: false,
+                })
+            })
+            .collect();
+        model.forward(&mut inputs)
+    };
+    let Ok(rows) = result.and_then(host_rows) else {
+        return false;
+    };
+    let total: usize = picked.iter().map(|&(_, n)| n).sum();
+    metrics::observe_prefill(total, t0.elapsed());
+    // Every sequence that took part now samples, unless it is still mid-prompt.
+    let mut jobs: Vec<(usize, &mut Seq, Vec<f32>)> = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        let fed = s.next.take().is_some();
+        let n = if fed { None } else { chunk(i) };
+        if !fed && n.is_none() {
+            continue;
+        }
+        let Some(row) = rows.next() else { break };
+        if let Some(n) = n {
+            s.prefill_pos += n;
+            if s.prefill_pos < s.req.prompt.len() {
+                continue;
+            }
+        }
+        jobs.push((i, s, row));
+    }
+    let failed: Vec<(usize, String)> = jobs
+        .par_iter_mut()
+        .filter_map(|(i, s, row)| accept(tok, s, row).err().map(|e| (*i, e.to_string())))
+        .collect();
+    drop(jobs);
+    for (i, e) in failed.into_iter().rev() {
+        fail(seqs, i, &e);
+    }
+    true
 }
 
 /// One batched decode step for every sequence that has a token to feed.
