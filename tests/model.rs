@@ -7,7 +7,7 @@ mod common;
 use candela::engine::model::{Model, SeqInput};
 use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 fn load() -> Model {
     let path = common::model_path();
@@ -32,10 +32,6 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().unwrap()
-}
-
 #[test]
 fn first_token_logits_match_llama_cpp() {
     let model = load();
@@ -54,7 +50,7 @@ fn first_token_logits_match_llama_cpp() {
                 all_logits: false,
             }])
             .unwrap();
-        let logits = &rows(&out[0])[0];
+        let logits = &common::rows(&out[0])[0];
         for pair in top.as_array().unwrap() {
             let id = pair[0].as_u64().unwrap() as usize;
             let want = pair[1].as_f64().unwrap() as f32;
@@ -92,48 +88,10 @@ fn cached_decode_equals_full_recompute() {
         .into_iter()
         .chain(ids(&g["completion_ids"]))
         .collect();
-    let n = seq.len();
-    // Full recompute: every position's logits in one pass.
-    let mut full_cache = SeqCache::new(model.cache_layout(KvDtype::F32), &Device::Cpu);
-    let full = model
-        .forward(&mut [SeqInput {
-            tokens: &seq,
-            cache: &mut full_cache,
-            all_logits: true,
-        }])
-        .unwrap();
-    let full = rows(&full[0]);
-    // Incremental: a prefill chunk, then one token at a time, in a second cache.
-    let split = n - 12;
-    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F32), &Device::Cpu);
-    let mut inc = rows(
-        &model
-            .forward(&mut [SeqInput {
-                tokens: &seq[..split],
-                cache: &mut cache,
-                all_logits: true,
-            }])
-            .unwrap()[0],
-    );
-    for t in &seq[split..] {
-        let out = model
-            .forward(&mut [SeqInput {
-                tokens: std::slice::from_ref(t),
-                cache: &mut cache,
-                all_logits: false,
-            }])
-            .unwrap();
-        inc.push(rows(&out[0]).remove(0));
-    }
-    assert_eq!(cache.len(), n);
-    for pos in [split - 1, split, split + 3, n - 1] {
-        let diff = full[pos]
-            .iter()
-            .zip(&inc[pos])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        eprintln!("pos {pos}: max |full - cached| = {diff}");
-        assert!(diff < 1e-3, "position {pos}: max abs diff {diff}");
+    // Full recompute (every position's logits in one pass) against a prefill chunk then
+    // one token at a time against the cache.
+    for (diff, _) in common::full_vs_cached(&model, KvDtype::F32, &seq, seq.len() - 12) {
+        assert!(diff < 1e-3, "max abs diff {diff}");
     }
 }
 
@@ -212,7 +170,7 @@ fn batched_decode_steps_are_bit_identical_to_single_steps() {
             .unwrap();
         (
             c,
-            candela::engine::sampling::argmax(&rows(&out[0])[0]) as u32,
+            candela::engine::sampling::argmax(&common::rows(&out[0])[0]) as u32,
         )
     };
     let (mut alone, mut next): (Vec<SeqCache>, Vec<u32>) = prompts.iter().map(prime).unzip();
@@ -238,7 +196,7 @@ fn batched_decode_steps_are_bit_identical_to_single_steps() {
                     all_logits: false,
                 }])
                 .unwrap();
-            let (a, b) = (rows(&single[0]), rows(&batched[i]));
+            let (a, b) = (common::rows(&single[0]), common::rows(&batched[i]));
             let differ = a[0]
                 .iter()
                 .zip(&b[0])
@@ -285,7 +243,7 @@ fn greedy_decode_follows_llama_cpp() {
                     all_logits: false,
                 }])
                 .unwrap();
-            let logits = &rows(&out[0])[0];
+            let logits = &common::rows(&out[0])[0];
             let t = candela::engine::sampling::argmax(logits) as u32;
             if t != w && !parted {
                 parted = true;

@@ -7,11 +7,11 @@
 
 mod common;
 
-use candela::engine::model::{Model, SeqInput};
+use candela::engine::model::Model;
 use candela::engine::{ChatTemplate, TemplateMessage};
-use candela::kv::{KvDtype, SeqCache};
+use candela::kv::KvDtype;
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 const QWEN: &str = "qwen2.5-coder-0.5b";
@@ -180,60 +180,6 @@ fn load(f32_weights: bool) -> Model {
     }
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().unwrap()
-}
-
-/// Logits of every position of `seq`, once in one pass and once as a prefill chunk
-/// followed by one token at a time against the cache: at a few positions around the
-/// split, the largest difference and whether the best token is the same.
-fn full_vs_cached(model: &Model, dtype: KvDtype, seq: &[u32], split: usize) -> Vec<(f32, bool)> {
-    let n = seq.len();
-    let mut full_cache = SeqCache::new(model.cache_layout(dtype), &Device::Cpu);
-    let full = rows(
-        &model
-            .forward(&mut [SeqInput {
-                tokens: seq,
-                cache: &mut full_cache,
-                all_logits: true,
-            }])
-            .unwrap()[0],
-    );
-    let mut cache = SeqCache::new(model.cache_layout(dtype), &Device::Cpu);
-    let mut inc = rows(
-        &model
-            .forward(&mut [SeqInput {
-                tokens: &seq[..split],
-                cache: &mut cache,
-                all_logits: true,
-            }])
-            .unwrap()[0],
-    );
-    for t in &seq[split..] {
-        let out = model
-            .forward(&mut [SeqInput {
-                tokens: std::slice::from_ref(t),
-                cache: &mut cache,
-                all_logits: false,
-            }])
-            .unwrap();
-        inc.push(rows(&out[0]).remove(0));
-    }
-    assert_eq!(cache.len(), n);
-    [split - 1, split, split + 3, n - 1]
-        .iter()
-        .map(|&pos| {
-            let diff = full[pos]
-                .iter()
-                .zip(&inc[pos])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            let argmax = candela::engine::sampling::argmax;
-            (diff, argmax(&full[pos]) == argmax(&inc[pos]))
-        })
-        .collect()
-}
-
 /// In plain f32 (weights dequantized, f32 cache) cached decoding must equal full
 /// recomputation to float tolerance (measured: ~3e-5). With the quantized weights and
 /// the f16 cache the server uses, the best token must agree at every position and the
@@ -249,10 +195,10 @@ fn cached_decode_equals_full_recompute() {
         .chain(ids(&g["completion_ids"]))
         .collect();
     let split = seq.len() - 12;
-    let r = full_vs_cached(&load(true), KvDtype::F32, &seq, split);
+    let r = common::full_vs_cached(&load(true), KvDtype::F32, &seq, split);
     eprintln!("f32: (max |full - cached|, same argmax) at 4 positions: {r:?}");
     assert!(r.iter().all(|&(d, same)| d < 1e-3 && same), "{r:?}");
-    let r = full_vs_cached(&load(false), KvDtype::F16, &seq, split);
+    let r = common::full_vs_cached(&load(false), KvDtype::F16, &seq, split);
     eprintln!("quantized, f16 cache: (max |full - cached|, same argmax): {r:?}");
     assert!(r.iter().all(|&(d, same)| d < 1.0 && same), "{r:?}");
 }

@@ -191,6 +191,7 @@ class Server:
         self.name, self.port = name, port
         self.log = open(log_path, "w")
         log(f"starting {name}: {' '.join(argv)}")
+        self.argv = argv
         self.proc = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -213,7 +214,8 @@ class Server:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                # A candela with sessions to spill writes them out on SIGTERM.
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

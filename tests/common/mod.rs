@@ -293,3 +293,64 @@ pub fn run_sdk_script(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+pub fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+/// Logits of every position of `seq`, once in one pass and once as a prefill chunk
+/// followed by one token at a time against the cache: at a few positions around the
+/// split, the largest difference and whether the best token is the same.
+pub fn full_vs_cached(
+    model: &candela::engine::model::Model,
+    dtype: candela::kv::KvDtype,
+    seq: &[u32],
+    split: usize,
+) -> Vec<(f32, bool)> {
+    let n = seq.len();
+    let mut full_cache =
+        candela::kv::SeqCache::new(model.cache_layout(dtype), &candle_core::Device::Cpu);
+    let full = rows(
+        &model
+            .forward(&mut [candela::engine::model::SeqInput {
+                tokens: seq,
+                cache: &mut full_cache,
+                all_logits: true,
+            }])
+            .unwrap()[0],
+    );
+    let mut cache =
+        candela::kv::SeqCache::new(model.cache_layout(dtype), &candle_core::Device::Cpu);
+    let mut inc = rows(
+        &model
+            .forward(&mut [candela::engine::model::SeqInput {
+                tokens: &seq[..split],
+                cache: &mut cache,
+                all_logits: true,
+            }])
+            .unwrap()[0],
+    );
+    for t in &seq[split..] {
+        let out = model
+            .forward(&mut [candela::engine::model::SeqInput {
+                tokens: std::slice::from_ref(t),
+                cache: &mut cache,
+                all_logits: false,
+            }])
+            .unwrap();
+        inc.push(rows(&out[0]).remove(0));
+    }
+    assert_eq!(cache.len(), n);
+    [split - 1, split, split + 3, n - 1]
+        .iter()
+        .map(|&pos| {
+            let diff = full[pos]
+                .iter()
+                .zip(&inc[pos])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let argmax = candela::engine::sampling::argmax;
+            (diff, argmax(&full[pos]) == argmax(&inc[pos]))
+        })
+        .collect()
+}
