@@ -183,6 +183,8 @@ impl KWeight {
     }
 
     /// Q6_K columns `c..c + C` for the `P` row pairs prepared in `s`.
+    // Column `j` indexes several arrays (weights, sums, accumulators) at once.
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn q6k_tile<const P: usize, const C: usize>(
@@ -317,6 +319,8 @@ impl KWeight {
     }
 
     /// Q4_K columns `c..c + C` for the `P` row pairs prepared in `s`.
+    // Column `j` indexes several arrays (weights, sums, accumulators) at once.
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn q4k_tile<const P: usize, const C: usize>(

@@ -207,7 +207,7 @@ impl Q5Weight {
             let mut ws = [_mm512_setzero_si512(); C];
             for (j, w) in ws.iter_mut().enumerate() {
                 let wb = (c + j) * nbk + b;
-                if wb % 4 == 0 {
+                if wb.is_multiple_of(4) {
                     // One line per four blocks.
                     _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add(wb * 16 + PREFETCH) as *const i8);
                 }
