@@ -81,6 +81,10 @@ impl KWeight {
     }
 
     /// Every row of `x` against columns `c0..c1`.
+    ///
+    /// # Safety
+    /// As [`Self::matmul_zmm`]; `c1 <= n` and the output holds every row at stride
+    /// `ldo` for columns `c0..c1`, written by this task alone.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn cols_zmm(&self, x: &KActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         let mut r = 0;
