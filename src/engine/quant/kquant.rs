@@ -13,7 +13,8 @@
 //!   lanes differ) because it is what llama.cpp computes on this model.
 //!
 //! The portable reference ([`KWeight::dot_ref`]) encodes that order; the AVX2 tiles
-//! below and the NEON tiles in `kquant_neon.rs` (aarch64) equal it bit for bit, so an
+//! below, the 512-bit multi-row kernels in `kquant_zmm.rs` (AVX-512 VNNI, two rows or
+//! more) and the NEON tiles in `kquant_neon.rs` (aarch64) equal it bit for bit, so an
 //! ARM CPU computes what the x86 one does (not what llama.cpp's own ARM code does).
 //!
 //! Must not depend on anything outside `quant`.
@@ -321,6 +322,11 @@ impl KWeight {
             x.k, self.k,
             "matmul: activation width differs from the weight's"
         );
+        #[cfg(target_arch = "x86_64")]
+        if level == Isa::Avx512Vnni && x.m >= 2 {
+            // SAFETY: the CPU has AVX-512 VNNI (checked above) and the widths agree.
+            return unsafe { self.matmul_zmm(x, out, ldo) };
+        }
         drive::matmul(self, level, self.n, x.m, |r| x.row(r), out, ldo);
     }
 
@@ -586,6 +592,10 @@ macro_rules! k_x86 {
 }
 
 k_x86!(q4k_avx2, q6k_avx2, "avx2,fma");
+
+#[cfg(target_arch = "x86_64")]
+#[path = "kquant_zmm.rs"]
+mod zmm;
 
 #[cfg(target_arch = "aarch64")]
 #[path = "kquant_neon.rs"]

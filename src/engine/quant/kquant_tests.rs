@@ -112,13 +112,19 @@ fn kquants_match_dequantized_reference() -> Result<()> {
 fn kquants_simd_equal_portable_bit_for_bit() -> Result<()> {
     let dev = Device::Cpu;
     for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
-        for (m, n, k) in [
+        // Every row count 1..=9 (the 512-bit kernels pair rows, four pairs a pass, an
+        // odd count pairs its last row with itself, a ninth row takes the one-row tiles).
+        let shapes = [
             (1, 37, 256),
             (7, 53, 512),
             (9, 5, 256),
             (4, 30, 1280),
             (2, 3, 4864),
-        ] {
+            (17, 9, 768),
+        ]
+        .into_iter()
+        .chain((1..=9).map(|m| (m, 13, 768)));
+        for (m, n, k) in shapes {
             let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 3.0)?;
             let mut ours = KWeight::from_qtensor(&QTensor::quantize(&w, dt)?)?.expect("k");
             if n > 5 {

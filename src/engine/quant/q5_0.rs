@@ -3,8 +3,8 @@
 //! x86 arithmetic is Q4_0's with a fifth bit: each block's 32 integer products are
 //! summed in eight lanes of four, scaled by `d_w * d_y` with one fused multiply-add per
 //! lane, and the lanes added by `hsum_float_8` at the end. [`Q5Weight::dot_lanes`] is
-//! that order; the AVX2/VNNI tiles below and the NEON ones in `q5_0_neon.rs` equal it
-//! bit for bit.
+//! that order; the AVX2/VNNI tiles below, the 512-bit multi-row kernels in
+//! `q5_0_zmm.rs` and the NEON ones in `q5_0_neon.rs` equal it bit for bit.
 //!
 //! Must not depend on anything outside `quant`.
 
@@ -98,6 +98,11 @@ impl Q5Weight {
             x.k, self.k,
             "matmul: activation width differs from the weight's"
         );
+        #[cfg(target_arch = "x86_64")]
+        if level == Isa::Avx512Vnni && x.m >= 2 {
+            // SAFETY: the CPU has AVX-512 VNNI (checked above) and the widths agree.
+            return unsafe { self.matmul_zmm(x, out, ldo) };
+        }
         drive::matmul(self, level, self.n, x.m, |r| x.row(r), out, ldo);
     }
 
@@ -242,6 +247,10 @@ macro_rules! q5_x86 {
 q5_x86!(tile_avx2, "avx2,fma", false);
 q5_x86!(tile_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
+#[cfg(target_arch = "x86_64")]
+#[path = "q5_0_zmm.rs"]
+mod zmm;
+
 #[cfg(target_arch = "aarch64")]
 #[path = "q5_0_neon.rs"]
 mod neon;
@@ -282,13 +291,20 @@ mod tests {
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
         let levels = crate::engine::quant::simd_levels();
-        for (m, n, k) in [
+        // Every row count 1..=9 too (the 512-bit kernels pair rows, four pairs a pass,
+        // an odd count pairs its last row with itself, a ninth row takes the one-row
+        // tiles).
+        let shapes = [
             (1, 37, 256),
             (7, 53, 96),
             (9, 5, 32),
             (4, 130, 544),
             (2, 3, 64),
-        ] {
+            (17, 9, 160),
+        ]
+        .into_iter()
+        .chain((1..=9).map(|m| (m, 13, 96)));
+        for (m, n, k) in shapes {
             let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 3.0)?;
             let ours =
                 Q5Weight::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q5_0)?)?.expect("q5_0");

@@ -52,7 +52,7 @@ const MAX_PAIRS: usize = 4;
 /// then `(r0 + r2) + (r1 + r3)`, the same additions (addition commutes bit for bit).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn hsum8_pair(a: __m512) -> [f32; 2] {
+pub(super) fn hsum8_pair(a: __m512) -> [f32; 2] {
     // Quarters swapped within each half: lane i meets lane i + 4.
     let r = _mm512_add_ps(a, _mm512_shuffle_f32x4::<0xB1>(a, a));
     // Within each quarter [r0, r1, r2, r3] + [r2, r3, r0, r1].

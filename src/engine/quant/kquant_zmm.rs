@@ -1,0 +1,421 @@
+//! 512-bit VNNI kernels for Q4_K and Q6_K against several activation rows at once
+//! (decode steps of a batch, prefill), in the manner of `zmm.rs`: a 512-bit register
+//! holds one column's eight lanes for *two* activation rows (lanes 0..8 row `2p`,
+//! lanes 8..16 row `2p + 1`), the weights are unpacked once per column and block (the
+//! same bytes in both halves) and used by up to four row pairs.
+//!
+//! Per 32 values: `vpmaddubsw` (weights against the two rows' activations, exact i16
+//! pairs) then `vpdpwssd` (times the sub-block scale, added to the i32 lanes). Integer
+//! sums are exact in any grouping, so only the float steps must follow the reference
+//! ([`KWeight::dot_ref`]), and they do, lane for lane:
+//!
+//! - Q6_K: the lanes are those of the reference (four values each per 32-value group),
+//!   the `-32` offset enters them through the activation sums, and each lane gets one
+//!   fused multiply-add of `d_w * d_y` per super-block; [`hsum8_pair`] ends as `hsum8`.
+//! - Q4_K: the reference keeps two scalar chains per output (`acc`, `accm`). The block's
+//!   integer lanes of `scale * dot` and of `min * bsum` are added up exactly into lane 0
+//!   (`isum`) and lane 1 (`imin`) of each half, converted, and fused into an f32 vector
+//!   whose lanes 0, 1, 8, 9 are the two rows' chains; the outputs are `acc - accm`.
+//!
+//! So the results are bit-identical to the portable reference and the AVX2 tiles.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::super::drive::Tiled;
+use super::super::zmm::hsum8_pair;
+use super::super::{Isa, OutPtr};
+use super::{KActs, KKind, KWeight, QK_K};
+
+/// The rows of one pass rearranged for the kernel, per super-block `b` and row pair
+/// `p` (index `b * P + p`), reused between calls.
+#[derive(Default)]
+struct PairScratch {
+    /// The two rows' activations, 32 values of row `2p` then the same 32 of row
+    /// `2p + 1`, eight times (512 bytes).
+    y: Vec<i8>,
+    /// The two rows' scales, each repeated eight times.
+    dy: Vec<f32>,
+    /// The two rows' sixteen sums of sixteen values (32 i16).
+    bs: Vec<i16>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<PairScratch> = RefCell::new(PairScratch::default());
+}
+
+/// Most row pairs in one pass (four pairs by two columns).
+const MAX_PAIRS: usize = 4;
+
+/// How far ahead of the tile being computed its weights are prefetched, in bytes.
+const PREFETCH: usize = 2048;
+
+impl KWeight {
+    /// `out[r * ldo + c] = x_r · w_c` for at least two rows.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, VL and VNNI, AVX2 and FMA are available; `x.k == self.k`.
+    pub(super) unsafe fn matmul_zmm(&self, x: &KActs, out: &mut [f32], ldo: usize) {
+        let (n, m) = (self.n, x.m);
+        assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
+        if m == 0 || n == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = n.div_ceil(threads * 4).next_multiple_of(2);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let run = |ci: usize| {
+            let c0 = ci * chunk;
+            // SAFETY: the features are there (caller), the output range was checked
+            // above, and the columns of one task belong to it alone.
+            unsafe { self.cols_zmm(x, c0, (c0 + chunk).min(n), ptr, ldo) }
+        };
+        let tasks = n.div_ceil(chunk);
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Every row of `x` against columns `c0..c1`.
+    ///
+    /// # Safety
+    /// As [`Self::matmul_zmm`]; `c1 <= n` and the output holds every row at stride
+    /// `ldo` for columns `c0..c1`, written by this task alone.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn cols_zmm(&self, x: &KActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
+        let mut r = 0;
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // Up to eight rows per pass over the weights; an odd count (3, 5, 7)
+            // pairs its last row with itself.
+            while x.m - r >= 2 {
+                let pairs = (x.m - r).div_ceil(2).min(MAX_PAIRS);
+                let rows = r..(r + 2 * pairs).min(x.m);
+                let nr = rows.len();
+                // SAFETY: as for this function.
+                unsafe {
+                    match pairs {
+                        4 => self.pairs_zmm::<4>(x, rows, c0, c1, s, out, ldo),
+                        3 => self.pairs_zmm::<3>(x, rows, c0, c1, s, out, ldo),
+                        2 => self.pairs_zmm::<2>(x, rows, c0, c1, s, out, ldo),
+                        _ => self.pairs_zmm::<1>(x, rows, c0, c1, s, out, ldo),
+                    }
+                }
+                r += nr;
+            }
+        });
+        if r < x.m {
+            // One row left after whole passes (9, 17, ... rows): the one-row tiles.
+            let row = [x.row(r)];
+            let mut c = c0;
+            while c < c1 {
+                if c + 4 <= c1 {
+                    let v = self.tile::<1, 4>(Isa::Avx512Vnni, c, row);
+                    for (j, &[y]) in v.iter().enumerate() {
+                        out.write(r * ldo + c + j, y);
+                    }
+                    c += 4;
+                } else {
+                    let [[y]] = self.tile::<1, 1>(Isa::Avx512Vnni, c, row);
+                    out.write(r * ldo + c, y);
+                    c += 1;
+                }
+            }
+        }
+    }
+
+    /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
+    /// columns `c0..c1`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pairs_zmm<const P: usize>(
+        &self,
+        x: &KActs,
+        rows: std::ops::Range<usize>,
+        c0: usize,
+        c1: usize,
+        s: &mut PairScratch,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        let nb = self.k / QK_K;
+        let (r0, nr) = (rows.start, rows.len());
+        debug_assert!(nr == 2 * P || nr == 2 * P - 1);
+        if s.y.len() < nb * P * 512 {
+            s.y.resize(nb * P * 512, 0);
+            s.dy.resize(nb * P * 16, 0.0);
+            s.bs.resize(nb * P * 32, 0);
+        }
+        for b in 0..nb {
+            for p in 0..P {
+                let (ra, rb) = (x.row(r0 + 2 * p), x.row(r0 + (2 * p + 1).min(nr - 1)));
+                let at = b * P + p;
+                for g in 0..8 {
+                    let src = b * QK_K + 32 * g;
+                    let ya = _mm256_loadu_si256(ra.qs.as_ptr().add(src) as *const __m256i);
+                    let yb = _mm256_loadu_si256(rb.qs.as_ptr().add(src) as *const __m256i);
+                    let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ya), yb);
+                    _mm512_storeu_si512(s.y.as_mut_ptr().add(at * 512 + 64 * g) as *mut __m512i, y);
+                }
+                let dy = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(*ra.d.get_unchecked(b)),
+                    _mm512_set1_ps(*rb.d.get_unchecked(b)),
+                );
+                _mm512_storeu_ps(s.dy.as_mut_ptr().add(at * 16), dy);
+                let ba = _mm256_loadu_si256(ra.bsums.as_ptr().add(b * 16) as *const __m256i);
+                let bb = _mm256_loadu_si256(rb.bsums.as_ptr().add(b * 16) as *const __m256i);
+                let bs = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ba), bb);
+                _mm512_storeu_si512(s.bs.as_mut_ptr().add(at * 32) as *mut __m512i, bs);
+            }
+        }
+        let mut c = c0;
+        while c < c1 {
+            let cols = (c1 - c).min(2);
+            match (self.kind, cols) {
+                (KKind::Q4K, 2) => self.q4k_tile::<P, 2>(c, s, out, (r0, nr), ldo),
+                (KKind::Q4K, _) => self.q4k_tile::<P, 1>(c, s, out, (r0, nr), ldo),
+                (KKind::Q6K, 2) => self.q6k_tile::<P, 2>(c, s, out, (r0, nr), ldo),
+                (KKind::Q6K, _) => self.q6k_tile::<P, 1>(c, s, out, (r0, nr), ldo),
+            }
+            c += cols;
+        }
+    }
+
+    /// Q6_K columns `c..c + C` for the `P` row pairs prepared in `s`.
+    // Column `j` indexes several arrays (weights, sums, accumulators) at once.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q6k_tile<const P: usize, const C: usize>(
+        &self,
+        c: usize,
+        s: &PairScratch,
+        out: OutPtr,
+        (r0, nr): (usize, usize),
+        ldo: usize,
+    ) {
+        let nb = self.k / QK_K;
+        let m15 = _mm512_set1_epi8(15);
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        for b in 0..nb {
+            let mut sumi = [[_mm512_setzero_si512(); C]; P];
+            // The sixteen scales as i16 in both halves, and each group's pair of them
+            // (the first for lanes 0..4 of a half, the second for lanes 4..8).
+            let mut sc16 = [_mm512_setzero_si512(); C];
+            for j in 0..C {
+                let wb = (c + j) * nb + b;
+                let blk = self.q.as_ptr().add(wb * 192);
+                for line in 0..3 {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64 * line) as *const i8);
+                }
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    self.sc.as_ptr().add(wb * 16) as *const __m128i
+                ));
+                sc16[j] = _mm512_broadcast_i64x4(sc);
+                // -32 * (bs[2u] * sc[2u] + bs[2u + 1] * sc[2u + 1]) per lane u.
+                let neg32 = _mm512_mullo_epi16(sc16[j], _mm512_set1_epi16(-32));
+                for (p, sp) in sumi.iter_mut().enumerate() {
+                    let bs = _mm512_loadu_si512(s.bs.as_ptr().add((b * P + p) * 32) as *const _);
+                    sp[j] = _mm512_madd_epi16(bs, neg32);
+                }
+            }
+            for h in 0..2 {
+                for t in 0..4 {
+                    let g = 4 * h + t;
+                    // i16 lanes 0..8 of each half take scale 2g, lanes 8..16 scale 2g + 1.
+                    let idx = _mm512_set_epi16(
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 17) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 16) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g + 1) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                        (2 * g) as i16,
+                    );
+                    for j in 0..C {
+                        let wb = (c + j) * nb + b;
+                        let blk = self.q.as_ptr().add(wb * 192);
+                        let ql = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            blk.add(64 * h + 32 * (t & 1)) as *const __m256i,
+                        ));
+                        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            blk.add(128 + 32 * h) as *const __m256i
+                        ));
+                        let lo = if t < 2 {
+                            _mm512_and_si512(ql, m15)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m15)
+                        };
+                        // Bits 2t..2t+1 of qh to bits 4..5.
+                        let hb = match t {
+                            0 => _mm512_slli_epi16::<4>(_mm512_and_si512(qh, _mm512_set1_epi8(3))),
+                            1 => _mm512_slli_epi16::<2>(_mm512_and_si512(qh, _mm512_set1_epi8(12))),
+                            2 => _mm512_and_si512(qh, _mm512_set1_epi8(48)),
+                            _ => {
+                                _mm512_srli_epi16::<2>(_mm512_and_si512(qh, _mm512_set1_epi8(-64)))
+                            }
+                        };
+                        let qv = _mm512_or_si512(lo, hb);
+                        // With the sixteen scales in i16 lanes 0..16 (and 16..32).
+                        let scale = _mm512_permutexvar_epi16(idx, sc16[j]);
+                        for (p, sp) in sumi.iter_mut().enumerate() {
+                            let y = _mm512_loadu_si512(
+                                s.y.as_ptr().add((b * P + p) * 512 + 64 * g) as *const _,
+                            );
+                            let pr = _mm512_maddubs_epi16(qv, y);
+                            let a = sp.get_unchecked_mut(j);
+                            *a = _mm512_dpwssd_epi32(*a, pr, scale);
+                        }
+                    }
+                }
+            }
+            for j in 0..C {
+                let dx = _mm512_set1_ps(*self.d.get_unchecked((c + j) * nb + b));
+                for (p, ap) in acc.iter_mut().enumerate() {
+                    let dy = _mm512_loadu_ps(s.dy.as_ptr().add((b * P + p) * 16));
+                    let dd = _mm512_mul_ps(dx, dy);
+                    let a = ap.get_unchecked_mut(j);
+                    *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(sumi[p][j]), *a);
+                }
+            }
+        }
+        for (p, ap) in acc.iter().enumerate() {
+            for (j, a) in ap.iter().enumerate() {
+                for (h, v) in hsum8_pair(*a).into_iter().enumerate() {
+                    let i = 2 * p + h;
+                    if i == nr {
+                        break; // the duplicate of an odd pass's last row
+                    }
+                    out.write((r0 + i) * ldo + c + j, v);
+                }
+            }
+        }
+    }
+
+    /// Q4_K columns `c..c + C` for the `P` row pairs prepared in `s`.
+    // Column `j` indexes several arrays (weights, sums, accumulators) at once.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q4k_tile<const P: usize, const C: usize>(
+        &self,
+        c: usize,
+        s: &PairScratch,
+        out: OutPtr,
+        (r0, nr): (usize, usize),
+        ldo: usize,
+    ) {
+        let nb = self.k / QK_K;
+        let m4 = _mm512_set1_epi8(0x0F);
+        // Lanes 0, 1 (and 8, 9) of each vector: the two chains `acc`, `accm` of a row.
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        for b in 0..nb {
+            let mut isum = [[_mm512_setzero_si512(); C]; P];
+            for j in 0..C {
+                let wb = (c + j) * nb + b;
+                let q = self.q.as_ptr().add(wb * 128);
+                for line in 0..2 {
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH + 64 * line) as *const i8);
+                }
+                let sc = self.sc.as_ptr().add(wb * 16);
+                for ch in 0..4 {
+                    let bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        q.add(32 * ch) as *const __m256i
+                    ));
+                    let halves = [
+                        (_mm512_and_si512(bits, m4), *sc.add(2 * ch)),
+                        (
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4),
+                            *sc.add(2 * ch + 1),
+                        ),
+                    ];
+                    for (hi, (qv, scale)) in halves.into_iter().enumerate() {
+                        let scale = _mm512_set1_epi16(scale as i16);
+                        let g = 2 * ch + hi;
+                        for (p, sp) in isum.iter_mut().enumerate() {
+                            let y = _mm512_loadu_si512(
+                                s.y.as_ptr().add((b * P + p) * 512 + 64 * g) as *const _,
+                            );
+                            let pr = _mm512_maddubs_epi16(qv, y);
+                            let a = sp.get_unchecked_mut(j);
+                            *a = _mm512_dpwssd_epi32(*a, pr, scale);
+                        }
+                    }
+                }
+            }
+            for j in 0..C {
+                let wb = (c + j) * nb + b;
+                // The eight mins, each twice, as i16: lane u of `madd` is
+                // `min[u] * (bs[2u] + bs[2u + 1])`.
+                let mins = _mm_loadl_epi64(self.sc.as_ptr().add(wb * 16 + 8) as *const __m128i);
+                let mins =
+                    _mm512_broadcast_i64x4(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins)));
+                // [d, dmin, d, dmin, ...].
+                let dw = _mm512_unpacklo_ps(
+                    _mm512_set1_ps(*self.d.get_unchecked(wb)),
+                    _mm512_set1_ps(*self.dmin.get_unchecked(wb)),
+                );
+                for (p, ap) in acc.iter_mut().enumerate() {
+                    let at = b * P + p;
+                    let bs = _mm512_loadu_si512(s.bs.as_ptr().add(at * 32) as *const _);
+                    let imin = _mm512_madd_epi16(bs, mins);
+                    let is = isum[p][j];
+                    // Per 128-bit quarter [i0 + i2, m0 + m2, i1 + i3, m1 + m3], then the
+                    // quarter's sums in lanes 0, 1, then the half's (exact integer sums).
+                    let t = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(is, imin),
+                        _mm512_unpackhi_epi32(is, imin),
+                    );
+                    let t = _mm512_add_epi32(t, _mm512_shuffle_epi32::<0x4E>(t));
+                    let t = _mm512_add_epi32(t, _mm512_shuffle_i32x4::<0xB1>(t, t));
+                    let dy = _mm512_loadu_ps(s.dy.as_ptr().add(at * 16));
+                    let a = ap.get_unchecked_mut(j);
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, dy), *a);
+                }
+            }
+        }
+        for (p, ap) in acc.iter().enumerate() {
+            for (j, a) in ap.iter().enumerate() {
+                let mut l = [0f32; 16];
+                _mm512_storeu_ps(l.as_mut_ptr(), *a);
+                for h in 0..2 {
+                    let i = 2 * p + h;
+                    if i == nr {
+                        break; // the duplicate of an odd pass's last row
+                    }
+                    out.write((r0 + i) * ldo + c + j, l[8 * h] - l[8 * h + 1]);
+                }
+            }
+        }
+    }
+}
