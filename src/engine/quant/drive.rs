@@ -42,6 +42,40 @@ pub(super) fn prefetch_bytes<T>(p: *const T, len: usize) {
     let _ = (p, len);
 }
 
+/// Row `r` (`row`) alone against columns `c0..c1`, four columns to a tile.
+///
+/// # Safety
+/// The output holds row `r` at stride `ldo` for columns `c0..c1`, written by this task
+/// alone; `c1` is at most the weight's width.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn one_row<W: Tiled>(
+    w: &W,
+    isa: Isa,
+    row: W::Row<'_>,
+    r: usize,
+    c0: usize,
+    c1: usize,
+    out: OutPtr,
+    ldo: usize,
+) {
+    let mut c = c0;
+    while c < c1 {
+        if c + 4 <= c1 {
+            let v = w.tile::<1, 4>(isa, c, [row]);
+            for (j, &[y]) in v.iter().enumerate() {
+                // SAFETY: as for this function.
+                unsafe { out.write(r * ldo + c + j, y) };
+            }
+            c += 4;
+        } else {
+            let [[y]] = w.tile::<1, 1>(isa, c, [row]);
+            // SAFETY: as for this function.
+            unsafe { out.write(r * ldo + c, y) };
+            c += 1;
+        }
+    }
+}
+
 /// `out[r * ldo + c] = row(r) · w_c` for `m` rows and `n` columns at level `isa`.
 pub(super) fn matmul<'a, W: Tiled>(
     w: &W,

@@ -11,9 +11,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
-use super::super::drive::Tiled;
+use super::super::drive;
+use super::super::pairs::{self, Pairs};
 use super::super::zmm::hsum8_pair;
 use super::super::{Isa, OutPtr, QActs, MAGIC_BITS, QK};
 use super::Q5Weight;
@@ -21,7 +20,7 @@ use super::Q5Weight;
 /// The rows of one pass rearranged for the kernel, per block `b` and row pair `p`
 /// (index `b * P + p`), reused between calls.
 #[derive(Default)]
-struct PairScratch {
+pub(in crate::engine::quant) struct PairScratch {
     /// The two rows' 32 activation bytes, side by side (64 bytes).
     y: Vec<i8>,
     /// The two rows' activation scales, each repeated eight times.
@@ -34,9 +33,6 @@ thread_local! {
     static SCRATCH: RefCell<PairScratch> = RefCell::new(PairScratch::default());
 }
 
-/// Most row pairs in one pass (four pairs by two columns).
-const MAX_PAIRS: usize = 4;
-
 /// How far ahead of the tile being computed its weights are prefetched, in bytes.
 const PREFETCH: usize = 2048;
 
@@ -46,76 +42,44 @@ impl Q5Weight {
     /// # Safety
     /// AVX-512 F, BW, VL and VNNI, AVX2 and FMA are available; `x.k == self.k`.
     pub(super) unsafe fn matmul_zmm(&self, x: &QActs, out: &mut [f32], ldo: usize) {
-        let (n, m) = (self.n, x.m);
-        assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
-        if m == 0 || n == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = n.div_ceil(threads * 4).next_multiple_of(2);
-        let ptr = OutPtr(out.as_mut_ptr());
-        let run = |ci: usize| {
-            let c0 = ci * chunk;
-            // SAFETY: the features are there (caller), the output range was checked
-            // above, and the columns of one task belong to it alone.
-            unsafe { self.cols_zmm(x, c0, (c0 + chunk).min(n), ptr, ldo) }
-        };
-        let tasks = n.div_ceil(chunk);
-        if tasks == 1 {
-            run(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(run);
-        }
+        // SAFETY: as for this function.
+        unsafe { pairs::matmul(self, self.n, x, out, ldo) }
+    }
+}
+
+impl Pairs for Q5Weight {
+    type Acts = QActs;
+    type Scratch = PairScratch;
+
+    fn rows(x: &QActs) -> usize {
+        x.m
     }
 
-    /// Every row of `x` against columns `c0..c1`.
-    ///
-    /// # Safety
-    /// As [`Self::matmul_zmm`]; `c1 <= n` and the output holds every row at stride
-    /// `ldo` for columns `c0..c1`, written by this task alone.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn cols_zmm(&self, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
-        let mut r = 0;
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            // Up to eight rows per pass over the weights; an odd count (3, 5, 7)
-            // pairs its last row with itself.
-            while x.m - r >= 2 {
-                let pairs = (x.m - r).div_ceil(2).min(MAX_PAIRS);
-                let rows = r..(r + 2 * pairs).min(x.m);
-                let nr = rows.len();
-                // SAFETY: as for this function.
-                unsafe {
-                    match pairs {
-                        4 => self.pairs_zmm::<4>(x, rows, c0, c1, s, out, ldo),
-                        3 => self.pairs_zmm::<3>(x, rows, c0, c1, s, out, ldo),
-                        2 => self.pairs_zmm::<2>(x, rows, c0, c1, s, out, ldo),
-                        _ => self.pairs_zmm::<1>(x, rows, c0, c1, s, out, ldo),
-                    }
-                }
-                r += nr;
-            }
-        });
-        if r < x.m {
-            // One row left after whole passes (9, 17, ... rows): the one-row tiles.
-            let row = [x.row(r)];
-            let mut c = c0;
-            while c < c1 {
-                if c + 4 <= c1 {
-                    let v = self.tile::<1, 4>(Isa::Avx512Vnni, c, row);
-                    for (j, &[y]) in v.iter().enumerate() {
-                        out.write(r * ldo + c + j, y);
-                    }
-                    c += 4;
-                } else {
-                    let [[y]] = self.tile::<1, 1>(Isa::Avx512Vnni, c, row);
-                    out.write(r * ldo + c, y);
-                    c += 1;
-                }
-            }
-        }
+    fn with_scratch<R>(f: impl FnOnce(&mut PairScratch) -> R) -> R {
+        SCRATCH.with(|s| f(&mut s.borrow_mut()))
     }
 
+    unsafe fn pass<const P: usize>(
+        &self,
+        x: &QActs,
+        rows: std::ops::Range<usize>,
+        c0: usize,
+        c1: usize,
+        s: &mut PairScratch,
+        out: OutPtr,
+        ldo: usize,
+    ) {
+        // SAFETY: as for this function.
+        unsafe { self.pairs_zmm::<P>(x, rows, c0, c1, s, out, ldo) }
+    }
+
+    unsafe fn last_row(&self, x: &QActs, r: usize, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
+        // SAFETY: as for this function.
+        unsafe { drive::one_row(self, Isa::Avx512Vnni, x.row(r), r, c0, c1, out, ldo) }
+    }
+}
+
+impl Q5Weight {
     /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
     /// columns `c0..c1`.
     #[allow(clippy::too_many_arguments)]

@@ -22,12 +22,13 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+use super::pairs::{self, Pairs, MAX_PAIRS};
 use super::{Isa, Kind, OutPtr, QActs, QWeight, MAGIC_BITS, QK};
 
 /// The rows of one tile rearranged for the kernel, per block `b` and row pair `p`
 /// (index `b * P + p`), reused between calls.
 #[derive(Default)]
-struct PairScratch {
+pub(super) struct PairScratch {
     /// The two rows' 32 activation bytes, side by side (64 bytes).
     y: Vec<i8>,
     /// The two rows' activation scales, each repeated eight times.
@@ -44,9 +45,6 @@ thread_local! {
 
 /// How far ahead of the tile being computed its weights are prefetched, in bytes.
 const PREFETCH: usize = 2048;
-
-/// Most row pairs in one tile (four pairs by two columns: eight accumulators).
-const MAX_PAIRS: usize = 4;
 
 /// [`hsum8`] of lanes `0..8` and of lanes `8..16`, in registers: `l[i] + l[i + 4]`,
 /// then `(r0 + r2) + (r1 + r3)`, the same additions (addition commutes bit for bit).
@@ -71,52 +69,56 @@ impl QWeight {
     /// # Safety
     /// AVX-512 F, BW, VL and VNNI, AVX2 and FMA are available; `c0 % 8 == 0`,
     /// `c1 <= n`, and the output holds every row at stride `ldo` for columns `c0..c1`.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn cols_zmm(&self, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
-        match self.kind {
-            Kind::Q4_0 => self.cols_zmm_k::<0>(x, c0, c1, out, ldo),
-            Kind::Q4_1 => self.cols_zmm_k::<1>(x, c0, c1, out, ldo),
-            Kind::Q8_0 => self.cols_zmm_k::<2>(x, c0, c1, out, ldo),
-        }
+        debug_assert!(c0.is_multiple_of(8) && c1 <= self.n);
+        // SAFETY: as for this function.
+        unsafe { pairs::cols(self, x, c0, c1, out, ldo) }
+    }
+}
+
+impl Pairs for QWeight {
+    type Acts = QActs;
+    type Scratch = PairScratch;
+
+    fn rows(x: &QActs) -> usize {
+        x.m
     }
 
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn cols_zmm_k<const K: u8>(
+    fn with_scratch<R>(f: impl FnOnce(&mut PairScratch) -> R) -> R {
+        SCRATCH.with(|s| f(&mut s.borrow_mut()))
+    }
+
+    unsafe fn pass<const P: usize>(
         &self,
         x: &QActs,
+        rows: std::ops::Range<usize>,
         c0: usize,
         c1: usize,
+        s: &mut PairScratch,
         out: OutPtr,
         ldo: usize,
     ) {
-        debug_assert!(c0.is_multiple_of(8) && c1 <= self.n);
-        let mut r = 0;
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            // Up to eight rows per pass over the weights; an odd count (3, 5, 7)
-            // pairs its last row with itself, so the weights are still read once.
-            while x.m - r >= 2 {
-                let pairs = (x.m - r).div_ceil(2).min(MAX_PAIRS);
-                let rows = r..(r + 2 * pairs).min(x.m);
-                let n = rows.len();
-                // SAFETY: as for this function.
-                unsafe {
-                    match pairs {
-                        4 => self.pairs_zmm::<K, 4>(x, rows, c0, c1, s, out, ldo),
-                        3 => self.pairs_zmm::<K, 3>(x, rows, c0, c1, s, out, ldo),
-                        2 => self.pairs_zmm::<K, 2>(x, rows, c0, c1, s, out, ldo),
-                        _ => self.pairs_zmm::<K, 1>(x, rows, c0, c1, s, out, ldo),
-                    }
-                }
-                r += n;
+        // SAFETY: as for this function.
+        unsafe {
+            match self.kind {
+                Kind::Q4_0 => self.pairs_zmm::<0, P>(x, rows, c0, c1, s, out, ldo),
+                Kind::Q4_1 => self.pairs_zmm::<1, P>(x, rows, c0, c1, s, out, ldo),
+                Kind::Q8_0 => self.pairs_zmm::<2, P>(x, rows, c0, c1, s, out, ldo),
             }
-        });
-        if r < x.m {
-            // One row left after whole tiles (9, 17, ... rows): the one-row kernels.
-            self.one_row(Isa::Avx512Vnni, x, r, c0, c1, out, ldo);
         }
     }
 
+    unsafe fn last_row(&self, x: &QActs, r: usize, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
+        self.one_row(Isa::Avx512Vnni, x, r, c0, c1, out, ldo);
+    }
+
+    /// The scales come eight columns to a vector.
+    fn align() -> usize {
+        8
+    }
+}
+
+impl QWeight {
     /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
     /// columns `c0..c1`, a group of eight columns (one scale vector) at a time.
     #[allow(clippy::too_many_arguments)]
