@@ -24,6 +24,8 @@ mod drive;
 mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod pairs;
 mod q5_0;
 #[cfg(target_arch = "x86_64")]
 mod zmm;
