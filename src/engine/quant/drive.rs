@@ -42,11 +42,13 @@ pub(super) fn prefetch_bytes<T>(p: *const T, len: usize) {
     let _ = (p, len);
 }
 
-/// Row `r` (`row`) alone against columns `c0..c1`, four columns to a tile.
+/// Row `r` (`row`) alone against columns `c0..c1`, four columns to a tile (the row left
+/// over by the 512-bit kernels' passes of row pairs).
 ///
 /// # Safety
 /// The output holds row `r` at stride `ldo` for columns `c0..c1`, written by this task
 /// alone; `c1` is at most the weight's width.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn one_row<W: Tiled>(
     w: &W,
