@@ -261,6 +261,35 @@ fn gather(
     n
 }
 
+/// `w(l)` summed per bucket into `hist`; returns the total.
+fn bucket_sums(
+    src: impl Iterator<Item = (u32, f32)>,
+    max: f32,
+    hist: &mut Vec<f64>,
+    w: impl Fn(f32) -> f64,
+) -> f64 {
+    hist.clear();
+    hist.resize(BUCKETS, 0.0);
+    let mut z = 0f64;
+    for (_, l) in src {
+        let v = w(l);
+        hist[bucket(l, max)] += v;
+        z += v;
+    }
+    z
+}
+
+/// The bucket where the running sum of `hist` reaches `t` (the last if none does), and
+/// what is left of `t` there.
+fn crossing(hist: &[f64], mut t: f64) -> (usize, f64) {
+    let mut b = 0;
+    while b + 1 < hist.len() && hist[b] < t {
+        t -= hist[b];
+        b += 1;
+    }
+    (b, t)
+}
+
 /// Into `out`: the `k` best of `src` (finite logits, `max` the largest) in [`desc`]
 /// order, as a set; all of them if there are no more than `k`.
 fn top_k_cut(
@@ -270,16 +299,8 @@ fn top_k_cut(
     (hist, edge): (&mut Vec<f64>, &mut Vec<(u32, f32)>),
     out: &mut Vec<(u32, f32)>,
 ) {
-    hist.clear();
-    hist.resize(BUCKETS, 0.0);
-    for (_, l) in src.clone() {
-        hist[bucket(l, max)] += 1.0;
-    }
-    let (mut b, mut before) = (0, 0usize);
-    while b + 1 < BUCKETS && before + (hist[b] as usize) < k {
-        before += hist[b] as usize;
-        b += 1;
-    }
+    bucket_sums(src.clone(), max, hist, |_| 1.0);
+    let (b, _) = crossing(hist, k as f64);
     let n = gather(src, max, b, out, edge);
     let tail = &mut out[n..];
     let need = k.saturating_sub(n);
@@ -299,21 +320,8 @@ fn top_p_cut(
     (hist, edge): (&mut Vec<f64>, &mut Vec<(u32, f32)>),
     out: &mut Vec<(u32, f32)>,
 ) {
-    hist.clear();
-    hist.resize(BUCKETS, 0.0);
-    let mut z = 0f64;
-    for (_, l) in src.clone() {
-        let w = f64::from(fast_exp(l - max));
-        hist[bucket(l, max)] += w;
-        z += w;
-    }
-    // The bucket where the running mass reaches the target, and what is left of it there.
-    let mut t = f64::from(top_p) * z;
-    let mut b = 0;
-    while b + 1 < BUCKETS && hist[b] < t {
-        t -= hist[b];
-        b += 1;
-    }
+    let z = bucket_sums(src.clone(), max, hist, |l| f64::from(fast_exp(l - max)));
+    let (b, t) = crossing(hist, f64::from(top_p) * z);
     let n = gather(src, max, b, out, edge);
     let keep = n + mass_prefix(&mut out[n..], max, t);
     out.truncate(keep.max(1));

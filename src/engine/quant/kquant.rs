@@ -325,7 +325,7 @@ impl KWeight {
         #[cfg(target_arch = "x86_64")]
         if level == Isa::Avx512Vnni && x.m >= 2 {
             // SAFETY: the CPU has AVX-512 VNNI (checked above) and the widths agree.
-            return unsafe { self.matmul_zmm(x, out, ldo) };
+            return unsafe { super::pairs::matmul(self, self.n, x, out, ldo) };
         }
         drive::matmul(self, level, self.n, x.m, |r| x.row(r), out, ldo);
     }

@@ -21,9 +21,10 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use super::super::drive;
-use super::super::pairs::{self, Pairs};
+use super::super::pairs::Pairs;
 use super::super::zmm::hsum8_pair;
 use super::super::{Isa, OutPtr};
 use super::{KActs, KKind, KWeight, QK_K};
@@ -48,17 +49,6 @@ thread_local! {
 /// How far ahead of the tile being computed its weights are prefetched, in bytes.
 const PREFETCH: usize = 2048;
 
-impl KWeight {
-    /// `out[r * ldo + c] = x_r · w_c` for at least two rows.
-    ///
-    /// # Safety
-    /// AVX-512 F, BW, VL and VNNI, AVX2 and FMA are available; `x.k == self.k`.
-    pub(super) unsafe fn matmul_zmm(&self, x: &KActs, out: &mut [f32], ldo: usize) {
-        // SAFETY: as for this function.
-        unsafe { pairs::matmul(self, self.n, x, out, ldo) }
-    }
-}
-
 impl Pairs for KWeight {
     type Acts = KActs;
     type Scratch = PairScratch;
@@ -67,36 +57,15 @@ impl Pairs for KWeight {
         x.m
     }
 
-    fn with_scratch<R>(f: impl FnOnce(&mut PairScratch) -> R) -> R {
-        SCRATCH.with(|s| f(&mut s.borrow_mut()))
-    }
-
-    unsafe fn pass<const P: usize>(
-        &self,
-        x: &KActs,
-        rows: std::ops::Range<usize>,
-        c0: usize,
-        c1: usize,
-        s: &mut PairScratch,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        // SAFETY: as for this function.
-        unsafe { self.pairs_zmm::<P>(x, rows, c0, c1, s, out, ldo) }
-    }
+    const SCRATCH: &'static LocalKey<RefCell<PairScratch>> = &SCRATCH;
 
     unsafe fn last_row(&self, x: &KActs, r: usize, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         // SAFETY: as for this function.
         unsafe { drive::one_row(self, Isa::Avx512Vnni, x.row(r), r, c0, c1, out, ldo) }
     }
-}
 
-impl KWeight {
-    /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
-    /// columns `c0..c1`.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pairs_zmm<const P: usize>(
+    unsafe fn pass<const P: usize>(
         &self,
         x: &KActs,
         rows: std::ops::Range<usize>,
@@ -149,7 +118,9 @@ impl KWeight {
             c += cols;
         }
     }
+}
 
+impl KWeight {
     /// Q6_K columns `c..c + C` for the `P` row pairs prepared in `s`.
     // Column `j` indexes several arrays (weights, sums, accumulators) at once.
     #[allow(clippy::needless_range_loop)]

@@ -7,7 +7,9 @@
 //!
 //! Must not depend on anything outside `quant`.
 
+use std::cell::RefCell;
 use std::ops::Range;
+use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
@@ -21,13 +23,13 @@ pub(super) trait Pairs: Sync {
     /// The quantized activations it takes.
     type Acts: Sync;
     /// Per-thread buffers of a pass (the rows rearranged for the kernel).
-    type Scratch;
+    type Scratch: 'static;
 
     /// How many rows `x` holds.
     fn rows(x: &Self::Acts) -> usize;
 
-    /// Runs `f` with this thread's scratch.
-    fn with_scratch<R>(f: impl FnOnce(&mut Self::Scratch) -> R) -> R;
+    /// This thread's scratch.
+    const SCRATCH: &'static LocalKey<RefCell<Self::Scratch>>;
 
     /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
     /// columns `c0..c1`.
@@ -82,7 +84,8 @@ pub(super) unsafe fn cols<W: Pairs>(
 ) {
     let m = W::rows(x);
     let mut r = 0;
-    W::with_scratch(|s| {
+    W::SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
         while m - r >= 2 {
             let pairs = (m - r).div_ceil(2).min(MAX_PAIRS);
             let rows = r..(r + 2 * pairs).min(m);

@@ -10,9 +10,10 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use super::super::drive;
-use super::super::pairs::{self, Pairs};
+use super::super::pairs::Pairs;
 use super::super::zmm::hsum8_pair;
 use super::super::{Isa, OutPtr, QActs, MAGIC_BITS, QK};
 use super::Q5Weight;
@@ -36,17 +37,6 @@ thread_local! {
 /// How far ahead of the tile being computed its weights are prefetched, in bytes.
 const PREFETCH: usize = 2048;
 
-impl Q5Weight {
-    /// `out[r * ldo + c] = x_r · w_c` for at least two rows.
-    ///
-    /// # Safety
-    /// AVX-512 F, BW, VL and VNNI, AVX2 and FMA are available; `x.k == self.k`.
-    pub(super) unsafe fn matmul_zmm(&self, x: &QActs, out: &mut [f32], ldo: usize) {
-        // SAFETY: as for this function.
-        unsafe { pairs::matmul(self, self.n, x, out, ldo) }
-    }
-}
-
 impl Pairs for Q5Weight {
     type Acts = QActs;
     type Scratch = PairScratch;
@@ -55,36 +45,15 @@ impl Pairs for Q5Weight {
         x.m
     }
 
-    fn with_scratch<R>(f: impl FnOnce(&mut PairScratch) -> R) -> R {
-        SCRATCH.with(|s| f(&mut s.borrow_mut()))
-    }
-
-    unsafe fn pass<const P: usize>(
-        &self,
-        x: &QActs,
-        rows: std::ops::Range<usize>,
-        c0: usize,
-        c1: usize,
-        s: &mut PairScratch,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        // SAFETY: as for this function.
-        unsafe { self.pairs_zmm::<P>(x, rows, c0, c1, s, out, ldo) }
-    }
+    const SCRATCH: &'static LocalKey<RefCell<PairScratch>> = &SCRATCH;
 
     unsafe fn last_row(&self, x: &QActs, r: usize, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         // SAFETY: as for this function.
         unsafe { drive::one_row(self, Isa::Avx512Vnni, x.row(r), r, c0, c1, out, ldo) }
     }
-}
 
-impl Q5Weight {
-    /// `rows` (`2P` of them, or `2P - 1`: the last pair is then one row twice) against
-    /// columns `c0..c1`.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pairs_zmm<const P: usize>(
+    unsafe fn pass<const P: usize>(
         &self,
         x: &QActs,
         rows: std::ops::Range<usize>,
@@ -134,7 +103,9 @@ impl Q5Weight {
             }
         }
     }
+}
 
+impl Q5Weight {
     /// Columns `c..c + C` for the `P` row pairs prepared in `s`.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]

@@ -21,6 +21,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use super::pairs::{self, Pairs, MAX_PAIRS};
 use super::{Isa, Kind, OutPtr, QActs, QWeight, MAGIC_BITS, QK};
@@ -84,9 +85,7 @@ impl Pairs for QWeight {
         x.m
     }
 
-    fn with_scratch<R>(f: impl FnOnce(&mut PairScratch) -> R) -> R {
-        SCRATCH.with(|s| f(&mut s.borrow_mut()))
-    }
+    const SCRATCH: &'static LocalKey<RefCell<PairScratch>> = &SCRATCH;
 
     unsafe fn pass<const P: usize>(
         &self,
