@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compile the fused decode kernels (src/engine/cuda/decode.cu)
+//! With the `cuda` feature, compile the fused decode kernels (src/engine/model/cuda/decode.cu)
 //! to PTX with nvcc (`NVCC`, else `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) for
 //! `CUDA_COMPUTE_CAP` (default 61: dp4a is the newest instruction they use; the driver
 //! compiles the PTX for the card at load). The default build does nothing here.
@@ -12,7 +12,7 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "src/engine/cuda/decode.cu";
+    let src = "src/engine/model/cuda/decode.cu";
     println!("cargo:rerun-if-changed={src}");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)

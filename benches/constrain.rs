@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candela::engine::constrain::{Constraint, TokenTable};
-use candela::engine::grammar::Grammar;
+use candela::engine::decode::constrain::{Constraint, TokenTable};
+use candela::engine::decode::grammar::Grammar;
 use candela::engine::Tok;
 use candle_core::quantized::gguf_file;
 use serde_json::json;

@@ -5,8 +5,8 @@
 mod util;
 use util::cpu_seconds;
 
+use candela::engine::decode::sampling::Sampler;
 use candela::engine::model::{Model, SeqInput};
-use candela::engine::sampling::Sampler;
 use candela::engine::SamplingParams;
 use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
@@ -128,7 +128,7 @@ fn cpu_steps(n: usize) {
             "decode step, batch {batch}, ctx {ctx}: {:.2} ms CPU, {:.2} ms wall (isa {:?})",
             cpu * 1e3 / n as f64,
             wall * 1e3 / n as f64,
-            candela::engine::quant::isa()
+            candela::engine::kernels::quant::isa()
         );
     }
 }

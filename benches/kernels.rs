@@ -7,8 +7,10 @@
 mod util;
 use util::cpu_seconds;
 
-use candela::engine::attn;
-use candela::engine::quant::{isa_available, Isa, KActs, KWeight, Q5Weight, QActs, QWeight};
+use candela::engine::kernels::attn;
+use candela::engine::kernels::quant::{
+    isa_available, Isa, KActs, KWeight, Q5Weight, QActs, QWeight,
+};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, Criterion, Throughput};

@@ -5,6 +5,7 @@
 //! may call.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -59,7 +59,7 @@ async fn doctor(
         .cloned()
         .unwrap_or_else(|| "default".into());
     tokio::task::spawn_blocking(move || {
-        candela::engine::doctor::run(
+        candela::cli::doctor::run(
             &spec,
             &cfg.data_dir,
             &cfg.device,
@@ -104,7 +104,7 @@ async fn plan(
         let mut sys = sysinfo::System::new();
         sys.refresh_memory();
         // With several models each gets an even share of the KV budget (as when serving).
-        let p = candela::engine::plan::plan(
+        let p = candela::cli::plan::plan(
             &r.path,
             &r.id,
             cfg.kv_dtype,

@@ -64,7 +64,7 @@ fn first_token_logits_match_llama_cpp() {
                 "token {id}: llama.cpp {want}, candela {got}"
             );
         }
-        let best = candela::engine::sampling::argmax(logits) as u64;
+        let best = candela::engine::decode::sampling::argmax(logits) as u64;
         assert_eq!(
             best,
             top[0][0].as_u64().unwrap(),
@@ -170,7 +170,7 @@ fn batched_decode_steps_are_bit_identical_to_single_steps() {
             .unwrap();
         (
             c,
-            candela::engine::sampling::argmax(&common::rows(&out[0])[0]) as u32,
+            candela::engine::decode::sampling::argmax(&common::rows(&out[0])[0]) as u32,
         )
     };
     let (mut alone, mut next): (Vec<SeqCache>, Vec<u32>) = prompts.iter().map(prime).unzip();
@@ -206,7 +206,7 @@ fn batched_decode_steps_are_bit_identical_to_single_steps() {
                 differ, 0,
                 "step {step}, sequence {i}: {differ} logits differ"
             );
-            next[i] = candela::engine::sampling::argmax(&a[0]) as u32;
+            next[i] = candela::engine::decode::sampling::argmax(&a[0]) as u32;
         }
     }
 }
@@ -244,7 +244,7 @@ fn greedy_decode_follows_llama_cpp() {
                 }])
                 .unwrap();
             let logits = &common::rows(&out[0])[0];
-            let t = candela::engine::sampling::argmax(logits) as u32;
+            let t = candela::engine::decode::sampling::argmax(logits) as u32;
             if t != w && !parted {
                 parted = true;
                 let gap = logits[t as usize] - logits[w as usize];

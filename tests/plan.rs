@@ -8,7 +8,7 @@ use candela::kv::KvDtype;
 fn plan_figures_for_the_default_model() {
     let gguf = common::model_path();
     let budget = 1u64 << 30;
-    let p = candela::engine::plan::plan(
+    let p = candela::cli::plan::plan(
         &gguf,
         "smollm2",
         KvDtype::F16,
@@ -29,7 +29,7 @@ fn plan_figures_for_the_default_model() {
         p.weight_bytes
     );
     let q8 =
-        candela::engine::plan::plan(&gguf, "smollm2", KvDtype::Q8_0, budget, 4096, (0, 0)).unwrap();
+        candela::cli::plan::plan(&gguf, "smollm2", KvDtype::Q8_0, budget, 4096, (0, 0)).unwrap();
     // 8-bit values plus one f16 scale per 32: 34 bytes per 32 values.
     assert_eq!(q8.bytes_per_token, 23_040 / 2 * 34 / 32);
     assert_eq!(q8.tokens_fit, budget / 12_240);

@@ -355,7 +355,7 @@ async fn sessions_are_per_model() {
 fn plan_figures_for_qwen() {
     let gguf = common::qwen_path();
     let budget = 1u64 << 30;
-    let p = candela::engine::plan::plan(
+    let p = candela::cli::plan::plan(
         &gguf,
         QWEN,
         KvDtype::F16,

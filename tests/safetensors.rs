@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use candela::engine::decode::sampling::argmax;
 use candela::engine::model::{Model, ModelConfig, SeqInput};
-use candela::engine::sampling::argmax;
 use candela::engine::Tok;
 use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
@@ -297,8 +297,7 @@ fn logits_match_the_gguf_in_f32_at_every_position() {
 
 #[test]
 fn plan_reads_the_directory() {
-    let p =
-        candela::engine::plan::plan(hf_dir(), "hf", KvDtype::F16, 1 << 30, 4096, (1, 1)).unwrap();
+    let p = candela::cli::plan::plan(hf_dir(), "hf", KvDtype::F16, 1 << 30, 4096, (1, 1)).unwrap();
     assert_eq!(
         (p.arch.as_str(), p.n_layers, p.n_kv_heads, p.head_dim),
         ("llama", 30, 3, 64)

@@ -2,7 +2,7 @@
 //! source and any conversation must render or fail cleanly, in bounded time (fuel).
 #![no_main]
 
-use candela::engine::template::{ChatTemplate, TemplateMessage};
+use candela::engine::text::template::{ChatTemplate, TemplateMessage};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use candela::api::error::{parse, ApiError};
 use candela::api::types::{ChatRequest, CommonParams, CompletionRequest};
 use candela::api::validate;
-use candela::engine::template::{ChatTemplate, CHATML};
+use candela::engine::text::template::{ChatTemplate, CHATML};
 use libfuzzer_sys::fuzz_target;
 
 fn template() -> &'static ChatTemplate {

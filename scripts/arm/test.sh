@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the library's tests for aarch64 Linux and run them under qemu user-mode
-# emulation, so the NEON kernels (src/engine/quant/neon.rs) are really executed and
+# emulation, so the NEON kernels (src/engine/kernels/quant/neon.rs) are really executed and
 # checked bit for bit against the portable reference. Emulation proves correctness
 # only; timings under qemu mean nothing (NEON is untimed on real ARM hardware here).
 #

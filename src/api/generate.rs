@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::grammar::Grammar;
+use crate::engine::decode::grammar::Grammar;
 use crate::engine::{Engine, FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
 use super::auth::Principal;

@@ -5,60 +5,30 @@
 //!
 //! Depends on `kv` (caches) and `metrics`; never on `api` or axum.
 
-pub mod attn;
-pub mod constrain;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod doctor;
+pub mod decode;
+mod error;
 pub mod fetch;
-pub mod grammar;
+pub mod kernels;
 pub mod model;
-pub mod plan;
-pub mod quant;
-pub mod sampling;
-pub mod stop;
-pub mod template;
-pub mod tokenizer;
+mod request;
+pub mod text;
 mod worker;
+
+pub use error::EngineError;
+pub use request::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
 
 pub use worker::pick_device;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::kv::store::{KvError, SessionInfo, SessionStore};
+use crate::kv::store::{SessionInfo, SessionStore};
 
-pub use sampling::{SamplingParams, TokenLogprob};
-pub use template::{ChatTemplate, TemplateMessage};
-pub use tokenizer::Tok;
-
-/// Errors of the engine layer. `api` maps them to HTTP statuses.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("model load failed: {0}")]
-    Load(String),
-    #[error("model fetch failed: {0}")]
-    Fetch(String),
-    #[error("tokenizer error: {0}")]
-    Tokenizer(String),
-    #[error("chat template error: {0}")]
-    Template(String),
-    #[error("model error: {0}")]
-    Model(#[from] candle_core::Error),
-    #[error("the request queue is full ({0} waiting); retry later")]
-    QueueFull(usize),
-    #[error("the model is still loading")]
-    Loading,
-    #[error("the engine is not running: {0}")]
-    Unavailable(String),
-    #[error(transparent)]
-    Session(#[from] KvError),
-    #[error("constrained decoding failed: {0}")]
-    Constraint(String),
-}
+pub use decode::sampling::{SamplingParams, TokenLogprob};
+pub use text::template::{ChatTemplate, TemplateMessage};
+pub use text::tokenizer::Tok;
 
 /// What the engine needs to start.
 #[derive(Debug, Clone)]
@@ -107,7 +77,7 @@ pub struct Loaded {
     pub tok: Arc<Tok>,
     pub template: ChatTemplate,
     /// The vocabulary as bytes, for constrained decoding.
-    pub tokens: Arc<constrain::TokenTable>,
+    pub tokens: Arc<decode::constrain::TokenTable>,
 }
 
 #[derive(Clone)]
@@ -115,70 +85,6 @@ pub enum EngineState {
     Loading,
     Ready(Arc<Loaded>),
     Failed(String),
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Stop,
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub cached_tokens: usize,
-}
-
-/// A token's logprob with texts, ready for the OpenAI `logprobs` object.
-#[derive(Debug, Clone)]
-pub struct LogprobEntry {
-    pub token: String,
-    pub logprob: f32,
-    pub top: Vec<(String, f32)>,
-}
-
-/// What the worker sends back while generating.
-#[derive(Debug)]
-pub enum GenEvent {
-    /// One generated token; `text` is what it completes (may be empty while a multi-byte
-    /// character or a possible stop string is held back).
-    Token {
-        text: String,
-        logprob: Option<LogprobEntry>,
-    },
-    Done {
-        finish: FinishReason,
-        usage: Usage,
-    },
-    Error(String),
-    /// Refused before any work (e.g. the session is busy).
-    Rejected(EngineError),
-}
-
-/// A checked generation request.
-pub struct GenRequest {
-    pub prompt: Vec<u32>,
-    /// Session whose cache to use and keep (`prompt_cache_key`); None: anonymous pool.
-    pub session: Option<String>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    /// Grammar the output must follow (`response_format`, forced tool calls).
-    pub grammar: Option<Arc<grammar::Grammar>>,
-    pub events: mpsc::UnboundedSender<GenEvent>,
-    pub span: tracing::Span,
-    pub enqueued: Instant,
 }
 
 /// Hand freed heap pages back to the OS. glibc keeps freed blocks in its arenas, so

@@ -349,7 +349,7 @@ pub fn full_vs_cached(
                 .zip(&inc[pos])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            let argmax = candela::engine::sampling::argmax;
+            let argmax = candela::engine::decode::sampling::argmax;
             (diff, argmax(&full[pos]) == argmax(&inc[pos]))
         })
         .collect()

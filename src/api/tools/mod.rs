@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::engine::grammar::{Grammar, SchemaError};
+use crate::engine::decode::grammar::{Grammar, SchemaError};
 
 use super::error::ApiError;
 

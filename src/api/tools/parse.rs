@@ -16,7 +16,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::engine::constrain::{CALL_CLOSE, CALL_OPEN};
+use crate::engine::decode::constrain::{CALL_CLOSE, CALL_OPEN};
 
 use super::scan::{is_ws, Cx, Obj, Step};
 use super::ToolPlan;

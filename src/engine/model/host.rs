@@ -13,8 +13,8 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::{Embed, Model, Proj, SeqInput, Weight};
-use crate::engine::attn;
-use crate::engine::quant::{KActs, QActs};
+use crate::engine::kernels::attn;
+use crate::engine::kernels::quant::{KActs, QActs};
 
 /// Debugging aid: with `CANDELA_DUMP_DIR` set, every forward pass writes its
 /// intermediate values (raw little-endian f32, named as llama.cpp's graph names them:

@@ -21,7 +21,7 @@ use super::Q5Weight;
 /// The rows of one pass rearranged for the kernel, per block `b` and row pair `p`
 /// (index `b * P + p`), reused between calls.
 #[derive(Default)]
-pub(in crate::engine::quant) struct PairScratch {
+pub(in crate::engine::kernels::quant) struct PairScratch {
     /// The two rows' 32 activation bytes, side by side (64 bytes).
     y: Vec<i8>,
     /// The two rows' activation scales, each repeated eight times.

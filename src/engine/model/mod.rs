@@ -8,6 +8,8 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod gguf;
 pub mod hf;
 mod host;
@@ -22,7 +24,7 @@ use std::sync::Mutex;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::quant::{KWeight, Q5Weight, QWeight};
+use super::kernels::quant::{KWeight, Q5Weight, QWeight};
 use crate::kv::{CacheLayout, KvDtype, SeqCache};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -179,9 +181,9 @@ pub struct Model {
     /// Bytes of the weights as held: quantized as stored for GGUF, f32 for dense.
     pub weight_bytes: usize,
     pub ctx_size: usize,
-    /// Our fused CUDA decode path (see `engine::cuda`), when the model's types allow it.
+    /// Our fused CUDA decode path (see `engine::model::cuda`), when the model's types allow it.
     #[cfg(feature = "cuda")]
-    fused: Option<super::cuda::FusedDecoder>,
+    fused: Option<cuda::FusedDecoder>,
     /// Whether [`Model::forward`] may take the fused path (on by default).
     fused_on: AtomicBool,
 }
@@ -379,7 +381,7 @@ impl Model {
     ) -> Self {
         self.fused = match (&self.embed, dequantize) {
             (Embed::Dev(table), false) if self.device.is_cuda() => {
-                match super::cuda::FusedDecoder::new(
+                match cuda::FusedDecoder::new(
                     ct,
                     reader,
                     &self.config,
@@ -472,7 +474,7 @@ impl Model {
     /// The fused path for a batch whose every sequence it covers; None otherwise.
     #[cfg(feature = "cuda")]
     fn forward_fused(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<Tensor>>> {
-        use super::cuda::FusedDecoder;
+        use cuda::FusedDecoder;
         let Some(dec) = &self.fused else {
             return Ok(None);
         };

@@ -1,6 +1,6 @@
 //! Starting a value: the frame a node's first byte opens.
 
-use crate::engine::grammar::{Grammar, Node, NodeId, ANY_ARRAY, ANY_OBJECT};
+use crate::engine::decode::grammar::{Grammar, Node, NodeId, ANY_ARRAY, ANY_OBJECT};
 
 use super::{child_done, feed, ArrSt, CallSt, Frame, NumSt, ObjSt, Stack};
 

@@ -248,11 +248,9 @@ q5_x86!(tile_avx2, "avx2,fma", false);
 q5_x86!(tile_vnni, "avx2,fma,avx512vnni,avx512vl", true);
 
 #[cfg(target_arch = "x86_64")]
-#[path = "q5_0_zmm.rs"]
 mod zmm;
 
 #[cfg(target_arch = "aarch64")]
-#[path = "q5_0_neon.rs"]
 mod neon;
 
 #[cfg(test)]
@@ -290,7 +288,7 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels = crate::engine::quant::simd_levels();
+        let levels = crate::engine::kernels::quant::simd_levels();
         // Every row count 1..=9 too (the 512-bit kernels pair rows, four pairs a pass,
         // an odd count pairs its last row with itself, a ninth row takes the one-row
         // tiles).

@@ -2,7 +2,7 @@ use super::*;
 use candle_core::{Device, Module};
 
 fn levels() -> Vec<Isa> {
-    crate::engine::quant::simd_levels()
+    crate::engine::kernels::quant::simd_levels()
 }
 
 /// Activations with spikes of both signs, so that the Q8_K scale comes from

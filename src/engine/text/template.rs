@@ -5,7 +5,7 @@
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 /// ChatML, used when a model ships no template.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 
-use super::model::ModelConfig;
-use super::EngineError;
+use crate::engine::model::ModelConfig;
+use crate::engine::EngineError;
 use crate::kv::{CacheLayout, KvDtype, GROW_TOKENS};
 
 /// Figures for one model, one cache element type and one budget.
@@ -44,8 +44,8 @@ pub fn plan(
     let (cfg, weight_bytes) = if gguf.is_dir() {
         // A Hugging Face directory: dense weights are held as f32.
         let load = |e: candle_core::Error| EngineError::Load(e.to_string());
-        let (cfg, _) = super::model::hf::read_config(gguf).map_err(load)?;
-        let elements = super::model::hf::weight_elements(gguf).map_err(load)?;
+        let (cfg, _) = crate::engine::model::hf::read_config(gguf).map_err(load)?;
+        let elements = crate::engine::model::hf::weight_elements(gguf).map_err(load)?;
         (cfg, 4 * elements as u64)
     } else {
         let mut f = std::fs::File::open(gguf)

@@ -13,10 +13,10 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
-use super::model::{Model, SeqInput};
-use super::sampling::argmax;
-use super::tokenizer::Tok;
-use super::{fetch, worker, EngineError};
+use crate::engine::decode::sampling::argmax;
+use crate::engine::model::{Model, SeqInput};
+use crate::engine::text::tokenizer::Tok;
+use crate::engine::{fetch, pick_device, EngineError};
 use crate::kv::{KvDtype, SeqCache};
 
 struct Run {
@@ -155,8 +155,8 @@ pub fn run(
     let tok = Tok::from_gguf(&ct, Some(&path.with_file_name("tokenizer.json")))?;
     let short = tok.encode(prompt, true)?;
     let long = tok.encode(&[prompt; 8].join(" "), true)?;
-    let dev = worker::pick_device(device)?;
-    let probe = super::model::ModelConfig::from_gguf(&ct)?;
+    let dev = pick_device(device)?;
+    let probe = crate::engine::model::ModelConfig::from_gguf(&ct)?;
     let ctx = if ctx_size == 0 {
         probe.train_ctx.min(4096)
     } else {

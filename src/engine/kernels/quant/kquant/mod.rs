@@ -594,13 +594,10 @@ macro_rules! k_x86 {
 k_x86!(q4k_avx2, q6k_avx2, "avx2,fma");
 
 #[cfg(target_arch = "x86_64")]
-#[path = "kquant_zmm.rs"]
 mod zmm;
 
 #[cfg(target_arch = "aarch64")]
-#[path = "kquant_neon.rs"]
 mod neon;
 
 #[cfg(test)]
-#[path = "kquant_tests.rs"]
 mod tests;

@@ -32,7 +32,7 @@ use super::{KActs, KKind, KWeight, QK_K};
 /// The rows of one pass rearranged for the kernel, per super-block `b` and row pair
 /// `p` (index `b * P + p`), reused between calls.
 #[derive(Default)]
-pub(in crate::engine::quant) struct PairScratch {
+pub(in crate::engine::kernels::quant) struct PairScratch {
     /// The two rows' activations, 32 values of row `2p` then the same 32 of row
     /// `2p + 1`, eight times (512 bytes).
     y: Vec<i8>,

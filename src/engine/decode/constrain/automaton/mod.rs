@@ -2,9 +2,9 @@
 //! over a [`Grammar`]'s nodes, fed one byte at a time. Several stacks live at once
 //! only while `anyOf`/`enum` alternatives share a prefix.
 //!
-//! Depends only on [`crate::engine::grammar`].
+//! Depends only on [`crate::engine::decode::grammar`].
 
-use crate::engine::grammar::{Grammar, Node, NodeId};
+use crate::engine::decode::grammar::{Grammar, Node, NodeId};
 
 use super::{CALL_CLOSE, CALL_OPEN};
 
@@ -159,7 +159,10 @@ fn child_done(st: &mut Stack) {
     }
 }
 
-fn obj_parts(g: &Grammar, node: NodeId) -> (&[crate::engine::grammar::Prop], Option<NodeId>) {
+fn obj_parts(
+    g: &Grammar,
+    node: NodeId,
+) -> (&[crate::engine::decode::grammar::Prop], Option<NodeId>) {
     match &g.nodes[node] {
         Node::Object { props, extra } => (props.as_slice(), *extra),
         _ => (&[], None),

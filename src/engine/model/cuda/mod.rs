@@ -26,7 +26,7 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use half::f16;
 
-use super::model::ModelConfig;
+use super::ModelConfig;
 use crate::kv::SeqCache;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));

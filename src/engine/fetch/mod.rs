@@ -13,7 +13,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 mod hub;
 use hub::{fetch_hub_repo, hub_api};

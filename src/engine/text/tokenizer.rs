@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::Tokenizer;
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 /// Token texts that end a turn in common chat formats.
 const EOG_TEXTS: &[&str] = &[
@@ -110,7 +110,8 @@ impl Tok {
         config: &serde_json::Value,
     ) -> Result<(Self, String, String), EngineError> {
         let json = |name: &str| {
-            super::model::hf::read_json(dir, name).map_err(|e| EngineError::Load(e.to_string()))
+            crate::engine::model::hf::read_json(dir, name)
+                .map_err(|e| EngineError::Load(e.to_string()))
         };
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
@@ -129,9 +130,11 @@ impl Tok {
             v => v["content"].as_str().map(str::to_string),
         };
         let id_of = |k: &str, fallback: &serde_json::Value| {
-            text(k)
-                .and_then(|t| inner.token_to_id(&t))
-                .or_else(|| super::model::hf::ids_of(Some(fallback)).first().copied())
+            text(k).and_then(|t| inner.token_to_id(&t)).or_else(|| {
+                crate::engine::model::hf::ids_of(Some(fallback))
+                    .first()
+                    .copied()
+            })
         };
         let bos_id = id_of("bos_token", &config["bos_token_id"]);
         let eos_id = id_of("eos_token", &config["eos_token_id"]);
@@ -143,7 +146,7 @@ impl Tok {
         let mut tok = Self::assemble(inner, bos_id, eos_id, add_bos);
         let extra = [&config["eos_token_id"], &gen["eos_token_id"]];
         for v in extra {
-            tok.eog.extend(super::model::hf::ids_of(Some(v)));
+            tok.eog.extend(crate::engine::model::hf::ids_of(Some(v)));
         }
         let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
         let bos = text("bos_token").unwrap_or_else(|| name(bos_id));

@@ -1,7 +1,7 @@
 //! Unit tests of the automaton on small synthetic vocabularies.
 
 use super::*;
-use crate::engine::grammar::Grammar;
+use crate::engine::decode::grammar::Grammar;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};

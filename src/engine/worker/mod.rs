@@ -15,12 +15,12 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use tokio::sync::{mpsc, watch};
 
-use super::constrain::{Constraint, TokenTable};
+use super::decode::constrain::{Constraint, TokenTable};
+use super::decode::sampling::Sampler;
 use super::model::{Model, SeqInput};
-use super::sampling::Sampler;
-use super::stop::StopMatcher;
-use super::template::{ChatTemplate, CHATML};
-use super::tokenizer::{DetokStream, Tok};
+use super::text::stop::StopMatcher;
+use super::text::template::{ChatTemplate, CHATML};
+use super::text::tokenizer::{DetokStream, Tok};
 use super::{
     fetch, EngineConfig, EngineError, EngineState, FinishReason, GenEvent, GenRequest, Loaded,
     LogprobEntry, ModelInfo, Usage,
@@ -160,7 +160,7 @@ fn load_hf_dir(
     let tc = super::model::hf::read_json(dir, "tokenizer_config.json")
         .map_err(load)?
         .unwrap_or_default();
-    let src = super::template::hf_template(&tc, dir).unwrap_or_else(|| CHATML.to_string());
+    let src = super::text::template::hf_template(&tc, dir).unwrap_or_else(|| CHATML.to_string());
     let template = ChatTemplate::new(&src, &bos, &eos)?;
     let model = Model::from_hf_dir(dir, device, ctx_size).map_err(load)?;
     Ok((model, tok, template))

@@ -1,0 +1,75 @@
+//! What travels between the API and the engine thread: a checked generation request
+//! (carrying its own reply channel) and the events the worker sends back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::decode::grammar::Grammar;
+use super::decode::sampling::SamplingParams;
+use super::EngineError;
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// A token's logprob with texts, ready for the OpenAI `logprobs` object.
+#[derive(Debug, Clone)]
+pub struct LogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the worker sends back while generating.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// One generated token; `text` is what it completes (may be empty while a multi-byte
+    /// character or a possible stop string is held back).
+    Token {
+        text: String,
+        logprob: Option<LogprobEntry>,
+    },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Error(String),
+    /// Refused before any work (e.g. the session is busy).
+    Rejected(EngineError),
+}
+
+/// A checked generation request.
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    /// Session whose cache to use and keep (`prompt_cache_key`); None: anonymous pool.
+    pub session: Option<String>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Grammar the output must follow (`response_format`, forced tool calls).
+    pub grammar: Option<Arc<Grammar>>,
+    pub events: mpsc::UnboundedSender<GenEvent>,
+    pub span: tracing::Span,
+    pub enqueued: Instant,
+}
