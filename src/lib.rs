@@ -136,9 +136,10 @@ impl App {
             e = failed => return Err(e),
         };
         let engines = self.engines.clone();
-        let n = tokio::task::spawn_blocking(move || engines.iter().map(|e| e.spill_all()).sum())
-            .await
-            .unwrap_or(0);
+        let mut n = 0;
+        for e in &engines {
+            n += e.spill_all().await;
+        }
         tracing::info!(sessions = n, "sessions spilled; bye");
         result
     }

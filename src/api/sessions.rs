@@ -121,7 +121,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let scoped = who.scope(&id);
     let s = locate(&st, &scoped, &which)?;
-    s.engine.delete_session(&scoped)?;
+    s.engine.delete_session(&scoped).await?;
     Ok((
         StatusCode::OK,
         axum::Json(json!({"id": id, "object": "session", "model": s.id, "deleted": true})),
@@ -144,6 +144,6 @@ pub async fn patch(
 ) -> Result<Response, ApiError> {
     let scoped = who.scope(&id);
     let s = locate(&st, &scoped, &which)?;
-    let info = s.engine.pin_session(&scoped, p.pinned)?;
+    let info = s.engine.pin_session(&scoped, p.pinned).await?;
     Ok(axum::Json(with_model(info, id, &s.id)).into_response())
 }

@@ -15,16 +15,17 @@ pub mod text;
 mod worker;
 
 pub use error::EngineError;
-pub use request::{FinishReason, GenEvent, GenRequest, LogprobEntry, Usage};
+pub use request::{Command, FinishReason, GenEvent, GenRequest, LogprobEntry, SessionCmd, Usage};
 
 pub use worker::pick_device;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::kv::store::{SessionInfo, SessionStore};
+use crate::kv::store::{KvError, SessionInfo, StoreStats};
 
 pub use decode::sampling::{SamplingParams, TokenLogprob};
 pub use text::template::{ChatTemplate, TemplateMessage};
@@ -87,40 +88,50 @@ pub enum EngineState {
     Failed(String),
 }
 
-/// Hand freed heap pages back to the OS. glibc keeps freed blocks in its arenas, so
-/// without this the RSS stays at its peak after session caches are dropped or spilled
-/// (a cache is many ~100 KB blocks, under the mmap threshold). No-op off glibc.
-pub(crate) fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+/// What the API may read of a model's session store without asking the engine thread:
+/// the sessions and the store's totals as of its last change, published by the engine
+/// thread (which alone owns the store).
+#[derive(Debug, Clone, Default)]
+pub struct StoreView {
+    pub sessions: Vec<SessionInfo>,
+    pub stats: StoreStats,
 }
+
+/// Slots of the command queue beyond `queue_size`, so that session commands (delete,
+/// pin, spill) find room while generation requests fill the queue.
+const CONTROL_SLOTS: usize = 32;
 
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     /// The name the model is served under (`fetch::served_id` of its spec).
     id: Arc<str>,
-    tx: mpsc::Sender<GenRequest>,
+    tx: mpsc::Sender<Command>,
     state: watch::Receiver<EngineState>,
     queue_size: usize,
-    sessions: Arc<Mutex<SessionStore>>,
+    /// Generation requests sent and not yet taken by the engine thread.
+    waiting: Arc<AtomicUsize>,
+    view: watch::Receiver<Arc<StoreView>>,
 }
 
 impl Engine {
     /// Start the worker thread: it fetches and loads the model, then serves requests.
     pub fn start(cfg: EngineConfig) -> Self {
-        let (tx, rx) = mpsc::channel(cfg.queue_size.max(1));
+        let (tx, rx) = mpsc::channel(cfg.queue_size.max(1) + CONTROL_SLOTS);
         let (state_tx, state) = watch::channel(EngineState::Loading);
+        let (view_tx, view) = watch::channel(Arc::new(StoreView::default()));
         let queue_size = cfg.queue_size;
+        let waiting = Arc::new(AtomicUsize::new(0));
         let id: Arc<str> = fetch::served_id(&cfg.model).into();
-        let sessions = Arc::new(Mutex::new(SessionStore::new(cfg.kv_budget)));
-        let store = sessions.clone();
+        let link = worker::Link {
+            rx,
+            state: state_tx,
+            view: view_tx,
+            waiting: waiting.clone(),
+        };
         std::thread::Builder::new()
             .name("candela-engine".into())
-            .spawn(move || worker::run(cfg, rx, state_tx, store))
+            .spawn(move || worker::run(cfg, link))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot spawn engine thread: {e}"));
         Self {
@@ -128,7 +139,8 @@ impl Engine {
             tx,
             state,
             queue_size,
-            sessions,
+            waiting,
+            view,
         }
     }
 
@@ -137,41 +149,61 @@ impl Engine {
         &self.id
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, SessionStore> {
-        // The store's maps stay consistent between statements, so a lock poisoned by a
-        // panic elsewhere is still usable.
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    /// The sessions and store totals as the engine thread last published them.
+    pub fn store_view(&self) -> Arc<StoreView> {
+        self.view.borrow().clone()
     }
 
     pub fn list_sessions(&self) -> Vec<SessionInfo> {
-        self.store().list()
+        self.store_view().sessions.clone()
     }
 
     pub fn session(&self, id: &str) -> Result<SessionInfo, EngineError> {
-        Ok(self.store().get(id)?)
+        self.store_view()
+            .sessions
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+            .ok_or_else(|| KvError::NotFound(id.to_string()).into())
     }
 
-    pub fn delete_session(&self, id: &str) -> Result<(), EngineError> {
-        let mut st = self.store();
-        st.delete(id)?;
-        let (stats, delta) = st.report();
-        crate::metrics::kv_store(&self.id, &stats, &delta);
-        drop(st);
-        release_freed_memory();
-        Ok(())
+    pub fn kv_stats(&self) -> StoreStats {
+        self.store_view().stats
     }
 
-    pub fn pin_session(&self, id: &str, pinned: bool) -> Result<SessionInfo, EngineError> {
-        Ok(self.store().set_pinned(id, pinned)?)
+    /// Send a session command to the engine thread and wait for its answer. The store
+    /// exists once the model is loaded; before that there are no sessions to act on.
+    async fn ask<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<T>) -> SessionCmd,
+    ) -> Result<T, EngineError> {
+        self.loaded()?;
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Session(cmd(reply)))
+            .await
+            .map_err(|_| EngineError::Unavailable("engine thread stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| EngineError::Unavailable("engine thread stopped".into()))
     }
 
-    pub fn kv_stats(&self) -> crate::kv::store::StoreStats {
-        self.store().stats()
+    pub async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        let id = id.to_string();
+        self.ask(|reply| SessionCmd::Delete { id, reply }).await?
     }
 
-    /// Write every idle session to the spill dir (graceful shutdown).
-    pub fn spill_all(&self) -> usize {
-        self.store().spill_all()
+    pub async fn pin_session(&self, id: &str, pinned: bool) -> Result<SessionInfo, EngineError> {
+        let id = id.to_string();
+        self.ask(|reply| SessionCmd::Pin { id, pinned, reply })
+            .await?
+    }
+
+    /// Write every idle session to the spill dir (graceful shutdown); the number written.
+    pub async fn spill_all(&self) -> usize {
+        self.ask(|reply| SessionCmd::SpillAll { reply })
+            .await
+            .unwrap_or(0)
     }
 
     pub fn state(&self) -> EngineState {
@@ -203,16 +235,23 @@ impl Engine {
 
     /// Queue a request; a full queue is an immediate error, never an unbounded wait.
     pub fn submit(&self, req: GenRequest) -> Result<(), EngineError> {
-        self.tx.try_send(req).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue_size),
-            mpsc::error::TrySendError::Closed(_) => {
-                EngineError::Unavailable("engine thread stopped".into())
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue_size.max(1) {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull(self.queue_size));
+        }
+        self.tx.try_send(Command::Generate(req)).map_err(|e| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue_size),
+                mpsc::error::TrySendError::Closed(_) => {
+                    EngineError::Unavailable("engine thread stopped".into())
+                }
             }
         })
     }
 
-    /// Requests waiting in the queue.
+    /// Generation requests waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.waiting.load(Ordering::SeqCst)
     }
 }

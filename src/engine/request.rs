@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::decode::grammar::Grammar;
 use super::decode::sampling::SamplingParams;
 use super::EngineError;
+use crate::kv::store::SessionInfo;
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,4 +73,28 @@ pub struct GenRequest {
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub span: tracing::Span,
     pub enqueued: Instant,
+}
+
+/// What the engine thread takes from its queue.
+// Generation requests are the common case; boxing them would add an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub enum Command {
+    Generate(GenRequest),
+    /// A change to the session store, which the engine thread alone owns.
+    Session(SessionCmd),
+}
+
+/// Session store commands from the API, each with its reply channel.
+pub enum SessionCmd {
+    Delete {
+        id: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Pin {
+        id: String,
+        pinned: bool,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
+    /// Write every idle session to the spill dir; answers how many were written.
+    SpillAll { reply: oneshot::Sender<usize> },
 }

@@ -1,0 +1,194 @@
+//! Stepping: which prompt chunks a pass takes, and the one batched forward routine
+//! ([`pass`]) behind the three kinds of step — prefill (prompt chunks only), mixed
+//! (prompt chunks riding with every decoding sequence's next token) and decode (the
+//! next token of every decoding sequence).
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::seq::{accept, fail, Seq};
+use super::Forward;
+use crate::engine::model::SeqInput;
+use crate::engine::text::tokenizer::Tok;
+use crate::engine::EngineError;
+use crate::metrics;
+
+/// What one sequence puts into a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Take {
+    /// Its next `n` prompt tokens.
+    Prompt(usize),
+    /// The token it sampled last.
+    Next,
+}
+
+/// One sequence's share of a pass: its index in the live list and what it feeds.
+pub(super) type Part = (usize, Take);
+
+/// The sequences still reading their prompts and how many of their tokens the next
+/// pass takes: in order, up to `budget` tokens in all.
+pub(super) fn pick_prefill(seqs: &[Seq], mut budget: usize) -> Vec<Part> {
+    let mut picked = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let left = s.req.prompt.len().saturating_sub(s.prefill_pos);
+        if left == 0 || budget == 0 {
+            continue;
+        }
+        let n = left.min(budget);
+        budget -= n;
+        picked.push((i, Take::Prompt(n)));
+    }
+    picked
+}
+
+/// Prefill the `picked` chunks: all in one forward pass, so that streams joining
+/// together are not prefilled one loop turn each. If that pass fails, each sequence is
+/// retried alone, so that one bad sequence fails only itself (a failed pass commits
+/// nothing to any cache).
+pub(super) fn prefill(model: &impl Forward, tok: &Tok, seqs: &mut [Seq], picked: &[Part]) {
+    // Host caches only: on a GPU the fused decoder takes short prompts one sequence at a
+    // time anyway, and a batch with one long prompt would send all of them to the
+    // tensor path instead.
+    let together = picked.len() > 1 && picked.iter().all(|&(i, _)| seqs[i].cache.is_host());
+    if together && pass(model, tok, seqs, picked).is_ok() {
+        return;
+    }
+    for &part in picked {
+        if let Err(e) = pass(model, tok, seqs, &[part]) {
+            fail(seqs, part.0, &e.to_string());
+        }
+    }
+}
+
+/// One forward pass for the `picked` prompt chunks and the next token of every decoding
+/// sequence (host caches). Returns false, having changed nothing, if the pass fails: the
+/// caller then prefills and decodes separately, which retries each sequence alone.
+pub(super) fn mixed(model: &impl Forward, tok: &Tok, seqs: &mut [Seq], picked: &[Part]) -> bool {
+    let mut chunks = picked.iter().peekable();
+    let parts: Vec<Part> = seqs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let chunk = chunks.next_if(|&&(j, _)| j == i).copied();
+            match (s.next, chunk) {
+                (Some(_), _) => Some((i, Take::Next)),
+                (None, chunk) => chunk,
+            }
+        })
+        .collect();
+    pass(model, tok, seqs, &parts).is_ok()
+}
+
+/// One batched decode step for every sequence that has a token to feed; a failed pass
+/// ends all of them.
+pub(super) fn decode(model: &impl Forward, tok: &Tok, seqs: &mut [Seq]) {
+    let parts: Vec<Part> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.next.is_some())
+        .map(|(i, _)| (i, Take::Next))
+        .collect();
+    if let Err(e) = pass(model, tok, seqs, &parts) {
+        for &(i, _) in parts.iter().rev() {
+            fail(seqs, i, &e.to_string());
+        }
+    }
+}
+
+/// The batched forward routine every step goes through: one pass over `parts` (in index
+/// order, at most one per sequence), then each sequence advances — a prompt chunk moves
+/// `prefill_pos`, and a sequence that finished its prompt or fed its last token samples
+/// the next one (sampling, detokenizing and sending spread over the thread pool: each
+/// costs tens of µs over a large vocabulary). A failed pass changes nothing and returns
+/// the error; a sequence whose sampling fails is ended alone.
+pub(super) fn pass(
+    model: &impl Forward,
+    tok: &Tok,
+    seqs: &mut [Seq],
+    parts: &[Part],
+) -> Result<(), EngineError> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    // A pass of one sequence runs inside that request's span.
+    let _span = (parts.len() == 1)
+        .then(|| seqs.get(parts[0].0).map(|s| s.req.span.clone().entered()))
+        .flatten();
+    let t0 = Instant::now();
+    let logits = {
+        let mut want = parts.iter().peekable();
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let &(_, take) = want.next_if(|&&(j, _)| j == i)?;
+                let tokens: &[u32] = match take {
+                    Take::Prompt(n) => &s.req.prompt[s.prefill_pos..s.prefill_pos + n],
+                    Take::Next => s.next.as_slice(),
+                };
+                Some(SeqInput {
+                    tokens,
+                    cache: &mut s.cache,
+                    all_logits: false,
+                })
+            })
+            .collect();
+        model.forward(&mut inputs)?
+    };
+    let rows = host_rows(logits)?;
+    let prompt_tokens: usize = parts
+        .iter()
+        .map(|&(_, t)| match t {
+            Take::Prompt(n) => n,
+            Take::Next => 0,
+        })
+        .sum();
+    if prompt_tokens > 0 {
+        metrics::observe_prefill(prompt_tokens, t0.elapsed());
+    } else {
+        metrics::observe_decode_step(parts.len(), t0.elapsed());
+    }
+    let mut jobs: Vec<(usize, &mut Seq, Vec<f32>)> = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter();
+    let mut want = parts.iter().peekable();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        let Some(&(_, take)) = want.next_if(|&&(j, _)| j == i) else {
+            continue;
+        };
+        let Some(row) = rows.next() else { break };
+        match take {
+            Take::Next => s.next = None,
+            Take::Prompt(n) => {
+                s.prefill_pos += n;
+                if s.prefill_pos < s.req.prompt.len() {
+                    continue;
+                }
+            }
+        }
+        jobs.push((i, s, row));
+    }
+    let failed: Vec<(usize, String)> = jobs
+        .par_iter_mut()
+        .filter_map(|(i, s, row)| accept(tok, s, row).err().map(|e| (*i, e.to_string())))
+        .collect();
+    drop(jobs);
+    for (i, e) in failed.into_iter().rev() {
+        fail(seqs, i, &e);
+    }
+    Ok(())
+}
+
+/// Each sequence's `(1, vocab)` logits as a host vector: one stacked copy when they
+/// live on a GPU (copies from several threads at once would each wait on the device in
+/// turn).
+fn host_rows(logits: Vec<Tensor>) -> candle_core::Result<Vec<Vec<f32>>> {
+    if logits.len() > 1 && !logits[0].device().is_cpu() {
+        return Tensor::cat(&logits, 0)?.to_vec2::<f32>();
+    }
+    logits
+        .iter()
+        .map(|l| l.squeeze(0)?.to_vec1::<f32>())
+        .collect()
+}
