@@ -1,53 +1,17 @@
-//! Reading a GGUF's metadata: the model's hyper-parameters and plain string values.
+//! Loading a GGUF: its tensors onto the device (our kernels' layouts where they cover
+//! the type), the fused CUDA path where the device has one, and plain string metadata.
 
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Result;
 
-use super::ModelConfig;
+use std::io::{Read, Seek};
 
-impl ModelConfig {
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let get = |k: &str| {
-            ct.metadata
-                .get(k)
-                .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata lacks `{k}`")))
-        };
-        let arch = get("general.architecture")?.to_string()?.clone();
-        let rope_neox = match arch.as_str() {
-            "llama" | "mistral" => false,
-            "qwen2" => true,
-            other => candle_core::bail!(
-                "unsupported architecture `{other}` (supported: llama, mistral, qwen2)"
-            ),
-        };
-        let u = |k: &str| -> Result<usize> { Ok(get(&format!("{arch}.{k}"))?.to_u32()? as usize) };
-        let n_heads = u("attention.head_count")?;
-        let hidden = u("embedding_length")?;
-        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = u("attention.key_length").unwrap_or(hidden / n_heads);
-        let vocab = match get("tokenizer.ggml.tokens")? {
-            gguf_file::Value::Array(a) => a.len(),
-            _ => candle_core::bail!("tokenizer.ggml.tokens is not an array"),
-        };
-        Ok(Self {
-            n_layers: u("block_count")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            hidden,
-            vocab,
-            train_ctx: u("context_length").unwrap_or(4096),
-            rms_eps: get(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
-            rope_base: get(&format!("{arch}.rope.freq_base"))
-                .and_then(|v| v.to_f32())
-                .unwrap_or(10_000.0),
-            rope_neox,
-            arch,
-        })
-    }
-}
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
 
 /// GGUF metadata as plain strings/numbers, for the tokenizer and the chat template.
 pub fn metadata_strings(ct: &gguf_file::Content) -> HashMap<String, String> {
@@ -66,4 +30,217 @@ pub fn metadata_strings(ct: &gguf_file::Content) -> HashMap<String, String> {
             Some((k.clone(), s))
         })
         .collect()
+}
+
+struct Loader<'a, R> {
+    ct: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+    bytes: usize,
+    dequantize: bool,
+}
+
+impl<R: Read + Seek> Loader<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        let t = self.ct.tensor(self.reader, name, self.device)?;
+        self.bytes += t.storage_size_in_bytes();
+        Ok(t)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.ct.tensor_infos.contains_key(name)
+    }
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        self.qtensor(name)?.dequantize(self.device)
+    }
+    fn norm(&mut self, name: &str) -> Result<Norm> {
+        let t = self.dense(name)?;
+        let v = t.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Norm { t, v })
+    }
+    fn bias(&mut self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+        let bias = format!("{name}.bias");
+        if !self.has(&bias) {
+            return Ok(None);
+        }
+        let v: Vec<f32> = self.dense(&bias)?.to_dtype(DType::F32)?.to_vec1()?;
+        if v.len() != n {
+            candle_core::bail!("{bias} has {} values, expected {n}", v.len());
+        }
+        Ok(Some(v))
+    }
+    fn linear_from(&self, t: QTensor, bias: Option<Vec<f32>>) -> Result<Linear> {
+        let n = t.shape().dims2()?.0;
+        let w = Weight::new(t, self.dequantize)?;
+        let b = match bias {
+            Some(v) => Some((Tensor::from_slice(&v, n, self.device)?, v)),
+            None => None,
+        };
+        Ok(Linear { w, b, n })
+    }
+    /// The projections `names` (which read the same input) as one matrix when they
+    /// share a block type and input width, else side by side.
+    fn proj(&mut self, names: &[String]) -> Result<Proj> {
+        let mut ts = Vec::new();
+        let mut biases = Vec::new();
+        for name in names {
+            let t = self.qtensor(&format!("{name}.weight"))?;
+            let n = t.shape().dims2()?.0;
+            biases.push((self.bias(name, n)?, n));
+            ts.push(t);
+        }
+        let dims: Vec<(usize, usize)> = ts
+            .iter()
+            .map(|t| t.shape().dims2())
+            .collect::<Result<_>>()?;
+        let dtype = ts[0].dtype();
+        let blocky = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let same = ts.iter().all(|t| t.dtype() == dtype) && dims.iter().all(|d| d.1 == dims[0].1);
+        if ts.len() == 1 || !same || !blocky {
+            let parts = ts
+                .into_iter()
+                .zip(biases)
+                .map(|(t, (b, _))| self.linear_from(t, b))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Proj { parts });
+        }
+        // Rows are whole blocks, so the row-major block data concatenates as it is.
+        let mut raw = Vec::new();
+        for t in &ts {
+            raw.extend_from_slice(&t.data()?);
+        }
+        let n = dims.iter().map(|d| d.0).sum();
+        let cat = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &raw,
+            vec![n, dims[0].1],
+            self.device,
+        )?;
+        let bias = if biases.iter().any(|(b, _)| b.is_some()) {
+            let mut v = Vec::with_capacity(n);
+            for (b, w) in biases {
+                v.extend(b.unwrap_or_else(|| vec![0.0; w]));
+            }
+            Some(v)
+        } else {
+            None
+        };
+        Ok(Proj {
+            parts: vec![self.linear_from(cat, bias)?],
+        })
+    }
+}
+
+impl Model {
+    /// Load from a parsed GGUF. `ctx_size` bounds positions (rotary tables are built for it).
+    pub fn from_gguf<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        ctx_size: usize,
+    ) -> Result<Self> {
+        Self::load(ct, reader, device, ctx_size, false)
+    }
+
+    /// Load with every weight dequantized to f32: no activation quantization, so the
+    /// arithmetic is plain f32 — slow, for checks that need float-level agreement.
+    pub fn from_gguf_f32<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        ctx_size: usize,
+    ) -> Result<Self> {
+        Self::load(ct, reader, device, ctx_size, true)
+    }
+
+    fn load<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        ctx_size: usize,
+        dequantize: bool,
+    ) -> Result<Self> {
+        let config = ModelConfig::from_gguf(ct)?;
+        let mut ld = Loader {
+            ct,
+            reader,
+            device,
+            bytes: 0,
+            dequantize,
+        };
+        let embed_q = ld.qtensor("token_embd.weight")?;
+        let table = embed_q.dequantize(device)?.to_dtype(DType::F32)?;
+        let embed = if device.is_cpu() {
+            Embed::Host(table.flatten_all()?.to_vec1()?)
+        } else {
+            Embed::Dev(table)
+        };
+        let output = if ld.has("output.weight") {
+            Weight::new(ld.qtensor("output.weight")?, dequantize)?
+        } else {
+            // Tied embeddings: the quantized table doubles as the output projection.
+            Weight::new(embed_q, dequantize)?
+        };
+        let norm = ld.norm("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let p = format!("blk.{i}");
+            let names =
+                |xs: &[&str]| -> Vec<String> { xs.iter().map(|x| format!("{p}.{x}")).collect() };
+            let layer = Layer {
+                attn_norm: ld.norm(&format!("{p}.attn_norm.weight"))?,
+                qkv: ld.proj(&names(&["attn_q", "attn_k", "attn_v"]))?,
+                wo: ld.proj(&names(&["attn_output"]))?,
+                ffn_norm: ld.norm(&format!("{p}.ffn_norm.weight"))?,
+                gate_up: ld.proj(&names(&["ffn_gate", "ffn_up"]))?,
+                down: ld.proj(&names(&["ffn_down"]))?,
+            };
+            let want = config.head_dim * (config.n_heads + 2 * config.n_kv_heads);
+            if layer.qkv.width() != want || !layer.gate_up.width().is_multiple_of(2) {
+                candle_core::bail!("{p}: unexpected projection shapes");
+            }
+            layers.push(layer);
+        }
+        let model = Self::assemble(
+            config, embed, layers, norm, output, device, ctx_size, ld.bytes,
+        )?;
+        #[cfg(feature = "cuda")]
+        let model = model.attach_fused(ct, ld.reader, dequantize);
+        Ok(model)
+    }
+
+    /// Our fused CUDA decode path for a GGUF model on a CUDA device, when its weight
+    /// types allow it (otherwise, or on failure, the tensor path serves).
+    #[cfg(feature = "cuda")]
+    fn attach_fused<R: Read + Seek>(
+        mut self,
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        dequantize: bool,
+    ) -> Self {
+        self.fused = match (&self.embed, dequantize) {
+            (Embed::Dev(table), false) if self.device.is_cuda() => {
+                match cuda::FusedDecoder::new(
+                    ct,
+                    reader,
+                    &self.config,
+                    &self.device,
+                    table,
+                    &self.cos,
+                    &self.sin,
+                    self.ctx_size,
+                ) {
+                    Ok(d) => {
+                        tracing::info!(fused = d.is_some(), "fused cuda decode path");
+                        d
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fused cuda decode unavailable");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        self
+    }
 }

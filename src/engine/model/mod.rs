@@ -8,6 +8,7 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod gguf;
@@ -15,34 +16,17 @@ pub mod hf;
 mod host;
 mod swiglu;
 
+pub use config::ModelConfig;
 pub use gguf::metadata_strings;
 
-use std::io::{Read, Seek};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::kernels::quant::{KWeight, Q5Weight, QWeight};
 use crate::kv::{CacheLayout, KvDtype, SeqCache};
-
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelConfig {
-    pub arch: String,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub hidden: usize,
-    pub vocab: usize,
-    pub train_ctx: usize,
-    pub rms_eps: f64,
-    pub rope_base: f32,
-    /// NEOX rotary layout (pairs `i`, `i + d/2`) instead of interleaved pairs.
-    pub rope_neox: bool,
-}
 
 /// A weight matrix: our ggml-exact kernels where they cover the type, else candle's.
 #[derive(Debug)]
@@ -194,218 +178,7 @@ pub struct Model {
 #[cfg(feature = "cuda")]
 const FUSED_MAX_TOKENS: usize = 64;
 
-struct Loader<'a, R> {
-    ct: &'a gguf_file::Content,
-    reader: &'a mut R,
-    device: &'a Device,
-    bytes: usize,
-    dequantize: bool,
-}
-
-impl<R: Read + Seek> Loader<'_, R> {
-    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        let t = self.ct.tensor(self.reader, name, self.device)?;
-        self.bytes += t.storage_size_in_bytes();
-        Ok(t)
-    }
-    fn has(&self, name: &str) -> bool {
-        self.ct.tensor_infos.contains_key(name)
-    }
-    fn dense(&mut self, name: &str) -> Result<Tensor> {
-        self.qtensor(name)?.dequantize(self.device)
-    }
-    fn norm(&mut self, name: &str) -> Result<Norm> {
-        let t = self.dense(name)?;
-        let v = t.to_dtype(DType::F32)?.to_vec1()?;
-        Ok(Norm { t, v })
-    }
-    fn bias(&mut self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
-        let bias = format!("{name}.bias");
-        if !self.has(&bias) {
-            return Ok(None);
-        }
-        let v: Vec<f32> = self.dense(&bias)?.to_dtype(DType::F32)?.to_vec1()?;
-        if v.len() != n {
-            candle_core::bail!("{bias} has {} values, expected {n}", v.len());
-        }
-        Ok(Some(v))
-    }
-    fn linear_from(&self, t: QTensor, bias: Option<Vec<f32>>) -> Result<Linear> {
-        let n = t.shape().dims2()?.0;
-        let w = Weight::new(t, self.dequantize)?;
-        let b = match bias {
-            Some(v) => Some((Tensor::from_slice(&v, n, self.device)?, v)),
-            None => None,
-        };
-        Ok(Linear { w, b, n })
-    }
-    /// The projections `names` (which read the same input) as one matrix when they
-    /// share a block type and input width, else side by side.
-    fn proj(&mut self, names: &[String]) -> Result<Proj> {
-        let mut ts = Vec::new();
-        let mut biases = Vec::new();
-        for name in names {
-            let t = self.qtensor(&format!("{name}.weight"))?;
-            let n = t.shape().dims2()?.0;
-            biases.push((self.bias(name, n)?, n));
-            ts.push(t);
-        }
-        let dims: Vec<(usize, usize)> = ts
-            .iter()
-            .map(|t| t.shape().dims2())
-            .collect::<Result<_>>()?;
-        let dtype = ts[0].dtype();
-        let blocky = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        let same = ts.iter().all(|t| t.dtype() == dtype) && dims.iter().all(|d| d.1 == dims[0].1);
-        if ts.len() == 1 || !same || !blocky {
-            let parts = ts
-                .into_iter()
-                .zip(biases)
-                .map(|(t, (b, _))| self.linear_from(t, b))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Proj { parts });
-        }
-        // Rows are whole blocks, so the row-major block data concatenates as it is.
-        let mut raw = Vec::new();
-        for t in &ts {
-            raw.extend_from_slice(&t.data()?);
-        }
-        let n = dims.iter().map(|d| d.0).sum();
-        let cat = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            dtype,
-            &raw,
-            vec![n, dims[0].1],
-            self.device,
-        )?;
-        let bias = if biases.iter().any(|(b, _)| b.is_some()) {
-            let mut v = Vec::with_capacity(n);
-            for (b, w) in biases {
-                v.extend(b.unwrap_or_else(|| vec![0.0; w]));
-            }
-            Some(v)
-        } else {
-            None
-        };
-        Ok(Proj {
-            parts: vec![self.linear_from(cat, bias)?],
-        })
-    }
-}
-
 impl Model {
-    /// Load from a parsed GGUF. `ctx_size` bounds positions (rotary tables are built for it).
-    pub fn from_gguf<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-        ctx_size: usize,
-    ) -> Result<Self> {
-        Self::load(ct, reader, device, ctx_size, false)
-    }
-
-    /// Load with every weight dequantized to f32: no activation quantization, so the
-    /// arithmetic is plain f32 — slow, for checks that need float-level agreement.
-    pub fn from_gguf_f32<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-        ctx_size: usize,
-    ) -> Result<Self> {
-        Self::load(ct, reader, device, ctx_size, true)
-    }
-
-    fn load<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-        ctx_size: usize,
-        dequantize: bool,
-    ) -> Result<Self> {
-        let config = ModelConfig::from_gguf(ct)?;
-        let mut ld = Loader {
-            ct,
-            reader,
-            device,
-            bytes: 0,
-            dequantize,
-        };
-        let embed_q = ld.qtensor("token_embd.weight")?;
-        let table = embed_q.dequantize(device)?.to_dtype(DType::F32)?;
-        let embed = if device.is_cpu() {
-            Embed::Host(table.flatten_all()?.to_vec1()?)
-        } else {
-            Embed::Dev(table)
-        };
-        let output = if ld.has("output.weight") {
-            Weight::new(ld.qtensor("output.weight")?, dequantize)?
-        } else {
-            // Tied embeddings: the quantized table doubles as the output projection.
-            Weight::new(embed_q, dequantize)?
-        };
-        let norm = ld.norm("output_norm.weight")?;
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for i in 0..config.n_layers {
-            let p = format!("blk.{i}");
-            let names =
-                |xs: &[&str]| -> Vec<String> { xs.iter().map(|x| format!("{p}.{x}")).collect() };
-            let layer = Layer {
-                attn_norm: ld.norm(&format!("{p}.attn_norm.weight"))?,
-                qkv: ld.proj(&names(&["attn_q", "attn_k", "attn_v"]))?,
-                wo: ld.proj(&names(&["attn_output"]))?,
-                ffn_norm: ld.norm(&format!("{p}.ffn_norm.weight"))?,
-                gate_up: ld.proj(&names(&["ffn_gate", "ffn_up"]))?,
-                down: ld.proj(&names(&["ffn_down"]))?,
-            };
-            let want = config.head_dim * (config.n_heads + 2 * config.n_kv_heads);
-            if layer.qkv.width() != want || !layer.gate_up.width().is_multiple_of(2) {
-                candle_core::bail!("{p}: unexpected projection shapes");
-            }
-            layers.push(layer);
-        }
-        let model = Self::assemble(
-            config, embed, layers, norm, output, device, ctx_size, ld.bytes,
-        )?;
-        #[cfg(feature = "cuda")]
-        let model = model.attach_fused(ct, ld.reader, dequantize);
-        Ok(model)
-    }
-
-    /// Our fused CUDA decode path for a GGUF model on a CUDA device, when its weight
-    /// types allow it (otherwise, or on failure, the tensor path serves).
-    #[cfg(feature = "cuda")]
-    fn attach_fused<R: Read + Seek>(
-        mut self,
-        ct: &gguf_file::Content,
-        reader: &mut R,
-        dequantize: bool,
-    ) -> Self {
-        self.fused = match (&self.embed, dequantize) {
-            (Embed::Dev(table), false) if self.device.is_cuda() => {
-                match cuda::FusedDecoder::new(
-                    ct,
-                    reader,
-                    &self.config,
-                    &self.device,
-                    table,
-                    &self.cos,
-                    &self.sin,
-                    self.ctx_size,
-                ) {
-                    Ok(d) => {
-                        tracing::info!(fused = d.is_some(), "fused cuda decode path");
-                        d
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "fused cuda decode unavailable");
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
-        self
-    }
-
     /// The finished model: rotary tables for `ctx_size` positions around the weights.
     #[allow(clippy::too_many_arguments)]
     fn assemble(

@@ -1,0 +1,316 @@
+//! One decode step on the GPU: write the step's parameters, replay the captured graph
+//! (capturing it on first use), copy the logits back; and the per-kernel timings that
+//! `candela doctor` reports.
+
+use super::*;
+
+impl Inner {
+    pub(super) fn run(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut SeqCache,
+        all: bool,
+    ) -> Result<Vec<f32>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let pos0 = cache.len();
+        let cap = cache.capacity();
+        let layers = cache
+            .dense_layers()
+            .ok_or_else(|| err("cache is not a dense device cache"))?;
+        if layers.len() != self.cfg.n_layers || pos0 + tokens.len() > cap {
+            return Err(err("cache does not fit the model or has no room"));
+        }
+        let mut kp = Vec::with_capacity(layers.len());
+        let mut vp = Vec::with_capacity(layers.len());
+        for (k, v) in &layers {
+            if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
+                return Err(err("cache tensors are not contiguous f16"));
+            }
+            kp.push(tensor_ptr(k, &self.candle_stream)?);
+            vp.push(tensor_ptr(v, &self.candle_stream)?);
+        }
+        // Candle's writes (prefill, a cache that just grew) come first.
+        // SAFETY: both handles are live for the decoder's lifetime.
+        unsafe {
+            result::event::record(self.event, self.candle_stream.cu_stream()).map_err(err)?;
+            result::stream::wait_event(
+                self.stream.cu_stream(),
+                self.event,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(err)?;
+        }
+        let vocab = self.output.n;
+        let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
+        for (i, &t) in tokens.iter().enumerate() {
+            self.words.clear();
+            self.words.extend([t as u64, (pos0 + i) as u64, cap as u64]);
+            self.words.extend(&kp);
+            self.words.extend(&vp);
+            self.stream
+                .memcpy_htod(&self.words, &mut self.step.slice)
+                .map_err(err)?;
+            self.launch_step()?;
+            self.steps += 1;
+            if all || i + 1 == tokens.len() {
+                let at = out.len();
+                out.resize(at + vocab, 0.0);
+                self.stream
+                    .memcpy_dtoh(&self.logits.slice, &mut out[at..])
+                    .map_err(err)?;
+            }
+        }
+        self.stream.synchronize().map_err(err)?;
+        Ok(out)
+    }
+
+    /// One step: replay the graph (capturing it the first time) or launch directly.
+    fn launch_step(&mut self) -> Result<()> {
+        if !self.use_graph {
+            return self.enqueue();
+        }
+        if self.graph.is_none() {
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(err)?;
+            let r = self.enqueue();
+            let g = self
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(err)?;
+            r?;
+            let g = g.ok_or_else(|| err("graph capture produced no graph"))?;
+            g.upload().map_err(err)?;
+            self.graph = Some(g);
+            self.captures += 1;
+        }
+        self.graph
+            .as_ref()
+            .expect("captured above")
+            .launch()
+            .map_err(err)
+    }
+
+    fn matvec(&self, m: &QMat, mode: usize, x: u64, norm: u64, bias: u64, out: u64) -> Result<()> {
+        let kind = match m.kind {
+            Kind::Q4_0 => 0,
+            Kind::Q4_1 => 1,
+            Kind::Q8_0 => 2,
+        };
+        let f = &self.f.mv[kind][mode];
+        let rows = if mode == 2 { m.n / 2 } else { m.n };
+        let warps = (MV_THREADS / 32) as usize;
+        // A grid-stride loop over rows: at most a few blocks per SM, each quantizing the
+        // activations once.
+        let blocks = rows.div_ceil(warps).min(132 * 8) as u32;
+        let smem = (m.k + 8 * (m.k / 32)) as u32;
+        let eps = self.cfg.rms_eps as f32;
+        let (k, n) = (m.k as i32, m.n as i32);
+        let mut args = [
+            arg(&x),
+            arg(&norm),
+            arg(&eps),
+            arg(&k),
+            arg(&m.qs),
+            arg(&m.dm),
+            arg(&bias),
+            arg(&n),
+            arg(&out),
+        ];
+        // SAFETY: argument types and order match `MATVEC_ENTRY` in decode.cu; every
+        // pointer is a live device allocation of the sizes the kernel indexes.
+        unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) }
+    }
+
+    /// Launch `f` on our stream (`cuLaunchKernelEx`), with programmatic dependent launch
+    /// when enabled and `dependent` (the kernel follows another kernel).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type.
+    unsafe fn go(
+        &self,
+        f: &CudaFunction,
+        blocks: u32,
+        threads: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+        dependent: bool,
+    ) -> Result<()> {
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = self.pdl && dependent;
+        let lc = sys::CUlaunchConfig {
+            gridDimX: blocks,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        sys::cuLaunchKernelEx(
+            &lc,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .map_err(err)
+    }
+
+    /// Enqueue one decode step on our stream.
+    fn enqueue(&self) -> Result<()> {
+        self.launch(Op::Embed, 0)?;
+        for li in 0..self.layers.len() {
+            for op in [Op::Qkv, Op::Attention, Op::Wo, Op::GateUp, Op::Down] {
+                self.launch(op, li)?;
+            }
+        }
+        self.launch(Op::Output, 0)
+    }
+
+    /// Launch one kernel of the step (`li`: the layer, for per-layer ops).
+    fn launch(&self, op: Op, li: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let l = &self.layers[li];
+        match op {
+            Op::Embed => {
+                let hidden = cfg.hidden as i32;
+                let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
+                let mut args = [
+                    arg(&self.step.ptr),
+                    arg(&embed),
+                    arg(&hidden),
+                    arg(&self.x.ptr),
+                ];
+                let blocks = cfg.hidden.div_ceil(256) as u32;
+                // SAFETY: matches `embed_row`. A plain launch: it follows the step
+                // buffer's copy, not a kernel.
+                unsafe { self.go(&self.f.embed, blocks, 256, 0, &mut args, false) }
+            }
+            Op::Qkv => {
+                let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr);
+                self.matvec(&l.qkv, 0, self.x.ptr, l.attn_norm.ptr, bias, self.qkv.ptr)
+            }
+            Op::Attention => {
+                let hd = cfg.head_dim;
+                let cos = tensor_ptr(&self.cos, &self.candle_stream)?;
+                let sin = tensor_ptr(&self.sin, &self.candle_stream)?;
+                let (li, nl, nh, nkvh, hdi) = (
+                    li as i32,
+                    cfg.n_layers as i32,
+                    cfg.n_heads as i32,
+                    cfg.n_kv_heads as i32,
+                    hd as i32,
+                );
+                let neox = cfg.rope_neox as i32;
+                let scale = 1.0 / (hd as f32).sqrt();
+                let ctx = self.ctx as i32;
+                let mut args = [
+                    arg(&self.qkv.ptr),
+                    arg(&self.step.ptr),
+                    arg(&li),
+                    arg(&nl),
+                    arg(&nh),
+                    arg(&nkvh),
+                    arg(&hdi),
+                    arg(&cos),
+                    arg(&sin),
+                    arg(&neox),
+                    arg(&scale),
+                    arg(&self.scores.ptr),
+                    arg(&ctx),
+                    arg(&self.att.ptr),
+                ];
+                let threads = ATT_THREADS as u32;
+                let smem = ((3 * hd) as u32 + 8 * threads) * 4;
+                // SAFETY: matches `attention`; the step buffer holds the cache pointers.
+                unsafe {
+                    self.go(
+                        &self.f.attention,
+                        cfg.n_heads as u32,
+                        threads,
+                        smem,
+                        &mut args,
+                        true,
+                    )
+                }
+            }
+            Op::Wo => self.matvec(&l.wo, 1, self.att.ptr, 0, 0, self.x.ptr),
+            Op::GateUp => self.matvec(&l.gate_up, 2, self.x.ptr, l.ffn_norm.ptr, 0, self.act.ptr),
+            Op::Down => self.matvec(&l.down, 1, self.act.ptr, 0, 0, self.x.ptr),
+            Op::Output => self.matvec(
+                &self.output,
+                0,
+                self.x.ptr,
+                self.out_norm.ptr,
+                0,
+                self.logits.ptr,
+            ),
+        }
+    }
+
+    /// Microseconds per launch of each kernel of the step, as a graph of `REPS` launches
+    /// of it replays (so launch gaps count as they do in the step's graph), with the
+    /// attention at position `pos` of `cache` (reserved past `pos`).
+    pub(super) fn bench(&mut self, cache: &SeqCache, pos: usize) -> Result<Vec<(Op, f64)>> {
+        const REPS: usize = 100;
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let cap = cache.capacity();
+        let layers = cache
+            .dense_layers()
+            .ok_or_else(|| err("cache is not a dense device cache"))?;
+        if pos >= cap {
+            return Err(err("bench position past the cache"));
+        }
+        self.words.clear();
+        self.words.extend([0, pos as u64, cap as u64]);
+        for (k, _) in &layers {
+            self.words.push(tensor_ptr(k, &self.candle_stream)?);
+        }
+        for (_, v) in &layers {
+            self.words.push(tensor_ptr(v, &self.candle_stream)?);
+        }
+        self.stream
+            .memcpy_htod(&self.words, &mut self.step.slice)
+            .map_err(err)?;
+        let ops = [
+            Op::Embed,
+            Op::Qkv,
+            Op::Attention,
+            Op::Wo,
+            Op::GateUp,
+            Op::Down,
+            Op::Output,
+        ];
+        let mut res = Vec::new();
+        for op in ops {
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(err)?;
+            let mut r = Ok(());
+            for _ in 0..REPS {
+                r = r.and_then(|_| self.launch(op, 0));
+            }
+            let g = self
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(err)?;
+            r?;
+            let g = g.ok_or_else(|| err("no graph"))?;
+            g.launch().map_err(err)?;
+            self.stream.synchronize().map_err(err)?;
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                g.launch().map_err(err)?;
+            }
+            self.stream.synchronize().map_err(err)?;
+            res.push((op, t.elapsed().as_secs_f64() * 1e6 / (5 * REPS) as f64));
+        }
+        Ok(res)
+    }
+}

@@ -1,0 +1,171 @@
+use super::*;
+use candle_core::{DType, Tensor};
+
+fn layout() -> CacheLayout {
+    CacheLayout {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim: 4,
+        dtype: crate::kv::KvDtype::F32,
+    }
+}
+
+/// Pretend a request computed `tokens` into the cache.
+fn fill(c: &mut SeqCache, tokens: &[u32]) {
+    let pos = c.len();
+    c.reserve(tokens.len()).unwrap();
+    let t = Tensor::zeros((1, 1, tokens.len(), 4), DType::F32, &Device::Cpu).unwrap();
+    c.write_layer(0, pos, &t, &t).unwrap();
+    c.commit(tokens);
+}
+
+fn turn(s: &mut SessionStore, key: Option<&str>, prompt: &[u32]) -> usize {
+    let (mut co, _) = s.checkout(key, prompt, layout(), &Device::Cpu).unwrap();
+    let reused = co.reused;
+    fill(&mut co.cache, &prompt[reused..]);
+    s.checkin(key, co.cache);
+    reused
+}
+
+#[test]
+fn reuse_after_append_and_cut_back_after_edit() {
+    let mut s = SessionStore::new(usize::MAX);
+    assert_eq!(turn(&mut s, Some("a"), &[1, 2, 3, 4]), 0);
+    assert_eq!(turn(&mut s, Some("a"), &[1, 2, 3, 4, 5, 6]), 4);
+    // An edit in the middle: only the shared prefix is reused.
+    assert_eq!(turn(&mut s, Some("a"), &[1, 2, 9, 9, 9]), 2);
+    // The same prompt again: all but the last token (its logits are needed).
+    assert_eq!(turn(&mut s, Some("a"), &[1, 2, 9, 9, 9]), 4);
+    assert_eq!(s.get("a").unwrap().tokens, 5);
+    assert_eq!(s.get("a").unwrap().hits, 3);
+}
+
+#[test]
+fn busy_session_is_refused_and_deleted_busy_session_goes_at_checkin() {
+    let mut s = SessionStore::new(usize::MAX);
+    let (co, _) = s
+        .checkout(Some("a"), &[1, 2], layout(), &Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        s.checkout(Some("a"), &[1], layout(), &Device::Cpu)
+            .unwrap_err(),
+        KvError::Busy("a".into())
+    );
+    assert!(s.get("a").unwrap().busy);
+    s.delete("a").unwrap();
+    assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
+    assert!(s.list().is_empty());
+    s.checkin(Some("a"), co.cache);
+    assert_eq!(s.get("a").unwrap_err(), KvError::NotFound("a".into()));
+}
+
+#[test]
+fn anonymous_pool_reuses_longest_prefix() {
+    let mut s = SessionStore::new(usize::MAX);
+    let long: Vec<u32> = (0..40).collect();
+    turn(&mut s, None, &long);
+    let mut next = long.clone();
+    next.extend([100, 101]);
+    assert_eq!(turn(&mut s, None, &next), 40);
+    // A short shared prefix is not worth it.
+    assert_eq!(turn(&mut s, None, &[0, 1, 2, 77]), 0);
+}
+
+#[test]
+fn budget_never_exceeded_lru_first_pinned_kept() {
+    let per = 256 * layout().bytes_per_token();
+    let mut s = SessionStore::new(2 * per);
+    turn(&mut s, Some("old"), &[1; 10]);
+    turn(&mut s, Some("pinned"), &[2; 10]);
+    s.set_pinned("pinned", true).unwrap();
+    turn(&mut s, Some("new"), &[3; 10]);
+    assert!(s.resident_bytes() <= s.budget());
+    assert!(s.get("old").is_err(), "least recently used goes first");
+    assert!(s.get("pinned").is_ok());
+    assert!(s.get("new").is_ok());
+    // Randomised sequence: the budget holds after every step.
+    let mut x = 7u32;
+    for _ in 0..200 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let key = format!("s{}", x % 5);
+        let len = 1 + (x >> 8) as usize % 300;
+        let prompt: Vec<u32> = (0..len as u32).collect();
+        turn(&mut s, Some(&key), &prompt);
+        assert!(s.resident_bytes() <= s.budget().max(per), "over budget");
+    }
+}
+
+fn spill_cfg(dir: &std::path::Path, fp: &str) -> SpillConfig {
+    SpillConfig {
+        dir: dir.to_path_buf(),
+        disk_budget: u64::MAX,
+        fingerprint: fp.into(),
+        layout: layout(),
+        device: Device::Cpu,
+    }
+}
+
+#[test]
+fn evicted_sessions_spill_and_restore_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let per = 256 * layout().bytes_per_token();
+    let mut s = SessionStore::new(per);
+    s.enable_spill(spill_cfg(dir.path(), "m"));
+    turn(&mut s, Some("a"), &[1, 2, 3, 4, 5]);
+    turn(&mut s, Some("b"), &[9, 9, 9]);
+    assert_eq!(s.get("a").unwrap().tier, "disk");
+    assert_eq!(s.get("b").unwrap().tier, "memory");
+    assert!(s.resident_bytes() <= s.budget());
+    // Next turn of `a` restores it and reuses its whole prefix.
+    assert_eq!(turn(&mut s, Some("a"), &[1, 2, 3, 4, 5, 6]), 5);
+    assert_eq!(s.restores, 1);
+    assert_eq!(s.get("a").unwrap().tier, "memory");
+    assert_eq!(s.get("b").unwrap().tier, "disk");
+}
+
+#[test]
+fn sessions_survive_a_restart_and_foreign_files_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SessionStore::new(usize::MAX);
+    s.enable_spill(spill_cfg(dir.path(), "model-1"));
+    turn(&mut s, Some("keep"), &[5, 6, 7]);
+    assert_eq!(s.spill_all(), 1);
+    std::fs::write(dir.path().join("junk.kv.safetensors"), b"not a file").unwrap();
+    std::fs::write(dir.path().join("half.kv.tmp"), b"torn").unwrap();
+    // Same model: the session is back, on disk, and restores on use.
+    let mut s2 = SessionStore::new(usize::MAX);
+    assert_eq!(s2.enable_spill(spill_cfg(dir.path(), "model-1")), 1);
+    assert_eq!(s2.get("keep").unwrap().tier, "disk");
+    assert_eq!(turn(&mut s2, Some("keep"), &[5, 6, 7, 8]), 3);
+    assert!(!dir.path().join("half.kv.tmp").exists());
+    // Another model: nothing is loaded.
+    s2.spill_all();
+    let mut s3 = SessionStore::new(usize::MAX);
+    assert_eq!(s3.enable_spill(spill_cfg(dir.path(), "model-2")), 0);
+    assert!(s3.get("keep").is_err());
+}
+
+#[test]
+fn disk_budget_deletes_the_oldest_spilled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SessionStore::new(0);
+    let mut cfg = spill_cfg(dir.path(), "m");
+    cfg.disk_budget = 1;
+    s.enable_spill(cfg);
+    turn(&mut s, Some("x"), &[1, 2]);
+    // Budget 0 in memory, 1 byte on disk: nothing can stay.
+    assert!(s.get("x").is_err());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn relieve_frees_lru_first() {
+    let mut s = SessionStore::new(usize::MAX);
+    turn(&mut s, Some("old"), &[1; 10]);
+    turn(&mut s, Some("new"), &[2; 10]);
+    let one = s.get("old").unwrap().bytes;
+    assert_eq!(s.relieve(1), one);
+    assert!(s.get("old").is_err(), "no spill dir: dropped");
+    assert!(s.get("new").is_ok());
+    assert_eq!(s.relieve(0), 0);
+}
