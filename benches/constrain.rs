@@ -7,6 +7,9 @@
 //! With `CHECK=1` it also compares every mask with feeding every token through the
 //! automaton on its own (slow: the whole vocabulary per step).
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -2,6 +2,9 @@
 //! chunk, on the CPU, and sampling one token from its vocabulary. Needs the model: `CANDELA_TEST_DATA_DIR=/tmp/cdata` (or
 //! `CANDELA_BENCH_MODEL=/path/to.gguf`).
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 use util::cpu_seconds;
 

@@ -4,6 +4,9 @@
 //! Q5_0 and K-quant kernels at the shapes of Qwen2.5-Coder-0.5B (hidden 896, gate|up
 //! 9728, ffn 4864); and the attention kernel over 512 cached positions.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 use util::cpu_seconds;
 

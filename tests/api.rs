@@ -1,5 +1,8 @@
 //! The HTTP API against a real server and the real default model.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use serde_json::{json, Value};

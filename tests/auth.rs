@@ -1,5 +1,8 @@
 //! API keys and per-key session isolation against a real server.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use serde_json::{json, Value};

@@ -1,6 +1,9 @@
 //! The real `candela` binary: flags, start-up message, SIGTERM → graceful stop that
 //! spills sessions and exits 0.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 #[test]

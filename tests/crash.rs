@@ -3,6 +3,9 @@
 //! and served, a torn file is discarded with a warning, a half-written temp file is
 //! removed, and nothing panics.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

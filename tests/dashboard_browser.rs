@@ -2,6 +2,9 @@
 //! `.ci/run`) loads the page against a live server; the DOM after its scripts ran must
 //! show fresh values, and a screenshot is taken.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

@@ -3,6 +3,9 @@
 //! reading is cut after `--stream-idle-timeout`; either way the session's cache stays
 //! consistent with what was computed and the capacity serves the next request.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;

@@ -2,6 +2,9 @@
 //! continuation from the cache as without it, accounts its real bytes per token (sessions
 //! API, metrics), and a spill file of another type is skipped, never misread.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use candela::kv::KvDtype;

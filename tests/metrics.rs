@@ -2,6 +2,9 @@
 //! right amounts, host gauges match /proc/meminfo, and every metric the Grafana
 //! dashboard queries exists.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

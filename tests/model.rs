@@ -2,6 +2,9 @@
 //! cached decoding against full recomputation, and batched decoding against each
 //! sequence decoded alone.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use candela::engine::model::{Model, SeqInput};

@@ -2,6 +2,9 @@
 //! Needs `python3 -m pip install openai` (`.ci/run` installs it); a missing package is
 //! a failure, not a skip.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 #[test]

@@ -1,5 +1,8 @@
 //! `candela plan` figures for the real default model.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use candela::kv::KvDtype;

@@ -1,6 +1,9 @@
 //! A real Prometheus server (Debian's `prometheus`, installed by `.ci/run`) scrapes a
 //! real candela on loopback, and its query API returns candela's series.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Command, Stdio};

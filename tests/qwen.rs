@@ -5,6 +5,9 @@
 //! The file (491 MB) is fetched by the tests themselves through the same code path as
 //! `candela fetch qwen2.5-coder-0.5b` (set `CANDELA_TEST_DATA_DIR` to share one copy).
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use candela::engine::model::Model;

@@ -1,6 +1,9 @@
 //! Sessions survive a graceful restart: spilled on stop, indexed on start, restored on
 //! use with identical continuations. Foreign and torn files in the spill dir are skipped.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use serde_json::{json, Value};

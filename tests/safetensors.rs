@@ -6,6 +6,9 @@
 //! logits, token ids, chat prompts and greedy completions as the GGUF run in f32.
 //! Bad directories and an unreachable hub must fail at start-up with a clear message.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

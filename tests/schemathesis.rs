@@ -3,6 +3,9 @@
 //! 5xx or carry an undocumented status or content type, and the server must still be
 //! healthy afterwards without a panic in its log. `.ci/run` installs schemathesis.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

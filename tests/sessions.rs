@@ -1,6 +1,9 @@
 //! Per-session KV caches against the real server: reuse, exact accounting, the sessions
 //! API, busy sessions.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use serde_json::{json, Value};

@@ -3,6 +3,9 @@
 //! over many seeds and temperatures, streamed calls equal whole ones, bad inputs get
 //! 400, and a multi-turn tool loop runs through the official `openai` SDK.
 
+// Tests and benches may panic on what they do not expect.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use serde_json::{json, Value};

@@ -227,6 +227,9 @@ fn build() -> prometheus::Result<Metrics> {
 /// somehow did, that is a programming error found by the first test.
 pub fn get() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
+    // Start-up code: the names and labels are constants, so registration fails only on
+    // a programming error, which the first test run shows.
+    #[allow(clippy::expect_used)]
     M.get_or_init(|| build().expect("metric registration"))
 }
 

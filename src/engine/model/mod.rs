@@ -104,10 +104,9 @@ impl Proj {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        if ys.len() == 1 {
-            Ok(ys.into_iter().next().expect("one part"))
-        } else {
-            Tensor::cat(&ys, 1)
+        match <[Tensor; 1]>::try_from(ys) {
+            Ok([y]) => Ok(y),
+            Err(ys) => Tensor::cat(&ys, 1),
         }
     }
 }

@@ -71,7 +71,7 @@ fn expf_v(x: f32) -> f32 {
 /// range (|n| > 125) are redone one by one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) {
+unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) { unsafe {
     use std::arch::x86_64::*;
     let set = |b: u32| _mm256_set1_ps(f32::from_bits(b));
     let (r, log2e, hi, lo) = (set(SHIFT), set(LOG2E), set(LN2_HI), set(LN2_LO));
@@ -116,7 +116,7 @@ unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) {
         }
         i += 8;
     }
-}
+}}
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,7 @@ pub(super) unsafe fn heads<const G: usize>(
     v: &[f16],
     scale: f32,
     out: &mut [f32],
-) {
+) { unsafe {
     debug_assert!(G <= MAX_GROUP && hd <= MAX_HD && q.len() == G * hd && out.len() == G * hd);
     let len = k.len() / hd;
     let np = hd / LANES * LANES;
@@ -184,7 +184,7 @@ pub(super) unsafe fn heads<const G: usize>(
             *o = a * inv;
         }
     }
-}
+}}
 
 /// The lane sums of up to sixteen positions' dot products (the first `64 * NC` values of
 /// each row of `rows`, `hd` apart, converted into `kf`), for each head, reduced into

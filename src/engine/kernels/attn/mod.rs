@@ -350,7 +350,7 @@ fn scale_h(simd: bool, acc: &mut [f16], w: f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
+unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 { unsafe {
     use std::arch::x86_64::*;
     let n = q.len();
     let np = n / LANES * LANES;
@@ -378,11 +378,11 @@ unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
         return r;
     }
     tail(r, q, k, np)
-}
+}}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) {
+unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) { unsafe {
     use std::arch::x86_64::*;
     let n8 = acc.len() / 8 * 8;
     let wv = _mm256_set1_ps(w);
@@ -397,11 +397,11 @@ unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) {
     for i in n8..acc.len() {
         acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
     }
-}
+}}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scale_f16c(acc: &mut [f16], w: f32) {
+unsafe fn scale_f16c(acc: &mut [f16], w: f32) { unsafe {
     use std::arch::x86_64::*;
     let n8 = acc.len() / 8 * 8;
     let wv = _mm256_set1_ps(w);
@@ -415,7 +415,7 @@ unsafe fn scale_f16c(acc: &mut [f16], w: f32) {
     for a in &mut acc[n8..] {
         *a = f16::from_f32(a.to_f32() * w);
     }
-}
+}}
 
 #[cfg(test)]
 mod tests;

@@ -47,13 +47,13 @@ impl QWeight {
         c1: usize,
         out: OutPtr,
         ldo: usize,
-    ) {
+    ) { unsafe {
         match self.kind {
             Kind::Q4_0 => self.cols_vnni_k::<0>(x, c0, c1, out, ldo),
             Kind::Q4_1 => self.cols_vnni_k::<1>(x, c0, c1, out, ldo),
             Kind::Q8_0 => self.cols_vnni_k::<2>(x, c0, c1, out, ldo),
         }
-    }
+    }}
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     unsafe fn cols_vnni_k<const K: u8>(
@@ -108,7 +108,7 @@ impl QWeight {
         s: &mut TileScratch,
         out: OutPtr,
         ldo: usize,
-    ) {
+    ) { unsafe {
         use std::arch::x86_64::*;
         let nbk = self.k / QK;
         let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
@@ -162,7 +162,7 @@ impl QWeight {
             }
             g += 8;
         }
-    }
+    }}
 
     /// Columns `g + j0 .. g + j0 + C` of the group starting at `g`, for the `R` rows.
     #[allow(clippy::too_many_arguments)]
@@ -179,7 +179,7 @@ impl QWeight {
         out: OutPtr,
         r0: usize,
         ldo: usize,
-    ) {
+    ) { unsafe {
         use std::arch::x86_64::*;
         let nbk = self.k / QK;
         let qs = self.qs.as_ptr();
@@ -225,7 +225,7 @@ impl QWeight {
                 out.write((r0 + i) * ldo + g + j0 + j, v);
             }
         }
-    }
+    }}
 }
 
 /// The x86 kernels: `K` is the weight kind (0 Q4_0, 1 Q4_1, 2 Q8_0), `R` the number of
@@ -241,7 +241,7 @@ macro_rules! x86_dot {
                 &self,
                 c: usize,
                 rows: [Row<'_>; R],
-            ) -> [[f32; R]; C] {
+            ) -> [[f32; R]; C] { unsafe {
                 use std::arch::x86_64::*;
                 let nbk = self.k / QK;
                 let mut acc = [[_mm256_setzero_ps(); R]; C];
@@ -308,13 +308,13 @@ macro_rules! x86_dot {
                     }
                 }
                 out
-            }
+            }}
 
             /// One activation row against the eight columns `c..c + 8` (`c % 8 == 0`):
             /// the eight `d_w * d_y` products and Q4_1's eight `m * s` chains are
             /// vector lanes (the same products and FMAs as the scalar ones, per lane).
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] {
+            pub(super) unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] { unsafe {
                 use std::arch::x86_64::*;
                 let nbk = self.k / QK;
                 let mut acc = [_mm256_setzero_ps(); 8];
@@ -385,7 +385,7 @@ macro_rules! x86_dot {
                     out[j] = hsum8(lanes) + sm[j];
                 }
                 out
-            }
+            }}
         }
     };
 }

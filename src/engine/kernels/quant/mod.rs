@@ -111,7 +111,7 @@ fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
 /// by one factor, round-half-even, integer sums), so it equals the scalar path bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) { unsafe {
     use std::arch::x86_64::*;
     let nb = x.len() / QK;
     assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
@@ -154,7 +154,7 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) 
         d[b] = f16::from_f32(dv).to_f32();
         s[b] = f16::from_f32(dv * total as f32).to_f32();
     }
-}
+}}
 
 /// Portable reference of [`quantize_into`].
 fn quantize_scalar(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
@@ -350,9 +350,9 @@ impl OutPtr {
     /// # Safety
     /// `i` is inside the output slice and no other task writes it.
     #[inline]
-    unsafe fn write(self, i: usize, v: f32) {
+    unsafe fn write(self, i: usize, v: f32) { unsafe {
         *self.0.add(i) = v;
-    }
+    }}
 }
 
 /// Bits of the float 1.5 * 2^23. Any `i` with `|i| < 2^22` added to these bits, as an

@@ -131,7 +131,7 @@ impl QWeight {
         s: &mut PairScratch,
         out: OutPtr,
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nbk = self.k / QK;
         let (r0, nr) = (rows.start, rows.len());
         debug_assert!(nr == 2 * P || nr == 2 * P - 1);
@@ -225,7 +225,7 @@ impl QWeight {
             }
             g += 8;
         }
-    }
+    }}
 
     /// Columns `g + j0 .. g + j0 + C` (inside the group starting at `g`) for the `P`
     /// row pairs prepared in `s`.
@@ -241,7 +241,7 @@ impl QWeight {
         out: OutPtr,
         (r0, nr): (usize, usize),
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nbk = self.k / QK;
         let qs = self.qs.as_ptr();
         let low = _mm512_set1_epi8(0x0F);
@@ -323,5 +323,5 @@ impl QWeight {
                 }
             }
         }
-    }
+    }}
 }

@@ -402,13 +402,13 @@ impl Tiled for KWeight {
 /// Exact sum of eight i32 lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 { unsafe {
     use std::arch::x86_64::*;
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
     _mm_cvtsi128_si32(s)
-}
+}}
 
 /// The x86 tiles. Integer sums are exact in any order (products fit i16 pairs:
 /// Q4_K 15 * 128 * 2, Q6_K 63 * 128 * 2), so the kernels group them as suits the
@@ -425,7 +425,7 @@ macro_rules! k_x86 {
                 &self,
                 c: usize,
                 rows: [KRow<'_>; R],
-            ) -> [[f32; R]; C] {
+            ) -> [[f32; R]; C] { unsafe {
                 use std::arch::x86_64::*;
                 let nb = self.k / QK_K;
                 let m4 = _mm256_set1_epi8(0x0F);
@@ -489,14 +489,14 @@ macro_rules! k_x86 {
                     }
                 }
                 out
-            }
+            }}
 
             #[target_feature(enable = $feat)]
             unsafe fn $q6<const R: usize, const C: usize>(
                 &self,
                 c: usize,
                 rows: [KRow<'_>; R],
-            ) -> [[f32; R]; C] {
+            ) -> [[f32; R]; C] { unsafe {
                 use std::arch::x86_64::*;
                 let nb = self.k / QK_K;
                 let m15 = _mm256_set1_epi8(15);
@@ -586,7 +586,7 @@ macro_rules! k_x86 {
                     }
                 }
                 out
-            }
+            }}
         }
     };
 }

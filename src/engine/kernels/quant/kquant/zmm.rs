@@ -74,7 +74,7 @@ impl Pairs for KWeight {
         s: &mut PairScratch,
         out: OutPtr,
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nb = self.k / QK_K;
         let (r0, nr) = (rows.start, rows.len());
         debug_assert!(nr == 2 * P || nr == 2 * P - 1);
@@ -117,7 +117,7 @@ impl Pairs for KWeight {
             }
             c += cols;
         }
-    }
+    }}
 }
 
 impl KWeight {
@@ -133,7 +133,7 @@ impl KWeight {
         out: OutPtr,
         (r0, nr): (usize, usize),
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nb = self.k / QK_K;
         let m15 = _mm512_set1_epi8(15);
         let mut acc = [[_mm512_setzero_ps(); C]; P];
@@ -255,7 +255,7 @@ impl KWeight {
                 }
             }
         }
-    }
+    }}
 
     /// Q4_K columns `c..c + C` for the `P` row pairs prepared in `s`.
     // Column `j` indexes several arrays (weights, sums, accumulators) at once.
@@ -269,7 +269,7 @@ impl KWeight {
         out: OutPtr,
         (r0, nr): (usize, usize),
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nb = self.k / QK_K;
         let m4 = _mm512_set1_epi8(0x0F);
         // Lanes 0, 1 (and 8, 9) of each vector: the two chains `acc`, `accm` of a row.
@@ -352,5 +352,5 @@ impl KWeight {
                 }
             }
         }
-    }
+    }}
 }

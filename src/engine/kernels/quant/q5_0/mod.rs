@@ -180,7 +180,7 @@ macro_rules! q5_x86 {
                 &self,
                 c: usize,
                 rows: [Row<'_>; R],
-            ) -> [[f32; R]; C] {
+            ) -> [[f32; R]; C] { unsafe {
                 use std::arch::x86_64::*;
                 let nbk = self.k / QK;
                 let mut acc = [[_mm256_setzero_ps(); R]; C];
@@ -239,7 +239,7 @@ macro_rules! q5_x86 {
                     }
                 }
                 out
-            }
+            }}
         }
     };
 }

@@ -62,7 +62,7 @@ impl Pairs for Q5Weight {
         s: &mut PairScratch,
         out: OutPtr,
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nbk = self.k / QK;
         let (r0, nr) = (rows.start, rows.len());
         debug_assert!(nr == 2 * P || nr == 2 * P - 1);
@@ -102,7 +102,7 @@ impl Pairs for Q5Weight {
                 c += 1;
             }
         }
-    }
+    }}
 }
 
 impl Q5Weight {
@@ -116,7 +116,7 @@ impl Q5Weight {
         out: OutPtr,
         (r0, nr): (usize, usize),
         ldo: usize,
-    ) {
+    ) { unsafe {
         let nbk = self.k / QK;
         let qs = self.qs.as_ptr();
         let low = _mm512_set1_epi8(0x0F);
@@ -183,5 +183,5 @@ impl Q5Weight {
                 }
             }
         }
-    }
+    }}
 }
