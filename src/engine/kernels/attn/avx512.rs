@@ -40,151 +40,153 @@ pub(super) unsafe fn heads<const G: usize>(
     v: &[f16],
     scale: f32,
     out: &mut [f32],
-) { unsafe {
-    debug_assert!(G <= MAX_GROUP && hd <= MAX_HD && q.len() == G * hd && out.len() == G * hd);
-    let len = k.len() / hd;
-    let np = hd / LANES * LANES;
-    // Q rounded to f16: as f16 for the scalar tail, as f32 for the registers.
-    let mut qh = [[f16::ZERO; MAX_HD]; G];
-    let mut qf = [[0f32; MAX_HD]; G];
-    for h in 0..G {
-        for d in 0..hd {
-            qh[h][d] = f16::from_f32(q[h * hd + d]);
-            qf[h][d] = qh[h][d].to_f32();
-        }
-    }
-    // f16 values of the accumulators, held as f32 between blocks.
-    let mut acc = [[0f32; MAX_HD]; G];
-    let mut m = [f32::NEG_INFINITY; G];
-    let mut sum = [0f32; G];
-    let mut sc = [[0f32; BLOCK]; G];
-    let mut ms = [[0f32; BLOCK]; G];
-    // Converted K rows; only the rows of the current positions are ever read.
-    let mut kf = [const { MaybeUninit::<f32>::uninit() }; 16 * MAX_HD];
-    let mut j0 = 0;
-    while j0 < len {
-        let bl = (len - j0).min(BLOCK);
-        let kb = &k[j0 * hd..(j0 + bl) * hd];
-        // Pass 1: scores.
-        for p0 in (0..bl).step_by(16) {
-            let n = (bl - p0).min(16);
-            let rows = &kb[p0 * hd..(p0 + n) * hd];
-            // In a decode step the cache is cold: ask now for these positions' V rows
-            // (pass 3) and for K rows 32 positions ahead (at the start, 16 to 48), so
-            // that their loads find them.
-            let at = (j0 + p0) * hd;
-            prefetch(&v[at..at + n * hd]);
-            let from = if at == 0 { 16 * hd } else { at + 32 * hd };
-            prefetch(&k[from.min(k.len())..(at + 48 * hd).min(k.len())]);
-            match np / LANES {
-                0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
-                1 => scores::<G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                2 => scores::<G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                3 => scores::<G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                _ => scores::<G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
-            }
-            if np < hd {
-                for p in 0..n {
-                    let row = &kb[(p0 + p) * hd..(p0 + p + 1) * hd];
-                    for h in 0..G {
-                        sc[h][p0 + p] = tail(sc[h][p0 + p], &qh[h][..hd], row, np);
-                    }
-                }
-            }
-        }
-        // Pass 2: the weights. `sc` becomes the `expf` arguments, then `vs`; `ms` is
-        // 1 except where the maximum grew.
-        let sv = _mm512_set1_ps(scale);
-        let one = _mm512_set1_ps(1.0);
+) {
+    unsafe {
+        debug_assert!(G <= MAX_GROUP && hd <= MAX_HD && q.len() == G * hd && out.len() == G * hd);
+        let len = k.len() / hd;
+        let np = hd / LANES * LANES;
+        // Q rounded to f16: as f16 for the scalar tail, as f32 for the registers.
+        let mut qh = [[f16::ZERO; MAX_HD]; G];
+        let mut qf = [[0f32; MAX_HD]; G];
         for h in 0..G {
-            let s = &mut sc[h];
-            for c in (0..bl).step_by(16) {
-                let p = s[c..].as_mut_ptr();
-                _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), sv));
-            }
-            let mut grew = [0u16; BLOCK / 16];
-            let mut mh = m[h];
-            for j in 0..bl {
-                let x = s[j];
-                if x > mh {
-                    s[j] = mh - x;
-                    mh = x;
-                    grew[j / 16] |= 1 << (j % 16);
-                } else {
-                    s[j] = x - mh;
-                }
-            }
-            m[h] = mh;
-            let nc = bl.div_ceil(16) * 16;
-            exp_slice(&mut s[..nc]);
-            for c in (0..nc).step_by(16) {
-                let g = grew[c / 16];
-                let e = _mm512_loadu_ps(s[c..].as_ptr());
-                _mm512_storeu_ps(ms[h][c..].as_mut_ptr(), _mm512_mask_blend_ps(g, one, e));
-                _mm512_storeu_ps(s[c..].as_mut_ptr(), _mm512_mask_blend_ps(g, e, one));
+            for d in 0..hd {
+                qh[h][d] = f16::from_f32(q[h * hd + d]);
+                qf[h][d] = qh[h][d].to_f32();
             }
         }
-        // Pass 3: V, 64 dimensions (four registers, the last ones masked) at a time.
-        let vb = &v[j0 * hd..(j0 + bl) * hd];
-        for cb in (0..hd).step_by(64) {
-            let mask: [u16; 4] = std::array::from_fn(|r| {
-                let rem = hd.saturating_sub(cb + 16 * r);
-                if rem >= 16 {
-                    u16::MAX
-                } else {
-                    ((1u32 << rem) - 1) as u16
+        // f16 values of the accumulators, held as f32 between blocks.
+        let mut acc = [[0f32; MAX_HD]; G];
+        let mut m = [f32::NEG_INFINITY; G];
+        let mut sum = [0f32; G];
+        let mut sc = [[0f32; BLOCK]; G];
+        let mut ms = [[0f32; BLOCK]; G];
+        // Converted K rows; only the rows of the current positions are ever read.
+        let mut kf = [const { MaybeUninit::<f32>::uninit() }; 16 * MAX_HD];
+        let mut j0 = 0;
+        while j0 < len {
+            let bl = (len - j0).min(BLOCK);
+            let kb = &k[j0 * hd..(j0 + bl) * hd];
+            // Pass 1: scores.
+            for p0 in (0..bl).step_by(16) {
+                let n = (bl - p0).min(16);
+                let rows = &kb[p0 * hd..(p0 + n) * hd];
+                // In a decode step the cache is cold: ask now for these positions' V rows
+                // (pass 3) and for K rows 32 positions ahead (at the start, 16 to 48), so
+                // that their loads find them.
+                let at = (j0 + p0) * hd;
+                prefetch(&v[at..at + n * hd]);
+                let from = if at == 0 { 16 * hd } else { at + 32 * hd };
+                prefetch(&k[from.min(k.len())..(at + 48 * hd).min(k.len())]);
+                match np / LANES {
+                    0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
+                    1 => scores::<G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    2 => scores::<G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    3 => scores::<G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    _ => scores::<G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
                 }
-            });
-            let mut a = [[_mm512_setzero_ps(); 4]; G];
-            for h in 0..G {
-                for r in 0..4 {
-                    a[h][r] = _mm512_loadu_ps(acc[h][cb + 16 * r..].as_ptr());
-                }
-            }
-            let with_sum = cb == 0;
-            for j in 0..bl {
-                let row = vb.as_ptr().wrapping_add(j * hd + cb);
-                let x: [__m512; 4] = std::array::from_fn(|r| {
-                    let p = row.wrapping_add(16 * r);
-                    _mm512_cvtph_ps(if mask[r] == u16::MAX {
-                        _mm256_loadu_si256(p.cast())
-                    } else {
-                        _mm256_maskz_loadu_epi16(mask[r], p.cast())
-                    })
-                });
-                for h in 0..G {
-                    let w = ms[h][j];
-                    let e = sc[h][j];
-                    if w != 1.0 {
-                        let wv = _mm512_set1_ps(w);
-                        for ar in a[h].iter_mut() {
-                            *ar = round_f16(_mm512_mul_ps(*ar, wv));
+                if np < hd {
+                    for p in 0..n {
+                        let row = &kb[(p0 + p) * hd..(p0 + p + 1) * hd];
+                        for h in 0..G {
+                            sc[h][p0 + p] = tail(sc[h][p0 + p], &qh[h][..hd], row, np);
                         }
                     }
-                    let ev = _mm512_set1_ps(e);
-                    for r in 0..4 {
-                        a[h][r] = round_f16(_mm512_fmadd_ps(x[r], ev, a[h][r]));
-                    }
-                    if with_sum {
-                        sum[h] = sum[h].mul_add(w, e);
-                    }
                 }
             }
+            // Pass 2: the weights. `sc` becomes the `expf` arguments, then `vs`; `ms` is
+            // 1 except where the maximum grew.
+            let sv = _mm512_set1_ps(scale);
+            let one = _mm512_set1_ps(1.0);
             for h in 0..G {
-                for r in 0..4 {
-                    _mm512_storeu_ps(acc[h][cb + 16 * r..].as_mut_ptr(), a[h][r]);
+                let s = &mut sc[h];
+                for c in (0..bl).step_by(16) {
+                    let p = s[c..].as_mut_ptr();
+                    _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), sv));
+                }
+                let mut grew = [0u16; BLOCK / 16];
+                let mut mh = m[h];
+                for j in 0..bl {
+                    let x = s[j];
+                    if x > mh {
+                        s[j] = mh - x;
+                        mh = x;
+                        grew[j / 16] |= 1 << (j % 16);
+                    } else {
+                        s[j] = x - mh;
+                    }
+                }
+                m[h] = mh;
+                let nc = bl.div_ceil(16) * 16;
+                exp_slice(&mut s[..nc]);
+                for c in (0..nc).step_by(16) {
+                    let g = grew[c / 16];
+                    let e = _mm512_loadu_ps(s[c..].as_ptr());
+                    _mm512_storeu_ps(ms[h][c..].as_mut_ptr(), _mm512_mask_blend_ps(g, one, e));
+                    _mm512_storeu_ps(s[c..].as_mut_ptr(), _mm512_mask_blend_ps(g, e, one));
                 }
             }
+            // Pass 3: V, 64 dimensions (four registers, the last ones masked) at a time.
+            let vb = &v[j0 * hd..(j0 + bl) * hd];
+            for cb in (0..hd).step_by(64) {
+                let mask: [u16; 4] = std::array::from_fn(|r| {
+                    let rem = hd.saturating_sub(cb + 16 * r);
+                    if rem >= 16 {
+                        u16::MAX
+                    } else {
+                        ((1u32 << rem) - 1) as u16
+                    }
+                });
+                let mut a = [[_mm512_setzero_ps(); 4]; G];
+                for h in 0..G {
+                    for r in 0..4 {
+                        a[h][r] = _mm512_loadu_ps(acc[h][cb + 16 * r..].as_ptr());
+                    }
+                }
+                let with_sum = cb == 0;
+                for j in 0..bl {
+                    let row = vb.as_ptr().wrapping_add(j * hd + cb);
+                    let x: [__m512; 4] = std::array::from_fn(|r| {
+                        let p = row.wrapping_add(16 * r);
+                        _mm512_cvtph_ps(if mask[r] == u16::MAX {
+                            _mm256_loadu_si256(p.cast())
+                        } else {
+                            _mm256_maskz_loadu_epi16(mask[r], p.cast())
+                        })
+                    });
+                    for h in 0..G {
+                        let w = ms[h][j];
+                        let e = sc[h][j];
+                        if w != 1.0 {
+                            let wv = _mm512_set1_ps(w);
+                            for ar in a[h].iter_mut() {
+                                *ar = round_f16(_mm512_mul_ps(*ar, wv));
+                            }
+                        }
+                        let ev = _mm512_set1_ps(e);
+                        for r in 0..4 {
+                            a[h][r] = round_f16(_mm512_fmadd_ps(x[r], ev, a[h][r]));
+                        }
+                        if with_sum {
+                            sum[h] = sum[h].mul_add(w, e);
+                        }
+                    }
+                }
+                for h in 0..G {
+                    for r in 0..4 {
+                        _mm512_storeu_ps(acc[h][cb + 16 * r..].as_mut_ptr(), a[h][r]);
+                    }
+                }
+            }
+            j0 += bl;
         }
-        j0 += bl;
-    }
-    for h in 0..G {
-        let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };
-        for (o, a) in out[h * hd..(h + 1) * hd].iter_mut().zip(&acc[h][..hd]) {
-            *o = a * inv;
+        for h in 0..G {
+            let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };
+            for (o, a) in out[h * hd..(h + 1) * hd].iter_mut().zip(&acc[h][..hd]) {
+                *o = a * inv;
+            }
         }
     }
-}}
+}
 
 /// The lane sums of up to sixteen positions' dot products (the first `64 * NC` values of
 /// each row of `rows`, `hd` apart, converted into `kf`), for each head, reduced into

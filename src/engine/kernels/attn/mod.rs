@@ -350,72 +350,78 @@ fn scale_h(simd: bool, acc: &mut [f16], w: f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 { unsafe {
-    use std::arch::x86_64::*;
-    let n = q.len();
-    let np = n / LANES * LANES;
-    let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-    // acc[a] holds lanes 8a..8a+8.
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut i = 0;
-    while i < np {
-        for (a, r) in acc.iter_mut().enumerate() {
-            let at = i + 8 * a;
-            *r = _mm256_fmadd_ps(ld(k.as_ptr().add(at)), ld(q.as_ptr().add(at)), *r);
+unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
+    unsafe {
+        use std::arch::x86_64::*;
+        let n = q.len();
+        let np = n / LANES * LANES;
+        let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        // acc[a] holds lanes 8a..8a+8.
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < np {
+            for (a, r) in acc.iter_mut().enumerate() {
+                let at = i + 8 * a;
+                *r = _mm256_fmadd_ps(ld(k.as_ptr().add(at)), ld(q.as_ptr().add(at)), *r);
+            }
+            i += LANES;
         }
-        i += LANES;
+        // 16-lane register j is (acc[2j], acc[2j + 1]).
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        // `reduce16` in registers: t = hi + lo; u[i] = t[4 + i] + t[i];
+        // (u0 + u2) + (u1 + u3). The same additions, operands in the same order.
+        let t = _mm256_add_ps(hi, lo);
+        let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
+        let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        let r = _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)));
+        if np == n {
+            return r;
+        }
+        tail(r, q, k, np)
     }
-    // 16-lane register j is (acc[2j], acc[2j + 1]).
-    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    // `reduce16` in registers: t = hi + lo; u[i] = t[4 + i] + t[i];
-    // (u0 + u2) + (u1 + u3). The same additions, operands in the same order.
-    let t = _mm256_add_ps(hi, lo);
-    let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
-    let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
-    let r = _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)));
-    if np == n {
-        return r;
-    }
-    tail(r, q, k, np)
-}}
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) { unsafe {
-    use std::arch::x86_64::*;
-    let n8 = acc.len() / 8 * 8;
-    let wv = _mm256_set1_ps(w);
-    let mut i = 0;
-    while i < n8 {
-        let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-        let p = acc.as_mut_ptr().add(i) as *mut __m128i;
-        let y = _mm256_fmadd_ps(x, wv, _mm256_cvtph_ps(_mm_loadu_si128(p)));
-        _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
-        i += 8;
+unsafe fn mad_f16c(acc: &mut [f16], v: &[f16], w: f32) {
+    unsafe {
+        use std::arch::x86_64::*;
+        let n8 = acc.len() / 8 * 8;
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i < n8 {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let p = acc.as_mut_ptr().add(i) as *mut __m128i;
+            let y = _mm256_fmadd_ps(x, wv, _mm256_cvtph_ps(_mm_loadu_si128(p)));
+            _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+            i += 8;
+        }
+        for i in n8..acc.len() {
+            acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
+        }
     }
-    for i in n8..acc.len() {
-        acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
-    }
-}}
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scale_f16c(acc: &mut [f16], w: f32) { unsafe {
-    use std::arch::x86_64::*;
-    let n8 = acc.len() / 8 * 8;
-    let wv = _mm256_set1_ps(w);
-    let mut i = 0;
-    while i < n8 {
-        let p = acc.as_mut_ptr().add(i) as *mut __m128i;
-        let y = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), wv);
-        _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
-        i += 8;
+unsafe fn scale_f16c(acc: &mut [f16], w: f32) {
+    unsafe {
+        use std::arch::x86_64::*;
+        let n8 = acc.len() / 8 * 8;
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i < n8 {
+            let p = acc.as_mut_ptr().add(i) as *mut __m128i;
+            let y = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), wv);
+            _mm_storeu_si128(p, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+            i += 8;
+        }
+        for a in &mut acc[n8..] {
+            *a = f16::from_f32(a.to_f32() * w);
+        }
     }
-    for a in &mut acc[n8..] {
-        *a = f16::from_f32(a.to_f32() * w);
-    }
-}}
+}
 
 #[cfg(test)]
 mod tests;

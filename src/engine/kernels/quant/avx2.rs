@@ -47,13 +47,15 @@ impl QWeight {
         c1: usize,
         out: OutPtr,
         ldo: usize,
-    ) { unsafe {
-        match self.kind {
-            Kind::Q4_0 => self.cols_vnni_k::<0>(x, c0, c1, out, ldo),
-            Kind::Q4_1 => self.cols_vnni_k::<1>(x, c0, c1, out, ldo),
-            Kind::Q8_0 => self.cols_vnni_k::<2>(x, c0, c1, out, ldo),
+    ) {
+        unsafe {
+            match self.kind {
+                Kind::Q4_0 => self.cols_vnni_k::<0>(x, c0, c1, out, ldo),
+                Kind::Q4_1 => self.cols_vnni_k::<1>(x, c0, c1, out, ldo),
+                Kind::Q8_0 => self.cols_vnni_k::<2>(x, c0, c1, out, ldo),
+            }
         }
-    }}
+    }
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     unsafe fn cols_vnni_k<const K: u8>(
@@ -108,61 +110,66 @@ impl QWeight {
         s: &mut TileScratch,
         out: OutPtr,
         ldo: usize,
-    ) { unsafe {
-        use std::arch::x86_64::*;
-        let nbk = self.k / QK;
-        let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
-        // Accumulator start values, `[b][r]` (eight lanes each): -off * four-sums of y.
-        let corr = s.corr.as_mut_ptr();
-        if K != 1 {
-            let off = _mm256_set1_epi8(if K == 0 { 8 } else { -128 });
-            for b in 0..nbk {
-                for (i, row) in rows.iter().enumerate() {
-                    let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, y);
-                    let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
-                    _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
-                }
-            }
-        }
-        let dd = s.dd.as_mut_ptr();
-        let mut g = c0;
-        while g < c1 {
-            let cols = (c1 - g).min(8);
-            // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
-            let mut summs = [_mm256_setzero_ps(); R];
-            for b in 0..nbk {
-                let si = self.sc(g, b);
-                let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
-                let mw = if K == 1 {
-                    _mm256_loadu_ps(self.m.as_ptr().add(si))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                for (i, row) in rows.iter().enumerate() {
-                    let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
-                    _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
-                    if K == 1 {
-                        summs[i] =
-                            _mm256_fmadd_ps(mw, _mm256_set1_ps(*row.s.get_unchecked(b)), summs[i]);
+    ) {
+        unsafe {
+            use std::arch::x86_64::*;
+            let nbk = self.k / QK;
+            let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
+            // Accumulator start values, `[b][r]` (eight lanes each): -off * four-sums of y.
+            let corr = s.corr.as_mut_ptr();
+            if K != 1 {
+                let off = _mm256_set1_epi8(if K == 0 { 8 } else { -128 });
+                for b in 0..nbk {
+                    for (i, row) in rows.iter().enumerate() {
+                        let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                        let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, y);
+                        let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
+                        _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
                     }
                 }
             }
-            let mut sm = [[0f32; 8]; R];
-            for (i, v) in summs.iter().enumerate() {
-                _mm256_storeu_ps(sm[i].as_mut_ptr(), *v);
+            let dd = s.dd.as_mut_ptr();
+            let mut g = c0;
+            while g < c1 {
+                let cols = (c1 - g).min(8);
+                // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
+                let mut summs = [_mm256_setzero_ps(); R];
+                for b in 0..nbk {
+                    let si = self.sc(g, b);
+                    let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
+                    let mw = if K == 1 {
+                        _mm256_loadu_ps(self.m.as_ptr().add(si))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for (i, row) in rows.iter().enumerate() {
+                        let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
+                        _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
+                        if K == 1 {
+                            summs[i] = _mm256_fmadd_ps(
+                                mw,
+                                _mm256_set1_ps(*row.s.get_unchecked(b)),
+                                summs[i],
+                            );
+                        }
+                    }
+                }
+                let mut sm = [[0f32; 8]; R];
+                for (i, v) in summs.iter().enumerate() {
+                    _mm256_storeu_ps(sm[i].as_mut_ptr(), *v);
+                }
+                let mut j = 0;
+                while j + 2 <= cols {
+                    self.pair_vnni::<K, R, 2>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                    j += 2;
+                }
+                if j < cols {
+                    self.pair_vnni::<K, R, 1>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                }
+                g += 8;
             }
-            let mut j = 0;
-            while j + 2 <= cols {
-                self.pair_vnni::<K, R, 2>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
-                j += 2;
-            }
-            if j < cols {
-                self.pair_vnni::<K, R, 1>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
-            }
-            g += 8;
         }
-    }}
+    }
 
     /// Columns `g + j0 .. g + j0 + C` of the group starting at `g`, for the `R` rows.
     #[allow(clippy::too_many_arguments)]
@@ -179,53 +186,58 @@ impl QWeight {
         out: OutPtr,
         r0: usize,
         ldo: usize,
-    ) { unsafe {
-        use std::arch::x86_64::*;
-        let nbk = self.k / QK;
-        let qs = self.qs.as_ptr();
-        let low = _mm256_set1_epi8(0x0F);
-        let flip = _mm256_set1_epi8(-128);
-        let magic_i = _mm256_set1_epi32(MAGIC_BITS);
-        let magic = _mm256_castsi256_ps(magic_i);
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nbk {
-            let mut ws = [_mm256_setzero_si256(); C];
-            for (j, w) in ws.iter_mut().enumerate() {
-                let wb = (g + j0 + j) * nbk + b;
-                *w = if K == 2 {
-                    _mm256_xor_si256(_mm256_loadu_si256(qs.add(wb * QK) as *const __m256i), flip)
-                } else {
-                    let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low)
-                };
+    ) {
+        unsafe {
+            use std::arch::x86_64::*;
+            let nbk = self.k / QK;
+            let qs = self.qs.as_ptr();
+            let low = _mm256_set1_epi8(0x0F);
+            let flip = _mm256_set1_epi8(-128);
+            let magic_i = _mm256_set1_epi32(MAGIC_BITS);
+            let magic = _mm256_castsi256_ps(magic_i);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..nbk {
+                let mut ws = [_mm256_setzero_si256(); C];
+                for (j, w) in ws.iter_mut().enumerate() {
+                    let wb = (g + j0 + j) * nbk + b;
+                    *w = if K == 2 {
+                        _mm256_xor_si256(
+                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i),
+                            flip,
+                        )
+                    } else {
+                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low)
+                    };
+                }
+                for (i, row) in rows.iter().enumerate() {
+                    let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                    let start = if K == 1 {
+                        magic_i
+                    } else {
+                        _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
+                    };
+                    for (j, w) in ws.iter().enumerate() {
+                        let sum = _mm256_dpbusd_epi32(start, *w, y);
+                        let d = _mm256_set1_ps(*dd.add((b * R + i) * 8 + j0 + j));
+                        let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
+                        // The lane sums sit in the low mantissa bits of MAGIC: one
+                        // subtraction yields them as exact floats (cheaper than vcvtdq2ps).
+                        let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
+                        *a = _mm256_fmadd_ps(d, f, *a);
+                    }
+                }
             }
-            for (i, row) in rows.iter().enumerate() {
-                let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                let start = if K == 1 {
-                    magic_i
-                } else {
-                    _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
-                };
-                for (j, w) in ws.iter().enumerate() {
-                    let sum = _mm256_dpbusd_epi32(start, *w, y);
-                    let d = _mm256_set1_ps(*dd.add((b * R + i) * 8 + j0 + j));
-                    let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
-                    // The lane sums sit in the low mantissa bits of MAGIC: one
-                    // subtraction yields them as exact floats (cheaper than vcvtdq2ps).
-                    let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
-                    *a = _mm256_fmadd_ps(d, f, *a);
+            for (i, accs) in acc.iter().enumerate() {
+                for (j, a) in accs.iter().enumerate() {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                    let v = hsum8(lanes) + if K == 1 { sm[i][j0 + j] } else { 0.0 };
+                    out.write((r0 + i) * ldo + g + j0 + j, v);
                 }
             }
         }
-        for (i, accs) in acc.iter().enumerate() {
-            for (j, a) in accs.iter().enumerate() {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                let v = hsum8(lanes) + if K == 1 { sm[i][j0 + j] } else { 0.0 };
-                out.write((r0 + i) * ldo + g + j0 + j, v);
-            }
-        }
-    }}
+    }
 }
 
 /// The x86 kernels: `K` is the weight kind (0 Q4_0, 1 Q4_1, 2 Q8_0), `R` the number of
@@ -241,40 +253,135 @@ macro_rules! x86_dot {
                 &self,
                 c: usize,
                 rows: [Row<'_>; R],
-            ) -> [[f32; R]; C] { unsafe {
-                use std::arch::x86_64::*;
-                let nbk = self.k / QK;
-                let mut acc = [[_mm256_setzero_ps(); R]; C];
-                let mut summs = [[0f32; R]; C];
-                let ones = _mm256_set1_epi16(1);
-                let low = _mm256_set1_epi8(0x0F);
-                let off8 = _mm256_set1_epi8(8);
-                let qs = self.qs.as_ptr();
-                for b in 0..nbk {
-                    let mut ws = [_mm256_setzero_si256(); C];
-                    for (j, w) in ws.iter_mut().enumerate() {
-                        let wb = (c + j) * nbk + b;
-                        *w = if K == 2 {
-                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
-                        } else {
-                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                            let q =
-                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-                            if K == 0 {
-                                _mm256_sub_epi8(q, off8)
+            ) -> [[f32; R]; C] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = self.k / QK;
+                    let mut acc = [[_mm256_setzero_ps(); R]; C];
+                    let mut summs = [[0f32; R]; C];
+                    let ones = _mm256_set1_epi16(1);
+                    let low = _mm256_set1_epi8(0x0F);
+                    let off8 = _mm256_set1_epi8(8);
+                    let qs = self.qs.as_ptr();
+                    for b in 0..nbk {
+                        let mut ws = [_mm256_setzero_si256(); C];
+                        for (j, w) in ws.iter_mut().enumerate() {
+                            let wb = (c + j) * nbk + b;
+                            *w = if K == 2 {
+                                _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
                             } else {
-                                q
+                                let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                                let q = _mm256_and_si256(
+                                    _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+                                    low,
+                                );
+                                if K == 0 {
+                                    _mm256_sub_epi8(q, off8)
+                                } else {
+                                    q
+                                }
+                            };
+                        }
+                        for r in 0..R {
+                            let row = rows.get_unchecked(r);
+                            let yq =
+                                _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                            let dy = *row.d.get_unchecked(b);
+                            for j in 0..C {
+                                let w = ws[j];
+                                // Q4_1 nibbles are unsigned already; signed weights move their
+                                // sign onto the activations so `maddubs` sees |w| (ggml's trick).
+                                let (ax, sy) = if K == 1 {
+                                    (w, yq)
+                                } else {
+                                    (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
+                                };
+                                let sum = if $vnni {
+                                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                                } else {
+                                    _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                                };
+                                let si = self.sc(c + j, b);
+                                let dd = _mm256_set1_ps(*self.d.get_unchecked(si) * dy);
+                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                                if K == 1 {
+                                    let s = summs.get_unchecked_mut(j).get_unchecked_mut(r);
+                                    *s = self
+                                        .m
+                                        .get_unchecked(si)
+                                        .mul_add(*row.s.get_unchecked(b), *s);
+                                }
                             }
-                        };
+                        }
                     }
-                    for r in 0..R {
-                        let row = rows.get_unchecked(r);
+                    let mut out = [[0f32; R]; C];
+                    for j in 0..C {
+                        for r in 0..R {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
+                            out[j][r] = hsum8(lanes) + summs[j][r];
+                        }
+                    }
+                    out
+                }
+            }
+
+            /// One activation row against the eight columns `c..c + 8` (`c % 8 == 0`):
+            /// the eight `d_w * d_y` products and Q4_1's eight `m * s` chains are
+            /// vector lanes (the same products and FMAs as the scalar ones, per lane).
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = self.k / QK;
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    let mut summs = _mm256_setzero_ps();
+                    let ones = _mm256_set1_epi16(1);
+                    let low = _mm256_set1_epi8(0x0F);
+                    let off8 = _mm256_set1_epi8(8);
+                    let qs = self.qs.as_ptr();
+                    // The next eight columns' weights (one contiguous region), prefetched a
+                    // share per block: the loads of this group are spread over eight
+                    // streams, too many for the hardware prefetcher to run far ahead.
+                    let bsz = if K == 2 { QK } else { QK / 2 };
+                    let next = qs.wrapping_add((c + 8) * nbk * bsz);
+                    let lines = 8 * nbk * bsz / 64;
+                    let mut line = 0;
+                    for b in 0..nbk {
+                        while line * nbk < (b + 1) * lines {
+                            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64) as *const i8);
+                            line += 1;
+                        }
                         let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                        let dy = *row.d.get_unchecked(b);
-                        for j in 0..C {
-                            let w = ws[j];
-                            // Q4_1 nibbles are unsigned already; signed weights move their
-                            // sign onto the activations so `maddubs` sees |w| (ggml's trick).
+                        let si = self.sc(c, b);
+                        let dd8 = _mm256_mul_ps(
+                            _mm256_loadu_ps(self.d.as_ptr().add(si)),
+                            _mm256_set1_ps(*row.d.get_unchecked(b)),
+                        );
+                        if K == 1 {
+                            summs = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(self.m.as_ptr().add(si)),
+                                _mm256_set1_ps(*row.s.get_unchecked(b)),
+                                summs,
+                            );
+                        }
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let wb = (c + j) * nbk + b;
+                            let w = if K == 2 {
+                                _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
+                            } else {
+                                let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                                let q = _mm256_and_si256(
+                                    _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+                                    low,
+                                );
+                                if K == 0 {
+                                    _mm256_sub_epi8(q, off8)
+                                } else {
+                                    q
+                                }
+                            };
                             let (ax, sy) = if K == 1 {
                                 (w, yq)
                             } else {
@@ -285,107 +392,21 @@ macro_rules! x86_dot {
                             } else {
                                 _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
                             };
-                            let si = self.sc(c + j, b);
-                            let dd = _mm256_set1_ps(*self.d.get_unchecked(si) * dy);
-                            let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                            let dd = _mm256_permutevar8x32_ps(dd8, _mm256_set1_epi32(j as i32));
                             *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
-                            if K == 1 {
-                                let s = summs.get_unchecked_mut(j).get_unchecked_mut(r);
-                                *s = self
-                                    .m
-                                    .get_unchecked(si)
-                                    .mul_add(*row.s.get_unchecked(b), *s);
-                            }
                         }
                     }
-                }
-                let mut out = [[0f32; R]; C];
-                for j in 0..C {
-                    for r in 0..R {
+                    let mut sm = [0f32; 8];
+                    _mm256_storeu_ps(sm.as_mut_ptr(), summs);
+                    let mut out = [0f32; 8];
+                    for j in 0..8 {
                         let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
-                        out[j][r] = hsum8(lanes) + summs[j][r];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j]);
+                        out[j] = hsum8(lanes) + sm[j];
                     }
+                    out
                 }
-                out
-            }}
-
-            /// One activation row against the eight columns `c..c + 8` (`c % 8 == 0`):
-            /// the eight `d_w * d_y` products and Q4_1's eight `m * s` chains are
-            /// vector lanes (the same products and FMAs as the scalar ones, per lane).
-            #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name8<const K: u8>(&self, c: usize, row: Row<'_>) -> [f32; 8] { unsafe {
-                use std::arch::x86_64::*;
-                let nbk = self.k / QK;
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut summs = _mm256_setzero_ps();
-                let ones = _mm256_set1_epi16(1);
-                let low = _mm256_set1_epi8(0x0F);
-                let off8 = _mm256_set1_epi8(8);
-                let qs = self.qs.as_ptr();
-                // The next eight columns' weights (one contiguous region), prefetched a
-                // share per block: the loads of this group are spread over eight
-                // streams, too many for the hardware prefetcher to run far ahead.
-                let bsz = if K == 2 { QK } else { QK / 2 };
-                let next = qs.wrapping_add((c + 8) * nbk * bsz);
-                let lines = 8 * nbk * bsz / 64;
-                let mut line = 0;
-                for b in 0..nbk {
-                    while line * nbk < (b + 1) * lines {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64) as *const i8);
-                        line += 1;
-                    }
-                    let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                    let si = self.sc(c, b);
-                    let dd8 = _mm256_mul_ps(
-                        _mm256_loadu_ps(self.d.as_ptr().add(si)),
-                        _mm256_set1_ps(*row.d.get_unchecked(b)),
-                    );
-                    if K == 1 {
-                        summs = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(self.m.as_ptr().add(si)),
-                            _mm256_set1_ps(*row.s.get_unchecked(b)),
-                            summs,
-                        );
-                    }
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let wb = (c + j) * nbk + b;
-                        let w = if K == 2 {
-                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i)
-                        } else {
-                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                            let q =
-                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-                            if K == 0 {
-                                _mm256_sub_epi8(q, off8)
-                            } else {
-                                q
-                            }
-                        };
-                        let (ax, sy) = if K == 1 {
-                            (w, yq)
-                        } else {
-                            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
-                        };
-                        let sum = if $vnni {
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-                        } else {
-                            _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
-                        };
-                        let dd = _mm256_permutevar8x32_ps(dd8, _mm256_set1_epi32(j as i32));
-                        *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
-                    }
-                }
-                let mut sm = [0f32; 8];
-                _mm256_storeu_ps(sm.as_mut_ptr(), summs);
-                let mut out = [0f32; 8];
-                for j in 0..8 {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j]);
-                    out[j] = hsum8(lanes) + sm[j];
-                }
-                out
-            }}
+            }
         }
     };
 }

@@ -111,50 +111,52 @@ fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
 /// by one factor, round-half-even, integer sums), so it equals the scalar path bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) { unsafe {
-    use std::arch::x86_64::*;
-    let nb = x.len() / QK;
-    assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
-    let sign = _mm256_set1_ps(-0.0);
-    for b in 0..nb {
-        let p = x.as_ptr().add(b * QK);
-        let v = [
-            _mm256_loadu_ps(p),
-            _mm256_loadu_ps(p.add(8)),
-            _mm256_loadu_ps(p.add(16)),
-            _mm256_loadu_ps(p.add(24)),
-        ];
-        let mut m = _mm256_andnot_ps(sign, v[0]);
-        for vi in &v[1..] {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+    unsafe {
+        use std::arch::x86_64::*;
+        let nb = x.len() / QK;
+        assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK);
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vi in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+            let dv = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mul = _mm256_set1_ps(id);
+            let mut sum = _mm256_setzero_si256();
+            let mut q = [0i32; QK];
+            for (i, vi) in v.iter().enumerate() {
+                let r = _mm256_round_ps(
+                    _mm256_mul_ps(*vi, mul),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                );
+                let qi = _mm256_cvtps_epi32(r);
+                sum = _mm256_add_epi32(sum, qi);
+                _mm256_storeu_si256(q.as_mut_ptr().add(i * 8) as *mut __m256i, qi);
+            }
+            for (dst, &v) in qs[b * QK..b * QK + QK].iter_mut().zip(&q) {
+                *dst = v as i8;
+            }
+            let mut sl = [0i32; 8];
+            _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum);
+            let total: i32 = sl.iter().sum();
+            d[b] = f16::from_f32(dv).to_f32();
+            s[b] = f16::from_f32(dv * total as f32).to_f32();
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
-        let dv = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mul = _mm256_set1_ps(id);
-        let mut sum = _mm256_setzero_si256();
-        let mut q = [0i32; QK];
-        for (i, vi) in v.iter().enumerate() {
-            let r = _mm256_round_ps(
-                _mm256_mul_ps(*vi, mul),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
-            let qi = _mm256_cvtps_epi32(r);
-            sum = _mm256_add_epi32(sum, qi);
-            _mm256_storeu_si256(q.as_mut_ptr().add(i * 8) as *mut __m256i, qi);
-        }
-        for (dst, &v) in qs[b * QK..b * QK + QK].iter_mut().zip(&q) {
-            *dst = v as i8;
-        }
-        let mut sl = [0i32; 8];
-        _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum);
-        let total: i32 = sl.iter().sum();
-        d[b] = f16::from_f32(dv).to_f32();
-        s[b] = f16::from_f32(dv * total as f32).to_f32();
     }
-}}
+}
 
 /// Portable reference of [`quantize_into`].
 fn quantize_scalar(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
@@ -350,9 +352,11 @@ impl OutPtr {
     /// # Safety
     /// `i` is inside the output slice and no other task writes it.
     #[inline]
-    unsafe fn write(self, i: usize, v: f32) { unsafe {
-        *self.0.add(i) = v;
-    }}
+    unsafe fn write(self, i: usize, v: f32) {
+        unsafe {
+            *self.0.add(i) = v;
+        }
+    }
 }
 
 /// Bits of the float 1.5 * 2^23. Any `i` with `|i| < 2^22` added to these bits, as an

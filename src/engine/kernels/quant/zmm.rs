@@ -131,101 +131,105 @@ impl QWeight {
         s: &mut PairScratch,
         out: OutPtr,
         ldo: usize,
-    ) { unsafe {
-        let nbk = self.k / QK;
-        let (r0, nr) = (rows.start, rows.len());
-        debug_assert!(nr == 2 * P || nr == 2 * P - 1);
-        if s.y.len() < nbk * MAX_PAIRS * 64 {
-            s.y.resize(nbk * MAX_PAIRS * 64, 0);
-            s.dy.resize(nbk * MAX_PAIRS * 16, 0.0);
-            s.corr.resize(nbk * MAX_PAIRS * 16, 0);
-            s.sy.resize(nbk * MAX_PAIRS * 16, 0.0);
-        }
-        let magic = _mm512_set1_epi32(MAGIC_BITS);
-        let off = _mm512_set1_epi8(if K == 0 { 8 } else { -128 });
-        for b in 0..nbk {
-            for p in 0..P {
-                let (ra, rb) = (x.row(r0 + 2 * p), x.row(r0 + (2 * p + 1).min(nr - 1)));
-                let at = b * P + p;
-                let ya = _mm256_loadu_si256(ra.qs.as_ptr().add(b * QK) as *const __m256i);
-                let yb = _mm256_loadu_si256(rb.qs.as_ptr().add(b * QK) as *const __m256i);
-                let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ya), yb);
-                _mm512_storeu_si512(s.y.as_mut_ptr().add(at * 64) as *mut __m512i, y);
-                let dy = _mm512_mask_blend_ps(
-                    0xFF00,
-                    _mm512_set1_ps(*ra.d.get_unchecked(b)),
-                    _mm512_set1_ps(*rb.d.get_unchecked(b)),
-                );
-                _mm512_storeu_ps(s.dy.as_mut_ptr().add(at * 16), dy);
-                if K == 1 {
-                    let sy = _mm512_mask_blend_ps(
+    ) {
+        unsafe {
+            let nbk = self.k / QK;
+            let (r0, nr) = (rows.start, rows.len());
+            debug_assert!(nr == 2 * P || nr == 2 * P - 1);
+            if s.y.len() < nbk * MAX_PAIRS * 64 {
+                s.y.resize(nbk * MAX_PAIRS * 64, 0);
+                s.dy.resize(nbk * MAX_PAIRS * 16, 0.0);
+                s.corr.resize(nbk * MAX_PAIRS * 16, 0);
+                s.sy.resize(nbk * MAX_PAIRS * 16, 0.0);
+            }
+            let magic = _mm512_set1_epi32(MAGIC_BITS);
+            let off = _mm512_set1_epi8(if K == 0 { 8 } else { -128 });
+            for b in 0..nbk {
+                for p in 0..P {
+                    let (ra, rb) = (x.row(r0 + 2 * p), x.row(r0 + (2 * p + 1).min(nr - 1)));
+                    let at = b * P + p;
+                    let ya = _mm256_loadu_si256(ra.qs.as_ptr().add(b * QK) as *const __m256i);
+                    let yb = _mm256_loadu_si256(rb.qs.as_ptr().add(b * QK) as *const __m256i);
+                    let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ya), yb);
+                    _mm512_storeu_si512(s.y.as_mut_ptr().add(at * 64) as *mut __m512i, y);
+                    let dy = _mm512_mask_blend_ps(
                         0xFF00,
-                        _mm512_set1_ps(*ra.s.get_unchecked(b)),
-                        _mm512_set1_ps(*rb.s.get_unchecked(b)),
+                        _mm512_set1_ps(*ra.d.get_unchecked(b)),
+                        _mm512_set1_ps(*rb.d.get_unchecked(b)),
                     );
-                    _mm512_storeu_ps(s.sy.as_mut_ptr().add(at * 16), sy);
-                }
-                if K != 1 {
-                    let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y);
-                    let corr = _mm512_sub_epi32(magic, sum);
-                    _mm512_storeu_si512(s.corr.as_mut_ptr().add(at * 16) as *mut __m512i, corr);
-                }
-            }
-        }
-        // The start of this task's weight stream (the tiles prefetch ahead of themselves
-        // from then on), and, group by group, the next group's scales.
-        let bsz = if K == 2 { QK } else { QK / 2 };
-        let first = self.qs.as_ptr().add(c0 * nbk * bsz);
-        for line in 0..PREFETCH.min((c1 - c0) * nbk * bsz) / 64 {
-            _mm_prefetch::<_MM_HINT_T0>(first.add(line * 64) as *const i8);
-        }
-        let mut g = c0;
-        while g < c1 {
-            let cols = (c1 - g).min(8);
-            if g + 8 < c1 {
-                let next = self.sc(g + 8, 0);
-                for line in 0..(nbk * 8 * 4).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(self.d.as_ptr().add(next + line * 16) as *const i8);
+                    _mm512_storeu_ps(s.dy.as_mut_ptr().add(at * 16), dy);
                     if K == 1 {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            self.m.as_ptr().add(next + line * 16) as *const i8
+                        let sy = _mm512_mask_blend_ps(
+                            0xFF00,
+                            _mm512_set1_ps(*ra.s.get_unchecked(b)),
+                            _mm512_set1_ps(*rb.s.get_unchecked(b)),
                         );
+                        _mm512_storeu_ps(s.sy.as_mut_ptr().add(at * 16), sy);
+                    }
+                    if K != 1 {
+                        let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y);
+                        let corr = _mm512_sub_epi32(magic, sum);
+                        _mm512_storeu_si512(s.corr.as_mut_ptr().add(at * 16) as *mut __m512i, corr);
                     }
                 }
             }
-            // Q4_1's `m * s` sums, eight columns to a vector, per row.
-            // Two rows to a register as in the tiles; the pairs' chains overlap.
-            let mut sm = [[0f32; 8]; 2 * MAX_PAIRS];
-            if K == 1 {
-                let mut acc = [_mm512_setzero_ps(); MAX_PAIRS];
-                for b in 0..nbk {
-                    let mw = _mm256_loadu_ps(self.m.as_ptr().add(self.sc(g, b)));
-                    let mw = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(mw)));
-                    for (p, a) in acc.iter_mut().enumerate().take(P) {
-                        let sy = _mm512_loadu_ps(s.sy.as_ptr().add((b * P + p) * 16));
-                        *a = _mm512_fmadd_ps(mw, sy, *a);
+            // The start of this task's weight stream (the tiles prefetch ahead of themselves
+            // from then on), and, group by group, the next group's scales.
+            let bsz = if K == 2 { QK } else { QK / 2 };
+            let first = self.qs.as_ptr().add(c0 * nbk * bsz);
+            for line in 0..PREFETCH.min((c1 - c0) * nbk * bsz) / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(first.add(line * 64) as *const i8);
+            }
+            let mut g = c0;
+            while g < c1 {
+                let cols = (c1 - g).min(8);
+                if g + 8 < c1 {
+                    let next = self.sc(g + 8, 0);
+                    for line in 0..(nbk * 8 * 4).div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            self.d.as_ptr().add(next + line * 16) as *const i8
+                        );
+                        if K == 1 {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                self.m.as_ptr().add(next + line * 16) as *const i8
+                            );
+                        }
                     }
                 }
-                for (p, a) in acc.iter().enumerate().take(P) {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
-                    sm[2 * p].copy_from_slice(&lanes[..8]);
-                    sm[2 * p + 1].copy_from_slice(&lanes[8..]);
+                // Q4_1's `m * s` sums, eight columns to a vector, per row.
+                // Two rows to a register as in the tiles; the pairs' chains overlap.
+                let mut sm = [[0f32; 8]; 2 * MAX_PAIRS];
+                if K == 1 {
+                    let mut acc = [_mm512_setzero_ps(); MAX_PAIRS];
+                    for b in 0..nbk {
+                        let mw = _mm256_loadu_ps(self.m.as_ptr().add(self.sc(g, b)));
+                        let mw = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(mw)));
+                        for (p, a) in acc.iter_mut().enumerate().take(P) {
+                            let sy = _mm512_loadu_ps(s.sy.as_ptr().add((b * P + p) * 16));
+                            *a = _mm512_fmadd_ps(mw, sy, *a);
+                        }
+                    }
+                    for (p, a) in acc.iter().enumerate().take(P) {
+                        let mut lanes = [0f32; 16];
+                        _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
+                        sm[2 * p].copy_from_slice(&lanes[..8]);
+                        sm[2 * p + 1].copy_from_slice(&lanes[8..]);
+                    }
                 }
+                // Two columns per tile measured fastest in the model (four spill registers,
+                // one reloads the activations too often).
+                let mut j = 0;
+                while j + 2 <= cols {
+                    self.tile_zmm::<K, P, 2>(g, j, s, &sm, out, (r0, nr), ldo);
+                    j += 2;
+                }
+                if j < cols {
+                    self.tile_zmm::<K, P, 1>(g, j, s, &sm, out, (r0, nr), ldo);
+                }
+                g += 8;
             }
-            // Two columns per tile measured fastest in the model (four spill registers,
-            // one reloads the activations too often).
-            let mut j = 0;
-            while j + 2 <= cols {
-                self.tile_zmm::<K, P, 2>(g, j, s, &sm, out, (r0, nr), ldo);
-                j += 2;
-            }
-            if j < cols {
-                self.tile_zmm::<K, P, 1>(g, j, s, &sm, out, (r0, nr), ldo);
-            }
-            g += 8;
         }
-    }}
+    }
 
     /// Columns `g + j0 .. g + j0 + C` (inside the group starting at `g`) for the `P`
     /// row pairs prepared in `s`.
@@ -241,87 +245,91 @@ impl QWeight {
         out: OutPtr,
         (r0, nr): (usize, usize),
         ldo: usize,
-    ) { unsafe {
-        let nbk = self.k / QK;
-        let qs = self.qs.as_ptr();
-        let low = _mm512_set1_epi8(0x0F);
-        let flip = _mm512_set1_epi8(-128);
-        // Nibble shifts per 128-bit quarter: low nibbles, high nibbles, twice.
-        let shifts = _mm512_set_epi32(
-            0x0004_0004,
-            0x0004_0004,
-            0x0004_0004,
-            0x0004_0004,
-            0,
-            0,
-            0,
-            0,
-            0x0004_0004,
-            0x0004_0004,
-            0x0004_0004,
-            0x0004_0004,
-            0,
-            0,
-            0,
-            0,
-        );
-        let magic_i = _mm512_set1_epi32(MAGIC_BITS);
-        let magic = _mm512_castsi512_ps(magic_i);
-        let mut acc = [[_mm512_setzero_ps(); C]; P];
-        // The weights are one stream in column order; in the model they come from
-        // memory, not cache. Prefetch the blocks `PREFETCH` bytes ahead, one line per
-        // 64 bytes of this tile, so that the loads overlap the arithmetic.
-        let bsz = if K == 2 { QK } else { QK / 2 };
-        let tile = qs.add((g + j0) * nbk * bsz);
-        let lines = (C * nbk * bsz).div_ceil(64);
-        let mut line = 0;
-        for b in 0..nbk {
-            while line * nbk < (b + 1) * lines {
-                _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH + line * 64) as *const i8);
-                line += 1;
-            }
-            let mut ws = [_mm512_setzero_si512(); C];
-            for (j, w) in ws.iter_mut().enumerate() {
-                let wb = (g + j0 + j) * nbk + b;
-                *w = if K == 2 {
-                    let t = _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i);
-                    _mm512_xor_si512(_mm512_broadcast_i64x4(t), flip)
-                } else {
-                    let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                    _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(t), shifts), low)
-                };
-            }
-            let dw = self.d.as_ptr().add(self.sc(g, b) + j0);
-            for (p, accp) in acc.iter_mut().enumerate() {
-                let at = b * P + p;
-                let y = _mm512_loadu_si512(s.y.as_ptr().add(at * 64) as *const __m512i);
-                let dy = _mm512_loadu_ps(s.dy.as_ptr().add(at * 16));
-                let start = if K == 1 {
-                    magic_i
-                } else {
-                    _mm512_loadu_si512(s.corr.as_ptr().add(at * 16) as *const __m512i)
-                };
-                for (j, w) in ws.iter().enumerate() {
-                    let sum = _mm512_dpbusd_epi32(start, *w, y);
-                    let f = _mm512_sub_ps(_mm512_castsi512_ps(sum), magic);
-                    let d = _mm512_mul_ps(dy, _mm512_set1_ps(*dw.add(j)));
-                    let a = accp.get_unchecked_mut(j);
-                    *a = _mm512_fmadd_ps(d, f, *a);
+    ) {
+        unsafe {
+            let nbk = self.k / QK;
+            let qs = self.qs.as_ptr();
+            let low = _mm512_set1_epi8(0x0F);
+            let flip = _mm512_set1_epi8(-128);
+            // Nibble shifts per 128-bit quarter: low nibbles, high nibbles, twice.
+            let shifts = _mm512_set_epi32(
+                0x0004_0004,
+                0x0004_0004,
+                0x0004_0004,
+                0x0004_0004,
+                0,
+                0,
+                0,
+                0,
+                0x0004_0004,
+                0x0004_0004,
+                0x0004_0004,
+                0x0004_0004,
+                0,
+                0,
+                0,
+                0,
+            );
+            let magic_i = _mm512_set1_epi32(MAGIC_BITS);
+            let magic = _mm512_castsi512_ps(magic_i);
+            let mut acc = [[_mm512_setzero_ps(); C]; P];
+            // The weights are one stream in column order; in the model they come from
+            // memory, not cache. Prefetch the blocks `PREFETCH` bytes ahead, one line per
+            // 64 bytes of this tile, so that the loads overlap the arithmetic.
+            let bsz = if K == 2 { QK } else { QK / 2 };
+            let tile = qs.add((g + j0) * nbk * bsz);
+            let lines = (C * nbk * bsz).div_ceil(64);
+            let mut line = 0;
+            for b in 0..nbk {
+                while line * nbk < (b + 1) * lines {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        tile.wrapping_add(PREFETCH + line * 64) as *const i8
+                    );
+                    line += 1;
                 }
-            }
-        }
-        for (p, accp) in acc.iter().enumerate() {
-            for (j, a) in accp.iter().enumerate() {
-                let [lo, hi] = hsum8_pair(*a);
-                for (h, v) in [lo, hi].into_iter().enumerate() {
-                    let i = 2 * p + h;
-                    if i == nr {
-                        break; // the duplicate of an odd tile's last row
+                let mut ws = [_mm512_setzero_si512(); C];
+                for (j, w) in ws.iter_mut().enumerate() {
+                    let wb = (g + j0 + j) * nbk + b;
+                    *w = if K == 2 {
+                        let t = _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i);
+                        _mm512_xor_si512(_mm512_broadcast_i64x4(t), flip)
+                    } else {
+                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                        _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(t), shifts), low)
+                    };
+                }
+                let dw = self.d.as_ptr().add(self.sc(g, b) + j0);
+                for (p, accp) in acc.iter_mut().enumerate() {
+                    let at = b * P + p;
+                    let y = _mm512_loadu_si512(s.y.as_ptr().add(at * 64) as *const __m512i);
+                    let dy = _mm512_loadu_ps(s.dy.as_ptr().add(at * 16));
+                    let start = if K == 1 {
+                        magic_i
+                    } else {
+                        _mm512_loadu_si512(s.corr.as_ptr().add(at * 16) as *const __m512i)
+                    };
+                    for (j, w) in ws.iter().enumerate() {
+                        let sum = _mm512_dpbusd_epi32(start, *w, y);
+                        let f = _mm512_sub_ps(_mm512_castsi512_ps(sum), magic);
+                        let d = _mm512_mul_ps(dy, _mm512_set1_ps(*dw.add(j)));
+                        let a = accp.get_unchecked_mut(j);
+                        *a = _mm512_fmadd_ps(d, f, *a);
                     }
-                    let v = v + if K == 1 { sm[i][j0 + j] } else { 0.0 };
-                    out.write((r0 + i) * ldo + g + j0 + j, v);
+                }
+            }
+            for (p, accp) in acc.iter().enumerate() {
+                for (j, a) in accp.iter().enumerate() {
+                    let [lo, hi] = hsum8_pair(*a);
+                    for (h, v) in [lo, hi].into_iter().enumerate() {
+                        let i = 2 * p + h;
+                        if i == nr {
+                            break; // the duplicate of an odd tile's last row
+                        }
+                        let v = v + if K == 1 { sm[i][j0 + j] } else { 0.0 };
+                        out.write((r0 + i) * ldo + g + j0 + j, v);
+                    }
                 }
             }
         }
-    }}
+    }
 }

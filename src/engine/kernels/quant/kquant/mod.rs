@@ -402,13 +402,15 @@ impl Tiled for KWeight {
 /// Exact sum of eight i32 lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 { unsafe {
-    use std::arch::x86_64::*;
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-    _mm_cvtsi128_si32(s)
-}}
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+    unsafe {
+        use std::arch::x86_64::*;
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+        _mm_cvtsi128_si32(s)
+    }
+}
 
 /// The x86 tiles. Integer sums are exact in any order (products fit i16 pairs:
 /// Q4_K 15 * 128 * 2, Q6_K 63 * 128 * 2), so the kernels group them as suits the
@@ -425,168 +427,175 @@ macro_rules! k_x86 {
                 &self,
                 c: usize,
                 rows: [KRow<'_>; R],
-            ) -> [[f32; R]; C] { unsafe {
-                use std::arch::x86_64::*;
-                let nb = self.k / QK_K;
-                let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = [[0f32; R]; C];
-                let mut accm = [[0f32; R]; C];
-                for b in 0..nb {
-                    let mut sumi = [[_mm256_setzero_si256(); R]; C];
-                    for ch in 0..4 {
-                        for j in 0..C {
-                            let wb = (c + j) * nb + b;
-                            let bits = _mm256_loadu_si256(
-                                self.q.as_ptr().add(wb * 128 + 32 * ch) as *const __m256i
-                            );
-                            let sc = self.sc.as_ptr().add(wb * 16 + 2 * ch);
-                            let halves = [
-                                (_mm256_and_si256(bits, m4), _mm256_set1_epi16(*sc as i16)),
-                                (
-                                    _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
-                                    _mm256_set1_epi16(*sc.add(1) as i16),
-                                ),
-                            ];
-                            for (hi, (qv, scale)) in halves.into_iter().enumerate() {
-                                for r in 0..R {
-                                    let y = _mm256_loadu_si256(
-                                        rows.get_unchecked(r)
-                                            .qs
-                                            .as_ptr()
-                                            .add(b * QK_K + 64 * ch + 32 * hi)
-                                            as *const __m256i,
-                                    );
-                                    let p = _mm256_maddubs_epi16(qv, y);
-                                    let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
-                                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
+            ) -> [[f32; R]; C] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nb = self.k / QK_K;
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    let mut acc = [[0f32; R]; C];
+                    let mut accm = [[0f32; R]; C];
+                    for b in 0..nb {
+                        let mut sumi = [[_mm256_setzero_si256(); R]; C];
+                        for ch in 0..4 {
+                            for j in 0..C {
+                                let wb = (c + j) * nb + b;
+                                let bits = _mm256_loadu_si256(
+                                    self.q.as_ptr().add(wb * 128 + 32 * ch) as *const __m256i,
+                                );
+                                let sc = self.sc.as_ptr().add(wb * 16 + 2 * ch);
+                                let halves = [
+                                    (_mm256_and_si256(bits, m4), _mm256_set1_epi16(*sc as i16)),
+                                    (
+                                        _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
+                                        _mm256_set1_epi16(*sc.add(1) as i16),
+                                    ),
+                                ];
+                                for (hi, (qv, scale)) in halves.into_iter().enumerate() {
+                                    for r in 0..R {
+                                        let y = _mm256_loadu_si256(
+                                            rows.get_unchecked(r)
+                                                .qs
+                                                .as_ptr()
+                                                .add(b * QK_K + 64 * ch + 32 * hi)
+                                                as *const __m256i,
+                                        );
+                                        let p = _mm256_maddubs_epi16(qv, y);
+                                        let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
+                                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
+                                    }
                                 }
                             }
                         }
-                    }
-                    for j in 0..C {
-                        let wb = (c + j) * nb + b;
-                        let mins = self.sc.get_unchecked(wb * 16 + 8..wb * 16 + 16);
-                        for r in 0..R {
-                            let row = rows.get_unchecked(r);
-                            let bs = row.bsums.get_unchecked(b * 16..b * 16 + 16);
-                            let mut imin = 0i32;
-                            for s in 0..8 {
-                                imin += mins[s] as i32 * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+                        for j in 0..C {
+                            let wb = (c + j) * nb + b;
+                            let mins = self.sc.get_unchecked(wb * 16 + 8..wb * 16 + 16);
+                            for r in 0..R {
+                                let row = rows.get_unchecked(r);
+                                let bs = row.bsums.get_unchecked(b * 16..b * 16 + 16);
+                                let mut imin = 0i32;
+                                for s in 0..8 {
+                                    imin +=
+                                        mins[s] as i32 * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+                                }
+                                let dy = *row.d.get_unchecked(b);
+                                let isum = hsum_i32(sumi[j][r]);
+                                acc[j][r] = (isum as f32)
+                                    .mul_add(*self.d.get_unchecked(wb) * dy, acc[j][r]);
+                                accm[j][r] = (imin as f32)
+                                    .mul_add(*self.dmin.get_unchecked(wb) * dy, accm[j][r]);
                             }
-                            let dy = *row.d.get_unchecked(b);
-                            let isum = hsum_i32(sumi[j][r]);
-                            acc[j][r] =
-                                (isum as f32).mul_add(*self.d.get_unchecked(wb) * dy, acc[j][r]);
-                            accm[j][r] = (imin as f32)
-                                .mul_add(*self.dmin.get_unchecked(wb) * dy, accm[j][r]);
                         }
                     }
-                }
-                let mut out = [[0f32; R]; C];
-                for j in 0..C {
-                    for r in 0..R {
-                        out[j][r] = acc[j][r] - accm[j][r];
+                    let mut out = [[0f32; R]; C];
+                    for j in 0..C {
+                        for r in 0..R {
+                            out[j][r] = acc[j][r] - accm[j][r];
+                        }
                     }
+                    out
                 }
-                out
-            }}
+            }
 
             #[target_feature(enable = $feat)]
             unsafe fn $q6<const R: usize, const C: usize>(
                 &self,
                 c: usize,
                 rows: [KRow<'_>; R],
-            ) -> [[f32; R]; C] { unsafe {
-                use std::arch::x86_64::*;
-                let nb = self.k / QK_K;
-                let m15 = _mm256_set1_epi8(15);
-                let mut acc = [[_mm256_setzero_ps(); R]; C];
-                for b in 0..nb {
-                    let mut sumi = [[_mm256_setzero_si256(); R]; C];
-                    for j in 0..C {
-                        let wb = (c + j) * nb + b;
-                        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                            self.sc.as_ptr().add(wb * 16) as *const __m128i,
-                        ));
-                        for r in 0..R {
-                            let bs = _mm256_loadu_si256(
-                                rows.get_unchecked(r).bsums.as_ptr().add(b * 16) as *const __m256i,
-                            );
-                            sumi[j][r] = _mm256_sub_epi32(
-                                sumi[j][r],
-                                _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5),
-                            );
+            ) -> [[f32; R]; C] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nb = self.k / QK_K;
+                    let m15 = _mm256_set1_epi8(15);
+                    let mut acc = [[_mm256_setzero_ps(); R]; C];
+                    for b in 0..nb {
+                        let mut sumi = [[_mm256_setzero_si256(); R]; C];
+                        for j in 0..C {
+                            let wb = (c + j) * nb + b;
+                            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                self.sc.as_ptr().add(wb * 16) as *const __m128i,
+                            ));
+                            for r in 0..R {
+                                let bs = _mm256_loadu_si256(
+                                    rows.get_unchecked(r).bsums.as_ptr().add(b * 16)
+                                        as *const __m256i,
+                                );
+                                sumi[j][r] = _mm256_sub_epi32(
+                                    sumi[j][r],
+                                    _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5),
+                                );
+                            }
                         }
-                    }
-                    for h in 0..2 {
-                        for t in 0..4 {
-                            for j in 0..C {
-                                let wb = (c + j) * nb + b;
-                                let blk = self.q.as_ptr().add(wb * 192);
-                                let ql = _mm256_loadu_si256(
-                                    blk.add(64 * h + 32 * (t & 1)) as *const __m256i
-                                );
-                                let qh =
-                                    _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
-                                let lo = if t < 2 {
-                                    _mm256_and_si256(ql, m15)
-                                } else {
-                                    _mm256_and_si256(_mm256_srli_epi16(ql, 4), m15)
-                                };
-                                // Bits 2t..2t+1 of qh to bits 4..5.
-                                let hb = match t {
-                                    0 => _mm256_slli_epi16(
-                                        _mm256_and_si256(qh, _mm256_set1_epi8(3)),
-                                        4,
-                                    ),
-                                    1 => _mm256_slli_epi16(
-                                        _mm256_and_si256(qh, _mm256_set1_epi8(12)),
-                                        2,
-                                    ),
-                                    2 => _mm256_and_si256(qh, _mm256_set1_epi8(48)),
-                                    _ => _mm256_srli_epi16(
-                                        _mm256_and_si256(qh, _mm256_set1_epi8(-64)),
-                                        2,
-                                    ),
-                                };
-                                let qv = _mm256_or_si256(lo, hb);
-                                let g = 4 * h + t;
-                                let sp = self.sc.as_ptr().add(wb * 16 + 2 * g) as *const i8;
-                                let scale = _mm256_set_m128i(
-                                    _mm_set1_epi16(*sp.add(1) as i16),
-                                    _mm_set1_epi16(*sp as i16),
-                                );
-                                for r in 0..R {
-                                    let y = _mm256_loadu_si256(
-                                        rows.get_unchecked(r).qs.as_ptr().add(b * QK_K + 32 * g)
-                                            as *const __m256i,
+                        for h in 0..2 {
+                            for t in 0..4 {
+                                for j in 0..C {
+                                    let wb = (c + j) * nb + b;
+                                    let blk = self.q.as_ptr().add(wb * 192);
+                                    let ql = _mm256_loadu_si256(
+                                        blk.add(64 * h + 32 * (t & 1)) as *const __m256i
                                     );
-                                    let p = _mm256_maddubs_epi16(qv, y);
-                                    let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
-                                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
+                                    let qh =
+                                        _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                                    let lo = if t < 2 {
+                                        _mm256_and_si256(ql, m15)
+                                    } else {
+                                        _mm256_and_si256(_mm256_srli_epi16(ql, 4), m15)
+                                    };
+                                    // Bits 2t..2t+1 of qh to bits 4..5.
+                                    let hb = match t {
+                                        0 => _mm256_slli_epi16(
+                                            _mm256_and_si256(qh, _mm256_set1_epi8(3)),
+                                            4,
+                                        ),
+                                        1 => _mm256_slli_epi16(
+                                            _mm256_and_si256(qh, _mm256_set1_epi8(12)),
+                                            2,
+                                        ),
+                                        2 => _mm256_and_si256(qh, _mm256_set1_epi8(48)),
+                                        _ => _mm256_srli_epi16(
+                                            _mm256_and_si256(qh, _mm256_set1_epi8(-64)),
+                                            2,
+                                        ),
+                                    };
+                                    let qv = _mm256_or_si256(lo, hb);
+                                    let g = 4 * h + t;
+                                    let sp = self.sc.as_ptr().add(wb * 16 + 2 * g) as *const i8;
+                                    let scale = _mm256_set_m128i(
+                                        _mm_set1_epi16(*sp.add(1) as i16),
+                                        _mm_set1_epi16(*sp as i16),
+                                    );
+                                    for r in 0..R {
+                                        let y = _mm256_loadu_si256(
+                                            rows.get_unchecked(r).qs.as_ptr().add(b * QK_K + 32 * g)
+                                                as *const __m256i,
+                                        );
+                                        let p = _mm256_maddubs_epi16(qv, y);
+                                        let s = sumi.get_unchecked_mut(j).get_unchecked_mut(r);
+                                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, scale));
+                                    }
                                 }
                             }
                         }
-                    }
-                    for j in 0..C {
-                        let dx = *self.d.get_unchecked((c + j) * nb + b);
-                        for r in 0..R {
-                            let dd = _mm256_set1_ps(dx * *rows.get_unchecked(r).d.get_unchecked(b));
-                            let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
-                            *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[j][r]), *a);
+                        for j in 0..C {
+                            let dx = *self.d.get_unchecked((c + j) * nb + b);
+                            for r in 0..R {
+                                let dd =
+                                    _mm256_set1_ps(dx * *rows.get_unchecked(r).d.get_unchecked(b));
+                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[j][r]), *a);
+                            }
                         }
                     }
-                }
-                let mut out = [[0f32; R]; C];
-                for j in 0..C {
-                    for r in 0..R {
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
-                        out[j][r] = hsum8(lanes);
+                    let mut out = [[0f32; R]; C];
+                    for j in 0..C {
+                        for r in 0..R {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
+                            out[j][r] = hsum8(lanes);
+                        }
                     }
+                    out
                 }
-                out
-            }}
+            }
         }
     };
 }

@@ -180,66 +180,70 @@ macro_rules! q5_x86 {
                 &self,
                 c: usize,
                 rows: [Row<'_>; R],
-            ) -> [[f32; R]; C] { unsafe {
-                use std::arch::x86_64::*;
-                let nbk = self.k / QK;
-                let mut acc = [[_mm256_setzero_ps(); R]; C];
-                let ones = _mm256_set1_epi16(1);
-                let low = _mm256_set1_epi8(0x0F);
-                let high = _mm256_set1_epi8(0xF0u8 as i8);
-                let spread = _mm256_set_epi64x(
-                    0x0303030303030303,
-                    0x0202020202020202,
-                    0x0101010101010101,
-                    0,
-                );
-                let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-                let all = _mm256_set1_epi8(-1);
-                let qs = self.qs.as_ptr();
-                for b in 0..nbk {
-                    let mut ws = [_mm256_setzero_si256(); C];
-                    let mut ds = [0f32; C];
-                    for (j, w) in ws.iter_mut().enumerate() {
-                        let wb = (c + j) * nbk + b;
-                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                        let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-                        let h = _mm256_set1_epi32(*self.qh.get_unchecked(wb) as i32);
-                        let set = _mm256_cmpeq_epi8(
-                            _mm256_or_si256(_mm256_shuffle_epi8(h, spread), bit),
-                            all,
-                        );
-                        *w = _mm256_or_si256(nib, _mm256_andnot_si256(set, high));
-                        ds[j] = *self.d.get_unchecked(wb);
-                    }
-                    for r in 0..R {
-                        let row = rows.get_unchecked(r);
-                        let yq = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                        let dy = *row.d.get_unchecked(b);
-                        for j in 0..C {
-                            let w = ws[j];
-                            let ax = _mm256_sign_epi8(w, w);
-                            let sy = _mm256_sign_epi8(yq, w);
-                            let sum = if $vnni {
-                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-                            } else {
-                                _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
-                            };
-                            let dd = _mm256_set1_ps(ds[j] * dy);
-                            let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
-                            *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+            ) -> [[f32; R]; C] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = self.k / QK;
+                    let mut acc = [[_mm256_setzero_ps(); R]; C];
+                    let ones = _mm256_set1_epi16(1);
+                    let low = _mm256_set1_epi8(0x0F);
+                    let high = _mm256_set1_epi8(0xF0u8 as i8);
+                    let spread = _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0,
+                    );
+                    let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+                    let all = _mm256_set1_epi8(-1);
+                    let qs = self.qs.as_ptr();
+                    for b in 0..nbk {
+                        let mut ws = [_mm256_setzero_si256(); C];
+                        let mut ds = [0f32; C];
+                        for (j, w) in ws.iter_mut().enumerate() {
+                            let wb = (c + j) * nbk + b;
+                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                            let nib =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                            let h = _mm256_set1_epi32(*self.qh.get_unchecked(wb) as i32);
+                            let set = _mm256_cmpeq_epi8(
+                                _mm256_or_si256(_mm256_shuffle_epi8(h, spread), bit),
+                                all,
+                            );
+                            *w = _mm256_or_si256(nib, _mm256_andnot_si256(set, high));
+                            ds[j] = *self.d.get_unchecked(wb);
+                        }
+                        for r in 0..R {
+                            let row = rows.get_unchecked(r);
+                            let yq =
+                                _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                            let dy = *row.d.get_unchecked(b);
+                            for j in 0..C {
+                                let w = ws[j];
+                                let ax = _mm256_sign_epi8(w, w);
+                                let sy = _mm256_sign_epi8(yq, w);
+                                let sum = if $vnni {
+                                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                                } else {
+                                    _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
+                                };
+                                let dd = _mm256_set1_ps(ds[j] * dy);
+                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                            }
                         }
                     }
-                }
-                let mut out = [[0f32; R]; C];
-                for j in 0..C {
-                    for r in 0..R {
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
-                        out[j][r] = hsum8(lanes);
+                    let mut out = [[0f32; R]; C];
+                    for j in 0..C {
+                        for r in 0..R {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
+                            out[j][r] = hsum8(lanes);
+                        }
                     }
+                    out
                 }
-                out
-            }}
+            }
         }
     };
 }
