@@ -25,16 +25,18 @@ use std::arch::aarch64::*;
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn lanes_sdot(w: int8x16_t, y: int8x16_t) -> int32x4_t {
-    let mut acc = vdupq_n_s32(0);
-    // SAFETY: register-only instruction, available per this function's contract.
-    std::arch::asm!(
-        "sdot {acc:v}.4s, {w:v}.16b, {y:v}.16b",
-        acc = inout(vreg) acc,
-        w = in(vreg) w,
-        y = in(vreg) y,
-        options(pure, nomem, nostack, preserves_flags),
-    );
-    acc
+    unsafe {
+        let mut acc = vdupq_n_s32(0);
+        // SAFETY: register-only instruction, available per this function's contract.
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {y:v}.16b",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            y = in(vreg) y,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
 }
 
 /// The same sums without `dotprod`: 16-bit products (|w·y| <= 128·127 fits), pairs
@@ -57,44 +59,46 @@ macro_rules! neon_dot {
             /// The CPU has the enabled features; `c < n` and `x` has `k` values.
             #[target_feature(enable = $feat)]
             unsafe fn $name<const KIND: u8>(&self, c: usize, x: Row<'_>) -> f32 {
-                let nbk = self.k / QK;
-                debug_assert!(c < self.n && x.qs.len() == self.k && x.d.len() == nbk);
-                let mut acc0 = vdupq_n_f32(0.0);
-                let mut acc1 = vdupq_n_f32(0.0);
-                let mut summs = 0f32;
-                let low4 = vdupq_n_u8(0x0F);
-                let eight = vdupq_n_s8(8);
-                for b in 0..nbk {
-                    let wb = c * nbk + b;
-                    let (w0, w1) = if KIND == 2 {
-                        let p = self.qs.as_ptr().add(wb * QK) as *const i8;
-                        (vld1q_s8(p), vld1q_s8(p.add(16)))
-                    } else {
-                        let q = vld1q_u8(self.qs.as_ptr().add(wb * 16));
-                        let lo = vreinterpretq_s8_u8(vandq_u8(q, low4));
-                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
-                        if KIND == 0 {
-                            (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+                unsafe {
+                    let nbk = self.k / QK;
+                    debug_assert!(c < self.n && x.qs.len() == self.k && x.d.len() == nbk);
+                    let mut acc0 = vdupq_n_f32(0.0);
+                    let mut acc1 = vdupq_n_f32(0.0);
+                    let mut summs = 0f32;
+                    let low4 = vdupq_n_u8(0x0F);
+                    let eight = vdupq_n_s8(8);
+                    for b in 0..nbk {
+                        let wb = c * nbk + b;
+                        let (w0, w1) = if KIND == 2 {
+                            let p = self.qs.as_ptr().add(wb * QK) as *const i8;
+                            (vld1q_s8(p), vld1q_s8(p.add(16)))
                         } else {
-                            (lo, hi)
+                            let q = vld1q_u8(self.qs.as_ptr().add(wb * 16));
+                            let lo = vreinterpretq_s8_u8(vandq_u8(q, low4));
+                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+                            if KIND == 0 {
+                                (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+                            } else {
+                                (lo, hi)
+                            }
+                        };
+                        let yp = x.qs.as_ptr().add(b * QK);
+                        let s0 = $lanes(w0, vld1q_s8(yp));
+                        let s1 = $lanes(w1, vld1q_s8(yp.add(16)));
+                        let at = self.sc(c, b);
+                        let dd = vdupq_n_f32(self.d[at] * x.d[b]);
+                        // acc + s * dd with one rounding, as `dd.mul_add(s, acc)`.
+                        acc0 = vfmaq_f32(acc0, vcvtq_f32_s32(s0), dd);
+                        acc1 = vfmaq_f32(acc1, vcvtq_f32_s32(s1), dd);
+                        if KIND == 1 {
+                            summs = self.m[at].mul_add(x.s[b], summs);
                         }
-                    };
-                    let yp = x.qs.as_ptr().add(b * QK);
-                    let s0 = $lanes(w0, vld1q_s8(yp));
-                    let s1 = $lanes(w1, vld1q_s8(yp.add(16)));
-                    let at = self.sc(c, b);
-                    let dd = vdupq_n_f32(self.d[at] * x.d[b]);
-                    // acc + s * dd with one rounding, as `dd.mul_add(s, acc)`.
-                    acc0 = vfmaq_f32(acc0, vcvtq_f32_s32(s0), dd);
-                    acc1 = vfmaq_f32(acc1, vcvtq_f32_s32(s1), dd);
-                    if KIND == 1 {
-                        summs = self.m[at].mul_add(x.s[b], summs);
                     }
+                    let mut l = [0f32; 8];
+                    vst1q_f32(l.as_mut_ptr(), acc0);
+                    vst1q_f32(l.as_mut_ptr().add(4), acc1);
+                    hsum8(l) + summs
                 }
-                let mut l = [0f32; 8];
-                vst1q_f32(l.as_mut_ptr(), acc0);
-                vst1q_f32(l.as_mut_ptr().add(4), acc1);
-                hsum8(l) + summs
             }
         }
     };
@@ -132,33 +136,35 @@ impl QWeight {
 /// `x` is whole blocks; `d`, `s` hold a value and `qs` 32 per block.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn quantize_neon(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
-    let nb = x.len() / QK;
-    assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
-    for b in 0..nb {
-        let p = x.as_ptr().add(b * QK);
-        let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
-        let mut m = vdupq_n_f32(0.0);
-        for vi in v {
-            m = vmaxnmq_f32(m, vabsq_f32(vi));
+    unsafe {
+        let nb = x.len() / QK;
+        assert!(d.len() >= nb && s.len() >= nb && qs.len() >= nb * QK);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK);
+            let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+            let mut m = vdupq_n_f32(0.0);
+            for vi in v {
+                m = vmaxnmq_f32(m, vabsq_f32(vi));
+            }
+            let amax = vmaxnmvq_f32(m);
+            let dv = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let idv = vdupq_n_f32(id);
+            let q: [int32x4_t; 8] = v.map(|vi| vcvtnq_s32_f32(vmulq_f32(vi, idv)));
+            let mut sum = vdupq_n_s32(0);
+            for qi in q {
+                sum = vaddq_s32(sum, qi);
+            }
+            let total = vaddvq_s32(sum);
+            let out = qs.as_mut_ptr().add(b * QK);
+            for h in 0..2 {
+                let q = &q[4 * h..4 * h + 4];
+                let lo = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));
+                let hi = vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]));
+                vst1q_s8(out.add(16 * h), vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+            }
+            d[b] = f16::from_f32(dv).to_f32();
+            s[b] = f16::from_f32(dv * total as f32).to_f32();
         }
-        let amax = vmaxnmvq_f32(m);
-        let dv = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let idv = vdupq_n_f32(id);
-        let q: [int32x4_t; 8] = v.map(|vi| vcvtnq_s32_f32(vmulq_f32(vi, idv)));
-        let mut sum = vdupq_n_s32(0);
-        for qi in q {
-            sum = vaddq_s32(sum, qi);
-        }
-        let total = vaddvq_s32(sum);
-        let out = qs.as_mut_ptr().add(b * QK);
-        for h in 0..2 {
-            let q = &q[4 * h..4 * h + 4];
-            let lo = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));
-            let hi = vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]));
-            vst1q_s8(out.add(16 * h), vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
-        }
-        d[b] = f16::from_f32(dv).to_f32();
-        s[b] = f16::from_f32(dv * total as f32).to_f32();
     }
 }
