@@ -1,6 +1,8 @@
 //! Configuration: built-in defaults, then a TOML file (`--config`, else
 //! `config/default.toml` when present), then environment variables `CANDELA_*`, then
-//! command-line flags — later sources win. Validated once at start-up.
+//! command-line flags — later sources win. One definition: [`ServeArgs`] is the
+//! command line (clap, which also reads the env vars) and the file (serde) alike;
+//! [`Config`] is the result, validated once at start-up.
 
 use std::path::{Path, PathBuf};
 
@@ -61,11 +63,18 @@ pub enum Command {
     },
 }
 
-/// Flags shared by `serve` and `fetch`; every one is also an env var and a TOML key.
-#[derive(Debug, Clone, Default, Args)]
+/// Every setting, as one layer of the configuration: the command line (each flag also
+/// reads its `CANDELA_*` env var, through clap) or the TOML file (the same names with
+/// underscores, `deny_unknown_fields`). Unset is `None` (or empty for lists);
+/// [`Config::load`] lays the command line over the file, fills in defaults and
+/// validates. A new setting is one field here — its flag, env var and TOML key at once
+/// — plus its line in `Config::load` and its docs.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML config file (default: config/default.toml if present).
     #[arg(long, env = "CANDELA_CONFIG", global = true)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to bind.
     #[arg(long, env = "CANDELA_HOST", global = true)]
@@ -77,7 +86,13 @@ pub struct ServeArgs {
     /// Repeat it (or give a comma-separated list) to serve several models; the first is
     /// the default one.
     #[arg(long, env = "CANDELA_MODEL", value_delimiter = ',', global = true)]
+    #[serde(deserialize_with = "one_model")]
     pub model: Vec<String>,
+    /// The TOML file's way to name several models (`models = ["a", "b"]`), instead of
+    /// `model = "a"`; not both. Read from the file only: on the command line `--model`
+    /// repeats.
+    #[arg(skip)]
+    pub models: Option<Vec<String>>,
     /// Where models (and later session caches) are stored.
     #[arg(long, env = "CANDELA_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -108,7 +123,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CANDELA_KV_DISK_BUDGET", global = true)]
     pub kv_disk_budget: Option<String>,
     /// API key required as `Authorization: Bearer <key>` on /v1 (repeat for several;
-    /// env: comma-separated).
+    /// env: comma-separated; TOML: `api_keys = [...]`).
     #[arg(
         long = "api-key",
         env = "CANDELA_API_KEYS",
@@ -138,36 +153,13 @@ pub struct ServeArgs {
     pub stream_idle_timeout: Option<u64>,
 }
 
+/// TOML `model = "name"`: one model (a list goes in `models`).
+fn one_model<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    String::deserialize(d).map(|m| vec![m])
+}
+
 /// Models one server may hold (each has its own engine thread, weights and KV store).
 pub const MAX_MODELS: usize = 8;
-
-/// Keys accepted in the TOML file (same names as the flags, with underscores).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    host: Option<String>,
-    port: Option<u16>,
-    /// One model (`model = "..."`) ...
-    model: Option<String>,
-    /// ... or several (`models = ["a", "b"]`); not both.
-    models: Option<Vec<String>>,
-    data_dir: Option<PathBuf>,
-    ctx_size: Option<usize>,
-    threads: Option<usize>,
-    queue_size: Option<usize>,
-    max_batch: Option<usize>,
-    kv_budget: Option<String>,
-    kv_dtype: Option<String>,
-    kv_spill_dir: Option<PathBuf>,
-    kv_disk_budget: Option<String>,
-    api_keys: Option<Vec<String>>,
-    api_key_file: Option<PathBuf>,
-    metrics_auth: Option<bool>,
-    device: Option<String>,
-    max_concurrent_per_key: Option<usize>,
-    kv_min_free: Option<String>,
-    stream_idle_timeout: Option<u64>,
-}
 
 /// The validated configuration. Its `Debug` leaves the API keys out.
 #[derive(Clone)]
@@ -234,106 +226,100 @@ fn default_data_dir() -> PathBuf {
 }
 
 impl Config {
+    /// The settings of `args` (flags and env vars) over those of the TOML file
+    /// (`args.config`, else `config/default.toml` when present) over the defaults,
+    /// validated.
     pub fn load(args: &ServeArgs) -> Result<Self, Error> {
         let file = match &args.config {
             Some(p) => read_file(p)?,
             None if Path::new("config/default.toml").exists() => {
                 read_file(Path::new("config/default.toml"))?
             }
-            None => FileConfig::default(),
+            None => ServeArgs::default(),
         };
-        let data_dir = args
+        let cfg = Self::layered(args.clone(), file)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Each setting from `top` if it is set there, else from `file`, else its default;
+    /// the values that need it parsed, naming the key when they cannot be.
+    fn layered(top: ServeArgs, file: ServeArgs) -> Result<Self, Error> {
+        let data_dir = top
             .data_dir
-            .clone()
             .or(file.data_dir)
             .unwrap_or_else(default_data_dir);
-        let cfg = Config {
-            host: args
-                .host
-                .clone()
-                .or(file.host)
-                .unwrap_or_else(|| "127.0.0.1".into()),
-            port: args.port.or(file.port).unwrap_or(8080),
-            models: if !args.model.is_empty() {
-                args.model.clone()
-            } else {
-                match (file.model, file.models) {
-                    (Some(_), Some(_)) => {
-                        return Err(Error::Config(
-                            "give either `model` or `models` in the config file, not both".into(),
-                        ))
-                    }
-                    (Some(m), None) => vec![m],
-                    (None, Some(ms)) => ms,
-                    (None, None) => vec!["default".into()],
+        let models = if !top.model.is_empty() {
+            top.model
+        } else {
+            match (file.model.is_empty(), file.models) {
+                (false, Some(_)) => {
+                    return Err(Error::Config(
+                        "give either `model` or `models` in the config file, not both".into(),
+                    ))
                 }
-            },
-            kv_dtype: match args.kv_dtype.clone().or(file.kv_dtype) {
+                (false, None) => file.model,
+                (true, Some(many)) => many,
+                (true, None) => vec!["default".into()],
+            }
+        };
+        let mut api_keys = if top.api_keys.is_empty() {
+            file.api_keys
+        } else {
+            top.api_keys
+        };
+        if let Some(p) = top.api_key_file.or(file.api_key_file) {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| Error::Config(format!("api_key_file {}: {e}", p.display())))?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        api_keys.retain(|k| !k.trim().is_empty());
+        Ok(Config {
+            host: top.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
+            port: top.port.or(file.port).unwrap_or(8080),
+            models,
+            kv_dtype: match top.kv_dtype.or(file.kv_dtype) {
                 Some(s) => s.parse().map_err(Error::Config)?,
                 None => KvDtype::default(),
             },
-            kv_spill_dir: args
+            kv_spill_dir: top
                 .kv_spill_dir
-                .clone()
                 .or(file.kv_spill_dir)
                 .unwrap_or_else(|| data_dir.join("sessions")),
-            kv_disk_budget: match args.kv_disk_budget.clone().or(file.kv_disk_budget) {
-                Some(s) => parse_bytes(&s, total_ram())? as u64,
+            kv_disk_budget: match top.kv_disk_budget.or(file.kv_disk_budget) {
+                Some(s) => parse_bytes("kv_disk_budget", &s, total_ram())? as u64,
                 None => 8 << 30,
             },
             data_dir,
-            ctx_size: args.ctx_size.or(file.ctx_size).unwrap_or(8192),
-            threads: args.threads.or(file.threads).unwrap_or(0),
-            queue_size: args.queue_size.or(file.queue_size).unwrap_or(64),
-            max_batch: args.max_batch.or(file.max_batch).unwrap_or(8),
-            kv_budget: match args.kv_budget.clone().or(file.kv_budget) {
-                Some(s) => parse_bytes(&s, total_ram())?,
+            ctx_size: top.ctx_size.or(file.ctx_size).unwrap_or(8192),
+            threads: top.threads.or(file.threads).unwrap_or(0),
+            queue_size: top.queue_size.or(file.queue_size).unwrap_or(64),
+            max_batch: top.max_batch.or(file.max_batch).unwrap_or(8),
+            kv_budget: match top.kv_budget.or(file.kv_budget) {
+                Some(s) => parse_bytes("kv_budget", &s, total_ram())?,
                 None => (total_ram() / 8).min(4 << 30),
             },
-            api_keys: {
-                let mut keys = if args.api_keys.is_empty() {
-                    file.api_keys.unwrap_or_default()
-                } else {
-                    args.api_keys.clone()
-                };
-                if let Some(p) = args.api_key_file.clone().or(file.api_key_file) {
-                    let text = std::fs::read_to_string(&p)
-                        .map_err(|e| Error::Config(format!("api_key_file {}: {e}", p.display())))?;
-                    keys.extend(
-                        text.lines()
-                            .map(str::trim)
-                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                            .map(String::from),
-                    );
-                }
-                keys.retain(|k| !k.trim().is_empty());
-                keys
-            },
-            metrics_auth: args.metrics_auth.or(file.metrics_auth).unwrap_or(false),
-            device: args
-                .device
-                .clone()
-                .or(file.device)
-                .unwrap_or_else(|| "auto".into()),
-            stream_idle_timeout: args
+            api_keys,
+            metrics_auth: top.metrics_auth.or(file.metrics_auth).unwrap_or(false),
+            device: top.device.or(file.device).unwrap_or_else(|| "auto".into()),
+            stream_idle_timeout: top
                 .stream_idle_timeout
                 .or(file.stream_idle_timeout)
                 .unwrap_or(60),
-            max_concurrent_per_key: args
+            max_concurrent_per_key: top
                 .max_concurrent_per_key
                 .or(file.max_concurrent_per_key)
                 .unwrap_or(32),
-            kv_min_free: parse_bytes(
-                &args
-                    .kv_min_free
-                    .clone()
-                    .or(file.kv_min_free)
-                    .unwrap_or_else(|| "0.05".into()),
-                total_ram(),
-            )?,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+            kv_min_free: match top.kv_min_free.or(file.kv_min_free) {
+                Some(s) => parse_bytes("kv_min_free", &s, total_ram())?,
+                None => (total_ram() as f64 * 0.05) as usize,
+            },
+        })
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -375,7 +361,7 @@ impl Config {
     }
 }
 
-fn read_file(p: &Path) -> Result<FileConfig, Error> {
+fn read_file(p: &Path) -> Result<ServeArgs, Error> {
     let text = std::fs::read_to_string(p)
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))?;
     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
@@ -387,12 +373,13 @@ pub fn total_ram() -> usize {
     sys.total_memory() as usize
 }
 
-/// `123`, `512MiB`, `2GiB`, `1.5GB`, `64k`, or a fraction of `ram` such as `0.25`.
-pub fn parse_bytes(s: &str, ram: usize) -> Result<usize, Error> {
+/// Setting `key`: `123`, `512MiB`, `2GiB`, `1.5GB`, `64k`, or a fraction of `ram` such
+/// as `0.25`.
+pub fn parse_bytes(key: &str, s: &str, ram: usize) -> Result<usize, Error> {
     let t = s.trim();
     let bad = || {
         Error::Config(format!(
-            "kv_budget: cannot read `{s}` (try 512MiB, 2GiB or 0.25 of RAM)"
+            "{key}: cannot read `{s}` (try 512MiB, 2GiB or 0.25 of RAM)"
         ))
     };
     let split = t
@@ -420,13 +407,151 @@ mod tests {
 
     #[test]
     fn byte_sizes() {
-        assert_eq!(parse_bytes("512MiB", 0).unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("2GiB", 0).unwrap(), 2 << 30);
-        assert_eq!(parse_bytes("1.5GB", 0).unwrap(), 1_500_000_000);
-        assert_eq!(parse_bytes("1000", 0).unwrap(), 1000);
-        assert_eq!(parse_bytes("0.25", 4000).unwrap(), 1000);
-        assert!(parse_bytes("lots", 0).is_err());
-        assert!(parse_bytes("3 parsecs", 0).is_err());
+        let b = |s: &str, ram| parse_bytes("kv_budget", s, ram);
+        assert_eq!(b("512MiB", 0).unwrap(), 512 << 20);
+        assert_eq!(b("2GiB", 0).unwrap(), 2 << 30);
+        assert_eq!(b("1.5GB", 0).unwrap(), 1_500_000_000);
+        assert_eq!(b("1000", 0).unwrap(), 1000);
+        assert_eq!(b("0.25", 4000).unwrap(), 1000);
+        assert!(b("lots", 0).is_err());
+        assert!(b("3 parsecs", 0).is_err());
+    }
+
+    /// `args` over the TOML `text`.
+    fn with_file(text: &str, args: ServeArgs) -> Result<Config, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&ServeArgs {
+            config: Some(p),
+            ..args
+        })
+    }
+
+    #[test]
+    fn the_shipped_default_toml_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let cfg = Config::load(&ServeArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.models, ["default"]);
+        assert_eq!(
+            (cfg.port, cfg.ctx_size, cfg.stream_idle_timeout),
+            (8080, 8192, 60)
+        );
+    }
+
+    #[test]
+    fn every_key_is_read_from_the_file_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "# comment\nk2\n\n").unwrap();
+        let text = format!(
+            r#"
+host = "0.0.0.0"
+port = 9000
+model = "m"
+data_dir = "/d"
+ctx_size = 512
+threads = 3
+queue_size = 5
+max_batch = 4
+kv_budget = "1MiB"
+kv_dtype = "q8_0"
+kv_spill_dir = "/s"
+kv_disk_budget = "2MiB"
+api_keys = ["k1"]
+api_key_file = "{}"
+metrics_auth = true
+device = "cpu"
+max_concurrent_per_key = 2
+kv_min_free = "3MiB"
+stream_idle_timeout = 7
+"#,
+            keys.display()
+        );
+        let cfg = with_file(&text, ServeArgs::default()).unwrap();
+        assert_eq!((cfg.host.as_str(), cfg.port), ("0.0.0.0", 9000));
+        assert_eq!(cfg.models, ["m"]);
+        assert_eq!(cfg.data_dir, Path::new("/d"));
+        assert_eq!((cfg.ctx_size, cfg.threads), (512, 3));
+        assert_eq!((cfg.queue_size, cfg.max_batch), (5, 4));
+        assert_eq!((cfg.kv_budget, cfg.kv_disk_budget), (1 << 20, 2 << 20));
+        assert_eq!(cfg.kv_dtype, KvDtype::Q8_0);
+        assert_eq!(cfg.kv_spill_dir, Path::new("/s"));
+        assert_eq!(cfg.api_keys, ["k1", "k2"]);
+        assert!(cfg.metrics_auth);
+        assert_eq!(cfg.device, "cpu");
+        assert_eq!(cfg.max_concurrent_per_key, 2);
+        assert_eq!(cfg.kv_min_free, 3 << 20);
+        assert_eq!(cfg.stream_idle_timeout, 7);
+        // Flags (and env vars, through clap) beat the file, key by key.
+        let flags = ServeArgs {
+            port: Some(9001),
+            queue_size: Some(6),
+            api_keys: vec!["k3".into()],
+            kv_budget: Some("4MiB".into()),
+            ..Default::default()
+        };
+        let cfg = with_file(&text, flags).unwrap();
+        assert_eq!(
+            (cfg.port, cfg.queue_size, cfg.kv_budget),
+            (9001, 6, 4 << 20)
+        );
+        assert_eq!(
+            cfg.api_keys,
+            ["k3", "k2"],
+            "the key file adds to the flag's keys"
+        );
+        assert_eq!((cfg.host.as_str(), cfg.max_batch), ("0.0.0.0", 4));
+    }
+
+    #[test]
+    fn env_vars_beat_the_file_and_flags_beat_env_vars() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "max_batch = 3\nthreads = 3\nqueue_size = 3\n").unwrap();
+        // `Config::load` reads no environment; only clap does, here and in
+        // `several_models_from_file_or_flags`, which looks at nothing these change.
+        std::env::set_var("CANDELA_MAX_CONCURRENT_PER_KEY", "5");
+        std::env::set_var("CANDELA_THREADS", "4");
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "candela".as_ref(),
+            "--config".as_ref(),
+            p.as_os_str(),
+            "--threads".as_ref(),
+            "6".as_ref(),
+        ]);
+        std::env::remove_var("CANDELA_MAX_CONCURRENT_PER_KEY");
+        std::env::remove_var("CANDELA_THREADS");
+        let cfg = Config::load(&cli.unwrap().serve).unwrap();
+        assert_eq!(cfg.max_batch, 3, "file over the default");
+        assert_eq!(cfg.max_concurrent_per_key, 5, "env over the default");
+        assert_eq!(cfg.threads, 6, "flag over env over file");
+        assert_eq!(cfg.queue_size, 3);
+    }
+
+    #[test]
+    fn bad_files_and_values_name_the_key() {
+        let err = |text: &str| {
+            with_file(text, ServeArgs::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("kv_disk_budget = \"lots\"\n");
+        assert!(e.contains("kv_disk_budget") && e.contains("`lots`"), "{e}");
+        let e = err("kv_min_free = \"some\"\n");
+        assert!(e.contains("kv_min_free") && e.contains("`some`"), "{e}");
+        let e = err("ctx_sise = 5\n");
+        assert!(e.contains("unknown field `ctx_sise`"), "{e}");
+        let e = err("port = \"http\"\n");
+        assert!(e.contains("port"), "{e}");
+        // Only flags name the config file.
+        assert!(err("config = \"x.toml\"\n").contains("unknown field `config`"));
+        let e = err("queue_size = 0\n");
+        assert!(e.contains("queue_size") && e.contains("got 0"), "{e}");
     }
 
     #[test]

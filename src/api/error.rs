@@ -1,14 +1,18 @@
 //! The one place where errors become HTTP: status + OpenAI error JSON
-//! `{"error":{"message","type","param","code"}}`. Also the JSON extractor that makes
-//! malformed bodies come back in that shape, naming the offending field.
+//! `{"error":{"message","type","param","code"}}` ([`ErrorBody`]), as a response or, once
+//! a stream has begun, as its last SSE event — the same body either way. Also the JSON
+//! extractor that makes malformed bodies come back in that shape, naming the offending
+//! field.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::engine::EngineError;
+
+use super::types::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -56,6 +60,17 @@ impl ApiError {
         }
     }
 
+    /// 500 `server_error` / `internal_error`: the engine failed in a way the client
+    /// cannot fix.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::server(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message.into(),
+        )
+    }
+
     fn server(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
         Self {
             status,
@@ -63,6 +78,40 @@ impl ApiError {
             kind,
             param: None,
             code: Some(code),
+        }
+    }
+
+    /// The JSON body, as a response and as an SSE error event carry it.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.clone(),
+                code: self.code,
+            },
+        }
+    }
+
+    /// The event that ends a stream which fails after its first byte (when the status
+    /// can no longer change): `data: {"error": {...}}`, the body this error has as a
+    /// response.
+    pub fn sse_event(&self) -> Event {
+        sse_json(&self.body())
+    }
+}
+
+/// An SSE event whose data is `v` as JSON.
+pub fn sse_json<T: serde::Serialize>(v: &T) -> Event {
+    match serde_json::to_string(v) {
+        Ok(text) => Event::default().data(text),
+        // Not reached with the API's types (no maps with non-string keys); the
+        // client still gets an error in the usual shape rather than a gap.
+        Err(e) => {
+            tracing::error!("could not encode an SSE event: {e}");
+            Event::default().data(
+                r#"{"error":{"message":"could not encode an event","type":"server_error","param":null,"code":"internal_error"}}"#,
+            )
         }
     }
 }
@@ -104,27 +153,14 @@ impl From<EngineError> for ApiError {
             EngineError::Load(_)
             | EngineError::Fetch(_)
             | EngineError::Model(_)
-            | EngineError::Constraint(_) => Self::server(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-                msg,
-            ),
+            | EngineError::Constraint(_) => Self::internal(msg),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        });
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
         if matches!(
             self.status,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS | StatusCode::CONFLICT

@@ -3,13 +3,15 @@
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::engine::EngineState;
 use crate::metrics;
 
 use super::error::{ApiError, Json};
-use super::types::{DetokenizeRequest, ModelCard, ModelList, TokenizeRequest};
+use super::types::{
+    DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, TokenEntry,
+    TokenizeRequest, TokenizeResponse,
+};
 use super::{validate, AppState};
 
 fn card(info: &crate::engine::ModelInfo) -> ModelCard {
@@ -63,41 +65,60 @@ pub async fn health(State(st): State<AppState>) -> Response {
             }
         }
     }
-    axum::Json(json!({"status": "ok", "model": ids.first(), "models": ids})).into_response()
+    axum::Json(Health {
+        status: "ok",
+        model: ids.first().cloned(),
+        models: ids,
+    })
+    .into_response()
 }
 
+/// Text, or a chat rendered by the model's template, to token ids (on the blocking
+/// pool: rendering and tokenizing a long input is CPU work).
 pub async fn tokenize(
     State(st): State<AppState>,
     Json(req): Json<TokenizeRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<axum::Json<TokenizeResponse>, ApiError> {
     let loaded = st.models.pick(req.model.as_deref())?.engine.loaded()?;
-    let text = match (&req.content, &req.messages) {
-        (Some(c), None) => c.clone(),
-        (None, Some(m)) => loaded
-            .template
-            .render(&validate::template_messages(m)?, None, true)?,
-        _ => {
-            return Err(ApiError::invalid(
-                "content",
-                "give exactly one of `content` or `messages`",
-            ))
-        }
-    };
-    let ids = loaded.tok.encode(&text, req.add_special.unwrap_or(false))?;
-    if req.with_pieces.unwrap_or(false) {
-        let pieces: Vec<_> = ids
-            .iter()
-            .map(|&id| json!({"id": id, "piece": loaded.tok.decode(&[id], true).unwrap_or_default()}))
-            .collect();
-        return Ok(axum::Json(json!({"tokens": pieces, "count": ids.len()})).into_response());
-    }
-    Ok(axum::Json(json!({"tokens": ids, "count": ids.len()})).into_response())
+    validate::off_executor(move || {
+        let text = match (&req.content, &req.messages) {
+            (Some(c), None) => c.clone(),
+            (None, Some(m)) => {
+                loaded
+                    .template
+                    .render(&validate::template_messages(m)?, None, true)?
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "content",
+                    "give exactly one of `content` or `messages`",
+                ))
+            }
+        };
+        let ids = loaded.tok.encode(&text, req.add_special.unwrap_or(false))?;
+        let tokens = if req.with_pieces.unwrap_or(false) {
+            ids.iter()
+                .map(|&id| TokenEntry::Piece {
+                    id,
+                    piece: loaded.tok.decode(&[id], true).unwrap_or_default(),
+                })
+                .collect()
+        } else {
+            ids.iter().map(|&id| TokenEntry::Id(id)).collect()
+        };
+        Ok(axum::Json(TokenizeResponse {
+            tokens,
+            count: ids.len(),
+        }))
+    })
+    .await
 }
 
+/// Token ids to text (on the blocking pool, as `tokenize`).
 pub async fn detokenize(
     State(st): State<AppState>,
     Json(req): Json<DetokenizeRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<axum::Json<DetokenizeResponse>, ApiError> {
     let loaded = st.models.pick(req.model.as_deref())?.engine.loaded()?;
     if let Some(bad) = req
         .tokens
@@ -112,8 +133,11 @@ pub async fn detokenize(
             ),
         ));
     }
-    let content = loaded.tok.decode(&req.tokens, true)?;
-    Ok(axum::Json(json!({"content": content})).into_response())
+    validate::off_executor(move || {
+        let content = loaded.tok.decode(&req.tokens, true)?;
+        Ok(axum::Json(DetokenizeResponse { content }))
+    })
+    .await
 }
 
 pub async fn metrics() -> Response {

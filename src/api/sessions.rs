@@ -9,11 +9,11 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::{ApiError, Json};
 use super::models::Served;
+use super::types::{Session, SessionDeleted, SessionList};
 use super::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -24,13 +24,20 @@ pub struct Which {
     pub model: Option<String>,
 }
 
-fn with_model(s: crate::kv::store::SessionInfo, id: String, model: &str) -> Value {
-    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut v {
-        m.insert("id".into(), Value::String(id));
-        m.insert("model".into(), Value::String(model.to_string()));
+/// A session as the API shows it: under the id its key chose, with its model.
+fn with_model(s: crate::kv::store::SessionInfo, id: String, model: &str) -> Session {
+    Session {
+        id,
+        model: model.to_string(),
+        tokens: s.tokens,
+        bytes: s.bytes,
+        tier: s.tier.to_string(),
+        busy: s.busy,
+        pinned: s.pinned,
+        created: s.created,
+        last_used: s.last_used,
+        hits: s.hits,
     }
-    v
 }
 
 pub async fn list(
@@ -63,14 +70,14 @@ pub async fn list(
         ),
         Err(_) => (None, None),
     };
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "resident_bytes": resident,
-        "budget_bytes": budget,
-        "kv_dtype": dtype,
-        "kv_bytes_per_token": per_token,
-    }))
+    Ok(axum::Json(SessionList {
+        object: "list".into(),
+        data,
+        resident_bytes: resident,
+        budget_bytes: budget,
+        kv_dtype: dtype.map(str::to_string),
+        kv_bytes_per_token: per_token,
+    })
     .into_response())
 }
 
@@ -124,7 +131,12 @@ pub async fn delete(
     s.engine.delete_session(&scoped).await?;
     Ok((
         StatusCode::OK,
-        axum::Json(json!({"id": id, "object": "session", "model": s.id, "deleted": true})),
+        axum::Json(SessionDeleted {
+            id,
+            object: "session".into(),
+            model: s.id.clone(),
+            deleted: true,
+        }),
     )
         .into_response())
 }

@@ -1,5 +1,7 @@
 //! Turns raw OpenAI request fields into checked engine parameters before anything
-//! expensive happens. Every rejection names the parameter and the limit.
+//! expensive happens. Every rejection names the parameter and the limit. The costly
+//! part of preparing a request (rendering the chat template, tokenizing, compiling a
+//! JSON schema into a grammar) runs through [`off_executor`].
 
 use serde_json::Value;
 
@@ -226,6 +228,19 @@ pub fn fit_context(
         None if prompt_len >= ctx => Err(exceeded(1)),
         None => Ok(ctx - prompt_len),
     }
+}
+
+/// Run `prepare` on tokio's blocking pool and wait for it. Rendering a long chat,
+/// tokenizing it and compiling a schema take milliseconds of CPU each: on an async
+/// worker they would stall every other connection that worker serves.
+pub async fn off_executor<T, F>(prepare: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(prepare)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];

@@ -1,25 +1,38 @@
-//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the request types
-//! (`utoipa::ToSchema` derives in `types`) and the route table. Chat and text
-//! completion bodies are the endpoint's own fields plus the shared `CommonParams`;
-//! response bodies are described in `responses`.
+//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the request and
+//! response types the handlers use (`utoipa::ToSchema` derives in `types`) and the
+//! route table. Chat and text completion bodies are the endpoint's own fields plus the
+//! shared `CommonParams`.
 
-mod responses;
-
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-use responses::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs,
-    DetokenizeResponse, FinishReason, FunctionCall, Health, Session, SessionDeleted, SessionList,
-    SseEvent, TextChoice, TextCompletion, TokenEntry, TokenLogprob, TokenizeResponse, ToolCall,
-    TopLogprob,
+use super::types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChatLogprobs, ChatMessage, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest,
+    Content, ContentPart, DetokenizeRequest, DetokenizeResponse, ErrorBody, ErrorDetail,
+    FinishReason, FunctionCall, FunctionDelta, Health, ModelCard, ModelList, Prompt,
+    PromptTokensDetails, Session, SessionDeleted, SessionList, StopSpec, StreamOptions, TextChoice,
+    TextChunkChoice, TextCompletion, TextCompletionChunk, TokenEntry, TokenLogprob,
+    TokenizeRequest, TokenizeResponse, ToolCall, ToolCallDelta, TopLogprob, UsageOut,
 };
 
-use super::types::{
-    ChatMessage, ChatRequest, CommonParams, CompletionRequest, Content, ContentPart,
-    DetokenizeRequest, ModelCard, ModelList, Prompt, PromptTokensDetails, StopSpec, StreamOptions,
-    TokenizeRequest, UsageOut,
-};
+/// One server-sent event of a streamed response. OpenAPI 3.1 has no `itemSchema`, so the
+/// `text/event-stream` schema describes each event, as the SSE parsers (and
+/// schemathesis) read it: `data` is one JSON-encoded chunk (`ChatCompletionChunk`,
+/// `TextCompletionChunk`, or an `ErrorBody` that ends a stream failing part-way) or the
+/// final `[DONE]`. The handlers write events with axum's SSE encoder; this type only
+/// describes them.
+#[derive(Serialize, ToSchema)]
+pub struct SseEvent {
+    /// A JSON-encoded chunk, or `[DONE]`.
+    pub data: String,
+    /// Not sent; readers default it to `message`.
+    pub event: Option<String>,
+    /// Not sent.
+    pub id: Option<String>,
+    /// Not sent.
+    pub retry: Option<u64>,
+}
 
 /// Body of `POST /v1/chat/completions`.
 #[derive(Deserialize, ToSchema)]
@@ -53,23 +66,6 @@ pub struct CompletionBody {
     /// As on chat: `json_object` or `json_schema`.
     #[schema(value_type = Option<Object>)]
     response_format: Option<serde_json::Value>,
-}
-
-/// Every error: `{"error": {...}}` with a 4xx (bad input) or 5xx status.
-#[derive(Deserialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ErrorDetail {
-    message: String,
-    #[serde(rename = "type")]
-    kind: String,
-    param: Option<String>,
-    code: Option<String>,
 }
 
 /// `PATCH /v1/sessions/{id}`.
@@ -240,6 +236,13 @@ fn session_patch() {}
         ChatCompletion,
         ChatChoice,
         SseEvent,
+        ChatCompletionChunk,
+        ChatChunkChoice,
+        ChatDelta,
+        ToolCallDelta,
+        FunctionDelta,
+        TextCompletionChunk,
+        TextChunkChoice,
         AssistantMessage,
         ToolCall,
         FunctionCall,

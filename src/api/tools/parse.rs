@@ -14,10 +14,11 @@
 //! whether it is a call, is held. Once a call has begun, the rest of the turn outside
 //! calls is dropped, and a call cut short (max_tokens) keeps what it has.
 
-use serde_json::{json, Map, Value};
-
 use crate::engine::decode::constrain::{CALL_CLOSE, CALL_OPEN};
 
+use super::super::types::{
+    AssistantMessage, ChatDelta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
 use super::scan::{is_ws, Cx, Obj, Step};
 use super::ToolPlan;
 
@@ -30,10 +31,16 @@ pub struct Call {
     pub arguments: String,
 }
 
-impl Call {
-    pub fn to_json(&self) -> Value {
-        json!({"id": self.id, "type": "function",
-               "function": {"name": self.name, "arguments": self.arguments}})
+impl From<Call> for ToolCall {
+    fn from(c: Call) -> Self {
+        ToolCall {
+            id: c.id,
+            kind: "function",
+            function: FunctionCall {
+                name: c.name,
+                arguments: c.arguments,
+            },
+        }
     }
 }
 
@@ -56,15 +63,31 @@ pub enum Piece {
 
 impl Piece {
     /// The chat-completion chunk `delta` for this piece, as OpenAI streams it.
-    pub fn delta(&self) -> Value {
-        match self {
-            Piece::Content(t) => json!({"content": t}),
-            Piece::Start { index, id, name } => json!({"tool_calls": [{
-                "index": index, "id": id, "type": "function",
-                "function": {"name": name, "arguments": ""}}]}),
-            Piece::Args { index, text } => {
-                json!({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
-            }
+    pub fn delta(&self) -> ChatDelta {
+        let call = match self {
+            Piece::Content(t) => return ChatDelta::content(t.as_str()),
+            Piece::Start { index, id, name } => ToolCallDelta {
+                index: *index,
+                id: Some(id.clone()),
+                kind: Some("function"),
+                function: FunctionDelta {
+                    name: Some(name.clone()),
+                    arguments: String::new(),
+                },
+            },
+            Piece::Args { index, text } => ToolCallDelta {
+                index: *index,
+                id: None,
+                kind: None,
+                function: FunctionDelta {
+                    name: None,
+                    arguments: text.clone(),
+                },
+            },
+        };
+        ChatDelta {
+            tool_calls: Some(vec![call]),
+            ..ChatDelta::default()
         }
     }
 }
@@ -103,28 +126,17 @@ pub fn assemble(pieces: Vec<Piece>) -> (String, Vec<Call>) {
     (content, calls)
 }
 
-/// The `message` object of a whole response.
-pub fn message(content: String, calls: &[Call]) -> Value {
-    let mut m = Map::new();
-    m.insert("role".into(), json!("assistant"));
+/// The `message` of a whole response: with calls, content that is only whitespace
+/// is null.
+pub fn message(content: String, calls: Vec<Call>) -> AssistantMessage {
     if calls.is_empty() {
-        m.insert("content".into(), json!(content));
-    } else {
-        let c = content.trim();
-        m.insert(
-            "content".into(),
-            if c.is_empty() {
-                Value::Null
-            } else {
-                json!(content)
-            },
-        );
-        m.insert(
-            "tool_calls".into(),
-            Value::Array(calls.iter().map(Call::to_json).collect()),
-        );
+        return AssistantMessage::text(content);
     }
-    Value::Object(m)
+    AssistantMessage {
+        content: (!content.trim().is_empty()).then_some(content),
+        tool_calls: Some(calls.into_iter().map(ToolCall::from).collect()),
+        ..AssistantMessage::text(String::new())
+    }
 }
 
 #[derive(Debug)]

@@ -318,7 +318,7 @@ fn deltas_are_openai_shaped() {
         name: "f".into(),
     };
     assert_eq!(
-        s.delta(),
+        wire(s.delta()),
         json!({"tool_calls": [{"index": 1, "id": "call_x1", "type": "function",
                                "function": {"name": "f", "arguments": ""}}]})
     );
@@ -327,7 +327,38 @@ fn deltas_are_openai_shaped() {
         text: "{\"a\"".into(),
     };
     assert_eq!(
-        a.delta(),
+        wire(a.delta()),
         json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\"a\""}}]})
+    );
+    assert_eq!(
+        wire(Piece::Content("hi".into()).delta()),
+        json!({"content": "hi"})
+    );
+}
+
+/// As the response body carries it.
+fn wire(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).unwrap()
+}
+
+#[test]
+fn messages_are_openai_shaped() {
+    let call = Call {
+        id: "call_1".into(),
+        name: "f".into(),
+        arguments: "{}".into(),
+    };
+    assert_eq!(
+        wire(message(" \n".into(), vec![call.clone()])),
+        json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+    );
+    assert_eq!(
+        wire(message("Sure.".into(), vec![call]))["content"],
+        "Sure."
+    );
+    assert_eq!(
+        wire(message(" ".into(), vec![])),
+        json!({"role": "assistant", "content": " "})
     );
 }

@@ -1,6 +1,5 @@
-//! OpenAI request and response types. Requests are permissive: unknown fields are
-//! accepted and ignored, and fields we accept but do not act on say so here and in the
-//! README.
+//! Request bodies. They are permissive: unknown fields are accepted and ignored, and
+//! fields we accept but do not act on say so here and in the README.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -121,99 +120,6 @@ pub struct CompletionRequest {
     /// Accepted and ignored.
     #[serde(default)]
     pub suffix: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct PromptTokensDetails {
-    pub cached_tokens: usize,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct UsageOut {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-    pub prompt_tokens_details: PromptTokensDetails,
-}
-
-impl From<crate::engine::Usage> for UsageOut {
-    fn from(u: crate::engine::Usage) -> Self {
-        Self {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-            prompt_tokens_details: PromptTokensDetails {
-                cached_tokens: u.cached_tokens,
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenLogprobOut {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-    pub top_logprobs: Vec<TopLogprob>,
-}
-
-/// Chat `logprobs` object.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatLogprobs {
-    pub content: Vec<TokenLogprobOut>,
-}
-
-impl From<&crate::engine::LogprobEntry> for TokenLogprobOut {
-    fn from(e: &crate::engine::LogprobEntry) -> Self {
-        Self {
-            token: e.token.clone(),
-            logprob: e.logprob,
-            bytes: e.token.as_bytes().to_vec(),
-            top_logprobs: e
-                .top
-                .iter()
-                .map(|(t, l)| TopLogprob {
-                    token: t.clone(),
-                    logprob: *l,
-                    bytes: t.as_bytes().to_vec(),
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Legacy completions `logprobs` object.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CompletionLogprobs {
-    pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
-    pub text_offset: Vec<usize>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ModelCard {
-    pub id: String,
-    #[schema(value_type = String)]
-    pub object: &'static str,
-    pub created: u64,
-    #[schema(value_type = String)]
-    pub owned_by: &'static str,
-    pub context_length: usize,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ModelList {
-    #[schema(value_type = String)]
-    pub object: &'static str,
-    pub data: Vec<ModelCard>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
