@@ -60,6 +60,7 @@ pub struct QWeight {
     qs: Vec<u8>,
 }
 
+#[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
@@ -207,10 +208,12 @@ impl QActs {
         }
     }
 
+    #[inline]
     pub fn rows(&self) -> usize {
         self.m
     }
 
+    #[inline]
     fn row(&self, r: usize) -> Row<'_> {
         let nb = self.k / QK;
         Row {
@@ -257,6 +260,7 @@ pub fn isa_available(level: Isa) -> bool {
 }
 
 /// The best level this CPU supports.
+#[inline]
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
