@@ -88,6 +88,11 @@ impl<R: Read + Seek> Loader<'_, R> {
             biases.push((self.bias(name, n)?, n));
             ts.push(t);
         }
+        self.combine(ts, biases)
+    }
+
+    /// Matrices that read the same input as one [`Proj`] (see [`Self::proj`]).
+    fn combine(&self, ts: Vec<QTensor>, biases: Vec<(Option<Vec<f32>>, usize)>) -> Result<Proj> {
         let dims: Vec<(usize, usize)> = ts
             .iter()
             .map(|t| t.shape().dims2())
@@ -127,6 +132,63 @@ impl<R: Read + Seek> Loader<'_, R> {
         Ok(Proj {
             parts: vec![self.linear_from(cat, bias)?],
         })
+    }
+
+    /// An optional norm weight.
+    fn norm_opt(&mut self, name: &str) -> Result<Option<Norm>> {
+        if self.has(name) {
+            Ok(Some(self.norm(name)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The `e`-th expert's matrix of a 3-D expert tensor `(experts, rows, cols)`: its
+    /// rows are whole blocks, so it is a contiguous slice of the raw data.
+    fn expert_slices(&mut self, name: &str, experts: usize) -> Result<Vec<QTensor>> {
+        let t = self.qtensor(name)?;
+        let (n_e, rows, cols) = t.shape().dims3()?;
+        if n_e != experts {
+            candle_core::bail!("{name} holds {n_e} experts, expected {experts}");
+        }
+        let raw = t.data()?;
+        let per = raw.len() / experts;
+        (0..experts)
+            .map(|e| {
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    t.dtype(),
+                    &raw[e * per..(e + 1) * per],
+                    vec![rows, cols],
+                    self.device,
+                )
+            })
+            .collect()
+    }
+
+    /// A layer's mixture of experts: the router and every expert's gate|up and down.
+    fn moe(&mut self, p: &str, moe: &super::Moe) -> Result<MoeMlp> {
+        let router = self.proj(&[format!("{p}.ffn_gate_inp")])?;
+        if router.width() != moe.experts {
+            candle_core::bail!(
+                "{p}.ffn_gate_inp has {} outputs, expected {}",
+                router.width(),
+                moe.experts
+            );
+        }
+        let n = moe.experts;
+        let gates = self.expert_slices(&format!("{p}.ffn_gate_exps.weight"), n)?;
+        let ups = self.expert_slices(&format!("{p}.ffn_up_exps.weight"), n)?;
+        let downs = self.expert_slices(&format!("{p}.ffn_down_exps.weight"), n)?;
+        let mut experts = Vec::with_capacity(n);
+        for ((g, u), d) in gates.into_iter().zip(ups).zip(downs) {
+            let (fg, fu) = (g.shape().dims2()?.0, u.shape().dims2()?.0);
+            let fd = d.shape().dims2()?.0;
+            experts.push(Expert {
+                gate_up: self.combine(vec![g, u], vec![(None, fg), (None, fu)])?,
+                down: self.combine(vec![d], vec![(None, fd)])?,
+            });
+        }
+        Ok(MoeMlp { router, experts })
     }
 }
 
@@ -181,27 +243,90 @@ impl Model {
             Weight::new(embed_q, dequantize)?
         };
         let norm = ld.norm("output_norm.weight")?;
+        // llama3 rope scaling: per-pair frequency factors.
+        let freq_factors = if ld.has("rope_freqs.weight") {
+            let v: Vec<f32> = ld
+                .dense("rope_freqs.weight")?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            Some(v)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let p = format!("blk.{i}");
             let names =
                 |xs: &[&str]| -> Vec<String> { xs.iter().map(|x| format!("{p}.{x}")).collect() };
+            let mlp = match &config.moe {
+                Some(moe) => Mlp::Moe(ld.moe(&p, moe)?),
+                None => Mlp::Dense(Expert {
+                    gate_up: ld.proj(&names(&["ffn_gate", "ffn_up"]))?,
+                    down: ld.proj(&names(&["ffn_down"]))?,
+                }),
+            };
+            let qk = matches!(
+                config.family,
+                Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3
+            );
+            let need = |ld: &mut Loader<'_, R>, name: String| -> Result<Option<Norm>> {
+                if qk {
+                    Ok(Some(ld.norm(&name)?))
+                } else {
+                    ld.norm_opt(&name)
+                }
+            };
+            let gemma = config.family == Family::Gemma3;
+            let post = |ld: &mut Loader<'_, R>, name: String| -> Result<Option<Norm>> {
+                if gemma {
+                    Ok(Some(ld.norm(&name)?))
+                } else {
+                    Ok(None)
+                }
+            };
             let layer = Layer {
                 attn_norm: ld.norm(&format!("{p}.attn_norm.weight"))?,
                 qkv: ld.proj(&names(&["attn_q", "attn_k", "attn_v"]))?,
+                q_norm: need(&mut ld, format!("{p}.attn_q_norm.weight"))?,
+                k_norm: need(&mut ld, format!("{p}.attn_k_norm.weight"))?,
                 wo: ld.proj(&names(&["attn_output"]))?,
+                post_attn_norm: post(&mut ld, format!("{p}.post_attention_norm.weight"))?,
                 ffn_norm: ld.norm(&format!("{p}.ffn_norm.weight"))?,
-                gate_up: ld.proj(&names(&["ffn_gate", "ffn_up"]))?,
-                down: ld.proj(&names(&["ffn_down"]))?,
+                mlp,
+                post_ffn_norm: post(&mut ld, format!("{p}.post_ffw_norm.weight"))?,
             };
             let want = config.head_dim * (config.n_heads + 2 * config.n_kv_heads);
-            if layer.qkv.width() != want || !layer.gate_up.width().is_multiple_of(2) {
-                candle_core::bail!("{p}: unexpected projection shapes");
+            if layer.qkv.width() != want {
+                candle_core::bail!("{p}: Q|K|V is {} wide, expected {want}", layer.qkv.width());
+            }
+            for n in [&layer.q_norm, &layer.k_norm].into_iter().flatten() {
+                if n.v.len() != config.head_dim {
+                    candle_core::bail!(
+                        "{p}: QK-norm of {} values, expected head_dim {}",
+                        n.v.len(),
+                        config.head_dim
+                    );
+                }
+            }
+            let dense = match &layer.mlp {
+                Mlp::Dense(e) => vec![e],
+                Mlp::Moe(m) => m.experts.iter().collect(),
+            };
+            if dense.iter().any(|e| !e.gate_up.width().is_multiple_of(2)) {
+                candle_core::bail!("{p}: gate and up differ in width");
             }
             layers.push(layer);
         }
         let model = Self::assemble(
-            config, embed, layers, norm, output, device, ctx_size, ld.bytes,
+            config,
+            embed,
+            layers,
+            norm,
+            output,
+            device,
+            ctx_size,
+            ld.bytes,
+            freq_factors,
         )?;
         #[cfg(feature = "cuda")]
         let model = model.attach_fused(ct, ld.reader, dequantize);
@@ -217,16 +342,18 @@ impl Model {
         reader: &mut R,
         dequantize: bool,
     ) -> Self {
+        // The fused kernels implement the llama and qwen2 blocks only.
+        let plain = matches!(self.config.family, Family::Llama | Family::Qwen2);
         self.fused = match (&self.embed, dequantize) {
-            (Embed::Dev(table), false) if self.device.is_cuda() => {
+            (Embed::Dev(table), false) if self.device.is_cuda() && plain => {
                 match cuda::FusedDecoder::new(
                     ct,
                     reader,
                     &self.config,
                     &self.device,
                     table,
-                    &self.cos,
-                    &self.sin,
+                    &self.cos[0],
+                    &self.sin[0],
                     self.ctx_size,
                 ) {
                     Ok(d) => {

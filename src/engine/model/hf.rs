@@ -16,7 +16,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::Value;
 
-use super::{Embed, Layer, Linear, Model, ModelConfig, Norm, Proj, Weight};
+use super::{Embed, Expert, Family, Layer, Linear, Mlp, Model, ModelConfig, Norm, Proj, Weight};
 
 /// Architectures a directory may declare (`architectures[0]`), with our arch name.
 const ARCHITECTURES: &[(&str, &str)] = &[
@@ -127,19 +127,27 @@ impl ModelConfig {
                 "sliding-window attention is not implemented: attention spans the whole context"
             );
         }
-        Ok(Self {
-            n_layers: num("num_hidden_layers")?,
+        let family = if arch == "qwen2" {
+            Family::Qwen2
+        } else {
+            Family::Llama
+        };
+        let mut cfg = Self::llama_like(
+            &arch,
+            family,
+            num("num_hidden_layers")?,
             n_heads,
             n_kv_heads,
             head_dim,
             hidden,
-            vocab: num("vocab_size")?,
-            train_ctx: opt("max_position_embeddings").unwrap_or(4096),
-            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_base: c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
-            rope_neox: true,
-            arch,
-        })
+            num("vocab_size")?,
+        );
+        cfg.train_ctx = opt("max_position_embeddings").unwrap_or(4096);
+        cfg.rms_eps = c["rms_norm_eps"].as_f64().unwrap_or(1e-6);
+        cfg.rope_base = c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32;
+        // Hugging Face checkpoints keep Q and K in the rotate-half layout.
+        cfg.rope_neox = true;
+        Ok(cfg)
     }
 }
 
@@ -339,10 +347,16 @@ impl Model {
             layers.push(Layer {
                 attn_norm: ld.norm(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv: ld.proj(&[a("q_proj", nq), a("k_proj", nkv), a("v_proj", nkv)], h)?,
+                q_norm: None,
+                k_norm: None,
                 wo: ld.proj(&[a("o_proj", h)], nq)?,
+                post_attn_norm: None,
                 ffn_norm: ld.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_up: ld.proj(&[m("gate_proj", ffn), m("up_proj", ffn)], h)?,
-                down: ld.proj(&[m("down_proj", h)], ffn)?,
+                mlp: Mlp::Dense(Expert {
+                    gate_up: ld.proj(&[m("gate_proj", ffn), m("up_proj", ffn)], h)?,
+                    down: ld.proj(&[m("down_proj", h)], ffn)?,
+                }),
+                post_ffn_norm: None,
             });
         }
         let norm = ld.norm("model.norm.weight", h)?;
@@ -356,6 +370,7 @@ impl Model {
             device,
             ctx_size,
             bytes,
+            None,
         )
     }
 }

@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::{Embed, Model, Proj, SeqInput, Weight};
+use super::{Act, Embed, Expert, Mlp, Model, MoeMlp, Proj, SeqInput, Weight};
 use crate::engine::kernels::attn;
 use crate::engine::kernels::quant::{KActs, QActs};
 
@@ -220,10 +220,17 @@ impl Model {
         for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
             row.copy_from_slice(&table[id as usize * hidden..(id as usize + 1) * hidden]);
         }
+        if let Some(scale) = cfg.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let dd = dump::begin();
-        let (cos, sin) = (&self.rope_host.0, &self.rope_host.1);
         let half = hd / 2;
         for (li, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = {
+                let t = &self.rope_host[cfg.rope_table(li)];
+                (&t.0, &t.1)
+            };
+            let window = cfg.window(li);
             let x = &mut sc.x[..t * hidden];
             let h = fit(&mut sc.h, t * hidden);
             rms_norm(x, &layer.attn_norm.v, eps, h);
@@ -231,15 +238,25 @@ impl Model {
             let qkv = fit(&mut sc.qkv, t * dqkv);
             let mut input = Input::new(h, t, &mut sc.acts, &mut sc.kacts);
             layer.qkv.forward_host(&mut input, qkv, dqkv)?;
-            // RoPE on Q and K of every row, at that row's position.
+            // QK-norm (each Q and K head), then RoPE on Q and K of every row, at that
+            // row's position; Q scaled here where the family scales it before attention.
+            let tmp = fit(&mut sc.tmp, hd);
             for (r, row) in qkv.chunks_exact_mut(dqkv).enumerate() {
                 let p = sc.rows[r].1;
                 let (c, s) = (
                     &cos[p * half..(p + 1) * half],
                     &sin[p * half..(p + 1) * half],
                 );
-                for head in row[..nq + nkv].chunks_exact_mut(hd) {
+                for (i, head) in row[..nq + nkv].chunks_exact_mut(hd).enumerate() {
+                    let norm = if i < nh { &layer.q_norm } else { &layer.k_norm };
+                    if let Some(w) = norm {
+                        tmp.copy_from_slice(head);
+                        rms_norm(tmp, &w.v, eps, head);
+                    }
                     rope(head, c, s, cfg.rope_neox);
+                    if cfg.q_prescale && i < nh {
+                        head.iter_mut().for_each(|v| *v *= cfg.attn_scale);
+                    }
                 }
             }
             if dd.is_some() {
@@ -281,7 +298,7 @@ impl Model {
             let att = fit(&mut sc.att, t * nq);
             let qkv = &sc.qkv[..t * dqkv];
             let rows = &sc.rows;
-            let scale = 1.0 / (hd as f32).sqrt();
+            let scale = if cfg.q_prescale { 1.0 } else { cfg.attn_scale };
             let group = nh / nkvh;
             // One job per (row, KV head): the query heads of its group share the K/V rows.
             // With few rows (a single decode) the groups alone are too few jobs to share
@@ -297,21 +314,23 @@ impl Model {
                 let (h0, g) = (j * per, j * per / group);
                 let (si, p) = rows[r];
                 let (k, v, cap) = views[si];
-                let base = g * cap * hd;
-                let len = p + 1;
+                // A local layer sees the last `window` positions only.
+                let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                let (lo, hi) = ((g * cap + first) * hd, (g * cap + p + 1) * hd);
                 let q0 = r * dqkv + h0 * hd;
                 attn::attend_heads(
                     &qkv[q0..q0 + per * hd],
                     hd,
-                    &k[base..base + len * hd],
-                    &v[base..base + len * hd],
+                    &k[lo..hi],
+                    &v[lo..hi],
                     scale,
                     out,
                 );
             };
             // (head, position) pairs; a pair costs ~20 ns, entering the pool ~10 µs, so
             // several short sequences (a decode step of a batch) are worth splitting too.
-            let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
+            let seen = |p: usize| window.map_or(p + 1, |w| (p + 1).min(w));
+            let work: usize = rows.iter().map(|&(_, p)| seen(p)).sum::<usize>() * nh;
             if work >= 1024 {
                 att.par_chunks_mut(per * hd).enumerate().for_each(job);
             } else {
@@ -324,6 +343,11 @@ impl Model {
             let mut input = Input::new(att, t, &mut sc.acts, &mut sc.kacts);
             layer.wo.forward_host(&mut input, tmp, hidden)?;
             dump::write(&dd, format_args!("attn_out-{li}"), tmp);
+            if let Some(w) = &layer.post_attn_norm {
+                let h = fit(&mut sc.h, t * hidden);
+                rms_norm(tmp, &w.v, eps, h);
+                tmp.copy_from_slice(h);
+            }
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
             dump::write(&dd, format_args!("ffn_inp-{li}"), x);
@@ -331,28 +355,23 @@ impl Model {
             let h = &mut sc.h[..t * hidden];
             rms_norm(x, &layer.ffn_norm.v, eps, h);
             dump::write(&dd, format_args!("ffn_norm-{li}"), h);
-            let dgu = layer.gate_up.width();
-            let ffn = dgu / 2;
-            let gu = fit(&mut sc.gu, t * dgu);
-            let mut input = Input::new(h, t, &mut sc.acts, &mut sc.kacts);
-            layer.gate_up.forward_host(&mut input, gu, dgu)?;
-            let act = fit(&mut sc.act, t * ffn);
-            for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(dgu)) {
-                super::swiglu::swiglu(&g[..ffn], &g[ffn..], a);
+            let tmp = fit(&mut sc.tmp, t * hidden);
+            let mut bufs = MlpBufs {
+                gu: &mut sc.gu,
+                act: &mut sc.act,
+                acts: &mut sc.acts,
+                kacts: &mut sc.kacts,
+            };
+            match &layer.mlp {
+                Mlp::Dense(e) => self.expert_host(e, h, t, tmp, &mut bufs, &dd, li)?,
+                Mlp::Moe(m) => self.moe_host(m, h, t, tmp, &mut bufs)?,
             }
-            if dd.is_some() {
-                let half_of = |a: usize| -> Vec<f32> {
-                    gu.chunks_exact(dgu)
-                        .flat_map(|r| r[a..a + ffn].to_vec())
-                        .collect()
-                };
-                dump::write(&dd, format_args!("ffn_gate-{li}"), &half_of(0));
-                dump::write(&dd, format_args!("ffn_up-{li}"), &half_of(ffn));
-                dump::write(&dd, format_args!("ffn_swiglu-{li}"), act);
-            }
-            let mut input = Input::new(act, t, &mut sc.acts, &mut sc.kacts);
-            layer.down.forward_host(&mut input, tmp, hidden)?;
             dump::write(&dd, format_args!("ffn_out-{li}"), tmp);
+            if let Some(w) = &layer.post_ffn_norm {
+                let h = fit(&mut sc.h, t * hidden);
+                rms_norm(tmp, &w.v, eps, h);
+                tmp.copy_from_slice(h);
+            }
             let x = &mut sc.x[..t * hidden];
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
             dump::write(&dd, format_args!("l_out-{li}"), x);
@@ -379,6 +398,11 @@ impl Model {
         let mut input = Input::new(h, m, &mut sc.acts, &mut sc.kacts);
         self.output
             .forward_host(&mut input, vocab, &mut logits, vocab)?;
+        if let Some(c) = cfg.final_softcap {
+            logits
+                .iter_mut()
+                .for_each(|v| *v = (*v * (1.0 / c)).tanh() * c);
+        }
         dump::write(&dd, format_args!("result_output"), &logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
@@ -393,5 +417,121 @@ impl Model {
             s.cache.commit(s.tokens);
         }
         Ok(out)
+    }
+}
+
+/// The buffers an MLP pass works in (borrowed from the scratch).
+struct MlpBufs<'a> {
+    gu: &'a mut Vec<f32>,
+    act: &'a mut Vec<f32>,
+    acts: &'a mut QActs,
+    kacts: &'a mut KActs,
+}
+
+impl Model {
+    /// One gated MLP over the `t` rows of `h`: `out` (rows of `hidden`) gets
+    /// `down(act(gate) * up)`.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_host(
+        &self,
+        e: &Expert,
+        h: &[f32],
+        t: usize,
+        out: &mut [f32],
+        b: &mut MlpBufs<'_>,
+        dd: &Option<std::path::PathBuf>,
+        li: usize,
+    ) -> Result<()> {
+        let hidden = self.config.hidden;
+        let dgu = e.gate_up.width();
+        let ffn = dgu / 2;
+        let gu = fit(b.gu, t * dgu);
+        let mut input = Input::new(h, t, b.acts, b.kacts);
+        e.gate_up.forward_host(&mut input, gu, dgu)?;
+        let act = fit(b.act, t * ffn);
+        for (a, g) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(dgu)) {
+            match self.config.act {
+                Act::Silu => super::swiglu::swiglu(&g[..ffn], &g[ffn..], a),
+                Act::GeluTanh => super::swiglu::geglu(&g[..ffn], &g[ffn..], a),
+            }
+        }
+        if dd.is_some() {
+            let half_of = |a: usize| -> Vec<f32> {
+                gu.chunks_exact(dgu)
+                    .flat_map(|r| r[a..a + ffn].to_vec())
+                    .collect()
+            };
+            dump::write(dd, format_args!("ffn_gate-{li}"), &half_of(0));
+            dump::write(dd, format_args!("ffn_up-{li}"), &half_of(ffn));
+            dump::write(dd, format_args!("ffn_swiglu-{li}"), act);
+        }
+        let mut input = Input::new(act, t, b.acts, b.kacts);
+        e.down
+            .forward_host(&mut input, &mut out[..t * hidden], hidden)
+    }
+
+    /// A mixture of experts over the `t` rows of `h`: each row's router logits pick its
+    /// experts ([`super::moe::route`]); every expert runs once over all the rows routed
+    /// to it, and each row sums its experts' weighted outputs in pick order.
+    fn moe_host(
+        &self,
+        m: &MoeMlp,
+        h: &[f32],
+        t: usize,
+        out: &mut [f32],
+        b: &mut MlpBufs<'_>,
+    ) -> Result<()> {
+        let Some(cfg) = &self.config.moe else {
+            candle_core::bail!("a mixture-of-experts layer in a model without one");
+        };
+        let hidden = self.config.hidden;
+        let (ne, used) = (m.router.width(), cfg.used);
+        let mut logits = vec![0f32; t * ne];
+        let mut input = Input::new(h, t, b.acts, b.kacts);
+        m.router.forward_host(&mut input, &mut logits, ne)?;
+        let picks: Vec<Vec<(usize, f32)>> = logits
+            .chunks_exact(ne)
+            .map(|l| super::moe::route(l, used, cfg.norm_topk))
+            .collect();
+        // Per row and pick: the weighted output of that expert.
+        let mut slots = vec![0f32; t * used * hidden];
+        let (mut xin, mut y) = (Vec::new(), Vec::new());
+        for (e, expert) in m.experts.iter().enumerate() {
+            let routed: Vec<(usize, usize, f32)> = picks
+                .iter()
+                .enumerate()
+                .flat_map(|(r, p)| {
+                    p.iter()
+                        .enumerate()
+                        .filter(|(_, &(pe, _))| pe == e)
+                        .map(move |(k, &(_, w))| (r, k, w))
+                })
+                .collect();
+            if routed.is_empty() {
+                continue;
+            }
+            xin.clear();
+            for &(r, _, _) in &routed {
+                xin.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+            }
+            let n = routed.len();
+            let y = fit(&mut y, n * hidden);
+            self.expert_host(expert, &xin, n, y, b, &None, 0)?;
+            for (i, &(r, k, w)) in routed.iter().enumerate() {
+                let dst = &mut slots[(r * used + k) * hidden..(r * used + k + 1) * hidden];
+                for (d, &v) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                    *d = v * w;
+                }
+            }
+        }
+        for r in 0..t {
+            let o = &mut out[r * hidden..(r + 1) * hidden];
+            o.copy_from_slice(&slots[r * used * hidden..(r * used + 1) * hidden]);
+            for k in 1..used {
+                let add = &slots[(r * used + k) * hidden..(r * used + k + 1) * hidden];
+                o.iter_mut().zip(add).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
     }
 }

@@ -14,9 +14,11 @@ pub mod cuda;
 mod gguf;
 pub mod hf;
 mod host;
+mod moe;
+mod rope;
 mod swiglu;
 
-pub use config::ModelConfig;
+pub use config::{Act, Family, ModelConfig, Moe, RopeScaling, SlidingWindow, SUPPORTED};
 pub use gguf::metadata_strings;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,11 +125,39 @@ struct Layer {
     attn_norm: Norm,
     /// Q, K and V (widths `n_heads*head_dim`, `n_kv_heads*head_dim` twice).
     qkv: Proj,
+    /// QK-norm: an RMSNorm (width `head_dim`) of every Q head and every K head, before
+    /// RoPE (qwen3, gemma3).
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     wo: Proj,
+    /// A norm of the attention output before the residual add (gemma3).
+    post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
-    /// Gate and up (width `2 * ffn`).
+    mlp: Mlp,
+    /// A norm of the MLP output before the residual add (gemma3).
+    post_ffn_norm: Option<Norm>,
+}
+
+/// A layer's MLP: one gated MLP, or a routed mixture of them.
+#[derive(Debug)]
+enum Mlp {
+    Dense(Expert),
+    Moe(MoeMlp),
+}
+
+/// One gated MLP: gate and up as one matrix (width `2 * ffn`), then down.
+#[derive(Debug)]
+struct Expert {
     gate_up: Proj,
     down: Proj,
+}
+
+/// A mixture of experts: the router's logits (one per expert) pick the experts each
+/// token goes through.
+#[derive(Debug)]
+struct MoeMlp {
+    router: Proj,
+    experts: Vec<Expert>,
 }
 
 /// The token embedding table: host floats on the CPU, a device tensor elsewhere.
@@ -154,10 +184,12 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Norm,
     output: Weight,
-    cos: Tensor,
-    sin: Tensor,
-    /// `cos`/`sin` as host floats, `(ctx, head_dim / 2)`.
-    rope_host: (Vec<f32>, Vec<f32>),
+    /// Rotary tables `(ctx, head_dim / 2)`: index 0 for global layers, 1 for local
+    /// (sliding-window) layers when their base differs ([`ModelConfig::rope_table`]).
+    cos: Vec<Tensor>,
+    sin: Vec<Tensor>,
+    /// The same tables as host floats.
+    rope_host: Vec<(Vec<f32>, Vec<f32>)>,
     device: Device,
     /// Reused buffers of the CPU path.
     scratch: Mutex<host::Scratch>,
@@ -178,7 +210,8 @@ pub struct Model {
 const FUSED_MAX_TOKENS: usize = 64;
 
 impl Model {
-    /// The finished model: rotary tables for `ctx_size` positions around the weights.
+    /// The finished model: rotary tables for `ctx_size` positions around the weights
+    /// (`freq_factors`: llama3's per-pair frequency factors).
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: ModelConfig,
@@ -189,11 +222,34 @@ impl Model {
         device: &Device,
         ctx_size: usize,
         weight_bytes: usize,
+        freq_factors: Option<Vec<f32>>,
     ) -> Result<Self> {
-        let (cos_v, sin_v) = rope_tables(config.head_dim, config.rope_base, ctx_size);
         let half = config.head_dim / 2;
-        let cos = Tensor::from_slice(&cos_v, (ctx_size, half), device)?;
-        let sin = Tensor::from_slice(&sin_v, (ctx_size, half), device)?;
+        if let Some(f) = &freq_factors {
+            if f.len() != half {
+                candle_core::bail!("rope_freqs has {} values, expected {half}", f.len());
+            }
+        }
+        let mut bases = vec![config.rope_base];
+        if let Some(sw) = &config.sliding {
+            bases.push(sw.rope_base);
+        }
+        let (mut cos, mut sin, mut rope_host) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, base) in bases.into_iter().enumerate() {
+            // Local layers rotate unscaled (llama.cpp's `rope_freq_scale_train_swa`).
+            let plain = RopeScaling::default();
+            let scaling = if i == 0 { &config.rope_scaling } else { &plain };
+            let (c, s) = rope::tables(
+                config.head_dim,
+                base,
+                ctx_size,
+                scaling,
+                freq_factors.as_deref().filter(|_| i == 0),
+            );
+            cos.push(Tensor::from_slice(&c, (ctx_size, half), device)?);
+            sin.push(Tensor::from_slice(&s, (ctx_size, half), device)?);
+            rope_host.push((c, s));
+        }
         Ok(Self {
             #[cfg(feature = "cuda")]
             fused: None,
@@ -206,7 +262,7 @@ impl Model {
             output,
             cos,
             sin,
-            rope_host: (cos_v, sin_v),
+            rope_host,
             device: device.clone(),
             scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
@@ -332,12 +388,23 @@ impl Model {
                 Tensor::from_vec(rows, (total, h), &self.device)?
             }
         };
-        let masks = spans
-            .iter()
-            .map(|&(_, n, pos)| self.mask(n, pos, cfg.n_heads / cfg.n_kv_heads))
-            .collect::<Result<Vec<_>>>()?;
+        if let Some(scale) = cfg.embed_scale {
+            x = x.affine(scale as f64, 0.0)?;
+        }
+        let n_rep = cfg.n_heads / cfg.n_kv_heads;
+        // Masks per sequence: [global layers, local layers].
+        let mut masks = Vec::with_capacity(spans.len());
+        for &(_, n, pos) in &spans {
+            let global = self.mask(n, pos, n_rep, None)?;
+            let local = match &cfg.sliding {
+                Some(sw) => self.mask(n, pos, n_rep, Some(sw.window))?,
+                None => None,
+            };
+            masks.push([global, local]);
+        }
         let eps = cfg.rms_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
+            let table = cfg.rope_table(li);
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm.t, eps)?;
             let qkv = layer.qkv.forward(&h)?;
             let (nq, nkv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
@@ -353,24 +420,42 @@ impl Model {
                         .transpose(1, 2)?
                         .contiguous()
                 };
-                let qs = self.rope(&heads(&q, cfg.n_heads)?, pos)?;
-                let ks = self.rope(&heads(&k, cfg.n_kv_heads)?, pos)?;
+                let qk_norm = |t: Tensor, norm: &Option<Norm>| -> Result<Tensor> {
+                    match norm {
+                        Some(w) => candle_nn::ops::rms_norm(&t, &w.t, eps),
+                        None => Ok(t),
+                    }
+                };
+                let qs = qk_norm(heads(&q, cfg.n_heads)?, &layer.q_norm)?;
+                let ks = qk_norm(heads(&k, cfg.n_kv_heads)?, &layer.k_norm)?;
+                let mut qs = self.rope(&qs, pos, table)?;
+                let ks = self.rope(&ks, pos, table)?;
+                if cfg.q_prescale {
+                    qs = qs.affine(cfg.attn_scale as f64, 0.0)?;
+                }
                 let vs = heads(&v, cfg.n_kv_heads)?;
                 let (kc, vc) = s.cache.write_layer(li, pos, &ks, &vs)?;
-                ys.push(self.attention(&qs, &kc, &vc, masks[si].as_ref(), n)?);
+                let mask = masks[si][usize::from(cfg.window(li).is_some())].as_ref();
+                ys.push(self.attention(&qs, &kc, &vc, mask, n)?);
             }
             let y = if ys.len() == 1 {
                 ys.swap_remove(0)
             } else {
                 Tensor::cat(&ys, 0)?
             };
-            x = (layer.wo.forward(&y)? + &x)?;
+            let post = |t: Tensor, norm: &Option<Norm>| -> Result<Tensor> {
+                match norm {
+                    Some(w) => candle_nn::ops::rms_norm(&t, &w.t, eps),
+                    None => Ok(t),
+                }
+            };
+            x = (post(layer.wo.forward(&y)?, &layer.post_attn_norm)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm.t, eps)?;
-            let gu = layer.gate_up.forward(&h)?;
-            let ffn = gu.dim(1)? / 2;
-            let g = candle_nn::ops::silu(&gu.narrow(1, 0, ffn)?)?;
-            let u = gu.narrow(1, ffn, ffn)?;
-            x = (layer.down.forward(&(g * u)?)? + &x)?;
+            let y = match &layer.mlp {
+                Mlp::Dense(e) => self.expert_forward(e, &h)?,
+                Mlp::Moe(m) => self.moe_forward(m, &h)?,
+            };
+            x = (post(y, &layer.post_ffn_norm)? + &x)?;
         }
         // Only the rows whose logits are wanted go through the norm and the vocab matmul.
         let mut rows = Vec::new();
@@ -385,7 +470,13 @@ impl Model {
         let nrows = rows.len();
         let sel = x.index_select(&Tensor::from_vec(rows, nrows, &self.device)?, 0)?;
         let h = candle_nn::ops::rms_norm(&sel, &self.norm.t, eps)?;
-        let logits = self.output.forward(&h)?.to_dtype(DType::F32)?;
+        let mut logits = self.output.forward(&h)?.to_dtype(DType::F32)?;
+        if let Some(c) = cfg.final_softcap {
+            logits = logits
+                .affine((1.0 / c) as f64, 0.0)?
+                .tanh()?
+                .affine(c as f64, 0.0)?;
+        }
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
         for s in batch.iter_mut() {
@@ -397,10 +488,57 @@ impl Model {
         Ok(out)
     }
 
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    /// One gated MLP (tensor path): `down(act(gate) * up)`.
+    fn expert_forward(&self, e: &Expert, h: &Tensor) -> Result<Tensor> {
+        let gu = e.gate_up.forward(h)?;
+        let ffn = gu.dim(1)? / 2;
+        let g = gu.narrow(1, 0, ffn)?;
+        let g = match self.config.act {
+            Act::Silu => candle_nn::ops::silu(&g)?,
+            Act::GeluTanh => {
+                let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                let v: Vec<f32> = v.into_iter().map(swiglu::gelu_ggml).collect();
+                Tensor::from_vec(v, g.shape(), g.device())?
+            }
+        };
+        let u = gu.narrow(1, ffn, ffn)?;
+        e.down.forward(&(g * u)?)
+    }
+
+    /// A mixture of experts (tensor path): per row, the router's softmax picks the top
+    /// experts, whose outputs are summed with their (renormalized) weights.
+    fn moe_forward(&self, m: &MoeMlp, h: &Tensor) -> Result<Tensor> {
+        let Some(cfg) = &self.config.moe else {
+            candle_core::bail!("a mixture-of-experts layer in a model without one");
+        };
+        let rows = h.dim(0)?;
+        let logits: Vec<Vec<f32>> = m.router.forward(h)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut out = Vec::with_capacity(rows);
+        for (r, l) in logits.iter().enumerate() {
+            let picks = moe::route(l, cfg.used, cfg.norm_topk);
+            let hr = h.narrow(0, r, 1)?;
+            let mut acc: Option<Tensor> = None;
+            for (e, w) in picks {
+                let y = self
+                    .expert_forward(&m.experts[e], &hr)?
+                    .affine(w as f64, 0.0)?;
+                acc = Some(match acc {
+                    Some(a) => (a + y)?,
+                    None => y,
+                });
+            }
+            match acc {
+                Some(a) => out.push(a),
+                None => candle_core::bail!("no expert picked"),
+            }
+        }
+        Tensor::cat(&out, 0)
+    }
+
+    fn rope(&self, x: &Tensor, pos: usize, table: usize) -> Result<Tensor> {
         let n = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
+        let cos = self.cos[table].narrow(0, pos, n)?;
+        let sin = self.sin[table].narrow(0, pos, n)?;
         if self.config.rope_neox {
             candle_nn::rotary_emb::rope(x, &cos, &sin)
         } else {
@@ -409,18 +547,31 @@ impl Model {
     }
 
     /// Additive causal mask for `n` new tokens at `pos`, tiled for the `n_rep` query
-    /// heads that share one KV head: shape `(n_rep * n, pos + n)`. None for one token.
-    fn mask(&self, n: usize, pos: usize, n_rep: usize) -> Result<Option<Tensor>> {
-        if n == 1 {
+    /// heads that share one KV head: shape `(n_rep * n, pos + n)`; with a `window`, a
+    /// position sees only the `window` last positions (itself included). None when
+    /// nothing is masked (one token, no window reached).
+    fn mask(
+        &self,
+        n: usize,
+        pos: usize,
+        n_rep: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        let len = pos + n;
+        if n == 1 && window.is_none_or(|w| len <= w) {
             return Ok(None);
         }
-        let len = pos + n;
         let mut m = vec![0f32; n_rep * n * len];
         for r in 0..n_rep {
             for s in 0..n {
                 let row = (r * n + s) * len;
                 for j in (pos + s + 1)..len {
                     m[row + j] = f32::NEG_INFINITY;
+                }
+                if let Some(w) = window {
+                    for j in 0..(pos + s + 1).saturating_sub(w) {
+                        m[row + j] = f32::NEG_INFINITY;
+                    }
                 }
             }
         }
@@ -453,7 +604,11 @@ impl Model {
         let q = r16(q)?;
         let k = k.to_dtype(DType::F32)?;
         let v = v.to_dtype(DType::F32)?;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scale = if cfg.q_prescale {
+            1.0
+        } else {
+            cfg.attn_scale as f64
+        };
         let att = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
@@ -465,24 +620,4 @@ impl Model {
             .transpose(1, 2)?
             .reshape((n, cfg.n_heads * cfg.head_dim))
     }
-}
-
-/// Rotary tables `(ctx, dim / 2)` of cos and sin, row-major, computed the way ggml's
-/// rope cache computes them: the angle of pair `i` at position `p` is `p` times
-/// `base^(-2/dim)` applied `i` times in f32, then f32 `cos`/`sin`. (Angles computed in
-/// f64 differ in the last bits at high positions; llama.cpp's greedy outputs are
-/// followed further with ggml's.)
-fn rope_tables(dim: usize, base: f32, ctx: usize) -> (Vec<f32>, Vec<f32>) {
-    let theta_scale = base.powf(-2.0 / dim as f32);
-    let mut cos = Vec::with_capacity(ctx * dim / 2);
-    let mut sin = Vec::with_capacity(ctx * dim / 2);
-    for p in 0..ctx {
-        let mut theta = p as f32;
-        for _ in 0..dim / 2 {
-            cos.push(theta.cos());
-            sin.push(theta.sin());
-            theta *= theta_scale;
-        }
-    }
-    (cos, sin)
 }

@@ -21,6 +21,36 @@ pub(crate) fn swiglu(g: &[f32], u: &[f32], y: &mut [f32]) {
     tail(g, u, y, nv);
 }
 
+/// GELU (tanh approximation) as ggml's CPU kernel computes it: the input rounded to
+/// f16, looked up in a table of f16-rounded `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715
+/// x^2)))`; 0 at or below -10, the input itself at or above 10.
+pub(crate) fn gelu_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let v = half::f16::from_f32(x).to_f32();
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+    half::f16::from_f32(g).to_f32()
+}
+
+/// GeGLU: `y = gelu(g) * u` per element, as ggml's `geglu` (see [`gelu_ggml`]).
+pub(crate) fn geglu(g: &[f32], u: &[f32], y: &mut [f32]) {
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = if g <= -10.0 {
+            0.0
+        } else if g >= 10.0 {
+            g * u
+        } else {
+            gelu_ggml(g) * u
+        };
+    }
+}
+
 fn tail(g: &[f32], u: &[f32], y: &mut [f32], from: usize) {
     for i in from..y.len() {
         y[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];

@@ -10,6 +10,20 @@ use crate::engine::EngineError;
 /// ChatML, used when a model ships no template.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Gemma's turn format (`<start_of_turn>user … <end_of_turn>`, the assistant as
+/// `model`, a system message folded into the first user turn), for Gemma files that ship
+/// no template.
+pub const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}{% for message in turns %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+/// The template for a model that ships none: its family's format, else ChatML.
+pub fn fallback(arch: &str) -> &'static str {
+    if arch.starts_with("gemma") {
+        GEMMA
+    } else {
+        CHATML
+    }
+}
+
 /// One message as the template sees it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TemplateMessage {
@@ -258,6 +272,28 @@ mod tests {
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn gemma_turns_fold_the_system_message_into_the_first_user_turn() {
+        let t = ChatTemplate::new(fallback("gemma3"), "<bos>", "<eos>").unwrap();
+        let out = t
+            .render(
+                &[
+                    msg("system", "Be brief."),
+                    msg("user", " hi "),
+                    msg("assistant", "Hello."),
+                    msg("user", "Bye"),
+                ],
+                None,
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(fallback("qwen3"), CHATML);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::Tokenizer;
 
+use super::spm::Spm;
 use crate::engine::EngineError;
 
 /// Token texts that end a turn in common chat formats.
@@ -29,6 +30,9 @@ const EOG_TEXTS: &[&str] = &[
 
 pub struct Tok {
     inner: Tokenizer,
+    /// SentencePiece vocabularies (GGUF `llama` tokenizer model) encode through our own
+    /// merge loop, as llama.cpp does; `inner` then only decodes.
+    spm: Option<Spm>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub add_bos: bool,
@@ -50,9 +54,21 @@ impl Tok {
         ct: &gguf_file::Content,
         sibling_json: Option<&Path>,
     ) -> Result<Self, EngineError> {
+        let model = ct
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let mut spm = None;
         let inner = match sibling_json.filter(|p| p.exists()) {
             Some(p) => Tokenizer::from_file(p)
                 .map_err(|e| EngineError::Load(format!("{}: {e}", p.display())))?,
+            None if model == "llama" => {
+                let (s, t) = spm_from_gguf(ct)?;
+                spm = Some(s);
+                t
+            }
             None => {
                 let mut t = Tokenizer::from_gguf(ct)
                     .map_err(|e| EngineError::Load(format!("tokenizer from GGUF: {e}")))?;
@@ -79,6 +95,7 @@ impl Tok {
         let bos_id = meta_u32(ct, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(ct, "tokenizer.ggml.eos_token_id");
         let mut tok = Self::assemble(inner, bos_id, eos_id, add_bos);
+        tok.spm = spm;
         if let Some(gguf_file::Value::Array(types)) = ct.metadata.get("tokenizer.ggml.token_type") {
             tok.textual = types
                 .iter()
@@ -171,6 +188,7 @@ impl Tok {
         let vocab_size = inner.get_vocab_size(true);
         Self {
             inner,
+            spm: None,
             bos_id,
             eos_id,
             add_bos,
@@ -184,11 +202,15 @@ impl Tok {
     /// ids, as llama.cpp's server does for prompts. `with_bos` adds BOS when the model
     /// asks for it and the text does not already start with it.
     pub fn encode(&self, text: &str, with_bos: bool) -> Result<Vec<u32>, EngineError> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.spm {
+            Some(spm) => spm.encode(text),
+            None => self
+                .inner
+                .encode_fast(text, false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec(),
+        };
         if with_bos && self.add_bos {
             if let Some(b) = self.bos_id {
                 if ids.first() != Some(&b) {
@@ -273,6 +295,44 @@ impl Tok {
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
         self.inner.token_to_id(t)
     }
+}
+
+/// A SentencePiece vocabulary from GGUF metadata and its decoding tokenizer.
+fn spm_from_gguf(ct: &gguf_file::Content) -> Result<(Spm, Tokenizer), EngineError> {
+    let arr = |k: &str| match ct.metadata.get(k) {
+        Some(gguf_file::Value::Array(a)) => Ok(a),
+        _ => Err(EngineError::Load(format!(
+            "GGUF metadata lacks the array `{k}`"
+        ))),
+    };
+    let tokens = arr("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|e| EngineError::Load(format!("tokenizer.ggml.tokens: {e}")))?;
+    let scores: Vec<f32> = arr("tokenizer.ggml.scores")
+        .map(|a| a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    let types: Vec<i32> = arr("tokenizer.ggml.token_type")
+        .map(|a| {
+            a.iter()
+                .map(|v| {
+                    v.to_i32()
+                        .or_else(|_| v.to_u32().map(|u| u as i32))
+                        .unwrap_or(1)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // llama.cpp's default for SentencePiece vocabularies is to prefix a space.
+    let prefix = ct
+        .metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let spm = Spm::new(&tokens, &scores, &types, prefix);
+    let dec = spm.decoder(&tokens, &types)?;
+    Ok((spm, dec))
 }
 
 /// GPT-2's byte-to-unicode table, inverted: the character a byte-level BPE vocabulary

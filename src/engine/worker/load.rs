@@ -10,7 +10,7 @@ use candle_core::Device;
 
 use crate::engine::decode::constrain::TokenTable;
 use crate::engine::model::{hf, Model, ModelConfig};
-use crate::engine::text::template::{hf_template, ChatTemplate, CHATML};
+use crate::engine::text::template::{fallback, hf_template, ChatTemplate, CHATML};
 use crate::engine::text::tokenizer::Tok;
 use crate::engine::{fetch, EngineConfig, EngineError, Loaded, ModelInfo};
 use crate::metrics;
@@ -90,7 +90,8 @@ fn load_gguf(
     let sibling = path.with_file_name("tokenizer.json");
     let tok = Tok::from_gguf(&ct, Some(&sibling))?;
     let meta_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
-    let tmpl_src = meta_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
+    let tmpl_src = meta_str("tokenizer.chat_template")
+        .unwrap_or_else(|| fallback(&model.config.arch).to_string());
     let tok_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(&tmpl_src, &tok_text(tok.bos_id), &tok_text(tok.eos_id))?;
     Ok((model, tok, template))
