@@ -62,7 +62,6 @@ impl QWeight {
 
     /// Index of the scales of column `c`, block `b` in `d` and `m`.
     #[inline(always)]
-    #[inline]
     pub(super) fn sc(&self, c: usize, b: usize) -> usize {
         ((c / 8) * (self.k / QK) + b) * 8 + c % 8
     }
