@@ -136,7 +136,8 @@ impl Inner {
         args: &mut [*mut c_void],
         dependent: bool,
     ) -> Result<()> {
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        // SAFETY: CUlaunchAttribute is a plain C struct for which all-zero is valid.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
         let pdl = self.pdl && dependent;
@@ -152,12 +153,16 @@ impl Inner {
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: pdl as u32,
         };
-        sys::cuLaunchKernelEx(
-            &lc,
-            f.cu_function(),
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
+        // SAFETY: the caller guarantees `args` match the kernel's parameters; the config
+        // and attribute outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &lc,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
         .result()
         .map_err(err)
     }
