@@ -56,14 +56,14 @@ const GEMMA_WHEELS: &[WheelPart] = &[
 ];
 
 /// The largest top-1/top-2 logprob margin (llama.cpp's) at which a greedy divergence is
-/// accepted here. The goal is 0.25 (a near-tie either answer may take); this model's
-/// logits still differ from llama.cpp's by up to ~1.2 at the first position (the
-/// synthetic gemma3 file is exact), and two of its ten prompts diverge at margins of 0.29
-/// and 0.38: this bounds that gap until it is closed, and `EXACT_PROMPTS` bounds how many
-/// prompts must agree token for token.
-const NEAR_TIE: f64 = 0.5;
-/// Prompts of the fixture whose 32 greedy tokens must equal llama.cpp's (3 of 10 now).
-const EXACT_PROMPTS: usize = 3;
+/// accepted here. The goal is 0.25 (a near-tie either answer may take); on this model one
+/// of ten prompts diverges at 0.264: op by op, layer 0's attention output equals
+/// llama.cpp's bit for bit and its output projection (Q4_K, 1,024 wide) differs in the
+/// last bits, which is still to be found. This bounds that gap meanwhile.
+const NEAR_TIE: f64 = 0.3;
+/// Prompts of the fixture whose 32 greedy tokens must equal llama.cpp's (5 of 10 now;
+/// the other five diverge at margins 0.03-0.26).
+const EXACT_PROMPTS: usize = 5;
 
 fn gemma_path() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
