@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ids;
+
 use serde_json::{json, Value};
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
@@ -22,14 +24,6 @@ async fn post_raw(path: &str, body: &str) -> (u16, Value) {
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[tokio::test]

@@ -11,13 +11,14 @@
 
 mod common;
 
+use common::ids;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candela::engine::fetch::{self, KnownModel, WheelPart};
-use candela::engine::model::{Model, SeqInput};
+use candela::engine::model::Model;
 use candela::engine::Tok;
-use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
@@ -79,14 +80,6 @@ fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn load() -> (Model, Tok) {
     let p = gemma_path();
     let mut f = std::fs::File::open(&p).unwrap();
@@ -125,41 +118,7 @@ fn tokenization_equals_llama_cpp() {
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
     let (model, _) = load();
-    let fx = fixture();
-    let mut report = Vec::new();
-    for (gi, g) in fx["greedy"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&g["prompt_ids"]);
-        let want = ids(&g["completion_ids"]);
-        let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
-        let mut got = Vec::new();
-        let mut feed = prompt.clone();
-        for _ in 0..want.len() {
-            let out = model
-                .forward(&mut [SeqInput {
-                    tokens: &feed,
-                    cache: &mut cache,
-                    all_logits: false,
-                }])
-                .unwrap();
-            let t = candela::engine::decode::sampling::argmax(&common::rows(&out[0])[0]) as u32;
-            got.push(t);
-            feed = vec![t];
-        }
-        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        if agree < want.len() {
-            let step = &g["top_logits_steps"][agree];
-            let margin = step[0][2].as_f64().unwrap() - step[1][2].as_f64().unwrap();
-            assert!(
-                margin < NEAR_TIE,
-                "prompt {gi}: token {agree} is {} here, {} in llama.cpp, whose top-2 \
-                 margin there is {margin:.3} (not a near-tie)",
-                got[agree],
-                want[agree]
-            );
-        }
-        report.push((agree, want.len()));
-    }
-    eprintln!("gemma3: tokens agreeing with llama.cpp per prompt: {report:?}");
+    let report = common::greedy_agreement(&model, &fixture(), "gemma3", |_, _| NEAR_TIE);
     let exact = report.iter().filter(|(a, n)| a == n).count();
     assert!(exact >= EXACT_PROMPTS, "{report:?}");
 }

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::ids;
+
 use candela::engine::model::{Model, SeqInput};
 use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
@@ -25,14 +27,6 @@ fn load_f32() -> Model {
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     Model::from_gguf_f32(&ct, &mut f, &Device::Cpu, 2048).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::ids;
+
 use candela::engine::model::Model;
 use candela::engine::{ChatTemplate, TemplateMessage};
 use candela::kv::KvDtype;
@@ -37,14 +39,6 @@ async fn post(path: &str, body: Value) -> (u16, Value) {
 async fn get(path: &str) -> (u16, Value) {
     let r = reqwest::get(format!("{}{path}", both())).await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]

@@ -13,12 +13,13 @@
 
 mod common;
 
+use common::ids;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candela::engine::model::{Model, SeqInput};
+use candela::engine::model::Model;
 use candela::engine::Tok;
-use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use sha2::{Digest, Sha256};
@@ -106,68 +107,17 @@ fn load(name: &str) -> (Model, Tok) {
     (model, tok)
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Greedy decoding of `n` tokens after `prompt` (no stop at end of generation).
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), &Device::Cpu);
-    let mut out = Vec::with_capacity(n);
-    let mut feed = prompt.to_vec();
-    for _ in 0..n {
-        let logits = model
-            .forward(&mut [SeqInput {
-                tokens: &feed,
-                cache: &mut cache,
-                all_logits: false,
-            }])
-            .unwrap();
-        let row = &common::rows(&logits[0])[0];
-        let t = candela::engine::decode::sampling::argmax(row) as u32;
-        out.push(t);
-        feed = vec![t];
-    }
-    out
-}
-
 /// Per prompt: the tokens agreeing with llama.cpp; panics on a divergence that is not
-/// a near-tie in llama.cpp's own logprobs.
+/// a near-tie in llama.cpp's own logprobs (with the one known exception).
 fn check_greedy(name: &str) -> Vec<(usize, usize)> {
     let (model, _) = load(name);
-    let fx = fixture(name);
-    let mut report = Vec::new();
-    for (gi, g) in fx["greedy"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&g["prompt_ids"]);
-        let want = ids(&g["completion_ids"]);
-        let got = greedy(&model, &prompt, want.len());
-        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        if agree < want.len() {
-            let step = &g["top_logits_steps"][agree];
-            let lp = |i: usize| step[i][2].as_f64().unwrap();
-            let margin = lp(0) - lp(1);
-            let limit = if name == "llama-rope-linear" && prompt.len() > 64 {
-                LINEAR_LONG_PROMPT_MARGIN
-            } else {
-                NEAR_TIE
-            };
-            assert!(
-                margin < limit,
-                "{name} prompt {gi}: token {agree} is {} here, {} in llama.cpp, whose \
-                 top-2 margin there is {margin:.3} (not a near-tie)",
-                got[agree],
-                want[agree]
-            );
-            eprintln!("{name} prompt {gi}: near-tie at token {agree} (margin {margin:.4})");
+    common::greedy_agreement(&model, &fixture(name), name, |_, prompt| {
+        if name == "llama-rope-linear" && prompt.len() > 64 {
+            LINEAR_LONG_PROMPT_MARGIN
+        } else {
+            NEAR_TIE
         }
-        report.push((agree, want.len()));
-    }
-    eprintln!("{name}: tokens agreeing with llama.cpp per prompt: {report:?}");
-    report
+    })
 }
 
 fn check_tokenize(name: &str) {

@@ -393,3 +393,71 @@ pub fn full_vs_cached(
         })
         .collect()
 }
+
+/// Token ids of a fixture's JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Greedy decoding of `n` tokens after `prompt` (no stop at end of generation), one
+/// token at a time against an f16 cache.
+pub fn greedy(model: &candela::engine::model::Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = candela::kv::SeqCache::new(
+        model.cache_layout(candela::kv::KvDtype::F16),
+        &candle_core::Device::Cpu,
+    );
+    let mut out = Vec::with_capacity(n);
+    let mut feed = prompt.to_vec();
+    for _ in 0..n {
+        let logits = model
+            .forward(&mut [candela::engine::model::SeqInput {
+                tokens: &feed,
+                cache: &mut cache,
+                all_logits: false,
+            }])
+            .unwrap();
+        let t = candela::engine::decode::sampling::argmax(&rows(&logits[0])[0]) as u32;
+        out.push(t);
+        feed = vec![t];
+    }
+    out
+}
+
+/// Greedy decoding of every prompt of a llama.cpp fixture (`greedy` entries with
+/// `top_logits_steps`) against its completion: per prompt, the leading tokens that agree
+/// and the completion's length. Where they part, llama.cpp's own top-1/top-2 logprob
+/// margin there must be under `limit(prompt index, prompt)` (a near-tie either answer may
+/// take); else it panics, naming `what`.
+pub fn greedy_agreement(
+    model: &candela::engine::model::Model,
+    fixture: &serde_json::Value,
+    what: &str,
+    limit: impl Fn(usize, &[u32]) -> f64,
+) -> Vec<(usize, usize)> {
+    let mut report = Vec::new();
+    for (gi, g) in fixture["greedy"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&g["prompt_ids"]);
+        let want = ids(&g["completion_ids"]);
+        let got = greedy(model, &prompt, want.len());
+        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if agree < want.len() {
+            let step = &g["top_logits_steps"][agree];
+            let margin = step[0][2].as_f64().unwrap() - step[1][2].as_f64().unwrap();
+            assert!(
+                margin < limit(gi, &prompt),
+                "{what} prompt {gi}: token {agree} is {} here, {} in llama.cpp, whose \
+                 top-2 margin there is {margin:.3} (not a near-tie)",
+                got[agree],
+                want[agree]
+            );
+            eprintln!("{what} prompt {gi}: near-tie at token {agree} (margin {margin:.4})");
+        }
+        report.push((agree, want.len()));
+    }
+    eprintln!("{what}: tokens agreeing with llama.cpp per prompt: {report:?}");
+    report
+}

@@ -83,11 +83,7 @@ pub async fn chat(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let header = header_session(&headers);
-    let (models, scope) = (st.models.clone(), who.clone());
-    let job =
-        validate::off_executor(move || chat_job(&models, &scope, header.as_deref(), &body)).await?;
-    run(st, &who, job).await
+    serve(st, who, &headers, body, chat_job).await
 }
 
 pub async fn completions(
@@ -96,10 +92,22 @@ pub async fn completions(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let header = header_session(&headers);
+    serve(st, who, &headers, body, text_job).await
+}
+
+/// Build the job off the async executor with `build` (validation, template, tokenizer,
+/// grammar), then run it.
+async fn serve(
+    st: AppState,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Value,
+    build: fn(&Models, &Principal, Option<&str>, &Value) -> Result<Job, ApiError>,
+) -> Result<Response, ApiError> {
+    let header = header_session(headers);
     let (models, scope) = (st.models.clone(), who.clone());
     let job =
-        validate::off_executor(move || text_job(&models, &scope, header.as_deref(), &body)).await?;
+        validate::off_executor(move || build(&models, &scope, header.as_deref(), &body)).await?;
     run(st, &who, job).await
 }
 

@@ -493,25 +493,24 @@ impl Model {
             .chunks_exact(ne)
             .map(|l| super::moe::route(l, used, cfg.norm_topk))
             .collect();
+        // The rows each expert serves, bucketed in one pass: (row, pick slot, weight).
+        let mut routed: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); ne];
+        for (r, p) in picks.iter().enumerate() {
+            for (k, &(e, w)) in p.iter().enumerate() {
+                if let Some(bucket) = routed.get_mut(e) {
+                    bucket.push((r, k, w));
+                }
+            }
+        }
         // Per row and pick: the weighted output of that expert.
         let mut slots = vec![0f32; t * used * hidden];
         let (mut xin, mut y) = (Vec::new(), Vec::new());
-        for (e, expert) in m.experts.iter().enumerate() {
-            let routed: Vec<(usize, usize, f32)> = picks
-                .iter()
-                .enumerate()
-                .flat_map(|(r, p)| {
-                    p.iter()
-                        .enumerate()
-                        .filter(|(_, &(pe, _))| pe == e)
-                        .map(move |(k, &(_, w))| (r, k, w))
-                })
-                .collect();
+        for (expert, routed) in m.experts.iter().zip(&routed) {
             if routed.is_empty() {
                 continue;
             }
             xin.clear();
-            for &(r, _, _) in &routed {
+            for &(r, _, _) in routed {
                 xin.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
             }
             let n = routed.len();
