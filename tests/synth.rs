@@ -226,3 +226,109 @@ async fn every_architecture_is_served() {
         server.stop().await;
     }
 }
+
+/// Gemma 3's local layers keep only their window (plus a margin): a long sequence fed
+/// through the cache in chunks and single tokens, which drops the local layers' old
+/// positions on the way, gives the logits of one pass over the whole sequence; the
+/// cache holds a fraction of the bytes; a spilled and restored cache continues the
+/// same. On the tensor path (f32 weights and cache) and the CPU path (f16 cache).
+#[test]
+fn gemma3_local_layers_keep_only_their_window() {
+    use candela::engine::model::SeqInput;
+    use candela::kv::{KvDtype, SeqCache};
+    let p = path("gemma3");
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let n = 1000;
+    for (model, dtype, tol) in [
+        (
+            Model::from_gguf_f32(&ct, &mut f, &Device::Cpu, 1024).unwrap(),
+            KvDtype::F32,
+            1e-3,
+        ),
+        (
+            Model::from_gguf(&ct, &mut f, &Device::Cpu, 1024).unwrap(),
+            KvDtype::F16,
+            2e-2,
+        ),
+    ] {
+        let vocab = model.config.vocab as u32;
+        let seq: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let layout = model.cache_layout(dtype);
+        assert!(layout.window.is_some(), "gemma3 has local layers");
+        let pass = |cache: &mut SeqCache, tokens: &[u32], all: bool| {
+            common::rows(
+                &model
+                    .forward(&mut [SeqInput {
+                        tokens,
+                        cache,
+                        all_logits: all,
+                    }])
+                    .unwrap()[0],
+            )
+        };
+        let mut whole = SeqCache::new(layout, &Device::Cpu);
+        let full = pass(&mut whole, &seq, true);
+        // One pass never drops a position: this cache is as big as a global one.
+        assert_eq!(whole.local_base(), 0);
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        // Differences relative to the largest logit of the row.
+        let scale = |a: &[f32]| a.iter().map(|x| x.abs()).fold(1e-6f32, f32::max);
+        let mut cache = SeqCache::new(layout, &Device::Cpu);
+        let chunks = [300, 1, 1, 64, 1, 1, 1, 128];
+        let mut i = 0;
+        while cache.len() < n {
+            let at = cache.len();
+            let m = chunks[i % chunks.len()].min(n - at);
+            i += 1;
+            let out = pass(&mut cache, &seq[at..at + m], false);
+            let d = max_diff(&out[0], &full[at + m - 1]) / scale(&full[at + m - 1]);
+            assert!(
+                d < tol,
+                "{dtype}: position {}: logits differ by {d}",
+                at + m - 1
+            );
+        }
+        let base = cache.local_base();
+        assert!(
+            base > 0,
+            "{dtype}: the local layers never dropped a position"
+        );
+        // At most the window (32), the rewind margin (128) and the largest chunk
+        // (128) rounded up to a growth step (256), plus one step: not the whole context.
+        assert!(
+            n - base <= 768,
+            "{dtype}: local layers hold {} positions",
+            n - base
+        );
+        assert!(
+            cache.allocated_bytes() < whole.allocated_bytes(),
+            "{dtype}: {} bytes against {} for the whole context",
+            cache.allocated_bytes(),
+            whole.allocated_bytes()
+        );
+        // Spilled and restored: the next token's logits are the same.
+        let map: std::collections::HashMap<_, _> =
+            cache.export_tensors().unwrap().into_iter().collect();
+        let mut back = SeqCache::from_tensors(layout, &Device::Cpu, cache.tokens().to_vec(), |k| {
+            map.get(k)
+        })
+        .unwrap();
+        assert_eq!(back.local_base(), base);
+        let next = [seq[5]];
+        let a = pass(&mut cache, &next, false);
+        let b = pass(&mut back, &next, false);
+        assert_eq!(a, b, "{dtype}: a restored cache continues differently");
+        // A short rewind (a re-rendered end of turn) is continued from the cache.
+        cache.truncate(n - 20);
+        assert_eq!(cache.len(), n - 20);
+        let out = pass(&mut cache, &seq[n - 20..], false);
+        let d = max_diff(&out[0], &full[n - 1]) / scale(&full[n - 1]);
+        assert!(d < tol, "{dtype}: after a rewind the logits differ by {d}");
+    }
+}

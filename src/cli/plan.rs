@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file;
 
 use crate::engine::model::ModelConfig;
 use crate::engine::EngineError;
-use crate::kv::{CacheLayout, KvDtype, GROW_TOKENS};
+use crate::kv::{CacheLayout, KvDtype, LocalWindow};
 
 /// Figures for one model, one cache element type and one budget.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,14 +22,27 @@ pub struct Plan {
     pub train_ctx: usize,
     pub kv_dtype: KvDtype,
     pub bytes_per_token: usize,
+    /// Sliding-window layers: how many, their window, and the bytes per token a
+    /// session adds once past it (only the global layers grow then).
+    pub local: Option<LocalPlan>,
     /// Bytes per token in every cache type this model can use, for comparison.
     pub per_dtype: Vec<(KvDtype, usize)>,
     pub budget: u64,
     pub tokens_fit: u64,
     pub session_tokens: usize,
+    /// Bytes one session of `session_tokens` tokens holds.
+    pub session_bytes: usize,
     pub sessions_fit: u64,
     pub ram_total: u64,
     pub ram_available: u64,
+}
+
+/// The local (sliding-window) layers of a model, for the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalPlan {
+    pub layers: usize,
+    pub window: usize,
+    pub global_bytes_per_token: usize,
 }
 
 /// `gguf`: a GGUF file or a Hugging Face model directory.
@@ -67,6 +80,10 @@ pub fn plan(
         n_kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
         dtype,
+        window: cfg
+            .sliding
+            .as_ref()
+            .and_then(|s| LocalWindow::new(s.window, &s.local)),
     };
     layout(kv_dtype).check().map_err(EngineError::Load)?;
     let bpt = layout(kv_dtype).bytes_per_token();
@@ -75,8 +92,31 @@ pub fn plan(
         .filter(|&d| layout(d).check().is_ok())
         .map(|d| (d, layout(d).bytes_per_token()))
         .collect();
-    // Caches are allocated in GROW_TOKENS steps, so a session occupies whole steps.
-    let per_session = session_tokens.div_ceil(GROW_TOKENS) * GROW_TOKENS;
+    let lay = layout(kv_dtype);
+    // Caches are allocated in steps, so a session occupies whole steps; local layers
+    // stop growing at their window.
+    let session_bytes = lay.bytes_for(session_tokens);
+    let tokens_fit = match lay.window {
+        None => budget / bpt.max(1) as u64,
+        Some(_) => {
+            // The longest single session that fits (bytes_for grows with the length).
+            let (mut lo, mut hi) = (0u64, 1u64 << 40);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if lay.bytes_for(mid as usize) as u64 <= budget {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            lo
+        }
+    };
+    let local = lay.window.map(|w| LocalPlan {
+        layers: lay.n_local(),
+        window: w.size,
+        global_bytes_per_token: bpt / cfg.n_layers.max(1) * (cfg.n_layers - lay.n_local()),
+    });
     Ok(Plan {
         model: model_id.to_string(),
         arch: cfg.arch.clone(),
@@ -87,14 +127,16 @@ pub fn plan(
         train_ctx: cfg.train_ctx,
         kv_dtype,
         bytes_per_token: bpt,
+        local,
         per_dtype,
         budget,
-        tokens_fit: budget / bpt.max(1) as u64,
+        tokens_fit,
         session_tokens,
-        sessions_fit: if per_session == 0 {
+        session_bytes,
+        sessions_fit: if session_bytes == 0 {
             0
         } else {
-            budget / (bpt * per_session).max(1) as u64
+            budget / session_bytes as u64
         },
         ram_total: ram.0,
         ram_available: ram.1,
@@ -129,12 +171,22 @@ impl Plan {
             .map(|(d, b)| format!("{d} {b}"))
             .collect();
         let _ = writeln!(s, "  by --kv-dtype: {}", others.join(", "));
+        if let Some(l) = &self.local {
+            let _ = writeln!(
+                s,
+                "  {} of {} layers are local ({}-token window): past it a session grows by {} bytes per token",
+                l.layers, self.n_layers, l.window, l.global_bytes_per_token
+            );
+        }
         let _ = writeln!(s, "KV budget        {}", gib(self.budget as f64));
         let _ = writeln!(s, "tokens that fit  {}", self.tokens_fit);
         let _ = writeln!(
             s,
-            "sessions of {:>5} tokens that fit: {} (model context {})",
-            self.session_tokens, self.sessions_fit, self.train_ctx
+            "sessions of {:>5} tokens that fit: {} ({} each; model context {})",
+            self.session_tokens,
+            self.sessions_fit,
+            gib(self.session_bytes as f64),
+            self.train_ctx
         );
         let need = self.weight_bytes + self.budget;
         let _ = writeln!(

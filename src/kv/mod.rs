@@ -18,6 +18,48 @@ pub use dtype::KvDtype;
 /// token (candle's `quantized_llama` concatenates the whole cache every token).
 pub const GROW_TOKENS: usize = 256;
 
+/// Positions a local layer keeps beyond its window, so that a next turn may rewind a
+/// little (a chat template re-rendering the end of the last reply) and still reuse the
+/// cache.
+pub const REWIND_TOKENS: usize = 128;
+
+/// Sliding-window (local) layers: each attends over the last `size` positions only, so
+/// its cache holds a window (plus [`REWIND_TOKENS`] and room to grow), never the whole
+/// context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalWindow {
+    pub size: usize,
+    /// Bit `l` set: layer `l` is local.
+    pub layers: u128,
+}
+
+impl LocalWindow {
+    /// Built from a per-layer flag list; None when no layer is local. Models with more
+    /// than 128 layers keep whole caches (no known sliding-window model is that deep).
+    pub fn new(size: usize, local: &[bool]) -> Option<Self> {
+        if size == 0 || local.len() > 128 || !local.iter().any(|&l| l) {
+            return None;
+        }
+        let layers = local
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l)
+            .fold(0u128, |m, (i, _)| m | (1u128 << i));
+        Some(Self { size, layers })
+    }
+
+    fn is_local(&self, layer: usize) -> bool {
+        layer < 128 && self.layers & (1u128 << layer) != 0
+    }
+
+    /// Positions a local layer allocates when it has to drop old ones while `extra`
+    /// tokens are added: the window, the rewind margin, the new tokens, and one growth
+    /// step so that the next drop is [`GROW_TOKENS`] tokens away.
+    fn span(&self, extra: usize) -> usize {
+        (self.size + REWIND_TOKENS + extra).div_ceil(GROW_TOKENS) * GROW_TOKENS + GROW_TOKENS
+    }
+}
+
 /// Shape of a model's cache, enough to allocate and account for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheLayout {
@@ -25,13 +67,36 @@ pub struct CacheLayout {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub dtype: KvDtype,
+    /// Which layers are local, and their window; None when every layer is global.
+    pub window: Option<LocalWindow>,
 }
 
 impl CacheLayout {
     /// Bytes one token occupies across all layers, K and V (the real storage size: for
-    /// q8_0 the 8-bit values and their f16 block scales).
+    /// q8_0 the 8-bit values and their f16 block scales). With local layers this is the
+    /// rate while a session is shorter than their window; past it, only the global
+    /// layers grow ([`CacheLayout::bytes_for`]).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.dtype.bytes_for(self.head_dim)
+        self.n_layers * self.layer_bytes_per_token()
+    }
+
+    /// Bytes one token occupies in one layer, K and V.
+    fn layer_bytes_per_token(&self) -> usize {
+        2 * self.n_kv_heads * self.dtype.bytes_for(self.head_dim)
+    }
+
+    /// Number of local layers.
+    pub fn n_local(&self) -> usize {
+        self.window.map_or(0, |w| w.layers.count_ones() as usize)
+    }
+
+    /// Bytes a session of `tokens` tokens holds once settled after decoding (capacity
+    /// rounded up to [`GROW_TOKENS`] steps; local layers capped at their window span).
+    pub fn bytes_for(&self, tokens: usize) -> usize {
+        let cap = tokens.div_ceil(GROW_TOKENS) * GROW_TOKENS;
+        let local_cap = self.window.map_or(cap, |w| cap.min(w.span(1)));
+        let n_local = self.n_local();
+        self.layer_bytes_per_token() * ((self.n_layers - n_local) * cap + n_local * local_cap)
     }
 
     /// Whether this model's cache can be stored in `dtype` (checked at start-up).
@@ -63,11 +128,13 @@ enum LayerKv {
     },
 }
 
-/// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, head_dim)`.
+/// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, head_dim)`, slot
+/// `s` holding position `base + s` (`base` is 0 for a global layer).
 pub struct HostLayer<'a> {
     pub k: &'a mut [f16],
     pub v: &'a mut [f16],
     pub capacity: usize,
+    pub base: usize,
 }
 
 impl LayerKv {
@@ -152,12 +219,20 @@ fn layer_from_parts(mut parts: Vec<Tensor>) -> Result<LayerKv> {
 }
 
 /// The cache of one sequence: token ids plus K/V for every layer.
+///
+/// Global layers hold positions `0..len` in slots `0..capacity`. Local (sliding-window)
+/// layers hold positions `base..len` in slots `0..local_capacity`: when they run out of
+/// room, the positions no query can see any more are dropped and the rest move to the
+/// front, so their size stays near the window however long the session grows.
 #[derive(Debug, Clone)]
 pub struct SeqCache {
     layout: CacheLayout,
     device: Device,
     layers: Vec<Option<LayerKv>>,
     capacity: usize,
+    local_capacity: usize,
+    /// First position the local layers hold (0 without local layers).
+    base: usize,
     /// Tokens whose K/V are stored (positions `0..tokens.len()`).
     tokens: Vec<u32>,
 }
@@ -169,6 +244,8 @@ impl SeqCache {
             device: device.clone(),
             layers: vec![None; layout.n_layers],
             capacity: 0,
+            local_capacity: 0,
+            base: 0,
             tokens: Vec::new(),
         }
     }
@@ -191,18 +268,41 @@ impl SeqCache {
         &self.tokens
     }
 
-    /// Bytes held by the allocated tensors (capacity, not just the filled part).
+    fn is_local(&self, layer: usize) -> bool {
+        self.layout.window.is_some_and(|w| w.is_local(layer))
+    }
+
+    /// Slots allocated for `layer` and the position its slot 0 holds.
+    fn slots(&self, layer: usize) -> (usize, usize) {
+        if self.is_local(layer) {
+            (self.local_capacity, self.base)
+        } else {
+            (self.capacity, 0)
+        }
+    }
+
+    /// Bytes held by the allocated storage (capacity, not just the filled part).
     pub fn allocated_bytes(&self) -> usize {
         if self.layers.iter().all(Option::is_none) {
-            0
-        } else {
-            self.capacity * self.layout.bytes_per_token()
+            return 0;
         }
+        let n_local = self.layout.n_local();
+        self.layout.layer_bytes_per_token()
+            * ((self.layout.n_layers - n_local) * self.capacity + n_local * self.local_capacity)
     }
 
     /// Bytes of the filled part.
     pub fn used_bytes(&self) -> usize {
-        self.len() * self.layout.bytes_per_token()
+        let n_local = self.layout.n_local();
+        let len = self.len();
+        self.layout.layer_bytes_per_token()
+            * ((self.layout.n_layers - n_local) * len + n_local * (len - self.base))
+    }
+
+    /// First position the local layers still hold (0 without local layers); attention
+    /// over a local layer's cache starts there.
+    pub fn local_base(&self) -> usize {
+        self.base
     }
 
     /// Length of the common prefix of the cached tokens and `tokens`.
@@ -214,16 +314,34 @@ impl SeqCache {
             .count()
     }
 
-    /// Forget every position from `len` on (cut back to a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.tokens.truncate(len);
+    /// Whether the cache can continue at position `len` once cut back to it: the local
+    /// layers must still hold the window that position sees.
+    pub fn can_resume_at(&self, len: usize) -> bool {
+        match self.layout.window {
+            Some(w) if self.base > 0 => len <= self.len() && len + 1 >= self.base + w.size,
+            _ => len <= self.len(),
+        }
     }
 
-    /// Drop everything and free the tensors.
+    /// Forget every position from `len` on (cut back to a shared prefix). Where the
+    /// local layers could not continue from `len` ([`SeqCache::can_resume_at`]), every
+    /// position is forgotten.
+    pub fn truncate(&mut self, len: usize) {
+        if self.can_resume_at(len) {
+            self.tokens.truncate(len);
+        } else {
+            self.tokens.clear();
+            self.base = 0;
+        }
+    }
+
+    /// Drop everything and free the storage.
     pub fn clear(&mut self) {
         self.tokens.clear();
         self.layers.iter_mut().for_each(|l| *l = None);
         self.capacity = 0;
+        self.local_capacity = 0;
+        self.base = 0;
     }
 
     /// Whether the cache lives in plain host vectors (f16 on the CPU).
@@ -231,70 +349,128 @@ impl SeqCache {
         self.device.is_cpu() && self.layout.dtype == KvDtype::F16
     }
 
-    /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps.
+    /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps;
+    /// local layers drop the positions their window has left behind instead of growing
+    /// past [`LocalWindow`]'s span.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        let need = self.len() + extra;
-        if need <= self.capacity && self.layers.iter().all(Option::is_some) {
+        let (len, end) = (self.len(), self.len() + extra);
+        let allocated = self.layers.iter().all(Option::is_some);
+        let cap = if allocated && end <= self.capacity {
+            self.capacity
+        } else {
+            end.div_ceil(GROW_TOKENS) * GROW_TOKENS
+        };
+        let (base, local_cap) = match self.layout.window {
+            None => (0, 0),
+            Some(_) if allocated && end - self.base <= self.local_capacity => {
+                (self.base, self.local_capacity)
+            }
+            Some(w) => {
+                let span = w.span(extra);
+                if end - self.base <= span {
+                    let cap = (end - self.base).div_ceil(GROW_TOKENS) * GROW_TOKENS;
+                    (self.base, cap.max(self.local_capacity))
+                } else {
+                    let base = (len + 1)
+                        .saturating_sub(w.size + REWIND_TOKENS)
+                        .max(self.base);
+                    let cap = (end - base).div_ceil(GROW_TOKENS) * GROW_TOKENS;
+                    (base, span.max(cap))
+                }
+            }
+        };
+        if allocated
+            && cap == self.capacity
+            && (base, local_cap) == (self.base, self.local_capacity)
+        {
             return Ok(());
         }
+        self.resize(cap, base, local_cap)
+    }
+
+    /// Between requests: local layers grown for a long prompt chunk give back what a
+    /// decoding session does not need (they shrink to the window, the rewind margin and
+    /// one growth step).
+    pub fn settle(&mut self) -> Result<()> {
+        let Some(w) = self.layout.window else {
+            return Ok(());
+        };
+        let span = w.span(1);
+        if self.local_capacity <= span || self.layers.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let base = (self.len() + 1)
+            .saturating_sub(w.size + REWIND_TOKENS)
+            .max(self.base);
+        if self.len() - base > span {
+            return Ok(());
+        }
+        self.resize(self.capacity, base, span)
+    }
+
+    /// Re-lay every layer out for `cap` global slots and `local_cap` local slots from
+    /// position `base`, keeping the positions still held.
+    fn resize(&mut self, cap: usize, base: usize, local_cap: usize) -> Result<()> {
+        let len = self.len();
         if let Err(e) = self.layout.check() {
             candle_core::bail!("{e}");
         }
-        let new_cap = need.div_ceil(GROW_TOKENS) * GROW_TOKENS;
-        let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-        let (len, old_cap) = (self.len(), self.capacity);
-        if self.is_host() {
-            for layer in self.layers.iter_mut() {
-                let mut k = vec![f16::ZERO; nh * new_cap * hd];
-                let mut v = vec![f16::ZERO; nh * new_cap * hd];
-                if let Some(LayerKv::Host { k: ok, v: ov }) = layer.as_ref() {
-                    for h in 0..nh {
-                        let (src, dst) = (h * old_cap * hd, h * new_cap * hd);
-                        k[dst..dst + len * hd].copy_from_slice(&ok[src..src + len * hd]);
-                        v[dst..dst + len * hd].copy_from_slice(&ov[src..src + len * hd]);
-                    }
-                }
-                *layer = Some(LayerKv::Host { k, v });
+        for li in 0..self.layers.len() {
+            let (old_cap, old_base) = self.slots(li);
+            let (new_cap, new_base) = if self.is_local(li) {
+                (local_cap, base)
+            } else {
+                (cap, 0)
+            };
+            if self.layers[li].is_some() && (old_cap, old_base) == (new_cap, new_base) {
+                continue;
             }
-            self.capacity = new_cap;
-            return Ok(());
+            let old = self.layers[li].take();
+            let keep = if old.is_some() { len - new_base } else { 0 };
+            self.layers[li] = Some(relayout(
+                &self.layout,
+                &self.device,
+                old,
+                old_cap,
+                new_cap,
+                new_base - old_base,
+                keep,
+            )?);
         }
-        let specs = part_specs(&self.layout);
-        for layer in self.layers.iter_mut() {
-            let old = layer.as_ref().map(LayerKv::parts);
-            let mut parts = Vec::with_capacity(specs.len());
-            for (i, &(_, dt, last)) in specs.iter().enumerate() {
-                let t = Tensor::zeros((1, nh, new_cap, last), dt, &self.device)?;
-                if let (Some(old), true) = (&old, len > 0) {
-                    t.slice_set(&old[i].1.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                }
-                parts.push(t);
-            }
-            *layer = Some(layer_from_parts(parts)?);
-        }
-        self.capacity = new_cap;
+        self.capacity = cap;
+        self.local_capacity = local_cap;
+        self.base = base;
         Ok(())
     }
 
     /// The host vectors of `layer`, for in-place writes of new positions and reads by
     /// the CPU kernels. None for a device cache or an unallocated layer.
     pub fn host_layer(&mut self, layer: usize) -> Option<HostLayer<'_>> {
-        let capacity = self.capacity;
+        let (capacity, base) = self.slots(layer);
         match self.layers.get_mut(layer) {
-            Some(Some(LayerKv::Host { k, v })) => Some(HostLayer { k, v, capacity }),
+            Some(Some(LayerKv::Host { k, v })) => Some(HostLayer {
+                k,
+                v,
+                capacity,
+                base,
+            }),
             _ => None,
         }
     }
 
-    /// Positions allocated per layer.
+    /// Positions allocated per global layer.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The K and V tensors `(1, n_kv_heads, capacity, head_dim)` of every layer of a
     /// dense (f32/f16/bf16) device cache, for kernels that read and write them in place.
-    /// None for a host or q8_0 cache, or before [`SeqCache::reserve`].
+    /// None for a host or q8_0 cache, a cache with local layers, or before
+    /// [`SeqCache::reserve`].
     pub fn dense_layers(&self) -> Option<Vec<(&Tensor, &Tensor)>> {
+        if self.layout.window.is_some() {
+            return None;
+        }
         self.layers
             .iter()
             .map(|l| match l {
@@ -305,8 +481,10 @@ impl SeqCache {
     }
 
     /// Write K/V of `n` new positions of `layer` at position `pos` and return views of
-    /// positions `0..pos + n`. `k`/`v` are `(1, n_kv_heads, n, head_dim)`.
-    /// Call [`SeqCache::reserve`] first and [`SeqCache::commit`] after the last layer.
+    /// the positions the layer holds up to `pos + n`: `0..pos + n` for a global layer,
+    /// `local_base()..pos + n` for a local one. `k`/`v` are `(1, n_kv_heads, n,
+    /// head_dim)`. Call [`SeqCache::reserve`] first and [`SeqCache::commit`] after the
+    /// last layer.
     pub fn write_layer(
         &mut self,
         layer: usize,
@@ -315,13 +493,15 @@ impl SeqCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
-        if pos + n > self.capacity {
+        let (cap, base) = self.slots(layer);
+        if pos < base || pos + n - base > cap {
             candle_core::bail!(
-                "kv cache overflow: pos {pos} + {n} > capacity {}",
-                self.capacity
+                "kv cache overflow: pos {pos} + {n} outside positions {base}..{}",
+                base + cap
             );
         }
-        let (nh, hd, cap) = (self.layout.n_kv_heads, self.layout.head_dim, self.capacity);
+        let slot = pos - base;
+        let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
         if let Some(Some(LayerKv::Host { k: kc, v: vc })) = self.layers.get_mut(layer) {
             for (src, dst) in [(k, &mut *kc), (v, &mut *vc)] {
                 let src: Vec<f16> = src.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
@@ -329,11 +509,11 @@ impl SeqCache {
                     candle_core::bail!("kv write: {} values, expected {}", src.len(), nh * n * hd);
                 }
                 for h in 0..nh {
-                    let at = (h * cap + pos) * hd;
+                    let at = (h * cap + slot) * hd;
                     dst[at..at + n * hd].copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
                 }
             }
-            let view = |t: &[f16]| host_tensor(t, nh, cap, hd, pos + n, &self.device);
+            let view = |t: &[f16]| host_tensor(t, nh, cap, hd, slot + n, &self.device);
             return Ok((view(kc)?, view(vc)?));
         }
         let Some(Some(kv)) = self.layers.get(layer) else {
@@ -341,8 +521,8 @@ impl SeqCache {
         };
         match kv {
             LayerKv::Dense { k: kc, v: vc } => {
-                kc.slice_set(&k.to_dtype(kc.dtype())?, 2, pos)?;
-                vc.slice_set(&v.to_dtype(vc.dtype())?, 2, pos)?;
+                kc.slice_set(&k.to_dtype(kc.dtype())?, 2, slot)?;
+                vc.slice_set(&v.to_dtype(vc.dtype())?, 2, slot)?;
             }
             LayerKv::Host { .. } => unreachable!("host layers are written above"),
             LayerKv::Q8 {
@@ -353,13 +533,13 @@ impl SeqCache {
             } => {
                 let (kq, kd) = dtype::quantize_q8(k)?;
                 let (vq, vd) = dtype::quantize_q8(v)?;
-                kc.slice_set(&kq, 2, pos)?;
-                k_scale.slice_set(&kd, 2, pos)?;
-                vc.slice_set(&vq, 2, pos)?;
-                v_scale.slice_set(&vd, 2, pos)?;
+                kc.slice_set(&kq, 2, slot)?;
+                k_scale.slice_set(&kd, 2, slot)?;
+                vc.slice_set(&vq, 2, slot)?;
+                v_scale.slice_set(&vd, 2, slot)?;
             }
         }
-        kv.values(pos + n)
+        kv.values(slot + n)
     }
 
     /// Record that `tokens` now occupy the positions after the current length.
@@ -367,32 +547,37 @@ impl SeqCache {
         self.tokens.extend_from_slice(tokens);
     }
 
-    /// K/V values of the filled part of every layer, `(1, n_kv_heads, len, head_dim)`
-    /// each, contiguous, as attention sees them (q8_0: dequantized to f32).
+    /// K/V values of the filled part of every layer, `(1, n_kv_heads, held, head_dim)`
+    /// each, contiguous, as attention sees them (q8_0: dequantized to f32); `held` is
+    /// `len` for a global layer and `len - local_base()` for a local one.
     pub fn export_layers(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let len = self.len();
         self.layers
             .iter()
             .enumerate()
-            .map(|(i, l)| match l {
-                Some(LayerKv::Host { k, v }) => {
-                    let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-                    Ok((
-                        host_tensor(k, nh, self.capacity, hd, len, &self.device)?,
-                        host_tensor(v, nh, self.capacity, hd, len, &self.device)?,
-                    ))
+            .map(|(i, l)| {
+                let (cap, base) = self.slots(i);
+                match l {
+                    Some(LayerKv::Host { k, v }) => {
+                        let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
+                        Ok((
+                            host_tensor(k, nh, cap, hd, len - base, &self.device)?,
+                            host_tensor(v, nh, cap, hd, len - base, &self.device)?,
+                        ))
+                    }
+                    Some(kv) => {
+                        let (k, v) = kv.values(len - base)?;
+                        Ok((k.contiguous()?, v.contiguous()?))
+                    }
+                    None => candle_core::bail!("kv cache layer {i} not allocated"),
                 }
-                Some(kv) => {
-                    let (k, v) = kv.values(len)?;
-                    Ok((k.contiguous()?, v.contiguous()?))
-                }
-                None => candle_core::bail!("kv cache layer {i} not allocated"),
             })
             .collect()
     }
 
     /// The stored tensors of the filled part, named `k.{layer}`, `v.{layer}` (and for
-    /// q8_0 `k_scale.{layer}`, `v_scale.{layer}`), for spill files.
+    /// q8_0 `k_scale.{layer}`, `v_scale.{layer}`), for spill files. A local layer's
+    /// tensors hold its positions `local_base()..len`.
     pub fn export_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let len = self.len();
         let mut out = Vec::new();
@@ -400,18 +585,22 @@ impl SeqCache {
             let Some(kv) = l else {
                 candle_core::bail!("kv cache layer {i} not allocated");
             };
+            let (cap, base) = self.slots(i);
             if let LayerKv::Host { k, v } = kv {
                 let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
                 for (name, t) in [("k", k), ("v", v)] {
                     out.push((
                         format!("{name}.{i}"),
-                        host_tensor(t, nh, self.capacity, hd, len, &self.device)?,
+                        host_tensor(t, nh, cap, hd, len - base, &self.device)?,
                     ));
                 }
                 continue;
             }
             for (name, t) in kv.parts() {
-                out.push((format!("{name}.{i}"), t.narrow(2, 0, len)?.contiguous()?));
+                out.push((
+                    format!("{name}.{i}"),
+                    t.narrow(2, 0, len - base)?.contiguous()?,
+                ));
             }
         }
         Ok(out)
@@ -419,7 +608,8 @@ impl SeqCache {
 
     /// Rebuild a cache from tensors named as [`SeqCache::export_tensors`] names them.
     /// Every tensor's shape and element type is checked against `layout` first: a tensor
-    /// of another type is an error, never reinterpreted.
+    /// of another type is an error, never reinterpreted. Local layers may hold fewer
+    /// positions than `tokens` (their last ones), all the same number.
     pub fn from_tensors<'a>(
         layout: CacheLayout,
         device: &Device,
@@ -427,15 +617,35 @@ impl SeqCache {
         get: impl Fn(&str) -> Option<&'a Tensor>,
     ) -> Result<Self> {
         let specs = part_specs(&layout);
+        let len = tokens.len();
         let mut c = Self::new(layout, device);
-        c.reserve(tokens.len())?;
+        if let Err(e) = layout.check() {
+            candle_core::bail!("{e}");
+        }
+        // Where the local layers start: from the first one's length.
+        if let Some(first) = (0..layout.n_layers).find(|&l| c.is_local(l)) {
+            let key = format!("{}.{first}", specs[0].0);
+            let held = get(&key)
+                .and_then(|t| t.dims().get(2).copied())
+                .unwrap_or(len);
+            c.base = len.saturating_sub(held);
+        }
+        c.capacity = len.div_ceil(GROW_TOKENS) * GROW_TOKENS;
+        c.local_capacity = if layout.window.is_some() {
+            (len - c.base).div_ceil(GROW_TOKENS) * GROW_TOKENS
+        } else {
+            0
+        };
         for i in 0..layout.n_layers {
+            let (cap, base) = c.slots(i);
+            let held = len - base;
+            let mut layer = relayout(&layout, device, None, 0, cap, 0, 0)?;
             for (p, &(name, dt, last)) in specs.iter().enumerate() {
                 let key = format!("{name}.{i}");
                 let Some(t) = get(&key) else {
                     candle_core::bail!("tensor `{key}` missing");
                 };
-                let want = [1, layout.n_kv_heads, tokens.len(), last];
+                let want = [1, layout.n_kv_heads, held, last];
                 if t.dims() != want || t.dtype() != dt {
                     candle_core::bail!(
                         "tensor `{key}`: {:?} {:?}, expected {dt:?} {want:?}",
@@ -443,24 +653,23 @@ impl SeqCache {
                         t.dims()
                     );
                 }
-                if tokens.is_empty() {
+                if held == 0 {
                     continue;
                 }
-                let cap = c.capacity;
-                match &mut c.layers[i] {
-                    Some(LayerKv::Host { k, v }) => {
+                match &mut layer {
+                    LayerKv::Host { k, v } => {
                         let dst = if p == 0 { k } else { v };
                         let src: Vec<f16> = t.flatten_all()?.to_vec1()?;
-                        let (nh, hd, n) = (layout.n_kv_heads, layout.head_dim, tokens.len());
+                        let (nh, hd) = (layout.n_kv_heads, layout.head_dim);
                         for h in 0..nh {
-                            dst[h * cap * hd..h * cap * hd + n * hd]
-                                .copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
+                            dst[h * cap * hd..(h * cap + held) * hd]
+                                .copy_from_slice(&src[h * held * hd..(h + 1) * held * hd]);
                         }
                     }
-                    Some(kv) => kv.parts()[p].1.slice_set(&t.to_device(device)?, 2, 0)?,
-                    None => {}
+                    kv => kv.parts()[p].1.slice_set(&t.to_device(device)?, 2, 0)?,
                 }
             }
+            c.layers[i] = Some(layer);
         }
         c.commit(&tokens);
         Ok(c)
@@ -483,6 +692,57 @@ impl SeqCache {
             })
             .sum()
     }
+}
+
+/// A layer's storage with `new_cap` slots, holding in its first `keep` slots what
+/// slots `from..from + keep` of `old` held (zeros elsewhere).
+fn relayout(
+    layout: &CacheLayout,
+    device: &Device,
+    old: Option<LayerKv>,
+    old_cap: usize,
+    new_cap: usize,
+    from: usize,
+    keep: usize,
+) -> Result<LayerKv> {
+    let (nh, hd) = (layout.n_kv_heads, layout.head_dim);
+    if device.is_cpu() && layout.dtype == KvDtype::F16 {
+        if let Some(LayerKv::Host { mut k, mut v }) = old {
+            if old_cap == new_cap {
+                // Same size: slide each head's positions to the front in place.
+                for t in [&mut k, &mut v] {
+                    for h in 0..nh {
+                        let src = (h * old_cap + from) * hd;
+                        t.copy_within(src..src + keep * hd, h * new_cap * hd);
+                    }
+                }
+                return Ok(LayerKv::Host { k, v });
+            }
+            let mut nk = vec![f16::ZERO; nh * new_cap * hd];
+            let mut nv = vec![f16::ZERO; nh * new_cap * hd];
+            for (dst, src) in [(&mut nk, &k), (&mut nv, &v)] {
+                for h in 0..nh {
+                    let (s, d) = ((h * old_cap + from) * hd, h * new_cap * hd);
+                    dst[d..d + keep * hd].copy_from_slice(&src[s..s + keep * hd]);
+                }
+            }
+            return Ok(LayerKv::Host { k: nk, v: nv });
+        }
+        return Ok(LayerKv::Host {
+            k: vec![f16::ZERO; nh * new_cap * hd],
+            v: vec![f16::ZERO; nh * new_cap * hd],
+        });
+    }
+    let old = old.as_ref().map(LayerKv::parts);
+    let mut parts = Vec::new();
+    for (i, &(_, dt, last)) in part_specs(layout).iter().enumerate() {
+        let t = Tensor::zeros((1, nh, new_cap, last), dt, device)?;
+        if let (Some(old), true) = (&old, keep > 0) {
+            t.slice_set(&old[i].1.narrow(2, from, keep)?.contiguous()?, 2, 0)?;
+        }
+        parts.push(t);
+    }
+    layer_from_parts(parts)
 }
 
 /// Positions `0..len` of a host layer as a `(1, nh, len, hd)` f16 tensor (a copy).

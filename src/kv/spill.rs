@@ -216,6 +216,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 4,
             dtype: KvDtype::F16,
+            window: None,
         }
     }
 
@@ -322,6 +323,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 32,
             dtype: KvDtype::Q8_0,
+            window: None,
         };
         let mut c = SeqCache::new(q8, &Device::Cpu);
         c.reserve(3).unwrap();

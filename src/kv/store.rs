@@ -300,6 +300,7 @@ impl SessionStore {
                     .iter()
                     .enumerate()
                     .map(|(i, a)| (i, a.cache.common_prefix(prompt)))
+                    .filter(|&(i, n)| self.anon[i].cache.can_resume_at(n))
                     .filter(|&(_, n)| n >= ANON_MIN_PREFIX)
                     .max_by_key(|&(_, n)| n);
                 match best {
@@ -314,7 +315,10 @@ impl SessionStore {
         let reused = cache
             .common_prefix(prompt)
             .min(prompt.len().saturating_sub(1));
+        // Sliding-window layers may have dropped what that position would see: then
+        // nothing is reused (truncate forgets everything).
         cache.truncate(reused);
+        let reused = cache.len();
         let lookup = match reused {
             0 => Lookup::Miss,
             n if n + 1 >= prompt.len() => Lookup::Hit,
@@ -336,7 +340,10 @@ impl SessionStore {
     }
 
     /// Return a cache after its request; then keep the resident bytes under budget.
-    pub fn checkin(&mut self, key: Option<&str>, cache: SeqCache) {
+    pub fn checkin(&mut self, key: Option<&str>, mut cache: SeqCache) {
+        if let Err(e) = cache.settle() {
+            tracing::warn!("could not shrink a session's local layers: {e}");
+        }
         match key.and_then(|k| self.sessions.get_mut(k).map(|e| (k, e))) {
             Some((k, e)) => {
                 if e.doomed {

@@ -6,6 +6,7 @@ fn layout() -> CacheLayout {
         n_kv_heads: 3,
         head_dim: 4,
         dtype: KvDtype::F32,
+        window: None,
     }
 }
 
@@ -117,6 +118,7 @@ fn layout_of(dtype: KvDtype) -> CacheLayout {
         n_kv_heads: 3,
         head_dim: 64,
         dtype,
+        window: None,
     }
 }
 
@@ -218,4 +220,160 @@ fn q8_0_refuses_a_head_dim_it_cannot_block() {
     };
     assert!(l.check().is_err());
     assert!(SeqCache::new(l, &Device::Cpu).reserve(1).is_err());
+}
+
+/// Three layers, the middle one local with an 8-token window.
+fn windowed(dtype: KvDtype) -> CacheLayout {
+    CacheLayout {
+        n_layers: 3,
+        n_kv_heads: 2,
+        head_dim: 32,
+        dtype,
+        window: LocalWindow::new(8, &[false, true, false]),
+    }
+}
+
+/// Write `n` positions whose K values are their position (V: minus it) into every layer.
+fn fill_positions(c: &mut SeqCache, n: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    let pos = c.len();
+    c.reserve(n)?;
+    let t = Tensor::arange(pos as f32, (pos + n) as f32, &dev)?
+        .reshape((1, 1, n, 1))?
+        .broadcast_as((1, 2, n, 32))?
+        .contiguous()?;
+    for l in 0..3 {
+        let (k, _) = c.write_layer(l, pos, &t, &t.neg()?)?;
+        let first = if l == 1 { c.local_base() } else { 0 };
+        assert_eq!(k.dim(2)?, pos + n - first, "view of layer {l}");
+    }
+    c.commit(&vec![7; n]);
+    Ok(())
+}
+
+/// Position held in slot `j` of head 0 of each layer's export.
+fn held_positions(c: &SeqCache) -> Result<Vec<Vec<f32>>> {
+    c.export_layers()?
+        .iter()
+        .map(|(k, _)| {
+            k.to_dtype(DType::F32)?
+                .narrow(1, 0, 1)?
+                .narrow(3, 0, 1)?
+                .flatten_all()?
+                .to_vec1()
+        })
+        .collect()
+}
+
+#[test]
+fn local_layers_keep_their_window_not_the_whole_context() -> Result<()> {
+    let dev = Device::Cpu;
+    for d in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
+        let lay = windowed(d);
+        let span = lay.window.map(|w| w.span(512)).unwrap_or(0);
+        let mut c = SeqCache::new(lay, &dev);
+        let chunks = [100, 1, 1, 37, 1, 512, 1, 1, 200, 3];
+        let mut i = 0;
+        while c.len() < 1600 {
+            fill_positions(&mut c, chunks[i % chunks.len()])?;
+            i += 1;
+            let (len, base) = (c.len(), c.local_base());
+            assert_eq!(c.allocated_bytes(), c.tensor_bytes(), "{d} at {len}");
+            assert!(
+                base + 8 <= len + 1 || base == 0,
+                "{d}: base {base} at {len}"
+            );
+            assert!(c.can_resume_at(len), "{d} at {len}");
+            let held = held_positions(&c)?;
+            assert_eq!(held[0].len(), len);
+            assert_eq!(held[1].len(), len - base);
+            // Q8_0 stores 8-bit values: within one step of 1/127 of the block's range.
+            let tol = if d == KvDtype::Q8_0 {
+                len as f32 / 100.0
+            } else {
+                0.0
+            };
+            for (l, first) in [(0, 0), (1, base), (2, 0)] {
+                for (j, &p) in held[l].iter().enumerate() {
+                    assert!(
+                        (p - (first + j) as f32).abs() <= tol,
+                        "{d} layer {l} slot {j}: {p}"
+                    );
+                }
+            }
+            // The local layer never holds more than its span for the largest chunk.
+            assert!(c.allocated_bytes() <= lay.layer_bytes_per_token() * (2 * c.capacity() + span));
+        }
+        // Between requests, what a long chunk grew is given back.
+        fill_positions(&mut c, 512)?;
+        let before = c.allocated_bytes();
+        c.settle()?;
+        let span1 = lay.window.map(|w| w.span(1)).unwrap_or(0);
+        assert_eq!(
+            c.allocated_bytes(),
+            lay.layer_bytes_per_token() * (2 * c.capacity() + span1),
+            "{d}: settled from {before}"
+        );
+        assert!(c.allocated_bytes() < before);
+        assert_eq!(c.allocated_bytes(), c.tensor_bytes());
+        let base = c.local_base();
+        assert!(base > 1000, "{d}: local layer still holds from {base}");
+        // Far below a cache that keeps every position in every layer.
+        let whole = CacheLayout {
+            window: None,
+            ..lay
+        };
+        assert!(
+            c.allocated_bytes() < whole.bytes_for(c.len()) * 5 / 6,
+            "{d}"
+        );
+        assert_eq!(
+            c.used_bytes(),
+            lay.layer_bytes_per_token() * (2 * c.len() + c.len() - base)
+        );
+
+        // Spill form: the local layer's tensors hold its positions only, and come back.
+        let map: std::collections::HashMap<_, _> = c.export_tensors()?.into_iter().collect();
+        assert_eq!(map["k.1"].dim(2)?, c.len() - base);
+        let back = SeqCache::from_tensors(lay, &dev, c.tokens().to_vec(), |n| map.get(n))?;
+        assert_eq!(back.local_base(), base);
+        assert_eq!(held_positions(&back)?, held_positions(&c)?, "{d}");
+        let mut back = back;
+        fill_positions(&mut back, 300)?;
+        assert_eq!(back.allocated_bytes(), back.tensor_bytes());
+
+        // A short rewind keeps the cache; one past what the window still holds clears it.
+        let len = c.len();
+        assert!(c.can_resume_at(len - 100));
+        assert!(!c.can_resume_at(base));
+        c.truncate(len - 100);
+        assert_eq!(c.len(), len - 100);
+        fill_positions(&mut c, 5)?;
+        let last = held_positions(&c)?[1].last().copied().unwrap_or(0.0);
+        // (f16 holds integers exactly up to 2048, then in steps of 2.)
+        let tol = match d {
+            KvDtype::Q8_0 => len as f32 / 100.0,
+            KvDtype::F16 => 1.0,
+            _ => 0.0,
+        };
+        assert!((last - (len - 96) as f32).abs() <= tol, "{d}: {last}");
+        c.truncate(base + 3);
+        assert_eq!(
+            (c.len(), c.local_base()),
+            (0, 0),
+            "{d}: a rewind too far clears"
+        );
+        fill_positions(&mut c, 20)?;
+        assert_eq!(held_positions(&c)?[1].len(), 20);
+    }
+    Ok(())
+}
+
+#[test]
+fn bytes_for_caps_local_layers() {
+    let lay = windowed(KvDtype::F16);
+    let per_layer = lay.layer_bytes_per_token();
+    assert_eq!(lay.bytes_for(10), 3 * GROW_TOKENS * per_layer);
+    let span = lay.window.map(|w| w.span(1)).unwrap_or(0);
+    assert_eq!(lay.bytes_for(10_000), per_layer * (2 * 10_240 + span));
 }

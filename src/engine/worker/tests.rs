@@ -81,6 +81,7 @@ impl Forward for Fake {
             n_kv_heads: 1,
             head_dim: 4,
             dtype,
+            window: None,
         }
     }
 

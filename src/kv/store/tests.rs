@@ -7,6 +7,7 @@ fn layout() -> CacheLayout {
         n_kv_heads: 1,
         head_dim: 4,
         dtype: crate::kv::KvDtype::F32,
+        window: None,
     }
 }
 
