@@ -16,6 +16,7 @@ pub struct MessagesBody {
     /// The served model's id; absent or unknown to this server: see `/v1/models`.
     model: Option<String>,
     /// Most tokens to generate (required).
+    #[schema(minimum = 1)]
     max_tokens: i64,
     /// The conversation: `user` and `assistant` turns whose content is a string or a
     /// list of `text`, `tool_use` (assistant) and `tool_result` (user) blocks.
@@ -24,8 +25,11 @@ pub struct MessagesBody {
     system: Option<Value>,
     stop_sequences: Option<Vec<String>>,
     stream: Option<bool>,
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     top_p: Option<f32>,
+    #[schema(minimum = -1)]
     top_k: Option<i64>,
     /// Client tools: `[{"name", "description", "input_schema"}]`.
     tools: Option<Vec<ToolDef>>,
@@ -57,10 +61,17 @@ pub struct CountTokensBody {
 #[derive(Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub struct InputMessage {
-    /// `user` or `assistant`.
-    role: String,
+    role: Role,
     /// A string or a list of content blocks.
     content: Value,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum Role {
+    User,
+    Assistant,
 }
 
 #[derive(Deserialize, ToSchema)]

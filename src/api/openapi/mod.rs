@@ -11,7 +11,7 @@ use utoipa::{OpenApi, ToSchema};
 use super::anthropic::types::{
     AnthropicErrorBody, AnthropicErrorDetail, BlockDelta, ContentBlock, CountTokensBody,
     CountTokensResponse, InputMessage, MessageDelta, MessageResponse, MessageUsage, MessagesBody,
-    Metadata, StopReason, StreamEvent, ToolDef,
+    Metadata, Role, StopReason, StreamEvent, ToolDef,
 };
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
@@ -272,6 +272,7 @@ fn session_patch() {}
         MessagesBody,
         CountTokensBody,
         InputMessage,
+        Role,
         ToolDef,
         Metadata,
         MessageResponse,
