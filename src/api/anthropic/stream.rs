@@ -52,3 +52,98 @@ fn sse_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::sse::Sse;
+    use serde_json::{json, Value};
+
+    use crate::engine::{EngineError, GenEvent};
+    use crate::kv::store::KvError;
+
+    fn turn() -> Turn {
+        Turn::new("msg_t".into(), "m".into(), None, "abc", 5, true)
+    }
+
+    fn token() -> GenEvent {
+        GenEvent::Token {
+            text: "Hi".into(),
+            logprob: None,
+        }
+    }
+
+    /// The (event name, data) pairs of the stream of `sent`.
+    async fn streamed(sent: Vec<GenEvent>) -> Vec<(String, Value)> {
+        let body = Sse::new(sse_events(turn(), Events::from_sent(sent))).into_response();
+        let bytes = axum::body::to_bytes(body.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let mut out = Vec::new();
+        let mut name = String::new();
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                out.push((name.clone(), serde_json::from_str(d).unwrap()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_failure_mid_stream_is_an_error_event_with_the_body_a_response_gets() {
+        let failed = || vec![token(), GenEvent::Error("out of memory".into())];
+        let events = streamed(failed()).await;
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "error"
+            ]
+        );
+        let body =
+            json!({"type": "error", "error": {"type": "api_error", "message": "out of memory"}});
+        assert_eq!(events[3].1, body);
+        let whole = turn()
+            .collect(Events::from_sent(failed()))
+            .await
+            .unwrap_err();
+        assert_eq!(whole.status.as_u16(), 500);
+        assert_eq!(serde_json::to_value(whole.anthropic_body()).unwrap(), body);
+
+        let busy = EngineError::Session(KvError::Busy("s".into()));
+        let events = streamed(vec![token(), GenEvent::Rejected(busy)]).await;
+        let (name, last) = events.last().unwrap();
+        assert_eq!(
+            (name.as_str(), &last["error"]["type"]),
+            ("error", &json!("invalid_request_error"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_stream_ends_with_the_usage_split() {
+        let done = GenEvent::Done {
+            finish: crate::engine::FinishReason::Stop,
+            usage: crate::engine::Usage {
+                prompt_tokens: 5,
+                completion_tokens: 1,
+                cached_tokens: 3,
+            },
+            stop_sequence: None,
+        };
+        let events = streamed(vec![token(), done]).await;
+        let (name, delta) = &events[events.len() - 2];
+        assert_eq!(name, "message_delta");
+        assert_eq!(
+            delta["usage"],
+            json!({"input_tokens": 0, "output_tokens": 1, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3})
+        );
+        assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+        assert_eq!(events.last().unwrap().0, "message_stop");
+    }
+}

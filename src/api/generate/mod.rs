@@ -399,6 +399,24 @@ impl Events {
     }
 }
 
+#[cfg(test)]
+impl Events {
+    /// `sent` as the engine's events, the channel closed after them.
+    pub(super) fn from_sent(sent: Vec<GenEvent>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for e in sent {
+            let _ = tx.send(e);
+        }
+        Self {
+            peek: None,
+            rx,
+            _permit: super::limits::Limiter::new(0)
+                .acquire(&Principal::default())
+                .expect("no limit"),
+        }
+    }
+}
+
 async fn collect(reply: Reply, mut events: Events) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps: Vec<LogprobEntry> = Vec::new();
