@@ -1,14 +1,14 @@
-//! API keys: Bearer auth on the `/v1` routes (and `/metrics` when configured), compared
-//! in constant time. Each key gets its own session namespace, so one client can neither
+//! API keys: Bearer auth (or Anthropic's `x-api-key` header) on the `/v1` routes (and
+//! `/metrics` when configured), compared in constant time. Each key gets its own session namespace, so one client can neither
 //! use, list, inspect nor delete another's sessions (they get 404, not 403: ids don't leak).
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
+use super::error::{ApiError, Shape};
 use super::AppState;
 
 /// The configured keys (empty: no auth).
@@ -69,7 +69,19 @@ impl Auth {
         if !self.enabled() {
             return Some(Principal::default());
         }
-        let token = header?.strip_prefix("Bearer ")?.trim().as_bytes();
+        self.principal(header?.strip_prefix("Bearer ")?)
+    }
+
+    /// The principal for the key of an `x-api-key` header (Anthropic's clients).
+    fn check_api_key(&self, header: Option<&str>) -> Option<Principal> {
+        if !self.enabled() {
+            return Some(Principal::default());
+        }
+        self.principal(header?)
+    }
+
+    fn principal(&self, key: &str) -> Option<Principal> {
+        let token = key.trim().as_bytes();
         // Compare against every key so timing does not reveal which one matched.
         let mut found = None;
         for k in &self.keys {
@@ -81,15 +93,17 @@ impl Auth {
     }
 }
 
-fn unauthorized() -> Response {
+fn unauthorized(shape: Shape) -> Response {
     let mut r = ApiError {
         status: StatusCode::UNAUTHORIZED,
-        message: "missing or invalid API key (send `Authorization: Bearer <key>`)".into(),
+        message:
+            "missing or invalid API key (send `Authorization: Bearer <key>` or `x-api-key: <key>`)"
+                .into(),
         kind: "invalid_request_error",
         param: None,
         code: Some("invalid_api_key"),
     }
-    .into_response();
+    .into_shaped(shape);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),
@@ -105,16 +119,21 @@ pub async fn require_key(State(st): State<AppState>, mut req: Request, next: Nex
         || path == "/tokenize"
         || path == "/detokenize"
         || (path == "/metrics" && st.auth.protect_metrics);
-    let hdr = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match st.auth.check(hdr) {
+    let shape = Shape::of_path(path);
+    // Either header may carry the key; one that is valid is enough.
+    let who = {
+        let text = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        st.auth.check(text(header::AUTHORIZATION)).or_else(|| {
+            st.auth
+                .check_api_key(text(header::HeaderName::from_static("x-api-key")))
+        })
+    };
+    match who {
         Some(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await
         }
-        None if guarded => unauthorized(),
+        None if guarded => unauthorized(shape),
         None => {
             req.extensions_mut().insert(Principal::default());
             next.run(req).await
@@ -144,6 +163,9 @@ mod tests {
         assert!(a.check(Some("Bearer k3")).is_none());
         assert!(a.check(Some("k1")).is_none());
         assert!(a.check(None).is_none());
+        assert_eq!(a.check_api_key(Some("k1")), Some(p1.clone()));
+        assert!(a.check_api_key(Some("Bearer k1")).is_none());
+        assert!(a.check_api_key(Some("k3")).is_none());
         assert_eq!(p1.unscope(&p1.scope("s")), Some("s"));
         assert_eq!(p2.unscope(&p1.scope("s")), None);
         assert_eq!(Principal::default().unscope(&p1.scope("s")), None);

@@ -1,8 +1,9 @@
 //! The one place where errors become HTTP: status + OpenAI error JSON
 //! `{"error":{"message","type","param","code"}}` ([`ErrorBody`]), as a response or, once
-//! a stream has begun, as its last SSE event — the same body either way. Also the JSON
-//! extractor that makes malformed bodies come back in that shape, naming the offending
-//! field.
+//! a stream has begun, as its last SSE event — the same body either way. The Anthropic
+//! routes speak Anthropic's shape instead, `{"type":"error","error":{"type","message"}}`
+//! ([`Shape`], [`AnthropicError`]), from the same [`ApiError`]. Also the JSON extractors
+//! that make malformed bodies come back in the route's shape, naming the offending field.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
@@ -12,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::engine::EngineError;
 
+use super::anthropic::types::{AnthropicErrorBody, AnthropicErrorDetail};
 use super::types::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, Clone)]
@@ -103,13 +105,23 @@ impl ApiError {
 
 /// An SSE event whose data is `v` as JSON.
 pub fn sse_json<T: serde::Serialize>(v: &T) -> Event {
+    sse_json_in(Event::default(), v)
+}
+
+/// An SSE event named `name` (its `event:` line first, as Anthropic writes them) whose
+/// data is `v` as JSON.
+pub fn sse_named<T: serde::Serialize>(name: &'static str, v: &T) -> Event {
+    sse_json_in(Event::default().event(name), v)
+}
+
+fn sse_json_in<T: serde::Serialize>(event: Event, v: &T) -> Event {
     match serde_json::to_string(v) {
-        Ok(text) => Event::default().data(text),
+        Ok(text) => event.data(text),
         // Not reached with the API's types (no maps with non-string keys); the
         // client still gets an error in the usual shape rather than a gap.
         Err(e) => {
             tracing::error!("could not encode an SSE event: {e}");
-            Event::default().data(
+            event.data(
                 r#"{"error":{"message":"could not encode an event","type":"server_error","param":null,"code":"internal_error"}}"#,
             )
         }
@@ -160,7 +172,14 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        let resp = (self.status, axum::Json(self.body())).into_response();
+        self.with_retry_after(resp)
+    }
+}
+
+impl ApiError {
+    /// A transient refusal tells the client when to come back.
+    fn with_retry_after(&self, mut resp: Response) -> Response {
         if matches!(
             self.status,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS | StatusCode::CONFLICT
@@ -169,6 +188,92 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
+    }
+
+    /// Anthropic's `error.type`, by status. A busy session (409) is the client's to
+    /// sort out (`invalid_request_error`); a full queue or a loading model keeps its
+    /// 503 but is `overloaded_error`, Anthropic's word for it.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The body in Anthropic's shape.
+    pub fn anthropic_body(&self) -> AnthropicErrorBody {
+        AnthropicErrorBody {
+            kind: "error",
+            error: AnthropicErrorDetail {
+                kind: self.anthropic_type(),
+                message: self.message.clone(),
+            },
+        }
+    }
+
+    /// The event that ends an Anthropic stream failing after its first byte:
+    /// `event: error` with the body the error has as a response.
+    pub fn anthropic_sse_event(&self) -> Event {
+        sse_named("error", &self.anthropic_body())
+    }
+
+    /// The response in the shape the route speaks.
+    pub fn into_shaped(self, shape: Shape) -> Response {
+        match shape {
+            Shape::OpenAi => self.into_response(),
+            Shape::Anthropic => AnthropicError(self).into_response(),
+        }
+    }
+}
+
+/// Which error body a route speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    OpenAi,
+    Anthropic,
+}
+
+impl Shape {
+    /// Anthropic's under `/v1/messages`, OpenAI's everywhere else.
+    pub fn of_path(path: &str) -> Self {
+        let messages = super::routes::MESSAGES;
+        let under = path
+            .strip_prefix(messages)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if under {
+            Self::Anthropic
+        } else {
+            Self::OpenAi
+        }
+    }
+}
+
+/// An [`ApiError`] answered in Anthropic's shape (the Anthropic handlers' error type).
+#[derive(Debug, Clone)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<EngineError> for AnthropicError {
+    fn from(e: EngineError) -> Self {
+        Self(e.into())
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let resp = (self.0.status, axum::Json(self.0.anthropic_body())).into_response();
+        self.0.with_retry_after(resp)
     }
 }
 
@@ -179,31 +284,48 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError {
-                status: e.status(),
-                message: format!("could not read the request body: {}", e.body_text()),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("invalid_body"),
-            })?;
-        if !is_json && bytes.is_empty() {
-            return Err(ApiError::invalid(
-                "",
-                "expected a JSON body (Content-Type: application/json)",
-            ));
-        }
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::invalid("", format!("malformed JSON body: {e}")).with_code("invalid_json")
-        })?;
+        let value = json_body(req, state).await?;
         parse(&value).map(Json)
     }
+}
+
+/// [`Json`] for the Anthropic routes: the same checks, rejections in Anthropic's shape.
+pub struct AnthropicJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AnthropicJson<T> {
+    type Rejection = AnthropicError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let value = json_body(req, state).await?;
+        Ok(AnthropicJson(parse(&value)?))
+    }
+}
+
+/// The request body as JSON, or the error saying why it is not.
+async fn json_body<S: Send + Sync>(req: Request, state: &S) -> Result<serde_json::Value, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    let bytes = axum::body::Bytes::from_request(req, state)
+        .await
+        .map_err(|e| ApiError {
+            status: e.status(),
+            message: format!("could not read the request body: {}", e.body_text()),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_body"),
+        })?;
+    if !is_json && bytes.is_empty() {
+        return Err(ApiError::invalid(
+            "",
+            "expected a JSON body (Content-Type: application/json)",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::invalid("", format!("malformed JSON body: {e}")).with_code("invalid_json")
+    })
 }
 
 /// Deserialize `T` from a parsed body, naming the offending field in the error.

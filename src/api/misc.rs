@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use crate::engine::EngineState;
 use crate::metrics;
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, Json, Shape};
 use super::types::{
     DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, TokenEntry,
     TokenizeRequest, TokenizeResponse,
@@ -172,11 +172,12 @@ pub async fn dashboard() -> Response {
         .into_response()
 }
 
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+pub async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::not_found(format!("no route for {}", uri.path()))
+        .into_shaped(Shape::of_path(uri.path()))
 }
 
-pub async fn method_not_allowed() -> ApiError {
+pub async fn method_not_allowed(uri: axum::http::Uri) -> Response {
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         message: "method not allowed on this route".into(),
@@ -184,4 +185,5 @@ pub async fn method_not_allowed() -> ApiError {
         param: None,
         code: Some("method_not_allowed"),
     }
+    .into_shaped(Shape::of_path(uri.path()))
 }

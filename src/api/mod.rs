@@ -1,7 +1,8 @@
-//! HTTP layer: the axum router, OpenAI-compatible handlers, SSE, and the single place
-//! where errors are mapped to HTTP (`error`). Talks to the model only through
+//! HTTP layer: the axum router, OpenAI-compatible handlers, Anthropic's Messages API
+//! (`anthropic`), SSE, and the single place where errors are mapped to HTTP (`error`). Talks to the model only through
 //! [`crate::engine::Engine`].
 
+pub mod anthropic;
 pub mod auth;
 pub mod error;
 mod generate;
@@ -29,6 +30,8 @@ use crate::metrics;
 pub mod routes {
     pub const CHAT: &str = "/v1/chat/completions";
     pub const COMPLETIONS: &str = "/v1/completions";
+    pub const MESSAGES: &str = "/v1/messages";
+    pub const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
     pub const MODELS: &str = "/v1/models";
     pub const MODEL: &str = "/v1/models/{id}";
     pub const HEALTH: &str = "/health";
@@ -44,6 +47,8 @@ pub mod routes {
     pub const ALL: &[&str] = &[
         CHAT,
         COMPLETIONS,
+        MESSAGES,
+        COUNT_TOKENS,
         MODELS,
         MODEL,
         HEALTH,
@@ -74,6 +79,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(routes::CHAT, post(generate::chat))
         .route(routes::COMPLETIONS, post(generate::completions))
+        .route(routes::MESSAGES, post(anthropic::messages))
+        .route(routes::COUNT_TOKENS, post(anthropic::count_tokens))
         .route(routes::MODELS, get(misc::models))
         .route(routes::MODEL, get(misc::model))
         .route(routes::HEALTH, get(misc::health))

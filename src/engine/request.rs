@@ -54,6 +54,9 @@ pub enum GenEvent {
     Done {
         finish: FinishReason,
         usage: Usage,
+        /// The stop string that ended it (`finish` is `Stop`), None for an
+        /// end-of-generation token or another reason.
+        stop_sequence: Option<String>,
     },
     Error(String),
     /// Refused before any work (e.g. the session is busy).

@@ -6,6 +6,8 @@
 
 mod stream;
 
+pub(super) use stream::sse_response;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,28 +49,29 @@ enum Kind {
     Text,
 }
 
-/// A validated request on its way to the engine.
-struct Job {
+/// A validated request on its way to the engine. Other protocols (Anthropic messages)
+/// build theirs with [`chat_job`] from a chat body and map the [`Events`] themselves.
+pub(super) struct Job {
     /// The engine of the model the request named.
     engine: Engine,
-    prompt: Vec<u32>,
+    pub(super) prompt: Vec<u32>,
     checked: Checked,
     max_tokens: usize,
     session: Option<String>,
     grammar: Option<Arc<Grammar>>,
-    reply: Reply,
+    pub(super) reply: Reply,
 }
 
 /// What shapes the response: everything the mapping needs, nothing of the engine.
-struct Reply {
+pub(super) struct Reply {
     kind: Kind,
-    id: String,
-    model: String,
+    pub(super) id: String,
+    pub(super) model: String,
     want_logprobs: bool,
-    stream: bool,
+    pub(super) stream: bool,
     include_usage: bool,
     /// Tools whose calls are parsed out of the output (tool_choice other than none).
-    tools: Option<ToolPlan>,
+    pub(super) tools: Option<ToolPlan>,
 }
 
 fn header_session(h: &HeaderMap) -> Option<String> {
@@ -112,7 +115,7 @@ async fn serve(
 }
 
 /// Check a chat request, render its messages and tokenize them (blocking).
-fn chat_job(
+pub(super) fn chat_job(
     models: &Models,
     who: &Principal,
     header_session: Option<&str>,
@@ -144,25 +147,11 @@ fn chat_job(
         want_logprobs.then_some(top),
         loaded.info.vocab_size,
     )?;
-    let plan = tools::plan(body)?;
-    tools::check_messages(&req.messages)?;
-    let mut grammar = tools::response_grammar(body)?;
-    if let Some(p) = plan.as_ref().filter(|p| p.active()) {
-        if grammar.is_some() {
-            return Err(ApiError::invalid(
-                "response_format",
-                "response_format cannot be combined with tools unless tool_choice is `none`",
-            ));
-        }
-        grammar = p.grammar()?;
-    }
-    let messages = validate::template_messages(&req.messages)?;
-    let (messages, tool_list) =
-        tools::prompt_messages(messages, plan.as_ref(), loaded.template.handles_tools());
-    let text = loaded
-        .template
-        .render(&messages, tool_list.as_ref(), true)?;
-    let prompt = loaded.tok.encode(&text, true)?;
+    let ChatPrompt {
+        prompt,
+        plan,
+        grammar,
+    } = chat_prompt(&loaded, &req, body)?;
     let max_tokens = validate::fit_context(
         prompt.len(),
         checked.max_tokens,
@@ -188,6 +177,46 @@ fn chat_job(
         session,
         grammar,
         reply,
+    })
+}
+
+/// A chat body's prompt, as the model reads it, with its tools and output grammar.
+pub(super) struct ChatPrompt {
+    pub(super) prompt: Vec<u32>,
+    pub(super) plan: Option<ToolPlan>,
+    pub(super) grammar: Option<Arc<Grammar>>,
+}
+
+/// Check the messages, tools and `response_format` of a chat body, render the messages
+/// through the model's template and tokenize them (blocking).
+pub(super) fn chat_prompt(
+    loaded: &engine::Loaded,
+    req: &ChatRequest,
+    body: &Value,
+) -> Result<ChatPrompt, ApiError> {
+    let plan = tools::plan(body)?;
+    tools::check_messages(&req.messages)?;
+    let mut grammar = tools::response_grammar(body)?;
+    if let Some(p) = plan.as_ref().filter(|p| p.active()) {
+        if grammar.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format cannot be combined with tools unless tool_choice is `none`",
+            ));
+        }
+        grammar = p.grammar()?;
+    }
+    let messages = validate::template_messages(&req.messages)?;
+    let (messages, tool_list) =
+        tools::prompt_messages(messages, plan.as_ref(), loaded.template.handles_tools());
+    let text = loaded
+        .template
+        .render(&messages, tool_list.as_ref(), true)?;
+    let prompt = loaded.tok.encode(&text, true)?;
+    Ok(ChatPrompt {
+        prompt,
+        plan,
+        grammar,
     })
 }
 
@@ -265,6 +294,21 @@ fn text_job(
 }
 
 async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiError> {
+    let (reply, events) = start(&st, who, job).await?;
+    if reply.stream {
+        Ok(stream::sse(reply, events, st.stream_idle_timeout).into_response())
+    } else {
+        collect(reply, events).await
+    }
+}
+
+/// Admit `job` (per-key limit), hand it to its engine and wait for the first event, so a
+/// refusal (busy session) gets its own status instead of a 200 stream that fails.
+pub(super) async fn start(
+    st: &AppState,
+    who: &Principal,
+    job: Job,
+) -> Result<(Reply, Events), ApiError> {
     let permit = st.limiter.acquire(who)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let Job {
@@ -289,8 +333,6 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
         span,
         enqueued: Instant::now(),
     })?;
-    // Wait for the first event before choosing the response: a refusal (busy session)
-    // then gets its own status instead of a 200 stream that fails.
     let first = match rx.recv().await {
         Some(GenEvent::Rejected(e)) => return Err(e.into()),
         None => return Err(engine_dropped()),
@@ -301,11 +343,7 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
         rx,
         _permit: permit,
     };
-    if reply.stream {
-        Ok(stream::sse(reply, events, st.stream_idle_timeout).into_response())
-    } else {
-        collect(reply, events).await
-    }
+    Ok((reply, events))
 }
 
 /// The error of a generation whose engine let go of it without a word.
@@ -314,7 +352,7 @@ fn engine_dropped() -> ApiError {
 }
 
 /// What a generation has to say next.
-enum Step {
+pub(super) enum Step {
     Token {
         text: String,
         logprob: Option<LogprobEntry>,
@@ -322,13 +360,15 @@ enum Step {
     Done {
         finish: engine::FinishReason,
         usage: Usage,
+        /// The stop string that ended it, if one did.
+        stop_sequence: Option<String>,
     },
     /// It ended without finishing.
     Failed(ApiError),
 }
 
 /// The engine's events, with the first one already taken off the channel.
-struct Events {
+pub(super) struct Events {
     peek: Option<GenEvent>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
     /// Released when the response (or stream) is dropped.
@@ -336,17 +376,43 @@ struct Events {
 }
 
 impl Events {
-    async fn next(&mut self) -> Step {
+    pub(super) async fn next(&mut self) -> Step {
         let event = match self.peek.take() {
             Some(e) => Some(e),
             None => self.rx.recv().await,
         };
         match event {
             Some(GenEvent::Token { text, logprob }) => Step::Token { text, logprob },
-            Some(GenEvent::Done { finish, usage }) => Step::Done { finish, usage },
+            Some(GenEvent::Done {
+                finish,
+                usage,
+                stop_sequence,
+            }) => Step::Done {
+                finish,
+                usage,
+                stop_sequence,
+            },
             Some(GenEvent::Error(message)) => Step::Failed(ApiError::internal(message)),
             Some(GenEvent::Rejected(e)) => Step::Failed(e.into()),
             None => Step::Failed(engine_dropped()),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Events {
+    /// `sent` as the engine's events, the channel closed after them.
+    pub(super) fn from_sent(sent: Vec<GenEvent>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for e in sent {
+            let _ = tx.send(e);
+        }
+        Self {
+            peek: None,
+            rx,
+            _permit: super::limits::Limiter::new(0)
+                .acquire(&Principal::default())
+                .expect("no limit"),
         }
     }
 }
@@ -360,7 +426,7 @@ async fn collect(reply: Reply, mut events: Events) -> Result<Response, ApiError>
                 text.push_str(&t);
                 lps.extend(logprob);
             }
-            Step::Done { finish, usage } => break (finish, usage),
+            Step::Done { finish, usage, .. } => break (finish, usage),
             Step::Failed(e) => return Err(e),
         }
     };

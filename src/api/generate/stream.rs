@@ -106,10 +106,23 @@ pub(super) fn sse(
     events: Events,
     idle: Option<Duration>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let (tx, out) = mpsc::channel(STREAM_BUFFER);
     let id = reply.id.clone();
+    sse_response(id, sse_events(reply, events), idle)
+}
+
+/// The SSE response that `events` (one protocol's mapping of a generation) feed
+/// through a bounded buffer, cut with its generation when unread for `idle`.
+pub(in crate::api) fn sse_response<S>(
+    id: String,
+    events: S,
+    idle: Option<Duration>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>>
+where
+    S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let (tx, out) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
-        if forward(sse_events(reply, events), tx, idle).await == Forwarded::IdleTimeout {
+        if forward(events, tx, idle).await == Forwarded::IdleTimeout {
             tracing::warn!(request_id = %id, "stream left unread past the idle timeout; generation cancelled");
             crate::metrics::stream_idle_timeout();
         }
@@ -193,7 +206,7 @@ fn sse_events(
                         }
                     }
                 }
-                Step::Done { finish, usage } => {
+                Step::Done { finish, usage, .. } => {
                     let mut calls = 0;
                     if let Some(p) = parser.as_mut() {
                         for d in piece_deltas(p.finish()) {

@@ -1,11 +1,18 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, generated from the request and
 //! response types the handlers use (`utoipa::ToSchema` derives in `types`) and the
 //! route table. Chat and text completion bodies are the endpoint's own fields plus the
-//! shared `CommonParams`.
+//! shared `CommonParams`. The Anthropic routes are in [`anthropic`].
+
+mod anthropic;
 
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
+use super::anthropic::types::{
+    AnthropicErrorBody, AnthropicErrorDetail, BlockDelta, ContentBlock, CountTokensBody,
+    CountTokensResponse, InputMessage, MessageDelta, MessageResponse, MessageUsage, MessagesBody,
+    Metadata, Role, StopReason, StreamEvent, ToolDef,
+};
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprobs, ChatMessage, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest,
@@ -194,7 +201,7 @@ fn session_patch() {}
 #[openapi(
     info(
         title = "candela",
-        description = "Local OpenAI-compatible LLM server with per-session KV cache"
+        description = "Local OpenAI- and Anthropic-compatible LLM server with per-session KV cache"
     ),
     paths(
         chat,
@@ -210,7 +217,9 @@ fn session_patch() {}
         sessions,
         session_get,
         session_delete,
-        session_patch
+        session_patch,
+        anthropic::messages,
+        anthropic::count_tokens
     ),
     components(schemas(
         ChatBody,
@@ -259,7 +268,24 @@ fn session_patch() {}
         DetokenizeResponse,
         Session,
         SessionList,
-        SessionDeleted
+        SessionDeleted,
+        MessagesBody,
+        CountTokensBody,
+        InputMessage,
+        Role,
+        ToolDef,
+        Metadata,
+        MessageResponse,
+        ContentBlock,
+        StopReason,
+        MessageUsage,
+        CountTokensResponse,
+        anthropic::AnthropicSseEvent,
+        StreamEvent,
+        BlockDelta,
+        MessageDelta,
+        AnthropicErrorBody,
+        AnthropicErrorDetail
     ))
 )]
 pub struct ApiDoc;

@@ -8,6 +8,8 @@
 pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
+    /// The stop string that ended generation, once one has.
+    matched: Option<String>,
 }
 
 /// What to emit after pushing a delta.
@@ -22,6 +24,7 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            matched: None,
         }
     }
 
@@ -33,14 +36,15 @@ impl StopMatcher {
                 stopped: false,
             };
         }
-        // Earliest complete stop string wins.
-        if let Some(at) = self
+        // Earliest complete stop string wins (the longest, of several that start there).
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s)))
+            .min_by(|a, b| a.0.cmp(&b.0).then(b.1.len().cmp(&a.1.len())))
         {
             let emit = self.pending[..at].to_string();
+            self.matched = Some(stop.clone());
             self.pending.clear();
             return StopStep {
                 emit,
@@ -63,6 +67,11 @@ impl StopMatcher {
             emit,
             stopped: false,
         }
+    }
+
+    /// The stop string that ended generation, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Text still held back when generation ends for another reason.
@@ -111,6 +120,16 @@ mod tests {
                 stopped: true
             }
         );
+        assert_eq!(m.matched(), Some("END"));
+    }
+
+    #[test]
+    fn the_earliest_stop_string_is_the_one_reported() {
+        let mut m = StopMatcher::new(vec!["zz".into(), "b".into(), "ab".into()]);
+        assert_eq!(m.matched(), None);
+        let step = m.push("xxabzz");
+        assert_eq!((step.emit.as_str(), step.stopped), ("xx", true));
+        assert_eq!(m.matched(), Some("ab"));
     }
 
     #[test]

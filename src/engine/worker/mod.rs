@@ -287,7 +287,7 @@ fn serve(
             for (events, ev) in last {
                 // Counted here, on this thread: `accept` may run on a pool thread, and
                 // the model label is this thread's.
-                if let GenEvent::Done { finish, usage } = &ev {
+                if let GenEvent::Done { finish, usage, .. } = &ev {
                     metrics::finished(
                         finish.as_str(),
                         usage.prompt_tokens,

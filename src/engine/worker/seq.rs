@@ -182,7 +182,12 @@ pub(super) fn accept(tok: &Tok, s: &mut Seq, logits: &mut [f32]) -> Result<(), E
                 completion_tokens: s.generated.len(),
                 cached_tokens: s.reused,
             };
-            s.last_event = Some(GenEvent::Done { finish: f, usage });
+            let stop_sequence = s.stop.matched().map(str::to_string);
+            s.last_event = Some(GenEvent::Done {
+                finish: f,
+                usage,
+                stop_sequence,
+            });
         }
         None => s.next = Some(id),
     }

@@ -240,7 +240,7 @@ fn collect_after(mut rx: mpsc::UnboundedReceiver<GenEvent>, seen: usize) -> Outc
                 text.push_str(&t);
                 tokens += 1;
             }
-            GenEvent::Done { finish, usage } => {
+            GenEvent::Done { finish, usage, .. } => {
                 assert_eq!(usage.completion_tokens, tokens);
                 return Outcome::Done {
                     text,
