@@ -412,16 +412,16 @@ async fn bad_directories_fail_with_clear_errors() {
         ),
         (
             case(
-                "llama3-rope",
+                "dynamic-rope",
                 &[(
                     "config.json",
                     with(
                         "rope_scaling",
-                        json!({"rope_type": "llama3", "factor": 8.0}),
+                        json!({"rope_type": "dynamic", "factor": 8.0}),
                     ),
                 )],
             ),
-            "rope_scaling of type `llama3` is not supported",
+            "rope_scaling of type `dynamic` is not supported",
         ),
         (
             case("no-tokenizer", &[("config.json", config.to_string())]),

@@ -1,6 +1,10 @@
 //! Hugging Face model directories: `config.json` plus `model.safetensors` (or shards
-//! listed in `model.safetensors.index.json`) for the llama, mistral and qwen2
-//! architectures, in f32, f16 or bf16.
+//! listed in `model.safetensors.index.json`) for the llama, mistral, qwen2, qwen3,
+//! qwen3moe and gemma3 architectures (Gemma 3's multimodal checkpoints too: their text
+//! model), in f32, f16 or bf16. `config.json` is read into the same [`ModelConfig`] a
+//! GGUF of the family gives; where the checkpoint differs from GGUF conversion it is
+//! undone here: Gemma's norms are stored as `w` and applied as `1 + w`, llama3's rotary
+//! frequency factors are computed from `rope_scaling` rather than stored.
 //!
 //! Hugging Face checkpoints keep Q and K in the layout that rotates halves (NEOX
 //! pairs `i`, `i + d/2`); GGUF conversion permutes those rows for interleaved pairs.
@@ -134,7 +138,13 @@ pub(crate) fn text_config(c: &Value, dir: &Path) -> Result<Value> {
         if let Some(o) = t.as_object_mut() {
             for (k, v) in GEMMA3_DEFAULTS {
                 if !o.contains_key(*k) {
-                    o.insert(k.to_string(), serde_json::json!(v));
+                    // Whole numbers as integers: counts are read with `as_u64`.
+                    let v = if v.fract() == 0.0 {
+                        Value::from(*v as u64)
+                    } else {
+                        Value::from(*v)
+                    };
+                    o.insert(k.to_string(), v);
                 }
             }
             o.entry("hidden_activation")
