@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -21,53 +20,10 @@ use candela::engine::model::{Model, ModelConfig, SeqInput};
 use candela::engine::Tok;
 use candela::kv::{KvDtype, SeqCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 const CTX: usize = 2048;
-
-/// GGUF's converter permutes the rows of Q and K per head, `(2, d/2)` to `(d/2, 2)`, so
-/// interleaved rotary pairs act like Hugging Face's rotate-half; undo it.
-fn unpermute(t: &Tensor, heads: usize) -> Tensor {
-    let (out, inp) = t.dims2().unwrap();
-    t.reshape((heads, out / heads / 2, 2, inp))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((out, inp))
-        .unwrap()
-}
-
-fn hf_name(gguf: &str) -> String {
-    let fixed = [
-        ("token_embd.weight", "model.embed_tokens.weight"),
-        ("output_norm.weight", "model.norm.weight"),
-        ("output.weight", "lm_head.weight"),
-    ];
-    if let Some((_, hf)) = fixed.iter().find(|(g, _)| *g == gguf) {
-        return hf.to_string();
-    }
-    let rest = gguf.strip_prefix("blk.").expect("a layer tensor");
-    let (layer, part) = rest.split_once('.').unwrap();
-    let part = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        other => panic!("unexpected tensor {other}"),
-    };
-    format!("model.layers.{layer}.{part}")
-}
 
 fn gguf() -> (gguf_file::Content, std::fs::File) {
     let mut f = std::fs::File::open(common::model_path()).unwrap();
@@ -88,81 +44,9 @@ fn hf_dir() -> &'static Path {
     .1
 }
 
-/// Every tensor of the GGUF `ct`, dequantized to f32 under its Hugging Face name, in two
-/// shards with an index; Q/K un-permuted where the converter permuted them (llama).
-/// Writes `config.json` too and returns the model's hyper-parameters.
+/// The GGUF `ct` as a Hugging Face directory's weights and `config.json`.
 fn write_weights(ct: &gguf_file::Content, f: &mut std::fs::File, dir: &Path) -> ModelConfig {
-    let cfg = ModelConfig::from_gguf(ct).unwrap();
-    let permuted = !cfg.rope_neox;
-    let mut weight_map = serde_json::Map::new();
-    let files = [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ];
-    // Layers from the middle on go to the second shard; one shard in memory at a time.
-    let shard_of = |name: &str| {
-        name.strip_prefix("blk.")
-            .and_then(|r| r.split('.').next())
-            .is_some_and(|l| l.parse::<usize>().unwrap() >= cfg.n_layers / 2) as usize
-    };
-    for (i, file) in files.iter().enumerate() {
-        let mut shard = HashMap::new();
-        for name in ct.tensor_infos.keys().filter(|n| shard_of(n) == i) {
-            let t = ct
-                .tensor(f, name, &Device::Cpu)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap();
-            let t = if permuted && name.ends_with("attn_q.weight") {
-                unpermute(&t, cfg.n_heads)
-            } else if permuted && name.ends_with("attn_k.weight") {
-                unpermute(&t, cfg.n_kv_heads)
-            } else {
-                t
-            };
-            let hf = hf_name(name);
-            weight_map.insert(hf.clone(), json!(file));
-            shard.insert(hf, t);
-        }
-        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
-    }
-    let write = |name: &str, v: Value| {
-        std::fs::write(dir.join(name), serde_json::to_string_pretty(&v).unwrap()).unwrap()
-    };
-    write(
-        "model.safetensors.index.json",
-        json!({"metadata": {}, "weight_map": weight_map}),
-    );
-    let arch = cfg.arch.as_str();
-    let ffn = ct.metadata[&format!("{arch}.feed_forward_length")]
-        .to_u32()
-        .unwrap();
-    let hf_arch = match arch {
-        "llama" => "LlamaForCausalLM",
-        "qwen2" => "Qwen2ForCausalLM",
-        other => panic!("no HF name for {other}"),
-    };
-    write(
-        "config.json",
-        json!({
-            "architectures": [hf_arch],
-            "model_type": arch,
-            "hidden_size": cfg.hidden,
-            "intermediate_size": ffn,
-            "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads,
-            "vocab_size": cfg.vocab,
-            "max_position_embeddings": cfg.train_ctx,
-            "rms_norm_eps": cfg.rms_eps,
-            "rope_theta": cfg.rope_base,
-            "rope_scaling": null,
-            "hidden_act": "silu",
-            "tie_word_embeddings": !ct.tensor_infos.contains_key("output.weight"),
-            "torch_dtype": "float32"
-        }),
-    );
-    cfg
+    common::hfdir::write_weights(ct, f, dir, Default::default(), &json!({}))
 }
 
 fn build_hf_dir(dir: &Path) {
@@ -528,16 +412,16 @@ async fn bad_directories_fail_with_clear_errors() {
         ),
         (
             case(
-                "llama3-rope",
+                "dynamic-rope",
                 &[(
                     "config.json",
                     with(
                         "rope_scaling",
-                        json!({"rope_type": "llama3", "factor": 8.0}),
+                        json!({"rope_type": "dynamic", "factor": 8.0}),
                     ),
                 )],
             ),
-            "rope_scaling of type `llama3` is not supported",
+            "rope_scaling of type `dynamic` is not supported",
         ),
         (
             case("no-tokenizer", &[("config.json", config.to_string())]),

@@ -14,24 +14,12 @@
 mod common;
 
 use common::ids;
-
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use common::synth::{fixture, path, NAMES};
 
 use candela::engine::model::Model;
 use candela::engine::Tok;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use sha2::{Digest, Sha256};
-
-const NAMES: &[&str] = &[
-    "qwen3",
-    "qwen3moe",
-    "gemma3",
-    "llama-rope-llama3",
-    "llama-rope-linear",
-    "llama-rope-yarn",
-];
 
 /// A near-tie: llama.cpp's own top-1/top-2 logprob margin below this may go either way
 /// between two correct implementations.
@@ -40,62 +28,6 @@ const NEAR_TIE: f64 = 0.25;
 /// 27 equal tokens at a margin of 0.43 (the other five prompts are exact); accepted up to
 /// this margin for that file only, until the cause is found.
 const LINEAR_LONG_PROMPT_MARGIN: f64 = 0.5;
-
-fn fixture(name: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/synth")
-        .join(format!("ref_{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn sha256(path: &std::path::Path) -> String {
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(path).unwrap();
-    std::io::copy(&mut f, &mut h).unwrap();
-    hex::encode(h.finalize())
-}
-
-/// The synthetic files, written once per data dir by the generator (the `gguf` and
-/// `numpy` Python packages) and checked against the sha256 the fixtures were made from.
-fn synth_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = common::data_dir().join("synth");
-        let fresh = |n: &str| {
-            let p = dir.join(format!("{n}.gguf"));
-            p.exists() && sha256(&p) == fixture(n)["gguf_sha256"].as_str().unwrap()
-        };
-        if !NAMES.iter().all(|n| fresh(n)) {
-            let out = std::process::Command::new(common::python())
-                .arg(
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                        .join("tests/fixtures/synth/gen_synth.py"),
-                )
-                .arg(&dir)
-                .arg("--tokenizer-from")
-                .arg(common::model_path())
-                .output()
-                .expect("run gen_synth.py");
-            assert!(
-                out.status.success(),
-                "gen_synth.py failed (needs `pip install gguf==0.19.0 numpy`): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        for n in NAMES {
-            assert!(
-                fresh(n),
-                "{n}.gguf differs from the file its fixture was made from"
-            );
-        }
-        dir
-    })
-    .clone()
-}
-
-fn path(name: &str) -> PathBuf {
-    synth_dir().join(format!("{name}.gguf"))
-}
 
 fn load(name: &str) -> (Model, Tok) {
     let p = path(name);

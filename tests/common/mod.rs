@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 
 use candela::engine::fetch;
 
+pub mod hfdir;
+pub mod synth;
+
 /// Data dir shared by all tests (and CI runs): `CANDELA_TEST_DATA_DIR` or target/test-data.
 pub fn data_dir() -> PathBuf {
     std::env::var_os("CANDELA_TEST_DATA_DIR")

@@ -44,8 +44,28 @@ fn unsupported_configs_are_named() {
         m.contains("unsupported architecture `GPT2LMHeadModel`"),
         "{m}"
     );
-    let m = e(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}));
-    assert!(m.contains("rope_scaling of type `llama3`"), "{m}");
+    let m = e(json!({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}));
+    assert!(
+        m.contains("rope_scaling of type `longrope` is not supported (supported: default, linear, llama3, yarn)"),
+        "{m}"
+    );
+    let m = e(json!({"rope_scaling": {"rope_type": "linear"}}));
+    assert!(
+        m.contains("rope_scaling `linear` needs a positive `factor`"),
+        "{m}"
+    );
+    let m = e(
+        json!({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8,
+                     "num_experts_per_tok": 9, "moe_intermediate_size": 32}),
+    );
+    assert!(m.contains("num_experts_per_tok 9 of 8 experts"), "{m}");
+    let m = e(
+        json!({"architectures": ["Qwen3MoeForCausalLM"], "num_experts_per_tok": 2,
+                     "moe_intermediate_size": 32}),
+    );
+    assert!(m.contains("`num_experts` missing"), "{m}");
+    let m = e(json!({"architectures": ["Gemma3ForConditionalGeneration"]}));
+    assert!(m.contains("`text_config` missing"), "{m}");
     let m = e(json!({"hidden_act": "gelu"}));
     assert!(m.contains("hidden_act `gelu`"), "{m}");
     let m = e(json!({"hidden_size": "big"}));
@@ -166,4 +186,106 @@ fn dtypes_and_shards_load_alike() {
         e.contains("model-00002-of-00002.safetensors named by the index is missing"),
         "{e}"
     );
+}
+
+/// A multimodal Gemma 3 config lists only what differs from Gemma 3's defaults in its
+/// `text_config` (as transformers writes it): the rest comes from the defaults.
+#[test]
+fn gemma3_text_config_takes_the_defaults() {
+    let c = json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                        "model_type": "gemma3_text", "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152}
+    });
+    let c = ModelConfig::from_hf_json(&c, Path::new("d")).unwrap();
+    assert_eq!((c.arch.as_str(), c.family), ("gemma3", Family::Gemma3));
+    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim), (8, 4, 256));
+    assert_eq!((c.vocab, c.train_ctx, c.rope_base), (262_208, 131_072, 1e6));
+    assert_eq!(c.act, Act::GeluTanh);
+    assert!(c.q_prescale);
+    assert_eq!(c.attn_scale, 1.0 / 16.0);
+    assert_eq!(c.embed_scale, Some(2560f32.sqrt()));
+    assert_eq!(c.final_softcap, None);
+    assert_eq!(c.rope_scaling.freq_scale, 0.125);
+    let sw = c.sliding.unwrap();
+    assert_eq!((sw.window, sw.rope_base), (1024, 10_000.0));
+    // Every sixth layer is global.
+    let globals: Vec<usize> = (0..34).filter(|&l| !sw.local[l]).collect();
+    assert_eq!(globals, vec![5, 11, 17, 23, 29]);
+}
+
+/// Gemma 3 in transformers 5's form: `layer_types` and `rope_parameters` per layer kind.
+#[test]
+fn gemma3_layer_types_and_rope_parameters() {
+    let c = json!({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "vocab_size": 96, "query_pre_attn_scalar": 64,
+        "final_logit_softcapping": 30.0, "sliding_window": 16,
+        "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 50000.0,
+                               "original_max_position_embeddings": 128},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}
+        }
+    });
+    let c = ModelConfig::from_hf_json(&c, Path::new("d")).unwrap();
+    assert_eq!(c.rope_base, 50_000.0);
+    assert_eq!(c.attn_scale, 0.125);
+    assert_eq!(c.final_softcap, Some(30.0));
+    assert_eq!(
+        (c.rope_scaling.freq_scale, c.rope_scaling.n_ctx_orig),
+        (0.5, 128)
+    );
+    let sw = c.sliding.unwrap();
+    assert_eq!((sw.window, sw.rope_base), (16, 500.0));
+    assert_eq!(sw.local, vec![false, true, false]);
+}
+
+/// llama3's frequency divisors: 1 for the fastest pairs, `factor` for the slowest, a
+/// blend between; YaRN's attention factor is the total magnitude of cos/sin.
+#[test]
+fn llama3_factors_and_yarn_magnitude() {
+    let c = cfg(
+        json!({"architectures": ["LlamaForCausalLM"], "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+    );
+    let (s, f) = rope_scaling(&c, Path::new("d"), 128, 500_000.0, 512).unwrap();
+    assert_eq!(
+        s,
+        RopeScaling {
+            n_ctx_orig: 512,
+            ..RopeScaling::default()
+        }
+    );
+    let f = f.unwrap();
+    assert_eq!(f.len(), 64);
+    assert_eq!((f[0], f[63]), (1.0, 8.0));
+    assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+    assert!(
+        f.iter().any(|&x| x > 1.0 && x < 8.0),
+        "a blended band: {f:?}"
+    );
+    for (attention_factor, want) in [(None, 1.0 + 0.1 * 4f32.ln()), (Some(1.5f32), 1.5)] {
+        let mut r = json!({"rope_type": "yarn", "factor": 4.0,
+                           "original_max_position_embeddings": 64});
+        if let Some(a) = attention_factor {
+            r["attention_factor"] = json!(a);
+        }
+        let c = cfg(json!({"rope_scaling": r}));
+        let (s, f) = rope_scaling(&c, Path::new("d"), 32, 10_000.0, 256).unwrap();
+        assert!(f.is_none());
+        let (cos, sin) = super::super::rope::tables(32, 10_000.0, 4, &s, None);
+        // Position 0: cos = magnitude, sin = 0.
+        assert!(
+            (cos[0] - want).abs() < 1e-6 && sin[0] == 0.0,
+            "{} {want}",
+            cos[0]
+        );
+    }
 }
