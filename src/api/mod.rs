@@ -10,6 +10,7 @@ mod misc;
 pub mod models;
 pub mod net;
 pub mod openapi;
+mod responses;
 mod sessions;
 pub mod tools;
 pub mod types;
@@ -39,6 +40,8 @@ pub mod routes {
     pub const SESSIONS: &str = "/v1/sessions";
     pub const SESSION: &str = "/v1/sessions/{id}";
     pub const OPENAPI: &str = "/openapi.json";
+    pub const RESPONSES: &str = "/v1/responses";
+    pub const RESPONSE: &str = "/v1/responses/{id}";
 
     /// Every route, for the OpenAPI coverage test.
     pub const ALL: &[&str] = &[
@@ -54,6 +57,8 @@ pub mod routes {
         SESSIONS,
         SESSION,
         OPENAPI,
+        RESPONSES,
+        RESPONSE,
     ];
 }
 
@@ -74,6 +79,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(routes::CHAT, post(generate::chat))
         .route(routes::COMPLETIONS, post(generate::completions))
+        .route(routes::RESPONSES, post(responses::create))
+        .route(
+            routes::RESPONSE,
+            get(responses::get).delete(responses::delete),
+        )
         .route(routes::MODELS, get(misc::models))
         .route(routes::MODEL, get(misc::model))
         .route(routes::HEALTH, get(misc::health))

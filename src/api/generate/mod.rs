@@ -6,6 +6,8 @@
 
 mod stream;
 
+pub(super) use stream::serve_sse;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,33 +49,40 @@ enum Kind {
     Text,
 }
 
-/// A validated request on its way to the engine.
-struct Job {
+/// A validated request on its way to the engine. Other protocols (`responses`) build
+/// one through [`chat_job`] and adjust its session before [`start`].
+pub(super) struct Job {
     /// The engine of the model the request named.
-    engine: Engine,
-    prompt: Vec<u32>,
+    pub(super) engine: Engine,
+    pub(super) prompt: Vec<u32>,
     checked: Checked,
     max_tokens: usize,
-    session: Option<String>,
+    /// The internal (scoped) session id.
+    pub(super) session: Option<String>,
     grammar: Option<Arc<Grammar>>,
-    reply: Reply,
+    pub(super) reply: Reply,
 }
 
 /// What shapes the response: everything the mapping needs, nothing of the engine.
-struct Reply {
+pub(super) struct Reply {
     kind: Kind,
     id: String,
-    model: String,
+    pub(super) model: String,
     want_logprobs: bool,
-    stream: bool,
+    pub(super) stream: bool,
     include_usage: bool,
     /// Tools whose calls are parsed out of the output (tool_choice other than none).
-    tools: Option<ToolPlan>,
+    pub(super) tools: Option<ToolPlan>,
 }
 
-fn header_session(h: &HeaderMap) -> Option<String> {
-    h.get("x-session-id")
-        .and_then(|v| v.to_str().ok())
+/// Session headers clients send, in order of precedence: candela's own, then Codex's
+/// (`session_id`, and `conversation_id` from its older releases).
+const SESSION_HEADERS: &[&str] = &["x-session-id", "session_id", "conversation_id"];
+
+pub(super) fn header_session(h: &HeaderMap) -> Option<String> {
+    SESSION_HEADERS
+        .iter()
+        .find_map(|name| h.get(*name).and_then(|v| v.to_str().ok()))
         .map(str::to_string)
 }
 
@@ -112,7 +121,7 @@ async fn serve(
 }
 
 /// Check a chat request, render its messages and tokenize them (blocking).
-fn chat_job(
+pub(super) fn chat_job(
     models: &Models,
     who: &Principal,
     header_session: Option<&str>,
@@ -265,6 +274,21 @@ fn text_job(
 }
 
 async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiError> {
+    let (reply, events) = start(&st, who, job).await?;
+    if reply.stream {
+        Ok(stream::sse(reply, events, st.stream_idle_timeout).into_response())
+    } else {
+        collect(reply, events).await
+    }
+}
+
+/// Admit the job (per-key limit), queue it on its engine and wait for its first event:
+/// a refusal (busy session) then gets its own status instead of a 200 that fails.
+pub(super) async fn start(
+    st: &AppState,
+    who: &Principal,
+    job: Job,
+) -> Result<(Reply, Events), ApiError> {
     let permit = st.limiter.acquire(who)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let Job {
@@ -301,11 +325,7 @@ async fn run(st: AppState, who: &Principal, job: Job) -> Result<Response, ApiErr
         rx,
         _permit: permit,
     };
-    if reply.stream {
-        Ok(stream::sse(reply, events, st.stream_idle_timeout).into_response())
-    } else {
-        collect(reply, events).await
-    }
+    Ok((reply, events))
 }
 
 /// The error of a generation whose engine let go of it without a word.
@@ -314,7 +334,7 @@ fn engine_dropped() -> ApiError {
 }
 
 /// What a generation has to say next.
-enum Step {
+pub(super) enum Step {
     Token {
         text: String,
         logprob: Option<LogprobEntry>,
@@ -328,7 +348,7 @@ enum Step {
 }
 
 /// The engine's events, with the first one already taken off the channel.
-struct Events {
+pub(super) struct Events {
     peek: Option<GenEvent>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
     /// Released when the response (or stream) is dropped.
@@ -336,7 +356,7 @@ struct Events {
 }
 
 impl Events {
-    async fn next(&mut self) -> Step {
+    pub(super) async fn next(&mut self) -> Step {
         let event = match self.peek.take() {
             Some(e) => Some(e),
             None => self.rx.recv().await,

@@ -106,10 +106,24 @@ pub(super) fn sse(
     events: Events,
     idle: Option<Duration>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let (tx, out) = mpsc::channel(STREAM_BUFFER);
     let id = reply.id.clone();
+    serve_sse(sse_events(reply, events), id, idle)
+}
+
+/// Serve `src` as an SSE response with keep-alive comments, through a bounded buffer:
+/// a client that reads nothing for `idle` is cut off, and one that goes away drops
+/// `src` (cancelling the generation behind it). Shared by every streaming protocol.
+pub(crate) fn serve_sse<S>(
+    src: S,
+    id: String,
+    idle: Option<Duration>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>>
+where
+    S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let (tx, out) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
-        if forward(sse_events(reply, events), tx, idle).await == Forwarded::IdleTimeout {
+        if forward(src, tx, idle).await == Forwarded::IdleTimeout {
             tracing::warn!(request_id = %id, "stream left unread past the idle timeout; generation cancelled");
             crate::metrics::stream_idle_timeout();
         }
