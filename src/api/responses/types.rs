@@ -219,8 +219,7 @@ pub struct ResponseObject {
     pub previous_response_id: Option<String>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    /// As the request gave it (`"auto"` by default).
-    #[schema(value_type = Object)]
+    /// As the request gave it (`"auto"` by default): a string or an object.
     pub tool_choice: Value,
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<Value>,
