@@ -295,3 +295,59 @@ async fn stored_responses_survive_a_restart_and_leave_with_their_session() {
     assert_error(&chain, 404, Some("previous_response_id"));
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_style_turns_are_warm_through_its_session_header() {
+    let base = common::server();
+    let session = format!("codex-{}", std::process::id());
+    // What Codex sends: the whole history every turn, unstored, its conversation id
+    // in the `session_id` header.
+    let send = |input: Value| {
+        let (base, session) = (base.clone(), session.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/responses"))
+                .header("session_id", session)
+                .json(&json!({
+                    "instructions": INSTRUCTIONS, "input": input, "store": false,
+                    "max_output_tokens": 10, "temperature": 0,
+                    "include": ["reasoning.encrypted_content"], "reasoning": null,
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let q1 = json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List two colours."}]});
+    let r1 = send(json!([q1])).await;
+    assert_eq!(usage(&r1, "cached"), 0, "{r1}");
+    let mut history = vec![q1];
+    history.extend(r1["output"].as_array().unwrap().iter().cloned());
+    history.push(json!({"role": "user", "content": "And two more?"}));
+    let r2 = send(Value::Array(history)).await;
+    assert!(usage(&r2, "cached") >= usage(&r1, "input_tokens"), "{r2}");
+    let (s, sess) = call(
+        &base,
+        Method::GET,
+        &format!("/v1/sessions/{session}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{sess}");
+    // Unstored: neither retrievable nor chainable.
+    let id = r2["id"].as_str().unwrap();
+    let got = call(
+        &base,
+        Method::GET,
+        &format!("/v1/responses/{id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_error(&got, 404, None);
+    let chain = create(&base, None, turn(json!("More?"), Some(id))).await;
+    assert_error(&chain, 404, Some("previous_response_id"));
+}

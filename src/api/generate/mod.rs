@@ -66,7 +66,8 @@ pub(super) struct Job {
 /// What shapes the response: everything the mapping needs, nothing of the engine.
 pub(super) struct Reply {
     kind: Kind,
-    id: String,
+    /// The response's id (also the tracing span's `request_id`).
+    pub(super) id: String,
     pub(super) model: String,
     want_logprobs: bool,
     pub(super) stream: bool,

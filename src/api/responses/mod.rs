@@ -203,6 +203,7 @@ pub async fn create(
     })
     .await?;
     job.session = session.clone();
+    job.reply.id = id.clone();
     let chained = req.previous_response_id.is_some();
     let (reply, events) = generate::start(&st, &who, job).await.map_err(|mut e| {
         if chained && e.code == Some("session_busy") {
