@@ -11,6 +11,7 @@ mod misc;
 pub mod models;
 pub mod net;
 pub mod openapi;
+mod responses;
 mod sessions;
 pub mod tools;
 pub mod types;
@@ -42,6 +43,8 @@ pub mod routes {
     pub const SESSIONS: &str = "/v1/sessions";
     pub const SESSION: &str = "/v1/sessions/{id}";
     pub const OPENAPI: &str = "/openapi.json";
+    pub const RESPONSES: &str = "/v1/responses";
+    pub const RESPONSE: &str = "/v1/responses/{id}";
 
     /// Every route, for the OpenAPI coverage test.
     pub const ALL: &[&str] = &[
@@ -59,6 +62,8 @@ pub mod routes {
         SESSIONS,
         SESSION,
         OPENAPI,
+        RESPONSES,
+        RESPONSE,
     ];
 }
 
@@ -81,6 +86,11 @@ pub fn router(state: AppState) -> Router {
         .route(routes::COMPLETIONS, post(generate::completions))
         .route(routes::MESSAGES, post(anthropic::messages))
         .route(routes::COUNT_TOKENS, post(anthropic::count_tokens))
+        .route(routes::RESPONSES, post(responses::create))
+        .route(
+            routes::RESPONSE,
+            get(responses::get).delete(responses::delete),
+        )
         .route(routes::MODELS, get(misc::models))
         .route(routes::MODEL, get(misc::model))
         .route(routes::HEALTH, get(misc::health))

@@ -15,7 +15,9 @@ pub mod text;
 mod worker;
 
 pub use error::EngineError;
-pub use request::{Command, FinishReason, GenEvent, GenRequest, LogprobEntry, SessionCmd, Usage};
+pub use request::{
+    Command, FinishReason, GenEvent, GenRequest, LogprobEntry, Notes, SessionCmd, Usage,
+};
 
 pub use worker::pick_device;
 
@@ -197,6 +199,25 @@ impl Engine {
         let id = id.to_string();
         self.ask(|reply| SessionCmd::Pin { id, pinned, reply })
             .await?
+    }
+
+    /// Attach `value` under `key` to session `id`: the note lives as long as the
+    /// session does (memory, disk, restart) and goes when it is evicted or deleted.
+    pub async fn put_note(&self, id: &str, key: &str, value: String) -> Result<(), EngineError> {
+        let (id, key) = (id.to_string(), key.to_string());
+        self.ask(|reply| SessionCmd::PutNote {
+            id,
+            key,
+            value,
+            reply,
+        })
+        .await?
+    }
+
+    /// The session holding a note under `key`, with all of that session's notes.
+    pub async fn find_note(&self, key: &str) -> Result<Option<(String, Notes)>, EngineError> {
+        let key = key.to_string();
+        self.ask(|reply| SessionCmd::FindNote { key, reply }).await
     }
 
     /// Write every idle session to the spill dir (graceful shutdown); the number written.

@@ -100,4 +100,19 @@ pub enum SessionCmd {
     },
     /// Write every idle session to the spill dir; answers how many were written.
     SpillAll { reply: oneshot::Sender<usize> },
+    /// Attach an opaque note to a session (kept, spilled and dropped with it).
+    PutNote {
+        id: String,
+        key: String,
+        value: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// The session holding a note under `key`, with all of its notes.
+    FindNote {
+        key: String,
+        reply: oneshot::Sender<Option<(String, Notes)>>,
+    },
 }
+
+/// A session's notes: opaque strings under string keys.
+pub type Notes = std::collections::BTreeMap<String, String>;

@@ -1,10 +1,13 @@
 //! Spill files: one session's cache as safetensors (`k.{layer}`, `v.{layer}`, `tokens`)
-//! plus metadata (format version, model fingerprint, dtype, session id, counters).
-//! Written crash-safe (temp file, fsync, rename, fsync of the directory) and readable
-//! only by the owner. Reading checks everything before a tensor is trusted: a torn,
-//! corrupt or foreign file is an error, never a panic.
+//! plus metadata (format version, model fingerprint, dtype, session id, counters), and
+//! beside it, when the session carries notes (opaque strings the API attaches to a
+//! session, such as stored responses), a `.notes.json` sidecar. Both are written
+//! crash-safe (temp file, fsync, rename, fsync of the directory) and readable only by
+//! the owner. Reading checks everything before a tensor is trusted: a torn, corrupt or
+//! foreign file is an error, never a panic. A cache file without a sidecar (older
+//! files, sessions without notes) has no notes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +69,85 @@ pub fn file_name(session: &str) -> String {
     format!("{safe}.kv.safetensors")
 }
 
+/// Write `bytes` to `path` crash-safe: a private temp file, fsync, rename, fsync of the
+/// directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SpillError> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// The notes sidecar of a cache file (`x.kv.safetensors` → `x.notes.json`).
+pub fn notes_path(cache_file: &Path) -> PathBuf {
+    let name = cache_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".kv.safetensors").unwrap_or(&name);
+    cache_file.with_file_name(format!("{stem}.notes.json"))
+}
+
+/// Largest notes sidecar read back (a corrupt file must not allocate without bound).
+const MAX_NOTES: u64 = 256 << 20;
+
+/// Write (or, for no notes, remove) the notes sidecar of `cache_file`.
+pub fn write_notes(cache_file: &Path, notes: &BTreeMap<String, String>) -> Result<(), SpillError> {
+    let path = notes_path(cache_file);
+    if notes.is_empty() {
+        return match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        };
+    }
+    let bytes = serde_json::to_vec(notes).map_err(|e| bad(&path, e.to_string()))?;
+    write_atomic(&path, &bytes)
+}
+
+/// The notes beside `cache_file` (none without a sidecar).
+pub fn read_notes(cache_file: &Path) -> Result<BTreeMap<String, String>, SpillError> {
+    let path = notes_path(cache_file);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let len = f.metadata().map_err(io(&path))?.len();
+    if len > MAX_NOTES {
+        return Err(bad(
+            &path,
+            format!("notes file of {len} bytes is too large"),
+        ));
+    }
+    let mut text = Vec::with_capacity(len as usize);
+    f.take(MAX_NOTES)
+        .read_to_end(&mut text)
+        .map_err(io(&path))?;
+    serde_json::from_slice(&text).map_err(|e| bad(&path, format!("notes: {e}")))
+}
+
+/// Remove a cache file and its notes sidecar.
+pub fn remove(cache_file: &Path) {
+    let _ = fs::remove_file(cache_file);
+    let _ = fs::remove_file(notes_path(cache_file));
+}
+
 /// Write `cache` for `meta.session` into `dir`; returns the path and its size in bytes.
 pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf, u64), SpillError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
@@ -97,23 +179,7 @@ pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf,
     .collect();
     let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
         .map_err(|e| bad(&path, e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, &path).map_err(io(&path))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    write_atomic(&path, &bytes)?;
     Ok((path, bytes.len() as u64))
 }
 
@@ -281,6 +347,35 @@ mod tests {
             assert_eq!(d(k1, k2), 0.0);
             assert_eq!(d(v1, v2), 0.0);
         }
+    }
+
+    #[test]
+    fn notes_sidecar_round_trips_and_is_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = write(dir.path(), &cache(5), &meta("m1")).unwrap();
+        assert_eq!(notes_path(&path), dir.path().join("s%2f1.notes.json"));
+        // A file without a sidecar (as older servers wrote them) has no notes.
+        assert!(read_notes(&path).unwrap().is_empty());
+        let notes: BTreeMap<String, String> =
+            [("resp_1".to_string(), "{\"a\":1}".to_string())].into();
+        write_notes(&path, &notes).unwrap();
+        assert_eq!(read_notes(&path).unwrap(), notes);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(notes_path(&path))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0);
+        }
+        fs::write(notes_path(&path), b"{torn").unwrap();
+        assert!(read_notes(&path).is_err());
+        write_notes(&path, &BTreeMap::new()).unwrap();
+        assert!(!notes_path(&path).exists());
+        write_notes(&path, &notes).unwrap();
+        remove(&path);
+        assert!(!path.exists() && !notes_path(&path).exists());
     }
 
     #[test]

@@ -5,8 +5,13 @@
 //!
 //! A cache is checked out for the length of one request and checked back in after it;
 //! while out, its session is busy and a second request on it is refused.
+//!
+//! A named session may also carry **notes**: opaque strings under string keys that the
+//! API attaches to it (stored responses). The store never reads them; it keeps them
+//! with the session in every tier, writes them beside its spill file, and drops them
+//! when the session goes (evicted without spilling, past the disk budget, deleted).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,6 +69,8 @@ struct Entry {
     pinned: bool,
     /// Deleted while busy: drop it at check-in instead of storing it.
     doomed: bool,
+    /// Opaque notes the API keeps with the session (see the module docs).
+    notes: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -195,6 +202,12 @@ impl SessionStore {
                             && !self.sessions.contains_key(&m.session) =>
                     {
                         let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        let notes = spill::read_notes(&path).unwrap_or_else(|err| {
+                            tracing::warn!(
+                                "ignoring the unreadable notes of a spilled session: {err}"
+                            );
+                            BTreeMap::new()
+                        });
                         self.sessions.insert(
                             m.session.clone(),
                             Entry {
@@ -207,6 +220,7 @@ impl SessionStore {
                                 hits: m.hits,
                                 pinned: false,
                                 doomed: false,
+                                notes,
                             },
                         );
                         found += 1;
@@ -221,6 +235,18 @@ impl SessionStore {
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("skipping an unreadable spill file: {e}"),
+                }
+            }
+        }
+        // Notes whose cache file is gone (restored, then the server stopped hard).
+        if let Ok(rd) = std::fs::read_dir(&cfg.dir) {
+            for e in rd.flatten() {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(stem) = name.strip_suffix(".notes.json") {
+                    if !cfg.dir.join(format!("{stem}.kv.safetensors")).exists() {
+                        let _ = std::fs::remove_file(&path);
+                    }
                 }
             }
         }
@@ -255,7 +281,8 @@ impl SessionStore {
                             let t0 = Instant::now();
                             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                             let r = spill::read(&path, layout, device, &fp);
-                            let _ = std::fs::remove_file(&path);
+                            // The notes stay with the entry in memory.
+                            spill::remove(&path);
                             match r {
                                 Ok((c, _)) => {
                                     restored = true;
@@ -289,6 +316,7 @@ impl SessionStore {
                             hits: 0,
                             pinned: false,
                             doomed: false,
+                            notes: BTreeMap::new(),
                         },
                     );
                     fresh()
@@ -438,6 +466,9 @@ impl SessionStore {
         };
         match written {
             Some((path, bytes)) => {
+                if let Err(err) = spill::write_notes(&path, &e.notes) {
+                    tracing::warn!("could not write the notes of session `{k}` to disk: {err}");
+                }
                 e.slot = Slot::Disk { path, bytes };
                 self.spills += 1;
             }
@@ -511,7 +542,7 @@ impl SessionStore {
                 ..
             }) = self.sessions.remove(&k)
             {
-                let _ = std::fs::remove_file(path);
+                spill::remove(&path);
             }
         }
     }
@@ -590,11 +621,36 @@ impl SessionStore {
                     ..
                 }) = self.sessions.remove(id)
                 {
-                    let _ = std::fs::remove_file(path);
+                    spill::remove(&path);
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Attach `value` under `key` to session `id` (replacing what was there); on disk,
+    /// the session's notes file is rewritten.
+    pub fn put_note(&mut self, id: &str, key: &str, value: String) -> Result<(), KvError> {
+        let e = self
+            .sessions
+            .get_mut(id)
+            .filter(|e| !e.doomed)
+            .ok_or_else(|| KvError::NotFound(id.to_string()))?;
+        e.notes.insert(key.to_string(), value);
+        if let Slot::Disk { path, .. } = &e.slot {
+            if let Err(err) = spill::write_notes(path, &e.notes) {
+                tracing::warn!("could not write the notes of session `{id}` to disk: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The session holding a note under `key`, with all of that session's notes.
+    pub fn find_note(&self, key: &str) -> Option<(String, BTreeMap<String, String>)> {
+        self.sessions
+            .iter()
+            .find(|(_, e)| !e.doomed && e.notes.contains_key(key))
+            .map(|(id, e)| (id.clone(), e.notes.clone()))
     }
 
     pub fn set_pinned(&mut self, id: &str, pinned: bool) -> Result<SessionInfo, KvError> {

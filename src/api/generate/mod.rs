@@ -49,15 +49,17 @@ enum Kind {
     Text,
 }
 
-/// A validated request on its way to the engine. Other protocols (Anthropic messages)
-/// build theirs with [`chat_job`] from a chat body and map the [`Events`] themselves.
+/// A validated request on its way to the engine. Other protocols (Anthropic messages,
+/// responses) build theirs with [`chat_job`] from a chat body, may adjust its session,
+/// and map the [`Events`] themselves.
 pub(super) struct Job {
     /// The engine of the model the request named.
-    engine: Engine,
+    pub(super) engine: Engine,
     pub(super) prompt: Vec<u32>,
     checked: Checked,
     max_tokens: usize,
-    session: Option<String>,
+    /// The internal (scoped) session id.
+    pub(super) session: Option<String>,
     grammar: Option<Arc<Grammar>>,
     pub(super) reply: Reply,
 }
@@ -65,6 +67,7 @@ pub(super) struct Job {
 /// What shapes the response: everything the mapping needs, nothing of the engine.
 pub(super) struct Reply {
     kind: Kind,
+    /// The response's id (also the tracing span's `request_id`).
     pub(super) id: String,
     pub(super) model: String,
     want_logprobs: bool,
@@ -74,9 +77,14 @@ pub(super) struct Reply {
     pub(super) tools: Option<ToolPlan>,
 }
 
-fn header_session(h: &HeaderMap) -> Option<String> {
-    h.get("x-session-id")
-        .and_then(|v| v.to_str().ok())
+/// Session headers clients send, in order of precedence: candela's own, then Codex's
+/// (`session_id`, and `conversation_id` from its older releases).
+const SESSION_HEADERS: &[&str] = &["x-session-id", "session_id", "conversation_id"];
+
+pub(super) fn header_session(h: &HeaderMap) -> Option<String> {
+    SESSION_HEADERS
+        .iter()
+        .find_map(|name| h.get(*name).and_then(|v| v.to_str().ok()))
         .map(str::to_string)
 }
 

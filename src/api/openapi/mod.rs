@@ -13,6 +13,10 @@ use super::anthropic::types::{
     CountTokensResponse, InputMessage, MessageDelta, MessageResponse, MessageUsage, MessagesBody,
     Metadata, Role, StopReason, StreamEvent, ToolDef,
 };
+use super::responses::types::{
+    CreateRequest, IncompleteDetails, InputTokensDetails, OutputItem, OutputText,
+    OutputTokensDetails, ResponseDeleted, ResponseObject, ResponseUsage,
+};
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprobs, ChatMessage, ChatRequest, CommonParams, CompletionLogprobs, CompletionRequest,
@@ -33,7 +37,8 @@ use super::types::{
 pub struct SseEvent {
     /// A JSON-encoded chunk, or `[DONE]`.
     pub data: String,
-    /// Not sent; readers default it to `message`.
+    /// The event's type on Responses streams (`response.output_text.delta`, …); not
+    /// sent on chat and text completion streams (readers default it to `message`).
     pub event: Option<String>,
     /// Not sent.
     pub id: Option<String>,
@@ -126,6 +131,50 @@ fn chat() {}
 #[allow(dead_code)]
 fn completions() {}
 
+#[utoipa::path(post, path = "/v1/responses", tag = "openai",
+    request_body(content = CreateRequest, examples(
+        ("plain" = (summary = "One turn, stored", value = json!({
+            "instructions": "Answer briefly.", "input": "What is the capital of France?",
+            "max_output_tokens": 16, "temperature": 0
+        }))),
+        ("tool call" = (summary = "A forced function call", value = json!({
+            "input": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"type": "function", "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                    "required": ["city"]}}],
+            "tool_choice": "required", "parallel_tool_calls": false, "max_output_tokens": 40
+        }))),
+    )),
+    responses(
+        (status = 200, description = "A `response` object, or with `stream: true` an SSE stream of named events (`response.created` … `response.completed`), each `data` a JSON event with its `type` and `sequence_number`",
+            content((ResponseObject = "application/json"), (SseEvent = "text/event-stream"))),
+        (status = 400, description = "Invalid request (unknown item type, malformed item, bad parameter)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model, or `previous_response_id` names no stored response of this key", body = ErrorBody),
+        (status = 409, description = "The session is busy with another request", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this key", body = ErrorBody),
+        (status = 503, description = "Loading, or the queue is full", body = ErrorBody),
+    ))]
+#[allow(dead_code)]
+fn responses_create() {}
+
+#[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "Response id (`resp_…`)")),
+    responses((status = 200, body = ResponseObject), (status = 401, body = ErrorBody),
+        (status = 404, description = "No stored response of this key has that id", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn response_get() {}
+
+#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "Response id (`resp_…`)")),
+    responses((status = 200, body = ResponseDeleted), (status = 401, body = ErrorBody),
+        (status = 404, description = "No stored response of this key has that id", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+#[allow(dead_code)]
+fn response_delete() {}
+
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
     responses((status = 200, body = ModelList), (status = 503, body = ErrorBody)))]
 #[allow(dead_code)]
@@ -206,6 +255,9 @@ fn session_patch() {}
     paths(
         chat,
         completions,
+        responses_create,
+        response_get,
+        response_delete,
         models,
         model,
         health,
@@ -285,7 +337,16 @@ fn session_patch() {}
         BlockDelta,
         MessageDelta,
         AnthropicErrorBody,
-        AnthropicErrorDetail
+        AnthropicErrorDetail,
+        CreateRequest,
+        ResponseObject,
+        OutputItem,
+        OutputText,
+        ResponseUsage,
+        InputTokensDetails,
+        OutputTokensDetails,
+        IncompleteDetails,
+        ResponseDeleted
     ))
 )]
 pub struct ApiDoc;

@@ -176,6 +176,17 @@ fn command(
             publish(store, view, id);
             let _ = reply.send(n);
         }
+        SessionCmd::PutNote {
+            id: sid,
+            key,
+            value,
+            reply,
+        } => {
+            let _ = reply.send(store.put_note(&sid, &key, value).map_err(Into::into));
+        }
+        SessionCmd::FindNote { key, reply } => {
+            let _ = reply.send(store.find_note(&key));
+        }
     }
 }
 

@@ -170,3 +170,56 @@ fn relieve_frees_lru_first() {
     assert!(s.get("new").is_ok());
     assert_eq!(s.relieve(0), 0);
 }
+
+#[test]
+fn notes_live_and_die_with_their_session_in_every_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SessionStore::new(usize::MAX);
+    s.enable_spill(spill_cfg(dir.path(), "m"));
+    assert_eq!(
+        s.put_note("nobody", "r0", "x".into()),
+        Err(KvError::NotFound("nobody".into()))
+    );
+    turn(&mut s, Some("a"), &[1, 2, 3]);
+    turn(&mut s, Some("b"), &[4, 5, 6]);
+    s.put_note("a", "r1", "one".into()).unwrap();
+    s.put_note("a", "r2", "two".into()).unwrap();
+    let (sid, notes) = s.find_note("r2").unwrap();
+    assert_eq!(sid, "a");
+    assert_eq!(notes.len(), 2);
+    assert!(s.find_note("r3").is_none());
+    // Spilled with the session (graceful stop), back after a restart, and a note
+    // added while the session is on disk reaches the disk too.
+    assert_eq!(s.spill_all(), 2);
+    s.put_note("a", "r3", "three".into()).unwrap();
+    let mut s2 = SessionStore::new(usize::MAX);
+    assert_eq!(s2.enable_spill(spill_cfg(dir.path(), "m")), 2);
+    assert_eq!(s2.find_note("r3").unwrap().1["r1"], "one");
+    // Restoring the cache keeps the notes; a second stop writes them again.
+    assert_eq!(turn(&mut s2, Some("a"), &[1, 2, 3, 7]), 3);
+    assert_eq!(s2.find_note("r1").unwrap().0, "a");
+    s2.spill_all();
+    let mut s3 = SessionStore::new(usize::MAX);
+    s3.enable_spill(spill_cfg(dir.path(), "m"));
+    assert_eq!(s3.find_note("r2").unwrap().1["r2"], "two");
+    // Deleting the session deletes its notes, on disk too.
+    s3.delete("a").unwrap();
+    assert!(s3.find_note("r1").is_none());
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|n| n.starts_with("b.")), "{left:?}");
+}
+
+#[test]
+fn notes_go_when_an_evicted_session_is_dropped() {
+    // No spilling: eviction drops the session and its notes.
+    let per = 256 * layout().bytes_per_token();
+    let mut s = SessionStore::new(per);
+    turn(&mut s, Some("a"), &[1, 2, 3]);
+    s.put_note("a", "r1", "one".into()).unwrap();
+    turn(&mut s, Some("b"), &[4, 5, 6]);
+    assert!(s.get("a").is_err());
+    assert!(s.find_note("r1").is_none());
+}
