@@ -31,11 +31,25 @@ pub(crate) fn gelu_ggml(x: f32) -> f32 {
     if x >= 10.0 {
         return x;
     }
-    let v = half::f16::from_f32(x).to_f32();
+    gelu_table()[half::f16::from_f32(x).to_bits() as usize].to_f32()
+}
+
+/// The GELU of every f16 value, rounded to f16 (built once: a `tanh` per element
+/// costs more than the matmuls around it in a prefill).
+fn gelu_table() -> &'static [half::f16] {
+    static TABLE: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::f16::from_f32(gelu_exact(half::f16::from_bits(bits).to_f32())))
+            .collect()
+    })
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))` in f32, as ggml's table holds it.
+fn gelu_exact(v: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044715;
-    let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
-    half::f16::from_f32(g).to_f32()
+    0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh())
 }
 
 /// GeGLU: `y = gelu(g) * u` per element, as ggml's `geglu` (see [`gelu_ggml`]).
@@ -197,5 +211,30 @@ mod tests {
                 y[i]
             );
         }
+    }
+
+    /// The table holds, for every f16 input in (-10, 10), the f16-rounded formula of that
+    /// input; outside it GELU is 0 or the input, as ggml's kernel has it.
+    #[test]
+    fn gelu_table_is_the_rounded_formula() {
+        for bits in 0..=u16::MAX {
+            let x = half::f16::from_bits(bits).to_f32();
+            if !x.is_finite() {
+                continue;
+            }
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                half::f16::from_f32(gelu_exact(x)).to_f32()
+            };
+            assert_eq!(gelu_ggml(x).to_bits(), want.to_bits(), "x = {x}");
+        }
+        // Inputs between f16 values take their rounded neighbour's entry.
+        assert_eq!(gelu_ggml(1.000_1), gelu_ggml(1.0));
+        assert!((gelu_ggml(1.0) - 0.841_2).abs() < 1e-3);
+        assert_eq!(gelu_ggml(-12.0), 0.0);
+        assert_eq!(gelu_ggml(12.5), 12.5);
     }
 }
