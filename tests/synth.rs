@@ -264,3 +264,38 @@ fn gemma3_local_layers_keep_only_their_window() {
         assert!(d < tol, "{dtype}: after a rewind the logits differ by {d}");
     }
 }
+
+/// The mixture of experts gives the same bits whichever way its experts run: side by
+/// side (a few rows: each token alone) or one after the other over many rows (one pass
+/// over the prompt).
+#[test]
+fn qwen3moe_experts_side_by_side_equal_one_after_the_other() {
+    use candela::engine::model::SeqInput;
+    use candela::kv::{KvDtype, SeqCache};
+    let (model, _) = load("qwen3moe");
+    let seq: Vec<u32> = (0..12u32).map(|i| 1000 + i * 977).collect();
+    let layout = model.cache_layout(KvDtype::F16);
+    let mut whole = SeqCache::new(layout, &Device::Cpu);
+    let all = common::rows(
+        &model
+            .forward(&mut [SeqInput {
+                tokens: &seq,
+                cache: &mut whole,
+                all_logits: true,
+            }])
+            .unwrap()[0],
+    );
+    let mut cache = SeqCache::new(layout, &Device::Cpu);
+    for (i, t) in seq.iter().enumerate() {
+        let one = common::rows(
+            &model
+                .forward(&mut [SeqInput {
+                    tokens: std::slice::from_ref(t),
+                    cache: &mut cache,
+                    all_logits: false,
+                }])
+                .unwrap()[0],
+        );
+        assert_eq!(one[0], all[i], "position {i}");
+    }
+}

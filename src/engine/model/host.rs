@@ -426,6 +426,10 @@ impl Model {
 }
 
 /// The buffers an MLP pass works in (borrowed from the scratch).
+/// Up to this many rows, a mixture of experts runs its experts side by side rather than
+/// splitting each expert's matmuls across the threads.
+const PARALLEL_EXPERT_ROWS: usize = 4;
+
 struct MlpBufs<'a> {
     gu: &'a mut Vec<f32>,
     act: &'a mut Vec<f32>,
@@ -509,23 +513,54 @@ impl Model {
         }
         // Per row and pick: the weighted output of that expert.
         let mut slots = vec![0f32; t * used * hidden];
-        let (mut xin, mut y) = (Vec::new(), Vec::new());
-        for (expert, routed) in m.experts.iter().zip(&routed) {
-            if routed.is_empty() {
-                continue;
-            }
-            xin.clear();
-            for &(r, _, _) in routed {
-                xin.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
-            }
-            let n = routed.len();
-            let y = fit(&mut y, n * hidden);
-            self.expert_host(expert, &xin, n, y, b, &None, 0)?;
+        let mut scatter = |routed: &[(usize, usize, f32)], y: &[f32]| {
             for (i, &(r, k, w)) in routed.iter().enumerate() {
                 let dst = &mut slots[(r * used + k) * hidden..(r * used + k + 1) * hidden];
                 for (d, &v) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
                     *d = v * w;
                 }
+            }
+        };
+        let gather = |routed: &[(usize, usize, f32)], xin: &mut Vec<f32>| {
+            xin.clear();
+            for &(r, _, _) in routed {
+                xin.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+            }
+        };
+        let active: Vec<usize> = (0..ne).filter(|&e| !routed[e].is_empty()).collect();
+        if t <= PARALLEL_EXPERT_ROWS && active.len() > 1 && rayon::current_num_threads() > 1 {
+            // A few rows (decode): each expert's matmuls are too small to split well
+            // across the threads, so the experts run side by side, each with its own
+            // buffers (the same arithmetic as one after the other).
+            let outs: Vec<Result<Vec<f32>>> = active
+                .par_iter()
+                .map(|&e| {
+                    let (mut xin, mut gu, mut act) = (Vec::new(), Vec::new(), Vec::new());
+                    let (mut acts, mut kacts) = (QActs::default(), KActs::default());
+                    gather(&routed[e], &mut xin);
+                    let n = routed[e].len();
+                    let mut y = vec![0f32; n * hidden];
+                    let mut bufs = MlpBufs {
+                        gu: &mut gu,
+                        act: &mut act,
+                        acts: &mut acts,
+                        kacts: &mut kacts,
+                    };
+                    self.expert_host(&m.experts[e], &xin, n, &mut y, &mut bufs, &None, 0)?;
+                    Ok(y)
+                })
+                .collect();
+            for (&e, y) in active.iter().zip(outs) {
+                scatter(&routed[e], &y?);
+            }
+        } else {
+            let (mut xin, mut y) = (Vec::new(), Vec::new());
+            for &e in &active {
+                gather(&routed[e], &mut xin);
+                let n = routed[e].len();
+                let y = fit(&mut y, n * hidden);
+                self.expert_host(&m.experts[e], &xin, n, y, b, &None, 0)?;
+                scatter(&routed[e], y);
             }
         }
         for r in 0..t {
