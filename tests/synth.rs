@@ -299,3 +299,35 @@ fn qwen3moe_experts_side_by_side_equal_one_after_the_other() {
         assert_eq!(one[0], all[i], "position {i}");
     }
 }
+
+/// `candela doctor` on a sliding-window model feeds a long sequence through one cache in
+/// chunks (the local layers drop old positions) and compares it with fresh one-pass
+/// prefills: on the CPU's host path the logits are the same bits.
+#[test]
+fn doctor_checks_the_sliding_window_cache() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
+        .args(["doctor", "--device", "cpu", "--tokens", "2", "--model"])
+        .arg(path("gemma3"))
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join("candela-doctor-window"))
+        .output()
+        .expect("run candela doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "doctor failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line: {stdout}"))
+            .to_string()
+    };
+    let head = line("-- sliding-window cache (window 32)");
+    assert!(!head.contains("nothing dropped"), "{head}");
+    let cmp = line("device, chunked vs one pass:");
+    assert!(cmp.contains("argmax equal at 8/8 positions"), "{cmp}");
+    assert!(cmp.ends_with(" 0.00e0"), "{cmp}");
+}

@@ -8,9 +8,14 @@
 #
 # Env (defaults in brackets):
 #   CANDELA_BIN [.device/candela]   MODEL [/root/cdata/models/SmolLM2-135M-Instruct.Q4_1.gguf]
-#   DEVICE [cuda]  PORT [8090]  DATA_DIR [/root/cdata]  REF [.device/cpu_greedy.json]
-#   OUT [./gpu-check-out]
+#   DEVICE [cuda]  PORT [8090]  DATA_DIR [a fresh temporary directory]
+#   REF [.device/cpu_greedy.json]  OUT [./gpu-check-out]
 # The HTTP client is python3 with the standard library only.
+#
+# Every figure is measured on its own: one that fails prints `<figure>: not measured: why`
+# and the others still run. The last line says how many figures were measured; the exit
+# status is 0 only when all were (the reference mode: when the reference was written).
+# The server's log is $OUT/candela-$DEVICE.log; its last lines are printed on failure.
 set -uo pipefail
 
 MODE=check
@@ -22,7 +27,11 @@ BIN="${CANDELA_BIN:-.device/candela}"
 MODEL="${MODEL:-/root/cdata/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 DEVICE="${DEVICE:-cuda}"
 PORT="${PORT:-8090}"
-DATA_DIR="${DATA_DIR:-/root/cdata}"
+# A data dir of its own per run: sessions the reference server spills on shutdown must not
+# be indexed by the next server.
+OWN_DATA=
+[ -z "${DATA_DIR:-}" ] && OWN_DATA=1
+DATA_DIR="${DATA_DIR:-$(mktemp -d /tmp/candela-check.XXXXXX)}"
 REF="${REF:-.device/cpu_greedy.json}"
 OUT="${OUT:-./gpu-check-out}"
 mkdir -p "$OUT" "$DATA_DIR"
@@ -31,16 +40,21 @@ LOG="$OUT/candela-$DEVICE.log"
 
 if [ "$DEVICE" != cpu ]; then
     export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "== ldd $BIN"
-    ldd "$BIN" | tee "$OUT/ldd.txt"
-    if grep -q 'not found' "$OUT/ldd.txt"; then echo "missing libraries" >&2; exit 1; fi
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
+    ldd "$BIN" >"$OUT/ldd.txt" 2>&1
+    if grep -q 'not found' "$OUT/ldd.txt"; then
+        echo "gpu_check: not measured: libraries of $BIN not found:"
+        grep 'not found' "$OUT/ldd.txt"
+        exit 1
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader \
+        >"$OUT/gpu.txt" 2>&1 || echo "nvidia-smi failed: $(head -n 1 "$OUT/gpu.txt")"
+    echo "== GPU: $(head -n 1 "$OUT/gpu.txt")"
 fi
 
 RUST_LOG="${RUST_LOG:-info}" "$BIN" --device "$DEVICE" --model "$MODEL" --port "$PORT" \
     --data-dir "$DATA_DIR" >"$LOG" 2>&1 &
 PID=$!
-trap 'kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null' EXIT
+trap 'kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; [ -n "$OWN_DATA" ] && rm -rf "$DATA_DIR"' EXIT
 
 PYTHONUNBUFFERED=1 python3 - "$MODE" "$PORT" "${REF_OUT:-$REF}" "$OUT" "$PID" "$DEVICE" <<'PY'
 import json, os, subprocess, sys, threading, time, urllib.error, urllib.request, uuid
@@ -143,94 +157,160 @@ def mem_pair():
     return smi.strip(), smi_mib, nvml
 
 
-print(f"== {device}: /health after {wait_health():.1f} s")
-g = greedy()
-if mode == "reference":
-    json.dump(g, open(ref_path, "w"), indent=1)
-    print(f"wrote {len(g)} greedy outputs to {ref_path}")
-    sys.exit(0)
-
-report = {}
-ref = json.load(open(ref_path))
-rows, same_text = [], 0
-for i, (a, b) in enumerate(zip(g, ref)):
-    agree = 0
-    for x, y in zip(a["tokens"], b["tokens"]):
-        if x != y:
-            break
-        agree += 1
-    same_text += a["text"] == b["text"]
-    rows.append({"i": i, "agree": agree, "cuda_n": len(a["tokens"]), "cpu_n": len(b["tokens"]),
-                 "same_text": a["text"] == b["text"], "cuda": a["text"], "cpu": b["text"]})
-report["greedy"] = {"same_text": same_text, "prompts": len(rows),
-                    "tokens_agree": sum(r["agree"] for r in rows),
-                    "tokens_total": sum(max(r["cuda_n"], r["cpu_n"]) for r in rows), "rows": rows}
-print(f"greedy: {same_text}/{len(rows)} texts identical; leading tokens agreeing per prompt: "
-      f"{[(r['agree'], max(r['cuda_n'], r['cpu_n'])) for r in rows]}")
-for r in rows:
-    if not r["same_text"]:
-        print(f"  #{r['i']} cuda: {r['cuda']!r}\n      cpu:  {r['cpu']!r}")
-
 def counting(start):
     # Plain-text continuation that greedy decoding keeps going well past 128 tokens.
     return "The numbers, one after another: " + ", ".join(str(start + i) for i in range(8)) + ","
 
 
-prompt = counting(1)
-for _ in range(2):  # warm-up: module load, kernels, cuBLAS handles
-    stream(prompt, 16, {})
-singles = []
-for _ in range(3):
-    rec = {}
-    stream(prompt, 128, rec)
-    singles.append({"ttft_s": rec["first"] - rec["send"], "tokens": rec.get("tokens"),
-                    "decode_tok_s": rate(rec)})
-singles.sort(key=lambda s: s["decode_tok_s"])
-med = singles[len(singles) // 2]
-report["single"] = {"runs": singles, "median": med}
-print(f"single stream: decode {med['decode_tok_s']:.1f} tok/s over {med['tokens']} tokens, "
-      f"TTFT {med['ttft_s'] * 1000:.1f} ms  (runs: "
-      + ", ".join(f"{s['decode_tok_s']:.1f}" for s in singles) + ")")
+def why(e):
+    if isinstance(e, urllib.error.HTTPError):
+        try:
+            body = e.read().decode()[:300]
+        except OSError:
+            body = ""
+        return f"HTTP {e.code} {body}"
+    return f"{type(e).__name__}: {e}"
 
-conc = []
-for trial in range(2):
-    recs = [{} for _ in range(8)]
-    ts = [threading.Thread(target=stream, args=(counting(100 * k + 1), 128, recs[k]))
-          for k in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    errs = [r.get("error") for r in recs if r.get("error") or "first" not in r]
-    total = sum(r.get("tokens", r["chunks"]) for r in recs if "first" in r)
-    first = min(r["first"] for r in recs if "first" in r)
-    last = max(r["last"] for r in recs if "last" in r)
-    conc.append({"total_tokens": total, "span_s": last - first,
-                 "aggregate_tok_s": (total - 8) / (last - first),
-                 "per_stream_tok_s": [rate(r) for r in recs if "first" in r],
-                 "max_ttft_s": max(r["first"] - r["send"] for r in recs if "first" in r),
-                 "errors": errs})
-    print(f"8 streams (trial {trial}): {total} tokens, aggregate "
-          f"{conc[-1]['aggregate_tok_s']:.1f} tok/s, max TTFT {conc[-1]['max_ttft_s']*1000:.0f} ms,"
-          f" errors {errs}")
-report["concurrent8"] = conc
 
-mems = []
-for _ in range(3):
-    time.sleep(6)  # let the probe sampler take a fresh reading
-    smi, smi_mib, nvml = mem_pair()
-    pair = {"nvidia_smi_mib": smi_mib, "nvml_bytes": nvml}
-    if smi_mib and nvml:
-        pair["rel_diff"] = abs(nvml[0] / 2**20 - smi_mib[0]) / smi_mib[0]
-    mems.append(pair)
-    print(f"memory: nvidia-smi {smi_mib} MiB, candela_gpu_memory_used_bytes {nvml} "
-          f"(= {[round(b / 2**20, 1) for b in nvml]} MiB), rel diff {pair.get('rel_diff')}")
-report["memory"] = mems
-report["gpu_metrics"] = [l for l in get("/metrics").splitlines() if l.startswith("candela_gpu")]
+def check_greedy(report):
+    g = greedy()
+    json.dump(g, open(os.path.join(out_dir, f"greedy_{device}.json"), "w"), indent=1)
+    try:
+        ref = json.load(open(ref_path))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"no CPU reference to compare with ({ref_path}: {why(e)}); "
+                           f"this device's outputs are in greedy_{device}.json")
+    rows, same_text = [], 0
+    for i, (a, b) in enumerate(zip(g, ref)):
+        agree = 0
+        for x, y in zip(a["tokens"], b["tokens"]):
+            if x != y:
+                break
+            agree += 1
+        same_text += a["text"] == b["text"]
+        rows.append({"i": i, "agree": agree, "dev_n": len(a["tokens"]),
+                     "cpu_n": len(b["tokens"]), "same_text": a["text"] == b["text"],
+                     "dev": a["text"], "cpu": b["text"]})
+    report["greedy"] = {"same_text": same_text, "prompts": len(rows),
+                        "tokens_agree": sum(r["agree"] for r in rows),
+                        "tokens_total": sum(max(r["dev_n"], r["cpu_n"]) for r in rows),
+                        "rows": rows}
+    print(f"greedy: {same_text}/{len(rows)} texts identical to the CPU reference; leading "
+          f"tokens agreeing per prompt: {[(r['agree'], max(r['dev_n'], r['cpu_n'])) for r in rows]}")
+    for r in rows:
+        if not r["same_text"]:
+            print(f"  #{r['i']} {device}: {r['dev']!r}\n      cpu:  {r['cpu']!r}")
+
+
+def check_single(report):
+    prompt = counting(1)
+    for _ in range(2):  # warm-up: module load, kernels, cuBLAS handles
+        stream(prompt, 16, {})
+    singles = []
+    for _ in range(3):
+        rec = {}
+        stream(prompt, 128, rec)
+        if "first" not in rec:
+            raise RuntimeError(f"no token streamed ({rec.get('error')})")
+        singles.append({"ttft_s": rec["first"] - rec["send"], "tokens": rec.get("tokens"),
+                        "decode_tok_s": rate(rec)})
+    singles.sort(key=lambda s: s["decode_tok_s"])
+    med = singles[len(singles) // 2]
+    report["single"] = {"runs": singles, "median": med}
+    print(f"single stream: decode {med['decode_tok_s']:.1f} tok/s over {med['tokens']} tokens, "
+          f"TTFT {med['ttft_s'] * 1000:.1f} ms  (runs: "
+          + ", ".join(f"{s['decode_tok_s']:.1f}" for s in singles) + ")")
+
+
+def check_concurrent(report):
+    conc = []
+    for trial in range(2):
+        recs = [{} for _ in range(8)]
+
+        def one(k):
+            try:
+                stream(counting(100 * k + 1), 128, recs[k])
+            except Exception as e:  # noqa: BLE001 - recorded, reported below
+                recs[k]["error"] = why(e)
+
+        ts = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        done = [r for r in recs if "first" in r]
+        errs = [r.get("error") for r in recs if r.get("error") or "first" not in r]
+        if not done:
+            raise RuntimeError(f"no stream produced a token: {errs}")
+        total = sum(r.get("tokens", r["chunks"]) for r in done)
+        first = min(r["first"] for r in done)
+        last = max(r["last"] for r in done)
+        conc.append({"total_tokens": total, "span_s": last - first,
+                     "aggregate_tok_s": (total - len(done)) / (last - first),
+                     "per_stream_tok_s": [rate(r) for r in done],
+                     "max_ttft_s": max(r["first"] - r["send"] for r in done),
+                     "errors": errs})
+        print(f"8 streams (trial {trial}): {total} tokens from {len(done)} streams, aggregate "
+              f"{conc[-1]['aggregate_tok_s']:.1f} tok/s, max TTFT "
+              f"{conc[-1]['max_ttft_s'] * 1000:.0f} ms, errors {errs}")
+    report["concurrent8"] = conc
+
+
+def check_memory(report):
+    mems = []
+    for _ in range(3):
+        time.sleep(6)  # let the probe sampler take a fresh reading
+        smi, smi_mib, nvml = mem_pair()
+        if not smi_mib:
+            raise RuntimeError("nvidia-smi gave no memory.used reading"
+                               + (f": {smi[:200]!r}" if smi else " (not found)"))
+        if not nvml:
+            raise RuntimeError("/metrics has no candela_gpu_memory_used_bytes "
+                               "(NVML not loaded, or no GPU seen by it)")
+        pair = {"nvidia_smi_mib": smi_mib, "nvml_bytes": nvml,
+                "rel_diff": abs(nvml[0] / 2**20 - smi_mib[0]) / smi_mib[0]}
+        mems.append(pair)
+        print(f"memory: nvidia-smi {smi_mib} MiB, candela_gpu_memory_used_bytes {nvml} "
+              f"(= {[round(b / 2**20, 1) for b in nvml]} MiB), rel diff {pair['rel_diff']:.5f}")
+    report["memory"] = mems
+    report["gpu_metrics"] = [l for l in get("/metrics").splitlines()
+                             if l.startswith("candela_gpu")]
+
+
+try:
+    print(f"== {device}: /health after {wait_health():.1f} s", flush=True)
+except SystemExit as e:
+    print(f"gpu_check: not measured: {e.code}")
+    sys.exit(1)
+if mode == "reference":
+    try:
+        g = greedy()
+    except Exception as e:  # noqa: BLE001
+        print(f"reference: not written: {why(e)}")
+        sys.exit(1)
+    json.dump(g, open(ref_path, "w"), indent=1)
+    print(f"reference: wrote {len(g)} greedy outputs to {ref_path}")
+    sys.exit(0)
+
+report = {}
+figures = [("greedy", check_greedy), ("single stream", check_single),
+           ("8 streams", check_concurrent), ("memory", check_memory)]
+measured = 0
+for name, fn in figures:
+    try:
+        fn(report)
+        measured += 1
+    except Exception as e:  # noqa: BLE001 - say why, go on with the next figure
+        print(f"{name}: not measured: {why(e)}", flush=True)
+        report[name] = {"error": why(e)}
 json.dump(report, open(os.path.join(out_dir, "gpu_check.json"), "w"), indent=1)
-print("wrote", os.path.join(out_dir, "gpu_check.json"))
+print(f"gpu_check: {measured} of {len(figures)} figures measured "
+      f"(details in {os.path.join(out_dir, 'gpu_check.json')})")
+sys.exit(0 if measured == len(figures) else 1)
 PY
 rc=$?
-echo "== last lines of $LOG"
-tail -n 20 "$LOG"
+if [ $rc != 0 ]; then
+    echo "== last lines of $LOG"
+    tail -n 20 "$LOG"
+fi
 exit $rc

@@ -2,16 +2,25 @@
 # The GPU machine's side of a measurement lease, in two calls (the default GGUF is 98 MB
 # and one call carries at most 64 MiB), run from the repo root there:
 #
-#   scripts/cuda/lease.sh stage1   carry .device/a: gguf.part.aa (+ llamacpp.tar.xz)
-#       keeps the first half of the model under /root and, when the llama.cpp source is
-#       there, starts building its llama-bench with CUDA in the background (~5 min).
+#   scripts/cuda/lease.sh stage1   carry .device/a: gguf.part.aa (+ llamacpp.tar.xz,
+#       + gemma3.gguf) keeps the first half of the model (and the synthetic gemma3) under
+#       /root and, when the llama.cpp source is there, starts building its llama-bench with
+#       CUDA in the background (~5 min).
 #   scripts/cuda/lease.sh stage2   carry .device/b: gguf.part.ab, model.sha256, candela.xz
 #       puts the model together and checks its sha256, then: `candela doctor` (fused path,
 #       tensor path and CPU on the same prompts), the CPU greedy reference and
-#       gpu_check.sh on the fused build, and llama-bench (tg128, pp512) on the same card.
+#       gpu_check.sh on the fused build, window_check.py when stage 1 kept gemma3.gguf, and
+#       llama-bench (tg128, pp512) on the same card.
+#   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
+#       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
+#       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
 #
 # On the dev machine: scripts/cuda/build.sh; xz -T0 -c .device/candela >.device/b/candela.xz;
-# scripts/cuda/llamacpp_tar.sh (prunes llama.cpp's source to what llama-bench needs).
+# scripts/cuda/llamacpp_tar.sh (prunes llama.cpp's source to what llama-bench needs);
+# python3 tests/fixtures/synth/gen_synth.py .device/a --only gemma3 (window 32, 5.5 MB).
+#
+# Nothing here filters what the checks print: each prints its figures, or a line saying
+# why one was not measured (and the server log's last lines on a failure).
 set -uo pipefail
 OUT="${OUT:-./lease-out}"
 mkdir -p "$OUT" /root/cdata/models
@@ -24,6 +33,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case "${1:-}" in
 stage1)
     cp $A/gguf.part.aa /root/gguf.part.aa
+    [ -f $A/gemma3.gguf ] && cp $A/gemma3.gguf /root/gemma3.gguf
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     if [ -f $A/llamacpp.tar.xz ]; then
         rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $A/llamacpp.tar.xz -C /root/lcp
@@ -50,10 +60,15 @@ stage2)
     fi
     tail -n 5 "$OUT/doctor.err"
     if [ "${SKIP_CHECK:-0}" != 1 ]; then
-        echo "== CPU greedy reference, then gpu_check on CUDA"
-        DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" --reference /root/cpu_ref.json >"$OUT/cpu_ref.log" 2>&1
-        tail -n 2 "$OUT/cpu_ref.log"
-        CANDELA_BIN=$BIN REF=/root/cpu_ref.json OUT=$OUT "$HERE/gpu_check.sh" 2>&1 | grep -E "^greedy|^single|^8 streams|^memory" | head -n 8
+        echo "== CPU greedy reference (the same binary, --device cpu)"
+        DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" \
+            --reference /root/cpu_ref.json 2>&1 | tee "$OUT/cpu_ref.log"
+        echo "== gpu_check on CUDA"
+        CANDELA_BIN=$BIN REF=/root/cpu_ref.json OUT=$OUT "$HERE/gpu_check.sh" 2>&1 | tee "$OUT/gpu_check.log"
+    fi
+    if [ -f /root/gemma3.gguf ]; then
+        echo "== window_check: synthetic gemma3, CUDA against the CPU"
+        python3 "$HERE/window_check.py" --bin "$BIN" --model /root/gemma3.gguf --out "$OUT"
     fi
     if [ -d /root/lcp ]; then
         for _ in $(seq 1 60); do [ -f /root/lcp/build.done ] && break; sleep 5; done
@@ -63,8 +78,21 @@ stage2)
         [ -x $LB ] && $LB -m "$MODEL" -ngl 99 -fa 0,1 -p 512 -n 128 -r 5 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
     fi
     ;;
+window)
+    W="${W:-.device/w}"
+    xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    echo "== doctor on the synthetic gemma3 (its sliding-window cache check last)"
+    /root/candela doctor --device cuda --model $W/gemma3.gguf --data-dir /tmp/cdoctor \
+        --tokens 40 2>"$OUT/doctor_window.err" || tail -n 20 "$OUT/doctor_window.err"
+    echo "== window_check, f16 cache (the default): CUDA against the CPU"
+    python3 "$HERE/window_check.py" --bin /root/candela --model $W/gemma3.gguf --out "$OUT"
+    echo "== window_check, f32 cache on both"
+    python3 "$HERE/window_check.py" --bin /root/candela --model $W/gemma3.gguf --out "$OUT/f32" \
+        --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
+    ;;
 *)
-    echo "usage: $0 stage1|stage2" >&2
+    echo "usage: $0 stage1|stage2|window" >&2
     exit 2
     ;;
 esac

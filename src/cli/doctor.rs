@@ -4,7 +4,9 @@
 //! (through the fused CUDA path and through the tensor path where the build has both)
 //! and on the CPU; per run: leading tokens equal to the CPU's, the largest logit gap on
 //! the first decoded token, prefill time and decode tok/s; then 8 sequences decoded
-//! together.
+//! together. Models with sliding-window (local) layers also get a long sequence fed
+//! through one cache in chunks and single tokens, past the point where the local layers
+//! drop the positions their window has left behind, against fresh one-pass prefills.
 
 use std::fs::File;
 use std::path::Path;
@@ -130,6 +132,90 @@ fn report(name: &str, r: &Run, cpu: Option<&Run>) -> String {
     line
 }
 
+/// Chunk sizes the sliding-window check feeds a sequence in, in turn.
+const WINDOW_CHUNKS: [usize; 8] = [300, 1, 1, 64, 1, 1, 1, 128];
+
+/// Logits at chosen positions of a sequence, with those positions.
+type Checkpoints = Vec<(usize, Vec<f32>)>;
+
+/// Largest difference relative to the largest magnitude of `b`.
+fn rel_gap(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().map(|x| x.abs()).fold(1e-6f32, f32::max);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+/// A sequence fed through one f16 cache in [`WINDOW_CHUNKS`]: the logits at every
+/// second chunk's end (and the last) with their positions, and where the local layers
+/// start at the end.
+fn chunked(model: &Model, seq: &[u32]) -> Result<(Checkpoints, usize), EngineError> {
+    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+    let mut out = Vec::new();
+    let mut i = 0;
+    while cache.len() < seq.len() {
+        let at = cache.len();
+        let m = WINDOW_CHUNKS[i % WINDOW_CHUNKS.len()].min(seq.len() - at);
+        let logits = forward1(model, &seq[at..at + m], &mut cache)?;
+        if i % 2 == 1 || at + m == seq.len() {
+            out.push((at + m, logits));
+        }
+        i += 1;
+    }
+    Ok((out, cache.local_base()))
+}
+
+/// Sliding-window models: the chunked cache (whose local layers drop old positions and
+/// are laid out again) against one fresh pass over the same prefix, on the device, and
+/// the device's chunked logits against the CPU's.
+fn window_check(model: &Model, cpu: Option<&Model>, ctx: usize) -> Result<(), EngineError> {
+    let Some(w) = model.cache_layout(KvDtype::F16).window else {
+        return Ok(());
+    };
+    let vocab = model.config.vocab as u32;
+    let n = (3 * (w.size + 128) + 512).min(ctx - 1);
+    let seq: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let (dev, base) = chunked(model, &seq)?;
+    println!(
+        "-- sliding-window cache (window {}): {n} tokens in chunks of {WINDOW_CHUNKS:?}; \
+         the local layers start at position {base} at the end{}",
+        w.size,
+        if base == 0 {
+            " (nothing dropped: the context is too short for this window)"
+        } else {
+            ""
+        }
+    );
+    let (mut same, mut gap) = (0, 0f32);
+    for (end, logits) in &dev {
+        let mut fresh = SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+        let one = forward1(model, &seq[..*end], &mut fresh)?;
+        same += usize::from(argmax(logits) == argmax(&one));
+        gap = gap.max(rel_gap(logits, &one));
+    }
+    println!(
+        "device, chunked vs one pass: argmax equal at {same}/{} positions, \
+         max |dlogit| / max |logit| {gap:.2e}",
+        dev.len()
+    );
+    if let Some(cpu) = cpu {
+        let (c, cbase) = chunked(cpu, &seq)?;
+        let (mut same, mut gap) = (0, 0f32);
+        for ((_, a), (_, b)) in dev.iter().zip(&c) {
+            same += usize::from(argmax(a) == argmax(b));
+            gap = gap.max(rel_gap(a, b));
+        }
+        println!(
+            "device vs cpu, chunked: argmax equal at {same}/{} positions, \
+             max |dlogit| / max |logit| {gap:.2e} (cpu local layers start at {cbase})",
+            dev.len()
+        );
+    }
+    Ok(())
+}
+
 /// Run the checks and print the report; `device` as for `--device`.
 pub fn run(
     spec: &str,
@@ -213,6 +299,7 @@ pub fn run(
     }
     let agg = batched(&model, &short, 8, n.min(64))?;
     println!("8 sequences stepped together: {agg:.1} tok/s aggregate");
+    window_check(&model, cpu.as_ref(), ctx)?;
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");
     }

@@ -464,7 +464,10 @@ impl FusedDecoder {
 
     /// Whether `cache` is one this path can read and write (dense f16 on the device).
     pub fn supports(cache: &SeqCache) -> bool {
-        cache.layout().dtype == crate::kv::KvDtype::F16 && !cache.is_host()
+        let layout = cache.layout();
+        // Local (sliding-window) layers keep only their window: the kernels index the
+        // cache by absolute position, so such caches stay on the tensor path.
+        layout.dtype == crate::kv::KvDtype::F16 && layout.window.is_none() && !cache.is_host()
     }
 
     /// Run `tokens` (already checked against the vocabulary and the context size) one at
