@@ -48,7 +48,8 @@ pub struct SessionInfo {
 
 #[derive(Debug)]
 enum Slot {
-    Memory(SeqCache),
+    /// Boxed: a cache's header is several times the size of the other variants.
+    Memory(Box<SeqCache>),
     Disk {
         path: PathBuf,
         bytes: u64,
@@ -271,7 +272,7 @@ impl SessionStore {
                 Some(e) => {
                     let cache = match std::mem::replace(&mut e.slot, Slot::Busy) {
                         Slot::Busy => return Err(KvError::Busy(k.to_string())),
-                        Slot::Memory(c) => c,
+                        Slot::Memory(c) => *c,
                         Slot::Disk { path, .. } => {
                             let fp = self
                                 .spill
@@ -381,7 +382,7 @@ impl SessionStore {
                     e.bytes = cache.allocated_bytes();
                     e.lru = Instant::now();
                     e.last_used = now_secs();
-                    e.slot = Slot::Memory(cache);
+                    e.slot = Slot::Memory(Box::new(cache));
                 }
             }
             None if key.is_none() && !cache.is_empty() => {
