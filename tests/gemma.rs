@@ -23,14 +23,12 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 /// The largest top-1/top-2 logprob margin (llama.cpp's) at which a greedy divergence is
-/// accepted here. The goal is 0.25 (a near-tie either answer may take); on this model one
-/// of ten prompts diverges at 0.264: op by op, layer 0's attention output equals
-/// llama.cpp's bit for bit and its output projection (Q4_K, 1,024 wide) differs in the
-/// last bits, which is still to be found. This bounds that gap meanwhile.
-const NEAR_TIE: f64 = 0.3;
-/// Prompts of the fixture whose 32 greedy tokens must equal llama.cpp's (5 of 10 now;
-/// the other five diverge at margins 0.03-0.26).
-const EXACT_PROMPTS: usize = 5;
+/// accepted here: a near-tie either answer may take. The three prompts that diverge do so
+/// at margins 0.14-0.22.
+const NEAR_TIE: f64 = 0.25;
+/// Prompts of the fixture whose 32 greedy tokens must equal llama.cpp's (7 of 10 now;
+/// the other three diverge at near-ties, after 0 to 9 equal tokens).
+const EXACT_PROMPTS: usize = 7;
 
 fn gemma_path() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();

@@ -5,12 +5,12 @@
 //! Integer sums are exact in any order, so they are grouped as suits the registers;
 //! the float steps are the reference's, one for one:
 //!
-//! - Q4_K: per column and super-block one integer `Σ scale·dot` and one `Σ min·bsum`,
-//!   each added into its own f32 chain with one fused multiply-add, subtracted at the end.
-//! - Q6_K: eight i32 lanes held as two `int32x4_t` (lane `u` takes elements `4u..4u+3`
-//!   of every 32), so one four-lane dot per 16 weights gives exactly the reference's
-//!   lanes; the `-32` offset per lane through the activation sums; one FMA per lane and
-//!   super-block; `hsum_float_8`.
+//! - Both types: eight i32 lanes held as two `int32x4_t` (lane `u` takes elements
+//!   `4u..4u+3` of every 32), so one four-lane dot per 16 weights gives exactly the
+//!   reference's lanes; one FMA per lane and super-block; `hsum_float_8`.
+//! - Q4_K: the mins as one `float32x4_t` (lane `u`: sub-blocks `2u`, `2u + 1`), one FMA
+//!   per super-block, added as `(m0 + m2) + (m1 + m3)`.
+//! - Q6_K: the `-32` offset per lane through the activation sums.
 //!
 //! Two levels, as the Q4_0/Q4_1/Q8_0 kernels in `quant/neon.rs` (whose four-lane dots
 //! these reuse): `sdot` ([`Isa::NeonDot`]) or `smull` + pairwise adds ([`Isa::Neon`]).
@@ -40,14 +40,17 @@ macro_rules! k_neon {
                 unsafe {
                     let nb = self.k / QK_K;
                     let m4 = vdupq_n_u8(0x0F);
-                    let mut acc = [[0f32; R]; C];
-                    let mut accm = [[0f32; R]; C];
+                    let zero = vdupq_n_f32(0.0);
+                    // Lanes 0-3 and 4-7 of each column and row, and the four mins lanes.
+                    let mut acc = [[(zero, zero); R]; C];
+                    let mut accm = [[zero; R]; C];
                     for b in 0..nb {
                         for j in 0..C {
                             let wb = (c + j) * nb + b;
                             let q = self.q.as_ptr().add(wb * 128);
                             let sc = self.sc.as_ptr().add(wb * 16);
-                            let mut sumi = [vdupq_n_s32(0); R];
+                            let mut s0 = [vdupq_n_s32(0); R];
+                            let mut s1 = [vdupq_n_s32(0); R];
                             for ch in 0..4 {
                                 let b0 = vld1q_u8(q.add(32 * ch));
                                 let b1 = vld1q_u8(q.add(32 * ch + 16));
@@ -60,17 +63,15 @@ macro_rules! k_neon {
                                     let (w0, w1) =
                                         (vreinterpretq_s8_u8(w0), vreinterpretq_s8_u8(w1));
                                     let s = *sc.add(2 * ch + hi) as i32;
-                                    for (r, si) in sumi.iter_mut().enumerate() {
+                                    for r in 0..R {
                                         let yp = rows
                                             .get_unchecked(r)
                                             .qs
                                             .as_ptr()
                                             .add(b * QK_K + 64 * ch + 32 * hi);
-                                        let dot = vaddq_s32(
-                                            $lanes(w0, vld1q_s8(yp)),
-                                            $lanes(w1, vld1q_s8(yp.add(16))),
-                                        );
-                                        *si = vmlaq_n_s32(*si, dot, s);
+                                        s0[r] = vmlaq_n_s32(s0[r], $lanes(w0, vld1q_s8(yp)), s);
+                                        s1[r] =
+                                            vmlaq_n_s32(s1[r], $lanes(w1, vld1q_s8(yp.add(16))), s);
                                     }
                                 }
                             }
@@ -80,26 +81,33 @@ macro_rules! k_neon {
                             for r in 0..R {
                                 let row = rows.get_unchecked(r);
                                 let bs = row.bsums.as_ptr().add(b * 16);
-                                // Sums of the two 16-value halves of each sub-block (|.| <= 4064).
-                                let pairs = vpaddq_s16(vld1q_s16(bs), vld1q_s16(bs.add(8)));
-                                let imin = vaddvq_s32(vmlal_high_s16(
-                                    vmull_s16(vget_low_s16(pairs), vget_low_s16(mins)),
-                                    pairs,
-                                    mins,
-                                ));
-                                let isum = vaddvq_s32(sumi[r]);
+                                // Sums of the two 16-value halves of each sub-block (|.| <= 4096),
+                                // then lane u: min[2u] * q8s[2u] + min[2u + 1] * q8s[2u + 1].
+                                let q8s = vpaddq_s16(vld1q_s16(bs), vld1q_s16(bs.add(8)));
+                                let prod = vpaddq_s32(
+                                    vmull_s16(vget_low_s16(q8s), vget_low_s16(mins)),
+                                    vmull_high_s16(q8s, mins),
+                                );
                                 let dy = *row.d.get_unchecked(b);
-                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
-                                *a = (isum as f32).mul_add(dw * dy, *a);
                                 let am = accm.get_unchecked_mut(j).get_unchecked_mut(r);
-                                *am = (imin as f32).mul_add(dmin * dy, *am);
+                                *am = vfmaq_f32(*am, vcvtq_f32_s32(prod), vdupq_n_f32(-dy * dmin));
+                                let dd = vdupq_n_f32(dy * dw);
+                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                                // acc + s * dd with one rounding, as `dd.mul_add(s, acc)`.
+                                a.0 = vfmaq_f32(a.0, vcvtq_f32_s32(s0[r]), dd);
+                                a.1 = vfmaq_f32(a.1, vcvtq_f32_s32(s1[r]), dd);
                             }
                         }
                     }
                     let mut out = [[0f32; R]; C];
                     for j in 0..C {
                         for r in 0..R {
-                            out[j][r] = acc[j][r] - accm[j][r];
+                            let mut l = [0f32; 8];
+                            vst1q_f32(l.as_mut_ptr(), acc[j][r].0);
+                            vst1q_f32(l.as_mut_ptr().add(4), acc[j][r].1);
+                            let mut m = [0f32; 4];
+                            vst1q_f32(m.as_mut_ptr(), accm[j][r]);
+                            out[j][r] = hsum8(l) + ((m[0] + m[2]) + (m[1] + m[3]));
                         }
                     }
                     out

@@ -106,7 +106,7 @@ fn kquants_match_dequantized_reference() -> Result<()> {
 }
 
 /// Every SIMD level of this CPU equals the portable reference bit for bit, through
-/// every tile shape of the driver (1..9 rows, odd column counts), with the extreme
+/// every tile shape of the driver (1..9 rows, odd column counts, k of 1 to 19 super-blocks), with the extreme
 /// weight codes (all scales and nibbles at their limits) as well as random ones.
 #[test]
 fn kquants_simd_equal_portable_bit_for_bit() -> Result<()> {
@@ -123,7 +123,12 @@ fn kquants_simd_equal_portable_bit_for_bit() -> Result<()> {
             (17, 9, 768),
         ]
         .into_iter()
-        .chain((1..=9).map(|m| (m, 13, 768)));
+        .chain((1..=9).map(|m| (m, 13, 768)))
+        .chain(
+            [256, 1024, 2048]
+                .into_iter()
+                .flat_map(|k| (1..=9).map(move |m| (m, 11, k))),
+        );
         for (m, n, k) in shapes {
             let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 3.0)?;
             let mut ours = KWeight::from_qtensor(&QTensor::quantize(&w, dt)?)?.expect("k");
@@ -190,6 +195,120 @@ fn close_to_f64_on_integer_activations() -> Result<()> {
                 "{dt:?} col {c}: {} vs {want}",
                 out[c]
             );
+        }
+    }
+    Ok(())
+}
+
+/// ggml's `ggml_vec_dot_q4_K_q8_K` (the `__AVX2__` branch), transcribed statement by
+/// statement in scalar code from the raw 144-byte blocks: eight f32 lanes of `d * sumi`
+/// (lane t: bytes 4t..4t+3 of each 32 values), four of `dmin * prod` with `dmin`
+/// negative, `hsum_float_8` plus `(m0 + m2) + (m1 + m3)`.
+fn ggml_vec_dot_q4k(blocks: &[u8], y_d: &[f32], y_qs: &[i8], y_bs: &[i16]) -> f32 {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut acc = [0f32; 8];
+    let mut acc_m = [0f32; 4];
+    for (i, x) in blocks.chunks_exact(144).enumerate() {
+        let d = y_d[i] * f16(&x[0..2]);
+        let dmin = -y_d[i] * f16(&x[2..4]);
+        let w = |o: usize| u32::from_le_bytes([x[4 + o], x[5 + o], x[6 + o], x[7 + o]]);
+        let mut utmp = [w(0), w(4), w(8), 0];
+        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
+        let uaux = utmp[1] & KMASK1;
+        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
+        utmp[2] = uaux;
+        utmp[0] &= KMASK1;
+        let bytes: Vec<u8> = utmp.iter().flat_map(|u| u.to_le_bytes()).collect();
+        let (scales, mins) = (&bytes[0..8], &bytes[8..16]);
+        // _mm_hadd_epi16 of the bsums, _mm_madd_epi16 with the mins.
+        let bs = &y_bs[16 * i..16 * i + 16];
+        let q8s: Vec<i16> = (0..8)
+            .map(|k| bs[2 * k].wrapping_add(bs[2 * k + 1]))
+            .collect();
+        for u in 0..4 {
+            let prod = mins[2 * u] as i32 * q8s[2 * u] as i32
+                + mins[2 * u + 1] as i32 * q8s[2 * u + 1] as i32;
+            acc_m[u] = dmin.mul_add(prod as f32, acc_m[u]);
+        }
+        let mut sumi = [0i32; 8];
+        for j in 0..4 {
+            let q4 = &x[16 + 32 * j..16 + 32 * j + 32];
+            let q8 = &y_qs[256 * i + 64 * j..256 * i + 64 * j + 64];
+            for (t, s) in sumi.iter_mut().enumerate() {
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for e in 4 * t..4 * t + 4 {
+                    lo += (q4[e] & 0xF) as i32 * q8[e] as i32;
+                    hi += (q4[e] >> 4) as i32 * q8[32 + e] as i32;
+                }
+                *s += scales[2 * j] as i32 * lo + scales[2 * j + 1] as i32 * hi;
+            }
+        }
+        for t in 0..8 {
+            acc[t] = d.mul_add(sumi[t] as f32, acc[t]);
+        }
+    }
+    let m = (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]);
+    let x = acc;
+    let hsum = ((x[4] + x[0]) + (x[6] + x[2])) + ((x[5] + x[1]) + (x[7] + x[3]));
+    hsum + m
+}
+
+/// The reference's Q4_K order is llama.cpp's `vec_dot_q4_K_q8_K` (AVX2), pinned by a
+/// direct transcription on random blocks: random scale/min bytes and nibbles, random
+/// f16 `d` and `dmin`, activations with spikes of both signs.
+#[test]
+fn q4k_reference_is_ggml_vec_dot_order() -> Result<()> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (n, k) in [(7, 256), (5, 1024), (3, 2048), (4, 4864)] {
+        let nb = k / QK_K;
+        let mut raw = vec![0u8; n * nb * 144];
+        for blk in raw.chunks_exact_mut(144) {
+            for b in blk.iter_mut() {
+                *b = next() as u8;
+            }
+            // Normal f16 values 2^-10 .. 2^-1 for d and dmin.
+            for o in [0, 2] {
+                let r = next();
+                let bits = ((5 + r % 10) << 10 | (r >> 8) & 0x3FF) as u16;
+                blk[o..o + 2].copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q4K,
+            &raw,
+            vec![n, k],
+            &Device::Cpu,
+        )?;
+        let w = KWeight::from_qtensor(&q)?.expect("q4k");
+        for m in [1, 3] {
+            let mut a = KActs::new();
+            a.quantize(&acts(m, k)?, k);
+            for r in 0..m {
+                let row = a.row(r);
+                for c in 0..n {
+                    let want = ggml_vec_dot_q4k(
+                        &raw[c * nb * 144..(c + 1) * nb * 144],
+                        row.d,
+                        row.qs,
+                        row.bsums,
+                    );
+                    let got = w.dot_ref(c, row);
+                    assert_eq!(
+                        want.to_bits(),
+                        got.to_bits(),
+                        "{n}x{k} row {r} col {c}: ggml {want} vs reference {got}"
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -2,20 +2,24 @@
 //! (decode steps of a batch, prefill), in the manner of `zmm.rs`: a 512-bit register
 //! holds one column's eight lanes for *two* activation rows (lanes 0..8 row `2p`,
 //! lanes 8..16 row `2p + 1`), the weights are unpacked once per column and block (the
-//! same bytes in both halves) and used by up to four row pairs.
+//! same bytes in both halves) and used by up to four row pairs. Q4_K takes this path
+//! for two or three rows only (`KWeight::matmul_into_isa`): from four rows on, its AVX2
+//! tiles measured faster.
 //!
 //! Per 32 values: `vpmaddubsw` (weights against the two rows' activations, exact i16
 //! pairs) then `vpdpwssd` (times the sub-block scale, added to the i32 lanes). Integer
 //! sums are exact in any grouping, so only the float steps must follow the reference
 //! ([`KWeight::dot_ref`]), and they do, lane for lane:
 //!
-//! - Q6_K: the lanes are those of the reference (four values each per 32-value group),
-//!   the `-32` offset enters them through the activation sums, and each lane gets one
-//!   fused multiply-add of `d_w * d_y` per super-block; [`hsum8_pair`] ends as `hsum8`.
-//! - Q4_K: the reference keeps two scalar chains per output (`acc`, `accm`). The block's
-//!   integer lanes of `scale * dot` and of `min * bsum` are added up exactly into lane 0
-//!   (`isum`) and lane 1 (`imin`) of each half, converted, and fused into an f32 vector
-//!   whose lanes 0, 1, 8, 9 are the two rows' chains; the outputs are `acc - accm`.
+//! - Both types: the lanes are those of the reference (four values each per 32-value
+//!   group), and each lane gets one fused multiply-add of `d_w * d_y` per super-block;
+//!   [`hsum8_pair`] ends as `hsum8`. Q6_K's `-32` offset enters the lanes through the
+//!   activation sums.
+//! - Q4_K's mins: `vpmaddwd` of the activation sums with the mins (each twice) gives
+//!   `min[k] * q8s[k]` per i32 lane; adding the neighbour lane puts the reference's mins
+//!   lane `u` in lanes `2u` and `2u + 1` of each half; column `j` (of two) keeps lanes
+//!   `2u + j`, so one accumulator per row pair holds both columns' mins, fused with
+//!   `-dmin * d_y`; the outputs add `(m0 + m2) + (m1 + m3)` to the lanes' sum.
 //!
 //! So the results are bit-identical to the portable reference and the AVX2 tiles.
 
@@ -290,8 +294,11 @@ impl KWeight {
         unsafe {
             let nb = self.k / QK_K;
             let m4 = _mm512_set1_epi8(0x0F);
-            // Lanes 0, 1 (and 8, 9) of each vector: the two chains `acc`, `accm` of a row.
+            // Lanes 0..8 (row 2p) and 8..16 (row 2p + 1): the reference's eight lanes
+            // of `d * Σ scale·dot`.
             let mut acc = [[_mm512_setzero_ps(); C]; P];
+            // Lane 2u + j (and 8 + 2u + j): column j's lane u of the reference's mins.
+            let mut accm = [_mm512_setzero_ps(); P];
             for b in 0..nb {
                 let mut isum = [[_mm512_setzero_si512(); C]; P];
                 for j in 0..C {
@@ -328,47 +335,57 @@ impl KWeight {
                         }
                     }
                 }
+                // Per column: the eight mins, each twice, as i16 (lane k of `madd` is
+                // `min[k] * q8s[k]`), `d` and `-dmin`.
+                let mut mins = [_mm512_setzero_si512(); C];
+                let mut dw = [_mm512_setzero_ps(); C];
+                let mut dmin = _mm512_setzero_ps();
                 for j in 0..C {
                     let wb = (c + j) * nb + b;
-                    // The eight mins, each twice, as i16: lane u of `madd` is
-                    // `min[u] * (bs[2u] + bs[2u + 1])`.
-                    let mins = _mm_loadl_epi64(self.sc.as_ptr().add(wb * 16 + 8) as *const __m128i);
-                    let mins =
-                        _mm512_broadcast_i64x4(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins)));
-                    // [d, dmin, d, dmin, ...].
-                    let dw = _mm512_unpacklo_ps(
-                        _mm512_set1_ps(*self.d.get_unchecked(wb)),
-                        _mm512_set1_ps(*self.dmin.get_unchecked(wb)),
+                    let m = _mm_loadl_epi64(self.sc.as_ptr().add(wb * 16 + 8) as *const __m128i);
+                    mins[j] = _mm512_broadcast_i64x4(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m)));
+                    dw[j] = _mm512_set1_ps(*self.d.get_unchecked(wb));
+                    // Column j's in lanes 2u + j (-dmin: signs are exact, so `-dmin * d_y`
+                    // equals the reference's `-d_y * dmin`).
+                    dmin = _mm512_mask_blend_ps(
+                        0x5555 << j,
+                        dmin,
+                        _mm512_set1_ps(-*self.dmin.get_unchecked(wb)),
                     );
-                    for (p, ap) in acc.iter_mut().enumerate() {
-                        let at = b * P + p;
-                        let bs = _mm512_loadu_si512(s.bs.as_ptr().add(at * 32) as *const _);
-                        let imin = _mm512_madd_epi16(bs, mins);
-                        let is = isum[p][j];
-                        // Per 128-bit quarter [i0 + i2, m0 + m2, i1 + i3, m1 + m3], then the
-                        // quarter's sums in lanes 0, 1, then the half's (exact integer sums).
-                        let t = _mm512_add_epi32(
-                            _mm512_unpacklo_epi32(is, imin),
-                            _mm512_unpackhi_epi32(is, imin),
+                }
+                for p in 0..P {
+                    let at = b * P + p;
+                    let bs = _mm512_loadu_si512(s.bs.as_ptr().add(at * 32) as *const _);
+                    let dy = _mm512_loadu_ps(s.dy.as_ptr().add(at * 16));
+                    let mut prod = _mm512_setzero_si512();
+                    for j in 0..C {
+                        // Lanes 2u, 2u + 1 both min[2u] * q8s[2u] + min[2u + 1] * q8s[2u + 1]
+                        // (exact); column j keeps lanes 2u + j.
+                        let imin = _mm512_madd_epi16(bs, mins[j]);
+                        let pj = _mm512_add_epi32(imin, _mm512_shuffle_epi32::<0xB1>(imin));
+                        prod = _mm512_mask_blend_epi32(0x5555 << j, prod, pj);
+                        let a = acc.get_unchecked_mut(p).get_unchecked_mut(j);
+                        *a = _mm512_fmadd_ps(
+                            _mm512_mul_ps(dw[j], dy),
+                            _mm512_cvtepi32_ps(isum[p][j]),
+                            *a,
                         );
-                        let t = _mm512_add_epi32(t, _mm512_shuffle_epi32::<0x4E>(t));
-                        let t = _mm512_add_epi32(t, _mm512_shuffle_i32x4::<0xB1>(t, t));
-                        let dy = _mm512_loadu_ps(s.dy.as_ptr().add(at * 16));
-                        let a = ap.get_unchecked_mut(j);
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, dy), *a);
                     }
+                    let am = accm.get_unchecked_mut(p);
+                    *am = _mm512_fmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(prod), *am);
                 }
             }
             for (p, ap) in acc.iter().enumerate() {
                 for (j, a) in ap.iter().enumerate() {
                     let mut l = [0f32; 16];
-                    _mm512_storeu_ps(l.as_mut_ptr(), *a);
-                    for h in 0..2 {
+                    _mm512_storeu_ps(l.as_mut_ptr(), accm[p]);
+                    for (h, v) in hsum8_pair(*a).into_iter().enumerate() {
                         let i = 2 * p + h;
                         if i == nr {
                             break; // the duplicate of an odd pass's last row
                         }
-                        out.write((r0 + i) * ldo + c + j, l[8 * h] - l[8 * h + 1]);
+                        let m = &l[8 * h + j..8 * h + 8];
+                        out.write((r0 + i) * ldo + c + j, v + ((m[0] + m[4]) + (m[2] + m[6])));
                     }
                 }
             }
