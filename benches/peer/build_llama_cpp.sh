@@ -49,6 +49,14 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     rm -rf "$CACHE/unpack"
 fi
 
+# ggml's AMX kernels crash on some Xeons (Sapphire Rapids class, seen with 0.3.36):
+# build without them where the CPU has AMX, so the comparison runs at all.
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CFLAGS="${CFLAGS:-} $NOAMX" CXXFLAGS="${CXXFLAGS:-} $NOAMX"
+    echo "CPU has AMX: building llama.cpp without it ($NOAMX)" >&2
+fi
+
 cmake -S "$SRC" -B "$CACHE/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON \
