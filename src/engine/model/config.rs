@@ -273,23 +273,16 @@ fn rope_scaling(ct: &gguf_file::Content, arch: &str, train_ctx: usize) -> Result
             // llama.cpp's context setup: mscale 0.1 ln(factor) + 1 (unless a log
             // multiplier says otherwise), then cancelled against the same term that
             // `rope_yarn` multiplies in, then the file's attention factor.
-            let mscale = |m: f32| {
-                if factor <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * factor.ln() + 1.0
-                }
-            };
+            let mscale = |m: f32| super::rope::yarn_mscale(factor, m);
             let log_mul = meta("yarn_log_multiplier")
                 .and_then(|v| v.to_f32().ok())
                 .unwrap_or(0.0);
-            let mut attn = if log_mul != 0.0 {
+            let total = if log_mul != 0.0 {
                 mscale(1.0) / mscale(log_mul)
             } else {
                 mscale(1.0)
             };
-            attn *= 1.0 / (1.0 + 0.1 * factor.ln());
-            s.attn_factor = attn;
+            s.attn_factor = super::rope::yarn_attn_factor(factor, total);
             if let Some(b) = meta("yarn_beta_fast").and_then(|v| v.to_f32().ok()) {
                 s.beta_fast = b;
             }

@@ -251,13 +251,7 @@ pub(crate) fn rope_scaling(
             // Hugging Face's attention factor (0.1 ln(factor) + 1 unless the config
             // gives it, or mscale / mscale_all_dim) is the total magnitude scale;
             // `rope::tables` multiplies in 1 + 0.1 ln(factor) itself.
-            let mscale = |m: f32| {
-                if factor <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * factor.ln() + 1.0
-                }
-            };
+            let mscale = |m: f32| super::rope::yarn_mscale(factor, m);
             let total = match (f("attention_factor"), f("mscale"), f("mscale_all_dim")) {
                 (Some(a), _, _) => a as f32,
                 (None, Some(m), Some(all)) if m > 0.0 && all > 0.0 => {
@@ -265,7 +259,7 @@ pub(crate) fn rope_scaling(
                 }
                 _ => mscale(1.0),
             };
-            s.attn_factor = total * (1.0 / (1.0 + 0.1 * factor.ln()));
+            s.attn_factor = super::rope::yarn_attn_factor(factor, total);
             if let Some(b) = f("beta_fast") {
                 s.beta_fast = b as f32;
             }

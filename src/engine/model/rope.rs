@@ -21,6 +21,23 @@ fn corr_dims(dim: usize, n_ctx_orig: usize, base: f32, s: &RopeScaling) -> [f32;
     [start.max(0.0), end.min(dim as f32 - 1.0)]
 }
 
+/// YaRN's magnitude scale for a context extended `factor` times, with log multiplier
+/// `m`: `0.1 m ln(factor) + 1` (1 when the context is not extended).
+pub(crate) fn yarn_mscale(factor: f32, m: f32) -> f32 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * factor.ln() + 1.0
+    }
+}
+
+/// The attention factor to store for a total magnitude scale `total`: [`tables`]
+/// multiplies in `1 + 0.1 ln(factor)` itself (as ggml's `rope_yarn` does), so it is
+/// divided out here.
+pub(crate) fn yarn_attn_factor(factor: f32, total: f32) -> f32 {
+    total * (1.0 / (1.0 + 0.1 * factor.ln()))
+}
+
 /// One pair's (cos, sin), as `rope_yarn`.
 fn yarn(theta_extrap: f32, i0: usize, s: &RopeScaling, corr: [f32; 2]) -> (f32, f32) {
     let theta_interp = s.freq_scale * theta_extrap;
