@@ -12,6 +12,8 @@ use candle_core::{DType, Result, Tensor};
 pub const Q8_BLOCK: usize = 32;
 /// Stored integer = quantized value + this, so the values fit a `u8`.
 const Q8_OFFSET: f64 = 128.0;
+/// The stored byte of a zero value.
+pub const Q8_ZERO: u8 = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KvDtype {
@@ -96,6 +98,21 @@ pub fn quantize_q8(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if !hd.is_multiple_of(Q8_BLOCK) {
         candle_core::bail!("q8_0: last dimension {hd} is not a multiple of {Q8_BLOCK}");
     }
+    if x.device().is_cpu() {
+        // ggml's rounding exactly (what the CPU kernels and llama.cpp store).
+        let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut q = vec![0u8; v.len()];
+        let mut d = vec![half::f16::ZERO; v.len() / Q8_BLOCK];
+        quantize_q8_row(&v, &mut q, &mut d);
+        let mut sd = lead.to_vec();
+        sd.push(hd / Q8_BLOCK);
+        return Ok((
+            Tensor::from_vec(q, dims.as_slice(), x.device())?,
+            Tensor::from_vec(d, sd.as_slice(), x.device())?,
+        ));
+    }
+    // On a GPU, with tensor ops: the same rules except that the inverse is `1 / d` and
+    // ties round away from zero.
     let mut blocks = lead.to_vec();
     blocks.extend([hd / Q8_BLOCK, Q8_BLOCK]);
     let xb = x.to_dtype(DType::F32)?.reshape(blocks)?;
@@ -112,6 +129,41 @@ pub fn quantize_q8(x: &Tensor) -> Result<(Tensor, Tensor)> {
         .reshape(dims.as_slice())?;
     let d = d.squeeze(lead.len() + 1)?.to_dtype(DType::F16)?;
     Ok((q, d))
+}
+
+/// The blocks llama.cpp rotates Q, K and V in (by an orthonormal Walsh-Hadamard matrix)
+/// before they meet a quantized cache, for a head dimension that is a multiple of 64: Q
+/// and K in blocks of the largest power of two from 64 up that divides it, V and the
+/// attention output in blocks of 64. None for other head dimensions.
+pub fn q8_rotation(head_dim: usize) -> Option<(usize, usize)> {
+    if head_dim == 0 || !head_dim.is_multiple_of(64) {
+        return None;
+    }
+    let mut k = 64;
+    while head_dim.is_multiple_of(2 * k) {
+        k *= 2;
+    }
+    Some((k, 64))
+}
+
+/// One row (a whole number of 32-value blocks) into its stored bytes and block scales,
+/// as ggml's x86 `quantize_row_q8_0` quantizes what llama.cpp writes into a q8_0 cache:
+/// scale `amax / 127` (kept as f16), values `round_half_even(x * (127 / amax))` (0 for
+/// an all-zero block), stored `+ 128`.
+pub fn quantize_q8_row(x: &[f32], q: &mut [u8], d: &mut [half::f16]) {
+    debug_assert!(x.len() == q.len() && x.len() == d.len() * Q8_BLOCK);
+    for ((xb, qb), db) in x
+        .chunks_exact(Q8_BLOCK)
+        .zip(q.chunks_exact_mut(Q8_BLOCK))
+        .zip(d.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, &v) in qb.iter_mut().zip(xb) {
+            *o = ((v * id).round_ties_even() as i32 + Q8_OFFSET as i32) as u8;
+        }
+        *db = half::f16::from_f32(amax / 127.0);
+    }
 }
 
 /// Inverse of [`quantize_q8`]: f32 values of shape `q.dims()`.
@@ -134,6 +186,32 @@ pub fn dequantize_q8(q: &Tensor, d: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// ggml's rules: the block maximum maps to ±127, halves round to even, an all-zero
+    /// block is zeros with scale 0; the tensor quantizer (CPU) gives the same bytes.
+    #[test]
+    fn row_quantizer_follows_ggml() {
+        let mut x = vec![0f32; 96];
+        for (i, v) in x[..32].iter_mut().enumerate() {
+            *v = i as f32 - 15.5; // amax 15.5: x * 127 / 15.5
+        }
+        x[32] = 127.0; // id = 1: halves are exact ties
+        x[33] = 2.5;
+        x[34] = -3.5;
+        x[35] = 0.5;
+        let mut q = vec![0u8; 96];
+        let mut d = vec![half::f16::ZERO; 3];
+        quantize_q8_row(&x, &mut q, &mut d);
+        assert_eq!(q[0], (128 - 127) as u8);
+        assert_eq!(q[31], 255);
+        assert_eq!(&q[32..36], &[255, 130, 124, 128]); // 127, 2, -4, 0
+        assert_eq!(d[1].to_f32(), 1.0);
+        assert_eq!((&q[64..], d[2].to_f32()), (&[128u8; 32][..], 0.0));
+        let t = Tensor::from_vec(x, (3, 32), &Device::Cpu).unwrap();
+        let (tq, td) = quantize_q8(&t).unwrap();
+        assert_eq!(tq.flatten_all().unwrap().to_vec1::<u8>().unwrap(), q);
+        assert_eq!(td.dims(), &[3, 1]);
+    }
 
     #[test]
     fn names_and_sizes() {

@@ -106,8 +106,8 @@ impl CacheLayout {
 }
 
 /// K and V of one layer, filled up to `len`: device tensors `(1, n_kv_heads, capacity,
-/// head_dim)`; or (f16 on the CPU) plain vectors `(n_kv_heads, capacity, head_dim)` that
-/// the CPU kernels read and write in place without tensor ops; or (q8_0) the offset
+/// head_dim)`; or (f16 and q8_0 on the CPU) plain vectors that the CPU kernels read and
+/// write in place without tensor ops ([`HostKv`]); or (q8_0 on a device) the offset
 /// 8-bit values plus the f16 scales of their 32-value blocks in
 /// `(1, n_kv_heads, capacity, head_dim / 32)` tensors beside them.
 #[derive(Debug, Clone)]
@@ -116,10 +116,7 @@ enum LayerKv {
         k: Tensor,
         v: Tensor,
     },
-    Host {
-        k: Vec<f16>,
-        v: Vec<f16>,
-    },
+    Host(HostKv),
     Q8 {
         k: Tensor,
         k_scale: Tensor,
@@ -128,13 +125,227 @@ enum LayerKv {
     },
 }
 
-/// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, head_dim)`, slot
-/// `s` holding position `base + s` (`base` is 0 for a global layer).
+/// One layer of a host cache, `(n_kv_heads, capacity, width)` per vector: f16 values
+/// (width `head_dim`), or q8_0 as the tensor path stores it — the 8-bit values offset
+/// by 128 (width `head_dim`) and one f16 scale per 32 values (width `head_dim / 32`).
+#[derive(Debug, Clone)]
+enum HostKv {
+    F16 {
+        k: Vec<f16>,
+        v: Vec<f16>,
+    },
+    Q8 {
+        k: Vec<u8>,
+        k_scale: Vec<f16>,
+        v: Vec<u8>,
+        v_scale: Vec<f16>,
+    },
+}
+
+/// Mutable view of one layer of a host cache ([`HostKv`]'s vectors).
+pub enum HostKvMut<'a> {
+    F16 {
+        k: &'a mut [f16],
+        v: &'a mut [f16],
+    },
+    Q8 {
+        k: &'a mut [u8],
+        k_scale: &'a mut [f16],
+        v: &'a mut [u8],
+        v_scale: &'a mut [f16],
+    },
+}
+
+/// Mutable view of one layer of a host cache: `(n_kv_heads, capacity, width)` per
+/// vector, slot `s` holding position `base + s` (`base` is 0 for a global layer).
 pub struct HostLayer<'a> {
-    pub k: &'a mut [f16],
-    pub v: &'a mut [f16],
+    pub kv: HostKvMut<'a>,
     pub capacity: usize,
     pub base: usize,
+}
+
+impl HostKv {
+    /// Zeroed vectors for `cap` slots.
+    fn zeros(dtype: KvDtype, nh: usize, cap: usize, hd: usize) -> Self {
+        let nb = hd / dtype::Q8_BLOCK;
+        match dtype {
+            KvDtype::Q8_0 => Self::Q8 {
+                k: vec![dtype::Q8_ZERO; nh * cap * hd],
+                k_scale: vec![f16::ZERO; nh * cap * nb],
+                v: vec![dtype::Q8_ZERO; nh * cap * hd],
+                v_scale: vec![f16::ZERO; nh * cap * nb],
+            },
+            _ => Self::F16 {
+                k: vec![f16::ZERO; nh * cap * hd],
+                v: vec![f16::ZERO; nh * cap * hd],
+            },
+        }
+    }
+
+    fn view(&mut self) -> HostKvMut<'_> {
+        match self {
+            Self::F16 { k, v } => HostKvMut::F16 { k, v },
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => HostKvMut::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            },
+        }
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F16 { k, v } => (k.len() + v.len()) * 2,
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => k.len() + v.len() + (k_scale.len() + v_scale.len()) * 2,
+        }
+    }
+
+    /// Slots `from..from + keep` of every head moved to the front of `new_cap` slots.
+    fn relayout(
+        self,
+        nh: usize,
+        old_cap: usize,
+        new_cap: usize,
+        from: usize,
+        keep: usize,
+        hd: usize,
+    ) -> Self {
+        let nb = hd / dtype::Q8_BLOCK;
+        match self {
+            Self::F16 { k, v } => Self::F16 {
+                k: moved(k, nh, old_cap, new_cap, from, keep, hd),
+                v: moved(v, nh, old_cap, new_cap, from, keep, hd),
+            },
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => Self::Q8 {
+                k: moved(k, nh, old_cap, new_cap, from, keep, hd),
+                k_scale: moved(k_scale, nh, old_cap, new_cap, from, keep, nb),
+                v: moved(v, nh, old_cap, new_cap, from, keep, hd),
+                v_scale: moved(v_scale, nh, old_cap, new_cap, from, keep, nb),
+            },
+        }
+    }
+
+    /// The first `len` slots of each vector as `(1, nh, len, width)` tensors (copies), in
+    /// [`part_specs`] order.
+    fn tensors(&self, nh: usize, cap: usize, len: usize, device: &Device) -> Result<Vec<Tensor>> {
+        match self {
+            Self::F16 { k, v } => Ok(vec![
+                plane_tensor(k, nh, cap, len, device)?,
+                plane_tensor(v, nh, cap, len, device)?,
+            ]),
+            Self::Q8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => Ok(vec![
+                plane_tensor(k, nh, cap, len, device)?,
+                plane_tensor(k_scale, nh, cap, len, device)?,
+                plane_tensor(v, nh, cap, len, device)?,
+                plane_tensor(v_scale, nh, cap, len, device)?,
+            ]),
+        }
+    }
+
+    /// Copy `t`, `(1, nh, held, width)`, into the first `held` slots of vector `part`
+    /// ([`part_specs`] order), at `slot`.
+    fn load(&mut self, part: usize, t: &Tensor, nh: usize, cap: usize, slot: usize) -> Result<()> {
+        match (self, part) {
+            (Self::F16 { k, .. }, 0) | (Self::F16 { v: k, .. }, 1) => {
+                load_plane(k, t, nh, cap, slot)
+            }
+            (Self::Q8 { k, .. }, 0) | (Self::Q8 { v: k, .. }, 2) => load_plane(k, t, nh, cap, slot),
+            (Self::Q8 { k_scale, .. }, 1)
+            | (
+                Self::Q8 {
+                    v_scale: k_scale, ..
+                },
+                3,
+            ) => load_plane(k_scale, t, nh, cap, slot),
+            _ => candle_core::bail!("kv: no part {part} in this layer"),
+        }
+    }
+}
+
+/// `src` (`nh` heads of `old_cap` slots of `w` values) with slots `from..from + keep`
+/// of each head moved to the front of `new_cap` slots (zeros after them when it grows).
+fn moved<T: Copy + Default>(
+    mut src: Vec<T>,
+    nh: usize,
+    old_cap: usize,
+    new_cap: usize,
+    from: usize,
+    keep: usize,
+    w: usize,
+) -> Vec<T> {
+    if old_cap == new_cap {
+        // Same size: slide each head's positions to the front in place.
+        for h in 0..nh {
+            let s = (h * old_cap + from) * w;
+            src.copy_within(s..s + keep * w, h * new_cap * w);
+        }
+        return src;
+    }
+    let mut dst = vec![T::default(); nh * new_cap * w];
+    for h in 0..nh {
+        let (s, d) = ((h * old_cap + from) * w, h * new_cap * w);
+        dst[d..d + keep * w].copy_from_slice(&src[s..s + keep * w]);
+    }
+    dst
+}
+
+/// Slots `0..len` of each of `nh` heads of `t` as a `(1, nh, len, w)` tensor (a copy).
+fn plane_tensor<T: candle_core::WithDType>(
+    t: &[T],
+    nh: usize,
+    cap: usize,
+    len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let w = t.len() / (nh * cap).max(1);
+    let mut out = Vec::with_capacity(nh * len * w);
+    for h in 0..nh {
+        out.extend_from_slice(&t[h * cap * w..(h * cap + len) * w]);
+    }
+    Tensor::from_vec(out, (1, nh, len, w), device)
+}
+
+/// Copy `t`, `(1, nh, n, w)`, into slots `slot..slot + n` of each head of `dst`.
+fn load_plane<T: candle_core::WithDType>(
+    dst: &mut [T],
+    t: &Tensor,
+    nh: usize,
+    cap: usize,
+    slot: usize,
+) -> Result<()> {
+    let (n, w) = (t.dim(2)?, t.dim(3)?);
+    if t.dim(1)? != nh || dst.len() != nh * cap * w || slot + n > cap {
+        candle_core::bail!("kv: a {:?} write does not fit {nh} x {cap} x {w}", t.dims());
+    }
+    let src: Vec<T> = t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1()?;
+    for h in 0..nh {
+        dst[(h * cap + slot) * w..(h * cap + slot + n) * w]
+            .copy_from_slice(&src[h * n * w..(h + 1) * n * w]);
+    }
+    Ok(())
 }
 
 impl LayerKv {
@@ -143,7 +354,7 @@ impl LayerKv {
     fn parts(&self) -> Vec<(&'static str, &Tensor)> {
         match self {
             Self::Dense { k, v } => vec![("k", k), ("v", v)],
-            Self::Host { .. } => Vec::new(),
+            Self::Host(_) => Vec::new(),
             Self::Q8 {
                 k,
                 k_scale,
@@ -163,7 +374,7 @@ impl LayerKv {
     fn values(&self, len: usize) -> Result<(Tensor, Tensor)> {
         match self {
             Self::Dense { k, v } => Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)),
-            Self::Host { .. } => candle_core::bail!("a host layer has no tensors"),
+            Self::Host(_) => candle_core::bail!("a host layer has no tensors"),
             Self::Q8 {
                 k,
                 k_scale,
@@ -235,6 +446,8 @@ pub struct SeqCache {
     base: usize,
     /// Tokens whose K/V are stored (positions `0..tokens.len()`).
     tokens: Vec<u32>,
+    /// Layers in host vectors ([`HostKv`]) rather than tensors.
+    host: bool,
 }
 
 impl SeqCache {
@@ -247,6 +460,16 @@ impl SeqCache {
             local_capacity: 0,
             base: 0,
             tokens: Vec::new(),
+            host: host_dtype(device, layout.dtype),
+        }
+    }
+
+    /// A cache kept in tensors even where [`SeqCache::new`] would use host vectors, so
+    /// that the model runs its tensor path on it (to compare the two paths).
+    pub fn new_tensor_path(layout: CacheLayout, device: &Device) -> Self {
+        Self {
+            host: false,
+            ..Self::new(layout, device)
         }
     }
 
@@ -344,9 +567,16 @@ impl SeqCache {
         self.base = 0;
     }
 
-    /// Whether the cache lives in plain host vectors (f16 on the CPU).
+    /// Whether the model turns Q, K and V by a Walsh-Hadamard rotation before they meet
+    /// this cache (q8_0 in host vectors, head dimension a multiple of 64; see
+    /// [`dtype::q8_rotation`]): its K and V are stored rotated.
+    pub fn rotated(&self) -> bool {
+        rotated(self.host, &self.layout)
+    }
+
+    /// Whether the cache lives in plain host vectors (f16 and q8_0 on the CPU).
     pub fn is_host(&self) -> bool {
-        self.device.is_cpu() && self.layout.dtype == KvDtype::F16
+        self.host
     }
 
     /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps;
@@ -430,6 +660,7 @@ impl SeqCache {
             self.layers[li] = Some(relayout(
                 &self.layout,
                 &self.device,
+                self.host,
                 old,
                 old_cap,
                 new_cap,
@@ -448,9 +679,8 @@ impl SeqCache {
     pub fn host_layer(&mut self, layer: usize) -> Option<HostLayer<'_>> {
         let (capacity, base) = self.slots(layer);
         match self.layers.get_mut(layer) {
-            Some(Some(LayerKv::Host { k, v })) => Some(HostLayer {
-                k,
-                v,
+            Some(Some(LayerKv::Host(h))) => Some(HostLayer {
+                kv: h.view(),
                 capacity,
                 base,
             }),
@@ -502,19 +732,26 @@ impl SeqCache {
         }
         let slot = pos - base;
         let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-        if let Some(Some(LayerKv::Host { k: kc, v: vc })) = self.layers.get_mut(layer) {
-            for (src, dst) in [(k, &mut *kc), (v, &mut *vc)] {
-                let src: Vec<f16> = src.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
-                if src.len() != nh * n * hd {
-                    candle_core::bail!("kv write: {} values, expected {}", src.len(), nh * n * hd);
-                }
-                for h in 0..nh {
-                    let at = (h * cap + slot) * hd;
-                    dst[at..at + n * hd].copy_from_slice(&src[h * n * hd..(h + 1) * n * hd]);
-                }
+        if let Some(Some(LayerKv::Host(hk))) = self.layers.get_mut(layer) {
+            if k.dims() != [1, nh, n, hd] || v.dims() != k.dims() {
+                candle_core::bail!(
+                    "kv write: {:?} / {:?}, expected [1, {nh}, {n}, {hd}]",
+                    k.dims(),
+                    v.dims()
+                );
             }
-            let view = |t: &[f16]| host_tensor(t, nh, cap, hd, slot + n, &self.device);
-            return Ok((view(kc)?, view(vc)?));
+            let parts = match hk {
+                HostKv::F16 { .. } => vec![k.clone(), v.clone()],
+                HostKv::Q8 { .. } => {
+                    let (kq, kd) = dtype::quantize_q8(k)?;
+                    let (vq, vd) = dtype::quantize_q8(v)?;
+                    vec![kq, kd, vq, vd]
+                }
+            };
+            for (i, t) in parts.iter().enumerate() {
+                hk.load(i, t, nh, cap, slot)?;
+            }
+            return host_values(hk, nh, cap, slot + n, &self.device);
         }
         let Some(Some(kv)) = self.layers.get(layer) else {
             candle_core::bail!("kv cache layer {layer} not allocated");
@@ -524,7 +761,7 @@ impl SeqCache {
                 kc.slice_set(&k.to_dtype(kc.dtype())?, 2, slot)?;
                 vc.slice_set(&v.to_dtype(vc.dtype())?, 2, slot)?;
             }
-            LayerKv::Host { .. } => unreachable!("host layers are written above"),
+            LayerKv::Host(_) => unreachable!("host layers are written above"),
             LayerKv::Q8 {
                 k: kc,
                 k_scale,
@@ -558,12 +795,8 @@ impl SeqCache {
             .map(|(i, l)| {
                 let (cap, base) = self.slots(i);
                 match l {
-                    Some(LayerKv::Host { k, v }) => {
-                        let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-                        Ok((
-                            host_tensor(k, nh, cap, hd, len - base, &self.device)?,
-                            host_tensor(v, nh, cap, hd, len - base, &self.device)?,
-                        ))
+                    Some(LayerKv::Host(h)) => {
+                        host_values(h, self.layout.n_kv_heads, cap, len - base, &self.device)
                     }
                     Some(kv) => {
                         let (k, v) = kv.values(len - base)?;
@@ -586,13 +819,10 @@ impl SeqCache {
                 candle_core::bail!("kv cache layer {i} not allocated");
             };
             let (cap, base) = self.slots(i);
-            if let LayerKv::Host { k, v } = kv {
-                let (nh, hd) = (self.layout.n_kv_heads, self.layout.head_dim);
-                for (name, t) in [("k", k), ("v", v)] {
-                    out.push((
-                        format!("{name}.{i}"),
-                        host_tensor(t, nh, cap, hd, len - base, &self.device)?,
-                    ));
+            if let LayerKv::Host(h) = kv {
+                let ts = h.tensors(self.layout.n_kv_heads, cap, len - base, &self.device)?;
+                for ((name, _, _), t) in part_specs(&self.layout).into_iter().zip(ts) {
+                    out.push((format!("{name}.{i}"), t));
                 }
                 continue;
             }
@@ -639,7 +869,7 @@ impl SeqCache {
         for i in 0..layout.n_layers {
             let (cap, base) = c.slots(i);
             let held = len - base;
-            let mut layer = relayout(&layout, device, None, 0, cap, 0, 0)?;
+            let mut layer = relayout(&layout, device, c.host, None, 0, cap, 0, 0)?;
             for (p, &(name, dt, last)) in specs.iter().enumerate() {
                 let key = format!("{name}.{i}");
                 let Some(t) = get(&key) else {
@@ -657,15 +887,7 @@ impl SeqCache {
                     continue;
                 }
                 match &mut layer {
-                    LayerKv::Host { k, v } => {
-                        let dst = if p == 0 { k } else { v };
-                        let src: Vec<f16> = t.flatten_all()?.to_vec1()?;
-                        let (nh, hd) = (layout.n_kv_heads, layout.head_dim);
-                        for h in 0..nh {
-                            dst[h * cap * hd..(h * cap + held) * hd]
-                                .copy_from_slice(&src[h * held * hd..(h + 1) * held * hd]);
-                        }
-                    }
+                    LayerKv::Host(h) => h.load(p, t, layout.n_kv_heads, cap, 0)?,
                     kv => kv.parts()[p].1.slice_set(&t.to_device(device)?, 2, 0)?,
                 }
             }
@@ -683,7 +905,7 @@ impl SeqCache {
             .iter()
             .flatten()
             .map(|l| match l {
-                LayerKv::Host { k, v } => (k.len() + v.len()) * 2,
+                LayerKv::Host(h) => h.bytes(),
                 l => l
                     .parts()
                     .iter()
@@ -695,10 +917,12 @@ impl SeqCache {
 }
 
 /// A layer's storage with `new_cap` slots, holding in its first `keep` slots what
-/// slots `from..from + keep` of `old` held (zeros elsewhere).
+/// slots `from..from + keep` of `old` held (zeros elsewhere); host vectors if `host`.
+#[allow(clippy::too_many_arguments)]
 fn relayout(
     layout: &CacheLayout,
     device: &Device,
+    host: bool,
     old: Option<LayerKv>,
     old_cap: usize,
     new_cap: usize,
@@ -706,32 +930,13 @@ fn relayout(
     keep: usize,
 ) -> Result<LayerKv> {
     let (nh, hd) = (layout.n_kv_heads, layout.head_dim);
-    if device.is_cpu() && layout.dtype == KvDtype::F16 {
-        if let Some(LayerKv::Host { mut k, mut v }) = old {
-            if old_cap == new_cap {
-                // Same size: slide each head's positions to the front in place.
-                for t in [&mut k, &mut v] {
-                    for h in 0..nh {
-                        let src = (h * old_cap + from) * hd;
-                        t.copy_within(src..src + keep * hd, h * new_cap * hd);
-                    }
-                }
-                return Ok(LayerKv::Host { k, v });
-            }
-            let mut nk = vec![f16::ZERO; nh * new_cap * hd];
-            let mut nv = vec![f16::ZERO; nh * new_cap * hd];
-            for (dst, src) in [(&mut nk, &k), (&mut nv, &v)] {
-                for h in 0..nh {
-                    let (s, d) = ((h * old_cap + from) * hd, h * new_cap * hd);
-                    dst[d..d + keep * hd].copy_from_slice(&src[s..s + keep * hd]);
-                }
-            }
-            return Ok(LayerKv::Host { k: nk, v: nv });
+    if host {
+        if let Some(LayerKv::Host(h)) = old {
+            return Ok(LayerKv::Host(
+                h.relayout(nh, old_cap, new_cap, from, keep, hd),
+            ));
         }
-        return Ok(LayerKv::Host {
-            k: vec![f16::ZERO; nh * new_cap * hd],
-            v: vec![f16::ZERO; nh * new_cap * hd],
-        });
+        return Ok(LayerKv::Host(HostKv::zeros(layout.dtype, nh, new_cap, hd)));
     }
     let old = old.as_ref().map(LayerKv::parts);
     let mut parts = Vec::new();
@@ -745,20 +950,33 @@ fn relayout(
     layer_from_parts(parts)
 }
 
-/// Positions `0..len` of a host layer as a `(1, nh, len, hd)` f16 tensor (a copy).
-fn host_tensor(
-    t: &[f16],
+/// Whether a cache with this storage and layout holds rotated K/V ([`SeqCache::rotated`]).
+fn rotated(host: bool, layout: &CacheLayout) -> bool {
+    host && layout.dtype == KvDtype::Q8_0 && dtype::q8_rotation(layout.head_dim).is_some()
+}
+
+/// Whether caches of `dtype` on `device` live in host vectors ([`HostKv`]).
+fn host_dtype(device: &Device, dtype: KvDtype) -> bool {
+    device.is_cpu() && matches!(dtype, KvDtype::F16 | KvDtype::Q8_0)
+}
+
+/// Slots `0..len` of a host layer as attention reads them: `(1, nh, len, hd)` tensors,
+/// f16 as stored, q8_0 dequantized to f32 (copies).
+fn host_values(
+    h: &HostKv,
     nh: usize,
     cap: usize,
-    hd: usize,
     len: usize,
     device: &Device,
-) -> Result<Tensor> {
-    let mut out = Vec::with_capacity(nh * len * hd);
-    for h in 0..nh {
-        out.extend_from_slice(&t[h * cap * hd..(h * cap + len) * hd]);
+) -> Result<(Tensor, Tensor)> {
+    let t = h.tensors(nh, cap, len, device)?;
+    match h {
+        HostKv::F16 { .. } => Ok((t[0].clone(), t[1].clone())),
+        HostKv::Q8 { .. } => Ok((
+            dtype::dequantize_q8(&t[0], &t[1])?,
+            dtype::dequantize_q8(&t[2], &t[3])?,
+        )),
     }
-    Tensor::from_vec(out, (1, nh, len, hd), device)
 }
 
 #[cfg(test)]

@@ -170,6 +170,7 @@ pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf,
         ("session", meta.session.clone()),
         ("fingerprint", meta.fingerprint.clone()),
         ("dtype", layout.dtype.name().to_string()),
+        ("kv_rotation", rotation_name(cache.rotated()).to_string()),
         ("tokens", cache.len().to_string()),
         ("created", meta.created.to_string()),
         ("hits", meta.hits.to_string()),
@@ -181,6 +182,15 @@ pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf,
         .map_err(|e| bad(&path, e.to_string()))?;
     write_atomic(&path, &bytes)?;
     Ok((path, bytes.len() as u64))
+}
+
+/// The `kv_rotation` metadata value.
+fn rotation_name(rotated: bool) -> &'static str {
+    if rotated {
+        "hadamard"
+    } else {
+        "none"
+    }
 }
 
 /// Read only the header's metadata (cheap: used to index the directory at start-up).
@@ -249,6 +259,18 @@ pub fn read(
                 "written with kv dtype {file_dtype}, this server caches {}",
                 layout.dtype
             ),
+        ));
+    }
+    // K/V stored rotated (q8_0 on the CPU) are no use to a cache that is not, and back.
+    let file_rot = m.get("kv_rotation").map(String::as_str).unwrap_or("none");
+    let want_rot = rotation_name(super::rotated(
+        super::host_dtype(device, layout.dtype),
+        &layout,
+    ));
+    if file_rot != want_rot {
+        return Err(bad(
+            path,
+            format!("written with kv rotation {file_rot}, this server's cache has {want_rot}"),
         ));
     }
     let data = fs::read(path).map_err(io(path))?;
@@ -408,6 +430,51 @@ mod tests {
         garbage[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         fs::write(&path, &garbage).unwrap();
         assert!(read(&path, layout(), &Device::Cpu, "m1").is_err());
+    }
+
+    /// A q8_0 cache with a head dimension of 64 holds K/V rotated (on the CPU); a file
+    /// written from an unrotated one (the tensor path's) is refused, never misread.
+    #[test]
+    fn a_q8_0_file_of_other_rotation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let q8 = CacheLayout {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 64,
+            dtype: KvDtype::Q8_0,
+            window: None,
+        };
+        for (rotated, c) in [
+            (true, SeqCache::new(q8, &Device::Cpu)),
+            (false, SeqCache::new_tensor_path(q8, &Device::Cpu)),
+        ] {
+            let mut c = c;
+            assert_eq!(c.rotated(), rotated);
+            c.reserve(2).unwrap();
+            let t = Tensor::randn(0f32, 1.0, (1, 1, 2, 64), &Device::Cpu).unwrap();
+            c.write_layer(0, 0, &t, &t).unwrap();
+            c.commit(&[1, 2]);
+            let sub = dir.path().join(format!("{rotated}"));
+            let (path, _) = write(
+                &sub,
+                &c,
+                &SpillMeta {
+                    tokens: 2,
+                    ..meta("m")
+                },
+            )
+            .unwrap();
+            let got = read(&path, q8, &Device::Cpu, "m");
+            if rotated {
+                assert!(got.unwrap().0.rotated());
+            } else {
+                let err = got.unwrap_err().to_string();
+                assert!(
+                    err.contains("kv rotation none") && err.contains("hadamard"),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -73,10 +73,13 @@ fn host_cache_grows_and_exports() -> Result<()> {
     assert_eq!(c.allocated_bytes(), 2 * GROW_TOKENS * lay.bytes_per_token());
     let hl = c.host_layer(1).unwrap();
     assert_eq!(hl.capacity, 2 * GROW_TOKENS);
+    let HostKvMut::F16 { k: hk, .. } = hl.kv else {
+        panic!("an f16 host layer");
+    };
     // head 2, position 199, element 3
     let at = (2 * hl.capacity + 199) * 4 + 3;
-    assert_eq!(hl.k[at].to_f32(), val(2 * 200 * 4 + 199 * 4 + 3));
-    hl.k[(hl.capacity + 200) * 4] = half::f16::from_f32(-1.0);
+    assert_eq!(hk[at].to_f32(), val(2 * 200 * 4 + 199 * 4 + 3));
+    hk[(hl.capacity + 200) * 4] = half::f16::from_f32(-1.0);
     c.commit(&[8]);
     let (k, v) = &c.export_layers()?[1];
     assert_eq!(k.dims(), &[1, 3, 201, 4]);

@@ -1,6 +1,6 @@
 //! The CPU forward pass: the same model as [`Model::forward`]'s tensor path, run on
 //! reused host buffers with fused loops — RMSNorm, RoPE, attention straight over the
-//! f16 cache, SiLU·up — and our quantized kernels for the projections. No tensor op
+//! f16 or q8_0 cache, SiLU·up — and our quantized kernels for the projections. No tensor op
 //! and no allocation per layer; the thread pool is entered once per projection and
 //! once per layer for attention.
 //!
@@ -9,12 +9,22 @@
 //! flash-attention kernel, rotary angles built as ggml builds them.
 
 use candle_core::{Module, Result, Tensor};
+use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::{Act, Embed, Expert, Mlp, Model, MoeMlp, Proj, SeqInput, Weight};
 use crate::engine::kernels::attn;
 use crate::engine::kernels::quant::{KActs, QActs};
+use crate::kv::{dtype::quantize_q8_row, HostKvMut};
+
+/// One sequence's cache of one layer, as attention reads it: f16 K/V, or q8_0 bytes and
+/// scales; `(n_kv_heads, capacity, width)` each, slot 0 holding position `base`.
+#[derive(Clone, Copy)]
+enum KvView<'a> {
+    F16(&'a [f16], &'a [f16]),
+    Q8(attn::Q8Rows<'a>),
+}
 
 /// Debugging aid: with `CANDELA_DUMP_DIR` set, every forward pass writes its
 /// intermediate values (raw little-endian f32, named as llama.cpp's graph names them:
@@ -225,6 +235,10 @@ impl Model {
         }
         let dd = dump::begin();
         let half = hd / 2;
+        let rot = batch
+            .first()
+            .filter(|s| s.cache.layout().dtype == crate::kv::KvDtype::Q8_0)
+            .and_then(|_| crate::kv::dtype::q8_rotation(hd));
         for (li, layer) in self.layers.iter().enumerate() {
             let (cos, sin) = {
                 let t = &self.rope_host[cfg.rope_table(li)];
@@ -269,6 +283,14 @@ impl Model {
                 dump::write(&dd, format_args!("Kcur-{li}"), &pick(nq, nkv));
                 dump::write(&dd, format_args!("Vcur-{li}"), &pick(nq + nkv, nkv));
             }
+            // In front of a q8_0 cache, Q, K and V turn by a Walsh-Hadamard rotation as
+            // llama.cpp turns them (it spreads outliers across the 8-bit blocks).
+            if let Some((rk, rv)) = rot {
+                for row in qkv.chunks_exact_mut(dqkv) {
+                    row[..nq + nkv].chunks_exact_mut(rk).for_each(attn::fwht);
+                    row[nq + nkv..].chunks_exact_mut(rv).for_each(attn::fwht);
+                }
+            }
             // Append K/V to each sequence's cache, then attend.
             let mut views = Vec::with_capacity(batch.len());
             for (si, s) in batch.iter_mut().enumerate() {
@@ -286,18 +308,49 @@ impl Model {
                         l.base + l.capacity
                     );
                 }
+                let nb = hd / crate::kv::dtype::Q8_BLOCK;
+                let (cap, base) = (l.capacity, l.base);
+                let mut kv = l.kv;
                 for i in 0..n {
                     let row = &qkv[(off + i) * dqkv..(off + i + 1) * dqkv];
                     for g in 0..nkvh {
-                        let at = (g * l.capacity + pos + i - l.base) * hd;
+                        let slot = g * cap + pos + i - base;
                         let ks = &row[nq + g * hd..nq + (g + 1) * hd];
                         let vs = &row[nq + nkv + g * hd..nq + nkv + (g + 1) * hd];
-                        // Vectorized (F16C where present), rounding to nearest even.
-                        l.k[at..at + hd].convert_from_f32_slice(ks);
-                        l.v[at..at + hd].convert_from_f32_slice(vs);
+                        let (at, bt) = (slot * hd, slot * nb);
+                        match &mut kv {
+                            HostKvMut::F16 { k, v } => {
+                                // Vectorized (F16C where present), rounding to nearest even.
+                                k[at..at + hd].convert_from_f32_slice(ks);
+                                v[at..at + hd].convert_from_f32_slice(vs);
+                            }
+                            HostKvMut::Q8 {
+                                k,
+                                k_scale,
+                                v,
+                                v_scale,
+                            } => {
+                                quantize_q8_row(ks, &mut k[at..at + hd], &mut k_scale[bt..bt + nb]);
+                                quantize_q8_row(vs, &mut v[at..at + hd], &mut v_scale[bt..bt + nb]);
+                            }
+                        }
                     }
                 }
-                views.push((&*l.k, &*l.v, l.capacity, l.base));
+                let view = match kv {
+                    HostKvMut::F16 { k, v } => KvView::F16(k, v),
+                    HostKvMut::Q8 {
+                        k,
+                        k_scale,
+                        v,
+                        v_scale,
+                    } => KvView::Q8(attn::Q8Rows {
+                        k,
+                        k_scale,
+                        v,
+                        v_scale,
+                    }),
+                };
+                views.push((view, cap, base));
             }
             let att = fit(&mut sc.att, t * nq);
             let qkv = &sc.qkv[..t * dqkv];
@@ -317,20 +370,33 @@ impl Model {
                 let (r, j) = (i / jobs_per_row, i % jobs_per_row);
                 let (h0, g) = (j * per, j * per / group);
                 let (si, p) = rows[r];
-                let (k, v, cap, base) = views[si];
+                let (view, cap, base) = views[si];
                 // A local layer sees the last `window` positions only; its slot 0 holds
                 // position `base` (checked above to be at most `first`).
                 let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                let (lo, hi) = ((g * cap + first - base) * hd, (g * cap + p + 1 - base) * hd);
+                let (lo, hi) = (g * cap + first - base, g * cap + p + 1 - base);
                 let q0 = r * dqkv + h0 * hd;
-                attn::attend_heads(
-                    &qkv[q0..q0 + per * hd],
-                    hd,
-                    &k[lo..hi],
-                    &v[lo..hi],
-                    scale,
-                    out,
-                );
+                let q = &qkv[q0..q0 + per * hd];
+                match view {
+                    KvView::F16(k, v) => attn::attend_heads(
+                        q,
+                        hd,
+                        &k[lo * hd..hi * hd],
+                        &v[lo * hd..hi * hd],
+                        scale,
+                        out,
+                    ),
+                    KvView::Q8(c) => {
+                        let nb = hd / crate::kv::dtype::Q8_BLOCK;
+                        let rows = attn::Q8Rows {
+                            k: &c.k[lo * hd..hi * hd],
+                            k_scale: &c.k_scale[lo * nb..hi * nb],
+                            v: &c.v[lo * hd..hi * hd],
+                            v_scale: &c.v_scale[lo * nb..hi * nb],
+                        };
+                        attn::attend_heads_q8(q, hd, rows, scale, out)
+                    }
+                }
             };
             // (head, position) pairs; a pair costs ~20 ns, entering the pool ~10 µs, so
             // several short sequences (a decode step of a batch) are worth splitting too.
@@ -343,6 +409,9 @@ impl Model {
             }
             drop(views);
             dump::write(&dd, format_args!("kqv_out-{li}"), att);
+            if let Some((_, rv)) = rot {
+                att.chunks_exact_mut(rv).for_each(attn::fwht);
+            }
             // Output projection and residual.
             let tmp = fit(&mut sc.tmp, t * hidden);
             let mut input = Input::new(att, t, &mut sc.acts, &mut sc.kacts);

@@ -20,6 +20,9 @@ use half::f16;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod expf;
+mod q8;
+
+pub use q8::{attend_heads_q8, fwht, Q8Rows};
 
 /// Which implementation runs, slowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,6 +37,15 @@ enum Path {
 fn path() -> Path {
     static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
     *PATH.get_or_init(detect)
+}
+
+/// For the q8_0 kernel: 0 portable, 1 AVX2 + FMA + F16C, 2 that and the 16-lane `expf`.
+fn simd_level() -> u8 {
+    match path() {
+        Path::Portable => 0,
+        Path::Avx2 => 1,
+        Path::Avx512 => 2,
+    }
 }
 
 /// The attention path in use, by name (`portable`, `avx2`, `avx512`).
