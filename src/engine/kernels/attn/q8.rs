@@ -94,7 +94,7 @@ pub(super) fn attend_with(
             kv,
             scale,
             oh,
-            dot_q8,
+            dots_q8,
             dequant,
             |a, x, ms, vs| {
                 for (a, &x) in a.iter_mut().zip(x) {
@@ -119,6 +119,20 @@ fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
             *o = (v * id).round_ties_even() as i8;
         }
         *db = f16::from_f32(amax / 127.0).to_f32();
+    }
+}
+
+/// Up to four query heads quantized to Q8_0.
+struct Quantized {
+    q: [[i8; MAX_HD]; 4],
+    d: [[f32; MAX_HD / BLOCK]; 4],
+}
+
+/// [`dot_q8`] of one K row against each of the first `g` heads of `qz`.
+fn dots_q8(k: &[u8], kd: &[f16], qz: &Quantized, g: usize, out: &mut [f32; 4]) {
+    let (hd, nb) = (k.len(), kd.len());
+    for h in 0..g {
+        out[h] = dot_q8(k, kd, &qz.q[h][..hd], &qz.d[h][..nb]);
     }
 }
 
@@ -168,7 +182,7 @@ fn heads(
     kv: Q8Rows<'_>,
     scale: f32,
     out: &mut [f32],
-    dotf: impl Fn(&[u8], &[f16], &[i8], &[f32]) -> f32,
+    dotf: impl Fn(&[u8], &[f16], &Quantized, usize, &mut [f32; 4]),
     dequantf: impl Fn(&[u8], &[f16], &mut [f32]),
     madf: impl Fn(&mut [f32], &[f32], f32, f32),
     expf: impl Fn(&mut [f32]),
@@ -182,10 +196,16 @@ fn heads(
     let mut sc = [[0f32; CHUNK]; 4];
     let mut grew = [[false; CHUNK]; 4];
     let mut row = [0f32; MAX_HD];
-    let mut qq = [[0i8; MAX_HD]; 4];
-    let mut qd = [[0f32; MAX_HD / BLOCK]; 4];
+    let mut qz = Quantized {
+        q: [[0i8; MAX_HD]; 4],
+        d: [[0f32; MAX_HD / BLOCK]; 4],
+    };
     for h in 0..g {
-        quantize_q(&q[h * hd..(h + 1) * hd], &mut qq[h][..hd], &mut qd[h][..nb]);
+        quantize_q(
+            &q[h * hd..(h + 1) * hd],
+            &mut qz.q[h][..hd],
+            &mut qz.d[h][..nb],
+        );
     }
     let mut j0 = 0;
     while j0 < len {
@@ -197,8 +217,10 @@ fn heads(
                 &kv.k[j * hd..(j + 1) * hd],
                 &kv.k_scale[j * nb..(j + 1) * nb],
             );
+            let mut s4 = [0f32; 4];
+            dotf(kr, kd, &qz, g, &mut s4);
             for h in 0..g {
-                sc[h][p] = dotf(kr, kd, &qq[h][..hd], &qd[h][..nb]) * scale;
+                sc[h][p] = s4[h] * scale;
             }
         }
         // Weights: `sc` becomes each position's `expf` argument, then its exponential.
@@ -265,23 +287,30 @@ unsafe fn heads_avx2(
         out,
         // SAFETY (the closures): AVX2/FMA are enabled here; every slice is a whole
         // number of 8 (dot, mad) or 32 (dequant) values, checked by `attend_with`.
-        |k, kd, q, qd| unsafe {
+        |k, kd, qz, g, out| unsafe {
             // As ggml's `mul_sum_i8_pairs_float`: |k| times q with k's sign, pairs to i16
-            // (at most 2 * 127 * 127), pairs of those to i32 lanes of four products.
+            // (at most 2 * 127 * 127), pairs of those to i32 lanes of four products. The K
+            // bytes are loaded and made absolute once for all heads.
             let flip = _mm256_set1_epi8(-128);
             let ones = _mm256_set1_epi16(1);
-            let mut l = _mm256_setzero_ps();
+            let mut l = [_mm256_setzero_ps(); 4];
             for (b, &kdb) in kd.iter().enumerate() {
                 let kv =
                     _mm256_xor_si256(_mm256_loadu_si256(k.as_ptr().add(b * BLOCK).cast()), flip);
-                let qv = _mm256_loadu_si256(q.as_ptr().add(b * BLOCK).cast());
-                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(kv, kv), _mm256_sign_epi8(qv, kv));
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                l = _mm256_fmadd_ps(_mm256_set1_ps(kdb.to_f32() * qd[b]), s, l);
+                let ak = _mm256_sign_epi8(kv, kv);
+                let dk = kdb.to_f32();
+                for h in 0..g {
+                    let qv = _mm256_loadu_si256(qz.q[h].as_ptr().add(b * BLOCK).cast());
+                    let p16 = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, kv));
+                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                    l[h] = _mm256_fmadd_ps(_mm256_set1_ps(dk * qz.d[h][b]), s, l[h]);
+                }
             }
-            let mut v = [0f32; 8];
-            _mm256_storeu_ps(v.as_mut_ptr(), l);
-            hsum8(v)
+            for h in 0..g {
+                let mut v = [0f32; 8];
+                _mm256_storeu_ps(v.as_mut_ptr(), l[h]);
+                out[h] = hsum8(v);
+            }
         },
         |x, d, o| unsafe {
             let off = _mm256_set1_epi32(128);
@@ -300,6 +329,15 @@ unsafe fn heads_avx2(
         },
         |a, x, ms, vs| unsafe {
             let (m, w) = (_mm256_set1_ps(ms), _mm256_set1_ps(vs));
+            if ms == 1.0 {
+                // `acc * 1` is `acc`: the same bits without the multiply.
+                for i in (0..a.len()).step_by(8) {
+                    let p = a.as_mut_ptr().add(i);
+                    let x = _mm256_loadu_ps(x.as_ptr().add(i));
+                    _mm256_storeu_ps(p, _mm256_fmadd_ps(x, w, _mm256_loadu_ps(p)));
+                }
+                return;
+            }
             for i in (0..a.len()).step_by(8) {
                 let p = a.as_mut_ptr().add(i);
                 let r = _mm256_fmadd_ps(
