@@ -16,6 +16,9 @@
 //! sums are exact in any order), with the 16-lane `expf` ([`super::expf`]) where AVX-512
 //! is present.
 
+// Index loops over heads and positions read more plainly than zipped iterators here.
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 /// Values per scale.
@@ -363,12 +366,10 @@ unsafe fn heads_avx2(
 mod tests {
     use super::*;
 
-    fn case(
-        len: usize,
-        hd: usize,
-        g: usize,
-        seed: u64,
-    ) -> (Vec<f32>, Vec<u8>, Vec<f16>, Vec<u8>, Vec<f16>) {
+    /// Q, K bytes, K scales, V bytes, V scales.
+    type Case = (Vec<f32>, Vec<u8>, Vec<f16>, Vec<u8>, Vec<f16>);
+
+    fn case(len: usize, hd: usize, g: usize, seed: u64) -> Case {
         let mut s = seed;
         let mut next = || {
             s = s
