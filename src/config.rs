@@ -333,9 +333,7 @@ impl Config {
     fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
         if self.kv_shared && self.kv_disk_budget == 0 {
-            return bad(
-                "kv_shared needs spilling: kv_disk_budget must be > 0, got 0".to_string(),
-            );
+            return bad("kv_shared needs spilling: kv_disk_budget must be > 0, got 0".to_string());
         }
         if self.ctx_size > 1 << 20 {
             return bad(format!(

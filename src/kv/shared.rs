@@ -96,9 +96,18 @@ impl Owner {
     }
 }
 
+/// Whether process `pid` of this host still runs (a zombie, killed but not yet reaped
+/// by its parent, does not).
 #[cfg(target_os = "linux")]
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state follows the last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -122,7 +131,10 @@ impl Alarms {
     fn raise(&self, kind: &'static str, msg: std::fmt::Arguments<'_>) {
         let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if set.insert(kind) {
-            tracing::warn!(kind, "shared spill dir: {msg} (logged once until it recovers)");
+            tracing::warn!(
+                kind,
+                "shared spill dir: {msg} (logged once until it recovers)"
+            );
         }
     }
 

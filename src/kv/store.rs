@@ -916,7 +916,9 @@ fn write_behind(sh: &Shared, cfg: &SpillConfig, k: &str, e: &mut Entry, cache: &
         }
         Err(err) => sh.alarm(
             "write",
-            format_args!("could not write a session behind its turn, it stays in memory only: {err}"),
+            format_args!(
+                "could not write a session behind its turn, it stays in memory only: {err}"
+            ),
         ),
     }
     sh.release(&path);

@@ -42,7 +42,11 @@ fn expired_and_dead_owners_leases_are_taken_over_live_ones_are_not() {
     me.release(&f);
     // This host, a process that is gone, not yet expired.
     if cfg!(target_os = "linux") {
-        fs::write(&lease, lease_line("host-me", 999_999_999, now_ms() + 60_000)).unwrap();
+        fs::write(
+            &lease,
+            lease_line("host-me", 999_999_999, now_ms() + 60_000),
+        )
+        .unwrap();
         me.acquire(&f).unwrap();
         me.release(&f);
     }
@@ -80,7 +84,10 @@ fn replicas_racing_for_one_lease_exactly_one_wins() {
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).filter(|&w| w).count()
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count()
         });
         assert_eq!(wins, 1, "round {round}");
     }
@@ -198,4 +205,27 @@ fn a_read_only_dir_is_served_without_leases() {
     });
     a.flush();
     a.acquire(&f).unwrap();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_unreaped_process_counts_as_dead() {
+    assert!(pid_alive(std::process::id()));
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    assert!(pid_alive(child.id()));
+    child.kill().unwrap();
+    // Not waited for yet: a zombie until reaped.
+    let t0 = std::time::Instant::now();
+    while pid_alive(child.id()) {
+        assert!(
+            t0.elapsed().as_secs() < 5,
+            "a killed process still counts as alive"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait().unwrap();
+    assert!(!pid_alive(child.id()));
 }

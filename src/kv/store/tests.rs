@@ -268,7 +268,10 @@ fn shared_dir_sessions_move_between_replicas_with_their_cache() {
     assert_eq!(host_turn(&mut b, "s", &[1, 2, 3, 4, 5, 6]).unwrap(), 4);
     assert_eq!(b.restores, 1);
     // Back on the first replica: its memory copy is older than the file, which wins.
-    assert_eq!(host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap(), 6);
+    assert_eq!(
+        host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap(),
+        6
+    );
     assert_eq!(a.get("s").unwrap().tokens, 8);
     // The file stays after a restore (it is what a crash falls back to).
     assert!(dir.path().join(spill::file_name("s")).exists());
