@@ -599,10 +599,13 @@ impl SessionStore {
             Some(cfg)
                 if !cache.is_empty()
                     && self.shared.is_some()
-                    && e.written_gen == e.gen
-                    && cfg.dir.join(spill::file_name(k)).exists() =>
+                    && cfg.dir.join(spill::file_name(k)).exists()
+                    && (e.written_gen == e.gen
+                        || spill::read_meta(&cfg.dir.join(spill::file_name(k)))
+                            .is_ok_and(|(m, _)| m.generation >= e.gen)) =>
             {
-                // Written behind its last turn already.
+                // Written behind its last turn already (or served by another replica
+                // since): never overwrite it with an older copy.
                 let path = cfg.dir.join(spill::file_name(k));
                 let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 self.spills += 1;

@@ -47,7 +47,7 @@ fn build() -> prometheus::Result<KvMetrics> {
         )?,
         usage: prometheus::Gauge::new(
             "candela_kv_cache_usage_ratio",
-            "Resident cache bytes / budget",
+            "Share of the KV budget held by session caches in memory, in [0, 1]",
         )?,
         sessions: IntGaugeVec::new(
             Opts::new(
@@ -177,11 +177,7 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     m.sessions
         .with_label_values(&["disk"])
         .set(s.sessions_disk as i64);
-    m.usage.set(if s.budget_bytes > 0 {
-        s.resident_bytes as f64 / s.budget_bytes as f64
-    } else {
-        0.0
-    });
+    m.usage.set(usage_ratio(s.resident_bytes, s.budget_bytes));
     m.sessions
         .with_label_values(&["busy"])
         .set(s.sessions_busy as i64);
@@ -191,6 +187,16 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     m.sessions
         .with_label_values(&["anonymous"])
         .set(s.anon as i64);
+}
+
+/// KV utilisation as routers read it (the Gateway API Inference Extension's
+/// `KVCacheUtilization`, vLLM's `kv_cache_usage_perc`): a fraction in [0, 1]. Pinned
+/// sessions may hold more than the budget for a while; that still reads 1 (full).
+fn usage_ratio(resident: usize, budget: usize) -> f64 {
+    if budget == 0 {
+        return 0.0;
+    }
+    (resident as f64 / budget as f64).clamp(0.0, 1.0)
 }
 
 pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {
@@ -228,4 +234,14 @@ fn counters(d: &StoreCounters) {
     m.restore_bytes.inc_by(d.restored_bytes);
     m.spill_seconds.inc_by(d.spill_seconds.max(0.0));
     m.restore_seconds.inc_by(d.restore_seconds.max(0.0));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_ratio_is_a_fraction_in_0_1() {
+        assert_eq!(super::usage_ratio(0, 0), 0.0);
+        assert_eq!(super::usage_ratio(1, 4), 0.25);
+        assert_eq!(super::usage_ratio(9, 4), 1.0);
+    }
 }
