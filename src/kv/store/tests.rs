@@ -339,3 +339,23 @@ fn shared_dir_foreign_and_torn_files_are_never_loaded() {
         .unwrap();
     assert_eq!(co.reused, 0, "loaded a torn file");
 }
+
+#[test]
+fn shared_dir_stored_responses_are_found_by_other_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = replicas(dir.path());
+    host_turn(&mut a, "s", &[1, 2, 3]).unwrap();
+    a.put_note("s", "resp_1", "{\"x\":1}".into()).unwrap();
+    a.shared.as_ref().unwrap().flush();
+    let (id, notes) = b.find_note("resp_1").unwrap();
+    assert_eq!(id, "s");
+    assert_eq!(notes["resp_1"], "{\"x\":1}");
+    // b serves the next turn, stores another response; a sees both after b's turn.
+    host_turn(&mut b, "s", &[1, 2, 3, 4]).unwrap();
+    b.put_note("s", "resp_2", "{}".into()).unwrap();
+    b.shared.as_ref().unwrap().flush();
+    host_turn(&mut b, "s", &[1, 2, 3, 4, 5]).unwrap();
+    assert_eq!(host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6]).unwrap(), 5);
+    let (_, notes) = a.find_note("resp_2").unwrap();
+    assert!(notes.contains_key("resp_1") && notes.contains_key("resp_2"));
+}
