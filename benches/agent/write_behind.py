@@ -7,7 +7,9 @@ each turn appends user text to a growing history (~1.5k tokens at the start) and
 exactly --gen-tokens tokens (temperature 0, ignore_eos). With N sessions in flight, every
 turn that ends writes its session behind while the others decode, so their decode speed
 shows the cost. Reports per mode the median decode speed of a stream (tokens after the
-first / time from the first to the last token) and the median time to first token.
+first / time from the first to the last token) and the median time to first token, and
+the with/without ratio of each round (the two modes of a round run back to back, so a
+change of outside load between rounds cancels in its ratio).
 
 Stdlib only. Run after `cargo build --release`:
     python3 benches/agent/write_behind.py [--sessions 4] [--turns 4] [--rounds 2]
@@ -117,20 +119,26 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     a = ap.parse_args()
     res = {False: ([], []), True: ([], [])}
+    ratios = []
     for r in range(a.rounds):
+        medians = {}
         for shared in (False, True):
             t, d = run_mode(a, shared)
             res[shared][0].extend(t)
             res[shared][1].extend(d)
+            medians[shared] = statistics.median(d)
             print(f"round {r} shared={shared}: decode median {statistics.median(d):.1f} tok/s, "
                   f"ttft median {statistics.median(t) * 1000:.0f} ms", flush=True)
+        ratios.append(medians[True] / medians[False])
     for shared in (False, True):
         t, d = res[shared]
         print(f"{'--kv-shared true ' if shared else '--kv-shared false'}: "
               f"decode {statistics.median(d):.1f} tok/s per stream (median of {len(d)}), "
               f"ttft {statistics.median(t) * 1000:.0f} ms")
     off, on = statistics.median(res[False][1]), statistics.median(res[True][1])
-    print(f"decode with write-behind / without: {on / off:.3f}")
+    print(f"decode with write-behind / without: {on / off:.3f} (pooled medians); "
+          f"per round {', '.join(f'{x:.3f}' for x in ratios)}, "
+          f"median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

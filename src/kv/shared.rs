@@ -467,7 +467,19 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     opts.open(path)?.write_all(bytes)
 }
 
+/// Run the calling thread at a lower scheduling priority (nice 10), so that on a busy
+/// machine the writes behind turns yield to the compute threads. Linux only.
+fn lower_priority() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: gettid and setpriority only read and set this thread's scheduling value.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 fn writer(inner: &Inner, rx: mpsc::Receiver<Work>) {
+    lower_priority();
     for work in rx {
         match work {
             Work::Write(job) => {
