@@ -24,14 +24,6 @@ use candle_core::Device;
 /// A near-tie: llama.cpp's own top-1/top-2 logprob margin below this may go either way
 /// between two correct implementations.
 const NEAR_TIE: f64 = 0.25;
-/// The known exceptions, both on the 82-token prompt (the other prompts of these files
-/// are exact): with linear rope scaling it diverges after 27 equal tokens at a margin of
-/// 0.43, on qwen3 after 31 at 0.57 (hidden before Q4_K followed llama.cpp's
-/// `vec_dot_q4_K_q8_K` order, when a near-tie at token 20 came first). Accepted up to
-/// this margin for those two only, until the cause is found.
-const LONG_PROMPT_MARGIN: f64 = 0.6;
-const LONG_PROMPT_FILES: [&str; 2] = ["llama-rope-linear", "qwen3"];
-
 fn load(name: &str) -> (Model, Tok) {
     let p = path(name);
     let mut f = std::fs::File::open(&p).unwrap();
@@ -43,16 +35,10 @@ fn load(name: &str) -> (Model, Tok) {
 }
 
 /// Per prompt: the tokens agreeing with llama.cpp; panics on a divergence that is not
-/// a near-tie in llama.cpp's own logprobs (with the one known exception).
+/// a near-tie in llama.cpp's own logprobs.
 fn check_greedy(name: &str) -> Vec<(usize, usize)> {
     let (model, _) = load(name);
-    common::greedy_agreement(&model, &fixture(name), name, |_, prompt| {
-        if LONG_PROMPT_FILES.contains(&name) && prompt.len() > 64 {
-            LONG_PROMPT_MARGIN
-        } else {
-            NEAR_TIE
-        }
-    })
+    common::greedy_agreement(&model, &fixture(name), name, |_, _| NEAR_TIE)
 }
 
 fn check_tokenize(name: &str) {

@@ -9,12 +9,22 @@
 #
 # Usage: benches/peer/build_llama_cpp.sh [CACHE_DIR]
 #   CACHE_DIR  default: $CANDELA_BENCH_CACHE or $HOME/.cache/candela-bench/llama.cpp
+#              (with ISA set: that path with "-$ISA" appended)
 #   env LLAMA_CPP_PYTHON_VERSION (default 0.3.36), JOBS (default: nproc)
+#   env ISA    native (default: everything this CPU has, GGML_NATIVE) or one of the
+#              levels candela's kernels can be capped at (CANDELA_ISA), so that both
+#              sides of a comparison use the same instructions:
+#                avx512   AVX-512 F/BW/DQ/VL + VNNI + VBMI (a Zen 4 / Ice Lake class set)
+#                avx2vnni AVX2 + FMA + F16C + AVX-VNNI (Alder Lake class)
+#                avx2     AVX2 + FMA + F16C (Haswell .. Zen 3 class)
+#                scalar   none of them (SSE only)
 # Prints the bin dir on its last line.
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ISA="${ISA:-native}"
 CACHE="${1:-${CANDELA_BENCH_CACHE:-$HOME/.cache/candela-bench/llama.cpp}}"
+[[ -n "${1:-}" || "$ISA" == native ]] || CACHE="$CACHE-$ISA"
 JOBS="${JOBS:-$(nproc)}"
 BIN="$CACHE/build/bin"
 
@@ -49,9 +59,27 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     rm -rf "$CACHE/unpack"
 fi
 
+# The instruction set: GGML_NATIVE, or ggml's per-extension options for a capped level.
+off="-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+     -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+case "$ISA" in
+    native) ISA_FLAGS="-DGGML_NATIVE=ON" ;;
+    avx512) ISA_FLAGS="-DGGML_NATIVE=OFF $off -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+                -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+                -DGGML_AVX512_VNNI=ON" ;;
+    avx2vnni) ISA_FLAGS="-DGGML_NATIVE=OFF $off -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+                -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON" ;;
+    avx2) ISA_FLAGS="-DGGML_NATIVE=OFF $off -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+                -DGGML_F16C=ON -DGGML_BMI2=ON" ;;
+    scalar) ISA_FLAGS="-DGGML_NATIVE=OFF $off -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF \
+                -DGGML_F16C=OFF -DGGML_BMI2=OFF" ;;
+    *) echo "ISA must be native, avx512, avx2vnni, avx2 or scalar (got $ISA)" >&2; exit 2 ;;
+esac
+echo "llama.cpp instruction set: $ISA" >&2
+
 # ggml's AMX kernels crash on some Xeons (Sapphire Rapids class, seen with 0.3.36):
 # build without them where the CPU has AMX, so the comparison runs at all.
-if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+if [[ "$ISA" == native ]] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
     NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     export CFLAGS="${CFLAGS:-} $NOAMX" CXXFLAGS="${CXXFLAGS:-} $NOAMX"
     echo "CPU has AMX: building llama.cpp without it ($NOAMX)" >&2
@@ -59,7 +87,7 @@ fi
 
 cmake -S "$SRC" -B "$CACHE/build" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    $ISA_FLAGS \
     -DLLAMA_CURL=OFF \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \

@@ -23,6 +23,14 @@ prefix (candela's anonymous prefix pool, llama-server's slot cache).
 `--streams 0` skips the concurrent streams. `--model` takes a GGUF path or a known
 model name (`qwen2.5-coder-0.5b`), which `candela fetch` resolves to its cached file.
 
+`--isa LEVEL` (avx512, avx2vnni, avx2, scalar) measures one instruction-set level on
+any machine that has it: candela's kernels are capped there (CANDELA_ISA, and the
+attention kernel with CANDELA_ATTN_PATH) and llama.cpp is built for the same level
+(build_llama_cpp.sh with ISA=LEVEL, in its own cache dir `<llama-dir>-LEVEL`). The
+rest of both programs is what their compilers made for the build machine unless you
+pass a candela built with RUSTFLAGS="-C target-cpu=x86-64-v3" (`--candela`); see
+docs/performance.md.
+
 Stdlib only. Typical use, from the repo root:
     cargo build --release
     python3 benches/peer/peer_bench.py --model /path/to/model.gguf
@@ -37,6 +45,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +65,21 @@ DEFAULT_CACHE = os.path.join(
 # Token ids drawn for prompts: clear of the special tokens at the bottom of the vocab
 # and below the smallest vocab we expect (SmolLM2: 49152).
 TOKEN_LO, TOKEN_HI = 1000, 40000
+# --isa: the caps candela runs under (CANDELA_ISA, CANDELA_ATTN_PATH); None = no cap.
+ISA_CAPS = {
+    "native": {},
+    "avx512": {},
+    "avx2vnni": {"CANDELA_ISA": "avx2vnni", "CANDELA_ATTN_PATH": "avx2"},
+    "avx2": {"CANDELA_ISA": "avx2", "CANDELA_ATTN_PATH": "avx2"},
+    "scalar": {"CANDELA_ISA": "scalar", "CANDELA_ATTN_PATH": "portable"},
+}
+# What candela's start-up log must say for each level (its `cpu_kernels` field).
+ISA_EXPECT = {
+    "avx512": "quant=Avx512Vnni attention=avx512",
+    "avx2vnni": "quant=Avx2Vnni attention=avx2",
+    "avx2": "quant=Avx2 attention=avx2",
+    "scalar": "quant=Scalar attention=portable",
+}
 # Weights read per decoded token if the server does not report it (SmolLM2-135M Q4_1).
 FALLBACK_WEIGHT_BYTES = 81_000_000
 
@@ -187,13 +211,16 @@ class Prompts:
 
 
 class Server:
-    def __init__(self, name, argv, port, log_path):
+    def __init__(self, name, argv, port, log_path, env=None):
         self.name, self.port = name, port
+        self.log_path = log_path
         self.log = open(log_path, "w")
-        log(f"starting {name}: {' '.join(argv)}")
+        extra = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        log(f"starting {name}: {extra + ' ' if extra else ''}{' '.join(argv)}")
         self.argv = argv
         self.proc = subprocess.Popen(
-            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
     def wait_ready(self, timeout=300):
@@ -450,12 +477,25 @@ def print_table(res, rows, bound):
     print()
     print(f"machine: {res['cpu']}, {res['cores']} cores, {res['threads']} threads, {res['date']}; "
           f"load average before/after: {res['loadavg_before']:.1f}/{res['loadavg_after']:.1f}")
+    print(f"instruction set: {res['isa']} (candela kernels: {res.get('candela_kernels')}; "
+          f"llama.cpp built with {'GGML_NATIVE' if res['isa'] == 'native' else 'ISA=' + res['isa']})")
     print(f"memory bandwidth (copy, {res['bandwidth_procs']} procs): "
           f"{res['bandwidth_bytes_s'] / 1e9:.1f} GB/s; weights {res['weight_bytes'] / 1e6:.0f} MB"
           f" per token -> decode bound {bound:.0f} tok/s" if bound else "")
 
 
 # ---------------------------------------------------------------- main
+
+
+def kernels_in_log(path):
+    """The `cpu_kernels` field of candela's start-up log line (None if absent)."""
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the log's colours
+            m = re.search(r"cpu_kernels=(quant=\S+ attention=\w+)", line)
+            if m:
+                return m.group(1)
+    return None
 
 
 def main():
@@ -474,6 +514,8 @@ def main():
     ap.add_argument("--llama-dir", default=DEFAULT_CACHE,
                     help="llama.cpp cache dir of build_llama_cpp.sh (default: %(default)s)")
     ap.add_argument("--skip-llama", action="store_true", help="measure candela only")
+    ap.add_argument("--isa", default="native", choices=sorted(ISA_CAPS),
+                    help="instruction-set level of both sides (default: %(default)s)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench-out", "peer.json"))
     ap.add_argument("--seed", type=int, default=20240601)
     args = ap.parse_args()
@@ -494,6 +536,7 @@ def main():
 
     res = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "isa": args.isa,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": args.threads,
@@ -513,20 +556,28 @@ def main():
 
     bin_dir = None
     if not args.skip_llama:
-        bin_dir = os.path.join(args.llama_dir, "build", "bin")
+        llama_dir = args.llama_dir if args.isa == "native" else f"{args.llama_dir}-{args.isa}"
+        bin_dir = os.path.join(llama_dir, "build", "bin")
         if not all(os.access(os.path.join(bin_dir, b), os.X_OK)
                    for b in ("llama-bench", "llama-server")):
-            log("llama.cpp not built yet: running build_llama_cpp.sh")
-            subprocess.run([os.path.join(HERE, "build_llama_cpp.sh"), args.llama_dir],
-                           check=True, stdout=subprocess.DEVNULL)
+            log(f"llama.cpp ({args.isa}) not built yet: running build_llama_cpp.sh")
+            subprocess.run([os.path.join(HERE, "build_llama_cpp.sh"), llama_dir],
+                           check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "ISA": args.isa})
         res["llama_bench"] = run_llama_bench(bin_dir, model, args.threads, args.reps,
                                              args.n_prompt, args.n_gen)
 
     port = free_port()
     argv = [args.candela, "--model", model, "--port", str(port), "--data-dir", args.data_dir,
             "--threads", str(args.threads), "--max-batch", str(max(args.streams, 1))]
-    with Server("candela", argv, port, os.path.join(out_dir, "candela.log")) as srv:
+    with Server("candela", argv, port, os.path.join(out_dir, "candela.log"),
+                env=ISA_CAPS[args.isa]) as srv:
         srv.wait_ready()
+        res["candela_kernels"] = kernels_in_log(srv.log_path)
+        want = ISA_EXPECT.get(args.isa)
+        if want and res["candela_kernels"] != want:
+            sys.exit(f"--isa {args.isa}: candela runs {res['candela_kernels']!r}, not {want!r} "
+                     "(does this CPU have that level?)")
         wb = metric_value(port, "candela_model_weight_bytes")
         res["weight_bytes"] = int(wb) if wb else FALLBACK_WEIGHT_BYTES
         log("candela")

@@ -7,3 +7,9 @@
 
 pub mod attn;
 pub mod quant;
+
+/// The kernel levels this process runs, e.g. `quant=Avx512Vnni attention=Avx512` (after
+/// the `CANDELA_ISA` / `CANDELA_ATTN_PATH` caps), for the start-up log and benchmarks.
+pub fn describe() -> String {
+    format!("quant={:?} attention={}", quant::isa(), attn::level_name())
+}

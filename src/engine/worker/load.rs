@@ -21,7 +21,11 @@ pub(super) fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineErr
     tracing::info!(path = %path.display(), "loading model");
     let t0 = Instant::now();
     let device = pick_device(&cfg.device)?;
-    tracing::info!(device = ?device.location(), "compute device");
+    tracing::info!(
+        device = ?device.location(),
+        cpu_kernels = %crate::engine::kernels::describe(),
+        "compute device"
+    );
     let (model, tok, template) = if resolved.is_hf_dir() {
         load_hf_dir(&path, &device, cfg.ctx_size)?
     } else {

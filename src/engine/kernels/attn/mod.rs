@@ -36,6 +36,15 @@ fn path() -> Path {
     *PATH.get_or_init(detect)
 }
 
+/// The attention path in use, by name (`portable`, `avx2`, `avx512`).
+pub fn level_name() -> &'static str {
+    match path() {
+        Path::Portable => "portable",
+        Path::Avx2 => "avx2",
+        Path::Avx512 => "avx512",
+    }
+}
+
 /// The best path the CPU supports, or a slower one named by `CANDELA_ATTN_PATH`
 /// (`portable` or `avx2`; for comparing them in benches).
 fn detect() -> Path {
