@@ -341,36 +341,36 @@ impl Inner {
                     return Ok(());
                 }
             }
-            let text = fs::read_to_string(lease).unwrap_or_default();
-            let Some(owner) = Owner::parse(&text) else {
-                // Gone in between, or not a lease we can read: take it over.
-                if fs::metadata(lease).is_ok() {
-                    tracing::warn!(lease = %lease.display(), "replacing an unreadable session lease");
-                    let _ = fs::remove_file(lease);
-                }
-                continue;
+            let text = match fs::read_to_string(lease) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => String::new(),
             };
+            let owner = Owner::parse(&text);
             let now = now_ms();
-            if owner.same_process(&self.me) {
-                held.insert(lease.to_path_buf(), 1);
-                return Ok(());
-            }
-            match owner.stale_for(&self.me, now) {
-                None => {
-                    return Err(Held {
-                        owner: format!("{}:{}", owner.host, owner.pid),
-                        retry_after: owner.expires_ms.saturating_sub(now).div_ceil(1000).max(1),
-                    })
+            let why = match &owner {
+                Some(o) if o.same_process(&self.me) => {
+                    held.insert(lease.to_path_buf(), 1);
+                    return Ok(());
                 }
-                Some(why) => {
-                    if self.take_over(lease, &text) {
-                        tracing::warn!(
-                            lease = %lease.display(),
-                            owner = %format!("{}:{}", owner.host, owner.pid),
-                            "taking over a stale session lease ({why}); its last completed turn is on disk"
-                        );
+                Some(o) => match o.stale_for(&self.me, now) {
+                    Some(why) => why,
+                    None => {
+                        return Err(Held {
+                            owner: format!("{}:{}", o.host, o.pid),
+                            retry_after: o.expires_ms.saturating_sub(now).div_ceil(1000).max(1),
+                        })
                     }
-                }
+                },
+                None => "unreadable",
+            };
+            if self.take_over(lease, &text) {
+                let who = owner.map_or_else(|| "?".into(), |o| format!("{}:{}", o.host, o.pid));
+                tracing::warn!(
+                    lease = %lease.display(),
+                    owner = %who,
+                    "taking over a stale session lease ({why}); its last completed turn is on disk"
+                );
             }
         }
         Err(Held {
@@ -389,22 +389,36 @@ impl Inner {
         r
     }
 
-    /// Move a stale lease (whose content was `seen`) out of the way. If another replica
-    /// replaced it in between, its fresh lease is put back. True when it was removed.
+    /// Remove a stale lease whose content was `seen`. Only the holder of the takeover
+    /// guard (`<session>.takeover`, created exclusively like a lease) removes it, and only
+    /// if it still reads `seen` (a renewed lease reads otherwise): so two replicas taking
+    /// over at once never remove each other's fresh lease. A guard left by a replica that
+    /// died holding it is removed once older than [`LEASE_TTL`]. True when removed.
     fn take_over(&self, lease: &Path, seen: &str) -> bool {
-        let aside = private_name(lease);
-        if fs::rename(lease, &aside).is_err() {
+        let guard = lease.with_extension("takeover");
+        let tmp = private_name(&guard);
+        if write_private(&tmp, self.me.line().as_bytes()).is_err() {
             return false;
         }
-        let moved = fs::read_to_string(&aside).unwrap_or_default();
-        if moved != seen {
-            // Someone else's fresh lease: put it back unless yet another one appeared.
-            let _ = fs::hard_link(&aside, lease);
-            let _ = fs::remove_file(&aside);
+        let got = fs::hard_link(&tmp, &guard);
+        let _ = fs::remove_file(&tmp);
+        if got.is_err() {
+            let old = fs::metadata(&guard)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > LEASE_TTL);
+            if old {
+                let _ = fs::remove_file(&guard);
+            }
             return false;
         }
-        let _ = fs::remove_file(&aside);
-        true
+        let still = fs::read_to_string(lease).is_ok_and(|t| t == seen);
+        if still {
+            let _ = fs::remove_file(lease);
+        }
+        let _ = fs::remove_file(&guard);
+        still
     }
 
     fn release(&self, lease: &Path) {

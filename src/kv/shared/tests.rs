@@ -62,14 +62,14 @@ fn expired_and_dead_owners_leases_are_taken_over_live_ones_are_not() {
 
 #[test]
 fn replicas_racing_for_one_lease_exactly_one_wins() {
-    for round in 0..20 {
+    for round in 0..40 {
         let dir = tempfile::tempdir().unwrap();
         let f = cache_file(dir.path());
         // Half the rounds race over a stale lease, the others over none.
         if round % 2 == 1 {
             fs::write(lease_path(&f), lease_line("dead", 1, 0)).unwrap();
         }
-        let replicas: Vec<Shared> = (0..4)
+        let replicas: Vec<Shared> = (0..6)
             .map(|i| Shared::start_as(dir.path(), u64::MAX, &format!("r{i}")))
             .collect();
         let barrier = std::sync::Barrier::new(replicas.len());
