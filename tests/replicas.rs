@@ -335,6 +335,17 @@ fn replicas_behind_smg_keep_sessions_across_sigterm_races_and_kill_9() {
     });
     let mut d = replicas[dead].take().unwrap();
     d.wait(10);
+    let metrics = get_text(&format!("{}/metrics", urls[last])).unwrap();
+    let event = |name: &str| -> f64 {
+        let series = format!("candela_kv_shared_events_total{{event=\"{name}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    };
+    assert!(event("written") >= 1.0, "no write-behind counted");
+    assert!(event("takeover") >= 1.0, "the takeover was not counted");
     let log = replicas[last].as_ref().unwrap().log_text();
     assert!(log.contains("taking over a stale session lease"), "{log}");
     assert!(!log.contains("panicked"), "{log}");

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::spill::{self, private_name};
 use super::SeqCache;
+use crate::metrics;
 
 /// How long a lease lives without renewal. A replica that dies holding one blocks its
 /// session on other hosts for at most this long (on its own host, not at all: a dead
@@ -365,6 +366,7 @@ impl Inner {
                 None => "unreadable",
             };
             if self.take_over(lease, &text) {
+                metrics::kv_shared_event("takeover");
                 let who = owner.map_or_else(|| "?".into(), |o| format!("{}:{}", o.host, o.pid));
                 tracing::warn!(
                     lease = %lease.display(),
@@ -504,8 +506,11 @@ fn writer(inner: &Inner, rx: mpsc::Receiver<Work>) {
                     notes,
                 } = *job;
                 let path = dir.join(spill::file_name(&meta.session));
+                let t0 = std::time::Instant::now();
                 match spill::write(&dir, &cache, &meta) {
                     Ok((path, _)) => {
+                        metrics::kv_shared_event("written");
+                        metrics::kv_write_behind_seconds(t0.elapsed().as_secs_f64());
                         inner.alarms.clear("write");
                         if let Err(e) = spill::write_notes(&path, &notes) {
                             inner
@@ -513,12 +518,15 @@ fn writer(inner: &Inner, rx: mpsc::Receiver<Work>) {
                                 .raise("notes", format_args!("could not write notes: {e}"));
                         }
                     }
-                    Err(e) => inner.alarms.raise(
+                    Err(e) => {
+                        metrics::kv_shared_event("write_failed");
+                        inner.alarms.raise(
                         "write",
                         format_args!(
                             "could not write a session behind its turn, it stays in memory only: {e}"
                         ),
-                    ),
+                    );
+                    }
                 }
                 drop(cache);
                 inner.release(&lease_path(&path));

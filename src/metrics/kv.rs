@@ -26,7 +26,12 @@ struct KvMetrics {
     restore_seconds: Counter,
     session_tokens: Histogram,
     bytes_per_token: IntGaugeVec,
+    shared: IntCounterVec,
+    write_behind_seconds: Counter,
 }
+
+/// Events of a spill dir shared by replicas (`candela_kv_shared_events_total{event}`).
+pub const SHARED_EVENTS: [&str; 5] = ["written", "write_failed", "busy", "takeover", "foreign"];
 
 fn build() -> prometheus::Result<KvMetrics> {
     let m = KvMetrics {
@@ -78,6 +83,17 @@ fn build() -> prometheus::Result<KvMetrics> {
             ),
             &["reason"],
         )?,
+        shared: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_shared_events_total",
+                "Shared spill dir events: sessions written behind a turn, writes failed, requests refused because another replica holds the session, stale leases taken over, foreign or torn files not loaded",
+            ),
+            &["event"],
+        )?,
+        write_behind_seconds: Counter::new(
+            "candela_kv_write_behind_seconds_total",
+            "Time the writer thread spent writing sessions behind their turns",
+        )?,
         spill_bytes: IntCounter::new(
             "candela_kv_spill_bytes_total",
             "Bytes written to spill files",
@@ -127,8 +143,13 @@ fn build() -> prometheus::Result<KvMetrics> {
     r.register(Box::new(m.restore_seconds.clone()))?;
     r.register(Box::new(m.session_tokens.clone()))?;
     r.register(Box::new(m.bytes_per_token.clone()))?;
+    r.register(Box::new(m.shared.clone()))?;
+    r.register(Box::new(m.write_behind_seconds.clone()))?;
     for reason in ["lru", "pressure", "explicit"] {
         m.evictions.with_label_values(&[reason]);
+    }
+    for event in SHARED_EVENTS {
+        m.shared.with_label_values(&[event]);
     }
     Ok(m)
 }
@@ -197,6 +218,16 @@ fn usage_ratio(resident: usize, budget: usize) -> f64 {
         return 0.0;
     }
     (resident as f64 / budget as f64).clamp(0.0, 1.0)
+}
+
+/// One event of a shared spill dir (one of [`SHARED_EVENTS`]).
+pub fn shared_event(event: &'static str) {
+    get().shared.with_label_values(&[event]).inc();
+}
+
+/// Time the writer thread spent on one write-behind.
+pub fn write_behind_seconds(secs: f64) {
+    get().write_behind_seconds.inc_by(secs.max(0.0));
 }
 
 pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {

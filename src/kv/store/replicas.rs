@@ -33,11 +33,13 @@ impl SessionStore {
         let path = cfg.dir.join(spill::file_name(k));
         if let Err(held) = sh.acquire(&path) {
             tracing::debug!(session = k, owner = %held.owner, "session leased by another replica");
+            crate::metrics::kv_shared_event("busy");
             return Err(KvError::Busy(k.to_string()));
         }
         let on_disk = match spill::read_meta(&path) {
             Ok((m, _)) if m.fingerprint == cfg.fingerprint && m.session == k => Some(m),
             Ok((m, _)) => {
+                crate::metrics::kv_shared_event("foreign");
                 sh.alarm(
                     "foreign",
                     format_args!(
@@ -54,6 +56,7 @@ impl SessionStore {
                 None
             }
             Err(e) => {
+                crate::metrics::kv_shared_event("foreign");
                 sh.alarm(
                     "unreadable",
                     format_args!("{e}; not loaded, the session starts cold"),
