@@ -122,6 +122,10 @@ pub struct ServeArgs {
     /// Bytes the spill dir may hold (units as for --kv-budget; 0 turns spilling off).
     #[arg(long, env = "CANDELA_KV_DISK_BUDGET", global = true)]
     pub kv_disk_budget: Option<String>,
+    /// The spill dir is shared by several replicas (a shared volume): each session is
+    /// leased while served, written behind every turn, and found there on a miss.
+    #[arg(long, env = "CANDELA_KV_SHARED", global = true)]
+    pub kv_shared: Option<bool>,
     /// API key required as `Authorization: Bearer <key>` on /v1 (repeat for several;
     /// env: comma-separated; TOML: `api_keys = [...]`).
     #[arg(
@@ -181,6 +185,8 @@ pub struct Config {
     pub kv_spill_dir: PathBuf,
     /// 0: evicted sessions are dropped, not spilled.
     pub kv_disk_budget: u64,
+    /// The spill dir is shared with other replicas.
+    pub kv_shared: bool,
     /// Accepted API keys; empty means no auth. Never printed.
     pub api_keys: Vec<String>,
     pub metrics_auth: bool,
@@ -206,6 +212,7 @@ impl std::fmt::Debug for Config {
             .field("kv_dtype", &self.kv_dtype)
             .field("kv_spill_dir", &self.kv_spill_dir)
             .field("kv_disk_budget", &self.kv_disk_budget)
+            .field("kv_shared", &self.kv_shared)
             .field(
                 "api_keys",
                 &format_args!("<{} hidden>", self.api_keys.len()),
@@ -295,6 +302,7 @@ impl Config {
                 Some(s) => parse_bytes("kv_disk_budget", &s, total_ram())? as u64,
                 None => 8 << 30,
             },
+            kv_shared: top.kv_shared.or(file.kv_shared).unwrap_or(false),
             data_dir,
             ctx_size: top.ctx_size.or(file.ctx_size).unwrap_or(8192),
             threads: top.threads.or(file.threads).unwrap_or(0),
@@ -324,6 +332,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
+        if self.kv_shared && self.kv_disk_budget == 0 {
+            return bad("kv_shared needs spilling: kv_disk_budget must be > 0, got 0".to_string());
+        }
         if self.ctx_size > 1 << 20 {
             return bad(format!(
                 "ctx_size must be <= 1048576, got {}",
@@ -462,6 +473,7 @@ kv_budget = "1MiB"
 kv_dtype = "q8_0"
 kv_spill_dir = "/s"
 kv_disk_budget = "2MiB"
+kv_shared = true
 api_keys = ["k1"]
 api_key_file = "{}"
 metrics_auth = true
@@ -479,6 +491,7 @@ stream_idle_timeout = 7
         assert_eq!((cfg.ctx_size, cfg.threads), (512, 3));
         assert_eq!((cfg.queue_size, cfg.max_batch), (5, 4));
         assert_eq!((cfg.kv_budget, cfg.kv_disk_budget), (1 << 20, 2 << 20));
+        assert!(cfg.kv_shared);
         assert_eq!(cfg.kv_dtype, KvDtype::Q8_0);
         assert_eq!(cfg.kv_spill_dir, Path::new("/s"));
         assert_eq!(cfg.api_keys, ["k1", "k2"]);

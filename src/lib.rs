@@ -210,6 +210,7 @@ pub fn engine_config(cfg: &Config, index: usize) -> EngineConfig {
         kv_dtype: cfg.kv_dtype,
         kv_spill_dir,
         kv_disk_budget: cfg.kv_disk_budget / n as u64,
+        kv_shared: cfg.kv_shared,
         device: cfg.device.clone(),
         kv_min_free: cfg.kv_min_free,
     }

@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub kv_spill_dir: PathBuf,
     /// 0: no spilling.
     pub kv_disk_budget: u64,
+    /// The spill dir is shared with other replicas (leases, write-behind, lookup on a miss).
+    pub kv_shared: bool,
     /// `auto`, `cpu`, `cuda[:N]` or `metal`.
     pub device: String,
     /// When the host's available memory drops below this many bytes, idle session caches

@@ -6,6 +6,7 @@
 //! agent session, see [`store`]). This module must not depend on `engine` or `api`.
 
 pub mod dtype;
+pub mod shared;
 pub mod spill;
 pub mod store;
 

@@ -54,6 +54,10 @@ pub struct SpillMeta {
     pub tokens: usize,
     pub created: u64,
     pub hits: u64,
+    /// Turns the session has had (across replicas on a shared spill dir): a replica
+    /// holding an older generation in memory reads the newer file instead. 0 in files
+    /// written without it.
+    pub generation: u64,
 }
 
 /// File name for a session id (ids are restricted to `[A-Za-z0-9-_.:@]` by the API;
@@ -69,23 +73,41 @@ pub fn file_name(session: &str) -> String {
     format!("{safe}.kv.safetensors")
 }
 
+/// A name beside `path` that no other writer uses, even on a directory shared by
+/// several processes (it ends in `.tmp`, so a dead writer's leftovers are recognised).
+pub(crate) fn private_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
 /// Write `bytes` to `path` crash-safe: a private temp file, fsync, rename, fsync of the
 /// directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SpillError> {
-    let tmp = path.with_extension("tmp");
+    let tmp = private_name(path);
     {
         let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
         let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+        let written = f.write_all(bytes).and_then(|_| f.sync_all());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&tmp)(e));
+        }
     }
-    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
     if let Some(dir) = path.parent() {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -174,6 +196,7 @@ pub fn write(dir: &Path, cache: &SeqCache, meta: &SpillMeta) -> Result<(PathBuf,
         ("tokens", cache.len().to_string()),
         ("created", meta.created.to_string()),
         ("hits", meta.hits.to_string()),
+        ("generation", meta.generation.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -232,6 +255,7 @@ pub fn read_meta(path: &Path) -> Result<(SpillMeta, HashMap<String, String>), Sp
         tokens: num("tokens")? as usize,
         created: num("created")?,
         hits: num("hits")?,
+        generation: num("generation").unwrap_or(0),
     };
     Ok((meta, m))
 }
@@ -330,6 +354,7 @@ mod tests {
             tokens: 5,
             created: 1,
             hits: 2,
+            generation: 3,
         }
     }
 

@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 
+use super::shared::Shared;
 use super::{spill, CacheLayout, SeqCache};
 
 /// Anonymous caches kept for prefix reuse by requests without a session key.
@@ -72,6 +73,10 @@ struct Entry {
     doomed: bool,
     /// Opaque notes the API keeps with the session (see the module docs).
     notes: BTreeMap<String, String>,
+    /// Turns this cache has had (see [`spill::SpillMeta::generation`]).
+    gen: u64,
+    /// The generation last handed to the disk (written behind or spilled).
+    written_gen: u64,
 }
 
 #[derive(Debug)]
@@ -125,6 +130,9 @@ pub struct SpillConfig {
     pub fingerprint: String,
     pub layout: CacheLayout,
     pub device: Device,
+    /// The directory is shared with other replicas: lease each session while serving
+    /// it, write it behind every turn, look it up there on a miss (see [`super::shared`]).
+    pub shared: bool,
 }
 
 fn now_secs() -> u64 {
@@ -148,6 +156,8 @@ pub struct SessionStore {
     sessions: HashMap<String, Entry>,
     anon: Vec<Anon>,
     spill: Option<SpillConfig>,
+    /// Leases and the writer thread, on a shared spill dir.
+    shared: Option<Shared>,
     /// Evictions since start, for tests and metrics.
     pub evictions: u64,
     pub spills: u64,
@@ -165,6 +175,7 @@ impl SessionStore {
             sessions: HashMap::new(),
             anon: Vec::new(),
             spill: None,
+            shared: None,
             evictions: 0,
             spills: 0,
             restores: 0,
@@ -190,8 +201,18 @@ impl SessionStore {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 if name.ends_with(".tmp") {
-                    tracing::warn!(path = %path.display(), "removing an unfinished spill file");
-                    let _ = std::fs::remove_file(&path);
+                    // On a shared dir another replica may be writing it right now: only
+                    // a temp file nobody touched for a while is a dead writer's.
+                    let age = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .unwrap_or_default();
+                    if !cfg.shared || age > STALE_TMP {
+                        tracing::warn!(path = %path.display(), "removing an unfinished spill file");
+                        let _ = std::fs::remove_file(&path);
+                    }
                     continue;
                 }
                 if !name.ends_with(".kv.safetensors") {
@@ -222,6 +243,8 @@ impl SessionStore {
                                 pinned: false,
                                 doomed: false,
                                 notes,
+                                gen: m.generation,
+                                written_gen: m.generation,
                             },
                         );
                         found += 1;
@@ -239,8 +262,14 @@ impl SessionStore {
                 }
             }
         }
-        // Notes whose cache file is gone (restored, then the server stopped hard).
-        if let Ok(rd) = std::fs::read_dir(&cfg.dir) {
+        // Notes whose cache file is gone (restored, then the server stopped hard). Not
+        // on a shared dir, where another replica may be about to write the cache file.
+        let rd = if cfg.shared {
+            None
+        } else {
+            std::fs::read_dir(&cfg.dir).ok()
+        };
+        if let Some(rd) = rd {
             for e in rd.flatten() {
                 let path = e.path();
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -250,6 +279,11 @@ impl SessionStore {
                     }
                 }
             }
+        }
+        if cfg.shared {
+            let sh = Shared::start(&cfg.dir, cfg.disk_budget);
+            tracing::info!(dir = %cfg.dir.display(), owner = %sh.owner(), "shared spill dir: sessions are leased and written behind every turn");
+            self.shared = Some(sh);
         }
         self.spill = Some(cfg);
         self.enforce_disk_budget();
@@ -265,6 +299,9 @@ impl SessionStore {
         layout: CacheLayout,
         device: &Device,
     ) -> Result<(Checkout, Lookup), KvError> {
+        if let Some(k) = key {
+            self.lease_and_sync(k)?;
+        }
         let fresh = || SeqCache::new(layout, device);
         let mut restored = false;
         let mut cache = match key {
@@ -282,10 +319,15 @@ impl SessionStore {
                             let t0 = Instant::now();
                             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                             let r = spill::read(&path, layout, device, &fp);
-                            // The notes stay with the entry in memory.
-                            spill::remove(&path);
+                            // The notes stay with the entry in memory. A shared file
+                            // stays: it is the copy a crash would fall back to.
+                            if self.shared.is_none() {
+                                spill::remove(&path);
+                            }
                             match r {
-                                Ok((c, _)) => {
+                                Ok((c, m)) => {
+                                    e.gen = m.generation;
+                                    e.written_gen = m.generation;
                                     restored = true;
                                     self.restores += 1;
                                     self.counters.restored_bytes += size;
@@ -318,6 +360,8 @@ impl SessionStore {
                             pinned: false,
                             doomed: false,
                             notes: BTreeMap::new(),
+                            gen: 0,
+                            written_gen: 0,
                         },
                     );
                     fresh()
@@ -375,13 +419,23 @@ impl SessionStore {
         }
         match key.and_then(|k| self.sessions.get_mut(k).map(|e| (k, e))) {
             Some((k, e)) => {
+                let shared = self.shared.as_ref().zip(self.spill.as_ref());
                 if e.doomed {
                     self.sessions.remove(k);
+                    if let Some((sh, cfg)) = shared {
+                        let path = cfg.dir.join(spill::file_name(k));
+                        spill::remove(&path);
+                        sh.release(&path);
+                    }
                 } else {
                     e.tokens = cache.len();
                     e.bytes = cache.allocated_bytes();
                     e.lru = Instant::now();
                     e.last_used = now_secs();
+                    if let Some((sh, cfg)) = shared {
+                        e.gen += 1;
+                        write_behind(sh, cfg, k, e, &cache);
+                    }
                     e.slot = Slot::Memory(Box::new(cache));
                 }
             }
@@ -442,6 +496,22 @@ impl SessionStore {
             return;
         };
         let written = match &self.spill {
+            Some(cfg)
+                if !cache.is_empty()
+                    && self.shared.is_some()
+                    && cfg.dir.join(spill::file_name(k)).exists()
+                    && (e.written_gen == e.gen
+                        || spill::read_meta(&cfg.dir.join(spill::file_name(k)))
+                            .is_ok_and(|(m, _)| m.generation >= e.gen)) =>
+            {
+                // Written behind its last turn already (or served by another replica
+                // since): never overwrite it with an older copy.
+                let path = cfg.dir.join(spill::file_name(k));
+                let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                self.spills += 1;
+                e.slot = Slot::Disk { path, bytes };
+                return;
+            }
             Some(cfg) if !cache.is_empty() => {
                 let meta = spill::SpillMeta {
                     session: k.to_string(),
@@ -449,6 +519,7 @@ impl SessionStore {
                     tokens: cache.len(),
                     created: e.created,
                     hits: e.hits,
+                    generation: e.gen,
                 };
                 let t0 = Instant::now();
                 match spill::write(&cfg.dir, &cache, &meta) {
@@ -470,6 +541,7 @@ impl SessionStore {
                 if let Err(err) = spill::write_notes(&path, &e.notes) {
                     tracing::warn!("could not write the notes of session `{k}` to disk: {err}");
                 }
+                e.written_gen = e.gen;
                 e.slot = Slot::Disk { path, bytes };
                 self.spills += 1;
             }
@@ -530,6 +602,9 @@ impl SessionStore {
         let Some(limit) = self.spill.as_ref().map(|s| s.disk_budget) else {
             return;
         };
+        if self.shared.is_some() {
+            return; // the writer keeps the whole directory under budget
+        }
         while self.disk_bytes() > limit {
             let oldest = self
                 .sessions
@@ -562,6 +637,9 @@ impl SessionStore {
         let before = self.spills;
         for k in keys {
             self.spill_one(&k);
+        }
+        if let Some(sh) = &self.shared {
+            sh.flush();
         }
         (self.spills - before) as usize
     }
@@ -624,6 +702,9 @@ impl SessionStore {
                 {
                     spill::remove(&path);
                 }
+                if let (Some(_), Some(cfg)) = (&self.shared, &self.spill) {
+                    spill::remove(&cfg.dir.join(spill::file_name(id)));
+                }
                 Ok(())
             }
         }
@@ -642,6 +723,9 @@ impl SessionStore {
             if let Err(err) = spill::write_notes(path, &e.notes) {
                 tracing::warn!("could not write the notes of session `{id}` to disk: {err}");
             }
+        } else if let (Some(sh), Some(cfg)) = (&self.shared, &self.spill) {
+            // Other replicas find stored responses in the shared dir.
+            sh.write_notes(&cfg.dir.join(spill::file_name(id)), e.notes.clone());
         }
         Ok(())
     }
@@ -652,6 +736,7 @@ impl SessionStore {
             .iter()
             .find(|(_, e)| !e.doomed && e.notes.contains_key(key))
             .map(|(id, e)| (id.clone(), e.notes.clone()))
+            .or_else(|| self.shared.as_ref()?.find_note(key))
     }
 
     pub fn set_pinned(&mut self, id: &str, pinned: bool) -> Result<SessionInfo, KvError> {
@@ -695,6 +780,9 @@ impl SessionStore {
         }
     }
 }
+
+mod replicas;
+use replicas::{write_behind, STALE_TMP};
 
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,12 @@ struct KvMetrics {
     restore_seconds: Counter,
     session_tokens: Histogram,
     bytes_per_token: IntGaugeVec,
+    shared: IntCounterVec,
+    write_behind_seconds: Counter,
 }
+
+/// Events of a spill dir shared by replicas (`candela_kv_shared_events_total{event}`).
+pub const SHARED_EVENTS: [&str; 5] = ["written", "write_failed", "busy", "takeover", "foreign"];
 
 fn build() -> prometheus::Result<KvMetrics> {
     let m = KvMetrics {
@@ -47,7 +52,7 @@ fn build() -> prometheus::Result<KvMetrics> {
         )?,
         usage: prometheus::Gauge::new(
             "candela_kv_cache_usage_ratio",
-            "Resident cache bytes / budget",
+            "Share of the KV budget held by session caches in memory, in [0, 1]",
         )?,
         sessions: IntGaugeVec::new(
             Opts::new(
@@ -77,6 +82,17 @@ fn build() -> prometheus::Result<KvMetrics> {
                 "Caches moved out of memory, by reason (lru, pressure, explicit)",
             ),
             &["reason"],
+        )?,
+        shared: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_shared_events_total",
+                "Shared spill dir events: sessions written behind a turn, writes failed, requests refused because another replica holds the session, stale leases taken over, foreign or torn files not loaded",
+            ),
+            &["event"],
+        )?,
+        write_behind_seconds: Counter::new(
+            "candela_kv_write_behind_seconds_total",
+            "Time the writer thread spent writing sessions behind their turns",
         )?,
         spill_bytes: IntCounter::new(
             "candela_kv_spill_bytes_total",
@@ -127,8 +143,13 @@ fn build() -> prometheus::Result<KvMetrics> {
     r.register(Box::new(m.restore_seconds.clone()))?;
     r.register(Box::new(m.session_tokens.clone()))?;
     r.register(Box::new(m.bytes_per_token.clone()))?;
+    r.register(Box::new(m.shared.clone()))?;
+    r.register(Box::new(m.write_behind_seconds.clone()))?;
     for reason in ["lru", "pressure", "explicit"] {
         m.evictions.with_label_values(&[reason]);
+    }
+    for event in SHARED_EVENTS {
+        m.shared.with_label_values(&[event]);
     }
     Ok(m)
 }
@@ -177,11 +198,7 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     m.sessions
         .with_label_values(&["disk"])
         .set(s.sessions_disk as i64);
-    m.usage.set(if s.budget_bytes > 0 {
-        s.resident_bytes as f64 / s.budget_bytes as f64
-    } else {
-        0.0
-    });
+    m.usage.set(usage_ratio(s.resident_bytes, s.budget_bytes));
     m.sessions
         .with_label_values(&["busy"])
         .set(s.sessions_busy as i64);
@@ -191,6 +208,26 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     m.sessions
         .with_label_values(&["anonymous"])
         .set(s.anon as i64);
+}
+
+/// KV utilisation as routers read it (the Gateway API Inference Extension's
+/// `KVCacheUtilization`, vLLM's `kv_cache_usage_perc`): a fraction in [0, 1]. Pinned
+/// sessions may hold more than the budget for a while; that still reads 1 (full).
+fn usage_ratio(resident: usize, budget: usize) -> f64 {
+    if budget == 0 {
+        return 0.0;
+    }
+    (resident as f64 / budget as f64).clamp(0.0, 1.0)
+}
+
+/// One event of a shared spill dir (one of [`SHARED_EVENTS`]).
+pub fn shared_event(event: &'static str) {
+    get().shared.with_label_values(&[event]).inc();
+}
+
+/// Time the writer thread spent on one write-behind.
+pub fn write_behind_seconds(secs: f64) {
+    get().write_behind_seconds.inc_by(secs.max(0.0));
 }
 
 pub fn lookup(result: &str, prompt_tokens: usize, reused: usize) {
@@ -228,4 +265,14 @@ fn counters(d: &StoreCounters) {
     m.restore_bytes.inc_by(d.restored_bytes);
     m.spill_seconds.inc_by(d.spill_seconds.max(0.0));
     m.restore_seconds.inc_by(d.restore_seconds.max(0.0));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_ratio_is_a_fraction_in_0_1() {
+        assert_eq!(super::usage_ratio(0, 0), 0.0);
+        assert_eq!(super::usage_ratio(1, 4), 0.25);
+        assert_eq!(super::usage_ratio(9, 4), 1.0);
+    }
 }

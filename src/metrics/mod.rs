@@ -17,7 +17,8 @@ pub mod probes;
 
 pub use kv::{
     layout as kv_layout, lookup as kv_lookup, session_tokens as kv_session_tokens,
-    store as kv_store,
+    shared_event as kv_shared_event, store as kv_store,
+    write_behind_seconds as kv_write_behind_seconds,
 };
 
 use std::sync::OnceLock;

@@ -144,6 +144,7 @@ pub fn test_config(spill: PathBuf) -> candela::Config {
         kv_dtype: Default::default(),
         kv_spill_dir: spill,
         kv_disk_budget: 1 << 30,
+        kv_shared: false,
         api_keys: vec![],
         metrics_auth: false,
         device: std::env::var("CANDELA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),

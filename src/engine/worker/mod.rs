@@ -125,6 +125,7 @@ pub(super) fn run(cfg: EngineConfig, link: Link) {
             fingerprint,
             layout,
             device: model.device().clone(),
+            shared: cfg.kv_shared,
         });
         tracing::info!(dir = %cfg.kv_spill_dir.display(), sessions = found, "session spill dir indexed");
     }

@@ -103,6 +103,7 @@ fn spill_cfg(dir: &std::path::Path, fp: &str) -> SpillConfig {
         fingerprint: fp.into(),
         layout: layout(),
         device: Device::Cpu,
+        shared: false,
     }
 }
 
@@ -222,4 +223,139 @@ fn notes_go_when_an_evicted_session_is_dropped() {
     turn(&mut s, Some("b"), &[4, 5, 6]);
     assert!(s.get("a").is_err());
     assert!(s.find_note("r1").is_none());
+}
+
+/// Two replicas on one shared spill dir, with f16 host caches (written behind by the
+/// writer thread).
+fn replicas(dir: &std::path::Path) -> (SessionStore, SessionStore) {
+    let mk = |host: &str| {
+        let mut s = SessionStore::new(usize::MAX);
+        s.enable_spill(SpillConfig {
+            layout: host_layout(),
+            shared: true,
+            ..spill_cfg(dir, "m")
+        });
+        s.share_as(host);
+        s
+    };
+    (mk("replica-a"), mk("replica-b"))
+}
+
+fn host_layout() -> CacheLayout {
+    CacheLayout {
+        dtype: crate::kv::KvDtype::F16,
+        ..layout()
+    }
+}
+
+fn host_turn(s: &mut SessionStore, key: &str, prompt: &[u32]) -> Result<usize, KvError> {
+    let (mut co, _) = s.checkout(Some(key), prompt, host_layout(), &Device::Cpu)?;
+    let reused = co.reused;
+    fill(&mut co.cache, &prompt[reused..]);
+    s.checkin(Some(key), co.cache);
+    if let Some(sh) = &s.shared {
+        sh.flush();
+    }
+    Ok(reused)
+}
+
+#[test]
+fn shared_dir_sessions_move_between_replicas_with_their_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = replicas(dir.path());
+    assert_eq!(host_turn(&mut a, "s", &[1, 2, 3, 4]).unwrap(), 0);
+    // Written behind the turn: the other replica finds it on a miss, without a restart.
+    assert_eq!(host_turn(&mut b, "s", &[1, 2, 3, 4, 5, 6]).unwrap(), 4);
+    assert_eq!(b.restores, 1);
+    // Back on the first replica: its memory copy is older than the file, which wins.
+    assert_eq!(
+        host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap(),
+        6
+    );
+    assert_eq!(a.get("s").unwrap().tokens, 8);
+    // The file stays after a restore (it is what a crash falls back to).
+    assert!(dir.path().join(spill::file_name("s")).exists());
+}
+
+#[test]
+fn shared_dir_one_replica_at_a_time_and_a_dead_ones_lease_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = replicas(dir.path());
+    host_turn(&mut a, "s", &[1, 2, 3]).unwrap();
+    let (co, _) = a
+        .checkout(Some("s"), &[1, 2, 3, 4], host_layout(), &Device::Cpu)
+        .unwrap();
+    // Busy on replica a: replica b is refused, as a second request on one replica is.
+    assert_eq!(
+        host_turn(&mut b, "s", &[1, 2, 3, 4]).unwrap_err(),
+        KvError::Busy("s".into())
+    );
+    a.checkin(Some("s"), co.cache);
+    a.shared.as_ref().unwrap().flush();
+    assert_eq!(host_turn(&mut b, "s", &[1, 2, 3, 4]).unwrap(), 3);
+    // Replica b dies in the middle of a turn (its lease stays, its process is gone):
+    // a takes the session over from the last completed turn.
+    let (co, _) = b
+        .checkout(Some("s"), &[1, 2, 3, 4, 5], host_layout(), &Device::Cpu)
+        .unwrap();
+    std::mem::forget(co);
+    let lease = crate::kv::shared::lease_path(&dir.path().join(spill::file_name("s")));
+    let text = std::fs::read_to_string(&lease).unwrap();
+    let mut f: Vec<&str> = text.split_whitespace().collect();
+    f[0] = "replica-a";
+    f[1] = "999999999";
+    std::fs::write(&lease, f.join(" ")).unwrap();
+    if cfg!(target_os = "linux") {
+        assert_eq!(host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6]).unwrap(), 4);
+    }
+}
+
+#[test]
+fn shared_dir_foreign_and_torn_files_are_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = replicas(dir.path());
+    let path = dir.path().join(spill::file_name("s"));
+    // Another model's file under the session's name.
+    let mut other = SessionStore::new(usize::MAX);
+    other.enable_spill(SpillConfig {
+        layout: host_layout(),
+        ..spill_cfg(dir.path(), "other-model")
+    });
+    turn(&mut other, Some("s"), &[1, 2, 3]);
+    let _ = other.spill_all();
+    assert!(path.exists());
+    let (co, _) = a
+        .checkout(Some("s"), &[1, 2, 3, 4], host_layout(), &Device::Cpu)
+        .unwrap();
+    assert_eq!(co.reused, 0, "loaded another model's file");
+    a.checkin(Some("s"), co.cache);
+    a.shared.as_ref().unwrap().flush();
+    // Torn: half of our own file.
+    let full = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+    let (_, mut b) = replicas(dir.path());
+    let (co, _) = b
+        .checkout(Some("s"), &[1, 2, 3, 4, 5], host_layout(), &Device::Cpu)
+        .unwrap();
+    assert_eq!(co.reused, 0, "loaded a torn file");
+}
+
+#[test]
+fn shared_dir_stored_responses_are_found_by_other_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = replicas(dir.path());
+    host_turn(&mut a, "s", &[1, 2, 3]).unwrap();
+    a.put_note("s", "resp_1", "{\"x\":1}".into()).unwrap();
+    a.shared.as_ref().unwrap().flush();
+    let (id, notes) = b.find_note("resp_1").unwrap();
+    assert_eq!(id, "s");
+    assert_eq!(notes["resp_1"], "{\"x\":1}");
+    // b serves the next turn, stores another response; a sees both after b's turn.
+    host_turn(&mut b, "s", &[1, 2, 3, 4]).unwrap();
+    b.put_note("s", "resp_2", "{}".into()).unwrap();
+    b.shared.as_ref().unwrap().flush();
+    host_turn(&mut b, "s", &[1, 2, 3, 4, 5]).unwrap();
+    assert_eq!(host_turn(&mut a, "s", &[1, 2, 3, 4, 5, 6]).unwrap(), 5);
+    let (_, notes) = a.find_note("resp_2").unwrap();
+    assert!(notes.contains_key("resp_1") && notes.contains_key("resp_2"));
 }
