@@ -8,6 +8,7 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod batch_plan;
 mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -287,6 +288,16 @@ impl Model {
         false
     }
 
+    /// The longest prompt chunk the fused GPU path takes; such chunks of several
+    /// sequences run together, one batched step per token position (0: no fused path).
+    pub fn fused_chunk(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() && self.fused_on.load(Ordering::Relaxed) {
+            return FUSED_MAX_TOKENS;
+        }
+        0
+    }
+
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`
     /// (report lines for `candela doctor`); None without a fused path.
     pub fn fused_bench(&self, positions: &[usize]) -> Result<Option<String>> {
@@ -315,6 +326,44 @@ impl Model {
         }
         let vocab = self.config.vocab;
         let mut out = Vec::with_capacity(batch.len());
+        let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+        if batch_plan::batched(&lens, FUSED_MAX_TOKENS) {
+            // Decode steps and short prompt chunks: one batched step per token position,
+            // each sequence at its own. Caches are committed only once all steps ran, so
+            // a failed pass leaves them as they were.
+            let mut rows: Vec<Vec<f32>> = batch
+                .iter()
+                .map(|s| Vec::with_capacity(if s.all_logits { s.tokens.len() } else { 1 } * vocab))
+                .collect();
+            for (t, idx) in batch_plan::token_steps(&lens).into_iter().enumerate() {
+                let seqs: Vec<(u32, usize, &SeqCache)> = idx
+                    .iter()
+                    .map(|&i| {
+                        (
+                            batch[i].tokens[t],
+                            batch[i].cache.len() + t,
+                            &*batch[i].cache,
+                        )
+                    })
+                    .collect();
+                let v = if seqs.len() == 1 {
+                    dec.run_at(&seqs[0])?
+                } else {
+                    dec.run_batch(&seqs)?
+                };
+                for (&i, row) in idx.iter().zip(v.chunks_exact(vocab)) {
+                    if batch[i].all_logits || t + 1 == lens[i] {
+                        rows[i].extend_from_slice(row);
+                    }
+                }
+            }
+            for (s, r) in batch.iter_mut().zip(rows) {
+                let n = r.len() / vocab;
+                out.push(Tensor::from_vec(r, (n, vocab), &Device::Cpu)?);
+                s.cache.commit(s.tokens);
+            }
+            return Ok(Some(out));
+        }
         for s in batch.iter_mut() {
             let v = dec.run(s.tokens, s.cache, s.all_logits)?;
             let rows = v.len() / vocab;
