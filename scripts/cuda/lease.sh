@@ -12,8 +12,11 @@
 #       gpu_check.sh on the fused build, window_check.py when stage 1 kept gemma3.gguf, and
 #       llama-bench (tg128, pp512) on the same card.
 #   scripts/cuda/lease.sh batch    carry .device/b (as stage2): `candela doctor`, then
-#       candela (--max-batch 32) and llama-server (--parallel 32) over HTTP at 1, 8 and 32
-#       streams (batch_check.py), llama-bench and llama-batched-bench -npl 1,8,32.
+#       candela (--max-batch 32) over HTTP at 1, 8 and 32 streams and greedy batched vs
+#       single-stream vs CPU (batch_check.py).
+#   scripts/cuda/lease.sh peer     (after batch, nothing carried) llama-bench,
+#       llama-batched-bench -npl 1,8,32 and llama-server --parallel 32 over HTTP at 1, 8
+#       and 32 streams (batch_check.py) on the same card.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -84,9 +87,8 @@ stage2)
     fi
     ;;
 batch)
-    # Like stage2, for many streams: doctor (batched against single-stream), then over
-    # HTTP candela and llama-server (--parallel 32) with batch_check.py at 1, 8 and 32
-    # streams, and llama-bench / llama-batched-bench, all on the same card.
+    # Like stage2, for many streams: doctor (batched against single-stream), then
+    # candela over HTTP with batch_check.py at 1, 8 and 32 streams.
     cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || exit 1
     (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256") || exit 1
     xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
@@ -105,13 +107,16 @@ batch)
     python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ref /root/cpu_ref.json \
         --out "$OUT" --name candela
     kill $CP; wait $CP 2>/dev/null
+    ;;
+peer)
+    # llama.cpp on the same card, after `batch` (the model and the build from stage1).
     if [ -d /root/lcp ]; then
         for _ in $(seq 1 90); do [ -f /root/lcp/build.done ] && break; sleep 5; done
         echo "== llama.cpp build exit: $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished')"
         tail -n 3 /root/lcp/build.log
         LB=/root/lcp/build/bin
         [ -x $LB/llama-bench ] && $LB/llama-bench -m "$MODEL" -ngl 99 -fa 0,1 -p 512 -n 128 -r 5 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
-        [ -x $LB/llama-batched-bench ] && $LB/llama-batched-bench -m "$MODEL" -ngl 99 -fa 1 -c 16384 \
+        [ -x $LB/llama-batched-bench ] && $LB/llama-batched-bench -m "$MODEL" -ngl 99 -fa on -c 16384 \
             -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,8,32 2>&1 | tee "$OUT/llama_batched.txt" | grep -E "^\||build"
         if [ -x $LB/llama-server ]; then
             echo "== llama-server --parallel 32 over HTTP"
