@@ -8,8 +8,11 @@
 use super::*;
 use crate::engine::model::batch_plan::{self, SeqRecord};
 
-/// Dynamic shared memory a mat-mat block may use for quantized activations.
+/// Dynamic shared memory a mat-mat block may use for quantized activations, where the
+/// device allows that much (Hopper and Ampere do)...
 pub(super) const MM_SMEM: usize = 96 << 10;
+/// ...and where it does not: the default limit less the kernel's static scratch.
+pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
 
 /// Device buffers of the batched step, sized for `cap` sequences, and the graphs
 /// captured over them (by bucket).
@@ -230,7 +233,7 @@ impl Inner {
         let f = &self.f.mm[m.kind as usize][mode];
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
-        let ch = batch_plan::columns_per_chunk(m.k, bucket, MM_SMEM);
+        let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
         // Every block quantizes the batch's activations once: a few blocks per SM, each
         // taking many rows (fewer blocks for wider batches, whose quantization costs more).
         let per_sm = if bucket <= 8 { 4 } else { 2 };

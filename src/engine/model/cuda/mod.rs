@@ -149,6 +149,8 @@ struct Inner {
     graph: Option<CudaGraph>,
     /// Buffers and graphs of the batched step, made on first use.
     batch: Option<batch::Batch>,
+    /// Dynamic shared memory the mat-mat kernels may use on this device.
+    mm_smem: usize,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -361,26 +363,30 @@ impl FusedDecoder {
                 load(&format!("mv_{k}_swiglu"))?,
             ])
         };
-        let mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
+        let mut mm_smem = batch::MM_SMEM;
+        let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
             let fs = [
                 load(&format!("mm_{k}_store"))?,
                 load(&format!("mm_{k}_add"))?,
                 load(&format!("mm_{k}_swiglu"))?,
             ];
             for f in &fs {
-                f.set_attribute(
+                let raised = f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     batch::MM_SMEM as i32,
-                )
-                .map_err(err)?;
+                );
+                if raised.is_err() {
+                    mm_smem = batch::MM_SMEM_DEFAULT;
+                }
             }
             Ok(fs)
         };
+        let mm = [mm_set("q4_0")?, mm_set("q4_1")?, mm_set("q8_0")?];
         let f = Funcs {
             mv: [mv_set("q4_0")?, mv_set("q4_1")?, mv_set("q8_0")?],
             embed: load("embed_row")?,
             attention: load("attention")?,
-            mm: [mm_set("q4_0")?, mm_set("q4_1")?, mm_set("q8_0")?],
+            mm,
             embed_rows: load("embed_rows")?,
             attention_b: load("attention_b")?,
         };
@@ -474,6 +480,7 @@ impl FusedDecoder {
             output,
             graph: None,
             batch: None,
+            mm_smem,
             use_graph: std::env::var("CANDELA_CUDA_GRAPH").map_or(true, |v| v != "0"),
             pdl: std::env::var("CANDELA_CUDA_PDL").map_or(true, |v| v != "0")
                 && context
