@@ -147,11 +147,6 @@ def main():
     for _ in range(2):  # warm-up: module load, graph captures
         streams(a.url, 2, 16)
     report = {}
-    if a.greedy:
-        try:
-            greedy(a.url, a.ref, a.out, a.name)
-        except Exception as e:  # noqa: BLE001
-            print(f"{a.name} greedy: not measured: {type(e).__name__}: {e}")
     for n in [int(x) for x in a.streams.split(",")]:
         streams(a.url, n, 16)  # this width's graph captured before timing
         trials = [streams(a.url, n) for _ in range(2)]
@@ -167,6 +162,11 @@ def main():
               + f"), max TTFT {best['max_ttft_ms']:.0f} ms, {best['tokens']} tokens, "
               f"errors {best['errors']}", flush=True)
     json.dump(report, open(os.path.join(a.out, f"streams_{a.name}.json"), "w"), indent=1)
+    if a.greedy:
+        try:
+            greedy(a.url, a.ref, a.out, a.name)
+        except Exception as e:  # noqa: BLE001
+            print(f"{a.name} greedy: not measured: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,12 @@ batch)
     xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
     BIN=/root/candela
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    # The llama.cpp build (stage1) takes all cores: let it finish before timing anything.
+    if [ -d /root/lcp ]; then
+        t0=$(date +%s)
+        for _ in $(seq 1 100); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+        echo "== waited $(( $(date +%s) - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null))"
+    fi
     echo "== doctor"
     "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>"$OUT/doctor.err" | tee "$OUT/doctor.txt"
     tail -n 3 "$OUT/doctor.err"

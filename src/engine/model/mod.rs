@@ -331,10 +331,7 @@ impl Model {
             // Decode steps and short prompt chunks: one batched step per token position,
             // each sequence at its own. Caches are committed only once all steps ran, so
             // a failed pass leaves them as they were.
-            let mut rows: Vec<Vec<f32>> = batch
-                .iter()
-                .map(|s| Vec::with_capacity(if s.all_logits { s.tokens.len() } else { 1 } * vocab))
-                .collect();
+            let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
             for (t, idx) in batch_plan::token_steps(&lens).into_iter().enumerate() {
                 let seqs: Vec<(u32, usize, &SeqCache)> = idx
                     .iter()
@@ -347,13 +344,15 @@ impl Model {
                     })
                     .collect();
                 let v = if seqs.len() == 1 {
-                    dec.run_at(&seqs[0])?
+                    vec![dec.run_at(&seqs[0])?]
                 } else {
                     dec.run_batch(&seqs)?
                 };
-                for (&i, row) in idx.iter().zip(v.chunks_exact(vocab)) {
-                    if batch[i].all_logits || t + 1 == lens[i] {
-                        rows[i].extend_from_slice(row);
+                for (&i, row) in idx.iter().zip(v) {
+                    if batch[i].all_logits {
+                        rows[i].extend_from_slice(&row);
+                    } else {
+                        rows[i] = row; // the last token's stays
                     }
                 }
             }

@@ -521,9 +521,9 @@ impl FusedDecoder {
 
     /// One step for several sequences at once, one token each (`(token, position,
     /// cache)`; each cache filled up to the position, with room past it): every cache gets
-    /// its token's K/V (not committed), and the logits come back as `(seqs.len(), vocab)`
+    /// its token's K/V (not committed), and each sequence's logits row comes back as
     /// host floats, identical to stepping each sequence alone with [`Self::run_at`].
-    pub fn run_batch(&self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<f32>> {
+    pub fn run_batch(&self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.run_batch(seqs)
     }
