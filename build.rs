@@ -17,6 +17,7 @@ fn main() {
     }
     let src = "src/engine/model/cuda/decode.cu";
     println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=src/engine/model/cuda/batch.cuh");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
         .or_else(|| {

@@ -11,6 +11,12 @@
 #       tensor path and CPU on the same prompts), the CPU greedy reference and
 #       gpu_check.sh on the fused build, window_check.py when stage 1 kept gemma3.gguf, and
 #       llama-bench (tg128, pp512) on the same card.
+#   scripts/cuda/lease.sh batch    carry .device/b (as stage2): `candela doctor`, then
+#       candela (--max-batch 32) over HTTP at 1, 8 and 32 streams and greedy batched vs
+#       single-stream vs CPU (batch_check.py).
+#   scripts/cuda/lease.sh peer     (after batch, nothing carried) llama-bench,
+#       llama-batched-bench -npl 1,8,32 and llama-server --parallel 32 over HTTP at 1, 8
+#       and 32 streams (batch_check.py) on the same card.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -39,9 +45,11 @@ stage1)
         rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $A/llamacpp.tar.xz -C /root/lcp
         cd /root/lcp
         setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-            -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+            -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
             -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
-            >build.log 2>&1 && cmake --build build --target llama-bench -j 16 >>build.log 2>&1;
+            >build.log 2>&1 && cmake --build build --target llama-bench llama-batched-bench \
+            llama-server -j 16 >>build.log 2>&1;
             echo $? >build.done' </dev/null >/dev/null 2>&1 &
         echo "llama.cpp build started in the background"
     fi
@@ -78,6 +86,54 @@ stage2)
         [ -x $LB ] && $LB -m "$MODEL" -ngl 99 -fa 0,1 -p 512 -n 128 -r 5 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
     fi
     ;;
+batch)
+    # Like stage2, for many streams: doctor (batched against single-stream), then
+    # candela over HTTP with batch_check.py at 1, 8 and 32 streams.
+    cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || exit 1
+    (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256") || exit 1
+    xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
+    BIN=/root/candela
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    # The llama.cpp build (stage1) takes all cores: let it finish before timing anything.
+    if [ -d /root/lcp ]; then
+        t0=$(date +%s)
+        for _ in $(seq 1 100); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+        echo "== waited $(( $(date +%s) - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null))"
+    fi
+    echo "== doctor"
+    "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>"$OUT/doctor.err" | tee "$OUT/doctor.txt"
+    tail -n 3 "$OUT/doctor.err"
+    echo "== CPU greedy reference (the same binary, --device cpu)"
+    DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" \
+        --reference /root/cpu_ref.json 2>&1 | tail -n 2
+    echo "== candela over HTTP (--max-batch 32)"
+    "$BIN" --device cuda --model "$MODEL" --port 8090 --max-batch 32 --queue-size 64 \
+        --data-dir /tmp/cbatch >"$OUT/candela.log" 2>&1 &
+    CP=$!
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ref /root/cpu_ref.json \
+        --out "$OUT" --name candela
+    kill $CP; wait $CP 2>/dev/null
+    ;;
+peer)
+    # llama.cpp on the same card, after `batch` (the model and the build from stage1).
+    if [ -d /root/lcp ]; then
+        for _ in $(seq 1 90); do [ -f /root/lcp/build.done ] && break; sleep 5; done
+        echo "== llama.cpp build exit: $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished')"
+        tail -n 3 /root/lcp/build.log
+        LB=/root/lcp/build/bin
+        [ -x $LB/llama-bench ] && $LB/llama-bench -m "$MODEL" -ngl 99 -fa 0,1 -p 512 -n 128 -r 5 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
+        [ -x $LB/llama-batched-bench ] && $LB/llama-batched-bench -m "$MODEL" -ngl 99 -fa on -c 16384 \
+            -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,8,32 2>&1 | tee "$OUT/llama_batched.txt" | grep -E "^\||build"
+        if [ -x $LB/llama-server ]; then
+            echo "== llama-server --parallel 32 over HTTP"
+            $LB/llama-server -m "$MODEL" -ngl 99 -fa on --parallel 32 -c 16384 --port 8092 \
+                >"$OUT/llama_server.log" 2>&1 &
+            LP=$!
+            python3 "$HERE/batch_check.py" --url http://127.0.0.1:8092 --out "$OUT" --name llama-server
+            kill $LP; wait $LP 2>/dev/null
+        fi
+    fi
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -92,7 +148,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|window" >&2
+    echo "usage: $0 stage1|stage2|batch|window" >&2
     exit 2
     ;;
 esac

@@ -3,10 +3,11 @@
 //! Mac user verifying Metal). Greedy decoding of a short and a long prompt on the device
 //! (through the fused CUDA path and through the tensor path where the build has both)
 //! and on the CPU; per run: leading tokens equal to the CPU's, the largest logit gap on
-//! the first decoded token, prefill time and decode tok/s; then 8 sequences decoded
-//! together. Models with sliding-window (local) layers also get a long sequence fed
-//! through one cache in chunks and single tokens, past the point where the local layers
-//! drop the positions their window has left behind, against fresh one-pass prefills.
+//! the first decoded token, prefill time and decode tok/s; then 8 and 32 sequences
+//! decoded together, each checked against the same sequence decoded alone. Models with
+//! sliding-window (local) layers also get a long sequence fed through one cache in chunks
+//! and single tokens, past the point where the local layers drop the positions their
+//! window has left behind, against fresh one-pass prefills.
 
 use std::fs::File;
 use std::path::Path;
@@ -61,16 +62,27 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Run, EngineError> {
     })
 }
 
-/// Aggregate decode tok/s of `k` sequences stepped together for `n` steps.
-fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<f64, EngineError> {
+/// `k` sequences stepped together for `n` steps, sequence `i` from the prompt cut by
+/// `i % 8` tokens (so that they sit at different positions): aggregate decode tok/s over
+/// the forward passes, then each sequence's greedy tokens and a hash of its logits bits
+/// per step.
+type Batched = (f64, Vec<Vec<u32>>, Vec<Vec<u64>>);
+
+fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<Batched, EngineError> {
+    let prompts: Vec<&[u32]> = (0..k)
+        .map(|i| &prompt[..prompt.len() - (i % 8).min(prompt.len() - 1)])
+        .collect();
     let mut caches: Vec<SeqCache> = (0..k)
         .map(|_| SeqCache::new(model.cache_layout(KvDtype::F16), model.device()))
         .collect();
     let mut next = Vec::with_capacity(k);
-    for c in caches.iter_mut() {
-        next.push(argmax(&forward1(model, prompt, c)?));
+    for (c, p) in caches.iter_mut().zip(&prompts) {
+        next.push(argmax(&forward1(model, p, c)?));
     }
-    let t0 = Instant::now();
+    let mut tokens = vec![Vec::with_capacity(n); k];
+    let mut hashes = vec![Vec::with_capacity(n); k];
+    // Forward passes only: the hashing below is the check's, not decoding's.
+    let mut busy = std::time::Duration::ZERO;
     for _ in 0..n {
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let mut inputs: Vec<SeqInput<'_>> = caches
@@ -82,13 +94,47 @@ fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<f64, Eng
                 all_logits: false,
             })
             .collect();
+        let t0 = Instant::now();
         let out = model.forward(&mut inputs)?;
-        next = out
-            .iter()
-            .map(|t| Ok(argmax(&t.squeeze(0)?.to_vec1::<f32>()?)))
-            .collect::<Result<_, EngineError>>()?;
+        busy += t0.elapsed();
+        for (i, t) in out.iter().enumerate() {
+            let v = t.squeeze(0)?.to_vec1::<f32>()?;
+            tokens[i].push(toks[i][0]);
+            hashes[i].push(v.iter().fold(0xcbf29ce484222325u64, |h, x| {
+                (h ^ x.to_bits() as u64).wrapping_mul(0x100000001b3)
+            }));
+            next[i] = argmax(&v);
+        }
     }
-    Ok((k * n) as f64 / t0.elapsed().as_secs_f64())
+    let rate = (k * n) as f64 / busy.as_secs_f64();
+    Ok((rate, tokens, hashes))
+}
+
+/// Batched decoding against each sequence stepped alone: aggregate tok/s at 8 and 32
+/// sequences, and how many sequences have the same tokens and the same logits bits.
+fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineError> {
+    let (single_rate, ..) = batched(model, prompt, 1, n)?;
+    println!("1 sequence: {single_rate:.1} tok/s");
+    for k in [8, 32] {
+        batched(model, prompt, k, 4)?; // warm-up: this width's graph
+        let (rate, toks, hashes) = batched(model, prompt, k, n)?;
+        let (mut same_toks, mut same_bits) = (0, 0);
+        for i in 0..k.min(8) {
+            let p = &prompt[..prompt.len() - (i % 8).min(prompt.len() - 1)];
+            let (_, t1, h1) = batched(model, p, 1, n)?;
+            same_toks += usize::from(t1[0] == toks[i]);
+            same_bits += usize::from(h1[0] == hashes[i]);
+        }
+        println!(
+            "{k} sequences stepped together: {rate:.1} tok/s aggregate; against each stepped \
+             alone ({} distinct prompts): tokens identical {same_toks}/{}, logits bit-identical \
+             at every step {same_bits}/{}",
+            k.min(8),
+            k.min(8),
+            k.min(8)
+        );
+    }
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -297,8 +343,7 @@ pub fn run(
             println!("{}", report("device", &r, c.as_ref()));
         }
     }
-    let agg = batched(&model, &short, 8, n.min(64))?;
-    println!("8 sequences stepped together: {agg:.1} tok/s aggregate");
+    batch_report(&model, &short, n.min(64))?;
     window_check(&model, cpu.as_ref(), ctx)?;
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");

@@ -8,9 +8,12 @@
 //! token each): the projections and the MLP run once over all their rows, attention runs
 //! per sequence against that sequence's cache.
 
+mod batch_plan;
 mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod fused;
 mod gguf;
 pub mod hf;
 mod host;
@@ -287,6 +290,16 @@ impl Model {
         false
     }
 
+    /// The longest prompt chunk the fused GPU path takes; such chunks of several
+    /// sequences run together, one batched step per token position (0: no fused path).
+    pub fn fused_chunk(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() && self.fused_on.load(Ordering::Relaxed) {
+            return FUSED_MAX_TOKENS;
+        }
+        0
+    }
+
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`
     /// (report lines for `candela doctor`); None without a fused path.
     pub fn fused_bench(&self, positions: &[usize]) -> Result<Option<String>> {
@@ -297,31 +310,6 @@ impl Model {
         }
         let _ = positions;
         Ok(None)
-    }
-
-    /// The fused path for a batch whose every sequence it covers; None otherwise.
-    #[cfg(feature = "cuda")]
-    fn forward_fused(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<Tensor>>> {
-        use cuda::FusedDecoder;
-        let Some(dec) = &self.fused else {
-            return Ok(None);
-        };
-        if !self.fused_on.load(Ordering::Relaxed)
-            || !batch
-                .iter()
-                .all(|s| s.tokens.len() <= FUSED_MAX_TOKENS && FusedDecoder::supports(s.cache))
-        {
-            return Ok(None);
-        }
-        let vocab = self.config.vocab;
-        let mut out = Vec::with_capacity(batch.len());
-        for s in batch.iter_mut() {
-            let v = dec.run(s.tokens, s.cache, s.all_logits)?;
-            let rows = v.len() / vocab;
-            out.push(Tensor::from_vec(v, (rows, vocab), &Device::Cpu)?);
-            s.cache.commit(s.tokens);
-        }
-        Ok(Some(out))
     }
 
     /// Shape of this model's KV cache with the given element type.

@@ -57,6 +57,11 @@ pub(crate) trait Forward: Sync {
     fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Tensor>>;
     fn cache_layout(&self, dtype: KvDtype) -> CacheLayout;
     fn device(&self) -> &Device;
+    /// The longest prompt chunk that device caches take in a pass with other sequences'
+    /// chunks ([`Model::fused_chunk`]; 0: device caches prefill one sequence a pass).
+    fn fused_chunk(&self) -> usize {
+        0
+    }
 }
 
 impl Forward for Model {
@@ -68,6 +73,9 @@ impl Forward for Model {
     }
     fn device(&self) -> &Device {
         Model::device(self)
+    }
+    fn fused_chunk(&self) -> usize {
+        Model::fused_chunk(self)
     }
 }
 

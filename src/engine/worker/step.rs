@@ -43,15 +43,34 @@ pub(super) fn pick_prefill(seqs: &[Seq], mut budget: usize) -> Vec<Part> {
     picked
 }
 
+/// Whether prompt chunks `(host cache, take)` go through one forward pass: several of
+/// them, each on a host cache or at most `fused_chunk` tokens long.
+pub(super) fn prefill_together(
+    chunks: impl IntoIterator<Item = (bool, Take)>,
+    fused_chunk: usize,
+) -> bool {
+    let mut n = 0;
+    for (host, take) in chunks {
+        if !(host || matches!(take, Take::Prompt(k) if k <= fused_chunk)) {
+            return false;
+        }
+        n += 1;
+    }
+    n > 1
+}
+
 /// Prefill the `picked` chunks: all in one forward pass, so that streams joining
 /// together are not prefilled one loop turn each. If that pass fails, each sequence is
 /// retried alone, so that one bad sequence fails only itself (a failed pass commits
 /// nothing to any cache).
 pub(super) fn prefill(model: &impl Forward, tok: &Tok, seqs: &mut [Seq], picked: &[Part]) {
-    // Host caches only: on a GPU the fused decoder takes short prompts one sequence at a
-    // time anyway, and a batch with one long prompt would send all of them to the
-    // tensor path instead.
-    let together = picked.len() > 1 && picked.iter().all(|&(i, _)| seqs[i].cache.is_host());
+    // Host caches, or chunks short enough for the fused GPU path, which steps them
+    // together one token position at a time (a GPU batch with one long chunk would send
+    // all of them to the tensor path instead).
+    let chunks = picked
+        .iter()
+        .map(|&(i, take)| (seqs[i].cache.is_host(), take));
+    let together = prefill_together(chunks, model.fused_chunk());
     if together && pass(model, tok, seqs, picked).is_ok() {
         return;
     }

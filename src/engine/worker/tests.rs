@@ -430,3 +430,20 @@ fn a_busy_session_rejects_a_second_request() {
         "{ob:?}"
     );
 }
+
+#[test]
+fn short_prompt_chunks_on_a_fused_gpu_prefill_together() {
+    use super::step::{prefill_together, Take};
+    // Host caches: always together when there are several.
+    assert!(prefill_together(
+        [(true, Take::Prompt(500)), (true, Take::Prompt(3))],
+        0
+    ));
+    assert!(!prefill_together([(true, Take::Prompt(5))], 64));
+    // Device caches: together only when every chunk fits the fused path.
+    let dev = |n| (false, Take::Prompt(n));
+    assert!(prefill_together([dev(40), dev(64), dev(1)], 64));
+    assert!(!prefill_together([dev(40), dev(65)], 64));
+    assert!(!prefill_together([dev(4), dev(5)], 0));
+    assert!(!prefill_together([dev(4)], 64));
+}

@@ -258,22 +258,21 @@ extern "C" __global__ void embed_row(const unsigned long long* __restrict__ step
 // V: each thread takes 8 dimensions (one 16-byte load) of every G-th position, and the
 // G partial sums are added at the end. head_dim % 8 == 0, head_dim <= 256; `scores`
 // holds ctx floats per head. Dynamic shared memory: (3 * hd + 8 * blockDim.x) floats.
-extern "C" __global__ void attention(const float* __restrict__ qkv,
-                                     const unsigned long long* __restrict__ step, int layer,
-                                     int n_layers, int nh, int nkvh, int hd,
-                                     const float* __restrict__ cos_t,
-                                     const float* __restrict__ sin_t, int neox, float scale,
-                                     float* __restrict__ scores, int ctx,
-                                     float* __restrict__ out) {
+// The body, shared with the batched kernel: query head `h` of the sequence whose step
+// record is `step` (its qkv row, scores and output row already offset).
+__device__ __forceinline__ void attend(const float* __restrict__ qkv,
+                                       const unsigned long long* __restrict__ step, int layer,
+                                       int n_layers, int nh, int nkvh, int hd,
+                                       const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, int neox, float scale,
+                                       float* __restrict__ scores, int ctx,
+                                       float* __restrict__ out, int h) {
     extern __shared__ float sm[];
     __shared__ float red[32];
     float* q = sm;
     float* kn = sm + hd;
     float* vn = sm + 2 * hd;
     float* part = sm + 3 * hd;
-    pdl_launch_dependents();
-    pdl_wait();
-    const int h = blockIdx.x;
     const int group = nh / nkvh;
     const int g = h / group;
     const int pos = (int)step[STEP_POS];
@@ -376,3 +375,18 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
         out[h * hd + d] = o;
     }
 }
+
+extern "C" __global__ void attention(const float* __restrict__ qkv,
+                                     const unsigned long long* __restrict__ step, int layer,
+                                     int n_layers, int nh, int nkvh, int hd,
+                                     const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, int neox, float scale,
+                                     float* __restrict__ scores, int ctx,
+                                     float* __restrict__ out) {
+    pdl_launch_dependents();
+    pdl_wait();
+    attend(qkv, step, layer, n_layers, nh, nkvh, hd, cos_t, sin_t, neox, scale, scores, ctx,
+           out, blockIdx.x);
+}
+
+#include "batch.cuh"

@@ -29,6 +29,7 @@ use half::f16;
 use super::ModelConfig;
 use crate::kv::SeqCache;
 
+mod batch;
 mod step;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -118,6 +119,10 @@ struct Funcs {
     mv: [[CudaFunction; 3]; 3],
     embed: CudaFunction,
     attention: CudaFunction,
+    /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`.
+    mm: [[CudaFunction; 3]; 3],
+    embed_rows: CudaFunction,
+    attention_b: CudaFunction,
 }
 
 struct Inner {
@@ -142,6 +147,10 @@ struct Inner {
     logits: Buf<f32>,
     step: Buf<u64>,
     graph: Option<CudaGraph>,
+    /// Buffers and graphs of the batched step, made on first use.
+    batch: Option<batch::Batch>,
+    /// Dynamic shared memory the mat-mat kernels may use on this device.
+    mm_smem: usize,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -171,6 +180,7 @@ impl std::fmt::Debug for FusedDecoder {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.graph = None;
+        self.batch = None;
         // SAFETY: created in `new`, used only by this decoder.
         unsafe {
             let _ = result::event::destroy(self.event);
@@ -353,10 +363,32 @@ impl FusedDecoder {
                 load(&format!("mv_{k}_swiglu"))?,
             ])
         };
+        let mut mm_smem = batch::MM_SMEM;
+        let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
+            let fs = [
+                load(&format!("mm_{k}_store"))?,
+                load(&format!("mm_{k}_add"))?,
+                load(&format!("mm_{k}_swiglu"))?,
+            ];
+            for f in &fs {
+                let raised = f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    batch::MM_SMEM as i32,
+                );
+                if raised.is_err() {
+                    mm_smem = batch::MM_SMEM_DEFAULT;
+                }
+            }
+            Ok(fs)
+        };
+        let mm = [mm_set("q4_0")?, mm_set("q4_1")?, mm_set("q8_0")?];
         let f = Funcs {
             mv: [mv_set("q4_0")?, mv_set("q4_1")?, mv_set("q8_0")?],
             embed: load("embed_row")?,
             attention: load("attention")?,
+            mm,
+            embed_rows: load("embed_rows")?,
+            attention_b: load("attention_b")?,
         };
         let mut rd = Reader {
             ct,
@@ -447,6 +479,8 @@ impl FusedDecoder {
             out_norm,
             output,
             graph: None,
+            batch: None,
+            mm_smem,
             use_graph: std::env::var("CANDELA_CUDA_GRAPH").map_or(true, |v| v != "0"),
             pdl: std::env::var("CANDELA_CUDA_PDL").map_or(true, |v| v != "0")
                 && context
@@ -475,7 +509,23 @@ impl FusedDecoder {
     /// the logits of the last token, or of every token with `all`, as host floats.
     pub fn run(&self, tokens: &[u32], cache: &mut SeqCache, all: bool) -> Result<Vec<f32>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.run(tokens, cache, all)
+        g.run(tokens, cache, cache.len(), all)
+    }
+
+    /// One token at position `pos` of `cache` (filled up to it, with room past it), not
+    /// committed: the logits as host floats.
+    pub fn run_at(&self, &(token, pos, cache): &(u32, usize, &SeqCache)) -> Result<Vec<f32>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.run(&[token], cache, pos, false)
+    }
+
+    /// One step for several sequences at once, one token each (`(token, position,
+    /// cache)`; each cache filled up to the position, with room past it): every cache gets
+    /// its token's K/V (not committed), and each sequence's logits row comes back as
+    /// host floats, identical to stepping each sequence alone with [`Self::run_at`].
+    pub fn run_batch(&self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.run_batch(seqs)
     }
 
     /// Per-kernel cost in a graph (see `Inner::bench`) at each of `positions`, as report

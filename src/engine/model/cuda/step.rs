@@ -5,14 +5,15 @@
 use super::*;
 
 impl Inner {
+    /// Run `tokens` one at a time from position `pos0` of `cache` (filled up to it).
     pub(super) fn run(
         &mut self,
         tokens: &[u32],
-        cache: &mut SeqCache,
+        cache: &SeqCache,
+        pos0: usize,
         all: bool,
     ) -> Result<Vec<f32>> {
         self.stream.context().bind_to_thread().map_err(err)?;
-        let pos0 = cache.len();
         let cap = cache.capacity();
         let layers = cache
             .dense_layers()
@@ -136,6 +137,23 @@ impl Inner {
         args: &mut [*mut c_void],
         dependent: bool,
     ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.go2(f, (blocks, 1), threads, smem, args, dependent) }
+    }
+
+    /// [`Self::go`] with a two-dimensional grid `(x, y)`.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type.
+    pub(super) unsafe fn go2(
+        &self,
+        f: &CudaFunction,
+        (blocks, blocks_y): (u32, u32),
+        threads: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+        dependent: bool,
+    ) -> Result<()> {
         // SAFETY: CUlaunchAttribute is a plain C struct for which all-zero is valid.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -143,7 +161,7 @@ impl Inner {
         let pdl = self.pdl && dependent;
         let lc = sys::CUlaunchConfig {
             gridDimX: blocks,
-            gridDimY: 1,
+            gridDimY: blocks_y,
             gridDimZ: 1,
             blockDimX: threads,
             blockDimY: 1,

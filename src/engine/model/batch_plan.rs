@@ -1,0 +1,252 @@
+//! Bookkeeping of the batched fused CUDA decode step, kept apart from the device code so
+//! that it builds and is tested without a GPU: which sequences of a pass go through one
+//! batched step, how a batch is cut into graph buckets, how many activation columns a
+//! mat-mat block holds in shared memory, and the layout of the per-step device buffer
+//! (the batch size, then one record per sequence: token, position, cache capacity and
+//! its per-layer K and V cache pointers).
+//!
+//! Depends on nothing in the engine; `model::cuda` is its only user.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// Batch sizes a graph is captured for; a batch runs in the smallest bucket that holds
+/// it, so at most six graphs are captured whatever the mix of batch sizes.
+pub const BUCKETS: [usize; 6] = [2, 4, 8, 16, 32, 64];
+
+/// The most sequences one batched step takes; larger batches run as several steps.
+pub const MAX_BUCKET: usize = BUCKETS[BUCKETS.len() - 1];
+
+/// Most activation columns a mat-mat block quantizes into shared memory at a time (the
+/// kernel's static reduction scratch is sized for this).
+pub const MAX_COLUMNS: usize = 64;
+
+/// Words of one sequence's record in the step buffer: token, position, cache capacity,
+/// then `n_layers` K pointers and `n_layers` V pointers.
+pub fn record_words(n_layers: usize) -> usize {
+    3 + 2 * n_layers
+}
+
+/// Words of a step buffer for `bucket` sequences (the count comes first).
+pub fn step_words(bucket: usize, n_layers: usize) -> usize {
+    1 + bucket * record_words(n_layers)
+}
+
+/// The smallest bucket holding `n` sequences (`n` in 1..=MAX_BUCKET), or None.
+pub fn bucket(n: usize) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    BUCKETS.iter().copied().find(|&b| b >= n)
+}
+
+/// Cut `n` sequences into consecutive steps of at most [`MAX_BUCKET`]: `(first, len)`.
+pub fn split(n: usize) -> Vec<(usize, usize)> {
+    (0..n)
+        .step_by(MAX_BUCKET)
+        .map(|s| (s, MAX_BUCKET.min(n - s)))
+        .collect()
+}
+
+/// Bytes of shared memory a column of `k` activations takes once quantized (8-bit
+/// values, then an f32 scale and an f32 scaled sum per 32).
+pub fn column_bytes(k: usize) -> usize {
+    k + 8 * (k / 32)
+}
+
+/// Columns a mat-mat block over `k` inputs quantizes at once for a `bucket`-wide batch,
+/// within `smem` bytes of dynamic shared memory (at least one).
+pub fn columns_per_chunk(k: usize, bucket: usize, smem: usize) -> usize {
+    (smem / column_bytes(k).max(1))
+        .clamp(1, MAX_COLUMNS)
+        .min(bucket.max(1))
+}
+
+/// One sequence of a batched step: the token it feeds, its position (the cache length)
+/// and cache capacity, and its per-layer `(K, V)` cache device pointers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqRecord {
+    pub token: u32,
+    pub pos: usize,
+    pub cap: usize,
+    pub kv: Vec<(u64, u64)>,
+}
+
+/// Fill `words` with the step buffer for `seqs` (at most `bucket` of them, each with
+/// `n_layers` cache pointer pairs and room for its position): the count, then each
+/// record; the rest of the bucket's records are zero (the kernels stop at the count).
+pub fn fill_step(
+    words: &mut Vec<u64>,
+    seqs: &[SeqRecord],
+    bucket: usize,
+    n_layers: usize,
+) -> Result<(), String> {
+    if seqs.is_empty() || seqs.len() > bucket {
+        return Err(format!(
+            "a batched step takes 1..={bucket} sequences, got {}",
+            seqs.len()
+        ));
+    }
+    words.clear();
+    words.push(seqs.len() as u64);
+    for (i, s) in seqs.iter().enumerate() {
+        if s.kv.len() != n_layers {
+            return Err(format!(
+                "sequence {i} has {} cache layers, the model {n_layers}",
+                s.kv.len()
+            ));
+        }
+        if s.pos >= s.cap {
+            return Err(format!(
+                "sequence {i} has no room in its cache (position {}, capacity {})",
+                s.pos, s.cap
+            ));
+        }
+        words.extend([s.token as u64, s.pos as u64, s.cap as u64]);
+        words.extend(s.kv.iter().map(|&(k, _)| k));
+        words.extend(s.kv.iter().map(|&(_, v)| v));
+    }
+    words.resize(step_words(bucket, n_layers), 0);
+    Ok(())
+}
+
+/// Whether a pass of sequences feeding `lens` new tokens each runs as batched steps:
+/// two or more sequences, each with 1..=`max` tokens (prompt chunks go one token of
+/// every sequence per step).
+pub fn batched(lens: &[usize], max: usize) -> bool {
+    lens.len() >= 2 && lens.iter().all(|&n| (1..=max).contains(&n))
+}
+
+/// The batched steps of a pass: step `t` feeds token `t` of every sequence that has one,
+/// as indices into `lens`. Every sequence's tokens go in order, one step each.
+pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    (0..longest)
+        .map(|t| (0..lens.len()).filter(|&i| lens[i] > t).collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_every_batch_size_with_the_least_padding() {
+        assert_eq!(bucket(0), None);
+        assert_eq!(bucket(1), Some(2));
+        assert_eq!(bucket(2), Some(2));
+        assert_eq!(bucket(3), Some(4));
+        assert_eq!(bucket(8), Some(8));
+        assert_eq!(bucket(9), Some(16));
+        assert_eq!(bucket(33), Some(64));
+        assert_eq!(bucket(64), Some(64));
+        assert_eq!(bucket(65), None);
+        for n in 1..=MAX_BUCKET {
+            let b = bucket(n).unwrap();
+            assert!(b >= n && (b == BUCKETS[0] || b / 2 < n), "n {n} bucket {b}");
+        }
+    }
+
+    #[test]
+    fn split_covers_every_sequence_once_in_order() {
+        assert!(split(0).is_empty());
+        assert_eq!(split(5), vec![(0, 5)]);
+        assert_eq!(split(64), vec![(0, 64)]);
+        assert_eq!(split(130), vec![(0, 64), (64, 64), (128, 2)]);
+        for n in [1, 63, 65, 200, 256] {
+            let parts = split(n);
+            let mut next = 0;
+            for &(s, len) in &parts {
+                assert_eq!(s, next);
+                assert!((1..=MAX_BUCKET).contains(&len));
+                next += len;
+            }
+            assert_eq!(next, n);
+        }
+    }
+
+    #[test]
+    fn column_chunks_fit_shared_memory() {
+        let smem = 96 << 10;
+        // SmolLM2-135M: hidden 576, ffn 1536: the whole 32-wide batch in one chunk.
+        assert_eq!(columns_per_chunk(576, 32, smem), 32);
+        assert_eq!(columns_per_chunk(1536, 32, smem), 32);
+        assert_eq!(columns_per_chunk(1536, 64, smem), 51);
+        // An 8B model's down projection (14336 inputs): a few columns at a time.
+        let ch = columns_per_chunk(14336, 64, smem);
+        assert_eq!(ch, 5);
+        assert!(ch * column_bytes(14336) <= smem);
+        // Never zero, never wider than the bucket or the kernel's scratch.
+        assert_eq!(columns_per_chunk(1 << 20, 8, smem), 1);
+        assert_eq!(columns_per_chunk(32, 4, smem), 4);
+        assert_eq!(columns_per_chunk(32, 256, smem), MAX_COLUMNS);
+    }
+
+    fn rec(token: u32, pos: usize, layers: usize) -> SeqRecord {
+        SeqRecord {
+            token,
+            pos,
+            cap: pos + 256,
+            kv: (0..layers as u64)
+                .map(|l| (1000 * token as u64 + l, 2000 * token as u64 + l))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn step_buffer_has_the_count_then_one_record_per_sequence() {
+        let mut w = vec![7; 3];
+        let seqs = [rec(5, 10, 2), rec(9, 0, 2), rec(3, 300, 2)];
+        fill_step(&mut w, &seqs, 4, 2).unwrap();
+        assert_eq!(w.len(), step_words(4, 2));
+        assert_eq!(w[0], 3);
+        let r = record_words(2);
+        // Record b starts at word 1 + b * r, in the single-stream step buffer's order.
+        assert_eq!(&w[1..1 + r], &[5, 10, 266, 5000, 5001, 10000, 10001]);
+        assert_eq!(&w[1 + r..1 + 2 * r], &[9, 0, 256, 9000, 9001, 18000, 18001]);
+        assert_eq!(w[1 + 2 * r], 3);
+        assert_eq!(w[1 + 2 * r + 1], 300);
+        // The padding record is zero.
+        assert!(w[1 + 3 * r..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn step_buffer_refuses_bad_batches() {
+        let mut w = Vec::new();
+        assert!(fill_step(&mut w, &[], 2, 2).is_err());
+        assert!(fill_step(&mut w, &[rec(1, 0, 2), rec(2, 0, 2), rec(3, 0, 2)], 2, 2).is_err());
+        assert!(fill_step(&mut w, &[rec(1, 0, 3)], 2, 2).is_err());
+        let mut full = rec(1, 5, 2);
+        full.cap = 5;
+        assert!(fill_step(&mut w, &[full], 2, 2).is_err());
+    }
+
+    #[test]
+    fn only_passes_of_several_short_chunks_are_batched() {
+        assert!(!batched(&[], 64));
+        assert!(!batched(&[1], 64));
+        assert!(batched(&[1, 1], 64));
+        assert!(batched(&vec![1; 40], 64));
+        assert!(batched(&[1, 5, 1], 64));
+        assert!(batched(&[64, 3], 64));
+        assert!(!batched(&[65, 3], 64));
+        assert!(!batched(&[0, 3], 64));
+    }
+
+    #[test]
+    fn token_steps_feed_every_token_once_in_order() {
+        assert!(token_steps(&[]).is_empty());
+        assert_eq!(token_steps(&[1, 1, 1]), vec![vec![0, 1, 2]]);
+        assert_eq!(
+            token_steps(&[2, 1, 3]),
+            vec![vec![0, 1, 2], vec![0, 2], vec![2]]
+        );
+        let lens = [5, 1, 40, 17, 40];
+        let steps = token_steps(&lens);
+        assert_eq!(steps.len(), 40);
+        for (i, &n) in lens.iter().enumerate() {
+            let fed: Vec<usize> = (0..steps.len())
+                .filter(|&t| steps[t].contains(&i))
+                .collect();
+            assert_eq!(fed, (0..n).collect::<Vec<_>>(), "sequence {i}");
+        }
+    }
+}

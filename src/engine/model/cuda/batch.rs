@@ -1,0 +1,319 @@
+//! The batched decode step: one pass of the model for every sequence of a decode step
+//! (one token each, each at its own position in its own cache), through the mat-mat
+//! kernels of `batch.cuh` that read each weight row once for the whole batch. One graph
+//! is captured per batch-size bucket (`batch_plan::BUCKETS`) and replayed with the
+//! sequences' tokens, positions and cache pointers written to a device buffer first;
+//! the logits of all rows come back in one copy.
+
+use super::*;
+use crate::engine::model::batch_plan::{self, SeqRecord};
+use candle_core::cuda_backend::cudarc::driver::PinnedHostSlice;
+
+/// Dynamic shared memory a mat-mat block may use for quantized activations, where the
+/// device allows that much (Hopper and Ampere do)...
+pub(super) const MM_SMEM: usize = 96 << 10;
+/// ...and where it does not: the default limit less the kernel's static scratch.
+pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
+
+/// Device buffers of the batched step, sized for `cap` sequences, and the graphs
+/// captured over them (by bucket).
+pub(super) struct Batch {
+    cap: usize,
+    x: Buf<f32>,
+    qkv: Buf<f32>,
+    att: Buf<f32>,
+    act: Buf<f32>,
+    scores: Buf<f32>,
+    logits: Buf<f32>,
+    /// Page-locked host copy of the logits (a pageable copy of a 32-row batch's 6 MB
+    /// costs milliseconds).
+    host: PinnedHostSlice<f32>,
+    step: Buf<u64>,
+    graphs: Vec<(usize, CudaGraph)>,
+}
+
+impl Inner {
+    /// One step for `seqs` (token, position, cache): each cache gets its token's K/V at
+    /// the position, and each sequence's logits row comes back as host floats.
+    pub(super) fn run_batch(&mut self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let nl = self.cfg.n_layers;
+        let mut recs = Vec::with_capacity(seqs.len());
+        for &(t, pos, cache) in seqs {
+            let layers = cache
+                .dense_layers()
+                .ok_or_else(|| err("cache is not a dense device cache"))?;
+            let mut kv = Vec::with_capacity(layers.len());
+            for (k, v) in &layers {
+                if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
+                    return Err(err("cache tensors are not contiguous f16"));
+                }
+                kv.push((
+                    tensor_ptr(k, &self.candle_stream)?,
+                    tensor_ptr(v, &self.candle_stream)?,
+                ));
+            }
+            recs.push(SeqRecord {
+                token: t,
+                pos,
+                cap: cache.capacity(),
+                kv,
+            });
+        }
+        // Candle's writes (prefill, a cache that just grew) come first.
+        // SAFETY: both handles are live for the decoder's lifetime.
+        unsafe {
+            result::event::record(self.event, self.candle_stream.cu_stream()).map_err(err)?;
+            result::stream::wait_event(
+                self.stream.cu_stream(),
+                self.event,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(err)?;
+        }
+        let vocab = self.output.n;
+        let mut out = Vec::with_capacity(recs.len());
+        for (first, len) in batch_plan::split(recs.len()) {
+            let bucket = batch_plan::bucket(len).ok_or_else(|| err("empty batch"))?;
+            self.ensure_batch(bucket)?;
+            let mut words = std::mem::take(&mut self.words);
+            batch_plan::fill_step(&mut words, &recs[first..first + len], bucket, nl)
+                .map_err(err)?;
+            let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+            let r = self.stream.memcpy_htod(&words, &mut b.step.slice);
+            self.words = words;
+            r.map_err(err)?;
+            self.launch_batch(bucket)?;
+            self.steps += 1;
+            let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+            self.stream
+                .memcpy_dtoh(&b.logits.slice.slice(..len * vocab), &mut b.host)
+                .map_err(err)?;
+            self.stream.synchronize().map_err(err)?;
+            let host = b.host.as_slice().map_err(err)?;
+            out.extend(host[..len * vocab].chunks_exact(vocab).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+
+    /// Batch buffers for at least `bucket` sequences (re-allocated, and the graphs over
+    /// the old ones dropped, when a larger bucket comes).
+    fn ensure_batch(&mut self, bucket: usize) -> Result<()> {
+        if self.batch.as_ref().is_some_and(|b| b.cap >= bucket) {
+            return Ok(());
+        }
+        self.batch = None;
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        let nq = cfg.n_heads * hd;
+        let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
+        let s = &self.stream;
+        self.batch = Some(Batch {
+            cap: bucket,
+            x: zeros(s, bucket * cfg.hidden)?,
+            qkv: zeros(s, bucket * (nq + 2 * cfg.n_kv_heads * hd))?,
+            att: zeros(s, bucket * nq)?,
+            act: zeros(s, bucket * ffn)?,
+            scores: zeros(s, bucket * cfg.n_heads * self.ctx)?,
+            logits: zeros(s, bucket * self.output.n)?,
+            // SAFETY: every element read is written by a device copy first.
+            host: unsafe {
+                s.context()
+                    .alloc_pinned_with_flags::<f32>(bucket * self.output.n, 0)
+                    .map_err(err)?
+            },
+            step: upload(s, &vec![0u64; batch_plan::step_words(bucket, cfg.n_layers)])?,
+            graphs: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Replay the bucket's graph (capturing it the first time) or launch directly.
+    fn launch_batch(&mut self, bucket: usize) -> Result<()> {
+        if !self.use_graph {
+            return self.enqueue_batch(bucket);
+        }
+        let have = self
+            .batch
+            .as_ref()
+            .is_some_and(|b| b.graphs.iter().any(|(k, _)| *k == bucket));
+        if !have {
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(err)?;
+            let r = self.enqueue_batch(bucket);
+            let g = self
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(err)?;
+            r?;
+            let g = g.ok_or_else(|| err("graph capture produced no graph"))?;
+            g.upload().map_err(err)?;
+            self.captures += 1;
+            if let Some(b) = self.batch.as_mut() {
+                b.graphs.push((bucket, g));
+            }
+        }
+        let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
+        let (_, g) = b
+            .graphs
+            .iter()
+            .find(|(k, _)| *k == bucket)
+            .ok_or_else(|| err("no graph for the bucket"))?;
+        g.launch().map_err(err)
+    }
+
+    /// Enqueue one batched step for a `bucket`-wide batch on our stream.
+    fn enqueue_batch(&self, bucket: usize) -> Result<()> {
+        let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
+        let cfg = &self.cfg;
+        let stride = batch_plan::record_words(cfg.n_layers) as i32;
+        {
+            let hidden = cfg.hidden as i32;
+            let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
+            let mut args = [
+                arg(&b.step.ptr),
+                arg(&stride),
+                arg(&embed),
+                arg(&hidden),
+                arg(&b.x.ptr),
+            ];
+            let blocks = cfg.hidden.div_ceil(256) as u32;
+            // SAFETY: matches `embed_rows`; a plain launch after the step buffer's copy.
+            unsafe {
+                self.go2(
+                    &self.f.embed_rows,
+                    (blocks, bucket as u32),
+                    256,
+                    0,
+                    &mut args,
+                    false,
+                )?
+            }
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            let bias = l.qkv_bias.as_ref().map_or(0, |x| x.ptr);
+            self.matmat(
+                b,
+                bucket,
+                &l.qkv,
+                0,
+                b.x.ptr,
+                l.attn_norm.ptr,
+                bias,
+                b.qkv.ptr,
+            )?;
+            self.attention_batch(b, bucket, li, stride)?;
+            self.matmat(b, bucket, &l.wo, 1, b.att.ptr, 0, 0, b.x.ptr)?;
+            self.matmat(
+                b,
+                bucket,
+                &l.gate_up,
+                2,
+                b.x.ptr,
+                l.ffn_norm.ptr,
+                0,
+                b.act.ptr,
+            )?;
+            self.matmat(b, bucket, &l.down, 1, b.act.ptr, 0, 0, b.x.ptr)?;
+        }
+        self.matmat(
+            b,
+            bucket,
+            &self.output,
+            0,
+            b.x.ptr,
+            self.out_norm.ptr,
+            0,
+            b.logits.ptr,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmat(
+        &self,
+        b: &Batch,
+        bucket: usize,
+        m: &QMat,
+        mode: usize,
+        x: u64,
+        norm: u64,
+        bias: u64,
+        out: u64,
+    ) -> Result<()> {
+        let f = &self.f.mm[m.kind as usize][mode];
+        let rows = if mode == 2 { m.n / 2 } else { m.n };
+        let warps = (MV_THREADS / 32) as usize;
+        let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
+        // Every block quantizes the batch's activations once: a few blocks per SM, each
+        // taking many rows (fewer blocks for wider batches, whose quantization costs more).
+        let per_sm = if bucket <= 8 { 4 } else { 2 };
+        let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
+        let smem = (ch * batch_plan::column_bytes(m.k)) as u32;
+        let eps = self.cfg.rms_eps as f32;
+        let (k, n, chi) = (m.k as i32, m.n as i32, ch as i32);
+        let mut args = [
+            arg(&b.step.ptr),
+            arg(&x),
+            arg(&norm),
+            arg(&eps),
+            arg(&k),
+            arg(&m.qs),
+            arg(&m.dm),
+            arg(&bias),
+            arg(&n),
+            arg(&out),
+            arg(&chi),
+        ];
+        // SAFETY: argument types and order match `MATMAT_ENTRY` in batch.cuh; the
+        // buffers hold `bucket` rows and the step buffer's count is at most `bucket`.
+        unsafe { self.go2(f, (blocks, 1), MV_THREADS, smem, &mut args, true) }
+    }
+
+    fn attention_batch(&self, b: &Batch, bucket: usize, li: usize, stride: i32) -> Result<()> {
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        let cos = tensor_ptr(&self.cos, &self.candle_stream)?;
+        let sin = tensor_ptr(&self.sin, &self.candle_stream)?;
+        let (li, nl, nh, nkvh, hdi) = (
+            li as i32,
+            cfg.n_layers as i32,
+            cfg.n_heads as i32,
+            cfg.n_kv_heads as i32,
+            hd as i32,
+        );
+        let neox = cfg.rope_neox as i32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ctx = self.ctx as i32;
+        let mut args = [
+            arg(&b.qkv.ptr),
+            arg(&b.step.ptr),
+            arg(&stride),
+            arg(&li),
+            arg(&nl),
+            arg(&nh),
+            arg(&nkvh),
+            arg(&hdi),
+            arg(&cos),
+            arg(&sin),
+            arg(&neox),
+            arg(&scale),
+            arg(&b.scores.ptr),
+            arg(&ctx),
+            arg(&b.att.ptr),
+        ];
+        let threads = ATT_THREADS as u32;
+        let smem = ((3 * hd) as u32 + 8 * threads) * 4;
+        // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers.
+        unsafe {
+            self.go2(
+                &self.f.attention_b,
+                (cfg.n_heads as u32, bucket as u32),
+                threads,
+                smem,
+                &mut args,
+                true,
+            )
+        }
+    }
+}
