@@ -173,32 +173,6 @@ async fn a_spill_file_of_another_dtype_is_skipped_and_kept_for_its_own() {
     c.stop().await;
 }
 
-/// Greedy decoding of `n` tokens after `prompt` on `cache`; the logits of every step.
-fn greedy_on(
-    model: &candela::engine::model::Model,
-    mut cache: candela::kv::SeqCache,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let (mut out, mut all) = (Vec::new(), Vec::new());
-    let mut feed = prompt.to_vec();
-    for _ in 0..n {
-        let logits = model
-            .forward(&mut [candela::engine::model::SeqInput {
-                tokens: &feed,
-                cache: &mut cache,
-                all_logits: false,
-            }])
-            .unwrap();
-        let row = common::rows(&logits[0]).pop().unwrap();
-        let t = candela::engine::decode::sampling::argmax(&row) as u32;
-        out.push(t);
-        all.push(row);
-        feed = vec![t];
-    }
-    (out, all)
-}
-
 /// On the CPU a q8_0 cache lives in host vectors and attention reads its bytes with
 /// candela's kernel, in the arithmetic of llama.cpp's flash attention over a Q8_0 cache:
 /// greedy output equals llama.cpp's (`-ctk q8_0 -ctv q8_0 -fa on`, the fixture of
@@ -228,7 +202,7 @@ fn q8_0_cache_on_the_cpu_kernels_follows_llama_cpp() {
     for g in fx["greedy"].as_array().unwrap() {
         let prompt = common::ids(&g["prompt_ids"]);
         let want = common::ids(&g["completion_ids"]);
-        let (got, _) = greedy_on(&model, SeqCache::new(layout, &dev), &prompt, want.len());
+        let got = common::greedy_on(&model, SeqCache::new(layout, &dev), &prompt, want.len());
         let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         report.push(agree);
         assert_eq!(

@@ -410,10 +410,20 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// Greedy decoding of `n` tokens after `prompt` (no stop at end of generation), one
 /// token at a time against an f16 cache.
 pub fn greedy(model: &candela::engine::model::Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = candela::kv::SeqCache::new(
+    let cache = candela::kv::SeqCache::new(
         model.cache_layout(candela::kv::KvDtype::F16),
         &candle_core::Device::Cpu,
     );
+    greedy_on(model, cache, prompt, n)
+}
+
+/// [`greedy`] against a given cache.
+pub fn greedy_on(
+    model: &candela::engine::model::Model,
+    mut cache: candela::kv::SeqCache,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
     let mut out = Vec::with_capacity(n);
     let mut feed = prompt.to_vec();
     for _ in 0..n {
