@@ -79,6 +79,32 @@ struct Entry {
     written_gen: u64,
 }
 
+impl Entry {
+    /// A session found on disk (spill file at `path`, `bytes` long, metadata `m`).
+    fn on_disk(
+        path: PathBuf,
+        bytes: u64,
+        m: &spill::SpillMeta,
+        notes: BTreeMap<String, String>,
+        last_used: u64,
+    ) -> Self {
+        Entry {
+            slot: Slot::Disk { path, bytes },
+            tokens: m.tokens,
+            bytes: 0,
+            created: m.created,
+            last_used,
+            lru: Instant::now(),
+            hits: m.hits,
+            pinned: false,
+            doomed: false,
+            notes,
+            gen: m.generation,
+            written_gen: m.generation,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Anon {
     cache: SeqCache,
@@ -230,23 +256,8 @@ impl SessionStore {
                             );
                             BTreeMap::new()
                         });
-                        self.sessions.insert(
-                            m.session.clone(),
-                            Entry {
-                                slot: Slot::Disk { path, bytes },
-                                tokens: m.tokens,
-                                bytes: 0,
-                                created: m.created,
-                                last_used: m.created,
-                                lru: Instant::now(),
-                                hits: m.hits,
-                                pinned: false,
-                                doomed: false,
-                                notes,
-                                gen: m.generation,
-                                written_gen: m.generation,
-                            },
-                        );
+                        let entry = Entry::on_disk(path, bytes, &m, notes, m.created);
+                        self.sessions.insert(m.session.clone(), entry);
                         found += 1;
                     }
                     Ok((m, _)) if m.fingerprint != cfg.fingerprint => {

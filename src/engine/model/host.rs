@@ -494,11 +494,11 @@ impl Model {
     }
 }
 
-/// The buffers an MLP pass works in (borrowed from the scratch).
 /// Up to this many rows, a mixture of experts runs its experts side by side rather than
 /// splitting each expert's matmuls across the threads.
 const PARALLEL_EXPERT_ROWS: usize = 4;
 
+/// The buffers an MLP pass works in (borrowed from the scratch).
 struct MlpBufs<'a> {
     gu: &'a mut Vec<f32>,
     act: &'a mut Vec<f32>,

@@ -4,7 +4,6 @@
 //! each turn's cache to the disk at check-in.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use super::{now_secs, Entry, KvError, SessionStore, Slot, SpillConfig};
 use crate::kv::shared::{Job, Shared};
@@ -89,26 +88,8 @@ impl SessionStore {
             }
             None => {
                 let notes = notes();
-                self.sessions.insert(
-                    k.to_string(),
-                    Entry {
-                        slot: Slot::Disk {
-                            path: path.clone(),
-                            bytes,
-                        },
-                        tokens: m.tokens,
-                        bytes: 0,
-                        created: m.created,
-                        last_used: now_secs(),
-                        lru: Instant::now(),
-                        hits: m.hits,
-                        pinned: false,
-                        doomed: false,
-                        notes,
-                        gen: m.generation,
-                        written_gen: m.generation,
-                    },
-                );
+                let entry = Entry::on_disk(path, bytes, &m, notes, now_secs());
+                self.sessions.insert(k.to_string(), entry);
             }
         }
         Ok(())

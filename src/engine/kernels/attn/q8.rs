@@ -21,6 +21,8 @@
 
 use half::f16;
 
+use crate::engine::kernels::quant::{hsum8, quantize_into};
+
 /// Values per scale.
 const BLOCK: usize = 32;
 /// Positions per pass (scores, then weights, then V).
@@ -109,20 +111,11 @@ pub(super) fn attend_with(
     }
 }
 
-/// ggml's x86 `quantize_row_q8_0` of one head: values and f16-rounded scales.
+/// ggml's x86 `quantize_row_q8_0` of one head (the quantizer of the Q8_0 matmuls):
+/// values and f16-rounded scales.
 fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
-    for ((xb, qb), db) in x
-        .chunks_exact(BLOCK)
-        .zip(q.chunks_exact_mut(BLOCK))
-        .zip(d.iter_mut())
-    {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        for (o, &v) in qb.iter_mut().zip(xb) {
-            *o = (v * id).round_ties_even() as i8;
-        }
-        *db = f16::from_f32(amax / 127.0).to_f32();
-    }
+    let mut sums = [0f32; MAX_HD / BLOCK];
+    quantize_into(x, d, &mut sums[..d.len()], q);
 }
 
 /// Up to four query heads quantized to Q8_0.
@@ -137,13 +130,6 @@ fn dots_q8(k: &[u8], kd: &[f16], qz: &Quantized, g: usize, out: &mut [f32; 4]) {
     for h in 0..g {
         out[h] = dot_q8(k, kd, &qz.q[h][..hd], &qz.d[h][..nb]);
     }
-}
-
-/// `hsum8`: lanes `i` and `i + 4` first, then `(r0 + r2) + (r1 + r3)`.
-#[inline(always)]
-fn hsum8(l: [f32; 8]) -> f32 {
-    let r = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (x86 order) of one cached K row against a quantized Q.

@@ -67,7 +67,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// ggml's `hsum_float_8`: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
 #[inline]
-fn hsum8(l: [f32; 8]) -> f32 {
+pub(in crate::engine::kernels) fn hsum8(l: [f32; 8]) -> f32 {
     let r = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     (r[0] + r[2]) + (r[1] + r[3])
 }
@@ -93,7 +93,12 @@ struct Row<'a> {
 }
 
 /// ggml's `quantize_row_q8_0`/`q8_1` (x86 flavour) of one row into the given slices.
-fn quantize_into(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+pub(in crate::engine::kernels) fn quantize_into(
+    x: &[f32],
+    d: &mut [f32],
+    s: &mut [f32],
+    qs: &mut [i8],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Scalar {
         // SAFETY: AVX2 and FMA are present at any level above Scalar; slices are sized
