@@ -25,11 +25,25 @@ fn weight(dt: GgmlDType, n: usize, k: usize) -> QWeight {
         .unwrap()
 }
 
+/// Every kernel level this CPU runs (on aarch64: scalar, NEON, NEON with `sdot`).
+fn levels() -> Vec<Isa> {
+    [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx2Vnni,
+        Isa::Avx512Vnni,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot,
+    ]
+    .into_iter()
+    .filter(|&l| isa_available(l))
+    .collect()
+}
+
 fn matmul(c: &mut Criterion) {
-    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| isa_available(l))
-        .collect();
+    let levels = levels();
     let shapes = [
         ("q4_1_qkv", GgmlDType::Q4_1, 960, 576),
         ("q4_1_gate_up", GgmlDType::Q4_1, 3072, 576),
@@ -82,10 +96,7 @@ fn acts(m: usize, k: usize) -> Vec<f32> {
 
 /// Qwen2.5-Coder-0.5B's Q5_0 projections and its Q4_K / Q6_K down projections.
 fn qwen_kernels(c: &mut Criterion) {
-    let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| isa_available(l))
-        .collect();
+    let levels = levels();
     let quantized = |dt, n, k| {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         QTensor::quantize(&w, dt).unwrap()

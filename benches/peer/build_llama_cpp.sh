@@ -25,7 +25,7 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ISA="${ISA:-native}"
 CACHE="${1:-${CANDELA_BENCH_CACHE:-$HOME/.cache/candela-bench/llama.cpp}}"
 [[ -n "${1:-}" || "$ISA" == native ]] || CACHE="$CACHE-$ISA"
-JOBS="${JOBS:-$(nproc)}"
+JOBS="${JOBS:-$(nproc 2>/dev/null || sysctl -n hw.ncpu)}"
 BIN="$CACHE/build/bin"
 
 if [[ -x "$BIN/llama-bench" && -x "$BIN/llama-server" ]]; then
@@ -37,6 +37,10 @@ fi
 mkdir -p "$CACHE"
 
 if ! command -v cmake >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "cmake missing: install it (macOS: brew install cmake)" >&2
+        exit 1
+    fi
     echo "cmake missing: installing it with apt-get" >&2
     if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq

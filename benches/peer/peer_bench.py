@@ -404,6 +404,13 @@ def cpu_model():
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    try:  # macOS: no lscpu; sysctl names the chip ("Apple M2 Pro")
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                             capture_output=True, text=True).stdout.strip()
+        if out:
+            return out
+    except OSError:
+        pass
     return platform.processor() or "unknown"
 
 
@@ -605,6 +612,6 @@ def main():
 
 
 if __name__ == "__main__":
-    if shutil.which("lscpu") is None:
+    if shutil.which("lscpu") is None and shutil.which("sysctl") is None:
         log("lscpu missing: machine model will read 'unknown'")
     main()

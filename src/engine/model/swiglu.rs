@@ -2,7 +2,8 @@
 //! (`ggml_vec_swiglu_f32`): `expf` by ggml's vector approximation (`ggml_v_expf`,
 //! adapted from ARM's optimized routines, ~1.5 ulp, not libm's), `x / (1 + e)`, times
 //! `up`; elements past the last multiple of 16 use libm's `expf` as ggml's scalar tail
-//! does. The AVX2 + FMA path (detected at run time) computes the same lanes.
+//! does. The AVX2 + FMA path (detected at run time) and the NEON path (aarch64)
+//! compute the same lanes.
 
 /// `y[i] = silu(g[i]) * u[i]`.
 pub(crate) fn swiglu(g: &[f32], u: &[f32], y: &mut [f32]) {
@@ -15,6 +16,12 @@ pub(crate) fn swiglu(g: &[f32], u: &[f32], y: &mut [f32]) {
         tail(g, u, y, nv);
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is baseline on aarch64; lengths are checked by the slicing.
+    unsafe {
+        swiglu_neon(&g[..nv], &u[..nv], &mut y[..nv])
+    };
+    #[cfg(not(target_arch = "aarch64"))]
     for i in 0..nv {
         y[i] = g[i] / (1.0 + expf_v(0.0 - g[i])) * u[i];
     }
@@ -161,6 +168,53 @@ unsafe fn swiglu_avx2(g: &[f32], u: &[f32], y: &mut [f32]) {
                 );
             }
             i += 8;
+        }
+    }
+}
+
+/// [`swiglu_avx2`]'s arithmetic four lanes at a time with NEON (the x86 `fnmadd(a, b,
+/// c)` is `vfmsq_f32(c, a, b)`, both `c - a * b` rounded once).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn swiglu_neon(g: &[f32], u: &[f32], y: &mut [f32]) {
+    unsafe {
+        use std::arch::aarch64::*;
+        let set = |b: u32| vdupq_n_f32(f32::from_bits(b));
+        let (r, log2e, hi, lo) = (set(SHIFT), set(LOG2E), set(LN2_HI), set(LN2_LO));
+        let p = [set(P[0]), set(P[1]), set(P[2]), set(P[3]), set(P[4])];
+        let one = vdupq_n_f32(1.0);
+        let lim = vdupq_n_f32(125.0);
+        let mut i = 0;
+        while i + 4 <= y.len() {
+            let gx = vld1q_f32(g.as_ptr().add(i));
+            let x = vsubq_f32(vdupq_n_f32(0.0), gx);
+            let z = vfmaq_f32(r, x, log2e);
+            let n = vsubq_f32(z, r);
+            let b = vfmsq_f32(vfmsq_f32(x, n, hi), n, lo);
+            let uu = vmulq_f32(b, b);
+            // ((p4 b + p3) u + (p2 b + p1)) u + (p0 b + 1), each step fused.
+            let j = vfmaq_f32(
+                vfmaq_f32(one, p[0], b),
+                vfmaq_f32(vfmaq_f32(p[1], p[2], b), vfmaq_f32(p[3], p[4], b), uu),
+                uu,
+            );
+            if vmaxvq_u32(vcagtq_f32(n, lim)) != 0 {
+                for l in i..i + 4 {
+                    y[l] = g[l] / (1.0 + expf_v(0.0 - g[l])) * u[l];
+                }
+            } else {
+                // 2^n as a float: (n + 127) << 23; exact product since both stay normal.
+                let k = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(
+                    vcvtnq_s32_f32(n),
+                    vdupq_n_s32(127),
+                )));
+                let s = vdivq_f32(gx, vaddq_f32(one, vmulq_f32(j, k)));
+                vst1q_f32(
+                    y.as_mut_ptr().add(i),
+                    vmulq_f32(s, vld1q_f32(u.as_ptr().add(i))),
+                );
+            }
+            i += 4;
         }
     }
 }

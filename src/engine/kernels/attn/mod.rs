@@ -13,6 +13,7 @@
 //! portable loop (the reference), an AVX2 + F16C + FMA version of the same loop, and an
 //! AVX-512 kernel ([`avx512`]) that splits the work into passes and computes `expf` 16
 //! lanes at a time ([`expf`], checked against the C library's `expf` before it is used).
+//! On aarch64 a NEON version of the loop (`neon`) takes the place of the x86 ones.
 
 use half::f16;
 
@@ -20,6 +21,8 @@ use half::f16;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod expf;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod q8;
 
 pub use q8::{attend_heads_q8, fwht, Q8Rows};
@@ -28,6 +31,10 @@ pub use q8::{attend_heads_q8, fwht, Q8Rows};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Path {
     Portable,
+    /// aarch64 NEON: the portable loop's element steps four and eight lanes at a time
+    /// ([`neon`]).
+    #[cfg(target_arch = "aarch64")]
+    Neon,
     /// AVX2, FMA and F16C.
     Avx2,
     /// AVX-512 F/BW/VL/DQ on top of `Avx2`, and a vector `expf` equal to the C library's.
@@ -39,19 +46,28 @@ fn path() -> Path {
     *PATH.get_or_init(detect)
 }
 
-/// For the q8_0 kernel: 0 portable, 1 AVX2 + FMA + F16C, 2 that and the 16-lane `expf`.
+/// For the q8_0 kernel: 0 portable, 1 AVX2 + FMA + F16C, 2 that and the 16-lane `expf`;
+/// on aarch64 1 NEON, 2 NEON with `sdot` (when the matmuls' level, [`quant::isa`], is
+/// [`quant::Isa::NeonDot`]).
+///
+/// [`quant::isa`]: super::quant::isa
+/// [`quant::Isa::NeonDot`]: super::quant::Isa::NeonDot
 fn simd_level() -> u8 {
     match path() {
         Path::Portable => 0,
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon => 1 + u8::from(super::quant::isa() == super::quant::Isa::NeonDot),
         Path::Avx2 => 1,
         Path::Avx512 => 2,
     }
 }
 
-/// The attention path in use, by name (`portable`, `avx2`, `avx512`).
+/// The attention path in use, by name (`portable`, `neon`, `avx2`, `avx512`).
 pub fn level_name() -> &'static str {
     match path() {
         Path::Portable => "portable",
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon => "neon",
         Path::Avx2 => "avx2",
         Path::Avx512 => "avx512",
     }
@@ -84,6 +100,10 @@ fn best() -> Path {
             return Path::Avx2;
         }
     }
+    // NEON is baseline on aarch64.
+    #[cfg(target_arch = "aarch64")]
+    return Path::Neon;
+    #[cfg(not(target_arch = "aarch64"))]
     Path::Portable
 }
 
@@ -92,6 +112,8 @@ fn best() -> Path {
 fn paths() -> Vec<Path> {
     match path() {
         Path::Portable => vec![Path::Portable],
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon => vec![Path::Portable, Path::Neon],
         Path::Avx2 => vec![Path::Portable, Path::Avx2],
         Path::Avx512 => vec![Path::Portable, Path::Avx2, Path::Avx512],
     }
@@ -221,6 +243,22 @@ fn attend_heads_with(
             unsafe { heads_f16c(qg, hd, k, v, scale, og) };
             continue;
         }
+        #[cfg(target_arch = "aarch64")]
+        if simd {
+            heads_body(
+                qg,
+                hd,
+                k,
+                v,
+                scale,
+                og,
+                // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
+                |a, b| unsafe { neon::dot(a, b) },
+                |a, x, w| unsafe { neon::mad(a, x, w) },
+                |a, w| unsafe { neon::scale(a, w) },
+            );
+            continue;
+        }
         heads_body(
             qg,
             hd,
@@ -314,6 +352,11 @@ fn dot(simd: bool, q: &[f16], k: &[f16]) -> f32 {
         // SAFETY: AVX2, FMA and F16C were detected; slices have equal length.
         return unsafe { dot_f16c(q, k) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if simd {
+        // SAFETY: NEON is baseline on aarch64; slices have equal length.
+        return unsafe { neon::dot(q, k) };
+    }
     let _ = simd;
     let n = q.len();
     let np = n / LANES * LANES;
@@ -349,6 +392,11 @@ fn mad_h(simd: bool, acc: &mut [f16], v: &[f16], w: f32) {
         // SAFETY: as for `dot`.
         return unsafe { mad_f16c(acc, v, w) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if simd {
+        // SAFETY: as for `dot`.
+        return unsafe { neon::mad(acc, v, w) };
+    }
     let _ = simd;
     for (a, x) in acc.iter_mut().zip(v) {
         *a = f16::from_f32(x.to_f32().mul_add(w, a.to_f32()));
@@ -362,6 +410,11 @@ fn scale_h(simd: bool, acc: &mut [f16], w: f32) {
     if simd {
         // SAFETY: as for `dot`.
         return unsafe { scale_f16c(acc, w) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd {
+        // SAFETY: NEON is baseline on aarch64.
+        return unsafe { neon::scale(acc, w) };
     }
     let _ = simd;
     for a in acc.iter_mut() {

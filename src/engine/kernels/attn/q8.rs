@@ -14,7 +14,7 @@
 //!
 //! The portable loop is the reference; the AVX2 version gives the same bits (integer
 //! sums are exact in any order), with the 16-lane `expf` ([`super::expf`]) where AVX-512
-//! is present.
+//! is present; so does the NEON one on aarch64 (`super::neon`).
 
 // Index loops over heads and positions read more plainly than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
@@ -24,7 +24,7 @@ use half::f16;
 use crate::engine::kernels::quant::{hsum8, quantize_into};
 
 /// Values per scale.
-const BLOCK: usize = 32;
+pub(super) const BLOCK: usize = 32;
 /// Positions per pass (scores, then weights, then V).
 const CHUNK: usize = 64;
 /// Widest head handled without allocating.
@@ -92,6 +92,11 @@ pub(super) fn attend_with(
             unsafe { heads_avx2(level > 1, qh, hd, kv, scale, oh) };
             continue;
         }
+        #[cfg(target_arch = "aarch64")]
+        if level > 0 {
+            heads_neon(level > 1, qh, hd, kv, scale, oh);
+            continue;
+        }
         let _ = level;
         heads(
             qh,
@@ -119,9 +124,9 @@ fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 }
 
 /// Up to four query heads quantized to Q8_0.
-struct Quantized {
-    q: [[i8; MAX_HD]; 4],
-    d: [[f32; MAX_HD / BLOCK]; 4],
+pub(super) struct Quantized {
+    pub(super) q: [[i8; MAX_HD]; 4],
+    pub(super) d: [[f32; MAX_HD / BLOCK]; 4],
 }
 
 /// [`dot_q8`] of one K row against each of the first `g` heads of `qz`.
@@ -345,6 +350,33 @@ unsafe fn heads_avx2(
                 xs.iter_mut().for_each(|x| *x = x.exp())
             }
         },
+    )
+}
+
+/// The loop with the NEON steps of [`super::neon`]; `sdot` for the scores where
+/// `dotprod` is asked for (the caller checked the CPU has it), else `smull`.
+#[cfg(target_arch = "aarch64")]
+fn heads_neon(dotprod: bool, q: &[f32], hd: usize, kv: Q8Rows<'_>, scale: f32, out: &mut [f32]) {
+    use super::neon;
+    heads(
+        q,
+        hd,
+        kv,
+        scale,
+        out,
+        // SAFETY (the closures): NEON is baseline on aarch64 and `dotprod` is only set
+        // when the CPU has it; every slice is a whole number of 32-value blocks
+        // (checked by `attend_with`).
+        |k, kd, qz, g, o| unsafe {
+            if dotprod {
+                neon::dots_q8_sdot(k, kd, qz, g, o)
+            } else {
+                neon::dots_q8_smull(k, kd, qz, g, o)
+            }
+        },
+        |x, d, o| unsafe { neon::dequant(x, d, o) },
+        |a, x, ms, vs| unsafe { neon::mad_f32(a, x, ms, vs) },
+        |xs| xs.iter_mut().for_each(|x| *x = x.exp()),
     )
 }
 

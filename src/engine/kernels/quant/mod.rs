@@ -26,6 +26,8 @@ mod drive;
 mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "aarch64")]
+pub(in crate::engine::kernels) use neon::{lanes_sdot, lanes_smull};
 #[cfg(target_arch = "x86_64")]
 mod pairs;
 mod q5_0;

@@ -147,7 +147,7 @@ impl QWeight {
         }
         #[cfg(target_arch = "aarch64")]
         if matches!(isa, Isa::Neon | Isa::NeonDot) {
-            return std::array::from_fn(|j| rows.map(|r| self.dot_neon(isa, c + j, r)));
+            return self.tile_neon::<R, C>(isa, c, rows);
         }
         let _ = isa;
         std::array::from_fn(|j| rows.map(|r| self.dot_lanes(c + j, r)))
@@ -182,7 +182,7 @@ impl QWeight {
         }
         #[cfg(target_arch = "aarch64")]
         if matches!(isa, Isa::Neon | Isa::NeonDot) {
-            return std::array::from_fn(|j| self.dot_neon(isa, c + j, row));
+            return self.tile_neon::<1, 8>(isa, c, [row]).map(|[y]| y);
         }
         let _ = isa;
         std::array::from_fn(|j| self.dot_lanes(c + j, row))

@@ -1,0 +1,257 @@
+//! NEON (aarch64) element steps of the f16 attention loop and the q8_0-cache kernel,
+//! each equal bit for bit to the portable one it replaces (tested under qemu, see
+//! `scripts/arm/test.sh`; not timed on ARM hardware here):
+//!
+//! - the f16 score `q · k` in the 64 lanes of ggml's AVX-512 `ggml_vec_dot_f16` (sixteen
+//!   `float32x4_t`, lane `i % 64` by fused multiply-add), reduced in its fixed tree,
+//!   the leftovers in f64 as the portable `tail`;
+//! - `acc = f16(fma(v, w, acc))` and `acc = f16(acc * w)` eight values at a time;
+//! - the q8_0 score in eight i32 lanes of four products per block (`sdot` or `smull`,
+//!   as the Q8_0 matmul's NEON kernels), one fused multiply-add per lane and block, then
+//!   `hsum8`; the V dequantization and the f32 accumulation lane by lane.
+//!
+//! f16 <-> f32 conversions are `fcvtl`/`fcvtn` (base ARMv8; inline assembly, as the
+//! f16 vector types are not stable in Rust): exact widening, and narrowing rounded to
+//! nearest-even like `half::f16::from_f32` (Linux and macOS run with the default
+//! FPCR: IEEE half precision, no flush to zero). `expf` stays the C library's, called
+//! per position as the portable loop does.
+//!
+//! Must not depend on anything outside `kernels`.
+
+use std::arch::aarch64::*;
+
+use half::f16;
+
+use super::q8::{Quantized, BLOCK};
+use super::{tail, LANES};
+use crate::engine::kernels::quant::{hsum8, lanes_sdot, lanes_smull};
+
+/// Eight f16 values from `p`, widened to two f32 vectors (values 0-3, 4-7).
+///
+/// # Safety
+/// `p` is valid for reading eight f16 values.
+#[inline(always)]
+unsafe fn load8(p: *const f16) -> (float32x4_t, float32x4_t) {
+    unsafe {
+        let raw = vld1q_u16(p as *const u16);
+        let (lo, hi): (float32x4_t, float32x4_t);
+        // SAFETY: register-only base ARMv8 instructions.
+        std::arch::asm!(
+            "fcvtl {lo:v}.4s, {x:v}.4h",
+            "fcvtl2 {hi:v}.4s, {x:v}.8h",
+            x = in(vreg) raw,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        (lo, hi)
+    }
+}
+
+/// Two f32 vectors rounded to eight f16 values at `p`.
+///
+/// # Safety
+/// `p` is valid for writing eight f16 values.
+#[inline(always)]
+unsafe fn store8(p: *mut f16, lo: float32x4_t, hi: float32x4_t) {
+    unsafe {
+        let h: uint16x8_t;
+        // SAFETY: register-only base ARMv8 instructions; `h` is a fresh output register.
+        std::arch::asm!(
+            "fcvtn {h:v}.4h, {lo:v}.4s",
+            "fcvtn2 {h:v}.8h, {hi:v}.4s",
+            lo = in(vreg) lo,
+            hi = in(vreg) hi,
+            h = out(vreg) h,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        vst1q_u16(p as *mut u16, h);
+    }
+}
+
+/// The portable `dot` (ggml's AVX-512 f16 dot product) with NEON.
+///
+/// # Safety
+/// `q` and `k` have equal lengths.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn dot(q: &[f16], k: &[f16]) -> f32 {
+    unsafe {
+        debug_assert_eq!(q.len(), k.len());
+        let n = q.len();
+        let np = n / LANES * LANES;
+        // acc[a] holds lanes 4a..4a+4.
+        let mut acc = [vdupq_n_f32(0.0); LANES / 4];
+        let mut i = 0;
+        while i < np {
+            for h in 0..LANES / 8 {
+                let (k0, k1) = load8(k.as_ptr().add(i + 8 * h));
+                let (q0, q1) = load8(q.as_ptr().add(i + 8 * h));
+                acc[2 * h] = vfmaq_f32(acc[2 * h], k0, q0);
+                acc[2 * h + 1] = vfmaq_f32(acc[2 * h + 1], k1, q1);
+            }
+            i += LANES;
+        }
+        // Lanes 4v..4v+4 of the 16-lane register r = (r0 + r2) + (r1 + r3).
+        let r: [float32x4_t; 4] = std::array::from_fn(|v| {
+            vaddq_f32(
+                vaddq_f32(acc[v], acc[8 + v]),
+                vaddq_f32(acc[4 + v], acc[12 + v]),
+            )
+        });
+        // `reduce16`: t = hi + lo (lanes 0-3: r[2] + r[0], 4-7: r[3] + r[1]);
+        // u = t[4..8] + t[0..4]; (u0 + u2) + (u1 + u3).
+        let (t0, t1) = (vaddq_f32(r[2], r[0]), vaddq_f32(r[3], r[1]));
+        let u = vaddq_f32(t1, t0);
+        let w = vadd_f32(vget_low_f32(u), vget_high_f32(u));
+        let s = vget_lane_f32::<0>(w) + vget_lane_f32::<1>(w);
+        if np == n {
+            return s;
+        }
+        tail(s, q, k, np)
+    }
+}
+
+/// The portable `mad_h`: `acc = f16(fma(v, w, f32(acc)))`.
+///
+/// # Safety
+/// `acc` and `v` have equal lengths.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn mad(acc: &mut [f16], v: &[f16], w: f32) {
+    unsafe {
+        debug_assert_eq!(acc.len(), v.len());
+        let n8 = acc.len() / 8 * 8;
+        let wv = vdupq_n_f32(w);
+        let mut i = 0;
+        while i < n8 {
+            let (x0, x1) = load8(v.as_ptr().add(i));
+            let p = acc.as_mut_ptr().add(i);
+            let (a0, a1) = load8(p);
+            store8(p, vfmaq_f32(a0, x0, wv), vfmaq_f32(a1, x1, wv));
+            i += 8;
+        }
+        for i in n8..acc.len() {
+            acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
+        }
+    }
+}
+
+/// The portable `scale_h`: `acc = f16(f32(acc) * w)`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn scale(acc: &mut [f16], w: f32) {
+    unsafe {
+        let n8 = acc.len() / 8 * 8;
+        let wv = vdupq_n_f32(w);
+        let mut i = 0;
+        while i < n8 {
+            let p = acc.as_mut_ptr().add(i);
+            let (a0, a1) = load8(p);
+            store8(p, vmulq_f32(a0, wv), vmulq_f32(a1, wv));
+            i += 8;
+        }
+        for a in &mut acc[n8..] {
+            *a = f16::from_f32(a.to_f32() * w);
+        }
+    }
+}
+
+macro_rules! q8_dots {
+    ($name:ident, $feat:literal, $lanes:ident) => {
+        /// The q8_0 kernel's `dots_q8`: one cached K row (`k` bytes offset by 128,
+        /// `kd` its block scales) against the first `g` heads of `qz`.
+        ///
+        /// # Safety
+        /// The CPU has the enabled features; `k.len() == 32 * kd.len()` and every head
+        /// of `qz` holds that many values and scales.
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn $name(
+            k: &[u8],
+            kd: &[f16],
+            qz: &Quantized,
+            g: usize,
+            out: &mut [f32; 4],
+        ) {
+            unsafe {
+                let zero = vdupq_n_f32(0.0);
+                let mut l = [(zero, zero); 4];
+                let flip = vdupq_n_u8(0x80);
+                for (b, &kdb) in kd.iter().enumerate() {
+                    // `byte - 128` as a signed byte is `byte ^ 0x80`.
+                    let kp = k.as_ptr().add(b * BLOCK);
+                    let k0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(kp), flip));
+                    let k1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(kp.add(16)), flip));
+                    let dk = kdb.to_f32();
+                    for h in 0..g {
+                        let qp = qz.q[h].as_ptr().add(b * BLOCK);
+                        let s0 = $lanes(k0, vld1q_s8(qp));
+                        let s1 = $lanes(k1, vld1q_s8(qp.add(16)));
+                        let d = vdupq_n_f32(dk * qz.d[h][b]);
+                        // acc + s * d with one rounding, as `d.mul_add(s, acc)`.
+                        l[h].0 = vfmaq_f32(l[h].0, vcvtq_f32_s32(s0), d);
+                        l[h].1 = vfmaq_f32(l[h].1, vcvtq_f32_s32(s1), d);
+                    }
+                }
+                for h in 0..g {
+                    let mut v = [0f32; 8];
+                    vst1q_f32(v.as_mut_ptr(), l[h].0);
+                    vst1q_f32(v.as_mut_ptr().add(4), l[h].1);
+                    out[h] = hsum8(v);
+                }
+            }
+        }
+    };
+}
+
+q8_dots!(dots_q8_sdot, "neon,dotprod", lanes_sdot);
+q8_dots!(dots_q8_smull, "neon", lanes_smull);
+
+/// The q8_0 kernel's `dequant`: `out[i] = f32(d[i / 32]) * (x[i] - 128)` (exact).
+///
+/// # Safety
+/// `x.len() == out.len() == 32 * d.len()`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn dequant(x: &[u8], d: &[f16], out: &mut [f32]) {
+    unsafe {
+        let flip = vdupq_n_u8(0x80);
+        for (b, &db) in d.iter().enumerate() {
+            let s = vdupq_n_f32(db.to_f32());
+            for h in 0..2 {
+                let at = b * BLOCK + 16 * h;
+                let v = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(x.as_ptr().add(at)), flip));
+                let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+                let parts = [
+                    vmovl_s16(vget_low_s16(lo)),
+                    vmovl_high_s16(lo),
+                    vmovl_s16(vget_low_s16(hi)),
+                    vmovl_high_s16(hi),
+                ];
+                for (i, p) in parts.into_iter().enumerate() {
+                    vst1q_f32(
+                        out.as_mut_ptr().add(at + 4 * i),
+                        vmulq_f32(s, vcvtq_f32_s32(p)),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The q8_0 kernel's accumulation: `a = fma(x, vs, a * ms)` (`a * 1` is `a`).
+///
+/// # Safety
+/// `a.len() == x.len()`, a multiple of 4.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn mad_f32(a: &mut [f32], x: &[f32], ms: f32, vs: f32) {
+    unsafe {
+        let (m, w) = (vdupq_n_f32(ms), vdupq_n_f32(vs));
+        for i in (0..a.len()).step_by(4) {
+            let p = a.as_mut_ptr().add(i);
+            let x = vld1q_f32(x.as_ptr().add(i));
+            let acc = if ms == 1.0 {
+                vld1q_f32(p)
+            } else {
+                vmulq_f32(vld1q_f32(p), m)
+            };
+            vst1q_f32(p, vfmaq_f32(acc, x, w));
+        }
+    }
+}
