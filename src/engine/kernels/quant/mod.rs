@@ -9,7 +9,8 @@
 //! K-quants (Q4_K, Q6_K, with Q8_K activations) are in the submodules `q5_0` and
 //! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`). Several
 //! activation rows (batched decode, prefill) run two rows per 512-bit register where
-//! AVX-512 is present (`zmm`), the 256-bit multi-row kernel below otherwise; NEON
+//! AVX-512 is present (`zmm`), the 256-bit multi-row kernels otherwise (`avx2`
+//! with VNNI, `avx2_rows` without); NEON
 //! kernels are in `neon`, `q5_0_neon` and `kquant_neon`. Every type's
 //! dot product has AVX2 (x86) and NEON (aarch64: `sdot` and plain) kernels, and the
 //! activation quantizers NEON (Q8_0/Q8_1/Q8_K) and AVX2 (Q8_0/Q8_1) ones; each equals
