@@ -43,6 +43,8 @@ thread_local! {
 
 /// Most rows sharing one pass over the weights (eight accumulators of one column, plus
 /// the weights, an activation block and constants, fit the sixteen `ymm` registers).
+/// Measured on a Xeon capped at AVX2, one thread, 8 rows: Q4_1 the same as four rows by
+/// two columns, Q8_0 2 % faster, Q4_0 11 % slower (so Q4_0 takes the four-row tiles).
 const ROWS: usize = 8;
 
 /// How far ahead of the group being computed its weights are prefetched, in bytes.
@@ -94,7 +96,9 @@ impl QWeight {
                 let left = x.m - r;
                 // SAFETY: as for this function; the scratch holds nbk * ROWS * 8 values.
                 unsafe {
-                    if left >= 8 {
+                    // Q4_0 reads a correction per row and block: two columns a tile
+                    // halve those loads, and measured faster in tiles of four rows.
+                    if left >= 8 && K != 0 {
                         self.rows_avx2::<K, 8, 1>(x, r, c0, c1, s, out, ldo);
                         r += 8;
                     } else if left >= 4 {
