@@ -1,6 +1,7 @@
 //! The 256-bit x86 kernels of Q4_0, Q4_1 and Q8_0: one-row dot products with AVX2 (and
-//! VNNI's `vpdpbusd` where present), and the multi-row VNNI tiles for batched decode and
-//! prefill. Bit-identical to [`QWeight::dot_lanes`].
+//! VNNI's `vpdpbusd` where present, in its AVX512-VL or its AVX-VNNI encoding), and the
+//! multi-row VNNI tiles for batched decode and prefill (the plain-AVX2 ones are in
+//! `avx2_rows.rs`). Bit-identical to [`QWeight::dot_lanes`].
 
 use super::*;
 
@@ -34,218 +35,252 @@ thread_local! {
 ///   broadcasts; Q4_1's `m * s` chains run eight columns to a vector.
 ///
 /// So the FMAs, their order and the final horizontal sum are those of `dot_lanes`.
-#[cfg(target_arch = "x86_64")]
-impl QWeight {
-    /// # Safety
-    /// VNNI, AVX512VL, AVX2 and FMA are available; `c0 % 8 == 0`, `c1 <= n`, and the
-    /// output holds every row at stride `ldo` for columns `c0..c1`.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn cols_vnni(
-        &self,
-        x: &QActs,
-        c0: usize,
-        c1: usize,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        unsafe {
-            match self.kind {
-                Kind::Q4_0 => self.cols_vnni_k::<0>(x, c0, c1, out, ldo),
-                Kind::Q4_1 => self.cols_vnni_k::<1>(x, c0, c1, out, ldo),
-                Kind::Q8_0 => self.cols_vnni_k::<2>(x, c0, c1, out, ldo),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn cols_vnni_k<const K: u8>(
-        &self,
-        x: &QActs,
-        c0: usize,
-        c1: usize,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        debug_assert!(c0.is_multiple_of(8) && c1 <= self.n);
-        let nbk = self.k / QK;
-        TILE_SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let s = &mut *s;
-            if s.corr.len() < nbk * 8 * 8 {
-                s.corr.resize(nbk * 8 * 8, 0);
-                s.dd.resize(nbk * 8 * 8, 0.0);
-            }
-            let mut r = 0;
-            while r < x.m {
-                let left = x.m - r;
-                // SAFETY: as for this function; the scratch holds nbk * 8 * 8 values.
+///
+/// One instance per encoding of 256-bit `vpdpbusd`: EVEX (AVX512-VNNI + VL, 32
+/// registers) and VEX (AVX-VNNI: Intel cores from Alder Lake on, AMD Zen 5; 16
+/// registers). `$acc` is how many accumulators a tile may hold: with 16 registers
+/// eight rows take one column at a time.
+macro_rules! vnni_rows {
+    ($cols:ident, $cols_k:ident, $rows:ident, $pair:ident, $feat:literal, $dp:ident, $acc:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        impl QWeight {
+            /// # Safety
+            /// The features of `$feat` are available; `c0 % 8 == 0`, `c1 <= n`, and the
+            /// output holds every row at stride `ldo` for columns `c0..c1`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $cols(
+                &self,
+                x: &QActs,
+                c0: usize,
+                c1: usize,
+                out: OutPtr,
+                ldo: usize,
+            ) {
                 unsafe {
-                    if left >= 8 {
-                        self.rows_vnni::<K, 8>(x, r, c0, c1, s, out, ldo);
-                        r += 8;
-                    } else if left >= 4 {
-                        self.rows_vnni::<K, 4>(x, r, c0, c1, s, out, ldo);
-                        r += 4;
-                    } else if left >= 2 {
-                        self.rows_vnni::<K, 2>(x, r, c0, c1, s, out, ldo);
-                        r += 2;
-                    } else {
-                        self.rows_vnni::<K, 1>(x, r, c0, c1, s, out, ldo);
-                        r += 1;
+                    match self.kind {
+                        Kind::Q4_0 => self.$cols_k::<0>(x, c0, c1, out, ldo),
+                        Kind::Q4_1 => self.$cols_k::<1>(x, c0, c1, out, ldo),
+                        Kind::Q8_0 => self.$cols_k::<2>(x, c0, c1, out, ldo),
                     }
                 }
             }
-        })
-    }
 
-    /// Rows `r0..r0 + R` against columns `c0..c1`, eight columns (one scale group) at a time.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn rows_vnni<const K: u8, const R: usize>(
-        &self,
-        x: &QActs,
-        r0: usize,
-        c0: usize,
-        c1: usize,
-        s: &mut TileScratch,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        unsafe {
-            use std::arch::x86_64::*;
-            let nbk = self.k / QK;
-            let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
-            // Accumulator start values, `[b][r]` (eight lanes each): -off * four-sums of y.
-            let corr = s.corr.as_mut_ptr();
-            if K != 1 {
-                let off = _mm256_set1_epi8(if K == 0 { 8 } else { -128 });
-                for b in 0..nbk {
-                    for (i, row) in rows.iter().enumerate() {
-                        let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                        let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, y);
-                        let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
-                        _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
+            #[target_feature(enable = $feat)]
+            unsafe fn $cols_k<const K: u8>(
+                &self,
+                x: &QActs,
+                c0: usize,
+                c1: usize,
+                out: OutPtr,
+                ldo: usize,
+            ) {
+                debug_assert!(c0.is_multiple_of(8) && c1 <= self.n);
+                let nbk = self.k / QK;
+                TILE_SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let s = &mut *s;
+                    if s.corr.len() < nbk * 8 * 8 {
+                        s.corr.resize(nbk * 8 * 8, 0);
+                        s.dd.resize(nbk * 8 * 8, 0.0);
+                    }
+                    let mut r = 0;
+                    while r < x.m {
+                        let left = x.m - r;
+                        // SAFETY: as for this function; the scratch holds nbk * 8 * 8 values.
+                        unsafe {
+                            if left >= 8 {
+                                self.$rows::<K, 8>(x, r, c0, c1, s, out, ldo);
+                                r += 8;
+                            } else if left >= 4 {
+                                self.$rows::<K, 4>(x, r, c0, c1, s, out, ldo);
+                                r += 4;
+                            } else if left >= 2 {
+                                self.$rows::<K, 2>(x, r, c0, c1, s, out, ldo);
+                                r += 2;
+                            } else {
+                                self.$rows::<K, 1>(x, r, c0, c1, s, out, ldo);
+                                r += 1;
+                            }
+                        }
+                    }
+                })
+            }
+
+            /// Rows `r0..r0 + R` against columns `c0..c1`, eight columns (one scale group) at a time.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feat)]
+            unsafe fn $rows<const K: u8, const R: usize>(
+                &self,
+                x: &QActs,
+                r0: usize,
+                c0: usize,
+                c1: usize,
+                s: &mut TileScratch,
+                out: OutPtr,
+                ldo: usize,
+            ) {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = self.k / QK;
+                    let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
+                    // Accumulator start values, `[b][r]` (eight lanes each): -off * four-sums of y.
+                    let corr = s.corr.as_mut_ptr();
+                    if K != 1 {
+                        let off = _mm256_set1_epi8(if K == 0 { 8 } else { -128 });
+                        for b in 0..nbk {
+                            for (i, row) in rows.iter().enumerate() {
+                                let y = _mm256_loadu_si256(
+                                    row.qs.as_ptr().add(b * QK) as *const __m256i
+                                );
+                                let sum = $dp(_mm256_setzero_si256(), off, y);
+                                let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
+                                _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
+                            }
+                        }
+                    }
+                    let dd = s.dd.as_mut_ptr();
+                    let mut g = c0;
+                    while g < c1 {
+                        let cols = (c1 - g).min(8);
+                        // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
+                        let mut summs = [_mm256_setzero_ps(); R];
+                        for b in 0..nbk {
+                            let si = self.sc(g, b);
+                            let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
+                            let mw = if K == 1 {
+                                _mm256_loadu_ps(self.m.as_ptr().add(si))
+                            } else {
+                                _mm256_setzero_ps()
+                            };
+                            for (i, row) in rows.iter().enumerate() {
+                                let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
+                                _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
+                                if K == 1 {
+                                    summs[i] = _mm256_fmadd_ps(
+                                        mw,
+                                        _mm256_set1_ps(*row.s.get_unchecked(b)),
+                                        summs[i],
+                                    );
+                                }
+                            }
+                        }
+                        let mut sm = [[0f32; 8]; R];
+                        for (i, v) in summs.iter().enumerate() {
+                            _mm256_storeu_ps(sm[i].as_mut_ptr(), *v);
+                        }
+                        let mut j = 0;
+                        if R * 2 <= $acc {
+                            while j + 2 <= cols {
+                                self.$pair::<K, R, 2>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                                j += 2;
+                            }
+                        }
+                        while j < cols {
+                            self.$pair::<K, R, 1>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                            j += 1;
+                        }
+                        g += 8;
                     }
                 }
             }
-            let dd = s.dd.as_mut_ptr();
-            let mut g = c0;
-            while g < c1 {
-                let cols = (c1 - g).min(8);
-                // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
-                let mut summs = [_mm256_setzero_ps(); R];
-                for b in 0..nbk {
-                    let si = self.sc(g, b);
-                    let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
-                    let mw = if K == 1 {
-                        _mm256_loadu_ps(self.m.as_ptr().add(si))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
-                    for (i, row) in rows.iter().enumerate() {
-                        let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
-                        _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
-                        if K == 1 {
-                            summs[i] = _mm256_fmadd_ps(
-                                mw,
-                                _mm256_set1_ps(*row.s.get_unchecked(b)),
-                                summs[i],
-                            );
+
+            /// Columns `g + j0 .. g + j0 + C` of the group starting at `g`, for the `R` rows.
+            #[allow(clippy::too_many_arguments)]
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn $pair<const K: u8, const R: usize, const C: usize>(
+                &self,
+                rows: &[Row<'_>; R],
+                g: usize,
+                j0: usize,
+                corr: *const i32,
+                dd: *const f32,
+                sm: &[[f32; 8]; R],
+                out: OutPtr,
+                r0: usize,
+                ldo: usize,
+            ) {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = self.k / QK;
+                    let qs = self.qs.as_ptr();
+                    let low = _mm256_set1_epi8(0x0F);
+                    let flip = _mm256_set1_epi8(-128);
+                    let magic_i = _mm256_set1_epi32(MAGIC_BITS);
+                    let magic = _mm256_castsi256_ps(magic_i);
+                    let mut acc = [[_mm256_setzero_ps(); C]; R];
+                    for b in 0..nbk {
+                        let mut ws = [_mm256_setzero_si256(); C];
+                        for (j, w) in ws.iter_mut().enumerate() {
+                            let wb = (g + j0 + j) * nbk + b;
+                            *w = if K == 2 {
+                                _mm256_xor_si256(
+                                    _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i),
+                                    flip,
+                                )
+                            } else {
+                                let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low)
+                            };
+                        }
+                        for (i, row) in rows.iter().enumerate() {
+                            let y =
+                                _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                            let start = if K == 1 {
+                                magic_i
+                            } else {
+                                _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
+                            };
+                            for (j, w) in ws.iter().enumerate() {
+                                let sum = $dp(start, *w, y);
+                                let d = _mm256_set1_ps(*dd.add((b * R + i) * 8 + j0 + j));
+                                let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
+                                // The lane sums sit in the low mantissa bits of MAGIC: one
+                                // subtraction yields them as exact floats (cheaper than vcvtdq2ps).
+                                let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
+                                *a = _mm256_fmadd_ps(d, f, *a);
+                            }
+                        }
+                    }
+                    for (i, accs) in acc.iter().enumerate() {
+                        for (j, a) in accs.iter().enumerate() {
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                            let v = hsum8(lanes) + if K == 1 { sm[i][j0 + j] } else { 0.0 };
+                            out.write((r0 + i) * ldo + g + j0 + j, v);
                         }
                     }
                 }
-                let mut sm = [[0f32; 8]; R];
-                for (i, v) in summs.iter().enumerate() {
-                    _mm256_storeu_ps(sm[i].as_mut_ptr(), *v);
-                }
-                let mut j = 0;
-                while j + 2 <= cols {
-                    self.pair_vnni::<K, R, 2>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
-                    j += 2;
-                }
-                if j < cols {
-                    self.pair_vnni::<K, R, 1>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
-                }
-                g += 8;
             }
         }
-    }
-
-    /// Columns `g + j0 .. g + j0 + C` of the group starting at `g`, for the `R` rows.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn pair_vnni<const K: u8, const R: usize, const C: usize>(
-        &self,
-        rows: &[Row<'_>; R],
-        g: usize,
-        j0: usize,
-        corr: *const i32,
-        dd: *const f32,
-        sm: &[[f32; 8]; R],
-        out: OutPtr,
-        r0: usize,
-        ldo: usize,
-    ) {
-        unsafe {
-            use std::arch::x86_64::*;
-            let nbk = self.k / QK;
-            let qs = self.qs.as_ptr();
-            let low = _mm256_set1_epi8(0x0F);
-            let flip = _mm256_set1_epi8(-128);
-            let magic_i = _mm256_set1_epi32(MAGIC_BITS);
-            let magic = _mm256_castsi256_ps(magic_i);
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            for b in 0..nbk {
-                let mut ws = [_mm256_setzero_si256(); C];
-                for (j, w) in ws.iter_mut().enumerate() {
-                    let wb = (g + j0 + j) * nbk + b;
-                    *w = if K == 2 {
-                        _mm256_xor_si256(
-                            _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i),
-                            flip,
-                        )
-                    } else {
-                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low)
-                    };
-                }
-                for (i, row) in rows.iter().enumerate() {
-                    let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
-                    let start = if K == 1 {
-                        magic_i
-                    } else {
-                        _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
-                    };
-                    for (j, w) in ws.iter().enumerate() {
-                        let sum = _mm256_dpbusd_epi32(start, *w, y);
-                        let d = _mm256_set1_ps(*dd.add((b * R + i) * 8 + j0 + j));
-                        let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
-                        // The lane sums sit in the low mantissa bits of MAGIC: one
-                        // subtraction yields them as exact floats (cheaper than vcvtdq2ps).
-                        let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
-                        *a = _mm256_fmadd_ps(d, f, *a);
-                    }
-                }
-            }
-            for (i, accs) in acc.iter().enumerate() {
-                for (j, a) in accs.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                    let v = hsum8(lanes) + if K == 1 { sm[i][j0 + j] } else { 0.0 };
-                    out.write((r0 + i) * ldo + g + j0 + j, v);
-                }
-            }
-        }
-    }
+    };
 }
+
+vnni_rows!(
+    cols_vnni,
+    cols_vnni_k,
+    rows_vnni,
+    pair_vnni,
+    "avx2,fma,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32,
+    16
+);
+vnni_rows!(
+    cols_vex,
+    cols_vex_k,
+    rows_vex,
+    pair_vex,
+    "avx2,fma,avxvnni",
+    _mm256_dpbusd_avx_epi32,
+    8
+);
 
 /// The x86 kernels: `K` is the weight kind (0 Q4_0, 1 Q4_1, 2 Q8_0), `R` the number of
 /// activation rows sharing one unpacked weight block. With VNNI one `vpdpbusd` replaces
 /// `vpmaddubsw` + `vpmaddwd`; the integer sums are the same (no i16 saturation is
 /// possible: |w| <= 15 or 128, |y| <= 127, so a pair sums to at most 32512).
 macro_rules! x86_dot {
-    ($name:ident, $name8:ident, $feat:literal, $vnni:expr) => {
+    ($name:ident, $name8:ident, $feat:literal, $vnni:expr, $dp:ident) => {
         #[cfg(target_arch = "x86_64")]
         impl QWeight {
             #[target_feature(enable = $feat)]
@@ -297,7 +332,7 @@ macro_rules! x86_dot {
                                     (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
                                 };
                                 let sum = if $vnni {
-                                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                                    $dp(_mm256_setzero_si256(), ax, sy)
                                 } else {
                                     _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
                                 };
@@ -388,7 +423,7 @@ macro_rules! x86_dot {
                                 (_mm256_sign_epi8(w, w), _mm256_sign_epi8(yq, w))
                             };
                             let sum = if $vnni {
-                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                                $dp(_mm256_setzero_si256(), ax, sy)
                             } else {
                                 _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
                             };
@@ -411,5 +446,18 @@ macro_rules! x86_dot {
     };
 }
 
-x86_dot!(dot_avx2, dot8_avx2, "avx2,fma", false);
-x86_dot!(dot_vnni, dot8_vnni, "avx2,fma,avx512vnni,avx512vl", true);
+x86_dot!(dot_avx2, dot8_avx2, "avx2,fma", false, _mm256_dpbusd_epi32);
+x86_dot!(
+    dot_vnni,
+    dot8_vnni,
+    "avx2,fma,avx512vnni,avx512vl",
+    true,
+    _mm256_dpbusd_epi32
+);
+x86_dot!(
+    dot_vex,
+    dot8_vex,
+    "avx2,fma,avxvnni",
+    true,
+    _mm256_dpbusd_avx_epi32
+);

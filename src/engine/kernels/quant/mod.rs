@@ -9,7 +9,8 @@
 //! K-quants (Q4_K, Q6_K, with Q8_K activations) are in the submodules `q5_0` and
 //! `kquant`; other types fall back to candle's `QMatMul` (see `model.rs`). Several
 //! activation rows (batched decode, prefill) run two rows per 512-bit register where
-//! AVX-512 is present (`zmm`), the 256-bit multi-row kernel below otherwise; NEON
+//! AVX-512 is present (`zmm`), the 256-bit multi-row kernels otherwise (`avx2`
+//! with VNNI, `avx2_rows` without); NEON
 //! kernels are in `neon`, `q5_0_neon` and `kquant_neon`. Every type's
 //! dot product has AVX2 (x86) and NEON (aarch64: `sdot` and plain) kernels, and the
 //! activation quantizers NEON (Q8_0/Q8_1/Q8_K) and AVX2 (Q8_0/Q8_1) ones; each equals
@@ -22,6 +23,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_rows;
 mod drive;
 mod kquant;
 #[cfg(target_arch = "aarch64")]
@@ -244,7 +247,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA.
     Avx2,
-    /// AVX2 + FMA with 256-bit VNNI (`vpdpbusd`, from AVX512-VNNI+VL or AVX-VNNI).
+    /// AVX2 + FMA with 256-bit VNNI (`vpdpbusd`): AVX-VNNI's encoding where the CPU
+    /// has it (see [`vex_vnni`]), else AVX512-VNNI+VL's.
     Avx2Vnni,
     /// AVX-512 (F, BW, VL, VNNI): several activation rows run on 512-bit registers, two
     /// rows to a register (`quant/zmm.rs`); single rows as [`Isa::Avx2Vnni`].
@@ -256,6 +260,26 @@ pub enum Isa {
     #[cfg(target_arch = "aarch64")]
     NeonDot,
 }
+
+/// Whether the [`Isa::Avx2Vnni`] kernels use the AVX-VNNI (VEX) encoding of
+/// `vpdpbusd`, the only one on CPUs with AVX-VNNI but no AVX-512 (Intel client cores
+/// from Alder Lake on); elsewhere they use the AVX512-VL one. The AVX-512 level's
+/// one-row kernels always use the latter.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn vex_vnni() -> bool {
+    #[cfg(test)]
+    if EVEX_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    is_x86_feature_detected!("avxvnni")
+}
+
+/// Tests: run the [`Isa::Avx2Vnni`] kernels in the AVX512-VL encoding even where
+/// AVX-VNNI is present, so that both encodings are held against the reference (the
+/// results are the same either way, so other tests running meanwhile are unaffected).
+#[cfg(all(test, target_arch = "x86_64"))]
+static EVEX_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether `level` runs on this CPU: a level of this architecture at most [`isa()`].
 pub fn isa_available(level: Isa) -> bool {
@@ -283,13 +307,16 @@ pub fn isa() -> Isa {
                 return Isa::Avx2;
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-                    if cap != "avx2vnni"
-                        && is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512bw")
-                    {
-                        return Isa::Avx512Vnni;
-                    }
+                let evex =
+                    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                if evex
+                    && cap != "avx2vnni"
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                {
+                    return Isa::Avx512Vnni;
+                }
+                if evex || is_x86_feature_detected!("avxvnni") {
                     return Isa::Avx2Vnni;
                 }
                 return Isa::Avx2;
@@ -329,6 +356,28 @@ fn simd_levels() -> Vec<Isa> {
         "NEON must be tested on aarch64"
     );
     levels
+}
+
+/// Runs `f` once per SIMD level of this CPU (see [`simd_levels`]), and for
+/// [`Isa::Avx2Vnni`] once more in the AVX512-VL encoding where the CPU has both.
+#[cfg(test)]
+fn for_each_simd_kernel(mut f: impl FnMut(Isa)) {
+    for level in simd_levels() {
+        f(level);
+        #[cfg(target_arch = "x86_64")]
+        if level == Isa::Avx2Vnni
+            && vex_vnni()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _held = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+            EVEX_ONLY.store(true, Relaxed);
+            f(level);
+            EVEX_ONLY.store(false, Relaxed);
+        }
+    }
 }
 
 /// Output pointer shared by the tasks of one matmul; each task writes its own columns.

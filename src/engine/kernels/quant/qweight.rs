@@ -129,6 +129,15 @@ impl QWeight {
             // features each variant enables; shapes were checked by the caller.
             unsafe {
                 match (isa, self.kind) {
+                    (Isa::Avx2Vnni, Kind::Q4_0) if vex_vnni() => {
+                        return self.dot_vex::<0, R, C>(c, rows)
+                    }
+                    (Isa::Avx2Vnni, Kind::Q4_1) if vex_vnni() => {
+                        return self.dot_vex::<1, R, C>(c, rows)
+                    }
+                    (Isa::Avx2Vnni, Kind::Q8_0) if vex_vnni() => {
+                        return self.dot_vex::<2, R, C>(c, rows)
+                    }
                     (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_0) => {
                         return self.dot_vnni::<0, R, C>(c, rows)
                     }
@@ -164,6 +173,9 @@ impl QWeight {
             // groups of eight columns.
             unsafe {
                 match (isa, self.kind) {
+                    (Isa::Avx2Vnni, Kind::Q4_0) if vex_vnni() => return self.dot8_vex::<0>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q4_1) if vex_vnni() => return self.dot8_vex::<1>(c, row),
+                    (Isa::Avx2Vnni, Kind::Q8_0) if vex_vnni() => return self.dot8_vex::<2>(c, row),
                     (Isa::Avx2Vnni | Isa::Avx512Vnni, Kind::Q4_0) => {
                         return self.dot8_vnni::<0>(c, row)
                     }
@@ -222,8 +234,9 @@ impl QWeight {
         }
     }
 
-    /// Columns `c0..c1` for every row, in tiles of rows that stay in L1: four rows by
-    /// two columns at a time where there are four rows, else one row by eight columns.
+    /// Columns `c0..c1` for every row: on x86 from two rows on the multi-row kernel of
+    /// the level, otherwise in tiles of rows that stay in L1: four rows by two columns
+    /// at a time where there are four rows, else one row by eight columns.
     pub(super) fn cols(&self, isa: Isa, x: &QActs, c0: usize, c1: usize, out: OutPtr, ldo: usize) {
         #[cfg(target_arch = "x86_64")]
         if x.m >= 2 {
@@ -232,8 +245,14 @@ impl QWeight {
             if isa == Isa::Avx512Vnni {
                 return unsafe { self.cols_zmm(x, c0, c1, out, ldo) };
             }
+            if isa == Isa::Avx2Vnni && vex_vnni() {
+                return unsafe { self.cols_vex(x, c0, c1, out, ldo) };
+            }
             if isa == Isa::Avx2Vnni {
                 return unsafe { self.cols_vnni(x, c0, c1, out, ldo) };
+            }
+            if isa == Isa::Avx2 {
+                return unsafe { self.cols_avx2(x, c0, c1, out, ldo) };
             }
         }
         const ROW_TILE: usize = 32;

@@ -107,8 +107,7 @@ fn exact_on_integer_data() -> Result<()> {
 #[test]
 fn simd_equals_portable_bit_for_bit() -> Result<()> {
     let dev = Device::Cpu;
-    let levels = simd_levels();
-    eprintln!("levels tested: {levels:?}");
+    eprintln!("levels tested: {:?}", simd_levels());
     for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for (m, n, k) in [
             (1, 37, 256),
@@ -136,7 +135,7 @@ fn simd_equals_portable_bit_for_bit() -> Result<()> {
                     want[r * n + c] = ours.dot_lanes(c, acts.row(r));
                 }
             }
-            for &level in &levels {
+            for_each_simd_kernel(|level| {
                 let mut got = vec![f32::NAN; m * (n + 3)];
                 ours.matmul_into_isa(level, &acts, &mut got, n + 3);
                 for r in 0..m {
@@ -149,7 +148,7 @@ fn simd_equals_portable_bit_for_bit() -> Result<()> {
                         );
                     }
                 }
-            }
+            });
         }
     }
     Ok(())

@@ -135,6 +135,7 @@ impl Tiled for Q5Weight {
             // and `matmul_into_isa`).
             unsafe {
                 match level {
+                    Isa::Avx2Vnni if super::vex_vnni() => return self.tile_vex::<R, C>(c, rows),
                     Isa::Avx2Vnni | Isa::Avx512Vnni => return self.tile_vnni::<R, C>(c, rows),
                     Isa::Avx2 => return self.tile_avx2::<R, C>(c, rows),
                     Isa::Scalar => {}
@@ -172,7 +173,7 @@ impl Tiled for Q5Weight {
 /// or-ed in where it is clear, which is `value - 16` in two's complement. The sign
 /// trick moves the weights' sign onto the activations (`|w| <= 16`, no i16 overflow).
 macro_rules! q5_x86 {
-    ($name:ident, $feat:literal, $vnni:expr) => {
+    ($name:ident, $feat:literal, $vnni:expr, $dp:ident) => {
         #[cfg(target_arch = "x86_64")]
         impl Q5Weight {
             #[target_feature(enable = $feat)]
@@ -223,7 +224,7 @@ macro_rules! q5_x86 {
                                 let ax = _mm256_sign_epi8(w, w);
                                 let sy = _mm256_sign_epi8(yq, w);
                                 let sum = if $vnni {
-                                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                                    $dp(_mm256_setzero_si256(), ax, sy)
                                 } else {
                                     _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy))
                                 };
@@ -248,8 +249,14 @@ macro_rules! q5_x86 {
     };
 }
 
-q5_x86!(tile_avx2, "avx2,fma", false);
-q5_x86!(tile_vnni, "avx2,fma,avx512vnni,avx512vl", true);
+q5_x86!(tile_avx2, "avx2,fma", false, _mm256_dpbusd_epi32);
+q5_x86!(
+    tile_vnni,
+    "avx2,fma,avx512vnni,avx512vl",
+    true,
+    _mm256_dpbusd_epi32
+);
+q5_x86!(tile_vex, "avx2,fma,avxvnni", true, _mm256_dpbusd_avx_epi32);
 
 #[cfg(target_arch = "x86_64")]
 mod zmm;
@@ -292,7 +299,6 @@ mod tests {
     #[test]
     fn q5_0_simd_equals_portable_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let levels = crate::engine::kernels::quant::simd_levels();
         // Every row count 1..=9 too (the 512-bit kernels pair rows, four pairs a pass,
         // an odd count pairs its last row with itself, a ninth row takes the one-row
         // tiles).
@@ -316,7 +322,7 @@ mod tests {
             }
             let mut acts = QActs::new();
             acts.quantize(&x, k);
-            for &level in &levels {
+            crate::engine::kernels::quant::for_each_simd_kernel(|level| {
                 let mut got = vec![f32::NAN; m * (n + 3)];
                 ours.matmul_into_isa(level, &acts, &mut got, n + 3);
                 for r in 0..m {
@@ -330,7 +336,7 @@ mod tests {
                         );
                     }
                 }
-            }
+            });
         }
         Ok(())
     }
