@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::kv::store::tiers::DeviceBudget;
 use crate::kv::KvDtype;
 
 #[derive(Debug, Parser)]
@@ -112,6 +113,11 @@ pub struct ServeArgs {
     /// (`512MiB`, `2GiB`, `1.5GB`) or a fraction of RAM (`0.25`). Default: 1/8 of RAM, at most 4 GiB.
     #[arg(long, env = "CANDELA_KV_BUDGET", global = true)]
     pub kv_budget: Option<String>,
+    /// Bytes the idle session caches may hold in GPU memory before the least recently
+    /// used move to host RAM (units as for --kv-budget, or a share of the GPU memory
+    /// free once the model is loaded, such as `0.5`, the default). Only with a GPU.
+    #[arg(long, env = "CANDELA_KV_DEVICE_BUDGET", global = true)]
+    pub kv_device_budget: Option<String>,
     /// KV cache element type: f16 (default), f32, bf16, or q8_0 (8-bit blocks, about
     /// half the bytes of f16, dequantized when attention reads them).
     #[arg(long, env = "CANDELA_KV_DTYPE", global = true)]
@@ -178,8 +184,10 @@ pub struct Config {
     pub threads: usize,
     pub queue_size: usize,
     pub max_batch: usize,
-    /// Session KV cache budget in bytes.
+    /// Session KV cache budget in bytes (host RAM).
     pub kv_budget: usize,
+    /// Budget of the GPU memory tier (used only with a GPU).
+    pub kv_device_budget: DeviceBudget,
     /// Element type of the session caches.
     pub kv_dtype: KvDtype,
     pub kv_spill_dir: PathBuf,
@@ -209,6 +217,7 @@ impl std::fmt::Debug for Config {
             .field("queue_size", &self.queue_size)
             .field("max_batch", &self.max_batch)
             .field("kv_budget", &self.kv_budget)
+            .field("kv_device_budget", &self.kv_device_budget)
             .field("kv_dtype", &self.kv_dtype)
             .field("kv_spill_dir", &self.kv_spill_dir)
             .field("kv_disk_budget", &self.kv_disk_budget)
@@ -308,6 +317,10 @@ impl Config {
             threads: top.threads.or(file.threads).unwrap_or(0),
             queue_size: top.queue_size.or(file.queue_size).unwrap_or(64),
             max_batch: top.max_batch.or(file.max_batch).unwrap_or(8),
+            kv_device_budget: match top.kv_device_budget.or(file.kv_device_budget) {
+                Some(s) => parse_device_budget(&s)?,
+                None => DeviceBudget::default(),
+            },
             kv_budget: match top.kv_budget.or(file.kv_budget) {
                 Some(s) => parse_bytes("kv_budget", &s, total_ram())?,
                 None => (total_ram() / 8).min(4 << 30),
@@ -376,6 +389,18 @@ fn read_file(p: &Path) -> Result<ServeArgs, Error> {
     let text = std::fs::read_to_string(p)
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))?;
     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+}
+
+/// `--kv-device-budget`: bytes with units, or a share of the free device memory
+/// (`0.5`; `1` is all of it).
+pub fn parse_device_budget(s: &str) -> Result<DeviceBudget, Error> {
+    let t = s.trim();
+    match t.parse::<f64>() {
+        Ok(f) if (f > 0.0 && f <= 1.0 && t.contains('.')) || t == "1" => {
+            Ok(DeviceBudget::Share(f.min(1.0)))
+        }
+        _ => parse_bytes("kv_device_budget", t, 0).map(DeviceBudget::Bytes),
+    }
 }
 
 pub fn total_ram() -> usize {

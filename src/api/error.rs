@@ -158,6 +158,12 @@ impl From<EngineError> for ApiError {
                 code: Some("session_busy"),
             },
             EngineError::Session(crate::kv::store::KvError::NotFound(_)) => Self::not_found(msg),
+            EngineError::Session(crate::kv::store::KvError::DeviceFull(..)) => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "device_memory_full",
+                msg,
+            ),
             EngineError::Template(_) => {
                 Self::invalid("messages", msg).with_code("invalid_messages")
             }
