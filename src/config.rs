@@ -59,6 +59,10 @@ pub enum Command {
         /// Length of one session, for the "how many sessions" line.
         #[arg(long, default_value_t = 4096)]
         session_tokens: usize,
+        /// GPU memory to plan for (`80GiB`); default: read from the GPU --device names.
+        /// With a GPU the plan counts the sessions each tier holds (device, host, disk).
+        #[arg(long)]
+        gpu_memory: Option<String>,
         #[command(flatten)]
         args: ServeArgs,
     },
@@ -451,6 +455,25 @@ mod tests {
         assert_eq!(b("0.25", 4000).unwrap(), 1000);
         assert!(b("lots", 0).is_err());
         assert!(b("3 parsecs", 0).is_err());
+    }
+
+    #[test]
+    fn device_budgets_are_bytes_or_a_share_of_free_device_memory() {
+        let d = |s: &str| parse_device_budget(s);
+        assert_eq!(d("0.5").unwrap(), DeviceBudget::Share(0.5));
+        assert_eq!(d("1").unwrap(), DeviceBudget::Share(1.0));
+        assert_eq!(d("8GiB").unwrap(), DeviceBudget::Bytes(8 << 30));
+        assert_eq!(d("0").unwrap(), DeviceBudget::Bytes(0));
+        assert_eq!(d("1000").unwrap(), DeviceBudget::Bytes(1000));
+        let e = d("most").unwrap_err().to_string();
+        assert!(
+            e.contains("kv_device_budget") && e.contains("`most`"),
+            "{e}"
+        );
+        let cfg = with_file("kv_device_budget = \"2GiB\"\n", ServeArgs::default()).unwrap();
+        assert_eq!(cfg.kv_device_budget, DeviceBudget::Bytes(2 << 30));
+        let cfg = with_file("", ServeArgs::default()).unwrap();
+        assert_eq!(cfg.kv_device_budget, DeviceBudget::Share(0.5));
     }
 
     /// `args` over the TOML `text`.

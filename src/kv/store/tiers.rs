@@ -246,3 +246,6 @@ impl std::fmt::Display for DeviceBudget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
