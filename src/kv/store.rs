@@ -362,7 +362,13 @@ impl SessionStore {
                                 .unwrap_or_default();
                             let t0 = Instant::now();
                             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                            let r = spill::read(&path, layout, device, &fp);
+                            let mut r = spill::read(&path, layout, device, &fp);
+                            if r.is_err() && self.device_bytes() > 0 {
+                                // Perhaps the GPU is full: move its idle caches down and
+                                // read once more before giving the file up.
+                                self.demote_until(0);
+                                r = spill::read(&path, layout, device, &fp);
+                            }
                             // The notes stay with the entry in memory. A shared file
                             // stays: it is the copy a crash would fall back to.
                             if self.shared.is_none() {
@@ -370,8 +376,10 @@ impl SessionStore {
                             }
                             match r {
                                 Ok((c, m)) => {
-                                    e.gen = m.generation;
-                                    e.written_gen = m.generation;
+                                    if let Some(e) = self.sessions.get_mut(k) {
+                                        e.gen = m.generation;
+                                        e.written_gen = m.generation;
+                                    }
                                     restored = true;
                                     self.restores += 1;
                                     self.counters.restored_bytes += size;
