@@ -142,8 +142,12 @@ impl SessionStore {
         let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
-        let Slot::Device(cache) = std::mem::replace(&mut e.slot, Slot::Busy) else {
-            unreachable!("demote is called on device slots only")
+        let cache = match std::mem::replace(&mut e.slot, Slot::Busy) {
+            Slot::Device(c) => c,
+            other => {
+                e.slot = other;
+                return;
+            }
         };
         let t0 = Instant::now();
         match cache.to_device(&Device::Cpu) {
