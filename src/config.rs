@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::kv::store::tiers::DeviceBudget;
 use crate::kv::KvDtype;
 
 #[derive(Debug, Parser)]
@@ -58,6 +59,10 @@ pub enum Command {
         /// Length of one session, for the "how many sessions" line.
         #[arg(long, default_value_t = 4096)]
         session_tokens: usize,
+        /// GPU memory to plan for (`80GiB`); default: read from the GPU --device names.
+        /// With a GPU the plan counts the sessions each tier holds (device, host, disk).
+        #[arg(long)]
+        gpu_memory: Option<String>,
         #[command(flatten)]
         args: ServeArgs,
     },
@@ -112,6 +117,11 @@ pub struct ServeArgs {
     /// (`512MiB`, `2GiB`, `1.5GB`) or a fraction of RAM (`0.25`). Default: 1/8 of RAM, at most 4 GiB.
     #[arg(long, env = "CANDELA_KV_BUDGET", global = true)]
     pub kv_budget: Option<String>,
+    /// Bytes the idle session caches may hold in GPU memory before the least recently
+    /// used move to host RAM (units as for --kv-budget, or a share of the GPU memory
+    /// free once the model is loaded, such as `0.5`, the default). Only with a GPU.
+    #[arg(long, env = "CANDELA_KV_DEVICE_BUDGET", global = true)]
+    pub kv_device_budget: Option<String>,
     /// KV cache element type: f16 (default), f32, bf16, or q8_0 (8-bit blocks, about
     /// half the bytes of f16, dequantized when attention reads them).
     #[arg(long, env = "CANDELA_KV_DTYPE", global = true)]
@@ -178,8 +188,10 @@ pub struct Config {
     pub threads: usize,
     pub queue_size: usize,
     pub max_batch: usize,
-    /// Session KV cache budget in bytes.
+    /// Session KV cache budget in bytes (host RAM).
     pub kv_budget: usize,
+    /// Budget of the GPU memory tier (used only with a GPU).
+    pub kv_device_budget: DeviceBudget,
     /// Element type of the session caches.
     pub kv_dtype: KvDtype,
     pub kv_spill_dir: PathBuf,
@@ -209,6 +221,7 @@ impl std::fmt::Debug for Config {
             .field("queue_size", &self.queue_size)
             .field("max_batch", &self.max_batch)
             .field("kv_budget", &self.kv_budget)
+            .field("kv_device_budget", &self.kv_device_budget)
             .field("kv_dtype", &self.kv_dtype)
             .field("kv_spill_dir", &self.kv_spill_dir)
             .field("kv_disk_budget", &self.kv_disk_budget)
@@ -308,6 +321,10 @@ impl Config {
             threads: top.threads.or(file.threads).unwrap_or(0),
             queue_size: top.queue_size.or(file.queue_size).unwrap_or(64),
             max_batch: top.max_batch.or(file.max_batch).unwrap_or(8),
+            kv_device_budget: match top.kv_device_budget.or(file.kv_device_budget) {
+                Some(s) => parse_device_budget(&s)?,
+                None => DeviceBudget::default(),
+            },
             kv_budget: match top.kv_budget.or(file.kv_budget) {
                 Some(s) => parse_bytes("kv_budget", &s, total_ram())?,
                 None => (total_ram() / 8).min(4 << 30),
@@ -378,6 +395,18 @@ fn read_file(p: &Path) -> Result<ServeArgs, Error> {
     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
 }
 
+/// `--kv-device-budget`: bytes with units, or a share of the free device memory
+/// (`0.5`; `1` is all of it).
+pub fn parse_device_budget(s: &str) -> Result<DeviceBudget, Error> {
+    let t = s.trim();
+    match t.parse::<f64>() {
+        Ok(f) if (f > 0.0 && f <= 1.0 && t.contains('.')) || t == "1" => {
+            Ok(DeviceBudget::Share(f.min(1.0)))
+        }
+        _ => parse_bytes("kv_device_budget", t, 0).map(DeviceBudget::Bytes),
+    }
+}
+
 pub fn total_ram() -> usize {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
@@ -426,6 +455,25 @@ mod tests {
         assert_eq!(b("0.25", 4000).unwrap(), 1000);
         assert!(b("lots", 0).is_err());
         assert!(b("3 parsecs", 0).is_err());
+    }
+
+    #[test]
+    fn device_budgets_are_bytes_or_a_share_of_free_device_memory() {
+        let d = |s: &str| parse_device_budget(s);
+        assert_eq!(d("0.5").unwrap(), DeviceBudget::Share(0.5));
+        assert_eq!(d("1").unwrap(), DeviceBudget::Share(1.0));
+        assert_eq!(d("8GiB").unwrap(), DeviceBudget::Bytes(8 << 30));
+        assert_eq!(d("0").unwrap(), DeviceBudget::Bytes(0));
+        assert_eq!(d("1000").unwrap(), DeviceBudget::Bytes(1000));
+        let e = d("most").unwrap_err().to_string();
+        assert!(
+            e.contains("kv_device_budget") && e.contains("`most`"),
+            "{e}"
+        );
+        let cfg = with_file("kv_device_budget = \"2GiB\"\n", ServeArgs::default()).unwrap();
+        assert_eq!(cfg.kv_device_budget, DeviceBudget::Bytes(2 << 30));
+        let cfg = with_file("", ServeArgs::default()).unwrap();
+        assert_eq!(cfg.kv_device_budget, DeviceBudget::Share(0.5));
     }
 
     /// `args` over the TOML `text`.

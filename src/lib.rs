@@ -207,6 +207,7 @@ pub fn engine_config(cfg: &Config, index: usize) -> EngineConfig {
         queue_size: cfg.queue_size,
         max_batch: cfg.max_batch,
         kv_budget: cfg.kv_budget / n,
+        kv_device_budget: cfg.kv_device_budget.split(n),
         kv_dtype: cfg.kv_dtype,
         kv_spill_dir,
         kv_disk_budget: cfg.kv_disk_budget / n as u64,

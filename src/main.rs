@@ -17,8 +17,9 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Serve(args)) => serve(&args).await,
         Some(Command::Plan {
             session_tokens,
+            gpu_memory,
             args,
-        }) => plan(session_tokens, &args).await,
+        }) => plan(session_tokens, gpu_memory, &args).await,
         Some(Command::Doctor {
             tokens,
             prompt,
@@ -92,10 +93,13 @@ async fn fetch(
 
 async fn plan(
     session_tokens: usize,
+    gpu_memory: Option<String>,
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
     let n = cfg.models.len();
+    let gpu = candela::cli::plan::gpu_memory(&cfg.device, gpu_memory.as_deref())
+        .map_err(candela::Error::Config)?;
     for (i, spec) in cfg.models.iter().enumerate() {
         let (spec, dir) = (spec.clone(), cfg.data_dir.clone());
         let r = tokio::task::spawn_blocking(move || candela::engine::fetch::resolve(&spec, &dir))
@@ -116,6 +120,14 @@ async fn plan(
             println!();
         }
         print!("{}", p.render());
+        if let Some(g) = gpu {
+            let t = p.tiers(
+                g,
+                cfg.kv_device_budget.split(n),
+                cfg.kv_disk_budget / n as u64,
+            );
+            print!("{}", t.render(p.session_tokens, p.session_bytes));
+        }
     }
     Ok(())
 }

@@ -158,6 +158,12 @@ impl From<EngineError> for ApiError {
                 code: Some("session_busy"),
             },
             EngineError::Session(crate::kv::store::KvError::NotFound(_)) => Self::not_found(msg),
+            EngineError::Session(crate::kv::store::KvError::DeviceFull(..)) => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "device_memory_full",
+                msg,
+            ),
             EngineError::Template(_) => {
                 Self::invalid("messages", msg).with_code("invalid_messages")
             }
@@ -341,4 +347,25 @@ pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiErr
         };
         ApiError::invalid(&param, msg).with_code("invalid_type")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::store::KvError;
+
+    #[test]
+    fn a_session_that_cannot_come_back_to_the_gpu_is_a_503_to_retry() {
+        let e = ApiError::from(EngineError::Session(KvError::DeviceFull(
+            "agent-1".into(),
+            "out of memory".into(),
+        )));
+        let body = serde_json::to_value(e.body()).unwrap_or_default();
+        assert_eq!(body["error"]["code"], "device_memory_full", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("agent-1") && msg.contains("host RAM"), "{msg}");
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
 }

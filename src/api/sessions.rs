@@ -50,6 +50,7 @@ pub async fn list(
         None => st.models.all().iter().collect(),
     };
     let (mut data, mut resident, mut budget) = (Vec::new(), 0, 0);
+    let (mut device, mut disk) = (None::<(usize, usize)>, (0u64, 0u64));
     for s in models {
         // Each key sees only its own sessions, under the ids it chose.
         for info in s.engine.list_sessions() {
@@ -60,6 +61,11 @@ pub async fn list(
         let stats = s.engine.kv_stats();
         resident += stats.resident_bytes;
         budget += stats.budget_bytes;
+        if stats.device_tier {
+            let (b, l) = device.unwrap_or_default();
+            device = Some((b + stats.device_bytes, l + stats.device_budget_bytes));
+        }
+        disk = (disk.0 + stats.disk_bytes, disk.1 + stats.disk_budget_bytes);
     }
     // The cache element type is one setting for every model; bytes per token are the
     // first (default) model's (each session's own model is named in its entry).
@@ -75,6 +81,10 @@ pub async fn list(
         data,
         resident_bytes: resident,
         budget_bytes: budget,
+        device_bytes: device.map(|d| d.0),
+        device_budget_bytes: device.map(|d| d.1),
+        disk_bytes: disk.0,
+        disk_budget_bytes: disk.1,
         kv_dtype: dtype.map(str::to_string),
         kv_bytes_per_token: per_token,
     })

@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file;
 
 use crate::engine::model::ModelConfig;
 use crate::engine::EngineError;
+use crate::kv::store::tiers::DeviceBudget;
 use crate::kv::{CacheLayout, KvDtype, LocalWindow};
 
 /// Figures for one model, one cache element type and one budget.
@@ -207,5 +208,207 @@ impl Plan {
             }
         );
         s
+    }
+}
+
+/// The GPU memory to plan for: `given` (`--gpu-memory`, bytes with units), else read
+/// from the GPU that `device` names (`cuda`, `cuda:N`, or `auto` when one is there).
+/// None for a CPU or Metal plan; an error when a CUDA device was named and cannot be
+/// read.
+pub fn gpu_memory(device: &str, given: Option<&str>) -> Result<Option<GpuMemory>, String> {
+    if let Some(g) = given {
+        let total =
+            crate::config::parse_bytes("gpu_memory", g, 0).map_err(|e| e.to_string())? as u64;
+        if total == 0 {
+            return Err("gpu_memory must be > 0, got 0".into());
+        }
+        return Ok(Some(GpuMemory {
+            total,
+            free: total,
+            source: "given",
+        }));
+    }
+    let index = match device {
+        "cpu" | "metal" => return Ok(None),
+        "auto" | "cuda" => 0,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => n,
+            None => {
+                return Err(format!(
+                    "unknown device `{d}` (expected auto, cpu, cuda, cuda:N or metal)"
+                ))
+            }
+        },
+    };
+    match detect_gpu(device, index) {
+        Some((free, total)) => Ok(Some(GpuMemory {
+            total,
+            free,
+            source: "detected",
+        })),
+        None if device == "auto" => Ok(None),
+        None => Err(format!(
+            "cannot read the memory of GPU {index}: give it with --gpu-memory (e.g. 80GiB)"
+        )),
+    }
+}
+
+/// Free and total bytes of GPU `index`: through CUDA in a `cuda` build, else NVML.
+fn detect_gpu(device: &str, index: u32) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    {
+        let spec = if device == "auto" { "cuda" } else { device };
+        if let Ok(d) = crate::engine::pick_device(spec) {
+            if let Some((free, total)) = crate::engine::device_memory(&d) {
+                return Some((free as u64, total as u64));
+            }
+        }
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let _ = device;
+        let nvml = nvml_wrapper::Nvml::init().ok()?;
+        let m = nvml.device_by_index(index).ok()?.memory_info().ok()?;
+        Some((m.free, m.total))
+    }
+    #[cfg(target_os = "macos")]
+    {
+        let _ = (device, index);
+        None
+    }
+}
+
+/// GPU memory for a plan with a device tier: total and free bytes, and where they
+/// came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuMemory {
+    pub total: u64,
+    /// Free before the model is loaded (the total when given by hand).
+    pub free: u64,
+    /// `given` (`--gpu-memory`) or `detected`.
+    pub source: &'static str,
+}
+
+/// How a GPU server's session tiers hold sessions of the plan's length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierPlan {
+    pub gpu: GpuMemory,
+    /// GPU memory free once the weights are loaded.
+    pub free_after_weights: u64,
+    pub device_budget: u64,
+    pub host_budget: u64,
+    pub disk_budget: u64,
+    pub sessions_device: u64,
+    pub sessions_host: u64,
+    pub sessions_disk: u64,
+}
+
+impl Plan {
+    /// The tiers of a server on this GPU: the device budget resolved against the memory
+    /// the weights leave free (as the server does once loaded), host RAM (the plan's
+    /// budget) and disk.
+    pub fn tiers(&self, gpu: GpuMemory, device: DeviceBudget, disk_budget: u64) -> TierPlan {
+        let free_after_weights = gpu.free.saturating_sub(self.weight_bytes);
+        let device_budget = device.resolve(free_after_weights as usize) as u64;
+        let fit = |b: u64| match self.session_bytes {
+            0 => 0,
+            n => b / n as u64,
+        };
+        TierPlan {
+            gpu,
+            free_after_weights,
+            device_budget,
+            host_budget: self.budget,
+            disk_budget,
+            sessions_device: fit(device_budget),
+            sessions_host: fit(self.budget),
+            sessions_disk: fit(disk_budget),
+        }
+    }
+}
+
+impl TierPlan {
+    pub fn render(&self, session_tokens: usize, session_bytes: usize) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "GPU memory       {} ({}), {} free, {} after weights",
+            gib(self.gpu.total as f64),
+            self.gpu.source,
+            gib(self.gpu.free as f64),
+            gib(self.free_after_weights as f64)
+        );
+        let _ = writeln!(
+            s,
+            "KV tiers         device {}, host {}, disk {}",
+            gib(self.device_budget as f64),
+            gib(self.host_budget as f64),
+            gib(self.disk_budget as f64)
+        );
+        let _ = writeln!(
+            s,
+            "sessions of {:>5} tokens ({} each) that fit: device {}, host {}, disk {}",
+            session_tokens,
+            gib(session_bytes as f64),
+            self.sessions_device,
+            self.sessions_host,
+            self.sessions_disk
+        );
+        if self.device_budget > self.free_after_weights {
+            let _ = writeln!(
+                s,
+                "device budget is {} more than the GPU has free after weights: lower --kv-device-budget",
+                gib((self.device_budget - self.free_after_weights) as f64)
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(weight_bytes: u64, session_bytes: usize, budget: u64) -> Plan {
+        Plan {
+            model: "m".into(),
+            arch: "llama".into(),
+            weight_bytes,
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 64,
+            train_ctx: 8192,
+            kv_dtype: KvDtype::F16,
+            bytes_per_token: 256,
+            local: None,
+            per_dtype: vec![],
+            budget,
+            tokens_fit: 0,
+            session_tokens: 4096,
+            session_bytes,
+            sessions_fit: 0,
+            ram_total: 0,
+            ram_available: 0,
+        }
+    }
+
+    #[test]
+    fn tiers_count_sessions_in_each_budget_after_the_weights() {
+        let gpu = GpuMemory {
+            total: 1000,
+            free: 900,
+            source: "given",
+        };
+        let t = plan(100, 10, 55).tiers(gpu, DeviceBudget::Share(0.5), 1000);
+        assert_eq!((t.free_after_weights, t.device_budget), (800, 400));
+        assert_eq!(
+            (t.sessions_device, t.sessions_host, t.sessions_disk),
+            (40, 5, 100)
+        );
+        let text = t.render(4096, 10);
+        assert!(text.contains("device 40, host 5, disk 100"), "{text}");
+        assert!(!text.contains("lower --kv-device-budget"), "{text}");
+        let over = plan(100, 10, 0).tiers(gpu, DeviceBudget::Bytes(2000), 0);
+        assert!(over.render(4096, 10).contains("lower --kv-device-budget"));
     }
 }

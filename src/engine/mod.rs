@@ -19,7 +19,7 @@ pub use request::{
     Command, FinishReason, GenEvent, GenRequest, LogprobEntry, Notes, SessionCmd, Usage,
 };
 
-pub use worker::pick_device;
+pub use worker::{device_memory, pick_device};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,8 +45,10 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// Sequences decoded together in one step.
     pub max_batch: usize,
-    /// Bytes the idle session caches may hold.
+    /// Bytes the idle session caches may hold (host RAM).
     pub kv_budget: usize,
+    /// Budget of the idle caches in GPU memory (a GPU device only).
+    pub kv_device_budget: crate::kv::store::tiers::DeviceBudget,
     /// Element type of every session cache.
     pub kv_dtype: crate::kv::KvDtype,
     pub kv_spill_dir: PathBuf,

@@ -580,6 +580,47 @@ impl SeqCache {
         self.host
     }
 
+    /// The device the cache's storage lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A copy of this cache with its storage on `device` (a session moving between the
+    /// GPU and host RAM): every layer's tensors copied whole, tokens and slot layout
+    /// unchanged, so it decodes exactly as the original would. Host-vector caches
+    /// ([`SeqCache::is_host`]) live on the CPU only: moving one elsewhere is an error.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                None => Ok(None),
+                Some(LayerKv::Host(h)) if device.is_cpu() => Ok(Some(LayerKv::Host(h.clone()))),
+                Some(LayerKv::Host(_)) => {
+                    candle_core::bail!("a host-vector cache cannot move to {device:?}")
+                }
+                Some(kv) => {
+                    let parts = kv
+                        .parts()
+                        .into_iter()
+                        .map(|(_, t)| t.to_device(device))
+                        .collect::<Result<Vec<_>>>()?;
+                    layer_from_parts(parts).map(Some)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layout: self.layout,
+            device: device.clone(),
+            layers,
+            capacity: self.capacity,
+            local_capacity: self.local_capacity,
+            base: self.base,
+            tokens: self.tokens.clone(),
+            host: self.host,
+        })
+    }
+
     /// Make room for `extra` more tokens (all layers), growing in [`GROW_TOKENS`] steps;
     /// local layers drop the positions their window has left behind instead of growing
     /// past [`LocalWindow`]'s span.

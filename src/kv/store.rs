@@ -6,6 +6,12 @@
 //! A cache is checked out for the length of one request and checked back in after it;
 //! while out, its session is busy and a second request on it is refused.
 //!
+//! With an accelerator ([`SessionStore::enable_device_tier`]) an idle session is in one
+//! of three tiers — device memory, host RAM, disk — each with its own budget: past the
+//! device budget the least recently used idle caches move to host RAM, past the host
+//! budget to disk, and a session's next turn brings it back to the device (see
+//! [`tiers`]). Without one (a CPU server) there are two: memory and disk.
+//!
 //! A named session may also carry **notes**: opaque strings under string keys that the
 //! API attaches to it (stored responses). The store never reads them; it keeps them
 //! with the session in every tier, writes them beside its spill file, and drops them
@@ -31,6 +37,8 @@ pub enum KvError {
     Busy(String),
     #[error("session `{0}` not found")]
     NotFound(String),
+    #[error("session `{0}` cannot move back to device memory ({1}); its cache stays in host RAM, retry later")]
+    DeviceFull(String, String),
 }
 
 /// What the sessions API shows about a session.
@@ -49,7 +57,10 @@ pub struct SessionInfo {
 
 #[derive(Debug)]
 enum Slot {
-    /// Boxed: a cache's header is several times the size of the other variants.
+    /// In the accelerator's memory (only with a device tier).
+    Device(Box<SeqCache>),
+    /// In host RAM (the one memory tier of a CPU server). Boxed: a cache's header is
+    /// several times the size of the other variants.
     Memory(Box<SeqCache>),
     Disk {
         path: PathBuf,
@@ -124,8 +135,19 @@ pub struct Checkout {
 /// Counters for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct StoreStats {
+    /// Idle caches in host RAM (a CPU server's memory tier).
     pub resident_bytes: usize,
+    /// Budget of the host RAM tier (`--kv-budget`).
     pub budget_bytes: usize,
+    /// The store has a device tier (GPU memory); the fields below are 0 without one.
+    pub device_tier: bool,
+    /// Idle caches (and the anonymous pool) in device memory.
+    pub device_bytes: usize,
+    /// Budget of the device tier (`--kv-device-budget`).
+    pub device_budget_bytes: usize,
+    /// Idle named sessions in host RAM while the store has a device tier (then
+    /// `sessions_idle` counts those on the device).
+    pub sessions_host: usize,
     pub disk_bytes: u64,
     pub disk_budget_bytes: u64,
     pub sessions_busy: usize,
@@ -145,6 +167,9 @@ pub struct StoreCounters {
     pub spill_seconds: f64,
     pub restored_bytes: u64,
     pub restore_seconds: f64,
+    /// Caches moved between tiers, and their bytes, by [`tiers::move_index`].
+    pub moves: [u64; tiers::MOVES],
+    pub move_bytes: [u64; tiers::MOVES],
 }
 
 /// Where and for which model sessions are spilled.
@@ -184,6 +209,8 @@ pub struct SessionStore {
     spill: Option<SpillConfig>,
     /// Leases and the writer thread, on a shared spill dir.
     shared: Option<Shared>,
+    /// The accelerator tier, when caches are computed on one.
+    device: Option<DeviceTier>,
     /// Evictions since start, for tests and metrics.
     pub evictions: u64,
     pub spills: u64,
@@ -202,6 +229,7 @@ impl SessionStore {
             anon: Vec::new(),
             spill: None,
             shared: None,
+            device: None,
             evictions: 0,
             spills: 0,
             restores: 0,
@@ -320,6 +348,11 @@ impl SessionStore {
                 Some(e) => {
                     let cache = match std::mem::replace(&mut e.slot, Slot::Busy) {
                         Slot::Busy => return Err(KvError::Busy(k.to_string())),
+                        Slot::Device(c) => *c,
+                        Slot::Memory(c) if self.device.is_some() => {
+                            // Promotion may demote others: let go of `e` first.
+                            self.promote(k, *c)?
+                        }
                         Slot::Memory(c) => *c,
                         Slot::Disk { path, .. } => {
                             let fp = self
@@ -329,7 +362,13 @@ impl SessionStore {
                                 .unwrap_or_default();
                             let t0 = Instant::now();
                             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                            let r = spill::read(&path, layout, device, &fp);
+                            let mut r = spill::read(&path, layout, device, &fp);
+                            if r.is_err() && self.device_bytes() > 0 {
+                                // Perhaps the GPU is full: move its idle caches down and
+                                // read once more before giving the file up.
+                                self.demote_until(0);
+                                r = spill::read(&path, layout, device, &fp);
+                            }
                             // The notes stay with the entry in memory. A shared file
                             // stays: it is the copy a crash would fall back to.
                             if self.shared.is_none() {
@@ -337,12 +376,16 @@ impl SessionStore {
                             }
                             match r {
                                 Ok((c, m)) => {
-                                    e.gen = m.generation;
-                                    e.written_gen = m.generation;
+                                    if let Some(e) = self.sessions.get_mut(k) {
+                                        e.gen = m.generation;
+                                        e.written_gen = m.generation;
+                                    }
                                     restored = true;
                                     self.restores += 1;
                                     self.counters.restored_bytes += size;
                                     self.counters.restore_seconds += t0.elapsed().as_secs_f64();
+                                    let to = self.fast_tier();
+                                    self.count_move(Tier::Disk, to, size);
                                     c
                                 }
                                 Err(err) => {
@@ -352,8 +395,10 @@ impl SessionStore {
                             }
                         }
                     };
-                    e.lru = Instant::now();
-                    e.last_used = now_secs();
+                    if let Some(e) = self.sessions.get_mut(k) {
+                        e.lru = Instant::now();
+                        e.last_used = now_secs();
+                    }
                     cache
                 }
                 None => {
@@ -447,7 +492,10 @@ impl SessionStore {
                         e.gen += 1;
                         write_behind(sh, cfg, k, e, &cache);
                     }
-                    e.slot = Slot::Memory(Box::new(cache));
+                    e.slot = match self.device {
+                        Some(_) => Slot::Device(Box::new(cache)),
+                        None => Slot::Memory(Box::new(cache)),
+                    };
                 }
             }
             None if key.is_none() && !cache.is_empty() => {
@@ -473,19 +521,23 @@ impl SessionStore {
         self.enforce_budget();
     }
 
-    /// Bytes of the caches held in memory while idle (busy ones are counted by their
-    /// requests until check-in).
+    /// Bytes of the caches held in host RAM while idle (busy ones are counted by their
+    /// requests until check-in); the anonymous pool's too unless it lives on a device.
     pub fn resident_bytes(&self) -> usize {
         self.sessions
             .values()
             .filter(|e| matches!(e.slot, Slot::Memory(_)))
             .map(|e| e.bytes)
             .sum::<usize>()
-            + self
-                .anon
-                .iter()
-                .map(|a| a.cache.allocated_bytes())
-                .sum::<usize>()
+            + if self.device.is_none() {
+                self.anon_bytes()
+            } else {
+                0
+            }
+    }
+
+    fn anon_bytes(&self) -> usize {
+        self.anon.iter().map(|a| a.cache.allocated_bytes()).sum()
     }
 
     pub fn disk_bytes(&self) -> u64 {
@@ -503,8 +555,13 @@ impl SessionStore {
         let Some(e) = self.sessions.get_mut(k) else {
             return;
         };
-        let Slot::Memory(cache) = std::mem::replace(&mut e.slot, Slot::Busy) else {
-            return;
+        let (cache, from) = match std::mem::replace(&mut e.slot, Slot::Busy) {
+            Slot::Memory(c) => (c, Tier::Host),
+            Slot::Device(c) => (c, Tier::Device),
+            other => {
+                e.slot = other;
+                return;
+            }
         };
         let written = match &self.spill {
             Some(cfg)
@@ -521,6 +578,7 @@ impl SessionStore {
                 let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 self.spills += 1;
                 e.slot = Slot::Disk { path, bytes };
+                self.count_move(from, Tier::Disk, bytes);
                 return;
             }
             Some(cfg) if !cache.is_empty() => {
@@ -555,6 +613,7 @@ impl SessionStore {
                 e.written_gen = e.gen;
                 e.slot = Slot::Disk { path, bytes };
                 self.spills += 1;
+                self.count_move(from, Tier::Disk, bytes);
             }
             None => {
                 self.sessions.remove(k);
@@ -562,8 +621,12 @@ impl SessionStore {
         }
     }
 
-    /// Evict least recently used idle, unpinned caches until under budget.
+    /// Move least recently used idle, unpinned caches down a tier until each tier is
+    /// under its budget: device to host RAM, host RAM to disk (or dropped).
     pub fn enforce_budget(&mut self) {
+        if let Some(limit) = self.device.as_ref().map(|d| d.budget) {
+            self.demote_until(limit);
+        }
         self.evict_until(self.budget, false);
     }
 
@@ -577,11 +640,14 @@ impl SessionStore {
     }
 
     fn evict_until(&mut self, limit: usize, pressure: bool) {
+        // With a device tier the anonymous pool lives there (see `demote_until`).
+        let anon_here = self.device.is_none();
         while self.resident_bytes() > limit {
             let anon = self
                 .anon
                 .iter()
                 .enumerate()
+                .filter(|_| anon_here)
                 .map(|(i, a)| (a.lru, None, Some(i)));
             let named = self
                 .sessions
@@ -642,7 +708,7 @@ impl SessionStore {
         let keys: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, e)| matches!(e.slot, Slot::Memory(_)))
+            .filter(|(_, e)| matches!(e.slot, Slot::Memory(_) | Slot::Device(_)))
             .map(|(k, _)| k.clone())
             .collect();
         let before = self.spills;
@@ -655,10 +721,13 @@ impl SessionStore {
         (self.spills - before) as usize
     }
 
-    fn info(id: &str, e: &Entry) -> SessionInfo {
+    fn info(&self, id: &str, e: &Entry) -> SessionInfo {
+        let dev = self.device.is_some();
         let (tier, bytes) = match &e.slot {
             Slot::Disk { bytes, .. } => ("disk", *bytes as usize),
-            _ => ("memory", e.bytes),
+            Slot::Memory(_) => (Tier::Host.name(dev), e.bytes),
+            // A busy cache is where the model computes.
+            Slot::Device(_) | Slot::Busy => (self.fast_tier().name(dev), e.bytes),
         };
         SessionInfo {
             id: id.to_string(),
@@ -678,7 +747,7 @@ impl SessionStore {
             .sessions
             .iter()
             .filter(|(_, e)| !e.doomed)
-            .map(|(k, e)| Self::info(k, e))
+            .map(|(k, e)| self.info(k, e))
             .collect();
         v.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.id.cmp(&b.id)));
         v
@@ -690,7 +759,7 @@ impl SessionStore {
         self.sessions
             .get(id)
             .filter(|e| !e.doomed)
-            .map(|e| Self::info(id, e))
+            .map(|e| self.info(id, e))
             .ok_or_else(|| KvError::NotFound(id.to_string()))
     }
 
@@ -756,7 +825,8 @@ impl SessionStore {
             .get_mut(id)
             .ok_or_else(|| KvError::NotFound(id.to_string()))?;
         e.pinned = pinned;
-        Ok(Self::info(id, e))
+        let e = &self.sessions[id];
+        Ok(self.info(id, e))
     }
 
     /// Stats plus the counter increments since the previous report (for metrics; each
@@ -771,6 +841,8 @@ impl SessionStore {
             spill_seconds: c.spill_seconds - r.spill_seconds,
             restored_bytes: c.restored_bytes - r.restored_bytes,
             restore_seconds: c.restore_seconds - r.restore_seconds,
+            moves: std::array::from_fn(|i| c.moves[i] - r.moves[i]),
+            move_bytes: std::array::from_fn(|i| c.move_bytes[i] - r.move_bytes[i]),
         };
         self.reported = c;
         (self.stats(), delta)
@@ -778,13 +850,22 @@ impl SessionStore {
 
     pub fn stats(&self) -> StoreStats {
         let count = |f: fn(&Slot) -> bool| self.sessions.values().filter(|e| f(&e.slot)).count();
+        let dev = self.device.is_some();
+        let (idle, host) = (
+            count(|s| matches!(s, Slot::Memory(_) | Slot::Device(_))),
+            count(|s| matches!(s, Slot::Memory(_))),
+        );
         StoreStats {
             resident_bytes: self.resident_bytes(),
             budget_bytes: self.budget,
+            device_tier: dev,
+            device_bytes: self.device_bytes(),
+            device_budget_bytes: self.device.as_ref().map_or(0, |d| d.budget),
+            sessions_host: if dev { host } else { 0 },
             disk_bytes: self.disk_bytes(),
             disk_budget_bytes: self.spill.as_ref().map(|s| s.disk_budget).unwrap_or(0),
             sessions_busy: count(|s| matches!(s, Slot::Busy)),
-            sessions_idle: count(|s| matches!(s, Slot::Memory(_))),
+            sessions_idle: if dev { idle - host } else { idle },
             sessions_disk: count(|s| matches!(s, Slot::Disk { .. })),
             anon: self.anon.len(),
             counters: self.counters,
@@ -793,7 +874,9 @@ impl SessionStore {
 }
 
 mod replicas;
+pub mod tiers;
 use replicas::{write_behind, STALE_TMP};
+use tiers::{DeviceTier, Tier};
 
 #[cfg(test)]
 mod tests;

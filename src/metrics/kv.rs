@@ -8,12 +8,16 @@ use prometheus::{
     Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 
+use crate::kv::store::tiers::{move_index, Tier};
 use crate::kv::store::{StoreCounters, StoreStats};
 
 struct KvMetrics {
     bytes: IntGaugeVec,
     budget: IntGauge,
+    device_budget: IntGauge,
     disk_budget: IntGauge,
+    moves: IntCounterVec,
+    move_bytes: IntCounterVec,
     usage: prometheus::Gauge,
     sessions: IntGaugeVec,
     lookups: IntCounterVec,
@@ -44,7 +48,25 @@ fn build() -> prometheus::Result<KvMetrics> {
         )?,
         budget: IntGauge::new(
             "candela_kv_cache_budget_bytes",
-            "Byte budget of the session caches",
+            "Byte budget of the session caches in host memory",
+        )?,
+        device_budget: IntGauge::new(
+            "candela_kv_cache_device_budget_bytes",
+            "Byte budget of the session caches in GPU memory (0 without a device tier)",
+        )?,
+        moves: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_tier_moves_total",
+                "Session caches moved from one tier to another (device, host or memory, disk)",
+            ),
+            &["from", "to"],
+        )?,
+        move_bytes: IntCounterVec::new(
+            Opts::new(
+                "candela_kv_tier_move_bytes_total",
+                "Bytes of session caches moved from one tier to another",
+            ),
+            &["from", "to"],
         )?,
         disk_budget: IntGauge::new(
             "candela_kv_cache_disk_budget_bytes",
@@ -130,6 +152,9 @@ fn build() -> prometheus::Result<KvMetrics> {
     let r = &super::get().registry;
     r.register(Box::new(m.bytes.clone()))?;
     r.register(Box::new(m.budget.clone()))?;
+    r.register(Box::new(m.device_budget.clone()))?;
+    r.register(Box::new(m.moves.clone()))?;
+    r.register(Box::new(m.move_bytes.clone()))?;
     r.register(Box::new(m.disk_budget.clone()))?;
     r.register(Box::new(m.usage.clone()))?;
     r.register(Box::new(m.sessions.clone()))?;
@@ -165,7 +190,7 @@ fn get() -> &'static KvMetrics {
 /// Gauges from the latest stats of every model's store (`model` names the reporting
 /// one), summed; counters advance by `delta` (the store's increments since its last report).
 pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
-    counters(delta);
+    counters(delta, s.device_tier);
     static LAST: OnceLock<Mutex<HashMap<String, StoreStats>>> = OnceLock::new();
     let s = {
         let mut last = LAST
@@ -177,6 +202,10 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
             .fold(StoreStats::default(), |a, b| StoreStats {
                 resident_bytes: a.resident_bytes + b.resident_bytes,
                 budget_bytes: a.budget_bytes + b.budget_bytes,
+                device_tier: a.device_tier || b.device_tier,
+                device_bytes: a.device_bytes + b.device_bytes,
+                device_budget_bytes: a.device_budget_bytes + b.device_budget_bytes,
+                sessions_host: a.sessions_host + b.sessions_host,
                 disk_bytes: a.disk_bytes + b.disk_bytes,
                 disk_budget_bytes: a.disk_budget_bytes + b.disk_budget_bytes,
                 sessions_busy: a.sessions_busy + b.sessions_busy,
@@ -187,10 +216,22 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
             })
     };
     let m = get();
+    // A CPU server has one memory tier, `memory`, as it always had; with a GPU the
+    // tiers are `device`, `host` and `disk`.
+    let host = Tier::Host.name(s.device_tier);
     m.bytes
-        .with_label_values(&["memory"])
+        .with_label_values(&[host])
         .set(s.resident_bytes as i64);
+    if s.device_tier {
+        m.bytes
+            .with_label_values(&["device"])
+            .set(s.device_bytes as i64);
+        m.sessions
+            .with_label_values(&["host"])
+            .set(s.sessions_host as i64);
+    }
     m.budget.set(s.budget_bytes as i64);
+    m.device_budget.set(s.device_budget_bytes as i64);
     m.bytes
         .with_label_values(&["disk"])
         .set(s.disk_bytes as i64);
@@ -198,7 +239,12 @@ pub fn store(model: &str, s: &StoreStats, delta: &StoreCounters) {
     m.sessions
         .with_label_values(&["disk"])
         .set(s.sessions_disk as i64);
-    m.usage.set(usage_ratio(s.resident_bytes, s.budget_bytes));
+    // Routers read how full the tier that decodes is: the device's, where there is one.
+    m.usage.set(if s.device_tier {
+        usage_ratio(s.device_bytes, s.device_budget_bytes)
+    } else {
+        usage_ratio(s.resident_bytes, s.budget_bytes)
+    });
     m.sessions
         .with_label_values(&["busy"])
         .set(s.sessions_busy as i64);
@@ -250,8 +296,32 @@ pub fn session_tokens(tokens: usize) {
     get().session_tokens.observe(tokens as f64);
 }
 
-fn counters(d: &StoreCounters) {
+/// The tier moves a store of this kind makes, so their counters show from the start.
+fn move_pairs(device_tier: bool) -> &'static [(Tier, Tier)] {
+    use Tier::*;
+    if device_tier {
+        &[
+            (Device, Host),
+            (Host, Device),
+            (Host, Disk),
+            (Device, Disk),
+            (Disk, Device),
+        ]
+    } else {
+        &[(Host, Disk), (Disk, Host)]
+    }
+}
+
+fn counters(d: &StoreCounters, device_tier: bool) {
     let m = get();
+    for &(from, to) in move_pairs(device_tier) {
+        let labels = [from.name(device_tier), to.name(device_tier)];
+        let i = move_index(from, to);
+        m.moves.with_label_values(&labels).inc_by(d.moves[i]);
+        m.move_bytes
+            .with_label_values(&labels)
+            .inc_by(d.move_bytes[i]);
+    }
     m.evictions
         .with_label_values(&["lru"])
         .inc_by(d.evicted_lru);

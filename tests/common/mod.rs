@@ -141,6 +141,7 @@ pub fn test_config(spill: PathBuf) -> candela::Config {
         queue_size: 64,
         max_batch: 8,
         kv_budget: 256 << 20,
+        kv_device_budget: Default::default(),
         kv_dtype: Default::default(),
         kv_spill_dir: spill,
         kv_disk_budget: 1 << 30,

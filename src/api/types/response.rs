@@ -435,7 +435,9 @@ pub struct Session {
     pub model: String,
     pub tokens: usize,
     pub bytes: usize,
-    /// `memory` or `disk`.
+    /// Where the cache is: `memory` or `disk` on a CPU server; `device` (GPU memory),
+    /// `host` (host RAM) or `disk` on a GPU server. A busy session is where the model
+    /// computes (`memory`, or `device`).
     pub tier: String,
     pub busy: bool,
     pub pinned: bool,
@@ -449,8 +451,18 @@ pub struct SessionList {
     /// Always `list`.
     pub object: String,
     pub data: Vec<Session>,
+    /// Bytes of the idle caches in host RAM, and their budget (`--kv-budget`).
     pub resident_bytes: usize,
     pub budget_bytes: usize,
+    /// Bytes of the idle caches in GPU memory, and their budget
+    /// (`--kv-device-budget`); absent on a server without a GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_budget_bytes: Option<usize>,
+    /// Bytes of the spill files, and their budget (`--kv-disk-budget`).
+    pub disk_bytes: u64,
+    pub disk_budget_bytes: u64,
     /// Null while the default model is loading.
     pub kv_dtype: Option<String>,
     pub kv_bytes_per_token: Option<usize>,

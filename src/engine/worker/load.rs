@@ -121,6 +121,22 @@ fn load_hf_dir(
 }
 
 /// `auto` (the GPU when this build has one, else the CPU), `cpu`, `cuda`, `cuda:N`, `metal`.
+/// Free and total bytes of an accelerator's memory; None for the CPU, and for Metal,
+/// whose memory is the host's (its caches stay in one memory tier).
+pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => match d.cuda_stream().context().mem_get_info() {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::warn!("cannot read the GPU's free memory: {e}");
+                None
+            }
+        },
+        _ => None,
+    }
+}
+
 pub fn pick_device(spec: &str) -> Result<Device, EngineError> {
     let dev = |r: candle_core::Result<Device>| {
         r.map_err(|e| EngineError::Load(format!("device `{spec}`: {e}")))

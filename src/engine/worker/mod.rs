@@ -16,7 +16,7 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-pub use load::pick_device;
+pub use load::{device_memory, pick_device};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,6 +114,17 @@ pub(super) fn run(cfg: EngineConfig, link: Link) {
         }
     };
     let mut store = SessionStore::new(cfg.kv_budget);
+    if let Some((free, total)) = device_memory(model.device()) {
+        let budget = cfg.kv_device_budget.resolve(free);
+        tracing::info!(
+            budget,
+            free,
+            total,
+            host_budget = cfg.kv_budget,
+            "session caches: GPU memory tier, then host RAM, then disk"
+        );
+        store.enable_device_tier(model.device().clone(), budget);
+    }
     if cfg.kv_disk_budget > 0 {
         let layout = model.cache_layout(cfg.kv_dtype);
         let fingerprint = format!(
