@@ -168,6 +168,17 @@ kquant)
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
             --tokens $n 2>"$OUT/doctor_$m.err" | tee "$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
     done
+    # Variants, while the call has time (each line says what it changed): the mat-mat
+    # kernels allowed 200 KB of shared memory (fewer passes over the weights at 32
+    # sequences), and Q4_K in the wide Q4_1 layout (8 bytes of scales per 32, not 3).
+    for v in "CANDELA_CUDA_MM_SMEM_KB=200 qwen-mix" "CANDELA_CUDA_MM_SMEM_KB=200 llama3-8b" \
+        "CANDELA_CUDA_Q4K_WIDE=1 llama3-8b"; do
+        [ $SECONDS -gt 420 ] && { echo "== variant $v: not measured: the call is at ${SECONDS} s"; continue; }
+        set -- $v
+        echo "== variant $1 on $2"
+        env "$1" /root/candela doctor --device cuda --model /root/synth/$2.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 2>>"$OUT/doctor_variants.err" | grep -E "fused|sequences|step sum" | tee -a "$OUT/doctor_variants.txt"
+    done
     ;;
 kpeer)
     for _ in $(seq 1 100); do [ -f /root/lcp/build.done ] && break; sleep 3; done

@@ -328,7 +328,13 @@ impl FusedDecoder {
                 load(&format!("mv_{k}_swiglu"))?,
             ])
         };
-        let mut mm_smem = batch::MM_SMEM;
+        // `CANDELA_CUDA_MM_SMEM_KB` asks for another limit (more columns per chunk, so
+        // fewer passes over the weights for wide inputs, at fewer blocks per SM).
+        let want_smem = std::env::var("CANDELA_CUDA_MM_SMEM_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(batch::MM_SMEM, |kb| kb << 10);
+        let mut mm_smem = want_smem;
         let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
             let fs = [
                 load(&format!("mm_{k}_store"))?,
@@ -338,7 +344,7 @@ impl FusedDecoder {
             for f in &fs {
                 let raised = f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    batch::MM_SMEM as i32,
+                    want_smem as i32,
                 );
                 if raised.is_err() {
                     mm_smem = batch::MM_SMEM_DEFAULT;
