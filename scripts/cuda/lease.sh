@@ -173,7 +173,7 @@ kquant)
     # sequences), and Q4_K in the wide Q4_1 layout (8 bytes of scales per 32, not 3).
     for v in "CANDELA_CUDA_MM_SMEM_KB=200 qwen-mix" "CANDELA_CUDA_MM_SMEM_KB=200 llama3-8b" \
         "CANDELA_CUDA_Q4K_WIDE=1 llama3-8b"; do
-        [ $SECONDS -gt 420 ] && { echo "== variant $v: not measured: the call is at ${SECONDS} s"; continue; }
+        [ $SECONDS -gt 330 ] && { echo "== variant $v: not measured: the call is at ${SECONDS} s"; continue; }
         set -- $v
         echo "== variant $1 on $2"
         env "$1" /root/candela doctor --device cuda --model /root/synth/$2.gguf --data-dir /tmp/cdoctor \
