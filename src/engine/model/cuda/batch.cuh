@@ -120,8 +120,9 @@ __device__ __forceinline__ int lane_col(int lane) {
 
 // out(B, rows) = q8(norm(x(B, K))) · W^T with the single-stream epilogues (MODE_*);
 // out's rows are `ld` floats apart (a part of a stacked matrix writes its columns of a
-// wider output; `bias` is then offset to the part's first row too). `ch` columns are quantized into shared memory at a time (dynamic shared memory:
-// ch * (K + 8 * K/32) bytes). 256 threads.
+// wider output; `bias` is then offset to the part's first row too). `ch` columns are
+// quantized into shared memory at a time (dynamic shared memory: ch * (K + 8 * K/32)
+// bytes). 256 threads.
 template <int KIND, int MODE>
 __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ x, const float* __restrict__ norm, float eps,
