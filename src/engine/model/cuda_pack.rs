@@ -240,12 +240,12 @@ pub fn repack(dt: GgmlDType, raw: &[u8], n: usize, k: usize, wide: bool) -> Resu
 
 #[cfg(test)]
 impl Packed {
-    /// The weights of rows `k` long as floats, the way the kernels form them.
-    pub fn dequantize(&self, k: usize) -> Vec<f32> {
-        let qb = self.pack.quant_bytes();
-        let nb = k / 32;
+    /// Every block's (scale, offset) or (first half's, second half's scale) pair, as the
+    /// kernels form it.
+    pub fn pairs(&self) -> Vec<[f32; 2]> {
+        let (k, nb) = (self.k, self.k / 32);
         let f = |b: &[u8], i: usize| f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let mut pairs = Vec::with_capacity(self.qs.len() / qb);
+        let mut pairs = Vec::with_capacity(self.n * nb);
         for row in self.dm.chunks_exact(self.pack.scale_bytes(k)) {
             for b in 0..nb {
                 pairs.push(if self.pack == Pack::Q4K {
@@ -257,6 +257,13 @@ impl Packed {
                 });
             }
         }
+        pairs
+    }
+
+    /// The weights as floats, the way the kernels form them.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let qb = self.pack.quant_bytes();
+        let pairs = self.pairs();
         let mut out = Vec::with_capacity(self.qs.len() / qb * 32);
         for (q, p) in self.qs.chunks_exact(qb).zip(pairs) {
             if self.pack == Pack::Q8 {
@@ -350,7 +357,7 @@ mod tests {
             .expect("flatten")
             .to_vec1()
             .expect("floats");
-        let got = p.dequantize(k);
+        let got = p.dequantize();
         assert_eq!(got.len(), want.len());
         for (j, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -369,7 +376,7 @@ mod tests {
                 .map(|&(dt, n)| {
                     let raw = random_blocks(dt, n, k, seed + n as u64);
                     let p = repack(dt, &raw, n, k, false).expect("repack");
-                    let v = p.dequantize(k);
+                    let v = p.dequantize();
                     (p, v)
                 })
                 .collect()
@@ -407,8 +414,28 @@ mod tests {
             let parts = stack(ms.into_iter().map(|(p, _)| p));
             let got: Vec<(Pack, usize)> = parts.iter().map(|p| (p.pack, p.n)).collect();
             assert_eq!(got, want);
-            let joined: Vec<f32> = parts.iter().flat_map(|p| p.dequantize(k)).collect();
+            let joined: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
             assert_eq!(joined, all, "stacked rows keep their values and order");
+        }
+    }
+
+    /// The compact Q4_K layout gives the kernels the very pairs the wide one stores, so
+    /// both run the same arithmetic on the same bits.
+    #[test]
+    fn compact_q4k_pairs_equal_the_wide_layouts() {
+        for (n, k) in [(3, 256), (4, 4864)] {
+            let raw = random_blocks(GgmlDType::Q4K, n, k, 99);
+            let compact = repack(GgmlDType::Q4K, &raw, n, k, false).expect("compact");
+            let wide = repack(GgmlDType::Q4K, &raw, n, k, true).expect("wide");
+            assert_eq!(compact.qs, wide.qs);
+            let bits = |p: &Packed| -> Vec<[u32; 2]> {
+                p.pairs()
+                    .iter()
+                    .map(|[a, b]| [a.to_bits(), b.to_bits()])
+                    .collect()
+            };
+            assert_eq!(bits(&compact), bits(&wide));
+            assert_eq!(compact.dm.len() * 8, wide.dm.len() * 3);
         }
     }
 
