@@ -17,6 +17,16 @@
 #   scripts/cuda/lease.sh peer     (after batch, nothing carried) llama-bench,
 #       llama-batched-bench -npl 1,8,32 and llama-server --parallel 32 over HTTP at 1, 8
 #       and 32 streams (batch_check.py) on the same card.
+#   scripts/cuda/lease.sh kquant   carry .device/k: candela.xz, llamacpp.tar.xz,
+#       gguf-0.19.0-py3-none-any.whl, tok.gguf (gen_synth.py --write-tokenizer), and the
+#       scripts (K=.device/k: this script, gen_synth.py, batch_check.py beside it when
+#       run from a copy). Starts the llama.cpp build in the background, writes the
+#       synthetic qwen-mix (Qwen2.5-Coder-0.5B's Q4_K_M types) and llama3-8b (Llama-3-8B's
+#       shape in Q4_K_M) with gen_synth.py, then `candela doctor` on both: fused K-quant
+#       path, tensor path and CPU on the same prompts, batched against single-stream.
+#   scripts/cuda/lease.sh kpeer    (right after kquant, nothing carried) llama-bench
+#       (tg128, pp512), llama-batched-bench -npl 1,8,32 on both files, then candela and
+#       llama-server over HTTP at 1, 8 and 32 streams on llama3-8b (batch_check.py).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -134,6 +144,68 @@ peer)
         fi
     fi
     ;;
+kquant)
+    K="${K:-.device/k}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $K/llamacpp.tar.xz -C /root/lcp
+    (cd /root/lcp && setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
+        >build.log 2>&1 && nice -n 5 cmake --build build --target llama-bench llama-batched-bench \
+        llama-server -j 12 >>build.log 2>&1; echo $? >build.done' </dev/null >/dev/null 2>&1 &)
+    echo "llama.cpp build started in the background"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $K/gguf-*.whl || exit 1
+    xz -dc $K/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    t0=$(date +%s)
+    PYTHONPATH=/tmp/site python3 "$HERE/gen_synth.py" /root/synth --tokenizer-from $K/tok.gguf \
+        --only qwen-mix llama3-8b --verbose | grep -v "blk\.[1-9]" | tee "$OUT/synth.txt" || exit 1
+    echo "== wrote the synthetic models in $(( $(date +%s) - t0 )) s"
+    for m in qwen-mix llama3-8b; do
+        n=64; [ $m = llama3-8b ] && n=32
+        echo "== doctor on $m ($n tokens)"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --tokens $n 2>"$OUT/doctor_$m.err" | tee "$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
+    done
+    # Variants, while the call has time (each line says what it changed): the mat-mat
+    # kernels allowed 200 KB of shared memory (fewer passes over the weights at 32
+    # sequences), and Q4_K in the wide Q4_1 layout (8 bytes of scales per 32, not 3).
+    for v in "CANDELA_CUDA_MM_SMEM_KB=200 qwen-mix" "CANDELA_CUDA_MM_SMEM_KB=200 llama3-8b" \
+        "CANDELA_CUDA_Q4K_WIDE=1 llama3-8b"; do
+        [ $SECONDS -gt 330 ] && { echo "== variant $v: not measured: the call is at ${SECONDS} s"; continue; }
+        set -- $v
+        echo "== variant $1 on $2"
+        env "$1" /root/candela doctor --device cuda --model /root/synth/$2.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 2>>"$OUT/doctor_variants.err" | grep -E "fused|sequences|step sum" | tee -a "$OUT/doctor_variants.txt"
+    done
+    ;;
+kpeer)
+    for _ in $(seq 1 100); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+    echo "== llama.cpp build exit: $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished')"
+    tail -n 2 /root/lcp/build.log
+    LB=/root/lcp/build/bin
+    for m in qwen-mix llama3-8b; do
+        M=/root/synth/$m.gguf
+        [ -x $LB/llama-bench ] && $LB/llama-bench -m $M -ngl 99 -fa 1 -p 512 -n 128 -r 3 2>&1 | tee "$OUT/llama_bench_$m.txt" | grep -E "^\||build"
+        [ -x $LB/llama-batched-bench ] && $LB/llama-batched-bench -m $M -ngl 99 -fa on -c 16384 \
+            -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,8,32 2>&1 | tee "$OUT/llama_batched_$m.txt" | grep -E "^\||build"
+    done
+    M=/root/synth/llama3-8b.gguf
+    echo "== candela over HTTP on llama3-8b (--max-batch 32)"
+    /root/candela --device cuda --model $M --port 8090 --max-batch 32 --queue-size 64 --ctx-size 8192 \
+        --data-dir /tmp/cbatch >"$OUT/candela.log" 2>&1 &
+    CP=$!
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --out "$OUT" --name candela || tail -n 5 "$OUT/candela.log"
+    kill $CP; wait $CP 2>/dev/null
+    if [ -x $LB/llama-server ]; then
+        echo "== llama-server --parallel 32 over HTTP on llama3-8b"
+        $LB/llama-server -m $M -ngl 99 -fa on --parallel 32 -c 16384 --port 8092 >"$OUT/llama_server.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8092 --out "$OUT" --name llama-server
+        kill $LP; wait $LP 2>/dev/null
+    fi
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -148,7 +220,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|window" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ mod batch_plan;
 mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod cuda_pack;
 #[cfg(feature = "cuda")]
 mod fused;
 mod gguf;

@@ -37,7 +37,8 @@ __device__ __forceinline__ void row_dot_cols(const uint8_t* __restrict__ qs,
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const int4 w = __ldg((const int4*)(wq + b * 32 + h * 16));
-            const float wd = wdm[b].x;
+            const float2 wds = wdm[b];
+            const float wd = h ? wds.y : wds.x;
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
                 if (c < cnt) {
@@ -52,12 +53,13 @@ __device__ __forceinline__ void row_dot_cols(const uint8_t* __restrict__ qs,
         }
     } else {
         const uint8_t* wq = qs + (size_t)row * nb * 16;
+        const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
             const int w0 = (int)(w.x & 0x0f0f0f0fu), w1 = (int)(w.y & 0x0f0f0f0fu);
             const int w2 = (int)((w.x >> 4) & 0x0f0f0f0fu), w3 = (int)((w.y >> 4) & 0x0f0f0f0fu);
-            const float2 sc = wdm[b];
+            const float2 sc = nibble_pair<KIND>(wdm, srow, nb, b);
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
                 if (c < cnt) {
@@ -116,14 +118,17 @@ __device__ __forceinline__ int lane_col(int lane) {
     return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
 }
 
-// out(B, rows) = q8(norm(x(B, K))) · W^T with the single-stream epilogues (MODE_*).
-// `ch` columns are quantized into shared memory at a time (dynamic shared memory:
-// ch * (K + 8 * K/32) bytes). 256 threads.
+// out(B, rows) = q8(norm(x(B, K))) · W^T with the single-stream epilogues (MODE_*);
+// out's rows are `ld` floats apart (a part of a stacked matrix writes its columns of a
+// wider output; `bias` is then offset to the part's first row too). `ch` columns are
+// quantized into shared memory at a time (dynamic shared memory: ch * (K + 8 * K/32)
+// bytes). 256 threads.
 template <int KIND, int MODE>
 __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
-                       const float* __restrict__ bias, int N, float* __restrict__ out, int ch) {
+                       const float* __restrict__ bias, int N, float* __restrict__ out, int ld,
+                       int ch) {
     extern __shared__ int smem_i[];
     __shared__ float part[MAX_CH * 8];
     __shared__ float mrow[MAX_CH];
@@ -142,8 +147,9 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
                 const size_t row = (size_t)r + (size_t)t * rows;
                 const uint8_t* wq = qs + row * nb * qb;
                 for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
-                const uint8_t* wd = (const uint8_t*)(dm + row * nb);
-                for (int off = lane * 128; off < nb * 8; off += 32 * 128) prefetch_l2(wd + off);
+                const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
+                for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
+                    prefetch_l2(wd + off);
             }
         }
     }
@@ -212,7 +218,7 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
                                        ss + g * nb, cnt, lane, &u);
                 const int c = lane_col(lane);
                 if ((lane & 3) == 0 && c < cnt) {
-                    float* o = out + (size_t)(c0 + g + c) * rows + r;
+                    float* o = out + (size_t)(c0 + g + c) * ld + r;
                     if (MODE == MODE_SWIGLU) {
                         *o = __fmul_rn(y / (1.f + expf(-y)), u);
                     } else if (MODE == MODE_ADD) {
@@ -232,8 +238,8 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
         const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
         const float* __restrict__ norm, float eps, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,              \
-        float* __restrict__ out, int ch) {                                                  \
-        matmat<KIND, MODE>(step, x, norm, eps, K, qs, dm, bias, N, out, ch);                \
+        float* __restrict__ out, int ld, int ch) {                                          \
+        matmat<KIND, MODE>(step, x, norm, eps, K, qs, dm, bias, N, out, ld, ch);            \
     }
 
 MATMAT_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)
@@ -245,6 +251,9 @@ MATMAT_ENTRY(KIND_Q4_1, q4_1, MODE_SWIGLU, swiglu)
 MATMAT_ENTRY(KIND_Q8_0, q8_0, MODE_STORE, store)
 MATMAT_ENTRY(KIND_Q8_0, q8_0, MODE_ADD, add)
 MATMAT_ENTRY(KIND_Q8_0, q8_0, MODE_SWIGLU, swiglu)
+MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_STORE, store)
+MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_ADD, add)
+MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_SWIGLU, swiglu)
 
 // x(B, hidden) = the embedding rows of the step's tokens; grid (blocks, bucket).
 extern "C" __global__ void embed_rows(const unsigned long long* __restrict__ step, int stride,

@@ -163,7 +163,8 @@ impl Inner {
         g.launch().map_err(err)
     }
 
-    /// Enqueue one batched step for a `bucket`-wide batch on our stream.
+    /// Enqueue one batched step for a `bucket`-wide batch on our stream. Outputs go as
+    /// `(pointer, row stride in floats)`.
     fn enqueue_batch(&self, bucket: usize) -> Result<()> {
         let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
         let cfg = &self.cfg;
@@ -192,30 +193,20 @@ impl Inner {
             }
         }
         for (li, l) in self.layers.iter().enumerate() {
-            let bias = l.qkv_bias.as_ref().map_or(0, |x| x.ptr);
-            self.matmat(
-                b,
-                bucket,
-                &l.qkv,
-                0,
-                b.x.ptr,
-                l.attn_norm.ptr,
-                bias,
-                b.qkv.ptr,
-            )?;
+            let qkv_n: usize = l.qkv.iter().map(|m| m.n).sum();
+            let mut row = 0u64;
+            for m in &l.qkv {
+                let bias = l.qkv_bias.as_ref().map_or(0, |x| x.ptr + 4 * row);
+                let out = (b.qkv.ptr + 4 * row, qkv_n);
+                self.matmat(b, bucket, m, 0, b.x.ptr, l.attn_norm.ptr, bias, out)?;
+                row += m.n as u64;
+            }
             self.attention_batch(b, bucket, li, stride)?;
-            self.matmat(b, bucket, &l.wo, 1, b.att.ptr, 0, 0, b.x.ptr)?;
-            self.matmat(
-                b,
-                bucket,
-                &l.gate_up,
-                2,
-                b.x.ptr,
-                l.ffn_norm.ptr,
-                0,
-                b.act.ptr,
-            )?;
-            self.matmat(b, bucket, &l.down, 1, b.act.ptr, 0, 0, b.x.ptr)?;
+            let x_out = (b.x.ptr, cfg.hidden);
+            self.matmat(b, bucket, &l.wo, 1, b.att.ptr, 0, 0, x_out)?;
+            let act = (b.act.ptr, l.gate_up.n / 2);
+            self.matmat(b, bucket, &l.gate_up, 2, b.x.ptr, l.ffn_norm.ptr, 0, act)?;
+            self.matmat(b, bucket, &l.down, 1, b.act.ptr, 0, 0, x_out)?;
         }
         self.matmat(
             b,
@@ -225,7 +216,7 @@ impl Inner {
             b.x.ptr,
             self.out_norm.ptr,
             0,
-            b.logits.ptr,
+            (b.logits.ptr, self.output.n),
         )
     }
 
@@ -239,7 +230,7 @@ impl Inner {
         x: u64,
         norm: u64,
         bias: u64,
-        out: u64,
+        (out, ld): (u64, usize),
     ) -> Result<()> {
         let f = &self.f.mm[m.kind as usize][mode];
         let rows = if mode == 2 { m.n / 2 } else { m.n };
@@ -251,7 +242,7 @@ impl Inner {
         let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
         let smem = (ch * batch_plan::column_bytes(m.k)) as u32;
         let eps = self.cfg.rms_eps as f32;
-        let (k, n, chi) = (m.k as i32, m.n as i32, ch as i32);
+        let (k, n, ld, chi) = (m.k as i32, m.n as i32, ld as i32, ch as i32);
         let mut args = [
             arg(&b.step.ptr),
             arg(&x),
@@ -263,6 +254,7 @@ impl Inner {
             arg(&bias),
             arg(&n),
             arg(&out),
+            arg(&ld),
             arg(&chi),
         ];
         // SAFETY: argument types and order match `MATMAT_ENTRY` in batch.cuh; the

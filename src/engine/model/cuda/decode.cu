@@ -1,4 +1,9 @@
-// Fused single-token decode kernels for llama-family models with Q4_0/Q4_1/Q8_0 weights.
+// Fused single-token decode kernels for llama-family models with Q4_0/Q4_1/Q8_0/Q5_0/
+// Q4_K/Q6_K weights, repacked at load into four layouts (src/engine/model/cuda_pack.rs):
+// KIND_Q4_0 (nibbles, scale d), KIND_Q4_1 (nibbles, scale d and offset m per 32),
+// KIND_Q4_K (nibbles; per row the super-blocks' (d, -dmin) then each 32's 6-bit (sc, m)
+// bytes: Q4_1's arithmetic with (d * sc, -dmin * m)) and KIND_Q8_0 (signed bytes, one
+// scale per 16 elements: Q8_0, Q5_0 and Q6_K).
 //
 // Compiled to PTX by build.rs (only with the `cuda` feature) and driven by
 // src/engine/cuda.rs, which captures one decode step (embedding, 5 launches per layer,
@@ -20,6 +25,7 @@
 #define KIND_Q4_0 0
 #define KIND_Q4_1 1
 #define KIND_Q8_0 2
+#define KIND_Q4_K 3
 
 // Layout of the step buffer (u64 words): token, pos, cap, then n_layers K pointers,
 // then n_layers V pointers (each an f16 tensor (n_kv_heads, cap, head_dim)).
@@ -115,8 +121,28 @@ __device__ void quantize_acts(const float* __restrict__ x, const float* __restri
     __syncthreads();
 }
 
+// The (scale, offset) pair of block `b` of a nibble row: stored as such, or for KIND_Q4_K
+// formed from the row's scale bytes `srow` (see the header).
+template <int KIND>
+__device__ __forceinline__ float2 nibble_pair(const float2* __restrict__ wdm,
+                                              const uint8_t* __restrict__ srow, int nb, int b) {
+    if (KIND == KIND_Q4_K) {
+        const float2 dd = ((const float2*)srow)[b >> 3];
+        const uchar2 sm = ((const uchar2*)(srow + nb))[b];
+        return make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
+    }
+    return wdm[b];
+}
+
+// Bytes of scales of a row of nb blocks.
+template <int KIND>
+__device__ __forceinline__ int scale_bytes(int nb) {
+    return KIND == KIND_Q4_K ? 3 * nb : 8 * nb;
+}
+
 // Dot product of weight row `row` with the quantized activations; the warp's lanes
-// split the row into half-blocks. Every lane returns the full sum.
+// split the row into half-blocks (a KIND_Q8_0 half-block has its own scale: `dm` holds
+// the two halves' scales). Every lane returns the full sum.
 template <int KIND>
 __device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
                                          const float2* __restrict__ dm, int row, int nb,
@@ -134,10 +160,12 @@ __device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
             s = __dp4a(w.y, a[1], s);
             s = __dp4a(w.z, a[2], s);
             s = __dp4a(w.w, a[3], s);
-            acc += wdm[b].x * sd[b] * (float)s;
+            const float2 wd = wdm[b];
+            acc += (h ? wd.y : wd.x) * sd[b] * (float)s;
         }
     } else {
         const uint8_t* wq = qs + (size_t)row * nb * 16;
+        const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
@@ -148,7 +176,7 @@ __device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
             s = __dp4a((int)(w.y & 0x0f0f0f0fu), lo[1], s);
             s = __dp4a((int)((w.x >> 4) & 0x0f0f0f0fu), hi[0], s);
             s = __dp4a((int)((w.y >> 4) & 0x0f0f0f0fu), hi[1], s);
-            const float2 sc = wdm[b];
+            const float2 sc = nibble_pair<KIND>(wdm, srow, nb, b);
             if (KIND == KIND_Q4_0) {
                 int sy = __dp4a(0x01010101, lo[0], 0);
                 sy = __dp4a(0x01010101, lo[1], sy);
@@ -197,8 +225,9 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
                 const size_t row = (size_t)r + (size_t)t * rows;
                 const uint8_t* wq = qs + row * nb * qb;
                 for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
-                const uint8_t* wd = (const uint8_t*)(dm + row * nb);
-                for (int off = lane * 128; off < nb * 8; off += 32 * 128) prefetch_l2(wd + off);
+                const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
+                for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
+                    prefetch_l2(wd + off);
             }
         }
     }
@@ -236,6 +265,9 @@ MATVEC_ENTRY(KIND_Q4_1, q4_1, MODE_SWIGLU, swiglu)
 MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_STORE, store)
 MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_ADD, add)
 MATVEC_ENTRY(KIND_Q8_0, q8_0, MODE_SWIGLU, swiglu)
+MATVEC_ENTRY(KIND_Q4_K, q4_k, MODE_STORE, store)
+MATVEC_ENTRY(KIND_Q4_K, q4_k, MODE_ADD, add)
+MATVEC_ENTRY(KIND_Q4_K, q4_k, MODE_SWIGLU, swiglu)
 
 // x = embedding row of the step's token (f32 table, `hidden` wide).
 extern "C" __global__ void embed_row(const unsigned long long* __restrict__ step,

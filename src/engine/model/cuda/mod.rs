@@ -1,5 +1,6 @@
-//! Fused CUDA decode for llama-family GGUF models whose projections are Q4_0, Q4_1 or
-//! Q8_0: our own kernels (`decode.cu`, compiled to PTX by `build.rs`) instead of candle's
+//! Fused CUDA decode for llama-family GGUF models whose projections are Q4_0, Q4_1,
+//! Q8_0, Q5_0, Q4_K or Q6_K (repacked at load into the kernels' three layouts, see
+//! [`super::cuda_pack`]): our own kernels (`decode.cu`, compiled to PTX by `build.rs`) instead of candle's
 //! generic tensor ops, one token at a time, captured once in a CUDA graph and replayed.
 //!
 //! A step is: the embedding row; per layer five launches — RMSNorm + activation
@@ -22,10 +23,11 @@ use std::ffi::c_void;
 use candle_core::cuda_backend::cudarc::driver::{
     result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
 };
-use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use half::f16;
 
+use super::cuda_pack::{self, Pack};
 use super::ModelConfig;
 use crate::kv::SeqCache;
 
@@ -48,42 +50,16 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::msg(format!("fused cuda decode: {e}"))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-impl Kind {
-    fn of(dt: GgmlDType) -> Option<Self> {
-        match dt {
-            GgmlDType::Q4_0 => Some(Self::Q4_0),
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
-        }
-    }
-    /// (bytes per GGUF block, bytes of quants per block).
-    fn sizes(self) -> (usize, usize) {
-        match self {
-            Self::Q4_0 => (18, 16),
-            Self::Q4_1 => (20, 16),
-            Self::Q8_0 => (34, 32),
-        }
-    }
-}
-
 /// A quantized matrix `(n, k)` on the device, repacked from GGUF blocks into quants
-/// (16 or 32 bytes a block, 16-byte aligned) and `(d, m)` f32 pairs per block.
+/// (16 or 32 bytes a block, 16-byte aligned) and f32 pairs per block (`cuda_pack`).
 struct QMat {
-    kind: Kind,
+    kind: Pack,
     n: usize,
     k: usize,
     qs: u64,
     dm: u64,
     _qs: CudaSlice<u8>,
-    _dm: CudaSlice<f32>,
+    _dm: CudaSlice<u8>,
 }
 
 /// Device buffers owned by the decoder, with their raw addresses.
@@ -94,7 +70,9 @@ struct Buf<T> {
 
 struct LayerW {
     attn_norm: Buf<f32>,
-    qkv: QMat,
+    /// Q, K and V stacked by rows, in parts of one layout each (one part unless the
+    /// file mixes types whose layouts differ, as Q4_K_M's Q4_K and Q6_K do).
+    qkv: Vec<QMat>,
     qkv_bias: Option<Buf<f32>>,
     wo: QMat,
     ffn_norm: Buf<f32>,
@@ -115,12 +93,12 @@ enum Op {
 }
 
 struct Funcs {
-    /// `[kind][mode]`: modes store, add, swiglu.
-    mv: [[CudaFunction; 3]; 3],
+    /// `[kind][mode]` (kinds in `Pack` order; modes store, add, swiglu).
+    mv: [[CudaFunction; 3]; 4],
     embed: CudaFunction,
     attention: CudaFunction,
     /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`.
-    mm: [[CudaFunction; 3]; 3],
+    mm: [[CudaFunction; 3]; 4],
     embed_rows: CudaFunction,
     attention_b: CudaFunction,
 }
@@ -225,72 +203,59 @@ fn zeros(stream: &Arc<CudaStream>, n: usize) -> Result<Buf<f32>> {
     upload(stream, &vec![0f32; n.max(1)])
 }
 
-/// Repack GGUF blocks (rows of whole blocks) into quants and `(d, m)` pairs.
-fn repack(kind: Kind, raw: &[u8], n: usize, k: usize) -> Result<(Vec<u8>, Vec<f32>)> {
-    let (bsz, qlen) = kind.sizes();
-    let nb = n * k / 32;
-    if k % 32 != 0 || raw.len() != nb * bsz {
-        return Err(err(format!(
-            "bad {kind:?} tensor: {} bytes for {n}x{k}",
-            raw.len()
-        )));
-    }
-    let mut qs = Vec::with_capacity(nb * qlen);
-    let mut dm = Vec::with_capacity(nb * 2);
-    for blk in raw.chunks_exact(bsz) {
-        let h = |i: usize| f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
-        dm.push(h(0));
-        let q0 = if kind == Kind::Q4_1 {
-            dm.push(h(2));
-            4
-        } else {
-            dm.push(0.0);
-            2
-        };
-        qs.extend_from_slice(&blk[q0..q0 + qlen]);
-    }
-    Ok((qs, dm))
-}
-
 struct Reader<'a, R> {
     ct: &'a gguf_file::Content,
     r: &'a mut R,
     stream: Arc<CudaStream>,
+    /// Q4_K repacked as Q4_1 (`CANDELA_CUDA_Q4K_WIDE=1`, to compare the layouts).
+    wide_q4k: bool,
 }
 
 impl<R: Read + Seek> Reader<'_, R> {
-    /// Several matrices that read the same input, stacked by rows; None when a type is
-    /// not one of ours or they differ.
-    fn qmat(&mut self, names: &[String]) -> Result<Option<QMat>> {
-        let mut raw = Vec::new();
-        let (mut n, mut k, mut kind) = (0, 0, None);
+    /// Several matrices that read the same input, stacked by rows into parts of one
+    /// device layout each (consecutive tensors whose layouts agree share a part); None
+    /// when a type is not one of ours or the row lengths differ.
+    fn qmats(&mut self, names: &[String]) -> Result<Option<Vec<QMat>>> {
+        let mut mats = Vec::with_capacity(names.len());
         for name in names {
             let t = self.ct.tensor(self.r, name, &Device::Cpu)?;
-            let Some(kd) = Kind::of(t.dtype()) else {
+            let (tn, tk) = t.shape().dims2()?;
+            if Pack::of(t.dtype()).is_none() {
                 tracing::info!(tensor = %name, dtype = ?t.dtype(), "fused cuda decode: type not covered");
                 return Ok(None);
-            };
-            let (tn, tk) = t.shape().dims2()?;
-            if kind.is_some_and(|x| x != kd) || (k != 0 && tk != k) {
-                return Ok(None);
             }
-            kind = Some(kd);
-            k = tk;
-            n += tn;
-            raw.extend_from_slice(&t.data()?);
+            let p = cuda_pack::repack(t.dtype(), &t.data()?, tn, tk, self.wide_q4k).map_err(err)?;
+            mats.push(p);
         }
-        let kind = kind.ok_or_else(|| err("no tensors"))?;
-        let (qs, dm) = repack(kind, &raw, n, k)?;
-        let q = upload(&self.stream, &qs)?;
-        let d = upload(&self.stream, &dm)?;
-        Ok(Some(QMat {
-            kind,
-            n,
-            k,
-            qs: q.ptr,
-            dm: d.ptr,
-            _qs: q.slice,
-            _dm: d.slice,
+        if mats.windows(2).any(|w| w[0].k != w[1].k) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(mats.len());
+        for p in cuda_pack::stack(mats) {
+            let q = upload(&self.stream, &p.qs)?;
+            let d = upload(&self.stream, &p.dm)?;
+            out.push(QMat {
+                kind: p.pack,
+                n: p.n,
+                k: p.k,
+                qs: q.ptr,
+                dm: d.ptr,
+                _qs: q.slice,
+                _dm: d.slice,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// [`Self::qmats`] for matrices the kernels must read as one (a single layout).
+    fn qmat(&mut self, names: &[String]) -> Result<Option<QMat>> {
+        Ok(self.qmats(names)?.and_then(|mut v| {
+            if v.len() == 1 {
+                v.pop()
+            } else {
+                tracing::info!(tensors = ?names, "fused cuda decode: stacked types differ");
+                None
+            }
         }))
     }
 
@@ -363,7 +328,13 @@ impl FusedDecoder {
                 load(&format!("mv_{k}_swiglu"))?,
             ])
         };
-        let mut mm_smem = batch::MM_SMEM;
+        // `CANDELA_CUDA_MM_SMEM_KB` asks for another limit (more columns per chunk, so
+        // fewer passes over the weights for wide inputs, at fewer blocks per SM).
+        let want_smem = std::env::var("CANDELA_CUDA_MM_SMEM_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(batch::MM_SMEM, |kb| kb << 10);
+        let mut mm_smem = want_smem;
         let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
             let fs = [
                 load(&format!("mm_{k}_store"))?,
@@ -373,7 +344,7 @@ impl FusedDecoder {
             for f in &fs {
                 let raised = f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    batch::MM_SMEM as i32,
+                    want_smem as i32,
                 );
                 if raised.is_err() {
                     mm_smem = batch::MM_SMEM_DEFAULT;
@@ -381,9 +352,19 @@ impl FusedDecoder {
             }
             Ok(fs)
         };
-        let mm = [mm_set("q4_0")?, mm_set("q4_1")?, mm_set("q8_0")?];
+        let mm = [
+            mm_set("q4_0")?,
+            mm_set("q4_1")?,
+            mm_set("q8_0")?,
+            mm_set("q4_k")?,
+        ];
         let f = Funcs {
-            mv: [mv_set("q4_0")?, mv_set("q4_1")?, mv_set("q8_0")?],
+            mv: [
+                mv_set("q4_0")?,
+                mv_set("q4_1")?,
+                mv_set("q8_0")?,
+                mv_set("q4_k")?,
+            ],
             embed: load("embed_row")?,
             attention: load("attention")?,
             mm,
@@ -394,6 +375,7 @@ impl FusedDecoder {
             ct,
             r: reader,
             stream: stream.clone(),
+            wide_q4k: std::env::var("CANDELA_CUDA_Q4K_WIDE").is_ok_and(|v| v == "1"),
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -402,7 +384,7 @@ impl FusedDecoder {
                 xs.iter().map(|x| format!("{p}.{x}.weight")).collect()
             };
             let (Some(qkv), Some(wo), Some(gate_up), Some(down)) = (
-                rd.qmat(&names(&["attn_q", "attn_k", "attn_v"]))?,
+                rd.qmats(&names(&["attn_q", "attn_k", "attn_v"]))?,
                 rd.qmat(&names(&["attn_output"]))?,
                 rd.qmat(&names(&["ffn_gate", "ffn_up"]))?,
                 rd.qmat(&names(&["ffn_down"]))?,
@@ -410,7 +392,8 @@ impl FusedDecoder {
                 return Ok(None);
             };
             let want_qkv = hd * (cfg.n_heads + 2 * cfg.n_kv_heads);
-            if qkv.n != want_qkv || qkv.k != cfg.hidden || wo.n != cfg.hidden {
+            let qkv_n: usize = qkv.iter().map(|m| m.n).sum();
+            if qkv_n != want_qkv || qkv.iter().any(|m| m.k != cfg.hidden) || wo.n != cfg.hidden {
                 return Ok(None);
             }
             let qkv_bias = {

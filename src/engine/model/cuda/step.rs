@@ -93,12 +93,7 @@ impl Inner {
     }
 
     fn matvec(&self, m: &QMat, mode: usize, x: u64, norm: u64, bias: u64, out: u64) -> Result<()> {
-        let kind = match m.kind {
-            Kind::Q4_0 => 0,
-            Kind::Q4_1 => 1,
-            Kind::Q8_0 => 2,
-        };
-        let f = &self.f.mv[kind][mode];
+        let f = &self.f.mv[m.kind as usize][mode];
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
         // A grid-stride loop over rows: at most a few blocks per SM, each quantizing the
@@ -216,8 +211,15 @@ impl Inner {
                 unsafe { self.go(&self.f.embed, blocks, 256, 0, &mut args, false) }
             }
             Op::Qkv => {
-                let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr);
-                self.matvec(&l.qkv, 0, self.x.ptr, l.attn_norm.ptr, bias, self.qkv.ptr)
+                // One launch per part, each writing its rows of the stacked output.
+                let mut row = 0u64;
+                for m in &l.qkv {
+                    let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr + 4 * row);
+                    let out = self.qkv.ptr + 4 * row;
+                    self.matvec(m, 0, self.x.ptr, l.attn_norm.ptr, bias, out)?;
+                    row += m.n as u64;
+                }
+                Ok(())
             }
             Op::Attention => {
                 let hd = cfg.head_dim;
