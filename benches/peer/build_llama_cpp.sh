@@ -3,7 +3,7 @@
 # comparison in benches/peer/peer_bench.py.
 #
 # The source is the llama.cpp that the llama-cpp-python sdist vendors, fetched
-# from PyPI with pip, so no other host is needed. Everything lands in a cache
+# from PyPI's simple index, so no other host is needed. Everything lands in a cache
 # dir outside the repo; nothing from llama.cpp is committed. Idempotent: when
 # both binaries already exist the build is skipped.
 #
@@ -52,8 +52,26 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     DL="$CACHE/sdist"
     mkdir -p "$DL"
     if ! ls "$DL"/llama_cpp_python-"$VERSION".tar.gz >/dev/null 2>&1; then
-        python3 -m pip download --no-deps --no-binary :all: \
-            "llama-cpp-python==$VERSION" -d "$DL" >&2
+        # The sdist straight from the index (PEP 503 page, sha256 checked): `pip download
+        # --no-binary :all:` would first build the build backend's own dependencies
+        # (cmake among them) from source, which takes most of an hour on two cores.
+        python3 - "$VERSION" "$DL" <<'PY' >&2
+import hashlib, os, re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+page = urllib.request.urlopen(f"{index}/llama-cpp-python/").read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+m = re.search(r'href="([^"]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
+if not m:
+    sys.exit(f"{name} is not on {index}/llama-cpp-python/")
+url, want = m.group(1), m.group(2)
+data = urllib.request.urlopen(url).read()
+if hashlib.sha256(data).hexdigest() != want:
+    sys.exit(f"{name}: sha256 mismatch")
+with open(os.path.join(dest, name), "wb") as f:
+    f.write(data)
+print(f"fetched {name} ({len(data)} bytes)")
+PY
     fi
     TARBALL=$(ls "$DL"/llama_cpp_python-"$VERSION".tar.gz)
     rm -rf "$CACHE/unpack" "$SRC"

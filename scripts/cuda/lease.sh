@@ -19,11 +19,13 @@
 #       and 32 streams (batch_check.py) on the same card.
 #   scripts/cuda/lease.sh kquant   carry .device/k: candela.xz, llamacpp.tar.xz,
 #       gguf-0.19.0-py3-none-any.whl, tok.gguf (gen_synth.py --write-tokenizer), and the
-#       scripts (K=.device/k: this script, gen_synth.py, batch_check.py beside it when
-#       run from a copy). Starts the llama.cpp build in the background, writes the
-#       synthetic qwen-mix (Qwen2.5-Coder-0.5B's Q4_K_M types) and llama3-8b (Llama-3-8B's
-#       shape in Q4_K_M) with gen_synth.py, then `candela doctor` on both: fused K-quant
-#       path, tensor path and CPU on the same prompts, batched against single-stream.
+#       scripts (K=.device/k: this script, gen_synth.py, batch_check.py, tier_check.py
+#       beside it when run from a copy). Starts the llama.cpp build in the background,
+#       writes the synthetic qwen-mix (Qwen2.5-Coder-0.5B's Q4_K_M types) and llama3-8b
+#       (Llama-3-8B's shape in Q4_K_M) with gen_synth.py, then `candela doctor` on both:
+#       fused K-quant path, tensor path and CPU on the same prompts, batched against
+#       single-stream; then tier_check.py on qwen-mix (session caches moving GPU -> host
+#       RAM -> disk and back, against a server where nothing moves).
 #   scripts/cuda/lease.sh kpeer    (right after kquant, nothing carried) llama-bench
 #       (tg128, pp512), llama-batched-bench -npl 1,8,32 on both files, then candela and
 #       llama-server over HTTP at 1, 8 and 32 streams on llama3-8b (batch_check.py).
@@ -168,6 +170,16 @@ kquant)
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
             --tokens $n 2>"$OUT/doctor_$m.err" | tee "$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
     done
+    # Session KV tiers on this GPU (the fused K-quant path's caches moving GPU -> host
+    # RAM -> disk and back) against a server where nothing moves.
+    if [ -f "$HERE/tier_check.py" ]; then
+        echo "== tier_check on qwen-mix"
+        timeout 150 python3 "$HERE/tier_check.py" --bin /root/candela --model /root/synth/qwen-mix.gguf \
+            --device cuda --out "$OUT/tiers" 2>&1 | tee "$OUT/tier_check.txt" | tail -n 40
+        echo "tier_check exit: ${PIPESTATUS[0]}"
+    else
+        echo "== tier_check: not measured: tier_check.py is not beside lease.sh"
+    fi
     # Variants, while the call has time (each line says what it changed): the mat-mat
     # kernels allowed 200 KB of shared memory (fewer passes over the weights at 32
     # sequences), and Q4_K in the wide Q4_1 layout (8 bytes of scales per 32, not 3).
