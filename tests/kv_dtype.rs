@@ -213,3 +213,42 @@ fn q8_0_cache_on_the_cpu_kernels_follows_llama_cpp() {
     }
     eprintln!("q8_0 cache: tokens agreeing with llama.cpp per prompt: {report:?}");
 }
+
+/// On the CPU a bf16 cache lives in host vectors and attention reads it with candela's
+/// kernel, in f32 as the tensor path computes attention over a bf16 cache (only the
+/// order of the additions differs). Greedy output equals the tensor path's with a bf16
+/// cache on every prompt of `tests/fixtures/llama_ref.json`, 32 tokens each.
+#[test]
+fn bf16_cache_on_the_cpu_kernels_follows_the_tensor_path() {
+    use candela::kv::SeqCache;
+    use candle_core::quantized::gguf_file;
+    let path = common::model_path();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let model = candela::engine::model::Model::from_gguf(&ct, &mut f, &dev, 1024).unwrap();
+    let layout = model.cache_layout(KvDtype::BF16);
+    assert!(SeqCache::new(layout, &dev).is_host());
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_ref.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut report = Vec::new();
+    for g in fx["greedy"].as_array().unwrap() {
+        let prompt = common::ids(&g["prompt_ids"]);
+        let n = g["completion_ids"].as_array().unwrap().len();
+        let want = common::greedy_on(&model, SeqCache::new_tensor_path(layout, &dev), &prompt, n);
+        let got = common::greedy_on(&model, SeqCache::new(layout, &dev), &prompt, n);
+        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        report.push(agree);
+        assert_eq!(
+            got, want,
+            "prompt {:?}: parts after {agree} tokens ({report:?})",
+            g["prompt"]
+        );
+    }
+    eprintln!("bf16 cache: tokens agreeing with the tensor path per prompt: {report:?}");
+}
