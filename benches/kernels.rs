@@ -179,6 +179,17 @@ fn attention(c: &mut Criterion) {
     c.bench_function("attend_3x_hd64_len128_grouped", |b| {
         b.iter(|| attn::attend_heads(&q3, hd, k, v, 0.125, &mut out3))
     });
+    // The same group at context 2048, over an f16 and a bf16 cache of the same values.
+    let len = 2048;
+    let kf: Vec<f32> = (0..hd * len).map(|i| (i as f32 * 0.11).cos()).collect();
+    let k16: Vec<half::f16> = kf.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let kb16: Vec<half::bf16> = kf.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    c.bench_function("attend_3x_hd64_len2048_f16", |b| {
+        b.iter(|| attn::attend_heads(&q3, hd, &k16, &k16, 0.125, &mut out3))
+    });
+    c.bench_function("attend_3x_hd64_len2048_bf16", |b| {
+        b.iter(|| attn::attend_heads_bf16(&q3, hd, &kb16, &kb16, 0.125, &mut out3))
+    });
 }
 
 /// `CANDELA_BENCH_CPU_SECS=S`: each model shape at 1 and 8 rows, at the best level, run

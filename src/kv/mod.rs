@@ -11,7 +11,7 @@ pub mod spill;
 pub mod store;
 
 use candle_core::{DType, Device, Result, Tensor};
-use half::f16;
+use half::{bf16, f16};
 
 pub use dtype::KvDtype;
 
@@ -107,7 +107,7 @@ impl CacheLayout {
 }
 
 /// K and V of one layer, filled up to `len`: device tensors `(1, n_kv_heads, capacity,
-/// head_dim)`; or (f16 and q8_0 on the CPU) plain vectors that the CPU kernels read and
+/// head_dim)`; or (f16, bf16 and q8_0 on the CPU) plain vectors that the CPU kernels read and
 /// write in place without tensor ops ([`HostKv`]); or (q8_0 on a device) the offset
 /// 8-bit values plus the f16 scales of their 32-value blocks in
 /// `(1, n_kv_heads, capacity, head_dim / 32)` tensors beside them.
@@ -126,14 +126,19 @@ enum LayerKv {
     },
 }
 
-/// One layer of a host cache, `(n_kv_heads, capacity, width)` per vector: f16 values
-/// (width `head_dim`), or q8_0 as the tensor path stores it — the 8-bit values offset
-/// by 128 (width `head_dim`) and one f16 scale per 32 values (width `head_dim / 32`).
+/// One layer of a host cache, `(n_kv_heads, capacity, width)` per vector: f16 or bf16
+/// values (width `head_dim`), or q8_0 as the tensor path stores it — the 8-bit values
+/// offset by 128 (width `head_dim`) and one f16 scale per 32 values (width
+/// `head_dim / 32`).
 #[derive(Debug, Clone)]
 enum HostKv {
     F16 {
         k: Vec<f16>,
         v: Vec<f16>,
+    },
+    BF16 {
+        k: Vec<bf16>,
+        v: Vec<bf16>,
     },
     Q8 {
         k: Vec<u8>,
@@ -148,6 +153,10 @@ pub enum HostKvMut<'a> {
     F16 {
         k: &'a mut [f16],
         v: &'a mut [f16],
+    },
+    BF16 {
+        k: &'a mut [bf16],
+        v: &'a mut [bf16],
     },
     Q8 {
         k: &'a mut [u8],
@@ -176,6 +185,10 @@ impl HostKv {
                 v: vec![dtype::Q8_ZERO; nh * cap * hd],
                 v_scale: vec![f16::ZERO; nh * cap * nb],
             },
+            KvDtype::BF16 => Self::BF16 {
+                k: vec![bf16::ZERO; nh * cap * hd],
+                v: vec![bf16::ZERO; nh * cap * hd],
+            },
             _ => Self::F16 {
                 k: vec![f16::ZERO; nh * cap * hd],
                 v: vec![f16::ZERO; nh * cap * hd],
@@ -186,6 +199,7 @@ impl HostKv {
     fn view(&mut self) -> HostKvMut<'_> {
         match self {
             Self::F16 { k, v } => HostKvMut::F16 { k, v },
+            Self::BF16 { k, v } => HostKvMut::BF16 { k, v },
             Self::Q8 {
                 k,
                 k_scale,
@@ -205,6 +219,7 @@ impl HostKv {
     fn bytes(&self) -> usize {
         match self {
             Self::F16 { k, v } => (k.len() + v.len()) * 2,
+            Self::BF16 { k, v } => (k.len() + v.len()) * 2,
             Self::Q8 {
                 k,
                 k_scale,
@@ -230,6 +245,10 @@ impl HostKv {
                 k: moved(k, nh, old_cap, new_cap, from, keep, hd),
                 v: moved(v, nh, old_cap, new_cap, from, keep, hd),
             },
+            Self::BF16 { k, v } => Self::BF16 {
+                k: moved(k, nh, old_cap, new_cap, from, keep, hd),
+                v: moved(v, nh, old_cap, new_cap, from, keep, hd),
+            },
             Self::Q8 {
                 k,
                 k_scale,
@@ -252,6 +271,10 @@ impl HostKv {
                 plane_tensor(k, nh, cap, len, device)?,
                 plane_tensor(v, nh, cap, len, device)?,
             ]),
+            Self::BF16 { k, v } => Ok(vec![
+                plane_tensor(k, nh, cap, len, device)?,
+                plane_tensor(v, nh, cap, len, device)?,
+            ]),
             Self::Q8 {
                 k,
                 k_scale,
@@ -271,6 +294,9 @@ impl HostKv {
     fn load(&mut self, part: usize, t: &Tensor, nh: usize, cap: usize, slot: usize) -> Result<()> {
         match (self, part) {
             (Self::F16 { k, .. }, 0) | (Self::F16 { v: k, .. }, 1) => {
+                load_plane(k, t, nh, cap, slot)
+            }
+            (Self::BF16 { k, .. }, 0) | (Self::BF16 { v: k, .. }, 1) => {
                 load_plane(k, t, nh, cap, slot)
             }
             (Self::Q8 { k, .. }, 0) | (Self::Q8 { v: k, .. }, 2) => load_plane(k, t, nh, cap, slot),
@@ -575,7 +601,7 @@ impl SeqCache {
         rotated(self.host, &self.layout)
     }
 
-    /// Whether the cache lives in plain host vectors (f16 and q8_0 on the CPU).
+    /// Whether the cache lives in plain host vectors (f16, bf16 and q8_0 on the CPU).
     pub fn is_host(&self) -> bool {
         self.host
     }
@@ -783,7 +809,7 @@ impl SeqCache {
                 );
             }
             let parts = match hk {
-                HostKv::F16 { .. } => vec![k.clone(), v.clone()],
+                HostKv::F16 { .. } | HostKv::BF16 { .. } => vec![k.clone(), v.clone()],
                 HostKv::Q8 { .. } => {
                     let (kq, kd) = dtype::quantize_q8(k)?;
                     let (vq, vd) = dtype::quantize_q8(v)?;
@@ -999,11 +1025,11 @@ fn rotated(host: bool, layout: &CacheLayout) -> bool {
 
 /// Whether caches of `dtype` on `device` live in host vectors ([`HostKv`]).
 fn host_dtype(device: &Device, dtype: KvDtype) -> bool {
-    device.is_cpu() && matches!(dtype, KvDtype::F16 | KvDtype::Q8_0)
+    device.is_cpu() && matches!(dtype, KvDtype::F16 | KvDtype::BF16 | KvDtype::Q8_0)
 }
 
 /// Slots `0..len` of a host layer as attention reads them: `(1, nh, len, hd)` tensors,
-/// f16 as stored, q8_0 dequantized to f32 (copies).
+/// f16 and bf16 as stored, q8_0 dequantized to f32 (copies).
 fn host_values(
     h: &HostKv,
     nh: usize,
@@ -1013,7 +1039,7 @@ fn host_values(
 ) -> Result<(Tensor, Tensor)> {
     let t = h.tensors(nh, cap, len, device)?;
     match h {
-        HostKv::F16 { .. } => Ok((t[0].clone(), t[1].clone())),
+        HostKv::F16 { .. } | HostKv::BF16 { .. } => Ok((t[0].clone(), t[1].clone())),
         HostKv::Q8 { .. } => Ok((
             dtype::dequantize_q8(&t[0], &t[1])?,
             dtype::dequantize_q8(&t[2], &t[3])?,

@@ -94,6 +94,43 @@ fn host_cache_grows_and_exports() -> Result<()> {
     Ok(())
 }
 
+/// A bf16 cache on the CPU lives in host vectors too: `write_layer` fills them, an
+/// in-place write through the view shows in the export, and growth keeps both.
+#[test]
+fn bf16_host_cache_is_written_in_place() -> Result<()> {
+    let dev = Device::Cpu;
+    let lay = CacheLayout {
+        dtype: KvDtype::BF16,
+        ..layout()
+    };
+    let mut c = SeqCache::new(lay, &dev);
+    assert!(c.is_host());
+    c.reserve(10)?;
+    // Integers below 256 are exact in bf16.
+    let t = Tensor::from_vec((0..120).map(|i| i as f32).collect(), (1, 3, 10, 4), &dev)?;
+    for l in 0..2 {
+        c.write_layer(l, 0, &t, &t.neg()?)?;
+    }
+    c.commit(&[7; 10]);
+    let hl = c.host_layer(0).unwrap();
+    let HostKvMut::BF16 { k: hk, v: hv } = hl.kv else {
+        panic!("a bf16 host layer");
+    };
+    // head 1, position 9, element 2
+    let at = (hl.capacity + 9) * 4 + 2;
+    assert_eq!((hk[at].to_f32(), hv[at].to_f32()), (78.0, -78.0));
+    hk[(2 * hl.capacity + 10) * 4] = half::bf16::from_f32(0.5);
+    c.commit(&[8]);
+    c.reserve(GROW_TOKENS)?;
+    assert_eq!(c.allocated_bytes(), c.tensor_bytes());
+    let (k, _) = &c.export_layers()?[0];
+    assert_eq!((k.dims(), k.dtype()), (&[1, 3, 11, 4][..], DType::BF16));
+    let k: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    assert_eq!(k[(11 + 9) * 4 + 2], 78.0);
+    assert_eq!(k[(2 * 11 + 10) * 4], 0.5);
+    Ok(())
+}
+
 #[test]
 fn prefix_and_truncate() {
     let mut c = SeqCache::new(layout(), &Device::Cpu);
@@ -271,7 +308,7 @@ fn held_positions(c: &SeqCache) -> Result<Vec<Vec<f32>>> {
 #[test]
 fn local_layers_keep_their_window_not_the_whole_context() -> Result<()> {
     let dev = Device::Cpu;
-    for d in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
+    for d in KvDtype::ALL {
         let lay = windowed(d);
         let span = lay.window.map(|w| w.span(512)).unwrap_or(0);
         let mut c = SeqCache::new(lay, &dev);
@@ -290,11 +327,12 @@ fn local_layers_keep_their_window_not_the_whole_context() -> Result<()> {
             let held = held_positions(&c)?;
             assert_eq!(held[0].len(), len);
             assert_eq!(held[1].len(), len - base);
-            // Q8_0 stores 8-bit values: within one step of 1/127 of the block's range.
-            let tol = if d == KvDtype::Q8_0 {
-                len as f32 / 100.0
-            } else {
-                0.0
+            // Q8_0 stores 8-bit values: within one step of 1/127 of the block's range;
+            // bf16 keeps 8 significant bits.
+            let tol = match d {
+                KvDtype::Q8_0 => len as f32 / 100.0,
+                KvDtype::BF16 => len as f32 / 256.0,
+                _ => 0.0,
             };
             for (l, first) in [(0, 0), (1, base), (2, 0)] {
                 for (j, &p) in held[l].iter().enumerate() {
@@ -353,10 +391,12 @@ fn local_layers_keep_their_window_not_the_whole_context() -> Result<()> {
         assert_eq!(c.len(), len - 100);
         fill_positions(&mut c, 5)?;
         let last = held_positions(&c)?[1].last().copied().unwrap_or(0.0);
-        // (f16 holds integers exactly up to 2048, then in steps of 2.)
+        // (f16 holds integers exactly up to 2048, then in steps of 2; bf16 up to 256,
+        // then in steps of 2^(e - 7).)
         let tol = match d {
             KvDtype::Q8_0 => len as f32 / 100.0,
             KvDtype::F16 => 1.0,
+            KvDtype::BF16 => len as f32 / 256.0,
             _ => 0.0,
         };
         assert!((last - (len - 96) as f32).abs() <= tol, "{d}: {last}");

@@ -1,16 +1,17 @@
 //! The CPU forward pass: the same model as [`Model::forward`]'s tensor path, run on
 //! reused host buffers with fused loops — RMSNorm, RoPE, attention straight over the
-//! f16 or q8_0 cache, SiLU·up — and our quantized kernels for the projections. No tensor op
+//! f16, bf16 or q8_0 cache, SiLU·up — and our quantized kernels for the projections. No tensor op
 //! and no allocation per layer; the thread pool is entered once per projection and
 //! once per layer for attention.
 //!
 //! The arithmetic follows the tensor path (and through it ggml's): activations
 //! quantized like ggml, Q and the attention weights rounded to f16 like ggml's
-//! flash-attention kernel, rotary angles built as ggml builds them.
+//! flash-attention kernel, rotary angles built as ggml builds them. Over a bf16 cache
+//! attention runs in f32, as the tensor path's does ([`attn::attend_heads_bf16`]).
 
 use candle_core::{Module, Result, Tensor};
-use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::{Act, Embed, Expert, Mlp, Model, MoeMlp, Proj, SeqInput, Weight};
@@ -18,11 +19,12 @@ use crate::engine::kernels::attn;
 use crate::engine::kernels::quant::{KActs, QActs};
 use crate::kv::{dtype::quantize_q8_row, HostKvMut};
 
-/// One sequence's cache of one layer, as attention reads it: f16 K/V, or q8_0 bytes and
-/// scales; `(n_kv_heads, capacity, width)` each, slot 0 holding position `base`.
+/// One sequence's cache of one layer, as attention reads it: f16 or bf16 K/V, or q8_0
+/// bytes and scales; `(n_kv_heads, capacity, width)` each, slot 0 holding position `base`.
 #[derive(Clone, Copy)]
 enum KvView<'a> {
     F16(&'a [f16], &'a [f16]),
+    BF16(&'a [bf16], &'a [bf16]),
     Q8(attn::Q8Rows<'a>),
 }
 
@@ -324,6 +326,11 @@ impl Model {
                                 k[at..at + hd].convert_from_f32_slice(ks);
                                 v[at..at + hd].convert_from_f32_slice(vs);
                             }
+                            HostKvMut::BF16 { k, v } => {
+                                // Rounding to nearest even, as the tensor path's cast.
+                                k[at..at + hd].convert_from_f32_slice(ks);
+                                v[at..at + hd].convert_from_f32_slice(vs);
+                            }
                             HostKvMut::Q8 {
                                 k,
                                 k_scale,
@@ -338,6 +345,7 @@ impl Model {
                 }
                 let view = match kv {
                     HostKvMut::F16 { k, v } => KvView::F16(k, v),
+                    HostKvMut::BF16 { k, v } => KvView::BF16(k, v),
                     HostKvMut::Q8 {
                         k,
                         k_scale,
@@ -379,6 +387,14 @@ impl Model {
                 let q = &qkv[q0..q0 + per * hd];
                 match view {
                     KvView::F16(k, v) => attn::attend_heads(
+                        q,
+                        hd,
+                        &k[lo * hd..hi * hd],
+                        &v[lo * hd..hi * hd],
+                        scale,
+                        out,
+                    ),
+                    KvView::BF16(k, v) => attn::attend_heads_bf16(
                         q,
                         hd,
                         &k[lo * hd..hi * hd],

@@ -100,8 +100,9 @@ impl SessionStore {
 pub(super) const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Shared dir: hand the cache of session `k` after its turn to the disk. A host cache
-/// (f16 or q8_0 on the CPU) is copied and written by the writer thread (which then releases the lease);
-/// other caches share storage with the live tensors, so they are written here.
+/// (f16, bf16 or q8_0 on the CPU) is copied and written by the writer thread (which
+/// then releases the lease); other caches share storage with the live tensors, so they
+/// are written here.
 pub(super) fn write_behind(
     sh: &Shared,
     cfg: &SpillConfig,

@@ -1,16 +1,18 @@
-//! The AVX-512 path of [`super::attend_heads`]: the same arithmetic as the portable
-//! loop, reordered so that independent work overlaps.
+//! The AVX-512 path of [`super::attend_heads`] and [`super::attend_heads_bf16`]: the
+//! same arithmetic as the portable loop, reordered so that independent work overlaps.
+//! Written once for both cache types ([`Lanes`]): over f16, Q and the accumulators are
+//! rounded to f16; over bf16 they stay in f32.
 //!
 //! Positions are taken in blocks. Per block, three passes:
 //! 1. scores: every `q · k` of the block (they do not depend on the softmax state). K rows
-//!    are converted from f16 once for all heads of the group; each dot product keeps
+//!    are widened to f32 once for all heads of the group; each dot product keeps
 //!    ggml's 64 lanes (four 16-lane registers, fused multiply-adds), and sixteen
 //!    positions' lane sums are reduced together by a transpose that adds the same pairs
 //!    as ggml's reduction tree, so each score is bit for bit the scalar one;
 //! 2. softmax weights: the running maximum in order, each position's `expf` argument
 //!    (`old - new` when the maximum grows, `s - m` otherwise), then `expf` 16 at a time
 //!    ([`super::expf`], glibc's own rounding);
-//! 3. V: the f16 accumulators of all heads stay in registers while the block's V rows
+//! 3. V: the accumulators of all heads stay in registers while the block's V rows
 //!    stream by; each step rescales (when the maximum grew) and adds exactly as before,
 //!    and the sum of weights `S = fma(S, ms, vs)` runs alongside.
 //!
@@ -18,8 +20,8 @@
 //! positions and the K rows ahead of it.
 
 use super::expf::exp_slice;
-use super::{tail, LANES, MAX_GROUP};
-use half::f16;
+use super::{tail, Elem, LANES, MAX_GROUP};
+use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -28,16 +30,72 @@ const BLOCK: usize = 128;
 /// Widest head handled here (the caller checks).
 pub(super) const MAX_HD: usize = 256;
 
+/// A cache element type as this kernel reads it.
+pub(super) trait Lanes: Elem {
+    /// Q and the V accumulators rounded to f16 (ggml's f16 flash attention) rather than
+    /// kept in f32.
+    const HALF: bool;
+    /// Sixteen values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VL are available; `p` is valid for reading sixteen values.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The values of `p` where `mask` has a bit set, widened to f32; zeros elsewhere.
+    ///
+    /// # Safety
+    /// As [`Lanes::load16`], for the values whose bits are set.
+    unsafe fn load16_masked(mask: u16, p: *const Self) -> __m512;
+}
+
+impl Lanes for f16 {
+    const HALF: bool = true;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16_masked(mask: u16, p: *const Self) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+}
+
+impl Lanes for bf16 {
+    const HALF: bool = false;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe { widen_bf16(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16_masked(mask: u16, p: *const Self) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe { widen_bf16(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+}
+
+/// Sixteen bf16 bit patterns as the f32 values they are (the upper halves of them).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn widen_bf16(x: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+}
+
 /// One group of `G` query heads over one KV head; `hd <= MAX_HD`.
 ///
 /// # Safety
 /// AVX-512 F, BW, VL and DQ, F16C and FMA must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-pub(super) unsafe fn heads<const G: usize>(
+pub(super) unsafe fn heads<E: Lanes, const G: usize>(
     q: &[f32],
     hd: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &[E],
+    v: &[E],
     scale: f32,
     out: &mut [f32],
 ) {
@@ -45,16 +103,19 @@ pub(super) unsafe fn heads<const G: usize>(
         debug_assert!(G <= MAX_GROUP && hd <= MAX_HD && q.len() == G * hd && out.len() == G * hd);
         let len = k.len() / hd;
         let np = hd / LANES * LANES;
-        // Q rounded to f16: as f16 for the scalar tail, as f32 for the registers.
-        let mut qh = [[f16::ZERO; MAX_HD]; G];
+        // Q, rounded to f16 over an f16 cache.
         let mut qf = [[0f32; MAX_HD]; G];
         for h in 0..G {
             for d in 0..hd {
-                qh[h][d] = f16::from_f32(q[h * hd + d]);
-                qf[h][d] = qh[h][d].to_f32();
+                let x = q[h * hd + d];
+                qf[h][d] = if E::HALF {
+                    f16::from_f32(x).to_f32()
+                } else {
+                    x
+                };
             }
         }
-        // f16 values of the accumulators, held as f32 between blocks.
+        // The accumulators (f16 values over an f16 cache), held as f32 between blocks.
         let mut acc = [[0f32; MAX_HD]; G];
         let mut m = [f32::NEG_INFINITY; G];
         let mut sum = [0f32; G];
@@ -79,16 +140,16 @@ pub(super) unsafe fn heads<const G: usize>(
                 prefetch(&k[from.min(k.len())..(at + 48 * hd).min(k.len())]);
                 match np / LANES {
                     0 => sc.iter_mut().for_each(|s| s[p0..p0 + 16].fill(0.0)),
-                    1 => scores::<G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    2 => scores::<G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    3 => scores::<G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    _ => scores::<G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    1 => scores::<E, G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    2 => scores::<E, G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    3 => scores::<E, G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    _ => scores::<E, G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
                 }
                 if np < hd {
                     for p in 0..n {
                         let row = &kb[(p0 + p) * hd..(p0 + p + 1) * hd];
                         for h in 0..G {
-                            sc[h][p0 + p] = tail(sc[h][p0 + p], &qh[h][..hd], row, np);
+                            sc[h][p0 + p] = tail(sc[h][p0 + p], &qf[h][..hd], row, np);
                         }
                     }
                 }
@@ -147,11 +208,11 @@ pub(super) unsafe fn heads<const G: usize>(
                     let row = vb.as_ptr().wrapping_add(j * hd + cb);
                     let x: [__m512; 4] = std::array::from_fn(|r| {
                         let p = row.wrapping_add(16 * r);
-                        _mm512_cvtph_ps(if mask[r] == u16::MAX {
-                            _mm256_loadu_si256(p.cast())
+                        if mask[r] == u16::MAX {
+                            E::load16(p)
                         } else {
-                            _mm256_maskz_loadu_epi16(mask[r], p.cast())
-                        })
+                            E::load16_masked(mask[r], p)
+                        }
                     });
                     for h in 0..G {
                         let w = ms[h][j];
@@ -159,12 +220,12 @@ pub(super) unsafe fn heads<const G: usize>(
                         if w != 1.0 {
                             let wv = _mm512_set1_ps(w);
                             for ar in a[h].iter_mut() {
-                                *ar = round_f16(_mm512_mul_ps(*ar, wv));
+                                *ar = round::<E>(_mm512_mul_ps(*ar, wv));
                             }
                         }
                         let ev = _mm512_set1_ps(e);
                         for r in 0..4 {
-                            a[h][r] = round_f16(_mm512_fmadd_ps(x[r], ev, a[h][r]));
+                            a[h][r] = round::<E>(_mm512_fmadd_ps(x[r], ev, a[h][r]));
                         }
                         if with_sum {
                             sum[h] = sum[h].mul_add(w, e);
@@ -192,9 +253,9 @@ pub(super) unsafe fn heads<const G: usize>(
 /// each row of `rows`, `hd` apart, converted into `kf`), for each head, reduced into
 /// `sc[h][p0..p0 + 16]`.
 #[inline]
-#[target_feature(enable = "avx512f,fma")]
-fn scores<const G: usize, const NC: usize>(
-    rows: &[f16],
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn scores<E: Lanes, const G: usize, const NC: usize>(
+    rows: &[E],
     hd: usize,
     kf: &mut [MaybeUninit<f32>; 16 * MAX_HD],
     qf: &[[f32; MAX_HD]; G],
@@ -208,7 +269,7 @@ fn scores<const G: usize, const NC: usize>(
         for c in 0..4 * NC {
             // SAFETY: `16 * c + 16 <= w <= hd`; `p < 16`, so `p * w + 16 * c + 16 <= kf.len()`.
             unsafe {
-                let x = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(16 * c).cast()));
+                let x = E::load16(row.as_ptr().add(16 * c));
                 _mm512_storeu_ps(kf.as_mut_ptr().add(p * w + 16 * c).cast(), x);
             }
         }
@@ -245,17 +306,22 @@ fn scores<const G: usize, const NC: usize>(
 /// Prefetch the cache lines of `x` into L1.
 #[inline]
 #[target_feature(enable = "sse")]
-fn prefetch(x: &[f16]) {
-    for c in x.chunks(32) {
+fn prefetch<T>(x: &[T]) {
+    for c in x.chunks(64 / size_of::<T>()) {
         _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }
 }
 
-/// `f32(f16(x))`, rounding to nearest even (as `f16::from_f32`).
+/// An accumulator as the cache type keeps it: over f16, `f32(f16(x))` rounding to
+/// nearest even (as `f16::from_f32`); over bf16, `x`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn round_f16(x: __m512) -> __m512 {
-    _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+fn round<E: Lanes>(x: __m512) -> __m512 {
+    if E::HALF {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+    } else {
+        x
+    }
 }
 
 /// The sixteen lane sums `r[p]` reduced as ggml's `_mm512_reduce_add_ps` does each one:

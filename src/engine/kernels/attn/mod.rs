@@ -14,8 +14,11 @@
 //! AVX-512 kernel ([`avx512`]) that splits the work into passes and computes `expf` 16
 //! lanes at a time ([`expf`], checked against the C library's `expf` before it is used).
 //! On aarch64 a NEON version of the loop (`neon`) takes the place of the x86 ones.
+//!
+//! A bf16 cache has its own entry point ([`attend_heads_bf16`], in [`wide`]): the same
+//! loop in f32 throughout, on the same paths.
 
-use half::f16;
+use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -24,8 +27,54 @@ mod expf;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod q8;
+mod wide;
 
 pub use q8::{attend_heads_q8, fwht, Q8Rows};
+pub use wide::attend_heads_bf16;
+
+/// A value the kernels read (from Q, a cache row or an accumulator): how it widens to
+/// f32 (exactly, for every type here) and how an f32 rounds to it.
+trait Elem: Copy {
+    const ZERO: Self;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f16 {
+    const ZERO: Self = f16::ZERO;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Elem for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
 
 /// Which implementation runs, slowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -167,25 +216,56 @@ fn attend_in(
     qh: &mut [f16],
     acc: &mut [f16],
 ) {
+    attend_one(
+        q,
+        k,
+        v,
+        scale,
+        out,
+        qh,
+        acc,
+        |a, b| dot(simd, a, b),
+        |a, x, w| mad_h(simd, a, x, w),
+        |a, w| scale_h(simd, a, w),
+    )
+}
+
+/// The loop of one head: Q rounded to `Qt` in `qh`, the weighted sum of V kept in `At`
+/// in `acc`, with the given dot product, `acc = At(fma(v, w, acc))` and
+/// `acc = At(acc * w)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_one<Qt: Elem, E: Copy, At: Elem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    scale: f32,
+    out: &mut [f32],
+    qh: &mut [Qt],
+    acc: &mut [At],
+    dotf: impl Fn(&[Qt], &[E]) -> f32,
+    madf: impl Fn(&mut [At], &[E], f32),
+    scalef: impl Fn(&mut [At], f32),
+) {
     let hd = q.len();
     let len = k.len() / hd;
     for (d, &x) in qh.iter_mut().zip(q) {
-        *d = f16::from_f32(x);
+        *d = Qt::from_f32(x);
     }
-    acc.fill(f16::ZERO);
+    acc.fill(At::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in 0..len {
-        let s = dot(simd, qh, &k[j * hd..(j + 1) * hd]) * scale;
+        let s = dotf(qh, &k[j * hd..(j + 1) * hd]) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > m {
             let old = m;
             m = s;
             ms = (old - m).exp();
-            scale_h(simd, acc, ms);
+            scalef(acc, ms);
         } else {
             vs = (s - m).exp();
         }
-        mad_h(simd, acc, &v[j * hd..(j + 1) * hd], vs);
+        madf(acc, &v[j * hd..(j + 1) * hd], vs);
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
@@ -229,10 +309,10 @@ fn attend_heads_with(
             // SAFETY: the features were detected; `hd <= 256 = MAX_HD`.
             unsafe {
                 match qg.len() / hd {
-                    1 => avx512::heads::<1>(qg, hd, k, v, scale, og),
-                    2 => avx512::heads::<2>(qg, hd, k, v, scale, og),
-                    3 => avx512::heads::<3>(qg, hd, k, v, scale, og),
-                    _ => avx512::heads::<4>(qg, hd, k, v, scale, og),
+                    1 => avx512::heads::<_, 1>(qg, hd, k, v, scale, og),
+                    2 => avx512::heads::<_, 2>(qg, hd, k, v, scale, og),
+                    3 => avx512::heads::<_, 3>(qg, hd, k, v, scale, og),
+                    _ => avx512::heads::<_, 4>(qg, hd, k, v, scale, og),
                 }
             }
             continue;
@@ -284,35 +364,35 @@ unsafe fn heads_f16c(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, out
         scale,
         out,
         // SAFETY (the three): the features are enabled here; equal lengths.
-        |a, b| unsafe { dot_f16c(a, b) },
+        |a: &[f16], b| unsafe { dot_f16c(a, b) },
         |a, x, w| unsafe { mad_f16c(a, x, w) },
         |a, w| unsafe { scale_f16c(a, w) },
     )
 }
 
-/// The loop of [`attend_in`] for up to [`MAX_GROUP`] heads at once (`hd <= 256`).
+/// The loop of [`attend_one`] for up to [`MAX_GROUP`] heads at once (`hd <= 256`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn heads_body(
+fn heads_body<Qt: Elem, E: Copy, At: Elem>(
     q: &[f32],
     hd: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &[E],
+    v: &[E],
     scale: f32,
     out: &mut [f32],
-    dotf: impl Fn(&[f16], &[f16]) -> f32,
-    madf: impl Fn(&mut [f16], &[f16], f32),
-    scalef: impl Fn(&mut [f16], f32),
+    dotf: impl Fn(&[Qt], &[E]) -> f32,
+    madf: impl Fn(&mut [At], &[E], f32),
+    scalef: impl Fn(&mut [At], f32),
 ) {
     let gn = q.len() / hd;
     let len = k.len() / hd;
-    let mut qh = [[f16::ZERO; 256]; MAX_GROUP];
-    let mut acc = [[f16::ZERO; 256]; MAX_GROUP];
+    let mut qh = [[Qt::ZERO; 256]; MAX_GROUP];
+    let mut acc = [[At::ZERO; 256]; MAX_GROUP];
     let mut m = [f32::NEG_INFINITY; MAX_GROUP];
     let mut sum = [0f32; MAX_GROUP];
     for h in 0..gn {
         for (d, &x) in qh[h][..hd].iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
-            *d = f16::from_f32(x);
+            *d = Qt::from_f32(x);
         }
     }
     for j in 0..len {
@@ -358,6 +438,12 @@ fn dot(simd: bool, q: &[f16], k: &[f16]) -> f32 {
         return unsafe { neon::dot(q, k) };
     }
     let _ = simd;
+    dot_ref(q, k)
+}
+
+/// The portable [`dot`], for any element types.
+#[inline]
+fn dot_ref<Q: Elem, E: Elem>(q: &[Q], k: &[E]) -> f32 {
     let n = q.len();
     let np = n / LANES * LANES;
     let mut acc = [0f32; LANES];
@@ -376,7 +462,7 @@ fn dot(simd: bool, q: &[f16], k: &[f16]) -> f32 {
 
 /// ggml's leftovers of the dot product: products rounded to f32, summed in f64.
 #[inline]
-fn tail(head: f32, q: &[f16], k: &[f16], np: usize) -> f32 {
+fn tail<Q: Elem, E: Elem>(head: f32, q: &[Q], k: &[E], np: usize) -> f32 {
     let mut s = head as f64;
     for i in np..q.len() {
         s += (k[i].to_f32() * q[i].to_f32()) as f64;
@@ -398,8 +484,14 @@ fn mad_h(simd: bool, acc: &mut [f16], v: &[f16], w: f32) {
         return unsafe { neon::mad(acc, v, w) };
     }
     let _ = simd;
+    mad_ref(acc, v, w)
+}
+
+/// The portable [`mad_h`], for any accumulator and element type.
+#[inline]
+fn mad_ref<A: Elem, E: Elem>(acc: &mut [A], v: &[E], w: f32) {
     for (a, x) in acc.iter_mut().zip(v) {
-        *a = f16::from_f32(x.to_f32().mul_add(w, a.to_f32()));
+        *a = A::from_f32(x.to_f32().mul_add(w, a.to_f32()));
     }
 }
 
@@ -417,26 +509,77 @@ fn scale_h(simd: bool, acc: &mut [f16], w: f32) {
         return unsafe { neon::scale(acc, w) };
     }
     let _ = simd;
+    scale_ref(acc, w)
+}
+
+/// The portable [`scale_h`], for any accumulator type.
+#[inline]
+fn scale_ref<A: Elem>(acc: &mut [A], w: f32) {
     for a in acc.iter_mut() {
-        *a = f16::from_f32(a.to_f32() * w);
+        *a = A::from_f32(a.to_f32() * w);
+    }
+}
+
+/// A type the AVX2 loops read eight values of at a time, widened to f32.
+#[cfg(target_arch = "x86_64")]
+trait Load8: Elem {
+    /// # Safety
+    /// AVX2 and F16C are available; `p` is valid for reading eight values.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load8 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
+impl Load8 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // A bf16 is the upper half of the f32 of the same value.
+        // SAFETY: the caller's.
+        unsafe {
+            let x = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load8 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+/// The portable [`dot_ref`] with AVX2: ggml's 64 lanes as eight 8-lane registers.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16c(q: &[f16], k: &[f16]) -> f32 {
+unsafe fn dot_f16c<Q: Load8, E: Load8>(q: &[Q], k: &[E]) -> f32 {
     unsafe {
         use std::arch::x86_64::*;
         let n = q.len();
         let np = n / LANES * LANES;
-        let ld = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         // acc[a] holds lanes 8a..8a+8.
         let mut acc = [_mm256_setzero_ps(); 8];
         let mut i = 0;
         while i < np {
             for (a, r) in acc.iter_mut().enumerate() {
                 let at = i + 8 * a;
-                *r = _mm256_fmadd_ps(ld(k.as_ptr().add(at)), ld(q.as_ptr().add(at)), *r);
+                let (kv, qv) = (E::load8(k.as_ptr().add(at)), Q::load8(q.as_ptr().add(at)));
+                *r = _mm256_fmadd_ps(kv, qv, *r);
             }
             i += LANES;
         }
