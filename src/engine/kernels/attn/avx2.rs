@@ -11,6 +11,8 @@ use std::arch::x86_64::*;
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available.
+// Not inlined: one copy per group size, apart from the dispatch.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn heads<const G: usize>(
     q: &[f32],
@@ -28,9 +30,16 @@ struct Avx2;
 
 impl Lanes for Avx2 {
     const W: usize = 8;
-    /// 16 dimensions: four heads' accumulators (8 registers), a V row's two and the
-    /// weights fit the 16 registers.
-    const R: usize = 2;
+
+    /// As many as fit 16 registers with the `g` weights and a V register: 8 (all of a
+    /// 64-wide head) for one head, 4 for two or three, 2 for four.
+    fn regs(g: usize) -> usize {
+        match g {
+            1 => 8,
+            2 | 3 => 4,
+            _ => 2,
+        }
+    }
     type F = __m256;
 
     #[inline]

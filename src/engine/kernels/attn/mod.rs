@@ -10,11 +10,11 @@
 //! weights as `S = fma(S, ms, w)`; at the end `f32(acc) * (1 / S)`.
 //!
 //! The implementations, picked once at run time, give bit-identical results: the
-//! portable loop (the reference); on x86-64 a kernel that splits the work into passes
-//! ([`passes`]) with AVX-512 registers ([`avx512`]) or AVX2 ones ([`avx2`]), computing
-//! `expf` 16 or 8 lanes at a time ([`expf`], checked against the C library's `expf`
-//! before it is used), and an AVX2 + F16C + FMA version of the loop where that check
-//! fails (another libm) or a head is wider than 256. On aarch64 a NEON version of the
+//! portable loop (the reference); on x86-64 an AVX-512 kernel ([`avx512`]) that splits
+//! the work into passes, the same passes over AVX2 registers ([`passes`], [`avx2`]),
+//! each computing `expf` 16 or 8 lanes at a time ([`expf`], checked against the C
+//! library's `expf` before it is used), and an AVX2 + F16C + FMA version of the loop
+//! where that check fails (another libm) or a head is wider than 256. On aarch64 a NEON version of the
 //! loop (`neon`) takes the place of the x86 ones.
 
 use half::f16;
@@ -48,7 +48,7 @@ enum Path {
     /// [`passes`] on AVX2 registers.
     Avx2,
     /// AVX-512 F/BW/VL/DQ on top of `Avx2`, and a 16-lane `expf` equal to the C
-    /// library's: the passes on AVX-512 registers.
+    /// library's: the passes on AVX-512 registers ([`avx512`]).
     Avx512,
 }
 

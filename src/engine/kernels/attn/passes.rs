@@ -1,15 +1,16 @@
-//! The vector paths of [`super::attend_heads`] (AVX-512 in [`super::avx512`], AVX2 in
-//! [`super::avx2`]): the same arithmetic as the portable loop, reordered so that
-//! independent work overlaps. One body, generic over the register ([`Lanes`]: 16 or 8
-//! f32 lanes and the operations on them).
+//! The AVX2 path of [`super::attend_heads`] ([`super::avx2`] supplies the registers):
+//! the same arithmetic as the portable loop, reordered so that independent work
+//! overlaps. The passes are those of the AVX-512 kernel ([`super::avx512`]), written
+//! once over a register type ([`Lanes`]: its width and the operations on it). The
+//! AVX-512 kernel keeps its own hand-written copy: run through this generic body it
+//! measured about 25 % slower (the cause not found).
 //!
 //! Positions are taken in blocks. Per block, three passes:
 //! 1. scores: every `q · k` of the block (they do not depend on the softmax state). K rows
 //!    are converted from f16 once for all heads of the group; each dot product keeps
-//!    ggml's 64 lanes (fused multiply-adds into four 16-lane or eight 8-lane registers),
-//!    and one register's worth of positions' lane sums are reduced together by a
-//!    transpose that adds the same pairs as ggml's reduction tree, so each score is bit
-//!    for bit the scalar one;
+//!    ggml's 64 lanes (fused multiply-adds into `64 / W` registers), and `W` positions'
+//!    lane sums are reduced together by a transpose that adds the same pairs as ggml's
+//!    reduction tree, so each score is bit for bit the scalar one;
 //! 2. softmax weights: the running maximum in order, each position's `expf` argument
 //!    (`old - new` when the maximum grows, `s - m` otherwise), then `expf` a register at
 //!    a time ([`super::expf`], glibc's own rounding);
@@ -40,9 +41,11 @@ const MAX_W: usize = 16;
 pub(super) trait Lanes {
     /// f32 lanes per register (8 or 16; divides [`LANES`]).
     const W: usize;
-    /// Registers per head in the accumulators' column block of pass 3 (at most 4): all
-    /// of a group's heads' registers and a V row's stay in the register file.
-    const R: usize;
+    /// Registers per head in the accumulators' column block of pass 3 for `g` heads (a
+    /// power of two, at most 8): each is a chain of dependent steps (fused multiply-add,
+    /// rounding to f16 and back) per position, so the more the better, as long as the
+    /// `g` heads' registers, their weights and a V register fit the register file.
+    fn regs(g: usize) -> usize;
     type F: Copy;
     unsafe fn zero() -> Self::F;
     unsafe fn splat(x: f32) -> Self::F;
@@ -85,7 +88,8 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
 ) {
     unsafe {
         debug_assert!(G <= MAX_GROUP && hd <= MAX_HD && q.len() == G * hd && out.len() == G * hd);
-        debug_assert!(S::W <= MAX_W && S::R <= 4 && BLOCK.is_multiple_of(S::W));
+        let rr = S::regs(G);
+        debug_assert!(S::W <= MAX_W && rr <= 8 && BLOCK.is_multiple_of(S::W));
         let w = S::W;
         let len = k.len() / hd;
         let np = hd / LANES * LANES;
@@ -170,48 +174,15 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
                     S::store(s[c..].as_mut_ptr(), S::select(g, e, one));
                 }
             }
-            // Pass 3: V, `R` registers of dimensions at a time (the last ones partial).
+            // Pass 3: V, `rr` registers of dimensions at a time; only a block that runs
+            // past the head's end reads partial registers.
             let vb = &v[j0 * hd..(j0 + bl) * hd];
-            for cb in (0..hd).step_by(S::R * w) {
-                let mut cnt = [0usize; 4];
-                for (r, c) in cnt.iter_mut().enumerate().take(S::R) {
-                    *c = hd.saturating_sub(cb + w * r).min(w);
-                }
-                let mut a = [[S::zero(); 4]; G];
-                for h in 0..G {
-                    for r in 0..S::R {
-                        a[h][r] = S::load(acc[h][cb + w * r..].as_ptr());
-                    }
-                }
-                let with_sum = cb == 0;
-                for j in 0..bl {
-                    let row = vb.as_ptr().wrapping_add(j * hd + cb);
-                    let mut x = [S::zero(); 4];
-                    for r in 0..S::R {
-                        x[r] = S::load_h(row.wrapping_add(w * r), cnt[r]);
-                    }
-                    for h in 0..G {
-                        let wt = ms[h][j];
-                        let e = sc[h][j];
-                        if wt != 1.0 {
-                            let wv = S::splat(wt);
-                            for r in 0..S::R {
-                                a[h][r] = S::round_f16(S::mul(a[h][r], wv));
-                            }
-                        }
-                        let ev = S::splat(e);
-                        for r in 0..S::R {
-                            a[h][r] = S::round_f16(S::fmadd(x[r], ev, a[h][r]));
-                        }
-                        if with_sum {
-                            sum[h] = sum[h].mul_add(wt, e);
-                        }
-                    }
-                }
-                for h in 0..G {
-                    for r in 0..S::R {
-                        S::store(acc[h][cb + w * r..].as_mut_ptr(), a[h][r]);
-                    }
+            for cb in (0..hd).step_by(rr * w) {
+                let args = (vb, hd, bl, cb, &ms, &sc);
+                if cb + rr * w <= hd {
+                    v_block::<S, G, true>(args, &mut acc, &mut sum);
+                } else {
+                    v_block::<S, G, false>(args, &mut acc, &mut sum);
                 }
             }
             j0 += bl;
@@ -220,6 +191,71 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
             let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };
             for (o, a) in out[h * hd..(h + 1) * hd].iter_mut().zip(&acc[h][..hd]) {
                 *o = a * inv;
+            }
+        }
+    }
+}
+
+/// One column block of pass 3: `rr` registers of each head's accumulators from `cb`,
+/// over the `bl` V rows of `vb` with the weights `ms` (rescale) and `sc` (add), and the
+/// sums of weights in the first block. `FULL`: every register lies inside the head.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
+    (vb, hd, bl, cb, ms, sc): (
+        &[f16],
+        usize,
+        usize,
+        usize,
+        &[[f32; BLOCK]; G],
+        &[[f32; BLOCK]; G],
+    ),
+    acc: &mut [[f32; MAX_HD]; G],
+    sum: &mut [f32; G],
+) {
+    unsafe {
+        let (w, rr) = (S::W, S::regs(G));
+        let mut cnt = [w; 8];
+        if !FULL {
+            for (r, c) in cnt.iter_mut().enumerate().take(rr) {
+                *c = hd.saturating_sub(cb + w * r).min(w);
+            }
+        }
+        let mut a = [[S::zero(); 8]; G];
+        for h in 0..G {
+            for r in 0..rr {
+                a[h][r] = S::load(acc[h][cb + w * r..].as_ptr());
+            }
+        }
+        let with_sum = cb == 0;
+        for j in 0..bl {
+            let row = vb.as_ptr().wrapping_add(j * hd + cb);
+            let mut ev = [S::zero(); MAX_GROUP];
+            for h in 0..G {
+                let wt = ms[h][j];
+                let e = sc[h][j];
+                if wt != 1.0 {
+                    let wv = S::splat(wt);
+                    for r in 0..rr {
+                        a[h][r] = S::round_f16(S::mul(a[h][r], wv));
+                    }
+                }
+                ev[h] = S::splat(e);
+                if with_sum {
+                    sum[h] = sum[h].mul_add(wt, e);
+                }
+            }
+            // One V register at a time, into every head.
+            for r in 0..rr {
+                let x = S::load_h(row.wrapping_add(w * r), if FULL { w } else { cnt[r] });
+                for h in 0..G {
+                    a[h][r] = S::round_f16(S::fmadd(x, ev[h], a[h][r]));
+                }
+            }
+        }
+        for h in 0..G {
+            for r in 0..rr {
+                S::store(acc[h][cb + w * r..].as_mut_ptr(), a[h][r]);
             }
         }
     }
