@@ -9,23 +9,29 @@
 //! step `acc = f16(fma(v, w, acc))`, rescaled in f16 when the maximum grows); the sum of
 //! weights as `S = fma(S, ms, w)`; at the end `f32(acc) * (1 / S)`.
 //!
-//! Three implementations, picked once at run time, give bit-identical results: the
-//! portable loop (the reference), an AVX2 + F16C + FMA version of the same loop, and an
-//! AVX-512 kernel ([`avx512`]) that splits the work into passes and computes `expf` 16
-//! lanes at a time ([`expf`], checked against the C library's `expf` before it is used).
-//! On aarch64 a NEON version of the loop (`neon`) takes the place of the x86 ones.
+//! The implementations, picked once at run time, give bit-identical results: the
+//! portable loop (the reference); on x86-64 an AVX-512 kernel ([`avx512`]) that splits
+//! the work into passes, the same passes over AVX2 registers ([`passes`], [`avx2`]),
+//! each computing `expf` 16 or 8 lanes at a time ([`expf`], checked against the C
+//! library's `expf` before it is used), and an AVX2 + F16C + FMA version of the loop
+//! where that check fails (another libm) or a head is wider than 256. On aarch64 a NEON version of the
+//! loop (`neon`) takes the place of the x86 ones.
 //!
 //! A bf16 cache has its own entry point ([`attend_heads_bf16`], in [`wide`]): the same
-//! loop in f32 throughout, on the same paths.
+//! loop in f32 throughout, on the portable, AVX2 and AVX-512 paths.
 
 use half::{bf16, f16};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod expf;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod passes;
 mod q8;
 mod wide;
 
@@ -84,9 +90,14 @@ enum Path {
     /// ([`neon`]).
     #[cfg(target_arch = "aarch64")]
     Neon,
-    /// AVX2, FMA and F16C.
+    /// AVX2, FMA and F16C: the portable loop's element steps eight lanes at a time,
+    /// `expf` from the C library.
+    Avx2Loop,
+    /// The same features and an 8-lane `expf` equal to the C library's: the passes of
+    /// [`passes`] on AVX2 registers.
     Avx2,
-    /// AVX-512 F/BW/VL/DQ on top of `Avx2`, and a vector `expf` equal to the C library's.
+    /// AVX-512 F/BW/VL/DQ on top of `Avx2`, and a 16-lane `expf` equal to the C
+    /// library's: the passes on AVX-512 registers ([`avx512`]).
     Avx512,
 }
 
@@ -95,7 +106,8 @@ fn path() -> Path {
     *PATH.get_or_init(detect)
 }
 
-/// For the q8_0 kernel: 0 portable, 1 AVX2 + FMA + F16C, 2 that and the 16-lane `expf`;
+/// For the q8_0 kernel: 0 portable, 1 AVX2 + FMA + F16C, 2 that and the 8-lane `expf`,
+/// 3 the 16-lane `expf`;
 /// on aarch64 1 NEON, 2 NEON with `sdot` (when the matmuls' level, [`quant::isa`], is
 /// [`quant::Isa::NeonDot`]).
 ///
@@ -106,27 +118,30 @@ fn simd_level() -> u8 {
         Path::Portable => 0,
         #[cfg(target_arch = "aarch64")]
         Path::Neon => 1 + u8::from(super::quant::isa() == super::quant::Isa::NeonDot),
-        Path::Avx2 => 1,
-        Path::Avx512 => 2,
+        Path::Avx2Loop => 1,
+        Path::Avx2 => 2,
+        Path::Avx512 => 3,
     }
 }
 
-/// The attention path in use, by name (`portable`, `neon`, `avx2`, `avx512`).
+/// The attention path in use, by name (`portable`, `neon`, `avx2-loop`, `avx2`, `avx512`).
 pub fn level_name() -> &'static str {
     match path() {
         Path::Portable => "portable",
         #[cfg(target_arch = "aarch64")]
         Path::Neon => "neon",
+        Path::Avx2Loop => "avx2-loop",
         Path::Avx2 => "avx2",
         Path::Avx512 => "avx512",
     }
 }
 
 /// The best path the CPU supports, or a slower one named by `CANDELA_ATTN_PATH`
-/// (`portable` or `avx2`; for comparing them in benches).
+/// (`portable`, `avx2-loop` or `avx2`; for comparing them in benches).
 fn detect() -> Path {
     let cap = match std::env::var("CANDELA_ATTN_PATH").as_deref() {
         Ok("portable") => Path::Portable,
+        Ok("avx2-loop") => Path::Avx2Loop,
         Ok("avx2") => Path::Avx2,
         _ => Path::Avx512,
     };
@@ -146,7 +161,10 @@ fn best() -> Path {
             {
                 return Path::Avx512;
             }
-            return Path::Avx2;
+            if expf::agrees_with_libm_avx2() {
+                return Path::Avx2;
+            }
+            return Path::Avx2Loop;
         }
     }
     // NEON is baseline on aarch64.
@@ -163,8 +181,9 @@ fn paths() -> Vec<Path> {
         Path::Portable => vec![Path::Portable],
         #[cfg(target_arch = "aarch64")]
         Path::Neon => vec![Path::Portable, Path::Neon],
-        Path::Avx2 => vec![Path::Portable, Path::Avx2],
-        Path::Avx512 => vec![Path::Portable, Path::Avx2, Path::Avx512],
+        Path::Avx2Loop => vec![Path::Portable, Path::Avx2Loop],
+        Path::Avx2 => vec![Path::Portable, Path::Avx2Loop, Path::Avx2],
+        Path::Avx512 => vec![Path::Portable, Path::Avx2Loop, Path::Avx2, Path::Avx512],
     }
 }
 
@@ -306,13 +325,26 @@ fn attend_heads_with(
     for (qg, og) in q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)) {
         #[cfg(target_arch = "x86_64")]
         if path == Path::Avx512 {
-            // SAFETY: the features were detected; `hd <= 256 = MAX_HD`.
+            // SAFETY: the features were detected; `hd <= 256 = passes::MAX_HD`.
             unsafe {
                 match qg.len() / hd {
                     1 => avx512::heads::<_, 1>(qg, hd, k, v, scale, og),
                     2 => avx512::heads::<_, 2>(qg, hd, k, v, scale, og),
                     3 => avx512::heads::<_, 3>(qg, hd, k, v, scale, og),
                     _ => avx512::heads::<_, 4>(qg, hd, k, v, scale, og),
+                }
+            }
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if path == Path::Avx2 {
+            // SAFETY: as above.
+            unsafe {
+                match qg.len() / hd {
+                    1 => avx2::heads::<1>(qg, hd, k, v, scale, og),
+                    2 => avx2::heads::<2>(qg, hd, k, v, scale, og),
+                    3 => avx2::heads::<3>(qg, hd, k, v, scale, og),
+                    _ => avx2::heads::<4>(qg, hd, k, v, scale, og),
                 }
             }
             continue;

@@ -13,8 +13,8 @@
 //!   maximum grows, `acc = fma(v, vs, acc)`; at the end `acc * (1 / S)`.
 //!
 //! The portable loop is the reference; the AVX2 version gives the same bits (integer
-//! sums are exact in any order), with the 16-lane `expf` ([`super::expf`]) where AVX-512
-//! is present; so does the NEON one on aarch64 (`super::neon`).
+//! sums are exact in any order), with the 8- or 16-lane `expf` ([`super::expf`]) where
+//! it agrees with the C library's; so does the NEON one on aarch64 (`super::neon`).
 
 // Index loops over heads and positions read more plainly than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
@@ -68,7 +68,8 @@ pub fn fwht(x: &mut [f32]) {
     }
 }
 
-/// What the CPU runs: 0 portable, 1 AVX2 + FMA, 2 that plus the 16-lane `expf`.
+/// What the CPU runs: 0 portable, 1 AVX2 + FMA, 2 that plus the 8-lane `expf`, 3 the
+/// 16-lane `expf` (on aarch64: 1 NEON, 2 NEON with `sdot`).
 pub(super) fn attend_with(
     level: u8,
     q: &[f32],
@@ -88,8 +89,9 @@ pub(super) fn attend_with(
     for (qh, oh) in q.chunks(4 * hd).zip(out.chunks_mut(4 * hd)) {
         #[cfg(target_arch = "x86_64")]
         if level > 0 {
-            // SAFETY: AVX2 and FMA were detected (level > 0); shapes checked above.
-            unsafe { heads_avx2(level > 1, qh, hd, kv, scale, oh) };
+            // SAFETY: AVX2 and FMA were detected (level > 0), and the `expf` of
+            // level 2 or 3; shapes checked above.
+            unsafe { heads_avx2(level, qh, hd, kv, scale, oh) };
             continue;
         }
         #[cfg(target_arch = "aarch64")]
@@ -264,14 +266,7 @@ fn heads(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_avx2(
-    exp16: bool,
-    q: &[f32],
-    hd: usize,
-    kv: Q8Rows<'_>,
-    scale: f32,
-    out: &mut [f32],
-) {
+unsafe fn heads_avx2(level: u8, q: &[f32], hd: usize, kv: Q8Rows<'_>, scale: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
     heads(
         q,
@@ -342,13 +337,14 @@ unsafe fn heads_avx2(
                 _mm256_storeu_ps(p, r);
             }
         },
-        |xs| {
-            if exp16 {
-                // SAFETY: level 2 means the AVX-512 `expf` was checked against libm.
-                unsafe { super::expf::exp_slice(xs) }
-            } else {
-                xs.iter_mut().for_each(|x| *x = x.exp())
-            }
+        // `xs` is a whole number of 16 values.
+        |xs| match level {
+            // SAFETY: level 3 means the AVX-512 `expf` was checked against libm.
+            3 => unsafe { super::expf::exp_slice(xs) },
+            // Level 2 means the AVX2 `expf` was checked against libm (and its features
+            // are enabled here).
+            2 => super::expf::exp_slice_avx2(xs),
+            _ => xs.iter_mut().for_each(|x| *x = x.exp()),
         },
     )
 }

@@ -67,8 +67,9 @@ fn heads_with(
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
-            // SAFETY: AVX2, FMA and F16C were detected.
+        if matches!(path, Path::Avx2 | Path::Avx2Loop) {
+            // SAFETY: AVX2, FMA and F16C were detected (the f32 loop takes the C
+            // library's `expf`, so it needs no vector `expf`).
             unsafe { heads_avx2(qg, hd, k, v, scale, og) };
             continue;
         }
