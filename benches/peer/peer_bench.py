@@ -499,7 +499,7 @@ def kernels_in_log(path):
     with open(path, errors="replace") as f:
         for line in f:
             line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the log's colours
-            m = re.search(r"cpu_kernels=(quant=\S+ attention=\w+)", line)
+            m = re.search(r"cpu_kernels=(quant=\S+ attention=[\w-]+)", line)
             if m:
                 return m.group(1)
     return None

@@ -135,7 +135,7 @@ impl Lanes for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn reduce(r: &[__m256]) -> __m256 {
-        reduce8x8(r.try_into().expect("8 registers"))
+        reduce8x8(r)
     }
 }
 
@@ -145,7 +145,8 @@ impl Lanes for Avx2 {
 /// result is position `p`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn reduce8x8(t: &[__m256; 8]) -> __m256 {
+fn reduce8x8(t: &[__m256]) -> __m256 {
+    debug_assert_eq!(t.len(), 8);
     // Level 2: lanes i and i + 4; half h of u[c] is position 2c + h.
     let u: [__m256; 4] = std::array::from_fn(|c| {
         let (a, b) = (t[2 * c], t[2 * c + 1]);

@@ -253,9 +253,12 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// The vector `expf`s this CPU can run, by name.
-    fn kernels() -> Vec<(&'static str, fn(&mut [f32]))> {
-        let mut ks: Vec<(&'static str, fn(&mut [f32]))> = Vec::new();
+    /// A vector `expf` over a slice, by name.
+    type Kernel = (&'static str, fn(&mut [f32]));
+
+    /// The vector `expf`s this CPU can run.
+    fn kernels() -> Vec<Kernel> {
+        let mut ks: Vec<Kernel> = Vec::new();
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were detected.
             ks.push(("avx2", |xs| unsafe { exp_slice_avx2(xs) }));

@@ -236,8 +236,8 @@ unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
                 let e = sc[h][j];
                 if wt != 1.0 {
                     let wv = S::splat(wt);
-                    for r in 0..rr {
-                        a[h][r] = S::round_f16(S::mul(a[h][r], wv));
+                    for ar in a[h].iter_mut().take(rr) {
+                        *ar = S::round_f16(S::mul(*ar, wv));
                     }
                 }
                 ev[h] = S::splat(e);
