@@ -303,6 +303,13 @@ fn serve(
         if !done.is_empty() {
             let mut last = Vec::with_capacity(done.len());
             for s in done {
+                // A client that went away between steps is seen here, not by a failed
+                // send: count it as the send path does.
+                let unfinished = s.next.is_some() || s.prefill_pos < s.req.prompt.len();
+                if unfinished && s.req.events.is_closed() {
+                    tracing::info!(parent: &s.req.span, tokens = s.generated.len(), "client went away; generation cancelled");
+                    metrics::cancelled();
+                }
                 metrics::kv_session_tokens(s.cache.len());
                 store.checkin(s.req.session.as_deref(), s.cache);
                 last.extend(s.last_event.map(|ev| (s.req.events, ev)));
