@@ -214,33 +214,6 @@ fn q8_0_cache_on_the_cpu_kernels_follows_llama_cpp() {
     eprintln!("q8_0 cache: tokens agreeing with llama.cpp per prompt: {report:?}");
 }
 
-/// Greedy decoding of `n` tokens after `prompt` against `cache`, one token at a time:
-/// the tokens and the logits each was picked from.
-fn greedy_with_logits(
-    model: &candela::engine::model::Model,
-    mut cache: candela::kv::SeqCache,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let (mut out, mut rows) = (Vec::new(), Vec::new());
-    let mut feed = prompt.to_vec();
-    for _ in 0..n {
-        let logits = model
-            .forward(&mut [candela::engine::model::SeqInput {
-                tokens: &feed,
-                cache: &mut cache,
-                all_logits: false,
-            }])
-            .unwrap();
-        let row = common::rows(&logits[0]).swap_remove(0);
-        let t = candela::engine::decode::sampling::argmax(&row) as u32;
-        out.push(t);
-        rows.push(row);
-        feed = vec![t];
-    }
-    (out, rows)
-}
-
 /// Greedy decoding of `prompt` on the CPU kernels (a host cache of `dtype`) and on the
 /// tensor path (the same type in tensors), `n` tokens each: the tokens that agree, and
 /// where they part, how far the tensor path's logit of its own pick was above its
@@ -256,7 +229,7 @@ fn kernels_vs_tensor_path(
     let layout = model.cache_layout(dtype);
     assert!(SeqCache::new(layout, &dev).is_host(), "{dtype}");
     let (want, rows) =
-        greedy_with_logits(model, SeqCache::new_tensor_path(layout, &dev), prompt, n);
+        common::greedy_with_logits(model, SeqCache::new_tensor_path(layout, &dev), prompt, n);
     let got = common::greedy_on(model, SeqCache::new(layout, &dev), prompt, n);
     let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
     if agree == n {

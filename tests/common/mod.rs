@@ -421,11 +421,22 @@ pub fn greedy(model: &candela::engine::model::Model, prompt: &[u32], n: usize) -
 /// [`greedy`] against a given cache.
 pub fn greedy_on(
     model: &candela::engine::model::Model,
-    mut cache: candela::kv::SeqCache,
+    cache: candela::kv::SeqCache,
     prompt: &[u32],
     n: usize,
 ) -> Vec<u32> {
-    let mut out = Vec::with_capacity(n);
+    greedy_with_logits(model, cache, prompt, n).0
+}
+
+/// Greedy decoding of `n` tokens after `prompt` against `cache`, one token at a time:
+/// the tokens and the logits each was picked from.
+pub fn greedy_with_logits(
+    model: &candela::engine::model::Model,
+    mut cache: candela::kv::SeqCache,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let (mut out, mut picked_from) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut feed = prompt.to_vec();
     for _ in 0..n {
         let logits = model
@@ -435,11 +446,13 @@ pub fn greedy_on(
                 all_logits: false,
             }])
             .unwrap();
-        let t = candela::engine::decode::sampling::argmax(&rows(&logits[0])[0]) as u32;
+        let row = rows(&logits[0]).swap_remove(0);
+        let t = candela::engine::decode::sampling::argmax(&row) as u32;
         out.push(t);
+        picked_from.push(row);
         feed = vec![t];
     }
-    out
+    (out, picked_from)
 }
 
 /// Greedy decoding of every prompt of a llama.cpp fixture (`greedy` entries with

@@ -3,7 +3,7 @@
 use super::*;
 use rand::{Rng, SeedableRng};
 
-fn data(rng: &mut rand::rngs::StdRng, n: usize, amp: f32) -> Vec<f32> {
+pub(super) fn data(rng: &mut rand::rngs::StdRng, n: usize, amp: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-amp..amp)).collect()
 }
 
@@ -13,7 +13,7 @@ fn halves(x: Vec<f32>) -> Vec<f16> {
 
 /// Bits equal, or both NaN (which NaN an operation returns depends on operand order,
 /// which the compiler may swap).
-fn same(x: f32, y: f32) -> bool {
+pub(super) fn same(x: f32, y: f32) -> bool {
     x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
 }
 

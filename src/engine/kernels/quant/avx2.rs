@@ -5,18 +5,19 @@
 
 use super::*;
 
-/// Per-thread buffers of the multi-row VNNI kernel: the activation-side corrections
-/// and the `d_w * d_y` products of one tile, reused between calls.
+/// Per-thread buffers of the multi-row kernels (these VNNI tiles and the plain-AVX2
+/// ones of `avx2_rows.rs`): the activation-side corrections and the `d_w * d_y`
+/// products of one tile, reused between calls.
 #[cfg(target_arch = "x86_64")]
 #[derive(Default)]
-struct TileScratch {
-    corr: Vec<i32>,
-    dd: Vec<f32>,
+pub(super) struct TileScratch {
+    pub(super) corr: Vec<i32>,
+    pub(super) dd: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    static TILE_SCRATCH: std::cell::RefCell<TileScratch> =
+    pub(super) static TILE_SCRATCH: std::cell::RefCell<TileScratch> =
         std::cell::RefCell::new(TileScratch::default());
 }
 

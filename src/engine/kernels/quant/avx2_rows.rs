@@ -25,21 +25,9 @@
 //! Must not depend on anything outside `quant`.
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
+use super::avx2::{TileScratch, TILE_SCRATCH};
 use super::{hsum8, Kind, OutPtr, QActs, QWeight, Row, QK};
-
-/// Per-thread buffers: the activation-side corrections (Q4_0) and the `d_w * d_y`
-/// products of one group of eight columns, `[block][row][column in group]`.
-#[derive(Default)]
-struct Scratch {
-    corr: Vec<i32>,
-    dd: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
 
 /// Most rows sharing one pass over the weights (eight accumulators of one column, plus
 /// the weights, an activation block and constants, fit the sixteen `ymm` registers).
@@ -85,7 +73,7 @@ impl QWeight {
     ) {
         debug_assert!(c0.is_multiple_of(8) && c1 <= self.n);
         let nbk = self.k / QK;
-        SCRATCH.with(|s| {
+        TILE_SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             if s.dd.len() < nbk * ROWS * 8 {
                 s.corr.resize(nbk * ROWS * 8, 0);
@@ -126,7 +114,7 @@ impl QWeight {
         r0: usize,
         c0: usize,
         c1: usize,
-        s: &mut Scratch,
+        s: &mut TileScratch,
         out: OutPtr,
         ldo: usize,
     ) {

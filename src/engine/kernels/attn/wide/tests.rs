@@ -2,20 +2,12 @@
 //! that loop against f64 attention to f32 precision.
 
 use super::super::paths;
+use super::super::tests::{data, same};
 use super::*;
-use rand::{Rng, SeedableRng};
-
-fn data(rng: &mut rand::rngs::StdRng, n: usize, amp: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-amp..amp)).collect()
-}
+use rand::SeedableRng;
 
 fn bf16s(x: Vec<f32>) -> Vec<bf16> {
     x.into_iter().map(bf16::from_f32).collect()
-}
-
-/// Bits equal, or both NaN.
-fn same(x: f32, y: f32) -> bool {
-    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
 }
 
 /// Each head of `q` through [`one_head`], then every path's grouped kernel; all must
