@@ -17,6 +17,21 @@ pub(super) fn same(x: f32, y: f32) -> bool {
     x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
 }
 
+/// Softmax attention of one head in f64: `q` (hd) over `k`, `v` (positions × hd).
+pub(super) fn attention_f64(q: &[f32], k: &[f64], v: &[f64], scale: f32) -> Vec<f64> {
+    let hd = q.len();
+    let s: Vec<f64> = k
+        .chunks_exact(hd)
+        .map(|kj| q.iter().zip(kj).map(|(&a, b)| a as f64 * b).sum::<f64>() * scale as f64)
+        .collect();
+    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (0..hd)
+        .map(|d| (0..s.len()).map(|j| e[j] / z * v[j * hd + d]).sum())
+        .collect()
+}
+
 /// Each head of `q` through the single-head portable loop, then every path's grouped
 /// kernel; all must agree bit for bit.
 fn check_all_paths(q: &[f32], hd: usize, k: &[f16], v: &[f16], scale: f32, what: &str) {
@@ -151,19 +166,9 @@ fn portable_matches_f64_reference() {
         let mut a = vec![0f32; hd];
         attend_with(false, &q, &k, &v, scale, &mut a);
         check_all_paths(&q, hd, &k, &v, scale, &format!("hd {hd} len {len}"));
-        let s: Vec<f64> = (0..len)
-            .map(|j| {
-                (0..hd)
-                    .map(|d| q[d] as f64 * k[j * hd + d].to_f64())
-                    .sum::<f64>()
-                    * scale as f64
-            })
-            .collect();
-        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-        let z: f64 = e.iter().sum();
-        for d in 0..hd {
-            let want: f64 = (0..len).map(|j| e[j] / z * v[j * hd + d].to_f64()).sum();
+        let kd: Vec<f64> = k.iter().map(|x| x.to_f64()).collect();
+        let vd: Vec<f64> = v.iter().map(|x| x.to_f64()).collect();
+        for (d, want) in attention_f64(&q, &kd, &vd, scale).into_iter().enumerate() {
             assert!(
                 (want - a[d] as f64).abs() < 2e-2,
                 "hd {hd} len {len} d {d}: {want} vs {}",

@@ -2,7 +2,7 @@
 //! that loop against f64 attention to f32 precision.
 
 use super::super::paths;
-use super::super::tests::{data, same};
+use super::super::tests::{attention_f64, data, same};
 use super::*;
 use rand::SeedableRng;
 
@@ -103,19 +103,9 @@ fn portable_matches_f64_attention_to_f32_precision() {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut a = vec![0f32; hd];
         one_head(&q, &k, &v, scale, &mut a);
-        let s: Vec<f64> = (0..len)
-            .map(|j| {
-                (0..hd)
-                    .map(|d| q[d] as f64 * k[j * hd + d].to_f64())
-                    .sum::<f64>()
-                    * scale as f64
-            })
-            .collect();
-        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-        let z: f64 = e.iter().sum();
-        for d in 0..hd {
-            let want: f64 = (0..len).map(|j| e[j] / z * v[j * hd + d].to_f64()).sum();
+        let kd: Vec<f64> = k.iter().map(|x| x.to_f64()).collect();
+        let vd: Vec<f64> = v.iter().map(|x| x.to_f64()).collect();
+        for (d, want) in attention_f64(&q, &kd, &vd, scale).into_iter().enumerate() {
             assert!(
                 (want - a[d] as f64).abs() < 1e-5,
                 "hd {hd} len {len} d {d}: {want} vs {}",
