@@ -19,8 +19,8 @@
 #       and 32 streams (batch_check.py) on the same card.
 #   scripts/cuda/lease.sh kquant   carry .device/k: candela.xz, llamacpp.tar.xz,
 #       gguf-0.19.0-py3-none-any.whl, tok.gguf (gen_synth.py --write-tokenizer), and the
-#       scripts (K=.device/k: this script, gen_synth.py, batch_check.py, tier_check.py
-#       beside it when run from a copy). Starts the llama.cpp build in the background,
+#       scripts (K=.device/k: this script, gen_synth.py, batch_check.py, tier_check.py and
+#       candela_server.py beside it when run from a copy). Starts the llama.cpp build in the background,
 #       writes the synthetic qwen-mix (Qwen2.5-Coder-0.5B's Q4_K_M types) and llama3-8b
 #       (Llama-3-8B's shape in Q4_K_M) with gen_synth.py, then `candela doctor` on both:
 #       fused K-quant path, tensor path and CPU on the same prompts, batched against
@@ -172,13 +172,13 @@ kquant)
     done
     # Session KV tiers on this GPU (the fused K-quant path's caches moving GPU -> host
     # RAM -> disk and back) against a server where nothing moves.
-    if [ -f "$HERE/tier_check.py" ]; then
+    if [ -f "$HERE/tier_check.py" ] && [ -f "$HERE/candela_server.py" ]; then
         echo "== tier_check on qwen-mix"
         timeout 150 python3 "$HERE/tier_check.py" --bin /root/candela --model /root/synth/qwen-mix.gguf \
             --device cuda --out "$OUT/tiers" 2>&1 | tee "$OUT/tier_check.txt" | tail -n 40
         echo "tier_check exit: ${PIPESTATUS[0]}"
     else
-        echo "== tier_check: not measured: tier_check.py is not beside lease.sh"
+        echo "== tier_check: not measured: tier_check.py or candela_server.py is not beside lease.sh"
     fi
     # Variants, while the call has time (each line says what it changed): the mat-mat
     # kernels allowed 200 KB of shared memory (fewer passes over the weights at 32

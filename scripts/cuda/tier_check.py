@@ -24,44 +24,18 @@ Standard library only.
 import argparse
 import json
 import os
-import random
-import shlex
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 
-
-def ids(seed, n):
-    rng = random.Random(seed)
-    # Ordinary tokens of the SmolLM2 vocabulary the synthetic models carry.
-    return [rng.randrange(1000, 40000) for _ in range(n)]
+from candela_server import CandelaServer, ids
 
 
-class Server:
+class Server(CandelaServer):
     def __init__(self, name, binary, model, args, port, data_dir, out_dir):
-        self.name, self.port = name, port
-        self.log_path = os.path.join(out_dir, f"tiers-{name}.log")
-        cmd = [binary, *shlex.split(args), "--model", model, "--port", str(port),
-               "--data-dir", data_dir]
-        self.cmd = " ".join(cmd)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, RUST_LOG="candela=debug"))
-
-    def wait(self, limit=300):
-        t0 = time.time()
-        while time.time() - t0 < limit:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: exited ({self.proc.returncode}); last lines:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
-                    return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        raise RuntimeError(f"{self.name}: no /health within {limit} s; last lines:\n{self.tail()}")
+        super().__init__(name, binary, model, args, port, data_dir,
+                         os.path.join(out_dir, f"tiers-{name}.log"), "candela=debug")
 
     def call(self, method, path, body=None):
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
@@ -81,22 +55,6 @@ class Server:
         lp = r["choices"][0]["logprobs"]
         cached = r["usage"].get("prompt_tokens_details", {}).get("cached_tokens")
         return lp["tokens"], lp["token_logprobs"], cached, r["choices"][0]["text"]
-
-    def tail(self, n=20):
-        self.log.flush()
-        try:
-            return "".join(open(self.log_path).readlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def tiers(srv):

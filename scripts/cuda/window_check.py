@@ -31,44 +31,20 @@ library only.
 import argparse
 import json
 import os
-import random
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 
-def ids(seed, n):
-    rng = random.Random(seed)
-    # Ordinary tokens of the SmolLM2 vocabulary the synthetic models carry.
-    return [rng.randrange(1000, 40000) for _ in range(n)]
+from candela_server import CandelaServer, ids
 
 
-class Server:
+class Server(CandelaServer):
     def __init__(self, name, binary, model, args, port, data_dir, out_dir):
-        self.name, self.port = name, port
-        self.log_path = os.path.join(out_dir, f"window-{name}.log")
-        cmd = [binary, *shlex.split(args), "--model", model, "--port", str(port),
-               "--data-dir", data_dir]
-        self.cmd = " ".join(cmd)
-        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait(self, limit=300):
-        t0 = time.time()
-        while time.time() - t0 < limit:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: candela exited ({self.proc.returncode}) "
-                                   f"before /health answered; last lines:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
-                    return time.time() - t0
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        raise RuntimeError(f"{self.name}: no /health within {limit} s; last lines:\n{self.tail()}")
+        super().__init__(name, binary, model, args, port, data_dir,
+                         os.path.join(out_dir, f"window-{name}.log"),
+                         os.environ.get("RUST_LOG", "info"))
 
     def complete(self, prompt, max_tokens, key):
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -90,22 +66,6 @@ class Server:
         tops = lp.get("top_logprobs") or [{}]
         return {"tokens": lp.get("tokens") or [], "logprobs": lp.get("token_logprobs") or [],
                 "margins": margins, "top": tops[0], "usage": res.get("usage")}
-
-    def tail(self, n=15):
-        self.log.flush()
-        try:
-            return "".join(open(self.log_path).readlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def prompts():
