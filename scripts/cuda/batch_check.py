@@ -4,12 +4,15 @@ concurrent (batched) decoding with one-at-a-time decoding, against any server wi
 OpenAI-compatible /v1/completions (candela, llama-server).
 
   batch_check.py --url http://127.0.0.1:8090 --streams 1,8,32 [--greedy] [--ref CPU.json]
-      [--out DIR] [--name candela]
+      [--ttft 16,512,4000] [--out DIR] [--name candela]
 
 Streams: N clients at once, each streaming 128 greedy tokens of a counting prompt (that
 keeps going well past 128 tokens); aggregate = (tokens - N) / (last token - first token
 over all streams), the same figure gpu_check.sh's 8-stream row reports. Two trials per N,
 the better one printed with both.
+
+--ttft: time to the first token of fresh prompts of those lengths (token ids), one
+request at a time, median of five after a warm-up.
 
 --greedy: the ten prompts of tests/fixtures/llama_ref.json (token ids, 32 tokens each,
 temperature 0), first one request at a time, then all ten at once; prints how many texts
@@ -122,6 +125,26 @@ def greedy(url, ref, out, name):
     json.dump(res, open(os.path.join(out, f"greedy_{name}.json"), "w"), indent=1)
 
 
+def ttft(url, n, reps=5):
+    """Median time to the first token of a fresh n-token prompt (token ids, a different
+    prompt each time so no prefix cache helps), one request at a time: prefill plus one
+    sampled token, over HTTP."""
+    times = []
+    for r in range(reps + 1):
+        ids = [(i * 7919 + 13 + 104729 * r) % 32000 + 100 for i in range(n)]
+        body = {"prompt": ids, "max_tokens": 1, "temperature": 0,
+                "prompt_cache_key": "tt-" + uuid.uuid4().hex, "cache_prompt": False}
+        req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            json.load(resp)
+        if r > 0:  # the first one warms up this length
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times
+
+
 def wait_health(url, limit=180):
     t0 = time.time()
     while time.time() - t0 < limit:
@@ -141,13 +164,23 @@ def main():
     ap.add_argument("--ref")
     ap.add_argument("--out", default=".")
     ap.add_argument("--name", default="server")
+    ap.add_argument("--ttft", default="",
+                    help="prompt lengths (token ids) whose time to first token to measure, e.g. 16,512,4000")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     wait_health(a.url)
     for _ in range(2):  # warm-up: module load, graph captures
         streams(a.url, 2, 16)
     report = {}
-    for n in [int(x) for x in a.streams.split(",")]:
+    for n in [int(x) for x in a.ttft.split(",") if x]:
+        try:
+            med, ts = ttft(a.url, n)
+            print(f"{a.name} TTFT, {n}-token prompt, one request at a time: median {med:.1f} ms "
+                  f"(" + ", ".join(f"{t:.1f}" for t in ts) + ")", flush=True)
+            report[f"ttft_{n}"] = ts
+        except Exception as e:  # noqa: BLE001
+            print(f"{a.name} TTFT {n}: not measured: {type(e).__name__}: {e}", flush=True)
+    for n in [int(x) for x in a.streams.split(",") if x]:
         streams(a.url, n, 16)  # this width's graph captured before timing
         trials = [streams(a.url, n) for _ in range(2)]
         ok = [t for t in trials if "aggregate_tok_s" in t]

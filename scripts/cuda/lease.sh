@@ -2,18 +2,19 @@
 # The GPU machine's side of a measurement lease, in two calls (the default GGUF is 98 MB
 # and one call carries at most 64 MiB), run from the repo root there:
 #
-#   scripts/cuda/lease.sh stage1   carry .device/a: gguf.part.aa (+ llamacpp.tar.xz,
-#       + gemma3.gguf) keeps the first half of the model (and the synthetic gemma3) under
-#       /root and, when the llama.cpp source is there, starts building its llama-bench with
+#   scripts/cuda/lease.sh stage1   carry .device/a: gguf.part.aa or gguf.xz.aa (+
+#       llamacpp.tar.xz, + gemma3.gguf, + candela-base.xz) keeps the first half of the
+#       model (and the synthetic gemma3, and a base build to compare with) under /root
+#       and, when the llama.cpp source is there, starts building its llama-bench with
 #       CUDA in the background (~5 min).
-#   scripts/cuda/lease.sh stage2   carry .device/b: gguf.part.ab, model.sha256, candela.xz
+#   scripts/cuda/lease.sh stage2   carry .device/b: gguf.part.ab (or gguf.xz.ab), model.sha256, candela.xz
 #       puts the model together and checks its sha256, then: `candela doctor` (fused path,
 #       tensor path and CPU on the same prompts), the CPU greedy reference and
 #       gpu_check.sh on the fused build, window_check.py when stage 1 kept gemma3.gguf, and
 #       llama-bench (tg128, pp512) on the same card.
-#   scripts/cuda/lease.sh batch    carry .device/b (as stage2): `candela doctor`, then
-#       candela (--max-batch 32) over HTTP at 1, 8 and 32 streams and greedy batched vs
-#       single-stream vs CPU (batch_check.py).
+#   scripts/cuda/lease.sh batch    carry .device/b (as stage2): `candela doctor` (and the
+#       base build's, when stage 1 kept one), then candela (--max-batch 32) over HTTP at
+#       1, 8 and 32 streams and greedy batched vs single-stream vs CPU (batch_check.py).
 #   scripts/cuda/lease.sh peer     (after batch, nothing carried) llama-bench,
 #       llama-batched-bench -npl 1,8,32 and llama-server --parallel 32 over HTTP at 1, 8
 #       and 32 streams (batch_check.py) on the same card.
@@ -48,10 +49,23 @@ A="${A:-.device/a}"
 B="${B:-.device/b}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# The default model from its two halves: raw (gguf.part.aa/ab) or xz-compressed
+# (gguf.xz.aa/ab: `xz -c model | split -b 48M - gguf.xz.`), checked against model.sha256.
+assemble() {
+    if [ -f /root/gguf.xz.aa ]; then
+        cat /root/gguf.xz.aa $B/gguf.xz.ab | xz -dc >"$MODEL" || return 1
+    else
+        cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || return 1
+    fi
+    (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256")
+}
+
 case "${1:-}" in
 stage1)
-    cp $A/gguf.part.aa /root/gguf.part.aa
+    cp $A/gguf.part.aa /root/gguf.part.aa 2>/dev/null || cp $A/gguf.xz.aa /root/gguf.xz.aa
     [ -f $A/gemma3.gguf ] && cp $A/gemma3.gguf /root/gemma3.gguf
+    # A build to compare with in the same lease (`batch` runs its doctor too).
+    [ -f $A/candela-base.xz ] && xz -dc $A/candela-base.xz >/root/candela-base && chmod +x /root/candela-base
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     if [ -f $A/llamacpp.tar.xz ]; then
         rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $A/llamacpp.tar.xz -C /root/lcp
@@ -67,8 +81,7 @@ stage1)
     fi
     ;;
 stage2)
-    cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || exit 1
-    (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256") || exit 1
+    assemble || exit 1
     xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
     BIN=/root/candela
     echo "== doctor (fused: graph + programmatic dependent launch)"
@@ -101,8 +114,7 @@ stage2)
 batch)
     # Like stage2, for many streams: doctor (batched against single-stream), then
     # candela over HTTP with batch_check.py at 1, 8 and 32 streams.
-    cat /root/gguf.part.aa $B/gguf.part.ab >"$MODEL" || exit 1
-    (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256") || exit 1
+    assemble || exit 1
     xz -dc $B/candela.xz >/root/candela && chmod +x /root/candela
     BIN=/root/candela
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -115,15 +127,20 @@ batch)
     echo "== doctor"
     "$BIN" doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 2>"$OUT/doctor.err" | tee "$OUT/doctor.txt"
     tail -n 3 "$OUT/doctor.err"
+    if [ -x /root/candela-base ]; then
+        echo "== doctor of the base build (stage 1's candela-base.xz), many-sequence lines"
+        /root/candela-base doctor --device cuda --model "$MODEL" --data-dir /root/cdata --tokens 128 \
+            2>>"$OUT/doctor.err" | tee "$OUT/doctor_base.txt" | grep -E "sequence|fused path|prefill"
+    fi
     echo "== CPU greedy reference (the same binary, --device cpu)"
     DEVICE=cpu PORT=8091 CANDELA_BIN=$BIN OUT=$OUT/cpu "$HERE/gpu_check.sh" \
         --reference /root/cpu_ref.json 2>&1 | tail -n 2
     echo "== candela over HTTP (--max-batch 32)"
     "$BIN" --device cuda --model "$MODEL" --port 8090 --max-batch 32 --queue-size 64 \
-        --data-dir /tmp/cbatch >"$OUT/candela.log" 2>&1 &
+        --ctx-size 8192 --data-dir /tmp/cbatch >"$OUT/candela.log" 2>&1 &
     CP=$!
     python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ref /root/cpu_ref.json \
-        --out "$OUT" --name candela
+        --ttft 16,512,4000 --out "$OUT" --name candela
     kill $CP; wait $CP 2>/dev/null
     ;;
 peer)
@@ -142,6 +159,13 @@ peer)
                 >"$OUT/llama_server.log" 2>&1 &
             LP=$!
             python3 "$HERE/batch_check.py" --url http://127.0.0.1:8092 --out "$OUT" --name llama-server
+            kill $LP; wait $LP 2>/dev/null
+            echo "== llama-server --parallel 1 -c 8192: time to first token"
+            $LB/llama-server -m "$MODEL" -ngl 99 -fa on -c 8192 --port 8093 \
+                >"$OUT/llama_server_ttft.log" 2>&1 &
+            LP=$!
+            python3 "$HERE/batch_check.py" --url http://127.0.0.1:8093 --streams "" --ttft 16,512,4000 \
+                --out "$OUT" --name llama-server-p1
             kill $LP; wait $LP 2>/dev/null
         fi
     fi

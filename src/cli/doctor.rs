@@ -137,6 +137,70 @@ fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineErr
     Ok(())
 }
 
+/// Prompt prefill on the fused GPU path: batched prefill steps against the same prompt
+/// fed one token at a time (logits bit-identical?) and against the tensor path (largest
+/// logit difference), with the median time of each at a few prompt lengths.
+fn prefill_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
+    if !model.has_fused_decode() {
+        return Ok(());
+    }
+    let vocab = model.config.vocab as u32;
+    let time = |ids: &[u32], reps: usize| -> Result<(f64, Vec<f32>), EngineError> {
+        let mut ms = Vec::with_capacity(reps);
+        let mut last = Vec::new();
+        for _ in 0..reps {
+            let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+            let t = Instant::now();
+            last = forward1(model, ids, &mut cache)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((median(&ms), last))
+    };
+    for n in [16, 100, 512, 4000] {
+        if n + 1 >= ctx {
+            continue;
+        }
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let reps = if n > 1000 { 3 } else { 5 };
+        time(&ids, 1)?; // warm-up: graphs of this prompt's buckets
+        let (fused_ms, fused) = time(&ids, reps)?;
+        let mut line = format!("prefill {n:>5} tokens: fused batched {fused_ms:>8.2} ms");
+        if n <= 512 {
+            model.set_fused_prefill(false);
+            let one = time(&ids, if n > 100 { 1 } else { reps });
+            model.set_fused_prefill(true);
+            let (one_ms, one) = one?;
+            let same = fused
+                .iter()
+                .zip(&one)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            line += &format!(
+                ", one token at a time {one_ms:>8.2} ms (logits {})",
+                if same { "bit-identical" } else { "DIFFER" }
+            );
+        }
+        model.set_fused_decode(false);
+        let tensor = time(&ids, 1).and_then(|_| time(&ids, reps));
+        model.set_fused_decode(true);
+        let (tensor_ms, tensor) = tensor?;
+        let gap = fused
+            .iter()
+            .zip(&tensor)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        line += &format!(
+            ", tensor path {tensor_ms:>8.2} ms (max |dlogit| {gap:.4}, argmax {})",
+            if argmax(&fused) == argmax(&tensor) {
+                "equal"
+            } else {
+                "DIFFERS"
+            }
+        );
+        println!("{line}");
+    }
+    Ok(())
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -344,6 +408,7 @@ pub fn run(
         }
     }
     batch_report(&model, &short, n.min(64))?;
+    prefill_report(&model, ctx)?;
     window_check(&model, cpu.as_ref(), ctx)?;
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");

@@ -60,6 +60,50 @@ pub fn columns_per_chunk(k: usize, bucket: usize, smem: usize) -> usize {
         .min(bucket.max(1))
 }
 
+/// Whether a mat-mat block dots each weight row with 32 columns at a time (its wide
+/// kernels, `mm32_*`) rather than 8: when a chunk holds more than 8 columns.
+pub fn wide_columns(chunk: usize) -> bool {
+    chunk > 8
+}
+
+/// What a batched step computes past the last layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepKind {
+    /// One token of each of several sequences: every row's logits.
+    Decode,
+    /// Consecutive prompt positions of one sequence (each position's K/V is written to
+    /// the cache before attention reads any): logits of every row, of the last row
+    /// only, or none (a chunk before the prompt's last).
+    Prefill(Logits),
+}
+
+/// The logits a prefill step returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Cut a prompt of `n` tokens into prefill steps: the largest bucket that fits what is
+/// left each time (every step then fills its bucket, so its last row is the bucket's
+/// last), and a final single token where one is left over.
+pub fn prefill_chunks(n: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let take = BUCKETS
+            .iter()
+            .rev()
+            .copied()
+            .find(|&b| b <= left)
+            .unwrap_or(1);
+        out.push(take);
+        left -= take;
+    }
+    out
+}
+
 /// One sequence of a batched step: the token it feeds, its position (the cache length)
 /// and cache capacity, and its per-layer `(K, V)` cache device pointers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +233,36 @@ mod tests {
                 .map(|l| (1000 * token as u64 + l, 2000 * token as u64 + l))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn prefill_chunks_fill_their_buckets_and_cover_the_prompt() {
+        assert!(prefill_chunks(0).is_empty());
+        assert_eq!(prefill_chunks(1), vec![1]);
+        assert_eq!(prefill_chunks(2), vec![2]);
+        assert_eq!(prefill_chunks(7), vec![4, 2, 1]);
+        assert_eq!(prefill_chunks(100), vec![64, 32, 4]);
+        assert_eq!(prefill_chunks(512), vec![64; 8]);
+        for n in 0..300 {
+            let c = prefill_chunks(n);
+            assert_eq!(c.iter().sum::<usize>(), n, "n {n}");
+            // Every step but a final single token is a whole bucket, largest first.
+            for (i, &k) in c.iter().enumerate() {
+                assert!(
+                    BUCKETS.contains(&k) || (k == 1 && i + 1 == c.len()),
+                    "n {n}: {c:?}"
+                );
+            }
+            assert!(c.windows(2).all(|w| w[0] >= w[1]), "n {n}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn wide_kernels_take_chunks_of_more_than_eight_columns() {
+        assert!(!wide_columns(1));
+        assert!(!wide_columns(8));
+        assert!(wide_columns(9));
+        assert!(wide_columns(64));
     }
 
     #[test]

@@ -207,9 +207,9 @@ pub struct Model {
     fused_on: AtomicBool,
 }
 
-/// Sequences of at most this many new tokens go through the fused CUDA path one token
-/// at a time (short prompts included: that is faster than the tensor path's prefill up
-/// to about this length, and keeps prefill and decode on the same arithmetic).
+/// With batched prefill off (`CANDELA_CUDA_PREFILL=0`), sequences of at most this many
+/// new tokens go through the fused CUDA path one token at a time (longer prompts take
+/// the tensor path); with it on, prompts of any length run fused.
 #[cfg(feature = "cuda")]
 const FUSED_MAX_TOKENS: usize = 64;
 
@@ -291,14 +291,34 @@ impl Model {
         false
     }
 
-    /// The longest prompt chunk the fused GPU path takes; such chunks of several
-    /// sequences run together, one batched step per token position (0: no fused path).
+    /// The longest prompt chunk the fused GPU path takes, so that chunks of several
+    /// sequences go through one pass (0: no fused path): any, with batched prefill
+    /// (each prompt then prefills in its own steps), else short ones, stepped together
+    /// one token position at a time.
     pub fn fused_chunk(&self) -> usize {
         #[cfg(feature = "cuda")]
-        if self.fused.is_some() && self.fused_on.load(Ordering::Relaxed) {
-            return FUSED_MAX_TOKENS;
+        if let Some(d) = &self.fused {
+            if self.fused_on.load(Ordering::Relaxed) {
+                return if d.prefill() {
+                    usize::MAX
+                } else {
+                    FUSED_MAX_TOKENS
+                };
+            }
         }
         0
+    }
+
+    /// Allow or forbid batched prefill on the fused GPU path (prompts then go one token
+    /// at a time); returns whether the model has a fused path.
+    pub fn set_fused_prefill(&self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            d.set_prefill(on);
+            return true;
+        }
+        let _ = on;
+        false
     }
 
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`

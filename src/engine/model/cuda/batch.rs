@@ -1,12 +1,13 @@
-//! The batched decode step: one pass of the model for every sequence of a decode step
-//! (one token each, each at its own position in its own cache), through the mat-mat
-//! kernels of `batch.cuh` that read each weight row once for the whole batch. One graph
-//! is captured per batch-size bucket (`batch_plan::BUCKETS`) and replayed with the
-//! sequences' tokens, positions and cache pointers written to a device buffer first;
-//! the logits of all rows come back in one copy.
+//! The batched step: one pass of the model for several rows at once through the mat-mat
+//! kernels of `batch.cuh` that read each weight row once for all of them — the tokens of
+//! a decode step (one per sequence, each at its own position in its own cache), or a
+//! prompt chunk of one sequence (consecutive positions of one cache: a prefill step). One
+//! graph is captured per batch-size bucket (`batch_plan::BUCKETS`) and kind of step, and
+//! replayed with the rows' tokens, positions and cache pointers written to a device
+//! buffer first; the logits come back in one copy.
 
 use super::*;
-use crate::engine::model::batch_plan::{self, SeqRecord};
+use crate::engine::model::batch_plan::{self, Logits, SeqRecord, StepKind};
 use candle_core::cuda_backend::cudarc::driver::PinnedHostSlice;
 
 /// Dynamic shared memory a mat-mat block may use for quantized activations, where the
@@ -29,38 +30,12 @@ pub(super) struct Batch {
     /// costs milliseconds).
     host: PinnedHostSlice<f32>,
     step: Buf<u64>,
-    graphs: Vec<(usize, CudaGraph)>,
+    graphs: Vec<((usize, StepKind), CudaGraph)>,
 }
 
 impl Inner {
-    /// One step for `seqs` (token, position, cache): each cache gets its token's K/V at
-    /// the position, and each sequence's logits row comes back as host floats.
-    pub(super) fn run_batch(&mut self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
-        self.stream.context().bind_to_thread().map_err(err)?;
-        let nl = self.cfg.n_layers;
-        let mut recs = Vec::with_capacity(seqs.len());
-        for &(t, pos, cache) in seqs {
-            let layers = cache
-                .dense_layers()
-                .ok_or_else(|| err("cache is not a dense device cache"))?;
-            let mut kv = Vec::with_capacity(layers.len());
-            for (k, v) in &layers {
-                if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
-                    return Err(err("cache tensors are not contiguous f16"));
-                }
-                kv.push((
-                    tensor_ptr(k, &self.candle_stream)?,
-                    tensor_ptr(v, &self.candle_stream)?,
-                ));
-            }
-            recs.push(SeqRecord {
-                token: t,
-                pos,
-                cap: cache.capacity(),
-                kv,
-            });
-        }
-        // Candle's writes (prefill, a cache that just grew) come first.
+    /// Candle's writes (prefill, a cache that just grew) come before ours.
+    pub(super) fn after_candle(&self) -> Result<()> {
         // SAFETY: both handles are live for the decoder's lifetime.
         unsafe {
             result::event::record(self.event, self.candle_stream.cu_stream()).map_err(err)?;
@@ -69,22 +44,50 @@ impl Inner {
                 self.event,
                 sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
-            .map_err(err)?;
+            .map_err(err)
         }
+    }
+
+    /// The per-layer (K, V) device pointers of a dense f16 device cache.
+    pub(super) fn cache_ptrs(&self, cache: &SeqCache) -> Result<Vec<(u64, u64)>> {
+        let layers = cache
+            .dense_layers()
+            .ok_or_else(|| err("cache is not a dense device cache"))?;
+        if layers.len() != self.cfg.n_layers {
+            return Err(err("cache does not fit the model"));
+        }
+        let mut kv = Vec::with_capacity(layers.len());
+        for (k, v) in &layers {
+            if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
+                return Err(err("cache tensors are not contiguous f16"));
+            }
+            kv.push((
+                tensor_ptr(k, &self.candle_stream)?,
+                tensor_ptr(v, &self.candle_stream)?,
+            ));
+        }
+        Ok(kv)
+    }
+
+    /// One step for `seqs` (token, position, cache): each cache gets its token's K/V at
+    /// the position, and each sequence's logits row comes back as host floats.
+    pub(super) fn run_batch(&mut self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let mut recs = Vec::with_capacity(seqs.len());
+        for &(t, pos, cache) in seqs {
+            recs.push(SeqRecord {
+                token: t,
+                pos,
+                cap: cache.capacity(),
+                kv: self.cache_ptrs(cache)?,
+            });
+        }
+        self.after_candle()?;
         let vocab = self.output.n;
         let mut out = Vec::with_capacity(recs.len());
         for (first, len) in batch_plan::split(recs.len()) {
             let bucket = batch_plan::bucket(len).ok_or_else(|| err("empty batch"))?;
-            self.ensure_batch(bucket)?;
-            let mut words = std::mem::take(&mut self.words);
-            batch_plan::fill_step(&mut words, &recs[first..first + len], bucket, nl)
-                .map_err(err)?;
-            let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
-            let r = self.stream.memcpy_htod(&words, &mut b.step.slice);
-            self.words = words;
-            r.map_err(err)?;
-            self.launch_batch(bucket)?;
-            self.steps += 1;
+            self.step_rows(&recs[first..first + len], bucket, StepKind::Decode)?;
             let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
             self.stream
                 .memcpy_dtoh(&b.logits.slice.slice(..len * vocab), &mut b.host)
@@ -96,9 +99,127 @@ impl Inner {
         Ok(out)
     }
 
+    /// Prefill `tokens` into `cache` from position `pos0` (filled up to it, with room for
+    /// them) in batched steps of whole buckets (`batch_plan::prefill_chunks`), a final
+    /// single token through the single-stream step. Returns the last token's logits, or
+    /// every token's with `all`; the same bits as feeding the tokens one at a time.
+    pub(super) fn prefill(
+        &mut self,
+        tokens: &[u32],
+        cache: &SeqCache,
+        pos0: usize,
+        all: bool,
+    ) -> Result<Vec<f32>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let cap = cache.capacity();
+        if pos0 + tokens.len() > cap {
+            return Err(err("cache has no room for the prompt"));
+        }
+        let kv = self.cache_ptrs(cache)?;
+        self.after_candle()?;
+        let vocab = self.output.n;
+        let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
+        let mut at = 0;
+        for n in batch_plan::prefill_chunks(tokens.len()) {
+            let last = at + n == tokens.len();
+            if n == 1 {
+                let v = self.run(&tokens[at..at + 1], cache, pos0 + at, false)?;
+                if all || last {
+                    out.extend_from_slice(&v);
+                }
+                at += 1;
+                continue;
+            }
+            let recs: Vec<SeqRecord> = (0..n)
+                .map(|t| SeqRecord {
+                    token: tokens[at + t],
+                    pos: pos0 + at + t,
+                    cap,
+                    kv: kv.clone(),
+                })
+                .collect();
+            let logits = match (all, last) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            self.step_rows(&recs, n, StepKind::Prefill(logits))?;
+            let rows = match logits {
+                Logits::All => n,
+                Logits::Last => 1,
+                Logits::None => 0,
+            };
+            if rows > 0 {
+                let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+                self.stream
+                    .memcpy_dtoh(&b.logits.slice.slice(..rows * vocab), &mut b.host)
+                    .map_err(err)?;
+                self.stream.synchronize().map_err(err)?;
+                let host = b.host.as_slice().map_err(err)?;
+                out.extend_from_slice(&host[..rows * vocab]);
+            }
+            at += n;
+        }
+        self.stream.synchronize().map_err(err)?;
+        Ok(out)
+    }
+
+    /// Write the step buffer for `recs` (at most `bucket`) and replay the bucket's graph
+    /// of `kind` (the logits stay on the device).
+    fn step_rows(&mut self, recs: &[SeqRecord], bucket: usize, kind: StepKind) -> Result<()> {
+        self.ensure_batch(bucket)?;
+        let mut words = std::mem::take(&mut self.words);
+        batch_plan::fill_step(&mut words, recs, bucket, self.cfg.n_layers).map_err(err)?;
+        let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+        let r = self.stream.memcpy_htod(&words, &mut b.step.slice);
+        self.words = words;
+        r.map_err(err)?;
+        self.launch_batch(bucket, kind)?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// Microseconds per launch of each kernel of the batched step for `bucket` rows, at
+    /// positions `pos..pos + bucket` of `cache` (reserved past them), timed as `bench`
+    /// times the single-stream ones. The rows share one cache, so their attention reads
+    /// slots other rows write in the same launch: the values mean nothing, only the time.
+    pub(super) fn bench_batch(
+        &mut self,
+        cache: &SeqCache,
+        pos: usize,
+        bucket: usize,
+    ) -> Result<Vec<(Op, f64)>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let cap = cache.capacity();
+        if pos + bucket > cap {
+            return Err(err("bench positions past the cache"));
+        }
+        let kv = self.cache_ptrs(cache)?;
+        let recs: Vec<SeqRecord> = (0..bucket)
+            .map(|t| SeqRecord {
+                token: t as u32,
+                pos: pos + t,
+                cap,
+                kv: kv.clone(),
+            })
+            .collect();
+        self.ensure_batch(bucket)?;
+        let mut words = std::mem::take(&mut self.words);
+        let filled = batch_plan::fill_step(&mut words, &recs, bucket, self.cfg.n_layers);
+        let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+        let copied = filled.map_err(err).and_then(|_| {
+            self.stream
+                .memcpy_htod(&words, &mut b.step.slice)
+                .map_err(err)
+        });
+        self.words = words;
+        copied?;
+        self.time_ops(|s, op| s.launch_b(op, 0, bucket, StepKind::Decode))
+    }
+
     /// Batch buffers for at least `bucket` sequences (re-allocated, and the graphs over
     /// the old ones dropped, when a larger bucket comes).
-    fn ensure_batch(&mut self, bucket: usize) -> Result<()> {
+    pub(super) fn ensure_batch(&mut self, bucket: usize) -> Result<()> {
         if self.batch.as_ref().is_some_and(|b| b.cap >= bucket) {
             return Ok(());
         }
@@ -128,20 +249,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Replay the bucket's graph (capturing it the first time) or launch directly.
-    fn launch_batch(&mut self, bucket: usize) -> Result<()> {
+    /// Replay the graph of `(bucket, kind)` (capturing it the first time) or launch
+    /// directly.
+    fn launch_batch(&mut self, bucket: usize, kind: StepKind) -> Result<()> {
         if !self.use_graph {
-            return self.enqueue_batch(bucket);
+            return self.enqueue_batch(bucket, kind);
         }
+        let key = (bucket, kind);
         let have = self
             .batch
             .as_ref()
-            .is_some_and(|b| b.graphs.iter().any(|(k, _)| *k == bucket));
+            .is_some_and(|b| b.graphs.iter().any(|(k, _)| *k == key));
         if !have {
             self.stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(err)?;
-            let r = self.enqueue_batch(bucket);
+            let r = self.enqueue_batch(bucket, kind);
             let g = self
                 .stream
                 .end_capture(sys::CUgraphInstantiate_flags(0))
@@ -151,73 +274,100 @@ impl Inner {
             g.upload().map_err(err)?;
             self.captures += 1;
             if let Some(b) = self.batch.as_mut() {
-                b.graphs.push((bucket, g));
+                b.graphs.push((key, g));
             }
         }
         let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
         let (_, g) = b
             .graphs
             .iter()
-            .find(|(k, _)| *k == bucket)
+            .find(|(k, _)| *k == key)
             .ok_or_else(|| err("no graph for the bucket"))?;
         g.launch().map_err(err)
     }
 
-    /// Enqueue one batched step for a `bucket`-wide batch on our stream. Outputs go as
-    /// `(pointer, row stride in floats)`.
-    fn enqueue_batch(&self, bucket: usize) -> Result<()> {
+    /// Enqueue one batched step of `kind` for a `bucket`-wide batch on our stream.
+    fn enqueue_batch(&self, bucket: usize, kind: StepKind) -> Result<()> {
+        self.launch_b(Op::Embed, 0, bucket, kind)?;
+        for li in 0..self.layers.len() {
+            for op in [Op::Qkv, Op::Attention, Op::Wo, Op::GateUp, Op::Down] {
+                self.launch_b(op, li, bucket, kind)?;
+            }
+        }
+        self.launch_b(Op::Output, 0, bucket, kind)
+    }
+
+    /// Launch one kernel (or, for a prefill step's attention, two) of a batched step
+    /// (`li`: the layer, for per-layer ops). Outputs go as `(pointer, row stride in
+    /// floats)`.
+    pub(super) fn launch_b(&self, op: Op, li: usize, bucket: usize, kind: StepKind) -> Result<()> {
         let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
         let cfg = &self.cfg;
-        let stride = batch_plan::record_words(cfg.n_layers) as i32;
-        {
-            let hidden = cfg.hidden as i32;
-            let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
-            let mut args = [
-                arg(&b.step.ptr),
-                arg(&stride),
-                arg(&embed),
-                arg(&hidden),
-                arg(&b.x.ptr),
-            ];
-            let blocks = cfg.hidden.div_ceil(256) as u32;
-            // SAFETY: matches `embed_rows`; a plain launch after the step buffer's copy.
-            unsafe {
-                self.go2(
-                    &self.f.embed_rows,
-                    (blocks, bucket as u32),
-                    256,
+        let l = &self.layers[li];
+        let x_out = (b.x.ptr, cfg.hidden);
+        match op {
+            Op::Embed => {
+                let stride = batch_plan::record_words(cfg.n_layers) as i32;
+                let hidden = cfg.hidden as i32;
+                let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
+                let mut args = [
+                    arg(&b.step.ptr),
+                    arg(&stride),
+                    arg(&embed),
+                    arg(&hidden),
+                    arg(&b.x.ptr),
+                ];
+                let blocks = cfg.hidden.div_ceil(256) as u32;
+                // SAFETY: matches `embed_rows`; a plain launch after the step buffer's copy.
+                unsafe {
+                    self.go2(
+                        &self.f.embed_rows,
+                        (blocks, bucket as u32),
+                        256,
+                        0,
+                        &mut args,
+                        false,
+                    )
+                }
+            }
+            Op::Qkv => {
+                let qkv_n: usize = l.qkv.iter().map(|m| m.n).sum();
+                let mut row = 0u64;
+                for m in &l.qkv {
+                    let bias = l.qkv_bias.as_ref().map_or(0, |x| x.ptr + 4 * row);
+                    let out = (b.qkv.ptr + 4 * row, qkv_n);
+                    self.matmat(b, bucket, m, 0, b.x.ptr, l.attn_norm.ptr, bias, out)?;
+                    row += m.n as u64;
+                }
+                Ok(())
+            }
+            Op::Attention => self.attention_batch(b, bucket, li, kind),
+            Op::Wo => self.matmat(b, bucket, &l.wo, 1, b.att.ptr, 0, 0, x_out),
+            Op::GateUp => {
+                let act = (b.act.ptr, l.gate_up.n / 2);
+                self.matmat(b, bucket, &l.gate_up, 2, b.x.ptr, l.ffn_norm.ptr, 0, act)
+            }
+            Op::Down => self.matmat(b, bucket, &l.down, 1, b.act.ptr, 0, 0, x_out),
+            Op::Output => match kind {
+                StepKind::Decode | StepKind::Prefill(Logits::All) => self.matmat(
+                    b,
+                    bucket,
+                    &self.output,
                     0,
-                    &mut args,
-                    false,
-                )?
-            }
+                    b.x.ptr,
+                    self.out_norm.ptr,
+                    0,
+                    (b.logits.ptr, self.output.n),
+                ),
+                // A prefill step fills its bucket: its last row is the bucket's last,
+                // projected alone by the single-stream kernel.
+                StepKind::Prefill(Logits::Last) => {
+                    let last = b.x.ptr + 4 * ((bucket - 1) * cfg.hidden) as u64;
+                    self.matvec(&self.output, 0, last, self.out_norm.ptr, 0, b.logits.ptr)
+                }
+                StepKind::Prefill(Logits::None) => Ok(()),
+            },
         }
-        for (li, l) in self.layers.iter().enumerate() {
-            let qkv_n: usize = l.qkv.iter().map(|m| m.n).sum();
-            let mut row = 0u64;
-            for m in &l.qkv {
-                let bias = l.qkv_bias.as_ref().map_or(0, |x| x.ptr + 4 * row);
-                let out = (b.qkv.ptr + 4 * row, qkv_n);
-                self.matmat(b, bucket, m, 0, b.x.ptr, l.attn_norm.ptr, bias, out)?;
-                row += m.n as u64;
-            }
-            self.attention_batch(b, bucket, li, stride)?;
-            let x_out = (b.x.ptr, cfg.hidden);
-            self.matmat(b, bucket, &l.wo, 1, b.att.ptr, 0, 0, x_out)?;
-            let act = (b.act.ptr, l.gate_up.n / 2);
-            self.matmat(b, bucket, &l.gate_up, 2, b.x.ptr, l.ffn_norm.ptr, 0, act)?;
-            self.matmat(b, bucket, &l.down, 1, b.act.ptr, 0, 0, x_out)?;
-        }
-        self.matmat(
-            b,
-            bucket,
-            &self.output,
-            0,
-            b.x.ptr,
-            self.out_norm.ptr,
-            0,
-            (b.logits.ptr, self.output.n),
-        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -232,10 +382,14 @@ impl Inner {
         bias: u64,
         (out, ld): (u64, usize),
     ) -> Result<()> {
-        let f = &self.f.mm[m.kind as usize][mode];
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
         let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
+        let f = if batch_plan::wide_columns(ch) {
+            &self.f.mm32[m.kind as usize][mode]
+        } else {
+            &self.f.mm[m.kind as usize][mode]
+        };
         // Every block quantizes the batch's activations once: a few blocks per SM, each
         // taking many rows (fewer blocks for wider batches, whose quantization costs more).
         let per_sm = if bucket <= 8 { 4 } else { 2 };
@@ -262,8 +416,12 @@ impl Inner {
         unsafe { self.go2(f, (blocks, 1), MV_THREADS, smem, &mut args, true) }
     }
 
-    fn attention_batch(&self, b: &Batch, bucket: usize, li: usize, stride: i32) -> Result<()> {
+    /// RoPE, the K/V cache write and attention for every row; a prefill step writes
+    /// every row's K/V first (`kv_write_b`), then attends with the write off.
+    fn attention_batch(&self, b: &Batch, bucket: usize, li: usize, kind: StepKind) -> Result<()> {
         let cfg = &self.cfg;
+        let stride = batch_plan::record_words(cfg.n_layers) as i32;
+        let prefill = matches!(kind, StepKind::Prefill(_));
         let hd = cfg.head_dim;
         let cos = tensor_ptr(&self.cos, &self.candle_stream)?;
         let sin = tensor_ptr(&self.sin, &self.candle_stream)?;
@@ -277,6 +435,33 @@ impl Inner {
         let neox = cfg.rope_neox as i32;
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = self.ctx as i32;
+        if prefill {
+            let mut args = [
+                arg(&b.qkv.ptr),
+                arg(&b.step.ptr),
+                arg(&stride),
+                arg(&li),
+                arg(&nl),
+                arg(&nh),
+                arg(&nkvh),
+                arg(&hdi),
+                arg(&cos),
+                arg(&sin),
+                arg(&neox),
+            ];
+            // SAFETY: matches `kv_write_b`; each record holds its cache's pointers.
+            unsafe {
+                self.go2(
+                    &self.f.kv_write_b,
+                    (cfg.n_kv_heads as u32, bucket as u32),
+                    128,
+                    0,
+                    &mut args,
+                    true,
+                )?
+            }
+        }
+        let write = (!prefill) as i32;
         let mut args = [
             arg(&b.qkv.ptr),
             arg(&b.step.ptr),
@@ -293,6 +478,7 @@ impl Inner {
             arg(&b.scores.ptr),
             arg(&ctx),
             arg(&b.att.ptr),
+            arg(&write),
         ];
         let threads = ATT_THREADS as u32;
         let smem = ((3 * hd) as u32 + 8 * threads) * 4;

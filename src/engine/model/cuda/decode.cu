@@ -87,40 +87,6 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 
 __device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
 
-// Quantize K activations (optionally RMS-normalized first) into shared memory:
-// sq[K] int8, sd[K/32] block scales, ss[K/32] scale * sum of the block's ints (Q4_1's
-// `s`), both rounded to f16 like ggml's Q8_1.
-__device__ void quantize_acts(const float* __restrict__ x, const float* __restrict__ norm,
-                              float eps, int K, int8_t* sq, float* sd, float* ss, float* red) {
-    float m = 1.f;
-    if (norm != nullptr) {
-        float s2 = 0.f;
-        for (int i = threadIdx.x; i < K; i += blockDim.x) {
-            const float v = x[i];
-            s2 = __fadd_rn(s2, __fmul_rn(v, v));
-        }
-        s2 = block_reduce(s2, red, false);
-        m = sqrtf(s2 / (float)K + eps);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int nb = K / QK;
-    for (int b = warp; b < nb; b += nw) {
-        float v = x[b * QK + lane];
-        if (norm != nullptr) v = __fmul_rn(v / m, norm[b * QK + lane]);
-        const float amax = warp_max(fabsf(v));
-        const float d = amax / 127.f;
-        const float id = amax != 0.f ? 127.f / amax : 0.f;
-        const int q = __float2int_rn(__fmul_rn(v, id));
-        sq[b * QK + lane] = (int8_t)q;
-        const int sum = warp_sum_i(q);
-        if (lane == 0) {
-            sd[b] = round_f16(d);
-            ss[b] = round_f16(__fmul_rn(d, (float)sum));
-        }
-    }
-    __syncthreads();
-}
-
 // The (scale, offset) pair of block `b` of a nibble row: stored as such, or for KIND_Q4_K
 // formed from the row's scale bytes `srow` (see the header).
 template <int KIND>
@@ -140,28 +106,177 @@ __device__ __forceinline__ int scale_bytes(int nb) {
     return KIND == KIND_Q4_K ? 3 * nb : 8 * nb;
 }
 
-// Dot product of weight row `row` with the quantized activations; the warp's lanes
-// split the row into half-blocks (a KIND_Q8_0 half-block has its own scale: `dm` holds
-// the two halves' scales). Every lane returns the full sum.
+// Sum each of N per-lane partials (N = 8 or 32: one per column) over the warp with the
+// pairing tree of warp_sum (offsets 16, 8, 4, 2, 1), in fewer shuffles than N warp_sums:
+// while a lane holds more than one column, at each offset it keeps half of them and adds
+// its partner's partials of those; once one is left the offsets sum as warp_sum does.
+// Every column's sum is bit for bit warp_sum's. Afterwards lane l holds column
+// held_col<N>(l) (for N = 32, column l).
+// (M columns left per lane at offset O; compile-time, so the partials stay in registers.)
+template <int M, int O, int N>
+__device__ __forceinline__ void reduce_step(float (&a)[N], int lane) {
+    if constexpr (O > 0) {
+        if constexpr (M > 1) {
+            const bool up = lane & O;
+#pragma unroll
+            for (int j = 0; j < M / 2; ++j) {
+                const float keep = up ? a[j + M / 2] : a[j];
+                const float send = up ? a[j] : a[j + M / 2];
+                a[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+            }
+            reduce_step<M / 2, O / 2, N>(a, lane);
+        } else {
+            a[0] += __shfl_xor_sync(0xffffffffu, a[0], O);
+            reduce_step<1, O / 2, N>(a, lane);
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ float reduce_cols(float (&a)[N], int lane) {
+    reduce_step<N, 16, N>(a, lane);
+    return a[0];
+}
+
+// The column whose sum lane `lane` holds after reduce_cols<N>.
+template <int N>
+__device__ __forceinline__ int held_col(int lane) {
+    int n = N, c = 0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        if (n > 1) {
+            if (lane & o) c += n / 2;
+            n /= 2;
+        }
+    }
+    return c;
+}
+
+// Quantize `cn` columns of x (rows K floats apart), RMS-normalized first when `norm`,
+// into shared memory: sq (cn x K int8) and sds (cn x K/32 pairs (scale, scale * sum of
+// the block's ints), both rounded to f16 like ggml's Q8_1). Per column the values do not
+// depend on `cn`. Each thread quantizes whole 32-blocks (no shuffles); a nibble kind's
+// block is stored with each half-block's 16 values together (elements h*8..h*8+7, then
+// 16+h*8..16+h*8+7), so that a lane reads its half-block in one 16-byte load. The RMS
+// sums keep block_reduce's order: a strided sum per thread, the warp's tree, then
+// ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)) over the 8 warps, which is what
+// warp_sum makes of [w0..w7, 0, ...]. 256 threads.
 template <int KIND>
-__device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
-                                         const float2* __restrict__ dm, int row, int nb,
-                                         const int8_t* sq, const float* sd, const float* ss,
-                                         int lane) {
-    float acc = 0.f;
+__device__ void quantize_cols(const float* __restrict__ xc, const float* __restrict__ norm,
+                              float eps, int K, int cn, int8_t* sq, float2* sds, float* part,
+                              float* mrow) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nb = K / QK;
+    if (norm != nullptr) {
+        for (int g = 0; g < cn; g += 8) {
+            float s2[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) s2[c] = 0.f;
+            for (int i = threadIdx.x; i < K; i += blockDim.x) {
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    if (g + c < cn) {
+                        const float v = xc[(size_t)(g + c) * K + i];
+                        s2[c] = __fadd_rn(s2[c], __fmul_rn(v, v));
+                    }
+                }
+            }
+            const float r = reduce_cols<8>(s2, lane);
+            const int c = held_col<8>(lane);
+            if ((lane & 3) == 0 && g + c < cn) part[(g + c) * 8 + warp] = r;
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < cn; c += blockDim.x) {
+            const float* p = part + c * 8;
+            const float t = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+            mrow[c] = sqrtf(t / (float)K + eps);
+        }
+        __syncthreads();
+    }
+    for (int j = threadIdx.x; j < cn * nb; j += blockDim.x) {
+        const int c = j / nb, b = j - c * nb;
+        const float4* src = (const float4*)(xc + (size_t)c * K + b * QK);
+        float v[QK];
+#pragma unroll
+        for (int e = 0; e < QK / 4; ++e) {
+            const float4 t = src[e];
+            v[4 * e] = t.x;
+            v[4 * e + 1] = t.y;
+            v[4 * e + 2] = t.z;
+            v[4 * e + 3] = t.w;
+        }
+        if (norm != nullptr) {
+            const float m = mrow[c];
+            const float4* gn = (const float4*)(norm + b * QK);
+#pragma unroll
+            for (int e = 0; e < QK / 4; ++e) {
+                const float4 t = gn[e];
+                v[4 * e] = __fmul_rn(v[4 * e] / m, t.x);
+                v[4 * e + 1] = __fmul_rn(v[4 * e + 1] / m, t.y);
+                v[4 * e + 2] = __fmul_rn(v[4 * e + 2] / m, t.z);
+                v[4 * e + 3] = __fmul_rn(v[4 * e + 3] / m, t.w);
+            }
+        }
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < QK; ++e) amax = fmaxf(amax, fabsf(v[e]));
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        int w[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int q0 = __float2int_rn(__fmul_rn(v[4 * e], id));
+            const int q1 = __float2int_rn(__fmul_rn(v[4 * e + 1], id));
+            const int q2 = __float2int_rn(__fmul_rn(v[4 * e + 2], id));
+            const int q3 = __float2int_rn(__fmul_rn(v[4 * e + 3], id));
+            sum += q0 + q1 + q2 + q3;
+            w[e] = (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | ((int)((unsigned)q3 << 24));
+        }
+        int4* dst = (int4*)(sq + (size_t)c * K + b * QK);
+        if (KIND == KIND_Q8_0) {
+            dst[0] = make_int4(w[0], w[1], w[2], w[3]);
+            dst[1] = make_int4(w[4], w[5], w[6], w[7]);
+        } else {
+            dst[0] = make_int4(w[0], w[1], w[4], w[5]);
+            dst[1] = make_int4(w[2], w[3], w[6], w[7]);
+        }
+        sds[c * nb + b] = make_float2(round_f16(d), round_f16(__fmul_rn(d, (float)sum)));
+    }
+    __syncthreads();
+}
+
+// Dot weight row `row` with `cnt` (<= N) columns of quantized activations (quantize_cols'
+// layout); lane `lane` is left with the sum of column held_col<N>(lane). The row is read
+// once for all the columns; per column the sums are row_dot's, in row_dot's order.
+template <int KIND, int N>
+__device__ __forceinline__ float row_dot_n(const uint8_t* __restrict__ qs,
+                                           const float2* __restrict__ dm, int row, int nb,
+                                           int K, const int8_t* sq, const float2* sds,
+                                           int cnt, int lane) {
+    float acc[N];
+#pragma unroll
+    for (int c = 0; c < N; ++c) acc[c] = 0.f;
     const float2* wdm = dm + (size_t)row * nb;
     if (KIND == KIND_Q8_0) {
         const uint8_t* wq = qs + (size_t)row * nb * 32;
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const int4 w = __ldg((const int4*)(wq + b * 32 + h * 16));
-            const int* a = (const int*)(sq + b * 32 + h * 16);
-            int s = __dp4a(w.x, a[0], 0);
-            s = __dp4a(w.y, a[1], s);
-            s = __dp4a(w.z, a[2], s);
-            s = __dp4a(w.w, a[3], s);
-            const float2 wd = wdm[b];
-            acc += (h ? wd.y : wd.x) * sd[b] * (float)s;
+            const float2 wds = wdm[b];
+            const float wd = h ? wds.y : wds.x;
+#pragma unroll
+            for (int c = 0; c < N; ++c) {
+                if (c < cnt) {
+                    const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
+                    const float sd = sds[c * nb + b].x;
+                    int s = __dp4a(w.x, a.x, 0);
+                    s = __dp4a(w.y, a.y, s);
+                    s = __dp4a(w.z, a.z, s);
+                    s = __dp4a(w.w, a.w, s);
+                    acc[c] += wd * sd * (float)s;
+                }
+            }
         }
     } else {
         const uint8_t* wq = qs + (size_t)row * nb * 16;
@@ -169,27 +284,34 @@ __device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
-            // Byte j of a block holds element j (low nibble) and j + 16 (high nibble).
-            const int* lo = (const int*)(sq + b * 32 + h * 8);
-            const int* hi = (const int*)(sq + b * 32 + 16 + h * 8);
-            int s = __dp4a((int)(w.x & 0x0f0f0f0fu), lo[0], 0);
-            s = __dp4a((int)(w.y & 0x0f0f0f0fu), lo[1], s);
-            s = __dp4a((int)((w.x >> 4) & 0x0f0f0f0fu), hi[0], s);
-            s = __dp4a((int)((w.y >> 4) & 0x0f0f0f0fu), hi[1], s);
+            const int w0 = (int)(w.x & 0x0f0f0f0fu), w1 = (int)(w.y & 0x0f0f0f0fu);
+            const int w2 = (int)((w.x >> 4) & 0x0f0f0f0fu), w3 = (int)((w.y >> 4) & 0x0f0f0f0fu);
             const float2 sc = nibble_pair<KIND>(wdm, srow, nb, b);
-            if (KIND == KIND_Q4_0) {
-                int sy = __dp4a(0x01010101, lo[0], 0);
-                sy = __dp4a(0x01010101, lo[1], sy);
-                sy = __dp4a(0x01010101, hi[0], sy);
-                sy = __dp4a(0x01010101, hi[1], sy);
-                acc += sc.x * sd[b] * (float)(s - 8 * sy);
-            } else {
-                acc += sc.x * sd[b] * (float)s;
-                if (h == 0) acc += sc.y * ss[b];
+#pragma unroll
+            for (int c = 0; c < N; ++c) {
+                if (c < cnt) {
+                    // x, y: elements h*8.. (low nibbles); z, w: 16+h*8.. (high nibbles).
+                    const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
+                    const float2 ds = sds[c * nb + b];
+                    int s = __dp4a(w0, a.x, 0);
+                    s = __dp4a(w1, a.y, s);
+                    s = __dp4a(w2, a.z, s);
+                    s = __dp4a(w3, a.w, s);
+                    if (KIND == KIND_Q4_0) {
+                        int sy = __dp4a(0x01010101, a.x, 0);
+                        sy = __dp4a(0x01010101, a.y, sy);
+                        sy = __dp4a(0x01010101, a.z, sy);
+                        sy = __dp4a(0x01010101, a.w, sy);
+                        acc[c] += sc.x * ds.x * (float)(s - 8 * sy);
+                    } else {
+                        acc[c] += sc.x * ds.x * (float)s;
+                        if (h == 0) acc[c] += sc.y * ds.y;
+                    }
+                }
             }
         }
     }
-    return warp_sum(acc);
+    return reduce_cols<N>(acc, lane);
 }
 
 #define MODE_STORE 0
@@ -201,17 +323,18 @@ __device__ __forceinline__ float row_dot(const uint8_t* __restrict__ qs,
 //   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
 //   MODE_SWIGLU: out[r] = silu(dot_r) * dot_{r + N/2}   (gate and up rows stacked)
 // Each block quantizes the activations into shared memory itself (no extra launch), then
-// each warp takes rows in a grid-stride loop. Dynamic shared memory: K + 8 * K/32 bytes.
+// each warp takes rows in a grid-stride loop: the batched mat-mat kernels' arithmetic
+// for one column. Dynamic shared memory: K + 8 * K/32 bytes.
 template <int KIND, int MODE>
 __device__ void matvec(const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                        const float* __restrict__ bias, int N, float* __restrict__ out) {
-    extern __shared__ int smem_i[];
-    __shared__ float red[32];
+    extern __shared__ int4 smem_v[];
+    __shared__ float part[8];
+    __shared__ float mrow[1];
     const int nb = K / QK;
-    int8_t* sq = (int8_t*)smem_i;
-    float* sd = (float*)(sq + K);
-    float* ss = sd + nb;
+    int8_t* sq = (int8_t*)smem_v;
+    float2* sds = (float2*)(sq + K);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
     pdl_launch_dependents();
@@ -232,11 +355,11 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
         }
     }
     pdl_wait();
-    quantize_acts(x, norm, eps, K, sq, sd, ss, red);
+    quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
     for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
-        const float y = row_dot<KIND>(qs, dm, r, nb, sq, sd, ss, lane);
+        const float y = row_dot_n<KIND, 1>(qs, dm, r, nb, K, sq, sds, 1, lane);
         if (MODE == MODE_SWIGLU) {
-            const float u = row_dot<KIND>(qs, dm, r + rows, nb, sq, sd, ss, lane);
+            const float u = row_dot_n<KIND, 1>(qs, dm, r + rows, nb, K, sq, sds, 1, lane);
             if (lane == 0) out[r] = __fmul_rn(y / (1.f + expf(-y)), u);
         } else if (lane == 0) {
             if (MODE == MODE_ADD) {
@@ -284,7 +407,9 @@ extern "C" __global__ void embed_row(const unsigned long long* __restrict__ step
 // new K/V rounded to f16 and written to the cache (by the first query head of each KV
 // group), then softmax(q·K^T * scale)·V over positions 0..=pos of the f16 cache, with
 // ggml's flash-attention rounding (Q and the softmax weights to f16). The new position's
-// K/V come from shared memory, so no block reads a cache slot written in this launch.
+// K/V come from shared memory, so no block reads a cache slot written in this launch
+// (without `write` the slot was written by an earlier launch, kv_write_b, with the same
+// values).
 // Scores: one thread per position, the dot product in eight lanes (element i in lane
 // i % 8, fused multiply-adds, ggml's lane reduction) as the CPU path does it. Weighted
 // V: each thread takes 8 dimensions (one 16-byte load) of every G-th position, and the
@@ -298,7 +423,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
                                        const float* __restrict__ cos_t,
                                        const float* __restrict__ sin_t, int neox, float scale,
                                        float* __restrict__ scores, int ctx,
-                                       float* __restrict__ out, int h) {
+                                       float* __restrict__ out, int h, bool write) {
     extern __shared__ float sm[];
     __shared__ float red[32];
     float* q = sm;
@@ -329,7 +454,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
     }
     for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
     __syncthreads();
-    if (h % group == 0) {
+    if (write && h % group == 0) {
         for (int d = tid; d < hd; d += bd) {
             kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
             vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
@@ -418,7 +543,7 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
     pdl_launch_dependents();
     pdl_wait();
     attend(qkv, step, layer, n_layers, nh, nkvh, hd, cos_t, sin_t, neox, scale, scores, ctx,
-           out, blockIdx.x);
+           out, blockIdx.x, true);
 }
 
 #include "batch.cuh"

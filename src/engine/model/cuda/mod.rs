@@ -16,6 +16,7 @@
 //! logits row to the host, so candle sees a finished cache afterwards.
 
 use std::io::{Read, Seek};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::ffi::c_void;
@@ -97,9 +98,12 @@ struct Funcs {
     mv: [[CudaFunction; 3]; 4],
     embed: CudaFunction,
     attention: CudaFunction,
-    /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`.
+    /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`, dotting 8
+    /// columns at a time, and `mm32` 32.
     mm: [[CudaFunction; 3]; 4],
+    mm32: [[CudaFunction; 3]; 4],
     embed_rows: CudaFunction,
+    kv_write_b: CudaFunction,
     attention_b: CudaFunction,
 }
 
@@ -147,6 +151,9 @@ unsafe impl Send for Inner {}
 /// The fused decoder of one model on one CUDA device.
 pub struct FusedDecoder {
     inner: Mutex<Inner>,
+    /// Whether prompts of several tokens prefill through batched steps (on unless
+    /// `CANDELA_CUDA_PREFILL=0`); off, they go one token at a time.
+    prefill_on: AtomicBool,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -337,9 +344,9 @@ impl FusedDecoder {
         let mut mm_smem = want_smem;
         let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
             let fs = [
-                load(&format!("mm_{k}_store"))?,
-                load(&format!("mm_{k}_add"))?,
-                load(&format!("mm_{k}_swiglu"))?,
+                load(&format!("{k}_store"))?,
+                load(&format!("{k}_add"))?,
+                load(&format!("{k}_swiglu"))?,
             ];
             for f in &fs {
                 let raised = f.set_attribute(
@@ -353,10 +360,16 @@ impl FusedDecoder {
             Ok(fs)
         };
         let mm = [
-            mm_set("q4_0")?,
-            mm_set("q4_1")?,
-            mm_set("q8_0")?,
-            mm_set("q4_k")?,
+            mm_set("mm_q4_0")?,
+            mm_set("mm_q4_1")?,
+            mm_set("mm_q8_0")?,
+            mm_set("mm_q4_k")?,
+        ];
+        let mm32 = [
+            mm_set("mm32_q4_0")?,
+            mm_set("mm32_q4_1")?,
+            mm_set("mm32_q8_0")?,
+            mm_set("mm32_q4_k")?,
         ];
         let f = Funcs {
             mv: [
@@ -368,7 +381,9 @@ impl FusedDecoder {
             embed: load("embed_row")?,
             attention: load("attention")?,
             mm,
+            mm32,
             embed_rows: load("embed_rows")?,
+            kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
         };
         let mut rd = Reader {
@@ -476,6 +491,9 @@ impl FusedDecoder {
         inner.stream.synchronize().map_err(err)?;
         Ok(Some(Self {
             inner: Mutex::new(inner),
+            prefill_on: AtomicBool::new(
+                std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
+            ),
         }))
     }
 
@@ -487,12 +505,27 @@ impl FusedDecoder {
         layout.dtype == crate::kv::KvDtype::F16 && layout.window.is_none() && !cache.is_host()
     }
 
-    /// Run `tokens` (already checked against the vocabulary and the context size) one at
-    /// a time after the cache's positions; the cache must have room (`reserve`d). Returns
-    /// the logits of the last token, or of every token with `all`, as host floats.
+    /// Run `tokens` (already checked against the vocabulary and the context size) after
+    /// the cache's positions — several in batched prefill steps, or one at a time with
+    /// prefill off; the cache must have room (`reserve`d), and is not committed. Returns
+    /// the logits of the last token, or of every token with `all`, as host floats (the
+    /// same bits either way).
     pub fn run(&self, tokens: &[u32], cache: &mut SeqCache, all: bool) -> Result<Vec<f32>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() > 1 && self.prefill() {
+            return g.prefill(tokens, cache, cache.len(), all);
+        }
         g.run(tokens, cache, cache.len(), all)
+    }
+
+    /// Whether prompts prefill through batched steps.
+    pub fn prefill(&self) -> bool {
+        self.prefill_on.load(Ordering::Relaxed)
+    }
+
+    /// Turn batched prefill on or off (`candela doctor` compares the two).
+    pub fn set_prefill(&self, on: bool) {
+        self.prefill_on.store(on, Ordering::Relaxed);
     }
 
     /// One token at position `pos` of `cache` (filled up to it, with room past it), not
@@ -533,6 +566,25 @@ impl FusedDecoder {
                 parts.join(", "),
                 step,
                 1e6 / step
+            );
+        }
+        // The batched step's kernels, rows at consecutive positions from 256.
+        for bucket in [8, 32, 64] {
+            cache.reserve(256 + bucket)?;
+            let r = g.bench_batch(cache, 256, bucket)?;
+            let step: f64 = r
+                .iter()
+                .map(|(op, us)| match op {
+                    Op::Embed | Op::Output => *us,
+                    _ => us * nl,
+                })
+                .sum();
+            let parts: Vec<String> = r.iter().map(|(op, us)| format!("{op:?} {us:.2}")).collect();
+            s += &format!(
+                "batched kernels, {bucket} rows, us per launch in a graph: {}; step sum {:.0} us ({:.0} rows/s)\n",
+                parts.join(", "),
+                step,
+                bucket as f64 * 1e6 / step
             );
         }
         Ok(s)

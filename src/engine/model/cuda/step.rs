@@ -92,7 +92,15 @@ impl Inner {
             .map_err(err)
     }
 
-    fn matvec(&self, m: &QMat, mode: usize, x: u64, norm: u64, bias: u64, out: u64) -> Result<()> {
+    pub(super) fn matvec(
+        &self,
+        m: &QMat,
+        mode: usize,
+        x: u64,
+        norm: u64,
+        bias: u64,
+        out: u64,
+    ) -> Result<()> {
         let f = &self.f.mv[m.kind as usize][mode];
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
@@ -283,7 +291,6 @@ impl Inner {
     /// of it replays (so launch gaps count as they do in the step's graph), with the
     /// attention at position `pos` of `cache` (reserved past `pos`).
     pub(super) fn bench(&mut self, cache: &SeqCache, pos: usize) -> Result<Vec<(Op, f64)>> {
-        const REPS: usize = 100;
         self.stream.context().bind_to_thread().map_err(err)?;
         let cap = cache.capacity();
         let layers = cache
@@ -303,6 +310,16 @@ impl Inner {
         self.stream
             .memcpy_htod(&self.words, &mut self.step.slice)
             .map_err(err)?;
+        self.time_ops(|s, op| s.launch(op, 0))
+    }
+
+    /// Microseconds per launch of each op of a step, `launch` captured `REPS` times in
+    /// one graph and the graph replayed.
+    pub(super) fn time_ops(
+        &mut self,
+        launch: impl Fn(&Self, Op) -> Result<()>,
+    ) -> Result<Vec<(Op, f64)>> {
+        const REPS: usize = 100;
         let ops = [
             Op::Embed,
             Op::Qkv,
@@ -319,7 +336,7 @@ impl Inner {
                 .map_err(err)?;
             let mut r = Ok(());
             for _ in 0..REPS {
-                r = r.and_then(|_| self.launch(op, 0));
+                r = r.and_then(|_| launch(self, op));
             }
             let g = self
                 .stream
