@@ -248,7 +248,9 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
 
 // Dot weight row `row` with `cnt` (<= N) columns of quantized activations (quantize_cols'
 // layout); lane `lane` is left with the sum of column held_col<N>(lane). The row is read
-// once for all the columns; per column the sums are row_dot's, in row_dot's order.
+// once for all the columns: lane l takes half-blocks l, l + 32, ... of it (a 16-byte
+// load of each column's matching half-block), and per column the sums, their order and
+// the warp tree are the same for every N.
 template <int KIND, int N>
 __device__ __forceinline__ float row_dot_n(const uint8_t* __restrict__ qs,
                                            const float2* __restrict__ dm, int row, int nb,
