@@ -262,6 +262,8 @@ __device__ __forceinline__ float row_dot_n(const uint8_t* __restrict__ qs,
     const float2* wdm = dm + (size_t)row * nb;
     if (KIND == KIND_Q8_0) {
         const uint8_t* wq = qs + (size_t)row * nb * 32;
+        // Unrolled so that several half-blocks' loads are in flight at once on long rows.
+#pragma unroll 4
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const int4 w = __ldg((const int4*)(wq + b * 32 + h * 16));
@@ -283,6 +285,7 @@ __device__ __forceinline__ float row_dot_n(const uint8_t* __restrict__ qs,
     } else {
         const uint8_t* wq = qs + (size_t)row * nb * 16;
         const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
+#pragma unroll 4
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
             const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
