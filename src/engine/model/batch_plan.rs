@@ -104,6 +104,17 @@ pub fn prefill_chunks(n: usize) -> Vec<usize> {
     out
 }
 
+/// What a prefill step of rows whose logits are wanted as `want` marks returns: none,
+/// the last row's alone (the step fills its bucket, so that row is the bucket's last),
+/// or all of them.
+pub fn prefill_logits(want: &[bool]) -> Logits {
+    match want.iter().rposition(|&w| w) {
+        None => Logits::None,
+        Some(i) if i + 1 == want.len() && want.iter().filter(|&&w| w).count() == 1 => Logits::Last,
+        Some(_) => Logits::All,
+    }
+}
+
 /// One sequence of a batched step: the token it feeds, its position (the cache length)
 /// and cache capacity, and its per-layer `(K, V)` cache device pointers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +266,16 @@ mod tests {
             }
             assert!(c.windows(2).all(|w| w[0] >= w[1]), "n {n}: {c:?}");
         }
+    }
+
+    #[test]
+    fn prefill_steps_return_only_the_logits_wanted() {
+        assert_eq!(prefill_logits(&[false, false]), Logits::None);
+        assert_eq!(prefill_logits(&[false, true]), Logits::Last);
+        assert_eq!(prefill_logits(&[true]), Logits::Last);
+        assert_eq!(prefill_logits(&[true, false]), Logits::All);
+        assert_eq!(prefill_logits(&[false, true, true]), Logits::All);
+        assert_eq!(prefill_logits(&[true, false, true]), Logits::All);
     }
 
     #[test]

@@ -17,11 +17,11 @@ impl Model {
         let Some(dec) = &self.fused else {
             return Ok(None);
         };
-        // With batched prefill a prompt of any length runs fused; without it, only
-        // short ones (one token at a time).
+        // Prompt chunks up to the prefill limit run fused in batched steps; with batched
+        // prefill off, short ones one token at a time.
         let prefill = dec.prefill();
         let max = if prefill {
-            usize::MAX
+            dec.prefill_max()
         } else {
             FUSED_MAX_TOKENS
         };
@@ -83,37 +83,40 @@ impl Model {
         Ok(Some(out))
     }
 
-    /// A pass with batched prefill on: each prompt chunk prefills through its own batched
-    /// steps, and the sequences feeding one token step together. Caches are committed
-    /// only once every sequence ran, so a failed pass leaves them as they were.
+    /// A pass with batched prefill on: the rows of every sequence (a prompt chunk's
+    /// positions, or one token) packed into batched prefill steps, the logits of each
+    /// sequence's last row (every row with `all_logits`) back. Caches are committed only
+    /// once every step ran, so a failed pass leaves them as they were.
     fn fused_prefill(
         &self,
         dec: &cuda::FusedDecoder,
         batch: &mut [SeqInput<'_>],
     ) -> Result<Vec<Tensor>> {
         let vocab = self.config.vocab;
-        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
-        let singles: Vec<usize> = (0..batch.len())
-            .filter(|&i| batch[i].tokens.len() == 1)
-            .collect();
-        for (i, s) in batch.iter_mut().enumerate() {
-            if s.tokens.len() > 1 || singles.len() == 1 {
-                rows[i] = dec.run(s.tokens, s.cache, s.all_logits)?;
+        let got = {
+            let mut rows = Vec::new();
+            let mut want = Vec::new();
+            for s in batch.iter() {
+                let pos0 = s.cache.len();
+                let n = s.tokens.len();
+                for (i, &t) in s.tokens.iter().enumerate() {
+                    rows.push((t, pos0 + i, &*s.cache));
+                    want.push(s.all_logits || i + 1 == n);
+                }
             }
-        }
-        if singles.len() > 1 {
-            let seqs: Vec<(u32, usize, &SeqCache)> = singles
-                .iter()
-                .map(|&i| (batch[i].tokens[0], batch[i].cache.len(), &*batch[i].cache))
-                .collect();
-            for (&i, row) in singles.iter().zip(dec.run_batch(&seqs)?) {
-                rows[i] = row;
-            }
-        }
+            dec.run_rows(&rows, &want)?
+        };
+        let mut got = got.into_iter();
         let mut out = Vec::with_capacity(batch.len());
-        for (s, r) in batch.iter_mut().zip(rows) {
-            let n = r.len() / vocab;
+        for s in batch.iter() {
+            let n = if s.all_logits { s.tokens.len() } else { 1 };
+            let r: Vec<f32> = got.by_ref().take(n).flatten().collect();
+            if r.len() != n * vocab {
+                candle_core::bail!("fused prefill returned too few logits rows");
+            }
             out.push(Tensor::from_vec(r, (n, vocab), &Device::Cpu)?);
+        }
+        for s in batch.iter_mut() {
             s.cache.commit(s.tokens);
         }
         Ok(out)

@@ -209,7 +209,7 @@ pub struct Model {
 
 /// With batched prefill off (`CANDELA_CUDA_PREFILL=0`), sequences of at most this many
 /// new tokens go through the fused CUDA path one token at a time (longer prompts take
-/// the tensor path); with it on, prompts of any length run fused.
+/// the tensor path); with it on, the limit is the decoder's `prefill_max`.
 #[cfg(feature = "cuda")]
 const FUSED_MAX_TOKENS: usize = 64;
 
@@ -292,15 +292,15 @@ impl Model {
     }
 
     /// The longest prompt chunk the fused GPU path takes, so that chunks of several
-    /// sequences go through one pass (0: no fused path): any, with batched prefill
-    /// (each prompt then prefills in its own steps), else short ones, stepped together
-    /// one token position at a time.
+    /// sequences go through one pass (0: no fused path): their rows packed into batched
+    /// prefill steps, or with batched prefill off stepped together one token position
+    /// at a time.
     pub fn fused_chunk(&self) -> usize {
         #[cfg(feature = "cuda")]
         if let Some(d) = &self.fused {
             if self.fused_on.load(Ordering::Relaxed) {
                 return if d.prefill() {
-                    usize::MAX
+                    d.prefill_max()
                 } else {
                     FUSED_MAX_TOKENS
                 };
@@ -309,16 +309,18 @@ impl Model {
         0
     }
 
-    /// Allow or forbid batched prefill on the fused GPU path (prompts then go one token
-    /// at a time); returns whether the model has a fused path.
-    pub fn set_fused_prefill(&self, on: bool) -> bool {
+    /// The longest prompt chunk the fused GPU path prefills in batched steps (longer
+    /// ones take the tensor path): set it, returning the one before (None without a
+    /// fused path).
+    pub fn set_fused_prefill_max(&self, n: usize) -> Option<usize> {
         #[cfg(feature = "cuda")]
         if let Some(d) = &self.fused {
-            d.set_prefill(on);
-            return true;
+            let was = d.prefill_max();
+            d.set_prefill_max(n);
+            return Some(was);
         }
-        let _ = on;
-        false
+        let _ = n;
+        None
     }
 
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`

@@ -99,64 +99,71 @@ impl Inner {
         Ok(out)
     }
 
-    /// Prefill `tokens` into `cache` from position `pos0` (filled up to it, with room for
-    /// them) in batched steps of whole buckets (`batch_plan::prefill_chunks`), a final
-    /// single token through the single-stream step. Returns the last token's logits, or
-    /// every token's with `all`; the same bits as feeding the tokens one at a time.
-    pub(super) fn prefill(
+    /// Prefill rows — `(token, position, cache)`, any number of sequences, each one's
+    /// positions in order and its cache filled up to its first, with room past its last
+    /// — in batched steps of whole buckets (`batch_plan::prefill_chunks`; a final single
+    /// row through the single-stream step). Every row's K/V goes to its cache (not
+    /// committed); the logits of the rows `want` marks come back in row order, the same
+    /// bits as feeding each sequence's tokens one at a time.
+    pub(super) fn prefill_rows(
         &mut self,
-        tokens: &[u32],
-        cache: &SeqCache,
-        pos0: usize,
-        all: bool,
-    ) -> Result<Vec<f32>> {
+        rows: &[(u32, usize, &SeqCache)],
+        want: &[bool],
+    ) -> Result<Vec<Vec<f32>>> {
         self.stream.context().bind_to_thread().map_err(err)?;
-        let cap = cache.capacity();
-        if pos0 + tokens.len() > cap {
-            return Err(err("cache has no room for the prompt"));
+        if want.len() != rows.len() {
+            return Err(err("one logits flag per row"));
         }
-        let kv = self.cache_ptrs(cache)?;
+        let mut recs: Vec<SeqRecord> = Vec::with_capacity(rows.len());
+        for (i, &(token, pos, cache)) in rows.iter().enumerate() {
+            if pos >= cache.capacity() {
+                return Err(err("cache has no room for the prompt"));
+            }
+            // A sequence's rows are consecutive: its pointers are read once.
+            let kv = match i.checked_sub(1).map(|p| rows[p].2) {
+                Some(prev) if std::ptr::eq(prev, cache) => recs[i - 1].kv.clone(),
+                _ => self.cache_ptrs(cache)?,
+            };
+            recs.push(SeqRecord {
+                token,
+                pos,
+                cap: cache.capacity(),
+                kv,
+            });
+        }
         self.after_candle()?;
         let vocab = self.output.n;
-        let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
+        let mut out = Vec::with_capacity(want.iter().filter(|&&w| w).count());
         let mut at = 0;
-        for n in batch_plan::prefill_chunks(tokens.len()) {
-            let last = at + n == tokens.len();
+        for n in batch_plan::prefill_chunks(rows.len()) {
+            let wanted = &want[at..at + n];
             if n == 1 {
-                let v = self.run(&tokens[at..at + 1], cache, pos0 + at, false)?;
-                if all || last {
-                    out.extend_from_slice(&v);
+                let (t, pos, cache) = rows[at];
+                let v = self.run(&[t], cache, pos, false)?;
+                if wanted[0] {
+                    out.push(v);
                 }
                 at += 1;
                 continue;
             }
-            let recs: Vec<SeqRecord> = (0..n)
-                .map(|t| SeqRecord {
-                    token: tokens[at + t],
-                    pos: pos0 + at + t,
-                    cap,
-                    kv: kv.clone(),
-                })
-                .collect();
-            let logits = match (all, last) {
-                (true, _) => Logits::All,
-                (false, true) => Logits::Last,
-                (false, false) => Logits::None,
-            };
-            self.step_rows(&recs, n, StepKind::Prefill(logits))?;
-            let rows = match logits {
+            let logits = batch_plan::prefill_logits(wanted);
+            self.step_rows(&recs[at..at + n], n, StepKind::Prefill(logits))?;
+            let back = match logits {
                 Logits::All => n,
                 Logits::Last => 1,
                 Logits::None => 0,
             };
-            if rows > 0 {
+            if back > 0 {
                 let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
                 self.stream
-                    .memcpy_dtoh(&b.logits.slice.slice(..rows * vocab), &mut b.host)
+                    .memcpy_dtoh(&b.logits.slice.slice(..back * vocab), &mut b.host)
                     .map_err(err)?;
                 self.stream.synchronize().map_err(err)?;
                 let host = b.host.as_slice().map_err(err)?;
-                out.extend_from_slice(&host[..rows * vocab]);
+                let got = host[..back * vocab].chunks_exact(vocab);
+                // Last: the one row back is the step's last, the only one wanted.
+                let flags = if back == 1 { &wanted[n - 1..] } else { wanted };
+                out.extend(got.zip(flags).filter(|(_, &w)| w).map(|(r, _)| r.to_vec()));
             }
             at += n;
         }

@@ -16,7 +16,7 @@
 //! logits row to the host, so candle sees a finished cache afterwards.
 
 use std::io::{Read, Seek};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::ffi::c_void;
@@ -154,7 +154,15 @@ pub struct FusedDecoder {
     /// Whether prompts of several tokens prefill through batched steps (on unless
     /// `CANDELA_CUDA_PREFILL=0`); off, they go one token at a time.
     prefill_on: AtomicBool,
+    /// The longest prompt chunk a pass prefills fused (`CANDELA_CUDA_PREFILL_MAX`,
+    /// default [`PREFILL_MAX`]); longer ones take the tensor path.
+    prefill_max: AtomicUsize,
 }
+
+/// Prompt chunks longer than this take the tensor path by default: its cuBLAS prefill
+/// is faster from about a hundred tokens on than batched steps of the dp4a mat-mat
+/// kernels (docs/gpu.md has the figures).
+pub const PREFILL_MAX: usize = 64;
 
 impl std::fmt::Debug for FusedDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -494,6 +502,13 @@ impl FusedDecoder {
             prefill_on: AtomicBool::new(
                 std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
             ),
+            prefill_max: AtomicUsize::new(
+                std::env::var("CANDELA_CUDA_PREFILL_MAX")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&n| n >= 1)
+                    .unwrap_or(PREFILL_MAX),
+            ),
         }))
     }
 
@@ -513,14 +528,45 @@ impl FusedDecoder {
     pub fn run(&self, tokens: &[u32], cache: &mut SeqCache, all: bool) -> Result<Vec<f32>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if tokens.len() > 1 && self.prefill() {
-            return g.prefill(tokens, cache, cache.len(), all);
+            let pos0 = cache.len();
+            let cache = &*cache;
+            let rows: Vec<(u32, usize, &SeqCache)> = (tokens.iter().enumerate())
+                .map(|(i, &t)| (t, pos0 + i, cache))
+                .collect();
+            let mut want = vec![all; rows.len()];
+            want[rows.len() - 1] = true;
+            return Ok(g.prefill_rows(&rows, &want)?.concat());
         }
         g.run(tokens, cache, cache.len(), all)
+    }
+
+    /// Prompt rows of several sequences in batched prefill steps (`(token, position,
+    /// cache)`, each sequence's rows consecutive and in order, its cache filled up to its
+    /// first and reserved past its last; not committed): the logits of the rows `want`
+    /// marks, in order, identical to feeding each sequence's tokens one at a time.
+    pub fn run_rows(
+        &self,
+        rows: &[(u32, usize, &SeqCache)],
+        want: &[bool],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.prefill_rows(rows, want)
     }
 
     /// Whether prompts prefill through batched steps.
     pub fn prefill(&self) -> bool {
         self.prefill_on.load(Ordering::Relaxed)
+    }
+
+    /// The longest prompt chunk a pass prefills fused.
+    pub fn prefill_max(&self) -> usize {
+        self.prefill_max.load(Ordering::Relaxed)
+    }
+
+    /// Set the longest prompt chunk a pass prefills fused (`candela doctor` times
+    /// batched prefill past the default).
+    pub fn set_prefill_max(&self, n: usize) {
+        self.prefill_max.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Turn batched prefill on or off (`candela doctor` compares the two).
