@@ -13,6 +13,8 @@ use super::*;
 pub(super) struct TileScratch {
     pub(super) corr: Vec<i32>,
     pub(super) dd: Vec<f32>,
+    /// The plain-AVX2 tiles' activation scales `d` (then Q4_1's `s`), `[b][r]`.
+    pub(super) rs: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]

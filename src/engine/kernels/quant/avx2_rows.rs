@@ -5,7 +5,11 @@
 //! [`QWeight::dot_lanes`].
 //!
 //! Per (row, column, block) the work is the integer sum of the block in eight lanes
-//! of four products, one conversion and one fused multiply-add, and nothing else:
+//! of four products, one conversion and one fused multiply-add, and nothing else. The
+//! conversion is exact by the `MAGIC_BITS` trick (the sum added to the bits of
+//! 1.5 * 2^23, then 1.5 * 2^23 subtracted as a float): a floating-point subtraction,
+//! which recent Intel cores also run on port 5, where `vcvtdq2ps` competes with the
+//! multiplies and multiply-adds for ports 0 and 1.
 //!
 //! * Q4_1 nibbles are unsigned: `vpmaddubsw` (nibble times activation, pairs summed in
 //!   16 bits) then `vpmaddwd` by ones (pairs of pairs in 32 bits).
@@ -79,6 +83,9 @@ impl QWeight {
                 s.corr.resize(nbk * ROWS * 8, 0);
                 s.dd.resize(nbk * ROWS * 8, 0.0);
             }
+            if s.rs.len() < nbk * ROWS * 2 {
+                s.rs.resize(nbk * ROWS * 2, 0.0);
+            }
             let mut r = 0;
             while r < x.m {
                 let left = x.m - r;
@@ -135,6 +142,16 @@ impl QWeight {
                     }
                 }
             }
+            // The rows' scales side by side, so that one pointer reaches them all.
+            let rs = s.rs.as_mut_ptr();
+            for b in 0..nbk {
+                for (i, row) in rows.iter().enumerate() {
+                    *rs.add(b * R + i) = *row.d.get_unchecked(b);
+                    if K == 1 {
+                        *rs.add((nbk + b) * R + i) = *row.s.get_unchecked(b);
+                    }
+                }
+            }
             let dd = s.dd.as_mut_ptr();
             let bsz = if K == 2 { QK } else { QK / 2 };
             let group = 8 * nbk * bsz;
@@ -150,15 +167,17 @@ impl QWeight {
                 for b in 0..nbk {
                     let si = self.sc(g, b);
                     let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
-                    for (i, row) in rows.iter().enumerate() {
-                        let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
+                    let mw = if K == 1 {
+                        _mm256_loadu_ps(self.m.as_ptr().add(si))
+                    } else {
+                        dw
+                    };
+                    for (i, sum) in summs.iter_mut().enumerate() {
+                        let p = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*rs.add(b * R + i)));
                         _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
                         if K == 1 {
-                            summs[i] = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(self.m.as_ptr().add(si)),
-                                _mm256_set1_ps(*row.s.get_unchecked(b)),
-                                summs[i],
-                            );
+                            let sy = _mm256_broadcast_ss(&*rs.add((nbk + b) * R + i));
+                            *sum = _mm256_fmadd_ps(mw, sy, *sum);
                         }
                     }
                 }
