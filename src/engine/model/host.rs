@@ -494,15 +494,13 @@ impl Model {
                 .for_each(|v| *v = (*v * (1.0 / c)).tanh() * c);
         }
         dump::write(&dd, format_args!("result_output"), &logits);
+        // One tensor owns the rows; each sequence gets a view of its own (no copy).
+        let logits = Tensor::from_vec(logits, (m, vocab), &candle_core::Device::Cpu)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
         for s in batch.iter_mut() {
             let k = if s.all_logits { s.tokens.len() } else { 1 };
-            out.push(Tensor::from_slice(
-                &logits[r * vocab..(r + k) * vocab],
-                (k, vocab),
-                &candle_core::Device::Cpu,
-            )?);
+            out.push(logits.narrow(0, r, k)?);
             r += k;
             s.cache.commit(s.tokens);
         }

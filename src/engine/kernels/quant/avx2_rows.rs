@@ -5,7 +5,11 @@
 //! [`QWeight::dot_lanes`].
 //!
 //! Per (row, column, block) the work is the integer sum of the block in eight lanes
-//! of four products, one conversion and one fused multiply-add, and nothing else:
+//! of four products, one conversion and one fused multiply-add, and nothing else. The
+//! conversion is exact by the `MAGIC_BITS` trick (the sum added to the bits of
+//! 1.5 * 2^23, then 1.5 * 2^23 subtracted as a float): a floating-point subtraction,
+//! which recent Intel cores also run on port 5, where `vcvtdq2ps` competes with the
+//! multiplies and multiply-adds for ports 0 and 1.
 //!
 //! * Q4_1 nibbles are unsigned: `vpmaddubsw` (nibble times activation, pairs summed in
 //!   16 bits) then `vpmaddwd` by ones (pairs of pairs in 32 bits).
@@ -26,8 +30,8 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{TileScratch, TILE_SCRATCH};
-use super::{hsum8, Kind, OutPtr, QActs, QWeight, Row, QK};
+use super::avx2::{tile_sums, TileScratch, TILE_SCRATCH};
+use super::{Kind, OutPtr, QActs, QWeight, Row, MAGIC_BITS, QK};
 
 /// Most rows sharing one pass over the weights (eight accumulators of one column, plus
 /// the weights, an activation block and constants, fit the sixteen `ymm` registers).
@@ -79,6 +83,9 @@ impl QWeight {
                 s.corr.resize(nbk * ROWS * 8, 0);
                 s.dd.resize(nbk * ROWS * 8, 0.0);
             }
+            if s.rs.len() < nbk * ROWS * 2 {
+                s.rs.resize(nbk * ROWS * 2, 0.0);
+            }
             let mut r = 0;
             while r < x.m {
                 let left = x.m - r;
@@ -123,15 +130,25 @@ impl QWeight {
             let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
             let corr = s.corr.as_mut_ptr();
             if K == 0 {
-                // -8 * (sum of four activations) per lane, `[b][r]`.
+                // MAGIC_BITS - 8 * (sum of four activations) per lane, `[b][r]`.
                 let ones = _mm256_set1_epi16(1);
                 let eight = _mm256_set1_epi8(8);
                 for b in 0..nbk {
                     for (i, row) in rows.iter().enumerate() {
                         let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
                         let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, y), ones);
-                        let neg = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+                        let neg = _mm256_sub_epi32(_mm256_set1_epi32(MAGIC_BITS), sum);
                         _mm256_storeu_si256(corr.add((b * R + i) * 8) as *mut __m256i, neg);
+                    }
+                }
+            }
+            // The rows' scales side by side, so that one pointer reaches them all.
+            let rs = s.rs.as_mut_ptr();
+            for b in 0..nbk {
+                for (i, row) in rows.iter().enumerate() {
+                    *rs.add(b * R + i) = *row.d.get_unchecked(b);
+                    if K == 1 {
+                        *rs.add((nbk + b) * R + i) = *row.s.get_unchecked(b);
                     }
                 }
             }
@@ -150,15 +167,17 @@ impl QWeight {
                 for b in 0..nbk {
                     let si = self.sc(g, b);
                     let dw = _mm256_loadu_ps(self.d.as_ptr().add(si));
-                    for (i, row) in rows.iter().enumerate() {
-                        let p = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
+                    let mw = if K == 1 {
+                        _mm256_loadu_ps(self.m.as_ptr().add(si))
+                    } else {
+                        dw
+                    };
+                    for (i, sum) in summs.iter_mut().enumerate() {
+                        let p = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*rs.add(b * R + i)));
                         _mm256_storeu_ps(dd.add((b * R + i) * 8), p);
                         if K == 1 {
-                            summs[i] = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(self.m.as_ptr().add(si)),
-                                _mm256_set1_ps(*row.s.get_unchecked(b)),
-                                summs[i],
-                            );
+                            let sy = _mm256_broadcast_ss(&*rs.add((nbk + b) * R + i));
+                            *sum = _mm256_fmadd_ps(mw, sy, *sum);
                         }
                     }
                 }
@@ -210,6 +229,8 @@ impl QWeight {
             let qs = self.qs.as_ptr();
             let low = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
+            let magic_i = _mm256_set1_epi32(MAGIC_BITS);
+            let magic = _mm256_castsi256_ps(magic_i);
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             for b in 0..nbk {
                 // The weights (Q8_0: their magnitudes) and, for Q8_0, the weights
@@ -236,21 +257,28 @@ impl QWeight {
                             y
                         };
                         let mut sum = _mm256_madd_epi16(_mm256_maddubs_epi16(ws[j], yj), ones);
-                        if K == 0 {
-                            let c = _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i);
-                            sum = _mm256_add_epi32(sum, c);
-                        }
+                        sum = _mm256_add_epi32(
+                            sum,
+                            if K == 0 {
+                                _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
+                            } else {
+                                magic_i
+                            },
+                        );
                         let d = _mm256_broadcast_ss(&*dd.add((b * R + i) * 8 + j0 + j));
                         let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
-                        *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *a);
+                        // The lane sums sit in the low mantissa bits of MAGIC: one
+                        // subtraction yields them as exact floats, on the adders (ports
+                        // 1 and 5 on recent Intel cores) instead of the multipliers'
+                        // ports that `vcvtdq2ps` shares with the multiply-adds.
+                        let f = _mm256_sub_ps(_mm256_castsi256_ps(sum), magic);
+                        *a = _mm256_fmadd_ps(d, f, *a);
                     }
                 }
             }
-            for (i, accs) in acc.iter().enumerate() {
-                for (j, a) in accs.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                    let v = hsum8(lanes) + if K == 1 { sm[i][j0 + j] } else { 0.0 };
+            for (i, sums) in tile_sums(&acc).iter().enumerate() {
+                for (j, &h) in sums.iter().enumerate() {
+                    let v = h + if K == 1 { sm[i][j0 + j] } else { 0.0 };
                     out.write((r0 + i) * ldo + g + j0 + j, v);
                 }
             }
