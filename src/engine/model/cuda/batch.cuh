@@ -64,12 +64,10 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
         for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
             for (int g = 0; g < cn; g += N) {
                 const int cnt = min(N, cn - g);
-                const float y = row_dot_n<KIND, N>(qs, dm, r, nb, K, sq + (size_t)g * K,
-                                                   sds + g * nb, cnt, lane);
-                float u = 0.f;
-                if (MODE == MODE_SWIGLU)
-                    u = row_dot_n<KIND, N>(qs, dm, r + rows, nb, K, sq + (size_t)g * K,
-                                           sds + g * nb, cnt, lane);
+                float y, u = 0.f;
+                rows_dot<KIND, N, MODE == MODE_SWIGLU ? 2 : 1>(
+                    qs, dm, r, r + rows, nb, K, sq + (size_t)g * K, sds + g * nb, cnt, lane, &y,
+                    &u);
                 if ((lane & (lanes_per_col - 1)) == 0 && c < cnt) {
                     float* o = out + (size_t)(c0 + g + c) * ld + r;
                     if (MODE == MODE_SWIGLU) {

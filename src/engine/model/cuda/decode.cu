@@ -246,77 +246,101 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
     __syncthreads();
 }
 
-// Dot weight row `row` with `cnt` (<= N) columns of quantized activations (quantize_cols'
-// layout); lane `lane` is left with the sum of column held_col<N>(lane). The row is read
-// once for all the columns: lane l takes half-blocks l, l + 32, ... of it (a 16-byte
-// load of each column's matching half-block), and per column the sums, their order and
-// the warp tree are the same for every N.
-template <int KIND, int N>
-__device__ __forceinline__ float row_dot_n(const uint8_t* __restrict__ qs,
-                                           const float2* __restrict__ dm, int row, int nb,
-                                           int K, const int8_t* sq, const float2* sds,
-                                           int cnt, int lane) {
-    float acc[N];
+// Dot R weight rows (`row`, and `row2` when R = 2: a SwiGLU's gate and up rows) with
+// `cnt` (<= N) columns of quantized activations (quantize_cols' layout); lane `lane` is
+// left with the sums of column held_col<N>(lane) in y (and u). The rows are read once
+// for all the columns, and each column's activations once for both rows: lane l takes
+// half-blocks l, l + 32, ... (a 16-byte load of each column's matching half-block). Per
+// row and column the sums, their order and the warp tree are the same for every N and R.
+template <int KIND, int N, int R>
+__device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
+                                         const float2* __restrict__ dm, int row, int row2,
+                                         int nb, int K, const int8_t* sq, const float2* sds,
+                                         int cnt, int lane, float* y, float* u) {
+    float acc[R][N];
 #pragma unroll
-    for (int c = 0; c < N; ++c) acc[c] = 0.f;
-    const float2* wdm = dm + (size_t)row * nb;
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < N; ++c) acc[r][c] = 0.f;
+    const int rw[2] = {row, row2};
     if (KIND == KIND_Q8_0) {
-        const uint8_t* wq = qs + (size_t)row * nb * 32;
-        // Unrolled so that several half-blocks' loads are in flight at once on long rows.
-#pragma unroll 4
+        // Unrolled for one column so that several half-blocks' loads are in flight at
+        // once on long rows (wide kernels have their columns for that).
+#pragma unroll(N == 1 ? 4 : 1)
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
-            const int4 w = __ldg((const int4*)(wq + b * 32 + h * 16));
-            const float2 wds = wdm[b];
-            const float wd = h ? wds.y : wds.x;
+            int4 w[R];
+            float wd[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                w[r] = __ldg((const int4*)(qs + ((size_t)rw[r] * nb + b) * 32 + h * 16));
+                const float2 wds = dm[(size_t)rw[r] * nb + b];
+                wd[r] = h ? wds.y : wds.x;
+            }
 #pragma unroll
             for (int c = 0; c < N; ++c) {
                 if (c < cnt) {
                     const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
                     const float sd = sds[c * nb + b].x;
-                    int s = __dp4a(w.x, a.x, 0);
-                    s = __dp4a(w.y, a.y, s);
-                    s = __dp4a(w.z, a.z, s);
-                    s = __dp4a(w.w, a.w, s);
-                    acc[c] += wd * sd * (float)s;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        int s = __dp4a(w[r].x, a.x, 0);
+                        s = __dp4a(w[r].y, a.y, s);
+                        s = __dp4a(w[r].z, a.z, s);
+                        s = __dp4a(w[r].w, a.w, s);
+                        acc[r][c] += wd[r] * sd * (float)s;
+                    }
                 }
             }
         }
     } else {
-        const uint8_t* wq = qs + (size_t)row * nb * 16;
-        const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
-#pragma unroll 4
+#pragma unroll(N == 1 ? 4 : 1)
         for (int i = lane; i < nb * 2; i += 32) {
             const int b = i >> 1, h = i & 1;
-            const uint2 w = __ldg((const uint2*)(wq + b * 16 + h * 8));
-            const int w0 = (int)(w.x & 0x0f0f0f0fu), w1 = (int)(w.y & 0x0f0f0f0fu);
-            const int w2 = (int)((w.x >> 4) & 0x0f0f0f0fu), w3 = (int)((w.y >> 4) & 0x0f0f0f0fu);
-            const float2 sc = nibble_pair<KIND>(wdm, srow, nb, b);
+            int w0[R], w1[R], w2[R], w3[R];
+            float2 sc[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const uint2 w = __ldg((const uint2*)(qs + ((size_t)rw[r] * nb + b) * 16 + h * 8));
+                w0[r] = (int)(w.x & 0x0f0f0f0fu);
+                w1[r] = (int)(w.y & 0x0f0f0f0fu);
+                w2[r] = (int)((w.x >> 4) & 0x0f0f0f0fu);
+                w3[r] = (int)((w.y >> 4) & 0x0f0f0f0fu);
+                const uint8_t* srow = (const uint8_t*)dm + (size_t)rw[r] * scale_bytes<KIND>(nb);
+                sc[r] = nibble_pair<KIND>(dm + (size_t)rw[r] * nb, srow, nb, b);
+            }
 #pragma unroll
             for (int c = 0; c < N; ++c) {
                 if (c < cnt) {
                     // x, y: elements h*8.. (low nibbles); z, w: 16+h*8.. (high nibbles).
                     const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
                     const float2 ds = sds[c * nb + b];
-                    int s = __dp4a(w0, a.x, 0);
-                    s = __dp4a(w1, a.y, s);
-                    s = __dp4a(w2, a.z, s);
-                    s = __dp4a(w3, a.w, s);
+                    int sy = 0;
                     if (KIND == KIND_Q4_0) {
-                        int sy = __dp4a(0x01010101, a.x, 0);
+                        sy = __dp4a(0x01010101, a.x, 0);
                         sy = __dp4a(0x01010101, a.y, sy);
                         sy = __dp4a(0x01010101, a.z, sy);
                         sy = __dp4a(0x01010101, a.w, sy);
-                        acc[c] += sc.x * ds.x * (float)(s - 8 * sy);
-                    } else {
-                        acc[c] += sc.x * ds.x * (float)s;
-                        if (h == 0) acc[c] += sc.y * ds.y;
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        int s = __dp4a(w0[r], a.x, 0);
+                        s = __dp4a(w1[r], a.y, s);
+                        s = __dp4a(w2[r], a.z, s);
+                        s = __dp4a(w3[r], a.w, s);
+                        if (KIND == KIND_Q4_0) {
+                            acc[r][c] += sc[r].x * ds.x * (float)(s - 8 * sy);
+                        } else {
+                            acc[r][c] += sc[r].x * ds.x * (float)s;
+                            if (h == 0) acc[r][c] += sc[r].y * ds.y;
+                        }
                     }
                 }
             }
         }
     }
-    return reduce_cols<N>(acc, lane);
+    *y = reduce_cols<N>(acc[0], lane);
+    if (R == 2) *u = reduce_cols<N>(acc[R - 1], lane);
 }
 
 #define MODE_STORE 0
@@ -362,9 +386,10 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
     pdl_wait();
     quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
     for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
-        const float y = row_dot_n<KIND, 1>(qs, dm, r, nb, K, sq, sds, 1, lane);
+        float y, u = 0.f;
+        rows_dot<KIND, 1, MODE == MODE_SWIGLU ? 2 : 1>(qs, dm, r, r + rows, nb, K, sq, sds, 1,
+                                                       lane, &y, &u);
         if (MODE == MODE_SWIGLU) {
-            const float u = row_dot_n<KIND, 1>(qs, dm, r + rows, nb, K, sq, sds, 1, lane);
             if (lane == 0) out[r] = __fmul_rn(y / (1.f + expf(-y)), u);
         } else if (lane == 0) {
             if (MODE == MODE_ADD) {

@@ -133,6 +133,9 @@ struct Inner {
     batch: Option<batch::Batch>,
     /// Dynamic shared memory the mat-mat kernels may use on this device.
     mm_smem: usize,
+    /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
+    /// batches of up to 8, else 2); `candela doctor` varies it.
+    mm_per_sm: std::cell::Cell<usize>,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -487,6 +490,12 @@ impl FusedDecoder {
             graph: None,
             batch: None,
             mm_smem,
+            mm_per_sm: std::cell::Cell::new(
+                std::env::var("CANDELA_CUDA_MM_BLOCKS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             use_graph: std::env::var("CANDELA_CUDA_GRAPH").map_or(true, |v| v != "0"),
             pdl: std::env::var("CANDELA_CUDA_PDL").map_or(true, |v| v != "0")
                 && context
@@ -614,8 +623,17 @@ impl FusedDecoder {
                 1e6 / step
             );
         }
-        // The batched step's kernels, rows at consecutive positions from 256.
-        for bucket in [8, 32, 64] {
+        // The batched step's kernels, rows at consecutive positions from 256; at 32 rows
+        // also with other caps on the mat-mat blocks per multiprocessor.
+        let default_cap = g.mm_per_sm.get();
+        for (bucket, cap) in [
+            (8, default_cap),
+            (32, default_cap),
+            (64, default_cap),
+            (32, 4),
+            (32, 8),
+        ] {
+            g.mm_per_sm.set(cap);
             cache.reserve(256 + bucket)?;
             let r = g.bench_batch(cache, 256, bucket)?;
             let step: f64 = r
@@ -626,13 +644,19 @@ impl FusedDecoder {
                 })
                 .sum();
             let parts: Vec<String> = r.iter().map(|(op, us)| format!("{op:?} {us:.2}")).collect();
+            let caps = if cap == 0 {
+                String::new()
+            } else {
+                format!(", at most {cap} mat-mat blocks per SM")
+            };
             s += &format!(
-                "batched kernels, {bucket} rows, us per launch in a graph: {}; step sum {:.0} us ({:.0} rows/s)\n",
+                "batched kernels, {bucket} rows{caps}, us per launch in a graph: {}; step sum {:.0} us ({:.0} rows/s)\n",
                 parts.join(", "),
                 step,
                 bucket as f64 * 1e6 / step
             );
         }
+        g.mm_per_sm.set(default_cap);
         Ok(s)
     }
 
