@@ -30,6 +30,10 @@
 #   scripts/cuda/lease.sh kpeer    (right after kquant, nothing carried) llama-bench
 #       (tg128, pp512), llama-batched-bench -npl 1,8,32 on both files, then candela and
 #       llama-server over HTTP at 1, 8 and 32 streams on llama3-8b (batch_check.py).
+#   scripts/cuda/lease.sh synth    carry .device/s: candela.xz, the gguf 0.19.0 wheel, tok.gguf
+#       one call, no llama.cpp: writes smollm2-shape (the default model's shape and types,
+#       random weights) with gen_synth.py, then `candela doctor` and candela over HTTP
+#       (1/8/32 streams, time to first token, batched vs single-stream greedy).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -244,6 +248,30 @@ kpeer)
         kill $LP; wait $LP 2>/dev/null
     fi
     ;;
+synth)
+    # One call, no llama.cpp: the default model's shape and types with random weights
+    # (gen_synth.py smollm2-shape, written here), `candela doctor` on it, then candela
+    # over HTTP (1/8/32 streams, time to first token, batched vs single-stream greedy).
+    # Carry .device/s: candela.xz, gguf-0.19.0-py3-none-any.whl, tok.gguf.
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
+    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
+        --tokenizer-from $S/tok.gguf --only smollm2-shape | tail -n 1 || exit 1
+    M=/root/synth/smollm2-shape.gguf
+    echo "== doctor"
+    /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 64 \
+        2>"$OUT/doctor.err" | tee "$OUT/doctor.txt" || tail -n 20 "$OUT/doctor.err"
+    echo "== candela over HTTP (--max-batch 32)"
+    /root/candela --device cuda --model $M --port 8090 --max-batch 32 --queue-size 64 \
+        --ctx-size 8192 --data-dir /tmp/cbatch >"$OUT/candela.log" 2>&1 &
+    CP=$!
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ttft 16,64,512 \
+        --out "$OUT" --name candela || tail -n 5 "$OUT/candela.log"
+    kill $CP; wait $CP 2>/dev/null
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -258,7 +286,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|window" >&2
     exit 2
     ;;
 esac
