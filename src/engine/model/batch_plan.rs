@@ -115,6 +115,16 @@ pub fn prefill_logits(want: &[bool]) -> Logits {
     }
 }
 
+/// The rows a prefill step of `logits` copies back (the step's last alone for `Last`)
+/// and, of those, the indices of the ones `want` marks, in order.
+pub fn rows_back(want: &[bool], logits: Logits) -> (usize, Vec<usize>) {
+    match logits {
+        Logits::None => (0, Vec::new()),
+        Logits::Last => (1, vec![0]),
+        Logits::All => (want.len(), (0..want.len()).filter(|&i| want[i]).collect()),
+    }
+}
+
 /// One sequence of a batched step: the token it feeds, its position (the cache length)
 /// and cache capacity, and its per-layer `(K, V)` cache device pointers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +286,27 @@ mod tests {
         assert_eq!(prefill_logits(&[true, false]), Logits::All);
         assert_eq!(prefill_logits(&[false, true, true]), Logits::All);
         assert_eq!(prefill_logits(&[true, false, true]), Logits::All);
+    }
+
+    #[test]
+    fn prefill_steps_hand_back_the_wanted_rows_in_order() {
+        for want in [
+            vec![false, false, false, false],
+            vec![false, false, false, true],
+            vec![true, false, false, true],
+            vec![false, true, true, false],
+        ] {
+            let logits = prefill_logits(&want);
+            let (back, keep) = rows_back(&want, logits);
+            // Every wanted row comes back once, and nothing else is kept.
+            assert_eq!(keep.len(), want.iter().filter(|&&w| w).count(), "{want:?}");
+            assert!(keep.iter().all(|&i| i < back), "{want:?}");
+            assert!(keep.windows(2).all(|w| w[0] < w[1]), "{want:?}");
+            if logits == Logits::All {
+                assert!(keep.iter().all(|&i| want[i]), "{want:?}");
+            }
+        }
+        assert_eq!(rows_back(&[false, true], Logits::Last), (1, vec![0]));
     }
 
     #[test]

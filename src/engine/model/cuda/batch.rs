@@ -156,11 +156,7 @@ impl Inner {
             }
             let logits = batch_plan::prefill_logits(wanted);
             self.step_rows(&recs[at..at + n], n, StepKind::Prefill(logits))?;
-            let back = match logits {
-                Logits::All => n,
-                Logits::Last => 1,
-                Logits::None => 0,
-            };
+            let (back, keep) = batch_plan::rows_back(wanted, logits);
             if back > 0 {
                 let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
                 self.stream
@@ -168,10 +164,10 @@ impl Inner {
                     .map_err(err)?;
                 self.stream.synchronize().map_err(err)?;
                 let host = b.host.as_slice().map_err(err)?;
-                let got = host[..back * vocab].chunks_exact(vocab);
-                // Last: the one row back is the step's last, the only one wanted.
-                let flags = if back == 1 { &wanted[n - 1..] } else { wanted };
-                out.extend(got.zip(flags).filter(|(_, &w)| w).map(|(r, _)| r.to_vec()));
+                out.extend(
+                    keep.iter()
+                        .map(|&i| host[i * vocab..(i + 1) * vocab].to_vec()),
+                );
             }
             at += n;
         }
