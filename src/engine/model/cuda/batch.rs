@@ -450,20 +450,22 @@ impl Inner {
         let neox = cfg.rope_neox as i32;
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = self.ctx as i32;
+        // The two kernels' first parameters are the same.
+        let head = [
+            arg(&b.qkv.ptr),
+            arg(&b.step.ptr),
+            arg(&stride),
+            arg(&li),
+            arg(&nl),
+            arg(&nh),
+            arg(&nkvh),
+            arg(&hdi),
+            arg(&cos),
+            arg(&sin),
+            arg(&neox),
+        ];
         if prefill {
-            let mut args = [
-                arg(&b.qkv.ptr),
-                arg(&b.step.ptr),
-                arg(&stride),
-                arg(&li),
-                arg(&nl),
-                arg(&nh),
-                arg(&nkvh),
-                arg(&hdi),
-                arg(&cos),
-                arg(&sin),
-                arg(&neox),
-            ];
+            let mut args = head;
             // SAFETY: matches `kv_write_b`; each record holds its cache's pointers.
             unsafe {
                 self.go2(
@@ -477,24 +479,14 @@ impl Inner {
             }
         }
         let write = (!prefill) as i32;
-        let mut args = [
-            arg(&b.qkv.ptr),
-            arg(&b.step.ptr),
-            arg(&stride),
-            arg(&li),
-            arg(&nl),
-            arg(&nh),
-            arg(&nkvh),
-            arg(&hdi),
-            arg(&cos),
-            arg(&sin),
-            arg(&neox),
+        let tail = [
             arg(&scale),
             arg(&b.scores.ptr),
             arg(&ctx),
             arg(&b.att.ptr),
             arg(&write),
         ];
+        let mut args: Vec<*mut c_void> = head.iter().chain(&tail).copied().collect();
         let threads = ATT_THREADS as u32;
         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
         // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers.

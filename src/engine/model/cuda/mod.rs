@@ -184,6 +184,19 @@ impl Drop for Inner {
     }
 }
 
+/// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
+fn step_sum(r: &[(Op, f64)], n_layers: f64) -> (String, f64) {
+    let step = r
+        .iter()
+        .map(|(op, us)| match op {
+            Op::Embed | Op::Output => *us,
+            _ => us * n_layers,
+        })
+        .sum();
+    let parts: Vec<String> = r.iter().map(|(op, us)| format!("{op:?} {us:.2}")).collect();
+    (parts.join(", "), step)
+}
+
 /// Address of a candle CUDA tensor's first element.
 fn tensor_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
@@ -607,19 +620,9 @@ impl FusedDecoder {
         let mut s = String::new();
         for &p in positions {
             cache.reserve(p + 1)?;
-            let r = g.bench(cache, p)?;
-            let step: f64 = r
-                .iter()
-                .map(|(op, us)| match op {
-                    Op::Embed | Op::Output => *us,
-                    _ => us * nl,
-                })
-                .sum();
-            let parts: Vec<String> = r.iter().map(|(op, us)| format!("{op:?} {us:.2}")).collect();
+            let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
             s += &format!(
-                "kernels at pos {p}, us per launch in a graph: {}; step sum {:.0} us ({:.0} tok/s)\n",
-                parts.join(", "),
-                step,
+                "kernels at pos {p}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
                 1e6 / step
             );
         }
@@ -635,24 +638,14 @@ impl FusedDecoder {
         ] {
             g.mm_per_sm.set(cap);
             cache.reserve(256 + bucket)?;
-            let r = g.bench_batch(cache, 256, bucket)?;
-            let step: f64 = r
-                .iter()
-                .map(|(op, us)| match op {
-                    Op::Embed | Op::Output => *us,
-                    _ => us * nl,
-                })
-                .sum();
-            let parts: Vec<String> = r.iter().map(|(op, us)| format!("{op:?} {us:.2}")).collect();
+            let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
             let caps = if cap == 0 {
                 String::new()
             } else {
                 format!(", at most {cap} mat-mat blocks per SM")
             };
             s += &format!(
-                "batched kernels, {bucket} rows{caps}, us per launch in a graph: {}; step sum {:.0} us ({:.0} rows/s)\n",
-                parts.join(", "),
-                step,
+                "batched kernels, {bucket} rows{caps}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
                 bucket as f64 * 1e6 / step
             );
         }
