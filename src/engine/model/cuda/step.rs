@@ -15,39 +15,18 @@ impl Inner {
     ) -> Result<Vec<f32>> {
         self.stream.context().bind_to_thread().map_err(err)?;
         let cap = cache.capacity();
-        let layers = cache
-            .dense_layers()
-            .ok_or_else(|| err("cache is not a dense device cache"))?;
-        if layers.len() != self.cfg.n_layers || pos0 + tokens.len() > cap {
-            return Err(err("cache does not fit the model or has no room"));
+        let kv = self.cache_ptrs(cache)?;
+        if pos0 + tokens.len() > cap {
+            return Err(err("cache has no room"));
         }
-        let mut kp = Vec::with_capacity(layers.len());
-        let mut vp = Vec::with_capacity(layers.len());
-        for (k, v) in &layers {
-            if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
-                return Err(err("cache tensors are not contiguous f16"));
-            }
-            kp.push(tensor_ptr(k, &self.candle_stream)?);
-            vp.push(tensor_ptr(v, &self.candle_stream)?);
-        }
-        // Candle's writes (prefill, a cache that just grew) come first.
-        // SAFETY: both handles are live for the decoder's lifetime.
-        unsafe {
-            result::event::record(self.event, self.candle_stream.cu_stream()).map_err(err)?;
-            result::stream::wait_event(
-                self.stream.cu_stream(),
-                self.event,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(err)?;
-        }
+        self.after_candle()?;
         let vocab = self.output.n;
         let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
         for (i, &t) in tokens.iter().enumerate() {
             self.words.clear();
             self.words.extend([t as u64, (pos0 + i) as u64, cap as u64]);
-            self.words.extend(&kp);
-            self.words.extend(&vp);
+            self.words.extend(kv.iter().map(|&(k, _)| k));
+            self.words.extend(kv.iter().map(|&(_, v)| v));
             self.stream
                 .memcpy_htod(&self.words, &mut self.step.slice)
                 .map_err(err)?;
@@ -293,20 +272,14 @@ impl Inner {
     pub(super) fn bench(&mut self, cache: &SeqCache, pos: usize) -> Result<Vec<(Op, f64)>> {
         self.stream.context().bind_to_thread().map_err(err)?;
         let cap = cache.capacity();
-        let layers = cache
-            .dense_layers()
-            .ok_or_else(|| err("cache is not a dense device cache"))?;
+        let kv = self.cache_ptrs(cache)?;
         if pos >= cap {
             return Err(err("bench position past the cache"));
         }
         self.words.clear();
         self.words.extend([0, pos as u64, cap as u64]);
-        for (k, _) in &layers {
-            self.words.push(tensor_ptr(k, &self.candle_stream)?);
-        }
-        for (_, v) in &layers {
-            self.words.push(tensor_ptr(v, &self.candle_stream)?);
-        }
+        self.words.extend(kv.iter().map(|&(k, _)| k));
+        self.words.extend(kv.iter().map(|&(_, v)| v));
         self.stream
             .memcpy_htod(&self.words, &mut self.step.slice)
             .map_err(err)?;
