@@ -125,6 +125,19 @@ pub fn rows_back(want: &[bool], logits: Logits) -> (usize, Vec<usize>) {
     }
 }
 
+/// The rows of a packed prefill pass whose logits are wanted, sequence after sequence
+/// (`(new tokens, all logits)` each): every row of a sequence that wants all, else its
+/// last; with how many rows each sequence gets back.
+pub fn packed_want(seqs: &[(usize, bool)]) -> (Vec<bool>, Vec<usize>) {
+    let mut want = Vec::with_capacity(seqs.iter().map(|s| s.0).sum());
+    let mut back = Vec::with_capacity(seqs.len());
+    for &(n, all) in seqs {
+        want.extend((0..n).map(|i| all || i + 1 == n));
+        back.push(if all { n } else { n.min(1) });
+    }
+    (want, back)
+}
+
 /// One sequence of a batched step: the token it feeds, its position (the cache length)
 /// and cache capacity, and its per-layer `(K, V)` cache device pointers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,6 +320,23 @@ mod tests {
             }
         }
         assert_eq!(rows_back(&[false, true], Logits::Last), (1, vec![0]));
+    }
+
+    #[test]
+    fn a_packed_pass_wants_each_prompts_last_row_or_all_of_them() {
+        let (want, back) = packed_want(&[(3, false), (1, false), (2, true), (4, false)]);
+        assert_eq!(
+            want,
+            [false, false, true, true, true, true, false, false, false, true]
+        );
+        assert_eq!(back, [1, 1, 2, 1]);
+        // Rows back, sequence by sequence, are exactly the wanted rows.
+        assert_eq!(
+            back.iter().sum::<usize>(),
+            want.iter().filter(|&&w| w).count()
+        );
+        let (want, back) = packed_want(&[]);
+        assert!(want.is_empty() && back.is_empty());
     }
 
     #[test]

@@ -93,23 +93,28 @@ impl Model {
         batch: &mut [SeqInput<'_>],
     ) -> Result<Vec<Tensor>> {
         let vocab = self.config.vocab;
+        let shape: Vec<(usize, bool)> = batch
+            .iter()
+            .map(|s| (s.tokens.len(), s.all_logits))
+            .collect();
+        let (want, back) = batch_plan::packed_want(&shape);
         let got = {
-            let mut rows = Vec::new();
-            let mut want = Vec::new();
+            let mut rows = Vec::with_capacity(want.len());
             for s in batch.iter() {
                 let pos0 = s.cache.len();
-                let n = s.tokens.len();
-                for (i, &t) in s.tokens.iter().enumerate() {
-                    rows.push((t, pos0 + i, &*s.cache));
-                    want.push(s.all_logits || i + 1 == n);
-                }
+                let cache = &*s.cache;
+                rows.extend(
+                    s.tokens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &t)| (t, pos0 + i, cache)),
+                );
             }
             dec.run_rows(&rows, &want)?
         };
         let mut got = got.into_iter();
         let mut out = Vec::with_capacity(batch.len());
-        for s in batch.iter() {
-            let n = if s.all_logits { s.tokens.len() } else { 1 };
+        for &n in &back {
             let r: Vec<f32> = got.by_ref().take(n).flatten().collect();
             if r.len() != n * vocab {
                 candle_core::bail!("fused prefill returned too few logits rows");
