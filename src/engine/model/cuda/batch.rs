@@ -89,12 +89,7 @@ impl Inner {
         for (first, len) in batch_plan::split(recs.len()) {
             let bucket = batch_plan::bucket(len).ok_or_else(|| err("empty batch"))?;
             self.step_rows(&recs[first..first + len], bucket, StepKind::Decode)?;
-            let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
-            self.stream
-                .memcpy_dtoh(&b.logits.slice.slice(..len * vocab), &mut b.host)
-                .map_err(err)?;
-            self.stream.synchronize().map_err(err)?;
-            let host = b.host.as_slice().map_err(err)?;
+            let host = self.logits_back(len)?;
             // Rows copied out in parallel: at 32 rows that is 6 MB, a large share of the
             // step when one thread copies it.
             let mut rows = Vec::with_capacity(len);
@@ -158,12 +153,7 @@ impl Inner {
             self.step_rows(&recs[at..at + n], n, StepKind::Prefill(logits))?;
             let (back, keep) = batch_plan::rows_back(wanted, logits);
             if back > 0 {
-                let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
-                self.stream
-                    .memcpy_dtoh(&b.logits.slice.slice(..back * vocab), &mut b.host)
-                    .map_err(err)?;
-                self.stream.synchronize().map_err(err)?;
-                let host = b.host.as_slice().map_err(err)?;
+                let host = self.logits_back(back)?;
                 out.extend(
                     keep.iter()
                         .map(|&i| host[i * vocab..(i + 1) * vocab].to_vec()),
@@ -173,6 +163,18 @@ impl Inner {
         }
         self.stream.synchronize().map_err(err)?;
         Ok(out)
+    }
+
+    /// The first `rows` logits rows of the last batched step, copied to the page-locked
+    /// host buffer once the step is done.
+    fn logits_back(&mut self, rows: usize) -> Result<&[f32]> {
+        let vocab = self.output.n;
+        let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+        self.stream
+            .memcpy_dtoh(&b.logits.slice.slice(..rows * vocab), &mut b.host)
+            .map_err(err)?;
+        self.stream.synchronize().map_err(err)?;
+        Ok(&b.host.as_slice().map_err(err)?[..rows * vocab])
     }
 
     /// Write the step buffer for `recs` (at most `bucket`) and replay the bucket's graph
