@@ -1,7 +1,9 @@
 //! With the `cuda` feature, compile the fused decode kernels (src/engine/model/cuda/decode.cu)
-//! to PTX with nvcc (`NVCC`, else `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) for
-//! `CUDA_COMPUTE_CAP` (default 61: dp4a is the newest instruction they use; the driver
-//! compiles the PTX for the card at load). The default build does nothing here.
+//! and the prefill attention (flash.cu) to PTX with nvcc (`NVCC`, else
+//! `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) for `CUDA_COMPUTE_CAP` (default 61: dp4a is
+//! the newest instruction the decode kernels use; the attention's tensor-core code needs 80
+//! and is left out below that; the driver compiles the PTX for the card at load). The
+//! default build does nothing here.
 
 // A build script reports a failure by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,8 +17,6 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "src/engine/model/cuda/decode.cu";
-    println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/batch.cuh");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
@@ -30,19 +30,25 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "61".into());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("decode.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg(src)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {}: {e} (the cuda feature needs nvcc)",
-                nvcc.display()
-            )
-        });
-    assert!(status.success(), "nvcc failed on {src}");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    for (src, ptx) in [
+        ("src/engine/model/cuda/decode.cu", "decode.ptx"),
+        ("src/engine/model/cuda/flash.cu", "flash.ptx"),
+    ] {
+        println!("cargo:rerun-if-changed={src}");
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(src)
+            .arg("-o")
+            .arg(out_dir.join(ptx))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {}: {e} (the cuda feature needs nvcc)",
+                    nvcc.display()
+                )
+            });
+        assert!(status.success(), "nvcc failed on {src}");
+    }
 }

@@ -251,6 +251,81 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
     Ok(())
 }
 
+/// The tensor path's prompt attention through the flash kernel against the
+/// matmul-softmax-matmul one, at a few prompt lengths: median times, the largest logit
+/// difference and whether the argmax agrees; then a prompt in two chunks (the second
+/// attending over the first's cache) against one pass.
+fn flash_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
+    if !model.set_flash_attention(true) {
+        return Ok(());
+    }
+    let fused = model.set_fused_decode(false);
+    let r = flash_checks(model, ctx);
+    model.set_flash_attention(true);
+    model.set_fused_decode(fused);
+    r
+}
+
+fn flash_checks(model: &Model, ctx: usize) -> Result<(), EngineError> {
+    let vocab = model.config.vocab as u32;
+    let fresh = || SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+    let run = |ids: &[u32], split: usize| -> Result<Vec<f32>, EngineError> {
+        let mut cache = fresh();
+        if split > 0 {
+            forward1(model, &ids[..split], &mut cache)?;
+        }
+        forward1(model, &ids[split..], &mut cache)
+    };
+    let time = |ids: &[u32], reps: usize| -> Result<(f64, Vec<f32>), EngineError> {
+        run(ids, 0)?; // warm-up
+        let mut ms = Vec::with_capacity(reps);
+        let mut last = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            last = run(ids, 0)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((median(&ms), last))
+    };
+    let compare = |a: &[f32], b: &[f32]| {
+        let gap = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let arg = if argmax(a) == argmax(b) {
+            "equal"
+        } else {
+            "DIFFERS"
+        };
+        format!("max |dlogit| {gap:.4}, argmax {arg}")
+    };
+    println!("-- tensor-path prompt attention: flash kernel vs matmul-softmax-matmul");
+    for n in [64, 512, 4000] {
+        if n + 1 >= ctx {
+            continue;
+        }
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 29) % vocab).collect();
+        let reps = if n > 1000 { 3 } else { 5 };
+        model.set_flash_attention(true);
+        let (flash_ms, flash) = time(&ids, reps)?;
+        let split = run(&ids, n / 4)?;
+        model.set_flash_attention(false);
+        let (plain_ms, plain) = time(&ids, reps)?;
+        let split_plain = run(&ids, n / 4)?;
+        println!(
+            "prefill {n:>5} tokens: flash {flash_ms:>8.2} ms, matmul-softmax {plain_ms:>8.2} ms \
+             ({}); in two chunks ({} + {}): flash vs one pass {}, matmul-softmax {}",
+            compare(&flash, &plain),
+            n / 4,
+            n - n / 4,
+            compare(&split, &plain),
+            compare(&split_plain, &plain),
+        );
+    }
+    Ok(())
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -459,6 +534,7 @@ pub fn run(
     }
     batch_report(&model, &short, n.min(64))?;
     prefill_report(&model, ctx)?;
+    flash_report(&model, ctx)?;
     window_check(&model, cpu.as_ref(), ctx)?;
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");

@@ -205,6 +205,10 @@ pub struct Model {
     fused: Option<cuda::FusedDecoder>,
     /// Whether [`Model::forward`] may take the fused path (on by default).
     fused_on: AtomicBool,
+    /// Whether the tensor path's prompt chunks attend through the CUDA flash kernel (where
+    /// it covers the card and head size, with `CANDELA_CUDA_FLASH=1`; `candela doctor`
+    /// compares it with the matmul-softmax-matmul attention).
+    flash_on: AtomicBool,
 }
 
 /// With batched prefill off (`CANDELA_CUDA_PREFILL=0`), sequences of at most this many
@@ -254,10 +258,11 @@ impl Model {
             sin.push(Tensor::from_slice(&s, (ctx_size, half), device)?);
             rope_host.push((c, s));
         }
-        Ok(Self {
+        let model = Self {
             #[cfg(feature = "cuda")]
             fused: None,
             fused_on: AtomicBool::new(true),
+            flash_on: AtomicBool::new(false),
             weight_bytes,
             config,
             embed,
@@ -270,7 +275,9 @@ impl Model {
             device: device.clone(),
             scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
-        })
+        };
+        model.set_flash_attention(std::env::var("CANDELA_CUDA_FLASH").is_ok_and(|v| v == "1"));
+        Ok(model)
     }
 
     pub fn device(&self) -> &Device {
@@ -408,9 +415,18 @@ impl Model {
             x = x.affine(scale as f64, 0.0)?;
         }
         let n_rep = cfg.n_heads / cfg.n_kv_heads;
+        // Prompt chunks over f16 device caches attend through the flash kernel (no masks).
+        let flash = self.flash_on.load(Ordering::Relaxed)
+            && batch.iter().all(|s| {
+                s.tokens.len() > 1 && s.cache.layout().dtype == KvDtype::F16 && !s.cache.is_host()
+            });
         // Masks per sequence: [global layers, local layers].
         let mut masks = Vec::with_capacity(spans.len());
         for (s, &(_, n, pos)) in batch.iter().zip(&spans) {
+            if flash {
+                masks.push([None, None]);
+                continue;
+            }
             let global = self.mask(n, pos, 0, n_rep, None)?;
             let local = match &cfg.sliding {
                 Some(sw) => self.mask(n, pos, s.cache.local_base(), n_rep, Some(sw.window))?,
@@ -451,6 +467,10 @@ impl Model {
                 }
                 let vs = heads(&v, cfg.n_kv_heads)?;
                 let (kc, vc) = s.cache.write_layer(li, pos, &ks, &vs)?;
+                if flash {
+                    ys.push(self.flash_attention(&qs, &kc, &vc, li, pos, s.cache.local_base())?);
+                    continue;
+                }
                 let mask = masks[si][usize::from(cfg.window(li).is_some())].as_ref();
                 ys.push(self.attention(&qs, &kc, &vc, mask, n)?);
             }
@@ -595,6 +615,59 @@ impl Model {
             }
         }
         Ok(Some(Tensor::from_vec(m, (n_rep * n, len), &self.device)?))
+    }
+
+    /// [`Self::attention`] for new positions from `pos` over an f16 device cache, by the
+    /// flash kernel: the same products (Q and the weights rounded to f16, sums in f32)
+    /// under an online softmax. `local_base`: the first position a local layer holds.
+    #[cfg(feature = "cuda")]
+    fn flash_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        pos: usize,
+        local_base: usize,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let window = cfg.window(layer);
+        let op = cuda::flash::Flash {
+            n_rep: cfg.n_heads / cfg.n_kv_heads,
+            pos,
+            start: if window.is_some() { local_base } else { 0 },
+            window: window.unwrap_or(0),
+            scale: if cfg.q_prescale { 1.0 } else { cfg.attn_scale },
+        };
+        q.contiguous()?.apply_op3_no_bwd(k, v, &op)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn flash_attention(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<Tensor> {
+        candle_core::bail!("flash attention needs the cuda feature")
+    }
+
+    /// Whether prompt chunks on the device attend through the flash kernel: set it (the
+    /// doctor compares the two), returning whether this model and device have it.
+    pub fn set_flash_attention(&self, on: bool) -> bool {
+        let covered = self.flash_covered();
+        self.flash_on.store(on && covered, Ordering::Relaxed);
+        covered
+    }
+
+    fn flash_covered(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return cuda::flash::covers(&self.device, self.config.head_dim);
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Grouped-query attention without copying K/V per query head: the query heads of a

@@ -33,6 +33,7 @@ use super::ModelConfig;
 use crate::kv::SeqCache;
 
 mod batch;
+pub mod flash;
 mod step;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
