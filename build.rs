@@ -18,6 +18,7 @@ fn main() {
         return;
     }
     println!("cargo:rerun-if-changed=src/engine/model/cuda/batch.cuh");
+    println!("cargo:rerun-if-changed=src/engine/model/cuda/prefill.cuh");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
         .or_else(|| {

@@ -251,22 +251,31 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
     Ok(())
 }
 
-/// The tensor path's prompt attention through the flash kernel against the
-/// matmul-softmax-matmul one, at a few prompt lengths: median times, the largest logit
-/// difference and whether the argmax agrees; then a prompt in two chunks (the second
-/// attending over the first's cache) against one pass.
-fn flash_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
-    if !model.set_flash_attention(true) {
+/// Long prompts: the tensor path with the matmul-softmax-matmul attention (the
+/// reference), the tensor path with the flash kernel, and the fused wide prefill (int8
+/// tensor-core GEMMs + flash) where the card has them, at a few prompt lengths: median
+/// times, the largest logit difference from the reference and whether the argmax agrees;
+/// then each in two chunks (the second attending over the first's cache).
+fn long_prompt_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
+    let was = (model.flash_attention_on(), model.fused_wide());
+    let flash = model.set_flash_attention(true);
+    let wide = model.set_fused_wide(true);
+    if !flash && !wide {
         return Ok(());
     }
-    let fused = model.set_fused_decode(false);
-    let r = flash_checks(model, ctx);
-    model.set_flash_attention(true);
-    model.set_fused_decode(fused);
+    let r = long_prompt_checks(model, ctx, flash, wide);
+    model.set_flash_attention(was.0);
+    model.set_fused_wide(was.1);
+    model.set_fused_decode(true);
     r
 }
 
-fn flash_checks(model: &Model, ctx: usize) -> Result<(), EngineError> {
+fn long_prompt_checks(
+    model: &Model,
+    ctx: usize,
+    flash: bool,
+    wide: bool,
+) -> Result<(), EngineError> {
     let vocab = model.config.vocab as u32;
     let fresh = || SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
     let run = |ids: &[u32], split: usize| -> Result<Vec<f32>, EngineError> {
@@ -300,28 +309,35 @@ fn flash_checks(model: &Model, ctx: usize) -> Result<(), EngineError> {
         };
         format!("max |dlogit| {gap:.4}, argmax {arg}")
     };
-    println!("-- tensor-path prompt attention: flash kernel vs matmul-softmax-matmul");
-    for n in [64, 512, 4000] {
+    // (name, fused path on, flash on, wide on)
+    let mut ways = vec![("tensor path, matmul-softmax", false, false, false)];
+    if flash {
+        ways.push(("tensor path, flash", false, true, false));
+    }
+    if wide {
+        ways.push(("fused wide", true, false, true));
+    }
+    println!("-- long prompts (the first line of each the reference; chunked: n/4, then the rest)");
+    for n in [100, 512, 4000] {
         if n + 1 >= ctx {
             continue;
         }
         let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 29) % vocab).collect();
         let reps = if n > 1000 { 3 } else { 5 };
-        model.set_flash_attention(true);
-        let (flash_ms, flash) = time(&ids, reps)?;
-        let split = run(&ids, n / 4)?;
-        model.set_flash_attention(false);
-        let (plain_ms, plain) = time(&ids, reps)?;
-        let split_plain = run(&ids, n / 4)?;
-        println!(
-            "prefill {n:>5} tokens: flash {flash_ms:>8.2} ms, matmul-softmax {plain_ms:>8.2} ms \
-             ({}); in two chunks ({} + {}): flash vs one pass {}, matmul-softmax {}",
-            compare(&flash, &plain),
-            n / 4,
-            n - n / 4,
-            compare(&split, &plain),
-            compare(&split_plain, &plain),
-        );
+        let mut reference: Option<Vec<f32>> = None;
+        for &(name, fused, fl, wi) in &ways {
+            model.set_fused_decode(fused);
+            model.set_flash_attention(fl);
+            model.set_fused_wide(wi);
+            let (ms, logits) = time(&ids, reps)?;
+            let split = run(&ids, n / 4)?;
+            let vs = match &reference {
+                Some(r) => format!("{}; chunked {}", compare(&logits, r), compare(&split, r)),
+                None => format!("chunked {}", compare(&split, &logits)),
+            };
+            println!("prefill {n:>5} tokens, {name:<28} {ms:>8.2} ms ({vs})");
+            reference.get_or_insert(logits);
+        }
     }
     Ok(())
 }
@@ -534,7 +550,7 @@ pub fn run(
     }
     batch_report(&model, &short, n.min(64))?;
     prefill_report(&model, ctx)?;
-    flash_report(&model, ctx)?;
+    long_prompt_report(&model, ctx)?;
     window_check(&model, cpu.as_ref(), ctx)?;
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");

@@ -25,10 +25,30 @@ impl Model {
         } else {
             FUSED_MAX_TOKENS
         };
-        if !self.fused_on.load(Ordering::Relaxed)
-            || !batch
+        if !self.fused_on.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        // Chunks past the limit prefill wide where the card has it (each sequence in its
+        // own passes); caches are committed once every sequence ran.
+        if dec.wide()
+            && batch
                 .iter()
-                .all(|s| s.tokens.len() <= max && FusedDecoder::supports(s.cache))
+                .all(|s| s.tokens.len() > max && !s.all_logits && FusedDecoder::supports(s.cache))
+        {
+            let vocab = self.config.vocab;
+            let mut out = Vec::with_capacity(batch.len());
+            for s in batch.iter() {
+                let v = dec.run_wide(s.tokens, s.cache)?;
+                out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?);
+            }
+            for s in batch.iter_mut() {
+                s.cache.commit(s.tokens);
+            }
+            return Ok(Some(out));
+        }
+        if !batch
+            .iter()
+            .all(|s| s.tokens.len() <= max && FusedDecoder::supports(s.cache))
         {
             return Ok(None);
         }

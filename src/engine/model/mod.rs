@@ -330,6 +330,27 @@ impl Model {
         None
     }
 
+    /// Whether prompt chunks past the fused limit prefill wide (int8 tensor-core GEMMs
+    /// and flash attention) rather than on the tensor path: set it, returning whether the
+    /// card and model have it.
+    pub fn set_fused_wide(&self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_wide(on);
+        }
+        let _ = on;
+        false
+    }
+
+    /// Whether prompt chunks past the fused limit prefill wide.
+    pub fn fused_wide(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.wide();
+        }
+        false
+    }
+
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`
     /// (report lines for `candela doctor`); None without a fused path.
     pub fn fused_bench(&self, positions: &[usize]) -> Result<Option<String>> {
@@ -661,6 +682,11 @@ impl Model {
         let covered = self.flash_covered();
         self.flash_on.store(on && covered, Ordering::Relaxed);
         covered
+    }
+
+    /// Whether prompt chunks on the device attend through the flash kernel.
+    pub fn flash_attention_on(&self) -> bool {
+        self.flash_on.load(Ordering::Relaxed)
     }
 
     fn flash_covered(&self) -> bool {

@@ -577,3 +577,4 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
 }
 
 #include "batch.cuh"
+#include "prefill.cuh"

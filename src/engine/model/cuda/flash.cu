@@ -7,7 +7,9 @@
 // for the product with V, as ggml's flash attention does. Needs sm_80 or newer; on older
 // cards the tensor path keeps its matmul-softmax-matmul attention.
 //
-//   q  (n_heads, n, HD) f32, contiguous          the new positions' queries, after RoPE
+//   q  f32: query row i of head h at i * q_row + h * q_head (the new positions' queries,
+//      after RoPE; (n_heads, n, HD) contiguous on the tensor path, (n, n_heads * HD) rows
+//      in the fused prefill)
 //   k, v  (n_kv, hs) f16: slot j of KV head h at h * hs + j * HD   the cache (written)
 //   y  (n, n_heads * HD) f32                      the attention output
 //   query row i sits at position pos + i; cache slot j holds position start + j; a query
@@ -42,7 +44,7 @@ template <int HD>
 __device__ void flash_prefill(const float* __restrict__ q, const __half* __restrict__ k,
                               const __half* __restrict__ v, float* __restrict__ y, int n,
                               int n_rep, int len, int pos, int start, int window, long long hs,
-                              float scale) {
+                              float scale, int q_row, int q_head) {
 #if __CUDA_ARCH__ >= 800
     constexpr int KS = HD + 8;  // halfs per K row in shared memory (padding: no conflicts)
     constexpr int VS = BK + 8;  // halfs per row of V transposed (one row per dimension)
@@ -78,7 +80,8 @@ __device__ void flash_prefill(const float* __restrict__ q, const __half* __restr
             int r = r0 + g + 8 * hr;
             float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
             if (r < rows) {
-                const float* qr = q + ((long long)(kvh * n_rep + r % n_rep) * n + r / n_rep) * HD;
+                const float* qr = q + (long long)(r / n_rep) * q_row +
+                                  (long long)(kvh * n_rep + r % n_rep) * q_head;
                 lo = *reinterpret_cast<const float2*>(qr + c * 16 + 2 * t);
                 hi = *reinterpret_cast<const float2*>(qr + c * 16 + 8 + 2 * t);
             }
@@ -218,8 +221,9 @@ __device__ void flash_prefill(const float* __restrict__ q, const __half* __restr
     extern "C" __global__ void __launch_bounds__(128)                                         \
         flash_prefill_##HD(const float* q, const __half* k, const __half* v, float* y, int n, \
                            int n_rep, int len, int pos, int start, int window, long long hs,  \
-                           float scale) {                                                     \
-        flash_prefill<HD>(q, k, v, y, n, n_rep, len, pos, start, window, hs, scale);          \
+                           float scale, int q_row, int q_head) {                              \
+        flash_prefill<HD>(q, k, v, y, n, n_rep, len, pos, start, window, hs, scale, q_row,    \
+                          q_head);                                                            \
     }
 
 FLASH(64)

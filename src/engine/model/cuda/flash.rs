@@ -10,7 +10,7 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape};
 use half::f16;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 
 /// Query rows a block takes (`BQ` in flash.cu).
 const ROWS_PER_BLOCK: usize = 64;
@@ -134,6 +134,10 @@ impl CustomOp3 for Flash {
         b.arg(&win_i);
         b.arg(&hs);
         b.arg(&self.scale);
+        // Query row i of head h at i * head_dim + h * n * head_dim.
+        let (q_row, q_head) = (int(hd)?, int(n * hd)?);
+        b.arg(&q_row);
+        b.arg(&q_head);
         // SAFETY: the arguments match flash_prefill_{64,128}'s signature; the slices
         // cover what the kernel reads (checked shapes and strides above).
         unsafe { b.launch(cfg) }.w()?;

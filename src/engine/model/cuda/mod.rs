@@ -35,6 +35,7 @@ use crate::kv::SeqCache;
 mod batch;
 pub mod flash;
 mod step;
+mod wide;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
@@ -132,6 +133,10 @@ struct Inner {
     graph: Option<CudaGraph>,
     /// Buffers and graphs of the batched step, made on first use.
     batch: Option<batch::Batch>,
+    /// The wide-prefill kernels (None below compute capability 8.0 or for other head
+    /// sizes) and their buffers, made on first use.
+    wide_f: Option<wide::WideFuncs>,
+    wide: Option<wide::Wide>,
     /// Dynamic shared memory the mat-mat kernels may use on this device.
     mm_smem: usize,
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
@@ -159,8 +164,13 @@ pub struct FusedDecoder {
     /// `CANDELA_CUDA_PREFILL=0`); off, they go one token at a time.
     prefill_on: AtomicBool,
     /// The longest prompt chunk a pass prefills fused (`CANDELA_CUDA_PREFILL_MAX`,
-    /// default [`PREFILL_MAX`]); longer ones take the tensor path.
+    /// default [`PREFILL_MAX`]); longer ones take the tensor path, or with `wide_on`
+    /// the wide prefill.
     prefill_max: AtomicUsize,
+    /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
+    /// (`CANDELA_CUDA_WIDE=1`).
+    wide_ok: bool,
+    wide_on: AtomicBool,
 }
 
 /// Prompt chunks longer than this take the tensor path by default: its cuBLAS prefill
@@ -178,6 +188,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.graph = None;
         self.batch = None;
+        self.wide = None;
         // SAFETY: created in `new`, used only by this decoder.
         unsafe {
             let _ = result::event::destroy(self.event);
@@ -396,6 +407,7 @@ impl FusedDecoder {
             mm_set("mm32_q8_0")?,
             mm_set("mm32_q4_k")?,
         ];
+        let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let f = Funcs {
             mv: [
                 mv_set("q4_0")?,
@@ -503,6 +515,8 @@ impl FusedDecoder {
             output,
             graph: None,
             batch: None,
+            wide_f,
+            wide: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_MM_BLOCKS")
@@ -520,7 +534,12 @@ impl FusedDecoder {
             captures: 0,
         };
         inner.stream.synchronize().map_err(err)?;
+        let wide_ok = inner.has_wide();
         Ok(Some(Self {
+            wide_ok,
+            wide_on: AtomicBool::new(
+                wide_ok && std::env::var("CANDELA_CUDA_WIDE").is_ok_and(|v| v == "1"),
+            ),
             inner: Mutex::new(inner),
             prefill_on: AtomicBool::new(
                 std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
@@ -574,6 +593,25 @@ impl FusedDecoder {
     ) -> Result<Vec<Vec<f32>>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.prefill_rows(rows, want)
+    }
+
+    /// Whether chunks longer than [`Self::prefill_max`] prefill wide.
+    pub fn wide(&self) -> bool {
+        self.wide_on.load(Ordering::Relaxed)
+    }
+
+    /// Turn the wide prefill on or off (`candela doctor` compares it with the tensor
+    /// path); returns whether this card and model have it.
+    pub fn set_wide(&self, on: bool) -> bool {
+        self.wide_on.store(on && self.wide_ok, Ordering::Relaxed);
+        self.wide_ok
+    }
+
+    /// A long prompt chunk after the cache's positions in wide passes (the cache
+    /// `reserve`d for it, not committed): the last token's logits as host floats.
+    pub fn run_wide(&self, tokens: &[u32], cache: &SeqCache) -> Result<Vec<f32>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.prefill_wide(tokens, cache, cache.len())
     }
 
     /// Whether prompts prefill through batched steps.

@@ -1,0 +1,206 @@
+// Wide prefill kernels: a long prompt chunk of one sequence (T consecutive positions) as
+// a GEMM per projection on tensor cores (included by decode.cu).
+//
+// quant_rows quantizes the T rows of activations once into global memory (quantize_cols'
+// arithmetic and layout, 8 rows per block); gemm_* then multiply them with a weight
+// matrix by int8 mma (m16n8k16: one 16-element half-block of 16 weight rows against 8
+// token rows), applying each half-block's scales to its integer sums in f32 — the
+// single-stream kernels' per-half-block arithmetic, summed in K order per output rather
+// than split over lanes, so results agree with the decode kernels to rounding. The
+// attention runs in flash.cu's kernel on Q rows roped by q_rope_rows. Needs sm_80 (the
+// host side checks); older cards prefill long prompts on the tensor path.
+
+#define PF_ROWS 8      // activation rows a quant_rows block takes
+#define GEMM_ROWS 64   // weight rows (outputs) of a gemm block: 16 per warp
+#define GEMM_TOKS 32   // token rows of a gemm block: 4 tiles of 8
+
+// xq (T, K) int8 and xds (T, K/32) pairs of the T rows of x (rows K floats apart),
+// RMS-normalized first when `norm`; grid ceil(T / PF_ROWS), 256 threads.
+template <int KIND>
+__device__ void quant_rows(const float* __restrict__ x, const float* __restrict__ norm, float eps,
+                           int K, int T, int8_t* __restrict__ xq, float2* __restrict__ xds) {
+    __shared__ float part[PF_ROWS * 8];
+    __shared__ float mrow[PF_ROWS];
+    const int r0 = blockIdx.x * PF_ROWS;
+    const int cn = min(PF_ROWS, T - r0);
+    if (cn <= 0) return;
+    quantize_cols<KIND>(x + (size_t)r0 * K, norm, eps, K, cn, xq + (size_t)r0 * K,
+                        xds + (size_t)r0 * (K / QK), part, mrow);
+}
+
+#if __CUDA_ARCH__ >= 800
+// c (16x8, s32) = a (16x16, s8, row) * b (16x8, s8, col).
+__device__ __forceinline__ void mma_s8(int* c, int a0, int a1, int b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%7,%7,%7,%7};\n"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+#endif
+
+// The A-fragment word of weight row `row` for half-block h of block b: k = 4t..4t+3 of
+// the half-block in the order its activations are stored (quantize_cols): for nibble
+// kinds elements h*8..h*8+7 (low nibbles of bytes h*8..h*8+7) then 16+h*8..16+h*8+7 (their
+// high nibbles); for KIND_Q8_0 bytes h*16..h*16+15. Q4_0's nibbles come offset by -8.
+template <int KIND>
+__device__ __forceinline__ int a_word(const uint8_t* __restrict__ qs, int nb, int row, int b,
+                                      int h, int t) {
+    if (KIND == KIND_Q8_0) {
+        return __ldg((const int*)(qs + ((size_t)row * nb + b) * 32 + h * 16 + 4 * t));
+    }
+    const unsigned w = __ldg((const unsigned*)(qs + ((size_t)row * nb + b) * 16 + h * 8 +
+                                               4 * (t & 1)));
+    const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
+    return KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+}
+
+// out(T, ld) rows of tokens: out[tok][r] for the weight's rows r (MODE_SWIGLU: gate rows
+// 0..rows/2, up rows after them, out[tok][r] = silu(gate_r) * up_r). Grid
+// (ceil(rows / GEMM_ROWS), ceil(T / GEMM_TOKS)), 128 threads.
+template <int KIND, int MODE>
+__device__ void gemm(const int8_t* __restrict__ xq, const float2* __restrict__ xds, int K, int T,
+                     const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                     const float* __restrict__ bias, int Nrows, float* __restrict__ out, int ld) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
+    constexpr int NT = GEMM_TOKS / 8;
+    const int nb = K / QK;
+    const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.x * GEMM_ROWS + warp * 16;
+    const int tok0 = blockIdx.y * GEMM_TOKS;
+    if (r0 >= rows) return;
+    // This lane's weight rows (g and g + 8 of the warp's 16, for each of R matrices) and
+    // token rows (those of b-fragment words, and of the accumulators it holds).
+    int wr[R][2];
+    bool wok[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = r0 + g + 8 * i;
+        wok[i] = r < rows;
+#pragma unroll
+        for (int m = 0; m < R; ++m) wr[m][i] = (wok[i] ? r : r0) + m * rows;
+    }
+    float acc[R][NT][4];
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        float2 sc[R][2];
+#pragma unroll
+        for (int m = 0; m < R; ++m)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                if (KIND == KIND_Q8_0) {
+                    sc[m][i] = __ldg(dm + (size_t)wr[m][i] * nb + b);
+                } else {
+                    const uint8_t* srow = (const uint8_t*)dm + (size_t)wr[m][i] * scale_bytes<KIND>(nb);
+                    sc[m][i] = nibble_pair<KIND>(dm + (size_t)wr[m][i] * nb, srow, nb, b);
+                }
+            }
+        float2 xd[NT][2];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int tok = min(tok0 + j * 8 + 2 * t + e, T - 1);
+                xd[j][e] = xds[(size_t)tok * nb + b];
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int bw[NT];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int tok = min(tok0 + j * 8 + g, T - 1);
+                bw[j] = *(const int*)(xq + (size_t)tok * K + b * QK + h * 16 + 4 * t);
+            }
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                const int a0 = a_word<KIND>(qs, nb, wr[m][0], b, h, t);
+                const int a1 = a_word<KIND>(qs, nb, wr[m][1], b, h, t);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    int c[4];
+                    mma_s8(c, a0, a1, bw[j]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float2 w = sc[m][e >> 1];
+                        const float2 d = xd[j][e & 1];
+                        const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                        acc[m][j][e] = __fmaf_rn(__fmul_rn(wd, d.x), (float)c[e], acc[m][j][e]);
+                        if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                            acc[m][j][e] = __fmaf_rn(w.y, d.y, acc[m][j][e]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = r0 + g + 8 * (e >> 1);
+            const int tok = tok0 + j * 8 + 2 * t + (e & 1);
+            if (r >= rows || tok >= T) continue;
+            float* o = out + (size_t)tok * ld + r;
+            const float y = acc[0][j][e];
+            if (MODE == MODE_SWIGLU) {
+                *o = __fmul_rn(y / (1.f + expf(-y)), acc[R - 1][j][e]);
+            } else if (MODE == MODE_ADD) {
+                *o += y;
+            } else {
+                *o = bias != nullptr ? y + bias[r] : y;
+            }
+        }
+#else
+    __trap();
+#endif
+}
+
+#define PREFILL_ENTRY(KIND, KNAME)                                                           \
+    extern "C" __global__ void __launch_bounds__(256) quant_rows_##KNAME(                     \
+        const float* __restrict__ x, const float* __restrict__ norm, float eps, int K, int T, \
+        int8_t* __restrict__ xq, float2* __restrict__ xds) {                                  \
+        quant_rows<KIND>(x, norm, eps, K, T, xq, xds);                                        \
+    }                                                                                        \
+    GEMM_ENTRY(KIND, KNAME, MODE_STORE, store)                                               \
+    GEMM_ENTRY(KIND, KNAME, MODE_ADD, add)                                                   \
+    GEMM_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu)
+
+#define GEMM_ENTRY(KIND, KNAME, MODE, MNAME)                                                 \
+    extern "C" __global__ void __launch_bounds__(128) gemm_##KNAME##_##MNAME(                 \
+        const int8_t* __restrict__ xq, const float2* __restrict__ xds, int K, int T,          \
+        const uint8_t* __restrict__ qs, const float2* __restrict__ dm,                        \
+        const float* __restrict__ bias, int N, float* __restrict__ out, int ld) {             \
+        gemm<KIND, MODE>(xq, xds, K, T, qs, dm, bias, N, out, ld);                            \
+    }
+
+PREFILL_ENTRY(KIND_Q4_0, q4_0)
+PREFILL_ENTRY(KIND_Q4_1, q4_1)
+PREFILL_ENTRY(KIND_Q8_0, q8_0)
+PREFILL_ENTRY(KIND_Q4_K, q4_k)
+
+// qr (T, nh * hd): the T rows' queries (from qkv rows, `qkv_w` floats apart) with RoPE at
+// their positions pos0 + row, as attend computes them. Grid (nh, T), 64 threads.
+extern "C" __global__ void q_rope_rows(const float* __restrict__ qkv, int qkv_w, int pos0,
+                                       int nh, int hd, const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, int neox,
+                                       float* __restrict__ qr) {
+    const int h = blockIdx.x, row = blockIdx.y;
+    const int half = hd / 2;
+    const float* q = qkv + (size_t)row * qkv_w + h * hd;
+    float* o = qr + (size_t)row * nh * hd + h * hd;
+    const float* cs = cos_t + (size_t)(pos0 + row) * half;
+    const float* sn = sin_t + (size_t)(pos0 + row) * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const int a = neox ? i : 2 * i;
+        const int b = neox ? i + half : 2 * i + 1;
+        const float c = cs[i], s = sn[i];
+        const float x0 = q[a], x1 = q[b];
+        o[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+        o[b] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    }
+}
