@@ -342,11 +342,11 @@ impl FusedDecoder {
             return Ok(None);
         };
         let hd = cfg.head_dim;
-        if cfg.hidden % 32 != 0
-            || hd % 8 != 0
+        if !cfg.hidden.is_multiple_of(32)
+            || !hd.is_multiple_of(8)
             || hd > 256
-            || ATT_THREADS % (hd / 8) != 0
-            || cfg.n_heads % cfg.n_kv_heads != 0
+            || !ATT_THREADS.is_multiple_of(hd / 8)
+            || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
         {
             tracing::info!("fused cuda decode: shape not covered");
             return Ok(None);

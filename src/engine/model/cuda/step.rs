@@ -66,7 +66,7 @@ impl Inner {
         }
         self.graph
             .as_ref()
-            .expect("captured above")
+            .ok_or_else(|| err("no graph after capture"))?
             .launch()
             .map_err(err)
     }
