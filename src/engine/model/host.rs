@@ -85,17 +85,41 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// RMSNorm of each row of `x` into `out`, with ggml's arithmetic: squares rounded to
 /// f32 and summed in f64 in order, the mean rounded to f32, `1 / sqrt(mean + eps)` in
-/// f32, then `x * scale * w`.
+/// f32, then `x * scale * w`. The in-order f64 sum is a chain of dependent additions,
+/// so rows go eight (or four) at a time, their chains side by side.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
-    for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum2: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum2 / n as f64) as f32;
+    let rows = x.len() / n;
+    let mut r = 0;
+    while r < rows {
+        let (x, out) = (&x[r * n..], &mut out[r * n..]);
+        r += match rows - r {
+            8.. => rms_norm_rows::<8>(x, w, eps, out),
+            4.. => rms_norm_rows::<4>(x, w, eps, out),
+            _ => rms_norm_rows::<1>(x, w, eps, out),
+        };
+    }
+}
+
+/// [`rms_norm`] of the first `R` rows; returns `R`.
+fn rms_norm_rows<const R: usize>(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> usize {
+    let n = w.len();
+    let xs: [&[f32]; R] = std::array::from_fn(|i| &x[i * n..(i + 1) * n]);
+    let mut sum2 = [0f64; R];
+    for j in 0..n {
+        for (s, xr) in sum2.iter_mut().zip(&xs) {
+            let v = xr[j];
+            *s += (v * v) as f64;
+        }
+    }
+    for ((xr, yr), s) in xs.iter().zip(out.chunks_exact_mut(n)).zip(sum2) {
+        let mean = (s / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
-        for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+        for ((y, &v), &g) in yr.iter_mut().zip(xr.iter()).zip(w) {
             *y = v * scale * g;
         }
     }
+    R
 }
 
 /// Rotate one head in place: interleaved pairs `(2i, 2i+1)` or NEOX pairs `(i, i+d/2)`.
@@ -477,11 +501,13 @@ impl Model {
             }
         }
         let m = sel.len();
-        let h = fit(&mut sc.h, m * hidden);
-        for (i, &r) in sel.iter().enumerate() {
-            let xr = &sc.x[r * hidden..(r + 1) * hidden];
-            rms_norm(xr, &self.norm.v, eps, &mut h[i * hidden..(i + 1) * hidden]);
+        // The selected rows side by side (in `tmp`), then normed together.
+        let xs = fit(&mut sc.tmp, m * hidden);
+        for (dst, &r) in xs.chunks_exact_mut(hidden).zip(&sel) {
+            dst.copy_from_slice(&sc.x[r * hidden..(r + 1) * hidden]);
         }
+        let h = fit(&mut sc.h, m * hidden);
+        rms_norm(&sc.tmp[..m * hidden], &self.norm.v, eps, h);
         dump::write(&dd, format_args!("result_norm"), h);
         let vocab = cfg.vocab;
         let mut logits = vec![0f32; m * vocab];
@@ -655,5 +681,39 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rms_norm;
+
+    /// Rows normed eight and four at a time give the bits of one row at a time (ggml's
+    /// order: squares summed in f64 in order), for every count of rows up to 13.
+    #[test]
+    fn rms_norm_rows_together_match_one_at_a_time() {
+        let (n, eps) = (96, 1e-5f32);
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..13 * n)
+            .map(|i| (i as f32 * 0.731).sin() * (1.0 + (i % 7) as f32 * 3.1))
+            .collect();
+        let one = |xr: &[f32], yr: &mut [f32]| {
+            let sum2: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+            let scale = 1.0 / ((sum2 / n as f64) as f32 + eps).sqrt();
+            for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(&w) {
+                *y = v * scale * g;
+            }
+        };
+        for rows in 1..=13 {
+            let x = &x[..rows * n];
+            let mut want = vec![0f32; rows * n];
+            for (xr, yr) in x.chunks_exact(n).zip(want.chunks_exact_mut(n)) {
+                one(xr, yr);
+            }
+            let mut got = vec![f32::NAN; rows * n];
+            rms_norm(x, &w, eps, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        }
     }
 }

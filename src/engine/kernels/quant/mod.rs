@@ -147,22 +147,30 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) 
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mul = _mm256_set1_ps(id);
             let mut sum = _mm256_setzero_si256();
-            let mut q = [0i32; QK];
-            for (i, vi) in v.iter().enumerate() {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (qi, vi) in q.iter_mut().zip(&v) {
                 let r = _mm256_round_ps(
                     _mm256_mul_ps(*vi, mul),
                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
                 );
-                let qi = _mm256_cvtps_epi32(r);
-                sum = _mm256_add_epi32(sum, qi);
-                _mm256_storeu_si256(q.as_mut_ptr().add(i * 8) as *mut __m256i, qi);
+                *qi = _mm256_cvtps_epi32(r);
+                sum = _mm256_add_epi32(sum, *qi);
             }
-            for (dst, &v) in qs[b * QK..b * QK + QK].iter_mut().zip(&q) {
-                *dst = v as i8;
-            }
-            let mut sl = [0i32; 8];
-            _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum);
-            let total: i32 = sl.iter().sum();
+            // Every value is in -127..=127, so the saturating packs are exact; they
+            // interleave the 128-bit lanes, which the permutation puts back in order.
+            let w = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, w);
+            // Integer sums are exact in any order.
+            let s4 = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
+            );
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
             d[b] = f16::from_f32(dv).to_f32();
             s[b] = f16::from_f32(dv * total as f32).to_f32();
         }
