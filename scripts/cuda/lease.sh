@@ -34,7 +34,7 @@
 #       one call, no llama.cpp: writes smollm2-shape (the default model's shape and types,
 #       random weights) with gen_synth.py, then `candela doctor` and candela over HTTP
 #       (1/8/32 streams, time to first token, batched vs single-stream greedy), then time
-#       to first token again with the flash tensor path and the wide prefill on.
+#       to first token again with the wide prefill and the flash attention off.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -272,14 +272,14 @@ synth)
     python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ttft 16,512,4000 \
         --out "$OUT" --name candela || tail -n 5 "$OUT/candela.log"
     kill $CP; wait $CP 2>/dev/null
-    # Long prompts through the flash tensor path and the wide prefill (both off by
-    # default until measured), time to first token and greedy agreement.
-    echo "== candela over HTTP, CANDELA_CUDA_FLASH=1 CANDELA_CUDA_WIDE=1"
-    CANDELA_CUDA_FLASH=1 CANDELA_CUDA_WIDE=1 /root/candela --device cuda --model $M --port 8094 \
-        --max-batch 32 --queue-size 64 --ctx-size 8192 --data-dir /tmp/cwide >"$OUT/candela_wide.log" 2>&1 &
+    # Long prompts without the wide prefill and the flash attention (the tensor path's
+    # matmul-softmax-matmul), time to first token.
+    echo "== candela over HTTP, CANDELA_CUDA_FLASH=0 CANDELA_CUDA_WIDE=0"
+    CANDELA_CUDA_FLASH=0 CANDELA_CUDA_WIDE=0 /root/candela --device cuda --model $M --port 8094 \
+        --max-batch 32 --queue-size 64 --ctx-size 8192 --data-dir /tmp/cplain >"$OUT/candela_plain.log" 2>&1 &
     CP=$!
-    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8094 --streams "" --greedy \
-        --ttft 16,512,4000 --out "$OUT/wide" --name candela-wide || tail -n 5 "$OUT/candela_wide.log"
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8094 --streams "" \
+        --ttft 16,512,4000 --out "$OUT/plain" --name candela-plain || tail -n 5 "$OUT/candela_plain.log"
     kill $CP; wait $CP 2>/dev/null
     ;;
 window)

@@ -206,7 +206,7 @@ pub struct Model {
     /// Whether [`Model::forward`] may take the fused path (on by default).
     fused_on: AtomicBool,
     /// Whether the tensor path's prompt chunks attend through the CUDA flash kernel (where
-    /// it covers the card and head size, with `CANDELA_CUDA_FLASH=1`; `candela doctor`
+    /// it covers the card and head size, unless `CANDELA_CUDA_FLASH=0`; `candela doctor`
     /// compares it with the matmul-softmax-matmul attention).
     flash_on: AtomicBool,
 }
@@ -276,7 +276,7 @@ impl Model {
             scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
         };
-        model.set_flash_attention(std::env::var("CANDELA_CUDA_FLASH").is_ok_and(|v| v == "1"));
+        model.set_flash_attention(std::env::var("CANDELA_CUDA_FLASH").map_or(true, |v| v != "0"));
         Ok(model)
     }
 

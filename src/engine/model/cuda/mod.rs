@@ -168,14 +168,14 @@ pub struct FusedDecoder {
     /// the wide prefill.
     prefill_max: AtomicUsize,
     /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
-    /// (`CANDELA_CUDA_WIDE=1`).
+    /// (unless `CANDELA_CUDA_WIDE=0`).
     wide_ok: bool,
     wide_on: AtomicBool,
 }
 
-/// Prompt chunks longer than this take the tensor path by default: its cuBLAS prefill
-/// is faster from about a hundred tokens on than batched steps of the dp4a mat-mat
-/// kernels (docs/gpu.md has the figures).
+/// Prompt chunks longer than this prefill wide (or, on cards without the wide kernels,
+/// on the tensor path) by default: from about a hundred tokens on both are faster than
+/// batched steps of the dp4a mat-mat kernels (docs/gpu.md has the figures).
 pub const PREFILL_MAX: usize = 64;
 
 impl std::fmt::Debug for FusedDecoder {
@@ -538,7 +538,7 @@ impl FusedDecoder {
         Ok(Some(Self {
             wide_ok,
             wide_on: AtomicBool::new(
-                wide_ok && std::env::var("CANDELA_CUDA_WIDE").is_ok_and(|v| v == "1"),
+                wide_ok && std::env::var("CANDELA_CUDA_WIDE").map_or(true, |v| v != "0"),
             ),
             inner: Mutex::new(inner),
             prefill_on: AtomicBool::new(
