@@ -342,6 +342,12 @@ impl Model {
         false
     }
 
+    /// Whether long prompt chunks prefill wide in a forward pass now (the fused path on,
+    /// its wide prefill on).
+    pub fn prefills_wide(&self) -> bool {
+        self.fused_on.load(Ordering::Relaxed) && self.fused_wide()
+    }
+
     /// Whether prompt chunks past the fused limit prefill wide.
     pub fn fused_wide(&self) -> bool {
         #[cfg(feature = "cuda")]

@@ -6,7 +6,8 @@
 //! generation requests wait in order), admits requests up to `max_batch` live
 //! sequences, then runs one forward pass where it can: the next prompt chunks of
 //! sequences still reading their prompts (`PREFILL_CHUNK` tokens in all,
-//! `MIXED_PREFILL_CHUNK` while others decode) together with the next token of every
+//! `MIXED_PREFILL_CHUNK` while others decode on host caches, `IDLE_WIDE_PREFILL_CHUNK`
+//! while nothing decodes on a device that prefills wide) together with the next token of every
 //! decoding sequence. Sequences join and leave between steps. Loading is in [`load`],
 //! per-sequence work in [`seq`], the steps in [`step`].
 
@@ -43,6 +44,11 @@ const PREFILL_CHUNK: usize = 512;
 /// stream up by one such chunk at a time (~0.1 s on two cores for a small model), not by
 /// a whole `PREFILL_CHUNK` plus a separate decode pass.
 const MIXED_PREFILL_CHUNK: usize = 128;
+/// Prompt tokens per pass on a device that prefills wide (see
+/// [`Forward::prefill_wide`]) while no other sequence decodes: nobody waits on the pass,
+/// and every pass costs a synchronisation and a logits row, so a long prompt goes in a
+/// few large passes rather than many of `PREFILL_CHUNK`.
+const IDLE_WIDE_PREFILL_CHUNK: usize = 4096;
 /// Trim the allocator once idle caches shrank by this much since the last trim.
 const TRIM_AFTER_BYTES: usize = 32 << 20;
 
@@ -62,6 +68,11 @@ pub(crate) trait Forward: Sync {
     fn fused_chunk(&self) -> usize {
         0
     }
+    /// Whether long prompt chunks on this device prefill wide (on the GPU's tensor
+    /// cores, a few milliseconds per 512 tokens).
+    fn prefill_wide(&self) -> bool {
+        false
+    }
 }
 
 impl Forward for Model {
@@ -76,6 +87,9 @@ impl Forward for Model {
     }
     fn fused_chunk(&self) -> usize {
         Model::fused_chunk(self)
+    }
+    fn prefill_wide(&self) -> bool {
+        Model::prefills_wide(self)
     }
 }
 
@@ -270,6 +284,8 @@ fn serve(
         let mixed = seqs.iter().any(|s| s.next.is_some()) && seqs.iter().all(|s| s.cache.is_host());
         let budget = if mixed {
             MIXED_PREFILL_CHUNK
+        } else if model.prefill_wide() && seqs.iter().all(|s| s.next.is_none()) {
+            IDLE_WIDE_PREFILL_CHUNK
         } else {
             PREFILL_CHUNK
         };

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{serve, Forward, Link, Sched, MIXED_PREFILL_CHUNK};
+use super::{
+    serve, Forward, Link, Sched, IDLE_WIDE_PREFILL_CHUNK, MIXED_PREFILL_CHUNK, PREFILL_CHUNK,
+};
 use crate::engine::decode::constrain::TokenTable;
 use crate::engine::model::SeqInput;
 use crate::engine::text::template::{ChatTemplate, CHATML};
@@ -35,6 +37,8 @@ struct Fake {
     passes: Mutex<Vec<Vec<usize>>>,
     /// Time each pass takes, so that requests can join while others run.
     delay: Duration,
+    /// Whether it claims to prefill wide (as a GPU with tensor-core prefill does).
+    wide: bool,
 }
 
 impl Fake {
@@ -42,6 +46,15 @@ impl Fake {
         Arc::new(Self {
             passes: Mutex::new(Vec::new()),
             delay: Duration::from_millis(delay_ms),
+            wide: false,
+        })
+    }
+
+    fn wide() -> Arc<Self> {
+        Arc::new(Self {
+            passes: Mutex::new(Vec::new()),
+            delay: Duration::ZERO,
+            wide: true,
         })
     }
 
@@ -87,6 +100,10 @@ impl Forward for Fake {
 
     fn device(&self) -> &Device {
         &Device::Cpu
+    }
+
+    fn prefill_wide(&self) -> bool {
+        self.wide
     }
 }
 
@@ -446,4 +463,21 @@ fn short_prompt_chunks_on_a_fused_gpu_prefill_together() {
     assert!(!prefill_together([dev(40), dev(65)], 64));
     assert!(!prefill_together([dev(4), dev(5)], 0));
     assert!(!prefill_together([dev(4)], 64));
+}
+
+#[test]
+fn a_long_prompt_alone_prefills_in_large_passes_where_the_device_prefills_wide() {
+    let long: Vec<u32> = (0..3000).map(|i| i % 10).collect();
+    for (fake, first) in [(Fake::new(0), PREFILL_CHUNK), (Fake::wide(), 3000)] {
+        let (r, rx) = request(&long, 2, None);
+        let l = Loop::start(&fake, 8, vec![r]);
+        let out = collect(rx);
+        drop(l);
+        assert_eq!(out, alone(&long, 2));
+        let passes = fake.passes();
+        assert_eq!(passes[0], vec![first], "{passes:?}");
+        assert!(passes
+            .iter()
+            .all(|p| p.iter().sum::<usize>() <= IDLE_WIDE_PREFILL_CHUNK));
+    }
 }
