@@ -206,9 +206,12 @@ pub struct Model {
     /// Whether [`Model::forward`] may take the fused path (on by default).
     fused_on: AtomicBool,
     /// Whether the tensor path's prompt chunks attend through the CUDA flash kernel (where
-    /// it covers the card and head size, unless `CANDELA_CUDA_FLASH=0`; `candela doctor`
-    /// compares it with the matmul-softmax-matmul attention).
+    /// it covers the card and head size; by default for heads of 64, `CANDELA_CUDA_FLASH=1`
+    /// for 128 too, `0` never; `candela doctor` compares it with the matmul-softmax-matmul
+    /// attention)...
     flash_on: AtomicBool,
+    /// ...and whether local (sliding-window) layers do too (`CANDELA_CUDA_FLASH=1`).
+    flash_everywhere: bool,
 }
 
 /// With batched prefill off (`CANDELA_CUDA_PREFILL=0`), sequences of at most this many
@@ -258,11 +261,12 @@ impl Model {
             sin.push(Tensor::from_slice(&s, (ctx_size, half), device)?);
             rope_host.push((c, s));
         }
-        let model = Self {
+        let mut model = Self {
             #[cfg(feature = "cuda")]
             fused: None,
             fused_on: AtomicBool::new(true),
             flash_on: AtomicBool::new(false),
+            flash_everywhere: false,
             weight_bytes,
             config,
             embed,
@@ -276,7 +280,15 @@ impl Model {
             scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
         };
-        model.set_flash_attention(std::env::var("CANDELA_CUDA_FLASH").map_or(true, |v| v != "0"));
+        // On by default for the head size and layers it has been checked with on a GPU
+        // (64, global layers); `CANDELA_CUDA_FLASH=1` for 128 and sliding windows too.
+        let flash_env = std::env::var("CANDELA_CUDA_FLASH").ok();
+        let all = flash_env.as_deref() == Some("1");
+        model.flash_everywhere = all;
+        model.set_flash_attention(match flash_env.as_deref() {
+            Some("0") => false,
+            _ => all || model.config.head_dim == 64,
+        });
         Ok(model)
     }
 
@@ -450,12 +462,13 @@ impl Model {
         // Masks per sequence: [global layers, local layers].
         let mut masks = Vec::with_capacity(spans.len());
         for (s, &(_, n, pos)) in batch.iter().zip(&spans) {
-            if flash {
-                masks.push([None, None]);
-                continue;
-            }
-            let global = self.mask(n, pos, 0, n_rep, None)?;
+            let global = if flash {
+                None
+            } else {
+                self.mask(n, pos, 0, n_rep, None)?
+            };
             let local = match &cfg.sliding {
+                Some(_) if flash && self.flash_everywhere => None,
                 Some(sw) => self.mask(n, pos, s.cache.local_base(), n_rep, Some(sw.window))?,
                 None => None,
             };
@@ -494,7 +507,7 @@ impl Model {
                 }
                 let vs = heads(&v, cfg.n_kv_heads)?;
                 let (kc, vc) = s.cache.write_layer(li, pos, &ks, &vs)?;
-                if flash {
+                if flash && (self.flash_everywhere || cfg.window(li).is_none()) {
                     ys.push(self.flash_attention(&qs, &kc, &vc, li, pos, s.cache.local_base())?);
                     continue;
                 }

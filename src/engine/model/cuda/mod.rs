@@ -168,7 +168,7 @@ pub struct FusedDecoder {
     /// the wide prefill.
     prefill_max: AtomicUsize,
     /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
-    /// (unless `CANDELA_CUDA_WIDE=0`).
+    /// (by default for Q4_1 models; `CANDELA_CUDA_WIDE=1` for every layout, `0` never).
     wide_ok: bool,
     wide_on: AtomicBool,
 }
@@ -535,11 +535,23 @@ impl FusedDecoder {
         };
         inner.stream.synchronize().map_err(err)?;
         let wide_ok = inner.has_wide();
+        // On by default where every projection is in the layout the wide GEMM has been
+        // checked with on a GPU (Q4_1); `CANDELA_CUDA_WIDE=1` turns it on for the others.
+        let checked = inner.layers.iter().all(|l| {
+            l.qkv
+                .iter()
+                .chain([&l.wo, &l.gate_up, &l.down])
+                .all(|m| m.kind == Pack::Q4_1)
+        });
+        let wide_env = std::env::var("CANDELA_CUDA_WIDE").ok();
+        let wide_default = match wide_env.as_deref() {
+            Some("0") => false,
+            Some("1") => true,
+            _ => checked,
+        };
         Ok(Some(Self {
             wide_ok,
-            wide_on: AtomicBool::new(
-                wide_ok && std::env::var("CANDELA_CUDA_WIDE").map_or(true, |v| v != "0"),
-            ),
+            wide_on: AtomicBool::new(wide_ok && wide_default),
             inner: Mutex::new(inner),
             prefill_on: AtomicBool::new(
                 std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
