@@ -169,7 +169,7 @@ pub(super) fn pass(
     } else {
         metrics::observe_decode_step(parts.len(), t0.elapsed());
     }
-    let mut jobs: Vec<(usize, &mut Seq, Vec<f32>)> = Vec::with_capacity(rows.len());
+    let mut jobs: Vec<(usize, &mut Seq, Row)> = Vec::with_capacity(rows.len());
     let mut rows = rows.into_iter();
     let mut want = parts.iter().peekable();
     for (i, s) in seqs.iter_mut().enumerate() {
@@ -189,25 +189,46 @@ pub(super) fn pass(
         jobs.push((i, s, row));
     }
     let failed: Vec<(usize, String)> = jobs
-        .par_iter_mut()
-        .filter_map(|(i, s, row)| accept(tok, s, row).err().map(|e| (*i, e.to_string())))
+        .into_par_iter()
+        .filter_map(|(i, s, row)| {
+            row.into_vec()
+                .map_err(EngineError::from)
+                .and_then(|mut v| accept(tok, s, &mut v))
+                .err()
+                .map(|e| (i, e.to_string()))
+        })
         .collect();
-    drop(jobs);
     for (i, e) in failed.into_iter().rev() {
         fail(seqs, i, &e);
     }
     Ok(())
 }
 
-/// Each sequence's `(1, vocab)` logits as a host vector: one stacked copy when they
-/// live on a GPU (copies from several threads at once would each wait on the device in
-/// turn).
-fn host_rows(logits: Vec<Tensor>) -> candle_core::Result<Vec<Vec<f32>>> {
-    if logits.len() > 1 && !logits[0].device().is_cpu() {
-        return Tensor::cat(&logits, 0)?.to_vec2::<f32>();
+/// One sequence's logits row on its way to the sampler.
+enum Row {
+    /// Copied to the host already.
+    Host(Vec<f32>),
+    /// A `(1, vocab)` host tensor, copied out by the sampling job itself (in parallel
+    /// with the other sequences' rather than one after another on the engine thread).
+    Tensor(Tensor),
+}
+
+impl Row {
+    fn into_vec(self) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Row::Host(v) => Ok(v),
+            Row::Tensor(t) => t.squeeze(0)?.to_vec1::<f32>(),
+        }
     }
-    logits
-        .iter()
-        .map(|l| l.squeeze(0)?.to_vec1::<f32>())
-        .collect()
+}
+
+/// Each sequence's `(1, vocab)` logits: one stacked copy to the host when they live on
+/// a GPU (copies from several threads at once would each wait on the device in turn),
+/// host tensors as they are.
+fn host_rows(logits: Vec<Tensor>) -> candle_core::Result<Vec<Row>> {
+    if logits.len() > 1 && !logits[0].device().is_cpu() {
+        let rows = Tensor::cat(&logits, 0)?.to_vec2::<f32>()?;
+        return Ok(rows.into_iter().map(Row::Host).collect());
+    }
+    Ok(logits.into_iter().map(Row::Tensor).collect())
 }
