@@ -34,6 +34,55 @@ pub(super) struct Batch {
     graphs: Vec<((usize, StepKind), CudaGraph)>,
 }
 
+/// Fill `words` with the step buffer for `recs` (a `bucket`-record buffer, see
+/// `batch_plan::fill_step`) and copy it to the device buffer `dst`.
+pub(super) fn upload_step(
+    stream: &Arc<CudaStream>,
+    words: &mut Vec<u64>,
+    recs: &[SeqRecord],
+    bucket: usize,
+    n_layers: usize,
+    dst: &mut CudaSlice<u64>,
+) -> Result<()> {
+    batch_plan::fill_step(words, recs, bucket, n_layers).map_err(err)?;
+    stream.memcpy_htod(&*words, dst).map_err(err)
+}
+
+/// The parameters `kv_write_b` and `attention_b` begin with (batch.cuh), kept as values
+/// whose addresses a launch takes.
+pub(super) struct RopeHead {
+    pub(super) qkv: u64,
+    pub(super) step: u64,
+    pub(super) stride: i32,
+    pub(super) layer: i32,
+    pub(super) n_layers: i32,
+    pub(super) nh: i32,
+    pub(super) nkvh: i32,
+    pub(super) hd: i32,
+    pub(super) cos: u64,
+    pub(super) sin: u64,
+    pub(super) neox: i32,
+}
+
+impl RopeHead {
+    /// Kernel arguments pointing into `self` (valid while it lives).
+    pub(super) fn args(&self) -> [*mut c_void; 11] {
+        [
+            arg(&self.qkv),
+            arg(&self.step),
+            arg(&self.stride),
+            arg(&self.layer),
+            arg(&self.n_layers),
+            arg(&self.nh),
+            arg(&self.nkvh),
+            arg(&self.hd),
+            arg(&self.cos),
+            arg(&self.sin),
+            arg(&self.neox),
+        ]
+    }
+}
+
 impl Inner {
     /// Candle's writes (prefill, a cache that just grew) come before ours.
     pub(super) fn after_candle(&self) -> Result<()> {
@@ -181,12 +230,16 @@ impl Inner {
     /// of `kind` (the logits stay on the device).
     fn step_rows(&mut self, recs: &[SeqRecord], bucket: usize, kind: StepKind) -> Result<()> {
         self.ensure_batch(bucket)?;
-        let mut words = std::mem::take(&mut self.words);
-        batch_plan::fill_step(&mut words, recs, bucket, self.cfg.n_layers).map_err(err)?;
         let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
-        let r = self.stream.memcpy_htod(&words, &mut b.step.slice);
-        self.words = words;
-        r.map_err(err)?;
+        let nl = self.cfg.n_layers;
+        upload_step(
+            &self.stream,
+            &mut self.words,
+            recs,
+            bucket,
+            nl,
+            &mut b.step.slice,
+        )?;
         self.launch_batch(bucket, kind)?;
         self.steps += 1;
         Ok(())
@@ -217,16 +270,16 @@ impl Inner {
             })
             .collect();
         self.ensure_batch(bucket)?;
-        let mut words = std::mem::take(&mut self.words);
-        let filled = batch_plan::fill_step(&mut words, &recs, bucket, self.cfg.n_layers);
         let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
-        let copied = filled.map_err(err).and_then(|_| {
-            self.stream
-                .memcpy_htod(&words, &mut b.step.slice)
-                .map_err(err)
-        });
-        self.words = words;
-        copied?;
+        let nl = self.cfg.n_layers;
+        upload_step(
+            &self.stream,
+            &mut self.words,
+            &recs,
+            bucket,
+            nl,
+            &mut b.step.slice,
+        )?;
         self.time_ops(|s, op| s.launch_b(op, 0, bucket, StepKind::Decode))
     }
 
@@ -319,30 +372,7 @@ impl Inner {
         let l = &self.layers[li];
         let x_out = (b.x.ptr, cfg.hidden);
         match op {
-            Op::Embed => {
-                let stride = batch_plan::record_words(cfg.n_layers) as i32;
-                let hidden = cfg.hidden as i32;
-                let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
-                let mut args = [
-                    arg(&b.step.ptr),
-                    arg(&stride),
-                    arg(&embed),
-                    arg(&hidden),
-                    arg(&b.x.ptr),
-                ];
-                let blocks = cfg.hidden.div_ceil(256) as u32;
-                // SAFETY: matches `embed_rows`; a plain launch after the step buffer's copy.
-                unsafe {
-                    self.go2(
-                        &self.f.embed_rows,
-                        (blocks, bucket as u32),
-                        256,
-                        0,
-                        &mut args,
-                        false,
-                    )
-                }
-            }
+            Op::Embed => self.embed_rows(b.step.ptr, b.x.ptr, bucket),
             Op::Qkv => {
                 let qkv_n: usize = l.qkv.iter().map(|m| m.n).sum();
                 let mut row = 0u64;
@@ -380,6 +410,64 @@ impl Inner {
                 }
                 StepKind::Prefill(Logits::None) => Ok(()),
             },
+        }
+    }
+
+    /// `embed_rows`: `x` (rows of `hidden`) = the embeddings of the first `rows` records'
+    /// tokens in the step buffer `step`. A plain launch: it follows the buffer's copy.
+    pub(super) fn embed_rows(&self, step: u64, x: u64, rows: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let stride = batch_plan::record_words(cfg.n_layers) as i32;
+        let hidden = cfg.hidden as i32;
+        let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
+        let mut args = [arg(&step), arg(&stride), arg(&embed), arg(&hidden), arg(&x)];
+        let blocks = cfg.hidden.div_ceil(256) as u32;
+        // SAFETY: matches `embed_rows`; the step buffer holds `rows` records and x room
+        // for them.
+        unsafe {
+            self.go2(
+                &self.f.embed_rows,
+                (blocks, rows as u32),
+                256,
+                0,
+                &mut args,
+                false,
+            )
+        }
+    }
+
+    /// The parameters `kv_write_b` and `attention_b` begin with, for layer `li` over the
+    /// qkv rows `qkv` and the step buffer `step`.
+    pub(super) fn rope_head(&self, qkv: u64, step: u64, li: usize) -> Result<RopeHead> {
+        let cfg = &self.cfg;
+        Ok(RopeHead {
+            qkv,
+            step,
+            stride: batch_plan::record_words(cfg.n_layers) as i32,
+            layer: li as i32,
+            n_layers: cfg.n_layers as i32,
+            nh: cfg.n_heads as i32,
+            nkvh: cfg.n_kv_heads as i32,
+            hd: cfg.head_dim as i32,
+            cos: tensor_ptr(&self.cos, &self.candle_stream)?,
+            sin: tensor_ptr(&self.sin, &self.candle_stream)?,
+            neox: cfg.rope_neox as i32,
+        })
+    }
+
+    /// `kv_write_b` for `rows` records: RoPE'd K and V of every row into its cache.
+    pub(super) fn kv_write(&self, h: &RopeHead, rows: usize, dependent: bool) -> Result<()> {
+        let mut args = h.args();
+        // SAFETY: matches `kv_write_b`; each record holds its cache's pointers.
+        unsafe {
+            self.go2(
+                &self.f.kv_write_b,
+                (self.cfg.n_kv_heads as u32, rows as u32),
+                128,
+                0,
+                &mut args,
+                dependent,
+            )
         }
     }
 
@@ -437,48 +525,13 @@ impl Inner {
     /// every row's K/V first (`kv_write_b`), then attends with the write off.
     fn attention_batch(&self, b: &Batch, bucket: usize, li: usize, kind: StepKind) -> Result<()> {
         let cfg = &self.cfg;
-        let stride = batch_plan::record_words(cfg.n_layers) as i32;
         let prefill = matches!(kind, StepKind::Prefill(_));
         let hd = cfg.head_dim;
-        let cos = tensor_ptr(&self.cos, &self.candle_stream)?;
-        let sin = tensor_ptr(&self.sin, &self.candle_stream)?;
-        let (li, nl, nh, nkvh, hdi) = (
-            li as i32,
-            cfg.n_layers as i32,
-            cfg.n_heads as i32,
-            cfg.n_kv_heads as i32,
-            hd as i32,
-        );
-        let neox = cfg.rope_neox as i32;
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = self.ctx as i32;
-        // The two kernels' first parameters are the same.
-        let head = [
-            arg(&b.qkv.ptr),
-            arg(&b.step.ptr),
-            arg(&stride),
-            arg(&li),
-            arg(&nl),
-            arg(&nh),
-            arg(&nkvh),
-            arg(&hdi),
-            arg(&cos),
-            arg(&sin),
-            arg(&neox),
-        ];
+        let h = self.rope_head(b.qkv.ptr, b.step.ptr, li)?;
         if prefill {
-            let mut args = head;
-            // SAFETY: matches `kv_write_b`; each record holds its cache's pointers.
-            unsafe {
-                self.go2(
-                    &self.f.kv_write_b,
-                    (cfg.n_kv_heads as u32, bucket as u32),
-                    128,
-                    0,
-                    &mut args,
-                    true,
-                )?
-            }
+            self.kv_write(&h, bucket, true)?;
         }
         let write = (!prefill) as i32;
         let tail = [
@@ -488,7 +541,7 @@ impl Inner {
             arg(&b.att.ptr),
             arg(&write),
         ];
-        let mut args: Vec<*mut c_void> = head.iter().chain(&tail).copied().collect();
+        let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
         let threads = ATT_THREADS as u32;
         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
         // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers.

@@ -246,6 +246,20 @@ fn zeros(stream: &Arc<CudaStream>, n: usize) -> Result<Buf<f32>> {
     upload(stream, &vec![0f32; n.max(1)])
 }
 
+/// A kernel's three epilogue variants from `module`: `{prefix}_store`, `_add` and
+/// `_swiglu` (`MODE_*` order).
+fn modes(
+    module: &Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
+    prefix: &str,
+) -> Result<[CudaFunction; 3]> {
+    let load = |mode: &str| {
+        module
+            .load_function(&format!("{prefix}_{mode}"))
+            .map_err(err)
+    };
+    Ok([load("store")?, load("add")?, load("swiglu")?])
+}
+
 struct Reader<'a, R> {
     ct: &'a gguf_file::Content,
     r: &'a mut R,
@@ -364,13 +378,7 @@ impl FusedDecoder {
             .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(PTX))
             .map_err(err)?;
         let load = |name: &str| module.load_function(name).map_err(err);
-        let mv_set = |k: &str| -> Result<[CudaFunction; 3]> {
-            Ok([
-                load(&format!("mv_{k}_store"))?,
-                load(&format!("mv_{k}_add"))?,
-                load(&format!("mv_{k}_swiglu"))?,
-            ])
-        };
+        let mv_set = |k: &str| modes(&module, &format!("mv_{k}"));
         // `CANDELA_CUDA_MM_SMEM_KB` asks for another limit (more columns per chunk, so
         // fewer passes over the weights for wide inputs, at fewer blocks per SM).
         let want_smem = std::env::var("CANDELA_CUDA_MM_SMEM_KB")
@@ -379,11 +387,7 @@ impl FusedDecoder {
             .map_or(batch::MM_SMEM, |kb| kb << 10);
         let mut mm_smem = want_smem;
         let mut mm_set = |k: &str| -> Result<[CudaFunction; 3]> {
-            let fs = [
-                load(&format!("{k}_store"))?,
-                load(&format!("{k}_add"))?,
-                load(&format!("{k}_swiglu"))?,
-            ];
+            let fs = modes(&module, k)?;
             for f in &fs {
                 let raised = f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

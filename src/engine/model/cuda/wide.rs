@@ -41,25 +41,19 @@ impl WideFuncs {
             return Ok(None);
         }
         let load = |name: &str| module.load_function(name).map_err(err);
+        // By kind, in `Pack` order.
         let kinds = ["q4_0", "q4_1", "q8_0", "q4_k"];
         let quant = [
-            load("quant_rows_q4_0")?,
-            load("quant_rows_q4_1")?,
-            load("quant_rows_q8_0")?,
-            load("quant_rows_q4_k")?,
+            load(&format!("quant_rows_{}", kinds[0]))?,
+            load(&format!("quant_rows_{}", kinds[1]))?,
+            load(&format!("quant_rows_{}", kinds[2]))?,
+            load(&format!("quant_rows_{}", kinds[3]))?,
         ];
-        let set = |k: &str| -> Result<[CudaFunction; 3]> {
-            Ok([
-                load(&format!("gemm_{k}_store"))?,
-                load(&format!("gemm_{k}_add"))?,
-                load(&format!("gemm_{k}_swiglu"))?,
-            ])
-        };
         let gemm = [
-            set(kinds[0])?,
-            set(kinds[1])?,
-            set(kinds[2])?,
-            set(kinds[3])?,
+            modes(module, &format!("gemm_{}", kinds[0]))?,
+            modes(module, &format!("gemm_{}", kinds[1]))?,
+            modes(module, &format!("gemm_{}", kinds[2]))?,
+            modes(module, &format!("gemm_{}", kinds[3]))?,
         ];
         let flash_module = context
             .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(
@@ -132,16 +126,15 @@ impl Inner {
                     kv: kv.clone(),
                 })
                 .collect();
-            let mut words = std::mem::take(&mut self.words);
-            let filled = batch_plan::fill_step(&mut words, &recs, n, nl);
             let w = self.wide.as_mut().ok_or_else(|| err("no wide buffers"))?;
-            let copied = filled.map_err(err).and_then(|_| {
-                self.stream
-                    .memcpy_htod(&words, &mut w.step.slice)
-                    .map_err(err)
-            });
-            self.words = words;
-            copied?;
+            batch::upload_step(
+                &self.stream,
+                &mut self.words,
+                &recs,
+                n,
+                nl,
+                &mut w.step.slice,
+            )?;
             self.wide_pass(n, pos, &kv, cap)?;
             last = n;
         }
@@ -200,33 +193,7 @@ impl Inner {
         let qkv_w = nq + 2 * cfg.n_kv_heads * hd;
         let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
         let ni = n as i32;
-        {
-            let stride = batch_plan::record_words(cfg.n_layers) as i32;
-            let hidden = cfg.hidden as i32;
-            let embed = tensor_ptr(&self.embed, &self.candle_stream)?;
-            let mut args = [
-                arg(&w.step.ptr),
-                arg(&stride),
-                arg(&embed),
-                arg(&hidden),
-                arg(&w.x.ptr),
-            ];
-            let blocks = cfg.hidden.div_ceil(256) as u32;
-            // SAFETY: matches `embed_rows`; the step buffer holds n records.
-            unsafe {
-                self.go2(
-                    &self.f.embed_rows,
-                    (blocks, n as u32),
-                    256,
-                    0,
-                    &mut args,
-                    false,
-                )?
-            }
-        }
-        let cos = tensor_ptr(&self.cos, &self.candle_stream)?;
-        let sin = tensor_ptr(&self.sin, &self.candle_stream)?;
-        let neox = cfg.rope_neox as i32;
+        self.embed_rows(w.step.ptr, w.x.ptr, n)?;
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, l) in self.layers.iter().enumerate() {
             let mut row = 0usize;
@@ -237,48 +204,18 @@ impl Inner {
                 self.wide_gemm(f, w, m, 0, n, bias, out, qkv_w)?;
                 row += m.n;
             }
-            let (lii, nl, nh, nkvh, hdi) = (
-                li as i32,
-                cfg.n_layers as i32,
-                cfg.n_heads as i32,
-                cfg.n_kv_heads as i32,
-                hd as i32,
-            );
-            let stride = batch_plan::record_words(cfg.n_layers) as i32;
-            let mut args = [
-                arg(&w.qkv.ptr),
-                arg(&w.step.ptr),
-                arg(&stride),
-                arg(&lii),
-                arg(&nl),
-                arg(&nh),
-                arg(&nkvh),
-                arg(&hdi),
-                arg(&cos),
-                arg(&sin),
-                arg(&neox),
-            ];
-            // SAFETY: matches `kv_write_b`; the step buffer's records hold the cache.
-            unsafe {
-                self.go2(
-                    &self.f.kv_write_b,
-                    (cfg.n_kv_heads as u32, n as u32),
-                    128,
-                    0,
-                    &mut args,
-                    false,
-                )?
-            }
+            let h = self.rope_head(w.qkv.ptr, w.step.ptr, li)?;
+            self.kv_write(&h, n, false)?;
             let (qkv_wi, posi) = (qkv_w as i32, pos as i32);
             let mut args = [
                 arg(&w.qkv.ptr),
                 arg(&qkv_wi),
                 arg(&posi),
-                arg(&nh),
-                arg(&hdi),
-                arg(&cos),
-                arg(&sin),
-                arg(&neox),
+                arg(&h.nh),
+                arg(&h.hd),
+                arg(&h.cos),
+                arg(&h.sin),
+                arg(&h.neox),
                 arg(&w.qr.ptr),
             ];
             // SAFETY: matches `q_rope_rows`; qkv and qr hold n rows.
@@ -295,7 +232,7 @@ impl Inner {
             let n_rep = (cfg.n_heads / cfg.n_kv_heads) as i32;
             let len = (pos + n) as i32;
             let (zero, hs) = (0i32, (cap * hd) as i64);
-            let (q_row, q_head) = (nq as i32, hdi);
+            let (q_row, q_head) = (nq as i32, h.hd);
             let (kp, vp) = kv[li];
             let mut args = [
                 arg(&w.qr.ptr),
