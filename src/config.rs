@@ -50,6 +50,10 @@ pub enum Command {
             default_value = "The numbers, one after another: 1, 2, 3, 4, 5, 6, 7, 8,"
         )]
         prompt: String,
+        /// Skip the CPU reference (on an 8B model it takes minutes): the device paths
+        /// are then compared with each other only.
+        #[arg(long)]
+        no_cpu: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

@@ -23,8 +23,9 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Doctor {
             tokens,
             prompt,
+            no_cpu,
             args,
-        }) => doctor(tokens, prompt, &args).await,
+        }) => doctor(tokens, prompt, no_cpu, &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -51,6 +52,7 @@ async fn serve(args: &candela::config::ServeArgs) -> Result<(), candela::Error> 
 async fn doctor(
     tokens: usize,
     prompt: String,
+    no_cpu: bool,
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
@@ -67,6 +69,7 @@ async fn doctor(
             cfg.ctx_size,
             tokens,
             &prompt,
+            !no_cpu,
         )
     })
     .await

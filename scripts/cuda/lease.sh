@@ -35,6 +35,16 @@
 #       random weights) with gen_synth.py, then `candela doctor` and candela over HTTP
 #       (1/8/32 streams, time to first token, batched vs single-stream greedy), then time
 #       to first token again with the wide prefill and the flash attention off.
+#   scripts/cuda/lease.sh verify   carry .device/s (as synth): one call, no llama.cpp: writes
+#       smollm2-shape, qwen-mix and llama3-8b with gen_synth.py, then `candela doctor` on
+#       each (llama3-8b without the CPU reference; NOCPU=1: none), then each again with
+#       CANDELA_CUDA_MM_TC=1 (the batched mat-mats on tensor cores: batched against
+#       single-stream bits) while the call has time.
+#   scripts/cuda/lease.sh tc       carry .device/s (as synth): one call, no llama.cpp: writes
+#       smollm2-shape and llama3-8b, `candela doctor` on both (no CPU reference), then
+#       candela over HTTP at 1, 8 and 32 streams on both (smollm2-shape also batched vs
+#       single-stream greedy), and llama3-8b's streams again with CANDELA_CUDA_MM_TC=0
+#       (the dp4a mat-mats) to compare.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -282,6 +292,63 @@ synth)
         --ttft 16,512,4000 --out "$OUT/plain" --name candela-plain || tail -n 5 "$OUT/candela_plain.log"
     kill $CP; wait $CP 2>/dev/null
     ;;
+verify)
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
+    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    t0=$(date +%s)
+    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
+        --tokenizer-from $S/tok.gguf --only smollm2-shape qwen-mix llama3-8b | tail -n 1 || exit 1
+    echo "== wrote the synthetic models in $(( $(date +%s) - t0 )) s"
+    for m in smollm2-shape qwen-mix llama3-8b; do
+        flags="--tokens 64"; [ $m = llama3-8b ] && flags="--tokens 32"
+        { [ $m = llama3-8b ] || [ "${NOCPU:-0}" = 1 ]; } && flags="$flags --no-cpu"
+        echo "== doctor on $m ($flags) at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            $flags 2>"$OUT/doctor_$m.err" | tee "$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
+    done
+    # The batched step's mat-mats on tensor cores: batched against single-stream bits.
+    for m in smollm2-shape qwen-mix llama3-8b; do
+        [ $SECONDS -gt 480 ] && { echo "== CANDELA_CUDA_MM_TC=1 on $m: not measured: the call is at ${SECONDS} s"; continue; }
+        echo "== doctor on $m, CANDELA_CUDA_MM_TC=1, at ${SECONDS} s"
+        CANDELA_CUDA_MM_TC=1 /root/candela doctor --device cuda --model /root/synth/$m.gguf \
+            --data-dir /tmp/cdoctor --tokens 32 --no-cpu 2>>"$OUT/doctor_tc_$m.err" \
+            | tee "$OUT/doctor_tc_$m.txt" | grep -E "fused path|sequence|bit-identical|batched kernels, (8|32|64) rows,"
+    done
+    ;;
+tc)
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
+    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
+        --tokenizer-from $S/tok.gguf --only smollm2-shape llama3-8b | tail -n 1 || exit 1
+    for m in smollm2-shape llama3-8b; do
+        echo "== doctor on $m at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
+        grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32" "$OUT/doctor_$m.txt"
+    done
+    port=8100
+    for run in "smollm2-shape --greedy" "llama3-8b" "llama3-8b CANDELA_CUDA_MM_TC=0"; do
+        set -- $run
+        m=$1; shift
+        greedy=""; envs=""
+        for a in "$@"; do case $a in --greedy) greedy=--greedy;; *=*) envs="$envs $a";; esac; done
+        [ $SECONDS -gt 500 ] && { echo "== HTTP on $m$envs: not measured: the call is at ${SECONDS} s"; continue; }
+        port=$((port + 1))
+        echo "== candela over HTTP on $m$envs (--max-batch 32) at ${SECONDS} s"
+        env $envs /root/candela --device cuda --model /root/synth/$m.gguf --port $port --max-batch 32 \
+            --queue-size 64 --ctx-size 8192 --data-dir /tmp/c$port >"$OUT/candela_$port.log" 2>&1 &
+        CP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:$port $greedy --out "$OUT" \
+            --name "candela-$m${envs// /}" || tail -n 5 "$OUT/candela_$port.log"
+        kill $CP; wait $CP 2>/dev/null
+    done
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -296,7 +363,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|window" >&2
     exit 2
     ;;
 esac

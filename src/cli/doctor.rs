@@ -467,7 +467,8 @@ fn window_check(model: &Model, cpu: Option<&Model>, ctx: usize) -> Result<(), En
     Ok(())
 }
 
-/// Run the checks and print the report; `device` as for `--device`.
+/// Run the checks and print the report; `device` as for `--device`; `with_cpu`: compare
+/// a device with the CPU too.
 pub fn run(
     spec: &str,
     data_dir: &Path,
@@ -475,6 +476,7 @@ pub fn run(
     ctx_size: usize,
     n: usize,
     prompt: &str,
+    with_cpu: bool,
 ) -> Result<(), EngineError> {
     let resolved = fetch::resolve(spec, data_dir)?;
     let path = resolved.path;
@@ -516,7 +518,7 @@ pub fn run(
             "no"
         }
     );
-    let cpu = if dev.is_cpu() {
+    let cpu = if dev.is_cpu() || !with_cpu {
         None
     } else {
         let mut f = open()?;

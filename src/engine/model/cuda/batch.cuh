@@ -25,12 +25,17 @@
 // wider output; `bias` is then offset to the part's first row too). `ch` columns are
 // quantized into shared memory at a time (dynamic shared memory: ch * (K + 8 * K/32)
 // bytes), and a warp dots each of its rows with N of them at once. 256 threads.
-template <int KIND, int MODE, int N>
+// With `pq` the columns come quantized already (qcols_*: `pq` the int8 values, `pds`
+// the scales, in quantize_cols' layout, for every column); the block then reads them
+// where they are, in one chunk of `ch` >= n columns, and x, norm and shared memory go
+// unused.
+template <int KIND, int MODE, int N, int U = 1>
 __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                        const float* __restrict__ bias, int Nrows, float* __restrict__ out,
-                       int ld, int ch) {
+                       int ld, int ch, const int8_t* __restrict__ pq,
+                       const float2* __restrict__ pds) {
     extern __shared__ int4 smem_v[];
     __shared__ float part[MAX_CH * 8];
     __shared__ float mrow[MAX_CH];
@@ -59,14 +64,21 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     const int lanes_per_col = 32 / N;
     for (int c0 = 0; c0 < n; c0 += ch) {
         const int cn = min(ch, n - c0);
-        quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
+        const int8_t* cq = sq;
+        const float2* cds = sds;
+        if (pq != nullptr) {
+            cq = pq + (size_t)c0 * K;
+            cds = pds + (size_t)c0 * nb;
+        } else {
+            quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
+        }
         const int c = held_col<N>(lane);
         for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
             for (int g = 0; g < cn; g += N) {
                 const int cnt = min(N, cn - g);
                 float y, u = 0.f;
-                rows_dot<KIND, N, MODE == MODE_SWIGLU ? 2 : 1>(
-                    qs, dm, r, r + rows, nb, K, sq + (size_t)g * K, sds + g * nb, cnt, lane, &y,
+                rows_dot<KIND, N, MODE == MODE_SWIGLU ? 2 : 1, U>(
+                    qs, dm, r, r + rows, nb, K, cq + (size_t)g * K, cds + g * nb, cnt, lane, &y,
                     &u);
                 if ((lane & (lanes_per_col - 1)) == 0 && c < cnt) {
                     float* o = out + (size_t)(c0 + g + c) * ld + r;
@@ -84,21 +96,27 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     }
 }
 
-// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches).
+// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches); mmu_* and
+// mm32u_* are the same with 4 (2) of a lane's half-blocks loaded ahead of their sums.
+#define MATMAT_ONE(NAME, N, U)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                 \
+        const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
+        const float* __restrict__ norm, float eps, int K, const uint8_t* __restrict__ qs,  \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int Nr,             \
+        float* __restrict__ out, int ld, int ch, const int8_t* __restrict__ pq,            \
+        const float2* __restrict__ pds)
 #define MATMAT_ENTRY(KIND, KNAME, MODE, MNAME)                                              \
-    extern "C" __global__ void mm_##KNAME##_##MNAME(                                        \
-        const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
-        const float* __restrict__ norm, float eps, int K, const uint8_t* __restrict__ qs,  \
-        const float2* __restrict__ dm, const float* __restrict__ bias, int N,              \
-        float* __restrict__ out, int ld, int ch) {                                          \
-        matmat<KIND, MODE, 8>(step, x, norm, eps, K, qs, dm, bias, N, out, ld, ch);         \
+    MATMAT_ONE(mm_##KNAME##_##MNAME, 8, 1) {                                                \
+        matmat<KIND, MODE, 8, 1>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);     \
     }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) mm32_##KNAME##_##MNAME(               \
-        const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
-        const float* __restrict__ norm, float eps, int K, const uint8_t* __restrict__ qs,  \
-        const float2* __restrict__ dm, const float* __restrict__ bias, int N,              \
-        float* __restrict__ out, int ld, int ch) {                                          \
-        matmat<KIND, MODE, 32>(step, x, norm, eps, K, qs, dm, bias, N, out, ld, ch);        \
+    MATMAT_ONE(mm32_##KNAME##_##MNAME, 32, 1) {                                             \
+        matmat<KIND, MODE, 32, 1>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);    \
+    }                                                                                       \
+    MATMAT_ONE(mmu_##KNAME##_##MNAME, 8, 4) {                                               \
+        matmat<KIND, MODE, 8, 4>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);     \
+    }                                                                                       \
+    MATMAT_ONE(mm32u_##KNAME##_##MNAME, 32, 2) {                                            \
+        matmat<KIND, MODE, 32, 2>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);    \
     }
 
 MATMAT_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)
@@ -113,6 +131,31 @@ MATMAT_ENTRY(KIND_Q8_0, q8_0, MODE_SWIGLU, swiglu)
 MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_STORE, store)
 MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_ADD, add)
 MATMAT_ENTRY(KIND_Q4_K, q4_k, MODE_SWIGLU, swiglu)
+
+// The step's n columns of x (rows K floats apart), RMS-normalized first when `norm`,
+// quantized for a KIND mat-mat (quantize_cols' values and layout) into q (n x K int8)
+// and ds (n x K/32 pairs): once a step, for every block of the mat-mat that follows.
+// One block of 256 threads per column (grid: the bucket).
+#define QCOLS_ENTRY(KIND, KNAME)                                                            \
+    extern "C" __global__ void __launch_bounds__(256) qcols_##KNAME(                        \
+        const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
+        const float* __restrict__ norm, float eps, int K, int8_t* __restrict__ q,          \
+        float2* __restrict__ ds) {                                                          \
+        __shared__ float part[8];                                                           \
+        __shared__ float mrow[1];                                                           \
+        pdl_launch_dependents();                                                            \
+        pdl_wait();                                                                         \
+        const int c = blockIdx.x;                                                           \
+        if (c >= (int)step[BSTEP_N]) return;                                                \
+        const int nb = K / QK;                                                              \
+        quantize_cols<KIND>(x + (size_t)c * K, norm, eps, K, 1, q + (size_t)c * K,         \
+                            ds + (size_t)c * nb, part, mrow);                               \
+    }
+
+QCOLS_ENTRY(KIND_Q4_0, q4_0)
+QCOLS_ENTRY(KIND_Q4_1, q4_1)
+QCOLS_ENTRY(KIND_Q8_0, q8_0)
+QCOLS_ENTRY(KIND_Q4_K, q4_k)
 
 // x(B, hidden) = the embedding rows of the step's tokens; grid (blocks, bucket).
 extern "C" __global__ void embed_rows(const unsigned long long* __restrict__ step, int stride,

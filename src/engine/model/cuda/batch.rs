@@ -17,6 +17,35 @@ pub(super) const MM_SMEM: usize = 96 << 10;
 /// ...and where it does not: the default limit less the kernel's static scratch.
 pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
 
+/// Where a mat-mat's activations are quantized: by every block of it (`Off`), once a
+/// step by their own kernel (`On`), or as [`batch_plan::quantize_once`] decides for the
+/// input width and bucket (`Auto`). The values are the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Preq {
+    Auto,
+    On,
+    Off,
+}
+
+impl Preq {
+    /// `CANDELA_CUDA_MM_PREQ`: `1` on, `0` off, otherwise auto.
+    pub(super) fn from_env() -> Self {
+        match std::env::var("CANDELA_CUDA_MM_PREQ").as_deref() {
+            Ok("1") => Preq::On,
+            Ok("0") => Preq::Off,
+            _ => Preq::Auto,
+        }
+    }
+
+    fn on(self, k: usize, bucket: usize) -> bool {
+        match self {
+            Preq::On => true,
+            Preq::Off => false,
+            Preq::Auto => batch_plan::quantize_once(k, bucket),
+        }
+    }
+}
+
 /// Device buffers of the batched step, sized for `cap` sequences, and the graphs
 /// captured over them (by bucket).
 pub(super) struct Batch {
@@ -27,6 +56,10 @@ pub(super) struct Batch {
     act: Buf<f32>,
     scores: Buf<f32>,
     logits: Buf<f32>,
+    /// A mat-mat's activations quantized once a step (`qcols_*`): int8 values of
+    /// `cap` rows of the widest input, then their scale pairs.
+    pq: Buf<u8>,
+    pds: Buf<f32>,
     /// Page-locked host copy of the logits (a pageable copy of a 32-row batch's 6 MB
     /// costs milliseconds).
     host: PinnedHostSlice<f32>,
@@ -294,6 +327,7 @@ impl Inner {
         let hd = cfg.head_dim;
         let nq = cfg.n_heads * hd;
         let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
+        let kmax = cfg.hidden.max(nq).max(ffn);
         let s = &self.stream;
         self.batch = Some(Batch {
             cap: bucket,
@@ -303,6 +337,8 @@ impl Inner {
             act: zeros(s, bucket * ffn)?,
             scores: zeros(s, bucket * cfg.n_heads * self.ctx)?,
             logits: zeros(s, bucket * self.output.n)?,
+            pq: upload(s, &vec![0u8; bucket * kmax])?,
+            pds: zeros(s, bucket * 2 * (kmax / 32))?,
             // SAFETY: every element read is written by a device copy first.
             host: unsafe {
                 s.context()
@@ -485,23 +521,93 @@ impl Inner {
     ) -> Result<()> {
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
-        let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
-        let f = if batch_plan::wide_columns(ch) {
-            &self.f.mm32[m.kind as usize][mode]
+        let eps = self.cfg.rms_eps as f32;
+        let k = m.k as i32;
+        let tc = self.f.tc.as_ref().filter(|_| self.mm_tc.get());
+        let preq = tc.is_some() || self.mm_preq.get().on(m.k, bucket);
+        let (pq, pds) = if preq {
+            let mut args = [
+                arg(&b.step.ptr),
+                arg(&x),
+                arg(&norm),
+                arg(&eps),
+                arg(&k),
+                arg(&b.pq.ptr),
+                arg(&b.pds.ptr),
+            ];
+            // SAFETY: matches `QCOLS_ENTRY` in batch.cuh; pq and pds hold `bucket` rows
+            // of the widest input and the step buffer's count is at most `bucket`.
+            unsafe {
+                self.go2(
+                    &self.f.qcols[m.kind as usize],
+                    (bucket as u32, 1),
+                    MV_THREADS,
+                    0,
+                    &mut args,
+                    true,
+                )?
+            };
+            (b.pq.ptr, b.pds.ptr)
         } else {
-            &self.f.mm[m.kind as usize][mode]
+            (0, 0)
         };
+        if let Some(tc) = tc {
+            let (n, ldi) = (m.n as i32, ld as i32);
+            let mut args = [
+                arg(&b.step.ptr),
+                arg(&k),
+                arg(&m.qs),
+                arg(&m.dm),
+                arg(&bias),
+                arg(&n),
+                arg(&out),
+                arg(&ldi),
+                arg(&pq),
+                arg(&pds),
+            ];
+            let grid = (bucket.div_ceil(8) as u32, rows.div_ceil(16) as u32);
+            // SAFETY: matches `TC_ENTRY` in tc.cuh; pq and pds hold the step's columns
+            // (quantized just above) and `out` room for `bucket` rows of `ld`.
+            return unsafe {
+                self.go2(
+                    &tc[m.kind as usize][mode],
+                    grid,
+                    MV_THREADS,
+                    0,
+                    &mut args,
+                    true,
+                )
+            };
+        }
+        // Columns come quantized in one chunk, or are quantized into shared memory.
+        let ch = if preq {
+            bucket
+        } else {
+            batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem)
+        };
+        let set = match (batch_plan::wide_columns(ch), self.mm_unroll.get()) {
+            (true, false) => &self.f.mm32,
+            (true, true) => &self.f.mm32u,
+            (false, false) => &self.f.mm,
+            (false, true) => &self.f.mmu,
+        };
+        let f = &set[m.kind as usize][mode];
         // Every block quantizes the batch's activations once: a few blocks per SM, each
-        // taking many rows (fewer blocks for wider batches, whose quantization costs more).
+        // taking many rows (fewer blocks for wider batches, whose quantization costs more);
+        // with the activations quantized already, more blocks.
         let per_sm = match self.mm_per_sm.get() {
+            0 if preq => 8,
             0 if bucket <= 8 => 4,
             0 => 2,
             n => n,
         };
         let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
-        let smem = (ch * batch_plan::column_bytes(m.k)) as u32;
-        let eps = self.cfg.rms_eps as f32;
-        let (k, n, ld, chi) = (m.k as i32, m.n as i32, ld as i32, ch as i32);
+        let smem = if preq {
+            0
+        } else {
+            (ch * batch_plan::column_bytes(m.k)) as u32
+        };
+        let (n, ld, chi) = (m.n as i32, ld as i32, ch as i32);
         let mut args = [
             arg(&b.step.ptr),
             arg(&x),
@@ -515,6 +621,8 @@ impl Inner {
             arg(&out),
             arg(&ld),
             arg(&chi),
+            arg(&pq),
+            arg(&pds),
         ];
         // SAFETY: argument types and order match `MATMAT_ENTRY` in batch.cuh; the
         // buffers hold `bucket` rows and the step buffer's count is at most `bucket`.

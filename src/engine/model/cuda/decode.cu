@@ -251,8 +251,70 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
 // left with the sums of column held_col<N>(lane) in y (and u). The rows are read once
 // for all the columns, and each column's activations once for both rows: lane l takes
 // half-blocks l, l + 32, ... (a 16-byte load of each column's matching half-block). Per
-// row and column the sums, their order and the warp tree are the same for every N and R.
+// row and column the sums, their order and the warp tree are the same for every N, R
+// and U. U > 1 loads the weights of U of a lane's half-blocks before summing any of
+// them (more loads in flight on long rows; the sums keep their order).
+template <int KIND>
+struct HalfW {
+    int4 w;      // Q8_0: the 16 values; nibble kinds: x..w = the four unpacked words
+    float2 sc;   // Q8_0: (the half's scale, -); nibble kinds: (scale, offset) pair
+};
+
+template <int KIND>
+__device__ __forceinline__ HalfW<KIND> load_half(const uint8_t* __restrict__ qs,
+                                                 const float2* __restrict__ dm, int row,
+                                                 int nb, int b, int h) {
+    HalfW<KIND> r;
+    if (KIND == KIND_Q8_0) {
+        r.w = __ldg((const int4*)(qs + ((size_t)row * nb + b) * 32 + h * 16));
+        const float2 wds = dm[(size_t)row * nb + b];
+        r.sc = make_float2(h ? wds.y : wds.x, 0.f);
+    } else {
+        const uint2 w = __ldg((const uint2*)(qs + ((size_t)row * nb + b) * 16 + h * 8));
+        r.w = make_int4((int)(w.x & 0x0f0f0f0fu), (int)(w.y & 0x0f0f0f0fu),
+                        (int)((w.x >> 4) & 0x0f0f0f0fu), (int)((w.y >> 4) & 0x0f0f0f0fu));
+        const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
+        r.sc = nibble_pair<KIND>(dm + (size_t)row * nb, srow, nb, b);
+    }
+    return r;
+}
+
+// One half-block (b, h) of R rows against `cnt` columns, into acc.
 template <int KIND, int N, int R>
+__device__ __forceinline__ void half_dot(const HalfW<KIND> (&w)[R], float (&acc)[R][N], int b,
+                                         int h, int nb, int K, const int8_t* sq,
+                                         const float2* sds, int cnt) {
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+        if (c < cnt) {
+            // Q8_0: 16 values; nibble kinds: x, y: elements h*8.. (low nibbles); z, w:
+            // 16+h*8.. (high nibbles).
+            const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
+            const float2 ds = sds[c * nb + b];
+            int sy = 0;
+            if (KIND == KIND_Q4_0) {
+                sy = __dp4a(0x01010101, a.x, 0);
+                sy = __dp4a(0x01010101, a.y, sy);
+                sy = __dp4a(0x01010101, a.z, sy);
+                sy = __dp4a(0x01010101, a.w, sy);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                int s = __dp4a(w[r].w.x, a.x, 0);
+                s = __dp4a(w[r].w.y, a.y, s);
+                s = __dp4a(w[r].w.z, a.z, s);
+                s = __dp4a(w[r].w.w, a.w, s);
+                // Spelled out (tc.cuh's tensor-core kernels repeat it to the bit).
+                const float is = (float)(KIND == KIND_Q4_0 ? s - 8 * sy : s);
+                acc[r][c] = __fmaf_rn(__fmul_rn(w[r].sc.x, ds.x), is, acc[r][c]);
+                if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                    acc[r][c] = __fmaf_rn(w[r].sc.y, ds.y, acc[r][c]);
+            }
+        }
+    }
+}
+
+template <int KIND, int N, int R, int U = 1>
 __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
                                          const float2* __restrict__ dm, int row, int row2,
                                          int nb, int K, const int8_t* sq, const float2* sds,
@@ -263,79 +325,34 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
 #pragma unroll
         for (int c = 0; c < N; ++c) acc[r][c] = 0.f;
     const int rw[2] = {row, row2};
-    if (KIND == KIND_Q8_0) {
+    const int nh = nb * 2;
+    if (U == 1) {
         // Unrolled for one column so that several half-blocks' loads are in flight at
         // once on long rows (wide kernels have their columns for that).
 #pragma unroll(N == 1 ? 4 : 1)
-        for (int i = lane; i < nb * 2; i += 32) {
+        for (int i = lane; i < nh; i += 32) {
             const int b = i >> 1, h = i & 1;
-            int4 w[R];
-            float wd[R];
+            HalfW<KIND> w[R];
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                w[r] = __ldg((const int4*)(qs + ((size_t)rw[r] * nb + b) * 32 + h * 16));
-                const float2 wds = dm[(size_t)rw[r] * nb + b];
-                wd[r] = h ? wds.y : wds.x;
-            }
-#pragma unroll
-            for (int c = 0; c < N; ++c) {
-                if (c < cnt) {
-                    const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
-                    const float sd = sds[c * nb + b].x;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        int s = __dp4a(w[r].x, a.x, 0);
-                        s = __dp4a(w[r].y, a.y, s);
-                        s = __dp4a(w[r].z, a.z, s);
-                        s = __dp4a(w[r].w, a.w, s);
-                        acc[r][c] += wd[r] * sd * (float)s;
-                    }
-                }
-            }
+            for (int r = 0; r < R; ++r) w[r] = load_half<KIND>(qs, dm, rw[r], nb, b, h);
+            half_dot<KIND, N, R>(w, acc, b, h, nb, K, sq, sds, cnt);
         }
     } else {
-#pragma unroll(N == 1 ? 4 : 1)
-        for (int i = lane; i < nb * 2; i += 32) {
-            const int b = i >> 1, h = i & 1;
-            int w0[R], w1[R], w2[R], w3[R];
-            float2 sc[R];
+        for (int i0 = lane; i0 < nh; i0 += 32 * U) {
+            HalfW<KIND> w[U][R];
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const uint2 w = __ldg((const uint2*)(qs + ((size_t)rw[r] * nb + b) * 16 + h * 8));
-                w0[r] = (int)(w.x & 0x0f0f0f0fu);
-                w1[r] = (int)(w.y & 0x0f0f0f0fu);
-                w2[r] = (int)((w.x >> 4) & 0x0f0f0f0fu);
-                w3[r] = (int)((w.y >> 4) & 0x0f0f0f0fu);
-                const uint8_t* srow = (const uint8_t*)dm + (size_t)rw[r] * scale_bytes<KIND>(nb);
-                sc[r] = nibble_pair<KIND>(dm + (size_t)rw[r] * nb, srow, nb, b);
+            for (int j = 0; j < U; ++j) {
+                const int i = i0 + 32 * j;
+                if (i < nh) {
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        w[j][r] = load_half<KIND>(qs, dm, rw[r], nb, i >> 1, i & 1);
+                }
             }
 #pragma unroll
-            for (int c = 0; c < N; ++c) {
-                if (c < cnt) {
-                    // x, y: elements h*8.. (low nibbles); z, w: 16+h*8.. (high nibbles).
-                    const int4 a = *(const int4*)(sq + (size_t)c * K + b * 32 + h * 16);
-                    const float2 ds = sds[c * nb + b];
-                    int sy = 0;
-                    if (KIND == KIND_Q4_0) {
-                        sy = __dp4a(0x01010101, a.x, 0);
-                        sy = __dp4a(0x01010101, a.y, sy);
-                        sy = __dp4a(0x01010101, a.z, sy);
-                        sy = __dp4a(0x01010101, a.w, sy);
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        int s = __dp4a(w0[r], a.x, 0);
-                        s = __dp4a(w1[r], a.y, s);
-                        s = __dp4a(w2[r], a.z, s);
-                        s = __dp4a(w3[r], a.w, s);
-                        if (KIND == KIND_Q4_0) {
-                            acc[r][c] += sc[r].x * ds.x * (float)(s - 8 * sy);
-                        } else {
-                            acc[r][c] += sc[r].x * ds.x * (float)s;
-                            if (h == 0) acc[r][c] += sc[r].y * ds.y;
-                        }
-                    }
-                }
+            for (int j = 0; j < U; ++j) {
+                const int i = i0 + 32 * j;
+                if (i < nh) half_dot<KIND, N, R>(w[j], acc, i >> 1, i & 1, nb, K, sq, sds, cnt);
             }
         }
     }
@@ -578,3 +595,4 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
 
 #include "batch.cuh"
 #include "prefill.cuh"
+#include "tc.cuh"
