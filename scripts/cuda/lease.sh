@@ -44,7 +44,7 @@
 #       smollm2-shape and llama3-8b, `candela doctor` on both (no CPU reference), then
 #       candela over HTTP at 1, 8 and 32 streams on both (smollm2-shape also batched vs
 #       single-stream greedy), and llama3-8b's streams again with CANDELA_CUDA_MM_TC=0
-#       (the dp4a mat-mats) to compare.
+#       (the dp4a mat-mats) to compare (BASE=0: not).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -333,7 +333,9 @@ tc)
         grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32" "$OUT/doctor_$m.txt"
     done
     port=8100
-    for run in "smollm2-shape --greedy" "llama3-8b" "llama3-8b CANDELA_CUDA_MM_TC=0"; do
+    runs=("smollm2-shape --greedy" "llama3-8b")
+    [ "${BASE:-1}" = 1 ] && runs+=("llama3-8b CANDELA_CUDA_MM_TC=0")
+    for run in "${runs[@]}"; do
         set -- $run
         m=$1; shift
         greedy=""; envs=""

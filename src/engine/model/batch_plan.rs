@@ -60,17 +60,6 @@ pub fn columns_per_chunk(k: usize, bucket: usize, smem: usize) -> usize {
         .min(bucket.max(1))
 }
 
-/// Whether a batched mat-mat over `k` inputs for a `bucket`-wide batch has its
-/// activations quantized once a step by a kernel of their own, rather than by each of its
-/// blocks: where that quantization is large enough (wide inputs or many rows) to cost
-/// more in every block than one more launch costs.
-pub fn quantize_once(k: usize, bucket: usize) -> bool {
-    k * bucket >= QUANTIZE_ONCE_MIN
-}
-
-/// Inputs times rows from which [`quantize_once`] holds.
-pub const QUANTIZE_ONCE_MIN: usize = 16384;
-
 /// Whether a mat-mat block dots each weight row with 32 columns at a time (its wide
 /// kernels, `mm32_*`) rather than 8: when a chunk holds more than 8 columns.
 pub fn wide_columns(chunk: usize) -> bool {
@@ -356,18 +345,6 @@ mod tests {
         assert!(!wide_columns(8));
         assert!(wide_columns(9));
         assert!(wide_columns(64));
-    }
-
-    #[test]
-    fn activations_are_quantized_once_for_wide_inputs_or_many_rows() {
-        // The default model (hidden 576, feed-forward 1536): by each block at 8 rows.
-        assert!(!quantize_once(576, 8));
-        assert!(!quantize_once(1536, 8));
-        assert!(quantize_once(576, 32));
-        // An 8B model's inputs (4096, 14336) at any batch of 4 or more.
-        assert!(quantize_once(4096, 4));
-        assert!(quantize_once(14336, 2));
-        assert!(!quantize_once(4096, 2));
     }
 
     #[test]

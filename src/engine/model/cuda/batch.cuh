@@ -25,17 +25,12 @@
 // wider output; `bias` is then offset to the part's first row too). `ch` columns are
 // quantized into shared memory at a time (dynamic shared memory: ch * (K + 8 * K/32)
 // bytes), and a warp dots each of its rows with N of them at once. 256 threads.
-// With `pq` the columns come quantized already (qcols_*: `pq` the int8 values, `pds`
-// the scales, in quantize_cols' layout, for every column); the block then reads them
-// where they are, in one chunk of `ch` >= n columns, and x, norm and shared memory go
-// unused.
-template <int KIND, int MODE, int N, int U = 1>
+template <int KIND, int MODE, int N>
 __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                        const float* __restrict__ bias, int Nrows, float* __restrict__ out,
-                       int ld, int ch, const int8_t* __restrict__ pq,
-                       const float2* __restrict__ pds) {
+                       int ld, int ch) {
     extern __shared__ int4 smem_v[];
     __shared__ float part[MAX_CH * 8];
     __shared__ float mrow[MAX_CH];
@@ -64,21 +59,14 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     const int lanes_per_col = 32 / N;
     for (int c0 = 0; c0 < n; c0 += ch) {
         const int cn = min(ch, n - c0);
-        const int8_t* cq = sq;
-        const float2* cds = sds;
-        if (pq != nullptr) {
-            cq = pq + (size_t)c0 * K;
-            cds = pds + (size_t)c0 * nb;
-        } else {
-            quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
-        }
+        quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
         const int c = held_col<N>(lane);
         for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
             for (int g = 0; g < cn; g += N) {
                 const int cnt = min(N, cn - g);
                 float y, u = 0.f;
-                rows_dot<KIND, N, MODE == MODE_SWIGLU ? 2 : 1, U>(
-                    qs, dm, r, r + rows, nb, K, cq + (size_t)g * K, cds + g * nb, cnt, lane, &y,
+                rows_dot<KIND, N, MODE == MODE_SWIGLU ? 2 : 1>(
+                    qs, dm, r, r + rows, nb, K, sq + (size_t)g * K, sds + g * nb, cnt, lane, &y,
                     &u);
                 if ((lane & (lanes_per_col - 1)) == 0 && c < cnt) {
                     float* o = out + (size_t)(c0 + g + c) * ld + r;
@@ -96,27 +84,19 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     }
 }
 
-// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches); mmu_* and
-// mm32u_* are the same with 4 (2) of a lane's half-blocks loaded ahead of their sums.
-#define MATMAT_ONE(NAME, N, U)                                                              \
+// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches).
+#define MATMAT_ONE(NAME)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                 \
         const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
         const float* __restrict__ norm, float eps, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int Nr,             \
-        float* __restrict__ out, int ld, int ch, const int8_t* __restrict__ pq,            \
-        const float2* __restrict__ pds)
+        float* __restrict__ out, int ld, int ch)
 #define MATMAT_ENTRY(KIND, KNAME, MODE, MNAME)                                              \
-    MATMAT_ONE(mm_##KNAME##_##MNAME, 8, 1) {                                                \
-        matmat<KIND, MODE, 8, 1>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);     \
+    MATMAT_ONE(mm_##KNAME##_##MNAME) {                                                      \
+        matmat<KIND, MODE, 8>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch);        \
     }                                                                                       \
-    MATMAT_ONE(mm32_##KNAME##_##MNAME, 32, 1) {                                             \
-        matmat<KIND, MODE, 32, 1>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);    \
-    }                                                                                       \
-    MATMAT_ONE(mmu_##KNAME##_##MNAME, 8, 4) {                                               \
-        matmat<KIND, MODE, 8, 4>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);     \
-    }                                                                                       \
-    MATMAT_ONE(mm32u_##KNAME##_##MNAME, 32, 2) {                                            \
-        matmat<KIND, MODE, 32, 2>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch, pq, pds);    \
+    MATMAT_ONE(mm32_##KNAME##_##MNAME) {                                                    \
+        matmat<KIND, MODE, 32>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch);       \
     }
 
 MATMAT_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)

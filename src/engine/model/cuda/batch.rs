@@ -17,35 +17,6 @@ pub(super) const MM_SMEM: usize = 96 << 10;
 /// ...and where it does not: the default limit less the kernel's static scratch.
 pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
 
-/// Where a mat-mat's activations are quantized: by every block of it (`Off`), once a
-/// step by their own kernel (`On`), or as [`batch_plan::quantize_once`] decides for the
-/// input width and bucket (`Auto`). The values are the same either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Preq {
-    Auto,
-    On,
-    Off,
-}
-
-impl Preq {
-    /// `CANDELA_CUDA_MM_PREQ`: `1` on, `0` off, otherwise auto.
-    pub(super) fn from_env() -> Self {
-        match std::env::var("CANDELA_CUDA_MM_PREQ").as_deref() {
-            Ok("1") => Preq::On,
-            Ok("0") => Preq::Off,
-            _ => Preq::Auto,
-        }
-    }
-
-    fn on(self, k: usize, bucket: usize) -> bool {
-        match self {
-            Preq::On => true,
-            Preq::Off => false,
-            Preq::Auto => batch_plan::quantize_once(k, bucket),
-        }
-    }
-}
-
 /// Device buffers of the batched step, sized for `cap` sequences, and the graphs
 /// captured over them (by bucket).
 pub(super) struct Batch {
@@ -523,9 +494,8 @@ impl Inner {
         let warps = (MV_THREADS / 32) as usize;
         let eps = self.cfg.rms_eps as f32;
         let k = m.k as i32;
-        let tc = self.f.tc.as_ref().filter(|_| self.mm_tc.get());
-        let preq = tc.is_some() || self.mm_preq.get().on(m.k, bucket);
-        let (pq, pds) = if preq {
+        if let Some(tc) = self.f.tc.as_ref().filter(|_| self.mm_tc.get()) {
+            // The activations quantized once (qcols_*), then the tensor-core mat-mat.
             let mut args = [
                 arg(&b.step.ptr),
                 arg(&x),
@@ -547,11 +517,6 @@ impl Inner {
                     true,
                 )?
             };
-            (b.pq.ptr, b.pds.ptr)
-        } else {
-            (0, 0)
-        };
-        if let Some(tc) = tc {
             let (n, ldi) = (m.n as i32, ld as i32);
             let mut args = [
                 arg(&b.step.ptr),
@@ -562,8 +527,8 @@ impl Inner {
                 arg(&n),
                 arg(&out),
                 arg(&ldi),
-                arg(&pq),
-                arg(&pds),
+                arg(&b.pq.ptr),
+                arg(&b.pds.ptr),
             ];
             let grid = (bucket.div_ceil(8) as u32, rows.div_ceil(16) as u32);
             // SAFETY: matches `TC_ENTRY` in tc.cuh; pq and pds hold the step's columns
@@ -579,34 +544,21 @@ impl Inner {
                 )
             };
         }
-        // Columns come quantized in one chunk, or are quantized into shared memory.
-        let ch = if preq {
-            bucket
+        let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
+        let f = if batch_plan::wide_columns(ch) {
+            &self.f.mm32[m.kind as usize][mode]
         } else {
-            batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem)
+            &self.f.mm[m.kind as usize][mode]
         };
-        let set = match (batch_plan::wide_columns(ch), self.mm_unroll.get()) {
-            (true, false) => &self.f.mm32,
-            (true, true) => &self.f.mm32u,
-            (false, false) => &self.f.mm,
-            (false, true) => &self.f.mmu,
-        };
-        let f = &set[m.kind as usize][mode];
         // Every block quantizes the batch's activations once: a few blocks per SM, each
-        // taking many rows (fewer blocks for wider batches, whose quantization costs more);
-        // with the activations quantized already, more blocks.
+        // taking many rows (fewer blocks for wider batches, whose quantization costs more).
         let per_sm = match self.mm_per_sm.get() {
-            0 if preq => 8,
             0 if bucket <= 8 => 4,
             0 => 2,
             n => n,
         };
         let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
-        let smem = if preq {
-            0
-        } else {
-            (ch * batch_plan::column_bytes(m.k)) as u32
-        };
+        let smem = (ch * batch_plan::column_bytes(m.k)) as u32;
         let (n, ld, chi) = (m.n as i32, ld as i32, ch as i32);
         let mut args = [
             arg(&b.step.ptr),
@@ -621,8 +573,6 @@ impl Inner {
             arg(&out),
             arg(&ld),
             arg(&chi),
-            arg(&pq),
-            arg(&pds),
         ];
         // SAFETY: argument types and order match `MATMAT_ENTRY` in batch.cuh; the
         // buffers hold `bucket` rows and the step buffer's count is at most `bucket`.

@@ -251,9 +251,8 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
 // left with the sums of column held_col<N>(lane) in y (and u). The rows are read once
 // for all the columns, and each column's activations once for both rows: lane l takes
 // half-blocks l, l + 32, ... (a 16-byte load of each column's matching half-block). Per
-// row and column the sums, their order and the warp tree are the same for every N, R
-// and U. U > 1 loads the weights of U of a lane's half-blocks before summing any of
-// them (more loads in flight on long rows; the sums keep their order).
+// row and column the sums, their order and the warp tree are the same for every N and
+// R (and tc.cuh's tensor-core kernels repeat them).
 template <int KIND>
 struct HalfW {
     int4 w;      // Q8_0: the 16 values; nibble kinds: x..w = the four unpacked words
@@ -314,7 +313,7 @@ __device__ __forceinline__ void half_dot(const HalfW<KIND> (&w)[R], float (&acc)
     }
 }
 
-template <int KIND, int N, int R, int U = 1>
+template <int KIND, int N, int R>
 __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
                                          const float2* __restrict__ dm, int row, int row2,
                                          int nb, int K, const int8_t* sq, const float2* sds,
@@ -325,36 +324,15 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
 #pragma unroll
         for (int c = 0; c < N; ++c) acc[r][c] = 0.f;
     const int rw[2] = {row, row2};
-    const int nh = nb * 2;
-    if (U == 1) {
-        // Unrolled for one column so that several half-blocks' loads are in flight at
-        // once on long rows (wide kernels have their columns for that).
+    // Unrolled for one column so that several half-blocks' loads are in flight at once on
+    // long rows (wide kernels have their columns for that).
 #pragma unroll(N == 1 ? 4 : 1)
-        for (int i = lane; i < nh; i += 32) {
-            const int b = i >> 1, h = i & 1;
-            HalfW<KIND> w[R];
+    for (int i = lane; i < nb * 2; i += 32) {
+        const int b = i >> 1, h = i & 1;
+        HalfW<KIND> w[R];
 #pragma unroll
-            for (int r = 0; r < R; ++r) w[r] = load_half<KIND>(qs, dm, rw[r], nb, b, h);
-            half_dot<KIND, N, R>(w, acc, b, h, nb, K, sq, sds, cnt);
-        }
-    } else {
-        for (int i0 = lane; i0 < nh; i0 += 32 * U) {
-            HalfW<KIND> w[U][R];
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int i = i0 + 32 * j;
-                if (i < nh) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        w[j][r] = load_half<KIND>(qs, dm, rw[r], nb, i >> 1, i & 1);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int i = i0 + 32 * j;
-                if (i < nh) half_dot<KIND, N, R>(w[j], acc, i >> 1, i & 1, nb, K, sq, sds, cnt);
-            }
-        }
+        for (int r = 0; r < R; ++r) w[r] = load_half<KIND>(qs, dm, rw[r], nb, b, h);
+        half_dot<KIND, N, R>(w, acc, b, h, nb, K, sq, sds, cnt);
     }
     *y = reduce_cols<N>(acc[0], lane);
     if (R == 2) *u = reduce_cols<N>(acc[R - 1], lane);

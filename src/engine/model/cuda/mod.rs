@@ -104,10 +104,6 @@ struct Funcs {
     /// columns at a time, and `mm32` 32.
     mm: [[CudaFunction; 3]; 4],
     mm32: [[CudaFunction; 3]; 4],
-    /// `mm` and `mm32` with several of a lane's half-blocks loaded ahead of their sums
-    /// (the same bits).
-    mmu: [[CudaFunction; 3]; 4],
-    mm32u: [[CudaFunction; 3]; 4],
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
     /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits.
@@ -150,12 +146,6 @@ struct Inner {
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
     /// batches of up to 8, else 2); `candela doctor` varies it.
     mm_per_sm: std::cell::Cell<usize>,
-    /// Mat-mat kernels that load several half-blocks ahead (`CANDELA_CUDA_MM_UNROLL=1`);
-    /// `candela doctor` times both.
-    mm_unroll: std::cell::Cell<bool>,
-    /// Whether a mat-mat's activations are quantized once a step by their own kernel
-    /// (`qcols_*`) rather than by every block: [`Preq`], from `CANDELA_CUDA_MM_PREQ`.
-    mm_preq: std::cell::Cell<batch::Preq>,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
@@ -428,18 +418,6 @@ impl FusedDecoder {
             mm_set("mm32_q8_0")?,
             mm_set("mm32_q4_k")?,
         ];
-        let mmu = [
-            mm_set("mmu_q4_0")?,
-            mm_set("mmu_q4_1")?,
-            mm_set("mmu_q8_0")?,
-            mm_set("mmu_q4_k")?,
-        ];
-        let mm32u = [
-            mm_set("mm32u_q4_0")?,
-            mm_set("mm32u_q4_1")?,
-            mm_set("mm32u_q8_0")?,
-            mm_set("mm32u_q4_k")?,
-        ];
         let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let tc = if context.compute_capability().map_err(err)?.0 >= 8 {
             Some([
@@ -462,8 +440,6 @@ impl FusedDecoder {
             attention: load("attention")?,
             mm,
             mm32,
-            mmu,
-            mm32u,
             qcols: [
                 load("qcols_q4_0")?,
                 load("qcols_q4_1")?,
@@ -576,10 +552,6 @@ impl FusedDecoder {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
             ),
-            mm_unroll: std::cell::Cell::new(
-                std::env::var("CANDELA_CUDA_MM_UNROLL").is_ok_and(|v| v == "1"),
-            ),
-            mm_preq: std::cell::Cell::new(batch::Preq::from_env()),
             mm_tc: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_MM_TC").map_or(true, |v| v != "0"),
             ),
@@ -739,49 +711,29 @@ impl FusedDecoder {
         // The batched step's kernels, rows at consecutive positions from 256, with the
         // defaults; then at 8 and 32 rows with each mat-mat variant (half-blocks loaded
         // ahead or not, activations quantized by each block or once a step).
-        let default_unroll = g.mm_unroll.get();
-        let default_preq = g.mm_preq.get();
         let default_tc = g.mm_tc.get();
-        let d = (default_unroll, default_preq, default_tc);
-        let mut runs = vec![(8, d), (32, d), (64, d)];
-        for bucket in [8, 32] {
-            runs.push((bucket, (false, batch::Preq::Off, false)));
-            runs.push((bucket, (true, batch::Preq::Off, false)));
-            runs.push((bucket, (false, batch::Preq::On, false)));
-            if g.f.tc.is_some() {
-                runs.push((bucket, (false, batch::Preq::On, true)));
+        let mut runs = vec![(8, default_tc), (32, default_tc), (64, default_tc)];
+        if g.f.tc.is_some() {
+            for bucket in [8, 32] {
+                runs.push((bucket, false));
+                runs.push((bucket, true));
             }
         }
-        for (i, (bucket, (unroll, preq, tc))) in runs.into_iter().enumerate() {
-            g.mm_unroll.set(unroll);
-            g.mm_preq.set(preq);
+        for (i, (bucket, tc)) in runs.into_iter().enumerate() {
             g.mm_tc.set(tc);
             cache.reserve(256 + bucket)?;
             let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
-            let variant = if i < 3 {
-                String::new()
-            } else if tc {
-                ", tensor cores".to_string()
-            } else {
-                format!(
-                    ", dp4a, half-blocks loaded {}, activations quantized {}",
-                    if unroll { "ahead" } else { "one at a time" },
-                    if preq == batch::Preq::On {
-                        "once a step"
-                    } else {
-                        "by each block"
-                    }
-                )
+            let variant = match (i < 3, tc) {
+                (true, _) => "",
+                (false, true) => ", tensor cores",
+                (false, false) => ", dp4a",
             };
             s += &format!(
                 "batched kernels, {bucket} rows{variant}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
                 bucket as f64 * 1e6 / step
             );
         }
-        g.mm_unroll.set(default_unroll);
         g.mm_tc.set(default_tc);
-        g.mm_preq.set(default_preq);
-        g.mm_unroll.set(default_unroll);
         Ok(s)
     }
 

@@ -76,50 +76,58 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
         for (int l = 0; l < TC_LEAVES; ++l)
             acc[m][l][0] = acc[m][l][1] = acc[m][l][2] = acc[m][l][3] = 0.f;
+    // Half-blocks loaded ahead of their sums: all TC_LEAVES of an i0, or for SwiGLU's
+    // two matrices half of them at a time (registers).
+    constexpr int LA = R == 2 ? TC_LEAVES / 2 : TC_LEAVES;
     for (int i0 = warp; i0 < nh; i0 += 32) {
-        // Every load of the TC_LEAVES half-blocks first (past the row's end: its last
-        // half-block again, not summed), so that they are in flight together.
-        int bw[TC_LEAVES], a[TC_LEAVES][R][2];
-        float2 d[TC_LEAVES][2], sc[TC_LEAVES][R][2];
 #pragma unroll
-        for (int l = 0; l < TC_LEAVES; ++l) {
-            const int i = min(i0 + TC_W * l, nh - 1);
-            const int b = i >> 1, h = i & 1;
-            bw[l] = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
-            d[l][0] = pds[(size_t)ca * nb + b];
-            d[l][1] = pds[(size_t)cb * nb + b];
+        for (int l0 = 0; l0 < TC_LEAVES; l0 += LA) {
+            // Every load first (past the row's end: its last half-block again, not
+            // summed), so that they are in flight together.
+            int bw[LA], a[LA][R][2];
+            float2 d[LA][2], sc[LA][R][2];
 #pragma unroll
-            for (int m = 0; m < R; ++m) {
+            for (int l = 0; l < LA; ++l) {
+                const int i = min(i0 + TC_W * (l0 + l), nh - 1);
+                const int b = i >> 1, h = i & 1;
+                bw[l] = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
+                d[l][0] = pds[(size_t)ca * nb + b];
+                d[l][1] = pds[(size_t)cb * nb + b];
 #pragma unroll
-                for (int k = 0; k < 2; ++k) {
-                    if (KIND == KIND_Q8_0) {
-                        sc[l][m][k] = __ldg(dm + (size_t)wr[m][k] * nb + b);
-                    } else {
-                        const uint8_t* srow =
-                            (const uint8_t*)dm + (size_t)wr[m][k] * scale_bytes<KIND>(nb);
-                        sc[l][m][k] = nibble_pair<KIND>(dm + (size_t)wr[m][k] * nb, srow, nb, b);
+                for (int m = 0; m < R; ++m) {
+#pragma unroll
+                    for (int k = 0; k < 2; ++k) {
+                        if (KIND == KIND_Q8_0) {
+                            sc[l][m][k] = __ldg(dm + (size_t)wr[m][k] * nb + b);
+                        } else {
+                            const uint8_t* srow =
+                                (const uint8_t*)dm + (size_t)wr[m][k] * scale_bytes<KIND>(nb);
+                            sc[l][m][k] =
+                                nibble_pair<KIND>(dm + (size_t)wr[m][k] * nb, srow, nb, b);
+                        }
+                        a[l][m][k] = a_word<KIND>(qs, nb, wr[m][k], b, h, t);
                     }
-                    a[l][m][k] = a_word<KIND>(qs, nb, wr[m][k], b, h, t);
                 }
             }
-        }
 #pragma unroll
-        for (int l = 0; l < TC_LEAVES; ++l) {
-            const int i = i0 + TC_W * l;  // lane j = warp + TC_W * l's next half-block
-            if (i >= nh) continue;
-            const int h = i & 1;
+            for (int l = 0; l < LA; ++l) {
+                const int i = i0 + TC_W * (l0 + l);  // lane warp + TC_W * (l0 + l)'s next
+                if (i >= nh) continue;
+                const int h = i & 1;
 #pragma unroll
-            for (int m = 0; m < R; ++m) {
-                int c[4];
-                mma_s8(c, a[l][m][0], a[l][m][1], bw[l]);
+                for (int m = 0; m < R; ++m) {
+                    int c[4];
+                    mma_s8(c, a[l][m][0], a[l][m][1], bw[l]);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float2 w = sc[l][m][e >> 1];
-                    const float2 x = d[l][e & 1];
-                    const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                    acc[m][l][e] = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], acc[m][l][e]);
-                    if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                        acc[m][l][e] = __fmaf_rn(w.y, x.y, acc[m][l][e]);
+                    for (int e = 0; e < 4; ++e) {
+                        const float2 w = sc[l][m][e >> 1];
+                        const float2 x = d[l][e & 1];
+                        const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                        float& z = acc[m][l0 + l][e];
+                        z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                        if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                            z = __fmaf_rn(w.y, x.y, z);
+                    }
                 }
             }
         }
@@ -171,8 +179,10 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
 #endif
 }
 
-#define TC_ENTRY(KIND, KNAME, MODE, MNAME)                                                   \
-    extern "C" __global__ void __launch_bounds__(256) tc_##KNAME##_##MNAME(                  \
+// SwiGLU's two weight matrices keep twice the loads in flight; at most 128 registers a
+// thread there, so that two blocks share a multiprocessor.
+#define TC_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                             \
+    extern "C" __global__ void __launch_bounds__(256, MINB) tc_##KNAME##_##MNAME(            \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
@@ -180,9 +190,9 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
         tc_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                   \
     }
 #define TC_ENTRIES(KIND, KNAME)                                                              \
-    TC_ENTRY(KIND, KNAME, MODE_STORE, store)                                                 \
-    TC_ENTRY(KIND, KNAME, MODE_ADD, add)                                                     \
-    TC_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu)
+    TC_ENTRY(KIND, KNAME, MODE_STORE, store, 1)                                              \
+    TC_ENTRY(KIND, KNAME, MODE_ADD, add, 1)                                                  \
+    TC_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu, 2)
 
 TC_ENTRIES(KIND_Q4_0, q4_0)
 TC_ENTRIES(KIND_Q4_1, q4_1)
