@@ -206,9 +206,8 @@ pub struct Model {
     /// Whether [`Model::forward`] may take the fused path (on by default).
     fused_on: AtomicBool,
     /// Whether the tensor path's prompt chunks attend through the CUDA flash kernel (where
-    /// it covers the card and head size; by default for heads of 64, `CANDELA_CUDA_FLASH=1`
-    /// for 128 too, `0` never; `candela doctor` compares it with the matmul-softmax-matmul
-    /// attention)...
+    /// it covers the card and head size, 64 or 128; by default, `0` never; `candela doctor`
+    /// compares it with the matmul-softmax-matmul attention)...
     flash_on: AtomicBool,
     /// ...and whether local (sliding-window) layers do too (`CANDELA_CUDA_FLASH=1`).
     flash_everywhere: bool,
@@ -280,15 +279,12 @@ impl Model {
             scratch: Mutex::new(host::Scratch::default()),
             ctx_size,
         };
-        // On by default for the head size and layers it has been checked with on a GPU
-        // (64, global layers); `CANDELA_CUDA_FLASH=1` for 128 and sliding windows too.
+        // On by default for the head sizes and layers it has been checked with on a GPU
+        // (64 and 128, global layers); `CANDELA_CUDA_FLASH=1` for sliding windows too.
         let flash_env = std::env::var("CANDELA_CUDA_FLASH").ok();
         let all = flash_env.as_deref() == Some("1");
         model.flash_everywhere = all;
-        model.set_flash_attention(match flash_env.as_deref() {
-            Some("0") => false,
-            _ => all || model.config.head_dim == 64,
-        });
+        model.set_flash_attention(flash_env.as_deref() != Some("0"));
         Ok(model)
     }
 

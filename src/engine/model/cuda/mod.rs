@@ -41,6 +41,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 /// Threads of a mat-vec block (one warp per row at a time).
 const MV_THREADS: u32 = 256;
+/// Widest model (hidden size) that prefills wide by default.
+const WIDE_MAX_HIDDEN: usize = 1024;
 /// Threads of an attention block (one query head).
 const ATT_THREADS: usize = 256;
 
@@ -175,7 +177,8 @@ pub struct FusedDecoder {
     /// the wide prefill.
     prefill_max: AtomicUsize,
     /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
-    /// (by default for Q4_1 models; `CANDELA_CUDA_WIDE=1` for every layout, `0` never).
+    /// (by default for models of hidden size up to 1024 in the layouts checked on a GPU;
+    /// `CANDELA_CUDA_WIDE=1` for every model, `0` never).
     wide_ok: bool,
     wide_on: AtomicBool,
 }
@@ -566,14 +569,18 @@ impl FusedDecoder {
         };
         inner.stream.synchronize().map_err(err)?;
         let wide_ok = inner.has_wide();
-        // On by default where every projection is in the layout the wide GEMM has been
-        // checked with on a GPU (Q4_1); `CANDELA_CUDA_WIDE=1` turns it on for the others.
-        let checked = inner.layers.iter().all(|l| {
-            l.qkv
-                .iter()
-                .chain([&l.wo, &l.gate_up, &l.down])
-                .all(|m| m.kind == Pack::Q4_1)
-        });
+        // On by default where it has been checked on a GPU and is faster than the tensor
+        // path: every projection in a layout checked there (Q4_1, Q4_K, and Q8_0, Q5_0 and
+        // Q6_K as 8-bit) and a model no wider than those timed (hidden 576 and 896; at
+        // 4096 its GEMM, reading weights straight from global memory, is slower than
+        // candle's). `CANDELA_CUDA_WIDE=1` turns it on for the rest.
+        let checked = inner.cfg.hidden <= WIDE_MAX_HIDDEN
+            && inner.layers.iter().all(|l| {
+                l.qkv
+                    .iter()
+                    .chain([&l.wo, &l.gate_up, &l.down])
+                    .all(|m| matches!(m.kind, Pack::Q4_1 | Pack::Q4K | Pack::Q8))
+            });
         let wide_env = std::env::var("CANDELA_CUDA_WIDE").ok();
         let wide_default = match wide_env.as_deref() {
             Some("0") => false,
