@@ -38,13 +38,17 @@
 #   scripts/cuda/lease.sh verify   carry .device/s (as synth): one call, no llama.cpp: writes
 #       smollm2-shape, qwen-mix and llama3-8b with gen_synth.py, then `candela doctor` on
 #       each (llama3-8b without the CPU reference; NOCPU=1: none), then each again with
-#       CANDELA_CUDA_MM_TC=1 (the batched mat-mats on tensor cores: batched against
+#       CANDELA_CUDA_MM_TC=0 (the batched mat-mats as dp4a kernels: batched against
 #       single-stream bits) while the call has time.
 #   scripts/cuda/lease.sh tc       carry .device/s (as synth): one call, no llama.cpp: writes
 #       smollm2-shape and llama3-8b, `candela doctor` on both (no CPU reference), then
 #       candela over HTTP at 1, 8 and 32 streams on both (smollm2-shape also batched vs
 #       single-stream greedy), and llama3-8b's streams again with CANDELA_CUDA_MM_TC=0
 #       (the dp4a mat-mats) to compare (BASE=0: not).
+#   scripts/cuda/lease.sh defaults carry .device/s (as synth): one short call: writes qwen-mix,
+#       then candela over HTTP on it with its defaults (wide prefill of a K-quant model;
+#       time to first token at 16/512/4000 tokens, 1 and 8 streams, greedy batched vs
+#       single-stream), and the time to first token again with CANDELA_CUDA_WIDE=0.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -309,11 +313,12 @@ verify)
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
             $flags 2>"$OUT/doctor_$m.err" | tee "$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
     done
-    # The batched step's mat-mats on tensor cores: batched against single-stream bits.
+    # The batched step's dp4a mat-mats (the tensor-core ones are the default on sm_80+):
+    # batched against single-stream bits.
     for m in smollm2-shape qwen-mix llama3-8b; do
-        [ $SECONDS -gt 480 ] && { echo "== CANDELA_CUDA_MM_TC=1 on $m: not measured: the call is at ${SECONDS} s"; continue; }
-        echo "== doctor on $m, CANDELA_CUDA_MM_TC=1, at ${SECONDS} s"
-        CANDELA_CUDA_MM_TC=1 /root/candela doctor --device cuda --model /root/synth/$m.gguf \
+        [ $SECONDS -gt 480 ] && { echo "== CANDELA_CUDA_MM_TC=0 on $m: not measured: the call is at ${SECONDS} s"; continue; }
+        echo "== doctor on $m, CANDELA_CUDA_MM_TC=0, at ${SECONDS} s"
+        CANDELA_CUDA_MM_TC=0 /root/candela doctor --device cuda --model /root/synth/$m.gguf \
             --data-dir /tmp/cdoctor --tokens 32 --no-cpu 2>>"$OUT/doctor_tc_$m.err" \
             | tee "$OUT/doctor_tc_$m.txt" | grep -E "fused path|sequence|bit-identical|batched kernels, (8|32|64) rows,"
     done
@@ -351,6 +356,30 @@ tc)
         kill $CP; wait $CP 2>/dev/null
     done
     ;;
+defaults)
+    S="${S:-.device/s}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
+    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
+        --tokenizer-from $S/tok.gguf --only qwen-mix | tail -n 1 || exit 1
+    M=/root/synth/qwen-mix.gguf
+    for v in "" "CANDELA_CUDA_WIDE=0"; do
+        echo "== candela over HTTP on qwen-mix ${v:-(defaults)} at ${SECONDS} s"
+        env $v /root/candela --device cuda --model $M --port 8110 --max-batch 32 --ctx-size 8192 \
+            --data-dir /tmp/cdef$SECONDS >"$OUT/candela_def$SECONDS.log" 2>&1 &
+        CP=$!
+        if [ -z "$v" ]; then
+            python3 "$HERE/batch_check.py" --url http://127.0.0.1:8110 --streams 1,8 --greedy \
+                --ttft 16,512,4000 --out "$OUT" --name qwen-mix-defaults || tail -n 5 "$OUT"/candela_def*.log
+        else
+            python3 "$HERE/batch_check.py" --url http://127.0.0.1:8110 --streams "" \
+                --ttft 16,512,4000 --out "$OUT" --name qwen-mix-nowide || tail -n 5 "$OUT"/candela_def*.log
+        fi
+        kill $CP; wait $CP 2>/dev/null
+    done
+    grep -h -i "wide\|flash\|fused" "$OUT"/candela_def*.log | head -n 6
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -365,7 +394,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|window" >&2
     exit 2
     ;;
 esac
