@@ -347,6 +347,61 @@ mod tests {
         assert!(wide_columns(64));
     }
 
+    /// The CUDA mat-vec (rows_dot) and the tensor-core mat-mat (tc.cuh) must add a row's
+    /// half-block terms in the same order for batched decode to stay bit-identical to
+    /// single-stream decode. Modelled here in f32 on the CPU: the mat-vec's lane j sums
+    /// terms j, j + 32, ... and the warp adds the 32 lane sums with xor partners 16, 8,
+    /// 4, 2, 1; the tensor-core block's warp w keeps lanes w + 8l (l = 0..3), adds them as
+    /// (l0 + l2) + (l1 + l3), then pairs warps 4, 2, 1 apart.
+    #[test]
+    fn tensor_core_sum_order_is_the_mat_vec_lane_tree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut sequential_differs = 0;
+        for trial in 0..2000 {
+            let nh = [1, 7, 32, 36, 48, 96, 256, 448, 896][trial % 9];
+            let terms: Vec<(f32, f32)> = (0..nh)
+                .map(|_| {
+                    let scale = 10f32.powi(rng.gen_range(-3..4));
+                    (
+                        rng.gen_range(-1.0..1.0) * scale,
+                        rng.gen_range(-40.0..40.0f32).round(),
+                    )
+                })
+                .collect();
+            let lane = |j: usize| {
+                let mut acc = 0f32;
+                for i in (j..nh).step_by(32) {
+                    acc = terms[i].0.mul_add(terms[i].1, acc);
+                }
+                acc
+            };
+            // The mat-vec: a warp's xor butterfly over its 32 lane sums.
+            let mut v: Vec<f32> = (0..32).map(lane).collect();
+            for o in [16, 8, 4, 2, 1] {
+                let prev = v.clone();
+                for (l, x) in v.iter_mut().enumerate() {
+                    *x = prev[l] + prev[l ^ o];
+                }
+            }
+            let matvec = v[0];
+            // The tensor-core block.
+            let mut w: Vec<f32> = (0..8)
+                .map(|w| (lane(w) + lane(w + 16)) + (lane(w + 8) + lane(w + 24)))
+                .collect();
+            for o in [4, 2, 1] {
+                for k in 0..o {
+                    w[k] += w[k + o];
+                }
+            }
+            assert_eq!(matvec.to_bits(), w[0].to_bits(), "nh {nh}, trial {trial}");
+            let sequential = terms.iter().fold(0f32, |acc, t| t.0.mul_add(t.1, acc));
+            sequential_differs += usize::from(sequential.to_bits() != matvec.to_bits());
+        }
+        // The order matters: summing in K order gives other bits for many rows.
+        assert!(sequential_differs > 100, "{sequential_differs}");
+    }
+
     #[test]
     fn step_buffer_has_the_count_then_one_record_per_sequence() {
         let mut w = vec![7; 3];

@@ -365,6 +365,37 @@ impl Model {
         false
     }
 
+    /// Which of the GPU paths this model takes, for the start-up log (None on a CPU):
+    /// fused decode or candle's tensor path, the batched step's mat-mat kernels, how long
+    /// prompts prefill, and whether their attention is the flash kernel.
+    pub fn gpu_paths(&self) -> Option<String> {
+        if self.device.is_cpu() {
+            return None;
+        }
+        let flash = if self.flash_attention_on() {
+            "on"
+        } else {
+            "off"
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return Some(format!(
+                "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}",
+                if d.tensor_cores() {
+                    "tensor cores"
+                } else {
+                    "dp4a"
+                },
+                if d.wide() {
+                    "wide"
+                } else {
+                    "on the tensor path"
+                }
+            ));
+        }
+        Some(format!("candle's tensor path, flash attention {flash}"))
+    }
+
     /// Per-kernel costs of the fused GPU path with the attention at each of `positions`
     /// (report lines for `candela doctor`); None without a fused path.
     pub fn fused_bench(&self, positions: &[usize]) -> Result<Option<String>> {

@@ -60,6 +60,9 @@ pub(super) fn load(cfg: &EngineConfig) -> Result<(Model, Arc<Loaded>), EngineErr
         weight_mb = info.weight_bytes / (1 << 20), secs = t0.elapsed().as_secs_f32(),
         "model loaded"
     );
+    if let Some(paths) = model.gpu_paths() {
+        tracing::info!(%paths, "gpu paths");
+    }
     metrics::model_loaded(&info.id, &info.arch, info.weight_bytes, info.ctx_size);
     metrics::kv_layout(info.kv_dtype.name(), info.kv_bytes_per_token);
     Ok((

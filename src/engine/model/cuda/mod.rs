@@ -645,6 +645,12 @@ impl FusedDecoder {
         g.prefill_rows(rows, want)
     }
 
+    /// Whether the batched step's mat-mats run on the tensor cores (else dp4a).
+    pub fn tensor_cores(&self) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.f.tc.is_some() && g.mm_tc.get()
+    }
+
     /// Whether chunks longer than [`Self::prefill_max`] prefill wide.
     pub fn wide(&self) -> bool {
         self.wide_on.load(Ordering::Relaxed)
