@@ -79,6 +79,17 @@ assemble() {
     (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256")
 }
 
+# The synthetic modes' start (carry .device/s): the gguf wheel, the binary, then the
+# named models written by gen_synth.py into /root/synth.
+synth_models() {
+    local S="${S:-.device/s}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || return 1
+    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
+    mkdir -p /root/synth
+    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
+        --tokenizer-from $S/tok.gguf --only "$@" | tail -n 1
+}
+
 case "${1:-}" in
 stage1)
     cp $A/gguf.part.aa /root/gguf.part.aa 2>/dev/null || cp $A/gguf.xz.aa /root/gguf.xz.aa
@@ -268,13 +279,8 @@ synth)
     # (gen_synth.py smollm2-shape, written here), `candela doctor` on it, then candela
     # over HTTP (1/8/32 streams, time to first token, batched vs single-stream greedy).
     # Carry .device/s: candela.xz, gguf-0.19.0-py3-none-any.whl, tok.gguf.
-    S="${S:-.device/s}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
-    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
-    mkdir -p /root/synth
-    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
-        --tokenizer-from $S/tok.gguf --only smollm2-shape | tail -n 1 || exit 1
+    synth_models smollm2-shape || exit 1
     M=/root/synth/smollm2-shape.gguf
     echo "== doctor"
     /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 64 \
@@ -297,14 +303,9 @@ synth)
     kill $CP; wait $CP 2>/dev/null
     ;;
 verify)
-    S="${S:-.device/s}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
-    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
-    mkdir -p /root/synth
     t0=$(date +%s)
-    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
-        --tokenizer-from $S/tok.gguf --only smollm2-shape qwen-mix llama3-8b | tail -n 1 || exit 1
+    synth_models smollm2-shape qwen-mix llama3-8b || exit 1
     echo "== wrote the synthetic models in $(( $(date +%s) - t0 )) s"
     for m in smollm2-shape qwen-mix llama3-8b; do
         flags="--tokens 64"; [ $m = llama3-8b ] && flags="--tokens 32"
@@ -324,13 +325,8 @@ verify)
     done
     ;;
 tc)
-    S="${S:-.device/s}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
-    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
-    mkdir -p /root/synth
-    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
-        --tokenizer-from $S/tok.gguf --only smollm2-shape llama3-8b | tail -n 1 || exit 1
+    synth_models smollm2-shape llama3-8b || exit 1
     for m in smollm2-shape llama3-8b; do
         echo "== doctor on $m at ${SECONDS} s"
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
@@ -357,12 +353,7 @@ tc)
     done
     ;;
 defaults)
-    S="${S:-.device/s}"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $S/gguf-*.whl || exit 1
-    xz -dc $S/candela.xz >/root/candela && chmod +x /root/candela
-    mkdir -p /root/synth
-    PYTHONPATH=/tmp/site python3 "$HERE/../../tests/fixtures/synth/gen_synth.py" /root/synth \
-        --tokenizer-from $S/tok.gguf --only qwen-mix | tail -n 1 || exit 1
+    synth_models qwen-mix || exit 1
     M=/root/synth/qwen-mix.gguf
     for v in "" "CANDELA_CUDA_WIDE=0"; do
         echo "== candela over HTTP on qwen-mix ${v:-(defaults)} at ${SECONDS} s"
