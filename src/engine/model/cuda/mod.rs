@@ -173,8 +173,8 @@ pub struct FusedDecoder {
     /// `CANDELA_CUDA_PREFILL=0`); off, they go one token at a time.
     prefill_on: AtomicBool,
     /// The longest prompt chunk a pass prefills fused (`CANDELA_CUDA_PREFILL_MAX`,
-    /// default [`PREFILL_MAX`]); longer ones take the tensor path, or with `wide_on`
-    /// the wide prefill.
+    /// default `batch_plan::default_prefill_max`); longer ones take the tensor path, or
+    /// with `wide_on` the wide prefill.
     prefill_max: AtomicUsize,
     /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
     /// (by default for models of hidden size up to 1024 in the layouts checked on a GPU;
@@ -182,11 +182,6 @@ pub struct FusedDecoder {
     wide_ok: bool,
     wide_on: AtomicBool,
 }
-
-/// Prompt chunks longer than this prefill wide (or, on cards without the wide kernels,
-/// on the tensor path) by default: from about a hundred tokens on both are faster than
-/// batched steps of the dp4a mat-mat kernels (docs/gpu.md has the figures).
-pub const PREFILL_MAX: usize = 64;
 
 impl std::fmt::Debug for FusedDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -569,6 +564,7 @@ impl FusedDecoder {
         };
         inner.stream.synchronize().map_err(err)?;
         let wide_ok = inner.has_wide();
+        let hidden = inner.cfg.hidden;
         // On by default where it has been checked on a GPU and is faster than the tensor
         // path: every projection in a layout checked there (Q4_1, Q4_K, and Q8_0, Q5_0 and
         // Q6_K as 8-bit) and a model no wider than those timed (hidden 576 and 896; at
@@ -599,7 +595,9 @@ impl FusedDecoder {
                     .ok()
                     .and_then(|v| v.parse::<usize>().ok())
                     .filter(|&n| n >= 1)
-                    .unwrap_or(PREFILL_MAX),
+                    .unwrap_or(crate::engine::model::batch_plan::default_prefill_max(
+                        hidden,
+                    )),
             ),
         }))
     }
