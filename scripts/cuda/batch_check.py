@@ -55,8 +55,32 @@ def counting(start):
     return "The numbers, one after another: " + ", ".join(str(start + i) for i in range(8)) + ","
 
 
+def engine_time(url):
+    """candela's own step timings from /metrics, summed over labels: (decode steps, their
+    seconds, prefill passes, their seconds), or None from a server without them."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except Exception:  # noqa: BLE001 - another server, or metrics off
+        return None
+    tot = {}
+    for line in text.splitlines():
+        for name in ("candela_decode_step_seconds", "candela_prefill_seconds"):
+            for suffix in ("_sum", "_count"):
+                if line.startswith(name + suffix):
+                    tot[name + suffix] = tot.get(name + suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    if not tot:
+        return None
+    return (tot.get("candela_decode_step_seconds_count", 0.0),
+            tot.get("candela_decode_step_seconds_sum", 0.0),
+            tot.get("candela_prefill_seconds_count", 0.0),
+            tot.get("candela_prefill_seconds_sum", 0.0))
+
+
 def streams(url, n, max_tokens=128):
     recs = [{} for _ in range(n)]
+    before = engine_time(url)
+    wall0 = time.perf_counter()
 
     def one(k):
         body = {"prompt": counting(100 * k + 1), "max_tokens": max_tokens, "temperature": 0,
@@ -72,16 +96,27 @@ def streams(url, n, max_tokens=128):
         t.start()
     for t in ts:
         t.join()
+    wall = time.perf_counter() - wall0
+    after = engine_time(url)
     done = [r for r in recs if "first" in r]
     errs = [r.get("error") for r in recs if r.get("error") or "first" not in r]
     if not done:
         return {"error": errs}
+    engine = None
+    if before and after:
+        d = [a - b for a, b in zip(after, before)]
+        # Where the wall time went: decode steps and prefill passes (forward pass and
+        # logits copy, as the engine times them); the rest is the server loop, sampling,
+        # HTTP and the client.
+        engine = {"decode_steps": int(d[0]), "decode_ms": 1e3 * d[1], "prefill_passes": int(d[2]),
+                  "prefill_ms": 1e3 * d[3], "wall_ms": 1e3 * wall}
     total = sum(r.get("tokens") or r["chunks"] for r in done)
     first = min(r["first"] for r in done)
     last = max(r["last"] for r in done)
     return {"streams": len(done), "tokens": total, "span_s": last - first,
             "aggregate_tok_s": (total - len(done)) / (last - first),
-            "max_ttft_ms": 1000 * max(r["first"] - r["send"] for r in done), "errors": errs}
+            "max_ttft_ms": 1000 * max(r["first"] - r["send"] for r in done), "errors": errs,
+            "engine": engine}
 
 
 def completion(url, ids):
@@ -194,6 +229,12 @@ def main():
               + ", ".join(f"{t['aggregate_tok_s']:.1f}" for t in ok)
               + f"), max TTFT {best['max_ttft_ms']:.0f} ms, {best['tokens']} tokens, "
               f"errors {best['errors']}", flush=True)
+        e = best.get("engine")
+        if e:
+            per = e["decode_ms"] / e["decode_steps"] if e["decode_steps"] else 0.0
+            print(f"{a.name} {n} streams, engine: {e['decode_steps']} decode steps in "
+                  f"{e['decode_ms']:.0f} ms ({per:.2f} ms each), {e['prefill_passes']} prefill "
+                  f"passes in {e['prefill_ms']:.0f} ms, of {e['wall_ms']:.0f} ms wall", flush=True)
     json.dump(report, open(os.path.join(a.out, f"streams_{a.name}.json"), "w"), indent=1)
     if a.greedy:
         try:
