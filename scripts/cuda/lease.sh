@@ -49,6 +49,13 @@
 #       then candela over HTTP on it with its defaults (wide prefill of a K-quant model;
 #       time to first token at 16/512/4000 tokens, 1 and 8 streams, greedy batched vs
 #       single-stream), and the time to first token again with CANDELA_CUDA_WIDE=0.
+#   scripts/cuda/lease.sh peer1    carry .device/s plus llamacpp.tar.xz in it: candela and
+#       llama.cpp in ONE call on synthetic files written there (smollm2-shape, then
+#       llama3-8b while the call has time): the llama.cpp build runs in the background
+#       while candela is measured (doctor --no-cpu, HTTP at 1/8/32 streams with the
+#       engine's step times, time to first token, greedy batched vs single-stream), then
+#       llama-bench, llama-batched-bench -npl 1,8,32 and llama-server over HTTP on the same
+#       files. Same-lease ratios without the real model's two calls.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -371,6 +378,73 @@ defaults)
     done
     grep -h -i "wide\|flash\|fused" "$OUT"/candela_def*.log | head -n 6
     ;;
+peer1)
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $S/llamacpp.tar.xz -C /root/lcp || exit 1
+    (cd /root/lcp && setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
+        >build.log 2>&1 && nice -n 10 cmake --build build --target llama-bench llama-batched-bench \
+        llama-server -j 12 >>build.log 2>&1; echo $? >build.done' </dev/null >/dev/null 2>&1 &)
+    echo "llama.cpp build started in the background"
+    synth_models smollm2-shape || exit 1
+    M=/root/synth/smollm2-shape.gguf
+    echo "== doctor on smollm2-shape at ${SECONDS} s"
+    /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 64 --no-cpu \
+        2>"$OUT/doctor.err" >"$OUT/doctor.txt" || tail -n 20 "$OUT/doctor.err"
+    grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32|fused wide" "$OUT/doctor.txt"
+    echo "== candela over HTTP on smollm2-shape (--max-batch 32) at ${SECONDS} s"
+    /root/candela --device cuda --model $M --port 8090 --max-batch 32 --queue-size 64 \
+        --ctx-size 8192 --data-dir /tmp/cpeer1 >"$OUT/candela.log" 2>&1 &
+    CP=$!
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ttft 16,512,4000 \
+        --out "$OUT" --name candela || tail -n 5 "$OUT/candela.log"
+    kill $CP; wait $CP 2>/dev/null
+    t0=$SECONDS
+    for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+    echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
+    LB=/root/lcp/build/bin
+    if [ -x $LB/llama-server ]; then
+        $LB/llama-bench -m $M -ngl 99 -fa 1 -p 512,4000 -n 128 -r 3 2>&1 | tee "$OUT/llama_bench.txt" | grep -E "^\||build"
+        $LB/llama-batched-bench -m $M -ngl 99 -fa on -c 16384 -b 2048 -ub 512 -npp 128 -ntg 128 \
+            -npl 1,8,32 2>&1 | tee "$OUT/llama_batched.txt" | grep -E "^\||build"
+        echo "== llama-server --parallel 32 over HTTP at ${SECONDS} s"
+        $LB/llama-server -m $M -ngl 99 -fa on --parallel 32 -c 16384 --port 8092 >"$OUT/llama_server.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8092 --out "$OUT" --name llama-server
+        kill $LP; wait $LP 2>/dev/null
+        echo "== llama-server --parallel 1: time to first token at ${SECONDS} s"
+        $LB/llama-server -m $M -ngl 99 -fa on -c 8192 --port 8093 >"$OUT/llama_server_ttft.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8093 --streams "" --ttft 16,512,4000 \
+            --out "$OUT" --name llama-server-p1
+        kill $LP; wait $LP 2>/dev/null
+    else
+        echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
+    fi
+    # The 8B shape, while the call has time (writing it takes ~30 s, loading ~20 s).
+    if [ $SECONDS -lt 330 ] && [ -x $LB/llama-server ]; then
+        synth_models llama3-8b || exit 1
+        M=/root/synth/llama3-8b.gguf
+        echo "== llama3-8b: candela over HTTP at ${SECONDS} s"
+        /root/candela --device cuda --model $M --port 8094 --max-batch 32 --queue-size 64 \
+            --ctx-size 8192 --data-dir /tmp/cpeer8 >"$OUT/candela8b.log" 2>&1 &
+        CP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8094 --out "$OUT" --name candela-8b
+        kill $CP; wait $CP 2>/dev/null
+        echo "== llama3-8b: llama-server --parallel 32 at ${SECONDS} s"
+        $LB/llama-server -m $M -ngl 99 -fa on --parallel 32 -c 16384 --port 8095 >"$OUT/llama_server8b.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8095 --out "$OUT" --name llama-server-8b
+        kill $LP; wait $LP 2>/dev/null
+        $LB/llama-batched-bench -m $M -ngl 99 -fa on -c 16384 -b 2048 -ub 512 -npp 128 -ntg 128 \
+            -npl 1,8,32 2>&1 | tee "$OUT/llama_batched8b.txt" | grep -E "^\||build"
+    else
+        echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
+    fi
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -385,7 +459,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|window" >&2
     exit 2
     ;;
 esac
