@@ -402,6 +402,7 @@ peer1)
     python3 "$HERE/batch_check.py" --url http://127.0.0.1:8090 --greedy --ttft 16,512,4000 \
         --out "$OUT" --name candela || tail -n 5 "$OUT/candela.log"
     kill $CP; wait $CP 2>/dev/null
+    grep -m1 "gpu paths" "$OUT/candela.log"
     t0=$SECONDS
     for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
     echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
