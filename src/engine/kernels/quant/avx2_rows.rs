@@ -31,6 +31,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{tile_sums, TileScratch, TILE_SCRATCH};
+use super::drive::prefetch_bytes;
 use super::{Kind, OutPtr, QActs, QWeight, Row, MAGIC_BITS, QK};
 
 /// Most rows sharing one pass over the weights (eight accumulators of one column, plus
@@ -186,6 +187,13 @@ impl QWeight {
             let mut g = c0;
             while g < c1 {
                 let cols = (c1 - g).min(8);
+                // The next group's weight scales (the stream of quants is prefetched
+                // per tile below), which its first loads below would otherwise wait for.
+                let next = self.sc(g + 8, 0);
+                prefetch_bytes(self.d.as_ptr().wrapping_add(next), nbk * 8 * 4);
+                if K == 1 {
+                    prefetch_bytes(self.m.as_ptr().wrapping_add(next), nbk * 8 * 4);
+                }
                 // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
                 let mut summs = [_mm256_setzero_ps(); R];
                 for b in 0..nbk {
