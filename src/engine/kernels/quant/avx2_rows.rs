@@ -277,9 +277,9 @@ impl QWeight {
             // tile's first column (the others at a fixed distance), the rows' blocks,
             // their scale products and (Q4_0) corrections.
             let mut wp = self.qs.as_ptr().add((g + j0) * nbk * bsz);
-            let mut yp = ys as *const i8;
-            let mut dp = dd.add(j0) as *const f32;
-            let mut cp = corr as *const i32;
+            let mut yp = ys;
+            let mut dp = dd.add(j0);
+            let mut cp = corr;
             for _ in 0..nbk {
                 // The weights (Q8_0: their magnitudes) and, for Q8_0, the weights
                 // themselves for their signs.
