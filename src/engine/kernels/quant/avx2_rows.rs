@@ -22,6 +22,16 @@
 //! * The scale products `d_w * d_y` of eight columns are formed once per block and row
 //!   (one vector multiply, the same f32 products as the portable code) and read back
 //!   as broadcasts; Q4_1's `m * s` chains run eight columns to a vector.
+//! * The rows' blocks are copied side by side (`[b][r]`, like the scale products), so
+//!   that a tile steps three pointers a block, not one per row.
+//!
+//! That leaves three instructions per (row, column, block) on the two ports that
+//! multiply (ports 0 and 1 on recent Intel cores): `vpmaddubsw`, `vpmaddwd` (or the
+//! `vpdpwssd` the compiler fuses it into where the build has VNNI) and the FMA, so
+//! about 1.5 cycles at best; on the Xeon the tile's loop runs at about 1.75 in L1 and
+//! the whole kernel at about 2 (the scale products, Q4_1's `m * s` and the horizontal
+//! sums take the rest). Going below needs fewer multiplies per block, which plain AVX2
+//! does not have (VNNI's `vpdpbusd` is the `avx2` module's level).
 //!
 //! All integer steps are exact, so each lane holds the same four-product sum as the
 //! reference, and the FMAs, their order and the horizontal sum are the reference's.
@@ -43,7 +53,11 @@ const ROWS: usize = 8;
 /// Columns of a tile of [`ROWS`] rows: two where the build targets a CPU with 32 vector
 /// registers (AVX-512 VL: LLVM then gives 256-bit code `ymm16`–`ymm31` too), so that
 /// each activation block, loop step and weight-scale pointer serves twice the work;
-/// one with sixteen registers, where sixteen accumulators would spill.
+/// one with sixteen registers, where sixteen accumulators would spill. A standalone copy
+/// of the Q4_1 kernel (8 rows, 3072 x 576, one thread, the Xeon at AVX2) took 2.0-2.1
+/// cycles per row, column and block with two, 2.2-2.4 with one; built for `x86-64-v3`
+/// two spilled (2.8-3.0). Q4_0 measured no faster at eight rows by two columns than at
+/// four by two, so it keeps the four-row tiles.
 const COLS8: usize = if cfg!(target_feature = "avx512vl") {
     2
 } else {
