@@ -15,6 +15,8 @@ pub(super) struct TileScratch {
     pub(super) dd: Vec<f32>,
     /// The plain-AVX2 tiles' activation scales `d` (then Q4_1's `s`), `[b][r]`.
     pub(super) rs: Vec<f32>,
+    /// The plain-AVX2 tiles' activation blocks, `[b][r][32]`.
+    pub(super) ys: Vec<i8>,
 }
 
 #[cfg(target_arch = "x86_64")]

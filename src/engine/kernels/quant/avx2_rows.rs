@@ -22,6 +22,16 @@
 //! * The scale products `d_w * d_y` of eight columns are formed once per block and row
 //!   (one vector multiply, the same f32 products as the portable code) and read back
 //!   as broadcasts; Q4_1's `m * s` chains run eight columns to a vector.
+//! * The rows' blocks are copied side by side (`[b][r]`, like the scale products), so
+//!   that a tile steps three pointers a block, not one per row.
+//!
+//! That leaves three instructions per (row, column, block) on the two ports that
+//! multiply (ports 0 and 1 on recent Intel cores): `vpmaddubsw`, `vpmaddwd` (or the
+//! `vpdpwssd` the compiler fuses it into where the build has VNNI) and the FMA, so
+//! about 1.5 cycles at best; on the Xeon the tile's loop runs at about 1.75 in L1 and
+//! the whole kernel at about 2 (the scale products, Q4_1's `m * s` and the horizontal
+//! sums take the rest). Going below needs fewer multiplies per block, which plain AVX2
+//! does not have (VNNI's `vpdpbusd` is the `avx2` module's level).
 //!
 //! All integer steps are exact, so each lane holds the same four-product sum as the
 //! reference, and the FMAs, their order and the horizontal sum are the reference's.
@@ -31,6 +41,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{tile_sums, TileScratch, TILE_SCRATCH};
+use super::drive::prefetch_bytes;
 use super::{Kind, OutPtr, QActs, QWeight, Row, MAGIC_BITS, QK};
 
 /// Most rows sharing one pass over the weights (eight accumulators of one column, plus
@@ -38,6 +49,20 @@ use super::{Kind, OutPtr, QActs, QWeight, Row, MAGIC_BITS, QK};
 /// Measured on a Xeon capped at AVX2, one thread, 8 rows: Q4_1 the same as four rows by
 /// two columns, Q8_0 2 % faster, Q4_0 11 % slower (so Q4_0 takes the four-row tiles).
 const ROWS: usize = 8;
+
+/// Columns of a tile of [`ROWS`] rows: two where the build targets a CPU with 32 vector
+/// registers (AVX-512 VL: LLVM then gives 256-bit code `ymm16`–`ymm31` too), so that
+/// each activation block, loop step and weight-scale pointer serves twice the work;
+/// one with sixteen registers, where sixteen accumulators would spill. A standalone copy
+/// of the Q4_1 kernel (8 rows, 3072 x 576, one thread, the Xeon at AVX2) took 2.0-2.1
+/// cycles per row, column and block with two, 2.2-2.4 with one; built for `x86-64-v3`
+/// two spilled (2.8-3.0). Q4_0 measured no faster at eight rows by two columns than at
+/// four by two, so it keeps the four-row tiles.
+const COLS8: usize = if cfg!(target_feature = "avx512vl") {
+    2
+} else {
+    1
+};
 
 /// How far ahead of the group being computed its weights are prefetched, in bytes.
 const PREFETCH: usize = 2048;
@@ -86,15 +111,19 @@ impl QWeight {
             if s.rs.len() < nbk * ROWS * 2 {
                 s.rs.resize(nbk * ROWS * 2, 0.0);
             }
+            if s.ys.len() < nbk * ROWS * QK {
+                s.ys.resize(nbk * ROWS * QK, 0);
+            }
             let mut r = 0;
             while r < x.m {
                 let left = x.m - r;
-                // SAFETY: as for this function; the scratch holds nbk * ROWS * 8 values.
+                // SAFETY: as for this function; the scratch holds nbk * ROWS * 8 values
+                // (`ys`: nbk * ROWS * 32).
                 unsafe {
                     // Q4_0 reads a correction per row and block: two columns a tile
                     // halve those loads, and measured faster in tiles of four rows.
                     if left >= 8 && K != 0 {
-                        self.rows_avx2::<K, 8, 1>(x, r, c0, c1, s, out, ldo);
+                        self.rows_avx2::<K, 8, COLS8>(x, r, c0, c1, s, out, ldo);
                         r += 8;
                     } else if left >= 4 {
                         self.rows_avx2::<K, 4, 2>(x, r, c0, c1, s, out, ldo);
@@ -128,6 +157,16 @@ impl QWeight {
         unsafe {
             let nbk = self.k / QK;
             let rows: [Row<'_>; R] = std::array::from_fn(|i| x.row(r0 + i));
+            // The rows' blocks side by side, `[b][r]`, so that the tiles reach all of a
+            // block's rows from one pointer that steps once a block (with the rows at
+            // their own stride, the compiler kept a pointer per row and stepped each).
+            let ys = s.ys.as_mut_ptr();
+            for b in 0..nbk {
+                for (i, row) in rows.iter().enumerate() {
+                    let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                    _mm256_storeu_si256(ys.add((b * R + i) * QK) as *mut __m256i, y);
+                }
+            }
             let corr = s.corr.as_mut_ptr();
             if K == 0 {
                 // MAGIC_BITS - 8 * (sum of four activations) per lane, `[b][r]`.
@@ -162,6 +201,13 @@ impl QWeight {
             let mut g = c0;
             while g < c1 {
                 let cols = (c1 - g).min(8);
+                // The next group's weight scales (the stream of quants is prefetched
+                // per tile below), which its first loads below would otherwise wait for.
+                let next = self.sc(g + 8, 0);
+                prefetch_bytes(self.d.as_ptr().wrapping_add(next), nbk * 8 * 4);
+                if K == 1 {
+                    prefetch_bytes(self.m.as_ptr().wrapping_add(next), nbk * 8 * 4);
+                }
                 // Scale products `[b][r][column in group]`, and Q4_1's `m * s` sums.
                 let mut summs = [_mm256_setzero_ps(); R];
                 for b in 0..nbk {
@@ -196,10 +242,17 @@ impl QWeight {
                     for line in 0..lines {
                         _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line * 64) as *const i8);
                     }
+                    let at = Tile {
+                        ys,
+                        corr,
+                        dd,
+                        g,
+                        j0: j,
+                    };
                     if cw == C {
-                        self.tile_avx2::<K, R, C>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                        self.tile_avx2::<K, R, C>(at, &sm, out, r0, ldo);
                     } else {
-                        self.tile_avx2::<K, R, 1>(&rows, g, j, corr, dd, &sm, out, r0, ldo);
+                        self.tile_avx2::<K, R, 1>(at, &sm, out, r0, ldo);
                     }
                     j += cw;
                 }
@@ -209,47 +262,56 @@ impl QWeight {
     }
 
     /// Columns `g + j0 .. g + j0 + C` of the group starting at `g`, for the `R` rows.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2<const K: u8, const R: usize, const C: usize>(
         &self,
-        rows: &[Row<'_>; R],
-        g: usize,
-        j0: usize,
-        corr: *const i32,
-        dd: *const f32,
+        at: Tile,
         sm: &[[f32; 8]; R],
         out: OutPtr,
         r0: usize,
         ldo: usize,
     ) {
         unsafe {
+            let Tile {
+                ys,
+                corr,
+                dd,
+                g,
+                j0,
+            } = at;
             let nbk = self.k / QK;
-            let qs = self.qs.as_ptr();
+            let bsz = if K == 2 { QK } else { QK / 2 };
             let low = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let magic_i = _mm256_set1_epi32(MAGIC_BITS);
             let magic = _mm256_castsi256_ps(magic_i);
             let mut acc = [[_mm256_setzero_ps(); C]; R];
-            for b in 0..nbk {
+            // One pointer per operand, each stepped once a block: the weights of the
+            // tile's first column (the others at a fixed distance), the rows' blocks,
+            // their scale products and (Q4_0) corrections.
+            let mut wp = self.qs.as_ptr().add((g + j0) * nbk * bsz);
+            let mut yp = ys;
+            let mut dp = dd.add(j0);
+            let mut cp = corr;
+            for _ in 0..nbk {
                 // The weights (Q8_0: their magnitudes) and, for Q8_0, the weights
                 // themselves for their signs.
                 let mut ws = [_mm256_setzero_si256(); C];
                 let mut sg = [_mm256_setzero_si256(); C];
                 for j in 0..C {
-                    let wb = (g + j0 + j) * nbk + b;
+                    let p = wp.add(j * nbk * bsz);
                     if K == 2 {
-                        let w = _mm256_loadu_si256(qs.add(wb * QK) as *const __m256i);
+                        let w = _mm256_loadu_si256(p as *const __m256i);
                         sg[j] = w;
                         ws[j] = _mm256_sign_epi8(w, w);
                     } else {
-                        let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
+                        let t = _mm_loadu_si128(p as *const __m128i);
                         ws[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
                     }
                 }
-                for (i, row) in rows.iter().enumerate() {
-                    let y = _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                for i in 0..R {
+                    let y = _mm256_loadu_si256(yp.add(i * QK) as *const __m256i);
                     for j in 0..C {
                         let yj = if K == 2 {
                             _mm256_sign_epi8(y, sg[j])
@@ -260,12 +322,12 @@ impl QWeight {
                         sum = _mm256_add_epi32(
                             sum,
                             if K == 0 {
-                                _mm256_loadu_si256(corr.add((b * R + i) * 8) as *const __m256i)
+                                _mm256_loadu_si256(cp.add(i * 8) as *const __m256i)
                             } else {
                                 magic_i
                             },
                         );
-                        let d = _mm256_broadcast_ss(&*dd.add((b * R + i) * 8 + j0 + j));
+                        let d = _mm256_broadcast_ss(&*dp.add(i * 8 + j));
                         let a = acc.get_unchecked_mut(i).get_unchecked_mut(j);
                         // The lane sums sit in the low mantissa bits of MAGIC: one
                         // subtraction yields them as exact floats, on the adders (ports
@@ -275,6 +337,10 @@ impl QWeight {
                         *a = _mm256_fmadd_ps(d, f, *a);
                     }
                 }
+                wp = wp.add(bsz);
+                yp = yp.add(R * QK);
+                dp = dp.add(R * 8);
+                cp = cp.add(R * 8);
             }
             for (i, sums) in tile_sums(&acc).iter().enumerate() {
                 for (j, &h) in sums.iter().enumerate() {
@@ -284,4 +350,15 @@ impl QWeight {
             }
         }
     }
+}
+
+/// Where a tile of [`QWeight::tile_avx2`] reads: the rows' blocks, corrections and
+/// scale products in the scratch, and its columns (`g + j0`, `g` the group's first).
+#[derive(Clone, Copy)]
+struct Tile {
+    ys: *const i8,
+    corr: *const i32,
+    dd: *const f32,
+    g: usize,
+    j0: usize,
 }
