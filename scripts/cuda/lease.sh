@@ -86,6 +86,20 @@ assemble() {
     (cd /root/cdata/models && sha256sum -c "$OLDPWD/$B/model.sha256")
 }
 
+# Unpack llama.cpp's pruned source ($1) into /root/lcp and build llama-bench,
+# llama-batched-bench and llama-server with CUDA in the background (at nice $2, $3 jobs);
+# /root/lcp/build.done gets the build's exit status.
+start_llamacpp_build() {
+    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf "$1" -C /root/lcp || return 1
+    (cd /root/lcp && setsid bash -c "cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
+        >build.log 2>&1 && nice -n $2 cmake --build build --target llama-bench llama-batched-bench \
+        llama-server -j $3 >>build.log 2>&1; echo \$? >build.done" </dev/null >/dev/null 2>&1 &)
+    echo "llama.cpp build started in the background"
+}
+
 # The synthetic modes' start (carry .device/s): the gguf wheel, the binary, then the
 # named models written by gen_synth.py into /root/synth.
 synth_models() {
@@ -105,16 +119,7 @@ stage1)
     [ -f $A/candela-base.xz ] && xz -dc $A/candela-base.xz >/root/candela-base && chmod +x /root/candela-base
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     if [ -f $A/llamacpp.tar.xz ]; then
-        rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $A/llamacpp.tar.xz -C /root/lcp
-        cd /root/lcp
-        setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-            -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
-            -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
-            >build.log 2>&1 && nice -n 19 cmake --build build --target llama-bench llama-batched-bench \
-            llama-server -j 14 >>build.log 2>&1;
-            echo $? >build.done' </dev/null >/dev/null 2>&1 &
-        echo "llama.cpp build started in the background"
+        start_llamacpp_build $A/llamacpp.tar.xz 19 14
     fi
     ;;
 stage2)
@@ -212,14 +217,7 @@ peer)
 kquant)
     K="${K:-.device/k}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $K/llamacpp.tar.xz -C /root/lcp
-    (cd /root/lcp && setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
-        >build.log 2>&1 && nice -n 5 cmake --build build --target llama-bench llama-batched-bench \
-        llama-server -j 12 >>build.log 2>&1; echo $? >build.done' </dev/null >/dev/null 2>&1 &)
-    echo "llama.cpp build started in the background"
+    start_llamacpp_build $K/llamacpp.tar.xz 5 12
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $K/gguf-*.whl || exit 1
     xz -dc $K/candela.xz >/root/candela && chmod +x /root/candela
     mkdir -p /root/synth
@@ -381,14 +379,7 @@ defaults)
 peer1)
     S="${S:-.device/s}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
-    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf $S/llamacpp.tar.xz -C /root/lcp || exit 1
-    (cd /root/lcp && setsid bash -c 'cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
-        >build.log 2>&1 && nice -n 10 cmake --build build --target llama-bench llama-batched-bench \
-        llama-server -j 12 >>build.log 2>&1; echo $? >build.done' </dev/null >/dev/null 2>&1 &)
-    echo "llama.cpp build started in the background"
+    start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
     synth_models smollm2-shape || exit 1
     M=/root/synth/smollm2-shape.gguf
     echo "== doctor on smollm2-shape at ${SECONDS} s"

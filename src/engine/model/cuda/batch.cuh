@@ -69,14 +69,7 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
                     qs, dm, r, r + rows, nb, K, sq + (size_t)g * K, sds + g * nb, cnt, lane, &y,
                     &u);
                 if ((lane & (lanes_per_col - 1)) == 0 && c < cnt) {
-                    float* o = out + (size_t)(c0 + g + c) * ld + r;
-                    if (MODE == MODE_SWIGLU) {
-                        *o = __fmul_rn(y / (1.f + expf(-y)), u);
-                    } else if (MODE == MODE_ADD) {
-                        *o += y;
-                    } else {
-                        *o = bias != nullptr ? y + bias[r] : y;
-                    }
+                    store_out<MODE>(out + (size_t)(c0 + g + c) * ld + r, y, u, bias, r);
                 }
             }
         }

@@ -342,6 +342,20 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
 #define MODE_ADD 1
 #define MODE_SWIGLU 2
 
+// A projection's output `y` for row r into *o (u: the up row's, for MODE_SWIGLU): every
+// mat-vec and mat-mat kernel's epilogue.
+template <int MODE>
+__device__ __forceinline__ void store_out(float* o, float y, float u,
+                                          const float* __restrict__ bias, int r) {
+    if (MODE == MODE_SWIGLU) {
+        *o = __fmul_rn(y / (1.f + expf(-y)), u);
+    } else if (MODE == MODE_ADD) {
+        *o += y;
+    } else {
+        *o = bias != nullptr ? y + bias[r] : y;
+    }
+}
+
 // out = W · q8(norm(x)) with an epilogue:
 //   MODE_STORE:  out[r] = dot_r (+ bias[r])
 //   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
@@ -384,15 +398,7 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
         float y, u = 0.f;
         rows_dot<KIND, 1, MODE == MODE_SWIGLU ? 2 : 1>(qs, dm, r, r + rows, nb, K, sq, sds, 1,
                                                        lane, &y, &u);
-        if (MODE == MODE_SWIGLU) {
-            if (lane == 0) out[r] = __fmul_rn(y / (1.f + expf(-y)), u);
-        } else if (lane == 0) {
-            if (MODE == MODE_ADD) {
-                out[r] += y;
-            } else {
-                out[r] = bias != nullptr ? y + bias[r] : y;
-            }
-        }
+        if (lane == 0) store_out<MODE>(out + r, y, u, bias, r);
     }
 }
 

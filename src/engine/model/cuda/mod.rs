@@ -570,7 +570,7 @@ impl FusedDecoder {
         // Q6_K as 8-bit) and a model no wider than those timed (hidden 576 and 896; at
         // 4096 its GEMM, reading weights straight from global memory, is slower than
         // candle's). `CANDELA_CUDA_WIDE=1` turns it on for the rest.
-        let checked = inner.cfg.hidden <= WIDE_MAX_HIDDEN
+        let checked = hidden <= WIDE_MAX_HIDDEN
             && inner.layers.iter().all(|l| {
                 l.qkv
                     .iter()
@@ -720,8 +720,7 @@ impl FusedDecoder {
             );
         }
         // The batched step's kernels, rows at consecutive positions from 256, with the
-        // defaults; then at 8 and 32 rows with each mat-mat variant (half-blocks loaded
-        // ahead or not, activations quantized by each block or once a step).
+        // defaults; then at 8 and 32 rows with the dp4a and the tensor-core mat-mats.
         let default_tc = g.mm_tc.get();
         let mut runs = vec![(8, default_tc), (32, default_tc), (64, default_tc)];
         if g.f.tc.is_some() {

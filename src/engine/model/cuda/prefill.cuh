@@ -145,15 +145,7 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float2* __restrict__ x
             const int r = r0 + g + 8 * (e >> 1);
             const int tok = tok0 + j * 8 + 2 * t + (e & 1);
             if (r >= rows || tok >= T) continue;
-            float* o = out + (size_t)tok * ld + r;
-            const float y = acc[0][j][e];
-            if (MODE == MODE_SWIGLU) {
-                *o = __fmul_rn(y / (1.f + expf(-y)), acc[R - 1][j][e]);
-            } else if (MODE == MODE_ADD) {
-                *o += y;
-            } else {
-                *o = bias != nullptr ? y + bias[r] : y;
-            }
+            store_out<MODE>(out + (size_t)tok * ld + r, acc[0][j][e], acc[R - 1][j][e], bias, r);
         }
 #else
     __trap();
