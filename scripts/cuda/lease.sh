@@ -56,6 +56,11 @@
 #       engine's step times, time to first token, greedy batched vs single-stream), then
 #       llama-bench, llama-batched-bench -npl 1,8,32 and llama-server over HTTP on the same
 #       files. Same-lease ratios without the real model's two calls.
+#   scripts/cuda/lease.sh peer8b   carry .device/s (as peer1): one call on smollm2-shape and
+#       llama3-8b: `candela doctor` on both (every tensor-core variant's kernel times, batched
+#       against single-stream bits), candela over HTTP at 1/8/32 streams on both, then
+#       llama-server --parallel 32 over HTTP and llama-batched-bench -npl 1,8,32 on
+#       llama3-8b, built in the background meanwhile.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -437,6 +442,47 @@ peer1)
         echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
     fi
     ;;
+peer8b)
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
+    synth_models smollm2-shape llama3-8b || exit 1
+    for m in smollm2-shape llama3-8b; do
+        echo "== doctor on $m at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
+        grep -E "fused path|sequence|bit-identical|batched kernels|kernels at pos 32" "$OUT/doctor_$m.txt"
+    done
+    port=8120
+    for m in smollm2-shape llama3-8b; do
+        port=$((port + 1))
+        echo "== candela over HTTP on $m (--max-batch 32) at ${SECONDS} s"
+        /root/candela --device cuda --model /root/synth/$m.gguf --port $port --max-batch 32 \
+            --queue-size 64 --ctx-size 8192 --data-dir /tmp/c$port >"$OUT/candela_$m.log" 2>&1 &
+        CP=$!
+        greedy=""; [ $m = smollm2-shape ] && greedy=--greedy
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:$port $greedy --out "$OUT" \
+            --name "candela-$m" || tail -n 5 "$OUT/candela_$m.log"
+        kill $CP; wait $CP 2>/dev/null
+    done
+    t0=$SECONDS
+    for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+    echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
+    LB=/root/lcp/build/bin
+    M=/root/synth/llama3-8b.gguf
+    if [ -x $LB/llama-server ]; then
+        echo "== llama3-8b: llama-server --parallel 32 at ${SECONDS} s"
+        $LB/llama-server -m $M -ngl 99 -fa on --parallel 32 -c 16384 --port 8129 >"$OUT/llama_server8b.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8129 --out "$OUT" --name llama-server-8b
+        kill $LP; wait $LP 2>/dev/null
+        echo "== llama3-8b: llama-batched-bench at ${SECONDS} s"
+        $LB/llama-batched-bench -m $M -ngl 99 -fa on -c 16384 -b 2048 -ub 512 -npp 128 -ntg 128 \
+            -npl 1,8,32 2>&1 | tee "$OUT/llama_batched8b.txt" | grep -E "^\||build"
+    else
+        echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
+    fi
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -451,7 +497,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|window" >&2
     exit 2
     ;;
 esac
