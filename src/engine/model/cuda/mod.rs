@@ -108,8 +108,9 @@ struct Funcs {
     mm32: [[CudaFunction; 3]; 4],
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
-    /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits.
-    tc: Option<[[CudaFunction; 3]; 4]>,
+    /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
+    /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8).
+    tc: Option<[[[CudaFunction; 3]; 4]; 2]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -151,6 +152,9 @@ struct Inner {
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
+    /// Whether batches of more than 8 take the 32-column tensor-core kernels (on unless
+    /// `CANDELA_CUDA_TC32=0`); `candela doctor` times both.
+    mm_tc32: std::cell::Cell<bool>,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -418,12 +422,15 @@ impl FusedDecoder {
         ];
         let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let tc = if context.compute_capability().map_err(err)?.0 >= 8 {
-            Some([
-                modes(&module, "tc_q4_0")?,
-                modes(&module, "tc_q4_1")?,
-                modes(&module, "tc_q8_0")?,
-                modes(&module, "tc_q4_k")?,
-            ])
+            let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
+                Ok([
+                    modes(&module, &format!("{p}_q4_0"))?,
+                    modes(&module, &format!("{p}_q4_1"))?,
+                    modes(&module, &format!("{p}_q8_0"))?,
+                    modes(&module, &format!("{p}_q4_k"))?,
+                ])
+            };
+            Some([set("tc")?, set("tc32")?])
         } else {
             None
         };
@@ -549,6 +556,9 @@ impl FusedDecoder {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
+            ),
+            mm_tc32: std::cell::Cell::new(
+                std::env::var("CANDELA_CUDA_TC32").map_or(true, |v| v != "0"),
             ),
             mm_tc: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_MM_TC").map_or(true, |v| v != "0"),
@@ -729,19 +739,36 @@ impl FusedDecoder {
                 runs.push((bucket, true));
             }
         }
+        let default_tc32 = g.mm_tc32.get();
         for (i, (bucket, tc)) in runs.into_iter().enumerate() {
             g.mm_tc.set(tc);
+            g.mm_tc32.set(default_tc32);
             cache.reserve(256 + bucket)?;
             let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
             let variant = match (i < 3, tc) {
                 (true, _) => "",
-                (false, true) => ", tensor cores",
+                (false, true) => ", tensor cores, 8 columns a block",
                 (false, false) => ", dp4a",
             };
             s += &format!(
                 "batched kernels, {bucket} rows{variant}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
                 bucket as f64 * 1e6 / step
             );
+        }
+        // The 32-column tensor-core kernels against the 8-column ones at 32 and 64 rows.
+        if g.f.tc.is_some() {
+            g.mm_tc.set(true);
+            for bucket in [32, 64] {
+                g.mm_tc32.set(!default_tc32);
+                cache.reserve(256 + bucket)?;
+                let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
+                s += &format!(
+                    "batched kernels, {bucket} rows, tensor cores, {} columns a block, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                    if default_tc32 { 8 } else { 32 },
+                    bucket as f64 * 1e6 / step
+                );
+            }
+            g.mm_tc32.set(default_tc32);
         }
         g.mm_tc.set(default_tc);
         Ok(s)

@@ -6,23 +6,22 @@
 // rows_dot splits a row over the 32 lanes of a warp: lane j sums the half-blocks
 // i = j, j + 32, j + 64, ... in that order (each half-block's integer dot product, then
 // its scales, rows_dot's f32 arithmetic), and the warp adds the 32 lane sums in
-// warp_sum's tree (partners 16 apart first, then 8, 4, 2, 1). Here a block of TC_W
-// warps takes 16 rows and 8 columns: warp w takes the half-blocks i = w (mod TC_W) in
-// increasing order, keeping one sum per lane j = i mod 32 it stands for (TC_LEAVES of
+// warp_sum's tree (partners 16 apart first, then 8, 4, 2, 1). Here a block of W warps
+// takes 16 rows and 8 (or 32) columns: warp w takes the half-blocks i = w (mod W) in
+// increasing order, keeping one sum per lane j = i mod 32 it stands for (32 / W of
 // them), so each of those sums is the lane's own; then the warp adds its lanes' sums in
-// the tree's order (partners 16 and 8 apart), and the block adds the warps' results in
-// the rest of the tree (4, 2, 1) through shared memory. The integer dot product of a
+// the tree's order (the partners 16, ..., W apart), and the block adds the warps' results
+// in the rest of the tree through shared memory. The integer dot product of a
 // half-block is exact either way, and the f32 steps are the same operations on the same
 // values in the same order. Needs sm_80.
 
-#define TC_W 8                    // warps of a block
-#define TC_LEAVES (32 / TC_W)     // lane sums a warp keeps
-
 // out(n, ld): the step's n columns (activations quantized once a step by qcols_*: `pq`,
-// `pds`) times the weight's rows, with matmat's epilogues. Grid (ceil(bucket / 8),
+// `pds`) times the weight's rows, with matmat's epilogues. A block of W warps (8 or 16)
+// takes 16 rows and NT tiles of 8 columns; warp w sums the half-blocks i = w (mod W),
+// keeping the 32 / W lane sums it stands for. Grid (ceil(bucket / (8 NT)),
 // ceil(rows / 16)): the column tiles of a row tile run side by side and share its
-// weights in L2. 256 threads.
-template <int KIND, int MODE>
+// weights in L2. 32 W threads.
+template <int KIND, int MODE, int W, int NT>
 __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
                           const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                           const float* __restrict__ bias, int Nrows, float* __restrict__ out,
@@ -30,17 +29,23 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
                           const float2* __restrict__ pds) {
 #if __CUDA_ARCH__ >= 800
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    __shared__ float red[TC_W / 2][R][32][4];
+    constexpr int LPW = 32 / W;  // lane sums a warp keeps
+    // Half-blocks loaded ahead of their sums (registers: fewer for more matrices or
+    // column tiles).
+    constexpr int LA = R * NT >= 4 ? 1 : (R * NT == 2 ? (LPW >= 2 ? 2 : 1) : LPW);
+    static_assert(LPW % LA == 0, "loads ahead must divide the lane sums");
+    __shared__ float red[W / 2][R][NT][32][4];
     const int nb = K / QK, nh = 2 * nb;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int c0 = blockIdx.x * 8;
+    const int c0 = blockIdx.x * 8 * NT;
     const int r0 = blockIdx.y * 16;
     pdl_launch_dependents();
-    {
-        // Weights do not depend on the previous kernel: each half-warp starts one of the
-        // block's rows (and its `up` twin) into L2 before waiting for the activations.
+    if (warp < 8) {
+        // Weights do not depend on the previous kernel: each half-warp of the first 8
+        // warps starts one of the block's rows (and its `up` twin) into L2 before
+        // waiting for the activations.
         const int r = r0 + 2 * warp + (lane >> 4);
         const int qb = KIND == KIND_Q8_0 ? 32 : 16;
         if (r < rows) {
@@ -59,8 +64,8 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
     const int n = (int)step[BSTEP_N];
     if (c0 >= n || r0 >= rows) return;  // the whole block
     // This lane's weight rows (g and g + 8 of the 16, for each of R matrices) and columns
-    // (its b-fragment column, and the two of the accumulators it holds); rows and columns
-    // past the end repeat a valid one and are not stored.
+    // (per tile its b-fragment column, and the two of the accumulators it holds); rows
+    // and columns past the end repeat a valid one and are not stored.
     int wr[R][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -68,31 +73,39 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
         for (int m = 0; m < R; ++m) wr[m][i] = r + m * rows;
     }
-    const int colb = min(c0 + g, n - 1);
-    const int ca = min(c0 + 2 * t, n - 1), cb = min(c0 + 2 * t + 1, n - 1);
-    float acc[R][TC_LEAVES][4];
+    int colb[NT], ca[NT], cb[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        colb[j] = min(c0 + 8 * j + g, n - 1);
+        ca[j] = min(c0 + 8 * j + 2 * t, n - 1);
+        cb[j] = min(c0 + 8 * j + 2 * t + 1, n - 1);
+    }
+    float acc[R][LPW][NT][4];
 #pragma unroll
     for (int m = 0; m < R; ++m)
 #pragma unroll
-        for (int l = 0; l < TC_LEAVES; ++l)
-            acc[m][l][0] = acc[m][l][1] = acc[m][l][2] = acc[m][l][3] = 0.f;
-    // Half-blocks loaded ahead of their sums: all TC_LEAVES of an i0, or for SwiGLU's
-    // two matrices half of them at a time (registers).
-    constexpr int LA = R == 2 ? TC_LEAVES / 2 : TC_LEAVES;
+        for (int l = 0; l < LPW; ++l)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                acc[m][l][j][0] = acc[m][l][j][1] = acc[m][l][j][2] = acc[m][l][j][3] = 0.f;
     for (int i0 = warp; i0 < nh; i0 += 32) {
 #pragma unroll
-        for (int l0 = 0; l0 < TC_LEAVES; l0 += LA) {
+        for (int l0 = 0; l0 < LPW; l0 += LA) {
             // Every load first (past the row's end: its last half-block again, not
             // summed), so that they are in flight together.
-            int bw[LA], a[LA][R][2];
-            float2 d[LA][2], sc[LA][R][2];
+            int bw[LA][NT], a[LA][R][2];
+            float2 d[LA][NT][2], sc[LA][R][2];
 #pragma unroll
             for (int l = 0; l < LA; ++l) {
-                const int i = min(i0 + TC_W * (l0 + l), nh - 1);
+                const int i = min(i0 + W * (l0 + l), nh - 1);
                 const int b = i >> 1, h = i & 1;
-                bw[l] = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
-                d[l][0] = pds[(size_t)ca * nb + b];
-                d[l][1] = pds[(size_t)cb * nb + b];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    bw[l][j] =
+                        *(const int*)(pq + (size_t)colb[j] * K + b * QK + h * 16 + 4 * t);
+                    d[l][j][0] = pds[(size_t)ca[j] * nb + b];
+                    d[l][j][1] = pds[(size_t)cb[j] * nb + b];
+                }
 #pragma unroll
                 for (int m = 0; m < R; ++m) {
 #pragma unroll
@@ -111,80 +124,100 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
             }
 #pragma unroll
             for (int l = 0; l < LA; ++l) {
-                const int i = i0 + TC_W * (l0 + l);  // lane warp + TC_W * (l0 + l)'s next
+                const int i = i0 + W * (l0 + l);  // lane warp + W * (l0 + l)'s next
                 if (i >= nh) continue;
                 const int h = i & 1;
 #pragma unroll
                 for (int m = 0; m < R; ++m) {
-                    int c[4];
-                    mma_s8(c, a[l][m][0], a[l][m][1], bw[l]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float2 w = sc[l][m][e >> 1];
-                        const float2 x = d[l][e & 1];
-                        const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                        float& z = acc[m][l0 + l][e];
-                        z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
-                        if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                            z = __fmaf_rn(w.y, x.y, z);
+                    for (int j = 0; j < NT; ++j) {
+                        int c[4];
+                        mma_s8(c, a[l][m][0], a[l][m][1], bw[l][j]);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float2 w = sc[l][m][e >> 1];
+                            const float2 x = d[l][j][e & 1];
+                            const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                            float& z = acc[m][l0 + l][j][e];
+                            z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                            if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                                z = __fmaf_rn(w.y, x.y, z);
+                        }
                     }
                 }
             }
         }
     }
-    // The warp's lanes j = warp + 8l (l = 0..3): partners 16 apart (l, l + 2), then 8.
-    static_assert(TC_LEAVES == 4, "the in-warp tree below is written for 4 lane sums");
-    float v[R][4];
+    // The warp's lanes j = warp + W l: the tree's partners 16, ..., W apart are lane sums
+    // LPW / 2, ..., 1 apart in l.
 #pragma unroll
-    for (int m = 0; m < R; ++m)
+    for (int o = LPW / 2; o > 0; o >>= 1)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-            v[m][e] = (acc[m][0][e] + acc[m][2][e]) + (acc[m][1][e] + acc[m][3][e]);
-    // Across warps: partners 4 apart, then 2, then 1.
+        for (int l = 0; l < o; ++l)
 #pragma unroll
-    for (int o = TC_W / 2; o > 0; o >>= 1) {
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[m][l][j][e] = acc[m][l][j][e] + acc[m][l + o][j][e];
+    // Across warps: partners W / 2 apart, ..., then 1.
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
         if (warp >= o && warp < 2 * o) {
 #pragma unroll
             for (int m = 0; m < R; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) red[warp - o][m][lane][e] = v[m][e];
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
         }
         __syncthreads();
         if (warp < o) {
 #pragma unroll
             for (int m = 0; m < R; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) v[m][e] = v[m][e] + red[warp][m][lane][e];
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
         }
         __syncthreads();
     }
     if (warp != 0) return;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int r = r0 + g + 8 * (e >> 1);
-        const int col = c0 + 2 * t + (e & 1);
-        if (r >= rows || col >= n) continue;
-        store_out<MODE>(out + (size_t)col * ld + r, v[0][e], v[R - 1][e], bias, r);
-    }
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = r0 + g + 8 * (e >> 1);
+            const int col = c0 + 8 * j + 2 * t + (e & 1);
+            if (r >= rows || col >= n) continue;
+            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
+                            bias, r);
+        }
 #else
     __trap();
 #endif
 }
 
-// SwiGLU's two weight matrices keep twice the loads in flight; at most 128 registers a
-// thread there, so that two blocks share a multiprocessor.
-#define TC_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                             \
-    extern "C" __global__ void __launch_bounds__(256, MINB) tc_##KNAME##_##MNAME(            \
+// tc_*: 8 warps, one tile of 8 columns (batches of up to 8); tc32_*: 16 warps, four
+// tiles (32 columns: a row tile's weights read once for 32 sequences). SwiGLU's two
+// weight matrices: at most 128 registers a thread, so that two blocks share a
+// multiprocessor.
+#define TC_ENTRY(NAME, KIND, MODE, W, NT, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB) NAME(                         \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
         const float2* __restrict__ pds) {                                                    \
-        tc_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                   \
+        tc_matmat<KIND, MODE, W, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds);            \
     }
 #define TC_ENTRIES(KIND, KNAME)                                                              \
-    TC_ENTRY(KIND, KNAME, MODE_STORE, store, 1)                                              \
-    TC_ENTRY(KIND, KNAME, MODE_ADD, add, 1)                                                  \
-    TC_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu, 2)
+    TC_ENTRY(tc_##KNAME##_store, KIND, MODE_STORE, 8, 1, 1)                                  \
+    TC_ENTRY(tc_##KNAME##_add, KIND, MODE_ADD, 8, 1, 1)                                      \
+    TC_ENTRY(tc_##KNAME##_swiglu, KIND, MODE_SWIGLU, 8, 1, 2)                                \
+    TC_ENTRY(tc32_##KNAME##_store, KIND, MODE_STORE, 16, 4, 1)                               \
+    TC_ENTRY(tc32_##KNAME##_add, KIND, MODE_ADD, 16, 4, 1)                                   \
+    TC_ENTRY(tc32_##KNAME##_swiglu, KIND, MODE_SWIGLU, 16, 4, 1)
 
 TC_ENTRIES(KIND_Q4_0, q4_0)
 TC_ENTRIES(KIND_Q4_1, q4_1)
