@@ -533,12 +533,19 @@ impl Inner {
             // 8 columns a block (8 warps), or 32 (16 warps) for wider batches.
             let wide = bucket > 8 && self.mm_tc32.get();
             let (cols, threads) = if wide { (32, 512) } else { (8, 256) };
+            let set = if wide {
+                1
+            } else if self.mm_tcs.get() {
+                2
+            } else {
+                0
+            };
             let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
             // SAFETY: matches `TC_ENTRY` in tc.cuh; pq and pds hold the step's columns
             // (quantized just above) and `out` room for `bucket` rows of `ld`.
             return unsafe {
                 self.go2(
-                    &tc[usize::from(wide)][m.kind as usize][mode],
+                    &tc[set][m.kind as usize][mode],
                     grid,
                     threads,
                     0,

@@ -109,8 +109,9 @@ struct Funcs {
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
     /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
-    /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8).
-    tc: Option<[[[CudaFunction; 3]; 4]; 2]>,
+    /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8); `[2]`: `tcs_*`, the
+    /// weights staged through shared memory (batches of up to 8).
+    tc: Option<[[[CudaFunction; 3]; 4]; 3]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -155,6 +156,9 @@ struct Inner {
     /// Whether batches of more than 8 take the 32-column tensor-core kernels (on unless
     /// `CANDELA_CUDA_TC32=0`); `candela doctor` times both.
     mm_tc32: std::cell::Cell<bool>,
+    /// Whether batches of up to 8 take the shared-memory-staged tensor-core kernels
+    /// (`CANDELA_CUDA_TC_SMEM=1`); `candela doctor` times both.
+    mm_tcs: std::cell::Cell<bool>,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -430,7 +434,7 @@ impl FusedDecoder {
                     modes(&module, &format!("{p}_q4_k"))?,
                 ])
             };
-            Some([set("tc")?, set("tc32")?])
+            Some([set("tc")?, set("tc32")?, set("tcs")?])
         } else {
             None
         };
@@ -556,6 +560,9 @@ impl FusedDecoder {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
+            ),
+            mm_tcs: std::cell::Cell::new(
+                std::env::var("CANDELA_CUDA_TC_SMEM").is_ok_and(|v| v == "1"),
             ),
             mm_tc32: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_TC32").map_or(true, |v| v != "0"),
@@ -769,6 +776,17 @@ impl FusedDecoder {
                 );
             }
             g.mm_tc32.set(default_tc32);
+            // Staged through shared memory or not, at 8 rows.
+            let default_tcs = g.mm_tcs.get();
+            g.mm_tcs.set(!default_tcs);
+            cache.reserve(256 + 8)?;
+            let (parts, step) = step_sum(&g.bench_batch(cache, 256, 8)?, nl);
+            s += &format!(
+                "batched kernels, 8 rows, tensor cores, weights {} shared memory, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                if default_tcs { "not staged in" } else { "staged in" },
+                8e6 / step
+            );
+            g.mm_tcs.set(default_tcs);
         }
         g.mm_tc.set(default_tc);
         Ok(s)

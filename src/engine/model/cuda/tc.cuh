@@ -223,3 +223,203 @@ TC_ENTRIES(KIND_Q4_0, q4_0)
 TC_ENTRIES(KIND_Q4_1, q4_1)
 TC_ENTRIES(KIND_Q8_0, q8_0)
 TC_ENTRIES(KIND_Q4_K, q4_k)
+
+// ---------------------------------------------------------------------------------
+// tcs_*: tc_*'s sums (8 warps, 16 rows, 8 columns, the same order and operations) with
+// the weights staged through shared memory: each round of 16 blocks (32 half-blocks)
+// of the block's 16 rows is copied in with cp.async (16 bytes a thread, coalesced;
+// the scales as f32 pairs), double-buffered, so that the warps build their A fragments
+// and scales from shared memory instead of issuing scattered 4-byte loads to L1.
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
+#define TCS_BLOCKS 16  // 32-value blocks of a row a round stages
+
+template <int KIND, int MODE>
+__device__ void tcs_matmat(const unsigned long long* __restrict__ step, int K,
+                           const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                           const float* __restrict__ bias, int Nrows, float* __restrict__ out,
+                           int ld, const int8_t* __restrict__ pq,
+                           const float2* __restrict__ pds) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
+    constexpr int QB = KIND == KIND_Q8_0 ? 32 : 16;  // bytes of a block's values
+    constexpr int W = 8, LPW = 4;
+    // Rows padded by 16 bytes (one f32 pair) so that the 8 rows a fragment load reads
+    // fall in different banks.
+    __shared__ __align__(16) uint8_t sw[2][R][16][TCS_BLOCKS * QB + 16];
+    __shared__ float2 ssc[2][R][16][TCS_BLOCKS + 1];
+    __shared__ float red[W / 2][R][32][4];
+    const int nb = K / QK, nh = 2 * nb;
+    const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int c0 = blockIdx.x * 8;
+    const int r0 = blockIdx.y * 16;
+    pdl_launch_dependents();
+    // Stage round k (blocks 16k .. 16k + 15 of the 16 rows) into buffer k & 1: values by
+    // 16-byte copies, scales as (scale, offset) pairs.
+    auto stage = [&](int k) {
+        const int b0 = k * TCS_BLOCKS;
+        const int nbk = min(TCS_BLOCKS, nb - b0);
+        constexpr int CH = TCS_BLOCKS * QB / 16;  // 16-byte chunks of a row's round
+        for (int c = threadIdx.x; c < R * 16 * CH; c += blockDim.x) {
+            const int m = c / (16 * CH), rr = (c / CH) % 16, ch = c % CH;
+            if (ch * 16 >= nbk * QB) continue;
+            const int r = min(r0 + rr, rows - 1) + m * rows;
+            cp_async16(&sw[k & 1][m][rr][ch * 16], qs + ((size_t)r * nb + b0) * QB + ch * 16);
+        }
+        for (int c = threadIdx.x; c < R * 16 * TCS_BLOCKS; c += blockDim.x) {
+            const int m = c / (16 * TCS_BLOCKS), rr = (c / TCS_BLOCKS) % 16, bb = c % TCS_BLOCKS;
+            if (bb >= nbk) continue;
+            const int r = min(r0 + rr, rows - 1) + m * rows;
+            if (KIND == KIND_Q4_K) {
+                const uint8_t* srow = (const uint8_t*)dm + (size_t)r * scale_bytes<KIND>(nb);
+                ssc[k & 1][m][rr][bb] = nibble_pair<KIND>(dm + (size_t)r * nb, srow, nb, b0 + bb);
+            } else {
+                cp_async8(&ssc[k & 1][m][rr][bb], dm + (size_t)r * nb + b0 + bb);
+            }
+        }
+        cp_async_commit();
+    };
+    // The weights do not depend on the previous kernel: the first round's copies start
+    // before waiting for it.
+    stage(0);
+    pdl_wait();
+    const int n = (int)step[BSTEP_N];
+    if (c0 >= n || r0 >= rows) {  // the whole block
+        cp_async_wait<0>();
+        return;
+    }
+    const int colb = min(c0 + g, n - 1);
+    const int ca = min(c0 + 2 * t, n - 1), cb = min(c0 + 2 * t + 1, n - 1);
+    float acc[R][LPW][4];
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int l = 0; l < LPW; ++l) acc[m][l][0] = acc[m][l][1] = acc[m][l][2] = acc[m][l][3] = 0.f;
+    const int rounds = (nb + TCS_BLOCKS - 1) / TCS_BLOCKS;
+    for (int k = 0; k < rounds; ++k) {
+        if (k + 1 < rounds) {
+            stage(k + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int buf = k & 1;
+#pragma unroll
+        for (int l = 0; l < LPW; ++l) {
+            const int il = warp + W * l;  // the round's half-block: lane il's next
+            const int i = 32 * k + il;
+            if (i >= nh) continue;
+            const int bl = il >> 1, h = il & 1, b = 32 * k / 2 + bl;
+            const int bw = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
+            const float2 d[2] = {pds[(size_t)ca * nb + b], pds[(size_t)cb * nb + b]};
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                int a[2];
+                float2 sc[2];
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const uint8_t* wb = &sw[buf][m][g + 8 * q][bl * QB];
+                    if (KIND == KIND_Q8_0) {
+                        a[q] = *(const int*)(wb + h * 16 + 4 * t);
+                    } else {
+                        const unsigned w = *(const unsigned*)(wb + h * 8 + 4 * (t & 1));
+                        const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
+                        a[q] = KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+                    }
+                    sc[q] = ssc[buf][m][g + 8 * q][bl];
+                }
+                int c[4];
+                mma_s8(c, a[0], a[1], bw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 w = sc[e >> 1];
+                    const float2 x = d[e & 1];
+                    const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                    float& z = acc[m][l][e];
+                    z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                    if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                        z = __fmaf_rn(w.y, x.y, z);
+                }
+            }
+        }
+        __syncthreads();  // the next round's copies go into this buffer
+    }
+    float v[R][4];
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            v[m][e] = (acc[m][0][e] + acc[m][2][e]) + (acc[m][1][e] + acc[m][3][e]);
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+        if (warp >= o && warp < 2 * o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) red[warp - o][m][lane][e] = v[m][e];
+        }
+        __syncthreads();
+        if (warp < o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) v[m][e] = v[m][e] + red[warp][m][lane][e];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int r = r0 + g + 8 * (e >> 1);
+        const int col = c0 + 2 * t + (e & 1);
+        if (r >= rows || col >= n) continue;
+        float* o = out + (size_t)col * ld + r;
+        const float y = v[0][e];
+        if (MODE == MODE_SWIGLU) {
+            *o = __fmul_rn(y / (1.f + expf(-y)), v[R - 1][e]);
+        } else if (MODE == MODE_ADD) {
+            *o += y;
+        } else {
+            *o = bias != nullptr ? y + bias[r] : y;
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+#define TCS_ENTRY(KIND, KNAME, MODE, MNAME)                                                  \
+    extern "C" __global__ void __launch_bounds__(256) tcs_##KNAME##_##MNAME(                 \
+        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
+        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
+        const float2* __restrict__ pds) {                                                    \
+        tcs_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                  \
+    }
+#define TCS_ENTRIES(KIND, KNAME)                                                             \
+    TCS_ENTRY(KIND, KNAME, MODE_STORE, store)                                                \
+    TCS_ENTRY(KIND, KNAME, MODE_ADD, add)                                                    \
+    TCS_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu)
+
+TCS_ENTRIES(KIND_Q4_0, q4_0)
+TCS_ENTRIES(KIND_Q4_1, q4_1)
+TCS_ENTRIES(KIND_Q8_0, q8_0)
+TCS_ENTRIES(KIND_Q4_K, q4_k)
