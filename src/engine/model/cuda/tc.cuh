@@ -391,15 +391,7 @@ __device__ void tcs_matmat(const unsigned long long* __restrict__ step, int K,
         const int r = r0 + g + 8 * (e >> 1);
         const int col = c0 + 2 * t + (e & 1);
         if (r >= rows || col >= n) continue;
-        float* o = out + (size_t)col * ld + r;
-        const float y = v[0][e];
-        if (MODE == MODE_SWIGLU) {
-            *o = __fmul_rn(y / (1.f + expf(-y)), v[R - 1][e]);
-        } else if (MODE == MODE_ADD) {
-            *o += y;
-        } else {
-            *o = bias != nullptr ? y + bias[r] : y;
-        }
+        store_out<MODE>(out + (size_t)col * ld + r, v[0][e], v[R - 1][e], bias, r);
     }
 #else
     __trap();
