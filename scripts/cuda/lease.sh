@@ -343,6 +343,13 @@ tc)
             --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
         grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32" "$OUT/doctor_$m.txt"
     done
+    # The shared-memory-staged kernels (gpu-next): batched against single-stream bits.
+    for m in smollm2-shape llama3-8b; do
+        echo "== doctor on $m, CANDELA_CUDA_TC_SMEM=1, at ${SECONDS} s"
+        CANDELA_CUDA_TC_SMEM=1 /root/candela doctor --device cuda --model /root/synth/$m.gguf \
+            --data-dir /tmp/cdoctor --tokens 32 --no-cpu 2>>"$OUT/doctor_tcs_$m.err" \
+            | tee "$OUT/doctor_tcs_$m.txt" | grep -E "sequence|bit-identical"
+    done
     port=8100
     runs=("smollm2-shape --greedy" "llama3-8b")
     [ "${BASE:-1}" = 1 ] && runs+=("llama3-8b CANDELA_CUDA_MM_TC=0")

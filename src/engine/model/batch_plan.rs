@@ -80,6 +80,49 @@ pub fn wide_columns(chunk: usize) -> bool {
     chunk > 8
 }
 
+/// The tensor-core mat-mat kernels a batched step's projection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcKernels {
+    /// 8 warps, 16 rows by 8 columns a block (`tc_*`).
+    Cols8,
+    /// 16 warps, 16 rows by 32 columns a block (`tc32_*`): each weight fragment read once
+    /// for four column tiles.
+    Cols32,
+    /// 8 columns a block with the weights staged through shared memory, double-buffered
+    /// (`tcs_*`).
+    Staged,
+}
+
+/// Output rows from which a batch of more than 8 takes [`TcKernels::Cols32`] by default:
+/// below it the 32-column kernel's blocks (one per 16 rows) leave much of the card idle.
+/// On an H100 it lost at 576 and 960 rows (SmolLM2's shape) and won from 1,536 up
+/// (Llama-3-8B's projections 1.6x, its 32-row step 20.1 ms against 31.8).
+pub const TC32_MIN_ROWS: usize = 1024;
+
+/// Output rows from which a batch of up to 8 takes [`TcKernels::Staged`] by default: on
+/// an H100 the staged kernels won on the 14,336-row gate|up and the vocabulary matrices
+/// (2.1x and 1.4x on Llama-3-8B's shape) and lost up to 6,144 rows.
+pub const TCS_MIN_ROWS: usize = 8192;
+
+/// Which tensor-core kernels a projection of `rows` output rows takes in a step of
+/// `bucket` columns: by size unless forced (`cols32`, `staged`: Some(on) from the
+/// environment or `candela doctor`).
+pub fn tc_kernels(
+    rows: usize,
+    bucket: usize,
+    cols32: Option<bool>,
+    staged: Option<bool>,
+) -> TcKernels {
+    if bucket > 8 {
+        if cols32.unwrap_or(rows >= TC32_MIN_ROWS) {
+            return TcKernels::Cols32;
+        }
+    } else if staged.unwrap_or(rows >= TCS_MIN_ROWS) {
+        return TcKernels::Staged;
+    }
+    TcKernels::Cols8
+}
+
 /// What a batched step computes past the last layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StepKind {
@@ -219,6 +262,25 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_core_kernels_by_size_unless_forced() {
+        use TcKernels::*;
+        // SmolLM2's projections stay on 8 columns, its gate|up and vocabulary go wide.
+        assert_eq!(tc_kernels(576, 32, None, None), Cols8);
+        assert_eq!(tc_kernels(960, 64, None, None), Cols8);
+        assert_eq!(tc_kernels(1536, 32, None, None), Cols32);
+        assert_eq!(tc_kernels(49152, 16, None, None), Cols32);
+        // Batches of up to 8 never take the 32-column kernels; large matrices are staged.
+        assert_eq!(tc_kernels(128256, 8, Some(true), None), Staged);
+        assert_eq!(tc_kernels(6144, 8, None, None), Cols8);
+        assert_eq!(tc_kernels(14336, 4, None, None), Staged);
+        // Forcing either way wins over the size; the other switch is ignored.
+        assert_eq!(tc_kernels(49152, 32, Some(false), Some(true)), Cols8);
+        assert_eq!(tc_kernels(576, 32, Some(true), None), Cols32);
+        assert_eq!(tc_kernels(576, 8, None, Some(true)), Staged);
+        assert_eq!(tc_kernels(128256, 2, Some(true), Some(false)), Cols8);
+    }
 
     #[test]
     fn buckets_hold_every_batch_size_with_the_least_padding() {

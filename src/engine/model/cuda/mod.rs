@@ -108,8 +108,10 @@ struct Funcs {
     mm32: [[CudaFunction; 3]; 4],
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
-    /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits.
-    tc: Option<[[CudaFunction; 3]; 4]>,
+    /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
+    /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8); `[2]`: `tcs_*`, the
+    /// weights staged through shared memory (batches of up to 8).
+    tc: Option<[[[CudaFunction; 3]; 4]; 3]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -151,6 +153,13 @@ struct Inner {
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
+    /// Whether batches of more than 8 take the 32-column tensor-core kernels: None, by
+    /// the matrix's size (`batch_plan::tc_kernels`); `CANDELA_CUDA_TC32=0|1` forces it;
+    /// `candela doctor` times each.
+    mm_tc32: std::cell::Cell<Option<bool>>,
+    /// Whether batches of up to 8 take the shared-memory-staged tensor-core kernels: None,
+    /// by size; `CANDELA_CUDA_TC_SMEM=0|1` forces it; `candela doctor` times each.
+    mm_tcs: std::cell::Cell<Option<bool>>,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -202,6 +211,16 @@ impl Drop for Inner {
 }
 
 /// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
+/// An on/off switch from the environment: Some(false) for "0", Some(true) for "1", None
+/// (the default choice) when unset or anything else.
+fn env_switch(name: &str) -> Option<bool> {
+    match std::env::var(name).as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    }
+}
+
 fn step_sum(r: &[(Op, f64)], n_layers: f64) -> (String, f64) {
     let step = r
         .iter()
@@ -418,12 +437,15 @@ impl FusedDecoder {
         ];
         let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let tc = if context.compute_capability().map_err(err)?.0 >= 8 {
-            Some([
-                modes(&module, "tc_q4_0")?,
-                modes(&module, "tc_q4_1")?,
-                modes(&module, "tc_q8_0")?,
-                modes(&module, "tc_q4_k")?,
-            ])
+            let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
+                Ok([
+                    modes(&module, &format!("{p}_q4_0"))?,
+                    modes(&module, &format!("{p}_q4_1"))?,
+                    modes(&module, &format!("{p}_q8_0"))?,
+                    modes(&module, &format!("{p}_q4_k"))?,
+                ])
+            };
+            Some([set("tc")?, set("tc32")?, set("tcs")?])
         } else {
             None
         };
@@ -550,6 +572,8 @@ impl FusedDecoder {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
             ),
+            mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
+            mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_MM_TC").map_or(true, |v| v != "0"),
             ),
@@ -720,15 +744,15 @@ impl FusedDecoder {
             );
         }
         // The batched step's kernels, rows at consecutive positions from 256, with the
-        // defaults; then at 8 and 32 rows with the dp4a and the tensor-core mat-mats.
+        // defaults; then at 8 and 32 rows with the other mat-mats (dp4a or tensor cores).
         let default_tc = g.mm_tc.get();
         let mut runs = vec![(8, default_tc), (32, default_tc), (64, default_tc)];
         if g.f.tc.is_some() {
             for bucket in [8, 32] {
-                runs.push((bucket, false));
-                runs.push((bucket, true));
+                runs.push((bucket, !default_tc));
             }
         }
+        let (default_tc32, default_tcs) = (g.mm_tc32.get(), g.mm_tcs.get());
         for (i, (bucket, tc)) in runs.into_iter().enumerate() {
             g.mm_tc.set(tc);
             cache.reserve(256 + bucket)?;
@@ -742,6 +766,56 @@ impl FusedDecoder {
                 "batched kernels, {bucket} rows{variant}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
                 bucket as f64 * 1e6 / step
             );
+        }
+        // The tensor-core variants forced on and off for every matrix (the default picks
+        // each matrix's by its size: batch_plan::tc_kernels).
+        if g.f.tc.is_some() {
+            g.mm_tc.set(true);
+            let forced = [
+                (
+                    32,
+                    Some(true),
+                    default_tcs,
+                    "32 columns a block for every matrix",
+                ),
+                (
+                    32,
+                    Some(false),
+                    default_tcs,
+                    "8 columns a block for every matrix",
+                ),
+                (
+                    64,
+                    Some(true),
+                    default_tcs,
+                    "32 columns a block for every matrix",
+                ),
+                (
+                    64,
+                    Some(false),
+                    default_tcs,
+                    "8 columns a block for every matrix",
+                ),
+                (
+                    8,
+                    default_tc32,
+                    Some(true),
+                    "weights staged in shared memory for every matrix",
+                ),
+                (8, default_tc32, Some(false), "weights staged for no matrix"),
+            ];
+            for (bucket, tc32, tcs, label) in forced {
+                g.mm_tc32.set(tc32);
+                g.mm_tcs.set(tcs);
+                cache.reserve(256 + bucket)?;
+                let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
+                s += &format!(
+                    "batched kernels, {bucket} rows, tensor cores, {label}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                    bucket as f64 * 1e6 / step
+                );
+            }
+            g.mm_tc32.set(default_tc32);
+            g.mm_tcs.set(default_tcs);
         }
         g.mm_tc.set(default_tc);
         Ok(s)

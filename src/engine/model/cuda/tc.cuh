@@ -6,23 +6,22 @@
 // rows_dot splits a row over the 32 lanes of a warp: lane j sums the half-blocks
 // i = j, j + 32, j + 64, ... in that order (each half-block's integer dot product, then
 // its scales, rows_dot's f32 arithmetic), and the warp adds the 32 lane sums in
-// warp_sum's tree (partners 16 apart first, then 8, 4, 2, 1). Here a block of TC_W
-// warps takes 16 rows and 8 columns: warp w takes the half-blocks i = w (mod TC_W) in
-// increasing order, keeping one sum per lane j = i mod 32 it stands for (TC_LEAVES of
+// warp_sum's tree (partners 16 apart first, then 8, 4, 2, 1). Here a block of W warps
+// takes 16 rows and 8 (or 32) columns: warp w takes the half-blocks i = w (mod W) in
+// increasing order, keeping one sum per lane j = i mod 32 it stands for (32 / W of
 // them), so each of those sums is the lane's own; then the warp adds its lanes' sums in
-// the tree's order (partners 16 and 8 apart), and the block adds the warps' results in
-// the rest of the tree (4, 2, 1) through shared memory. The integer dot product of a
+// the tree's order (the partners 16, ..., W apart), and the block adds the warps' results
+// in the rest of the tree through shared memory. The integer dot product of a
 // half-block is exact either way, and the f32 steps are the same operations on the same
 // values in the same order. Needs sm_80.
 
-#define TC_W 8                    // warps of a block
-#define TC_LEAVES (32 / TC_W)     // lane sums a warp keeps
-
 // out(n, ld): the step's n columns (activations quantized once a step by qcols_*: `pq`,
-// `pds`) times the weight's rows, with matmat's epilogues. Grid (ceil(bucket / 8),
+// `pds`) times the weight's rows, with matmat's epilogues. A block of W warps (8 or 16)
+// takes 16 rows and NT tiles of 8 columns; warp w sums the half-blocks i = w (mod W),
+// keeping the 32 / W lane sums it stands for. Grid (ceil(bucket / (8 NT)),
 // ceil(rows / 16)): the column tiles of a row tile run side by side and share its
-// weights in L2. 256 threads.
-template <int KIND, int MODE>
+// weights in L2. 32 W threads.
+template <int KIND, int MODE, int W, int NT>
 __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
                           const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                           const float* __restrict__ bias, int Nrows, float* __restrict__ out,
@@ -30,17 +29,23 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
                           const float2* __restrict__ pds) {
 #if __CUDA_ARCH__ >= 800
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    __shared__ float red[TC_W / 2][R][32][4];
+    constexpr int LPW = 32 / W;  // lane sums a warp keeps
+    // Half-blocks loaded ahead of their sums (registers: fewer for more matrices or
+    // column tiles).
+    constexpr int LA = R * NT >= 4 ? 1 : (R * NT == 2 ? (LPW >= 2 ? 2 : 1) : LPW);
+    static_assert(LPW % LA == 0, "loads ahead must divide the lane sums");
+    __shared__ float red[W / 2][R][NT][32][4];
     const int nb = K / QK, nh = 2 * nb;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int c0 = blockIdx.x * 8;
+    const int c0 = blockIdx.x * 8 * NT;
     const int r0 = blockIdx.y * 16;
     pdl_launch_dependents();
-    {
-        // Weights do not depend on the previous kernel: each half-warp starts one of the
-        // block's rows (and its `up` twin) into L2 before waiting for the activations.
+    if (warp < 8) {
+        // Weights do not depend on the previous kernel: each half-warp of the first 8
+        // warps starts one of the block's rows (and its `up` twin) into L2 before
+        // waiting for the activations.
         const int r = r0 + 2 * warp + (lane >> 4);
         const int qb = KIND == KIND_Q8_0 ? 32 : 16;
         if (r < rows) {
@@ -59,8 +64,8 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
     const int n = (int)step[BSTEP_N];
     if (c0 >= n || r0 >= rows) return;  // the whole block
     // This lane's weight rows (g and g + 8 of the 16, for each of R matrices) and columns
-    // (its b-fragment column, and the two of the accumulators it holds); rows and columns
-    // past the end repeat a valid one and are not stored.
+    // (per tile its b-fragment column, and the two of the accumulators it holds); rows
+    // and columns past the end repeat a valid one and are not stored.
     int wr[R][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -68,31 +73,39 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
         for (int m = 0; m < R; ++m) wr[m][i] = r + m * rows;
     }
-    const int colb = min(c0 + g, n - 1);
-    const int ca = min(c0 + 2 * t, n - 1), cb = min(c0 + 2 * t + 1, n - 1);
-    float acc[R][TC_LEAVES][4];
+    int colb[NT], ca[NT], cb[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        colb[j] = min(c0 + 8 * j + g, n - 1);
+        ca[j] = min(c0 + 8 * j + 2 * t, n - 1);
+        cb[j] = min(c0 + 8 * j + 2 * t + 1, n - 1);
+    }
+    float acc[R][LPW][NT][4];
 #pragma unroll
     for (int m = 0; m < R; ++m)
 #pragma unroll
-        for (int l = 0; l < TC_LEAVES; ++l)
-            acc[m][l][0] = acc[m][l][1] = acc[m][l][2] = acc[m][l][3] = 0.f;
-    // Half-blocks loaded ahead of their sums: all TC_LEAVES of an i0, or for SwiGLU's
-    // two matrices half of them at a time (registers).
-    constexpr int LA = R == 2 ? TC_LEAVES / 2 : TC_LEAVES;
+        for (int l = 0; l < LPW; ++l)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                acc[m][l][j][0] = acc[m][l][j][1] = acc[m][l][j][2] = acc[m][l][j][3] = 0.f;
     for (int i0 = warp; i0 < nh; i0 += 32) {
 #pragma unroll
-        for (int l0 = 0; l0 < TC_LEAVES; l0 += LA) {
+        for (int l0 = 0; l0 < LPW; l0 += LA) {
             // Every load first (past the row's end: its last half-block again, not
             // summed), so that they are in flight together.
-            int bw[LA], a[LA][R][2];
-            float2 d[LA][2], sc[LA][R][2];
+            int bw[LA][NT], a[LA][R][2];
+            float2 d[LA][NT][2], sc[LA][R][2];
 #pragma unroll
             for (int l = 0; l < LA; ++l) {
-                const int i = min(i0 + TC_W * (l0 + l), nh - 1);
+                const int i = min(i0 + W * (l0 + l), nh - 1);
                 const int b = i >> 1, h = i & 1;
-                bw[l] = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
-                d[l][0] = pds[(size_t)ca * nb + b];
-                d[l][1] = pds[(size_t)cb * nb + b];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    bw[l][j] =
+                        *(const int*)(pq + (size_t)colb[j] * K + b * QK + h * 16 + 4 * t);
+                    d[l][j][0] = pds[(size_t)ca[j] * nb + b];
+                    d[l][j][1] = pds[(size_t)cb[j] * nb + b];
+                }
 #pragma unroll
                 for (int m = 0; m < R; ++m) {
 #pragma unroll
@@ -111,38 +124,252 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
             }
 #pragma unroll
             for (int l = 0; l < LA; ++l) {
-                const int i = i0 + TC_W * (l0 + l);  // lane warp + TC_W * (l0 + l)'s next
+                const int i = i0 + W * (l0 + l);  // lane warp + W * (l0 + l)'s next
                 if (i >= nh) continue;
                 const int h = i & 1;
 #pragma unroll
                 for (int m = 0; m < R; ++m) {
-                    int c[4];
-                    mma_s8(c, a[l][m][0], a[l][m][1], bw[l]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float2 w = sc[l][m][e >> 1];
-                        const float2 x = d[l][e & 1];
-                        const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                        float& z = acc[m][l0 + l][e];
-                        z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
-                        if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                            z = __fmaf_rn(w.y, x.y, z);
+                    for (int j = 0; j < NT; ++j) {
+                        int c[4];
+                        mma_s8(c, a[l][m][0], a[l][m][1], bw[l][j]);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float2 w = sc[l][m][e >> 1];
+                            const float2 x = d[l][j][e & 1];
+                            const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                            float& z = acc[m][l0 + l][j][e];
+                            z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                            if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                                z = __fmaf_rn(w.y, x.y, z);
+                        }
                     }
                 }
             }
         }
     }
-    // The warp's lanes j = warp + 8l (l = 0..3): partners 16 apart (l, l + 2), then 8.
-    static_assert(TC_LEAVES == 4, "the in-warp tree below is written for 4 lane sums");
+    // The warp's lanes j = warp + W l: the tree's partners 16, ..., W apart are lane sums
+    // LPW / 2, ..., 1 apart in l.
+#pragma unroll
+    for (int o = LPW / 2; o > 0; o >>= 1)
+#pragma unroll
+        for (int l = 0; l < o; ++l)
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[m][l][j][e] = acc[m][l][j][e] + acc[m][l + o][j][e];
+    // Across warps: partners W / 2 apart, ..., then 1.
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+        if (warp >= o && warp < 2 * o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
+        }
+        __syncthreads();
+        if (warp < o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = r0 + g + 8 * (e >> 1);
+            const int col = c0 + 8 * j + 2 * t + (e & 1);
+            if (r >= rows || col >= n) continue;
+            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
+                            bias, r);
+        }
+#else
+    __trap();
+#endif
+}
+
+// tc_*: 8 warps, one tile of 8 columns (batches of up to 8); tc32_*: 16 warps, four
+// tiles (32 columns: a row tile's weights read once for 32 sequences). SwiGLU's two
+// weight matrices: at most 128 registers a thread, so that two blocks share a
+// multiprocessor.
+#define TC_ENTRY(NAME, KIND, MODE, W, NT, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB) NAME(                         \
+        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
+        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
+        const float2* __restrict__ pds) {                                                    \
+        tc_matmat<KIND, MODE, W, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds);            \
+    }
+#define TC_ENTRIES(KIND, KNAME)                                                              \
+    TC_ENTRY(tc_##KNAME##_store, KIND, MODE_STORE, 8, 1, 1)                                  \
+    TC_ENTRY(tc_##KNAME##_add, KIND, MODE_ADD, 8, 1, 1)                                      \
+    TC_ENTRY(tc_##KNAME##_swiglu, KIND, MODE_SWIGLU, 8, 1, 2)                                \
+    TC_ENTRY(tc32_##KNAME##_store, KIND, MODE_STORE, 16, 4, 1)                               \
+    TC_ENTRY(tc32_##KNAME##_add, KIND, MODE_ADD, 16, 4, 1)                                   \
+    TC_ENTRY(tc32_##KNAME##_swiglu, KIND, MODE_SWIGLU, 16, 4, 1)
+
+TC_ENTRIES(KIND_Q4_0, q4_0)
+TC_ENTRIES(KIND_Q4_1, q4_1)
+TC_ENTRIES(KIND_Q8_0, q8_0)
+TC_ENTRIES(KIND_Q4_K, q4_k)
+
+// ---------------------------------------------------------------------------------
+// tcs_*: tc_*'s sums (8 warps, 16 rows, 8 columns, the same order and operations) with
+// the weights staged through shared memory: each round of 16 blocks (32 half-blocks)
+// of the block's 16 rows is copied in with cp.async (16 bytes a thread, coalesced;
+// the scales as f32 pairs), double-buffered, so that the warps build their A fragments
+// and scales from shared memory instead of issuing scattered 4-byte loads to L1.
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
+#define TCS_BLOCKS 16  // 32-value blocks of a row a round stages
+
+template <int KIND, int MODE>
+__device__ void tcs_matmat(const unsigned long long* __restrict__ step, int K,
+                           const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                           const float* __restrict__ bias, int Nrows, float* __restrict__ out,
+                           int ld, const int8_t* __restrict__ pq,
+                           const float2* __restrict__ pds) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
+    constexpr int QB = KIND == KIND_Q8_0 ? 32 : 16;  // bytes of a block's values
+    constexpr int W = 8, LPW = 4;
+    // Rows padded by 16 bytes (one f32 pair) so that the 8 rows a fragment load reads
+    // fall in different banks.
+    __shared__ __align__(16) uint8_t sw[2][R][16][TCS_BLOCKS * QB + 16];
+    __shared__ float2 ssc[2][R][16][TCS_BLOCKS + 1];
+    __shared__ float red[W / 2][R][32][4];
+    const int nb = K / QK, nh = 2 * nb;
+    const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int c0 = blockIdx.x * 8;
+    const int r0 = blockIdx.y * 16;
+    pdl_launch_dependents();
+    // Stage round k (blocks 16k .. 16k + 15 of the 16 rows) into buffer k & 1: values by
+    // 16-byte copies, scales as (scale, offset) pairs.
+    auto stage = [&](int k) {
+        const int b0 = k * TCS_BLOCKS;
+        const int nbk = min(TCS_BLOCKS, nb - b0);
+        constexpr int CH = TCS_BLOCKS * QB / 16;  // 16-byte chunks of a row's round
+        for (int c = threadIdx.x; c < R * 16 * CH; c += blockDim.x) {
+            const int m = c / (16 * CH), rr = (c / CH) % 16, ch = c % CH;
+            if (ch * 16 >= nbk * QB) continue;
+            const int r = min(r0 + rr, rows - 1) + m * rows;
+            cp_async16(&sw[k & 1][m][rr][ch * 16], qs + ((size_t)r * nb + b0) * QB + ch * 16);
+        }
+        for (int c = threadIdx.x; c < R * 16 * TCS_BLOCKS; c += blockDim.x) {
+            const int m = c / (16 * TCS_BLOCKS), rr = (c / TCS_BLOCKS) % 16, bb = c % TCS_BLOCKS;
+            if (bb >= nbk) continue;
+            const int r = min(r0 + rr, rows - 1) + m * rows;
+            if (KIND == KIND_Q4_K) {
+                const uint8_t* srow = (const uint8_t*)dm + (size_t)r * scale_bytes<KIND>(nb);
+                ssc[k & 1][m][rr][bb] = nibble_pair<KIND>(dm + (size_t)r * nb, srow, nb, b0 + bb);
+            } else {
+                cp_async8(&ssc[k & 1][m][rr][bb], dm + (size_t)r * nb + b0 + bb);
+            }
+        }
+        cp_async_commit();
+    };
+    // The weights do not depend on the previous kernel: the first round's copies start
+    // before waiting for it.
+    stage(0);
+    pdl_wait();
+    const int n = (int)step[BSTEP_N];
+    if (c0 >= n || r0 >= rows) {  // the whole block
+        cp_async_wait<0>();
+        return;
+    }
+    const int colb = min(c0 + g, n - 1);
+    const int ca = min(c0 + 2 * t, n - 1), cb = min(c0 + 2 * t + 1, n - 1);
+    float acc[R][LPW][4];
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int l = 0; l < LPW; ++l) acc[m][l][0] = acc[m][l][1] = acc[m][l][2] = acc[m][l][3] = 0.f;
+    const int rounds = (nb + TCS_BLOCKS - 1) / TCS_BLOCKS;
+    for (int k = 0; k < rounds; ++k) {
+        if (k + 1 < rounds) {
+            stage(k + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int buf = k & 1;
+#pragma unroll
+        for (int l = 0; l < LPW; ++l) {
+            const int il = warp + W * l;  // the round's half-block: lane il's next
+            const int i = 32 * k + il;
+            if (i >= nh) continue;
+            const int bl = il >> 1, h = il & 1, b = 32 * k / 2 + bl;
+            const int bw = *(const int*)(pq + (size_t)colb * K + b * QK + h * 16 + 4 * t);
+            const float2 d[2] = {pds[(size_t)ca * nb + b], pds[(size_t)cb * nb + b]};
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                int a[2];
+                float2 sc[2];
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const uint8_t* wb = &sw[buf][m][g + 8 * q][bl * QB];
+                    if (KIND == KIND_Q8_0) {
+                        a[q] = *(const int*)(wb + h * 16 + 4 * t);
+                    } else {
+                        const unsigned w = *(const unsigned*)(wb + h * 8 + 4 * (t & 1));
+                        const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
+                        a[q] = KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+                    }
+                    sc[q] = ssc[buf][m][g + 8 * q][bl];
+                }
+                int c[4];
+                mma_s8(c, a[0], a[1], bw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 w = sc[e >> 1];
+                    const float2 x = d[e & 1];
+                    const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                    float& z = acc[m][l][e];
+                    z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                    if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                        z = __fmaf_rn(w.y, x.y, z);
+                }
+            }
+        }
+        __syncthreads();  // the next round's copies go into this buffer
+    }
     float v[R][4];
 #pragma unroll
     for (int m = 0; m < R; ++m)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
             v[m][e] = (acc[m][0][e] + acc[m][2][e]) + (acc[m][1][e] + acc[m][3][e]);
-    // Across warps: partners 4 apart, then 2, then 1.
 #pragma unroll
-    for (int o = TC_W / 2; o > 0; o >>= 1) {
+    for (int o = W / 2; o > 0; o >>= 1) {
         if (warp >= o && warp < 2 * o) {
 #pragma unroll
             for (int m = 0; m < R; ++m)
@@ -171,22 +398,20 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
 #endif
 }
 
-// SwiGLU's two weight matrices keep twice the loads in flight; at most 128 registers a
-// thread there, so that two blocks share a multiprocessor.
-#define TC_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                             \
-    extern "C" __global__ void __launch_bounds__(256, MINB) tc_##KNAME##_##MNAME(            \
+#define TCS_ENTRY(KIND, KNAME, MODE, MNAME)                                                  \
+    extern "C" __global__ void __launch_bounds__(256) tcs_##KNAME##_##MNAME(                 \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
         const float2* __restrict__ pds) {                                                    \
-        tc_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                   \
+        tcs_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                  \
     }
-#define TC_ENTRIES(KIND, KNAME)                                                              \
-    TC_ENTRY(KIND, KNAME, MODE_STORE, store, 1)                                              \
-    TC_ENTRY(KIND, KNAME, MODE_ADD, add, 1)                                                  \
-    TC_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu, 2)
+#define TCS_ENTRIES(KIND, KNAME)                                                             \
+    TCS_ENTRY(KIND, KNAME, MODE_STORE, store)                                                \
+    TCS_ENTRY(KIND, KNAME, MODE_ADD, add)                                                    \
+    TCS_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu)
 
-TC_ENTRIES(KIND_Q4_0, q4_0)
-TC_ENTRIES(KIND_Q4_1, q4_1)
-TC_ENTRIES(KIND_Q8_0, q8_0)
-TC_ENTRIES(KIND_Q4_K, q4_k)
+TCS_ENTRIES(KIND_Q4_0, q4_0)
+TCS_ENTRIES(KIND_Q4_1, q4_1)
+TCS_ENTRIES(KIND_Q8_0, q8_0)
+TCS_ENTRIES(KIND_Q4_K, q4_k)
