@@ -46,9 +46,10 @@
 #       single-stream greedy), and llama3-8b's streams again with CANDELA_CUDA_MM_TC=0
 #       (the dp4a mat-mats) to compare (BASE=0: not).
 #   scripts/cuda/lease.sh defaults carry .device/s (as synth): one short call: writes qwen-mix,
-#       then candela over HTTP on it with its defaults (wide prefill of a K-quant model;
-#       time to first token at 16/512/4000 tokens, 1 and 8 streams, greedy batched vs
-#       single-stream), and the time to first token again with CANDELA_CUDA_WIDE=0.
+#       `candela doctor` on it (no CPU reference), then candela over HTTP on it with its
+#       defaults (wide prefill of a K-quant model; time to first token at 16/512/4000
+#       tokens, 1 and 8 streams, greedy batched vs single-stream), and the time to first
+#       token again with CANDELA_CUDA_WIDE=0.
 #   scripts/cuda/lease.sh peer1    carry .device/s plus llamacpp.tar.xz in it: candela and
 #       llama.cpp in ONE call on synthetic files written there (smollm2-shape, then
 #       llama3-8b while the call has time): the llama.cpp build runs in the background
@@ -372,6 +373,10 @@ tc)
 defaults)
     synth_models qwen-mix || exit 1
     M=/root/synth/qwen-mix.gguf
+    echo "== doctor on qwen-mix at ${SECONDS} s"
+    /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 32 --no-cpu \
+        2>"$OUT/doctor_qwen-mix.err" >"$OUT/doctor_qwen-mix.txt" || tail -n 20 "$OUT/doctor_qwen-mix.err"
+    grep -E "sequence|bit-identical|batched kernels, (8|32) rows(, tensor|, us)" "$OUT/doctor_qwen-mix.txt"
     for v in "" "CANDELA_CUDA_WIDE=0"; do
         echo "== candela over HTTP on qwen-mix ${v:-(defaults)} at ${SECONDS} s"
         env $v /root/candela --device cuda --model $M --port 8110 --max-batch 32 --ctx-size 8192 \
