@@ -41,8 +41,8 @@
 #       CANDELA_CUDA_MM_TC=0 (the batched mat-mats as dp4a kernels: batched against
 #       single-stream bits) while the call has time.
 #   scripts/cuda/lease.sh tc       carry .device/s (as synth): one call, no llama.cpp: writes
-#       smollm2-shape and llama3-8b, `candela doctor` on both (no CPU reference), then
-#       candela over HTTP at 1, 8 and 32 streams on both (smollm2-shape also batched vs
+#       smollm2-shape and llama3-8b, `candela doctor` on both (no CPU reference), again
+#       with CANDELA_CUDA_TC_SMEM=1 (staged weights for every matrix), then candela over HTTP at 1, 8 and 32 streams on both (smollm2-shape also batched vs
 #       single-stream greedy), and llama3-8b's streams again with CANDELA_CUDA_MM_TC=0
 #       (the dp4a mat-mats) to compare (BASE=0: not).
 #   scripts/cuda/lease.sh defaults carry .device/s (as synth): one short call: writes qwen-mix,
@@ -344,7 +344,8 @@ tc)
             --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
         grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32" "$OUT/doctor_$m.txt"
     done
-    # The shared-memory-staged kernels (gpu-next): batched against single-stream bits.
+    # The shared-memory-staged kernels forced for every matrix: batched against
+    # single-stream bits.
     for m in smollm2-shape llama3-8b; do
         echo "== doctor on $m, CANDELA_CUDA_TC_SMEM=1, at ${SECONDS} s"
         CANDELA_CUDA_TC_SMEM=1 /root/candela doctor --device cuda --model /root/synth/$m.gguf \
