@@ -62,6 +62,12 @@
 #       against single-stream bits), candela over HTTP at 1/8/32 streams on both, then
 #       llama-server --parallel 32 over HTTP and llama-batched-bench -npl 1,8,32 on
 #       llama3-8b, built in the background meanwhile.
+#   scripts/cuda/lease.sh split    carry .device/s (as synth): split decode attention, one call:
+#       `candela doctor` (with the CPU) on smollm2-shape with its defaults and with
+#       CANDELA_CUDA_ATTN_SPLIT=0 (split against unsplit logits, batched against
+#       single-stream bits, kernel costs at position 1024), candela over HTTP (1 and 8
+#       streams, greedy batched vs single-stream), then `candela doctor --no-cpu` on
+#       llama3-8b while the call has time.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -496,6 +502,34 @@ peer8b)
         echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
     fi
     ;;
+split)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    synth_models smollm2-shape || exit 1
+    M=/root/synth/smollm2-shape.gguf
+    for v in "" "CANDELA_CUDA_ATTN_SPLIT=0"; do
+        echo "== doctor on smollm2-shape ${v:-(defaults)} at ${SECONDS} s"
+        d="$OUT/doctor_split${v:+_off}"
+        env $v /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 64 \
+            2>"$d.err" >"$d.txt" || tail -n 20 "$d.err"
+        grep -hE "fused path|sequence|bit-identical|^prefill +(100|512) tokens: |kernels at pos (32|1024)|attention in" "$d.txt"
+    done
+    echo "== candela over HTTP on smollm2-shape at ${SECONDS} s"
+    /root/candela --device cuda --model $M --port 8130 --max-batch 32 --queue-size 64 \
+        --ctx-size 8192 --data-dir /tmp/c8130 >"$OUT/candela_split.log" 2>&1 &
+    CP=$!
+    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8130 --greedy --streams 1,8 --out "$OUT" \
+        --name candela-split || tail -n 5 "$OUT/candela_split.log"
+    kill $CP; wait $CP 2>/dev/null
+    if [ $SECONDS -lt 150 ]; then
+        synth_models llama3-8b || exit 1
+        echo "== doctor on llama3-8b at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/llama3-8b.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 --no-cpu 2>"$OUT/doctor_8b.err" >"$OUT/doctor_8b.txt" || tail -n 20 "$OUT/doctor_8b.err"
+        grep -E "sequence|bit-identical|^prefill +512 tokens: |kernels at pos (32|1024)|attention in" "$OUT/doctor_8b.txt"
+    else
+        echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
+    fi
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -510,7 +544,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|window" >&2
     exit 2
     ;;
 esac

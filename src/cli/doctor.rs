@@ -196,6 +196,26 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
                 if same { "bit-identical" } else { "DIFFER" }
             );
         }
+        // Past one chunk of positions the decode attention is split (the batched steps
+        // and the one-token-at-a-time run above both); against it not split.
+        if n > 256 && model.set_attn_split(false) {
+            let unsplit = time(&ids, 1).and_then(|_| time(&ids, 1));
+            model.set_attn_split(true);
+            let (_, unsplit) = unsplit?;
+            let gap = fused
+                .iter()
+                .zip(&unsplit)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            line += &format!(
+                ", attention unsplit max |dlogit| {gap:.4} (argmax {})",
+                if argmax(&fused) == argmax(&unsplit) {
+                    "equal"
+                } else {
+                    "DIFFERS"
+                }
+            );
+        }
         model.set_fused_decode(false);
         let tensor = time(&ids, 1).and_then(|_| time(&ids, reps));
         model.set_fused_decode(true);

@@ -123,6 +123,26 @@ pub fn tc_kernels(
     TcKernels::Cols8
 }
 
+/// Most position chunks one head's decode attention is split into (the kernels'
+/// `ATT_MAX_CHUNKS`).
+pub const ATT_MAX_CHUNKS: usize = 16;
+
+/// Position chunks a head's decode attention is split into at long contexts, for a model
+/// of `n_heads` query heads: enough for a single stream's heads to cover the
+/// multiprocessors of a large card about twice (a chunk holds at least 256 positions, so
+/// shorter contexts are not split), at most [`ATT_MAX_CHUNKS`]. The single-stream and
+/// batched kernels cut a sequence's positions the same way for a given count.
+pub fn attn_chunks(n_heads: usize) -> usize {
+    (264 / n_heads.max(1)).clamp(1, ATT_MAX_CHUNKS)
+}
+
+/// Blocks a head of each row takes in a batched attention launch of `bucket` rows (each
+/// block works through every this-many-th chunk of the head's `chunks`): about two
+/// blocks per multiprocessor of a large card in all, at least one.
+pub fn attn_blocks_per_head(n_heads: usize, bucket: usize, chunks: usize) -> usize {
+    (264 / (n_heads * bucket).max(1)).clamp(1, chunks.max(1))
+}
+
 /// What a batched step computes past the last layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StepKind {
@@ -262,6 +282,30 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_splits_into_at_most_the_kernels_chunks() {
+        // SmolLM2 (9 heads) and Qwen2.5-0.5B (14): the most; Llama-3-8B (32): 8.
+        assert_eq!(attn_chunks(9), 16);
+        assert_eq!(attn_chunks(14), 16);
+        assert_eq!(attn_chunks(32), 8);
+        assert_eq!(attn_chunks(128), 2);
+        assert_eq!(attn_chunks(1000), 1);
+        assert_eq!(attn_chunks(0), 16);
+        for h in 1..300 {
+            let c = attn_chunks(h);
+            assert!((1..=ATT_MAX_CHUNKS).contains(&c));
+            for bucket in BUCKETS {
+                let b = attn_blocks_per_head(h, bucket, c);
+                assert!(b >= 1 && b <= c, "heads {h} bucket {bucket}: {b} of {c}");
+            }
+        }
+        // Batches of many rows take one block a head; small ones share a head's chunks.
+        assert_eq!(attn_blocks_per_head(9, 32, 16), 1);
+        assert_eq!(attn_blocks_per_head(9, 8, 16), 3);
+        assert_eq!(attn_blocks_per_head(32, 8, 8), 1);
+        assert_eq!(attn_blocks_per_head(9, 2, 16), 14);
+    }
 
     #[test]
     fn tensor_core_kernels_by_size_unless_forced() {

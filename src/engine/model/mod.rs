@@ -338,6 +338,17 @@ impl Model {
         None
     }
 
+    /// Split the fused path's decode attention over position chunks at long contexts
+    /// (the default) or not; returns whether this model's fused path splits at all.
+    pub fn set_attn_split(&self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_attn_split(on);
+        }
+        let _ = on;
+        false
+    }
+
     /// Whether prompt chunks past the fused limit prefill wide (int8 tensor-core GEMMs
     /// and flash attention) rather than on the tensor path: set it, returning whether the
     /// card and model have it.

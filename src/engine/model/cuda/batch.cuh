@@ -180,17 +180,20 @@ extern "C" __global__ void kv_write_b(const float* __restrict__ qkv,
         vc[(size_t)pos * hd + d] = __float2half_rn(row[nq + nkv + g * hd + d]);
 }
 
-// Attention for query head blockIdx.x of sequence blockIdx.y, over that sequence's own
-// cache and length (the single-stream kernel's body); qkv is (B, qkv_w), out (B, nh*hd),
-// scores (B, nh, ctx). `write`: the new K/V go to the cache here (a decode step); 0 when
-// kv_write_b put them there (a prefill step).
+// Attention for query head blockIdx.x / hb of sequence blockIdx.y, over that sequence's
+// own cache and length (the single-stream kernel's body, cut into the same position
+// chunks: the block takes chunks blockIdx.x % hb, + hb, ...); qkv is (B, qkv_w), out (B,
+// nh*hd), scores (B, nh, ctx), part (B, nh, nch, hd + 2), cnt (B, nh). `write`: the new
+// K/V go to the cache here (a decode step); 0 when kv_write_b put them there (a prefill
+// step).
 extern "C" __global__ void attention_b(const float* __restrict__ qkv,
                                        const unsigned long long* __restrict__ step, int stride,
                                        int layer, int n_layers, int nh, int nkvh, int hd,
                                        const float* __restrict__ cos_t,
                                        const float* __restrict__ sin_t, int neox, float scale,
                                        float* __restrict__ scores, int ctx,
-                                       float* __restrict__ out, int write) {
+                                       float* __restrict__ out, int write, int nch, int hb,
+                                       float* __restrict__ part, unsigned* __restrict__ cnt) {
     pdl_launch_dependents();
     pdl_wait();
     const int b = blockIdx.y;
@@ -198,5 +201,6 @@ extern "C" __global__ void attention_b(const float* __restrict__ qkv,
     const size_t qkv_w = (size_t)(nh + 2 * nkvh) * hd;
     attend(qkv + b * qkv_w, step + BSTEP_REC + (size_t)b * stride, layer, n_layers, nh, nkvh,
            hd, cos_t, sin_t, neox, scale, scores + (size_t)b * nh * ctx, ctx,
-           out + (size_t)b * nh * hd, blockIdx.x, write != 0);
+           out + (size_t)b * nh * hd, blockIdx.x / hb, write != 0, blockIdx.x % hb, hb, nch,
+           part + (size_t)b * nh * nch * (hd + 2), cnt + (size_t)b * nh);
 }

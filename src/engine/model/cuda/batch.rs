@@ -26,6 +26,9 @@ pub(super) struct Batch {
     att: Buf<f32>,
     act: Buf<f32>,
     scores: Buf<f32>,
+    /// Split attention's chunk results and tickets for `cap` rows (see `Inner::att_part`).
+    att_part: Buf<f32>,
+    att_cnt: Buf<f32>,
     logits: Buf<f32>,
     /// A mat-mat's activations quantized once a step (`qcols_*`): int8 values of
     /// `cap` rows of the widest input, then their scale pairs.
@@ -287,6 +290,13 @@ impl Inner {
         self.time_ops(|s, op| s.launch_b(op, 0, bucket, StepKind::Decode))
     }
 
+    /// Drop the captured batched graphs (their kernel arguments changed).
+    pub(super) fn drop_batch_graphs(&mut self) {
+        if let Some(b) = self.batch.as_mut() {
+            b.graphs.clear();
+        }
+    }
+
     /// Batch buffers for at least `bucket` sequences (re-allocated, and the graphs over
     /// the old ones dropped, when a larger bucket comes).
     pub(super) fn ensure_batch(&mut self, bucket: usize) -> Result<()> {
@@ -307,6 +317,8 @@ impl Inner {
             att: zeros(s, bucket * nq)?,
             act: zeros(s, bucket * ffn)?,
             scores: zeros(s, bucket * cfg.n_heads * self.ctx)?,
+            att_part: zeros(s, bucket * cfg.n_heads * self.att_max * (hd + 2))?,
+            att_cnt: zeros(s, bucket * cfg.n_heads)?,
             logits: zeros(s, bucket * self.output.n)?,
             pq: upload(s, &vec![0u8; bucket * kmax])?,
             pds: zeros(s, bucket * 2 * (kmax / 32))?,
@@ -600,21 +612,30 @@ impl Inner {
             self.kv_write(&h, bucket, true)?;
         }
         let write = (!prefill) as i32;
+        // The single-stream kernel's position chunks, each head's taken by `hb` blocks.
+        let nch = self.att_nch.get().min(self.att_max);
+        let hb = batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch);
+        let (nchi, hbi) = (nch as i32, hb as i32);
         let tail = [
             arg(&scale),
             arg(&b.scores.ptr),
             arg(&ctx),
             arg(&b.att.ptr),
             arg(&write),
+            arg(&nchi),
+            arg(&hbi),
+            arg(&b.att_part.ptr),
+            arg(&b.att_cnt.ptr),
         ];
         let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
         let threads = ATT_THREADS as u32;
         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
-        // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers.
+        // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers,
+        // att_part and att_cnt hold `att_max >= nch` chunks for every head of `bucket` rows.
         unsafe {
             self.go2(
                 &self.f.attention_b,
-                (cfg.n_heads as u32, bucket as u32),
+                ((cfg.n_heads * hb) as u32, bucket as u32),
                 threads,
                 smem,
                 &mut args,

@@ -434,68 +434,30 @@ extern "C" __global__ void embed_row(const unsigned long long* __restrict__ step
         x[i] = table[t * hidden + i];
 }
 
-// One block per query head: RoPE on Q and on the new K (at the step's position), the
-// new K/V rounded to f16 and written to the cache (by the first query head of each KV
-// group), then softmax(q·K^T * scale)·V over positions 0..=pos of the f16 cache, with
-// ggml's flash-attention rounding (Q and the softmax weights to f16). The new position's
-// K/V come from shared memory, so no block reads a cache slot written in this launch
-// (without `write` the slot was written by an earlier launch, kv_write_b, with the same
-// values).
-// Scores: one thread per position, the dot product in eight lanes (element i in lane
-// i % 8, fused multiply-adds, ggml's lane reduction) as the CPU path does it. Weighted
-// V: each thread takes 8 dimensions (one 16-byte load) of every G-th position, and the
-// G partial sums are added at the end. head_dim % 8 == 0, head_dim <= 256; `scores`
-// holds ctx floats per head. Dynamic shared memory: (3 * hd + 8 * blockDim.x) floats.
-// The body, shared with the batched kernel: query head `h` of the sequence whose step
-// record is `step` (its qkv row, scores and output row already offset).
-__device__ __forceinline__ void attend(const float* __restrict__ qkv,
-                                       const unsigned long long* __restrict__ step, int layer,
-                                       int n_layers, int nh, int nkvh, int hd,
-                                       const float* __restrict__ cos_t,
-                                       const float* __restrict__ sin_t, int neox, float scale,
-                                       float* __restrict__ scores, int ctx,
-                                       float* __restrict__ out, int h, bool write) {
-    extern __shared__ float sm[];
-    __shared__ float red[32];
-    float* q = sm;
-    float* kn = sm + hd;
-    float* vn = sm + 2 * hd;
-    float* part = sm + 3 * hd;
-    const int group = nh / nkvh;
-    const int g = h / group;
-    const int pos = (int)step[STEP_POS];
-    const size_t cap = (size_t)step[STEP_CAP];
-    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
-    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
-    const int half = hd / 2;
-    const int nq = nh * hd, nkv = nkvh * hd;
-    const float* cs = cos_t + (size_t)pos * half;
-    const float* sn = sin_t + (size_t)pos * half;
-    const int tid = threadIdx.x, bd = blockDim.x;
-    for (int i = tid; i < half; i += bd) {
-        const int a = neox ? i : 2 * i;
-        const int b = neox ? i + half : 2 * i + 1;
-        const float c = cs[i], s = sn[i];
-        const float x0 = qkv[h * hd + a], x1 = qkv[h * hd + b];
-        q[a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
-        q[b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
-        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
-        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
-        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
-    }
-    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
-    __syncthreads();
-    if (write && h % group == 0) {
-        for (int d = tid; d < hd; d += bd) {
-            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
-            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
-        }
-    }
-    const int len = pos + 1;
+// Split over positions (nch > 1, contexts past ATT_MIN_CHUNK): a length is cut into
+// chunks of attn_chunk_len(len, nch) positions, a function of the length alone, so that
+// the single-stream and batched kernels cut a sequence the same way whatever their grid.
+// Each chunk's scores, max m, sum l of exp(s - m) and the f16-rounded weights exp(s - m)
+// times V go to `cpart` (per head nch slots of hd + 2 floats); the block that finishes a
+// head's last chunk (a ticket in `cnt`, reset after) combines them in chunk order:
+// sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c. A block takes the chunks chunk0,
+// chunk0 + cstep, ... of head h. A length of one chunk takes the unsplit code.
+#define ATT_MIN_CHUNK 256
+#define ATT_MAX_CHUNKS 16
+__device__ __forceinline__ int attn_chunk_len(int len, int nch) {
+    const int c = (((len + nch - 1) / nch) + 63) & ~63;
+    return c > ATT_MIN_CHUNK ? c : ATT_MIN_CHUNK;
+}
+
+// Scores q·K_j * scale of positions j0 <= j < j1 into sc (a thread per position; the
+// new position `pos` from kn), the dot product in eight lanes (element i in lane i % 8,
+// fused multiply-adds, ggml's lane reduction) as the CPU path does it; the thread's max.
+__device__ __forceinline__ float att_scores(const float* q, const float* kn,
+                                            const __half* __restrict__ kc, int hd, float scale,
+                                            float* __restrict__ sc, int pos, int j0, int j1) {
     const int nc = hd / 8;
-    float* sc = scores + (size_t)h * ctx;
     float mx = -INFINITY;
-    for (int j = tid; j < len; j += bd) {
+    for (int j = j0 + (int)threadIdx.x; j < j1; j += blockDim.x) {
         float acc[8];
 #pragma unroll
         for (int l = 0; l < 8; ++l) acc[l] = 0.f;
@@ -523,22 +485,24 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
         sc[j] = s;
         mx = fmaxf(mx, s);
     }
-    mx = block_reduce(mx, red, true);
-    float sum = 0.f;
-    for (int j = tid; j < len; j += bd) {
-        const float e = expf(sc[j] - mx);
-        sc[j] = e;
-        sum += e;
-    }
-    sum = block_reduce(sum, red, false);
-    for (int j = tid; j < len; j += bd) sc[j] = round_f16(sc[j] / sum);
-    __syncthreads();
+    return mx;
+}
+
+// dst[d] = sum over j0 <= j < j1 of sc[j] * V_j[d] (the new position's V from vn): each
+// thread takes 8 dimensions (one 16-byte load) of every G-th position, the G partial
+// sums (in pm: G * hd floats) added at the end in order. The weights in sc must be
+// visible to the block (a barrier after they are written).
+__device__ __forceinline__ void att_weighted_v(const float* __restrict__ sc, const float* vn,
+                                               const __half* __restrict__ vc, int hd, int pos,
+                                               int j0, int j1, float* pm,
+                                               float* __restrict__ dst) {
+    const int tid = threadIdx.x, bd = blockDim.x, nc = hd / 8;
     const int c = tid % nc, gi = tid / nc, ng = bd / nc;
     float acc[8];
 #pragma unroll
     for (int l = 0; l < 8; ++l) acc[l] = 0.f;
 #pragma unroll 4
-    for (int j = gi; j < len; j += ng) {
+    for (int j = j0 + gi; j < j1; j += ng) {
         const float w = sc[j];
         if (j == pos) {
 #pragma unroll
@@ -555,26 +519,174 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
         }
     }
 #pragma unroll
-    for (int l = 0; l < 8; ++l) part[gi * hd + c * 8 + l] = acc[l];
+    for (int l = 0; l < 8; ++l) pm[gi * hd + c * 8 + l] = acc[l];
     __syncthreads();
     for (int d = tid; d < hd; d += bd) {
         float o = 0.f;
-        for (int p = 0; p < ng; ++p) o += part[p * hd + d];
-        out[h * hd + d] = o;
+        for (int p = 0; p < ng; ++p) o += pm[p * hd + d];
+        dst[d] = o;
     }
 }
 
+// One head's split attention (see attend): this block's chunks, then the combination
+// by whichever block finishes the head's last. q, kn, vn: the RoPE'd query, new key and
+// value (f16-rounded) in shared memory; sc: the head's scores row; pm: room for
+// (blockDim.x / (hd / 8)) * hd floats; red: 32 floats.
+__device__ void attend_chunks(const float* q, const float* kn, const float* vn,
+                              const __half* __restrict__ kc, const __half* __restrict__ vc,
+                              int hd, float scale, float* __restrict__ sc, int pos, int clen,
+                              int n_c, float* __restrict__ out, int chunk0, int cstep,
+                              float* __restrict__ hp, unsigned* __restrict__ hc, float* pm,
+                              float* red) {
+    __shared__ float wgt[ATT_MAX_CHUNKS + 1];
+    __shared__ unsigned last;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    const int len = pos + 1;
+    unsigned done = 0;
+    for (int ch = chunk0; ch < n_c; ch += cstep) {
+        const int j0 = ch * clen, j1 = min(len, j0 + clen);
+        const float mx = block_reduce(att_scores(q, kn, kc, hd, scale, sc, pos, j0, j1), red, true);
+        float sum = 0.f;
+        for (int j = j0 + tid; j < j1; j += bd) {
+            const float e = expf(sc[j] - mx);
+            sc[j] = round_f16(e);
+            sum += e;
+        }
+        sum = block_reduce(sum, red, false);  // its barriers order the weights' writes too
+        float* cp = hp + (size_t)ch * (hd + 2);
+        att_weighted_v(sc, vn, vc, hd, pos, j0, j1, pm, cp);
+        if (tid == 0) {
+            cp[hd] = mx;
+            cp[hd + 1] = sum;
+        }
+        __syncthreads();  // pm is free again
+        ++done;
+    }
+    // The ticket: the block that brings the head's count to n_c combines.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(hc, done) + done == (unsigned)n_c;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) {
+        float m = -INFINITY;
+        for (int ch = 0; ch < n_c; ++ch) m = fmaxf(m, __ldcg(hp + (size_t)ch * (hd + 2) + hd));
+        float l = 0.f;
+        for (int ch = 0; ch < n_c; ++ch) {
+            const float* cp = hp + (size_t)ch * (hd + 2);
+            const float w = expf(__ldcg(cp + hd) - m);
+            wgt[ch] = w;
+            l = fmaf(w, __ldcg(cp + hd + 1), l);
+        }
+        wgt[ATT_MAX_CHUNKS] = l;
+        *hc = 0;  // for the next launch (which waits for this one to finish)
+    }
+    __syncthreads();
+    const float l = wgt[ATT_MAX_CHUNKS];
+    for (int d = tid; d < hd; d += bd) {
+        float o = 0.f;
+        for (int ch = 0; ch < n_c; ++ch) o = fmaf(wgt[ch], __ldcg(hp + (size_t)ch * (hd + 2) + d), o);
+        out[d] = o / l;
+    }
+}
+
+// One block per query head: RoPE on Q and on the new K (at the step's position), the
+// new K/V rounded to f16 and written to the cache (by the first query head of each KV
+// group), then softmax(q·K^T * scale)·V over positions 0..=pos of the f16 cache, with
+// ggml's flash-attention rounding (Q and the softmax weights to f16). The new position's
+// K/V come from shared memory, so no block reads a cache slot written in this launch
+// (without `write` the slot was written by an earlier launch, kv_write_b, with the same
+// values).
+// Scores: one thread per position, the dot product in eight lanes (element i in lane
+// i % 8, fused multiply-adds, ggml's lane reduction) as the CPU path does it. Weighted
+// V: each thread takes 8 dimensions (one 16-byte load) of every G-th position, and the
+// G partial sums are added at the end. head_dim % 8 == 0, head_dim <= 256; `scores`
+// holds ctx floats per head. Dynamic shared memory: (3 * hd + 8 * blockDim.x) floats.
+// The body, shared with the batched kernel: query head `h` of the sequence whose step
+// record is `step` (its qkv row, scores and output row already offset).
+__device__ __forceinline__ void attend(const float* __restrict__ qkv,
+                                       const unsigned long long* __restrict__ step, int layer,
+                                       int n_layers, int nh, int nkvh, int hd,
+                                       const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, int neox, float scale,
+                                       float* __restrict__ scores, int ctx,
+                                       float* __restrict__ out, int h, bool write, int chunk0,
+                                       int cstep, int nch, float* __restrict__ cpart,
+                                       unsigned* __restrict__ cnt) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    float* q = sm;
+    float* kn = sm + hd;
+    float* vn = sm + 2 * hd;
+    float* part = sm + 3 * hd;
+    const int group = nh / nkvh;
+    const int g = h / group;
+    const int pos = (int)step[STEP_POS];
+    const int len = pos + 1;
+    const int clen = nch > 1 ? attn_chunk_len(len, nch) : len;
+    const int n_c = (len + clen - 1) / clen;
+    if (chunk0 >= n_c) return;  // the whole block: this length has no such chunk
+    const size_t cap = (size_t)step[STEP_CAP];
+    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
+    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    const int half = hd / 2;
+    const int nq = nh * hd, nkv = nkvh * hd;
+    const float* cs = cos_t + (size_t)pos * half;
+    const float* sn = sin_t + (size_t)pos * half;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    for (int i = tid; i < half; i += bd) {
+        const int a = neox ? i : 2 * i;
+        const int b = neox ? i + half : 2 * i + 1;
+        const float c = cs[i], s = sn[i];
+        const float x0 = qkv[h * hd + a], x1 = qkv[h * hd + b];
+        q[a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+        q[b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
+        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
+        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
+        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
+    }
+    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
+    __syncthreads();
+    if (write && h % group == 0 && chunk0 == 0) {
+        for (int d = tid; d < hd; d += bd) {
+            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
+            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
+        }
+    }
+    if (n_c > 1) {
+        attend_chunks(q, kn, vn, kc, vc, hd, scale, scores + (size_t)h * ctx, pos, clen, n_c,
+                      out + h * hd, chunk0, cstep, cpart + (size_t)h * nch * (hd + 2),
+                      cnt + h, part, red);
+        return;
+    }
+    float* sc = scores + (size_t)h * ctx;
+    const float mx = block_reduce(att_scores(q, kn, kc, hd, scale, sc, pos, 0, len), red, true);
+    float sum = 0.f;
+    for (int j = tid; j < len; j += bd) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);
+    for (int j = tid; j < len; j += bd) sc[j] = round_f16(sc[j] / sum);
+    __syncthreads();
+    att_weighted_v(sc, vn, vc, hd, pos, 0, len, part, out + h * hd);
+}
+
+// Grid nh * nch: head blockIdx.x / nch, chunk blockIdx.x % nch (see attend).
 extern "C" __global__ void attention(const float* __restrict__ qkv,
                                      const unsigned long long* __restrict__ step, int layer,
                                      int n_layers, int nh, int nkvh, int hd,
                                      const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, int neox, float scale,
                                      float* __restrict__ scores, int ctx,
-                                     float* __restrict__ out) {
+                                     float* __restrict__ out, int nch, float* __restrict__ part,
+                                     unsigned* __restrict__ cnt) {
     pdl_launch_dependents();
     pdl_wait();
     attend(qkv, step, layer, n_layers, nh, nkvh, hd, cos_t, sin_t, neox, scale, scores, ctx,
-           out, blockIdx.x, true);
+           out, blockIdx.x / nch, true, blockIdx.x % nch, nch, nch, part, cnt);
 }
 
 #include "batch.cuh"

@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use half::f16;
 
 use super::cuda_pack::{self, Pack};
-use super::ModelConfig;
+use super::{batch_plan, ModelConfig};
 use crate::kv::SeqCache;
 
 mod batch;
@@ -136,6 +136,14 @@ struct Inner {
     att: Buf<f32>,
     act: Buf<f32>,
     scores: Buf<f32>,
+    /// Split decode attention: the position chunks a head is cut into (1: not split;
+    /// `batch_plan::attn_chunks`, `CANDELA_CUDA_ATTN_SPLIT=0` turns it off; `candela
+    /// doctor` times both), at most `att_max` (what the buffers below hold); the chunks'
+    /// partial results (`nh * att_max * (hd + 2)` floats) and per-head tickets (u32).
+    att_nch: std::cell::Cell<usize>,
+    att_max: usize,
+    att_part: Buf<f32>,
+    att_cnt: Buf<f32>,
     logits: Buf<f32>,
     step: Buf<u64>,
     graph: Option<CudaGraph>,
@@ -541,6 +549,11 @@ impl FusedDecoder {
         let out_norm = rd.norm("output_norm.weight")?;
         let ffn = layers.first().map_or(0, |l| l.gate_up.n / 2);
         let nq = cfg.n_heads * hd;
+        let att_max = if env_switch("CANDELA_CUDA_ATTN_SPLIT") == Some(false) {
+            1
+        } else {
+            batch_plan::attn_chunks(cfg.n_heads)
+        };
         let inner = Inner {
             cfg: cfg.clone(),
             ctx,
@@ -549,6 +562,10 @@ impl FusedDecoder {
             att: zeros(&stream, nq)?,
             act: zeros(&stream, ffn)?,
             scores: zeros(&stream, cfg.n_heads * ctx)?,
+            att_nch: std::cell::Cell::new(att_max),
+            att_max,
+            att_part: zeros(&stream, cfg.n_heads * att_max * (hd + 2))?,
+            att_cnt: zeros(&stream, cfg.n_heads)?,
             logits: zeros(&stream, output.n)?,
             step: upload(&stream, &vec![0u64; 3 + 2 * cfg.n_layers])?,
             embed: embed.clone(),
@@ -673,6 +690,20 @@ impl FusedDecoder {
         g.f.tc.is_some() && g.mm_tc.get()
     }
 
+    /// Split decode attention over position chunks (the default where the model has
+    /// several: `batch_plan::attn_chunks`) or not; the captured graphs are dropped when
+    /// that changes. Returns whether this model splits at all.
+    pub fn set_attn_split(&self, on: bool) -> bool {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let want = if on { g.att_max } else { 1 };
+        if g.att_nch.get() != want {
+            g.att_nch.set(want);
+            g.graph = None;
+            g.drop_batch_graphs();
+        }
+        g.att_max > 1
+    }
+
     /// Whether chunks longer than [`Self::prefill_max`] prefill wide.
     pub fn wide(&self) -> bool {
         self.wide_on.load(Ordering::Relaxed)
@@ -742,6 +773,32 @@ impl FusedDecoder {
                 "kernels at pos {p}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
                 1e6 / step
             );
+        }
+        // Attention split over position chunks or not, at the longest position and for
+        // 8 batched rows from 1024.
+        if g.att_max > 1 {
+            let split = g.att_nch.get();
+            if let Some(&p) = positions.iter().max() {
+                for nch in [1, g.att_max] {
+                    g.att_nch.set(nch);
+                    cache.reserve(p + 1)?;
+                    let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
+                    s += &format!(
+                        "kernels at pos {p}, attention in {nch} chunk(s) a head, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
+                        1e6 / step
+                    );
+                }
+                for nch in [1, g.att_max] {
+                    g.att_nch.set(nch);
+                    cache.reserve(p + 8)?;
+                    let (parts, step) = step_sum(&g.bench_batch(cache, p, 8)?, nl);
+                    s += &format!(
+                        "batched kernels, 8 rows from pos {p}, attention in {nch} chunk(s) a head, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                        8e6 / step
+                    );
+                }
+            }
+            g.att_nch.set(split);
         }
         // The batched step's kernels, rows at consecutive positions from 256, with the
         // defaults; then at 8 and 32 rows with the other mat-mats (dp4a or tensor cores).

@@ -222,6 +222,8 @@ impl Inner {
                 let neox = cfg.rope_neox as i32;
                 let scale = 1.0 / (hd as f32).sqrt();
                 let ctx = self.ctx as i32;
+                // Each head in `nch` blocks, one a position chunk (see `attend`).
+                let nch = self.att_nch.get().min(self.att_max) as i32;
                 let mut args = [
                     arg(&self.qkv.ptr),
                     arg(&self.step.ptr),
@@ -237,14 +239,18 @@ impl Inner {
                     arg(&self.scores.ptr),
                     arg(&ctx),
                     arg(&self.att.ptr),
+                    arg(&nch),
+                    arg(&self.att_part.ptr),
+                    arg(&self.att_cnt.ptr),
                 ];
                 let threads = ATT_THREADS as u32;
                 let smem = ((3 * hd) as u32 + 8 * threads) * 4;
-                // SAFETY: matches `attention`; the step buffer holds the cache pointers.
+                // SAFETY: matches `attention`; the step buffer holds the cache pointers,
+                // att_part and att_cnt hold `att_max >= nch` chunks for every head.
                 unsafe {
                     self.go(
                         &self.f.attention,
-                        cfg.n_heads as u32,
+                        (cfg.n_heads * nch as usize) as u32,
                         threads,
                         smem,
                         &mut args,
