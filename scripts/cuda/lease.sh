@@ -112,6 +112,20 @@ start_llamacpp_build() {
     echo "llama.cpp build started in the background"
 }
 
+# candela (--max-batch 32) over HTTP on model $2 at port $3 with the environment settings
+# in $4 (may be empty), measured by batch_check.py under the name $1 (the rest: its
+# arguments); the server's log is $OUT/candela_$1.log.
+candela_http() {
+    local name=$1 model=$2 port=$3 envs=$4
+    shift 4
+    env $envs /root/candela --device cuda --model "$model" --port "$port" --max-batch 32 \
+        --queue-size 64 --ctx-size 8192 --data-dir "/tmp/c$port" >"$OUT/candela_$name.log" 2>&1 &
+    local cp=$!
+    python3 "$HERE/batch_check.py" --url "http://127.0.0.1:$port" --out "$OUT" --name "$name" "$@" \
+        || tail -n 5 "$OUT/candela_$name.log"
+    kill $cp; wait $cp 2>/dev/null
+}
+
 # The synthetic modes' start (carry .device/s): the gguf wheel, the binary, then the
 # named models written by gen_synth.py into /root/synth.
 synth_models() {
@@ -369,12 +383,7 @@ tc)
         [ $SECONDS -gt 500 ] && { echo "== HTTP on $m$envs: not measured: the call is at ${SECONDS} s"; continue; }
         port=$((port + 1))
         echo "== candela over HTTP on $m$envs (--max-batch 32) at ${SECONDS} s"
-        env $envs /root/candela --device cuda --model /root/synth/$m.gguf --port $port --max-batch 32 \
-            --queue-size 64 --ctx-size 8192 --data-dir /tmp/c$port >"$OUT/candela_$port.log" 2>&1 &
-        CP=$!
-        python3 "$HERE/batch_check.py" --url http://127.0.0.1:$port $greedy --out "$OUT" \
-            --name "candela-$m${envs// /}" || tail -n 5 "$OUT/candela_$port.log"
-        kill $CP; wait $CP 2>/dev/null
+        candela_http "candela-$m${envs// /}" /root/synth/$m.gguf $port "$envs" $greedy
     done
     ;;
 defaults)
@@ -476,13 +485,8 @@ peer8b)
     for m in smollm2-shape llama3-8b; do
         port=$((port + 1))
         echo "== candela over HTTP on $m (--max-batch 32) at ${SECONDS} s"
-        /root/candela --device cuda --model /root/synth/$m.gguf --port $port --max-batch 32 \
-            --queue-size 64 --ctx-size 8192 --data-dir /tmp/c$port >"$OUT/candela_$m.log" 2>&1 &
-        CP=$!
         greedy=""; [ $m = smollm2-shape ] && greedy=--greedy
-        python3 "$HERE/batch_check.py" --url http://127.0.0.1:$port $greedy --out "$OUT" \
-            --name "candela-$m" || tail -n 5 "$OUT/candela_$m.log"
-        kill $CP; wait $CP 2>/dev/null
+        candela_http "candela-$m" /root/synth/$m.gguf $port "" $greedy
     done
     t0=$SECONDS
     for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
@@ -514,12 +518,7 @@ split)
         grep -hE "fused path|sequence|bit-identical|^prefill +(100|512) tokens: |kernels at pos (32|1024)|attention in" "$d.txt"
     done
     echo "== candela over HTTP on smollm2-shape at ${SECONDS} s"
-    /root/candela --device cuda --model $M --port 8130 --max-batch 32 --queue-size 64 \
-        --ctx-size 8192 --data-dir /tmp/c8130 >"$OUT/candela_split.log" 2>&1 &
-    CP=$!
-    python3 "$HERE/batch_check.py" --url http://127.0.0.1:8130 --greedy --streams 1,8 --out "$OUT" \
-        --name candela-split || tail -n 5 "$OUT/candela_split.log"
-    kill $CP; wait $CP 2>/dev/null
+    candela_http candela-split $M 8130 "" --greedy --streams 1,8
     if [ $SECONDS -lt 150 ]; then
         synth_models llama3-8b || exit 1
         echo "== doctor on llama3-8b at ${SECONDS} s"

@@ -202,36 +202,15 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             let unsplit = time(&ids, 1).and_then(|_| time(&ids, 1));
             model.set_attn_split(true);
             let (_, unsplit) = unsplit?;
-            let gap = fused
-                .iter()
-                .zip(&unsplit)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            line += &format!(
-                ", attention unsplit max |dlogit| {gap:.4} (argmax {})",
-                if argmax(&fused) == argmax(&unsplit) {
-                    "equal"
-                } else {
-                    "DIFFERS"
-                }
-            );
+            line += &format!(", attention unsplit ({})", compare(&fused, &unsplit));
         }
         model.set_fused_decode(false);
         let tensor = time(&ids, 1).and_then(|_| time(&ids, reps));
         model.set_fused_decode(true);
         let (tensor_ms, tensor) = tensor?;
-        let gap = fused
-            .iter()
-            .zip(&tensor)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
         line += &format!(
-            ", tensor path {tensor_ms:>8.2} ms (max |dlogit| {gap:.4}, argmax {})",
-            if argmax(&fused) == argmax(&tensor) {
-                "equal"
-            } else {
-                "DIFFERS"
-            }
+            ", tensor path {tensor_ms:>8.2} ms ({})",
+            compare(&fused, &tensor)
         );
         println!("{line}");
     }
@@ -316,19 +295,6 @@ fn long_prompt_checks(
         }
         Ok((median(&ms), last))
     };
-    let compare = |a: &[f32], b: &[f32]| {
-        let gap = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let arg = if argmax(a) == argmax(b) {
-            "equal"
-        } else {
-            "DIFFERS"
-        };
-        format!("max |dlogit| {gap:.4}, argmax {arg}")
-    };
     // (name, fused path on, flash on, wide on)
     let mut ways = vec![("tensor path, matmul-softmax", false, false, false)];
     if flash {
@@ -360,6 +326,21 @@ fn long_prompt_checks(
         }
     }
     Ok(())
+}
+
+/// The largest logit difference between two logits rows and whether their argmax agrees.
+fn compare(a: &[f32], b: &[f32]) -> String {
+    let gap = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let arg = if argmax(a) == argmax(b) {
+        "equal"
+    } else {
+        "DIFFERS"
+    };
+    format!("max |dlogit| {gap:.4}, argmax {arg}")
 }
 
 fn median(v: &[f64]) -> f64 {
