@@ -614,7 +614,10 @@ impl Inner {
         let write = (!prefill) as i32;
         // The single-stream kernel's position chunks, each head's taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
-        let hb = batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch);
+        let hb = match self.att_hb.get() {
+            0 => batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch),
+            n => n.clamp(1, nch),
+        };
         let (nchi, hbi) = (nch as i32, hb as i32);
         let tail = [
             arg(&scale),

@@ -158,6 +158,13 @@ struct Inner {
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
     /// batches of up to 8, else 2); `candela doctor` varies it.
     mm_per_sm: std::cell::Cell<usize>,
+    /// Single-stream mat-vec blocks per multiprocessor at most (each block quantizes the
+    /// activations once, then takes rows in a grid-stride loop; `CANDELA_CUDA_MV_BLOCKS`,
+    /// default 8); `candela doctor` varies it.
+    mv_per_sm: std::cell::Cell<usize>,
+    /// Blocks per head of a batched attention launch (0: `batch_plan::attn_blocks_per_head`;
+    /// `CANDELA_CUDA_ATT_BLOCKS`); `candela doctor` varies it.
+    att_hb: std::cell::Cell<usize>,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
@@ -227,6 +234,11 @@ fn env_switch(name: &str) -> Option<bool> {
         Ok("1") => Some(true),
         _ => None,
     }
+}
+
+/// A count from the environment, None when unset or not a number.
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 fn step_sum(r: &[(Op, f64)], n_layers: f64) -> (String, f64) {
@@ -583,12 +595,11 @@ impl FusedDecoder {
             wide_f,
             wide: None,
             mm_smem,
-            mm_per_sm: std::cell::Cell::new(
-                std::env::var("CANDELA_CUDA_MM_BLOCKS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+            mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
+            mv_per_sm: std::cell::Cell::new(
+                env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(8).max(1),
             ),
+            att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
@@ -788,17 +799,40 @@ impl FusedDecoder {
                         1e6 / step
                     );
                 }
-                for nch in [1, g.att_max] {
+                let hb = g.att_hb.get();
+                let split = [(1, 0), (g.att_max, 0), (g.att_max, 2), (g.att_max, 4)];
+                for (nch, blocks) in split {
                     g.att_nch.set(nch);
+                    g.att_hb.set(blocks);
                     cache.reserve(p + 8)?;
                     let (parts, step) = step_sum(&g.bench_batch(cache, p, 8)?, nl);
+                    let by = match blocks {
+                        0 => String::new(),
+                        b => format!(", {b} blocks a head"),
+                    };
                     s += &format!(
-                        "batched kernels, 8 rows from pos {p}, attention in {nch} chunk(s) a head, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                        "batched kernels, 8 rows from pos {p}, attention in {nch} chunk(s) a head{by}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
                         8e6 / step
                     );
                 }
+                g.att_hb.set(hb);
             }
             g.att_nch.set(split);
+        }
+        // The single-stream mat-vecs with fewer blocks per multiprocessor (each block
+        // quantizes the activations once), at the first position.
+        if let Some(&p) = positions.iter().min() {
+            let per_sm = g.mv_per_sm.get();
+            for n in [1, 2, 4] {
+                g.mv_per_sm.set(n);
+                cache.reserve(p + 1)?;
+                let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
+                s += &format!(
+                    "kernels at pos {p}, mat-vecs at most {n} block(s) per multiprocessor, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
+                    1e6 / step
+                );
+            }
+            g.mv_per_sm.set(per_sm);
         }
         // The batched step's kernels, rows at consecutive positions from 256, with the
         // defaults; then at 8 and 32 rows with the other mat-mats (dp4a or tensor cores).

@@ -85,7 +85,7 @@ impl Inner {
         let warps = (MV_THREADS / 32) as usize;
         // A grid-stride loop over rows: at most a few blocks per SM, each quantizing the
         // activations once.
-        let blocks = rows.div_ceil(warps).min(132 * 8) as u32;
+        let blocks = rows.div_ceil(warps).min(132 * self.mv_per_sm.get()) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
         let eps = self.cfg.rms_eps as f32;
         let (k, n) = (m.k as i32, m.n as i32);
