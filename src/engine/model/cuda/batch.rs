@@ -290,6 +290,47 @@ impl Inner {
         self.time_ops(|s, op| s.launch_b(op, 0, bucket, StepKind::Decode))
     }
 
+    /// Microseconds per batched decode step of `bucket` rows at positions `pos..pos +
+    /// bucket` of `cache` (one cache for all rows, as `bench_batch`): (the bucket's graph
+    /// replayed back to back, and whole steps as `run_batch` takes them without its
+    /// per-row copies: the step buffer's upload, the replay, the logits' copy).
+    pub(super) fn bench_batch_step(
+        &mut self,
+        cache: &SeqCache,
+        pos: usize,
+        bucket: usize,
+    ) -> Result<(f64, f64)> {
+        const REPS: usize = 20;
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let cap = cache.capacity();
+        if pos + bucket > cap {
+            return Err(err("bench positions past the cache"));
+        }
+        let kv = self.cache_ptrs(cache)?;
+        let recs: Vec<SeqRecord> = (0..bucket)
+            .map(|t| SeqRecord {
+                token: t as u32,
+                pos: pos + t,
+                cap,
+                kv: kv.clone(),
+            })
+            .collect();
+        self.step_rows(&recs, bucket, StepKind::Decode)?; // captures the graph
+        self.logits_back(bucket)?;
+        let t = std::time::Instant::now();
+        for _ in 0..REPS {
+            self.launch_batch(bucket, StepKind::Decode)?;
+        }
+        self.stream.synchronize().map_err(err)?;
+        let graph = t.elapsed().as_secs_f64() * 1e6 / REPS as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..REPS {
+            self.step_rows(&recs, bucket, StepKind::Decode)?;
+            self.logits_back(bucket)?;
+        }
+        Ok((graph, t.elapsed().as_secs_f64() * 1e6 / REPS as f64))
+    }
+
     /// Drop the captured batched graphs (their kernel arguments changed).
     pub(super) fn drop_batch_graphs(&mut self) {
         if let Some(b) = self.batch.as_mut() {

@@ -819,6 +819,24 @@ impl FusedDecoder {
             }
             g.att_nch.set(split);
         }
+        // Whole steps: the graph replayed back to back against whole steps with the
+        // host's part, to tell the device's time from the host's.
+        if g.use_graph {
+            if let Some(&p) = positions.iter().min() {
+                cache.reserve(p + 1)?;
+                let (graph, whole) = g.bench_step(cache, p)?;
+                s += &format!(
+                    "decode step at pos {p}: graph replayed back to back {graph:.0} us, whole steps (upload, replay, logits copy) {whole:.0} us\n"
+                );
+            }
+            for bucket in [8, 32] {
+                cache.reserve(256 + bucket)?;
+                let (graph, whole) = g.bench_batch_step(cache, 256, bucket)?;
+                s += &format!(
+                    "batched decode step, {bucket} rows from pos 256: graph replayed back to back {graph:.0} us, whole steps (upload, replay, logits copy) {whole:.0} us\n"
+                );
+            }
+        }
         // The single-stream mat-vecs with fewer blocks per multiprocessor (each block
         // quantizes the activations once), at the first position.
         if let Some(&p) = positions.iter().min() {

@@ -44,6 +44,26 @@ impl Inner {
         Ok(out)
     }
 
+    /// Microseconds per decode step at position `pos` of `cache` (reserved past it; the
+    /// same slot rewritten every time): (the step's graph replayed back to back — the
+    /// device's time, the launches overlapping — and whole steps as `run` takes them:
+    /// the step buffer's upload, the replay, the logits' copy and the wait for them).
+    pub(super) fn bench_step(&mut self, cache: &SeqCache, pos: usize) -> Result<(f64, f64)> {
+        const REPS: usize = 50;
+        self.run(&[0], cache, pos, false)?; // captures the graph, uploads the step
+        let t = std::time::Instant::now();
+        for _ in 0..REPS {
+            self.launch_step()?;
+        }
+        self.stream.synchronize().map_err(err)?;
+        let graph = t.elapsed().as_secs_f64() * 1e6 / REPS as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..REPS {
+            self.run(&[0], cache, pos, false)?;
+        }
+        Ok((graph, t.elapsed().as_secs_f64() * 1e6 / REPS as f64))
+    }
+
     /// One step: replay the graph (capturing it the first time) or launch directly.
     fn launch_step(&mut self) -> Result<()> {
         if !self.use_graph {
