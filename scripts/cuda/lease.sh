@@ -68,6 +68,10 @@
 #       single-stream bits, kernel costs at position 1024), candela over HTTP (1 and 8
 #       streams, greedy batched vs single-stream), then `candela doctor --no-cpu` on
 #       llama3-8b while the call has time.
+#   scripts/cuda/lease.sh tune     carry .device/s (as synth): `candela doctor --no-cpu` on
+#       smollm2-shape and llama3-8b, printing the tuning lines: whole steps (graph alone
+#       against with the host's part), mat-vecs at 1/2/4 blocks per multiprocessor, split
+#       attention with 2/4 blocks a head, the batched kernels, batched against single bits.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -529,6 +533,16 @@ split)
         echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
     fi
     ;;
+tune)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    synth_models smollm2-shape llama3-8b || exit 1
+    for m in smollm2-shape llama3-8b; do
+        echo "== doctor on $m at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
+        grep -E "sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us" "$OUT/doctor_$m.txt"
+    done
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -543,7 +557,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|tune|window" >&2
     exit 2
     ;;
 esac
