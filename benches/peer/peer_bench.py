@@ -26,10 +26,13 @@ model name (`qwen2.5-coder-0.5b`), which `candela fetch` resolves to its cached 
 `--isa LEVEL` (avx512, avx2vnni, avx2, scalar) measures one instruction-set level on
 any machine that has it: candela's kernels are capped there (CANDELA_ISA, and the
 attention kernel with CANDELA_ATTN_PATH) and llama.cpp is built for the same level
-(build_llama_cpp.sh with ISA=LEVEL, in its own cache dir `<llama-dir>-LEVEL`). The
-rest of both programs is what their compilers made for the build machine unless you
-pass a candela built with RUSTFLAGS="-C target-cpu=x86-64-v3" (`--candela`); see
-docs/performance.md.
+(build_llama_cpp.sh with ISA=LEVEL, in its own cache dir `<llama-dir>-LEVEL`). Below
+AVX-512 candela is also built for the level (`cargo build --release` with RUSTFLAGS
+"-C target-cpu=x86-64-v3", plus "+avxvnni" for avx2vnni, "x86-64" for scalar, into
+target/isa-LEVEL; the first build takes as long as a fresh one): the repository's own
+build is `target-cpu=native`, whose "AVX2" kernels use AVX-512 encodings (masks, 32
+registers, `vpdpwssd`) on an AVX-512 machine and so overstate a real AVX2 CPU. `--candela`
+names a binary to use instead; see docs/performance.md.
 
 Stdlib only. Typical use, from the repo root:
     cargo build --release
@@ -74,6 +77,13 @@ ISA_CAPS = {
     "scalar": {"CANDELA_ISA": "scalar", "CANDELA_ATTN_PATH": "portable"},
 }
 # What candela's start-up log must say for each level (its `cpu_kernels` field).
+# Below AVX-512, the compiler flags a build for the level gets (what a build on a CPU
+# of that level would use).
+ISA_RUSTFLAGS = {
+    "avx2vnni": "-C target-cpu=x86-64-v3 -C target-feature=+avxvnni",
+    "avx2": "-C target-cpu=x86-64-v3",
+    "scalar": "-C target-cpu=x86-64",
+}
 ISA_EXPECT = {
     "avx512": "quant=Avx512Vnni attention=avx512",
     "avx2vnni": "quant=Avx2Vnni attention=avx2",
@@ -82,6 +92,17 @@ ISA_EXPECT = {
 }
 # Weights read per decoded token if the server does not report it (SmolLM2-135M Q4_1).
 FALLBACK_WEIGHT_BYTES = 81_000_000
+
+
+def build_for_level(isa):
+    """candela built for `isa` (ISA_RUSTFLAGS) in target/isa-ISA; its path."""
+    target = os.path.join(REPO, "target", f"isa-{isa}")
+    log(f"building candela for {isa} ({ISA_RUSTFLAGS[isa]}) in {target}")
+    env = {**os.environ, "RUSTFLAGS": ISA_RUSTFLAGS[isa], "CARGO_TARGET_DIR": target}
+    out = subprocess.run(["cargo", "build", "--release", "--bin", "candela"], cwd=REPO, env=env)
+    if out.returncode != 0:
+        sys.exit(f"cargo build for {isa} failed")
+    return os.path.join(target, "release", "candela")
 
 
 def log(msg):
@@ -516,7 +537,9 @@ def main():
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--short-prompt", type=int, default=16,
                     help="prompt tokens for decode runs (default: %(default)s)")
-    ap.add_argument("--candela", default=os.path.join(REPO, "target", "release", "candela"))
+    ap.add_argument("--candela", default=None,
+                    help="candela binary (default: target/release/candela, or for --isa "
+                         "avx2/avx2vnni/scalar one built for that level in target/isa-LEVEL)")
     ap.add_argument("--data-dir", default="/tmp/cdata")
     ap.add_argument("--llama-dir", default=DEFAULT_CACHE,
                     help="llama.cpp cache dir of build_llama_cpp.sh (default: %(default)s)")
@@ -527,6 +550,9 @@ def main():
     ap.add_argument("--seed", type=int, default=20240601)
     args = ap.parse_args()
 
+    if args.candela is None:
+        args.candela = (build_for_level(args.isa) if args.isa in ISA_RUSTFLAGS
+                        else os.path.join(REPO, "target", "release", "candela"))
     if not os.access(args.candela, os.X_OK):
         sys.exit(f"candela binary not found: {args.candela} (run cargo build --release)")
     model = os.path.abspath(args.model)
