@@ -50,9 +50,16 @@ pub(super) struct KRow<'a> {
     bsums: &'a [i16],
 }
 
-/// Q8_K quantization of whole super-blocks: NEON on aarch64 (unless capped to
-/// scalar), else the portable [`quantize_k_scalar`], which it equals bit for bit.
+/// Q8_K quantization of whole super-blocks: AVX2 on x86-64 and NEON on aarch64 (unless
+/// capped to scalar), else the portable [`quantize_k_scalar`], which both equal bit for
+/// bit.
 fn quantize_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar {
+        // SAFETY: AVX2 and FMA are present at any level above Scalar; the slices are
+        // sized by `KActs::quantize` (and checked again inside).
+        return unsafe { quantize_k_avx2(x, d, qs, bsums) };
+    }
     #[cfg(target_arch = "aarch64")]
     if isa() != Isa::Scalar {
         // SAFETY: NEON is baseline on aarch64; the slices are sized by `KActs::quantize`
@@ -60,6 +67,68 @@ fn quantize_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
         return unsafe { neon::quantize_k_neon(x, d, qs, bsums) };
     }
     quantize_k_scalar(x, d, qs, bsums)
+}
+
+/// [`quantize_k_scalar`] with AVX2: the magnitude maximum by vector max (exact; a NaN
+/// is skipped as the scalar comparison skips it), the first value of that magnitude
+/// found by a scalar scan, the products by the one factor, round half to even (a NaN
+/// product to 0, as the scalar cast does), the clamp at 127 and the integer sums are
+/// each exact, so the bits are the scalar path's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_k_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    unsafe {
+        use std::arch::x86_64::*;
+        let nb = x.len() / QK_K;
+        assert!(d.len() >= nb && qs.len() >= nb * QK_K && bsums.len() >= nb * 16);
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK_K);
+            let mut m = _mm256_setzero_ps();
+            for i in 0..QK_K / 8 {
+                // max_ps returns its second operand when either is NaN: m stays.
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))), m);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+            let q = &mut qs[b * QK_K..(b + 1) * QK_K];
+            let bs = &mut bsums[b * 16..(b + 1) * 16];
+            if amax == 0.0 {
+                d[b] = 0.0;
+                q.fill(0);
+                bs.fill(0);
+                continue;
+            }
+            let xs = &x[b * QK_K..(b + 1) * QK_K];
+            let max = xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+            let iscale = -127.0 / max;
+            let is = _mm256_set1_ps(iscale);
+            let top = _mm256_set1_epi32(127);
+            for g in 0..QK_K / 32 {
+                let v: [__m256i; 4] = std::array::from_fn(|i| {
+                    let y = _mm256_mul_ps(_mm256_loadu_ps(p.add(32 * g + 8 * i)), is);
+                    // A NaN product becomes 0, as the scalar path's `as i32` makes it.
+                    let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+                    let r = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    _mm256_min_epi32(_mm256_cvtps_epi32(r), top)
+                });
+                // Every value is in -127..=127, so the saturating packs are exact; they
+                // interleave the 128-bit lanes, which the permutation puts back in order.
+                let w = _mm256_packs_epi16(
+                    _mm256_packs_epi32(v[0], v[1]),
+                    _mm256_packs_epi32(v[2], v[3]),
+                );
+                let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(q.as_mut_ptr().add(32 * g) as *mut __m256i, w);
+            }
+            // Sums of 16 (exact in any order; the compiler vectorizes them).
+            for (s, q16) in bs.iter_mut().zip(q.chunks_exact(16)) {
+                *s = q16.iter().map(|&v| v as i16).sum();
+            }
+            d[b] = 1.0 / iscale;
+        }
+    }
 }
 
 /// ggml's `quantize_row_q8_K_ref` (which the x86 build uses): the scale comes from the

@@ -41,9 +41,9 @@ fn q8k_quantization_matches_ggml_rules() {
     assert!(a.row(0).d[0] < 0.0);
 }
 
-/// The Q8_K quantizer of this CPU (NEON on aarch64) equals the portable one bit for
-/// bit: random rows, `+max` and `-max` both present (the first decides the sign),
-/// all-zero super-blocks, ties, huge values.
+/// The Q8_K quantizer of this CPU (AVX2 on x86-64, NEON on aarch64) equals the portable
+/// one bit for bit: random rows, `+max` and `-max` both present (the first decides the
+/// sign), all-zero super-blocks, ties, huge values, a NaN (skipped by both).
 #[test]
 fn q8k_simd_equals_scalar() -> Result<()> {
     for nb in [1usize, 2, 3, 7] {
@@ -58,6 +58,9 @@ fn q8k_simd_equals_scalar() -> Result<()> {
         if nb > 2 {
             x[2 * QK_K + 9] = -7.0e4;
             x[2 * QK_K + 200] = 7.0e4;
+        }
+        if nb > 3 {
+            x[3 * QK_K + 17] = f32::NAN;
         }
         let mut want = (vec![0f32; nb], vec![0i8; nb * QK_K], vec![0i16; nb * 16]);
         let mut got = (vec![1f32; nb], vec![1i8; nb * QK_K], vec![1i16; nb * 16]);
