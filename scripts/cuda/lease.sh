@@ -130,6 +130,15 @@ candela_http() {
     kill $cp; wait $cp 2>/dev/null
 }
 
+# `candela doctor --no-cpu --tokens 32` on the synthetic file /root/synth/$1.gguf, its
+# output in $OUT/doctor_$1.txt, the lines matching the pattern $2 printed.
+synth_doctor() {
+    echo "== doctor on $1 at ${SECONDS} s"
+    /root/candela doctor --device cuda --model /root/synth/$1.gguf --data-dir /tmp/cdoctor \
+        --tokens 32 --no-cpu 2>"$OUT/doctor_$1.err" >"$OUT/doctor_$1.txt" || tail -n 20 "$OUT/doctor_$1.err"
+    grep -E "$2" "$OUT/doctor_$1.txt"
+}
+
 # The synthetic modes' start (carry .device/s): the gguf wheel, the binary, then the
 # named models written by gen_synth.py into /root/synth.
 synth_models() {
@@ -363,10 +372,7 @@ tc)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     synth_models smollm2-shape llama3-8b || exit 1
     for m in smollm2-shape llama3-8b; do
-        echo "== doctor on $m at ${SECONDS} s"
-        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
-            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
-        grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32" "$OUT/doctor_$m.txt"
+        synth_doctor $m "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32"
     done
     # The shared-memory-staged kernels forced for every matrix: batched against
     # single-stream bits.
@@ -480,10 +486,7 @@ peer8b)
     start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
     synth_models smollm2-shape llama3-8b || exit 1
     for m in smollm2-shape llama3-8b; do
-        echo "== doctor on $m at ${SECONDS} s"
-        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
-            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
-        grep -E "fused path|sequence|bit-identical|batched kernels|kernels at pos 32" "$OUT/doctor_$m.txt"
+        synth_doctor $m "fused path|sequence|bit-identical|batched kernels|kernels at pos 32"
     done
     port=8120
     for m in smollm2-shape llama3-8b; do
@@ -525,10 +528,7 @@ split)
     candela_http candela-split $M 8130 "" --greedy --streams 1,8
     if [ $SECONDS -lt 150 ]; then
         synth_models llama3-8b || exit 1
-        echo "== doctor on llama3-8b at ${SECONDS} s"
-        /root/candela doctor --device cuda --model /root/synth/llama3-8b.gguf --data-dir /tmp/cdoctor \
-            --tokens 32 --no-cpu 2>"$OUT/doctor_8b.err" >"$OUT/doctor_8b.txt" || tail -n 20 "$OUT/doctor_8b.err"
-        grep -E "sequence|bit-identical|^prefill +512 tokens: |kernels at pos (32|1024)|attention in" "$OUT/doctor_8b.txt"
+        synth_doctor llama3-8b "sequence|bit-identical|^prefill +512 tokens: |kernels at pos (32|1024)|attention in"
     else
         echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
     fi
@@ -537,10 +537,7 @@ tune)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     synth_models smollm2-shape llama3-8b || exit 1
     for m in smollm2-shape llama3-8b; do
-        echo "== doctor on $m at ${SECONDS} s"
-        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
-            --tokens 32 --no-cpu 2>"$OUT/doctor_$m.err" >"$OUT/doctor_$m.txt" || tail -n 20 "$OUT/doctor_$m.err"
-        grep -E "sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us" "$OUT/doctor_$m.txt"
+        synth_doctor $m "sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us"
     done
     ;;
 window)

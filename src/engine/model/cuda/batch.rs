@@ -252,6 +252,25 @@ impl Inner {
         Ok(())
     }
 
+    /// The records of a bench step: `bucket` rows at positions `pos..pos + bucket` of one
+    /// cache (reserved past them); binds the stream's context to this thread.
+    fn bench_records(&self, cache: &SeqCache, pos: usize, bucket: usize) -> Result<Vec<SeqRecord>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        let cap = cache.capacity();
+        if pos + bucket > cap {
+            return Err(err("bench positions past the cache"));
+        }
+        let kv = self.cache_ptrs(cache)?;
+        Ok((0..bucket)
+            .map(|t| SeqRecord {
+                token: t as u32,
+                pos: pos + t,
+                cap,
+                kv: kv.clone(),
+            })
+            .collect())
+    }
+
     /// Microseconds per launch of each kernel of the batched step for `bucket` rows, at
     /// positions `pos..pos + bucket` of `cache` (reserved past them), timed as `bench`
     /// times the single-stream ones. The rows share one cache, so their attention reads
@@ -262,20 +281,7 @@ impl Inner {
         pos: usize,
         bucket: usize,
     ) -> Result<Vec<(Op, f64)>> {
-        self.stream.context().bind_to_thread().map_err(err)?;
-        let cap = cache.capacity();
-        if pos + bucket > cap {
-            return Err(err("bench positions past the cache"));
-        }
-        let kv = self.cache_ptrs(cache)?;
-        let recs: Vec<SeqRecord> = (0..bucket)
-            .map(|t| SeqRecord {
-                token: t as u32,
-                pos: pos + t,
-                cap,
-                kv: kv.clone(),
-            })
-            .collect();
+        let recs = self.bench_records(cache, pos, bucket)?;
         self.ensure_batch(bucket)?;
         let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
         let nl = self.cfg.n_layers;
@@ -301,20 +307,7 @@ impl Inner {
         bucket: usize,
     ) -> Result<(f64, f64)> {
         const REPS: usize = 20;
-        self.stream.context().bind_to_thread().map_err(err)?;
-        let cap = cache.capacity();
-        if pos + bucket > cap {
-            return Err(err("bench positions past the cache"));
-        }
-        let kv = self.cache_ptrs(cache)?;
-        let recs: Vec<SeqRecord> = (0..bucket)
-            .map(|t| SeqRecord {
-                token: t as u32,
-                pos: pos + t,
-                cap,
-                kv: kv.clone(),
-            })
-            .collect();
+        let recs = self.bench_records(cache, pos, bucket)?;
         self.step_rows(&recs, bucket, StepKind::Decode)?; // captures the graph
         self.logits_back(bucket)?;
         let t = std::time::Instant::now();

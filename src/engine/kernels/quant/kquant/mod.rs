@@ -95,9 +95,7 @@ unsafe fn quantize_k_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [
             let q = &mut qs[b * QK_K..(b + 1) * QK_K];
             let bs = &mut bsums[b * 16..(b + 1) * 16];
             if amax == 0.0 {
-                d[b] = 0.0;
-                q.fill(0);
-                bs.fill(0);
+                d[b] = zero_block(q, bs);
                 continue;
             }
             let xs = &x[b * QK_K..(b + 1) * QK_K];
@@ -122,12 +120,24 @@ unsafe fn quantize_k_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [
                 let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
                 _mm256_storeu_si256(q.as_mut_ptr().add(32 * g) as *mut __m256i, w);
             }
-            // Sums of 16 (exact in any order; the compiler vectorizes them).
-            for (s, q16) in bs.iter_mut().zip(q.chunks_exact(16)) {
-                *s = q16.iter().map(|&v| v as i16).sum();
-            }
+            sums_of_16(q, bs);
             d[b] = 1.0 / iscale;
         }
+    }
+}
+
+/// An all-zero super-block's values and sums; its `d` (0).
+fn zero_block(q: &mut [i8], bs: &mut [i16]) -> f32 {
+    q.fill(0);
+    bs.fill(0);
+    0.0
+}
+
+/// `bsums`: the sum of each 16 quantized values (exact in any order; the compiler
+/// vectorizes it).
+fn sums_of_16(q: &[i8], bs: &mut [i16]) {
+    for (s, q16) in bs.iter_mut().zip(q.chunks_exact(16)) {
+        *s = q16.iter().map(|&v| v as i16).sum();
     }
 }
 
@@ -146,18 +156,14 @@ fn quantize_k_scalar(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16])
         let q = &mut qs[b * QK_K..(b + 1) * QK_K];
         let bs = &mut bsums[b * 16..(b + 1) * 16];
         if amax == 0.0 {
-            d[b] = 0.0;
-            q.fill(0);
-            bs.fill(0);
+            d[b] = zero_block(q, bs);
             continue;
         }
         let iscale = -127.0 / max;
         for (q, &v) in q.iter_mut().zip(xs) {
             *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
         }
-        for (s, q16) in bs.iter_mut().zip(q.chunks_exact(16)) {
-            *s = q16.iter().map(|&v| v as i16).sum();
-        }
+        sums_of_16(q, bs);
         d[b] = 1.0 / iscale;
     }
 }
