@@ -72,6 +72,9 @@
 #       smollm2-shape and llama3-8b, printing the tuning lines: whole steps (graph alone
 #       against with the host's part), mat-vecs at 1/2/4 blocks per multiprocessor, split
 #       attention with 2/4 blocks a head, the batched kernels, batched against single bits.
+#   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
+#       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
+#       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -133,10 +136,11 @@ candela_http() {
 # `candela doctor --no-cpu --tokens 32` on the synthetic file /root/synth/$1.gguf, its
 # output in $OUT/doctor_$1.txt, the lines matching the pattern $2 printed.
 synth_doctor() {
-    echo "== doctor on $1 at ${SECONDS} s"
-    /root/candela doctor --device cuda --model /root/synth/$1.gguf --data-dir /tmp/cdoctor \
-        --tokens 32 --no-cpu 2>"$OUT/doctor_$1.err" >"$OUT/doctor_$1.txt" || tail -n 20 "$OUT/doctor_$1.err"
-    grep -E "$2" "$OUT/doctor_$1.txt"
+    local bin="${BIN:-/root/candela}" tag="$1${TAG:-}"
+    echo "== doctor ($bin) on $1 at ${SECONDS} s"
+    $bin doctor --device cuda --model /root/synth/$1.gguf --data-dir /tmp/cdoctor \
+        --tokens 32 --no-cpu 2>"$OUT/doctor_$tag.err" >"$OUT/doctor_$tag.txt" || tail -n 20 "$OUT/doctor_$tag.err"
+    grep -E "$2" "$OUT/doctor_$tag.txt"
 }
 
 # The synthetic modes' start (carry .device/s): the gguf wheel, the binary, then the
@@ -540,6 +544,18 @@ tune)
         synth_doctor $m "sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us"
     done
     ;;
+ab)
+    # The carried build against a base build (candela-base.xz beside it), doctor by
+    # doctor on the same files; the tensor path's logit gaps double as a check that two
+    # builds meant to compute the same bits do.
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    synth_models ${MODELS:-smollm2-shape llama3-8b} || exit 1
+    xz -dc ${S:-.device/s}/candela-base.xz >/root/candela-base && chmod +x /root/candela-base
+    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+        BIN=/root/candela-base TAG=_base synth_doctor $m "${LINES:-.}"
+        synth_doctor $m "${LINES:-.}"
+    done
+    ;;
 window)
     W="${W:-.device/w}"
     xz -dc $W/candela.xz >/root/candela && chmod +x /root/candela
@@ -554,7 +570,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|tune|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|tune|ab|window" >&2
     exit 2
     ;;
 esac

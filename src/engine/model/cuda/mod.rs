@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::ffi::c_void;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
 };
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Storage, Tensor};
@@ -145,6 +145,9 @@ struct Inner {
     att_part: Buf<f32>,
     att_cnt: Buf<f32>,
     logits: Buf<f32>,
+    /// Page-locked host copy of `logits` (a copy into pageable memory is staged by the
+    /// driver and slower).
+    host_logits: PinnedHostSlice<f32>,
     step: Buf<u64>,
     graph: Option<CudaGraph>,
     /// Buffers and graphs of the batched step, made on first use.
@@ -159,8 +162,8 @@ struct Inner {
     /// batches of up to 8, else 2); `candela doctor` varies it.
     mm_per_sm: std::cell::Cell<usize>,
     /// Single-stream mat-vec blocks per multiprocessor at most (each block quantizes the
-    /// activations once, then takes rows in a grid-stride loop; `CANDELA_CUDA_MV_BLOCKS`,
-    /// default 8); `candela doctor` varies it.
+    /// activations once, then takes rows in a grid-stride loop; 0: by the row length,
+    /// `batch_plan::mv_blocks_per_sm`; `CANDELA_CUDA_MV_BLOCKS`); `candela doctor` varies it.
     mv_per_sm: std::cell::Cell<usize>,
     /// Blocks per head of a batched attention launch (0: `batch_plan::attn_blocks_per_head`;
     /// `CANDELA_CUDA_ATT_BLOCKS`); `candela doctor` varies it.
@@ -579,6 +582,12 @@ impl FusedDecoder {
             att_part: zeros(&stream, cfg.n_heads * att_max * (hd + 2))?,
             att_cnt: zeros(&stream, cfg.n_heads)?,
             logits: zeros(&stream, output.n)?,
+            // SAFETY: every element read is written by a device copy first.
+            host_logits: unsafe {
+                context
+                    .alloc_pinned_with_flags::<f32>(output.n, 0)
+                    .map_err(err)?
+            },
             step: upload(&stream, &vec![0u64; 3 + 2 * cfg.n_layers])?,
             embed: embed.clone(),
             cos: cos.clone(),
@@ -596,9 +605,7 @@ impl FusedDecoder {
             wide: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
-            mv_per_sm: std::cell::Cell::new(
-                env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(8).max(1),
-            ),
+            mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
@@ -800,7 +807,8 @@ impl FusedDecoder {
                     );
                 }
                 let hb = g.att_hb.get();
-                let split = [(1, 0), (g.att_max, 0), (g.att_max, 2), (g.att_max, 4)];
+                let m = g.att_max;
+                let split = [(1, 0), (m, 0), (m, 1), (m, 2), (m, 4), (m, 8)];
                 for (nch, blocks) in split {
                     g.att_nch.set(nch);
                     g.att_hb.set(blocks);
@@ -841,7 +849,7 @@ impl FusedDecoder {
         // quantizes the activations once), at the first position.
         if let Some(&p) = positions.iter().min() {
             let per_sm = g.mv_per_sm.get();
-            for n in [1, 2, 4] {
+            for n in [2, 4, 8] {
                 g.mv_per_sm.set(n);
                 cache.reserve(p + 1)?;
                 let (parts, step) = step_sum(&g.bench(cache, p)?, nl);

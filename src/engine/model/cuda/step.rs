@@ -33,11 +33,11 @@ impl Inner {
             self.launch_step()?;
             self.steps += 1;
             if all || i + 1 == tokens.len() {
-                let at = out.len();
-                out.resize(at + vocab, 0.0);
                 self.stream
-                    .memcpy_dtoh(&self.logits.slice, &mut out[at..])
+                    .memcpy_dtoh(&self.logits.slice, &mut self.host_logits)
                     .map_err(err)?;
+                self.stream.synchronize().map_err(err)?;
+                out.extend_from_slice(&self.host_logits.as_slice().map_err(err)?[..vocab]);
             }
         }
         self.stream.synchronize().map_err(err)?;
@@ -105,7 +105,11 @@ impl Inner {
         let warps = (MV_THREADS / 32) as usize;
         // A grid-stride loop over rows: at most a few blocks per SM, each quantizing the
         // activations once.
-        let blocks = rows.div_ceil(warps).min(132 * self.mv_per_sm.get()) as u32;
+        let per_sm = match self.mv_per_sm.get() {
+            0 => batch_plan::mv_blocks_per_sm(m.k),
+            n => n,
+        };
+        let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
         let eps = self.cfg.rms_eps as f32;
         let (k, n) = (m.k as i32, m.n as i32);
