@@ -71,7 +71,8 @@
 #   scripts/cuda/lease.sh tune     carry .device/s (as synth): `candela doctor --no-cpu` on
 #       smollm2-shape and llama3-8b, printing the tuning lines: whole steps (graph alone
 #       against with the host's part), mat-vecs at 1/2/4 blocks per multiprocessor, split
-#       attention with 2/4 blocks a head, the batched kernels, batched against single bits.
+#       attention with 2/4 blocks a head, the batched kernels, batched against single bits
+#       (MODELS=..., LINES=a grep pattern).
 #   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
 #       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
@@ -539,9 +540,9 @@ split)
     ;;
 tune)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-    synth_models smollm2-shape llama3-8b || exit 1
-    for m in smollm2-shape llama3-8b; do
-        synth_doctor $m "sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us"
+    synth_models ${MODELS:-smollm2-shape llama3-8b} || exit 1
+    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+        synth_doctor $m "${LINES:-sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us}"
     done
     ;;
 ab)

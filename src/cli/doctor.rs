@@ -27,16 +27,29 @@ struct Run {
     first: Vec<f32>,
     prefill_ms: f64,
     steps_ms: Vec<f64>,
+    /// Of each step, the time inside `Model::forward` (the rest: the logits to a Vec).
+    forward_ms: Vec<f64>,
 }
 
 fn forward1(model: &Model, ids: &[u32], cache: &mut SeqCache) -> Result<Vec<f32>, EngineError> {
+    Ok(forward1_timed(model, ids, cache)?.0)
+}
+
+/// forward1, and the milliseconds spent inside `Model::forward`.
+fn forward1_timed(
+    model: &Model,
+    ids: &[u32],
+    cache: &mut SeqCache,
+) -> Result<(Vec<f32>, f64), EngineError> {
     let mut input = [SeqInput {
         tokens: ids,
         cache,
         all_logits: false,
     }];
+    let t = Instant::now();
     let out = model.forward(&mut input)?;
-    Ok(out[0].squeeze(0)?.to_vec1::<f32>()?)
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok((out[0].squeeze(0)?.to_vec1::<f32>()?, ms))
 }
 
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Run, EngineError> {
@@ -47,18 +60,22 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Run, EngineError> {
     let first = logits.clone();
     let mut tokens = Vec::with_capacity(n);
     let mut steps_ms = Vec::with_capacity(n);
+    let mut forward_ms = Vec::with_capacity(n);
     for _ in 0..n {
         let next = argmax(&logits);
         tokens.push(next);
         let t = Instant::now();
-        logits = forward1(model, &[next], &mut cache)?;
+        let (l, fwd) = forward1_timed(model, &[next], &mut cache)?;
+        logits = l;
         steps_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        forward_ms.push(fwd);
     }
     Ok(Run {
         tokens,
         first,
         prefill_ms,
         steps_ms,
+        forward_ms,
     })
 }
 
@@ -353,10 +370,12 @@ fn report(name: &str, r: &Run, cpu: Option<&Run>) -> String {
     let med = median(&r.steps_ms);
     let mean = r.steps_ms.iter().sum::<f64>() / r.steps_ms.len().max(1) as f64;
     let mut line = format!(
-        "{name:<28} prefill {:>8.2} ms  decode median {:>7.1} tok/s (mean {:>7.1})",
+        "{name:<28} prefill {:>8.2} ms  decode median {:>7.1} tok/s (mean {:>7.1}; a step {:.0} us, {:.0} of them in Model::forward)",
         r.prefill_ms,
         1e3 / med,
-        1e3 / mean
+        1e3 / mean,
+        med * 1e3,
+        median(&r.forward_ms) * 1e3
     );
     if let Some(c) = cpu {
         let agree = r

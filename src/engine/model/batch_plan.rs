@@ -106,18 +106,19 @@ pub const TCS_MIN_ROWS: usize = 8192;
 
 /// Which tensor-core kernels a projection of `rows` output rows takes in a step of
 /// `bucket` columns: by size unless forced (`cols32`, `staged`: Some(on) from the
-/// environment or `candela doctor`).
+/// environment or `candela doctor`; staging forced on takes batches of any width,
+/// 8 columns a block, unless the 32-column blocks are forced on too).
 pub fn tc_kernels(
     rows: usize,
     bucket: usize,
     cols32: Option<bool>,
     staged: Option<bool>,
 ) -> TcKernels {
-    if bucket > 8 {
-        if cols32.unwrap_or(rows >= TC32_MIN_ROWS) {
-            return TcKernels::Cols32;
-        }
-    } else if staged.unwrap_or(rows >= TCS_MIN_ROWS) {
+    let wide = bucket > 8;
+    if wide && cols32.unwrap_or(rows >= TC32_MIN_ROWS && staged != Some(true)) {
+        return TcKernels::Cols32;
+    }
+    if staged.unwrap_or(!wide && rows >= TCS_MIN_ROWS) {
         return TcKernels::Staged;
     }
     TcKernels::Cols8
@@ -128,23 +129,23 @@ pub fn tc_kernels(
 pub const ATT_MAX_CHUNKS: usize = 16;
 
 /// Position chunks a head's decode attention is split into at long contexts, for a model
-/// of `n_heads` query heads: enough for a single stream's heads to cover the
-/// multiprocessors of a large card about twice (a chunk holds at least 256 positions, so
+/// of `n_heads` query heads on a card of `sms` multiprocessors: enough for a single
+/// stream's heads to cover the multiprocessors about twice (a chunk holds at least 256 positions, so
 /// shorter contexts are not split), at most [`ATT_MAX_CHUNKS`]. The single-stream and
 /// batched kernels cut a sequence's positions the same way for a given count.
-pub fn attn_chunks(n_heads: usize) -> usize {
-    (264 / n_heads.max(1)).clamp(1, ATT_MAX_CHUNKS)
+pub fn attn_chunks(n_heads: usize, sms: usize) -> usize {
+    (2 * sms / n_heads.max(1)).clamp(1, ATT_MAX_CHUNKS)
 }
 
 /// Blocks a head of each row takes in a batched attention launch of `bucket` rows (each
 /// block works through every this-many-th chunk of the head's `chunks`): a power of two
 /// (so the blocks share a head's chunks evenly) up to about four blocks per
-/// multiprocessor of a large card in all, at least one. On an H100 at 1,024 positions
+/// multiprocessor (`sms` of them) in all, at least one. On an H100 at 1,024 positions
 /// (8 rows) this took SmolLM2's shape (9 heads) from 20.7 to 16.8 µs a layer (4 blocks a
 /// head instead of 3) and Llama-3-8B's (32 heads) from 70.4 to 39.9 (2 instead of 1; 4
 /// gave 47.1).
-pub fn attn_blocks_per_head(n_heads: usize, bucket: usize, chunks: usize) -> usize {
-    let fit = (528 / (n_heads * bucket).max(1)).clamp(1, chunks.max(1));
+pub fn attn_blocks_per_head(n_heads: usize, bucket: usize, chunks: usize, sms: usize) -> usize {
+    let fit = (4 * sms / (n_heads * bucket).max(1)).clamp(1, chunks.max(1));
     1 << fit.ilog2()
 }
 
@@ -304,31 +305,36 @@ mod tests {
     #[test]
     fn attention_splits_into_at_most_the_kernels_chunks() {
         // SmolLM2 (9 heads) and Qwen2.5-0.5B (14): the most; Llama-3-8B (32): 8.
-        assert_eq!(attn_chunks(9), 16);
-        assert_eq!(attn_chunks(14), 16);
-        assert_eq!(attn_chunks(32), 8);
-        assert_eq!(attn_chunks(128), 2);
-        assert_eq!(attn_chunks(1000), 1);
-        assert_eq!(attn_chunks(0), 16);
+        assert_eq!(attn_chunks(9, 132), 16);
+        assert_eq!(attn_chunks(14, 132), 16);
+        assert_eq!(attn_chunks(32, 132), 8);
+        assert_eq!(attn_chunks(128, 132), 2);
+        assert_eq!(attn_chunks(1000, 132), 1);
+        assert_eq!(attn_chunks(0, 132), 16);
         for h in 1..300 {
-            let c = attn_chunks(h);
+            let c = attn_chunks(h, 132);
             assert!((1..=ATT_MAX_CHUNKS).contains(&c));
             for bucket in BUCKETS {
-                let b = attn_blocks_per_head(h, bucket, c);
+                let b = attn_blocks_per_head(h, bucket, c, 132);
                 assert!(b >= 1 && b <= c, "heads {h} bucket {bucket}: {b} of {c}");
             }
         }
         // Batches of many rows take one block a head; small ones share a head's chunks
         // evenly (a power of two).
-        assert_eq!(attn_blocks_per_head(9, 32, 16), 1);
-        assert_eq!(attn_blocks_per_head(9, 8, 16), 4);
-        assert_eq!(attn_blocks_per_head(32, 8, 8), 2);
-        assert_eq!(attn_blocks_per_head(32, 32, 8), 1);
-        assert_eq!(attn_blocks_per_head(9, 2, 16), 16);
-        assert_eq!(attn_blocks_per_head(14, 4, 16), 8);
+        assert_eq!(attn_blocks_per_head(9, 32, 16, 132), 1);
+        assert_eq!(attn_blocks_per_head(9, 8, 16, 132), 4);
+        assert_eq!(attn_blocks_per_head(32, 8, 8, 132), 2);
+        assert_eq!(attn_blocks_per_head(32, 32, 8, 132), 1);
+        assert_eq!(attn_blocks_per_head(9, 2, 16, 132), 16);
+        assert_eq!(attn_blocks_per_head(14, 4, 16, 132), 8);
+        // A smaller card (28 multiprocessors) splits less and spreads fewer blocks.
+        assert_eq!(attn_chunks(9, 28), 6);
+        assert_eq!(attn_chunks(32, 28), 1);
+        assert_eq!(attn_blocks_per_head(9, 8, 6, 28), 1);
+        assert_eq!(attn_blocks_per_head(9, 2, 6, 28), 4);
         for h in 1..300 {
             for bucket in BUCKETS {
-                assert!(attn_blocks_per_head(h, bucket, 16).is_power_of_two());
+                assert!(attn_blocks_per_head(h, bucket, 16, 132).is_power_of_two());
             }
         }
     }
@@ -359,8 +365,12 @@ mod tests {
         assert_eq!(tc_kernels(128256, 8, Some(true), None), Staged);
         assert_eq!(tc_kernels(6144, 8, None, None), Cols8);
         assert_eq!(tc_kernels(14336, 4, None, None), Staged);
-        // Forcing either way wins over the size; the other switch is ignored.
-        assert_eq!(tc_kernels(49152, 32, Some(false), Some(true)), Cols8);
+        // Forcing either way wins over the size; staging forced on applies to wide
+        // batches too unless the 32-column blocks are forced on.
+        assert_eq!(tc_kernels(49152, 32, Some(false), Some(true)), Staged);
+        assert_eq!(tc_kernels(49152, 32, None, Some(true)), Staged);
+        assert_eq!(tc_kernels(49152, 32, Some(true), Some(true)), Cols32);
+        assert_eq!(tc_kernels(49152, 32, Some(false), None), Cols8);
         assert_eq!(tc_kernels(576, 32, Some(true), None), Cols32);
         assert_eq!(tc_kernels(576, 8, None, Some(true)), Staged);
         assert_eq!(tc_kernels(128256, 2, Some(true), Some(false)), Cols8);

@@ -611,7 +611,7 @@ impl Inner {
             0 => 2,
             n => n,
         };
-        let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
+        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
         let smem = (ch * batch_plan::column_bytes(m.k)) as u32;
         let (n, ld, chi) = (m.n as i32, ld as i32, ch as i32);
         let mut args = [
@@ -649,7 +649,7 @@ impl Inner {
         // The single-stream kernel's position chunks, each head's taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
         let hb = match self.att_hb.get() {
-            0 => batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch),
+            0 => batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch, self.sms),
             n => n.clamp(1, nch),
         };
         let (nchi, hbi) = (nch as i32, hb as i32);

@@ -93,8 +93,8 @@ template <int KIND>
 __device__ __forceinline__ float2 nibble_pair(const float2* __restrict__ wdm,
                                               const uint8_t* __restrict__ srow, int nb, int b) {
     if (KIND == KIND_Q4_K) {
-        const float2 dd = ((const float2*)srow)[b >> 3];
-        const uchar2 sm = ((const uchar2*)(srow + nb))[b];
+        const float2 dd = __ldg((const float2*)srow + (b >> 3));
+        const uchar2 sm = __ldg((const uchar2*)(srow + nb) + b);
         return make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
     }
     return wdm[b];

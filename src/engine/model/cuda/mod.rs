@@ -120,6 +120,8 @@ struct Funcs {
 struct Inner {
     cfg: ModelConfig,
     ctx: usize,
+    /// The card's multiprocessors (grid sizes and the attention split follow them).
+    sms: usize,
     stream: Arc<CudaStream>,
     candle_stream: Arc<CudaStream>,
     event: sys::CUevent,
@@ -564,14 +566,19 @@ impl FusedDecoder {
         let out_norm = rd.norm("output_norm.weight")?;
         let ffn = layers.first().map_or(0, |l| l.gate_up.n / 2);
         let nq = cfg.n_heads * hd;
+        let sms = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(err)?
+            .max(1) as usize;
         let att_max = if env_switch("CANDELA_CUDA_ATTN_SPLIT") == Some(false) {
             1
         } else {
-            batch_plan::attn_chunks(cfg.n_heads)
+            batch_plan::attn_chunks(cfg.n_heads, sms)
         };
         let inner = Inner {
             cfg: cfg.clone(),
             ctx,
+            sms,
             x: zeros(&stream, cfg.hidden)?,
             qkv: zeros(&stream, nq + 2 * cfg.n_kv_heads * hd)?,
             att: zeros(&stream, nq)?,
@@ -920,6 +927,12 @@ impl FusedDecoder {
                     "weights staged in shared memory for every matrix",
                 ),
                 (8, default_tc32, Some(false), "weights staged for no matrix"),
+                (
+                    32,
+                    None,
+                    Some(true),
+                    "weights staged (8 columns a block) for every matrix",
+                ),
             ];
             for (bucket, tc32, tcs, label) in forced {
                 g.mm_tc32.set(tc32);

@@ -109,7 +109,7 @@ impl Inner {
             0 => batch_plan::mv_blocks_per_sm(m.k),
             n => n,
         };
-        let blocks = rows.div_ceil(warps).min(132 * per_sm) as u32;
+        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
         let eps = self.cfg.rms_eps as f32;
         let (k, n) = (m.k as i32, m.n as i32);
