@@ -72,7 +72,9 @@
 #       smollm2-shape and llama3-8b, printing the tuning lines: whole steps (graph alone
 #       against with the host's part), mat-vecs at 1/2/4 blocks per multiprocessor, split
 #       attention with 2/4 blocks a head, the batched kernels, batched against single bits
-#       (MODELS=..., LINES=a grep pattern).
+#       (MODELS=..., LINES=a grep pattern; FORCED="CANDELA_CUDA_...=1 ..." runs each
+#       model's doctor again with those switches, FORCED_MODELS=... on those only,
+#       FLINES=its grep pattern; DEFAULT=0 skips the doctors without them).
 #   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
 #       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
@@ -541,9 +543,16 @@ split)
 tune)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     synth_models ${MODELS:-smollm2-shape llama3-8b} || exit 1
-    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+    [ "${DEFAULT:-1}" = 0 ] || for m in ${MODELS:-smollm2-shape llama3-8b}; do
         synth_doctor $m "${LINES:-sequence|bit-identical|decode step|kernels at pos|mat-vecs at most|attention in|batched kernels, (8|32) rows, us}"
     done
+    # FORCED="CANDELA_CUDA_X=1 ...": each model's doctor again with those switches (its
+    # bit-identity lines then check the forced kernels).
+    if [ -n "${FORCED:-}" ]; then
+        for m in ${FORCED_MODELS:-${MODELS:-smollm2-shape llama3-8b}}; do
+            (export $FORCED; echo "== with $FORCED"; TAG=_forced synth_doctor $m "${FLINES:-sequence|bit-identical|batched kernels, (8|32) rows, us}")
+        done
+    fi
     ;;
 ab)
     # The carried build against a base build (candela-base.xz beside it), doctor by

@@ -91,12 +91,16 @@ pub enum TcKernels {
     /// 8 columns a block with the weights staged through shared memory, double-buffered
     /// (`tcs_*`).
     Staged,
+    /// 32 columns a block (16 warps) with the weights and the activations staged through
+    /// shared memory, double-buffered (`tcs32_*`).
+    Staged32,
 }
 
-/// Output rows from which a batch of more than 8 takes [`TcKernels::Cols32`] by default:
-/// below it the 32-column kernel's blocks (one per 16 rows) leave much of the card idle.
-/// On an H100 it lost at 576 and 960 rows (SmolLM2's shape) and won from 1,536 up
-/// (Llama-3-8B's projections 1.6x, its 32-row step 20.1 ms against 31.8).
+/// Output rows from which a batch of more than 8 takes the 32-column blocks
+/// ([`TcKernels::Staged32`]) by default: below it their blocks (one per 16 rows) leave
+/// much of the card idle. On an H100 the 32-column kernels lost at 576 and 960 rows
+/// (SmolLM2's shape) and won from 1,536 up; staged, they won on every matrix of
+/// Llama-3-8B's shape against the unstaged ones (its 32-row step 15.4 ms against 20.7).
 pub const TC32_MIN_ROWS: usize = 1024;
 
 /// Output rows from which a batch of up to 8 takes [`TcKernels::Staged`] by default: on
@@ -106,8 +110,8 @@ pub const TCS_MIN_ROWS: usize = 8192;
 
 /// Which tensor-core kernels a projection of `rows` output rows takes in a step of
 /// `bucket` columns: by size unless forced (`cols32`, `staged`: Some(on) from the
-/// environment or `candela doctor`; staging forced on takes batches of any width,
-/// 8 columns a block, unless the 32-column blocks are forced on too).
+/// environment or `candela doctor`). 32-column blocks only for batches over 8; staging
+/// by default goes with them there, and from [`TCS_MIN_ROWS`] for batches up to 8.
 pub fn tc_kernels(
     rows: usize,
     bucket: usize,
@@ -115,13 +119,14 @@ pub fn tc_kernels(
     staged: Option<bool>,
 ) -> TcKernels {
     let wide = bucket > 8;
-    if wide && cols32.unwrap_or(rows >= TC32_MIN_ROWS && staged != Some(true)) {
-        return TcKernels::Cols32;
+    let cols32 = wide && cols32.unwrap_or(rows >= TC32_MIN_ROWS);
+    let staged = staged.unwrap_or(if wide { cols32 } else { rows >= TCS_MIN_ROWS });
+    match (cols32, staged) {
+        (true, true) => TcKernels::Staged32,
+        (true, false) => TcKernels::Cols32,
+        (false, true) => TcKernels::Staged,
+        (false, false) => TcKernels::Cols8,
     }
-    if staged.unwrap_or(!wide && rows >= TCS_MIN_ROWS) {
-        return TcKernels::Staged;
-    }
-    TcKernels::Cols8
 }
 
 /// Most position chunks one head's decode attention is split into (the kernels'
@@ -356,22 +361,25 @@ mod tests {
     #[test]
     fn tensor_core_kernels_by_size_unless_forced() {
         use TcKernels::*;
-        // SmolLM2's projections stay on 8 columns, its gate|up and vocabulary go wide.
+        // SmolLM2's projections stay on 8 columns, its gate|up and vocabulary go wide,
+        // staged.
         assert_eq!(tc_kernels(576, 32, None, None), Cols8);
         assert_eq!(tc_kernels(960, 64, None, None), Cols8);
-        assert_eq!(tc_kernels(1536, 32, None, None), Cols32);
-        assert_eq!(tc_kernels(49152, 16, None, None), Cols32);
+        assert_eq!(tc_kernels(1536, 32, None, None), Staged32);
+        assert_eq!(tc_kernels(49152, 16, None, None), Staged32);
         // Batches of up to 8 never take the 32-column kernels; large matrices are staged.
         assert_eq!(tc_kernels(128256, 8, Some(true), None), Staged);
         assert_eq!(tc_kernels(6144, 8, None, None), Cols8);
         assert_eq!(tc_kernels(14336, 4, None, None), Staged);
-        // Forcing either way wins over the size; staging forced on applies to wide
-        // batches too unless the 32-column blocks are forced on.
+        // Forcing either way wins over the size.
         assert_eq!(tc_kernels(49152, 32, Some(false), Some(true)), Staged);
-        assert_eq!(tc_kernels(49152, 32, None, Some(true)), Staged);
-        assert_eq!(tc_kernels(49152, 32, Some(true), Some(true)), Cols32);
         assert_eq!(tc_kernels(49152, 32, Some(false), None), Cols8);
-        assert_eq!(tc_kernels(576, 32, Some(true), None), Cols32);
+        assert_eq!(tc_kernels(49152, 32, None, Some(false)), Cols32);
+        assert_eq!(tc_kernels(49152, 32, Some(true), Some(true)), Staged32);
+        assert_eq!(tc_kernels(576, 32, Some(true), None), Staged32);
+        assert_eq!(tc_kernels(576, 32, Some(true), Some(false)), Cols32);
+        assert_eq!(tc_kernels(576, 32, None, Some(true)), Staged);
+        assert_eq!(tc_kernels(49152, 8, Some(true), Some(true)), Staged);
         assert_eq!(tc_kernels(576, 8, None, Some(true)), Staged);
         assert_eq!(tc_kernels(128256, 2, Some(true), Some(false)), Cols8);
     }

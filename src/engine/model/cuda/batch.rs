@@ -576,16 +576,17 @@ impl Inner {
                 arg(&b.pq.ptr),
                 arg(&b.pds.ptr),
             ];
-            // 8 columns a block (8 warps), 32 (16 warps) for wider batches, or 8 with the
-            // weights staged through shared memory, by the matrix's size.
+            // 8 columns a block (8 warps), or 32 (16 warps) with weights and activations
+            // staged for wider batches, or 8 with the weights staged, by the matrix's size.
             let which = batch_plan::tc_kernels(rows, bucket, self.mm_tc32.get(), self.mm_tcs.get());
             let (set, cols, threads) = match which {
                 batch_plan::TcKernels::Cols8 => (0, 8, 256),
                 batch_plan::TcKernels::Cols32 => (1, 32, 512),
                 batch_plan::TcKernels::Staged => (2, 8, 256),
+                batch_plan::TcKernels::Staged32 => (3, 32, 512),
             };
             let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
-            // SAFETY: matches `TC_ENTRY` in tc.cuh; pq and pds hold the step's columns
+            // SAFETY: matches `TC_ENTRY` (and TCS_ENTRY, TCS32_ENTRY) in tc.cuh; pq and pds hold the step's columns
             // (quantized just above) and `out` room for `bucket` rows of `ld`.
             return unsafe {
                 self.go2(

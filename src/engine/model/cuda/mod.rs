@@ -110,8 +110,9 @@ struct Funcs {
     qcols: [CudaFunction; 4],
     /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
     /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8); `[2]`: `tcs_*`, the
-    /// weights staged through shared memory (batches of up to 8).
-    tc: Option<[[[CudaFunction; 3]; 4]; 3]>,
+    /// weights staged through shared memory (batches of up to 8); `[3]`: `tcs32_*`, 32
+    /// columns a block with weights and activations staged (batches of more than 8).
+    tc: Option<[[[CudaFunction; 3]; 4]; 4]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -470,7 +471,7 @@ impl FusedDecoder {
                     modes(&module, &format!("{p}_q4_k"))?,
                 ])
             };
-            Some([set("tc")?, set("tc32")?, set("tcs")?])
+            Some([set("tc")?, set("tc32")?, set("tcs")?, set("tcs32")?])
         } else {
             None
         };
@@ -899,40 +900,46 @@ impl FusedDecoder {
                 (
                     32,
                     Some(true),
-                    default_tcs,
-                    "32 columns a block for every matrix",
+                    Some(true),
+                    "32 columns a block, staged, for every matrix",
+                ),
+                (
+                    32,
+                    Some(true),
+                    Some(false),
+                    "32 columns a block, unstaged, for every matrix",
                 ),
                 (
                     32,
                     Some(false),
-                    default_tcs,
+                    Some(false),
                     "8 columns a block for every matrix",
+                ),
+                (
+                    32,
+                    Some(false),
+                    Some(true),
+                    "8 columns a block, staged, for every matrix",
                 ),
                 (
                     64,
                     Some(true),
-                    default_tcs,
-                    "32 columns a block for every matrix",
+                    Some(true),
+                    "32 columns a block, staged, for every matrix",
                 ),
                 (
                     64,
                     Some(false),
-                    default_tcs,
+                    Some(false),
                     "8 columns a block for every matrix",
                 ),
                 (
                     8,
-                    default_tc32,
+                    None,
                     Some(true),
                     "weights staged in shared memory for every matrix",
                 ),
-                (8, default_tc32, Some(false), "weights staged for no matrix"),
-                (
-                    32,
-                    None,
-                    Some(true),
-                    "weights staged (8 columns a block) for every matrix",
-                ),
+                (8, None, Some(false), "weights staged for no matrix"),
             ];
             for (bucket, tc32, tcs, label) in forced {
                 g.mm_tc32.set(tc32);

@@ -415,3 +415,256 @@ TCS_ENTRIES(KIND_Q4_0, q4_0)
 TCS_ENTRIES(KIND_Q4_1, q4_1)
 TCS_ENTRIES(KIND_Q8_0, q8_0)
 TCS_ENTRIES(KIND_Q4_K, q4_k)
+
+// ---------------------------------------------------------------------------------
+// tcs32_*: tc32_*'s sums (16 warps, 16 rows, 32 columns: four tiles of 8, the same order
+// and operations) with everything a round reads staged through shared memory by
+// cp.async, double-buffered: the weights' values and scales (Q4_K's raw super-block pair
+// and 6-bit bytes, formed into (scale, offset) pairs as nibble_pair forms them when
+// used) and the step's quantized activations and their scales. A round is 8 blocks (16
+// half-blocks) of the 16 rows; warp w takes half-block w of each round, so over two
+// rounds it stands for lanes w and w + 16 of the mat-vec's tree, as tc32's warps do.
+
+#define TCS32_BLOCKS 8
+
+template <int KIND, int R>
+struct Tcs32Stage {
+    static constexpr int QB = KIND == KIND_Q8_0 ? 32 : 16;
+    // Rows padded by 16 bytes so that a fragment's 8 rows (columns) fall in different
+    // banks.
+    uint8_t w[R][16][TCS32_BLOCKS * QB + 16];
+    float2 wsc[R][16][TCS32_BLOCKS];  // (scale, offset) or Q8_0's two half scales
+    float2 kdd[R][16];                // Q4_K: the round's super-block (d, -dmin)
+    uchar2 ksm[R][16][TCS32_BLOCKS];  // Q4_K: the blocks' 6-bit (sc, m)
+    uint8_t act[32][TCS32_BLOCKS * QK + 16];
+    float2 asc[32][TCS32_BLOCKS];
+};
+
+template <int KIND, int MODE>
+__device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
+                             const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                             const float* __restrict__ bias, int Nrows,
+                             float* __restrict__ out, int ld, const int8_t* __restrict__ pq,
+                             const float2* __restrict__ pds) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
+    constexpr int W = 16, NT = 4, LPW = 32 / W, RB = TCS32_BLOCKS, HB = 2 * RB;
+    using St = Tcs32Stage<KIND, R>;
+    constexpr int QB = St::QB;
+    constexpr int RED = (W / 2) * R * NT * 32 * 4 * (int)sizeof(float);
+    static_assert(RED <= 2 * (int)sizeof(St), "the reduction reuses the stage buffers");
+    __shared__ __align__(16) uint8_t smem[2 * sizeof(St)];
+    St* stg = (St*)smem;
+    const int nb = K / QK, nh = 2 * nb;
+    const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int c0 = blockIdx.x * 8 * NT;
+    const int r0 = blockIdx.y * 16;
+    pdl_launch_dependents();
+    // The weights of round k into buffer k & 1.
+    auto stage_w = [&](int k) {
+        St& s = stg[k & 1];
+        const int b0 = k * RB, nbk = min(RB, nb - b0);
+        constexpr int CH = RB * QB / 16;  // 16-byte chunks of a row's round
+        for (int c = threadIdx.x; c < R * 16 * CH; c += blockDim.x) {
+            const int m = c / (16 * CH), rr = (c / CH) % 16, ch = c % CH;
+            if (ch * 16 >= nbk * QB) continue;
+            const int r = min(r0 + rr, rows - 1) + m * rows;
+            cp_async16(&s.w[m][rr][ch * 16], qs + ((size_t)r * nb + b0) * QB + ch * 16);
+        }
+        if (KIND == KIND_Q4_K) {
+            // Per row: the super-block pair (rounds are super-block aligned: 8 blocks)
+            // and the 8 blocks' byte pairs, 8 bytes a copy.
+            for (int c = threadIdx.x; c < R * 16 * 3; c += blockDim.x) {
+                const int m = c / 48, rr = (c / 3) % 16, part = c % 3;
+                const int r = min(r0 + rr, rows - 1) + m * rows;
+                const uint8_t* srow = (const uint8_t*)dm + (size_t)r * scale_bytes<KIND>(nb);
+                if (part == 0)
+                    cp_async8(&s.kdd[m][rr], srow + 8 * (b0 >> 3));
+                else
+                    cp_async8(&s.ksm[m][rr][4 * (part - 1)], srow + nb + 2 * b0 + 8 * (part - 1));
+            }
+        } else {
+            for (int c = threadIdx.x; c < R * 16 * RB; c += blockDim.x) {
+                const int m = c / (16 * RB), rr = (c / RB) % 16, bb = c % RB;
+                if (bb >= nbk) continue;
+                const int r = min(r0 + rr, rows - 1) + m * rows;
+                cp_async8(&s.wsc[m][rr][bb], dm + (size_t)r * nb + b0 + bb);
+            }
+        }
+    };
+    // The step's activations of round k (columns past the step's n repeat its last).
+    auto stage_a = [&](int k, int n) {
+        St& s = stg[k & 1];
+        const int b0 = k * RB, nbk = min(RB, nb - b0);
+        for (int c = threadIdx.x; c < 32 * RB * 2; c += blockDim.x) {
+            const int cc = c / (RB * 2), ch = c % (RB * 2);
+            if (ch >= nbk * 2) continue;
+            const int col = min(c0 + cc, n - 1);
+            cp_async16(&s.act[cc][ch * 16], pq + (size_t)col * K + b0 * QK + ch * 16);
+        }
+        for (int c = threadIdx.x; c < 32 * RB; c += blockDim.x) {
+            const int cc = c / RB, bb = c % RB;
+            if (bb >= nbk) continue;
+            const int col = min(c0 + cc, n - 1);
+            cp_async8(&s.asc[cc][bb], pds + (size_t)col * nb + b0 + bb);
+        }
+    };
+    // The weights do not depend on the previous kernel: the first round's copies start
+    // before waiting for it.
+    stage_w(0);
+    pdl_wait();
+    const int n = (int)step[BSTEP_N];
+    if (c0 >= n || r0 >= rows) {  // the whole block
+        cp_async_commit();
+        cp_async_wait<0>();
+        return;
+    }
+    stage_a(0, n);
+    cp_async_commit();
+    float acc[R][LPW][NT][4];
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int l = 0; l < LPW; ++l)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                acc[m][l][j][0] = acc[m][l][j][1] = acc[m][l][j][2] = acc[m][l][j][3] = 0.f;
+    const int rounds = (nb + RB - 1) / RB;
+    // Two rounds a turn, so that the lane a half-block stands for (w, then w + 16) is
+    // known at compile time.
+    for (int k0 = 0; k0 < rounds; k0 += 2) {
+#pragma unroll
+        for (int l = 0; l < 2; ++l) {
+            const int k = k0 + l;
+            if (k < rounds) {
+                if (k + 1 < rounds) {
+                    stage_w(k + 1);
+                    stage_a(k + 1, n);
+                    cp_async_commit();
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();
+                const St& s = stg[k & 1];
+                const int i = HB * k + warp;  // lane (i mod 32)'s next half-block
+                if (i < nh) {
+                    const int bl = warp >> 1, h = warp & 1;
+                    int a[R][2];
+                    float2 sc[R][2];
+#pragma unroll
+                    for (int m = 0; m < R; ++m) {
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            const uint8_t* wb = &s.w[m][g + 8 * q][bl * QB];
+                            if (KIND == KIND_Q8_0) {
+                                a[m][q] = *(const int*)(wb + h * 16 + 4 * t);
+                            } else {
+                                const unsigned w = *(const unsigned*)(wb + h * 8 + 4 * (t & 1));
+                                const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
+                                a[m][q] = KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u)
+                                                            : (int)nib;
+                            }
+                            if (KIND == KIND_Q4_K) {
+                                // nibble_pair's arithmetic on the staged bytes.
+                                const float2 dd = s.kdd[m][g + 8 * q];
+                                const uchar2 sm = s.ksm[m][g + 8 * q][bl];
+                                sc[m][q] = make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
+                            } else {
+                                sc[m][q] = s.wsc[m][g + 8 * q][bl];
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const int bw = *(const int*)&s.act[8 * j + g][bl * QK + h * 16 + 4 * t];
+                        const float2 d[2] = {s.asc[8 * j + 2 * t][bl], s.asc[8 * j + 2 * t + 1][bl]};
+#pragma unroll
+                        for (int m = 0; m < R; ++m) {
+                            int c[4];
+                            mma_s8(c, a[m][0], a[m][1], bw);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const float2 w = sc[m][e >> 1];
+                                const float2 x = d[e & 1];
+                                const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+                                float& z = acc[m][l][j][e];
+                                z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
+                                if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
+                                    z = __fmaf_rn(w.y, x.y, z);
+                            }
+                        }
+                    }
+                }
+                __syncthreads();  // the next round's copies go into this buffer
+            }
+        }
+    }
+    // Lanes w and w + 16 (partners 16 apart in the tree), then across warps: partners
+    // 8, 4, 2, 1 apart, through the stage buffers (free now).
+#pragma unroll
+    for (int m = 0; m < R; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][0][j][e] = acc[m][0][j][e] + acc[m][1][j][e];
+    float(*red)[R][NT][32][4] = (float(*)[R][NT][32][4])smem;
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+        if (warp >= o && warp < 2 * o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
+        }
+        __syncthreads();
+        if (warp < o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = r0 + g + 8 * (e >> 1);
+            const int col = c0 + 8 * j + 2 * t + (e & 1);
+            if (r >= rows || col >= n) continue;
+            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
+                            bias, r);
+        }
+#else
+    __trap();
+#endif
+}
+
+// One matrix: at most 64 registers a thread, so that two blocks share a multiprocessor;
+// SwiGLU's two: one block.
+#define TCS32_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                          \
+    extern "C" __global__ void __launch_bounds__(512, MINB) tcs32_##KNAME##_##MNAME(          \
+        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
+        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
+        const float2* __restrict__ pds) {                                                    \
+        tcs32_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                \
+    }
+#define TCS32_ENTRIES(KIND, KNAME)                                                           \
+    TCS32_ENTRY(KIND, KNAME, MODE_STORE, store, 2)                                           \
+    TCS32_ENTRY(KIND, KNAME, MODE_ADD, add, 2)                                               \
+    TCS32_ENTRY(KIND, KNAME, MODE_SWIGLU, swiglu, 1)
+
+TCS32_ENTRIES(KIND_Q4_0, q4_0)
+TCS32_ENTRIES(KIND_Q4_1, q4_1)
+TCS32_ENTRIES(KIND_Q8_0, q8_0)
+TCS32_ENTRIES(KIND_Q4_K, q4_k)
