@@ -54,6 +54,11 @@ pub enum Command {
         /// are then compared with each other only.
         #[arg(long)]
         no_cpu: bool,
+        /// Only the fused path's timings and its bit-identity checks (batched against
+        /// single-stream decoding, the per-kernel costs): no tensor path, no prompt
+        /// prefill comparisons, no sliding-window check. For a quick look at a build.
+        #[arg(long)]
+        quick: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

@@ -24,8 +24,9 @@ async fn main() -> std::process::ExitCode {
             tokens,
             prompt,
             no_cpu,
+            quick,
             args,
-        }) => doctor(tokens, prompt, no_cpu, &args).await,
+        }) => doctor(tokens, prompt, no_cpu, quick, &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -53,6 +54,7 @@ async fn doctor(
     tokens: usize,
     prompt: String,
     no_cpu: bool,
+    quick: bool,
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
@@ -69,7 +71,10 @@ async fn doctor(
             cfg.ctx_size,
             tokens,
             &prompt,
-            !no_cpu,
+            candela::cli::doctor::Checks {
+                cpu: !no_cpu,
+                quick,
+            },
         )
     })
     .await

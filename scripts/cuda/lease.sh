@@ -74,7 +74,8 @@
 #       attention with 2/4 blocks a head, the batched kernels, batched against single bits
 #       (MODELS=..., LINES=a grep pattern; FORCED="CANDELA_CUDA_...=1 ..." runs each
 #       model's doctor again with those switches, FORCED_MODELS=... on those only,
-#       FLINES=its grep pattern; DEFAULT=0 skips the doctors without them).
+#       FLINES=its grep pattern; DEFAULT=0 skips the doctors without them; QUICK=1: the
+#       doctor's --quick, about a third of the time).
 #   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
 #       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
@@ -142,7 +143,7 @@ synth_doctor() {
     local bin="${BIN:-/root/candela}" tag="$1${TAG:-}"
     echo "== doctor ($bin) on $1 at ${SECONDS} s"
     $bin doctor --device cuda --model /root/synth/$1.gguf --data-dir /tmp/cdoctor \
-        --tokens 32 --no-cpu 2>"$OUT/doctor_$tag.err" >"$OUT/doctor_$tag.txt" || tail -n 20 "$OUT/doctor_$tag.err"
+        --tokens 32 --no-cpu ${QUICK:+--quick} 2>"$OUT/doctor_$tag.err" >"$OUT/doctor_$tag.txt" || tail -n 20 "$OUT/doctor_$tag.err"
     grep -E "$2" "$OUT/doctor_$tag.txt"
 }
 

@@ -489,6 +489,14 @@ fn window_check(model: &Model, cpu: Option<&Model>, ctx: usize) -> Result<(), En
 
 /// Run the checks and print the report; `device` as for `--device`; `with_cpu`: compare
 /// a device with the CPU too.
+/// What `candela doctor` runs besides the fused path: the CPU reference, and whether it
+/// stops at the quick checks (`--quick`).
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    pub cpu: bool,
+    pub quick: bool,
+}
+
 pub fn run(
     spec: &str,
     data_dir: &Path,
@@ -496,8 +504,12 @@ pub fn run(
     ctx_size: usize,
     n: usize,
     prompt: &str,
-    with_cpu: bool,
+    checks: Checks,
 ) -> Result<(), EngineError> {
+    let Checks {
+        cpu: with_cpu,
+        quick,
+    } = checks;
     let resolved = fetch::resolve(spec, data_dir)?;
     let path = resolved.path;
     if path.is_dir() {
@@ -545,7 +557,12 @@ pub fn run(
         let ct = gguf_file::Content::read(&mut f)?;
         Some(Model::from_gguf(&ct, &mut f, &Device::Cpu, ctx)?)
     };
-    for (pname, ids) in [("short", &short), ("long", &long)] {
+    let prompts: &[(&str, &Vec<u32>)] = if quick {
+        &[("short", &short)]
+    } else {
+        &[("short", &short), ("long", &long)]
+    };
+    for &(pname, ids) in prompts {
         println!("-- {pname} prompt: {} tokens, {n} decoded", ids.len());
         let c = match &cpu {
             Some(m) => Some(greedy(m, ids, n)?),
@@ -559,6 +576,9 @@ pub fn run(
             greedy(&model, ids, 4)?;
             let r = greedy(&model, ids, n)?;
             println!("{}", report("device, fused path", &r, c.as_ref()));
+            if quick {
+                continue;
+            }
             model.set_fused_decode(false);
             greedy(&model, ids, 4)?;
             let r = greedy(&model, ids, n);
@@ -571,9 +591,11 @@ pub fn run(
         }
     }
     batch_report(&model, &short, n.min(64))?;
-    prefill_report(&model, ctx)?;
-    long_prompt_report(&model, ctx)?;
-    window_check(&model, cpu.as_ref(), ctx)?;
+    if !quick {
+        prefill_report(&model, ctx)?;
+        long_prompt_report(&model, ctx)?;
+        window_check(&model, cpu.as_ref(), ctx)?;
+    }
     if let Some(r) = model.fused_bench(&[32, 256, 1024])? {
         print!("{r}");
     }

@@ -144,13 +144,13 @@ pub fn attn_chunks(n_heads: usize, sms: usize) -> usize {
 
 /// Blocks a head of each row takes in a batched attention launch of `bucket` rows (each
 /// block works through every this-many-th chunk of the head's `chunks`): a power of two
-/// (so the blocks share a head's chunks evenly) up to about four blocks per
+/// (so the blocks share a head's chunks evenly) up to about five blocks per
 /// multiprocessor (`sms` of them) in all, at least one. On an H100 at 1,024 positions
-/// (8 rows) this took SmolLM2's shape (9 heads) from 20.7 to 16.8 µs a layer (4 blocks a
-/// head instead of 3) and Llama-3-8B's (32 heads) from 70.4 to 39.9 (2 instead of 1; 4
-/// gave 47.1).
+/// (8 rows) the best totals were 512–576 blocks: SmolLM2's shape (9 heads) took 20.7 µs
+/// a layer with 3 blocks a head, 16.6–16.8 with 4, 14.2 with 8; Llama-3-8B's (32 heads)
+/// 70.4 with 1, 39.9–40.7 with 2, 46.1–47.1 with 4 and 47.0–48.3 with 8.
 pub fn attn_blocks_per_head(n_heads: usize, bucket: usize, chunks: usize, sms: usize) -> usize {
-    let fit = (4 * sms / (n_heads * bucket).max(1)).clamp(1, chunks.max(1));
+    let fit = (5 * sms / (n_heads * bucket).max(1)).clamp(1, chunks.max(1));
     1 << fit.ilog2()
 }
 
@@ -324,10 +324,10 @@ mod tests {
                 assert!(b >= 1 && b <= c, "heads {h} bucket {bucket}: {b} of {c}");
             }
         }
-        // Batches of many rows take one block a head; small ones share a head's chunks
-        // evenly (a power of two).
-        assert_eq!(attn_blocks_per_head(9, 32, 16, 132), 1);
-        assert_eq!(attn_blocks_per_head(9, 8, 16, 132), 4);
+        // Batches of many rows take few blocks a head, small ones many, sharing a head's
+        // chunks evenly (a power of two).
+        assert_eq!(attn_blocks_per_head(9, 32, 16, 132), 2);
+        assert_eq!(attn_blocks_per_head(9, 8, 16, 132), 8);
         assert_eq!(attn_blocks_per_head(32, 8, 8, 132), 2);
         assert_eq!(attn_blocks_per_head(32, 32, 8, 132), 1);
         assert_eq!(attn_blocks_per_head(9, 2, 16, 132), 16);

@@ -109,7 +109,8 @@ struct Funcs {
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
     /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
-    /// `[1]`: `tc32_*`, 32 columns a block (batches of more than 8); `[2]`: `tcs_*`, the
+    /// `[1]`: `tc32_*`, 32 columns a block, unstaged (batches of more than 8, when forced:
+    /// `CANDELA_CUDA_TC_SMEM=0`); `[2]`: `tcs_*`, the
     /// weights staged through shared memory (batches of up to 8); `[3]`: `tcs32_*`, 32
     /// columns a block with weights and activations staged (batches of more than 8).
     tc: Option<[[[CudaFunction; 3]; 4]; 4]>,
