@@ -287,6 +287,15 @@ pub fn fill_step(
     Ok(())
 }
 
+/// Whether a pass of sequences feeding `lens` new tokens each goes to the packed batched
+/// prefill (with batched prefill on): every pass but a decode step of several sequences
+/// and a single sequence's single token, which takes the single-stream step directly
+/// (through the packed prefill it would reach that same step after reading the cache's
+/// pointers an extra time).
+pub fn packed_prefill(lens: &[usize]) -> bool {
+    lens != [1] && !batched(lens, 1)
+}
+
 /// Whether a pass of sequences feeding `lens` new tokens each runs as batched steps:
 /// two or more sequences, each with 1..=`max` tokens (prompt chunks go one token of
 /// every sequence per step).
@@ -615,6 +624,15 @@ mod tests {
         let mut full = rec(1, 5, 2);
         full.cap = 5;
         assert!(fill_step(&mut w, &[full], 2, 2).is_err());
+    }
+
+    #[test]
+    fn one_token_of_one_sequence_is_not_a_packed_prefill() {
+        assert!(!packed_prefill(&[1]));
+        assert!(!packed_prefill(&[1, 1, 1]));
+        assert!(packed_prefill(&[2]));
+        assert!(packed_prefill(&[5, 1]));
+        assert!(packed_prefill(&[1, 1, 3]));
     }
 
     #[test]

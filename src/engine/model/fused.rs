@@ -55,7 +55,7 @@ impl Model {
         let vocab = self.config.vocab;
         let mut out = Vec::with_capacity(batch.len());
         let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-        if prefill && !batch_plan::batched(&lens, 1) {
+        if prefill && batch_plan::packed_prefill(&lens) {
             return self.fused_prefill(dec, batch).map(Some);
         }
         if batch_plan::batched(&lens, FUSED_MAX_TOKENS) {
