@@ -15,6 +15,64 @@
 // half-block is exact either way, and the f32 steps are the same operations on the same
 // values in the same order. Needs sm_80.
 
+// The end of a W-warp block's sums and its epilogue: each warp holds LPW lane sums per
+// (matrix, column tile, accumulator) for lanes j = warp + W l; the tree's partners 16,
+// ..., W apart are lane sums LPW / 2, ..., 1 apart in l (added in the warp), then
+// partners W / 2, ..., 1 apart are warps (added through `red`: W / 2 * R * NT * 32 * 4
+// floats of shared memory, free for it); warp 0 stores rows r0 + g (+ 8) of columns
+// c0 + 8 j + 2 t (+ 1) with store_out<MODE>.
+template <int MODE, int R, int LPW, int W, int NT>
+__device__ __forceinline__ void tc_finish(float (&acc)[R][LPW][NT][4], float* red_mem, int warp,
+                                          int lane, int r0, int c0, int rows, int n,
+                                          float* __restrict__ out, int ld,
+                                          const float* __restrict__ bias) {
+    float(*red)[R][NT][32][4] = (float(*)[R][NT][32][4])red_mem;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int o = LPW / 2; o > 0; o >>= 1)
+#pragma unroll
+        for (int l = 0; l < o; ++l)
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[m][l][j][e] = acc[m][l][j][e] + acc[m][l + o][j][e];
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+        if (warp >= o && warp < 2 * o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
+        }
+        __syncthreads();
+        if (warp < o) {
+#pragma unroll
+            for (int m = 0; m < R; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = r0 + g + 8 * (e >> 1);
+            const int col = c0 + 8 * j + 2 * t + (e & 1);
+            if (r >= rows || col >= n) continue;
+            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
+                            bias, r);
+        }
+}
+
 // out(n, ld): the step's n columns (activations quantized once a step by qcols_*: `pq`,
 // `pds`) times the weight's rows, with matmat's epilogues. A block of W warps (8 or 16)
 // takes 16 rows and NT tiles of 8 columns; warp w sums the half-blocks i = w (mod W),
@@ -148,52 +206,8 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
             }
         }
     }
-    // The warp's lanes j = warp + W l: the tree's partners 16, ..., W apart are lane sums
-    // LPW / 2, ..., 1 apart in l.
-#pragma unroll
-    for (int o = LPW / 2; o > 0; o >>= 1)
-#pragma unroll
-        for (int l = 0; l < o; ++l)
-#pragma unroll
-            for (int m = 0; m < R; ++m)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[m][l][j][e] = acc[m][l][j][e] + acc[m][l + o][j][e];
-    // Across warps: partners W / 2 apart, ..., then 1.
-#pragma unroll
-    for (int o = W / 2; o > 0; o >>= 1) {
-        if (warp >= o && warp < 2 * o) {
-#pragma unroll
-            for (int m = 0; m < R; ++m)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
-        }
-        __syncthreads();
-        if (warp < o) {
-#pragma unroll
-            for (int m = 0; m < R; ++m)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
-        }
-        __syncthreads();
-    }
-    if (warp != 0) return;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = r0 + g + 8 * (e >> 1);
-            const int col = c0 + 8 * j + 2 * t + (e & 1);
-            if (r >= rows || col >= n) continue;
-            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
-                            bias, r);
-        }
+    tc_finish<MODE, R, LPW, W, NT>(acc, &red[0][0][0][0][0], warp, lane, r0, c0, rows, n, out,
+                                   ld, bias);
 #else
     __trap();
 #endif
@@ -602,48 +616,8 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
             }
         }
     }
-    // Lanes w and w + 16 (partners 16 apart in the tree), then across warps: partners
-    // 8, 4, 2, 1 apart, through the stage buffers (free now).
-#pragma unroll
-    for (int m = 0; m < R; ++m)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[m][0][j][e] = acc[m][0][j][e] + acc[m][1][j][e];
-    float(*red)[R][NT][32][4] = (float(*)[R][NT][32][4])smem;
-#pragma unroll
-    for (int o = W / 2; o > 0; o >>= 1) {
-        if (warp >= o && warp < 2 * o) {
-#pragma unroll
-            for (int m = 0; m < R; ++m)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) red[warp - o][m][j][lane][e] = acc[m][0][j][e];
-        }
-        __syncthreads();
-        if (warp < o) {
-#pragma unroll
-            for (int m = 0; m < R; ++m)
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc[m][0][j][e] = acc[m][0][j][e] + red[warp][m][j][lane][e];
-        }
-        __syncthreads();
-    }
-    if (warp != 0) return;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = r0 + g + 8 * (e >> 1);
-            const int col = c0 + 8 * j + 2 * t + (e & 1);
-            if (r >= rows || col >= n) continue;
-            store_out<MODE>(out + (size_t)col * ld + r, acc[0][0][j][e], acc[R - 1][0][j][e],
-                            bias, r);
-        }
+    // The stage buffers are free now: the reduction's room.
+    tc_finish<MODE, R, LPW, W, NT>(acc, (float*)smem, warp, lane, r0, c0, rows, n, out, ld, bias);
 #else
     __trap();
 #endif
