@@ -43,16 +43,40 @@ __device__ __forceinline__ void mma_s8(int* c, int a0, int a1, int b0) {
 // the half-block in the order its activations are stored (quantize_cols): for nibble
 // kinds elements h*8..h*8+7 (low nibbles of bytes h*8..h*8+7) then 16+h*8..16+h*8+7 (their
 // high nibbles); for KIND_Q8_0 bytes h*16..h*16+15. Q4_0's nibbles come offset by -8.
+// A nibble kind's A-fragment word from the 4 bytes h*8 + 4*(t&1).. of its half-block's
+// row: the low (t < 2) or high nibbles, Q4_0's offset by -8.
+template <int KIND>
+__device__ __forceinline__ int nibble_word(unsigned w, int t) {
+    const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
+    return KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+}
+
 template <int KIND>
 __device__ __forceinline__ int a_word(const uint8_t* __restrict__ qs, int nb, int row, int b,
                                       int h, int t) {
     if (KIND == KIND_Q8_0) {
         return __ldg((const int*)(qs + ((size_t)row * nb + b) * 32 + h * 16 + 4 * t));
     }
-    const unsigned w = __ldg((const unsigned*)(qs + ((size_t)row * nb + b) * 16 + h * 8 +
-                                               4 * (t & 1)));
-    const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
-    return KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+    return nibble_word<KIND>(
+        __ldg((const unsigned*)(qs + ((size_t)row * nb + b) * 16 + h * 8 + 4 * (t & 1))), t);
+}
+
+// a_word from a block's bytes staged in shared memory (`wb`: the block's values as in qs).
+template <int KIND>
+__device__ __forceinline__ int a_word_staged(const uint8_t* wb, int h, int t) {
+    if (KIND == KIND_Q8_0) return *(const int*)(wb + h * 16 + 4 * t);
+    return nibble_word<KIND>(*(const unsigned*)(wb + h * 8 + 4 * (t & 1)), t);
+}
+
+// One mma accumulator's f32 steps for half-block h, rows_dot's to the bit: z += (weight
+// scale * activation scale) * the integer sum c, and for the kinds with an offset, once a
+// block (h == 0), weight offset * activation sum term. w: the weight's (scale, offset) or
+// Q8_0's two half scales; x: the activations' (scale, scale * sum).
+template <int KIND>
+__device__ __forceinline__ void mma_scale_add(float& z, float2 w, float2 x, int h, int c) {
+    const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
+    z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c, z);
+    if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0) z = __fmaf_rn(w.y, x.y, z);
 }
 
 // out(T, ld) rows of tokens: out[tok][r] for the weight's rows r (MODE_SWIGLU: gate rows
@@ -127,12 +151,7 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float2* __restrict__ x
                     mma_s8(c, a0, a1, bw[j]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const float2 w = sc[m][e >> 1];
-                        const float2 d = xd[j][e & 1];
-                        const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                        acc[m][j][e] = __fmaf_rn(__fmul_rn(wd, d.x), (float)c[e], acc[m][j][e]);
-                        if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                            acc[m][j][e] = __fmaf_rn(w.y, d.y, acc[m][j][e]);
+                        mma_scale_add<KIND>(acc[m][j][e], sc[m][e >> 1], xd[j][e & 1], h, c[e]);
                     }
                 }
             }

@@ -193,13 +193,8 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
                         mma_s8(c, a[l][m][0], a[l][m][1], bw[l][j]);
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
-                            const float2 w = sc[l][m][e >> 1];
-                            const float2 x = d[l][j][e & 1];
-                            const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                            float& z = acc[m][l0 + l][j][e];
-                            z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
-                            if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                                z = __fmaf_rn(w.y, x.y, z);
+                            mma_scale_add<KIND>(acc[m][l0 + l][j][e], sc[l][m][e >> 1],
+                                                d[l][j][e & 1], h, c[e]);
                         }
                     }
                 }
@@ -351,26 +346,14 @@ __device__ void tcs_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                 for (int q = 0; q < 2; ++q) {
                     const uint8_t* wb = &sw[buf][m][g + 8 * q][bl * QB];
-                    if (KIND == KIND_Q8_0) {
-                        a[q] = *(const int*)(wb + h * 16 + 4 * t);
-                    } else {
-                        const unsigned w = *(const unsigned*)(wb + h * 8 + 4 * (t & 1));
-                        const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
-                        a[q] = KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
-                    }
+                    a[q] = a_word_staged<KIND>(wb, h, t);
                     sc[q] = ssc[buf][m][g + 8 * q][bl];
                 }
                 int c[4];
                 mma_s8(c, a[0], a[1], bw);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float2 w = sc[e >> 1];
-                    const float2 x = d[e & 1];
-                    const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                    float& z = acc[m][l][e];
-                    z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
-                    if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                        z = __fmaf_rn(w.y, x.y, z);
+                    mma_scale_add<KIND>(acc[m][l][e], sc[e >> 1], d[e & 1], h, c[e]);
                 }
             }
         }
@@ -573,14 +556,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                         for (int q = 0; q < 2; ++q) {
                             const uint8_t* wb = &s.w[m][g + 8 * q][bl * QB];
-                            if (KIND == KIND_Q8_0) {
-                                a[m][q] = *(const int*)(wb + h * 16 + 4 * t);
-                            } else {
-                                const unsigned w = *(const unsigned*)(wb + h * 8 + 4 * (t & 1));
-                                const unsigned nib = (w >> (4 * (t >> 1))) & 0x0f0f0f0fu;
-                                a[m][q] = KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u)
-                                                            : (int)nib;
-                            }
+                            a[m][q] = a_word_staged<KIND>(wb, h, t);
                             if (KIND == KIND_Q4_K) {
                                 // nibble_pair's arithmetic on the staged bytes.
                                 const float2 dd = s.kdd[m][g + 8 * q];
@@ -601,13 +577,8 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                             mma_s8(c, a[m][0], a[m][1], bw);
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
-                                const float2 w = sc[m][e >> 1];
-                                const float2 x = d[e & 1];
-                                const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-                                float& z = acc[m][l][j][e];
-                                z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c[e], z);
-                                if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0)
-                                    z = __fmaf_rn(w.y, x.y, z);
+                                mma_scale_add<KIND>(acc[m][l][j][e], sc[m][e >> 1], d[e & 1],
+                                                    h, c[e]);
                             }
                         }
                     }
