@@ -138,14 +138,7 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
         ca[j] = min(c0 + 8 * j + 2 * t, n - 1);
         cb[j] = min(c0 + 8 * j + 2 * t + 1, n - 1);
     }
-    float acc[R][LPW][NT][4];
-#pragma unroll
-    for (int m = 0; m < R; ++m)
-#pragma unroll
-        for (int l = 0; l < LPW; ++l)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                acc[m][l][j][0] = acc[m][l][j][1] = acc[m][l][j][2] = acc[m][l][j][3] = 0.f;
+    float acc[R][LPW][NT][4] = {};
     for (int i0 = warp; i0 < nh; i0 += 32) {
 #pragma unroll
         for (int l0 = 0; l0 < LPW; l0 += LA) {
@@ -520,14 +513,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     }
     stage_a(0, n);
     cp_async_commit();
-    float acc[R][LPW][NT][4];
-#pragma unroll
-    for (int m = 0; m < R; ++m)
-#pragma unroll
-        for (int l = 0; l < LPW; ++l)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                acc[m][l][j][0] = acc[m][l][j][1] = acc[m][l][j][2] = acc[m][l][j][3] = 0.f;
+    float acc[R][LPW][NT][4] = {};
     const int rounds = (nb + RB - 1) / RB;
     // Two rounds a turn, so that the lane a half-block stands for (w, then w + 16) is
     // known at compile time.
