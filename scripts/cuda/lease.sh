@@ -70,8 +70,8 @@
 #       llama3-8b while the call has time.
 #   scripts/cuda/lease.sh tune     carry .device/s (as synth): `candela doctor --no-cpu` on
 #       smollm2-shape and llama3-8b, printing the tuning lines: whole steps (graph alone
-#       against with the host's part), mat-vecs at 1/2/4 blocks per multiprocessor, split
-#       attention with 2/4 blocks a head, the batched kernels, batched against single bits
+#       against with the host's part), mat-vecs at 2/4/8 blocks per multiprocessor, split
+#       attention with 1/2/4/8 blocks a head, the batched kernels, batched against single bits
 #       (MODELS=..., LINES=a grep pattern; FORCED="CANDELA_CUDA_...=1 ..." runs each
 #       model's doctor again with those switches, FORCED_MODELS=... on those only,
 #       FLINES=its grep pattern; DEFAULT=0 skips the doctors without them; QUICK=1: the

@@ -197,8 +197,9 @@ impl Inner {
         for n in batch_plan::prefill_chunks(rows.len()) {
             let wanted = &want[at..at + n];
             if n == 1 {
-                let (t, pos, cache) = rows[at];
-                let v = self.run(&[t], cache, pos, false)?;
+                // The single-stream step, on the pointers read above.
+                let r = &recs[at];
+                let v = self.run_kv(&[r.token], &r.kv, r.cap, r.pos, false)?;
                 if wanted[0] {
                     out.push(v);
                 }
@@ -586,8 +587,9 @@ impl Inner {
                 batch_plan::TcKernels::Staged32 => (3, 32, 512),
             };
             let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
-            // SAFETY: matches `TC_ENTRY` (and TCS_ENTRY, TCS32_ENTRY) in tc.cuh; pq and pds hold the step's columns
-            // (quantized just above) and `out` room for `bucket` rows of `ld`.
+            // SAFETY: matches `TC_ENTRY` (and `TCS_ENTRY`, `TCS32_ENTRY`) in tc.cuh; pq and
+            // pds hold the step's columns (quantized just above) and `out` room for
+            // `bucket` rows of `ld`.
             return unsafe {
                 self.go2(
                     &tc[set][m.kind as usize][mode],

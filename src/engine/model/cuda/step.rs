@@ -14,12 +14,24 @@ impl Inner {
         all: bool,
     ) -> Result<Vec<f32>> {
         self.stream.context().bind_to_thread().map_err(err)?;
-        let cap = cache.capacity();
         let kv = self.cache_ptrs(cache)?;
+        self.after_candle()?;
+        self.run_kv(tokens, &kv, cache.capacity(), pos0, all)
+    }
+
+    /// [`Self::run`] for a cache whose layer pointers `kv` (of capacity `cap`) were read
+    /// and whose candle writes were waited for already (the context bound).
+    pub(super) fn run_kv(
+        &mut self,
+        tokens: &[u32],
+        kv: &[(u64, u64)],
+        cap: usize,
+        pos0: usize,
+        all: bool,
+    ) -> Result<Vec<f32>> {
         if pos0 + tokens.len() > cap {
             return Err(err("cache has no room"));
         }
-        self.after_candle()?;
         let vocab = self.output.n;
         let mut out = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
         for (i, &t) in tokens.iter().enumerate() {
@@ -32,6 +44,7 @@ impl Inner {
                 .map_err(err)?;
             self.launch_step()?;
             self.steps += 1;
+            // The last token's logits always come back, so the stream is idle after.
             if all || i + 1 == tokens.len() {
                 self.stream
                     .memcpy_dtoh(&self.logits.slice, &mut self.host_logits)
@@ -40,7 +53,6 @@ impl Inner {
                 out.extend_from_slice(&self.host_logits.as_slice().map_err(err)?[..vocab]);
             }
         }
-        self.stream.synchronize().map_err(err)?;
         Ok(out)
     }
 

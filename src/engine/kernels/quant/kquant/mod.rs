@@ -98,9 +98,7 @@ unsafe fn quantize_k_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [
                 d[b] = zero_block(q, bs);
                 continue;
             }
-            let xs = &x[b * QK_K..(b + 1) * QK_K];
-            let max = xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-            let iscale = -127.0 / max;
+            let iscale = -127.0 / signed_max(&x[b * QK_K..(b + 1) * QK_K], amax);
             let is = _mm256_set1_ps(iscale);
             let top = _mm256_set1_epi32(127);
             for g in 0..QK_K / 32 {
@@ -124,6 +122,12 @@ unsafe fn quantize_k_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [
             d[b] = 1.0 / iscale;
         }
     }
+}
+
+/// The first value of `xs` whose magnitude is `amax` (the largest, found by a vector
+/// max), with its sign: the reference's scale source (NaNs never match).
+fn signed_max(xs: &[f32], amax: f32) -> f32 {
+    xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax)
 }
 
 /// An all-zero super-block's values and sums; its `d` (0).

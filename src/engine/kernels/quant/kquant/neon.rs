@@ -22,7 +22,7 @@ use std::arch::aarch64::*;
 
 use super::super::hsum8;
 use super::super::neon::{lanes_sdot, lanes_smull};
-use super::{KRow, KWeight, QK_K};
+use super::{signed_max, KRow, KWeight, QK_K};
 
 macro_rules! k_neon {
     ($q4:ident, $q6:ident, $feat:literal, $lanes:ident) => {
@@ -259,9 +259,7 @@ pub(super) unsafe fn quantize_k_neon(x: &[f32], d: &mut [f32], qs: &mut [i8], bs
                 d[b] = 0.0;
                 continue;
             }
-            let xs = &x[b * QK_K..(b + 1) * QK_K];
-            let max = xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-            let iscale = -127.0 / max;
+            let iscale = -127.0 / signed_max(&x[b * QK_K..(b + 1) * QK_K], amax);
             let is = vdupq_n_f32(iscale);
             let top = vdupq_n_s32(127);
             for g in 0..16 {
