@@ -167,6 +167,30 @@ pub fn mv_blocks_per_sm(k: usize) -> usize {
     }
 }
 
+/// Whether a single-stream mat-vec over rows of `k` values (`rows` of them, all the
+/// matrices on one input together) reads activations quantized once by a one-block
+/// kernel (`qact`) instead of every block normalizing and quantizing the f32 input into
+/// its shared memory. Hundreds of blocks each reading the input from L2 cost more than
+/// the launch on long rows: on an H100, Llama-3-8B's shapes in a micro-benchmark (no
+/// launch between) took gate|up 40.7 → 31.0 µs, down 31.1 → 19.9 (Q4_K) and 35.4 →
+/// 29.6 (8-bit), Q|K 18.7 → 7.4, V 8.6 → 3.2, the output projection 10.1 → 6.3; on
+/// SmolLM2's rows of 576 the mat-vec alone 5.3 → 2.4, which a second launch may eat.
+/// Not by default until timed in the engine (`CANDELA_CUDA_MVQ=1` forces it).
+pub fn mv_prequant(_k: usize, _rows: usize) -> bool {
+    false
+}
+
+/// Blocks per multiprocessor of a mat-vec on activations quantized once (no prologue
+/// to repeat per block: 8 was best or level on every shape of the micro-benchmark).
+pub const MVQ_BLOCKS_PER_SM: usize = 8;
+
+/// Whether a batched projection of `rows` rows over `k` inputs, `bucket` columns wide,
+/// takes the dp4a mat-mat on columns quantized once (`mmq_*`) instead of a tensor-core
+/// one. Not by default until timed on a GPU (`CANDELA_CUDA_MMQ=1` forces it).
+pub fn mmq(_rows: usize, _k: usize, _bucket: usize) -> bool {
+    false
+}
+
 /// What a batched step computes past the last layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StepKind {
@@ -355,6 +379,8 @@ mod tests {
 
     #[test]
     fn mat_vec_blocks_fall_with_the_row_length() {
+        assert!(!mv_prequant(576, 3072));
+        assert!(!mmq(6144, 4096, 8));
         assert_eq!(mv_blocks_per_sm(576), 8);
         assert_eq!(mv_blocks_per_sm(1536), 8);
         assert_eq!(mv_blocks_per_sm(4096), 4);

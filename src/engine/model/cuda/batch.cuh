@@ -30,7 +30,8 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                        const float* __restrict__ bias, int Nrows, float* __restrict__ out,
-                       int ld, int ch) {
+                       int ld, int ch, const int8_t* __restrict__ pq = nullptr,
+                       const float2* __restrict__ pds = nullptr) {
     extern __shared__ int4 smem_v[];
     __shared__ float part[MAX_CH * 8];
     __shared__ float mrow[MAX_CH];
@@ -59,7 +60,15 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     const int lanes_per_col = 32 / N;
     for (int c0 = 0; c0 < n; c0 += ch) {
         const int cn = min(ch, n - c0);
-        quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
+        if (pq != nullptr) {
+            // Quantized once a step (qcols_*): copied in.
+            const int4* src = (const int4*)(pq + (size_t)c0 * K);
+            for (int i = threadIdx.x; i < cn * K / 16; i += blockDim.x) ((int4*)sq)[i] = src[i];
+            for (int i = threadIdx.x; i < cn * nb; i += blockDim.x) sds[i] = pds[(size_t)c0 * nb + i];
+            __syncthreads();
+        } else {
+            quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
+        }
         const int c = held_col<N>(lane);
         for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
             for (int g = 0; g < cn; g += N) {
@@ -77,7 +86,8 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     }
 }
 
-// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches).
+// mm_* take 8 columns of a chunk at a time, mm32_* 32 (wider batches); mmq_* 8 at a time
+// of the columns qcols_* quantized once (pq, pds: no quantization per block).
 #define MATMAT_ONE(NAME)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                 \
         const unsigned long long* __restrict__ step, const float* __restrict__ x,          \
@@ -90,6 +100,14 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     }                                                                                       \
     MATMAT_ONE(mm32_##KNAME##_##MNAME) {                                                    \
         matmat<KIND, MODE, 32>(step, x, norm, eps, K, qs, dm, bias, Nr, out, ld, ch);       \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) mmq_##KNAME##_##MNAME(                \
+        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs, \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int Nr,             \
+        float* __restrict__ out, int ld, int ch, const int8_t* __restrict__ pq,            \
+        const float2* __restrict__ pds) {                                                   \
+        matmat<KIND, MODE, 8>(step, nullptr, nullptr, 0.f, K, qs, dm, bias, Nr, out, ld, ch, \
+                              pq, pds);                                                     \
     }
 
 MATMAT_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)

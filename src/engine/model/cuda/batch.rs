@@ -16,6 +16,11 @@ use rayon::prelude::*;
 pub(super) const MM_SMEM: usize = 96 << 10;
 /// ...and where it does not: the default limit less the kernel's static scratch.
 pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
+/// Dynamic shared memory the `mmq_*` kernels may take: a bucket of 8 columns of the
+/// widest input (14,336 values and their scales: 140 KiB).
+pub(super) const MMQ_SMEM: usize = 200 << 10;
+/// Shared memory of one multiprocessor that blocks may divide among them (H100).
+const SM_SMEM: usize = 227 << 10;
 
 /// Device buffers of the batched step, sized for `cap` sequences, and the graphs
 /// captured over them (by bucket).
@@ -565,6 +570,47 @@ impl Inner {
                 )?
             };
             let (n, ldi) = (m.n as i32, ld as i32);
+            if let Some(mmq) = self.f.mmq.as_ref().filter(|_| {
+                let smem = bucket * batch_plan::column_bytes(m.k);
+                smem <= MMQ_SMEM
+                    && self
+                        .mm_q
+                        .get()
+                        .unwrap_or_else(|| batch_plan::mmq(rows, m.k, bucket))
+            }) {
+                // The whole bucket's columns copied into shared memory, 8 dotted at a
+                // time; a few blocks per multiprocessor, as many as their copies fit.
+                let ch = bucket as i32;
+                let smem = bucket * batch_plan::column_bytes(m.k);
+                let per_sm = (SM_SMEM / smem).clamp(1, 4);
+                let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
+                let mut args = [
+                    arg(&b.step.ptr),
+                    arg(&k),
+                    arg(&m.qs),
+                    arg(&m.dm),
+                    arg(&bias),
+                    arg(&n),
+                    arg(&out),
+                    arg(&ldi),
+                    arg(&ch),
+                    arg(&b.pq.ptr),
+                    arg(&b.pds.ptr),
+                ];
+                // SAFETY: matches `mmq_*` (`MATMAT_ENTRY`) in batch.cuh; pq and pds hold
+                // the step's columns (quantized just above), `smem` bytes fit the kernel's
+                // limit, and `out` has room for `bucket` rows of `ld`.
+                return unsafe {
+                    self.go2(
+                        &mmq[m.kind as usize][mode],
+                        (blocks, 1),
+                        MV_THREADS,
+                        smem as u32,
+                        &mut args,
+                        true,
+                    )
+                };
+            }
             let mut args = [
                 arg(&b.step.ptr),
                 arg(&k),

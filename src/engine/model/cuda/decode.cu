@@ -161,10 +161,11 @@ __device__ __forceinline__ int held_col(int lane) {
 // sums keep block_reduce's order: a strided sum per thread, the warp's tree, then
 // ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)) over the 8 warps, which is what
 // warp_sum makes of [w0..w7, 0, ...]. 256 threads.
+// `sq8` (nibble kinds only): the Q8_0 layout of the same values written there too.
 template <int KIND>
 __device__ void quantize_cols(const float* __restrict__ xc, const float* __restrict__ norm,
                               float eps, int K, int cn, int8_t* sq, float2* sds, float* part,
-                              float* mrow) {
+                              float* mrow, int8_t* sq8 = nullptr) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nb = K / QK;
     if (norm != nullptr) {
@@ -172,12 +173,28 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
             float s2[8];
 #pragma unroll
             for (int c = 0; c < 8; ++c) s2[c] = 0.f;
-            for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            if (cn == 1) {
+                // One column (the mat-vecs, `qact`): eight loads in flight at a time, then
+                // summed in the strided loop's order.
+                for (int i0 = threadIdx.x; i0 < K; i0 += 8 * blockDim.x) {
+                    float v[8];
 #pragma unroll
-                for (int c = 0; c < 8; ++c) {
-                    if (g + c < cn) {
-                        const float v = xc[(size_t)(g + c) * K + i];
-                        s2[c] = __fadd_rn(s2[c], __fmul_rn(v, v));
+                    for (int u = 0; u < 8; ++u) {
+                        const int i = i0 + u * blockDim.x;
+                        v[u] = i < K ? xc[i] : 0.f;
+                    }
+#pragma unroll
+                    for (int u = 0; u < 8; ++u)
+                        if (i0 + u * blockDim.x < K) s2[0] = __fadd_rn(s2[0], __fmul_rn(v[u], v[u]));
+                }
+            } else {
+                for (int i = threadIdx.x; i < K; i += blockDim.x) {
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) {
+                        if (g + c < cn) {
+                            const float v = xc[(size_t)(g + c) * K + i];
+                            s2[c] = __fadd_rn(s2[c], __fmul_rn(v, v));
+                        }
                     }
                 }
             }
@@ -208,9 +225,12 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
         if (norm != nullptr) {
             const float m = mrow[c];
             const float4* gn = (const float4*)(norm + b * QK);
+            float4 g4[QK / 4];  // all loads first, then the divisions
+#pragma unroll
+            for (int e = 0; e < QK / 4; ++e) g4[e] = __ldg(gn + e);
 #pragma unroll
             for (int e = 0; e < QK / 4; ++e) {
-                const float4 t = gn[e];
+                const float4 t = g4[e];
                 v[4 * e] = __fmul_rn(v[4 * e] / m, t.x);
                 v[4 * e + 1] = __fmul_rn(v[4 * e + 1] / m, t.y);
                 v[4 * e + 2] = __fmul_rn(v[4 * e + 2] / m, t.z);
@@ -240,6 +260,11 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
         } else {
             dst[0] = make_int4(w[0], w[1], w[4], w[5]);
             dst[1] = make_int4(w[2], w[3], w[6], w[7]);
+            if (sq8 != nullptr) {
+                int4* d8 = (int4*)(sq8 + (size_t)c * K + b * QK);
+                d8[0] = make_int4(w[0], w[1], w[2], w[3]);
+                d8[1] = make_int4(w[4], w[5], w[6], w[7]);
+            }
         }
         sds[c * nb + b] = make_float2(round_f16(d), round_f16(__fmul_rn(d, (float)sum)));
     }
@@ -356,13 +381,51 @@ __device__ __forceinline__ void store_out(float* o, float y, float u,
     }
 }
 
+// Before a mat-vec waits for its input: start fetching this warp's first row (and its
+// `up` twin) into L2 (weights do not depend on the previous kernel).
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_prefetch(const uint8_t* __restrict__ qs,
+                                            const float2* __restrict__ dm, int nb, int rows) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int r = blockIdx.x * nw + warp;
+    const int qb = KIND == KIND_Q8_0 ? 32 : 16;
+    if (r < rows) {
+        for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t) {
+            const size_t row = (size_t)r + (size_t)t * rows;
+            const uint8_t* wq = qs + row * nb * qb;
+            for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
+            const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
+            for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
+                prefetch_l2(wd + off);
+        }
+    }
+}
+
+// Each warp of the grid takes rows in a grid-stride loop against the quantized
+// activations in shared memory (sq, sds): the batched mat-mat kernels' arithmetic for
+// one column.
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_rows(const int8_t* sq, const float2* sds, int K,
+                                        const uint8_t* __restrict__ qs,
+                                        const float2* __restrict__ dm,
+                                        const float* __restrict__ bias, int rows,
+                                        float* __restrict__ out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int nb = K / QK;
+    for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
+        float y, u = 0.f;
+        rows_dot<KIND, 1, MODE == MODE_SWIGLU ? 2 : 1>(qs, dm, r, r + rows, nb, K, sq, sds, 1,
+                                                       lane, &y, &u);
+        if (lane == 0) store_out<MODE>(out + r, y, u, bias, r);
+    }
+}
+
 // out = W · q8(norm(x)) with an epilogue:
 //   MODE_STORE:  out[r] = dot_r (+ bias[r])
 //   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
 //   MODE_SWIGLU: out[r] = silu(dot_r) * dot_{r + N/2}   (gate and up rows stacked)
 // Each block quantizes the activations into shared memory itself (no extra launch), then
-// each warp takes rows in a grid-stride loop: the batched mat-mat kernels' arithmetic
-// for one column. Dynamic shared memory: K + 8 * K/32 bytes.
+// its warps take rows (mv_rows). Dynamic shared memory: K + 8 * K/32 bytes.
 template <int KIND, int MODE>
 __device__ void matvec(const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
@@ -370,35 +433,51 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
     extern __shared__ int4 smem_v[];
     __shared__ float part[8];
     __shared__ float mrow[1];
-    const int nb = K / QK;
     int8_t* sq = (int8_t*)smem_v;
     float2* sds = (float2*)(sq + K);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
     pdl_launch_dependents();
-    // Weights do not depend on the previous kernel: start fetching this warp's first
-    // row (and its `up` twin) into L2 before waiting for the activations.
-    {
-        const int r = blockIdx.x * nw + warp;
-        const int qb = KIND == KIND_Q8_0 ? 32 : 16;
-        if (r < rows) {
-            for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t) {
-                const size_t row = (size_t)r + (size_t)t * rows;
-                const uint8_t* wq = qs + row * nb * qb;
-                for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
-                const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
-                for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
-                    prefetch_l2(wd + off);
-            }
-        }
-    }
+    mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
     pdl_wait();
     quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
-    for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
-        float y, u = 0.f;
-        rows_dot<KIND, 1, MODE == MODE_SWIGLU ? 2 : 1>(qs, dm, r, r + rows, nb, K, sq, sds, 1,
-                                                       lane, &y, &u);
-        if (lane == 0) store_out<MODE>(out + r, y, u, bias, r);
+    mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
+}
+
+// matvec on activations quantized once by `qact` (q: K int8 in KIND's layout, ds: K/32
+// scale pairs), copied into shared memory: the same bits without every block
+// normalizing and quantizing the f32 input itself (whose reads from L2 by hundreds of
+// blocks cost more than the weights' on wide matrices).
+template <int KIND, int MODE>
+__device__ void matvec_q(const int8_t* __restrict__ q, const float2* __restrict__ ds, int K,
+                         const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
+                         const float* __restrict__ bias, int N, float* __restrict__ out) {
+    extern __shared__ int4 smem_v[];
+    int8_t* sq = (int8_t*)smem_v;
+    float2* sds = (float2*)(sq + K);
+    const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
+    pdl_launch_dependents();
+    mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
+    pdl_wait();
+    for (int i = threadIdx.x; i < K / 16; i += blockDim.x) ((int4*)sq)[i] = ((const int4*)q)[i];
+    for (int i = threadIdx.x; i < K / QK; i += blockDim.x) sds[i] = ds[i];
+    __syncthreads();
+    mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
+}
+
+// One vector (K) normalized when `norm`, quantized once for the mat-vecs that follow
+// (quantize_cols' values): the nibble kinds' layout into qn and the Q8_0 one into q8
+// (either may be null), the scale pairs into ds. One block of 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+    qact(const float* __restrict__ x, const float* __restrict__ norm, float eps, int K,
+         int8_t* __restrict__ qn, int8_t* __restrict__ q8, float2* __restrict__ ds) {
+    __shared__ float part[8];
+    __shared__ float mrow[1];
+    pdl_launch_dependents();
+    pdl_wait();
+    if (qn != nullptr) {
+        quantize_cols<KIND_Q4_1>(x, norm, eps, K, 1, qn, ds, part, mrow, q8);
+    } else {
+        quantize_cols<KIND_Q8_0>(x, norm, eps, K, 1, q8, ds, part, mrow);
     }
 }
 
@@ -408,6 +487,12 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
         const uint8_t* __restrict__ qs, const float2* __restrict__ dm,                      \
         const float* __restrict__ bias, int N, float* __restrict__ out) {                   \
         matvec<KIND, MODE>(x, norm, eps, K, qs, dm, bias, N, out);                          \
+    }                                                                                       \
+    extern "C" __global__ void mvq_##KNAME##_##MNAME(                                       \
+        const int8_t* __restrict__ q, const float2* __restrict__ ds, int K,                 \
+        const uint8_t* __restrict__ qs, const float2* __restrict__ dm,                      \
+        const float* __restrict__ bias, int N, float* __restrict__ out) {                   \
+        matvec_q<KIND, MODE>(q, ds, K, qs, dm, bias, N, out);                               \
     }
 
 MATVEC_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)

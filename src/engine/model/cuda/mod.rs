@@ -100,12 +100,18 @@ enum Op {
 struct Funcs {
     /// `[kind][mode]` (kinds in `Pack` order; modes store, add, swiglu).
     mv: [[CudaFunction; 3]; 4],
+    /// `mvq_*`: the mat-vecs on activations quantized once by `qact`.
+    mvq: [[CudaFunction; 3]; 4],
+    qact: CudaFunction,
     embed: CudaFunction,
     attention: CudaFunction,
     /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`, dotting 8
     /// columns at a time, and `mm32` 32.
     mm: [[CudaFunction; 3]; 4],
     mm32: [[CudaFunction; 3]; 4],
+    /// `mmq_*`: `mm_*` on columns `qcols_*` quantized once (None where the device does
+    /// not give them `batch::MMQ_SMEM` of shared memory).
+    mmq: Option<[[CudaFunction; 3]; 4]>,
     /// `qcols_*` by kind: a batch's activations quantized once for a mat-mat.
     qcols: [CudaFunction; 4],
     /// `tc_*[kind][mode]`: the mat-mat on tensor cores (sm_80 and later), the same bits;
@@ -139,6 +145,14 @@ struct Inner {
     qkv: Buf<f32>,
     att: Buf<f32>,
     act: Buf<f32>,
+    /// A mat-vec's input quantized once (`qact`): `aq_k` int8 values in the nibble
+    /// kinds' layout, then the same in Q8_0's; `ads` their `aq_k / 32` scale pairs.
+    aq: Buf<u8>,
+    ads: Buf<f32>,
+    aq_k: usize,
+    /// Whether the mat-vecs read activations quantized once (`CANDELA_CUDA_MVQ=0|1`;
+    /// None: `batch_plan::mv_prequant`); `candela doctor` times both.
+    mv_q: std::cell::Cell<Option<bool>>,
     scores: Buf<f32>,
     /// Split decode attention: the position chunks a head is cut into (1: not split;
     /// `batch_plan::attn_chunks`, `CANDELA_CUDA_ATTN_SPLIT=0` turns it off; `candela
@@ -182,6 +196,10 @@ struct Inner {
     /// Whether batches of up to 8 take the shared-memory-staged tensor-core kernels: None,
     /// by size; `CANDELA_CUDA_TC_SMEM=0|1` forces it; `candela doctor` times each.
     mm_tcs: std::cell::Cell<Option<bool>>,
+    /// Whether a batch's projection takes the dp4a `mmq_*` kernels (after `qcols_*`)
+    /// instead of the tensor-core ones: None, by size (`batch_plan::mmq`);
+    /// `CANDELA_CUDA_MMQ=0|1` forces it; `candela doctor` times each.
+    mm_q: std::cell::Cell<Option<bool>>,
     use_graph: bool,
     /// Launch with programmatic dependent launch (Hopper and later).
     pdl: bool,
@@ -430,6 +448,7 @@ impl FusedDecoder {
             .map_err(err)?;
         let load = |name: &str| module.load_function(name).map_err(err);
         let mv_set = |k: &str| modes(&module, &format!("mv_{k}"));
+        let mvq_set = |k: &str| modes(&module, &format!("mvq_{k}"));
         // `CANDELA_CUDA_MM_SMEM_KB` asks for another limit (more columns per chunk, so
         // fewer passes over the weights for wide inputs, at fewer blocks per SM).
         let want_smem = std::env::var("CANDELA_CUDA_MM_SMEM_KB")
@@ -462,6 +481,32 @@ impl FusedDecoder {
             mm_set("mm32_q8_0")?,
             mm_set("mm32_q4_k")?,
         ];
+        // The 8-column dp4a mat-mats on activations quantized once a step: a whole
+        // bucket's columns in shared memory (up to 8 rows of 14,336 values and scales).
+        let mmq = {
+            let set = |k: &str| -> Result<Option<[CudaFunction; 3]>> {
+                let fs = modes(&module, k)?;
+                for f in &fs {
+                    let raised = f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        batch::MMQ_SMEM as i32,
+                    );
+                    if raised.is_err() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(fs))
+            };
+            match (
+                set("mmq_q4_0")?,
+                set("mmq_q4_1")?,
+                set("mmq_q8_0")?,
+                set("mmq_q4_k")?,
+            ) {
+                (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+                _ => None,
+            }
+        };
         let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let tc = if context.compute_capability().map_err(err)?.0 >= 8 {
             let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
@@ -483,10 +528,18 @@ impl FusedDecoder {
                 mv_set("q8_0")?,
                 mv_set("q4_k")?,
             ],
+            mvq: [
+                mvq_set("q4_0")?,
+                mvq_set("q4_1")?,
+                mvq_set("q8_0")?,
+                mvq_set("q4_k")?,
+            ],
+            qact: load("qact")?,
             embed: load("embed_row")?,
             attention: load("attention")?,
             mm,
             mm32,
+            mmq,
             qcols: [
                 load("qcols_q4_0")?,
                 load("qcols_q4_1")?,
@@ -585,6 +638,10 @@ impl FusedDecoder {
             qkv: zeros(&stream, nq + 2 * cfg.n_kv_heads * hd)?,
             att: zeros(&stream, nq)?,
             act: zeros(&stream, ffn)?,
+            aq: upload(&stream, &vec![0u8; 2 * cfg.hidden.max(ffn).max(nq)])?,
+            ads: zeros(&stream, 2 * (cfg.hidden.max(ffn).max(nq) / 32))?,
+            aq_k: cfg.hidden.max(ffn).max(nq),
+            mv_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MVQ")),
             scores: zeros(&stream, cfg.n_heads * ctx)?,
             att_nch: std::cell::Cell::new(att_max),
             att_max,
@@ -617,6 +674,7 @@ impl FusedDecoder {
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
+            mm_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MMQ")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
                 std::env::var("CANDELA_CUDA_MM_TC").map_or(true, |v| v != "0"),
@@ -868,6 +926,17 @@ impl FusedDecoder {
                 );
             }
             g.mv_per_sm.set(per_sm);
+            // Every mat-vec on activations quantized once (`qact`), then none.
+            let mv_q = g.mv_q.get();
+            for (on, what) in [(true, "every"), (false, "no")] {
+                g.mv_q.set(Some(on));
+                let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
+                s += &format!(
+                    "kernels at pos {p}, {what} mat-vec on activations quantized once, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
+                    1e6 / step
+                );
+            }
+            g.mv_q.set(mv_q);
         }
         // The batched step's kernels, rows at consecutive positions from 256, with the
         // defaults; then at 8 and 32 rows with the other mat-mats (dp4a or tensor cores).

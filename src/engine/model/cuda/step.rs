@@ -235,11 +235,20 @@ impl Inner {
             }
             Op::Qkv => {
                 // One launch per part, each writing its rows of the stacked output.
+                let parts: Vec<&QMat> = l.qkv.iter().collect();
+                let prequant = self.prequant(&parts)?;
+                if prequant {
+                    self.qact(&parts, self.x.ptr, l.attn_norm.ptr)?;
+                }
                 let mut row = 0u64;
                 for m in &l.qkv {
                     let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr + 4 * row);
                     let out = self.qkv.ptr + 4 * row;
-                    self.matvec(m, 0, self.x.ptr, l.attn_norm.ptr, bias, out)?;
+                    if prequant {
+                        self.matvec_q(m, 0, bias, out)?;
+                    } else {
+                        self.matvec(m, 0, self.x.ptr, l.attn_norm.ptr, bias, out)?;
+                    }
                     row += m.n as u64;
                 }
                 Ok(())
@@ -294,18 +303,105 @@ impl Inner {
                     )
                 }
             }
-            Op::Wo => self.matvec(&l.wo, 1, self.att.ptr, 0, 0, self.x.ptr),
-            Op::GateUp => self.matvec(&l.gate_up, 2, self.x.ptr, l.ffn_norm.ptr, 0, self.act.ptr),
-            Op::Down => self.matvec(&l.down, 1, self.act.ptr, 0, 0, self.x.ptr),
-            Op::Output => self.matvec(
+            Op::Wo => self.project(&l.wo, 1, (self.att.ptr, 0), self.x.ptr),
+            Op::GateUp => self.project(&l.gate_up, 2, (self.x.ptr, l.ffn_norm.ptr), self.act.ptr),
+            Op::Down => self.project(&l.down, 1, (self.act.ptr, 0), self.x.ptr),
+            Op::Output => self.project(
                 &self.output,
                 0,
-                self.x.ptr,
-                self.out_norm.ptr,
-                0,
+                (self.x.ptr, self.out_norm.ptr),
                 self.logits.ptr,
             ),
         }
+    }
+
+    /// One matrix's mat-vec of `mode` on the input `x` (normalized by `norm` when
+    /// nonzero) into `out`: quantized once first (`qact`) where `prequant` says so, else
+    /// by every block of the mat-vec.
+    fn project(&self, m: &QMat, mode: usize, (x, norm): (u64, u64), out: u64) -> Result<()> {
+        if self.prequant(&[m])? {
+            self.qact(&[m], x, norm)?;
+            self.matvec_q(m, mode, 0, out)
+        } else {
+            self.matvec(m, mode, x, norm, 0, out)
+        }
+    }
+
+    /// Whether the mat-vecs of `parts` (one input) read activations quantized once by
+    /// `qact` (`CANDELA_CUDA_MVQ=0|1` forces it; else `batch_plan::mv_prequant` by the
+    /// input's length and the rows).
+    fn prequant(&self, parts: &[&QMat]) -> Result<bool> {
+        let k = parts.first().map_or(0, |m| m.k);
+        if parts.iter().any(|m| m.k != k) || k > self.aq_k {
+            return Err(err("mat-vec parts of one input differ in length"));
+        }
+        let rows: usize = parts.iter().map(|m| m.n).sum();
+        Ok(self
+            .mv_q
+            .get()
+            .unwrap_or_else(|| batch_plan::mv_prequant(k, rows)))
+    }
+
+    /// Quantize the input `x` (normalized by `norm` when nonzero) once, into the layouts
+    /// the kinds of `parts` read (`aq`: the nibble kinds' first, then Q8_0's; `ads` the
+    /// scale pairs both share).
+    fn qact(&self, parts: &[&QMat], x: u64, norm: u64) -> Result<()> {
+        let k = parts.first().map_or(0, |m| m.k);
+        let nib = parts.iter().any(|m| m.kind != Pack::Q8);
+        let q8 = parts.iter().any(|m| m.kind == Pack::Q8);
+        let qn = if nib { self.aq.ptr } else { 0 };
+        let q8p = if q8 {
+            self.aq.ptr + self.aq_k as u64
+        } else {
+            0
+        };
+        let eps = self.cfg.rms_eps as f32;
+        let ki = k as i32;
+        let mut args = [
+            arg(&x),
+            arg(&norm),
+            arg(&eps),
+            arg(&ki),
+            arg(&qn),
+            arg(&q8p),
+            arg(&self.ads.ptr),
+        ];
+        // SAFETY: matches `qact` in decode.cu; aq holds two inputs of `aq_k >= k` bytes
+        // and ads `aq_k / 32` pairs.
+        unsafe { self.go(&self.f.qact, 1, MV_THREADS, 0, &mut args, true) }
+    }
+
+    /// [`Self::matvec`] on the input `qact` quantized last.
+    fn matvec_q(&self, m: &QMat, mode: usize, bias: u64, out: u64) -> Result<()> {
+        let f = &self.f.mvq[m.kind as usize][mode];
+        let rows = if mode == 2 { m.n / 2 } else { m.n };
+        let warps = (MV_THREADS / 32) as usize;
+        let per_sm = match self.mv_per_sm.get() {
+            0 => batch_plan::MVQ_BLOCKS_PER_SM,
+            n => n,
+        };
+        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
+        let smem = (m.k + 8 * (m.k / 32)) as u32;
+        let q = if m.kind == Pack::Q8 {
+            self.aq.ptr + self.aq_k as u64
+        } else {
+            self.aq.ptr
+        };
+        let (k, n) = (m.k as i32, m.n as i32);
+        let mut args = [
+            arg(&q),
+            arg(&self.ads.ptr),
+            arg(&k),
+            arg(&m.qs),
+            arg(&m.dm),
+            arg(&bias),
+            arg(&n),
+            arg(&out),
+        ];
+        // SAFETY: argument types and order match `mvq_*` (`MATVEC_ENTRY`) in decode.cu;
+        // q and ads hold the input `qact` wrote, every other pointer a live device
+        // allocation of the sizes the kernel indexes.
+        unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) }
     }
 
     /// Microseconds per launch of each kernel of the step, as a graph of `REPS` launches
