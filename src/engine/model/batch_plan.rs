@@ -171,25 +171,44 @@ pub fn mv_blocks_per_sm(k: usize) -> usize {
 /// matrices on one input together) reads activations quantized once by a one-block
 /// kernel (`qact`) instead of every block normalizing and quantizing the f32 input into
 /// its shared memory. Hundreds of blocks each reading the input from L2 cost more than
-/// the launch on long rows: on an H100, Llama-3-8B's shapes in a micro-benchmark (no
-/// launch between) took gate|up 40.7 → 31.0 µs, down 31.1 → 19.9 (Q4_K) and 35.4 →
-/// 29.6 (8-bit), Q|K 18.7 → 7.4, V 8.6 → 3.2, the output projection 10.1 → 6.3; on
-/// SmolLM2's rows of 576 the mat-vec alone 5.3 → 2.4, which a second launch may eat.
-/// Not by default until timed in the engine (`CANDELA_CUDA_MVQ=1` forces it).
-pub fn mv_prequant(_k: usize, _rows: usize) -> bool {
-    false
+/// the extra launch on long rows. On an H100 (`candela doctor`, µs per op in a graph,
+/// the quantizing launch included) Llama-3-8B's shape went Q|K|V 24.4 → 12.8, output
+/// projection 6.8 → 5.5, gate|up 41.1 → 40.5, down 37.9 → 35.7, vocabulary 97.4 → 91.8
+/// (a step 3,789 → 3,279 µs, one sequence 247 → 298 tok/s), while SmolLM2's rows of 576
+/// and 1,536 lost to the launch (a step 582 → 637 µs). The gain grows with the blocks
+/// repeating the work (with the rows) and with the input's length, so only what was
+/// timed is taken: both at least Llama-3-8B's 4,096.
+pub fn mv_prequant(k: usize, rows: usize) -> bool {
+    k >= MVQ_MIN && rows >= MVQ_MIN
 }
+
+/// Shortest input and fewest rows [`mv_prequant`] quantizes once for.
+pub const MVQ_MIN: usize = 4096;
 
 /// Blocks per multiprocessor of a mat-vec on activations quantized once (no prologue
 /// to repeat per block: 8 was best or level on every shape of the micro-benchmark).
 pub const MVQ_BLOCKS_PER_SM: usize = 8;
 
 /// Whether a batched projection of `rows` rows over `k` inputs, `bucket` columns wide,
-/// takes the dp4a mat-mat on columns quantized once (`mmq_*`) instead of a tensor-core
-/// one. Not by default until timed on a GPU (`CANDELA_CUDA_MMQ=1` forces it).
-pub fn mmq(_rows: usize, _k: usize, _bucket: usize) -> bool {
-    false
+/// takes the dp4a mat-mat on columns quantized once (`mmq_*`: each warp reads a weight
+/// row once, coalesced, for the bucket's columns in shared memory) instead of a
+/// tensor-core one: in steps of up to 8 sequences, for matrices of up to 8,192 rows
+/// whose columns fit four blocks a multiprocessor. On an H100 at 8 rows
+/// (`candela doctor`, µs per launch in a graph) Llama-3-8B's Q|K|V went 56.8 → 38.7 and
+/// output projection 24.7 → 16.8, SmolLM2's down projection 9.0 → 6.5 (its other small
+/// ones level); the larger ones lost (gate|up 74.6 → 83.2, the vocabulary 134 → 180, the
+/// 14,336-wide down, one block a multiprocessor, 62.3 → 101.5), as did every matrix at
+/// 32 rows.
+pub fn mmq(rows: usize, k: usize, bucket: usize) -> bool {
+    bucket <= 8 && rows <= MMQ_MAX_ROWS && bucket * column_bytes(k) <= MMQ_MAX_SMEM
 }
+
+/// Most rows [`mmq`] takes.
+pub const MMQ_MAX_ROWS: usize = 8192;
+
+/// Most shared memory a block of [`mmq`]'s kernels may hold (a quarter of an H100
+/// multiprocessor's).
+pub const MMQ_MAX_SMEM: usize = 56 << 10;
 
 /// What a batched step computes past the last layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -378,9 +397,22 @@ mod tests {
     }
 
     #[test]
-    fn mat_vec_blocks_fall_with_the_row_length() {
+    fn activations_quantized_once_on_long_rows_and_small_batched_matrices() {
         assert!(!mv_prequant(576, 3072));
-        assert!(!mmq(6144, 4096, 8));
+        assert!(!mv_prequant(1536, 576));
+        assert!(!mv_prequant(4864, 896)); // Qwen2.5-Coder-0.5B's down projection
+        assert!(mv_prequant(4096, 6144) && mv_prequant(4096, 4096) && mv_prequant(4096, 28672));
+        assert!(mv_prequant(14336, 4096) && mv_prequant(4096, 128_256));
+        // The 8B's Q|K|V and output projection at 8 rows; not its gate|up (rows),
+        // vocabulary (rows) or down (shared memory); nothing past 8 rows.
+        assert!(mmq(5120, 4096, 8) && mmq(1024, 4096, 8) && mmq(4096, 4096, 8));
+        assert!(!mmq(14336, 4096, 8) && !mmq(49152, 4096, 8) && !mmq(4096, 14336, 8));
+        assert!(!mmq(4096, 4096, 16) && !mmq(576, 1536, 32));
+        assert!(mmq(576, 1536, 8) && mmq(960, 576, 2));
+    }
+
+    #[test]
+    fn mat_vec_blocks_fall_with_the_row_length() {
         assert_eq!(mv_blocks_per_sm(576), 8);
         assert_eq!(mv_blocks_per_sm(1536), 8);
         assert_eq!(mv_blocks_per_sm(4096), 4);

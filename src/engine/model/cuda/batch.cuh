@@ -41,20 +41,7 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
     pdl_launch_dependents();
-    {
-        const int r = blockIdx.x * nw + warp;
-        const int qb = KIND == KIND_Q8_0 ? 32 : 16;
-        if (r < rows) {
-            for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t) {
-                const size_t row = (size_t)r + (size_t)t * rows;
-                const uint8_t* wq = qs + row * nb * qb;
-                for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
-                const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
-                for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
-                    prefetch_l2(wd + off);
-            }
-        }
-    }
+    mv_prefetch<KIND, MODE>(qs, dm, nb, rows);
     pdl_wait();
     const int n = (int)step[BSTEP_N];
     const int lanes_per_col = 32 / N;
@@ -62,10 +49,7 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
         const int cn = min(ch, n - c0);
         if (pq != nullptr) {
             // Quantized once a step (qcols_*): copied in.
-            const int4* src = (const int4*)(pq + (size_t)c0 * K);
-            for (int i = threadIdx.x; i < cn * K / 16; i += blockDim.x) ((int4*)sq)[i] = src[i];
-            for (int i = threadIdx.x; i < cn * nb; i += blockDim.x) sds[i] = pds[(size_t)c0 * nb + i];
-            __syncthreads();
+            load_cols(pq + (size_t)c0 * K, pds + (size_t)c0 * nb, K, cn, sq, sds);
         } else {
             quantize_cols<KIND>(x + (size_t)c0 * K, norm, eps, K, cn, sq, sds, part, mrow);
         }

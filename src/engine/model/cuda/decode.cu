@@ -162,7 +162,9 @@ __device__ __forceinline__ int held_col(int lane) {
 // ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)) over the 8 warps, which is what
 // warp_sum makes of [w0..w7, 0, ...]. 256 threads.
 // `sq8` (nibble kinds only): the Q8_0 layout of the same values written there too.
-template <int KIND>
+// ONE_WIDE: one column's RMS sum with eight loads in flight (for `qact`, a single block
+// on the critical path; more registers, so not in the mat-vecs' prologue).
+template <int KIND, bool ONE_WIDE = false>
 __device__ void quantize_cols(const float* __restrict__ xc, const float* __restrict__ norm,
                               float eps, int K, int cn, int8_t* sq, float2* sds, float* part,
                               float* mrow, int8_t* sq8 = nullptr) {
@@ -173,9 +175,8 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
             float s2[8];
 #pragma unroll
             for (int c = 0; c < 8; ++c) s2[c] = 0.f;
-            if (cn == 1) {
-                // One column (the mat-vecs, `qact`): eight loads in flight at a time, then
-                // summed in the strided loop's order.
+            if (ONE_WIDE && cn == 1) {
+                // Eight loads in flight at a time, then summed in the strided loop's order.
                 for (int i0 = threadIdx.x; i0 < K; i0 += 8 * blockDim.x) {
                     float v[8];
 #pragma unroll
@@ -225,12 +226,9 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
         if (norm != nullptr) {
             const float m = mrow[c];
             const float4* gn = (const float4*)(norm + b * QK);
-            float4 g4[QK / 4];  // all loads first, then the divisions
-#pragma unroll
-            for (int e = 0; e < QK / 4; ++e) g4[e] = __ldg(gn + e);
 #pragma unroll
             for (int e = 0; e < QK / 4; ++e) {
-                const float4 t = g4[e];
+                const float4 t = gn[e];
                 v[4 * e] = __fmul_rn(v[4 * e] / m, t.x);
                 v[4 * e + 1] = __fmul_rn(v[4 * e + 1] / m, t.y);
                 v[4 * e + 2] = __fmul_rn(v[4 * e + 2] / m, t.z);
@@ -420,16 +418,32 @@ __device__ __forceinline__ void mv_rows(const int8_t* sq, const float2* sds, int
     }
 }
 
+// `cn` columns quantized once (q: cn x K int8 in a KIND's layout, ds: cn x K/32 scale
+// pairs; see qcols_* and qact) copied into shared memory (sq, sds) for a block.
+__device__ __forceinline__ void load_cols(const int8_t* __restrict__ q,
+                                          const float2* __restrict__ ds, int K, int cn,
+                                          int8_t* sq, float2* sds) {
+    const int4* src = (const int4*)q;
+    for (int i = threadIdx.x; i < cn * K / 16; i += blockDim.x) ((int4*)sq)[i] = src[i];
+    for (int i = threadIdx.x; i < cn * (K / QK); i += blockDim.x) sds[i] = ds[i];
+    __syncthreads();
+}
+
 // out = W · q8(norm(x)) with an epilogue:
 //   MODE_STORE:  out[r] = dot_r (+ bias[r])
 //   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
 //   MODE_SWIGLU: out[r] = silu(dot_r) * dot_{r + N/2}   (gate and up rows stacked)
-// Each block quantizes the activations into shared memory itself (no extra launch), then
-// its warps take rows (mv_rows). Dynamic shared memory: K + 8 * K/32 bytes.
+// Each block quantizes the activations into shared memory itself (no extra launch) or,
+// given `q` and `ds` (the input quantized once by `qact`: mvq_*), copies them in — the
+// same bits without every block normalizing and quantizing the f32 input, whose reads
+// from L2 by hundreds of blocks cost more than the weights' on long rows; then its warps
+// take rows (mv_rows). Dynamic shared memory: K + 8 * K/32 bytes.
 template <int KIND, int MODE>
 __device__ void matvec(const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
-                       const float* __restrict__ bias, int N, float* __restrict__ out) {
+                       const float* __restrict__ bias, int N, float* __restrict__ out,
+                       const int8_t* __restrict__ q = nullptr,
+                       const float2* __restrict__ ds = nullptr) {
     extern __shared__ int4 smem_v[];
     __shared__ float part[8];
     __shared__ float mrow[1];
@@ -439,28 +453,11 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
     pdl_launch_dependents();
     mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
     pdl_wait();
-    quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
-    mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
-}
-
-// matvec on activations quantized once by `qact` (q: K int8 in KIND's layout, ds: K/32
-// scale pairs), copied into shared memory: the same bits without every block
-// normalizing and quantizing the f32 input itself (whose reads from L2 by hundreds of
-// blocks cost more than the weights' on wide matrices).
-template <int KIND, int MODE>
-__device__ void matvec_q(const int8_t* __restrict__ q, const float2* __restrict__ ds, int K,
-                         const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
-                         const float* __restrict__ bias, int N, float* __restrict__ out) {
-    extern __shared__ int4 smem_v[];
-    int8_t* sq = (int8_t*)smem_v;
-    float2* sds = (float2*)(sq + K);
-    const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
-    pdl_launch_dependents();
-    mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
-    pdl_wait();
-    for (int i = threadIdx.x; i < K / 16; i += blockDim.x) ((int4*)sq)[i] = ((const int4*)q)[i];
-    for (int i = threadIdx.x; i < K / QK; i += blockDim.x) sds[i] = ds[i];
-    __syncthreads();
+    if (q != nullptr) {
+        load_cols(q, ds, K, 1, sq, sds);
+    } else {
+        quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
+    }
     mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
 }
 
@@ -475,9 +472,9 @@ extern "C" __global__ void __launch_bounds__(256)
     pdl_launch_dependents();
     pdl_wait();
     if (qn != nullptr) {
-        quantize_cols<KIND_Q4_1>(x, norm, eps, K, 1, qn, ds, part, mrow, q8);
+        quantize_cols<KIND_Q4_1, true>(x, norm, eps, K, 1, qn, ds, part, mrow, q8);
     } else {
-        quantize_cols<KIND_Q8_0>(x, norm, eps, K, 1, q8, ds, part, mrow);
+        quantize_cols<KIND_Q8_0, true>(x, norm, eps, K, 1, q8, ds, part, mrow);
     }
 }
 
@@ -492,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const int8_t* __restrict__ q, const float2* __restrict__ ds, int K,                 \
         const uint8_t* __restrict__ qs, const float2* __restrict__ dm,                      \
         const float* __restrict__ bias, int N, float* __restrict__ out) {                   \
-        matvec_q<KIND, MODE>(q, ds, K, qs, dm, bias, N, out);                               \
+        matvec<KIND, MODE>(nullptr, nullptr, 0.f, K, qs, dm, bias, N, out, q, ds);          \
     }
 
 MATVEC_ENTRY(KIND_Q4_0, q4_0, MODE_STORE, store)

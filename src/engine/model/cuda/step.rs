@@ -112,19 +112,61 @@ impl Inner {
         bias: u64,
         out: u64,
     ) -> Result<()> {
-        let f = &self.f.mv[m.kind as usize][mode];
+        self.mv_launch(m, mode, Some((x, norm)), bias, out)
+    }
+
+    /// [`Self::matvec`] on the input `qact` quantized last.
+    fn matvec_q(&self, m: &QMat, mode: usize, bias: u64, out: u64) -> Result<()> {
+        self.mv_launch(m, mode, None, bias, out)
+    }
+
+    /// A mat-vec of `mode` into `out`: on the f32 input `(x, norm)` (each block
+    /// normalizing when `norm` is nonzero and quantizing it), or with None on the input
+    /// `qact` quantized once (`mvq_*`).
+    fn mv_launch(
+        &self,
+        m: &QMat,
+        mode: usize,
+        input: Option<(u64, u64)>,
+        bias: u64,
+        out: u64,
+    ) -> Result<()> {
         let rows = if mode == 2 { m.n / 2 } else { m.n };
         let warps = (MV_THREADS / 32) as usize;
-        // A grid-stride loop over rows: at most a few blocks per SM, each quantizing the
-        // activations once.
-        let per_sm = match self.mv_per_sm.get() {
-            0 => batch_plan::mv_blocks_per_sm(m.k),
-            n => n,
+        // A grid-stride loop over rows: at most a few blocks per SM (each quantizing the
+        // activations once, or copying them in).
+        let per_sm = match (self.mv_per_sm.get(), input) {
+            (0, None) => batch_plan::MVQ_BLOCKS_PER_SM,
+            (0, Some(_)) => batch_plan::mv_blocks_per_sm(m.k),
+            (n, _) => n,
         };
         let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
-        let eps = self.cfg.rms_eps as f32;
         let (k, n) = (m.k as i32, m.n as i32);
+        let Some((x, norm)) = input else {
+            let f = &self.f.mvq[m.kind as usize][mode];
+            let q = if m.kind == Pack::Q8 {
+                self.aq.ptr + self.aq_k as u64
+            } else {
+                self.aq.ptr
+            };
+            let mut args = [
+                arg(&q),
+                arg(&self.ads.ptr),
+                arg(&k),
+                arg(&m.qs),
+                arg(&m.dm),
+                arg(&bias),
+                arg(&n),
+                arg(&out),
+            ];
+            // SAFETY: argument types and order match `mvq_*` (`MATVEC_ENTRY`) in
+            // decode.cu; q and ads hold the input `qact` wrote, every other pointer a
+            // live device allocation of the sizes the kernel indexes.
+            return unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) };
+        };
+        let f = &self.f.mv[m.kind as usize][mode];
+        let eps = self.cfg.rms_eps as f32;
         let mut args = [
             arg(&x),
             arg(&norm),
@@ -369,39 +411,6 @@ impl Inner {
         // SAFETY: matches `qact` in decode.cu; aq holds two inputs of `aq_k >= k` bytes
         // and ads `aq_k / 32` pairs.
         unsafe { self.go(&self.f.qact, 1, MV_THREADS, 0, &mut args, true) }
-    }
-
-    /// [`Self::matvec`] on the input `qact` quantized last.
-    fn matvec_q(&self, m: &QMat, mode: usize, bias: u64, out: u64) -> Result<()> {
-        let f = &self.f.mvq[m.kind as usize][mode];
-        let rows = if mode == 2 { m.n / 2 } else { m.n };
-        let warps = (MV_THREADS / 32) as usize;
-        let per_sm = match self.mv_per_sm.get() {
-            0 => batch_plan::MVQ_BLOCKS_PER_SM,
-            n => n,
-        };
-        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
-        let smem = (m.k + 8 * (m.k / 32)) as u32;
-        let q = if m.kind == Pack::Q8 {
-            self.aq.ptr + self.aq_k as u64
-        } else {
-            self.aq.ptr
-        };
-        let (k, n) = (m.k as i32, m.n as i32);
-        let mut args = [
-            arg(&q),
-            arg(&self.ads.ptr),
-            arg(&k),
-            arg(&m.qs),
-            arg(&m.dm),
-            arg(&bias),
-            arg(&n),
-            arg(&out),
-        ];
-        // SAFETY: argument types and order match `mvq_*` (`MATVEC_ENTRY`) in decode.cu;
-        // q and ads hold the input `qact` wrote, every other pointer a live device
-        // allocation of the sizes the kernel indexes.
-        unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) }
     }
 
     /// Microseconds per launch of each kernel of the step, as a graph of `REPS` launches
