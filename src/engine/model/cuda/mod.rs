@@ -963,9 +963,12 @@ impl FusedDecoder {
             );
         }
         // The tensor-core variants forced on and off for every matrix (the default picks
-        // each matrix's by its size: batch_plan::tc_kernels).
+        // each matrix's by its size: batch_plan::tc_kernels, and batch_plan::mmq for the
+        // dp4a kernels on once-quantized columns, off for these).
+        let default_mmq = g.mm_q.get();
         if g.f.tc.is_some() {
             g.mm_tc.set(true);
+            g.mm_q.set(Some(false));
             let forced = [
                 (
                     32,
@@ -1023,7 +1026,21 @@ impl FusedDecoder {
             }
             g.mm_tc32.set(default_tc32);
             g.mm_tcs.set(default_tcs);
+            // At 8 rows: the dp4a kernels on once-quantized columns for every matrix
+            // whose columns fit them, then for none.
+            if g.f.mmq.is_some() {
+                for (on, label) in [(true, "every"), (false, "no")] {
+                    g.mm_q.set(Some(on));
+                    cache.reserve(256 + 8)?;
+                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, 8)?, nl);
+                    s += &format!(
+                        "batched kernels, 8 rows, dp4a on columns quantized once for {label} matrix, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                        8e6 / step
+                    );
+                }
+            }
         }
+        g.mm_q.set(default_mmq);
         g.mm_tc.set(default_tc);
         Ok(s)
     }
