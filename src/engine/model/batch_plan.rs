@@ -185,9 +185,11 @@ pub fn mv_prequant(k: usize, rows: usize) -> bool {
 /// Shortest input and fewest rows [`mv_prequant`] quantizes once for.
 pub const MVQ_MIN: usize = 4096;
 
-/// Blocks per multiprocessor of a mat-vec on activations quantized once (no prologue
-/// to repeat per block: 8 was best or level on every shape of the micro-benchmark).
-pub const MVQ_BLOCKS_PER_SM: usize = 8;
+/// Blocks per multiprocessor of a mat-vec on activations quantized once (with 42–56
+/// registers a thread, four to six blocks of 256 are resident). On an H100 (`candela
+/// doctor`'s sweep, Llama-3-8B's shape) 4 gave a step of 3,245 µs against 3,287 with 8
+/// (Q|K|V 12.3 against 12.8 µs, gate|up 39.9 against 40.5) and 3,808 with 2.
+pub const MVQ_BLOCKS_PER_SM: usize = 4;
 
 /// Whether a batched projection of `rows` rows over `k` inputs, `bucket` columns wide,
 /// takes the dp4a mat-mat on columns quantized once (`mmq_*`: each warp reads a weight
