@@ -88,8 +88,8 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
     extern "C" __global__ void __launch_bounds__(256) mmq_##KNAME##_##MNAME(                \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs, \
         const float2* __restrict__ dm, const float* __restrict__ bias, int Nr,             \
-        float* __restrict__ out, int ld, int ch, const int8_t* __restrict__ pq,            \
-        const float2* __restrict__ pds) {                                                   \
+        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                    \
+        const float2* __restrict__ pds, int ch) {                                           \
         matmat<KIND, MODE, 8>(step, nullptr, nullptr, 0.f, K, qs, dm, bias, Nr, out, ld, ch, \
                               pq, pds);                                                     \
     }

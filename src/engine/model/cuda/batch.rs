@@ -570,47 +570,6 @@ impl Inner {
                 )?
             };
             let (n, ldi) = (m.n as i32, ld as i32);
-            if let Some(mmq) = self.f.mmq.as_ref().filter(|_| {
-                let smem = bucket * batch_plan::column_bytes(m.k);
-                smem <= MMQ_SMEM
-                    && self
-                        .mm_q
-                        .get()
-                        .unwrap_or_else(|| batch_plan::mmq(rows, m.k, bucket))
-            }) {
-                // The whole bucket's columns copied into shared memory, 8 dotted at a
-                // time; a few blocks per multiprocessor, as many as their copies fit.
-                let ch = bucket as i32;
-                let smem = bucket * batch_plan::column_bytes(m.k);
-                let per_sm = (SM_SMEM / smem).clamp(1, 4);
-                let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
-                let mut args = [
-                    arg(&b.step.ptr),
-                    arg(&k),
-                    arg(&m.qs),
-                    arg(&m.dm),
-                    arg(&bias),
-                    arg(&n),
-                    arg(&out),
-                    arg(&ldi),
-                    arg(&ch),
-                    arg(&b.pq.ptr),
-                    arg(&b.pds.ptr),
-                ];
-                // SAFETY: matches `mmq_*` (`MATMAT_ENTRY`) in batch.cuh; pq and pds hold
-                // the step's columns (quantized just above), `smem` bytes fit the kernel's
-                // limit, and `out` has room for `bucket` rows of `ld`.
-                return unsafe {
-                    self.go2(
-                        &mmq[m.kind as usize][mode],
-                        (blocks, 1),
-                        MV_THREADS,
-                        smem as u32,
-                        &mut args,
-                        true,
-                    )
-                };
-            }
             let mut args = [
                 arg(&b.step.ptr),
                 arg(&k),
@@ -623,6 +582,38 @@ impl Inner {
                 arg(&b.pq.ptr),
                 arg(&b.pds.ptr),
             ];
+            let smem = bucket * batch_plan::column_bytes(m.k);
+            let mmq = self.f.mmq.as_ref().filter(|_| {
+                smem <= MMQ_SMEM
+                    && self
+                        .mm_q
+                        .get()
+                        .unwrap_or_else(|| batch_plan::mmq(rows, m.k, bucket))
+            });
+            if let Some(mmq) = mmq {
+                // The whole bucket's columns copied into shared memory, 8 dotted at a
+                // time; a few blocks per multiprocessor, as many as their copies fit.
+                let ch = bucket as i32;
+                let per_sm = (SM_SMEM / smem).clamp(1, 4);
+                let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
+                let mut with_ch = [std::ptr::null_mut(); 11];
+                with_ch[..10].copy_from_slice(&args);
+                with_ch[10] = arg(&ch);
+                // SAFETY: matches `mmq_*` (`MATMAT_ENTRY`) in batch.cuh: the tensor-core
+                // kernels' arguments and the chunk; pq and pds hold the step's columns
+                // (quantized just above), `smem` bytes fit the kernel's limit, and `out`
+                // has room for `bucket` rows of `ld`.
+                return unsafe {
+                    self.go2(
+                        &mmq[m.kind as usize][mode],
+                        (blocks, 1),
+                        MV_THREADS,
+                        smem as u32,
+                        &mut with_ch,
+                        true,
+                    )
+                };
+            }
             // 8 columns a block (8 warps), or 32 (16 warps) with weights and activations
             // staged for wider batches, or 8 with the weights staged, by the matrix's size.
             let which = batch_plan::tc_kernels(rows, bucket, self.mm_tc32.get(), self.mm_tcs.get());

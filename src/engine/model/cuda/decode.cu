@@ -89,13 +89,18 @@ __device__ __forceinline__ float round_f16(float x) { return __half2float(__floa
 
 // The (scale, offset) pair of block `b` of a nibble row: stored as such, or for KIND_Q4_K
 // formed from the row's scale bytes `srow` (see the header).
+// Q4_K's (scale, offset) pair of a block from its super-block's (d, -dmin) and its
+// 6-bit (sc, m): (d * sc, -dmin * m).
+__device__ __forceinline__ float2 q4k_pair(float2 dd, uchar2 sm) {
+    return make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
+}
+
 template <int KIND>
 __device__ __forceinline__ float2 nibble_pair(const float2* __restrict__ wdm,
                                               const uint8_t* __restrict__ srow, int nb, int b) {
     if (KIND == KIND_Q4_K) {
-        const float2 dd = __ldg((const float2*)srow + (b >> 3));
-        const uchar2 sm = __ldg((const uchar2*)(srow + nb) + b);
-        return make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
+        return q4k_pair(__ldg((const float2*)srow + (b >> 3)),
+                        __ldg((const uchar2*)(srow + nb) + b));
     }
     return wdm[b];
 }
@@ -379,6 +384,19 @@ __device__ __forceinline__ void store_out(float* o, float y, float u,
     }
 }
 
+// Start weight row `row` (its values and scales) into L2: lane `l` of a group of `n`
+// takes every n-th 128-byte line.
+template <int KIND>
+__device__ __forceinline__ void prefetch_row(const uint8_t* __restrict__ qs,
+                                             const float2* __restrict__ dm, int nb, size_t row,
+                                             int l, int n) {
+    const int qb = KIND == KIND_Q8_0 ? 32 : 16;
+    const uint8_t* wq = qs + row * nb * qb;
+    for (int off = l * 128; off < nb * qb; off += n * 128) prefetch_l2(wq + off);
+    const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
+    for (int off = l * 128; off < scale_bytes<KIND>(nb); off += n * 128) prefetch_l2(wd + off);
+}
+
 // Before a mat-vec waits for its input: start fetching this warp's first row (and its
 // `up` twin) into L2 (weights do not depend on the previous kernel).
 template <int KIND, int MODE>
@@ -386,16 +404,9 @@ __device__ __forceinline__ void mv_prefetch(const uint8_t* __restrict__ qs,
                                             const float2* __restrict__ dm, int nb, int rows) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int r = blockIdx.x * nw + warp;
-    const int qb = KIND == KIND_Q8_0 ? 32 : 16;
     if (r < rows) {
-        for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t) {
-            const size_t row = (size_t)r + (size_t)t * rows;
-            const uint8_t* wq = qs + row * nb * qb;
-            for (int off = lane * 128; off < nb * qb; off += 32 * 128) prefetch_l2(wq + off);
-            const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
-            for (int off = lane * 128; off < scale_bytes<KIND>(nb); off += 32 * 128)
-                prefetch_l2(wd + off);
-        }
+        for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t)
+            prefetch_row<KIND>(qs, dm, nb, (size_t)r + (size_t)t * rows, lane, 32);
     }
 }
 

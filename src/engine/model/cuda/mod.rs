@@ -621,6 +621,8 @@ impl FusedDecoder {
         let out_norm = rd.norm("output_norm.weight")?;
         let ffn = layers.first().map_or(0, |l| l.gate_up.n / 2);
         let nq = cfg.n_heads * hd;
+        // The longest mat-vec input (the quantized-input buffer's length).
+        let kmax = cfg.hidden.max(ffn).max(nq);
         let sms = context
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(err)?
@@ -638,9 +640,9 @@ impl FusedDecoder {
             qkv: zeros(&stream, nq + 2 * cfg.n_kv_heads * hd)?,
             att: zeros(&stream, nq)?,
             act: zeros(&stream, ffn)?,
-            aq: upload(&stream, &vec![0u8; 2 * cfg.hidden.max(ffn).max(nq)])?,
-            ads: zeros(&stream, 2 * (cfg.hidden.max(ffn).max(nq) / 32))?,
-            aq_k: cfg.hidden.max(ffn).max(nq),
+            aq: upload(&stream, &vec![0u8; 2 * kmax])?,
+            ads: zeros(&stream, 2 * (kmax / 32))?,
+            aq_k: kmax,
             mv_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MVQ")),
             scores: zeros(&stream, cfg.n_heads * ctx)?,
             att_nch: std::cell::Cell::new(att_max),

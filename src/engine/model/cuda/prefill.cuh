@@ -39,10 +39,6 @@ __device__ __forceinline__ void mma_s8(int* c, int a0, int a1, int b0) {
 }
 #endif
 
-// The A-fragment word of weight row `row` for half-block h of block b: k = 4t..4t+3 of
-// the half-block in the order its activations are stored (quantize_cols): for nibble
-// kinds elements h*8..h*8+7 (low nibbles of bytes h*8..h*8+7) then 16+h*8..16+h*8+7 (their
-// high nibbles); for KIND_Q8_0 bytes h*16..h*16+15. Q4_0's nibbles come offset by -8.
 // A nibble kind's A-fragment word from the 4 bytes h*8 + 4*(t&1).. of its half-block's
 // row: the low (t < 2) or high nibbles, Q4_0's offset by -8.
 template <int KIND>
@@ -51,6 +47,10 @@ __device__ __forceinline__ int nibble_word(unsigned w, int t) {
     return KIND == KIND_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
 }
 
+// The A-fragment word of weight row `row` for half-block h of block b: k = 4t..4t+3 of
+// the half-block in the order its activations are stored (quantize_cols): for nibble
+// kinds elements h*8..h*8+7 (low nibbles of bytes h*8..h*8+7) then 16+h*8..16+h*8+7 (their
+// high nibbles); for KIND_Q8_0 bytes h*16..h*16+15. Q4_0's nibbles come offset by -8.
 template <int KIND>
 __device__ __forceinline__ int a_word(const uint8_t* __restrict__ qs, int nb, int row, int b,
                                       int h, int t) {

@@ -277,10 +277,9 @@ impl Inner {
             }
             Op::Qkv => {
                 // One launch per part, each writing its rows of the stacked output.
-                let parts: Vec<&QMat> = l.qkv.iter().collect();
-                let prequant = self.prequant(&parts)?;
+                let prequant = self.prequant(&l.qkv)?;
                 if prequant {
-                    self.qact(&parts, self.x.ptr, l.attn_norm.ptr)?;
+                    self.qact(&l.qkv, self.x.ptr, l.attn_norm.ptr)?;
                 }
                 let mut row = 0u64;
                 for m in &l.qkv {
@@ -361,8 +360,9 @@ impl Inner {
     /// nonzero) into `out`: quantized once first (`qact`) where `prequant` says so, else
     /// by every block of the mat-vec.
     fn project(&self, m: &QMat, mode: usize, (x, norm): (u64, u64), out: u64) -> Result<()> {
-        if self.prequant(&[m])? {
-            self.qact(&[m], x, norm)?;
+        let parts = std::slice::from_ref(m);
+        if self.prequant(parts)? {
+            self.qact(parts, x, norm)?;
             self.matvec_q(m, mode, 0, out)
         } else {
             self.matvec(m, mode, x, norm, 0, out)
@@ -372,10 +372,13 @@ impl Inner {
     /// Whether the mat-vecs of `parts` (one input) read activations quantized once by
     /// `qact` (`CANDELA_CUDA_MVQ=0|1` forces it; else `batch_plan::mv_prequant` by the
     /// input's length and the rows).
-    fn prequant(&self, parts: &[&QMat]) -> Result<bool> {
+    fn prequant(&self, parts: &[QMat]) -> Result<bool> {
         let k = parts.first().map_or(0, |m| m.k);
-        if parts.iter().any(|m| m.k != k) || k > self.aq_k {
+        if parts.iter().any(|m| m.k != k) {
             return Err(err("mat-vec parts of one input differ in length"));
+        }
+        if k > self.aq_k {
+            return Err(err("mat-vec input longer than the quantized-input buffer"));
         }
         let rows: usize = parts.iter().map(|m| m.n).sum();
         Ok(self
@@ -387,7 +390,7 @@ impl Inner {
     /// Quantize the input `x` (normalized by `norm` when nonzero) once, into the layouts
     /// the kinds of `parts` read (`aq`: the nibble kinds' first, then Q8_0's; `ads` the
     /// scale pairs both share).
-    fn qact(&self, parts: &[&QMat], x: u64, norm: u64) -> Result<()> {
+    fn qact(&self, parts: &[QMat], x: u64, norm: u64) -> Result<()> {
         let k = parts.first().map_or(0, |m| m.k);
         let nib = parts.iter().any(|m| m.kind != Pack::Q8);
         let q8 = parts.iter().any(|m| m.kind == Pack::Q8);

@@ -105,17 +105,9 @@ __device__ void tc_matmat(const unsigned long long* __restrict__ step, int K,
         // warps starts one of the block's rows (and its `up` twin) into L2 before
         // waiting for the activations.
         const int r = r0 + 2 * warp + (lane >> 4);
-        const int qb = KIND == KIND_Q8_0 ? 32 : 16;
         if (r < rows) {
-            for (int m = 0; m < R; ++m) {
-                const size_t row = (size_t)r + (size_t)m * rows;
-                const uint8_t* wq = qs + row * nb * qb;
-                for (int off = (lane & 15) * 128; off < nb * qb; off += 16 * 128)
-                    prefetch_l2(wq + off);
-                const uint8_t* wd = (const uint8_t*)dm + row * scale_bytes<KIND>(nb);
-                for (int off = (lane & 15) * 128; off < scale_bytes<KIND>(nb); off += 16 * 128)
-                    prefetch_l2(wd + off);
-            }
+            for (int m = 0; m < R; ++m)
+                prefetch_row<KIND>(qs, dm, nb, (size_t)r + (size_t)m * rows, lane & 15, 16);
         }
     }
     pdl_wait();
@@ -545,9 +537,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                             a[m][q] = a_word_staged<KIND>(wb, h, t);
                             if (KIND == KIND_Q4_K) {
                                 // nibble_pair's arithmetic on the staged bytes.
-                                const float2 dd = s.kdd[m][g + 8 * q];
-                                const uchar2 sm = s.ksm[m][g + 8 * q][bl];
-                                sc[m][q] = make_float2(dd.x * (float)sm.x, dd.y * (float)sm.y);
+                                sc[m][q] = q4k_pair(s.kdd[m][g + 8 * q], s.ksm[m][g + 8 * q][bl]);
                             } else {
                                 sc[m][q] = s.wsc[m][g + 8 * q][bl];
                             }
