@@ -160,3 +160,104 @@ pub(super) fn matmul<'a, W: Tiled>(
         (0..tasks).into_par_iter().for_each(run);
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+/// A weight matrix whose columns can be unpacked once into a panel of ready-to-use
+/// values and then run against many activation rows (prefill): the unpacking, a large
+/// share of a tile's work when it is redone for every four rows, is paid once for
+/// [`PANEL_ROWS`] rows.
+pub(super) trait Paneled: Sync {
+    /// One quantized activation row, borrowed.
+    type Row<'a>: Copy + Send + Sync;
+    /// Scratch holding up to two unpacked columns.
+    type Panel: Default + Send;
+
+    /// Unpack columns `c..c + cw` (`cw` is 1 or 2) into `panel`.
+    fn unpack(&self, isa: Isa, c: usize, cw: usize, panel: &mut Self::Panel);
+
+    /// `out[j][r]` = the panel's column `j` against `rows[r]`, formed exactly as
+    /// [`Tiled::tile`] forms it.
+    fn panel_tile<const R: usize, const C: usize>(
+        &self,
+        isa: Isa,
+        panel: &Self::Panel,
+        rows: [Self::Row<'_>; R],
+    ) -> [[f32; R]; C];
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Activation rows that one unpacked panel serves before the next columns' (the rows'
+/// quantized bytes stay in L1/L2 while the task walks its columns).
+pub(super) const PANEL_ROWS: usize = 64;
+
+#[cfg(target_arch = "x86_64")]
+/// [`matmul`] for a [`Paneled`] weight: per task and [`PANEL_ROWS`] rows, each pair of
+/// columns is unpacked once and run against the rows four at a time.
+pub(super) fn matmul_panels<'a, W: Paneled>(
+    w: &W,
+    isa: Isa,
+    n: usize,
+    m: usize,
+    row: impl Fn(usize) -> W::Row<'a> + Sync,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(2);
+    let ptr = OutPtr(out.as_mut_ptr());
+    // SAFETY (every write): in bounds (checked above) and the columns of one task
+    // belong to it alone.
+    let put = |r: usize, c: usize, v: f32| unsafe { ptr.write(r * ldo + c, v) };
+    let run = |ci: usize| {
+        let (c0, c1) = (ci * chunk, ((ci + 1) * chunk).min(n));
+        let mut panel = W::Panel::default();
+        for r0 in (0..m).step_by(PANEL_ROWS) {
+            let r1 = (r0 + PANEL_ROWS).min(m);
+            let mut c = c0;
+            while c < c1 {
+                let cw = (c1 - c).min(2);
+                w.unpack(isa, c, cw, &mut panel);
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                    if cw == 2 {
+                        let v = w.panel_tile::<4, 2>(isa, &panel, rows);
+                        for (j, col) in v.iter().enumerate() {
+                            for (i, &y) in col.iter().enumerate() {
+                                put(r + i, c + j, y);
+                            }
+                        }
+                    } else {
+                        let [col] = w.panel_tile::<4, 1>(isa, &panel, rows);
+                        for (i, &y) in col.iter().enumerate() {
+                            put(r + i, c, y);
+                        }
+                    }
+                    r += 4;
+                }
+                while r < r1 {
+                    if cw == 2 {
+                        let [[a], [b]] = w.panel_tile::<1, 2>(isa, &panel, [row(r)]);
+                        put(r, c, a);
+                        put(r, c + 1, b);
+                    } else {
+                        let [[a]] = w.panel_tile::<1, 1>(isa, &panel, [row(r)]);
+                        put(r, c, a);
+                    }
+                    r += 1;
+                }
+                c += cw;
+            }
+        }
+    };
+    let tasks = n.div_ceil(chunk);
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}

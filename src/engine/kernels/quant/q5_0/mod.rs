@@ -14,6 +14,11 @@ use candle_core::{Result, Tensor};
 use super::drive::{self, Tiled};
 use super::{f16_at, hsum8, isa, isa_available, Isa, QActs, Row, QK};
 
+/// From this many activation rows on (prefill, large batches) the 256-bit levels unpack
+/// each pair of columns once for up to `drive::PANEL_ROWS` rows ([`drive::matmul_panels`]).
+#[cfg(target_arch = "x86_64")]
+const PANEL_MIN_ROWS: usize = 8;
+
 /// One Q5_0 weight matrix `(n, k)`, blocks of column `c` at `c * k / 32 ..`.
 #[derive(Debug)]
 pub struct Q5Weight {
@@ -103,6 +108,10 @@ impl Q5Weight {
             // SAFETY: the CPU has AVX-512 VNNI (checked above) and the widths agree.
             return unsafe { super::pairs::matmul(self, self.n, x, out, ldo) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if level != Isa::Scalar && x.m >= PANEL_MIN_ROWS {
+            return drive::matmul_panels(self, level, self.n, x.m, |r| x.row(r), out, ldo);
+        }
         drive::matmul(self, level, self.n, x.m, |r| x.row(r), out, ldo);
     }
 
@@ -168,12 +177,103 @@ impl Tiled for Q5Weight {
     }
 }
 
-/// AVX2 (and VNNI) tiles: a block is unpacked once for the `R` rows — nibbles as in
-/// Q4_0, the fifth bit spread to bytes like ggml's `bytes_from_bits_32`, and `0xF0`
-/// or-ed in where it is clear, which is `value - 16` in two's complement. The sign
-/// trick moves the weights' sign onto the activations (`|w| <= 16`, no i16 overflow).
+/// Block `wb`'s 32 values minus 16, as signed bytes (AVX2): nibbles as in Q4_0, the
+/// fifth bit spread to bytes like ggml's `bytes_from_bits_32`, and `0xF0` or-ed in where
+/// it is clear, which is `value - 16` in two's complement.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_x86(w: &Q5Weight, wb: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    unsafe {
+        let t = _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i);
+        let nib = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+            _mm256_set1_epi8(0x0F),
+        );
+        let h = _mm256_set1_epi32(*w.qh.get_unchecked(wb) as i32);
+        let spread = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        );
+        let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+        let set = _mm256_cmpeq_epi8(
+            _mm256_or_si256(_mm256_shuffle_epi8(h, spread), bit),
+            _mm256_set1_epi8(-1),
+        );
+        _mm256_or_si256(
+            nib,
+            _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
+        )
+    }
+}
+
+/// Up to two columns unpacked for the panel kernels: per column and block, `|w|` then
+/// `w` (32 signed bytes each, as [`unpack_x86`] gives them) and the scale in eight
+/// lanes (a load, where a scalar would cost the kernel a multiply and a broadcast per
+/// row and column).
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Default)]
+pub(super) struct Q5Panel {
+    nbk: usize,
+    bytes: Vec<[u8; 64]>,
+    d: Vec<[f32; 8]>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl drive::Paneled for Q5Weight {
+    type Row<'a> = Row<'a>;
+    type Panel = Q5Panel;
+
+    fn unpack(&self, level: Isa, c: usize, cw: usize, p: &mut Q5Panel) {
+        assert!(level != Isa::Scalar && c + cw <= self.n && cw <= 2);
+        let nbk = self.k / QK;
+        p.nbk = nbk;
+        p.bytes.resize(cw * nbk, [0; 64]);
+        p.d.clear();
+        p.d.extend(self.d[c * nbk..(c + cw) * nbk].iter().map(|&d| [d; 8]));
+        for (i, dst) in p.bytes.iter_mut().enumerate() {
+            // SAFETY: AVX2 is present at every level above scalar (asserted); the block
+            // is in bounds (`c + cw <= n`) and `dst` holds 64 bytes.
+            unsafe {
+                use std::arch::x86_64::*;
+                let w = unpack_x86(self, c * nbk + i);
+                _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm256_sign_epi8(w, w));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(32) as *mut __m256i, w);
+            }
+        }
+    }
+
+    #[inline]
+    fn panel_tile<const R: usize, const C: usize>(
+        &self,
+        level: Isa,
+        p: &Q5Panel,
+        rows: [Row<'_>; R],
+    ) -> [[f32; R]; C] {
+        assert!(p.bytes.len() >= C * p.nbk && p.d.len() >= C * p.nbk);
+        assert!(rows.iter().all(|r| r.qs.len() == p.nbk * QK));
+        // SAFETY: `level` is at most `isa()` and above scalar, so the CPU has what each
+        // kernel enables; the panel holds `C` columns and the rows `nbk` blocks
+        // (asserted).
+        unsafe {
+            match level {
+                Isa::Avx2Vnni if super::vex_vnni() => self.panel_vex::<R, C>(p, rows),
+                Isa::Avx2Vnni | Isa::Avx512Vnni => self.panel_vnni::<R, C>(p, rows),
+                _ => self.panel_avx2::<R, C>(p, rows),
+            }
+        }
+    }
+}
+
+/// AVX2 (and VNNI) tiles: a block is unpacked once for the `R` rows ([`unpack_x86`]);
+/// the sign trick moves the weights' sign onto the activations (`|w| <= 16`, no i16
+/// overflow). The panel kernels take the same per-block steps on columns unpacked
+/// beforehand.
 macro_rules! q5_x86 {
-    ($name:ident, $feat:literal, $vnni:expr, $dp:ident) => {
+    ($name:ident, $panel:ident, $feat:literal, $vnni:expr, $dp:ident) => {
         #[cfg(target_arch = "x86_64")]
         impl Q5Weight {
             #[target_feature(enable = $feat)]
@@ -187,31 +287,12 @@ macro_rules! q5_x86 {
                     let nbk = self.k / QK;
                     let mut acc = [[_mm256_setzero_ps(); R]; C];
                     let ones = _mm256_set1_epi16(1);
-                    let low = _mm256_set1_epi8(0x0F);
-                    let high = _mm256_set1_epi8(0xF0u8 as i8);
-                    let spread = _mm256_set_epi64x(
-                        0x0303030303030303,
-                        0x0202020202020202,
-                        0x0101010101010101,
-                        0,
-                    );
-                    let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-                    let all = _mm256_set1_epi8(-1);
-                    let qs = self.qs.as_ptr();
                     for b in 0..nbk {
                         let mut ws = [_mm256_setzero_si256(); C];
                         let mut ds = [0f32; C];
                         for (j, w) in ws.iter_mut().enumerate() {
                             let wb = (c + j) * nbk + b;
-                            let t = _mm_loadu_si128(qs.add(wb * 16) as *const __m128i);
-                            let nib =
-                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-                            let h = _mm256_set1_epi32(*self.qh.get_unchecked(wb) as i32);
-                            let set = _mm256_cmpeq_epi8(
-                                _mm256_or_si256(_mm256_shuffle_epi8(h, spread), bit),
-                                all,
-                            );
-                            *w = _mm256_or_si256(nib, _mm256_andnot_si256(set, high));
+                            *w = unpack_x86(self, wb);
                             ds[j] = *self.d.get_unchecked(wb);
                         }
                         for r in 0..R {
@@ -234,29 +315,98 @@ macro_rules! q5_x86 {
                             }
                         }
                     }
-                    let mut out = [[0f32; R]; C];
-                    for j in 0..C {
+                    finish(acc)
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn $panel<const R: usize, const C: usize>(
+                &self,
+                p: &Q5Panel,
+                rows: [Row<'_>; R],
+            ) -> [[f32; R]; C] {
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let nbk = p.nbk;
+                    let mut acc = [[_mm256_setzero_ps(); R]; C];
+                    let ones = _mm256_set1_epi16(1);
+                    let bytes = p.bytes.as_ptr() as *const u8;
+                    let ds = p.d.as_ptr() as *const f32;
+                    for b in 0..nbk {
+                        let mut ax = [_mm256_setzero_si256(); C];
+                        for (j, a) in ax.iter_mut().enumerate() {
+                            *a =
+                                _mm256_loadu_si256(bytes.add((j * nbk + b) * 64) as *const __m256i);
+                        }
                         for r in 0..R {
-                            let mut lanes = [0f32; 8];
-                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]);
-                            out[j][r] = hsum8(lanes);
+                            let row = rows.get_unchecked(r);
+                            let yq =
+                                _mm256_loadu_si256(row.qs.as_ptr().add(b * QK) as *const __m256i);
+                            let dy = _mm256_set1_ps(*row.d.get_unchecked(b));
+                            for j in 0..C {
+                                let w = _mm256_loadu_si256(
+                                    bytes.add((j * nbk + b) * 64 + 32) as *const __m256i
+                                );
+                                let sy = _mm256_sign_epi8(yq, w);
+                                let sum = if $vnni {
+                                    $dp(_mm256_setzero_si256(), ax[j], sy)
+                                } else {
+                                    _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax[j], sy))
+                                };
+                                let dd =
+                                    _mm256_mul_ps(_mm256_loadu_ps(ds.add((j * nbk + b) * 8)), dy);
+                                let a = acc.get_unchecked_mut(j).get_unchecked_mut(r);
+                                *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sum), *a);
+                            }
                         }
                     }
-                    out
+                    finish(acc)
                 }
             }
         }
     };
 }
 
-q5_x86!(tile_avx2, "avx2,fma", false, _mm256_dpbusd_epi32);
+/// The accumulators' lanes added in ggml's `hsum_float_8` order.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn finish<const R: usize, const C: usize>(
+    acc: [[std::arch::x86_64::__m256; R]; C],
+) -> [[f32; R]; C] {
+    let mut out = [[0f32; R]; C];
+    for j in 0..C {
+        for r in 0..R {
+            let mut lanes = [0f32; 8];
+            // SAFETY: AVX is enabled; `lanes` holds eight floats.
+            unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), acc[j][r]) };
+            out[j][r] = hsum8(lanes);
+        }
+    }
+    out
+}
+
+q5_x86!(
+    tile_avx2,
+    panel_avx2,
+    "avx2,fma",
+    false,
+    _mm256_dpbusd_epi32
+);
 q5_x86!(
     tile_vnni,
+    panel_vnni,
     "avx2,fma,avx512vnni,avx512vl",
     true,
     _mm256_dpbusd_epi32
 );
-q5_x86!(tile_vex, "avx2,fma,avxvnni", true, _mm256_dpbusd_avx_epi32);
+q5_x86!(
+    tile_vex,
+    panel_vex,
+    "avx2,fma,avxvnni",
+    true,
+    _mm256_dpbusd_avx_epi32
+);
 
 #[cfg(target_arch = "x86_64")]
 mod zmm;
@@ -309,6 +459,8 @@ mod tests {
             (4, 130, 544),
             (2, 3, 64),
             (17, 9, 160),
+            // More rows than one panel serves (`drive::PANEL_ROWS`), odd widths.
+            (70, 7, 64),
         ]
         .into_iter()
         .chain((1..=9).map(|m| (m, 13, 96)));
