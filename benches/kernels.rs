@@ -105,7 +105,7 @@ fn qwen_kernels(c: &mut Criterion) {
         let w = Q5Weight::from_qtensor(&quantized(GgmlDType::Q5_0, n, k))
             .unwrap()
             .unwrap();
-        for m in [1usize, 64] {
+        for m in [1usize, 8, 64] {
             let mut a = QActs::new();
             a.quantize(&acts(m, k), k);
             let mut out = vec![0f32; m * n];

@@ -124,6 +124,8 @@ fn kquants_simd_equal_portable_bit_for_bit() -> Result<()> {
             (4, 30, 1280),
             (2, 3, 4864),
             (17, 9, 768),
+            // More rows than one panel serves (`drive::PANEL_ROWS`), odd widths.
+            (70, 7, 512),
         ]
         .into_iter()
         .chain((1..=9).map(|m| (m, 13, 768)))

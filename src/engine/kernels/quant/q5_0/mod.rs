@@ -14,11 +14,6 @@ use candle_core::{Result, Tensor};
 use super::drive::{self, Tiled};
 use super::{f16_at, hsum8, isa, isa_available, Isa, QActs, Row, QK};
 
-/// From this many activation rows on (prefill, large batches) the 256-bit levels unpack
-/// each pair of columns once for up to `drive::PANEL_ROWS` rows ([`drive::matmul_panels`]).
-#[cfg(target_arch = "x86_64")]
-const PANEL_MIN_ROWS: usize = 8;
-
 /// One Q5_0 weight matrix `(n, k)`, blocks of column `c` at `c * k / 32 ..`.
 #[derive(Debug)]
 pub struct Q5Weight {
@@ -109,7 +104,7 @@ impl Q5Weight {
             return unsafe { super::pairs::matmul(self, self.n, x, out, ldo) };
         }
         #[cfg(target_arch = "x86_64")]
-        if level != Isa::Scalar && x.m >= PANEL_MIN_ROWS {
+        if matches!(level, Isa::Avx2 | Isa::Avx2Vnni) && x.m >= drive::PANEL_MIN_ROWS {
             return drive::matmul_panels(self, level, self.n, x.m, |r| x.row(r), out, ldo);
         }
         drive::matmul(self, level, self.n, x.m, |r| x.row(r), out, ldo);
