@@ -33,6 +33,10 @@ fn schemathesis_finds_no_server_error() {
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
             "--max-examples",
             "25",
+            // A request may wait behind others for the one engine; on a slow or busy
+            // machine that is more than schemathesis's default 10 s read timeout.
+            "--request-timeout",
+            "120",
             "--no-color",
         ])
         .output()
