@@ -78,6 +78,33 @@ pub(super) unsafe fn one_row<W: Tiled>(
     }
 }
 
+/// The drivers' split of `n` output columns: checks that an output of `out_len` values
+/// holds `m` rows at stride `ldo`, then runs `task(c0, c1)` for column ranges of about
+/// a quarter of a thread's share (a multiple of `align` long), on the thread pool when
+/// there are several. Nothing runs for an empty product.
+fn column_tasks(
+    n: usize,
+    m: usize,
+    out_len: usize,
+    ldo: usize,
+    align: usize,
+    task: impl Fn(usize, usize) + Sync,
+) {
+    assert!(ldo >= n && (m == 0 || out_len >= (m - 1) * ldo + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(align);
+    let run = |ci: usize| task(ci * chunk, ((ci + 1) * chunk).min(n));
+    let tasks = n.div_ceil(chunk);
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
 /// `out[r * ldo + c] = row(r) · w_c` for `m` rows and `n` columns at level `isa`.
 pub(super) fn matmul<'a, W: Tiled>(
     w: &W,
@@ -88,19 +115,12 @@ pub(super) fn matmul<'a, W: Tiled>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
     let ptr = OutPtr(out.as_mut_ptr());
-    // SAFETY (every write): in bounds (checked above) and the columns of one task
-    // belong to it alone.
+    // SAFETY (every write): in bounds (checked by `column_tasks`) and the columns of one
+    // task belong to it alone.
     let put = |r: usize, c: usize, v: f32| unsafe { ptr.write(r * ldo + c, v) };
-    let run = |ci: usize| {
+    let run = |c0: usize, c1: usize| {
         const ROW_TILE: usize = 32;
-        let (c0, c1) = (ci * chunk, ((ci + 1) * chunk).min(n));
         for r0 in (0..m).step_by(ROW_TILE) {
             let r1 = (r0 + ROW_TILE).min(m);
             let mut c = c0;
@@ -153,12 +173,7 @@ pub(super) fn matmul<'a, W: Tiled>(
             }
         }
     };
-    let tasks = n.div_ceil(chunk);
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    column_tasks(n, m, out.len(), ldo, 4, run);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -202,7 +217,7 @@ const PR: usize = 3;
 
 #[cfg(target_arch = "x86_64")]
 /// [`matmul`] for a [`Paneled`] weight: per task and [`PANEL_ROWS`] rows, each pair of
-/// columns is unpacked once and run against the rows four at a time.
+/// columns is unpacked once and run against the rows [`PR`] at a time.
 pub(super) fn matmul_panels<'a, W: Paneled>(
     w: &W,
     isa: Isa,
@@ -212,18 +227,11 @@ pub(super) fn matmul_panels<'a, W: Paneled>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(ldo >= n && (m == 0 || out.len() >= (m - 1) * ldo + n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = n.div_ceil(threads * 4).next_multiple_of(2);
     let ptr = OutPtr(out.as_mut_ptr());
-    // SAFETY (every write): in bounds (checked above) and the columns of one task
-    // belong to it alone.
+    // SAFETY (every write): in bounds (checked by `column_tasks`) and the columns of one
+    // task belong to it alone.
     let put = |r: usize, c: usize, v: f32| unsafe { ptr.write(r * ldo + c, v) };
-    let run = |ci: usize| {
-        let (c0, c1) = (ci * chunk, ((ci + 1) * chunk).min(n));
+    let run = |c0: usize, c1: usize| {
         let mut panel = W::Panel::default();
         for r0 in (0..m).step_by(PANEL_ROWS) {
             let r1 = (r0 + PANEL_ROWS).min(m);
@@ -264,10 +272,5 @@ pub(super) fn matmul_panels<'a, W: Paneled>(
             }
         }
     };
-    let tasks = n.div_ceil(chunk);
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    column_tasks(n, m, out.len(), ldo, 2, run);
 }
