@@ -248,16 +248,17 @@ impl drive::Paneled for Q5Weight {
         p: &Q5Panel,
         rows: [Row<'_>; R],
     ) -> [[f32; R]; C] {
+        assert!(level != Isa::Scalar, "the panel kernels need AVX2");
         assert!(p.bytes.len() >= C * p.nbk && p.d.len() >= C * p.nbk);
         assert!(rows.iter().all(|r| r.qs.len() == p.nbk * QK));
-        // SAFETY: `level` is at most `isa()` and above scalar, so the CPU has what each
-        // kernel enables; the panel holds `C` columns and the rows `nbk` blocks
-        // (asserted).
+        // SAFETY: `level` is at most `isa()` and above scalar (asserted), so the CPU has
+        // what each kernel enables; the panel holds `C` columns and the rows `nbk`
+        // blocks (asserted).
         unsafe {
             match level {
                 Isa::Avx2Vnni if super::vex_vnni() => self.panel_vex::<R, C>(p, rows),
                 Isa::Avx2Vnni | Isa::Avx512Vnni => self.panel_vnni::<R, C>(p, rows),
-                _ => self.panel_avx2::<R, C>(p, rows),
+                Isa::Avx2 | Isa::Scalar => self.panel_avx2::<R, C>(p, rows),
             }
         }
     }
