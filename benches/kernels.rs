@@ -190,6 +190,26 @@ fn attention(c: &mut Criterion) {
     c.bench_function("attend_3x_hd64_len2048_bf16", |b| {
         b.iter(|| attn::attend_heads_bf16(&q3, hd, &kb16, &kb16, 0.125, &mut out3))
     });
+    // And over a q8_0 cache of the same values (stored offset by 128, a scale per 32).
+    let mut k8 = vec![0u8; hd * len];
+    let mut k8s = vec![half::f16::ZERO; hd * len / 32];
+    for (b, (blk, out)) in kf.chunks(32).zip(k8.chunks_mut(32)).enumerate() {
+        let amax = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        k8s[b] = half::f16::from_f32(d);
+        for (o, x) in out.iter_mut().zip(blk) {
+            *o = ((x / d).round() as i32 + 128) as u8;
+        }
+    }
+    let rows = attn::Q8Rows {
+        k: &k8,
+        k_scale: &k8s,
+        v: &k8,
+        v_scale: &k8s,
+    };
+    c.bench_function("attend_3x_hd64_len2048_q8", |b| {
+        b.iter(|| attn::attend_heads_q8(&q3, hd, rows, 0.125, &mut out3))
+    });
 }
 
 /// `CANDELA_BENCH_CPU_SECS=S`: each model shape at 1 and 8 rows, at the best level, run

@@ -306,7 +306,7 @@ fn scores<E: Lanes, const G: usize, const NC: usize>(
 /// Prefetch the cache lines of `x` into L1.
 #[inline]
 #[target_feature(enable = "sse")]
-fn prefetch<T>(x: &[T]) {
+pub(super) fn prefetch<T>(x: &[T]) {
     for c in x.chunks(64 / size_of::<T>()) {
         _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }

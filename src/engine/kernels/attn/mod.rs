@@ -33,6 +33,8 @@ mod neon;
 #[cfg(target_arch = "x86_64")]
 mod passes;
 mod q8;
+#[cfg(target_arch = "x86_64")]
+mod q8_avx2;
 mod wide;
 
 pub use q8::{attend_heads_q8, fwht, Q8Rows};

@@ -12,9 +12,10 @@
 //! - V dequantized (`d * q`, exact in f32) and accumulated in f32: `acc *= ms` when the
 //!   maximum grows, `acc = fma(v, vs, acc)`; at the end `acc * (1 / S)`.
 //!
-//! The portable loop is the reference; the AVX2 version gives the same bits (integer
-//! sums are exact in any order), with the 8- or 16-lane `expf` ([`super::expf`]) where
-//! it agrees with the C library's; so does the NEON one on aarch64 (`super::neon`).
+//! The portable loop is the reference; the AVX2 version ([`super::q8_avx2`], the same
+//! steps in passes) gives the same bits (integer sums are exact in any order), with the
+//! 8- or 16-lane `expf` ([`super::expf`]) where it agrees with the C library's; so does
+//! the NEON one on aarch64 (`super::neon`).
 
 // Index loops over heads and positions read more plainly than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
@@ -28,7 +29,7 @@ pub(super) const BLOCK: usize = 32;
 /// Positions per pass (scores, then weights, then V).
 const CHUNK: usize = 64;
 /// Widest head handled without allocating.
-const MAX_HD: usize = 256;
+pub(super) const MAX_HD: usize = 256;
 
 /// The K/V rows of one KV head of a q8_0 cache: `len` positions of `hd` bytes and
 /// `hd / 32` scales each.
@@ -89,9 +90,9 @@ pub(super) fn attend_with(
     for (qh, oh) in q.chunks(4 * hd).zip(out.chunks_mut(4 * hd)) {
         #[cfg(target_arch = "x86_64")]
         if level > 0 {
-            // SAFETY: AVX2 and FMA were detected (level > 0), and the `expf` of
+            // SAFETY: AVX2, FMA and F16C were detected (level > 0), and the `expf` of
             // level 2 or 3; shapes checked above.
-            unsafe { heads_avx2(level, qh, hd, kv, scale, oh) };
+            unsafe { super::q8_avx2::heads(level, qh, hd, kv, scale, oh) };
             continue;
         }
         #[cfg(target_arch = "aarch64")]
@@ -120,7 +121,7 @@ pub(super) fn attend_with(
 
 /// ggml's x86 `quantize_row_q8_0` of one head (the quantizer of the Q8_0 matmuls):
 /// values and f16-rounded scales.
-fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+pub(super) fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     let mut sums = [0f32; MAX_HD / BLOCK];
     quantize_into(x, d, &mut sums[..d.len()], q);
 }
@@ -264,91 +265,6 @@ fn heads(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_avx2(level: u8, q: &[f32], hd: usize, kv: Q8Rows<'_>, scale: f32, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    heads(
-        q,
-        hd,
-        kv,
-        scale,
-        out,
-        // SAFETY (the closures): AVX2/FMA are enabled here; every slice is a whole
-        // number of 8 (dot, mad) or 32 (dequant) values, checked by `attend_with`.
-        |k, kd, qz, g, out| unsafe {
-            // As ggml's `mul_sum_i8_pairs_float`: |k| times q with k's sign, pairs to i16
-            // (at most 2 * 127 * 127), pairs of those to i32 lanes of four products. The K
-            // bytes are loaded and made absolute once for all heads.
-            let flip = _mm256_set1_epi8(-128);
-            let ones = _mm256_set1_epi16(1);
-            let mut l = [_mm256_setzero_ps(); 4];
-            for (b, &kdb) in kd.iter().enumerate() {
-                let kv =
-                    _mm256_xor_si256(_mm256_loadu_si256(k.as_ptr().add(b * BLOCK).cast()), flip);
-                let ak = _mm256_sign_epi8(kv, kv);
-                let dk = kdb.to_f32();
-                for h in 0..g {
-                    let qv = _mm256_loadu_si256(qz.q[h].as_ptr().add(b * BLOCK).cast());
-                    let p16 = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, kv));
-                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                    l[h] = _mm256_fmadd_ps(_mm256_set1_ps(dk * qz.d[h][b]), s, l[h]);
-                }
-            }
-            for h in 0..g {
-                let mut v = [0f32; 8];
-                _mm256_storeu_ps(v.as_mut_ptr(), l[h]);
-                out[h] = hsum8(v);
-            }
-        },
-        |x, d, o| unsafe {
-            let off = _mm256_set1_epi32(128);
-            for (b, &db) in d.iter().enumerate() {
-                let s = _mm256_set1_ps(db.to_f32());
-                for c in 0..4 {
-                    let at = b * BLOCK + 8 * c;
-                    let bytes = _mm_loadl_epi64(x.as_ptr().add(at).cast());
-                    let i = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), off);
-                    _mm256_storeu_ps(
-                        o.as_mut_ptr().add(at),
-                        _mm256_mul_ps(s, _mm256_cvtepi32_ps(i)),
-                    );
-                }
-            }
-        },
-        |a, x, ms, vs| unsafe {
-            let (m, w) = (_mm256_set1_ps(ms), _mm256_set1_ps(vs));
-            if ms == 1.0 {
-                // `acc * 1` is `acc`: the same bits without the multiply.
-                for i in (0..a.len()).step_by(8) {
-                    let p = a.as_mut_ptr().add(i);
-                    let x = _mm256_loadu_ps(x.as_ptr().add(i));
-                    _mm256_storeu_ps(p, _mm256_fmadd_ps(x, w, _mm256_loadu_ps(p)));
-                }
-                return;
-            }
-            for i in (0..a.len()).step_by(8) {
-                let p = a.as_mut_ptr().add(i);
-                let r = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    w,
-                    _mm256_mul_ps(_mm256_loadu_ps(p), m),
-                );
-                _mm256_storeu_ps(p, r);
-            }
-        },
-        // `xs` is a whole number of 16 values.
-        |xs| match level {
-            // SAFETY: level 3 means the AVX-512 `expf` was checked against libm.
-            3 => unsafe { super::expf::exp_slice(xs) },
-            // Level 2 means the AVX2 `expf` was checked against libm (and its features
-            // are enabled here).
-            2 => super::expf::exp_slice_avx2(xs),
-            _ => xs.iter_mut().for_each(|x| *x = x.exp()),
-        },
-    )
-}
-
 /// The loop with the NEON steps of [`super::neon`]; `sdot` for the scores where
 /// `dotprod` is asked for (the caller checked the CPU has it), else `smull`.
 #[cfg(target_arch = "aarch64")]
@@ -431,6 +347,8 @@ mod tests {
             (129, 128, 4),
             (200, 64, 7),
             (5, 256, 2),
+            (300, 64, 1),
+            (65, 128, 1),
         ] {
             let (q, k, ks, v, vs) = case(len, hd, g, (len * hd + g) as u64);
             let kv = Q8Rows {

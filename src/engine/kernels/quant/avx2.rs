@@ -32,7 +32,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn hsum8x8(a: [std::arch::x86_64::__m256; 8]) -> [f32; 8] {
+pub(in crate::engine::kernels) unsafe fn hsum8x8(a: [std::arch::x86_64::__m256; 8]) -> [f32; 8] {
     use std::arch::x86_64::*;
     // [l0+l4, l1+l5, l2+l6, l3+l7] of a[k] in the low half, of a[k + 4] in the high.
     let t: [__m256; 4] = std::array::from_fn(|k| {

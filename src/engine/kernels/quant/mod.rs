@@ -24,6 +24,8 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+pub(in crate::engine::kernels) use avx2::hsum8x8;
+#[cfg(target_arch = "x86_64")]
 mod avx2_rows;
 mod drive;
 mod kquant;
