@@ -3,27 +3,27 @@
 //! [`exp8x`](super::expf::exp8x).
 
 use super::expf::exp_slice_avx2;
-use super::passes::{self, Lanes};
-use half::f16;
+use super::passes::{self, Cache, Lanes};
 use std::arch::x86_64::*;
 
-/// One group of `G` query heads over one KV head; `hd <= passes::MAX_HD`.
+/// One group of `G` query heads over one KV head of an f16 or bf16 cache;
+/// `hd <= passes::MAX_HD`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available.
-// Not inlined: one copy per group size, apart from the dispatch.
+// Not inlined: one copy per group size and type, apart from the dispatch.
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn heads<const G: usize>(
+pub(super) unsafe fn heads<E: Cache, const G: usize>(
     q: &[f32],
     hd: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &[E],
+    v: &[E],
     scale: f32,
     out: &mut [f32],
 ) {
     // SAFETY: the features `Avx2` needs are enabled here.
-    unsafe { passes::heads::<Avx2, G>(q, hd, k, v, scale, out) }
+    unsafe { passes::heads::<Avx2, E, G>(q, hd, k, v, scale, out) }
 }
 
 struct Avx2;
@@ -67,16 +67,16 @@ impl Lanes for Avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx,f16c")]
-    unsafe fn load_h(p: *const f16, n: usize) -> __m256 {
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load_e<E: Cache>(p: *const E, n: usize) -> __m256 {
         unsafe {
             if n == 8 {
-                return _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                return E::load8(p);
             }
             // No 16-bit masked load below AVX-512: the part through a zeroed buffer.
-            let mut b = [f16::ZERO; 8];
+            let mut b = [E::ZERO; 8];
             std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), n);
-            _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().cast()))
+            E::load8(b.as_ptr())
         }
     }
 

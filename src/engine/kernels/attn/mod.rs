@@ -343,10 +343,10 @@ fn attend_heads_with(
             // SAFETY: as above.
             unsafe {
                 match qg.len() / hd {
-                    1 => avx2::heads::<1>(qg, hd, k, v, scale, og),
-                    2 => avx2::heads::<2>(qg, hd, k, v, scale, og),
-                    3 => avx2::heads::<3>(qg, hd, k, v, scale, og),
-                    _ => avx2::heads::<4>(qg, hd, k, v, scale, og),
+                    1 => avx2::heads::<_, 1>(qg, hd, k, v, scale, og),
+                    2 => avx2::heads::<_, 2>(qg, hd, k, v, scale, og),
+                    3 => avx2::heads::<_, 3>(qg, hd, k, v, scale, og),
+                    _ => avx2::heads::<_, 4>(qg, hd, k, v, scale, og),
                 }
             }
             continue;

@@ -21,8 +21,8 @@
 //! A decode step finds the KV cache cold, so pass 1 prefetches the V rows of its
 //! positions and the K rows ahead of it.
 
-use super::{tail, LANES, MAX_GROUP};
-use half::f16;
+use super::{tail, Load8, LANES, MAX_GROUP};
+use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -51,9 +51,9 @@ pub(super) trait Lanes {
     unsafe fn splat(x: f32) -> Self::F;
     unsafe fn load(p: *const f32) -> Self::F;
     unsafe fn store(p: *mut f32, x: Self::F);
-    /// The first `n <= W` values at `p` widened from f16, the other lanes 0 (nothing
+    /// The first `n <= W` values at `p` widened to f32, the other lanes 0 (nothing
     /// past `p + n` is read).
-    unsafe fn load_h(p: *const f16, n: usize) -> Self::F;
+    unsafe fn load_e<E: Cache>(p: *const E, n: usize) -> Self::F;
     /// `a * b + c`, rounded once.
     unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
@@ -72,17 +72,43 @@ pub(super) trait Lanes {
     unsafe fn reduce(r: &[Self::F]) -> Self::F;
 }
 
+/// A cache element type as the passes read it.
+pub(super) trait Cache: Load8 {
+    /// Q and the V accumulators rounded to f16 (ggml's f16 flash attention) rather than
+    /// kept in f32 (over bf16, as the tensor path).
+    const HALF: bool;
+}
+
+impl Cache for f16 {
+    const HALF: bool = true;
+}
+
+impl Cache for bf16 {
+    const HALF: bool = false;
+}
+
+/// An accumulator as the cache type keeps it: `f32(f16(x))` over f16, `x` over bf16.
+#[inline(always)]
+unsafe fn round<S: Lanes, E: Cache>(x: S::F) -> S::F {
+    if E::HALF {
+        // SAFETY: the caller's.
+        unsafe { S::round_f16(x) }
+    } else {
+        x
+    }
+}
+
 /// One group of `G` query heads over one KV head; `hd <= MAX_HD`. Inlined into an entry
 /// point that enables `S`'s CPU features.
 ///
 /// # Safety
 /// `S`'s CPU features must be available.
 #[inline(always)]
-pub(super) unsafe fn heads<S: Lanes, const G: usize>(
+pub(super) unsafe fn heads<S: Lanes, E: Cache, const G: usize>(
     q: &[f32],
     hd: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &[E],
+    v: &[E],
     scale: f32,
     out: &mut [f32],
 ) {
@@ -93,16 +119,19 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
         let w = S::W;
         let len = k.len() / hd;
         let np = hd / LANES * LANES;
-        // Q rounded to f16: as f16 for the scalar tail, as f32 for the registers.
-        let mut qh = [[f16::ZERO; MAX_HD]; G];
+        // Q, rounded to f16 over an f16 cache.
         let mut qf = [[0f32; MAX_HD]; G];
         for h in 0..G {
             for d in 0..hd {
-                qh[h][d] = f16::from_f32(q[h * hd + d]);
-                qf[h][d] = qh[h][d].to_f32();
+                let x = q[h * hd + d];
+                qf[h][d] = if E::HALF {
+                    f16::from_f32(x).to_f32()
+                } else {
+                    x
+                };
             }
         }
-        // f16 values of the accumulators, held as f32 between blocks.
+        // The accumulators (f16 values over an f16 cache), held as f32 between blocks.
         let mut acc = [[0f32; MAX_HD]; G];
         let mut m = [f32::NEG_INFINITY; G];
         let mut sum = [0f32; G];
@@ -127,16 +156,16 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
                 prefetch(&k[from.min(k.len())..(at + (32 + w) * hd).min(k.len())]);
                 match np / LANES {
                     0 => sc.iter_mut().for_each(|s| s[p0..p0 + w].fill(0.0)),
-                    1 => scores::<S, G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    2 => scores::<S, G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    3 => scores::<S, G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
-                    _ => scores::<S, G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    1 => scores::<S, E, G, 1>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    2 => scores::<S, E, G, 2>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    3 => scores::<S, E, G, 3>(rows, hd, &mut kf, &qf, &mut sc, p0),
+                    _ => scores::<S, E, G, 4>(rows, hd, &mut kf, &qf, &mut sc, p0),
                 }
                 if np < hd {
                     for p in 0..n {
                         let row = &kb[(p0 + p) * hd..(p0 + p + 1) * hd];
                         for h in 0..G {
-                            sc[h][p0 + p] = tail(sc[h][p0 + p], &qh[h][..hd], row, np);
+                            sc[h][p0 + p] = tail(sc[h][p0 + p], &qf[h][..hd], row, np);
                         }
                     }
                 }
@@ -180,9 +209,9 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
             for cb in (0..hd).step_by(rr * w) {
                 let args = (vb, hd, bl, cb, &ms, &sc);
                 if cb + rr * w <= hd {
-                    v_block::<S, G, true>(args, &mut acc, &mut sum);
+                    v_block::<S, E, G, true>(args, &mut acc, &mut sum);
                 } else {
-                    v_block::<S, G, false>(args, &mut acc, &mut sum);
+                    v_block::<S, E, G, false>(args, &mut acc, &mut sum);
                 }
             }
             j0 += bl;
@@ -201,9 +230,9 @@ pub(super) unsafe fn heads<S: Lanes, const G: usize>(
 /// sums of weights in the first block. `FULL`: every register lies inside the head.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
+unsafe fn v_block<S: Lanes, E: Cache, const G: usize, const FULL: bool>(
     (vb, hd, bl, cb, ms, sc): (
-        &[f16],
+        &[E],
         usize,
         usize,
         usize,
@@ -237,7 +266,7 @@ unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
                 if wt != 1.0 {
                     let wv = S::splat(wt);
                     for ar in a[h].iter_mut().take(rr) {
-                        *ar = S::round_f16(S::mul(*ar, wv));
+                        *ar = round::<S, E>(S::mul(*ar, wv));
                     }
                 }
                 ev[h] = S::splat(e);
@@ -247,9 +276,9 @@ unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
             }
             // One V register at a time, into every head.
             for r in 0..rr {
-                let x = S::load_h(row.wrapping_add(w * r), if FULL { w } else { cnt[r] });
+                let x = S::load_e(row.wrapping_add(w * r), if FULL { w } else { cnt[r] });
                 for h in 0..G {
-                    a[h][r] = S::round_f16(S::fmadd(x, ev[h], a[h][r]));
+                    a[h][r] = round::<S, E>(S::fmadd(x, ev[h], a[h][r]));
                 }
             }
         }
@@ -265,8 +294,8 @@ unsafe fn v_block<S: Lanes, const G: usize, const FULL: bool>(
 /// converted into `kf`, the rest added by the caller), for each head, into
 /// `sc[h][p0..p0 + W]`.
 #[inline(always)]
-unsafe fn scores<S: Lanes, const G: usize, const NC: usize>(
-    rows: &[f16],
+unsafe fn scores<S: Lanes, E: Cache, const G: usize, const NC: usize>(
+    rows: &[E],
     hd: usize,
     kf: &mut [MaybeUninit<f32>; MAX_W * MAX_HD],
     qf: &[[f32; MAX_HD]; G],
@@ -281,7 +310,7 @@ unsafe fn scores<S: Lanes, const G: usize, const NC: usize>(
             // SAFETY: `S::W * c + S::W <= w <= hd`; `p < S::W <= MAX_W`, so
             // `p * w + S::W * (c + 1) <= kf.len()`.
             unsafe {
-                let x = S::load_h(row.as_ptr().add(S::W * c), S::W);
+                let x = S::load_e(row.as_ptr().add(S::W * c), S::W);
                 S::store(kf.as_mut_ptr().add(p * w + S::W * c).cast(), x);
             }
         }
@@ -305,8 +334,8 @@ unsafe fn scores<S: Lanes, const G: usize, const NC: usize>(
 /// Prefetch the cache lines of `x` into L1.
 #[inline]
 #[target_feature(enable = "sse")]
-fn prefetch(x: &[f16]) {
-    for c in x.chunks(32) {
+fn prefetch<T>(x: &[T]) {
+    for c in x.chunks(64 / size_of::<T>()) {
         _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }
 }

@@ -12,8 +12,9 @@
 //! additions and where the division falls differ: the results agree to f32 rounding.
 //!
 //! The same paths as over f16, bit-identical: the portable loop (the reference), AVX2 +
-//! FMA (that loop eight lanes at a time) and AVX-512 (the f16 kernel, [`super::avx512`],
-//! which is written for both). On aarch64 the portable loop runs.
+//! FMA (that loop eight lanes at a time), the f16 kernel's passes on AVX2 registers
+//! ([`super::passes`]) and on AVX-512 ([`super::avx512`]), both written for the two
+//! types. On aarch64 the portable loop runs.
 
 use half::bf16;
 
@@ -67,7 +68,21 @@ fn heads_with(
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if matches!(path, Path::Avx2 | Path::Avx2Loop) {
+        if path == Path::Avx2 {
+            use super::avx2::heads;
+            // SAFETY: AVX2, FMA, F16C and the 8-lane `expf` were checked; `hd <= 256`.
+            unsafe {
+                match qg.len() / hd {
+                    1 => heads::<bf16, 1>(qg, hd, k, v, scale, og),
+                    2 => heads::<bf16, 2>(qg, hd, k, v, scale, og),
+                    3 => heads::<bf16, 3>(qg, hd, k, v, scale, og),
+                    _ => heads::<bf16, 4>(qg, hd, k, v, scale, og),
+                }
+            }
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if path == Path::Avx2Loop {
             // SAFETY: AVX2, FMA and F16C were detected (the f32 loop takes the C
             // library's `expf`, so it needs no vector `expf`).
             unsafe { heads_avx2(qg, hd, k, v, scale, og) };
