@@ -311,7 +311,41 @@ fn cpu_matmul(secs: f64) {
 
 criterion_group!(benches, matmul, qwen_kernels, attention);
 
+/// `CANDELA_BENCH_MEMBW=1`: the machine's read bandwidth, for the decode figures' roofline:
+/// 1 GiB summed by the rayon pool (`RAYON_NUM_THREADS`), best of six passes.
+fn read_bandwidth() {
+    use rayon::prelude::*;
+    let words = 1usize << 27;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let t = std::time::Instant::now();
+        // Eight independent sums a chunk (vectorized): the loop is bound by the loads.
+        let sum: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut l = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for (a, x) in l.iter_mut().zip(w) {
+                        *a = a.wrapping_add(*x);
+                    }
+                }
+                l.iter().fold(0u64, |a, x| a.wrapping_add(*x))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    println!(
+        "read bandwidth: {best:.1} GB/s with {} threads",
+        rayon::current_num_threads()
+    );
+}
+
 fn main() {
+    if std::env::var("CANDELA_BENCH_MEMBW").is_ok() {
+        return read_bandwidth();
+    }
     if let Some(s) = std::env::var("CANDELA_BENCH_CPU_SECS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CK(x)                                                                          \
     do {                                                                               \
@@ -219,9 +220,30 @@ int main() {
         const int8_t* qin = c.kind == KIND_Q8_0 ? q8 : qn;
         void* qargs[] = {&x, &nrm, &eps, &K, &qn, &q8, &ds};
         const void* fq = (const void*)qact;
-        for (int pre = 0; pre < 3; ++pre) {
+        const void* fqw = (const void*)qact_w;
+        {
+            // qact_w must write qact's bytes (both layouts at once, as the engine asks
+            // where one input feeds nibble and 8-bit matrices).
+            int8_t* qb = q;
+            int8_t* q8b = q + KMAX;
+            void* both[] = {&x, &nrm, &eps, &K, &qb, &q8b, &ds};
+            const size_t nq = 2 * (size_t)KMAX, nd = (size_t)(K / QK) * sizeof(float2);
+            std::vector<char> want(nq + nd), got(nq + nd);
+            for (int which = 0; which < 2; ++which) {
+                CK(cudaMemsetAsync(q, 0x55, nq, s));
+                CK(cudaMemsetAsync(ds, 0x55, nd, s));
+                launch(which ? fqw : fq, 1, which ? 1024 : 256, 0, both, s);
+                CK(cudaStreamSynchronize(s));
+                std::vector<char>& h = which ? got : want;
+                CK(cudaMemcpy(h.data(), q, nq, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(h.data() + nq, ds, nd, cudaMemcpyDeviceToHost));
+            }
+            printf("  qact_w bytes %s qact's\n", want == got ? "equal" : "DIFFER FROM");
+        }
+        for (int pre = 0; pre < 4; ++pre) {
             // 0: each block quantizes; 1: qact, then the mat-vec (as the engine runs it);
-            // 2: the mat-vec alone on input quantized once beforehand.
+            // 2: the mat-vec alone on input quantized once beforehand; 3: qact_w, then
+            // the mat-vec.
             const void* f = mv_fn(c.kind, c.mode, pre > 0);
             CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             if (pre == 2) {
@@ -238,6 +260,7 @@ int main() {
                             launch(f, blocks, 256, smem, a, st);
                         } else {
                             if (pre == 1) launch(fq, 1, 256, 0, qargs, st);
+                            if (pre == 3) launch(fqw, 1, 1024, 0, qargs, st);
                             void* a[] = {(void*)&qin, &ds, &K, &mm.qs, &mm.dm, &bias, &N, &out};
                             launch(f, blocks, 256, smem, a, st);
                         }
@@ -245,8 +268,10 @@ int main() {
                     s);
                 char name[96];
                 snprintf(name, sizeof name, "%s, %d blocks a multiprocessor",
-                         pre == 0 ? "mv_ (each block quantizes)"
-                                  : (pre == 1 ? "qact + mvq_" : "mvq_ alone (input quantized before)"),
+                         pre == 0   ? "mv_ (each block quantizes)"
+                         : pre == 1 ? "qact + mvq_"
+                         : pre == 2 ? "mvq_ alone (input quantized before)"
+                                    : "qact_w + mvq_",
                          per);
                 report(name, us);
             }

@@ -489,6 +489,103 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// qact's values on more threads (1024, QACT_THREADS): the RMS sum by the first 256 in
+// quantize_cols' order (so its bits), then four threads to a 32-block, eight values each
+// (the block's amax and integer sum across the four by shuffles: a maximum and an integer
+// sum, exact in any order), instead of one thread to a block on 256: the quantization's
+// serial chain per thread is a quarter as long and runs on four times the warps.
+extern "C" __global__ void __launch_bounds__(1024)
+    qact_w(const float* __restrict__ x, const float* __restrict__ norm, float eps, int K,
+           int8_t* __restrict__ qn, int8_t* __restrict__ q8, float2* __restrict__ ds) {
+    __shared__ float part[8];
+    __shared__ float mrow[1];
+    pdl_launch_dependents();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nb = K / QK;
+    float m = 1.f;
+    if (norm != nullptr) {
+        if (threadIdx.x < 256) {
+            // quantize_cols' ONE_WIDE sum for one column, on a block of 256.
+            float s2[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) s2[c] = 0.f;
+            for (int i0 = threadIdx.x; i0 < K; i0 += 8 * 256) {
+                float v[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int i = i0 + u * 256;
+                    v[u] = i < K ? x[i] : 0.f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (i0 + u * 256 < K) s2[0] = __fadd_rn(s2[0], __fmul_rn(v[u], v[u]));
+            }
+            const float r = reduce_cols<8>(s2, lane);
+            if ((lane & 3) == 0 && held_col<8>(lane) == 0) part[warp] = r;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const float* p = part;
+            const float t = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+            mrow[0] = sqrtf(t / (float)K + eps);
+        }
+        __syncthreads();
+        m = mrow[0];
+    }
+    const int sub = threadIdx.x & 3;
+    // Where this thread's eight values (elements 8 sub ..) go in a nibble kind's block
+    // (half-blocks together: elements 0-7, 16-23, 8-15, 24-31).
+    const int nib_at = (sub & 1) * 16 + (sub >> 1) * 8;
+    for (int b0 = 0; b0 < nb; b0 += blockDim.x / 4) {
+        // Whole warps run every round (the shuffles need all 32 lanes).
+        const int b = b0 + (threadIdx.x >> 2);
+        const bool live = b < nb;
+        float v[8];
+        if (live) {
+            const float4* src = (const float4*)(x + (size_t)b * QK + sub * 8);
+            const float4 t0 = src[0], t1 = src[1];
+            v[0] = t0.x; v[1] = t0.y; v[2] = t0.z; v[3] = t0.w;
+            v[4] = t1.x; v[5] = t1.y; v[6] = t1.z; v[7] = t1.w;
+            if (norm != nullptr) {
+                const float4* gn = (const float4*)(norm + b * QK + sub * 8);
+                const float4 g0 = gn[0], g1 = gn[1];
+                const float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(v[e] / m, g[e]);
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = 0.f;
+        }
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        int w[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int q0 = __float2int_rn(__fmul_rn(v[4 * e], id));
+            const int q1 = __float2int_rn(__fmul_rn(v[4 * e + 1], id));
+            const int q2 = __float2int_rn(__fmul_rn(v[4 * e + 2], id));
+            const int q3 = __float2int_rn(__fmul_rn(v[4 * e + 3], id));
+            sum += q0 + q1 + q2 + q3;
+            w[e] = (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | ((int)((unsigned)q3 << 24));
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (live) {
+            if (qn != nullptr) *(int2*)(qn + (size_t)b * QK + nib_at) = make_int2(w[0], w[1]);
+            if (q8 != nullptr) *(int2*)(q8 + (size_t)b * QK + sub * 8) = make_int2(w[0], w[1]);
+            if (sub == 0) ds[b] = make_float2(round_f16(d), round_f16(__fmul_rn(d, (float)sum)));
+        }
+    }
+}
+
 #define MATVEC_ENTRY(KIND, KNAME, MODE, MNAME)                                              \
     extern "C" __global__ void mv_##KNAME##_##MNAME(                                        \
         const float* __restrict__ x, const float* __restrict__ norm, float eps, int K,      \

@@ -103,6 +103,8 @@ struct Funcs {
     /// `mvq_*`: the mat-vecs on activations quantized once by `qact`.
     mvq: [[CudaFunction; 3]; 4],
     qact: CudaFunction,
+    /// `qact`'s bytes on 1024 threads, four to a 32-block (`CANDELA_CUDA_QACT_WIDE=1`).
+    qact_w: CudaFunction,
     embed: CudaFunction,
     attention: CudaFunction,
     /// The batched step's kernels (`batch.cuh`): `mm[kind][mode]` as `mv`, dotting 8
@@ -153,6 +155,9 @@ struct Inner {
     /// Whether the mat-vecs read activations quantized once (`CANDELA_CUDA_MVQ=0|1`;
     /// None: `batch_plan::mv_prequant`); `candela doctor` times both.
     mv_q: std::cell::Cell<Option<bool>>,
+    /// Quantize mat-vec inputs with `qact_w` instead of `qact` (the same bytes;
+    /// `CANDELA_CUDA_QACT_WIDE=0|1`).
+    qact_wide: bool,
     scores: Buf<f32>,
     /// Split decode attention: the position chunks a head is cut into (1: not split;
     /// `batch_plan::attn_chunks`, `CANDELA_CUDA_ATTN_SPLIT=0` turns it off; `candela
@@ -535,6 +540,7 @@ impl FusedDecoder {
                 mvq_set("q4_k")?,
             ],
             qact: load("qact")?,
+            qact_w: load("qact_w")?,
             embed: load("embed_row")?,
             attention: load("attention")?,
             mm,
@@ -644,6 +650,7 @@ impl FusedDecoder {
             ads: zeros(&stream, 2 * (kmax / 32))?,
             aq_k: kmax,
             mv_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MVQ")),
+            qact_wide: env_switch("CANDELA_CUDA_QACT_WIDE").unwrap_or(false),
             scores: zeros(&stream, cfg.n_heads * ctx)?,
             att_nch: std::cell::Cell::new(att_max),
             att_max,

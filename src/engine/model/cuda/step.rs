@@ -411,9 +411,14 @@ impl Inner {
             arg(&q8p),
             arg(&self.ads.ptr),
         ];
-        // SAFETY: matches `qact` in decode.cu; aq holds two inputs of `aq_k >= k` bytes
-        // and ads `aq_k / 32` pairs.
-        unsafe { self.go(&self.f.qact, 1, MV_THREADS, 0, &mut args, true) }
+        let (f, threads) = if self.qact_wide {
+            (&self.f.qact_w, 1024)
+        } else {
+            (&self.f.qact, MV_THREADS)
+        };
+        // SAFETY: matches `qact` and `qact_w` in decode.cu (the same parameters); aq holds
+        // two inputs of `aq_k >= k` bytes and ads `aq_k / 32` pairs.
+        unsafe { self.go(f, 1, threads, 0, &mut args, true) }
     }
 
     /// Microseconds per launch of each kernel of the step, as a graph of `REPS` launches
