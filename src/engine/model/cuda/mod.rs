@@ -103,7 +103,8 @@ struct Funcs {
     /// `mvq_*`: the mat-vecs on activations quantized once by `qact`.
     mvq: [[CudaFunction; 3]; 4],
     qact: CudaFunction,
-    /// `qact`'s bytes on 1024 threads, four to a 32-block (`CANDELA_CUDA_QACT_WIDE=1`).
+    /// `qact`'s bytes on 1024 threads, four to a 32-block (the default; `qact` under
+    /// `CANDELA_CUDA_QACT_WIDE=0`).
     qact_w: CudaFunction,
     embed: CudaFunction,
     attention: CudaFunction,
@@ -155,8 +156,8 @@ struct Inner {
     /// Whether the mat-vecs read activations quantized once (`CANDELA_CUDA_MVQ=0|1`;
     /// None: `batch_plan::mv_prequant`); `candela doctor` times both.
     mv_q: std::cell::Cell<Option<bool>>,
-    /// Quantize mat-vec inputs with `qact_w` instead of `qact` (the same bytes;
-    /// `CANDELA_CUDA_QACT_WIDE=0|1`).
+    /// Quantize mat-vec inputs with `qact_w` rather than `qact` (the same bytes; on by
+    /// default, `CANDELA_CUDA_QACT_WIDE=0` for `qact`).
     qact_wide: bool,
     scores: Buf<f32>,
     /// Split decode attention: the position chunks a head is cut into (1: not split;
@@ -650,7 +651,7 @@ impl FusedDecoder {
             ads: zeros(&stream, 2 * (kmax / 32))?,
             aq_k: kmax,
             mv_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MVQ")),
-            qact_wide: env_switch("CANDELA_CUDA_QACT_WIDE").unwrap_or(false),
+            qact_wide: env_switch("CANDELA_CUDA_QACT_WIDE").unwrap_or(true),
             scores: zeros(&stream, cfg.n_heads * ctx)?,
             att_nch: std::cell::Cell::new(att_max),
             att_max,
