@@ -189,6 +189,41 @@ fn paths() -> Vec<Path> {
     }
 }
 
+/// One group of up to [`MAX_GROUP`] heads through the passes of `path` (AVX-512 or
+/// AVX2), over an f16 or bf16 cache.
+///
+/// # Safety
+/// `path` is `Avx512` or `Avx2` and its features were detected; `hd <= 256`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn passes_group<E: avx512::Lanes + passes::Cache>(
+    path: Path,
+    q: &[f32],
+    hd: usize,
+    k: &[E],
+    v: &[E],
+    scale: f32,
+    out: &mut [f32],
+) {
+    macro_rules! by_group {
+        ($m:ident) => {
+            match q.len() / hd {
+                1 => $m::heads::<E, 1>(q, hd, k, v, scale, out),
+                2 => $m::heads::<E, 2>(q, hd, k, v, scale, out),
+                3 => $m::heads::<E, 3>(q, hd, k, v, scale, out),
+                _ => $m::heads::<E, 4>(q, hd, k, v, scale, out),
+            }
+        };
+    }
+    // SAFETY: the caller's.
+    unsafe {
+        if path == Path::Avx512 {
+            by_group!(avx512)
+        } else {
+            by_group!(avx2)
+        }
+    }
+}
+
 /// Lanes of ggml's AVX-512 f16 dot product: four 16-lane accumulators.
 const LANES: usize = 64;
 
@@ -326,29 +361,9 @@ fn attend_heads_with(
     }
     for (qg, og) in q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)) {
         #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx512 {
-            // SAFETY: the features were detected; `hd <= 256 = passes::MAX_HD`.
-            unsafe {
-                match qg.len() / hd {
-                    1 => avx512::heads::<_, 1>(qg, hd, k, v, scale, og),
-                    2 => avx512::heads::<_, 2>(qg, hd, k, v, scale, og),
-                    3 => avx512::heads::<_, 3>(qg, hd, k, v, scale, og),
-                    _ => avx512::heads::<_, 4>(qg, hd, k, v, scale, og),
-                }
-            }
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
-            // SAFETY: as above.
-            unsafe {
-                match qg.len() / hd {
-                    1 => avx2::heads::<_, 1>(qg, hd, k, v, scale, og),
-                    2 => avx2::heads::<_, 2>(qg, hd, k, v, scale, og),
-                    3 => avx2::heads::<_, 3>(qg, hd, k, v, scale, og),
-                    _ => avx2::heads::<_, 4>(qg, hd, k, v, scale, og),
-                }
-            }
+        if matches!(path, Path::Avx512 | Path::Avx2) {
+            // SAFETY: the path's features were detected; `hd <= 256 = passes::MAX_HD`.
+            unsafe { passes_group(path, qg, hd, k, v, scale, og) };
             continue;
         }
         #[cfg(target_arch = "x86_64")]

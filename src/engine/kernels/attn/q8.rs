@@ -121,7 +121,7 @@ pub(super) fn attend_with(
 
 /// ggml's x86 `quantize_row_q8_0` of one head (the quantizer of the Q8_0 matmuls):
 /// values and f16-rounded scales.
-pub(super) fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     let mut sums = [0f32; MAX_HD / BLOCK];
     quantize_into(x, d, &mut sums[..d.len()], q);
 }
@@ -130,6 +130,21 @@ pub(super) fn quantize_q(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 pub(super) struct Quantized {
     pub(super) q: [[i8; MAX_HD]; 4],
     pub(super) d: [[f32; MAX_HD / BLOCK]; 4],
+}
+
+impl Quantized {
+    /// The `q.len() / hd` (at most four) heads of `q`, each by [`quantize_q`].
+    pub(super) fn new(q: &[f32], hd: usize) -> Self {
+        let nb = hd / BLOCK;
+        let mut z = Quantized {
+            q: [[0i8; MAX_HD]; 4],
+            d: [[0f32; MAX_HD / BLOCK]; 4],
+        };
+        for (h, x) in q.chunks_exact(hd).enumerate() {
+            quantize_q(x, &mut z.q[h][..hd], &mut z.d[h][..nb]);
+        }
+        z
+    }
 }
 
 /// [`dot_q8`] of one K row against each of the first `g` heads of `qz`.
@@ -193,17 +208,7 @@ fn heads(
     let mut sc = [[0f32; CHUNK]; 4];
     let mut grew = [[false; CHUNK]; 4];
     let mut row = [0f32; MAX_HD];
-    let mut qz = Quantized {
-        q: [[0i8; MAX_HD]; 4],
-        d: [[0f32; MAX_HD / BLOCK]; 4],
-    };
-    for h in 0..g {
-        quantize_q(
-            &q[h * hd..(h + 1) * hd],
-            &mut qz.q[h][..hd],
-            &mut qz.d[h][..nb],
-        );
-    }
+    let qz = Quantized::new(q, hd);
     let mut j0 = 0;
     while j0 < len {
         let n = (len - j0).min(CHUNK);

@@ -16,7 +16,7 @@
 // Index loops over heads, registers and positions read more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::q8::{quantize_q, Q8Rows, Quantized, BLOCK, MAX_HD};
+use super::q8::{Q8Rows, Quantized, BLOCK, MAX_HD};
 use crate::engine::kernels::quant::hsum8x8;
 use half::f16;
 use std::arch::x86_64::*;
@@ -70,17 +70,7 @@ unsafe fn run<const G: usize, const R: usize>(
     debug_assert!(q.len() == G * hd && out.len() == G * hd && (hd / 8).is_multiple_of(R));
     let nb = hd / BLOCK;
     let len = kv.k.len() / hd;
-    let mut qz = Quantized {
-        q: [[0i8; MAX_HD]; 4],
-        d: [[0f32; MAX_HD / BLOCK]; 4],
-    };
-    for h in 0..G {
-        quantize_q(
-            &q[h * hd..(h + 1) * hd],
-            &mut qz.q[h][..hd],
-            &mut qz.d[h][..nb],
-        );
-    }
+    let qz = Quantized::new(q, hd);
     let mut acc = [[0f32; MAX_HD]; G];
     let mut m = [f32::NEG_INFINITY; G];
     let mut sum = [0f32; G];

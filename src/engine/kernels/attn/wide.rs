@@ -54,31 +54,9 @@ fn heads_with(
     }
     for (qg, og) in q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)) {
         #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx512 {
-            use super::avx512::heads;
-            // SAFETY: the features were detected; `hd <= 256 = MAX_HD`.
-            unsafe {
-                match qg.len() / hd {
-                    1 => heads::<bf16, 1>(qg, hd, k, v, scale, og),
-                    2 => heads::<bf16, 2>(qg, hd, k, v, scale, og),
-                    3 => heads::<bf16, 3>(qg, hd, k, v, scale, og),
-                    _ => heads::<bf16, 4>(qg, hd, k, v, scale, og),
-                }
-            }
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
-            use super::avx2::heads;
-            // SAFETY: AVX2, FMA, F16C and the 8-lane `expf` were checked; `hd <= 256`.
-            unsafe {
-                match qg.len() / hd {
-                    1 => heads::<bf16, 1>(qg, hd, k, v, scale, og),
-                    2 => heads::<bf16, 2>(qg, hd, k, v, scale, og),
-                    3 => heads::<bf16, 3>(qg, hd, k, v, scale, og),
-                    _ => heads::<bf16, 4>(qg, hd, k, v, scale, og),
-                }
-            }
+        if matches!(path, Path::Avx512 | Path::Avx2) {
+            // SAFETY: the path's features were detected; `hd <= 256`.
+            unsafe { super::passes_group(path, qg, hd, k, v, scale, og) };
             continue;
         }
         #[cfg(target_arch = "x86_64")]
