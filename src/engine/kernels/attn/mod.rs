@@ -382,7 +382,7 @@ fn attend_heads_with(
                 scale,
                 og,
                 // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
-                |a, b| unsafe { neon::dot(a, b) },
+                |a: &[f16], b| unsafe { neon::dot(a, b) },
                 |a, x, w| unsafe { neon::mad(a, x, w) },
                 |a, w| unsafe { neon::scale(a, w) },
             );

@@ -20,7 +20,7 @@
 
 use std::arch::aarch64::*;
 
-use half::f16;
+use half::{bf16, f16};
 
 use super::q8::{Quantized, BLOCK};
 use super::{tail, LANES};
@@ -48,6 +48,44 @@ unsafe fn load8(p: *const f16) -> (float32x4_t, float32x4_t) {
     }
 }
 
+/// A type the NEON steps read eight values of at a time, widened to f32 exactly.
+pub(super) trait Widen8: super::Elem {
+    /// # Safety
+    /// `p` is valid for reading eight values.
+    unsafe fn widen8(p: *const Self) -> (float32x4_t, float32x4_t);
+}
+
+impl Widen8 for f16 {
+    #[inline(always)]
+    unsafe fn widen8(p: *const Self) -> (float32x4_t, float32x4_t) {
+        // SAFETY: the caller's.
+        unsafe { load8(p) }
+    }
+}
+
+impl Widen8 for bf16 {
+    #[inline(always)]
+    unsafe fn widen8(p: *const Self) -> (float32x4_t, float32x4_t) {
+        // A bf16 is the upper half of the f32 of the same value.
+        // SAFETY: the caller's.
+        unsafe {
+            let raw = vld1q_u16(p as *const u16);
+            (
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(raw))),
+                vreinterpretq_f32_u32(vshll_high_n_u16::<16>(raw)),
+            )
+        }
+    }
+}
+
+impl Widen8 for f32 {
+    #[inline(always)]
+    unsafe fn widen8(p: *const Self) -> (float32x4_t, float32x4_t) {
+        // SAFETY: the caller's.
+        unsafe { (vld1q_f32(p), vld1q_f32(p.add(4))) }
+    }
+}
+
 /// Two f32 vectors rounded to eight f16 values at `p`.
 ///
 /// # Safety
@@ -69,12 +107,13 @@ unsafe fn store8(p: *mut f16, lo: float32x4_t, hi: float32x4_t) {
     }
 }
 
-/// The portable `dot` (ggml's AVX-512 f16 dot product) with NEON.
+/// The portable `dot` (ggml's AVX-512 f16 dot product) with NEON, for an f16 or bf16
+/// cache row against Q rounded to f16 (over f16) or as it is (over bf16).
 ///
 /// # Safety
 /// `q` and `k` have equal lengths.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn dot(q: &[f16], k: &[f16]) -> f32 {
+pub(super) unsafe fn dot<Q: Widen8, E: Widen8>(q: &[Q], k: &[E]) -> f32 {
     unsafe {
         debug_assert_eq!(q.len(), k.len());
         let n = q.len();
@@ -84,8 +123,8 @@ pub(super) unsafe fn dot(q: &[f16], k: &[f16]) -> f32 {
         let mut i = 0;
         while i < np {
             for h in 0..LANES / 8 {
-                let (k0, k1) = load8(k.as_ptr().add(i + 8 * h));
-                let (q0, q1) = load8(q.as_ptr().add(i + 8 * h));
+                let (k0, k1) = E::widen8(k.as_ptr().add(i + 8 * h));
+                let (q0, q1) = Q::widen8(q.as_ptr().add(i + 8 * h));
                 acc[2 * h] = vfmaq_f32(acc[2 * h], k0, q0);
                 acc[2 * h + 1] = vfmaq_f32(acc[2 * h + 1], k1, q1);
             }
@@ -150,6 +189,48 @@ pub(super) unsafe fn scale(acc: &mut [f16], w: f32) {
         }
         for a in &mut acc[n8..] {
             *a = f16::from_f32(a.to_f32() * w);
+        }
+    }
+}
+
+/// The portable `mad_ref` over an f32 accumulator: `acc = fma(v, w, acc)`.
+///
+/// # Safety
+/// `acc` and `v` have equal lengths.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn mad_f32_of<E: Widen8>(acc: &mut [f32], v: &[E], w: f32) {
+    unsafe {
+        debug_assert_eq!(acc.len(), v.len());
+        let n8 = acc.len() / 8 * 8;
+        let wv = vdupq_n_f32(w);
+        let mut i = 0;
+        while i < n8 {
+            let (x0, x1) = E::widen8(v.as_ptr().add(i));
+            let p = acc.as_mut_ptr().add(i);
+            vst1q_f32(p, vfmaq_f32(vld1q_f32(p), x0, wv));
+            vst1q_f32(p.add(4), vfmaq_f32(vld1q_f32(p.add(4)), x1, wv));
+            i += 8;
+        }
+        for i in n8..acc.len() {
+            acc[i] = v[i].to_f32().mul_add(w, acc[i]);
+        }
+    }
+}
+
+/// The portable `scale_ref` over an f32 accumulator: `acc = acc * w`.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn scale_f32(acc: &mut [f32], w: f32) {
+    unsafe {
+        let n4 = acc.len() / 4 * 4;
+        let wv = vdupq_n_f32(w);
+        let mut i = 0;
+        while i < n4 {
+            let p = acc.as_mut_ptr().add(i);
+            vst1q_f32(p, vmulq_f32(vld1q_f32(p), wv));
+            i += 4;
+        }
+        for a in &mut acc[n4..] {
+            *a *= w;
         }
     }
 }

@@ -14,7 +14,7 @@
 //! The same paths as over f16, bit-identical: the portable loop (the reference), AVX2 +
 //! FMA (that loop eight lanes at a time), the f16 kernel's passes on AVX2 registers
 //! ([`super::passes`]) and on AVX-512 ([`super::avx512`]), both written for the two
-//! types. On aarch64 the portable loop runs.
+//! types; on aarch64 that loop with NEON steps (`super::neon`).
 
 use half::bf16;
 
@@ -64,6 +64,23 @@ fn heads_with(
             // SAFETY: AVX2, FMA and F16C were detected (the f32 loop takes the C
             // library's `expf`, so it needs no vector `expf`).
             unsafe { heads_avx2(qg, hd, k, v, scale, og) };
+            continue;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if path == Path::Neon {
+            use super::neon;
+            heads_body(
+                qg,
+                hd,
+                k,
+                v,
+                scale,
+                og,
+                // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
+                |a: &[f32], b| unsafe { neon::dot(a, b) },
+                |a: &mut [f32], x, w| unsafe { neon::mad_f32_of(a, x, w) },
+                |a: &mut [f32], w| unsafe { neon::scale_f32(a, w) },
+            );
             continue;
         }
         let _ = path;
