@@ -157,6 +157,35 @@ __device__ __forceinline__ int held_col(int lane) {
     return c;
 }
 
+// One column's sum of squares as thread `t` of `nt` adds it (elements t, t + nt, ... in
+// order), eight loads in flight at a time.
+__device__ __forceinline__ float sumsq_one(const float* __restrict__ xc, int K, int t, int nt) {
+    float s = 0.f;
+    for (int i0 = t; i0 < K; i0 += 8 * nt) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = i0 + u * nt;
+            v[u] = i < K ? xc[i] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (i0 + u * nt < K) s = __fadd_rn(s, __fmul_rn(v[u], v[u]));
+    }
+    return s;
+}
+
+// Four values times `id`, rounded to int8 (nearest, ties to even), packed into one word
+// (the first in the low byte); their sum added to `sum`.
+__device__ __forceinline__ int quant4(const float* v, float id, int& sum) {
+    const int q0 = __float2int_rn(__fmul_rn(v[0], id));
+    const int q1 = __float2int_rn(__fmul_rn(v[1], id));
+    const int q2 = __float2int_rn(__fmul_rn(v[2], id));
+    const int q3 = __float2int_rn(__fmul_rn(v[3], id));
+    sum += q0 + q1 + q2 + q3;
+    return (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | ((int)((unsigned)q3 << 24));
+}
+
 // Quantize `cn` columns of x (rows K floats apart), RMS-normalized first when `norm`,
 // into shared memory: sq (cn x K int8) and sds (cn x K/32 pairs (scale, scale * sum of
 // the block's ints), both rounded to f16 like ggml's Q8_1). Per column the values do not
@@ -181,18 +210,7 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
 #pragma unroll
             for (int c = 0; c < 8; ++c) s2[c] = 0.f;
             if (ONE_WIDE && cn == 1) {
-                // Eight loads in flight at a time, then summed in the strided loop's order.
-                for (int i0 = threadIdx.x; i0 < K; i0 += 8 * blockDim.x) {
-                    float v[8];
-#pragma unroll
-                    for (int u = 0; u < 8; ++u) {
-                        const int i = i0 + u * blockDim.x;
-                        v[u] = i < K ? xc[i] : 0.f;
-                    }
-#pragma unroll
-                    for (int u = 0; u < 8; ++u)
-                        if (i0 + u * blockDim.x < K) s2[0] = __fadd_rn(s2[0], __fmul_rn(v[u], v[u]));
-                }
+                s2[0] = sumsq_one(xc, K, threadIdx.x, blockDim.x);
             } else {
                 for (int i = threadIdx.x; i < K; i += blockDim.x) {
 #pragma unroll
@@ -248,14 +266,7 @@ __device__ void quantize_cols(const float* __restrict__ xc, const float* __restr
         int sum = 0;
         int w[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int q0 = __float2int_rn(__fmul_rn(v[4 * e], id));
-            const int q1 = __float2int_rn(__fmul_rn(v[4 * e + 1], id));
-            const int q2 = __float2int_rn(__fmul_rn(v[4 * e + 2], id));
-            const int q3 = __float2int_rn(__fmul_rn(v[4 * e + 3], id));
-            sum += q0 + q1 + q2 + q3;
-            w[e] = (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | ((int)((unsigned)q3 << 24));
-        }
+        for (int e = 0; e < 8; ++e) w[e] = quant4(v + 4 * e, id, sum);
         int4* dst = (int4*)(sq + (size_t)c * K + b * QK);
         if (KIND == KIND_Q8_0) {
             dst[0] = make_int4(w[0], w[1], w[2], w[3]);
@@ -489,7 +500,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// qact's values on more threads (1024, QACT_THREADS): the RMS sum by the first 256 in
+// qact's values on more threads (1,024): the RMS sum by the first 256 in
 // quantize_cols' order (so its bits), then four threads to a 32-block, eight values each
 // (the block's amax and integer sum across the four by shuffles: a maximum and an integer
 // sum, exact in any order), instead of one thread to a block on 256: the quantization's
@@ -509,18 +520,8 @@ extern "C" __global__ void __launch_bounds__(1024)
             // quantize_cols' ONE_WIDE sum for one column, on a block of 256.
             float s2[8];
 #pragma unroll
-            for (int c = 0; c < 8; ++c) s2[c] = 0.f;
-            for (int i0 = threadIdx.x; i0 < K; i0 += 8 * 256) {
-                float v[8];
-#pragma unroll
-                for (int u = 0; u < 8; ++u) {
-                    const int i = i0 + u * 256;
-                    v[u] = i < K ? x[i] : 0.f;
-                }
-#pragma unroll
-                for (int u = 0; u < 8; ++u)
-                    if (i0 + u * 256 < K) s2[0] = __fadd_rn(s2[0], __fmul_rn(v[u], v[u]));
-            }
+            for (int c = 1; c < 8; ++c) s2[c] = 0.f;
+            s2[0] = sumsq_one(x, K, threadIdx.x, 256);
             const float r = reduce_cols<8>(s2, lane);
             if ((lane & 3) == 0 && held_col<8>(lane) == 0) part[warp] = r;
         }
@@ -568,14 +569,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         int sum = 0;
         int w[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int q0 = __float2int_rn(__fmul_rn(v[4 * e], id));
-            const int q1 = __float2int_rn(__fmul_rn(v[4 * e + 1], id));
-            const int q2 = __float2int_rn(__fmul_rn(v[4 * e + 2], id));
-            const int q3 = __float2int_rn(__fmul_rn(v[4 * e + 3], id));
-            sum += q0 + q1 + q2 + q3;
-            w[e] = (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | ((int)((unsigned)q3 << 24));
-        }
+        for (int e = 0; e < 2; ++e) w[e] = quant4(v + 4 * e, id, sum);
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         if (live) {
