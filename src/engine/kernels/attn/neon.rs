@@ -22,7 +22,7 @@ use std::arch::aarch64::*;
 
 use half::{bf16, f16};
 
-use super::q8::{Quantized, BLOCK};
+use super::q8::{Quantized, VChunk, BLOCK, MAX_HD};
 use super::{tail, LANES};
 use crate::engine::kernels::quant::{hsum8, lanes_sdot, lanes_smull};
 
@@ -285,54 +285,79 @@ macro_rules! q8_dots {
 q8_dots!(dots_q8_sdot, "neon,dotprod", lanes_sdot);
 q8_dots!(dots_q8_smull, "neon", lanes_smull);
 
-/// The q8_0 kernel's `dequant`: `out[i] = f32(d[i / 32]) * (x[i] - 128)` (exact).
+/// The q8_0 kernel's V step ([`super::q8::VChunk`]) with every head's accumulators of a
+/// column block held in registers while the chunk's rows stream by, each row's bytes
+/// dequantized once (`f32(d) * (x - 128)`, exact) and added into each head
+/// (`acc = fma(v, vs, acc * ms)`, the multiply skipped where `ms` is 1): per accumulator
+/// the portable steps in the portable order.
 ///
 /// # Safety
-/// `x.len() == out.len() == 32 * d.len()`.
+/// The chunk's shapes are those `attend_with` checked (`hd` a multiple of 32, at most
+/// 256; `g` at most 4).
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn dequant(x: &[u8], d: &[f16], out: &mut [f32]) {
+pub(super) unsafe fn v_chunk_q8(c: VChunk<'_>, acc: &mut [[f32; MAX_HD]; 4]) {
+    // SAFETY: the caller's.
     unsafe {
-        let flip = vdupq_n_u8(0x80);
-        for (b, &db) in d.iter().enumerate() {
-            let s = vdupq_n_f32(db.to_f32());
-            for h in 0..2 {
-                let at = b * BLOCK + 16 * h;
-                let v = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(x.as_ptr().add(at)), flip));
-                let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
-                let parts = [
-                    vmovl_s16(vget_low_s16(lo)),
-                    vmovl_high_s16(lo),
-                    vmovl_s16(vget_low_s16(hi)),
-                    vmovl_high_s16(hi),
-                ];
-                for (i, p) in parts.into_iter().enumerate() {
-                    vst1q_f32(
-                        out.as_mut_ptr().add(at + 4 * i),
-                        vmulq_f32(s, vcvtq_f32_s32(p)),
-                    );
-                }
-            }
+        match c.g {
+            1 => v_blocks::<1, 8>(&c, acc),
+            2 => v_blocks::<2, 8>(&c, acc),
+            3 => v_blocks::<3, 8>(&c, acc),
+            _ => v_blocks::<4, 4>(&c, acc),
         }
     }
 }
 
-/// The q8_0 kernel's accumulation: `a = fma(x, vs, a * ms)` (`a * 1` is `a`).
-///
-/// # Safety
-/// `a.len() == x.len()`, a multiple of 4.
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn mad_f32(a: &mut [f32], x: &[f32], ms: f32, vs: f32) {
+/// [`v_chunk_q8`] for `G` heads, `R` registers of four (a whole block of 32 values or
+/// half of one) per column block.
+// Index loops over heads and registers read more plainly than zipped iterators here.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn v_blocks<const G: usize, const R: usize>(c: &VChunk<'_>, acc: &mut [[f32; MAX_HD]; 4]) {
     unsafe {
-        let (m, w) = (vdupq_n_f32(ms), vdupq_n_f32(vs));
-        for i in (0..a.len()).step_by(4) {
-            let p = a.as_mut_ptr().add(i);
-            let x = vld1q_f32(x.as_ptr().add(i));
-            let acc = if ms == 1.0 {
-                vld1q_f32(p)
-            } else {
-                vmulq_f32(vld1q_f32(p), m)
-            };
-            vst1q_f32(p, vfmaq_f32(acc, x, w));
+        let (hd, nb) = (c.hd, c.hd / BLOCK);
+        let flip = vdupq_n_u8(0x80);
+        for cb in (0..hd).step_by(4 * R) {
+            let mut a = [[vdupq_n_f32(0.0); R]; G];
+            for h in 0..G {
+                for r in 0..R {
+                    a[h][r] = vld1q_f32(acc[h].as_ptr().add(cb + 4 * r));
+                }
+            }
+            for p in 0..c.n {
+                for h in 0..G {
+                    let ms = c.ms[h][p];
+                    if ms != 1.0 {
+                        for ar in a[h].iter_mut() {
+                            *ar = vmulq_n_f32(*ar, ms);
+                        }
+                    }
+                }
+                let d = vdupq_n_f32(c.d[p * nb + cb / BLOCK].to_f32());
+                let row = c.v.as_ptr().add(p * hd + cb);
+                // Sixteen bytes at a time: `byte - 128` as a signed byte is `byte ^ 0x80`.
+                for r16 in 0..R / 4 {
+                    let v = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(row.add(16 * r16)), flip));
+                    let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+                    let parts = [
+                        vmovl_s16(vget_low_s16(lo)),
+                        vmovl_high_s16(lo),
+                        vmovl_s16(vget_low_s16(hi)),
+                        vmovl_high_s16(hi),
+                    ];
+                    for (i, part) in parts.into_iter().enumerate() {
+                        let x = vmulq_f32(d, vcvtq_f32_s32(part));
+                        let r = 4 * r16 + i;
+                        for h in 0..G {
+                            a[h][r] = vfmaq_n_f32(a[h][r], x, c.vs[h][p]);
+                        }
+                    }
+                }
+            }
+            for h in 0..G {
+                for r in 0..R {
+                    vst1q_f32(acc[h].as_mut_ptr().add(cb + 4 * r), a[h][r]);
+                }
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::engine::kernels::quant::{hsum8, quantize_into};
 /// Values per scale.
 pub(super) const BLOCK: usize = 32;
 /// Positions per pass (scores, then weights, then V).
-const CHUNK: usize = 64;
+pub(super) const CHUNK: usize = 64;
 /// Widest head handled without allocating.
 pub(super) const MAX_HD: usize = 256;
 
@@ -101,21 +101,9 @@ pub(super) fn attend_with(
             continue;
         }
         let _ = level;
-        heads(
-            qh,
-            hd,
-            kv,
-            scale,
-            oh,
-            dots_q8,
-            dequant,
-            |a, x, ms, vs| {
-                for (a, &x) in a.iter_mut().zip(x) {
-                    *a = x.mul_add(vs, *a * ms);
-                }
-            },
-            |xs| xs.iter_mut().for_each(|x| *x = x.exp()),
-        );
+        heads(qh, hd, kv, scale, oh, dots_q8, v_chunk, |xs| {
+            xs.iter_mut().for_each(|x| *x = x.exp())
+        });
     }
 }
 
@@ -184,6 +172,39 @@ fn dequant(x: &[u8], d: &[f16], out: &mut [f32]) {
     }
 }
 
+/// One chunk of V for [`heads`]' V step: `n` rows of `hd` bytes (`v`) and their scales
+/// (`d`), and per head and row the factor that rescales the accumulators first (`ms`)
+/// and the weight the row adds (`vs`).
+pub(super) struct VChunk<'a> {
+    pub(super) v: &'a [u8],
+    pub(super) d: &'a [f16],
+    pub(super) hd: usize,
+    pub(super) n: usize,
+    pub(super) g: usize,
+    pub(super) ms: &'a [[f32; CHUNK]; 4],
+    pub(super) vs: &'a [[f32; CHUNK]; 4],
+}
+
+/// The portable V step: each row dequantized ([`dequant`]), then per head
+/// `acc = fma(v, vs, acc * ms)` (`acc * 1` is `acc`).
+fn v_chunk(c: VChunk<'_>, acc: &mut [[f32; MAX_HD]; 4]) {
+    let (hd, nb) = (c.hd, c.hd / BLOCK);
+    let mut row = [0f32; MAX_HD];
+    for p in 0..c.n {
+        dequant(
+            &c.v[p * hd..(p + 1) * hd],
+            &c.d[p * nb..(p + 1) * nb],
+            &mut row[..hd],
+        );
+        for h in 0..c.g {
+            let (ms, vs) = (c.ms[h][p], c.vs[h][p]);
+            for (a, &x) in acc[h][..hd].iter_mut().zip(&row[..hd]) {
+                *a = x.mul_add(vs, *a * ms);
+            }
+        }
+    }
+}
+
 /// The loop, for up to four heads, with the element steps passed in (portable or SIMD;
 /// each must give the portable bits).
 #[allow(clippy::too_many_arguments)]
@@ -195,8 +216,7 @@ fn heads(
     scale: f32,
     out: &mut [f32],
     dotf: impl Fn(&[u8], &[f16], &Quantized, usize, &mut [f32; 4]),
-    dequantf: impl Fn(&[u8], &[f16], &mut [f32]),
-    madf: impl Fn(&mut [f32], &[f32], f32, f32),
+    vf: impl Fn(VChunk<'_>, &mut [[f32; MAX_HD]; 4]),
     expf: impl Fn(&mut [f32]),
 ) {
     let g = q.len() / hd;
@@ -206,8 +226,8 @@ fn heads(
     let mut m = [f32::NEG_INFINITY; 4];
     let mut sum = [0f32; 4];
     let mut sc = [[0f32; CHUNK]; 4];
+    let mut ms = [[1f32; CHUNK]; 4];
     let mut grew = [[false; CHUNK]; 4];
-    let mut row = [0f32; MAX_HD];
     let qz = Quantized::new(q, hd);
     let mut j0 = 0;
     while j0 < len {
@@ -242,24 +262,25 @@ fn heads(
             // Whole groups of 16 (the lanes past `n` are not read).
             expf(&mut sc[h][..n.div_ceil(16) * 16]);
         }
-        // V.
-        for p in 0..n {
-            let j = j0 + p;
-            dequantf(
-                &kv.v[j * hd..(j + 1) * hd],
-                &kv.v_scale[j * nb..(j + 1) * nb],
-                &mut row[..hd],
-            );
-            for h in 0..g {
-                let (ms, vs) = if grew[h][p] {
-                    (sc[h][p], 1.0)
-                } else {
-                    (1.0, sc[h][p])
-                };
-                madf(&mut acc[h][..hd], &row[..hd], ms, vs);
-                sum[h] = sum[h].mul_add(ms, vs);
+        // `sc` becomes each position's weight `vs`, `ms` its rescaling factor.
+        for h in 0..g {
+            for p in 0..n {
+                let e = sc[h][p];
+                (ms[h][p], sc[h][p]) = if grew[h][p] { (e, 1.0) } else { (1.0, e) };
+                sum[h] = sum[h].mul_add(ms[h][p], sc[h][p]);
             }
         }
+        // V.
+        let chunk = VChunk {
+            v: &kv.v[j0 * hd..(j0 + n) * hd],
+            d: &kv.v_scale[j0 * nb..(j0 + n) * nb],
+            hd,
+            n,
+            g,
+            ms: &ms,
+            vs: &sc,
+        };
+        vf(chunk, &mut acc);
         j0 += n;
     }
     for h in 0..g {
@@ -291,8 +312,7 @@ fn heads_neon(dotprod: bool, q: &[f32], hd: usize, kv: Q8Rows<'_>, scale: f32, o
                 neon::dots_q8_smull(k, kd, qz, g, o)
             }
         },
-        |x, d, o| unsafe { neon::dequant(x, d, o) },
-        |a, x, ms, vs| unsafe { neon::mad_f32(a, x, ms, vs) },
+        |c, acc| unsafe { neon::v_chunk_q8(c, acc) },
         |xs| xs.iter_mut().for_each(|x| *x = x.exp()),
     )
 }
