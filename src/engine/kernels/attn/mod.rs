@@ -383,8 +383,8 @@ fn attend_heads_with(
                 og,
                 // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
                 |a: &[f16], b| unsafe { neon::dot(a, b) },
-                |a, x, w| unsafe { neon::mad(a, x, w) },
-                |a, w| unsafe { neon::scale(a, w) },
+                |a: &mut [f16], x, w| unsafe { neon::mad(a, x, w) },
+                |a: &mut [f16], w| unsafe { neon::scale(a, w) },
             );
             continue;
         }

@@ -150,55 +150,40 @@ pub(super) unsafe fn dot<Q: Widen8, E: Widen8>(q: &[Q], k: &[E]) -> f32 {
     }
 }
 
-/// The portable `mad_h`: `acc = f16(fma(v, w, f32(acc)))`.
-///
-/// # Safety
-/// `acc` and `v` have equal lengths.
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn mad(acc: &mut [f16], v: &[f16], w: f32) {
-    unsafe {
-        debug_assert_eq!(acc.len(), v.len());
-        let n8 = acc.len() / 8 * 8;
-        let wv = vdupq_n_f32(w);
-        let mut i = 0;
-        while i < n8 {
-            let (x0, x1) = load8(v.as_ptr().add(i));
-            let p = acc.as_mut_ptr().add(i);
-            let (a0, a1) = load8(p);
-            store8(p, vfmaq_f32(a0, x0, wv), vfmaq_f32(a1, x1, wv));
-            i += 8;
-        }
-        for i in n8..acc.len() {
-            acc[i] = f16::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
+/// An accumulator type the NEON steps write eight values of at a time (f16 rounded to
+/// nearest-even, f32 as it is).
+pub(super) trait Narrow8: Widen8 {
+    /// # Safety
+    /// `p` is valid for writing eight values.
+    unsafe fn narrow8(p: *mut Self, lo: float32x4_t, hi: float32x4_t);
+}
+
+impl Narrow8 for f16 {
+    #[inline(always)]
+    unsafe fn narrow8(p: *mut Self, lo: float32x4_t, hi: float32x4_t) {
+        // SAFETY: the caller's.
+        unsafe { store8(p, lo, hi) }
+    }
+}
+
+impl Narrow8 for f32 {
+    #[inline(always)]
+    unsafe fn narrow8(p: *mut Self, lo: float32x4_t, hi: float32x4_t) {
+        // SAFETY: the caller's.
+        unsafe {
+            vst1q_f32(p, lo);
+            vst1q_f32(p.add(4), hi);
         }
     }
 }
 
-/// The portable `scale_h`: `acc = f16(f32(acc) * w)`.
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn scale(acc: &mut [f16], w: f32) {
-    unsafe {
-        let n8 = acc.len() / 8 * 8;
-        let wv = vdupq_n_f32(w);
-        let mut i = 0;
-        while i < n8 {
-            let p = acc.as_mut_ptr().add(i);
-            let (a0, a1) = load8(p);
-            store8(p, vmulq_f32(a0, wv), vmulq_f32(a1, wv));
-            i += 8;
-        }
-        for a in &mut acc[n8..] {
-            *a = f16::from_f32(a.to_f32() * w);
-        }
-    }
-}
-
-/// The portable `mad_ref` over an f32 accumulator: `acc = fma(v, w, acc)`.
+/// The portable `mad_h` / `mad_ref`: `acc = A(fma(v, w, f32(acc)))` (f16 accumulators
+/// over an f16 cache, f32 over bf16).
 ///
 /// # Safety
 /// `acc` and `v` have equal lengths.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn mad_f32_of<E: Widen8>(acc: &mut [f32], v: &[E], w: f32) {
+pub(super) unsafe fn mad<A: Narrow8, E: Widen8>(acc: &mut [A], v: &[E], w: f32) {
     unsafe {
         debug_assert_eq!(acc.len(), v.len());
         let n8 = acc.len() / 8 * 8;
@@ -207,30 +192,31 @@ pub(super) unsafe fn mad_f32_of<E: Widen8>(acc: &mut [f32], v: &[E], w: f32) {
         while i < n8 {
             let (x0, x1) = E::widen8(v.as_ptr().add(i));
             let p = acc.as_mut_ptr().add(i);
-            vst1q_f32(p, vfmaq_f32(vld1q_f32(p), x0, wv));
-            vst1q_f32(p.add(4), vfmaq_f32(vld1q_f32(p.add(4)), x1, wv));
+            let (a0, a1) = A::widen8(p);
+            A::narrow8(p, vfmaq_f32(a0, x0, wv), vfmaq_f32(a1, x1, wv));
             i += 8;
         }
         for i in n8..acc.len() {
-            acc[i] = v[i].to_f32().mul_add(w, acc[i]);
+            acc[i] = A::from_f32(v[i].to_f32().mul_add(w, acc[i].to_f32()));
         }
     }
 }
 
-/// The portable `scale_ref` over an f32 accumulator: `acc = acc * w`.
+/// The portable `scale_h` / `scale_ref`: `acc = A(f32(acc) * w)`.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn scale_f32(acc: &mut [f32], w: f32) {
+pub(super) unsafe fn scale<A: Narrow8>(acc: &mut [A], w: f32) {
     unsafe {
-        let n4 = acc.len() / 4 * 4;
+        let n8 = acc.len() / 8 * 8;
         let wv = vdupq_n_f32(w);
         let mut i = 0;
-        while i < n4 {
+        while i < n8 {
             let p = acc.as_mut_ptr().add(i);
-            vst1q_f32(p, vmulq_f32(vld1q_f32(p), wv));
-            i += 4;
+            let (a0, a1) = A::widen8(p);
+            A::narrow8(p, vmulq_f32(a0, wv), vmulq_f32(a1, wv));
+            i += 8;
         }
-        for a in &mut acc[n4..] {
-            *a *= w;
+        for a in &mut acc[n8..] {
+            *a = A::from_f32(a.to_f32() * w);
         }
     }
 }

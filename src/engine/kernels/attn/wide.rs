@@ -78,8 +78,8 @@ fn heads_with(
                 og,
                 // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
                 |a: &[f32], b| unsafe { neon::dot(a, b) },
-                |a: &mut [f32], x, w| unsafe { neon::mad_f32_of(a, x, w) },
-                |a: &mut [f32], w| unsafe { neon::scale_f32(a, w) },
+                |a: &mut [f32], x, w| unsafe { neon::mad(a, x, w) },
+                |a: &mut [f32], w| unsafe { neon::scale(a, w) },
             );
             continue;
         }
