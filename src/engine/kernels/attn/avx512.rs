@@ -20,7 +20,7 @@
 //! positions and the K rows ahead of it.
 
 use super::expf::exp_slice;
-use super::{tail, Elem, LANES, MAX_GROUP};
+use super::{prefetch, tail, Elem, LANES, MAX_GROUP};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -300,15 +300,6 @@ fn scores<E: Lanes, const G: usize, const NC: usize>(
         }
         // SAFETY: `p0 + 16 <= BLOCK`.
         unsafe { _mm512_storeu_ps(sc[h].as_mut_ptr().add(p0), reduce16x16(&r)) };
-    }
-}
-
-/// Prefetch the cache lines of `x` into L1.
-#[inline]
-#[target_feature(enable = "sse")]
-pub(super) fn prefetch<T>(x: &[T]) {
-    for c in x.chunks(64 / size_of::<T>()) {
-        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }
 }
 

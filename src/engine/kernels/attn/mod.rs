@@ -224,6 +224,42 @@ unsafe fn passes_group<E: avx512::Lanes + passes::Cache>(
     }
 }
 
+/// Prefetch the cache lines of `x` into L1 (the x86 kernels' cold cache rows).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch<T>(x: &[T]) {
+    use std::arch::x86_64::*;
+    for c in x.chunks(64 / size_of::<T>()) {
+        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
+    }
+}
+
+/// [`heads_body`] with the NEON steps: Q as `Qt` (f16 over an f16 cache, f32 over bf16),
+/// the cache's `E`, accumulators as `At` (f16 or f32).
+#[cfg(target_arch = "aarch64")]
+fn heads_neon<Qt: neon::Widen8, E: neon::Widen8, At: neon::Narrow8>(
+    q: &[f32],
+    hd: usize,
+    k: &[E],
+    v: &[E],
+    scale: f32,
+    out: &mut [f32],
+) {
+    heads_body(
+        q,
+        hd,
+        k,
+        v,
+        scale,
+        out,
+        // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
+        |a: &[Qt], b| unsafe { neon::dot(a, b) },
+        |a: &mut [At], x, w| unsafe { neon::mad(a, x, w) },
+        |a: &mut [At], w| unsafe { neon::scale(a, w) },
+    )
+}
+
 /// Lanes of ggml's AVX-512 f16 dot product: four 16-lane accumulators.
 const LANES: usize = 64;
 
@@ -374,18 +410,7 @@ fn attend_heads_with(
         }
         #[cfg(target_arch = "aarch64")]
         if simd {
-            heads_body(
-                qg,
-                hd,
-                k,
-                v,
-                scale,
-                og,
-                // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
-                |a: &[f16], b| unsafe { neon::dot(a, b) },
-                |a: &mut [f16], x, w| unsafe { neon::mad(a, x, w) },
-                |a: &mut [f16], w| unsafe { neon::scale(a, w) },
-            );
+            heads_neon::<f16, f16, f16>(qg, hd, k, v, scale, og);
             continue;
         }
         heads_body(

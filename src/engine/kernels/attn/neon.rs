@@ -1,14 +1,15 @@
-//! NEON (aarch64) element steps of the f16 attention loop and the q8_0-cache kernel,
-//! each equal bit for bit to the portable one it replaces (tested under qemu, see
-//! `scripts/arm/test.sh`; not timed on ARM hardware here):
+//! NEON (aarch64) element steps of the f16 and bf16 attention loop and the q8_0-cache
+//! kernel, each equal bit for bit to the portable one it replaces (tested under qemu,
+//! see `scripts/arm/test.sh`; not timed on ARM hardware here):
 //!
-//! - the f16 score `q · k` in the 64 lanes of ggml's AVX-512 `ggml_vec_dot_f16` (sixteen
+//! - the score `q · k` in the 64 lanes of ggml's AVX-512 `ggml_vec_dot_f16` (sixteen
 //!   `float32x4_t`, lane `i % 64` by fused multiply-add), reduced in its fixed tree,
-//!   the leftovers in f64 as the portable `tail`;
-//! - `acc = f16(fma(v, w, acc))` and `acc = f16(acc * w)` eight values at a time;
+//!   the leftovers in f64 as the portable `tail` (f16 or bf16 K, [`Widen8`]);
+//! - `acc = A(fma(v, w, acc))` and `acc = A(acc * w)` eight values at a time, `A` f16
+//!   over an f16 cache and f32 over bf16 ([`Narrow8`]);
 //! - the q8_0 score in eight i32 lanes of four products per block (`sdot` or `smull`,
 //!   as the Q8_0 matmul's NEON kernels), one fused multiply-add per lane and block, then
-//!   `hsum8`; the V dequantization and the f32 accumulation lane by lane.
+//!   `hsum8`; the V step a chunk at a time, every head's accumulators in registers.
 //!
 //! f16 <-> f32 conversions are `fcvtl`/`fcvtn` (base ARMv8; inline assembly, as the
 //! f16 vector types are not stable in Rust): exact widening, and narrowing rounded to

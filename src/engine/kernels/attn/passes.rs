@@ -21,9 +21,8 @@
 //! A decode step finds the KV cache cold, so pass 1 prefetches the V rows of its
 //! positions and the K rows ahead of it.
 
-use super::{tail, Load8, LANES, MAX_GROUP};
+use super::{prefetch, tail, Load8, LANES, MAX_GROUP};
 use half::{bf16, f16};
-use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 /// Positions per block.
@@ -328,14 +327,5 @@ unsafe fn scores<S: Lanes, E: Cache, const G: usize, const NC: usize>(
         }
         // SAFETY: `p0 + W <= BLOCK`.
         unsafe { S::store(sc[h].as_mut_ptr().add(p0), S::reduce(&r[..S::W])) };
-    }
-}
-
-/// Prefetch the cache lines of `x` into L1.
-#[inline]
-#[target_feature(enable = "sse")]
-fn prefetch<T>(x: &[T]) {
-    for c in x.chunks(64 / size_of::<T>()) {
-        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast());
     }
 }

@@ -82,7 +82,7 @@ unsafe fn run<const G: usize, const R: usize>(
     let mut ksf = [0f32; MAX_SCALES];
     let mut vsf = [0f32; MAX_SCALES];
     unsafe {
-        super::avx512::prefetch(&kv.k[..(CHUNK * hd).min(kv.k.len())]);
+        super::prefetch(&kv.k[..(CHUNK * hd).min(kv.k.len())]);
     }
     let mut j0 = 0;
     while j0 < len {
@@ -90,9 +90,9 @@ unsafe fn run<const G: usize, const R: usize>(
         let (b0, b1) = (j0 * nb, (j0 + n) * nb);
         // SAFETY: the ranges lie inside the rows (`attend_with` checked the lengths).
         unsafe {
-            super::avx512::prefetch(&kv.v[j0 * hd..(j0 + n) * hd]);
+            super::prefetch(&kv.v[j0 * hd..(j0 + n) * hd]);
             let next = ((j0 + n) * hd).min(kv.k.len())..((j0 + n + CHUNK) * hd).min(kv.k.len());
-            super::avx512::prefetch(&kv.k[next]);
+            super::prefetch(&kv.k[next]);
             widen(&kv.k_scale[b0..b1], &mut ksf);
             widen(&kv.v_scale[b0..b1], &mut vsf);
         }

@@ -68,19 +68,7 @@ fn heads_with(
         }
         #[cfg(target_arch = "aarch64")]
         if path == Path::Neon {
-            use super::neon;
-            heads_body(
-                qg,
-                hd,
-                k,
-                v,
-                scale,
-                og,
-                // SAFETY (the three): NEON is baseline on aarch64; equal lengths.
-                |a: &[f32], b| unsafe { neon::dot(a, b) },
-                |a: &mut [f32], x, w| unsafe { neon::mad(a, x, w) },
-                |a: &mut [f32], w| unsafe { neon::scale(a, w) },
-            );
+            super::heads_neon::<f32, bf16, f32>(qg, hd, k, v, scale, og);
             continue;
         }
         let _ = path;
