@@ -59,6 +59,11 @@ pub enum Command {
         /// prefill comparisons, no sliding-window check. For a quick look at a build.
         #[arg(long)]
         quick: bool,
+        /// Only the prompt prefill comparisons: each way of prefilling prompts of 16 to
+        /// 4,000 tokens (batched steps, the tensor path, the wide prefill and its GEMMs),
+        /// their times and logit gaps.
+        #[arg(long, conflicts_with = "quick")]
+        prefill: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

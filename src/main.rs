@@ -25,8 +25,9 @@ async fn main() -> std::process::ExitCode {
             prompt,
             no_cpu,
             quick,
+            prefill,
             args,
-        }) => doctor(tokens, prompt, no_cpu, quick, &args).await,
+        }) => doctor(tokens, prompt, no_cpu, (quick, prefill), &args).await,
         None => serve(&cli.serve).await,
     };
     match result {
@@ -54,7 +55,7 @@ async fn doctor(
     tokens: usize,
     prompt: String,
     no_cpu: bool,
-    quick: bool,
+    (quick, prefill): (bool, bool),
     args: &candela::config::ServeArgs,
 ) -> Result<(), candela::Error> {
     let cfg = Config::load(args)?;
@@ -74,6 +75,7 @@ async fn doctor(
             candela::cli::doctor::Checks {
                 cpu: !no_cpu,
                 quick,
+                prefill,
             },
         )
     })

@@ -64,3 +64,39 @@ fn doctor_runs_on_the_cpu() {
     assert!(stdout.contains("-- long prompt:"), "{stdout}");
     assert!(stdout.contains("8 sequences stepped together:"), "{stdout}");
 }
+
+/// `candela doctor --prefill` compares the fused GPU path's ways of prefilling only: on
+/// the CPU it says there is nothing to compare and runs no decoding.
+#[test]
+fn doctor_prefill_on_the_cpu_says_it_needs_a_gpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
+        .args([
+            "doctor",
+            "--device",
+            "cpu",
+            "--prefill",
+            "--ctx-size",
+            "128",
+        ])
+        .arg("--model")
+        .arg(common::model_path())
+        .arg("--data-dir")
+        .arg(common::data_dir())
+        .output()
+        .expect("run candela doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "doctor failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("this device has none (try --device cuda)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("-- short prompt:"), "{stdout}");
+    assert!(
+        !stdout.contains("8 sequences stepped together:"),
+        "{stdout}"
+    );
+}

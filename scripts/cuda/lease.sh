@@ -79,6 +79,13 @@
 #   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
 #       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
+#   scripts/cuda/lease.sh wide8b   carry .device/s (as peer1): `candela doctor --prefill` on
+#       llama3-8b and smollm2-shape (every way of prefilling: batched steps, tensor path,
+#       wide with int8 or f16 GEMMs), candela's time to first token over HTTP on llama3-8b
+#       (defaults, and CANDELA_CUDA_WIDE=0), then llama-bench pp512/pp4000 and
+#       llama-server's time to first token on it, built in the background meanwhile
+#       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
+#       defaults).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -539,6 +546,47 @@ split)
         synth_doctor llama3-8b "sequence|bit-identical|^prefill +512 tokens: |kernels at pos (32|1024)|attention in"
     else
         echo "== llama3-8b: not measured: the call is at ${SECONDS} s"
+    fi
+    ;;
+wide8b)
+    # The wide prefill of llama3-8b against llama.cpp in one call (carry .device/s as
+    # peer1): llama.cpp builds in the background while `candela doctor --prefill` times
+    # every way of prefilling on each model (MODELS, default llama3-8b smollm2-shape) and
+    # candela's time to first token over HTTP on llama3-8b with its defaults and with the
+    # wide prefill off; then llama-bench (pp512, pp4000) and llama-server's time to first
+    # token on the same file (PEER=0: no llama.cpp).
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    [ "${PEER:-1}" = 0 ] || start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
+    synth_models ${MODELS:-llama3-8b smollm2-shape} || exit 1
+    for m in ${MODELS:-llama3-8b smollm2-shape}; do
+        echo "== doctor --prefill on $m at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --prefill 2>"$OUT/doctor_pf_$m.err" | tee "$OUT/doctor_pf_$m.txt" | grep -E "^prefill|^8 prompts" \
+            || tail -n 20 "$OUT/doctor_pf_$m.err"
+    done
+    M=/root/synth/llama3-8b.gguf
+    [ -f $M ] || exit 0
+    for v in "${HTTP_ENV:-}" "CANDELA_CUDA_WIDE=0"; do
+        echo "== candela over HTTP on llama3-8b ${v:-(defaults)} at ${SECONDS} s"
+        candela_http "$(echo "candela-8b-${v:-defaults}" | tr '=' '_')" $M 8140 "$v" --streams "" \
+            --ttft 16,512,4000
+    done
+    [ "${PEER:-1}" = 0 ] && exit 0
+    t0=$SECONDS
+    for _ in $(seq 1 150); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+    echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
+    LB=/root/lcp/build/bin
+    if [ -x $LB/llama-server ]; then
+        $LB/llama-bench -m $M -ngl 99 -fa 1 -p 512,4000 -n 0 -r 3 2>&1 | tee "$OUT/llama_bench8b.txt" | grep -E "^\||build"
+        echo "== llama-server --parallel 1 on llama3-8b: time to first token at ${SECONDS} s"
+        $LB/llama-server -m $M -ngl 99 -fa on -c 8192 --port 8143 >"$OUT/llama_server_ttft8b.log" 2>&1 &
+        LP=$!
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8143 --streams "" --ttft 16,512,4000 \
+            --out "$OUT" --name llama-server-8b-p1
+        kill $LP; wait $LP 2>/dev/null
+    else
+        echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
     fi
     ;;
 tune)

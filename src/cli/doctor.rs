@@ -17,7 +17,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use crate::engine::decode::sampling::argmax;
-use crate::engine::model::{Model, SeqInput};
+use crate::engine::model::{Model, SeqInput, WideGemm};
 use crate::engine::text::tokenizer::Tok;
 use crate::engine::{fetch, pick_device, EngineError};
 use crate::kv::{KvDtype, SeqCache};
@@ -268,8 +268,9 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
 }
 
 /// Long prompts: the tensor path with the matmul-softmax-matmul attention (the
-/// reference), the tensor path with the flash kernel, and the fused wide prefill (int8
-/// tensor-core GEMMs + flash) where the card has them, at a few prompt lengths: median
+/// reference), the tensor path with the flash kernel, and the fused wide prefill (flash
+/// attention, the projections as int8 tensor-core GEMMs or as f16 GEMMs on weights
+/// dequantized once a pass) where the card has them, at a few prompt lengths: median
 /// times, the largest logit difference from the reference and whether the argmax agrees;
 /// then each in two chunks (the second attending over the first's cache).
 fn long_prompt_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
@@ -279,9 +280,13 @@ fn long_prompt_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
     if !flash && !wide {
         return Ok(());
     }
+    let gemm = model.set_wide_gemm(WideGemm::Int8);
     let r = long_prompt_checks(model, ctx, flash, wide);
     model.set_flash_attention(was.0);
     model.set_fused_wide(was.1);
+    if let Some(g) = gemm {
+        model.set_wide_gemm(g);
+    }
     model.set_fused_decode(true);
     r
 }
@@ -312,13 +317,22 @@ fn long_prompt_checks(
         }
         Ok((median(&ms), last))
     };
-    // (name, fused path on, flash on, wide on)
-    let mut ways = vec![("tensor path, matmul-softmax", false, false, false)];
+    // (name, fused path on, flash on, wide on, the wide pass's GEMMs)
+    let int8 = WideGemm::Int8;
+    let mut ways = vec![("tensor path, matmul-softmax", false, false, false, int8)];
     if flash {
-        ways.push(("tensor path, flash", false, true, false));
+        ways.push(("tensor path, flash", false, true, false, int8));
     }
     if wide {
-        ways.push(("fused wide", true, false, true));
+        ways.push(("fused wide, int8 GEMMs", true, false, true, int8));
+        ways.push(("fused wide, f16 GEMMs", true, false, true, WideGemm::F16));
+        ways.push((
+            "fused wide, f16, serial",
+            true,
+            false,
+            true,
+            WideGemm::F16Serial,
+        ));
     }
     println!("-- long prompts (the first line of each the reference; chunked: n/4, then the rest)");
     for n in [100, 512, 4000] {
@@ -328,10 +342,11 @@ fn long_prompt_checks(
         let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 29) % vocab).collect();
         let reps = if n > 1000 { 3 } else { 5 };
         let mut reference: Option<Vec<f32>> = None;
-        for &(name, fused, fl, wi) in &ways {
+        for &(name, fused, fl, wi, gemm) in &ways {
             model.set_fused_decode(fused);
             model.set_flash_attention(fl);
             model.set_fused_wide(wi);
+            model.set_wide_gemm(gemm);
             let (ms, logits) = time(&ids, reps)?;
             let split = run(&ids, n / 4)?;
             let vs = match &reference {
@@ -495,6 +510,8 @@ fn window_check(model: &Model, cpu: Option<&Model>, ctx: usize) -> Result<(), En
 pub struct Checks {
     pub cpu: bool,
     pub quick: bool,
+    /// Only the prompt-prefill comparisons (`--prefill`).
+    pub prefill: bool,
 }
 
 pub fn run(
@@ -509,6 +526,7 @@ pub fn run(
     let Checks {
         cpu: with_cpu,
         quick,
+        prefill,
     } = checks;
     let resolved = fetch::resolve(spec, data_dir)?;
     let path = resolved.path;
@@ -550,6 +568,17 @@ pub fn run(
             "no"
         }
     );
+    if prefill {
+        if !model.has_fused_decode() {
+            println!(
+                "--prefill compares the fused GPU path's ways of prefilling; this device has \
+                 none (try --device cuda)"
+            );
+            return Ok(());
+        }
+        prefill_report(&model, ctx)?;
+        return long_prompt_report(&model, ctx);
+    }
     let cpu = if dev.is_cpu() || !with_cpu {
         None
     } else {

@@ -172,6 +172,33 @@ enum Embed {
 }
 
 /// One sequence's share of a forward pass.
+/// How the CUDA wide prefill multiplies a pass's projections
+/// (`CANDELA_CUDA_WIDE_GEMM=int8|f16|f16-serial`; by default f16 for models wider than
+/// hidden size 1,024, int8 below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WideGemm {
+    /// int8 tensor-core GEMMs on activations quantized per 32 values.
+    Int8,
+    /// Weights dequantized to f16 once a pass (on a second stream, the next matrix while
+    /// the current one multiplies), activations rounded to f16, cuBLAS.
+    F16,
+    /// [`WideGemm::F16`] with each dequantization on the pass's own stream, in turn.
+    F16Serial,
+}
+
+impl WideGemm {
+    /// The environment's choice, else by the model's hidden size.
+    pub fn pick(hidden: usize) -> Self {
+        match std::env::var("CANDELA_CUDA_WIDE_GEMM").as_deref() {
+            Ok("int8") => Self::Int8,
+            Ok("f16") => Self::F16,
+            Ok("f16-serial") => Self::F16Serial,
+            _ if hidden > 1024 => Self::F16,
+            _ => Self::Int8,
+        }
+    }
+}
+
 pub struct SeqInput<'a> {
     /// New tokens; they take the positions after `cache.len()`.
     pub tokens: &'a [u32],
@@ -359,6 +386,17 @@ impl Model {
         }
         let _ = on;
         false
+    }
+
+    /// How the wide prefill multiplies the projections: set it, returning the previous
+    /// choice (None without a fused path).
+    pub fn set_wide_gemm(&self, gemm: WideGemm) -> Option<WideGemm> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return Some(d.set_wide_gemm(gemm));
+        }
+        let _ = gemm;
+        None
     }
 
     /// Whether long prompt chunks prefill wide in a forward pass now (the fused path on,

@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use half::f16;
 
 use super::cuda_pack::{self, Pack};
-use super::{batch_plan, ModelConfig};
+use super::{batch_plan, ModelConfig, WideGemm};
 use crate::kv::SeqCache;
 
 mod batch;
@@ -180,6 +180,10 @@ struct Inner {
     /// sizes) and their buffers, made on first use.
     wide_f: Option<wide::WideFuncs>,
     wide: Option<wide::Wide>,
+    /// How wide passes multiply (`WideGemm::pick`; `candela doctor` times each),
+    /// and the cuBLAS handle of the f16 GEMMs, made on first use.
+    wide_gemm: std::cell::Cell<WideGemm>,
+    blas: Option<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
     /// Dynamic shared memory the mat-mat kernels may use on this device.
     mm_smem: usize,
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
@@ -249,6 +253,7 @@ impl Drop for Inner {
         self.graph = None;
         self.batch = None;
         self.wide = None;
+        self.blas = None;
         // SAFETY: created in `new`, used only by this decoder.
         unsafe {
             let _ = result::event::destroy(self.event);
@@ -319,6 +324,20 @@ fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 
 fn zeros(stream: &Arc<CudaStream>, n: usize) -> Result<Buf<f32>> {
     upload(stream, &vec![0f32; n.max(1)])
+}
+
+/// `n` zeroed elements allocated on the device (no host copy: for large scratch buffers).
+fn alloc_zeros<T>(stream: &Arc<CudaStream>, n: usize) -> Result<Buf<T>>
+where
+    T: candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+{
+    let slice = stream.alloc_zeros::<T>(n.max(1)).map_err(err)?;
+    let ptr = {
+        let (p, _g) = slice.device_ptr(stream);
+        p
+    };
+    Ok(Buf { ptr, slice })
 }
 
 /// A kernel's three epilogue variants from `module`: `{prefix}_store`, `_add` and
@@ -679,6 +698,8 @@ impl FusedDecoder {
             batch: None,
             wide_f,
             wide: None,
+            wide_gemm: std::cell::Cell::new(WideGemm::pick(cfg.hidden)),
+            blas: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
@@ -809,6 +830,13 @@ impl FusedDecoder {
     pub fn set_wide(&self, on: bool) -> bool {
         self.wide_on.store(on && self.wide_ok, Ordering::Relaxed);
         self.wide_ok
+    }
+
+    /// How wide passes multiply: set it (`candela doctor` times each), returning the
+    /// previous choice.
+    pub fn set_wide_gemm(&self, gemm: WideGemm) -> WideGemm {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.wide_gemm.replace(gemm)
     }
 
     /// A long prompt chunk after the cache's positions in wide passes (the cache

@@ -215,3 +215,99 @@ extern "C" __global__ void q_rope_rows(const float* __restrict__ qkv, int qkv_w,
         o[b] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Wide prefill on f16 GEMMs (wide.rs, `WideGemm::F16`): for models whose int8 GEMMs above
+// are slower than a dense product (they read weights straight from global memory, and
+// scale every 16-value half-block's sum in f32), a pass dequantizes each projection's
+// weights into an f16 matrix, converts its input rows to f16 (RMS-normalized first where
+// the layer norms them) and multiplies the two with cublasGemmEx (f16 in, f32 sums and
+// out); SwiGLU and the Q|K|V bias run after it. The activations are rounded to f16 rather
+// than quantized to 8 bits, so results agree with the decode kernels to rounding.
+
+// xh (T, K) f16 from x (T, K) f32, each row RMS-normalized by `norm` first unless null
+// (the decode kernels' v / sqrt(mean(v^2) + eps) * g). Grid T, 256 threads.
+extern "C" __global__ void __launch_bounds__(256) wh_rows(const float* __restrict__ x,
+                                                        const float* __restrict__ norm,
+                                                        float eps, int K,
+                                                        __half* __restrict__ xh) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * K;
+    __half* o = xh + (size_t)blockIdx.x * K;
+    float m = 1.f;
+    if (norm != nullptr) {
+        const float s = block_reduce(sumsq_one(xr, K, threadIdx.x, blockDim.x), red, false);
+        m = sqrtf(s / (float)K + eps);
+    }
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        const float v = norm != nullptr ? __fmul_rn(xr[i] / m, norm[i]) : xr[i];
+        o[i] = __float2half_rn(v);
+    }
+}
+
+// w (N, K) f16 from a repacked matrix: thread i takes block i (row i / nb, block i % nb)
+// and writes its 32 values. Grid ceil(N * nb / 256), 256 threads.
+template <int KIND>
+__device__ void wh_dequant(const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N,
+                           int nb, __half* __restrict__ w) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * nb) return;
+    __align__(16) __half out[QK];
+    if (KIND == KIND_Q8_0) {
+        const float2 s = __ldg(dm + i);
+        __align__(16) int8_t q[QK];
+        ((int4*)q)[0] = __ldg((const int4*)(qs + i * QK));
+        ((int4*)q)[1] = __ldg((const int4*)(qs + i * QK) + 1);
+#pragma unroll
+        for (int j = 0; j < QK; ++j) out[j] = __float2half_rn((j < 16 ? s.x : s.y) * (float)q[j]);
+    } else {
+        const int row = (int)(i / nb), b = (int)(i % nb);
+        const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
+        const float2 s = nibble_pair<KIND>(dm + (size_t)row * nb, srow, nb, b);
+        __align__(16) uint8_t q[16];
+        *(int4*)q = __ldg((const int4*)(qs + i * 16));
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int lo = q[j] & 15, hi = q[j] >> 4;
+            if (KIND == KIND_Q4_0) {
+                out[j] = __float2half_rn(s.x * (float)(lo - 8));
+                out[16 + j] = __float2half_rn(s.x * (float)(hi - 8));
+            } else {
+                out[j] = __float2half_rn(__fmaf_rn(s.x, (float)lo, s.y));
+                out[16 + j] = __float2half_rn(__fmaf_rn(s.x, (float)hi, s.y));
+            }
+        }
+    }
+    int4* dst = (int4*)(w + i * QK);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dst[e] = ((const int4*)out)[e];
+}
+
+#define WH_DEQUANT(KIND, KNAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) wh_dequant_##KNAME(                     \
+        const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N, int nb,         \
+        __half* __restrict__ w) {                                                            \
+        wh_dequant<KIND>(qs, dm, N, nb, w);                                                   \
+    }
+WH_DEQUANT(KIND_Q4_0, q4_0)
+WH_DEQUANT(KIND_Q4_1, q4_1)
+WH_DEQUANT(KIND_Q8_0, q8_0)
+WH_DEQUANT(KIND_Q4_K, q4_k)
+
+// act (T, F) f16 = silu(gate) * up from gu (T, 2F) f32 (gate columns 0..F, up after them),
+// store_out's arithmetic. Grid (ceil(F / 256), T), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) wh_swiglu(const float* __restrict__ gu, int F,
+                                                          __half* __restrict__ act) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= F) return;
+    const float* r = gu + (size_t)blockIdx.y * 2 * F;
+    const float y = r[i];
+    act[(size_t)blockIdx.y * F + i] = __float2half_rn(__fmul_rn(y / (1.f + expf(-y)), r[F + i]));
+}
+
+// out[t][r] += bias[r] for r < rows of T rows `ld` floats apart. Grid (ceil(rows / 256), T).
+extern "C" __global__ void __launch_bounds__(256) wh_bias(float* __restrict__ out, int ld,
+                                                        const float* __restrict__ bias, int rows) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < rows) out[(size_t)blockIdx.y * ld + r] += bias[r];
+}

@@ -3,9 +3,19 @@
 //! (`prefill.cuh`: the activations quantized once, then `gemm_*`), the attention flash
 //! style over the cache (`flash.cu`). Launched directly (no graph: a pass is long enough
 //! that launches do not matter); needs compute capability 8.0 and heads of 64 or 128.
+//!
+//! Models wider than [`super::WIDE_MAX_HIDDEN`] take the projections as f16 GEMMs
+//! instead ([`WideGemm::F16`]): each weight matrix dequantized into an f16 scratch matrix
+//! once a pass (on a second stream, the next matrix while this one multiplies), the
+//! input rows converted to f16, the product by cuBLAS on tensor cores (`wh_*` in
+//! `prefill.cuh`). The int8 GEMMs read every weight from global memory for
+//! each 32 tokens and scale every half-block's sum in f32, which at an 8B model's sizes
+//! costs more than dequantizing the weights once and multiplying densely.
 
 use super::*;
 use crate::engine::model::batch_plan::{self, SeqRecord};
+use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
+use candle_core::cuda_backend::cudarc::driver::CudaEvent;
 
 /// Positions of one wide pass at most; longer chunks run in several passes, each
 /// attending to the cache the earlier ones wrote.
@@ -26,6 +36,11 @@ pub(super) struct WideFuncs {
     gemm: [[CudaFunction; 3]; 4],
     q_rope: CudaFunction,
     flash: CudaFunction,
+    /// The f16 GEMM path's kernels: rows to f16, dequantization by kind, SwiGLU, bias.
+    wh_rows: CudaFunction,
+    wh_dequant: [CudaFunction; 4],
+    wh_swiglu: CudaFunction,
+    wh_bias: CudaFunction,
 }
 
 impl WideFuncs {
@@ -63,13 +78,38 @@ impl WideFuncs {
         let flash = flash_module
             .load_function(&format!("flash_prefill_{head_dim}"))
             .map_err(err)?;
+        let wh_dequant = [
+            load(&format!("wh_dequant_{}", kinds[0]))?,
+            load(&format!("wh_dequant_{}", kinds[1]))?,
+            load(&format!("wh_dequant_{}", kinds[2]))?,
+            load(&format!("wh_dequant_{}", kinds[3]))?,
+        ];
         Ok(Some(Self {
             quant,
             gemm,
             q_rope: load("q_rope_rows")?,
             flash,
+            wh_rows: load("wh_rows")?,
+            wh_dequant,
+            wh_swiglu: load("wh_swiglu")?,
+            wh_bias: load("wh_bias")?,
         }))
     }
+}
+
+/// A projection's epilogue: store (plus the bias at this address unless 0), add to the
+/// output (the residual stream), or SwiGLU of gate and up rows.
+#[derive(Clone, Copy)]
+enum Proj {
+    Store(u64),
+    Add,
+    SwiGlu,
+}
+
+/// A pass's matrices in the order they multiply, and the index of the next.
+struct Seq<'a> {
+    mats: &'a [&'a QMat],
+    i: usize,
 }
 
 /// Device buffers of a wide pass, for `cap` rows.
@@ -84,6 +124,23 @@ pub(super) struct Wide {
     xq: Buf<u8>,
     xds: Buf<f32>,
     step: Buf<u64>,
+    /// The f16 GEMM path's buffers, made on its first pass.
+    f16: Option<WideF16>,
+}
+
+/// Buffers of the f16 GEMM path: input rows in f16 (rows of the widest input), two
+/// dequantized weight matrices (each room for the largest: one multiplying while the
+/// second stream fills the other), gate|up outputs in f32 and SwiGLU's in f16; the second
+/// stream and the events that order the two (a matrix dequantized before its GEMM
+/// reads it, a GEMM done before its buffer is filled again).
+pub(super) struct WideF16 {
+    xh: Buf<u16>,
+    w: [Buf<u16>; 2],
+    gu: Buf<f32>,
+    act: Buf<u16>,
+    aux: Arc<CudaStream>,
+    dequantized: [CudaEvent; 2],
+    multiplied: [CudaEvent; 2],
 }
 
 impl Inner {
@@ -116,6 +173,7 @@ impl Inner {
             let pos = pos0 + i * WIDE_ROWS;
             let n = part.len();
             self.ensure_wide(n)?;
+            self.ensure_wide_f16()?;
             let recs: Vec<SeqRecord> = part
                 .iter()
                 .enumerate()
@@ -179,7 +237,48 @@ impl Inner {
             xq: upload(s, &vec![0u8; rows * kmax])?,
             xds: zeros(s, rows * 2 * (kmax / 32))?,
             step: upload(s, &vec![0u64; batch_plan::step_words(rows, cfg.n_layers)])?,
+            f16: None,
         });
+        Ok(())
+    }
+
+    /// The f16 GEMM path's buffers and cuBLAS handle, where this pass takes it.
+    fn ensure_wide_f16(&mut self) -> Result<()> {
+        if self.wide_gemm.get() == WideGemm::Int8 {
+            return Ok(());
+        }
+        if self.blas.is_none() {
+            let blas = CudaBlas::new(self.stream.clone()).map_err(err)?;
+            self.blas = Some(blas);
+        }
+        let Some(w) = self.wide.as_ref().filter(|w| w.f16.is_none()) else {
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let nq = cfg.n_heads * cfg.head_dim;
+        let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
+        let kmax = cfg.hidden.max(nq).max(ffn);
+        let wmax = (self.layers.iter())
+            .flat_map(|l| l.qkv.iter().chain([&l.wo, &l.gate_up, &l.down]))
+            .map(|m| m.n * m.k)
+            .max()
+            .unwrap_or(0);
+        let (s, rows) = (&self.stream, w.cap);
+        let ctx = s.context();
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let event = || ctx.new_event(flags).map_err(err);
+        let h = WideF16 {
+            xh: alloc_zeros(s, rows * kmax)?,
+            w: [alloc_zeros(s, wmax)?, alloc_zeros(s, wmax)?],
+            gu: alloc_zeros(s, rows * 2 * ffn)?,
+            act: alloc_zeros(s, rows * ffn)?,
+            aux: ctx.new_stream().map_err(err)?,
+            dequantized: [event()?, event()?],
+            multiplied: [event()?, event()?],
+        };
+        if let Some(w) = self.wide.as_mut() {
+            w.f16 = Some(h);
+        }
         Ok(())
     }
 
@@ -195,13 +294,21 @@ impl Inner {
         let ni = n as i32;
         self.embed_rows(w.step.ptr, w.x.ptr, n)?;
         let scale = 1.0 / (hd as f32).sqrt();
+        // The pass's matrices in the order they multiply (the f16 path dequantizes the
+        // next one ahead).
+        let mats: Vec<&QMat> = (self.layers.iter())
+            .flat_map(|l| l.qkv.iter().chain([&l.wo, &l.gate_up, &l.down]))
+            .collect();
+        let mut seq = Seq { mats: &mats, i: 0 };
+        self.wide_ahead(f, w, &seq)?;
         for (li, l) in self.layers.iter().enumerate() {
             let mut row = 0usize;
             for m in &l.qkv {
                 let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr + 4 * row as u64);
-                self.wide_quant(f, w, m, n, w.x.ptr, l.attn_norm.ptr)?;
                 let out = w.qkv.ptr + 4 * row as u64;
-                self.wide_gemm(f, w, m, 0, n, bias, out, qkv_w)?;
+                let (x, norm) = (w.x.ptr, l.attn_norm.ptr);
+                let p = Proj::Store(bias);
+                self.wide_proj(f, w, m, &mut seq, p, n, x, norm, out, qkv_w)?;
                 row += m.n;
             }
             let h = self.rope_head(w.qkv.ptr, w.step.ptr, li)?;
@@ -262,14 +369,170 @@ impl Inner {
                     false,
                 )?
             }
-            self.wide_quant(f, w, &l.wo, n, w.att.ptr, 0)?;
-            self.wide_gemm(f, w, &l.wo, 1, n, 0, w.x.ptr, cfg.hidden)?;
-            self.wide_quant(f, w, &l.gate_up, n, w.x.ptr, l.ffn_norm.ptr)?;
-            self.wide_gemm(f, w, &l.gate_up, 2, n, 0, w.act.ptr, ffn)?;
-            self.wide_quant(f, w, &l.down, n, w.act.ptr, 0)?;
-            self.wide_gemm(f, w, &l.down, 1, n, 0, w.x.ptr, cfg.hidden)?;
+            let (x, att, act, d) = (w.x.ptr, w.att.ptr, w.act.ptr, cfg.hidden);
+            self.wide_proj(f, w, &l.wo, &mut seq, Proj::Add, n, att, 0, x, d)?;
+            let norm = l.ffn_norm.ptr;
+            self.wide_proj(
+                f,
+                w,
+                &l.gate_up,
+                &mut seq,
+                Proj::SwiGlu,
+                n,
+                x,
+                norm,
+                act,
+                ffn,
+            )?;
+            self.wide_proj(f, w, &l.down, &mut seq, Proj::Add, n, act, 0, x, d)?;
         }
         Ok(())
+    }
+
+    /// The f16 path's dequantization of the pass's matrix `seq.i` into its buffer, on the
+    /// second stream after the GEMM that last read that buffer ([`WideGemm::F16`]; under
+    /// [`WideGemm::F16Serial`] it runs in turn on the pass's stream, in
+    /// [`Self::wide_proj`]).
+    fn wide_ahead(&self, f: &WideFuncs, w: &Wide, seq: &Seq) -> Result<()> {
+        let (Some(h), Some(m)) = (w.f16.as_ref(), seq.mats.get(seq.i)) else {
+            return Ok(());
+        };
+        if self.wide_gemm.get() != WideGemm::F16 {
+            return Ok(());
+        }
+        let b = seq.i % 2;
+        if seq.i == 0 {
+            // Nothing the second stream writes may land before the pass's stream is done
+            // with the previous pass (it may still multiply from these buffers).
+            h.aux.join(&self.stream).map_err(err)?;
+        } else if seq.i >= 2 {
+            h.aux.wait(&h.multiplied[b]).map_err(err)?;
+        }
+        self.wide_dequant(f, m, h.w[b].ptr, &h.aux)?;
+        h.dequantized[b].record(&h.aux).map_err(err)
+    }
+
+    /// Dequantize `m` into the f16 matrix at `out` on `stream`.
+    fn wide_dequant(&self, f: &WideFuncs, m: &QMat, out: u64, stream: &CudaStream) -> Result<()> {
+        let (nn, nb) = (m.n as i32, (m.k / 32) as i32);
+        let mut args = [arg(&m.qs), arg(&m.dm), arg(&nn), arg(&nb), arg(&out)];
+        let blocks = (m.n * m.k / 32).div_ceil(256) as u32;
+        let f = &f.wh_dequant[m.kind as usize];
+        // SAFETY: matches `wh_dequant_*`; out has room for the largest matrix.
+        unsafe { self.go_on(stream, f, (blocks, 1), 256, 0, &mut args, false) }
+    }
+
+    /// One projection of a pass: `out` (rows `ld` floats apart) from `n` rows of `x`
+    /// (RMS-normalized by `norm` unless 0) and `m`, by the pass's GEMM. Under
+    /// [`WideGemm::F16`] SwiGLU's output is the f16 buffer the next projection (down)
+    /// reads, which then ignores `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_proj(
+        &self,
+        f: &WideFuncs,
+        w: &Wide,
+        m: &QMat,
+        seq: &mut Seq,
+        proj: Proj,
+        n: usize,
+        x: u64,
+        norm: u64,
+        out: u64,
+        ld: usize,
+    ) -> Result<()> {
+        let gemm = self.wide_gemm.get();
+        let Some(h) = w.f16.as_ref().filter(|_| gemm != WideGemm::Int8) else {
+            let (mode, bias) = match proj {
+                Proj::Store(bias) => (0, bias),
+                Proj::Add => (1, 0),
+                Proj::SwiGlu => (2, 0),
+            };
+            seq.i += 1;
+            self.wide_quant(f, w, m, n, x, norm)?;
+            return self.wide_gemm(f, w, m, mode, n, bias, out, ld);
+        };
+        let blas = self.blas.as_ref().ok_or_else(|| err("no cuBLAS handle"))?;
+        // The input rows in f16: SwiGLU's output is already (down's input).
+        let input = if x == w.act.ptr {
+            h.act.ptr
+        } else {
+            let (k, eps) = (m.k as i32, self.cfg.rms_eps as f32);
+            let mut args = [arg(&x), arg(&norm), arg(&eps), arg(&k), arg(&h.xh.ptr)];
+            // SAFETY: matches `wh_rows`; x holds n rows of m.k floats, xh room for them.
+            unsafe { self.go2(&f.wh_rows, (n as u32, 1), 256, 0, &mut args, false)? };
+            h.xh.ptr
+        };
+        let b = seq.i % 2;
+        if gemm == WideGemm::F16 {
+            self.stream.wait(&h.dequantized[b]).map_err(err)?;
+        } else {
+            self.wide_dequant(f, m, h.w[b].ptr, &self.stream)?;
+        }
+        let wptr = h.w[b].ptr;
+        let (c, ldc) = match proj {
+            Proj::SwiGlu => (h.gu.ptr, m.n),
+            _ => (out, ld),
+        };
+        let (alpha, beta) = (
+            1f32,
+            if matches!(proj, Proj::Add) {
+                1f32
+            } else {
+                0f32
+            },
+        );
+        use candle_core::cuda_backend::cudarc::cublas::{result as br, sys as bs};
+        let f16t = bs::cudaDataType::CUDA_R_16F;
+        // Column-major: C (m.n x n, ldc) = W^T (W: m.k x m.n, the f16 rows) * X (m.k x n).
+        // SAFETY: the pointers hold the sizes named: w m.n rows of m.k, the input n rows of
+        // m.k halves, C n rows `ldc` floats apart; alpha and beta outlive the call.
+        unsafe {
+            br::gemm_ex(
+                *blas.handle(),
+                bs::cublasOperation_t::CUBLAS_OP_T,
+                bs::cublasOperation_t::CUBLAS_OP_N,
+                m.n as i32,
+                n as i32,
+                m.k as i32,
+                &alpha as *const f32 as *const c_void,
+                wptr as *const c_void,
+                f16t,
+                m.k as i32,
+                input as *const c_void,
+                f16t,
+                m.k as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                bs::cudaDataType::CUDA_R_32F,
+                ldc as i32,
+                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(err)?;
+        seq.i += 1;
+        if gemm == WideGemm::F16 {
+            // The next matrix into the other buffer while this one multiplies.
+            h.multiplied[b].record(&self.stream).map_err(err)?;
+            self.wide_ahead(f, w, seq)?;
+        }
+        match proj {
+            Proj::Store(bias) if bias != 0 => {
+                let (ldi, rows) = (ld as i32, m.n as i32);
+                let mut args = [arg(&out), arg(&ldi), arg(&bias), arg(&rows)];
+                let grid = (m.n.div_ceil(256) as u32, n as u32);
+                // SAFETY: matches `wh_bias`; out holds n rows of ld floats, bias m.n.
+                unsafe { self.go2(&f.wh_bias, grid, 256, 0, &mut args, false) }
+            }
+            Proj::SwiGlu => {
+                let ff = (m.n / 2) as i32;
+                let mut args = [arg(&h.gu.ptr), arg(&ff), arg(&h.act.ptr)];
+                let grid = ((m.n / 2).div_ceil(256) as u32, n as u32);
+                // SAFETY: matches `wh_swiglu`; gu holds n rows of m.n floats, act of m.n / 2.
+                unsafe { self.go2(&f.wh_swiglu, grid, 256, 0, &mut args, false) }
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Quantize `n` rows of `x` (`m.k` floats each; RMS-normalized by `norm` unless 0)
