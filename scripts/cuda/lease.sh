@@ -81,9 +81,9 @@
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
 #   scripts/cuda/lease.sh wide8b   carry .device/s (as peer1): `candela doctor --prefill` on
 #       llama3-8b and smollm2-shape (every way of prefilling: batched steps, tensor path,
-#       wide with int8 or f16 GEMMs), candela's time to first token over HTTP on llama3-8b
-#       (defaults, and CANDELA_CUDA_WIDE=0), then llama-bench pp512/pp4000 and
-#       llama-server's time to first token on it, built in the background meanwhile
+#       wide with f16 or int8 GEMMs), candela's time to first token over HTTP on each
+#       (defaults; on llama3-8b also CANDELA_CUDA_WIDE=0), then llama-bench pp512/pp4000
+#       and llama-server's time to first token on them, built in the background meanwhile
 #       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
 #       defaults).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
@@ -549,28 +549,32 @@ split)
     fi
     ;;
 wide8b)
-    # The wide prefill of llama3-8b against llama.cpp in one call (carry .device/s as
-    # peer1): llama.cpp builds in the background while `candela doctor --prefill` times
-    # every way of prefilling on each model (MODELS, default llama3-8b smollm2-shape) and
-    # candela's time to first token over HTTP on llama3-8b with its defaults and with the
-    # wide prefill off; then llama-bench (pp512, pp4000) and llama-server's time to first
-    # token on the same file (PEER=0: no llama.cpp).
+    # Long-prompt prefill against llama.cpp in one call (carry .device/s as peer1):
+    # llama.cpp builds in the background while `candela doctor --prefill` times every way
+    # of prefilling on each model (MODELS, default llama3-8b smollm2-shape), then candela's
+    # time to first token over HTTP on each with its defaults (HTTP_ENV="..." in their
+    # place) and, on llama3-8b, with the wide prefill off; then llama-bench (pp512,
+    # pp4000) and llama-server's time to first token on the same files (PEER=0: none).
     S="${S:-.device/s}"
+    MODELS="${MODELS:-llama3-8b smollm2-shape}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     [ "${PEER:-1}" = 0 ] || start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
-    synth_models ${MODELS:-llama3-8b smollm2-shape} || exit 1
-    for m in ${MODELS:-llama3-8b smollm2-shape}; do
+    synth_models $MODELS || exit 1
+    for m in $MODELS; do
         echo "== doctor --prefill on $m at ${SECONDS} s"
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
             --prefill 2>"$OUT/doctor_pf_$m.err" | tee "$OUT/doctor_pf_$m.txt" | grep -E "^prefill|^8 prompts" \
             || tail -n 20 "$OUT/doctor_pf_$m.err"
     done
-    M=/root/synth/llama3-8b.gguf
-    [ -f $M ] || exit 0
-    for v in "${HTTP_ENV:-}" "CANDELA_CUDA_WIDE=0"; do
-        echo "== candela over HTTP on llama3-8b ${v:-(defaults)} at ${SECONDS} s"
-        candela_http "$(echo "candela-8b-${v:-defaults}" | tr '=' '_')" $M 8140 "$v" --streams "" \
-            --ttft 16,512,4000
+    port=8140
+    for m in $MODELS; do
+        envs=("${HTTP_ENV:-}"); [ $m = llama3-8b ] && envs+=("CANDELA_CUDA_WIDE=0")
+        for v in "${envs[@]}"; do
+            port=$((port + 1))
+            echo "== candela over HTTP on $m ${v:-(defaults)} at ${SECONDS} s"
+            candela_http "$(echo "candela-$m-${v:-defaults}" | tr '=' '_')" /root/synth/$m.gguf $port "$v" \
+                --streams "" --ttft 16,512,4000
+        done
     done
     [ "${PEER:-1}" = 0 ] && exit 0
     t0=$SECONDS
@@ -578,13 +582,18 @@ wide8b)
     echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
     LB=/root/lcp/build/bin
     if [ -x $LB/llama-server ]; then
-        $LB/llama-bench -m $M -ngl 99 -fa 1 -p 512,4000 -n 0 -r 3 2>&1 | tee "$OUT/llama_bench8b.txt" | grep -E "^\||build"
-        echo "== llama-server --parallel 1 on llama3-8b: time to first token at ${SECONDS} s"
-        $LB/llama-server -m $M -ngl 99 -fa on -c 8192 --port 8143 >"$OUT/llama_server_ttft8b.log" 2>&1 &
-        LP=$!
-        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8143 --streams "" --ttft 16,512,4000 \
-            --out "$OUT" --name llama-server-8b-p1
-        kill $LP; wait $LP 2>/dev/null
+        for m in $MODELS; do
+            M=/root/synth/$m.gguf
+            echo "== llama-bench on $m at ${SECONDS} s"
+            $LB/llama-bench -m $M -ngl 99 -fa 1 -p 512,4000 -n 0 -r 3 2>&1 | tee "$OUT/llama_bench_$m.txt" | grep -E "^\||build"
+            port=$((port + 1))
+            echo "== llama-server --parallel 1 on $m: time to first token at ${SECONDS} s"
+            $LB/llama-server -m $M -ngl 99 -fa on -c 8192 --port $port >"$OUT/llama_server_ttft_$m.log" 2>&1 &
+            LP=$!
+            python3 "$HERE/batch_check.py" --url http://127.0.0.1:$port --streams "" --ttft 16,512,4000 \
+                --out "$OUT" --name llama-server-$m-p1
+            kill $LP; wait $LP 2>/dev/null
+        done
     else
         echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
     fi

@@ -229,6 +229,16 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             ", tensor path {tensor_ms:>8.2} ms ({})",
             compare(&fused, &tensor)
         );
+        // The wide prefill (its default GEMMs) at this length too, where the card has it.
+        let was_wide = model.fused_wide();
+        if model.set_fused_wide(true) {
+            model.set_fused_prefill_max(1);
+            let wide = time(&ids, 1).and_then(|_| time(&ids, reps));
+            model.set_fused_prefill_max(usize::MAX);
+            model.set_fused_wide(was_wide);
+            let (wide_ms, wide) = wide?;
+            line += &format!(", wide {wide_ms:>8.2} ms ({})", compare(&fused, &wide));
+        }
         println!("{line}");
     }
     // Eight prompts of 17 to 24 tokens in one pass: their rows packed into shared steps.
@@ -326,13 +336,6 @@ fn long_prompt_checks(
     if wide {
         ways.push(("fused wide, int8 GEMMs", true, false, true, int8));
         ways.push(("fused wide, f16 GEMMs", true, false, true, WideGemm::F16));
-        ways.push((
-            "fused wide, f16, serial",
-            true,
-            false,
-            true,
-            WideGemm::F16Serial,
-        ));
     }
     println!("-- long prompts (the first line of each the reference; chunked: n/4, then the rest)");
     for n in [100, 512, 4000] {

@@ -173,28 +173,23 @@ enum Embed {
 
 /// One sequence's share of a forward pass.
 /// How the CUDA wide prefill multiplies a pass's projections
-/// (`CANDELA_CUDA_WIDE_GEMM=int8|f16|f16-serial`; by default f16 for models wider than
-/// hidden size 1,024, int8 below).
+/// (`CANDELA_CUDA_WIDE_GEMM=f16|int8`, f16 by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WideGemm {
-    /// int8 tensor-core GEMMs on activations quantized per 32 values.
-    Int8,
-    /// Weights dequantized to f16 once a pass (on a second stream, the next matrix while
-    /// the current one multiplies), activations rounded to f16, cuBLAS.
+    /// Each weight matrix dequantized to f16 once a pass, the activations rounded to
+    /// f16, cuBLAS with f32 sums (the default: faster at every size timed).
     F16,
-    /// [`WideGemm::F16`] with each dequantization on the pass's own stream, in turn.
-    F16Serial,
+    /// int8 tensor-core GEMMs on activations quantized per 32 values, as the decode
+    /// kernels quantize them.
+    Int8,
 }
 
 impl WideGemm {
-    /// The environment's choice, else by the model's hidden size.
-    pub fn pick(hidden: usize) -> Self {
+    /// The environment's choice, else [`WideGemm::F16`].
+    pub fn from_env() -> Self {
         match std::env::var("CANDELA_CUDA_WIDE_GEMM").as_deref() {
             Ok("int8") => Self::Int8,
-            Ok("f16") => Self::F16,
-            Ok("f16-serial") => Self::F16Serial,
-            _ if hidden > 1024 => Self::F16,
-            _ => Self::Int8,
+            _ => Self::F16,
         }
     }
 }

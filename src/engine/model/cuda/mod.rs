@@ -41,8 +41,6 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 /// Threads of a mat-vec block (one warp per row at a time).
 const MV_THREADS: u32 = 256;
-/// Widest model (hidden size) that prefills wide by default.
-const WIDE_MAX_HIDDEN: usize = 1024;
 /// Threads of an attention block (one query head).
 const ATT_THREADS: usize = 256;
 
@@ -180,7 +178,7 @@ struct Inner {
     /// sizes) and their buffers, made on first use.
     wide_f: Option<wide::WideFuncs>,
     wide: Option<wide::Wide>,
-    /// How wide passes multiply (`WideGemm::pick`; `candela doctor` times each),
+    /// How wide passes multiply (`WideGemm::from_env`; `candela doctor` times each),
     /// and the cuBLAS handle of the f16 GEMMs, made on first use.
     wide_gemm: std::cell::Cell<WideGemm>,
     blas: Option<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
@@ -236,8 +234,8 @@ pub struct FusedDecoder {
     /// with `wide_on` the wide prefill.
     prefill_max: AtomicUsize,
     /// Whether the card has the wide-prefill kernels, and whether longer chunks use them
-    /// (by default for models of hidden size up to 1024 in the layouts checked on a GPU;
-    /// `CANDELA_CUDA_WIDE=1` for every model, `0` never).
+    /// (by default for models whose layouts were checked on a GPU, with the int8 GEMMs
+    /// only up to hidden size 1024; `CANDELA_CUDA_WIDE=1` for every model, `0` never).
     wide_ok: bool,
     wide_on: AtomicBool,
 }
@@ -698,7 +696,7 @@ impl FusedDecoder {
             batch: None,
             wide_f,
             wide: None,
-            wide_gemm: std::cell::Cell::new(WideGemm::pick(cfg.hidden)),
+            wide_gemm: std::cell::Cell::new(WideGemm::from_env()),
             blas: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
@@ -722,18 +720,18 @@ impl FusedDecoder {
         inner.stream.synchronize().map_err(err)?;
         let wide_ok = inner.has_wide();
         let hidden = inner.cfg.hidden;
-        // On by default where it has been checked on a GPU and is faster than the tensor
-        // path: every projection in a layout checked there (Q4_1, Q4_K, and Q8_0, Q5_0 and
-        // Q6_K as 8-bit) and a model no wider than those timed (hidden 576 and 896; at
-        // 4096 its GEMM, reading weights straight from global memory, is slower than
-        // candle's). `CANDELA_CUDA_WIDE=1` turns it on for the rest.
-        let checked = hidden <= WIDE_MAX_HIDDEN
-            && inner.layers.iter().all(|l| {
-                l.qkv
-                    .iter()
-                    .chain([&l.wo, &l.gate_up, &l.down])
-                    .all(|m| matches!(m.kind, Pack::Q4_1 | Pack::Q4K | Pack::Q8))
-            });
+        // On by default where checked on a GPU (`batch_plan::wide_by_default`): every
+        // projection in a layout checked there (Q4_1, Q4_K, and Q8_0, Q5_0 and Q6_K as
+        // 8-bit), with the int8 GEMMs only up to hidden size 1,024.
+        // `CANDELA_CUDA_WIDE=1` turns it on for the rest.
+        let layouts = inner.layers.iter().all(|l| {
+            l.qkv
+                .iter()
+                .chain([&l.wo, &l.gate_up, &l.down])
+                .all(|m| matches!(m.kind, Pack::Q4_1 | Pack::Q4K | Pack::Q8))
+        });
+        let f16 = inner.wide_gemm.get() == WideGemm::F16;
+        let checked = batch_plan::wide_by_default(hidden, f16, layouts);
         let wide_env = std::env::var("CANDELA_CUDA_WIDE").ok();
         let wide_default = match wide_env.as_deref() {
             Some("0") => false,

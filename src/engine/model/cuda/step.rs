@@ -208,25 +208,6 @@ impl Inner {
     pub(super) unsafe fn go2(
         &self,
         f: &CudaFunction,
-        grid: (u32, u32),
-        threads: u32,
-        smem: u32,
-        args: &mut [*mut c_void],
-        dependent: bool,
-    ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.go_on(&self.stream, f, grid, threads, smem, args, dependent) }
-    }
-
-    /// [`Self::go2`] on another stream of this decoder's context.
-    ///
-    /// # Safety
-    /// `args` must match the kernel's parameters in number, order and type.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn go_on(
-        &self,
-        stream: &CudaStream,
-        f: &CudaFunction,
         (blocks, blocks_y): (u32, u32),
         threads: u32,
         smem: u32,
@@ -246,7 +227,7 @@ impl Inner {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem,
-            hStream: stream.cu_stream(),
+            hStream: self.stream.cu_stream(),
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: pdl as u32,
         };

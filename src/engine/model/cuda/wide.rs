@@ -4,18 +4,17 @@
 //! style over the cache (`flash.cu`). Launched directly (no graph: a pass is long enough
 //! that launches do not matter); needs compute capability 8.0 and heads of 64 or 128.
 //!
-//! Models wider than [`super::WIDE_MAX_HIDDEN`] take the projections as f16 GEMMs
-//! instead ([`WideGemm::F16`]): each weight matrix dequantized into an f16 scratch matrix
-//! once a pass (on a second stream, the next matrix while this one multiplies), the
-//! input rows converted to f16, the product by cuBLAS on tensor cores (`wh_*` in
-//! `prefill.cuh`). The int8 GEMMs read every weight from global memory for
-//! each 32 tokens and scale every half-block's sum in f32, which at an 8B model's sizes
-//! costs more than dequantizing the weights once and multiplying densely.
+//! By default the projections run as f16 GEMMs instead ([`WideGemm::F16`]): each weight
+//! matrix dequantized into an f16 scratch matrix once a pass, the input rows converted
+//! to f16, the product by cuBLAS on tensor cores (`wh_*` in `prefill.cuh`). The int8
+//! GEMMs read every weight from global memory for each 32 tokens and scale every
+//! half-block's sum in f32, which costs more than dequantizing the weights once and
+//! multiplying densely: 5.2 against 3.6 ms for 512 tokens of the default model's shape,
+//! 154 against 26 ms for an 8B model's (`candela doctor --prefill`, docs/gpu.md).
 
 use super::*;
 use crate::engine::model::batch_plan::{self, SeqRecord};
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
-use candle_core::cuda_backend::cudarc::driver::CudaEvent;
 
 /// Positions of one wide pass at most; longer chunks run in several passes, each
 /// attending to the cache the earlier ones wrote.
@@ -106,12 +105,6 @@ enum Proj {
     SwiGlu,
 }
 
-/// A pass's matrices in the order they multiply, and the index of the next.
-struct Seq<'a> {
-    mats: &'a [&'a QMat],
-    i: usize,
-}
-
 /// Device buffers of a wide pass, for `cap` rows.
 pub(super) struct Wide {
     cap: usize,
@@ -128,19 +121,14 @@ pub(super) struct Wide {
     f16: Option<WideF16>,
 }
 
-/// Buffers of the f16 GEMM path: input rows in f16 (rows of the widest input), two
-/// dequantized weight matrices (each room for the largest: one multiplying while the
-/// second stream fills the other), gate|up outputs in f32 and SwiGLU's in f16; the second
-/// stream and the events that order the two (a matrix dequantized before its GEMM
-/// reads it, a GEMM done before its buffer is filled again).
+/// Buffers of the f16 GEMM path: input rows in f16 (rows of the widest input), one
+/// dequantized weight matrix (room for the largest), gate|up outputs in f32 and SwiGLU's
+/// in f16.
 pub(super) struct WideF16 {
     xh: Buf<u16>,
-    w: [Buf<u16>; 2],
+    w: Buf<u16>,
     gu: Buf<f32>,
     act: Buf<u16>,
-    aux: Arc<CudaStream>,
-    dequantized: [CudaEvent; 2],
-    multiplied: [CudaEvent; 2],
 }
 
 impl Inner {
@@ -244,7 +232,7 @@ impl Inner {
 
     /// The f16 GEMM path's buffers and cuBLAS handle, where this pass takes it.
     fn ensure_wide_f16(&mut self) -> Result<()> {
-        if self.wide_gemm.get() == WideGemm::Int8 {
+        if self.wide_gemm.get() != WideGemm::F16 {
             return Ok(());
         }
         if self.blas.is_none() {
@@ -264,17 +252,11 @@ impl Inner {
             .max()
             .unwrap_or(0);
         let (s, rows) = (&self.stream, w.cap);
-        let ctx = s.context();
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-        let event = || ctx.new_event(flags).map_err(err);
         let h = WideF16 {
             xh: alloc_zeros(s, rows * kmax)?,
-            w: [alloc_zeros(s, wmax)?, alloc_zeros(s, wmax)?],
+            w: alloc_zeros(s, wmax)?,
             gu: alloc_zeros(s, rows * 2 * ffn)?,
             act: alloc_zeros(s, rows * ffn)?,
-            aux: ctx.new_stream().map_err(err)?,
-            dequantized: [event()?, event()?],
-            multiplied: [event()?, event()?],
         };
         if let Some(w) = self.wide.as_mut() {
             w.f16 = Some(h);
@@ -294,13 +276,6 @@ impl Inner {
         let ni = n as i32;
         self.embed_rows(w.step.ptr, w.x.ptr, n)?;
         let scale = 1.0 / (hd as f32).sqrt();
-        // The pass's matrices in the order they multiply (the f16 path dequantizes the
-        // next one ahead).
-        let mats: Vec<&QMat> = (self.layers.iter())
-            .flat_map(|l| l.qkv.iter().chain([&l.wo, &l.gate_up, &l.down]))
-            .collect();
-        let mut seq = Seq { mats: &mats, i: 0 };
-        self.wide_ahead(f, w, &seq)?;
         for (li, l) in self.layers.iter().enumerate() {
             let mut row = 0usize;
             for m in &l.qkv {
@@ -308,7 +283,7 @@ impl Inner {
                 let out = w.qkv.ptr + 4 * row as u64;
                 let (x, norm) = (w.x.ptr, l.attn_norm.ptr);
                 let p = Proj::Store(bias);
-                self.wide_proj(f, w, m, &mut seq, p, n, x, norm, out, qkv_w)?;
+                self.wide_proj(f, w, m, p, n, x, norm, out, qkv_w)?;
                 row += m.n;
             }
             let h = self.rope_head(w.qkv.ptr, w.step.ptr, li)?;
@@ -370,56 +345,22 @@ impl Inner {
                 )?
             }
             let (x, att, act, d) = (w.x.ptr, w.att.ptr, w.act.ptr, cfg.hidden);
-            self.wide_proj(f, w, &l.wo, &mut seq, Proj::Add, n, att, 0, x, d)?;
+            self.wide_proj(f, w, &l.wo, Proj::Add, n, att, 0, x, d)?;
             let norm = l.ffn_norm.ptr;
-            self.wide_proj(
-                f,
-                w,
-                &l.gate_up,
-                &mut seq,
-                Proj::SwiGlu,
-                n,
-                x,
-                norm,
-                act,
-                ffn,
-            )?;
-            self.wide_proj(f, w, &l.down, &mut seq, Proj::Add, n, act, 0, x, d)?;
+            self.wide_proj(f, w, &l.gate_up, Proj::SwiGlu, n, x, norm, act, ffn)?;
+            self.wide_proj(f, w, &l.down, Proj::Add, n, act, 0, x, d)?;
         }
         Ok(())
     }
 
-    /// The f16 path's dequantization of the pass's matrix `seq.i` into its buffer, on the
-    /// second stream after the GEMM that last read that buffer ([`WideGemm::F16`]; under
-    /// [`WideGemm::F16Serial`] it runs in turn on the pass's stream, in
-    /// [`Self::wide_proj`]).
-    fn wide_ahead(&self, f: &WideFuncs, w: &Wide, seq: &Seq) -> Result<()> {
-        let (Some(h), Some(m)) = (w.f16.as_ref(), seq.mats.get(seq.i)) else {
-            return Ok(());
-        };
-        if self.wide_gemm.get() != WideGemm::F16 {
-            return Ok(());
-        }
-        let b = seq.i % 2;
-        if seq.i == 0 {
-            // Nothing the second stream writes may land before the pass's stream is done
-            // with the previous pass (it may still multiply from these buffers).
-            h.aux.join(&self.stream).map_err(err)?;
-        } else if seq.i >= 2 {
-            h.aux.wait(&h.multiplied[b]).map_err(err)?;
-        }
-        self.wide_dequant(f, m, h.w[b].ptr, &h.aux)?;
-        h.dequantized[b].record(&h.aux).map_err(err)
-    }
-
-    /// Dequantize `m` into the f16 matrix at `out` on `stream`.
-    fn wide_dequant(&self, f: &WideFuncs, m: &QMat, out: u64, stream: &CudaStream) -> Result<()> {
+    /// Dequantize `m` into the f16 matrix at `out`.
+    fn wide_dequant(&self, f: &WideFuncs, m: &QMat, out: u64) -> Result<()> {
         let (nn, nb) = (m.n as i32, (m.k / 32) as i32);
         let mut args = [arg(&m.qs), arg(&m.dm), arg(&nn), arg(&nb), arg(&out)];
         let blocks = (m.n * m.k / 32).div_ceil(256) as u32;
         let f = &f.wh_dequant[m.kind as usize];
         // SAFETY: matches `wh_dequant_*`; out has room for the largest matrix.
-        unsafe { self.go_on(stream, f, (blocks, 1), 256, 0, &mut args, false) }
+        unsafe { self.go2(f, (blocks, 1), 256, 0, &mut args, false) }
     }
 
     /// One projection of a pass: `out` (rows `ld` floats apart) from `n` rows of `x`
@@ -432,7 +373,6 @@ impl Inner {
         f: &WideFuncs,
         w: &Wide,
         m: &QMat,
-        seq: &mut Seq,
         proj: Proj,
         n: usize,
         x: u64,
@@ -440,14 +380,12 @@ impl Inner {
         out: u64,
         ld: usize,
     ) -> Result<()> {
-        let gemm = self.wide_gemm.get();
-        let Some(h) = w.f16.as_ref().filter(|_| gemm != WideGemm::Int8) else {
+        let Some(h) = (w.f16.as_ref()).filter(|_| self.wide_gemm.get() == WideGemm::F16) else {
             let (mode, bias) = match proj {
                 Proj::Store(bias) => (0, bias),
                 Proj::Add => (1, 0),
                 Proj::SwiGlu => (2, 0),
             };
-            seq.i += 1;
             self.wide_quant(f, w, m, n, x, norm)?;
             return self.wide_gemm(f, w, m, mode, n, bias, out, ld);
         };
@@ -462,13 +400,7 @@ impl Inner {
             unsafe { self.go2(&f.wh_rows, (n as u32, 1), 256, 0, &mut args, false)? };
             h.xh.ptr
         };
-        let b = seq.i % 2;
-        if gemm == WideGemm::F16 {
-            self.stream.wait(&h.dequantized[b]).map_err(err)?;
-        } else {
-            self.wide_dequant(f, m, h.w[b].ptr, &self.stream)?;
-        }
-        let wptr = h.w[b].ptr;
+        self.wide_dequant(f, m, h.w.ptr)?;
         let (c, ldc) = match proj {
             Proj::SwiGlu => (h.gu.ptr, m.n),
             _ => (out, ld),
@@ -495,7 +427,7 @@ impl Inner {
                 n as i32,
                 m.k as i32,
                 &alpha as *const f32 as *const c_void,
-                wptr as *const c_void,
+                h.w.ptr as *const c_void,
                 f16t,
                 m.k as i32,
                 input as *const c_void,
@@ -510,12 +442,6 @@ impl Inner {
             )
         }
         .map_err(err)?;
-        seq.i += 1;
-        if gemm == WideGemm::F16 {
-            // The next matrix into the other buffer while this one multiplies.
-            h.multiplied[b].record(&self.stream).map_err(err)?;
-            self.wide_ahead(f, w, seq)?;
-        }
         match proj {
             Proj::Store(bias) if bias != 0 => {
                 let (ldi, rows) = (ld as i32, m.n as i32);
