@@ -430,10 +430,10 @@ impl Model {
                 } else {
                     "dp4a"
                 },
-                if d.wide() {
-                    "wide"
-                } else {
-                    "on the tensor path"
+                match (d.wide(), d.wide_gemm()) {
+                    (true, WideGemm::F16) => "wide (f16 GEMMs)",
+                    (true, WideGemm::Int8) => "wide (int8 GEMMs)",
+                    (false, _) => "on the tensor path",
                 }
             ));
         }

@@ -830,6 +830,12 @@ impl FusedDecoder {
         self.wide_ok
     }
 
+    /// How wide passes multiply.
+    pub fn wide_gemm(&self) -> WideGemm {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.wide_gemm.get()
+    }
+
     /// How wide passes multiply: set it (`candela doctor` times each), returning the
     /// previous choice.
     pub fn set_wide_gemm(&self, gemm: WideGemm) -> WideGemm {
