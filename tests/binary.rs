@@ -33,32 +33,32 @@ fn sigterm_spills_sessions_and_exits_cleanly() {
     );
 }
 
-/// `candela doctor` on the CPU: it decodes greedily through `Model::forward` and prints
-/// per-run lines (a GPU build adds the fused-path and CPU-comparison lines).
-#[test]
-fn doctor_runs_on_the_cpu() {
+/// `candela doctor --device cpu` on the default model with `args`: its stdout, once it
+/// exited successfully.
+fn doctor_on_the_cpu(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
-        .args([
-            "doctor",
-            "--device",
-            "cpu",
-            "--tokens",
-            "4",
-            "--ctx-size",
-            "1024",
-        ])
+        .args(["doctor", "--device", "cpu"])
+        .args(args)
         .arg("--model")
         .arg(common::model_path())
         .arg("--data-dir")
         .arg(common::data_dir())
         .output()
         .expect("run candela doctor");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "doctor failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// `candela doctor` on the CPU: it decodes greedily through `Model::forward` and prints
+/// per-run lines (a GPU build adds the fused-path and CPU-comparison lines).
+#[test]
+fn doctor_runs_on_the_cpu() {
+    let stdout = doctor_on_the_cpu(&["--tokens", "4", "--ctx-size", "1024"]);
     assert!(stdout.contains("fused GPU decode: no"), "{stdout}");
     assert!(stdout.contains("-- short prompt:"), "{stdout}");
     assert!(stdout.contains("-- long prompt:"), "{stdout}");
@@ -69,31 +69,9 @@ fn doctor_runs_on_the_cpu() {
 /// the CPU it says there is nothing to compare and runs no decoding.
 #[test]
 fn doctor_prefill_on_the_cpu_says_it_needs_a_gpu() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candela"))
-        .args([
-            "doctor",
-            "--device",
-            "cpu",
-            "--prefill",
-            "--ctx-size",
-            "128",
-        ])
-        .arg("--model")
-        .arg(common::model_path())
-        .arg("--data-dir")
-        .arg(common::data_dir())
-        .output()
-        .expect("run candela doctor");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "doctor failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("this device has none (try --device cuda)"),
-        "{stdout}"
-    );
+    let stdout = doctor_on_the_cpu(&["--prefill", "--ctx-size", "128"]);
+    let needs = "this device has none (try --device cuda)";
+    assert!(stdout.contains(needs), "{stdout}");
     assert!(!stdout.contains("-- short prompt:"), "{stdout}");
     assert!(
         !stdout.contains("8 sequences stepped together:"),
