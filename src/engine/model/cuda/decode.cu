@@ -381,13 +381,18 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ qs,
 #define MODE_ADD 1
 #define MODE_SWIGLU 2
 
+// SwiGLU of a gate value y and its up value u: silu(y) * u.
+__device__ __forceinline__ float silu_mul(float y, float u) {
+    return __fmul_rn(y / (1.f + expf(-y)), u);
+}
+
 // A projection's output `y` for row r into *o (u: the up row's, for MODE_SWIGLU): every
 // mat-vec and mat-mat kernel's epilogue.
 template <int MODE>
 __device__ __forceinline__ void store_out(float* o, float y, float u,
                                           const float* __restrict__ bias, int r) {
     if (MODE == MODE_SWIGLU) {
-        *o = __fmul_rn(y / (1.f + expf(-y)), u);
+        *o = silu_mul(y, u);
     } else if (MODE == MODE_ADD) {
         *o += y;
     } else {

@@ -217,9 +217,9 @@ extern "C" __global__ void q_rope_rows(const float* __restrict__ qkv, int qkv_w,
 }
 
 // ---------------------------------------------------------------------------------------
-// Wide prefill on f16 GEMMs (wide.rs, `WideGemm::F16`): for models whose int8 GEMMs above
-// are slower than a dense product (they read weights straight from global memory, and
-// scale every 16-value half-block's sum in f32), a pass dequantizes each projection's
+// Wide prefill on f16 GEMMs (wide.rs, `WideGemm::F16`, the default; the int8 GEMMs above
+// read weights straight from global memory for every 32 rows and scale every 16-value
+// half-block's sum in f32, which measured slower at every size): a pass dequantizes each projection's
 // weights into an f16 matrix, converts its input rows to f16 (RMS-normalized first where
 // the layer norms them) and multiplies the two with cublasGemmEx (f16 in, f32 sums and
 // out); SwiGLU and the Q|K|V bias run after it. The activations are rounded to f16 rather
@@ -301,8 +301,7 @@ extern "C" __global__ void __launch_bounds__(256) wh_swiglu(const float* __restr
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= F) return;
     const float* r = gu + (size_t)blockIdx.y * 2 * F;
-    const float y = r[i];
-    act[(size_t)blockIdx.y * F + i] = __float2half_rn(__fmul_rn(y / (1.f + expf(-y)), r[F + i]));
+    act[(size_t)blockIdx.y * F + i] = __float2half_rn(silu_mul(r[i], r[F + i]));
 }
 
 // out[t][r] += bias[r] for r < rows of T rows `ld` floats apart. Grid (ceil(rows / 256), T).

@@ -105,6 +105,15 @@ enum Proj {
     SwiGlu,
 }
 
+/// A projection's input rows: these floats (RMS-normalized by the weights at the second
+/// address unless 0), or the pass's SwiGLU output (the down projection's input: f32 in
+/// `Wide::act` for the int8 GEMMs, f16 in `WideF16::act` for the f16 ones).
+#[derive(Clone, Copy)]
+enum Src {
+    Rows(u64, u64),
+    SwiGlu,
+}
+
 /// Device buffers of a wide pass, for `cap` rows.
 pub(super) struct Wide {
     cap: usize,
@@ -283,7 +292,7 @@ impl Inner {
                 let out = w.qkv.ptr + 4 * row as u64;
                 let (x, norm) = (w.x.ptr, l.attn_norm.ptr);
                 let p = Proj::Store(bias);
-                self.wide_proj(f, w, m, p, n, x, norm, out, qkv_w)?;
+                self.wide_proj(f, w, m, p, n, Src::Rows(x, norm), out, qkv_w)?;
                 row += m.n;
             }
             let h = self.rope_head(w.qkv.ptr, w.step.ptr, li)?;
@@ -345,10 +354,11 @@ impl Inner {
                 )?
             }
             let (x, att, act, d) = (w.x.ptr, w.att.ptr, w.act.ptr, cfg.hidden);
-            self.wide_proj(f, w, &l.wo, Proj::Add, n, att, 0, x, d)?;
+            self.wide_proj(f, w, &l.wo, Proj::Add, n, Src::Rows(att, 0), x, d)?;
             let norm = l.ffn_norm.ptr;
-            self.wide_proj(f, w, &l.gate_up, Proj::SwiGlu, n, x, norm, act, ffn)?;
-            self.wide_proj(f, w, &l.down, Proj::Add, n, act, 0, x, d)?;
+            let src = Src::Rows(x, norm);
+            self.wide_proj(f, w, &l.gate_up, Proj::SwiGlu, n, src, act, ffn)?;
+            self.wide_proj(f, w, &l.down, Proj::Add, n, Src::SwiGlu, x, d)?;
         }
         Ok(())
     }
@@ -363,10 +373,8 @@ impl Inner {
         unsafe { self.go2(f, (blocks, 1), 256, 0, &mut args, false) }
     }
 
-    /// One projection of a pass: `out` (rows `ld` floats apart) from `n` rows of `x`
-    /// (RMS-normalized by `norm` unless 0) and `m`, by the pass's GEMM. Under
-    /// [`WideGemm::F16`] SwiGLU's output is the f16 buffer the next projection (down)
-    /// reads, which then ignores `x`.
+    /// One projection of a pass: `out` (rows `ld` floats apart) from `n` rows of `src`
+    /// and `m`, by the pass's GEMM.
     #[allow(clippy::too_many_arguments)]
     fn wide_proj(
         &self,
@@ -375,8 +383,7 @@ impl Inner {
         m: &QMat,
         proj: Proj,
         n: usize,
-        x: u64,
-        norm: u64,
+        src: Src,
         out: u64,
         ld: usize,
     ) -> Result<()> {
@@ -386,33 +393,35 @@ impl Inner {
                 Proj::Add => (1, 0),
                 Proj::SwiGlu => (2, 0),
             };
+            let (x, norm) = match src {
+                Src::Rows(x, norm) => (x, norm),
+                Src::SwiGlu => (w.act.ptr, 0),
+            };
             self.wide_quant(f, w, m, n, x, norm)?;
             return self.wide_gemm(f, w, m, mode, n, bias, out, ld);
         };
         let blas = self.blas.as_ref().ok_or_else(|| err("no cuBLAS handle"))?;
-        // The input rows in f16: SwiGLU's output is already (down's input).
-        let input = if x == w.act.ptr {
-            h.act.ptr
-        } else {
+        // The input rows in f16 (SwiGLU's output already is).
+        let input = if let Src::Rows(x, norm) = src {
             let (k, eps) = (m.k as i32, self.cfg.rms_eps as f32);
             let mut args = [arg(&x), arg(&norm), arg(&eps), arg(&k), arg(&h.xh.ptr)];
             // SAFETY: matches `wh_rows`; x holds n rows of m.k floats, xh room for them.
             unsafe { self.go2(&f.wh_rows, (n as u32, 1), 256, 0, &mut args, false)? };
             h.xh.ptr
+        } else {
+            h.act.ptr
         };
         self.wide_dequant(f, m, h.w.ptr)?;
         let (c, ldc) = match proj {
             Proj::SwiGlu => (h.gu.ptr, m.n),
             _ => (out, ld),
         };
-        let (alpha, beta) = (
-            1f32,
-            if matches!(proj, Proj::Add) {
-                1f32
-            } else {
-                0f32
-            },
-        );
+        let alpha = 1f32;
+        let beta = if matches!(proj, Proj::Add) {
+            1f32
+        } else {
+            0f32
+        };
         use candle_core::cuda_backend::cudarc::cublas::{result as br, sys as bs};
         let f16t = bs::cudaDataType::CUDA_R_16F;
         // Column-major: C (m.n x n, ldc) = W^T (W: m.k x m.n, the f16 rows) * X (m.k x n).
