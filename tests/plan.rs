@@ -52,4 +52,28 @@ fn plan_figures_for_the_default_model() {
         "no RAM must be reported as short: {text}"
     );
     assert!(p.render().contains("left"));
+    // On a CUDA card a long prompt prefills wide (every projection Q4_1): passes of up to
+    // 1,024 rows hold the residual stream, Q|K|V, roped Q and the attention output in f32
+    // (1,024 x (576 + 960 + 576 + 576) x 4), the step buffer (1 + 1,024 x 63 words), the
+    // f16 input rows (1,024 x 1,536 x 2), the dequantized gate|up (3,072 x 576 x 2), the
+    // gate|up output in f32 (1,024 x 3,072 x 4) and SwiGLU's in f16 (1,024 x 1,536 x 2).
+    assert_eq!(
+        p.gpu_scratch,
+        11_010_048 + 516_104 + 3_145_728 + 3_538_944 + 12_582_912 + 3_145_728
+    );
+    let gpu = candela::cli::plan::GpuMemory {
+        total: 8 << 30,
+        free: 4 << 30,
+        source: "given",
+    };
+    let t = p.tiers(gpu, candela::kv::store::tiers::DeviceBudget::Share(0.5), 0);
+    assert_eq!(
+        t.free_after_weights,
+        (4 << 30) - p.weight_bytes - p.gpu_scratch
+    );
+    let text = t.render(4096, p.session_bytes);
+    assert!(
+        text.contains("MiB of long-prompt prefill buffers"),
+        "{text}"
+    );
 }

@@ -187,7 +187,7 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             .collect()
     };
     println!("-- prefill (prompts of up to {limit} tokens take batched steps by default)");
-    for n in [16, 64, 100, 512, 4000] {
+    for n in [8, 16, 32, 64, 100, 512, 4000] {
         if n + 1 >= ctx {
             continue;
         }
@@ -233,8 +233,12 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
         let was_wide = model.fused_wide();
         if model.set_fused_wide(true) {
             model.set_fused_prefill_max(1);
+            let wide_min = model.set_fused_wide_min(0);
             let wide = time(&ids, 1).and_then(|_| time(&ids, reps));
             model.set_fused_prefill_max(usize::MAX);
+            if let Some(m) = wide_min {
+                model.set_fused_wide_min(m);
+            }
             model.set_fused_wide(was_wide);
             let (wide_ms, wide) = wide?;
             line += &format!(", wide {wide_ms:>8.2} ms ({})", compare(&fused, &wide));
@@ -291,9 +295,14 @@ fn long_prompt_report(model: &Model, ctx: usize) -> Result<(), EngineError> {
         return Ok(());
     }
     let gemm = model.set_wide_gemm(WideGemm::Int8);
+    // Every chunk past the batched limit wide here, the short second chunks too.
+    let wide_min = model.set_fused_wide_min(0);
     let r = long_prompt_checks(model, ctx, flash, wide);
     model.set_flash_attention(was.0);
     model.set_fused_wide(was.1);
+    if let Some(m) = wide_min {
+        model.set_fused_wide_min(m);
+    }
     if let Some(g) = gemm {
         model.set_wide_gemm(g);
     }

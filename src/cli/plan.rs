@@ -17,6 +17,9 @@ pub struct Plan {
     pub model: String,
     pub arch: String,
     pub weight_bytes: u64,
+    /// Device bytes a CUDA server's long-prompt (wide) prefill holds beside the weights
+    /// (0 where that path would not run).
+    pub gpu_scratch: u64,
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -55,12 +58,12 @@ pub fn plan(
     session_tokens: usize,
     ram: (u64, u64),
 ) -> Result<Plan, EngineError> {
-    let (cfg, weight_bytes) = if gguf.is_dir() {
+    let (cfg, weight_bytes, gpu_scratch) = if gguf.is_dir() {
         // A Hugging Face directory: dense weights are held as f32.
         let load = |e: candle_core::Error| EngineError::Load(e.to_string());
         let (cfg, _) = crate::engine::model::hf::read_config(gguf).map_err(load)?;
         let elements = crate::engine::model::hf::weight_elements(gguf).map_err(load)?;
-        (cfg, 4 * elements as u64)
+        (cfg, 4 * elements as u64, 0)
     } else {
         let mut f = std::fs::File::open(gguf)
             .map_err(|e| EngineError::Load(format!("{}: {e}", gguf.display())))?;
@@ -74,7 +77,9 @@ pub fn plan(
                 (n / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
             })
             .sum();
-        (ModelConfig::from_gguf(&ct)?, bytes)
+        let cfg = ModelConfig::from_gguf(&ct)?;
+        let scratch = crate::engine::model::wide_scratch_estimate(&ct, &cfg) as u64;
+        (cfg, bytes, scratch)
     };
     let layout = |dtype| CacheLayout {
         n_layers: cfg.n_layers,
@@ -122,6 +127,7 @@ pub fn plan(
         model: model_id.to_string(),
         arch: cfg.arch.clone(),
         weight_bytes,
+        gpu_scratch,
         n_layers: cfg.n_layers,
         n_kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
@@ -293,7 +299,9 @@ pub struct GpuMemory {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TierPlan {
     pub gpu: GpuMemory,
-    /// GPU memory free once the weights are loaded.
+    /// Device bytes of the long-prompt prefill's buffers (the plan's `gpu_scratch`).
+    pub scratch: u64,
+    /// GPU memory free once the weights are loaded and the prefill's buffers kept aside.
     pub free_after_weights: u64,
     pub device_budget: u64,
     pub host_budget: u64,
@@ -305,10 +313,12 @@ pub struct TierPlan {
 
 impl Plan {
     /// The tiers of a server on this GPU: the device budget resolved against the memory
-    /// the weights leave free (as the server does once loaded), host RAM (the plan's
-    /// budget) and disk.
+    /// the weights and the long-prompt prefill's buffers leave free (as the server does
+    /// once loaded), host RAM (the plan's budget) and disk.
     pub fn tiers(&self, gpu: GpuMemory, device: DeviceBudget, disk_budget: u64) -> TierPlan {
-        let free_after_weights = gpu.free.saturating_sub(self.weight_bytes);
+        let free_after_weights = gpu
+            .free
+            .saturating_sub(self.weight_bytes + self.gpu_scratch);
         let device_budget = device.resolve(free_after_weights as usize) as u64;
         let fit = |b: u64| match self.session_bytes {
             0 => 0,
@@ -316,6 +326,7 @@ impl Plan {
         };
         TierPlan {
             gpu,
+            scratch: self.gpu_scratch,
             free_after_weights,
             device_budget,
             host_budget: self.budget,
@@ -330,9 +341,17 @@ impl Plan {
 impl TierPlan {
     pub fn render(&self, session_tokens: usize, session_bytes: usize) -> String {
         let mut s = String::new();
+        let after = if self.scratch > 0 {
+            format!(
+                "after weights and {} of long-prompt prefill buffers",
+                gib(self.scratch as f64)
+            )
+        } else {
+            "after weights".to_string()
+        };
         let _ = writeln!(
             s,
-            "GPU memory       {} ({}), {} free, {} after weights",
+            "GPU memory       {} ({}), {} free, {} {after}",
             gib(self.gpu.total as f64),
             self.gpu.source,
             gib(self.gpu.free as f64),
@@ -374,6 +393,7 @@ mod tests {
             model: "m".into(),
             arch: "llama".into(),
             weight_bytes,
+            gpu_scratch: 0,
             n_layers: 1,
             n_kv_heads: 1,
             head_dim: 64,
@@ -410,5 +430,16 @@ mod tests {
         assert!(!text.contains("lower --kv-device-budget"), "{text}");
         let over = plan(100, 10, 0).tiers(gpu, DeviceBudget::Bytes(2000), 0);
         assert!(over.render(4096, 10).contains("lower --kv-device-budget"));
+        // The long-prompt prefill's buffers are not the sessions' to take.
+        let mut p = plan(100, 10, 55);
+        p.gpu_scratch = 200;
+        let t = p.tiers(gpu, DeviceBudget::Share(0.5), 1000);
+        assert_eq!((t.free_after_weights, t.device_budget), (600, 300));
+        assert_eq!(t.sessions_device, 30);
+        let text = t.render(4096, 10);
+        assert!(
+            text.contains("after weights and 0.0 MiB of long-prompt"),
+            "{text}"
+        );
     }
 }

@@ -74,6 +74,16 @@ pub fn default_prefill_max(hidden: usize) -> usize {
     }
 }
 
+/// The longest prompt chunk past [`default_prefill_max`] that still takes candle's tensor
+/// path where the wide prefill is on (longer ones prefill wide), for a model of hidden
+/// size `hidden`. A wide pass dequantizes every weight matrix to f16 whatever its length,
+/// a fixed cost that only the tensor cores' speed on long chunks pays back: 0 (every
+/// chunk past the batched limit goes wide) below hidden size 4,096.
+pub fn default_wide_min(hidden: usize) -> usize {
+    let _ = hidden;
+    0
+}
+
 /// Whether prompt chunks past [`default_prefill_max`] prefill wide by default (rather than
 /// on candle's tensor path): where every projection is in a layout whose wide kernels
 /// were checked on a GPU (`layouts_checked`) and, with the int8 GEMMs, the model is no
@@ -81,6 +91,88 @@ pub fn default_prefill_max(hidden: usize) -> usize {
 /// GEMMs are faster at every size timed: 26 against 61 ms for 512 tokens of an 8B model).
 pub fn wide_by_default(hidden: usize, f16_gemms: bool, layouts_checked: bool) -> bool {
     layouts_checked && (f16_gemms || hidden <= 1024)
+}
+
+/// Positions of one wide prefill pass at most; longer chunks run in several passes, each
+/// attending to the cache the earlier ones wrote.
+pub const WIDE_ROWS: usize = 1024;
+
+/// A model's shapes as the wide prefill's buffers need them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WideShape {
+    pub hidden: usize,
+    /// Query rows (heads × head size) and key rows (= value rows).
+    pub q: usize,
+    pub kv: usize,
+    /// The feed-forward width (rows of gate, of up).
+    pub ffn: usize,
+    pub n_layers: usize,
+    /// Elements of the largest projection matrix (the f16 GEMMs dequantize one at a time
+    /// into room for it).
+    pub largest: usize,
+}
+
+/// Elements of each device buffer a wide pass of some number of rows holds. The common
+/// ones every pass uses; `int8` the int8 GEMMs' (f32 SwiGLU output, quantized rows and
+/// their block pairs); `f16` the f16 GEMMs' (f16 input rows, one dequantized matrix,
+/// gate|up in f32, SwiGLU's output in f16). A pass makes only its GEMM kind's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WideBuffers {
+    /// f32: the residual stream, Q|K|V, roped Q, attention output.
+    pub x: usize,
+    pub qkv: usize,
+    pub qr: usize,
+    pub att: usize,
+    /// u64 words of the step buffer.
+    pub step: usize,
+    /// int8 GEMMs: f32, u8, f32.
+    pub act: usize,
+    pub xq: usize,
+    pub xds: usize,
+    /// f16 GEMMs: f16, f16, f32, f16.
+    pub xh: usize,
+    pub w: usize,
+    pub gu: usize,
+    pub act_h: usize,
+}
+
+impl WideShape {
+    /// The widest projection input.
+    pub fn kmax(&self) -> usize {
+        self.hidden.max(self.q).max(self.ffn)
+    }
+
+    /// The buffers of a pass of `rows` positions.
+    pub fn buffers(&self, rows: usize) -> WideBuffers {
+        let kmax = self.kmax();
+        WideBuffers {
+            x: rows * self.hidden,
+            qkv: rows * (self.q + 2 * self.kv),
+            qr: rows * self.q,
+            att: rows * self.q,
+            step: step_words(rows, self.n_layers),
+            act: rows * self.ffn,
+            xq: rows * kmax,
+            xds: rows * 2 * (kmax / 32),
+            xh: rows * kmax,
+            w: self.largest,
+            gu: rows * 2 * self.ffn,
+            act_h: rows * self.ffn,
+        }
+    }
+
+    /// Device bytes a server keeps for wide passes of up to [`WIDE_ROWS`] positions with
+    /// the f16 GEMMs (`f16`) or the int8 ones.
+    pub fn scratch_bytes(&self, f16: bool) -> usize {
+        let b = self.buffers(WIDE_ROWS);
+        let common = 4 * (b.x + b.qkv + b.qr + b.att) + 8 * b.step;
+        common
+            + if f16 {
+                2 * b.xh + 2 * b.w + 4 * b.gu + 2 * b.act_h
+            } else {
+                4 * b.act + b.xq + 4 * b.xds
+            }
+    }
 }
 
 /// Whether a mat-mat block dots each weight row with 32 columns at a time (its wide
@@ -615,6 +707,32 @@ mod tests {
         // A layout not checked on a GPU (Q4_0) stays on the tensor path either way.
         assert!(!wide_by_default(576, true, false));
         assert!(!wide_by_default(576, false, false));
+    }
+
+    #[test]
+    fn wide_scratch_counts_each_gemm_kinds_buffers() {
+        // Llama-3-8B: 4,096 wide, 32 heads of 128, 8 KV heads, FFN 14,336, 32 layers; the
+        // largest matrix is gate|up.
+        let s = WideShape {
+            hidden: 4096,
+            q: 4096,
+            kv: 1024,
+            ffn: 14336,
+            n_layers: 32,
+            largest: 2 * 14336 * 4096,
+        };
+        assert_eq!(s.kmax(), 14336);
+        let b = s.buffers(WIDE_ROWS);
+        assert_eq!(b.qkv, 1024 * 6144);
+        assert_eq!(b.step, 1 + 1024 * (3 + 64));
+        assert_eq!(b.xds, 1024 * 2 * 448);
+        let common = 4 * 1024 * (4096 + 6144 + 4096 + 4096) + 8 * (1 + 1024 * 67);
+        let f16 = 2 * 1024 * 14336 + 2 * 2 * 14336 * 4096 + 4 * 1024 * 2 * 14336 + 2 * 1024 * 14336;
+        let int8 = 4 * 1024 * 14336 + 1024 * 14336 + 4 * 1024 * 2 * 448;
+        assert_eq!(s.scratch_bytes(true), common + f16);
+        assert_eq!(s.scratch_bytes(false), common + int8);
+        // About 0.49 GB with the f16 GEMMs, most of it the dequantized gate|up.
+        assert!((480_000_000..500_000_000).contains(&s.scratch_bytes(true)));
     }
 
     #[test]

@@ -48,6 +48,12 @@ impl Pack {
         }
     }
 
+    /// Whether the wide prefill's kernels were checked on a GPU for this layout (it
+    /// prefills wide by default only where every projection is in one of these).
+    pub fn wide_checked(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q4K | Self::Q8)
+    }
+
     /// Bytes of quants per 32-element block.
     pub fn quant_bytes(self) -> usize {
         match self {

@@ -28,12 +28,13 @@ impl Model {
         if !self.fused_on.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        // Chunks past the limit prefill wide where the card has it (each sequence in its
-        // own passes); caches are committed once every sequence ran.
+        // Chunks past the limit (and past `wide_min`) prefill wide where the card has it
+        // (each sequence in its own passes); caches are committed once every sequence ran.
+        let wide_past = max.max(dec.wide_min());
         if dec.wide()
-            && batch
-                .iter()
-                .all(|s| s.tokens.len() > max && !s.all_logits && FusedDecoder::supports(s.cache))
+            && batch.iter().all(|s| {
+                s.tokens.len() > wide_past && !s.all_logits && FusedDecoder::supports(s.cache)
+            })
         {
             let vocab = self.config.vocab;
             let mut out = Vec::with_capacity(batch.len());

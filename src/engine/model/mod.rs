@@ -28,7 +28,7 @@ pub use gguf::metadata_strings;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::kernels::quant::{KWeight, Q5Weight, QWeight};
@@ -192,6 +192,63 @@ impl WideGemm {
             _ => Self::F16,
         }
     }
+}
+
+/// Device bytes the CUDA wide prefill would hold for the GGUF model `ct` (whose
+/// configuration is `cfg`) on a card that has it — 0 where it would not run: a family or
+/// head size the fused kernels do not take, a projection in a layout not checked wide
+/// (unless `CANDELA_CUDA_WIDE=1`), or `CANDELA_CUDA_WIDE=0`. For `candela plan`; a
+/// server asks its loaded model ([`Model::pass_scratch_bytes`]).
+pub fn wide_scratch_estimate(ct: &gguf_file::Content, cfg: &ModelConfig) -> usize {
+    let forced = std::env::var("CANDELA_CUDA_WIDE").ok();
+    let fused = matches!(cfg.family, Family::Llama | Family::Qwen2)
+        && cfg.sliding.is_none()
+        && matches!(cfg.head_dim, 64 | 128);
+    if !fused || forced.as_deref() == Some("0") {
+        return 0;
+    }
+    // Elements of each layer's projections, and whether all are in checked layouts.
+    let mut largest = 0;
+    let mut checked = true;
+    for i in 0..cfg.n_layers {
+        let mut group = |names: &[&str]| -> Option<usize> {
+            let mut n = 0;
+            for name in names {
+                let t = ct.tensor_infos.get(&format!("blk.{i}.{name}.weight"))?;
+                let pack = cuda_pack::Pack::of(t.ggml_dtype)?;
+                checked &= pack.wide_checked();
+                n += t.shape.elem_count();
+            }
+            Some(n)
+        };
+        let groups = [
+            group(&["attn_q", "attn_k", "attn_v"]),
+            group(&["attn_output"]),
+            group(&["ffn_gate", "ffn_up"]),
+            group(&["ffn_down"]),
+        ];
+        // A missing tensor or a type the fused kernels do not take: no fused path.
+        let Some(groups) = groups.into_iter().collect::<Option<Vec<usize>>>() else {
+            return 0;
+        };
+        largest = groups.into_iter().fold(largest, usize::max);
+    }
+    if !checked && forced.as_deref() != Some("1") {
+        return 0;
+    }
+    let ffn = ct
+        .tensor_infos
+        .get("blk.0.ffn_gate.weight")
+        .map_or(0, |t| t.shape.elem_count() / cfg.hidden.max(1));
+    let shape = batch_plan::WideShape {
+        hidden: cfg.hidden,
+        q: cfg.n_heads * cfg.head_dim,
+        kv: cfg.n_kv_heads * cfg.head_dim,
+        ffn,
+        n_layers: cfg.n_layers,
+        largest,
+    };
+    shape.scratch_bytes(WideGemm::from_env() == WideGemm::F16)
 }
 
 pub struct SeqInput<'a> {
@@ -360,6 +417,20 @@ impl Model {
         None
     }
 
+    /// The longest prompt chunk past the batched limit that takes the tensor path even
+    /// where the fused path prefills wide: set it, returning the one before (None without
+    /// a fused path).
+    pub fn set_fused_wide_min(&self, n: usize) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            let was = d.wide_min();
+            d.set_wide_min(n);
+            return Some(was);
+        }
+        let _ = n;
+        None
+    }
+
     /// Split the fused path's decode attention over position chunks at long contexts
     /// (the default) or not; returns whether this model's fused path splits at all.
     pub fn set_attn_split(&self, on: bool) -> bool {
@@ -407,6 +478,17 @@ impl Model {
             return d.wide();
         }
         false
+    }
+
+    /// Device bytes the model's passes allocate as they first need them, beyond the weights
+    /// and the caches: the wide prefill's buffers where long prompts prefill wide (0
+    /// otherwise). A server keeps them out of the session caches' device budget.
+    pub fn pass_scratch_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.wide_scratch_bytes();
+        }
+        0
     }
 
     /// Which of the GPU paths this model takes, for the start-up log (None on a CPU):

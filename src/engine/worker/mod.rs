@@ -129,10 +129,14 @@ pub(super) fn run(cfg: EngineConfig, link: Link) {
     };
     let mut store = SessionStore::new(cfg.kv_budget);
     if let Some((free, total)) = device_memory(model.device()) {
-        let budget = cfg.kv_device_budget.resolve(free);
+        // What the passes will allocate (a long prompt's wide buffers) is not the
+        // sessions' to take.
+        let scratch = model.pass_scratch_bytes();
+        let budget = cfg.kv_device_budget.resolve(free.saturating_sub(scratch));
         tracing::info!(
             budget,
             free,
+            scratch,
             total,
             host_budget = cfg.kv_budget,
             "session caches: GPU memory tier, then host RAM, then disk"

@@ -238,6 +238,9 @@ pub struct FusedDecoder {
     /// only up to hidden size 1024; `CANDELA_CUDA_WIDE=1` for every model, `0` never).
     wide_ok: bool,
     wide_on: AtomicBool,
+    /// Chunks past `prefill_max` up to this long take the tensor path even with
+    /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::default_wide_min`).
+    wide_min: AtomicUsize,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -728,7 +731,7 @@ impl FusedDecoder {
             l.qkv
                 .iter()
                 .chain([&l.wo, &l.gate_up, &l.down])
-                .all(|m| matches!(m.kind, Pack::Q4_1 | Pack::Q4K | Pack::Q8))
+                .all(|m| m.kind.wide_checked())
         });
         let f16 = inner.wide_gemm.get() == WideGemm::F16;
         let checked = batch_plan::wide_by_default(hidden, f16, layouts);
@@ -744,6 +747,12 @@ impl FusedDecoder {
             inner: Mutex::new(inner),
             prefill_on: AtomicBool::new(
                 std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
+            ),
+            wide_min: AtomicUsize::new(
+                std::env::var("CANDELA_CUDA_WIDE_MIN")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(batch_plan::default_wide_min(hidden)),
             ),
             prefill_max: AtomicUsize::new(
                 std::env::var("CANDELA_CUDA_PREFILL_MAX")
@@ -818,9 +827,21 @@ impl FusedDecoder {
         g.att_max > 1
     }
 
-    /// Whether chunks longer than [`Self::prefill_max`] prefill wide.
+    /// Whether chunks longer than [`Self::prefill_max`] and [`Self::wide_min`] prefill
+    /// wide.
     pub fn wide(&self) -> bool {
         self.wide_on.load(Ordering::Relaxed)
+    }
+
+    /// The longest chunk past [`Self::prefill_max`] that takes the tensor path even where
+    /// the wide prefill is on.
+    pub fn wide_min(&self) -> usize {
+        self.wide_min.load(Ordering::Relaxed)
+    }
+
+    /// Set [`Self::wide_min`] (`candela doctor` times the wide prefill on short chunks).
+    pub fn set_wide_min(&self, n: usize) {
+        self.wide_min.store(n, Ordering::Relaxed);
     }
 
     /// Turn the wide prefill on or off (`candela doctor` compares it with the tensor
@@ -828,6 +849,17 @@ impl FusedDecoder {
     pub fn set_wide(&self, on: bool) -> bool {
         self.wide_on.store(on && self.wide_ok, Ordering::Relaxed);
         self.wide_ok
+    }
+
+    /// Device bytes the wide passes hold once a long prompt ran (with the GEMM kind now
+    /// chosen), where the wide prefill is on; 0 otherwise.
+    pub fn wide_scratch_bytes(&self) -> usize {
+        if !self.wide() {
+            return 0;
+        }
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.wide_shape()
+            .scratch_bytes(g.wide_gemm.get() == WideGemm::F16)
     }
 
     /// How wide passes multiply.

@@ -13,12 +13,9 @@
 //! 154 against 26 ms for an 8B model's (`candela doctor --prefill`, docs/gpu.md).
 
 use super::*;
-use crate::engine::model::batch_plan::{self, SeqRecord};
+use crate::engine::model::batch_plan::{SeqRecord, WideShape, WIDE_ROWS};
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 
-/// Positions of one wide pass at most; longer chunks run in several passes, each
-/// attending to the cache the earlier ones wrote.
-pub(super) const WIDE_ROWS: usize = 1024;
 /// Rows a `quant_rows` block takes, and a GEMM block's weight rows and token rows
 /// (`PF_ROWS`, `GEMM_ROWS`, `GEMM_TOKS` in prefill.cuh).
 const PF_ROWS: usize = 8;
@@ -107,27 +104,32 @@ enum Proj {
 
 /// A projection's input rows: these floats (RMS-normalized by the weights at the second
 /// address unless 0), or the pass's SwiGLU output (the down projection's input: f32 in
-/// `Wide::act` for the int8 GEMMs, f16 in `WideF16::act` for the f16 ones).
+/// `WideI8::act` for the int8 GEMMs, f16 in `WideF16::act` for the f16 ones).
 #[derive(Clone, Copy)]
 enum Src {
     Rows(u64, u64),
     SwiGlu,
 }
 
-/// Device buffers of a wide pass, for `cap` rows.
+/// Device buffers of a wide pass, for `cap` rows (sizes from `WideShape::buffers`).
 pub(super) struct Wide {
     cap: usize,
     x: Buf<f32>,
     qkv: Buf<f32>,
     qr: Buf<f32>,
     att: Buf<f32>,
+    step: Buf<u64>,
+    /// Each GEMM kind's own buffers, made on its first pass.
+    i8: Option<WideI8>,
+    f16: Option<WideF16>,
+}
+
+/// Buffers of the int8 GEMM path: the SwiGLU output in f32, quantized activations (rows
+/// of the widest input) and their block pairs.
+pub(super) struct WideI8 {
     act: Buf<f32>,
-    /// Quantized activations (rows of the widest input) and their block pairs.
     xq: Buf<u8>,
     xds: Buf<f32>,
-    step: Buf<u64>,
-    /// The f16 GEMM path's buffers, made on its first pass.
-    f16: Option<WideF16>,
 }
 
 /// Buffers of the f16 GEMM path: input rows in f16 (rows of the widest input), one
@@ -144,6 +146,23 @@ impl Inner {
     /// Whether this decoder prefills long chunks wide.
     pub(super) fn has_wide(&self) -> bool {
         self.wide_f.is_some()
+    }
+
+    /// The model's shapes as the wide buffers need them.
+    pub(super) fn wide_shape(&self) -> WideShape {
+        let cfg = &self.cfg;
+        WideShape {
+            hidden: cfg.hidden,
+            q: cfg.n_heads * cfg.head_dim,
+            kv: cfg.n_kv_heads * cfg.head_dim,
+            ffn: self.layers.first().map_or(0, |l| l.gate_up.n / 2),
+            n_layers: cfg.n_layers,
+            largest: (self.layers.iter())
+                .flat_map(|l| l.qkv.iter().chain([&l.wo, &l.gate_up, &l.down]))
+                .map(|m| m.n * m.k)
+                .max()
+                .unwrap_or(0),
+        }
     }
 
     /// Run `tokens` after position `pos0` of `cache` (filled up to it, reserved past the
@@ -170,7 +189,6 @@ impl Inner {
             let pos = pos0 + i * WIDE_ROWS;
             let n = part.len();
             self.ensure_wide(n)?;
-            self.ensure_wide_f16()?;
             let recs: Vec<SeqRecord> = part
                 .iter()
                 .enumerate()
@@ -212,63 +230,57 @@ impl Inner {
         Ok(out)
     }
 
+    /// Buffers for passes of `rows` positions, with the current GEMM kind's (and the
+    /// cuBLAS handle for the f16 GEMMs).
     fn ensure_wide(&mut self, rows: usize) -> Result<()> {
-        if self.wide.as_ref().is_some_and(|w| w.cap >= rows) {
-            return Ok(());
+        if self.wide.as_ref().is_none_or(|w| w.cap < rows) {
+            let rows = rows.max(self.wide.as_ref().map_or(0, |w| w.cap));
+            self.wide = None;
+            let b = self.wide_shape().buffers(rows);
+            let s = &self.stream;
+            self.wide = Some(Wide {
+                cap: rows,
+                x: zeros(s, b.x)?,
+                qkv: zeros(s, b.qkv)?,
+                qr: zeros(s, b.qr)?,
+                att: zeros(s, b.att)?,
+                step: upload(s, &vec![0u64; b.step])?,
+                i8: None,
+                f16: None,
+            });
         }
-        let rows = rows.max(self.wide.as_ref().map_or(0, |w| w.cap));
-        self.wide = None;
-        let cfg = &self.cfg;
-        let hd = cfg.head_dim;
-        let nq = cfg.n_heads * hd;
-        let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
-        let kmax = cfg.hidden.max(nq).max(ffn);
-        let s = &self.stream;
-        self.wide = Some(Wide {
-            cap: rows,
-            x: zeros(s, rows * cfg.hidden)?,
-            qkv: zeros(s, rows * (nq + 2 * cfg.n_kv_heads * hd))?,
-            qr: zeros(s, rows * nq)?,
-            att: zeros(s, rows * nq)?,
-            act: zeros(s, rows * ffn)?,
-            xq: upload(s, &vec![0u8; rows * kmax])?,
-            xds: zeros(s, rows * 2 * (kmax / 32))?,
-            step: upload(s, &vec![0u64; batch_plan::step_words(rows, cfg.n_layers)])?,
-            f16: None,
-        });
-        Ok(())
-    }
-
-    /// The f16 GEMM path's buffers and cuBLAS handle, where this pass takes it.
-    fn ensure_wide_f16(&mut self) -> Result<()> {
-        if self.wide_gemm.get() != WideGemm::F16 {
-            return Ok(());
+        let f16 = self.wide_gemm.get() == WideGemm::F16;
+        if f16 && self.blas.is_none() {
+            self.blas = Some(CudaBlas::new(self.stream.clone()).map_err(err)?);
         }
-        if self.blas.is_none() {
-            let blas = CudaBlas::new(self.stream.clone()).map_err(err)?;
-            self.blas = Some(blas);
-        }
-        let Some(w) = self.wide.as_ref().filter(|w| w.f16.is_none()) else {
+        let Some(w) = self.wide.as_ref() else {
             return Ok(());
         };
-        let cfg = &self.cfg;
-        let nq = cfg.n_heads * cfg.head_dim;
-        let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
-        let kmax = cfg.hidden.max(nq).max(ffn);
-        let wmax = (self.layers.iter())
-            .flat_map(|l| l.qkv.iter().chain([&l.wo, &l.gate_up, &l.down]))
-            .map(|m| m.n * m.k)
-            .max()
-            .unwrap_or(0);
-        let (s, rows) = (&self.stream, w.cap);
-        let h = WideF16 {
-            xh: alloc_zeros(s, rows * kmax)?,
-            w: alloc_zeros(s, wmax)?,
-            gu: alloc_zeros(s, rows * 2 * ffn)?,
-            act: alloc_zeros(s, rows * ffn)?,
+        let b = self.wide_shape().buffers(w.cap);
+        let s = &self.stream;
+        let (i8, h) = match (f16, w.i8.is_none(), w.f16.is_none()) {
+            (false, true, _) => {
+                let i8 = WideI8 {
+                    act: zeros(s, b.act)?,
+                    xq: upload(s, &vec![0u8; b.xq])?,
+                    xds: zeros(s, b.xds)?,
+                };
+                (Some(i8), None)
+            }
+            (true, _, true) => {
+                let h = WideF16 {
+                    xh: alloc_zeros(s, b.xh)?,
+                    w: alloc_zeros(s, b.w)?,
+                    gu: alloc_zeros(s, b.gu)?,
+                    act: alloc_zeros(s, b.act_h)?,
+                };
+                (None, Some(h))
+            }
+            _ => (None, None),
         };
         if let Some(w) = self.wide.as_mut() {
-            w.f16 = Some(h);
+            w.i8 = w.i8.take().or(i8);
+            w.f16 = w.f16.take().or(h);
         }
         Ok(())
     }
@@ -353,11 +365,12 @@ impl Inner {
                     false,
                 )?
             }
-            let (x, att, act, d) = (w.x.ptr, w.att.ptr, w.act.ptr, cfg.hidden);
+            let (x, att, d) = (w.x.ptr, w.att.ptr, cfg.hidden);
             self.wide_proj(f, w, &l.wo, Proj::Add, n, Src::Rows(att, 0), x, d)?;
             let norm = l.ffn_norm.ptr;
             let src = Src::Rows(x, norm);
-            self.wide_proj(f, w, &l.gate_up, Proj::SwiGlu, n, src, act, ffn)?;
+            // SwiGLU's output goes to the GEMM kind's own buffer.
+            self.wide_proj(f, w, &l.gate_up, Proj::SwiGlu, n, src, 0, ffn)?;
             self.wide_proj(f, w, &l.down, Proj::Add, n, Src::SwiGlu, x, d)?;
         }
         Ok(())
@@ -373,8 +386,9 @@ impl Inner {
         unsafe { self.go2(f, (blocks, 1), 256, 0, &mut args, false) }
     }
 
-    /// One projection of a pass: `out` (rows `ld` floats apart) from `n` rows of `src`
-    /// and `m`, by the pass's GEMM.
+    /// One projection of a pass: `out` (rows `ld` floats apart; unused for SwiGLU, which
+    /// writes the down projection's input) from `n` rows of `src` and `m`, by the pass's
+    /// GEMM.
     #[allow(clippy::too_many_arguments)]
     fn wide_proj(
         &self,
@@ -388,17 +402,18 @@ impl Inner {
         ld: usize,
     ) -> Result<()> {
         let Some(h) = (w.f16.as_ref()).filter(|_| self.wide_gemm.get() == WideGemm::F16) else {
-            let (mode, bias) = match proj {
-                Proj::Store(bias) => (0, bias),
-                Proj::Add => (1, 0),
-                Proj::SwiGlu => (2, 0),
+            let q = w.i8.as_ref().ok_or_else(|| err("no int8 wide buffers"))?;
+            let (mode, bias, out) = match proj {
+                Proj::Store(bias) => (0, bias, out),
+                Proj::Add => (1, 0, out),
+                Proj::SwiGlu => (2, 0, q.act.ptr),
             };
             let (x, norm) = match src {
                 Src::Rows(x, norm) => (x, norm),
-                Src::SwiGlu => (w.act.ptr, 0),
+                Src::SwiGlu => (q.act.ptr, 0),
             };
-            self.wide_quant(f, w, m, n, x, norm)?;
-            return self.wide_gemm(f, w, m, mode, n, bias, out, ld);
+            self.wide_quant(f, q, m, n, x, norm)?;
+            return self.wide_gemm(f, q, m, mode, n, bias, out, ld);
         };
         let blas = self.blas.as_ref().ok_or_else(|| err("no cuBLAS handle"))?;
         // The input rows in f16 (SwiGLU's output already is).
@@ -475,7 +490,7 @@ impl Inner {
     fn wide_quant(
         &self,
         f: &WideFuncs,
-        w: &Wide,
+        w: &WideI8,
         m: &QMat,
         n: usize,
         x: u64,
@@ -512,7 +527,7 @@ impl Inner {
     fn wide_gemm(
         &self,
         f: &WideFuncs,
-        w: &Wide,
+        w: &WideI8,
         m: &QMat,
         mode: usize,
         n: usize,
