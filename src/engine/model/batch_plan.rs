@@ -97,6 +97,12 @@ pub fn wide_by_default(hidden: usize, f16_gemms: bool, layouts_checked: bool) ->
 /// attending to the cache the earlier ones wrote.
 pub const WIDE_ROWS: usize = 1024;
 
+/// Wide passes of up to this many rows (on the f16 GEMMs) dequantize each weight block in
+/// shared memory for the product rather than every matrix into memory first: one weight
+/// read per 64 rows and no f16 matrix written and read back, which for short chunks costs
+/// less than the matrix products themselves.
+pub const WIDE_SMEM_MAX: usize = 64;
+
 /// A model's shapes as the wide prefill's buffers need them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WideShape {

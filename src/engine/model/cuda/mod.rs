@@ -182,6 +182,10 @@ struct Inner {
     /// and the cuBLAS handle of the f16 GEMMs, made on first use.
     wide_gemm: std::cell::Cell<WideGemm>,
     blas: Option<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
+    /// With the f16 GEMMs, passes of up to this many rows dequantize each weight block in
+    /// shared memory for the product (`wq_gemm_*`) instead of into a matrix in memory
+    /// (`CANDELA_CUDA_WIDE_SMEM_MAX`, default `batch_plan::WIDE_SMEM_MAX`).
+    wq_max: std::cell::Cell<usize>,
     /// Dynamic shared memory the mat-mat kernels may use on this device.
     mm_smem: usize,
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
@@ -700,6 +704,9 @@ impl FusedDecoder {
             wide_f,
             wide: None,
             wide_gemm: std::cell::Cell::new(WideGemm::from_env()),
+            wq_max: std::cell::Cell::new(
+                env_usize("CANDELA_CUDA_WIDE_SMEM_MAX").unwrap_or(batch_plan::WIDE_SMEM_MAX),
+            ),
             blas: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
@@ -860,6 +867,13 @@ impl FusedDecoder {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.wide_shape()
             .scratch_bytes(g.wide_gemm.get() == WideGemm::F16)
+    }
+
+    /// The longest pass whose f16 GEMMs dequantize the weights in shared memory: set it
+    /// (`candela doctor` times both ways), returning the previous limit.
+    pub fn set_wide_smem_max(&self, n: usize) -> usize {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.wq_max.replace(n)
     }
 
     /// How wide passes multiply.

@@ -10,6 +10,8 @@
 // attention runs in flash.cu's kernel on Q rows roped by q_rope_rows. Needs sm_80 (the
 // host side checks); older cards prefill long prompts on the tensor path.
 
+#include "mma.cuh"
+
 #define PF_ROWS 8      // activation rows a quant_rows block takes
 #define GEMM_ROWS 64   // weight rows (outputs) of a gemm block: 16 per warp
 #define GEMM_TOKS 32   // token rows of a gemm block: 4 tiles of 8
@@ -245,14 +247,11 @@ extern "C" __global__ void __launch_bounds__(256) wh_rows(const float* __restric
     }
 }
 
-// w (N, K) f16 from a repacked matrix: thread i takes block i (row i / nb, block i % nb)
-// and writes its 32 values. Grid ceil(N * nb / 256), 256 threads.
+// The 32 values of block i (row i / nb, block i % nb) of a repacked matrix, in f16.
 template <int KIND>
-__device__ void wh_dequant(const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N,
-                           int nb, __half* __restrict__ w) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)N * nb) return;
-    __align__(16) __half out[QK];
+__device__ __forceinline__ void dequant_block(const uint8_t* __restrict__ qs,
+                                              const float2* __restrict__ dm, int nb, size_t i,
+                                              __half (&out)[QK]) {
     if (KIND == KIND_Q8_0) {
         const float2 s = __ldg(dm + i);
         __align__(16) int8_t q[QK];
@@ -278,6 +277,17 @@ __device__ void wh_dequant(const uint8_t* __restrict__ qs, const float2* __restr
             }
         }
     }
+}
+
+// w (N, K) f16 from a repacked matrix: thread i takes block i (row i / nb, block i % nb)
+// and writes its 32 values. Grid ceil(N * nb / 256), 256 threads.
+template <int KIND>
+__device__ void wh_dequant(const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N,
+                           int nb, __half* __restrict__ w) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * nb) return;
+    __align__(16) __half out[QK];
+    dequant_block<KIND>(qs, dm, nb, i, out);
     int4* dst = (int4*)(w + i * QK);
 #pragma unroll
     for (int e = 0; e < 4; ++e) dst[e] = ((const int4*)out)[e];
@@ -293,6 +303,109 @@ WH_DEQUANT(KIND_Q4_0, q4_0)
 WH_DEQUANT(KIND_Q4_1, q4_1)
 WH_DEQUANT(KIND_Q8_0, q8_0)
 WH_DEQUANT(KIND_Q4_K, q4_k)
+
+// Short chunks: out (T, N; rows `ldc` floats apart) = (or += with `add`) the f16 rows xh
+// (T, K) times a repacked matrix (N, K), the weights dequantized to f16 in shared memory
+// (dequant_block's values, as wh_dequant writes them) rather than into a global matrix, so
+// each weight is read from memory once per 64 tokens: one block per 64 weight rows and 64
+// tokens, 4 warps of 16 rows, K in steps of WQ_K by f16 mma with f32 sums (what cuBLAS
+// computes on wh_dequant's matrix, to the order of the sums). For chunks of a few dozen
+// tokens, where dequantizing every matrix into memory costs more than the products.
+// Grid (ceil(N / 64), ceil(T / 64)), 128 threads.
+#define WQ_ROWS 64
+#define WQ_TOKS 64
+#define WQ_K 128                // K per step: four blocks of 32
+#define WQ_STRIDE (WQ_K + 8)    // halves per shared row (padding: no bank conflicts)
+template <int KIND>
+__device__ void wq_gemm(const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N,
+                        int K, const __half* __restrict__ xh, int T, float* __restrict__ out,
+                        int ldc, int add) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) __half ws[WQ_ROWS * WQ_STRIDE];
+    __shared__ __align__(16) __half xs[WQ_TOKS * WQ_STRIDE];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row0 = blockIdx.x * WQ_ROWS, tok0 = blockIdx.y * WQ_TOKS;
+    const int nb = K / QK;
+    float acc[WQ_TOKS / 8][4];
+#pragma unroll
+    for (int j = 0; j < WQ_TOKS / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += WQ_K) {
+        const int b0 = k0 / QK;
+        // Weights: (row, block) pairs, four consecutive threads on one row's four blocks.
+#pragma unroll
+        for (int it = 0; it < WQ_ROWS * (WQ_K / QK) / 128; ++it) {
+            const int item = tid + 128 * it;
+            const int r = item / (WQ_K / QK), bl = item % (WQ_K / QK);
+            __align__(16) __half v[QK];
+            if (row0 + r < N && b0 + bl < nb) {
+                dequant_block<KIND>(qs, dm, nb, (size_t)(row0 + r) * nb + b0 + bl, v);
+            } else {
+#pragma unroll
+                for (int j = 0; j < QK; ++j) v[j] = __float2half_rn(0.f);
+            }
+            int4* dst = (int4*)(ws + r * WQ_STRIDE + bl * QK);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dst[e] = ((const int4*)v)[e];
+        }
+        // Activations: 8 halves a load, zero past T and K.
+#pragma unroll
+        for (int it = 0; it < WQ_TOKS * (WQ_K / 8) / 128; ++it) {
+            const int item = tid + 128 * it;
+            const int t = item / (WQ_K / 8), c = item % (WQ_K / 8);
+            int4 v = make_int4(0, 0, 0, 0);
+            if (tok0 + t < T && k0 + c * 8 < K) {
+                v = __ldg((const int4*)(xh + (size_t)(tok0 + t) * K + k0 + c * 8));
+            }
+            *(int4*)(xs + t * WQ_STRIDE + c * 8) = v;
+        }
+        __syncthreads();
+        const __half* wr = ws + (warp * 16 + g) * WQ_STRIDE + 2 * t4;
+#pragma unroll
+        for (int ks = 0; ks < WQ_K / 16; ++ks) {
+            uint32_t a[4];
+            a[0] = *(const uint32_t*)(wr + ks * 16);
+            a[1] = *(const uint32_t*)(wr + 8 * WQ_STRIDE + ks * 16);
+            a[2] = *(const uint32_t*)(wr + ks * 16 + 8);
+            a[3] = *(const uint32_t*)(wr + 8 * WQ_STRIDE + ks * 16 + 8);
+#pragma unroll
+            for (int j = 0; j < WQ_TOKS / 8; ++j) {
+                const __half* xr = xs + (j * 8 + g) * WQ_STRIDE + 2 * t4 + ks * 16;
+                mma16816(acc[j], a, *(const uint32_t*)xr, *(const uint32_t*)(xr + 8));
+            }
+        }
+        __syncthreads();
+    }
+    // acc[j]: rows g and g + 8 of the warp's 16, tokens j * 8 + 2 * t4 and the next.
+#pragma unroll
+    for (int j = 0; j < WQ_TOKS / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + warp * 16 + g + (e >> 1) * 8;
+            const int tok = tok0 + j * 8 + 2 * t4 + (e & 1);
+            if (row < N && tok < T) {
+                float* o = out + (size_t)tok * ldc + row;
+                *o = add ? *o + acc[j][e] : acc[j][e];
+            }
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+#define WQ_GEMM(KIND, KNAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) wq_gemm_##KNAME(                         \
+        const uint8_t* __restrict__ qs, const float2* __restrict__ dm, int N, int K,           \
+        const __half* __restrict__ xh, int T, float* __restrict__ out, int ldc, int add) {     \
+        wq_gemm<KIND>(qs, dm, N, K, xh, T, out, ldc, add);                                    \
+    }
+WQ_GEMM(KIND_Q4_0, q4_0)
+WQ_GEMM(KIND_Q4_1, q4_1)
+WQ_GEMM(KIND_Q8_0, q8_0)
+WQ_GEMM(KIND_Q4_K, q4_k)
 
 // act (T, F) f16 = silu(gate) * up from gu (T, 2F) f32 (gate columns 0..F, up after them),
 // store_out's arithmetic. Grid (ceil(F / 256), T), 256 threads.

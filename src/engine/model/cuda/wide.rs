@@ -21,6 +21,9 @@ use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 const PF_ROWS: usize = 8;
 const GEMM_ROWS: usize = 64;
 const GEMM_TOKS: usize = 32;
+/// Weight rows and tokens a `wq_gemm` block takes (`WQ_ROWS`, `WQ_TOKS` in prefill.cuh).
+const WQ_ROWS: usize = 64;
+const WQ_TOKS: usize = 64;
 /// Query rows a flash block takes (`BQ` in flash.cu).
 const FLASH_ROWS: usize = 64;
 
@@ -37,6 +40,8 @@ pub(super) struct WideFuncs {
     wh_dequant: [CudaFunction; 4],
     wh_swiglu: CudaFunction,
     wh_bias: CudaFunction,
+    /// Short chunks' f16 GEMMs on weights dequantized in shared memory, by kind.
+    wq_gemm: [CudaFunction; 4],
 }
 
 impl WideFuncs {
@@ -80,7 +85,14 @@ impl WideFuncs {
             load(&format!("wh_dequant_{}", kinds[2]))?,
             load(&format!("wh_dequant_{}", kinds[3]))?,
         ];
+        let wq_gemm = [
+            load(&format!("wq_gemm_{}", kinds[0]))?,
+            load(&format!("wq_gemm_{}", kinds[1]))?,
+            load(&format!("wq_gemm_{}", kinds[2]))?,
+            load(&format!("wq_gemm_{}", kinds[3]))?,
+        ];
         Ok(Some(Self {
+            wq_gemm,
             quant,
             gemm,
             q_rope: load("q_rope_rows")?,
@@ -415,7 +427,6 @@ impl Inner {
             self.wide_quant(f, q, m, n, x, norm)?;
             return self.wide_gemm(f, q, m, mode, n, bias, out, ld);
         };
-        let blas = self.blas.as_ref().ok_or_else(|| err("no cuBLAS handle"))?;
         // The input rows in f16 (SwiGLU's output already is).
         let input = if let Src::Rows(x, norm) = src {
             let (k, eps) = (m.k as i32, self.cfg.rms_eps as f32);
@@ -426,17 +437,66 @@ impl Inner {
         } else {
             h.act.ptr
         };
-        self.wide_dequant(f, m, h.w.ptr)?;
         let (c, ldc) = match proj {
             Proj::SwiGlu => (h.gu.ptr, m.n),
             _ => (out, ld),
         };
-        let alpha = 1f32;
-        let beta = if matches!(proj, Proj::Add) {
-            1f32
+        if n <= self.wq_max.get() {
+            self.wide_wq(f, m, input, n, c, ldc, matches!(proj, Proj::Add))?;
         } else {
-            0f32
-        };
+            self.wide_dequant(f, m, h.w.ptr)?;
+            self.wide_blas(m, h.w.ptr, input, n, c, ldc, matches!(proj, Proj::Add))?;
+        }
+        self.wide_epilogue(f, h, m, proj, n, out, ld)
+    }
+
+    /// `c` (`n` rows `ldc` floats apart; added to with `add`) from the f16 rows `input`
+    /// and `m`, its weights dequantized in shared memory (`wq_gemm_*`).
+    #[allow(clippy::too_many_arguments)]
+    fn wide_wq(
+        &self,
+        f: &WideFuncs,
+        m: &QMat,
+        input: u64,
+        n: usize,
+        c: u64,
+        ldc: usize,
+        add: bool,
+    ) -> Result<()> {
+        let (nn, k, t, ldi, addi) = (m.n as i32, m.k as i32, n as i32, ldc as i32, add as i32);
+        let mut args = [
+            arg(&m.qs),
+            arg(&m.dm),
+            arg(&nn),
+            arg(&k),
+            arg(&input),
+            arg(&t),
+            arg(&c),
+            arg(&ldi),
+            arg(&addi),
+        ];
+        let grid = (m.n.div_ceil(WQ_ROWS) as u32, n.div_ceil(WQ_TOKS) as u32);
+        // SAFETY: matches `wq_gemm_*`; input holds n rows of m.k halves, c n rows of ldc
+        // floats with room for m.n.
+        unsafe { self.go2(&f.wq_gemm[m.kind as usize], grid, 128, 0, &mut args, false) }
+    }
+
+    /// `c` (`n` rows `ldc` floats apart; added to with `add`) from the f16 rows `input`
+    /// and the dequantized f16 matrix `w` of `m`'s shape, by cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_blas(
+        &self,
+        m: &QMat,
+        w: u64,
+        input: u64,
+        n: usize,
+        c: u64,
+        ldc: usize,
+        add: bool,
+    ) -> Result<()> {
+        let blas = self.blas.as_ref().ok_or_else(|| err("no cuBLAS handle"))?;
+        let alpha = 1f32;
+        let beta = if add { 1f32 } else { 0f32 };
         use candle_core::cuda_backend::cudarc::cublas::{result as br, sys as bs};
         let f16t = bs::cudaDataType::CUDA_R_16F;
         // Column-major: C (m.n x n, ldc) = W^T (W: m.k x m.n, the f16 rows) * X (m.k x n).
@@ -451,7 +511,7 @@ impl Inner {
                 n as i32,
                 m.k as i32,
                 &alpha as *const f32 as *const c_void,
-                h.w.ptr as *const c_void,
+                w as *const c_void,
                 f16t,
                 m.k as i32,
                 input as *const c_void,
@@ -465,7 +525,22 @@ impl Inner {
                 bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
             )
         }
-        .map_err(err)?;
+        .map_err(err)
+    }
+
+    /// What follows a projection's product: the Q|K|V bias, or SwiGLU of the gate|up
+    /// output into the down projection's f16 input.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_epilogue(
+        &self,
+        f: &WideFuncs,
+        h: &WideF16,
+        m: &QMat,
+        proj: Proj,
+        n: usize,
+        out: u64,
+        ld: usize,
+    ) -> Result<()> {
         match proj {
             Proj::Store(bias) if bias != 0 => {
                 let (ldi, rows) = (ld as i32, m.n as i32);
