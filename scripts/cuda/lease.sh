@@ -85,7 +85,7 @@
 #       (defaults; on llama3-8b also CANDELA_CUDA_WIDE=0), then llama-bench pp512/pp4000
 #       and llama-server's time to first token on them, built in the background meanwhile
 #       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
-#       defaults).
+#       defaults, DOCTOR_ENV="..." the doctor's prefill lines again with those settings).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -565,6 +565,13 @@ wide8b)
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
             --prefill 2>"$OUT/doctor_pf_$m.err" | tee "$OUT/doctor_pf_$m.txt" | grep -E "^prefill|^8 prompts" \
             || tail -n 20 "$OUT/doctor_pf_$m.err"
+        # DOCTOR_ENV="CANDELA_CUDA_...=..." : the prefill lines again with those settings.
+        if [ -n "${DOCTOR_ENV:-}" ]; then
+            echo "== doctor --prefill on $m with $DOCTOR_ENV at ${SECONDS} s"
+            env $DOCTOR_ENV /root/candela doctor --device cuda --model /root/synth/$m.gguf \
+                --data-dir /tmp/cdoctor --prefill 2>"$OUT/doctor_pf2_$m.err" | tee "$OUT/doctor_pf2_$m.txt" \
+                | grep -E "^prefill" || tail -n 20 "$OUT/doctor_pf2_$m.err"
+        fi
     done
     port=8140
     for m in $MODELS; do
