@@ -99,9 +99,10 @@ pub const WIDE_ROWS: usize = 1024;
 
 /// Wide passes of up to this many rows (on the f16 GEMMs) dequantize each weight block in
 /// shared memory for the product rather than every matrix into memory first: one weight
-/// read per 64 rows and no f16 matrix written and read back, which for short chunks costs
-/// less than the matrix products themselves.
-pub const WIDE_SMEM_MAX: usize = 64;
+/// read per 64 rows and no f16 matrix written and read back, which for short chunks
+/// should cost less than the matrix products themselves. 0 (off) until it has been
+/// checked and timed on a GPU; `CANDELA_CUDA_WIDE_SMEM_MAX=N` turns it on.
+pub const WIDE_SMEM_MAX: usize = 0;
 
 /// A model's shapes as the wide prefill's buffers need them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
