@@ -214,4 +214,6 @@ async fn chat_is_served_in_the_gemma_turn_format() {
     assert_eq!(local.global_bytes_per_token, 3 * layer_token);
     assert_eq!(p.session_bytes, (3 * 8192 + 15 * 1024) * layer_token);
     assert_eq!(p.sessions_fit, (1u64 << 30) / p.session_bytes as u64);
+    // Sliding-window layers keep gemma3 off the fused CUDA path: no wide prefill buffers.
+    assert_eq!(p.gpu_scratch, 0);
 }
