@@ -75,14 +75,11 @@ pub fn default_prefill_max(hidden: usize) -> usize {
 }
 
 /// The longest prompt chunk past [`default_prefill_max`] that still takes candle's tensor
-/// path where the wide prefill is on (longer ones prefill wide), for a model of hidden
-/// size `hidden`. A wide pass dequantizes every weight matrix to f16 whatever its length,
-/// a fixed cost that only the tensor cores' speed on long chunks pays back: 0 (every
-/// chunk past the batched limit goes wide) below hidden size 4,096.
-pub fn default_wide_min(hidden: usize) -> usize {
-    let _ = hidden;
-    0
-}
+/// path where the wide prefill is on (longer ones prefill wide). 0: every chunk past the
+/// batched limit goes wide, until GPU timings of short chunks (`candela doctor
+/// --prefill`, 8 to 64 tokens) say where the wide pass's fixed cost of dequantizing every
+/// matrix stops paying.
+pub const WIDE_MIN: usize = 0;
 
 /// Whether prompt chunks past [`default_prefill_max`] prefill wide by default (rather than
 /// on candle's tensor path): where every projection is in a layout whose wide kernels

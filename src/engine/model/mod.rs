@@ -171,7 +171,6 @@ enum Embed {
     Dev(Tensor),
 }
 
-/// One sequence's share of a forward pass.
 /// How the CUDA wide prefill multiplies a pass's projections
 /// (`CANDELA_CUDA_WIDE_GEMM=f16|int8`, f16 by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +206,8 @@ pub fn wide_scratch_estimate(ct: &gguf_file::Content, cfg: &ModelConfig) -> usiz
     if !fused || forced.as_deref() == Some("0") {
         return 0;
     }
-    // Elements of each layer's projections, and whether all are in checked layouts.
+    // Elements of each layer's projections, and whether all are in checked layouts (Q|K|V
+    // counted as one matrix: an upper bound where the engine splits it by layout).
     let mut largest = 0;
     let mut checked = true;
     for i in 0..cfg.n_layers {
@@ -251,6 +251,7 @@ pub fn wide_scratch_estimate(ct: &gguf_file::Content, cfg: &ModelConfig) -> usiz
     shape.scratch_bytes(WideGemm::from_env() == WideGemm::F16)
 }
 
+/// One sequence's share of a forward pass.
 pub struct SeqInput<'a> {
     /// New tokens; they take the positions after `cache.len()`.
     pub tokens: &'a [u32],

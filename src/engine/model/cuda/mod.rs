@@ -243,7 +243,7 @@ pub struct FusedDecoder {
     wide_ok: bool,
     wide_on: AtomicBool,
     /// Chunks past `prefill_max` up to this long take the tensor path even with
-    /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::default_wide_min`).
+    /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::WIDE_MIN`).
     wide_min: AtomicUsize,
 }
 
@@ -756,10 +756,7 @@ impl FusedDecoder {
                 std::env::var("CANDELA_CUDA_PREFILL").map_or(true, |v| v != "0"),
             ),
             wide_min: AtomicUsize::new(
-                std::env::var("CANDELA_CUDA_WIDE_MIN")
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(batch_plan::default_wide_min(hidden)),
+                env_usize("CANDELA_CUDA_WIDE_MIN").unwrap_or(batch_plan::WIDE_MIN),
             ),
             prefill_max: AtomicUsize::new(
                 std::env::var("CANDELA_CUDA_PREFILL_MAX")

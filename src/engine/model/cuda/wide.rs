@@ -6,7 +6,9 @@
 //!
 //! By default the projections run as f16 GEMMs instead ([`WideGemm::F16`]): each weight
 //! matrix dequantized into an f16 scratch matrix once a pass, the input rows converted
-//! to f16, the product by cuBLAS on tensor cores (`wh_*` in `prefill.cuh`). The int8
+//! to f16, the product by cuBLAS on tensor cores (`wh_*` in `prefill.cuh`); passes of up
+//! to `wq_max` rows (off by default) multiply by one kernel that dequantizes the weight
+//! blocks in shared memory instead (`wq_gemm_*`). The int8
 //! GEMMs read every weight from global memory for each 32 tokens and scale every
 //! half-block's sum in f32, which costs more than dequantizing the weights once and
 //! multiplying densely: 5.2 against 3.6 ms for 512 tokens of the default model's shape,
@@ -245,10 +247,11 @@ impl Inner {
     /// Buffers for passes of `rows` positions, with the current GEMM kind's (and the
     /// cuBLAS handle for the f16 GEMMs).
     fn ensure_wide(&mut self, rows: usize) -> Result<()> {
+        let shape = self.wide_shape();
         if self.wide.as_ref().is_none_or(|w| w.cap < rows) {
             let rows = rows.max(self.wide.as_ref().map_or(0, |w| w.cap));
             self.wide = None;
-            let b = self.wide_shape().buffers(rows);
+            let b = shape.buffers(rows);
             let s = &self.stream;
             self.wide = Some(Wide {
                 cap: rows,
@@ -265,34 +268,23 @@ impl Inner {
         if f16 && self.blas.is_none() {
             self.blas = Some(CudaBlas::new(self.stream.clone()).map_err(err)?);
         }
-        let Some(w) = self.wide.as_ref() else {
+        let (s, Some(w)) = (&self.stream, self.wide.as_mut()) else {
             return Ok(());
         };
-        let b = self.wide_shape().buffers(w.cap);
-        let s = &self.stream;
-        let (i8, h) = match (f16, w.i8.is_none(), w.f16.is_none()) {
-            (false, true, _) => {
-                let i8 = WideI8 {
-                    act: zeros(s, b.act)?,
-                    xq: upload(s, &vec![0u8; b.xq])?,
-                    xds: zeros(s, b.xds)?,
-                };
-                (Some(i8), None)
-            }
-            (true, _, true) => {
-                let h = WideF16 {
-                    xh: alloc_zeros(s, b.xh)?,
-                    w: alloc_zeros(s, b.w)?,
-                    gu: alloc_zeros(s, b.gu)?,
-                    act: alloc_zeros(s, b.act_h)?,
-                };
-                (None, Some(h))
-            }
-            _ => (None, None),
-        };
-        if let Some(w) = self.wide.as_mut() {
-            w.i8 = w.i8.take().or(i8);
-            w.f16 = w.f16.take().or(h);
+        let b = shape.buffers(w.cap);
+        if f16 && w.f16.is_none() {
+            w.f16 = Some(WideF16 {
+                xh: alloc_zeros(s, b.xh)?,
+                w: alloc_zeros(s, b.w)?,
+                gu: alloc_zeros(s, b.gu)?,
+                act: alloc_zeros(s, b.act_h)?,
+            });
+        } else if !f16 && w.i8.is_none() {
+            w.i8 = Some(WideI8 {
+                act: zeros(s, b.act)?,
+                xq: upload(s, &vec![0u8; b.xq])?,
+                xds: zeros(s, b.xds)?,
+            });
         }
         Ok(())
     }
