@@ -85,7 +85,7 @@
 #       (defaults; on llama3-8b also CANDELA_CUDA_WIDE=0), then llama-bench pp512/pp4000
 #       and llama-server's time to first token on them, built in the background meanwhile
 #       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
-#       defaults, DOCTOR_ENV="..." the doctor's prefill lines again with those settings).
+#       defaults, several runs separated by '|' (empty: the defaults), DOCTOR_ENV="..." the doctor's prefill lines again with those settings).
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -575,7 +575,10 @@ wide8b)
     done
     port=8140
     for m in $MODELS; do
-        envs=("${HTTP_ENV:-}"); [ $m = llama3-8b ] && envs+=("CANDELA_CUDA_WIDE=0")
+        # HTTP_ENV: settings in place of the defaults; several runs separated by '|'
+        # (an empty entry: the defaults).
+        IFS='|' read -r -a envs <<<"${HTTP_ENV:-}"; [ ${#envs[@]} = 0 ] && envs=("")
+        [ $m = llama3-8b ] && envs+=("CANDELA_CUDA_WIDE=0")
         for v in "${envs[@]}"; do
             port=$((port + 1))
             echo "== candela over HTTP on $m ${v:-(defaults)} at ${SECONDS} s"
