@@ -86,6 +86,8 @@
 #       and llama-server's time to first token on them, built in the background meanwhile
 #       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
 #       defaults, several runs separated by '|' (empty: the defaults), DOCTOR_ENV="..." the doctor's prefill lines again with those settings).
+#   scripts/cuda/lease.sh prof     carry .device/s: Nsight Compute on `candela doctor --quick`
+#       (KERNELS=regex, COUNT=n, MODEL_NAME=llama3-8b, SECTIONS="..."), report in $OUT.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
 #       `candela doctor` and window_check.py on the synthetic gemma3 alone (~1 min): the
 #       sliding-window KV cache on CUDA against one-pass prefills and against the CPU.
@@ -607,6 +609,26 @@ wide8b)
     else
         echo "llama.cpp: not measured: no llama-server built"; tail -n 5 /root/lcp/build.log
     fi
+    ;;
+prof)
+    # Nsight Compute on `candela doctor --quick` (carry .device/s as synth): the first
+    # COUNT (default 6) launches of the kernels whose names match KERNELS (a regex,
+    # default tcs32_: the 32-sequence batched mat-mats, one layer's and the next's first)
+    # on MODEL (default llama3-8b, written here unless /root/synth has it already), with
+    # the sections in SECTIONS. The report: $OUT/ncu_<model>.txt.
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    m="${MODEL_NAME:-llama3-8b}"
+    if [ -f /root/synth/$m.gguf ] && [ -x /root/candela ]; then echo "reusing /root/synth/$m.gguf"
+    else synth_models $m || exit 1; fi
+    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+    [ -n "$NCU" ] || { echo "ncu: not found"; exit 1; }
+    secs=()
+    for x in ${SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats ComputeWorkloadAnalysis MemoryWorkloadAnalysis SchedulerStats InstructionStats}; do secs+=(--section "$x"); done
+    echo "== $NCU on doctor --quick ($m), kernels ${KERNELS:-tcs32_} at ${SECONDS} s"
+    "$NCU" --clock-control none --kernel-name "regex:${KERNELS:-tcs32_}" --launch-count "${COUNT:-6}" \
+        "${secs[@]}" /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+        --tokens 32 --no-cpu --quick >"$OUT/ncu_$m.txt" 2>"$OUT/ncu_$m.err" || tail -n 20 "$OUT/ncu_$m.err"
+    grep -E "^  [a-z_0-9]+ ?\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|L1/TEX Hit|L2 Hit|Executed Ipc A" "$OUT/ncu_$m.txt" | head -n 200
     ;;
 tune)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
