@@ -56,10 +56,11 @@ fn plan_figures_for_the_default_model() {
     // 1,024 rows hold the residual stream, Q|K|V, roped Q and the attention output in f32
     // (1,024 x (576 + 960 + 576 + 576) x 4), the step buffer (1 + 1,024 x 63 words), the
     // f16 input rows (1,024 x 1,536 x 2), the dequantized gate|up (3,072 x 576 x 2), the
-    // gate|up output in f32 (1,024 x 3,072 x 4) and SwiGLU's in f16 (1,024 x 1,536 x 2).
+    // gate|up output in f32 (1,024 x 3,072 x 4), SwiGLU's in f16 (1,024 x 1,536 x 2)
+    // and cuBLAS's workspace (32 MiB).
     assert_eq!(
         p.gpu_scratch,
-        11_010_048 + 516_104 + 3_145_728 + 3_538_944 + 12_582_912 + 3_145_728
+        11_010_048 + 516_104 + 3_145_728 + 3_538_944 + 12_582_912 + 3_145_728 + (32 << 20)
     );
     let gpu = candela::cli::plan::GpuMemory {
         total: 8 << 30,

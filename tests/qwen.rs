@@ -369,10 +369,10 @@ fn plan_figures_for_qwen() {
     // Q5_0, Q8_0, Q4_K and Q6_K projections all prefill wide on a CUDA card: f32 rows of
     // 1,024 x (896 + 1,152 + 896 + 896), the step buffer (1 + 1,024 x 51 words), f16
     // input rows (1,024 x 4,864), the dequantized gate|up (9,728 x 896 in f16), its f32
-    // output (1,024 x 9,728) and SwiGLU's in f16 (1,024 x 4,864).
+    // output (1,024 x 9,728), SwiGLU's in f16 (1,024 x 4,864) and cuBLAS's workspace.
     assert_eq!(
         p.gpu_scratch,
-        15_728_640 + 417_800 + 9_961_472 + 17_432_576 + 39_845_888 + 9_961_472
+        15_728_640 + 417_800 + 9_961_472 + 17_432_576 + 39_845_888 + 9_961_472 + (32 << 20)
     );
 }
 

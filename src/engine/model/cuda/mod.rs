@@ -182,6 +182,8 @@ struct Inner {
     /// and the cuBLAS handle of the f16 GEMMs, made on first use.
     wide_gemm: std::cell::Cell<WideGemm>,
     blas: Option<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
+    /// Its workspace (`batch_plan::BLAS_WORKSPACE` bytes; dropped after the handle).
+    blas_ws: Option<Buf<u8>>,
     /// With the f16 GEMMs, passes of up to this many rows dequantize each weight block in
     /// shared memory for the product (`wq_gemm_*`) instead of into a matrix in memory
     /// (`CANDELA_CUDA_WIDE_SMEM_MAX`, default `batch_plan::WIDE_SMEM_MAX`).
@@ -708,6 +710,7 @@ impl FusedDecoder {
                 env_usize("CANDELA_CUDA_WIDE_SMEM_MAX").unwrap_or(batch_plan::WIDE_SMEM_MAX),
             ),
             blas: None,
+            blas_ws: None,
             mm_smem,
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),

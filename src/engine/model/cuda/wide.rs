@@ -15,7 +15,7 @@
 //! 154 against 26 ms for an 8B model's (`candela doctor --prefill`, docs/gpu.md).
 
 use super::*;
-use crate::engine::model::batch_plan::{SeqRecord, WideShape, WIDE_ROWS};
+use crate::engine::model::batch_plan::{SeqRecord, WideShape, BLAS_WORKSPACE, WIDE_ROWS};
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 
 /// Rows a `quant_rows` block takes, and a GEMM block's weight rows and token rows
@@ -266,7 +266,22 @@ impl Inner {
         }
         let f16 = self.wide_gemm.get() == WideGemm::F16;
         if f16 && self.blas.is_none() {
-            self.blas = Some(CudaBlas::new(self.stream.clone()).map_err(err)?);
+            let blas = CudaBlas::new(self.stream.clone()).map_err(err)?;
+            // Our own workspace (after the stream: setting one resets it to the library's).
+            let ws = alloc_zeros::<u8>(&self.stream, BLAS_WORKSPACE)?;
+            // SAFETY: `ws` holds BLAS_WORKSPACE bytes and lives in `self` as long as the
+            // handle (dropped after it).
+            unsafe {
+                candle_core::cuda_backend::cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ws.ptr as *mut c_void,
+                    BLAS_WORKSPACE,
+                )
+            }
+            .result()
+            .map_err(err)?;
+            self.blas = Some(blas);
+            self.blas_ws = Some(ws);
         }
         let (s, Some(w)) = (&self.stream, self.wide.as_mut()) else {
             return Ok(());
