@@ -241,6 +241,21 @@ pub fn tc_kernels(
     }
 }
 
+/// Bytes of one stage buffer of the staged 32-column tensor-core kernels (`Tcs32Stage`
+/// in tc.cuh, whose `tcs32_stage_bytes` it mirrors): for `r` weight matrices (2 for
+/// SwiGLU's gate and up) of `quant_bytes` per 32-value block, rounds of `rb` blocks: 16
+/// rows of values (each padded by 16 bytes), their scale pairs, Q4_K's super-block pairs
+/// and 6-bit byte pairs, then 32 columns of quantized activations (padded) and their
+/// scale pairs. `tcs32w_*` take two of them as dynamic shared memory.
+pub fn tcs32_stage_bytes(quant_bytes: usize, r: usize, rb: usize) -> usize {
+    r * 16 * (rb * quant_bytes + 16)
+        + r * 16 * rb * 8
+        + r * 16 * (rb / 8) * 8
+        + r * 16 * rb * 2
+        + 32 * (rb * 32 + 16)
+        + 32 * rb * 8
+}
+
 /// Most position chunks one head's decode attention is split into (the kernels'
 /// `ATT_MAX_CHUNKS`).
 pub const ATT_MAX_CHUNKS: usize = 16;
@@ -748,6 +763,23 @@ mod tests {
         assert_eq!(s.scratch_bytes(false), common + int8);
         // About 0.52 GB with the f16 GEMMs, most of it the dequantized gate|up.
         assert!((510_000_000..530_000_000).contains(&s.scratch_bytes(true)));
+    }
+
+    #[test]
+    fn tcs32_stage_sizes() {
+        // Rounds of 8 blocks (static shared memory: two stages under 48 KB) and of 16
+        // (dynamic: SwiGLU's Q4_K pair the largest, 70,656 bytes for two).
+        assert_eq!(
+            tcs32_stage_bytes(16, 1, 8),
+            2304 + 1024 + 128 + 256 + 8704 + 2048
+        );
+        assert!(2 * tcs32_stage_bytes(32, 2, 8) <= 48 << 10);
+        assert_eq!(2 * tcs32_stage_bytes(16, 2, 16), 70_656);
+        assert_eq!(2 * tcs32_stage_bytes(32, 1, 16), 64_512);
+        assert!(tcs32_stage_bytes(32, 2, 16) > tcs32_stage_bytes(16, 2, 16));
+        for (qb, r, rb) in [(16, 1, 8), (32, 2, 16), (16, 2, 16)] {
+            assert_eq!(tcs32_stage_bytes(qb, r, rb) % 16, 0);
+        }
     }
 
     #[test]

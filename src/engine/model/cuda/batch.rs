@@ -624,19 +624,19 @@ impl Inner {
                 batch_plan::TcKernels::Staged32 => (3, 32, 512),
             };
             let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
+            // Rounds of 16 blocks (`tcs32w_*`, dynamic shared memory) where asked.
+            let (f, smem) = match (&self.f.tcs32w, set == 3 && self.mm_tcs32w.get()) {
+                (Some(w), true) => {
+                    let r = if mode == 2 { 2 } else { 1 };
+                    let bytes = 2 * batch_plan::tcs32_stage_bytes(m.kind.quant_bytes(), r, 16);
+                    (&w[m.kind as usize][mode], bytes as u32)
+                }
+                _ => (&tc[set][m.kind as usize][mode], 0),
+            };
             // SAFETY: matches `TC_ENTRY` (and `TCS_ENTRY`, `TCS32_ENTRY`) in tc.cuh; pq and
             // pds hold the step's columns (quantized just above) and `out` room for
-            // `bucket` rows of `ld`.
-            return unsafe {
-                self.go2(
-                    &tc[set][m.kind as usize][mode],
-                    grid,
-                    threads,
-                    0,
-                    &mut args,
-                    true,
-                )
-            };
+            // `bucket` rows of `ld`; tcs32w's `smem` is the size it checks for.
+            return unsafe { self.go2(f, grid, threads, smem, &mut args, true) };
         }
         let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);
         let f = if batch_plan::wide_columns(ch) {

@@ -121,6 +121,9 @@ struct Funcs {
     /// weights staged through shared memory (batches of up to 8); `[3]`: `tcs32_*`, 32
     /// columns a block with weights and activations staged (batches of more than 8).
     tc: Option<[[[CudaFunction; 3]; 4]; 4]>,
+    /// `tcs32w_*`: `tcs32_*` with rounds of 16 blocks in dynamic shared memory (None
+    /// where the card cannot give them it).
+    tcs32w: Option<[[CudaFunction; 3]; 4]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -210,6 +213,10 @@ struct Inner {
     /// Whether batches of up to 8 take the shared-memory-staged tensor-core kernels: None,
     /// by size; `CANDELA_CUDA_TC_SMEM=0|1` forces it; `candela doctor` times each.
     mm_tcs: std::cell::Cell<Option<bool>>,
+    /// Whether the staged 32-column kernels run in rounds of 16 blocks (`tcs32w_*`)
+    /// rather than 8 (`CANDELA_CUDA_TCS32_WIDE=1`; off by default until timed on a GPU);
+    /// `candela doctor` times both.
+    mm_tcs32w: std::cell::Cell<bool>,
     /// Whether a batch's projection takes the dp4a `mmq_*` kernels (after `qcols_*`)
     /// instead of the tensor-core ones: None, by size (`batch_plan::mmq`);
     /// `CANDELA_CUDA_MMQ=0|1` forces it; `candela doctor` times each.
@@ -553,6 +560,34 @@ impl FusedDecoder {
         } else {
             None
         };
+        let tcs32w = if tc.is_some() {
+            let set = |k: &str, qb: usize| -> Result<Option<[CudaFunction; 3]>> {
+                let fs = modes(&module, &format!("tcs32w_{k}"))?;
+                for (mode, f) in fs.iter().enumerate() {
+                    let r = if mode == 2 { 2 } else { 1 };
+                    let bytes = 2 * batch_plan::tcs32_stage_bytes(qb, r, 16);
+                    let raised = f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    );
+                    if raised.is_err() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(fs))
+            };
+            match (
+                set("q4_0", 16)?,
+                set("q4_1", 16)?,
+                set("q8_0", 32)?,
+                set("q4_k", 16)?,
+            ) {
+                (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let f = Funcs {
             mv: [
                 mv_set("q4_0")?,
@@ -580,6 +615,7 @@ impl FusedDecoder {
                 load("qcols_q4_k")?,
             ],
             tc,
+            tcs32w,
             embed_rows: load("embed_rows")?,
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
@@ -716,6 +752,7 @@ impl FusedDecoder {
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
+            mm_tcs32w: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS32_WIDE").unwrap_or(false)),
             mm_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MMQ")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
@@ -1062,49 +1099,75 @@ impl FusedDecoder {
                     32,
                     Some(true),
                     Some(true),
+                    false,
                     "32 columns a block, staged, for every matrix",
                 ),
                 (
                     32,
                     Some(true),
+                    Some(true),
+                    true,
+                    "32 columns a block, staged in rounds of 16 blocks, for every matrix",
+                ),
+                (
+                    32,
+                    Some(true),
                     Some(false),
+                    false,
                     "32 columns a block, unstaged, for every matrix",
                 ),
                 (
                     32,
                     Some(false),
                     Some(false),
+                    false,
                     "8 columns a block for every matrix",
                 ),
                 (
                     32,
                     Some(false),
                     Some(true),
+                    false,
                     "8 columns a block, staged, for every matrix",
                 ),
                 (
                     64,
                     Some(true),
                     Some(true),
+                    false,
                     "32 columns a block, staged, for every matrix",
+                ),
+                (
+                    64,
+                    Some(true),
+                    Some(true),
+                    true,
+                    "32 columns a block, staged in rounds of 16 blocks, for every matrix",
                 ),
                 (
                     64,
                     Some(false),
                     Some(false),
+                    false,
                     "8 columns a block for every matrix",
                 ),
                 (
                     8,
                     None,
                     Some(true),
+                    false,
                     "weights staged in shared memory for every matrix",
                 ),
-                (8, None, Some(false), "weights staged for no matrix"),
+                (8, None, Some(false), false, "weights staged for no matrix"),
             ];
-            for (bucket, tc32, tcs, label) in forced {
+            let default_w = g.mm_tcs32w.get();
+            for (bucket, tc32, tcs, wide_rounds, label) in forced {
+                if wide_rounds && g.f.tcs32w.is_none() {
+                    continue;
+                }
                 g.mm_tc32.set(tc32);
                 g.mm_tcs.set(tcs);
+                g.mm_tcs32w.set(wide_rounds);
                 cache.reserve(256 + bucket)?;
                 let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
                 s += &format!(
@@ -1112,6 +1175,7 @@ impl FusedDecoder {
                     bucket as f64 * 1e6 / step
                 );
             }
+            g.mm_tcs32w.set(default_w);
             g.mm_tc32.set(default_tc32);
             g.mm_tcs.set(default_tcs);
             // At 8 rows: the dp4a kernels on once-quantized columns for every matrix

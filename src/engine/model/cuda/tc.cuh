@@ -241,6 +241,13 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// Bytes of dynamic shared memory the block was launched with.
+__device__ __forceinline__ unsigned dyn_smem() {
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+
 #define TCS_BLOCKS 16  // 32-value blocks of a row a round stages
 
 template <int KIND, int MODE>
@@ -406,36 +413,52 @@ TCS_ENTRIES(KIND_Q4_K, q4_k)
 // used) and the step's quantized activations and their scales. A round is 8 blocks (16
 // half-blocks) of the 16 rows; warp w takes half-block w of each round, so over two
 // rounds it stands for lanes w and w + 16 of the mat-vec's tree, as tc32's warps do.
+// tcs32w_*: the same with rounds of 16 blocks (32 half-blocks): warp w takes half-blocks
+// w and w + 16 of each round (lanes w and w + 16), half the rounds and barriers for
+// twice the work between them; its stage buffers (up to 71 KB) are dynamic shared
+// memory, tcs32w_smem_bytes of it.
 
-#define TCS32_BLOCKS 8
+// A compile-time lane-sum index, for tcs32's half-block lambda.
+template <int L>
+struct LaneSum {
+    static constexpr int value = L;
+};
 
-template <int KIND, int R>
+template <int KIND, int R, int RB>
 struct Tcs32Stage {
     static constexpr int QB = KIND == KIND_Q8_0 ? 32 : 16;
     // Rows padded by 16 bytes so that a fragment's 8 rows (columns) fall in different
     // banks.
-    uint8_t w[R][16][TCS32_BLOCKS * QB + 16];
-    float2 wsc[R][16][TCS32_BLOCKS];  // (scale, offset) or Q8_0's two half scales
-    float2 kdd[R][16];                // Q4_K: the round's super-block (d, -dmin)
-    uchar2 ksm[R][16][TCS32_BLOCKS];  // Q4_K: the blocks' 6-bit (sc, m)
-    uint8_t act[32][TCS32_BLOCKS * QK + 16];
-    float2 asc[32][TCS32_BLOCKS];
+    uint8_t w[R][16][RB * QB + 16];
+    float2 wsc[R][16][RB];     // (scale, offset) or Q8_0's two half scales
+    float2 kdd[R][16][RB / 8]; // Q4_K: the round's super-blocks' (d, -dmin)
+    uchar2 ksm[R][16][RB];     // Q4_K: the blocks' 6-bit (sc, m)
+    uint8_t act[32][RB * QK + 16];
+    float2 asc[32][RB];
 };
 
-template <int KIND, int MODE>
+// Bytes of a Tcs32Stage, spelled out (the host computes the same to size tcs32w's
+// dynamic shared memory; every part is a multiple of 16 bytes).
+__host__ __device__ constexpr int tcs32_stage_bytes(int qb, int r, int rb) {
+    return r * 16 * (rb * qb + 16) + r * 16 * rb * 8 + r * 16 * (rb / 8) * 8 + r * 16 * rb * 2 +
+           32 * (rb * QK + 16) + 32 * rb * 8;
+}
+
+template <int KIND, int MODE, int RB>
 __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                              const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                              const float* __restrict__ bias, int Nrows,
                              float* __restrict__ out, int ld, const int8_t* __restrict__ pq,
-                             const float2* __restrict__ pds) {
+                             const float2* __restrict__ pds, uint8_t* smem) {
 #if __CUDA_ARCH__ >= 800
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    constexpr int W = 16, NT = 4, LPW = 32 / W, RB = TCS32_BLOCKS, HB = 2 * RB;
-    using St = Tcs32Stage<KIND, R>;
+    constexpr int W = 16, NT = 4, LPW = 32 / W, HB = 2 * RB;
+    static_assert(RB == 8 || RB == 16, "rounds of 8 or 16 blocks");
+    using St = Tcs32Stage<KIND, R, RB>;
     constexpr int QB = St::QB;
+    static_assert(sizeof(St) == tcs32_stage_bytes(QB, R, RB), "the host's size of the stage");
     constexpr int RED = (W / 2) * R * NT * 32 * 4 * (int)sizeof(float);
     static_assert(RED <= 2 * (int)sizeof(St), "the reduction reuses the stage buffers");
-    __shared__ __align__(16) uint8_t smem[2 * sizeof(St)];
     St* stg = (St*)smem;
     const int nb = K / QK, nh = 2 * nb;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
@@ -456,16 +479,20 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
             cp_async16(&s.w[m][rr][ch * 16], qs + ((size_t)r * nb + b0) * QB + ch * 16);
         }
         if (KIND == KIND_Q4_K) {
-            // Per row: the super-block pair (rounds are super-block aligned: 8 blocks)
-            // and the 8 blocks' byte pairs, 8 bytes a copy.
-            for (int c = threadIdx.x; c < R * 16 * 3; c += blockDim.x) {
-                const int m = c / 48, rr = (c / 3) % 16, part = c % 3;
+            // Per row: the super-block pairs (rounds are super-block aligned: 8 blocks a
+            // super-block, K a multiple of 256) and the blocks' byte pairs, 8 bytes (4
+            // blocks) a copy.
+            constexpr int SB = RB / 8, PARTS = SB + RB / 4;
+            for (int c = threadIdx.x; c < R * 16 * PARTS; c += blockDim.x) {
+                const int m = c / (16 * PARTS), rr = (c / PARTS) % 16, part = c % PARTS;
                 const int r = min(r0 + rr, rows - 1) + m * rows;
                 const uint8_t* srow = (const uint8_t*)dm + (size_t)r * scale_bytes<KIND>(nb);
-                if (part == 0)
-                    cp_async8(&s.kdd[m][rr], srow + 8 * (b0 >> 3));
-                else
-                    cp_async8(&s.ksm[m][rr][4 * (part - 1)], srow + nb + 2 * b0 + 8 * (part - 1));
+                if (part < SB) {
+                    if (8 * part < nbk) cp_async8(&s.kdd[m][rr][part], srow + 8 * ((b0 >> 3) + part));
+                } else {
+                    const int q = part - SB;
+                    if (4 * q < nbk) cp_async8(&s.ksm[m][rr][4 * q], srow + nb + 2 * b0 + 8 * q);
+                }
             }
         } else {
             for (int c = threadIdx.x; c < R * 16 * RB; c += blockDim.x) {
@@ -507,60 +534,79 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     cp_async_commit();
     float acc[R][LPW][NT][4] = {};
     const int rounds = (nb + RB - 1) / RB;
-    // Two rounds a turn, so that the lane a half-block stands for (w, then w + 16) is
-    // known at compile time.
-    for (int k0 = 0; k0 < rounds; k0 += 2) {
+    // Half-block `il` of the staged round `s` (block il / 2, half il % 2) into the lane
+    // sums acc[.][L] (L: the lane it stands for is w + 16 L).
+    auto half = [&](const St& s, int il, auto lc) {
+        constexpr int L = decltype(lc)::value;
+        const int bl = il >> 1, h = il & 1;
+        int a[R][2];
+        float2 sc[R][2];
 #pragma unroll
-        for (int l = 0; l < 2; ++l) {
-            const int k = k0 + l;
-            if (k < rounds) {
-                if (k + 1 < rounds) {
-                    stage_w(k + 1);
-                    stage_a(k + 1, n);
-                    cp_async_commit();
-                    cp_async_wait<1>();
+        for (int m = 0; m < R; ++m) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const uint8_t* wb = &s.w[m][g + 8 * q][bl * QB];
+                a[m][q] = a_word_staged<KIND>(wb, h, t);
+                if (KIND == KIND_Q4_K) {
+                    // nibble_pair's arithmetic on the staged bytes.
+                    sc[m][q] = q4k_pair(s.kdd[m][g + 8 * q][bl >> 3], s.ksm[m][g + 8 * q][bl]);
                 } else {
-                    cp_async_wait<0>();
+                    sc[m][q] = s.wsc[m][g + 8 * q][bl];
                 }
-                __syncthreads();
-                const St& s = stg[k & 1];
-                const int i = HB * k + warp;  // lane (i mod 32)'s next half-block
-                if (i < nh) {
-                    const int bl = warp >> 1, h = warp & 1;
-                    int a[R][2];
-                    float2 sc[R][2];
-#pragma unroll
-                    for (int m = 0; m < R; ++m) {
-#pragma unroll
-                        for (int q = 0; q < 2; ++q) {
-                            const uint8_t* wb = &s.w[m][g + 8 * q][bl * QB];
-                            a[m][q] = a_word_staged<KIND>(wb, h, t);
-                            if (KIND == KIND_Q4_K) {
-                                // nibble_pair's arithmetic on the staged bytes.
-                                sc[m][q] = q4k_pair(s.kdd[m][g + 8 * q], s.ksm[m][g + 8 * q][bl]);
-                            } else {
-                                sc[m][q] = s.wsc[m][g + 8 * q][bl];
-                            }
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        const int bw = *(const int*)&s.act[8 * j + g][bl * QK + h * 16 + 4 * t];
-                        const float2 d[2] = {s.asc[8 * j + 2 * t][bl], s.asc[8 * j + 2 * t + 1][bl]};
-#pragma unroll
-                        for (int m = 0; m < R; ++m) {
-                            int c[4];
-                            mma_s8(c, a[m][0], a[m][1], bw);
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                mma_scale_add<KIND>(acc[m][l][j][e], sc[m][e >> 1], d[e & 1],
-                                                    h, c[e]);
-                            }
-                        }
-                    }
-                }
-                __syncthreads();  // the next round's copies go into this buffer
             }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int bw = *(const int*)&s.act[8 * j + g][bl * QK + h * 16 + 4 * t];
+            const float2 d[2] = {s.asc[8 * j + 2 * t][bl], s.asc[8 * j + 2 * t + 1][bl]};
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                int c[4];
+                mma_s8(c, a[m][0], a[m][1], bw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    mma_scale_add<KIND>(acc[m][L][j][e], sc[m][e >> 1], d[e & 1], h, c[e]);
+                }
+            }
+        }
+    };
+    auto next = [&](int k) {
+        if (k + 1 < rounds) {
+            stage_w(k + 1);
+            stage_a(k + 1, n);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+    };
+    if constexpr (RB == 8) {
+        // Two rounds a turn, so that the lane a half-block stands for (w, then w + 16)
+        // is known at compile time.
+        for (int k0 = 0; k0 < rounds; k0 += 2) {
+#pragma unroll
+            for (int l = 0; l < 2; ++l) {
+                const int k = k0 + l;
+                if (k < rounds) {
+                    next(k);
+                    if (HB * k + warp < nh) {
+                        if (l == 0)
+                            half(stg[k & 1], warp, LaneSum<0>{});
+                        else
+                            half(stg[k & 1], warp, LaneSum<1>{});
+                    }
+                    __syncthreads();  // the next round's copies go into this buffer
+                }
+            }
+        }
+    } else {
+        for (int k = 0; k < rounds; ++k) {
+            next(k);
+            if (HB * k + warp < nh) half(stg[k & 1], warp, LaneSum<0>{});
+            if (HB * k + 16 + warp < nh)
+                half(stg[k & 1], 16 + warp, LaneSum<1>{});
+            __syncthreads();  // the next round's copies go into this buffer
         }
     }
     // The stage buffers are free now: the reduction's room.
@@ -578,7 +624,19 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
         const float2* __restrict__ pds) {                                                    \
-        tcs32_matmat<KIND, MODE>(step, K, qs, dm, bias, N, out, ld, pq, pds);                \
+        constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
+        __shared__ __align__(16) uint8_t smem[2 * sizeof(Tcs32Stage<KIND, R, 8>)];           \
+        tcs32_matmat<KIND, MODE, 8>(step, K, qs, dm, bias, N, out, ld, pq, pds, smem);       \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(512, MINB) tcs32w_##KNAME##_##MNAME(         \
+        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
+        const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
+        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
+        const float2* __restrict__ pds) {                                                    \
+        constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
+        extern __shared__ __align__(16) uint8_t dsmem[];                                     \
+        if (dyn_smem() < 2 * sizeof(Tcs32Stage<KIND, R, 16>)) __trap();                      \
+        tcs32_matmat<KIND, MODE, 16>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem);     \
     }
 #define TCS32_ENTRIES(KIND, KNAME)                                                           \
     TCS32_ENTRY(KIND, KNAME, MODE_STORE, store, 2)                                           \
