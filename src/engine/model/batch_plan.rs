@@ -246,7 +246,8 @@ pub fn tc_kernels(
 /// SwiGLU's gate and up) of `quant_bytes` per 32-value block, rounds of `rb` blocks: 16
 /// rows of values (each padded by 16 bytes), their scale pairs, Q4_K's super-block pairs
 /// and 6-bit byte pairs, then 32 columns of quantized activations (padded) and their
-/// scale pairs. `tcs32w_*` take two of them as dynamic shared memory.
+/// scale pairs. `tcs32w_*` and `tcs32p_*` take two or four of them as dynamic shared
+/// memory.
 pub fn tcs32_stage_bytes(quant_bytes: usize, r: usize, rb: usize) -> usize {
     r * 16 * (rb * quant_bytes + 16)
         + r * 16 * rb * 8

@@ -624,18 +624,21 @@ impl Inner {
                 batch_plan::TcKernels::Staged32 => (3, 32, 512),
             };
             let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
-            // Rounds of 16 blocks (`tcs32w_*`, dynamic shared memory) where asked.
-            let (f, smem) = match (&self.f.tcs32w, set == 3 && self.mm_tcs32w.get()) {
-                (Some(w), true) => {
+            // Another staging shape (`tcs32w_*`, `tcs32p_*`: dynamic shared memory)
+            // where asked.
+            let v = self.mm_tcs32v.get();
+            let (f, smem) = match (&self.f.tcs32v, set == 3 && v > 0) {
+                (Some(fs), true) => {
                     let r = if mode == 2 { 2 } else { 1 };
-                    let bytes = 2 * batch_plan::tcs32_stage_bytes(m.kind.quant_bytes(), r, 16);
-                    (&w[m.kind as usize][mode], bytes as u32)
+                    let (rb, ns) = super::TCS32_SHAPES[v];
+                    let bytes = ns * batch_plan::tcs32_stage_bytes(m.kind.quant_bytes(), r, rb);
+                    (&fs[v - 1][m.kind as usize][mode], bytes as u32)
                 }
                 _ => (&tc[set][m.kind as usize][mode], 0),
             };
             // SAFETY: matches `TC_ENTRY` (and `TCS_ENTRY`, `TCS32_ENTRY`) in tc.cuh; pq and
             // pds hold the step's columns (quantized just above) and `out` room for
-            // `bucket` rows of `ld`; tcs32w's `smem` is the size it checks for.
+            // `bucket` rows of `ld`; tcs32w/p's `smem` is the size they check for.
             return unsafe { self.go2(f, grid, threads, smem, &mut args, true) };
         }
         let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);

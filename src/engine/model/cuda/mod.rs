@@ -121,9 +121,10 @@ struct Funcs {
     /// weights staged through shared memory (batches of up to 8); `[3]`: `tcs32_*`, 32
     /// columns a block with weights and activations staged (batches of more than 8).
     tc: Option<[[[CudaFunction; 3]; 4]; 4]>,
-    /// `tcs32w_*`: `tcs32_*` with rounds of 16 blocks in dynamic shared memory (None
-    /// where the card cannot give them it).
-    tcs32w: Option<[[CudaFunction; 3]; 4]>,
+    /// `tcs32_*`'s other staging shapes, in dynamic shared memory (None where the card
+    /// cannot give them it): `[0]` `tcs32w_*` (rounds of 16 blocks, two buffers), `[1]`
+    /// `tcs32p_*` (rounds of 8, four buffers); [`TCS32_SHAPES`] gives each one's.
+    tcs32v: Option<[[[CudaFunction; 3]; 4]; 2]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -213,10 +214,11 @@ struct Inner {
     /// Whether batches of up to 8 take the shared-memory-staged tensor-core kernels: None,
     /// by size; `CANDELA_CUDA_TC_SMEM=0|1` forces it; `candela doctor` times each.
     mm_tcs: std::cell::Cell<Option<bool>>,
-    /// Whether the staged 32-column kernels run in rounds of 16 blocks (`tcs32w_*`)
-    /// rather than 8 (`CANDELA_CUDA_TCS32_WIDE=1`; off by default until timed on a GPU);
-    /// `candela doctor` times both.
-    mm_tcs32w: std::cell::Cell<bool>,
+    /// The staged 32-column kernels' staging shape, an index into [`TCS32_SHAPES`]: 0
+    /// rounds of 8 blocks and two buffers (`tcs32_*`, the default until the others are
+    /// timed on a GPU), 1 rounds of 16 (`tcs32w_*`), 2 four buffers (`tcs32p_*`);
+    /// `CANDELA_CUDA_TCS32_ROUNDS=8x2|16x2|8x4`; `candela doctor` times each.
+    mm_tcs32v: std::cell::Cell<usize>,
     /// Whether a batch's projection takes the dp4a `mmq_*` kernels (after `qcols_*`)
     /// instead of the tensor-core ones: None, by size (`batch_plan::mmq`);
     /// `CANDELA_CUDA_MMQ=0|1` forces it; `candela doctor` times each.
@@ -278,6 +280,23 @@ impl Drop for Inner {
 /// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
 /// An on/off switch from the environment: Some(false) for "0", Some(true) for "1", None
 /// (the default choice) when unset or anything else.
+/// The staged 32-column kernels' shapes: (blocks a round, stage buffers) of `tcs32_*`,
+/// `tcs32w_*` and `tcs32p_*`.
+const TCS32_SHAPES: [(usize, usize); 3] = [(8, 2), (16, 2), (8, 4)];
+
+/// `CANDELA_CUDA_TCS32_ROUNDS=BxS` as an index into [`TCS32_SHAPES`] (0 when unset or
+/// not one of them).
+fn tcs32_shape_from_env() -> usize {
+    std::env::var("CANDELA_CUDA_TCS32_ROUNDS")
+        .ok()
+        .and_then(|v| {
+            TCS32_SHAPES
+                .iter()
+                .position(|(rb, ns)| v == format!("{rb}x{ns}"))
+        })
+        .unwrap_or(0)
+}
+
 fn env_switch(name: &str) -> Option<bool> {
     match std::env::var(name).as_deref() {
         Ok("0") => Some(false),
@@ -560,12 +579,12 @@ impl FusedDecoder {
         } else {
             None
         };
-        let tcs32w = if tc.is_some() {
-            let set = |k: &str, qb: usize| -> Result<Option<[CudaFunction; 3]>> {
-                let fs = modes(&module, &format!("tcs32w_{k}"))?;
+        let tcs32v = if tc.is_some() {
+            let set = |prefix: &str, k: &str, qb: usize, (rb, ns): (usize, usize)| {
+                let fs = modes(&module, &format!("{prefix}_{k}"))?;
                 for (mode, f) in fs.iter().enumerate() {
                     let r = if mode == 2 { 2 } else { 1 };
-                    let bytes = 2 * batch_plan::tcs32_stage_bytes(qb, r, 16);
+                    let bytes = ns * batch_plan::tcs32_stage_bytes(qb, r, rb);
                     let raised = f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         bytes as i32,
@@ -574,15 +593,24 @@ impl FusedDecoder {
                         return Ok(None);
                     }
                 }
-                Ok(Some(fs))
+                Ok::<_, candle_core::Error>(Some(fs))
             };
-            match (
-                set("q4_0", 16)?,
-                set("q4_1", 16)?,
-                set("q8_0", 32)?,
-                set("q4_k", 16)?,
-            ) {
-                (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+            let shape = |i: usize, prefix: &str| -> Result<Option<[[CudaFunction; 3]; 4]>> {
+                let sh = TCS32_SHAPES[i];
+                Ok(
+                    match (
+                        set(prefix, "q4_0", 16, sh)?,
+                        set(prefix, "q4_1", 16, sh)?,
+                        set(prefix, "q8_0", 32, sh)?,
+                        set(prefix, "q4_k", 16, sh)?,
+                    ) {
+                        (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+                        _ => None,
+                    },
+                )
+            };
+            match (shape(1, "tcs32w")?, shape(2, "tcs32p")?) {
+                (Some(w), Some(p)) => Some([w, p]),
                 _ => None,
             }
         } else {
@@ -615,7 +643,7 @@ impl FusedDecoder {
                 load("qcols_q4_k")?,
             ],
             tc,
-            tcs32w,
+            tcs32v,
             embed_rows: load("embed_rows")?,
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
@@ -752,7 +780,7 @@ impl FusedDecoder {
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
-            mm_tcs32w: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS32_WIDE").unwrap_or(false)),
+            mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
             mm_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MMQ")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
@@ -1094,80 +1122,102 @@ impl FusedDecoder {
         if g.f.tc.is_some() {
             g.mm_tc.set(true);
             g.mm_q.set(Some(false));
+            // (rows, 32-column blocks, staging, tcs32 shape, label)
+            let c32 = "32 columns a block";
             let forced = [
                 (
                     32,
                     Some(true),
                     Some(true),
-                    false,
-                    "32 columns a block, staged, for every matrix",
+                    0,
+                    format!("{c32}, staged, for every matrix"),
                 ),
                 (
                     32,
                     Some(true),
                     Some(true),
-                    true,
-                    "32 columns a block, staged in rounds of 16 blocks, for every matrix",
+                    1,
+                    format!("{c32}, staged in rounds of 16 blocks, for every matrix"),
+                ),
+                (
+                    32,
+                    Some(true),
+                    Some(true),
+                    2,
+                    format!("{c32}, staged with four buffers, for every matrix"),
                 ),
                 (
                     32,
                     Some(true),
                     Some(false),
-                    false,
-                    "32 columns a block, unstaged, for every matrix",
+                    0,
+                    format!("{c32}, unstaged, for every matrix"),
                 ),
                 (
                     32,
                     Some(false),
                     Some(false),
-                    false,
-                    "8 columns a block for every matrix",
+                    0,
+                    "8 columns a block for every matrix".into(),
                 ),
                 (
                     32,
                     Some(false),
                     Some(true),
-                    false,
-                    "8 columns a block, staged, for every matrix",
+                    0,
+                    "8 columns a block, staged, for every matrix".into(),
                 ),
                 (
                     64,
                     Some(true),
                     Some(true),
-                    false,
-                    "32 columns a block, staged, for every matrix",
+                    0,
+                    format!("{c32}, staged, for every matrix"),
                 ),
                 (
                     64,
                     Some(true),
                     Some(true),
-                    true,
-                    "32 columns a block, staged in rounds of 16 blocks, for every matrix",
+                    1,
+                    format!("{c32}, staged in rounds of 16 blocks, for every matrix"),
+                ),
+                (
+                    64,
+                    Some(true),
+                    Some(true),
+                    2,
+                    format!("{c32}, staged with four buffers, for every matrix"),
                 ),
                 (
                     64,
                     Some(false),
                     Some(false),
-                    false,
-                    "8 columns a block for every matrix",
+                    0,
+                    "8 columns a block for every matrix".into(),
                 ),
                 (
                     8,
                     None,
                     Some(true),
-                    false,
-                    "weights staged in shared memory for every matrix",
+                    0,
+                    "weights staged in shared memory for every matrix".into(),
                 ),
-                (8, None, Some(false), false, "weights staged for no matrix"),
+                (
+                    8,
+                    None,
+                    Some(false),
+                    0,
+                    "weights staged for no matrix".into(),
+                ),
             ];
-            let default_w = g.mm_tcs32w.get();
-            for (bucket, tc32, tcs, wide_rounds, label) in forced {
-                if wide_rounds && g.f.tcs32w.is_none() {
+            let default_v = g.mm_tcs32v.get();
+            for (bucket, tc32, tcs, shape, label) in forced {
+                if shape != 0 && g.f.tcs32v.is_none() {
                     continue;
                 }
                 g.mm_tc32.set(tc32);
                 g.mm_tcs.set(tcs);
-                g.mm_tcs32w.set(wide_rounds);
+                g.mm_tcs32v.set(shape);
                 cache.reserve(256 + bucket)?;
                 let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
                 s += &format!(
@@ -1175,7 +1225,7 @@ impl FusedDecoder {
                     bucket as f64 * 1e6 / step
                 );
             }
-            g.mm_tcs32w.set(default_w);
+            g.mm_tcs32v.set(default_v);
             g.mm_tc32.set(default_tc32);
             g.mm_tcs.set(default_tcs);
             // At 8 rows: the dp4a kernels on once-quantized columns for every matrix

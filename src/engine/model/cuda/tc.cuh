@@ -415,8 +415,8 @@ TCS_ENTRIES(KIND_Q4_K, q4_k)
 // rounds it stands for lanes w and w + 16 of the mat-vec's tree, as tc32's warps do.
 // tcs32w_*: the same with rounds of 16 blocks (32 half-blocks): warp w takes half-blocks
 // w and w + 16 of each round (lanes w and w + 16), half the rounds and barriers for
-// twice the work between them; its stage buffers (up to 71 KB) are dynamic shared
-// memory, tcs32w_smem_bytes of it.
+// twice the work between them. tcs32p_*: rounds of 8 with four stage buffers, three
+// rounds' copies in flight while one is multiplied.
 
 // A compile-time lane-sum index, for tcs32's half-block lambda.
 template <int L>
@@ -444,7 +444,7 @@ __host__ __device__ constexpr int tcs32_stage_bytes(int qb, int r, int rb) {
            32 * (rb * QK + 16) + 32 * rb * 8;
 }
 
-template <int KIND, int MODE, int RB>
+template <int KIND, int MODE, int RB, int NS>
 __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                              const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                              const float* __restrict__ bias, int Nrows,
@@ -454,11 +454,12 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
     constexpr int W = 16, NT = 4, LPW = 32 / W, HB = 2 * RB;
     static_assert(RB == 8 || RB == 16, "rounds of 8 or 16 blocks");
+    static_assert(NS >= 2 && NS <= 4, "two to four stage buffers");
     using St = Tcs32Stage<KIND, R, RB>;
     constexpr int QB = St::QB;
     static_assert(sizeof(St) == tcs32_stage_bytes(QB, R, RB), "the host's size of the stage");
     constexpr int RED = (W / 2) * R * NT * 32 * 4 * (int)sizeof(float);
-    static_assert(RED <= 2 * (int)sizeof(St), "the reduction reuses the stage buffers");
+    static_assert(RED <= NS * (int)sizeof(St), "the reduction reuses the stage buffers");
     St* stg = (St*)smem;
     const int nb = K / QK, nh = 2 * nb;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
@@ -467,9 +468,9 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     const int c0 = blockIdx.x * 8 * NT;
     const int r0 = blockIdx.y * 16;
     pdl_launch_dependents();
-    // The weights of round k into buffer k & 1.
+    // The weights of round k into buffer k % NS.
     auto stage_w = [&](int k) {
-        St& s = stg[k & 1];
+        St& s = stg[k % NS];
         const int b0 = k * RB, nbk = min(RB, nb - b0);
         constexpr int CH = RB * QB / 16;  // 16-byte chunks of a row's round
         for (int c = threadIdx.x; c < R * 16 * CH; c += blockDim.x) {
@@ -505,7 +506,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     };
     // The step's activations of round k (columns past the step's n repeat its last).
     auto stage_a = [&](int k, int n) {
-        St& s = stg[k & 1];
+        St& s = stg[k % NS];
         const int b0 = k * RB, nbk = min(RB, nb - b0);
         for (int c = threadIdx.x; c < 32 * RB * 2; c += blockDim.x) {
             const int cc = c / (RB * 2), ch = c % (RB * 2);
@@ -530,10 +531,19 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
         cp_async_wait<0>();
         return;
     }
+    const int rounds = (nb + RB - 1) / RB;
     stage_a(0, n);
     cp_async_commit();
+    // Rounds 1 .. NS - 2 in flight too (a group a round, empty past the end).
+#pragma unroll
+    for (int k = 1; k < NS - 1; ++k) {
+        if (k < rounds) {
+            stage_w(k);
+            stage_a(k, n);
+        }
+        cp_async_commit();
+    }
     float acc[R][LPW][NT][4] = {};
-    const int rounds = (nb + RB - 1) / RB;
     // Half-block `il` of the staged round `s` (block il / 2, half il % 2) into the lane
     // sums acc[.][L] (L: the lane it stands for is w + 16 L).
     auto half = [&](const St& s, int il, auto lc) {
@@ -570,15 +580,15 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
             }
         }
     };
+    // Start round k + NS - 1 (into the buffer round k - 1 used, free since the barrier
+    // after it), then wait for round k's copies.
     auto next = [&](int k) {
-        if (k + 1 < rounds) {
-            stage_w(k + 1);
-            stage_a(k + 1, n);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+        if (k + NS - 1 < rounds) {
+            stage_w(k + NS - 1);
+            stage_a(k + NS - 1, n);
         }
+        cp_async_commit();
+        cp_async_wait<NS - 1>();
         __syncthreads();
     };
     if constexpr (RB == 8) {
@@ -592,9 +602,9 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                     next(k);
                     if (HB * k + warp < nh) {
                         if (l == 0)
-                            half(stg[k & 1], warp, LaneSum<0>{});
+                            half(stg[k % NS], warp, LaneSum<0>{});
                         else
-                            half(stg[k & 1], warp, LaneSum<1>{});
+                            half(stg[k % NS], warp, LaneSum<1>{});
                     }
                     __syncthreads();  // the next round's copies go into this buffer
                 }
@@ -603,9 +613,9 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     } else {
         for (int k = 0; k < rounds; ++k) {
             next(k);
-            if (HB * k + warp < nh) half(stg[k & 1], warp, LaneSum<0>{});
+            if (HB * k + warp < nh) half(stg[k % NS], warp, LaneSum<0>{});
             if (HB * k + 16 + warp < nh)
-                half(stg[k & 1], 16 + warp, LaneSum<1>{});
+                half(stg[k % NS], 16 + warp, LaneSum<1>{});
             __syncthreads();  // the next round's copies go into this buffer
         }
     }
@@ -617,27 +627,31 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
 }
 
 // One matrix: at most 64 registers a thread, so that two blocks share a multiprocessor;
-// SwiGLU's two: one block.
-#define TCS32_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                          \
-    extern "C" __global__ void __launch_bounds__(512, MINB) tcs32_##KNAME##_##MNAME(          \
+// SwiGLU's two: one block. tcs32_*: rounds of 8 blocks, two stage buffers (static shared
+// memory); tcs32w_*: rounds of 16, two buffers; tcs32p_*: rounds of 8, four buffers (three
+// rounds' copies in flight). The last two take NS stage buffers of dynamic shared memory
+// (batch_plan::tcs32_stage_bytes each) and check that they got them.
+#define TCS32_SIG(NAME, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(512, MINB) NAME(                            \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
-        const float2* __restrict__ pds) {                                                    \
-        constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
-        __shared__ __align__(16) uint8_t smem[2 * sizeof(Tcs32Stage<KIND, R, 8>)];           \
-        tcs32_matmat<KIND, MODE, 8>(step, K, qs, dm, bias, N, out, ld, pq, pds, smem);       \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(512, MINB) tcs32w_##KNAME##_##MNAME(         \
-        const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
-        const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
-        float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
-        const float2* __restrict__ pds) {                                                    \
+        const float2* __restrict__ pds)
+#define TCS32_DYN(NAME, KIND, MODE, MINB, RB, NS)                                            \
+    TCS32_SIG(NAME, MINB) {                                                                  \
         constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
         extern __shared__ __align__(16) uint8_t dsmem[];                                     \
-        if (dyn_smem() < 2 * sizeof(Tcs32Stage<KIND, R, 16>)) __trap();                      \
-        tcs32_matmat<KIND, MODE, 16>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem);     \
+        if (dyn_smem() < NS * sizeof(Tcs32Stage<KIND, R, RB>)) __trap();                     \
+        tcs32_matmat<KIND, MODE, RB, NS>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem); \
     }
+#define TCS32_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                          \
+    TCS32_SIG(tcs32_##KNAME##_##MNAME, MINB) {                                               \
+        constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
+        __shared__ __align__(16) uint8_t smem[2 * sizeof(Tcs32Stage<KIND, R, 8>)];           \
+        tcs32_matmat<KIND, MODE, 8, 2>(step, K, qs, dm, bias, N, out, ld, pq, pds, smem);    \
+    }                                                                                        \
+    TCS32_DYN(tcs32w_##KNAME##_##MNAME, KIND, MODE, MINB, 16, 2)                             \
+    TCS32_DYN(tcs32p_##KNAME##_##MNAME, KIND, MODE, MINB, 8, 4)
 #define TCS32_ENTRIES(KIND, KNAME)                                                           \
     TCS32_ENTRY(KIND, KNAME, MODE_STORE, store, 2)                                           \
     TCS32_ENTRY(KIND, KNAME, MODE_ADD, add, 2)                                               \
