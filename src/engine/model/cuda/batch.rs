@@ -628,12 +628,10 @@ impl Inner {
             // where asked.
             let v = self.mm_tcs32v.get();
             let (f, smem) = match (&self.f.tcs32v, set == 3 && v > 0) {
-                (Some(fs), true) => {
-                    let r = if mode == 2 { 2 } else { 1 };
-                    let (rb, ns) = super::TCS32_SHAPES[v];
-                    let bytes = ns * batch_plan::tcs32_stage_bytes(m.kind.quant_bytes(), r, rb);
-                    (&fs[v - 1][m.kind as usize][mode], bytes as u32)
-                }
+                (Some(fs), true) => (
+                    &fs[v - 1][m.kind as usize][mode],
+                    super::tcs32_smem(v, m.kind.quant_bytes(), mode) as u32,
+                ),
                 _ => (&tc[set][m.kind as usize][mode], 0),
             };
             // SAFETY: matches `TC_ENTRY` (and `TCS_ENTRY`, `TCS32_ENTRY`) in tc.cuh; pq and

@@ -277,9 +277,6 @@ impl Drop for Inner {
     }
 }
 
-/// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
-/// An on/off switch from the environment: Some(false) for "0", Some(true) for "1", None
-/// (the default choice) when unset or anything else.
 /// The staged 32-column kernels' shapes: (blocks a round, stage buffers) of `tcs32_*`,
 /// `tcs32w_*` and `tcs32p_*`.
 const TCS32_SHAPES: [(usize, usize); 3] = [(8, 2), (16, 2), (8, 4)];
@@ -302,6 +299,17 @@ fn tcs32_shape_from_env() -> usize {
         .unwrap_or(TCS32_DEFAULT)
 }
 
+/// Dynamic shared memory a launch of shape `shape` (> 0) takes: its stage buffers for a
+/// layout of `quant_bytes` a block in epilogue `mode` (SwiGLU stages two matrices).
+fn tcs32_smem(shape: usize, quant_bytes: usize, mode: usize) -> usize {
+    let (rb, ns) = TCS32_SHAPES[shape];
+    let r = if mode == 2 { 2 } else { 1 };
+    ns * batch_plan::tcs32_stage_bytes(quant_bytes, r, rb)
+}
+
+/// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
+/// An on/off switch from the environment: Some(false) for "0", Some(true) for "1", None
+/// (the default choice) when unset or anything else.
 fn env_switch(name: &str) -> Option<bool> {
     match std::env::var(name).as_deref() {
         Ok("0") => Some(false),
@@ -585,11 +593,10 @@ impl FusedDecoder {
             None
         };
         let tcs32v = if tc.is_some() {
-            let set = |prefix: &str, k: &str, qb: usize, (rb, ns): (usize, usize)| {
+            let set = |prefix: &str, k: &str, qb: usize, shape: usize| {
                 let fs = modes(&module, &format!("{prefix}_{k}"))?;
                 for (mode, f) in fs.iter().enumerate() {
-                    let r = if mode == 2 { 2 } else { 1 };
-                    let bytes = ns * batch_plan::tcs32_stage_bytes(qb, r, rb);
+                    let bytes = tcs32_smem(shape, qb, mode);
                     let raised = f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         bytes as i32,
@@ -600,8 +607,7 @@ impl FusedDecoder {
                 }
                 Ok::<_, candle_core::Error>(Some(fs))
             };
-            let shape = |i: usize, prefix: &str| -> Result<Option<[[CudaFunction; 3]; 4]>> {
-                let sh = TCS32_SHAPES[i];
+            let shape = |sh: usize, prefix: &str| -> Result<Option<[[CudaFunction; 3]; 4]>> {
                 Ok(
                     match (
                         set(prefix, "q4_0", 16, sh)?,
