@@ -61,7 +61,8 @@
 #       llama3-8b: `candela doctor` on both (every tensor-core variant's kernel times, batched
 #       against single-stream bits), candela over HTTP at 1/8/32 streams on both, then
 #       llama-server --parallel 32 over HTTP and llama-batched-bench -npl 1,8,32 on
-#       llama3-8b, built in the background meanwhile.
+#       llama3-8b, built in the background meanwhile. MODELS=llama3-8b: the 8B alone;
+#       TTFT=16,32,512: both servers' time to first token at those prompt lengths too.
 #   scripts/cuda/lease.sh split    carry .device/s (as synth): split decode attention, one call:
 #       `candela doctor` (with the CPU) on smollm2-shape with its defaults and with
 #       CANDELA_CUDA_ATTN_SPLIT=0 (split against unsplit logits, batched against
@@ -505,16 +506,17 @@ peer8b)
     S="${S:-.device/s}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
-    synth_models smollm2-shape llama3-8b || exit 1
-    for m in smollm2-shape llama3-8b; do
+    MODELS="${MODELS:-smollm2-shape llama3-8b}"
+    synth_models $MODELS || exit 1
+    for m in $MODELS; do
         synth_doctor $m "fused path|sequence|bit-identical|batched kernels|kernels at pos 32"
     done
     port=8120
-    for m in smollm2-shape llama3-8b; do
+    for m in $MODELS; do
         port=$((port + 1))
         echo "== candela over HTTP on $m (--max-batch 32) at ${SECONDS} s"
         greedy=""; [ $m = smollm2-shape ] && greedy=--greedy
-        candela_http "candela-$m" /root/synth/$m.gguf $port "" $greedy
+        candela_http "candela-$m" /root/synth/$m.gguf $port "" $greedy ${TTFT:+--ttft $TTFT}
     done
     t0=$SECONDS
     for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
@@ -525,7 +527,8 @@ peer8b)
         echo "== llama3-8b: llama-server --parallel 32 at ${SECONDS} s"
         $LB/llama-server -m $M -ngl 99 -fa on --parallel 32 -c 16384 --port 8129 >"$OUT/llama_server8b.log" 2>&1 &
         LP=$!
-        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8129 --out "$OUT" --name llama-server-8b
+        python3 "$HERE/batch_check.py" --url http://127.0.0.1:8129 --out "$OUT" --name llama-server-8b \
+            ${TTFT:+--ttft $TTFT}
         kill $LP; wait $LP 2>/dev/null
         echo "== llama3-8b: llama-batched-bench at ${SECONDS} s"
         $LB/llama-batched-bench -m $M -ngl 99 -fa on -c 16384 -b 2048 -ub 512 -npp 128 -ntg 128 \
@@ -558,8 +561,9 @@ wide8b)
     # Long-prompt prefill against llama.cpp in one call (carry .device/s as peer1):
     # llama.cpp builds in the background while `candela doctor --prefill` times every way
     # of prefilling on each model (MODELS, default llama3-8b smollm2-shape), then candela's
-    # time to first token over HTTP on each with its defaults (HTTP_ENV="..." in their
-    # place) and, on llama3-8b, with the wide prefill off; then llama-bench (pp512,
+    # time to first token over HTTP (prompt lengths TTFT, default 16,512,4000) on each
+    # with its defaults (HTTP_ENV="..." in their place) and, on llama3-8b, with the wide
+    # prefill off (WIDE_OFF=0: not); then llama-bench (pp512,
     # pp4000) and llama-server's time to first token on the same files (PEER=0: none).
     S="${S:-.device/s}"
     MODELS="${MODELS:-llama3-8b smollm2-shape}"
@@ -584,12 +588,12 @@ wide8b)
         # HTTP_ENV: settings in place of the defaults; several runs separated by '|'
         # (an empty entry: the defaults).
         IFS='|' read -r -a envs <<<"${HTTP_ENV:-}"; [ ${#envs[@]} = 0 ] && envs=("")
-        [ $m = llama3-8b ] && envs+=("CANDELA_CUDA_WIDE=0")
+        [ $m = llama3-8b ] && [ "${WIDE_OFF:-1}" != 0 ] && envs+=("CANDELA_CUDA_WIDE=0")
         for v in "${envs[@]}"; do
             port=$((port + 1))
             echo "== candela over HTTP on $m ${v:-(defaults)} at ${SECONDS} s"
             candela_http "$(echo "candela-$m-${v:-defaults}" | tr '=' '_')" /root/synth/$m.gguf $port "$v" \
-                --streams "" --ttft 16,512,4000
+                --streams "" --ttft "${TTFT:-16,512,4000}"
         done
     done
     [ "${PEER:-1}" = 0 ] && exit 0

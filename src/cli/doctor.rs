@@ -127,12 +127,12 @@ fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<Batched,
     Ok((rate, tokens, hashes))
 }
 
-/// Batched decoding against each sequence stepped alone: aggregate tok/s at 8 and 32
+/// Batched decoding against each sequence stepped alone: aggregate tok/s at 8, 16 and 32
 /// sequences, and how many sequences have the same tokens and the same logits bits.
 fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineError> {
     let (single_rate, ..) = batched(model, prompt, 1, n)?;
     println!("1 sequence: {single_rate:.1} tok/s");
-    for k in [8, 32] {
+    for k in [8, 16, 32] {
         batched(model, prompt, k, 4)?; // warm-up: this width's graph
         let (rate, toks, hashes) = batched(model, prompt, k, n)?;
         let (mut same_toks, mut same_bits) = (0, 0);
@@ -235,16 +235,6 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             model.set_fused_prefill_max(1);
             let wide_min = model.set_fused_wide_min(0);
             let wide = time(&ids, 1).and_then(|_| time(&ids, reps));
-            // Where the default dequantizes in shared memory at this length, also the
-            // pass that dequantizes every matrix into memory first.
-            let smem = model.set_fused_wide_smem_max(0);
-            let in_memory = match smem {
-                Some(max) if n <= max => Some(time(&ids, 1).and_then(|_| time(&ids, reps))),
-                _ => None,
-            };
-            if let Some(max) = smem {
-                model.set_fused_wide_smem_max(max);
-            }
             model.set_fused_prefill_max(usize::MAX);
             if let Some(m) = wide_min {
                 model.set_fused_wide_min(m);
@@ -252,14 +242,6 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             model.set_fused_wide(was_wide);
             let (wide_ms, wide) = wide?;
             line += &format!(", wide {wide_ms:>8.2} ms ({})", compare(&fused, &wide));
-            if let Some(r) = in_memory {
-                let (mem_ms, mem) = r?;
-                line += &format!(
-                    ", wide dequantized to memory {mem_ms:>8.2} ms ({}; against smem: {})",
-                    compare(&fused, &mem),
-                    compare(&wide, &mem)
-                );
-            }
         }
         println!("{line}");
     }

@@ -64,11 +64,12 @@ pub fn columns_per_chunk(k: usize, bucket: usize, smem: usize) -> usize {
 /// of hidden size `hidden` (longer chunks prefill wide or on the tensor path). 64 for
 /// models narrower than 4096: there a batched step of 64 rows takes a few milliseconds,
 /// about what one tensor-path pass costs, and stays bit-identical to decoding token by
-/// token. 16 from 4096 on: on Llama-3-8B's shape (H100) the tensor path took 16.6 ms for
-/// 64 tokens against 66–73 ms of batched steps, and 15.3–17.0 ms for 16 against 19–20.
+/// token. 32 from 4096 on: on Llama-3-8B's shape (H100, `candela doctor --prefill`) 32
+/// tokens took 13.9 ms in batched steps against 19.1 wide (most of a short wide pass is
+/// dequantizing every matrix), 64 tokens 24.7 against 19.3.
 pub fn default_prefill_max(hidden: usize) -> usize {
     if hidden >= 4096 {
-        16
+        32
     } else {
         64
     }
@@ -93,13 +94,6 @@ pub fn wide_by_default(hidden: usize, f16_gemms: bool, layouts_checked: bool) ->
 /// Positions of one wide prefill pass at most; longer chunks run in several passes, each
 /// attending to the cache the earlier ones wrote.
 pub const WIDE_ROWS: usize = 1024;
-
-/// Wide passes of up to this many rows (on the f16 GEMMs) dequantize each weight block in
-/// shared memory for the product rather than every matrix into memory first: one weight
-/// read per 64 rows and no f16 matrix written and read back, which for short chunks
-/// should cost less than the matrix products themselves. 0 (off) until it has been
-/// checked and timed on a GPU; `CANDELA_CUDA_WIDE_SMEM_MAX=N` turns it on.
-pub const WIDE_SMEM_MAX: usize = 0;
 
 /// Bytes of the cuBLAS workspace the f16 GEMMs are given (cuBLAS's own default on
 /// Hopper), allocated with the pass's buffers so that it is counted with them rather
@@ -245,16 +239,31 @@ pub fn tc_kernels(
 /// in tc.cuh, whose `tcs32_stage_bytes` it mirrors): for `r` weight matrices (2 for
 /// SwiGLU's gate and up) of `quant_bytes` per 32-value block, rounds of `rb` blocks: 16
 /// rows of values (each padded by 16 bytes), their scale pairs, Q4_K's super-block pairs
-/// and 6-bit byte pairs, then 32 columns of quantized activations (padded) and their
-/// scale pairs. `tcs32w_*` and `tcs32p_*` take two or four of them as dynamic shared
-/// memory.
-pub fn tcs32_stage_bytes(quant_bytes: usize, r: usize, rb: usize) -> usize {
+/// and 6-bit byte pairs, then `cols` columns (32, or 16 for `tcs16_*`) of quantized
+/// activations (padded) and their scale pairs. `tcs32w_*`, `tcs32p_*` and `tcs16_*` take
+/// two or four of them as dynamic shared memory.
+pub fn tcs32_stage_bytes(quant_bytes: usize, r: usize, rb: usize, cols: usize) -> usize {
     r * 16 * (rb * quant_bytes + 16)
         + r * 16 * rb * 8
         + r * 16 * (rb / 8) * 8
         + r * 16 * rb * 2
-        + 32 * (rb * 32 + 16)
-        + 32 * rb * 8
+        + cols * (rb * 32 + 16)
+        + cols * rb * 8
+}
+
+/// Columns a block of the staged tensor-core kernels takes for a step of `bucket`
+/// columns ([`TcKernels::Staged32`]): by default 16 (`tcs16_*`) for buckets of up to 16,
+/// so that a batch of 9 to 16 does not multiply 16 repeated columns, and 32 for wider
+/// ones; `narrow` forces it (`CANDELA_CUDA_TCS16=0|1`: Some(false) 32 for every bucket,
+/// Some(true) 16 for every bucket, wider ones then taking several 16-column blocks side
+/// by side).
+pub fn staged_columns(bucket: usize, narrow: Option<bool>) -> usize {
+    match narrow {
+        Some(true) => 16,
+        Some(false) => 32,
+        None if bucket <= 16 => 16,
+        None => 32,
+    }
 }
 
 /// Most position chunks one head's decode attention is split into (the kernels'
@@ -719,8 +728,8 @@ mod tests {
         assert_eq!(default_prefill_max(576), 64);
         assert_eq!(default_prefill_max(896), 64);
         assert_eq!(default_prefill_max(2048), 64);
-        assert_eq!(default_prefill_max(4096), 16);
-        assert_eq!(default_prefill_max(8192), 16);
+        assert_eq!(default_prefill_max(4096), 32);
+        assert_eq!(default_prefill_max(8192), 32);
     }
 
     #[test]
@@ -771,16 +780,39 @@ mod tests {
         // Rounds of 8 blocks (static shared memory: two stages under 48 KB) and of 16
         // (dynamic: SwiGLU's Q4_K pair the largest, 70,656 bytes for two).
         assert_eq!(
-            tcs32_stage_bytes(16, 1, 8),
+            tcs32_stage_bytes(16, 1, 8, 32),
             2304 + 1024 + 128 + 256 + 8704 + 2048
         );
-        assert!(2 * tcs32_stage_bytes(32, 2, 8) <= 48 << 10);
-        assert_eq!(2 * tcs32_stage_bytes(16, 2, 16), 70_656);
-        assert_eq!(2 * tcs32_stage_bytes(32, 1, 16), 64_512);
-        assert!(tcs32_stage_bytes(32, 2, 16) > tcs32_stage_bytes(16, 2, 16));
-        for (qb, r, rb) in [(16, 1, 8), (32, 2, 16), (16, 2, 16)] {
-            assert_eq!(tcs32_stage_bytes(qb, r, rb) % 16, 0);
+        assert!(2 * tcs32_stage_bytes(32, 2, 8, 32) <= 48 << 10);
+        assert_eq!(2 * tcs32_stage_bytes(16, 2, 16, 32), 70_656);
+        assert_eq!(2 * tcs32_stage_bytes(32, 1, 16, 32), 64_512);
+        assert!(tcs32_stage_bytes(32, 2, 16, 32) > tcs32_stage_bytes(16, 2, 16, 32));
+        // 16 columns (tcs16_*): the activations' half of the stage halves; two SwiGLU
+        // blocks' Q4_K stages fit a multiprocessor's 228 KB.
+        assert_eq!(
+            tcs32_stage_bytes(16, 2, 16, 32) - tcs32_stage_bytes(16, 2, 16, 16),
+            16 * (16 * 32 + 16) + 16 * 16 * 8
+        );
+        assert!(2 * 2 * tcs32_stage_bytes(16, 2, 16, 16) < 228 << 10);
+        for (qb, r, rb, c) in [
+            (16, 1, 8, 32),
+            (32, 2, 16, 32),
+            (16, 2, 16, 16),
+            (32, 1, 16, 16),
+        ] {
+            assert_eq!(tcs32_stage_bytes(qb, r, rb, c) % 16, 0);
         }
+    }
+
+    #[test]
+    fn batches_of_up_to_16_take_16_column_blocks() {
+        assert_eq!(staged_columns(16, None), 16);
+        assert_eq!(staged_columns(16, Some(true)), 16);
+        assert_eq!(staged_columns(16, Some(false)), 32);
+        assert_eq!(staged_columns(32, None), 32);
+        assert_eq!(staged_columns(32, Some(true)), 16);
+        assert_eq!(staged_columns(64, Some(true)), 16);
+        assert_eq!(staged_columns(64, Some(false)), 32);
     }
 
     #[test]

@@ -432,17 +432,6 @@ impl Model {
         None
     }
 
-    /// The longest wide pass whose f16 GEMMs dequantize the weights in shared memory:
-    /// set it, returning the one before (None without a fused path).
-    pub fn set_fused_wide_smem_max(&self, n: usize) -> Option<usize> {
-        #[cfg(feature = "cuda")]
-        if let Some(d) = &self.fused {
-            return Some(d.set_wide_smem_max(n));
-        }
-        let _ = n;
-        None
-    }
-
     /// Split the fused path's decode attention over position chunks at long contexts
     /// (the default) or not; returns whether this model's fused path splits at all.
     pub fn set_attn_split(&self, on: bool) -> bool {

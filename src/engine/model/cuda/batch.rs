@@ -617,26 +617,37 @@ impl Inner {
             // 8 columns a block (8 warps), or 32 (16 warps) with weights and activations
             // staged for wider batches, or 8 with the weights staged, by the matrix's size.
             let which = batch_plan::tc_kernels(rows, bucket, self.mm_tc32.get(), self.mm_tcs.get());
-            let (set, cols, threads) = match which {
+            let (set, mut cols, threads) = match which {
                 batch_plan::TcKernels::Cols8 => (0, 8, 256),
                 batch_plan::TcKernels::Cols32 => (1, 32, 512),
                 batch_plan::TcKernels::Staged => (2, 8, 256),
                 batch_plan::TcKernels::Staged32 => (3, 32, 512),
             };
-            let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
-            // Another staging shape (`tcs32w_*`, `tcs32p_*`: dynamic shared memory)
-            // where asked.
+            // 16 columns a block for batches of up to 16 (`tcs16_*`), or another staging
+            // shape (`tcs32w_*`, `tcs32p_*`) where asked: dynamic shared memory.
+            let narrow = self.f.tcs16.as_ref().filter(|_| {
+                set == 3 && batch_plan::staged_columns(bucket, self.mm_tcs16.get()) == 16
+            });
             let v = self.mm_tcs32v.get();
-            let (f, smem) = match (&self.f.tcs32v, set == 3 && v > 0) {
-                (Some(fs), true) => (
+            let (f, smem) = match (narrow, &self.f.tcs32v, set == 3 && v > 0) {
+                (Some(fs), _, _) => {
+                    cols = 16;
+                    (
+                        &fs[m.kind as usize][mode],
+                        super::tcs32_smem(1, 16, m.kind.quant_bytes(), mode) as u32,
+                    )
+                }
+                (None, Some(fs), true) => (
                     &fs[v - 1][m.kind as usize][mode],
-                    super::tcs32_smem(v, m.kind.quant_bytes(), mode) as u32,
+                    super::tcs32_smem(v, 32, m.kind.quant_bytes(), mode) as u32,
                 ),
                 _ => (&tc[set][m.kind as usize][mode], 0),
             };
+            let grid = (bucket.div_ceil(cols) as u32, rows.div_ceil(16) as u32);
             // SAFETY: matches `TC_ENTRY` (and `TCS_ENTRY`, `TCS32_ENTRY`) in tc.cuh; pq and
             // pds hold the step's columns (quantized just above) and `out` room for
-            // `bucket` rows of `ld`; tcs32w/p's `smem` is the size they check for.
+            // `bucket` rows of `ld`; tcs32w/p's and tcs16's `smem` is the size they check
+            // for.
             return unsafe { self.go2(f, grid, threads, smem, &mut args, true) };
         }
         let ch = batch_plan::columns_per_chunk(m.k, bucket, self.mm_smem);

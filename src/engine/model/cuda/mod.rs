@@ -125,6 +125,9 @@ struct Funcs {
     /// cannot give them it): `[0]` `tcs32w_*` (rounds of 16 blocks, two buffers), `[1]`
     /// `tcs32p_*` (rounds of 8, four buffers); [`TCS32_SHAPES`] gives each one's.
     tcs32v: Option<[[[CudaFunction; 3]; 4]; 2]>,
+    /// `tcs16_*`: `tcs32w_*` for 16 columns a block (batches of 9 to 16), in dynamic
+    /// shared memory (None where the card cannot give them it).
+    tcs16: Option<[[CudaFunction; 3]; 4]>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
@@ -188,10 +191,6 @@ struct Inner {
     blas: Option<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
     /// Its workspace (`batch_plan::BLAS_WORKSPACE` bytes; dropped after the handle).
     blas_ws: Option<Buf<u8>>,
-    /// With the f16 GEMMs, passes of up to this many rows dequantize each weight block in
-    /// shared memory for the product (`wq_gemm_*`) instead of into a matrix in memory
-    /// (`CANDELA_CUDA_WIDE_SMEM_MAX`, default `batch_plan::WIDE_SMEM_MAX`).
-    wq_max: std::cell::Cell<usize>,
     /// Dynamic shared memory the mat-mat kernels may use on this device.
     mm_smem: usize,
     /// Mat-mat blocks per multiprocessor at most (`CANDELA_CUDA_MM_BLOCKS`; 0: 4 for
@@ -219,6 +218,10 @@ struct Inner {
     /// default), 2 four buffers (`tcs32p_*`); `CANDELA_CUDA_TCS32_ROUNDS=8x2|16x2|8x4`;
     /// `candela doctor` times each.
     mm_tcs32v: std::cell::Cell<usize>,
+    /// Whether the staged kernels take 16 columns a block (`tcs16_*`) rather than 32:
+    /// None, for batches of up to 16 (`batch_plan::staged_columns`);
+    /// `CANDELA_CUDA_TCS16=0|1` forces it for every batch; `candela doctor` times both.
+    mm_tcs16: std::cell::Cell<Option<bool>>,
     /// Whether a batch's projection takes the dp4a `mmq_*` kernels (after `qcols_*`)
     /// instead of the tensor-core ones: None, by size (`batch_plan::mmq`);
     /// `CANDELA_CUDA_MMQ=0|1` forces it; `candela doctor` times each.
@@ -299,12 +302,13 @@ fn tcs32_shape_from_env() -> usize {
         .unwrap_or(TCS32_DEFAULT)
 }
 
-/// Dynamic shared memory a launch of shape `shape` (> 0) takes: its stage buffers for a
-/// layout of `quant_bytes` a block in epilogue `mode` (SwiGLU stages two matrices).
-fn tcs32_smem(shape: usize, quant_bytes: usize, mode: usize) -> usize {
+/// Dynamic shared memory a launch of shape `shape` (> 0) with `cols` columns a block (32,
+/// or 16 for `tcs16_*`, which stages as shape 1) takes: its stage buffers for a layout
+/// of `quant_bytes` a block in epilogue `mode` (SwiGLU stages two matrices).
+fn tcs32_smem(shape: usize, cols: usize, quant_bytes: usize, mode: usize) -> usize {
     let (rb, ns) = TCS32_SHAPES[shape];
     let r = if mode == 2 { 2 } else { 1 };
-    ns * batch_plan::tcs32_stage_bytes(quant_bytes, r, rb)
+    ns * batch_plan::tcs32_stage_bytes(quant_bytes, r, rb, cols)
 }
 
 /// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
@@ -593,10 +597,10 @@ impl FusedDecoder {
             None
         };
         let tcs32v = if tc.is_some() {
-            let set = |prefix: &str, k: &str, qb: usize, shape: usize| {
+            let set = |prefix: &str, k: &str, qb: usize, shape: usize, cols: usize| {
                 let fs = modes(&module, &format!("{prefix}_{k}"))?;
                 for (mode, f) in fs.iter().enumerate() {
-                    let bytes = tcs32_smem(shape, qb, mode);
+                    let bytes = tcs32_smem(shape, cols, qb, mode);
                     let raised = f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         bytes as i32,
@@ -607,26 +611,29 @@ impl FusedDecoder {
                 }
                 Ok::<_, candle_core::Error>(Some(fs))
             };
-            let shape = |sh: usize, prefix: &str| -> Result<Option<[[CudaFunction; 3]; 4]>> {
-                Ok(
-                    match (
-                        set(prefix, "q4_0", 16, sh)?,
-                        set(prefix, "q4_1", 16, sh)?,
-                        set(prefix, "q8_0", 32, sh)?,
-                        set(prefix, "q4_k", 16, sh)?,
-                    ) {
-                        (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
-                        _ => None,
-                    },
-                )
-            };
-            match (shape(1, "tcs32w")?, shape(2, "tcs32p")?) {
+            let shape =
+                |sh: usize, cols: usize, prefix: &str| -> Result<Option<[[CudaFunction; 3]; 4]>> {
+                    Ok(
+                        match (
+                            set(prefix, "q4_0", 16, sh, cols)?,
+                            set(prefix, "q4_1", 16, sh, cols)?,
+                            set(prefix, "q8_0", 32, sh, cols)?,
+                            set(prefix, "q4_k", 16, sh, cols)?,
+                        ) {
+                            (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+                            _ => None,
+                        },
+                    )
+                };
+            let v = match (shape(1, 32, "tcs32w")?, shape(2, 32, "tcs32p")?) {
                 (Some(w), Some(p)) => Some([w, p]),
                 _ => None,
-            }
+            };
+            (v, shape(1, 16, "tcs16")?)
         } else {
-            None
+            (None, None)
         };
+        let (tcs32v, tcs16) = tcs32v;
         let f = Funcs {
             mv: [
                 mv_set("q4_0")?,
@@ -655,6 +662,7 @@ impl FusedDecoder {
             ],
             tc,
             tcs32v,
+            tcs16,
             embed_rows: load("embed_rows")?,
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
@@ -781,9 +789,6 @@ impl FusedDecoder {
             wide_f,
             wide: None,
             wide_gemm: std::cell::Cell::new(WideGemm::from_env()),
-            wq_max: std::cell::Cell::new(
-                env_usize("CANDELA_CUDA_WIDE_SMEM_MAX").unwrap_or(batch_plan::WIDE_SMEM_MAX),
-            ),
             blas: None,
             blas_ws: None,
             mm_smem,
@@ -792,6 +797,7 @@ impl FusedDecoder {
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
+            mm_tcs16: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS16")),
             mm_q: std::cell::Cell::new(env_switch("CANDELA_CUDA_MMQ")),
             mm_tc32: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC32")),
             mm_tc: std::cell::Cell::new(
@@ -943,13 +949,6 @@ impl FusedDecoder {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.wide_shape()
             .scratch_bytes(g.wide_gemm.get() == WideGemm::F16)
-    }
-
-    /// The longest pass whose f16 GEMMs dequantize the weights in shared memory: set it
-    /// (`candela doctor` times both ways), returning the previous limit.
-    pub fn set_wide_smem_max(&self, n: usize) -> usize {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.wq_max.replace(n)
     }
 
     /// How wide passes multiply.
@@ -1105,7 +1104,12 @@ impl FusedDecoder {
         // The batched step's kernels, rows at consecutive positions from 256, with the
         // defaults; then at 8 and 32 rows with the other mat-mats (dp4a or tensor cores).
         let default_tc = g.mm_tc.get();
-        let mut runs = vec![(8, default_tc), (32, default_tc), (64, default_tc)];
+        let mut runs = vec![
+            (8, default_tc),
+            (16, default_tc),
+            (32, default_tc),
+            (64, default_tc),
+        ];
         if g.f.tc.is_some() {
             for bucket in [8, 32] {
                 runs.push((bucket, !default_tc));
@@ -1116,7 +1120,7 @@ impl FusedDecoder {
             g.mm_tc.set(tc);
             cache.reserve(256 + bucket)?;
             let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
-            let variant = match (i < 3, tc) {
+            let variant = match (i < 4, tc) {
                 (true, _) => "",
                 (false, true) => ", tensor cores",
                 (false, false) => ", dp4a",
@@ -1239,6 +1243,22 @@ impl FusedDecoder {
             g.mm_tcs32v.set(default_v);
             g.mm_tc32.set(default_tc32);
             g.mm_tcs.set(default_tcs);
+            // 16 columns a block (`tcs16_*`) and 32 (at 16 rows, half of them repeats),
+            // each forced for every matrix that stages.
+            if g.f.tcs16.is_some() {
+                let default_16 = g.mm_tcs16.get();
+                for (bucket, on) in [(16, true), (16, false), (32, true), (64, true)] {
+                    g.mm_tcs16.set(Some(on));
+                    cache.reserve(256 + bucket)?;
+                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
+                    let cols = if on { 16 } else { 32 };
+                    s += &format!(
+                        "batched kernels, {bucket} rows, tensor cores, staged, {cols} columns a block, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                        bucket as f64 * 1e6 / step
+                    );
+                }
+                g.mm_tcs16.set(default_16);
+            }
             // At 8 rows: the dp4a kernels on once-quantized columns for every matrix
             // whose columns fit them, then for none.
             if g.f.mmq.is_some() {

@@ -425,7 +425,7 @@ struct LaneSum {
     static constexpr int value = L;
 };
 
-template <int KIND, int R, int RB>
+template <int KIND, int R, int RB, int NC = 32>
 struct Tcs32Stage {
     static constexpr int QB = KIND == KIND_Q8_0 ? 32 : 16;
     // Rows padded by 16 bytes so that a fragment's 8 rows (columns) fall in different
@@ -434,18 +434,18 @@ struct Tcs32Stage {
     float2 wsc[R][16][RB];     // (scale, offset) or Q8_0's two half scales
     float2 kdd[R][16][RB / 8]; // Q4_K: the round's super-blocks' (d, -dmin)
     uchar2 ksm[R][16][RB];     // Q4_K: the blocks' 6-bit (sc, m)
-    uint8_t act[32][RB * QK + 16];
-    float2 asc[32][RB];
+    uint8_t act[NC][RB * QK + 16];  // NC columns: 32, or 16 (tcs16_*)
+    float2 asc[NC][RB];
 };
 
 // Bytes of a Tcs32Stage, spelled out (the host computes the same to size tcs32w's
 // dynamic shared memory; every part is a multiple of 16 bytes).
-__host__ __device__ constexpr int tcs32_stage_bytes(int qb, int r, int rb) {
+__host__ __device__ constexpr int tcs32_stage_bytes(int qb, int r, int rb, int nc) {
     return r * 16 * (rb * qb + 16) + r * 16 * rb * 8 + r * 16 * (rb / 8) * 8 + r * 16 * rb * 2 +
-           32 * (rb * QK + 16) + 32 * rb * 8;
+           nc * (rb * QK + 16) + nc * rb * 8;
 }
 
-template <int KIND, int MODE, int RB, int NS>
+template <int KIND, int MODE, int RB, int NS, int NT = 4>
 __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                              const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                              const float* __restrict__ bias, int Nrows,
@@ -453,12 +453,13 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
                              const float2* __restrict__ pds, uint8_t* smem) {
 #if __CUDA_ARCH__ >= 800
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    constexpr int W = 16, NT = 4, LPW = 32 / W, HB = 2 * RB;
+    constexpr int W = 16, LPW = 32 / W, HB = 2 * RB, NC = 8 * NT;
     static_assert(RB == 8 || RB == 16, "rounds of 8 or 16 blocks");
     static_assert(NS >= 2 && NS <= 4, "two to four stage buffers");
-    using St = Tcs32Stage<KIND, R, RB>;
+    static_assert(NT == 2 || NT == 4, "16 or 32 columns");
+    using St = Tcs32Stage<KIND, R, RB, NC>;
     constexpr int QB = St::QB;
-    static_assert(sizeof(St) == tcs32_stage_bytes(QB, R, RB), "the host's size of the stage");
+    static_assert(sizeof(St) == tcs32_stage_bytes(QB, R, RB, NC), "the host's size of the stage");
     constexpr int RED = (W / 2) * R * NT * 32 * 4 * (int)sizeof(float);
     static_assert(RED <= NS * (int)sizeof(St), "the reduction reuses the stage buffers");
     St* stg = (St*)smem;
@@ -509,13 +510,13 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
     auto stage_a = [&](int k, int n) {
         St& s = stg[k % NS];
         const int b0 = k * RB, nbk = min(RB, nb - b0);
-        for (int c = threadIdx.x; c < 32 * RB * 2; c += blockDim.x) {
+        for (int c = threadIdx.x; c < NC * RB * 2; c += blockDim.x) {
             const int cc = c / (RB * 2), ch = c % (RB * 2);
             if (ch >= nbk * 2) continue;
             const int col = min(c0 + cc, n - 1);
             cp_async16(&s.act[cc][ch * 16], pq + (size_t)col * K + b0 * QK + ch * 16);
         }
-        for (int c = threadIdx.x; c < 32 * RB; c += blockDim.x) {
+        for (int c = threadIdx.x; c < NC * RB; c += blockDim.x) {
             const int cc = c / RB, bb = c % RB;
             if (bb >= nbk) continue;
             const int col = min(c0 + cc, n - 1);
@@ -630,20 +631,24 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
 // One matrix: at most 64 registers a thread, so that two blocks share a multiprocessor;
 // SwiGLU's two: one block. tcs32_*: rounds of 8 blocks, two stage buffers (static shared
 // memory); tcs32w_*: rounds of 16, two buffers; tcs32p_*: rounds of 8, four buffers (three
-// rounds' copies in flight). The last two take NS stage buffers of dynamic shared memory
-// (batch_plan::tcs32_stage_bytes each) and check that they got them.
+// rounds' copies in flight); tcs16_*: tcs32w_*'s rounds for 16 columns (two tiles of 8:
+// batches of 9 to 16 no longer multiply 16 repeated columns), two blocks a multiprocessor
+// for SwiGLU too (half the accumulators). The last three take NS stage buffers of
+// dynamic shared memory (batch_plan::tcs32_stage_bytes each) and check that they got
+// them.
 #define TCS32_SIG(NAME, MINB)                                                                \
     extern "C" __global__ void __launch_bounds__(512, MINB) NAME(                            \
         const unsigned long long* __restrict__ step, int K, const uint8_t* __restrict__ qs,  \
         const float2* __restrict__ dm, const float* __restrict__ bias, int N,                \
         float* __restrict__ out, int ld, const int8_t* __restrict__ pq,                      \
         const float2* __restrict__ pds)
-#define TCS32_DYN(NAME, KIND, MODE, MINB, RB, NS)                                            \
+#define TCS32_DYN(NAME, KIND, MODE, MINB, RB, NS, NT)                                        \
     TCS32_SIG(NAME, MINB) {                                                                  \
         constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
         extern __shared__ __align__(16) uint8_t dsmem[];                                     \
-        if (dyn_smem() < NS * sizeof(Tcs32Stage<KIND, R, RB>)) __trap();                     \
-        tcs32_matmat<KIND, MODE, RB, NS>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem); \
+        if (dyn_smem() < NS * sizeof(Tcs32Stage<KIND, R, RB, 8 * NT>)) __trap();             \
+        tcs32_matmat<KIND, MODE, RB, NS, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds,     \
+                                             dsmem);                                         \
     }
 #define TCS32_ENTRY(KIND, KNAME, MODE, MNAME, MINB)                                          \
     TCS32_SIG(tcs32_##KNAME##_##MNAME, MINB) {                                               \
@@ -651,8 +656,9 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
         __shared__ __align__(16) uint8_t smem[2 * sizeof(Tcs32Stage<KIND, R, 8>)];           \
         tcs32_matmat<KIND, MODE, 8, 2>(step, K, qs, dm, bias, N, out, ld, pq, pds, smem);    \
     }                                                                                        \
-    TCS32_DYN(tcs32w_##KNAME##_##MNAME, KIND, MODE, MINB, 16, 2)                             \
-    TCS32_DYN(tcs32p_##KNAME##_##MNAME, KIND, MODE, MINB, 8, 4)
+    TCS32_DYN(tcs32w_##KNAME##_##MNAME, KIND, MODE, MINB, 16, 2, 4)                          \
+    TCS32_DYN(tcs32p_##KNAME##_##MNAME, KIND, MODE, MINB, 8, 4, 4)                           \
+    TCS32_DYN(tcs16_##KNAME##_##MNAME, KIND, MODE, 2, 16, 2, 2)
 #define TCS32_ENTRIES(KIND, KNAME)                                                           \
     TCS32_ENTRY(KIND, KNAME, MODE_STORE, store, 2)                                           \
     TCS32_ENTRY(KIND, KNAME, MODE_ADD, add, 2)                                               \

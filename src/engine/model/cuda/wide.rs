@@ -6,9 +6,7 @@
 //!
 //! By default the projections run as f16 GEMMs instead ([`WideGemm::F16`]): each weight
 //! matrix dequantized into an f16 scratch matrix once a pass, the input rows converted
-//! to f16, the product by cuBLAS on tensor cores (`wh_*` in `prefill.cuh`); passes of up
-//! to `wq_max` rows (off by default) multiply by one kernel that dequantizes the weight
-//! blocks in shared memory instead (`wq_gemm_*`). The int8
+//! to f16, the product by cuBLAS on tensor cores (`wh_*` in `prefill.cuh`). The int8
 //! GEMMs read every weight from global memory for each 32 tokens and scale every
 //! half-block's sum in f32, which costs more than dequantizing the weights once and
 //! multiplying densely: 5.2 against 3.6 ms for 512 tokens of the default model's shape,
@@ -23,9 +21,6 @@ use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 const PF_ROWS: usize = 8;
 const GEMM_ROWS: usize = 64;
 const GEMM_TOKS: usize = 32;
-/// Weight rows and tokens a `wq_gemm` block takes (`WQ_ROWS`, `WQ_TOKS` in prefill.cuh).
-const WQ_ROWS: usize = 64;
-const WQ_TOKS: usize = 64;
 /// Query rows a flash block takes (`BQ` in flash.cu).
 const FLASH_ROWS: usize = 64;
 
@@ -42,8 +37,6 @@ pub(super) struct WideFuncs {
     wh_dequant: [CudaFunction; 4],
     wh_swiglu: CudaFunction,
     wh_bias: CudaFunction,
-    /// Short chunks' f16 GEMMs on weights dequantized in shared memory, by kind.
-    wq_gemm: [CudaFunction; 4],
 }
 
 impl WideFuncs {
@@ -87,14 +80,7 @@ impl WideFuncs {
             load(&format!("wh_dequant_{}", kinds[2]))?,
             load(&format!("wh_dequant_{}", kinds[3]))?,
         ];
-        let wq_gemm = [
-            load(&format!("wq_gemm_{}", kinds[0]))?,
-            load(&format!("wq_gemm_{}", kinds[1]))?,
-            load(&format!("wq_gemm_{}", kinds[2]))?,
-            load(&format!("wq_gemm_{}", kinds[3]))?,
-        ];
         Ok(Some(Self {
-            wq_gemm,
             quant,
             gemm,
             q_rope: load("q_rope_rows")?,
@@ -448,44 +434,9 @@ impl Inner {
             Proj::SwiGlu => (h.gu.ptr, m.n),
             _ => (out, ld),
         };
-        if n <= self.wq_max.get() {
-            self.wide_wq(f, m, input, n, c, ldc, matches!(proj, Proj::Add))?;
-        } else {
-            self.wide_dequant(f, m, h.w.ptr)?;
-            self.wide_blas(m, h.w.ptr, input, n, c, ldc, matches!(proj, Proj::Add))?;
-        }
+        self.wide_dequant(f, m, h.w.ptr)?;
+        self.wide_blas(m, h.w.ptr, input, n, c, ldc, matches!(proj, Proj::Add))?;
         self.wide_epilogue(f, h, m, proj, n, out, ld)
-    }
-
-    /// `c` (`n` rows `ldc` floats apart; added to with `add`) from the f16 rows `input`
-    /// and `m`, its weights dequantized in shared memory (`wq_gemm_*`).
-    #[allow(clippy::too_many_arguments)]
-    fn wide_wq(
-        &self,
-        f: &WideFuncs,
-        m: &QMat,
-        input: u64,
-        n: usize,
-        c: u64,
-        ldc: usize,
-        add: bool,
-    ) -> Result<()> {
-        let (nn, k, t, ldi, addi) = (m.n as i32, m.k as i32, n as i32, ldc as i32, add as i32);
-        let mut args = [
-            arg(&m.qs),
-            arg(&m.dm),
-            arg(&nn),
-            arg(&k),
-            arg(&input),
-            arg(&t),
-            arg(&c),
-            arg(&ldi),
-            arg(&addi),
-        ];
-        let grid = (m.n.div_ceil(WQ_ROWS) as u32, n.div_ceil(WQ_TOKS) as u32);
-        // SAFETY: matches `wq_gemm_*`; input holds n rows of m.k halves, c n rows of ldc
-        // floats with room for m.n.
-        unsafe { self.go2(&f.wq_gemm[m.kind as usize], grid, 128, 0, &mut args, false) }
     }
 
     /// `c` (`n` rows `ldc` floats apart; added to with `add`) from the f16 rows `input`
