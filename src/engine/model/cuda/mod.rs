@@ -596,7 +596,8 @@ impl FusedDecoder {
         } else {
             None
         };
-        let tcs32v = if tc.is_some() {
+        // The staged kernels in dynamic shared memory: tcs32's other shapes, and tcs16.
+        let (tcs32v, tcs16) = if tc.is_some() {
             let set = |prefix: &str, k: &str, qb: usize, shape: usize, cols: usize| {
                 let fs = modes(&module, &format!("{prefix}_{k}"))?;
                 for (mode, f) in fs.iter().enumerate() {
@@ -633,7 +634,6 @@ impl FusedDecoder {
         } else {
             (None, None)
         };
-        let (tcs32v, tcs16) = tcs32v;
         let f = Funcs {
             mv: [
                 mv_set("q4_0")?,
