@@ -121,9 +121,28 @@ assemble() {
 
 # Unpack llama.cpp's pruned source ($1) into /root/lcp and build llama-bench,
 # llama-batched-bench and llama-server with CUDA in the background (at nice $2, $3 jobs);
-# /root/lcp/build.done gets the build's exit status.
+# /root/lcp/build.done gets the build's exit status. Where llamacpp-bin.tar.xz lies
+# beside the source (scripts/cuda/llamacpp_bin.sh: the same three built here, statically
+# linked but for the CUDA libraries) and its binaries load on this machine, they are
+# used instead and nothing is built (the build takes 3-6 minutes of a call).
 start_llamacpp_build() {
-    rm -rf /root/lcp && mkdir -p /root/lcp && tar xJf "$1" -C /root/lcp || return 1
+    rm -rf /root/lcp && mkdir -p /root/lcp/build/bin || return 1
+    local bin
+    bin="$(dirname "$1")/llamacpp-bin.tar.xz"
+    if [ -f "$bin" ] && tar xJf "$bin" -C /root/lcp/build/bin; then
+        if ! /root/lcp/build/bin/llama-bench --help >/dev/null 2>&1 && [ -d /usr/local/cuda/lib64 ]; then
+            export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        fi
+        if /root/lcp/build/bin/llama-bench --help >/dev/null 2>&1; then
+            echo 0 >/root/lcp/build.done
+            echo "llama.cpp: the prebuilt binaries ($bin)"
+            return 0
+        fi
+        echo "llama.cpp: the prebuilt binaries do not run here; building"
+        ldd /root/lcp/build/bin/llama-bench | grep 'not found'
+        rm -rf /root/lcp/build && mkdir -p /root/lcp
+    fi
+    tar xJf "$1" -C /root/lcp || return 1
     (cd /root/lcp && setsid bash -c "cmake -S src -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench, llama-batched-bench and llama-server with CUDA (sm_90)
+# here, on a machine without a GPU, with build.sh's toolkit from PyPI (run build.sh
+# once first), and pack them for the GPU machine: lease.sh's start_llamacpp_build then
+# uses them instead of building there (3-6 minutes of a device call). The llama and ggml
+# libraries are linked in statically; the CUDA runtime and cuBLAS (.so.13) and the
+# driver's libcuda come from the GPU machine. The CPU code targets x86-64-v3 (AVX2, FMA,
+# F16C): the GPU measurements run every layer on the card.
+#
+# Usage: scripts/cuda/llamacpp_bin.sh [SRC_TAR] [OUT_TAR]
+#   SRC_TAR default .device/s/llamacpp.tar.xz (scripts/cuda/llamacpp_tar.sh's pruned source)
+#   OUT_TAR default .device/s/llamacpp-bin.tar.xz
+# On 2 cores the build takes about an hour (ggml-cuda's template instances).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+SRC_TAR="${1:-$REPO/.device/s/llamacpp.tar.xz}"
+OUT_TAR="${2:-$REPO/.device/s/llamacpp-bin.tar.xz}"
+CACHE="${CANDELA_CUDA_HOME:-$HOME/.cache/candela-cuda}"
+VENV="$CACHE/venv"
+STUB="$CACHE/stub"
+[ -x "$VENV/bin/python" ] && [ -e "$STUB/libcuda.so" ] || {
+    echo "run scripts/cuda/build.sh first (its toolkit and libcuda stub)" >&2
+    exit 1
+}
+"$VENV/bin/pip" install -q cmake ninja
+SITE="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+CU="$SITE/nvidia/cu13"
+# nvcc looks for its libraries under lib64; the wheels have lib.
+[ -e "$CU/lib64" ] || ln -s lib "$CU/lib64"
+for lib in cudart cublas cublasLt; do
+    [ -e "$CU/lib/lib$lib.so" ] || ln -s "lib$lib.so.13" "$CU/lib/lib$lib.so"
+done
+export PATH="$CU/bin:$VENV/bin:$PATH"
+
+# The source is unpacked again only when the tarball changed, so that a second run
+# rebuilds nothing.
+WORK="${LLAMACPP_BIN_WORK:-$CACHE/llamacpp-bin}"
+mkdir -p "$WORK"
+SUM="$(sha256sum "$SRC_TAR" | cut -d' ' -f1)"
+if [ "$(cat "$WORK/src.sha256" 2>/dev/null)" != "$SUM" ]; then
+    rm -rf "$WORK/src" "$WORK/build"
+    tar xJf "$SRC_TAR" -C "$WORK"
+    echo "$SUM" >"$WORK/src.sha256"
+fi
+cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCUDAToolkit_ROOT="$CU" -DCMAKE_CUDA_COMPILER="$CU/bin/nvcc" \
+    -DCUDA_cuda_driver_LIBRARY="$STUB/libcuda.so" -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release
+cmake --build "$WORK/build" --target llama-bench llama-batched-bench llama-server -j "$(nproc)"
+B="$WORK/build/bin"
+strip "$B/llama-bench" "$B/llama-batched-bench" "$B/llama-server"
+tar cJf "$OUT_TAR" -C "$B" llama-bench llama-batched-bench llama-server
+ls -l "$OUT_TAR"
