@@ -3,9 +3,13 @@
 # here, on a machine without a GPU, with build.sh's toolkit from PyPI (run build.sh
 # once first), and pack them for the GPU machine: lease.sh's start_llamacpp_build then
 # uses them instead of building there (3-6 minutes of a device call). The llama and ggml
-# libraries are linked in statically; the CUDA runtime and cuBLAS (.so.13) and the
-# driver's libcuda come from the GPU machine. The CPU code targets x86-64-v3 (AVX2, FMA,
-# F16C): the GPU measurements run every layer on the card.
+# libraries go beside the binaries (shared: the CUDA code once, about 40 MB with xz,
+# where three static binaries took 124 MB and a device call carries 64 MiB; found through
+# an $ORIGIN run path); the CUDA runtime and cuBLAS (.so.13) and the
+# driver's libcuda come from the GPU machine (linked here against build.sh's empty
+# libcuda.so.1 stub, its symbols left to the real one at run time, as build.sh does).
+# The CPU code targets x86-64-v3 (AVX2, FMA, F16C): the GPU measurements run every layer
+# on the card.
 #
 # Usage: scripts/cuda/llamacpp_bin.sh [SRC_TAR] [OUT_TAR]
 #   SRC_TAR default .device/s/llamacpp.tar.xz (scripts/cuda/llamacpp_tar.sh's pruned source)
@@ -45,7 +49,9 @@ if [ "$(cat "$WORK/src.sha256" 2>/dev/null)" != "$SUM" ]; then
 fi
 cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCUDAToolkit_ROOT="$CU" -DCMAKE_CUDA_COMPILER="$CU/bin/nvcc" \
-    -DCUDA_cuda_driver_LIBRARY="$STUB/libcuda.so" -DBUILD_SHARED_LIBS=OFF \
+    -DCUDA_cuda_driver_LIBRARY="$STUB/libcuda.so" \
+    -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON \
+    -DCMAKE_EXE_LINKER_FLAGS="-Wl,--unresolved-symbols=ignore-in-object-files,--allow-shlib-undefined" \
     -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -53,5 +59,5 @@ cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHI
 cmake --build "$WORK/build" --target llama-bench llama-batched-bench llama-server -j "$(nproc)"
 B="$WORK/build/bin"
 strip "$B/llama-bench" "$B/llama-batched-bench" "$B/llama-server"
-tar cJf "$OUT_TAR" -C "$B" llama-bench llama-batched-bench llama-server
+(cd "$B" && tar cJf "$OUT_TAR" llama-bench llama-batched-bench llama-server ./*.so*)
 ls -l "$OUT_TAR"
