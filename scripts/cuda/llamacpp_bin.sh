@@ -3,7 +3,7 @@
 # here, on a machine without a GPU, with build.sh's toolkit from PyPI (run build.sh
 # once first), and pack them for the GPU machine: lease.sh's start_llamacpp_build then
 # uses them instead of building there (3-6 minutes of a device call). The llama and ggml
-# libraries go beside the binaries (shared: the CUDA code once, about 40 MB with xz,
+# libraries go beside the binaries (shared: the CUDA code once, 43 MB with xz,
 # where three static binaries took 124 MB and a device call carries 64 MiB; found through
 # an $ORIGIN run path); the CUDA runtime and cuBLAS (.so.13) and the
 # driver's libcuda come from the GPU machine (linked here against build.sh's empty
