@@ -47,6 +47,8 @@ if [ "$(cat "$WORK/src.sha256" 2>/dev/null)" != "$SUM" ]; then
     tar xJf "$SRC_TAR" -C "$WORK"
     echo "$SUM" >"$WORK/src.sha256"
 fi
+# (From the work dir: a compiler check of CMake's leaves an a.out in the current one.)
+cd "$WORK"
 cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCUDAToolkit_ROOT="$CU" -DCMAKE_CUDA_COMPILER="$CU/bin/nvcc" \
     -DCUDA_cuda_driver_LIBRARY="$STUB/libcuda.so" \
