@@ -311,7 +311,6 @@ fn tcs32_smem(shape: usize, cols: usize, quant_bytes: usize, mode: usize) -> usi
     ns * batch_plan::tcs32_stage_bytes(quant_bytes, r, rb, cols)
 }
 
-/// Per-op times as a report fragment, and their sum over a step of `n_layers` layers.
 /// An on/off switch from the environment: Some(false) for "0", Some(true) for "1", None
 /// (the default choice) when unset or anything else.
 fn env_switch(name: &str) -> Option<bool> {
