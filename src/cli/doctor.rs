@@ -111,11 +111,13 @@ fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<Batched,
                 all_logits: false,
             })
             .collect();
+        // Timed up to the logits in host memory (as llama.cpp's `llama_decode` leaves
+        // them); each row's copy for the check below is not.
         let t0 = Instant::now();
-        let out = model.forward(&mut inputs)?;
+        let out = model.forward_logits(&mut inputs)?;
         busy += t0.elapsed();
-        for (i, t) in out.iter().enumerate() {
-            let v = t.squeeze(0)?.to_vec1::<f32>()?;
+        for (i, l) in out.iter().enumerate() {
+            let v = l.to_vec()?;
             tokens[i].push(toks[i][0]);
             hashes[i].push(v.iter().fold(0xcbf29ce484222325u64, |h, x| {
                 (h ^ x.to_bits() as u64).wrapping_mul(0x100000001b3)
@@ -134,7 +136,17 @@ fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineErr
     println!("1 sequence: {single_rate:.1} tok/s");
     for k in [8, 16, 32] {
         batched(model, prompt, k, 4)?; // warm-up: this width's graph
+        model.fused_host_phases();
         let (rate, toks, hashes) = batched(model, prompt, k, n)?;
+        if let Some((steps, [ptrs, launch, wait])) = model.fused_host_phases() {
+            let forward = 1e6 * k as f64 / rate;
+            println!(
+                "{k} sequences, host side of a batched step ({steps} steps): forward {forward:.0} us = \
+                 cache pointers {ptrs:.0} + upload and launch {launch:.0} + GPU and logits \
+                 copy {wait:.0} + the rest {:.0}",
+                forward - ptrs - launch - wait
+            );
+        }
         let (mut same_toks, mut same_bits) = (0, 0);
         for i in 0..k.min(8) {
             let p = &prompt[..prompt.len() - (i % 8).min(prompt.len() - 1)];

@@ -252,16 +252,20 @@ pub fn tcs32_stage_bytes(quant_bytes: usize, r: usize, rb: usize, cols: usize) -
 }
 
 /// Columns a block of the staged tensor-core kernels takes for a step of `bucket`
-/// columns ([`TcKernels::Staged32`]): by default 16 (`tcs16_*`) for buckets of up to 16,
-/// so that a batch of 9 to 16 does not multiply 16 repeated columns, and 32 for wider
-/// ones; `narrow` forces it (`CANDELA_CUDA_TCS16=0|1`: Some(false) 32 for every bucket,
+/// columns of a matrix of `rows` rows ([`TcKernels::Staged32`]; a block takes 16 rows) on
+/// a card of `sms` multiprocessors: by default 16 (`tcs16_*`) for buckets of up to 16, so
+/// that a batch of 9 to 16 does not multiply 16 repeated columns, and for wider buckets
+/// of a matrix whose 32-column blocks would not cover the multiprocessors once (a
+/// Llama-3-8B's 1,024-row K and V: 64 blocks, against 128 of 16 columns); else 32.
+/// `narrow` forces it (`CANDELA_CUDA_TCS16=0|1`: Some(false) 32 for every bucket,
 /// Some(true) 16 for every bucket, wider ones then taking several 16-column blocks side
 /// by side).
-pub fn staged_columns(bucket: usize, narrow: Option<bool>) -> usize {
+pub fn staged_columns(bucket: usize, narrow: Option<bool>, rows: usize, sms: usize) -> usize {
     match narrow {
         Some(true) => 16,
         Some(false) => 32,
         None if bucket <= 16 => 16,
+        None if rows.div_ceil(16) * bucket.div_ceil(32) < sms => 16,
         None => 32,
     }
 }
@@ -806,13 +810,26 @@ mod tests {
 
     #[test]
     fn batches_of_up_to_16_take_16_column_blocks() {
-        assert_eq!(staged_columns(16, None), 16);
-        assert_eq!(staged_columns(16, Some(true)), 16);
-        assert_eq!(staged_columns(16, Some(false)), 32);
-        assert_eq!(staged_columns(32, None), 32);
-        assert_eq!(staged_columns(32, Some(true)), 16);
-        assert_eq!(staged_columns(64, Some(true)), 16);
-        assert_eq!(staged_columns(64, Some(false)), 32);
+        assert_eq!(staged_columns(16, None, 4096, 132), 16);
+        assert_eq!(staged_columns(16, Some(true), 4096, 132), 16);
+        assert_eq!(staged_columns(16, Some(false), 4096, 132), 32);
+        assert_eq!(staged_columns(32, None, 4096, 132), 32);
+        assert_eq!(staged_columns(32, Some(true), 4096, 132), 16);
+        assert_eq!(staged_columns(64, Some(true), 4096, 132), 16);
+        assert_eq!(staged_columns(64, Some(false), 4096, 132), 32);
+    }
+
+    #[test]
+    fn small_matrices_of_wide_batches_take_16_column_blocks() {
+        // An 8B's K and V (1,024 rows): 64 blocks of 32 columns on 132 multiprocessors.
+        assert_eq!(staged_columns(32, None, 1024, 132), 16);
+        // Its Q and output projection (4,096 rows): 256 blocks.
+        assert_eq!(staged_columns(32, None, 4096, 132), 32);
+        // 64 columns of the same K: 128 blocks, still under one a multiprocessor.
+        assert_eq!(staged_columns(64, None, 1024, 132), 16);
+        assert_eq!(staged_columns(64, None, 2048, 132), 32);
+        // Forced either way, whatever the size.
+        assert_eq!(staged_columns(32, Some(false), 1024, 132), 32);
     }
 
     #[test]

@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 
 use candle_core::{Device, Result, Tensor};
 
-use super::{batch_plan, cuda, Model, SeqInput, FUSED_MAX_TOKENS};
+use super::{batch_plan, cuda, Logits, Model, SeqInput, FUSED_MAX_TOKENS};
 use crate::kv::SeqCache;
 
 impl Model {
     /// The fused path for a batch whose every sequence it covers; None otherwise.
-    pub(super) fn forward_fused(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<Tensor>>> {
+    pub(super) fn forward_fused(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<Logits>>> {
         use cuda::FusedDecoder;
         let Some(dec) = &self.fused else {
             return Ok(None);
@@ -40,7 +40,7 @@ impl Model {
             let mut out = Vec::with_capacity(batch.len());
             for s in batch.iter() {
                 let v = dec.run_wide(s.tokens, s.cache)?;
-                out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?);
+                out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?.into());
             }
             for s in batch.iter_mut() {
                 s.cache.commit(s.tokens);
@@ -57,12 +57,29 @@ impl Model {
         let mut out = Vec::with_capacity(batch.len());
         let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
         if prefill && batch_plan::packed_prefill(&lens) {
-            return self.fused_prefill(dec, batch).map(Some);
+            let out = self.fused_prefill(dec, batch)?;
+            return Ok(Some(out.into_iter().map(Logits::from).collect()));
+        }
+        if batch_plan::batched(&lens, 1) {
+            // A decode step: one token per sequence, each at its own position; the rows
+            // come back as the step left them (one host buffer they share).
+            let seqs: Vec<(u32, usize, &SeqCache)> = batch
+                .iter()
+                .map(|s| (s.tokens[0], s.cache.len(), &*s.cache))
+                .collect();
+            let rows = dec.run_batch(&seqs)?;
+            if rows.len() != batch.len() {
+                candle_core::bail!("fused batched step returned too few logits rows");
+            }
+            for s in batch.iter_mut() {
+                s.cache.commit(s.tokens);
+            }
+            return Ok(Some(rows));
         }
         if batch_plan::batched(&lens, FUSED_MAX_TOKENS) {
-            // Decode steps and short prompt chunks: one batched step per token position,
-            // each sequence at its own. Caches are committed only once all steps ran, so
-            // a failed pass leaves them as they were.
+            // Short prompt chunks: one batched step per token position, each sequence at
+            // its own. Caches are committed only once all steps ran, so a failed pass
+            // leaves them as they were.
             let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
             for (t, idx) in batch_plan::token_steps(&lens).into_iter().enumerate() {
                 let seqs: Vec<(u32, usize, &SeqCache)> = idx
@@ -78,7 +95,11 @@ impl Model {
                 let v = if seqs.len() == 1 {
                     vec![dec.run_at(&seqs[0])?]
                 } else {
+                    // Copied out at once: the next step reuses the buffer.
                     dec.run_batch(&seqs)?
+                        .iter()
+                        .map(Logits::to_vec)
+                        .collect::<Result<Vec<_>>>()?
                 };
                 for (&i, row) in idx.iter().zip(v) {
                     if batch[i].all_logits {
@@ -90,7 +111,7 @@ impl Model {
             }
             for (s, r) in batch.iter_mut().zip(rows) {
                 let n = r.len() / vocab;
-                out.push(Tensor::from_vec(r, (n, vocab), &Device::Cpu)?);
+                out.push(Tensor::from_vec(r, (n, vocab), &Device::Cpu)?.into());
                 s.cache.commit(s.tokens);
             }
             return Ok(Some(out));
@@ -98,7 +119,7 @@ impl Model {
         for s in batch.iter_mut() {
             let v = dec.run(s.tokens, s.cache, s.all_logits)?;
             let rows = v.len() / vocab;
-            out.push(Tensor::from_vec(v, (rows, vocab), &Device::Cpu)?);
+            out.push(Tensor::from_vec(v, (rows, vocab), &Device::Cpu)?.into());
             s.cache.commit(s.tokens);
         }
         Ok(Some(out))

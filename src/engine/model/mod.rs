@@ -18,12 +18,14 @@ mod fused;
 mod gguf;
 pub mod hf;
 mod host;
+mod logits;
 mod moe;
 mod rope;
 mod swiglu;
 
 pub use config::{Act, Family, ModelConfig, Moe, RopeScaling, SlidingWindow, SUPPORTED};
 pub use gguf::metadata_strings;
+pub use logits::{HostRows, Logits};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -535,6 +537,16 @@ impl Model {
         Ok(None)
     }
 
+    /// Where the host's time of the fused path's batched decode steps went since the
+    /// last call (see `FusedDecoder::take_phases`); None without a fused path.
+    pub fn fused_host_phases(&self) -> Option<(u64, [f64; 3])> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return Some(d.take_phases());
+        }
+        None
+    }
+
     /// Shape of this model's KV cache with the given element type.
     pub fn cache_layout(&self, dtype: KvDtype) -> CacheLayout {
         CacheLayout {
@@ -554,6 +566,16 @@ impl Model {
     /// each sequence's cache. Returns, per sequence, logits `(rows, vocab)` in f32: one
     /// row (the last token) or one per new token when `all_logits` is set.
     pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
+        self.forward_logits(batch)?
+            .into_iter()
+            .map(Logits::into_tensor)
+            .collect()
+    }
+
+    /// [`Self::forward`], each sequence's logits as the pass left them: a tensor, or rows
+    /// of a host buffer the batch shares (a batched decode step on the fused GPU path),
+    /// which the next pass may reuse once every sequence's rows are dropped.
+    pub fn forward_logits(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Logits>> {
         let cfg = &self.config;
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
@@ -580,6 +602,7 @@ impl Model {
         if let Some(out) = self.forward_fused(batch)? {
             return Ok(out);
         }
+        let tensors = |v: Vec<Tensor>| v.into_iter().map(Logits::from).collect();
         if self.device.is_cpu() && batch.iter().all(|s| s.cache.is_host()) {
             // The whole pass runs on a pool thread: a parallel loop started from outside
             // the pool hands off to it and sleeps on a latch (a futex round trip per
@@ -588,7 +611,8 @@ impl Model {
                 self.forward_host(batch, &spans, &ids)
             } else {
                 rayon::scope(|_| self.forward_host(batch, &spans, &ids))
-            };
+            }
+            .map(tensors);
         }
         let total = ids.len();
         let mut x = match &self.embed {
@@ -711,7 +735,7 @@ impl Model {
         let mut r = 0;
         for s in batch.iter_mut() {
             let k = if s.all_logits { s.tokens.len() } else { 1 };
-            out.push(logits.narrow(0, r, k)?);
+            out.push(Logits::from(logits.narrow(0, r, k)?));
             r += k;
             s.cache.commit(s.tokens);
         }

@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use tokio::sync::{mpsc, watch};
 
-use super::model::{Model, SeqInput};
+use super::model::{Logits, Model, SeqInput};
 use super::{
     Command, EngineConfig, EngineState, GenEvent, GenRequest, Loaded, SessionCmd, StoreView,
 };
@@ -59,8 +59,8 @@ const MEM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// the shape and home of those caches. [`Model`] is the real one; the scheduler's unit
 /// tests drive the loop through a small fake.
 pub(crate) trait Forward: Sync {
-    /// Logits `(1, vocab)` per sequence (see [`Model::forward`]).
-    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Tensor>>;
+    /// Logits `(1, vocab)` per sequence (see [`Model::forward_logits`]).
+    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Logits>>;
     fn cache_layout(&self, dtype: KvDtype) -> CacheLayout;
     fn device(&self) -> &Device;
     /// The longest prompt chunk that device caches take in a pass with other sequences'
@@ -76,8 +76,8 @@ pub(crate) trait Forward: Sync {
 }
 
 impl Forward for Model {
-    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Tensor>> {
-        Model::forward(self, batch)
+    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Logits>> {
+        Model::forward_logits(self, batch)
     }
     fn cache_layout(&self, dtype: KvDtype) -> CacheLayout {
         Model::cache_layout(self, dtype)

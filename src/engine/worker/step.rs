@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::seq::{accept, fail, Seq};
 use super::Forward;
-use crate::engine::model::SeqInput;
+use crate::engine::model::{Logits, SeqInput};
 use crate::engine::text::tokenizer::Tok;
 use crate::engine::EngineError;
 use crate::metrics;
@@ -208,27 +208,33 @@ pub(super) fn pass(
 enum Row {
     /// Copied to the host already.
     Host(Vec<f32>),
-    /// A `(1, vocab)` host tensor, copied out by the sampling job itself (in parallel
-    /// with the other sequences' rather than one after another on the engine thread).
-    Tensor(Tensor),
+    /// As the pass left it (a host tensor, or a row of the host buffer the pass shares),
+    /// copied out by the sampling job itself (in parallel with the other sequences'
+    /// rather than one after another on the engine thread).
+    Pass(Logits),
 }
 
 impl Row {
     fn into_vec(self) -> candle_core::Result<Vec<f32>> {
         match self {
             Row::Host(v) => Ok(v),
-            Row::Tensor(t) => t.squeeze(0)?.to_vec1::<f32>(),
+            Row::Pass(l) => l.to_vec(),
         }
     }
 }
 
-/// Each sequence's `(1, vocab)` logits: one stacked copy to the host when they live on
-/// a GPU (copies from several threads at once would each wait on the device in turn),
-/// host tensors as they are.
-fn host_rows(logits: Vec<Tensor>) -> candle_core::Result<Vec<Row>> {
-    if logits.len() > 1 && !logits[0].device().is_cpu() {
-        let rows = Tensor::cat(&logits, 0)?.to_vec2::<f32>()?;
+/// Each sequence's `(1, vocab)` logits: one stacked copy to the host when they are
+/// tensors on a GPU (copies from several threads at once would each wait on the device
+/// in turn), host rows as they are.
+fn host_rows(logits: Vec<Logits>) -> candle_core::Result<Vec<Row>> {
+    let on_device = logits.len() > 1
+        && logits
+            .iter()
+            .all(|l| l.tensor().is_some_and(|t| !t.device().is_cpu()));
+    if on_device {
+        let tensors: Vec<&Tensor> = logits.iter().filter_map(Logits::tensor).collect();
+        let rows = Tensor::cat(&tensors, 0)?.to_vec2::<f32>()?;
         return Ok(rows.into_iter().map(Row::Host).collect());
     }
-    Ok(logits.into_iter().map(Row::Tensor).collect())
+    Ok(logits.into_iter().map(Row::Pass).collect())
 }

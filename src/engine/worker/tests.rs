@@ -13,7 +13,7 @@ use super::{
     serve, Forward, Link, Sched, IDLE_WIDE_PREFILL_CHUNK, MIXED_PREFILL_CHUNK, PREFILL_CHUNK,
 };
 use crate::engine::decode::constrain::TokenTable;
-use crate::engine::model::SeqInput;
+use crate::engine::model::{HostRows, Logits, SeqInput};
 use crate::engine::text::template::{ChatTemplate, CHATML};
 use crate::engine::text::tokenizer::Tok;
 use crate::engine::{
@@ -63,8 +63,17 @@ impl Fake {
     }
 }
 
+/// The fake's shared logits buffer.
+struct SharedRows(Vec<f32>);
+
+impl HostRows for SharedRows {
+    fn floats(&self) -> candle_core::Result<&[f32]> {
+        Ok(&self.0)
+    }
+}
+
 impl Forward for Fake {
-    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Tensor>> {
+    fn forward(&self, batch: &mut [SeqInput<'_>]) -> candle_core::Result<Vec<Logits>> {
         if batch.iter().any(|s| s.tokens.contains(&POISON)) {
             candle_core::bail!("poisoned token in the pass");
         }
@@ -73,7 +82,7 @@ impl Forward for Fake {
             .lock()
             .unwrap()
             .push(batch.iter().map(|s| s.tokens.len()).collect());
-        let mut out = Vec::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {
             s.cache.reserve(s.tokens.len())?;
             s.cache.commit(s.tokens);
@@ -83,9 +92,19 @@ impl Forward for Fake {
             }
             let mut logits = vec![0f32; VOCAB];
             logits[next] = 10.0;
-            out.push(Tensor::from_vec(logits, (1, VOCAB), &Device::Cpu)?);
+            rows.push(logits);
         }
-        Ok(out)
+        // A pass of several sequences hands back rows of one shared buffer, as the fused
+        // GPU path's decode steps do; a single sequence a tensor.
+        if rows.len() > 1 {
+            let buf: Arc<dyn HostRows> = Arc::new(SharedRows(rows.concat()));
+            return Ok((0..rows.len())
+                .map(|i| Logits::shared(buf.clone(), i * VOCAB..(i + 1) * VOCAB, 1))
+                .collect());
+        }
+        rows.into_iter()
+            .map(|r| Ok(Tensor::from_vec(r, (1, VOCAB), &Device::Cpu)?.into()))
+            .collect()
     }
 
     fn cache_layout(&self, dtype: KvDtype) -> CacheLayout {

@@ -8,8 +8,8 @@
 
 use super::*;
 use crate::engine::model::batch_plan::{self, Logits, SeqRecord, StepKind};
+use crate::engine::model::{HostRows, Logits as SeqLogits};
 use candle_core::cuda_backend::cudarc::driver::PinnedHostSlice;
-use rayon::prelude::*;
 
 /// Dynamic shared memory a mat-mat block may use for quantized activations, where the
 /// device allows that much (Hopper and Ampere do)...
@@ -21,6 +21,15 @@ pub(super) const MM_SMEM_DEFAULT: usize = 44 << 10;
 pub(super) const MMQ_SMEM: usize = 200 << 10;
 /// Shared memory of one multiprocessor that blocks may divide among them (H100).
 const SM_SMEM: usize = 227 << 10;
+/// Caches whose layer pointers `cache_ptrs` remembers before it starts afresh.
+const CACHE_MEMO_MAX: usize = 512;
+
+/// Layer pointers of the caches stepped lately, by their first K tensor's id: each
+/// layer's (K id, V id, K pointer, V pointer).
+pub(super) type CacheMemo = std::collections::HashMap<
+    candle_core::TensorId,
+    Vec<(candle_core::TensorId, candle_core::TensorId, u64, u64)>,
+>;
 
 /// Device buffers of the batched step, sized for `cap` sequences, and the graphs
 /// captured over them (by bucket).
@@ -40,10 +49,57 @@ pub(super) struct Batch {
     pq: Buf<u8>,
     pds: Buf<f32>,
     /// Page-locked host copy of the logits (a pageable copy of a 32-row batch's 6 MB
-    /// costs milliseconds).
-    host: PinnedHostSlice<f32>,
+    /// costs milliseconds), shared with the sequences of a decode step (`run_batch`)
+    /// until they drop their rows.
+    host: Arc<PinnedRows>,
     step: Buf<u64>,
     graphs: Vec<((usize, StepKind), CudaGraph)>,
+}
+
+/// A page-locked host buffer of logits rows, handed to the sequences of a step as it is.
+pub(super) struct PinnedRows(PinnedHostSlice<f32>);
+
+impl HostRows for PinnedRows {
+    fn floats(&self) -> candle_core::Result<&[f32]> {
+        self.0
+            .as_slice()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// A page-locked buffer for `len` floats.
+fn pinned_rows(stream: &CudaStream, len: usize) -> Result<Arc<PinnedRows>> {
+    // SAFETY: every element read is written by a device copy first.
+    let slice = unsafe {
+        stream
+            .context()
+            .alloc_pinned_with_flags::<f32>(len, 0)
+            .map_err(err)?
+    };
+    Ok(Arc::new(PinnedRows(slice)))
+}
+
+/// The host's time in the batched decode steps (`run_batch`), summed over `steps`.
+#[derive(Default)]
+pub(super) struct HostPhases {
+    steps: u64,
+    /// Cache pointers read; the step buffer uploaded and the graph launched; waiting for
+    /// the GPU and the logits copy.
+    spent: [std::time::Duration; 3],
+}
+
+impl HostPhases {
+    fn add(&mut self, phase: usize, since: &mut std::time::Instant) {
+        let now = std::time::Instant::now();
+        self.spent[phase] += now - *since;
+        *since = now;
+    }
+
+    /// (steps, µs a step of each phase).
+    pub(super) fn per_step(&self) -> (u64, [f64; 3]) {
+        let n = self.steps.max(1) as f64;
+        (self.steps, self.spent.map(|d| d.as_secs_f64() * 1e6 / n))
+    }
 }
 
 /// Fill `words` with the step buffer for `recs` (a `bucket`-record buffer, see
@@ -110,7 +166,10 @@ impl Inner {
         }
     }
 
-    /// The per-layer (K, V) device pointers of a dense f16 device cache.
+    /// The per-layer (K, V) device pointers of a dense f16 device cache: remembered by
+    /// its tensors' ids (a tensor keeps its memory while it lives, and a cache that grows
+    /// or moves holds new tensors), read afresh for caches not seen before (reading one
+    /// goes through the driver's event bookkeeping, ~60 calls a cache).
     pub(super) fn cache_ptrs(&self, cache: &SeqCache) -> Result<Vec<(u64, u64)>> {
         let layers = cache
             .dense_layers()
@@ -118,22 +177,47 @@ impl Inner {
         if layers.len() != self.cfg.n_layers {
             return Err(err("cache does not fit the model"));
         }
+        let key = layers.first().map(|(k, _)| k.id());
+        let mut memo = self.cache_memo.borrow_mut();
+        if let Some(seen) = key.and_then(|k| memo.get(&k)) {
+            let same = seen.len() == layers.len()
+                && seen
+                    .iter()
+                    .zip(&layers)
+                    .all(|((ki, vi, ..), (k, v))| *ki == k.id() && *vi == v.id());
+            if same {
+                return Ok(seen.iter().map(|&(_, _, k, v)| (k, v)).collect());
+            }
+        }
         let mut kv = Vec::with_capacity(layers.len());
         for (k, v) in &layers {
             if k.dtype() != DType::F16 || !k.is_contiguous() || !v.is_contiguous() {
                 return Err(err("cache tensors are not contiguous f16"));
             }
             kv.push((
+                k.id(),
+                v.id(),
                 tensor_ptr(k, &self.candle_stream)?,
                 tensor_ptr(v, &self.candle_stream)?,
             ));
         }
-        Ok(kv)
+        let ptrs = kv.iter().map(|&(_, _, k, v)| (k, v)).collect();
+        if let Some(key) = key {
+            // Entries of caches gone are dropped wholesale now and then.
+            if memo.len() >= CACHE_MEMO_MAX {
+                memo.clear();
+            }
+            memo.insert(key, kv);
+        }
+        Ok(ptrs)
     }
 
     /// One step for `seqs` (token, position, cache): each cache gets its token's K/V at
-    /// the position, and each sequence's logits row comes back as host floats.
-    pub(super) fn run_batch(&mut self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+    /// the position, and each sequence's logits row comes back as a row of the step's
+    /// page-locked host buffer (shared by the rows; the next step copies into another
+    /// while any is still held).
+    pub(super) fn run_batch(&mut self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<SeqLogits>> {
+        let mut at = std::time::Instant::now();
         self.stream.context().bind_to_thread().map_err(err)?;
         let mut recs = Vec::with_capacity(seqs.len());
         for &(t, pos, cache) in seqs {
@@ -145,21 +229,22 @@ impl Inner {
             });
         }
         self.after_candle()?;
+        self.phases.add(0, &mut at);
         let vocab = self.output.n;
         let mut out = Vec::with_capacity(recs.len());
         for (first, len) in batch_plan::split(recs.len()) {
             let bucket = batch_plan::bucket(len).ok_or_else(|| err("empty batch"))?;
             self.step_rows(&recs[first..first + len], bucket, StepKind::Decode)?;
-            let host = self.logits_back(len)?;
-            // Rows copied out in parallel: at 32 rows that is 6 MB, a large share of the
-            // step when one thread copies it.
-            let mut rows = Vec::with_capacity(len);
-            host[..len * vocab]
-                .par_chunks_exact(vocab)
-                .map(<[f32]>::to_vec)
-                .collect_into_vec(&mut rows);
-            out.extend(rows);
+            self.phases.add(1, &mut at);
+            self.logits_back(len)?;
+            self.phases.add(2, &mut at);
+            let b = self.batch.as_ref().ok_or_else(|| err("no batch buffers"))?;
+            let buf: Arc<dyn HostRows> = b.host.clone();
+            out.extend(
+                (0..len).map(|i| SeqLogits::shared(buf.clone(), i * vocab..(i + 1) * vocab, 1)),
+            );
         }
+        self.phases.steps += 1;
         Ok(out)
     }
 
@@ -232,11 +317,17 @@ impl Inner {
     fn logits_back(&mut self, rows: usize) -> Result<&[f32]> {
         let vocab = self.output.n;
         let b = self.batch.as_mut().ok_or_else(|| err("no batch buffers"))?;
+        // Rows of the last decode step still held by a sequence: a new buffer, theirs
+        // stays theirs.
+        if Arc::get_mut(&mut b.host).is_none() {
+            b.host = pinned_rows(&self.stream, b.cap * vocab)?;
+        }
+        let host = Arc::get_mut(&mut b.host).ok_or_else(|| err("logits buffer shared"))?;
         self.stream
-            .memcpy_dtoh(&b.logits.slice.slice(..rows * vocab), &mut b.host)
+            .memcpy_dtoh(&b.logits.slice.slice(..rows * vocab), &mut host.0)
             .map_err(err)?;
         self.stream.synchronize().map_err(err)?;
-        Ok(&b.host.as_slice().map_err(err)?[..rows * vocab])
+        Ok(&b.host.0.as_slice().map_err(err)?[..rows * vocab])
     }
 
     /// Write the step buffer for `recs` (at most `bucket`) and replay the bucket's graph
@@ -362,12 +453,7 @@ impl Inner {
             logits: zeros(s, bucket * self.output.n)?,
             pq: upload(s, &vec![0u8; bucket * kmax])?,
             pds: zeros(s, bucket * 2 * (kmax / 32))?,
-            // SAFETY: every element read is written by a device copy first.
-            host: unsafe {
-                s.context()
-                    .alloc_pinned_with_flags::<f32>(bucket * self.output.n, 0)
-                    .map_err(err)?
-            },
+            host: pinned_rows(s, bucket * self.output.n)?,
             step: upload(s, &vec![0u64; batch_plan::step_words(bucket, cfg.n_layers)])?,
             graphs: Vec::new(),
         });
@@ -626,7 +712,8 @@ impl Inner {
             // 16 columns a block for batches of up to 16 (`tcs16_*`), or another staging
             // shape (`tcs32w_*`, `tcs32p_*`) where asked: dynamic shared memory.
             let narrow = self.f.tcs16.as_ref().filter(|_| {
-                set == 3 && batch_plan::staged_columns(bucket, self.mm_tcs16.get()) == 16
+                set == 3
+                    && batch_plan::staged_columns(bucket, self.mm_tcs16.get(), rows, self.sms) == 16
             });
             let v = self.mm_tcs32v.get();
             let (f, smem) = match (narrow, &self.f.tcs32v, set == 3 && v > 0) {

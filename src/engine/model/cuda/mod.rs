@@ -219,7 +219,8 @@ struct Inner {
     /// `candela doctor` times each.
     mm_tcs32v: std::cell::Cell<usize>,
     /// Whether the staged kernels take 16 columns a block (`tcs16_*`) rather than 32:
-    /// None, for batches of up to 16 (`batch_plan::staged_columns`);
+    /// None, for batches of up to 16 and for wider ones of matrices too small to cover
+    /// the multiprocessors with 32-column blocks (`batch_plan::staged_columns`);
     /// `CANDELA_CUDA_TCS16=0|1` forces it for every batch; `candela doctor` times both.
     mm_tcs16: std::cell::Cell<Option<bool>>,
     /// Whether a batch's projection takes the dp4a `mmq_*` kernels (after `qcols_*`)
@@ -234,6 +235,10 @@ struct Inner {
     /// Steps run and graph captures made (for `doctor`).
     steps: u64,
     captures: u64,
+    /// Where the host's time of the batched decode steps went since `take_phases`.
+    phases: batch::HostPhases,
+    /// Caches' layer pointers (`cache_ptrs`).
+    cache_memo: std::cell::RefCell<batch::CacheMemo>,
 }
 
 // SAFETY: the raw handles (event, graph) are only used under the decoder's mutex, and
@@ -810,6 +815,8 @@ impl FusedDecoder {
             words: Vec::new(),
             steps: 0,
             captures: 0,
+            phases: batch::HostPhases::default(),
+            cache_memo: Default::default(),
         };
         inner.stream.synchronize().map_err(err)?;
         let wide_ok = inner.has_wide();
@@ -1000,9 +1007,13 @@ impl FusedDecoder {
 
     /// One step for several sequences at once, one token each (`(token, position,
     /// cache)`; each cache filled up to the position, with room past it): every cache gets
-    /// its token's K/V (not committed), and each sequence's logits row comes back as
-    /// host floats, identical to stepping each sequence alone with [`Self::run_at`].
-    pub fn run_batch(&self, seqs: &[(u32, usize, &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+    /// its token's K/V (not committed), and each sequence's logits row comes back as a
+    /// row of a host buffer the step's sequences share, identical to stepping each
+    /// sequence alone with [`Self::run_at`].
+    pub fn run_batch(
+        &self,
+        seqs: &[(u32, usize, &SeqCache)],
+    ) -> Result<Vec<crate::engine::model::Logits>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.run_batch(seqs)
     }
@@ -1281,5 +1292,13 @@ impl FusedDecoder {
     pub fn counters(&self) -> (u64, u64) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         (g.steps, g.captures)
+    }
+
+    /// Where the host's time of the batched decode steps went since the last call, µs a
+    /// step: (steps, [cache pointers, upload and launch, waiting for the GPU and the
+    /// logits copy]); resets the tally.
+    pub fn take_phases(&self) -> (u64, [f64; 3]) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut g.phases).per_step()
     }
 }
