@@ -166,6 +166,26 @@ fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineErr
     Ok(())
 }
 
+/// Batched decoding deep into the context, as long agent sessions decode: 8 and 32
+/// sequences, each first prefilled with about 2,000 tokens (fewer where the context is
+/// smaller), then stepped together for `n` steps: aggregate tok/s.
+fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineError> {
+    let len = 2000.min(ctx.saturating_sub(n + 16));
+    if len < 64 {
+        return Ok(());
+    }
+    let vocab = model.config.vocab as u32;
+    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    for k in [8, 32] {
+        let (rate, ..) = batched(model, &ids, k, n)?;
+        println!(
+            "{k} sequences at position {}-{len} stepped together: {rate:.1} tok/s aggregate",
+            len - 7
+        );
+    }
+    Ok(())
+}
+
 /// Prompt prefill on the fused GPU path: batched prefill steps (past the default limit
 /// too) against the same prompt fed one token at a time (logits bit-identical?) and
 /// against the tensor path (largest logit difference), with the median time of each at a
@@ -644,6 +664,9 @@ pub fn run(
         }
     }
     batch_report(&model, &short, n.min(64))?;
+    if model.has_fused_decode() {
+        long_batch_report(&model, ctx, n.min(32))?;
+    }
     if !quick {
         prefill_report(&model, ctx)?;
         long_prompt_report(&model, ctx)?;
