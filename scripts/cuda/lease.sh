@@ -77,6 +77,12 @@
 #       model's doctor again with those switches, FORCED_MODELS=... on those only,
 #       FLINES=its grep pattern; DEFAULT=0 skips the doctors without them; QUICK=1: the
 #       doctor's --quick, about a third of the time).
+#   scripts/cuda/lease.sh deep     carry .device/s (as peer1): batched decode deep into the
+#       context against llama.cpp: `candela doctor --quick` on smollm2-shape and llama3-8b
+#       (its "at position 1993-2000" lines: 8 and 32 sequences each prefilled with ~2,000
+#       tokens, then stepped together for 32 steps; the short-prompt rates beside them),
+#       then llama-batched-bench -npp 128,2000 -ntg 32 -npl 8,32 on the same files
+#       (MODELS=...; FORCED="CANDELA_CUDA_...=1": each doctor again with those switches).
 #   scripts/cuda/lease.sh ab       carry .device/s plus candela-base.xz in it: `candela
 #       doctor --no-cpu` with the base build, then the carried one, on smollm2-shape and
 #       llama3-8b (MODELS=..., LINES=a grep pattern for the lines printed; all by default).
@@ -670,6 +676,26 @@ tune)
         done
     fi
     ;;
+deep)
+    S="${S:-.device/s}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
+    synth_models ${MODELS:-smollm2-shape llama3-8b} || exit 1
+    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+        QUICK=1 synth_doctor $m "sequence|position|attention in"
+        [ -z "${FORCED:-}" ] || (export $FORCED; echo "== with $FORCED"
+            QUICK=1 TAG=_forced synth_doctor $m "sequence|position|attention in")
+    done
+    t0=$SECONDS
+    for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
+    echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
+    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+        echo "== llama-batched-bench on $m at ${SECONDS} s"
+        /root/lcp/build/bin/llama-batched-bench -m /root/synth/$m.gguf -ngl 99 -fa on -c 68000 \
+            -b 2048 -ub 512 -npp 128,2000 -ntg 32 -npl 8,32 2>&1 \
+            | tee "$OUT/llama_batched_deep_$m.txt" | grep -E "^\||rror"
+    done
+    ;;
 ab)
     # The carried build against a base build (candela-base.xz beside it), doctor by
     # doctor on the same files; the tensor path's logit gaps double as a check that two
@@ -696,7 +722,7 @@ window)
         --a "--device cuda --kv-dtype f32" --b "--device cpu --kv-dtype f32"
     ;;
 *)
-    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|tune|ab|window" >&2
+    echo "usage: $0 stage1|stage2|batch|peer|kquant|kpeer|synth|verify|tc|defaults|peer1|peer8b|split|tune|deep|ab|window" >&2
     exit 2
     ;;
 esac

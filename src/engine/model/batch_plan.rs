@@ -295,6 +295,16 @@ pub fn attn_blocks_per_head(n_heads: usize, bucket: usize, chunks: usize, sms: u
     1 << fit.ilog2()
 }
 
+/// How the batched attention groups a KV group's `n_heads / n_kv_heads` query heads:
+/// (heads per block, blocks per group), at most four heads a block (their scores and
+/// weighted-V sums live in registers and shared memory), the group cut into equal
+/// parts. Each block reads the group's cached K and V once for all its heads.
+pub fn attn_head_groups(n_heads: usize, n_kv_heads: usize) -> (usize, usize) {
+    let group = (n_heads / n_kv_heads.max(1)).max(1);
+    let parts = group.div_ceil(4);
+    (group.div_ceil(parts), parts)
+}
+
 /// Blocks per multiprocessor of a single-stream mat-vec over rows of `k` values. Each
 /// block quantizes the whole activation vector into its shared memory before it takes
 /// rows, so long rows want fewer blocks: on an H100, 8 blocks won on SmolLM2's shape
@@ -500,6 +510,26 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn head_groups_cover_each_kv_group_in_parts_of_at_most_four() {
+        for group in 1..=32 {
+            let (gs, parts) = attn_head_groups(group * 2, 2);
+            assert!((1..=4).contains(&gs), "group {group}: {gs} heads a block");
+            // The kernel's parts: heads s * gs .. min(gs, group - s * gs), none empty.
+            let sizes: Vec<usize> = (0..parts).map(|s| gs.min(group - s * gs)).collect();
+            assert!(sizes.iter().all(|&n| n >= 1), "group {group}: {sizes:?}");
+            assert_eq!(
+                sizes.iter().sum::<usize>(),
+                group,
+                "group {group}: {sizes:?}"
+            );
+        }
+        assert_eq!(attn_head_groups(32, 8), (4, 1)); // Llama-3-8B
+        assert_eq!(attn_head_groups(9, 3), (3, 1)); // SmolLM2-135M
+        assert_eq!(attn_head_groups(14, 2), (4, 2)); // Qwen2.5-0.5B: 4 + 3
+        assert_eq!(attn_head_groups(16, 16), (1, 1));
+    }
+
     use super::*;
 
     #[test]

@@ -206,3 +206,30 @@ extern "C" __global__ void attention_b(const float* __restrict__ qkv,
            out + (size_t)b * nh * hd, blockIdx.x / hb, write != 0, blockIdx.x % hb, hb, nch,
            part + (size_t)b * nh * nch * (hd + 2), cnt + (size_t)b * nh);
 }
+
+// attention_b with the query heads of each KV group taken together (attend_group, the
+// same results): block x of sequence blockIdx.y takes unit x / hb (KV group unit / nsub,
+// its query heads from (unit % nsub) * gs, at most gs of them) and chunks x % hb, + hb, ...
+extern "C" __global__ void attention_bg(const float* __restrict__ qkv,
+                                        const unsigned long long* __restrict__ step, int stride,
+                                        int layer, int n_layers, int nh, int nkvh, int hd,
+                                        const float* __restrict__ cos_t,
+                                        const float* __restrict__ sin_t, int neox, float scale,
+                                        float* __restrict__ scores, int ctx,
+                                        float* __restrict__ out, int write, int nch, int hb,
+                                        float* __restrict__ part, unsigned* __restrict__ cnt,
+                                        int gs, int nsub) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int b = blockIdx.y;
+    if (b >= (int)step[BSTEP_N]) return;
+    const size_t qkv_w = (size_t)(nh + 2 * nkvh) * hd;
+    const int unit = blockIdx.x / hb, s = unit % nsub;
+    const int group = nh / nkvh;
+    const int h0 = (unit / nsub) * group + s * gs;
+    const int ng = min(gs, group - s * gs);
+    attend_group(qkv + b * qkv_w, step + BSTEP_REC + (size_t)b * stride, layer, n_layers, nh,
+                 nkvh, hd, cos_t, sin_t, neox, scale, scores + (size_t)b * nh * ctx, ctx,
+                 out + (size_t)b * nh * hd, h0, ng, write != 0 && s == 0, blockIdx.x % hb, hb,
+                 nch, part + (size_t)b * nh * nch * (hd + 2), cnt + (size_t)b * nh);
+}

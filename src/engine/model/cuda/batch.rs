@@ -785,14 +785,25 @@ impl Inner {
             self.kv_write(&h, bucket, true)?;
         }
         let write = (!prefill) as i32;
-        // The single-stream kernel's position chunks, each head's taken by `hb` blocks.
+        // The single-stream kernel's position chunks, each head's (or each group's heads')
+        // taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
+        let (gs, nsub) = if self.att_group {
+            batch_plan::attn_head_groups(cfg.n_heads, cfg.n_kv_heads)
+        } else {
+            (1, 1)
+        };
+        let units = if self.att_group {
+            cfg.n_kv_heads * nsub
+        } else {
+            cfg.n_heads
+        };
         let hb = match self.att_hb.get() {
-            0 => batch_plan::attn_blocks_per_head(cfg.n_heads, bucket, nch, self.sms),
+            0 => batch_plan::attn_blocks_per_head(units, bucket, nch, self.sms),
             n => n.clamp(1, nch),
         };
-        let (nchi, hbi) = (nch as i32, hb as i32);
-        let tail = [
+        let (nchi, hbi, gsi, nsubi) = (nch as i32, hb as i32, gs as i32, nsub as i32);
+        let mut tail = vec![
             arg(&scale),
             arg(&b.scores.ptr),
             arg(&ctx),
@@ -803,15 +814,22 @@ impl Inner {
             arg(&b.att_part.ptr),
             arg(&b.att_cnt.ptr),
         ];
-        let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
         let threads = ATT_THREADS as u32;
-        let smem = ((3 * hd) as u32 + 8 * threads) * 4;
-        // SAFETY: matches `attention_b`; each record holds its sequence's cache pointers,
-        // att_part and att_cnt hold `att_max >= nch` chunks for every head of `bucket` rows.
+        let (f, smem) = if self.att_group {
+            tail.extend([arg(&gsi), arg(&nsubi)]);
+            let floats = (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * ATT_THREADS;
+            (&self.f.attention_bg, (floats * 4) as u32)
+        } else {
+            (&self.f.attention_b, ((3 * hd) as u32 + 8 * threads) * 4)
+        };
+        let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
+        // SAFETY: matches `attention_b` (or `attention_bg` with its two trailing ints);
+        // each record holds its sequence's cache pointers, att_part and att_cnt hold
+        // `att_max >= nch` chunks for every head of `bucket` rows.
         unsafe {
             self.go2(
-                &self.f.attention_b,
-                ((cfg.n_heads * hb) as u32, bucket as u32),
+                f,
+                ((units * hb) as u32, bucket as u32),
                 threads,
                 smem,
                 &mut args,

@@ -863,6 +863,294 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
     att_weighted_v(sc, vn, vc, hd, pos, 0, len, part, out + h * hd);
 }
 
+// Grouped attention: the same arithmetic as `attend`, for `ng` (at most ATT_GROUP_MAX)
+// query heads h0.. of one KV group in one block, so that each cached K and V row is
+// read once for all of them instead of once per head. Every head's scores, maxima,
+// sums, weights, weighted-V partial sums and chunk combination are computed by the same
+// operations in the same order as `attend` computes them for that head alone (the same
+// threads take the same positions; the block reductions run head by head), so the
+// results are bit-identical to the per-head kernels'. Dynamic shared memory:
+// (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * blockDim.x floats.
+#define ATT_GROUP_MAX 4
+
+// att_scores for heads q + h * hd (h < ng): their rows of sc are `ctx` apart; each
+// head's thread max goes to mx[h].
+__device__ __forceinline__ void att_scores_g(const float* q, int ng, const float* kn,
+                                             const __half* __restrict__ kc, int hd,
+                                             float scale, float* __restrict__ sc, int ctx,
+                                             int pos, int j0, int j1, float* mx) {
+    const int nc = hd / 8;
+#pragma unroll
+    for (int h = 0; h < ATT_GROUP_MAX; ++h) mx[h] = -INFINITY;
+    for (int j = j0 + (int)threadIdx.x; j < j1; j += blockDim.x) {
+        float acc[ATT_GROUP_MAX][8];
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h)
+#pragma unroll
+            for (int l = 0; l < 8; ++l) acc[h][l] = 0.f;
+        if (j == pos) {
+            for (int c = 0; c < nc; ++c) {
+#pragma unroll
+                for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                    if (h >= ng) break;
+#pragma unroll
+                    for (int l = 0; l < 8; ++l)
+                        acc[h][l] = fmaf(q[h * hd + c * 8 + l], kn[c * 8 + l], acc[h][l]);
+                }
+            }
+        } else {
+            const uint4* kr = (const uint4*)(kc + (size_t)j * hd);
+#pragma unroll 4
+            for (int c = 0; c < nc; ++c) {
+                const uint4 raw = kr[c];
+                const __half2* hv = (const __half2*)&raw;
+#pragma unroll
+                for (int l = 0; l < 4; ++l) {
+                    const float2 f = __half22float2(hv[l]);
+#pragma unroll
+                    for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                        if (h >= ng) break;
+                        const float* qh = q + h * hd + c * 8;
+                        acc[h][2 * l] = fmaf(qh[2 * l], f.x, acc[h][2 * l]);
+                        acc[h][2 * l + 1] = fmaf(qh[2 * l + 1], f.y, acc[h][2 * l + 1]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+            if (h >= ng) break;
+            const float s = (((acc[h][0] + acc[h][4]) + (acc[h][2] + acc[h][6])) +
+                             ((acc[h][1] + acc[h][5]) + (acc[h][3] + acc[h][7]))) * scale;
+            sc[(size_t)h * ctx + j] = s;
+            mx[h] = fmaxf(mx[h], s);
+        }
+    }
+}
+
+// att_weighted_v for heads h < ng (weights in sc rows `ctx` apart, results to
+// dst + h * dstride); pm holds ng * 8 * blockDim.x floats.
+__device__ __forceinline__ void att_weighted_v_g(const float* __restrict__ sc, int ctx, int ng,
+                                                 const float* vn,
+                                                 const __half* __restrict__ vc, int hd,
+                                                 int pos, int j0, int j1, float* pm,
+                                                 float* __restrict__ dst, size_t dstride) {
+    const int tid = threadIdx.x, bd = blockDim.x, nc = hd / 8;
+    const int c = tid % nc, gi = tid / nc, ngp = bd / nc;
+    float acc[ATT_GROUP_MAX][8];
+#pragma unroll
+    for (int h = 0; h < ATT_GROUP_MAX; ++h)
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc[h][l] = 0.f;
+#pragma unroll 2
+    for (int j = j0 + gi; j < j1; j += ngp) {
+        if (j == pos) {
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                if (h >= ng) break;
+                const float w = sc[(size_t)h * ctx + j];
+#pragma unroll
+                for (int l = 0; l < 8; ++l) acc[h][l] = fmaf(w, vn[c * 8 + l], acc[h][l]);
+            }
+        } else {
+            const uint4 raw = ((const uint4*)(vc + (size_t)j * hd))[c];
+            const __half2* hv = (const __half2*)&raw;
+            float w[ATT_GROUP_MAX];
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) w[h] = h < ng ? sc[(size_t)h * ctx + j] : 0.f;
+#pragma unroll
+            for (int l = 0; l < 4; ++l) {
+                const float2 f = __half22float2(hv[l]);
+#pragma unroll
+                for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                    if (h >= ng) break;
+                    acc[h][2 * l] = fmaf(w[h], f.x, acc[h][2 * l]);
+                    acc[h][2 * l + 1] = fmaf(w[h], f.y, acc[h][2 * l + 1]);
+                }
+            }
+        }
+    }
+    const int ph = ngp * hd;  // one head's partial sums
+#pragma unroll
+    for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+        if (h >= ng) break;
+#pragma unroll
+        for (int l = 0; l < 8; ++l) pm[h * ph + gi * hd + c * 8 + l] = acc[h][l];
+    }
+    __syncthreads();
+    for (int h = 0; h < ng; ++h) {
+        for (int d = tid; d < hd; d += bd) {
+            float o = 0.f;
+            for (int p = 0; p < ngp; ++p) o += pm[h * ph + p * hd + d];
+            dst[h * dstride + d] = o;
+        }
+    }
+}
+
+// `attend` for query heads h0 .. h0 + ng - 1 (one KV group's, ng <= ATT_GROUP_MAX);
+// `write`: this block writes the new K/V (the first block of the group's first heads).
+__device__ void attend_group(const float* __restrict__ qkv,
+                             const unsigned long long* __restrict__ step, int layer,
+                             int n_layers, int nh, int nkvh, int hd,
+                             const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                             int neox, float scale, float* __restrict__ scores, int ctx,
+                             float* __restrict__ out, int h0, int ng, bool write, int chunk0,
+                             int cstep, int nch, float* __restrict__ cpart,
+                             unsigned* __restrict__ cnt) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    __shared__ float wgt[ATT_MAX_CHUNKS + 1];
+    __shared__ unsigned last[ATT_GROUP_MAX];
+    float* q = sm;
+    float* kn = sm + ATT_GROUP_MAX * hd;
+    float* vn = kn + hd;
+    float* pm = vn + hd;
+    const int group = nh / nkvh;
+    const int g = h0 / group;
+    const int pos = (int)step[STEP_POS];
+    const int len = pos + 1;
+    const int clen = nch > 1 ? attn_chunk_len(len, nch) : len;
+    const int n_c = (len + clen - 1) / clen;
+    if (chunk0 >= n_c) return;  // the whole block: this length has no such chunk
+    const size_t cap = (size_t)step[STEP_CAP];
+    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
+    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    const int half = hd / 2;
+    const int nq = nh * hd, nkv = nkvh * hd;
+    const float* cs = cos_t + (size_t)pos * half;
+    const float* sn = sin_t + (size_t)pos * half;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    for (int i = tid; i < half; i += bd) {
+        const int a = neox ? i : 2 * i;
+        const int b = neox ? i + half : 2 * i + 1;
+        const float c = cs[i], s = sn[i];
+        for (int h = 0; h < ng; ++h) {
+            const float x0 = qkv[(h0 + h) * hd + a], x1 = qkv[(h0 + h) * hd + b];
+            q[h * hd + a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+            q[h * hd + b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
+        }
+        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
+        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
+        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
+    }
+    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
+    __syncthreads();
+    if (write && chunk0 == 0) {
+        for (int d = tid; d < hd; d += bd) {
+            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
+            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
+        }
+    }
+    float* sc = scores + (size_t)h0 * ctx;
+    float mx[ATT_GROUP_MAX], sum[ATT_GROUP_MAX];
+    if (n_c == 1) {
+        att_scores_g(q, ng, kn, kc, hd, scale, sc, ctx, pos, 0, len, mx);
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+            if (h >= ng) break;  // ng is the same for the whole block
+            mx[h] = block_reduce(mx[h], red, true);
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) sum[h] = 0.f;
+        for (int j = tid; j < len; j += bd) {
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                if (h >= ng) break;
+                const float e = expf(sc[(size_t)h * ctx + j] - mx[h]);
+                sc[(size_t)h * ctx + j] = e;
+                sum[h] += e;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+            if (h >= ng) break;  // ng is the same for the whole block
+            sum[h] = block_reduce(sum[h], red, false);
+        }
+        for (int j = tid; j < len; j += bd) {
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                if (h >= ng) break;
+                sc[(size_t)h * ctx + j] = round_f16(sc[(size_t)h * ctx + j] / sum[h]);
+            }
+        }
+        __syncthreads();
+        att_weighted_v_g(sc, ctx, ng, vn, vc, hd, pos, 0, len, pm, out + (size_t)h0 * hd, hd);
+        return;
+    }
+    const size_t hstride = (size_t)nch * (hd + 2);  // a head's chunk slots
+    float* hp = cpart + (size_t)h0 * hstride;
+    unsigned done = 0;
+    for (int ch = chunk0; ch < n_c; ch += cstep) {
+        const int j0 = ch * clen, j1 = min(len, j0 + clen);
+        att_scores_g(q, ng, kn, kc, hd, scale, sc, ctx, pos, j0, j1, mx);
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+            if (h >= ng) break;  // ng is the same for the whole block
+            mx[h] = block_reduce(mx[h], red, true);
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) sum[h] = 0.f;
+        for (int j = j0 + tid; j < j1; j += bd) {
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                if (h >= ng) break;
+                const float e = expf(sc[(size_t)h * ctx + j] - mx[h]);
+                sc[(size_t)h * ctx + j] = round_f16(e);
+                sum[h] += e;
+            }
+        }
+        // Their barriers order the weights' writes too.
+#pragma unroll
+        for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+            if (h >= ng) break;  // ng is the same for the whole block
+            sum[h] = block_reduce(sum[h], red, false);
+        }
+        float* cp = hp + (size_t)ch * (hd + 2);
+        att_weighted_v_g(sc, ctx, ng, vn, vc, hd, pos, j0, j1, pm, cp, hstride);
+        if (tid == 0) {
+#pragma unroll
+            for (int h = 0; h < ATT_GROUP_MAX; ++h) {
+                if (h >= ng) break;
+                cp[h * hstride + hd] = mx[h];
+                cp[h * hstride + hd + 1] = sum[h];
+            }
+        }
+        __syncthreads();  // pm is free again
+        ++done;
+    }
+    // The tickets: for each head, the block that brings its count to n_c combines.
+    __threadfence();
+    __syncthreads();
+    if (tid < ng) last[tid] = atomicAdd(cnt + h0 + tid, done) + done == (unsigned)n_c;
+    __syncthreads();
+    for (int h = 0; h < ng; ++h) {
+        if (!last[h]) continue;
+        __threadfence();
+        const float* p = hp + (size_t)h * hstride;
+        if (tid == 0) {
+            float m = -INFINITY;
+            for (int ch = 0; ch < n_c; ++ch) m = fmaxf(m, __ldcg(p + (size_t)ch * (hd + 2) + hd));
+            float l = 0.f;
+            for (int ch = 0; ch < n_c; ++ch) {
+                const float* cp = p + (size_t)ch * (hd + 2);
+                const float w = expf(__ldcg(cp + hd) - m);
+                wgt[ch] = w;
+                l = fmaf(w, __ldcg(cp + hd + 1), l);
+            }
+            wgt[ATT_MAX_CHUNKS] = l;
+            cnt[h0 + h] = 0;  // for the next launch (which waits for this one to finish)
+        }
+        __syncthreads();
+        const float l = wgt[ATT_MAX_CHUNKS];
+        for (int d = tid; d < hd; d += bd) {
+            float o = 0.f;
+            for (int ch = 0; ch < n_c; ++ch) o = fmaf(wgt[ch], __ldcg(p + (size_t)ch * (hd + 2) + d), o);
+            out[(size_t)(h0 + h) * hd + d] = o / l;
+        }
+        __syncthreads();  // wgt is read before the next head's combination writes it
+    }
+}
+
 // Grid nh * nch: head blockIdx.x / nch, chunk blockIdx.x % nch (see attend).
 extern "C" __global__ void attention(const float* __restrict__ qkv,
                                      const unsigned long long* __restrict__ step, int layer,

@@ -43,6 +43,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MV_THREADS: u32 = 256;
 /// Threads of an attention block (one query head).
 const ATT_THREADS: usize = 256;
+/// Query heads a grouped attention block takes at most (`ATT_GROUP_MAX` in decode.cu).
+const ATT_GROUP_MAX: usize = 4;
 
 /// A kernel argument for `cuLaunchKernelEx` (the value must outlive the launch call).
 fn arg<T>(v: &T) -> *mut c_void {
@@ -131,6 +133,7 @@ struct Funcs {
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
+    attention_bg: CudaFunction,
 }
 
 struct Inner {
@@ -203,6 +206,11 @@ struct Inner {
     /// Blocks per head of a batched attention launch (0: `batch_plan::attn_blocks_per_head`;
     /// `CANDELA_CUDA_ATT_BLOCKS`); `candela doctor` varies it.
     att_hb: std::cell::Cell<usize>,
+    /// Whether batched attention takes each KV group's query heads together in a block
+    /// (`CANDELA_CUDA_ATT_GROUP=1`, `attention_bg`: every cached K/V row read once for up
+    /// to four heads, meant to give the same bits) rather than a block per query head (the
+    /// default until the grouped kernel has been checked and timed on a card).
+    att_group: bool,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
@@ -670,6 +678,7 @@ impl FusedDecoder {
             embed_rows: load("embed_rows")?,
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
+            attention_bg: load("attention_bg")?,
         };
         let mut rd = Reader {
             ct,
@@ -799,6 +808,7 @@ impl FusedDecoder {
             mm_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MM_BLOCKS").unwrap_or(0)),
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
+            att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
             mm_tcs16: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS16")),
