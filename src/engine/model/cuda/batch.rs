@@ -788,15 +788,12 @@ impl Inner {
         // The single-stream kernel's position chunks, each head's (or each group's heads')
         // taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
-        let (gs, nsub) = if self.att_group {
-            batch_plan::attn_head_groups(cfg.n_heads, cfg.n_kv_heads)
+        // Blocks' units: query heads, or parts of KV groups of `gs` heads, `nsub` a group.
+        let (gs, nsub, units) = if self.att_group {
+            let (gs, nsub) = batch_plan::attn_head_groups(cfg.n_heads, cfg.n_kv_heads);
+            (gs, nsub, cfg.n_kv_heads * nsub)
         } else {
-            (1, 1)
-        };
-        let units = if self.att_group {
-            cfg.n_kv_heads * nsub
-        } else {
-            cfg.n_heads
+            (1, 1, cfg.n_heads)
         };
         let hb = match self.att_hb.get() {
             0 => batch_plan::attn_blocks_per_head(units, bucket, nch, self.sms),

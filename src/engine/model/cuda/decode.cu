@@ -717,6 +717,37 @@ __device__ __forceinline__ void att_weighted_v(const float* __restrict__ sc, con
     }
 }
 
+// The combination of a head's n_c chunk results in hp (slots of hd + 2 floats: the
+// weighted V sums, max, sum) into out, by the block whose ticket completed the head:
+// sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, in chunk order; resets the head's
+// ticket count hc for the next launch.
+__device__ __forceinline__ void att_combine(const float* hp, int n_c, int hd,
+                                            float* __restrict__ out, unsigned* hc) {
+    __shared__ float wgt[ATT_MAX_CHUNKS + 1];
+    const int tid = threadIdx.x, bd = blockDim.x;
+    __threadfence();
+    if (tid == 0) {
+        float m = -INFINITY;
+        for (int ch = 0; ch < n_c; ++ch) m = fmaxf(m, __ldcg(hp + (size_t)ch * (hd + 2) + hd));
+        float l = 0.f;
+        for (int ch = 0; ch < n_c; ++ch) {
+            const float* cp = hp + (size_t)ch * (hd + 2);
+            const float w = expf(__ldcg(cp + hd) - m);
+            wgt[ch] = w;
+            l = fmaf(w, __ldcg(cp + hd + 1), l);
+        }
+        wgt[ATT_MAX_CHUNKS] = l;
+        *hc = 0;  // for the next launch (which waits for this one to finish)
+    }
+    __syncthreads();
+    const float l = wgt[ATT_MAX_CHUNKS];
+    for (int d = tid; d < hd; d += bd) {
+        float o = 0.f;
+        for (int ch = 0; ch < n_c; ++ch) o = fmaf(wgt[ch], __ldcg(hp + (size_t)ch * (hd + 2) + d), o);
+        out[d] = o / l;
+    }
+}
+
 // One head's split attention (see attend): this block's chunks, then the combination
 // by whichever block finishes the head's last. q, kn, vn: the RoPE'd query, new key and
 // value (f16-rounded) in shared memory; sc: the head's scores row; pm: room for
@@ -727,7 +758,6 @@ __device__ void attend_chunks(const float* q, const float* kn, const float* vn,
                               int n_c, float* __restrict__ out, int chunk0, int cstep,
                               float* __restrict__ hp, unsigned* __restrict__ hc, float* pm,
                               float* red) {
-    __shared__ float wgt[ATT_MAX_CHUNKS + 1];
     __shared__ unsigned last;
     const int tid = threadIdx.x, bd = blockDim.x;
     const int len = pos + 1;
@@ -757,26 +787,44 @@ __device__ void attend_chunks(const float* q, const float* kn, const float* vn,
     if (tid == 0) last = atomicAdd(hc, done) + done == (unsigned)n_c;
     __syncthreads();
     if (!last) return;
-    __threadfence();
-    if (tid == 0) {
-        float m = -INFINITY;
-        for (int ch = 0; ch < n_c; ++ch) m = fmaxf(m, __ldcg(hp + (size_t)ch * (hd + 2) + hd));
-        float l = 0.f;
-        for (int ch = 0; ch < n_c; ++ch) {
-            const float* cp = hp + (size_t)ch * (hd + 2);
-            const float w = expf(__ldcg(cp + hd) - m);
-            wgt[ch] = w;
-            l = fmaf(w, __ldcg(cp + hd + 1), l);
+    att_combine(hp, n_c, hd, out, hc);
+}
+
+// The step's new query, key and value for attention at position pos: RoPE on query heads
+// h0 .. h0 + ng - 1 (into q, hd apart) and on KV group g's key (into kn), the group's
+// value into vn, all rounded to f16; then, where `write`, the new K/V into the cache
+// slot pos of kc/vc. Ends with the block's barrier before the write.
+__device__ __forceinline__ void att_new_qkv(const float* __restrict__ qkv, int h0, int ng,
+                                            int g, int nh, int nkvh, int hd,
+                                            const float* __restrict__ cos_t,
+                                            const float* __restrict__ sin_t, int neox, int pos,
+                                            float* q, float* kn, float* vn, bool write,
+                                            __half* __restrict__ kc, __half* __restrict__ vc) {
+    const int half = hd / 2;
+    const int nq = nh * hd, nkv = nkvh * hd;
+    const float* cs = cos_t + (size_t)pos * half;
+    const float* sn = sin_t + (size_t)pos * half;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    for (int i = tid; i < half; i += bd) {
+        const int a = neox ? i : 2 * i;
+        const int b = neox ? i + half : 2 * i + 1;
+        const float c = cs[i], s = sn[i];
+        for (int h = 0; h < ng; ++h) {
+            const float x0 = qkv[(h0 + h) * hd + a], x1 = qkv[(h0 + h) * hd + b];
+            q[h * hd + a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+            q[h * hd + b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
         }
-        wgt[ATT_MAX_CHUNKS] = l;
-        *hc = 0;  // for the next launch (which waits for this one to finish)
+        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
+        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
+        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
     }
+    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
     __syncthreads();
-    const float l = wgt[ATT_MAX_CHUNKS];
-    for (int d = tid; d < hd; d += bd) {
-        float o = 0.f;
-        for (int ch = 0; ch < n_c; ++ch) o = fmaf(wgt[ch], __ldcg(hp + (size_t)ch * (hd + 2) + d), o);
-        out[d] = o / l;
+    if (write) {
+        for (int d = tid; d < hd; d += bd) {
+            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
+            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
+        }
     }
 }
 
@@ -819,30 +867,9 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
     const size_t cap = (size_t)step[STEP_CAP];
     __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
     __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
-    const int half = hd / 2;
-    const int nq = nh * hd, nkv = nkvh * hd;
-    const float* cs = cos_t + (size_t)pos * half;
-    const float* sn = sin_t + (size_t)pos * half;
+    att_new_qkv(qkv, h, 1, g, nh, nkvh, hd, cos_t, sin_t, neox, pos, q, kn, vn,
+                write && h % group == 0 && chunk0 == 0, kc, vc);
     const int tid = threadIdx.x, bd = blockDim.x;
-    for (int i = tid; i < half; i += bd) {
-        const int a = neox ? i : 2 * i;
-        const int b = neox ? i + half : 2 * i + 1;
-        const float c = cs[i], s = sn[i];
-        const float x0 = qkv[h * hd + a], x1 = qkv[h * hd + b];
-        q[a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
-        q[b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
-        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
-        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
-        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
-    }
-    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
-    __syncthreads();
-    if (write && h % group == 0 && chunk0 == 0) {
-        for (int d = tid; d < hd; d += bd) {
-            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
-            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
-        }
-    }
     if (n_c > 1) {
         attend_chunks(q, kn, vn, kc, vc, hd, scale, scores + (size_t)h * ctx, pos, clen, n_c,
                       out + h * hd, chunk0, cstep, cpart + (size_t)h * nch * (hd + 2),
@@ -869,7 +896,8 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
 // sums, weights, weighted-V partial sums and chunk combination are computed by the same
 // operations in the same order as `attend` computes them for that head alone (the same
 // threads take the same positions; the block reductions run head by head), so the
-// results are bit-identical to the per-head kernels'. Dynamic shared memory:
+// results should be bit-identical to the per-head kernels' (not yet checked on a card).
+// Dynamic shared memory:
 // (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * blockDim.x floats.
 #define ATT_GROUP_MAX 4
 
@@ -999,7 +1027,6 @@ __device__ void attend_group(const float* __restrict__ qkv,
                              unsigned* __restrict__ cnt) {
     extern __shared__ float sm[];
     __shared__ float red[32];
-    __shared__ float wgt[ATT_MAX_CHUNKS + 1];
     __shared__ unsigned last[ATT_GROUP_MAX];
     float* q = sm;
     float* kn = sm + ATT_GROUP_MAX * hd;
@@ -1015,32 +1042,9 @@ __device__ void attend_group(const float* __restrict__ qkv,
     const size_t cap = (size_t)step[STEP_CAP];
     __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
     __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
-    const int half = hd / 2;
-    const int nq = nh * hd, nkv = nkvh * hd;
-    const float* cs = cos_t + (size_t)pos * half;
-    const float* sn = sin_t + (size_t)pos * half;
+    att_new_qkv(qkv, h0, ng, g, nh, nkvh, hd, cos_t, sin_t, neox, pos, q, kn, vn,
+                write && chunk0 == 0, kc, vc);
     const int tid = threadIdx.x, bd = blockDim.x;
-    for (int i = tid; i < half; i += bd) {
-        const int a = neox ? i : 2 * i;
-        const int b = neox ? i + half : 2 * i + 1;
-        const float c = cs[i], s = sn[i];
-        for (int h = 0; h < ng; ++h) {
-            const float x0 = qkv[(h0 + h) * hd + a], x1 = qkv[(h0 + h) * hd + b];
-            q[h * hd + a] = round_f16(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
-            q[h * hd + b] = round_f16(__fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)));
-        }
-        const float k0 = qkv[nq + g * hd + a], k1 = qkv[nq + g * hd + b];
-        kn[a] = round_f16(__fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, s)));
-        kn[b] = round_f16(__fadd_rn(__fmul_rn(k0, s), __fmul_rn(k1, c)));
-    }
-    for (int d = tid; d < hd; d += bd) vn[d] = round_f16(qkv[nq + nkv + g * hd + d]);
-    __syncthreads();
-    if (write && chunk0 == 0) {
-        for (int d = tid; d < hd; d += bd) {
-            kc[(size_t)pos * hd + d] = __float2half_rn(kn[d]);
-            vc[(size_t)pos * hd + d] = __float2half_rn(vn[d]);
-        }
-    }
     float* sc = scores + (size_t)h0 * ctx;
     float mx[ATT_GROUP_MAX], sum[ATT_GROUP_MAX];
     if (n_c == 1) {
@@ -1125,29 +1129,8 @@ __device__ void attend_group(const float* __restrict__ qkv,
     __syncthreads();
     for (int h = 0; h < ng; ++h) {
         if (!last[h]) continue;
-        __threadfence();
-        const float* p = hp + (size_t)h * hstride;
-        if (tid == 0) {
-            float m = -INFINITY;
-            for (int ch = 0; ch < n_c; ++ch) m = fmaxf(m, __ldcg(p + (size_t)ch * (hd + 2) + hd));
-            float l = 0.f;
-            for (int ch = 0; ch < n_c; ++ch) {
-                const float* cp = p + (size_t)ch * (hd + 2);
-                const float w = expf(__ldcg(cp + hd) - m);
-                wgt[ch] = w;
-                l = fmaf(w, __ldcg(cp + hd + 1), l);
-            }
-            wgt[ATT_MAX_CHUNKS] = l;
-            cnt[h0 + h] = 0;  // for the next launch (which waits for this one to finish)
-        }
-        __syncthreads();
-        const float l = wgt[ATT_MAX_CHUNKS];
-        for (int d = tid; d < hd; d += bd) {
-            float o = 0.f;
-            for (int ch = 0; ch < n_c; ++ch) o = fmaf(wgt[ch], __ldcg(p + (size_t)ch * (hd + 2) + d), o);
-            out[(size_t)(h0 + h) * hd + d] = o / l;
-        }
-        __syncthreads();  // wgt is read before the next head's combination writes it
+        att_combine(hp + (size_t)h * hstride, n_c, hd, out + (size_t)(h0 + h) * hd, cnt + h0 + h);
+        __syncthreads();  // its weights are read before the next head's combination writes them
     }
 }
 
