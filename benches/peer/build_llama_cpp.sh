@@ -11,6 +11,7 @@
 #   CACHE_DIR  default: $CANDELA_BENCH_CACHE or $HOME/.cache/candela-bench/llama.cpp
 #              (with ISA set: that path with "-$ISA" appended)
 #   env LLAMA_CPP_PYTHON_VERSION (default 0.3.36), JOBS (default: nproc)
+#   env FETCH_ONLY=1  only fetch and unpack the source (prints its dir), build nothing
 #   env ISA    native (default: everything this CPU has, GGML_NATIVE) or one of the
 #              levels candela's kernels can be capped at (CANDELA_ISA), so that both
 #              sides of a comparison use the same instructions:
@@ -28,7 +29,7 @@ CACHE="${1:-${CANDELA_BENCH_CACHE:-$HOME/.cache/candela-bench/llama.cpp}}"
 JOBS="${JOBS:-$(nproc 2>/dev/null || sysctl -n hw.ncpu)}"
 BIN="$CACHE/build/bin"
 
-if [[ -x "$BIN/llama-bench" && -x "$BIN/llama-server" ]]; then
+if [[ -z "${FETCH_ONLY:-}" && -x "$BIN/llama-bench" && -x "$BIN/llama-server" ]]; then
     echo "llama.cpp binaries already built in $BIN (delete $CACHE to rebuild)" >&2
     echo "$BIN"
     exit 0
@@ -36,7 +37,7 @@ fi
 
 mkdir -p "$CACHE"
 
-if ! command -v cmake >/dev/null 2>&1; then
+if [[ -z "${FETCH_ONLY:-}" ]] && ! command -v cmake >/dev/null 2>&1; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "cmake missing: install it (macOS: brew install cmake)" >&2
         exit 1
@@ -79,6 +80,10 @@ PY
     tar -xzf "$TARBALL" -C "$CACHE/unpack"
     mv "$CACHE/unpack/llama_cpp_python-$VERSION/vendor/llama.cpp" "$SRC"
     rm -rf "$CACHE/unpack"
+fi
+if [[ -n "${FETCH_ONLY:-}" ]]; then
+    echo "$SRC"
+    exit 0
 fi
 
 # The instruction set: GGML_NATIVE, or ggml's per-extension options for a capped level.

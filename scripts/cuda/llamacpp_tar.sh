@@ -2,10 +2,15 @@
 # Prune llama.cpp's source (176 MB) to what building llama-bench, llama-batched-bench and
 # llama-server needs and xz it to .device/a/llamacpp.tar.xz for scripts/cuda/lease.sh
 # stage1. The server is built without its web UI (no assets download on the GPU machine).
-# Usage: scripts/cuda/llamacpp_tar.sh [SRC]   (default ~/.cache/candela-bench/llama.cpp/src)
+# Usage: scripts/cuda/llamacpp_tar.sh [SRC]   (default ~/.cache/candela-bench/llama.cpp/src,
+#        fetched by benches/peer/build_llama_cpp.sh's FETCH_ONLY=1 where missing)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SRC="${1:-$HOME/.cache/candela-bench/llama.cpp/src}"
+# The default source is fetched (the llama-cpp-python sdist from PyPI) where missing.
+if [ -z "${1:-}" ] && [ ! -f "$SRC/CMakeLists.txt" ]; then
+    SRC="$(FETCH_ONLY=1 bash "$REPO/benches/peer/build_llama_cpp.sh" | tail -n 1)"
+fi
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$TMP/src/tools" "$TMP/src/scripts"
