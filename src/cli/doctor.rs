@@ -176,11 +176,24 @@ fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineEr
     }
     let vocab = model.config.vocab as u32;
     let ids: Vec<u32> = (0..len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    // Sequences 0 and 7 (the longest and the shortest prompt) stepped alone, for the
+    // check that batched attention deep in the context computes the same bits.
+    let mut alone = Vec::with_capacity(2);
+    for cut in [0, 7] {
+        let (_, toks, hashes) = batched(model, &ids[..len - cut], 1, n)?;
+        alone.push((cut, toks, hashes));
+    }
     for k in [8, 32] {
-        let (rate, ..) = batched(model, &ids, k, n)?;
+        let (rate, toks, hashes) = batched(model, &ids, k, n)?;
+        let same = alone
+            .iter()
+            .filter(|(i, t, h)| toks[*i] == t[0] && hashes[*i] == h[0])
+            .count();
         println!(
-            "{k} sequences at position {}-{len} stepped together: {rate:.1} tok/s aggregate",
-            len - 7
+            "{k} sequences at position {}-{len} stepped together: {rate:.1} tok/s aggregate; \
+             tokens and logits bits as stepped alone: {same}/{}",
+            len - 7,
+            alone.len()
         );
     }
     Ok(())
