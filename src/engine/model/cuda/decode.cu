@@ -896,7 +896,8 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
 // sums, weights, weighted-V partial sums and chunk combination are computed by the same
 // operations in the same order as `attend` computes them for that head alone (the same
 // threads take the same positions; the block reductions run head by head), so the
-// results should be bit-identical to the per-head kernels' (not yet checked on a card).
+// results are bit-identical to the per-head kernels' (checked on an H100 by `candela
+// doctor` with CANDELA_CUDA_ATT_GROUP=1, groups of 3, 4 and 4 + 3 heads).
 // Dynamic shared memory:
 // (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * blockDim.x floats.
 #define ATT_GROUP_MAX 4

@@ -208,8 +208,10 @@ struct Inner {
     att_hb: std::cell::Cell<usize>,
     /// Whether batched attention takes each KV group's query heads together in a block
     /// (`CANDELA_CUDA_ATT_GROUP=1`, `attention_bg`: every cached K/V row read once for up
-    /// to four heads, meant to give the same bits) rather than a block per query head (the
-    /// default until the grouped kernel has been checked and timed on a card).
+    /// to four heads, the same bits on an H100) rather than a block per query head (the
+    /// default: with the grouped kernel 32-row steps deep in the context are 3-10 % faster,
+    /// but its attention takes 1.5-1.7 times as long with short caches, where latency
+    /// rather than the cache's bytes bounds it).
     att_group: bool,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
