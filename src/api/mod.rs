@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(misc::not_found)
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(net::refuse_oversize))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

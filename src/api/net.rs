@@ -7,6 +7,9 @@
 //! bytes come from `Content-Length` or the body's exact size; a body of unknown size
 //! (SSE streams) is wrapped and every chunk handed to the connection is counted, so a
 //! stream cut short counts what was sent. Headers are not counted.
+//!
+//! Also here: bodies declared larger than the limit are refused after they have been
+//! read ([`refuse_oversize`]), so that the client gets its 413 rather than a broken pipe.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -15,9 +18,12 @@ use axum::extract::{ConnectInfo, Request};
 use axum::http::header::CONTENT_LENGTH;
 use axum::http::HeaderMap;
 use axum::middleware::Next;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use futures::StreamExt;
 
+use super::error::{AnthropicError, ApiError, Shape};
+use super::MAX_BODY_BYTES;
 use crate::metrics;
 
 /// Peer class of a client address.
@@ -101,9 +107,93 @@ pub async fn count_bytes(req: Request, next: Next) -> Response {
     }
 }
 
+/// Bodies declared larger than this are refused without being read.
+const DRAIN_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest a refused body's reading may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request whose `Content-Length` is over [`MAX_BODY_BYTES`] gets 413 in its route's
+/// shape (`invalid_body`). The body is read and dropped first (up to
+/// [`DRAIN_MAX_BYTES`] and [`DRAIN_TIME`]): a server that answers and closes while the
+/// client is still sending leaves most clients with a broken pipe instead of the
+/// answer. Bodies of unknown length meet the limit as they are read
+/// (`DefaultBodyLimit`).
+pub async fn refuse_oversize(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let Some(n) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) else {
+        return next.run(req).await;
+    };
+    let shape = Shape::of_path(req.uri().path());
+    if n <= DRAIN_MAX_BYTES {
+        let mut body = req.into_body().into_data_stream();
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        // A client too slow to finish within the time gets the answer anyway.
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
+    let err = ApiError {
+        status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!(
+            "the request body is {n} bytes, more than the limit of {MAX_BODY_BYTES} bytes"
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_body"),
+    };
+    match shape {
+        Shape::OpenAi => err.into_response(),
+        Shape::Anthropic => AnthropicError(err).into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Over a real socket, as clients send: the whole body goes out, the 413 comes back
+    /// in the route's shape (never a broken pipe), and the connection stays usable.
+    #[tokio::test]
+    async fn an_oversize_body_is_read_then_refused_in_the_routes_shape() {
+        let app = axum::Router::new()
+            .route("/v1/completions", axum::routing::post(|| async { "ok" }))
+            .route("/v1/messages", axum::routing::post(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(refuse_oversize));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let c = reqwest::Client::new();
+        let huge = vec![b'a'; MAX_BODY_BYTES + (1 << 20)];
+        for path in ["/v1/completions", "/v1/messages"] {
+            for _ in 0..3 {
+                let r = c
+                    .post(format!("http://{addr}{path}"))
+                    .body(huge.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 413, "{path}");
+                let v: serde_json::Value = r.json().await.unwrap();
+                let msg = v["error"]["message"].as_str().unwrap();
+                assert!(msg.contains("more than the limit"), "{v}");
+                if path == "/v1/messages" {
+                    assert_eq!(v["type"], "error", "{v}");
+                    assert_eq!(v["error"]["type"], "request_too_large", "{v}");
+                } else {
+                    assert_eq!(v["error"]["code"], "invalid_body", "{v}");
+                    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+                }
+            }
+            let r = c
+                .post(format!("http://{addr}{path}"))
+                .body(vec![b'a'; 1 << 20])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+        }
+    }
 
     fn class(s: &str) -> &'static str {
         peer_class(s.parse().unwrap())
