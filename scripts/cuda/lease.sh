@@ -678,10 +678,11 @@ tune)
     ;;
 deep)
     S="${S:-.device/s}"
+    MODELS="${MODELS:-smollm2-shape llama3-8b}"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     start_llamacpp_build $S/llamacpp.tar.xz 10 12 || exit 1
-    synth_models ${MODELS:-smollm2-shape llama3-8b} || exit 1
-    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+    synth_models $MODELS || exit 1
+    for m in $MODELS; do
         QUICK=1 synth_doctor $m "sequence|position|attention in"
         [ -z "${FORCED:-}" ] || (export $FORCED; echo "== with $FORCED"
             QUICK=1 TAG=_forced synth_doctor $m "sequence|position|attention in")
@@ -689,7 +690,7 @@ deep)
     t0=$SECONDS
     for _ in $(seq 1 120); do [ -f /root/lcp/build.done ] && break; sleep 3; done
     echo "== waited $(( SECONDS - t0 )) s for the llama.cpp build (exit $(cat /root/lcp/build.done 2>/dev/null || echo 'not finished'))"
-    for m in ${MODELS:-smollm2-shape llama3-8b}; do
+    for m in $MODELS; do
         echo "== llama-batched-bench on $m at ${SECONDS} s"
         /root/lcp/build/bin/llama-batched-bench -m /root/synth/$m.gguf -ngl 99 -fa on -c 68000 \
             -b 2048 -ub 512 -npp 128,2000 -ntg 32 -npl 8,32 2>&1 \

@@ -62,10 +62,13 @@ fn class_v6(ip: Ipv6Addr) -> &'static str {
 /// Body size from `Content-Length` or the body's exact size hint. Bodies of known size
 /// are counted up front and left untouched, so hyper still sends `Content-Length` and
 /// empty bodies cost nothing.
+/// The `Content-Length` a message declares.
+fn declared_len(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 fn known_len(h: &HeaderMap, body: &Body) -> Option<u64> {
-    h.get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok())
-        .or_else(|| body.size_hint().exact())
+    declared_len(h).or_else(|| body.size_hint().exact())
 }
 
 /// Count request and response body bytes by peer class.
@@ -119,11 +122,7 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// answer. Bodies of unknown length meet the limit as they are read
 /// (`DefaultBodyLimit`).
 pub async fn refuse_oversize(req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let Some(n) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) else {
+    let Some(n) = declared_len(req.headers()).filter(|&n| n > MAX_BODY_BYTES as u64) else {
         return next.run(req).await;
     };
     let shape = Shape::of_path(req.uri().path());

@@ -510,6 +510,8 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn head_groups_cover_each_kv_group_in_parts_of_at_most_four() {
         for group in 1..=32 {
@@ -529,8 +531,6 @@ mod tests {
         assert_eq!(attn_head_groups(14, 2), (4, 2)); // Qwen2.5-0.5B: 4 + 3
         assert_eq!(attn_head_groups(16, 16), (1, 1));
     }
-
-    use super::*;
 
     #[test]
     fn attention_splits_into_at_most_the_kernels_chunks() {

@@ -790,6 +790,28 @@ __device__ void attend_chunks(const float* q, const float* kn, const float* vn,
     att_combine(hp, n_c, hd, out, hc);
 }
 
+// Where a decode step's attention for KV group `g` reads: the step's position, its
+// length in chunks of `clen` (`n_c` of them; one when `nch` is 1) and the group's cached
+// K and V rows of `layer`.
+struct AttSpan {
+    int pos, len, clen, n_c;
+    __half* kc;
+    __half* vc;
+};
+
+__device__ __forceinline__ AttSpan att_span(const unsigned long long* __restrict__ step,
+                                            int layer, int n_layers, int g, int hd, int nch) {
+    AttSpan a;
+    a.pos = (int)step[STEP_POS];
+    a.len = a.pos + 1;
+    a.clen = nch > 1 ? attn_chunk_len(a.len, nch) : a.len;
+    a.n_c = (a.len + a.clen - 1) / a.clen;
+    const size_t cap = (size_t)step[STEP_CAP];
+    a.kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
+    a.vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    return a;
+}
+
 // The step's new query, key and value for attention at position pos: RoPE on query heads
 // h0 .. h0 + ng - 1 (into q, hd apart) and on KV group g's key (into kn), the group's
 // value into vn, all rounded to f16; then, where `write`, the new K/V into the cache
@@ -859,14 +881,11 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
     float* part = sm + 3 * hd;
     const int group = nh / nkvh;
     const int g = h / group;
-    const int pos = (int)step[STEP_POS];
-    const int len = pos + 1;
-    const int clen = nch > 1 ? attn_chunk_len(len, nch) : len;
-    const int n_c = (len + clen - 1) / clen;
-    if (chunk0 >= n_c) return;  // the whole block: this length has no such chunk
-    const size_t cap = (size_t)step[STEP_CAP];
-    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
-    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    const AttSpan a = att_span(step, layer, n_layers, g, hd, nch);
+    if (chunk0 >= a.n_c) return;  // the whole block: this length has no such chunk
+    const int pos = a.pos, len = a.len, clen = a.clen, n_c = a.n_c;
+    __half* kc = a.kc;
+    __half* vc = a.vc;
     att_new_qkv(qkv, h, 1, g, nh, nkvh, hd, cos_t, sin_t, neox, pos, q, kn, vn,
                 write && h % group == 0 && chunk0 == 0, kc, vc);
     const int tid = threadIdx.x, bd = blockDim.x;
@@ -1035,14 +1054,11 @@ __device__ void attend_group(const float* __restrict__ qkv,
     float* pm = vn + hd;
     const int group = nh / nkvh;
     const int g = h0 / group;
-    const int pos = (int)step[STEP_POS];
-    const int len = pos + 1;
-    const int clen = nch > 1 ? attn_chunk_len(len, nch) : len;
-    const int n_c = (len + clen - 1) / clen;
-    if (chunk0 >= n_c) return;  // the whole block: this length has no such chunk
-    const size_t cap = (size_t)step[STEP_CAP];
-    __half* kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;
-    __half* vc = (__half*)step[STEP_PTRS + n_layers + layer] + (size_t)g * cap * hd;
+    const AttSpan a = att_span(step, layer, n_layers, g, hd, nch);
+    if (chunk0 >= a.n_c) return;  // the whole block: this length has no such chunk
+    const int pos = a.pos, len = a.len, clen = a.clen, n_c = a.n_c;
+    __half* kc = a.kc;
+    __half* vc = a.vc;
     att_new_qkv(qkv, h0, ng, g, nh, nkvh, hd, cos_t, sin_t, neox, pos, q, kn, vn,
                 write && chunk0 == 0, kc, vc);
     const int tid = threadIdx.x, bd = blockDim.x;
