@@ -20,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/engine/model/cuda/batch.cuh");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/prefill.cuh");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/tc.cuh");
+    println!("cargo:rerun-if-changed=src/engine/model/cuda/sum8.cuh");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/mma.cuh");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)

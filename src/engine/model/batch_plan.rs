@@ -270,6 +270,67 @@ pub fn staged_columns(bucket: usize, narrow: Option<bool>, rows: usize, sms: usi
     }
 }
 
+/// Blocks of 32 values a round of the eight-part tensor-core kernels (`s8_*`, sum8.cuh)
+/// stages per row: 8 for the 32-byte layout (Q8_0, Q5_0, Q6_K), else 16 (whole Q4_K
+/// super-blocks).
+pub fn s8_round_blocks(quant_bytes: usize) -> usize {
+    if quant_bytes == 32 {
+        8
+    } else {
+        16
+    }
+}
+
+/// Bytes of one stage buffer of the `s8_*` kernels (`S8Layout` in sum8.cuh, which it
+/// mirrors): `rr` weight rows of a round's `rb` blocks (padded by 16 bytes) and their
+/// scales (Q4_K: the super-block pairs and the blocks' byte pairs, padded by 8; else
+/// `rb + 1` pairs a row), then `cols` columns of activations (padded by 16 bytes) and
+/// their `rb + 1` scale pairs, each part 16-byte aligned.
+pub fn s8_stage_bytes(quant_bytes: usize, q4k: bool, rr: usize, cols: usize, rb: usize) -> usize {
+    let up16 = |x: usize| x.div_ceil(16) * 16;
+    let w = rr * (rb * quant_bytes + 16);
+    let sc = if q4k {
+        rr * (rb / 8) * 8 + rr * (rb * 2 + 8)
+    } else {
+        rr * (rb + 1) * 8
+    };
+    let act = up16(w + sc);
+    up16(act + cols * (rb * 32 + 16) + cols * (rb + 1) * 8)
+}
+
+/// The tile of an `s8_*` launch for a projection of `rows` output rows (of each of the
+/// two matrices for SwiGLU's gate and up) in a step of `bucket` columns on a card of
+/// `sms` multiprocessors: (row tiles of 16, column tiles of 8) a block. Columns: 8 for
+/// buckets of up to 8, 16 up to 16, else 32. Rows: the most of 64, 32, 16 (32, 16 for
+/// SwiGLU, whose block holds both matrices' sums) whose blocks still cover the
+/// multiprocessors once — more rows a block read each staged column for more of them,
+/// fewer give more blocks. `forced` (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64) wins where
+/// the kernel has it.
+pub fn s8_tile(
+    rows: usize,
+    swiglu: bool,
+    bucket: usize,
+    sms: usize,
+    forced: Option<usize>,
+) -> (usize, usize) {
+    let nt = match bucket {
+        0..=8 => 1,
+        9..=16 => 2,
+        _ => 4,
+    };
+    let most = if swiglu { 2 } else { 4 };
+    let col_blocks = bucket.div_ceil(8 * nt);
+    let rt = match forced {
+        Some(r) if [16, 32, 64].contains(&r) => (r / 16).min(most),
+        _ => [4, 2]
+            .into_iter()
+            .filter(|&rt| rt <= most)
+            .find(|&rt| rows.div_ceil(16 * rt) * col_blocks >= sms)
+            .unwrap_or(1),
+    };
+    (rt, nt)
+}
+
 /// Most position chunks one head's decode attention is split into (the kernels'
 /// `ATT_MAX_CHUNKS`).
 pub const ATT_MAX_CHUNKS: usize = 16;
@@ -923,6 +984,112 @@ mod tests {
         }
         // The order matters: summing in K order gives other bits for many rows.
         assert!(sequential_differs > 100, "{sequential_differs}");
+    }
+
+    /// The eight-part order (sum8.cuh): the mat-vec's lane p of a row adds blocks p, p +
+    /// 8, ... in order, then 8 lanes add their sums with xor partners 4, 2, 1; the
+    /// tensor-core block's warp w takes, round by round (`rb` blocks, a multiple of 8),
+    /// the round's blocks w, w + 8, ..., and the warps add their sums 4, 2, 1 apart. Both
+    /// are the same f32 operations on the same values in the same order.
+    #[test]
+    fn eight_part_sums_are_the_same_in_the_mat_vec_and_the_tensor_core_block() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let mut sequential_differs = 0;
+        for trial in 0..2000 {
+            let nb = [1, 7, 8, 18, 48, 128, 448, 152][trial % 8];
+            let rb = [8, 16][trial % 2];
+            // A block's term: (weight scale * activation scale, integer dot), then an
+            // offset term for the kinds that have one.
+            let terms: Vec<(f32, f32, f32)> = (0..nb)
+                .map(|_| {
+                    let scale = 10f32.powi(rng.gen_range(-3..4));
+                    (
+                        rng.gen_range(-1.0..1.0) * scale,
+                        rng.gen_range(-4000.0..4000.0f32).round(),
+                        rng.gen_range(-1.0..1.0) * scale,
+                    )
+                })
+                .collect();
+            let add = |z: f32, b: usize| {
+                let (d, s, m) = terms[b];
+                m.mul_add(1.0, d.mul_add(s, z))
+            };
+            // The mat-vec: 8 lanes, then the xor butterfly.
+            let mut v: Vec<f32> = (0..8).map(|p| (p..nb).step_by(8).fold(0f32, add)).collect();
+            for o in [4, 2, 1] {
+                let prev = v.clone();
+                for (l, x) in v.iter_mut().enumerate() {
+                    *x = prev[l] + prev[l ^ o];
+                }
+            }
+            // The tensor-core block: rounds of rb blocks, warp w the round's w, w + 8, ...
+            let mut acc = [0f32; 8];
+            for b0 in (0..nb).step_by(rb) {
+                for (w, z) in acc.iter_mut().enumerate() {
+                    for bl in (w..rb).step_by(8) {
+                        if b0 + bl < nb {
+                            *z = add(*z, b0 + bl);
+                        }
+                    }
+                }
+            }
+            for o in [4, 2, 1] {
+                for k in 0..o {
+                    acc[k] += acc[k + o];
+                }
+            }
+            assert_eq!(
+                v[0].to_bits(),
+                acc[0].to_bits(),
+                "nb {nb}, rb {rb}, trial {trial}"
+            );
+            let sequential = (0..nb).fold(0f32, add);
+            sequential_differs += usize::from(sequential.to_bits() != v[0].to_bits());
+        }
+        assert!(sequential_differs > 100, "{sequential_differs}");
+    }
+
+    #[test]
+    fn eight_part_tiles_cover_the_card_with_the_most_rows_they_can() {
+        // Llama-3-8B's shape at 32 columns on an H100 (132 multiprocessors).
+        assert_eq!(s8_tile(14336, true, 32, 132, None), (2, 4)); // gate|up: 448 blocks
+        assert_eq!(s8_tile(5120, false, 32, 132, None), (2, 4)); // Q|K: 160 blocks
+        assert_eq!(s8_tile(4096, false, 32, 132, None), (1, 4)); // down, output: 256
+        assert_eq!(s8_tile(1024, false, 32, 132, None), (1, 4));
+        assert_eq!(s8_tile(128_256, false, 32, 132, None), (4, 4));
+        // 64 columns: two column blocks a row tile.
+        assert_eq!(s8_tile(4096, false, 64, 132, None), (2, 4));
+        // Narrow buckets take narrow column tiles.
+        assert_eq!(s8_tile(14336, true, 8, 132, None), (2, 1));
+        assert_eq!(s8_tile(576, false, 16, 132, None), (1, 2));
+        assert_eq!(s8_tile(576, false, 2, 132, None), (1, 1));
+        // Forced, within what the kernels have.
+        assert_eq!(s8_tile(576, false, 32, 132, Some(64)), (4, 4));
+        assert_eq!(s8_tile(576, true, 32, 132, Some(64)), (2, 4));
+        assert_eq!(s8_tile(14336, true, 32, 132, Some(16)), (1, 4));
+        assert_eq!(s8_tile(14336, true, 32, 132, Some(48)), (2, 4));
+    }
+
+    #[test]
+    fn eight_part_stage_sizes() {
+        // sum8.cuh's static_asserts and the host's sizes of its dynamic shared memory:
+        // Q4_K, 64 rows, 32 columns, rounds of 16 blocks.
+        assert_eq!(
+            s8_stage_bytes(16, true, 64, 32, 16),
+            17408 + 1024 + 2560 + 16896 + 4352
+        );
+        // Q8_0's rounds of 8 blocks.
+        assert_eq!(
+            s8_stage_bytes(32, false, 64, 32, 8),
+            17408 + 4608 + 8704 + 2304
+        );
+        // Two stage buffers of the largest fit twice in an H100's 227 KiB.
+        for (qb, q4k) in [(16, true), (16, false), (32, false)] {
+            let rb = s8_round_blocks(qb);
+            assert!(4 * s8_stage_bytes(qb, q4k, 64, 32, rb) <= 227 << 10);
+            assert_eq!(s8_stage_bytes(qb, q4k, 16, 8, rb) % 16, 0);
+        }
     }
 
     #[test]

@@ -510,7 +510,9 @@ impl Model {
         if let Some(d) = &self.fused {
             return Some(format!(
                 "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}",
-                if d.tensor_cores() {
+                if d.sum8() {
+                    "tensor cores (sums in eight parts)"
+                } else if d.tensor_cores() {
                     "tensor cores"
                 } else {
                     "dp4a"

@@ -632,7 +632,13 @@ impl Inner {
         let warps = (MV_THREADS / 32) as usize;
         let eps = self.cfg.rms_eps as f32;
         let k = m.k as i32;
-        if let Some(tc) = self.f.tc.as_ref().filter(|_| self.mm_tc.get()) {
+        let s8 = self.f.s8.as_ref().filter(|_| self.sum8);
+        if let Some(tc) = self
+            .f
+            .tc
+            .as_ref()
+            .filter(|_| self.mm_tc.get() || s8.is_some())
+        {
             // The activations quantized once (qcols_*), then the tensor-core mat-mat.
             let mut args = [
                 arg(&b.step.ptr),
@@ -668,6 +674,23 @@ impl Inner {
                 arg(&b.pq.ptr),
                 arg(&b.pds.ptr),
             ];
+            if let Some(s8) = s8 {
+                // The eight-part order (the single-stream kernels are mv8_*/mvq8_*).
+                let (rt, nt) = batch_plan::s8_tile(rows, mode == 2, bucket, self.sms, self.s8_rows);
+                let f = s8.mm[Sum8Funcs::at(m.kind as usize, mode, rt, nt)]
+                    .as_ref()
+                    .ok_or_else(|| err("no s8 kernel for this tile"))?;
+                let grid = (
+                    bucket.div_ceil(8 * nt) as u32,
+                    rows.div_ceil(16 * rt) as u32,
+                );
+                let smem = Sum8Funcs::smem(m.kind, mode, rt, nt) as u32;
+                // SAFETY: matches `S8_ENTRY` in sum8.cuh (the tensor-core kernels'
+                // arguments); pq and pds hold the step's columns (quantized just above),
+                // `out` has room for `bucket` rows of `ld`, and `smem` is the size the
+                // kernel checks for (raised to it at load).
+                return unsafe { self.go2(f, grid, 256, smem, &mut args, true) };
+            }
             let smem = bucket * batch_plan::column_bytes(m.k);
             let mmq = self.f.mmq.as_ref().filter(|_| {
                 smem <= MMQ_SMEM

@@ -456,6 +456,14 @@ __device__ __forceinline__ void load_cols(const int8_t* __restrict__ q,
     __syncthreads();
 }
 
+// The rows of a mat-vec in sum8.cuh's order (mv8_*, mvq8_*; defined there).
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, int K,
+                                         const uint8_t* __restrict__ qs,
+                                         const float2* __restrict__ dm,
+                                         const float* __restrict__ bias, int rows,
+                                         float* __restrict__ out);
+
 // out = W · q8(norm(x)) with an epilogue:
 //   MODE_STORE:  out[r] = dot_r (+ bias[r])
 //   MODE_ADD:    out[r] += dot_r          (residual add; `out` is the hidden state)
@@ -464,8 +472,9 @@ __device__ __forceinline__ void load_cols(const int8_t* __restrict__ q,
 // given `q` and `ds` (the input quantized once by `qact`: mvq_*), copies them in — the
 // same bits without every block normalizing and quantizing the f32 input, whose reads
 // from L2 by hundreds of blocks cost more than the weights' on long rows; then its warps
-// take rows (mv_rows). Dynamic shared memory: K + 8 * K/32 bytes.
-template <int KIND, int MODE>
+// take rows (mv_rows, or with S8 mv_rows8: sum8.cuh's order). Dynamic shared memory:
+// K + 8 * K/32 bytes.
+template <int KIND, int MODE, bool S8 = false>
 __device__ void matvec(const float* __restrict__ x, const float* __restrict__ norm, float eps,
                        int K, const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
                        const float* __restrict__ bias, int N, float* __restrict__ out,
@@ -485,7 +494,11 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
     } else {
         quantize_cols<KIND>(x, norm, eps, K, 1, sq, sds, part, mrow);
     }
-    mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
+    if constexpr (S8) {
+        mv_rows8<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
+    } else {
+        mv_rows<KIND, MODE>(sq, sds, K, qs, dm, bias, rows, out);
+    }
 }
 
 // One vector (K) normalized when `norm`, quantized once for the mat-vecs that follow
@@ -1169,3 +1182,4 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
 #include "batch.cuh"
 #include "prefill.cuh"
 #include "tc.cuh"
+#include "sum8.cuh"

@@ -130,10 +130,90 @@ struct Funcs {
     /// `tcs16_*`: `tcs32w_*` for 16 columns a block (batches of 9 to 16), in dynamic
     /// shared memory (None where the card cannot give them it).
     tcs16: Option<[[CudaFunction; 3]; 4]>,
+    /// The eight-part order's kernels (sum8.cuh; None below compute capability 8.0 or
+    /// where the card cannot give `s8_*` their shared memory).
+    s8: Option<Sum8Funcs>,
     embed_rows: CudaFunction,
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
     attention_bg: CudaFunction,
+}
+
+/// The kernels of sum8.cuh: single-stream mat-vecs and the batched tensor-core mat-mat
+/// that add every row's terms in eight parts (the same bits as each other).
+struct Sum8Funcs {
+    /// `mv8_*[kind][mode]`, `mvq8_*[kind][mode]`: as [`Funcs::mv`] and [`Funcs::mvq`].
+    mv: [[CudaFunction; 3]; 4],
+    mvq: [[CudaFunction; 3]; 4],
+    /// `s8_*` at [`Sum8Funcs::at`] (None: SwiGLU has no 64-row tiles).
+    mm: Vec<Option<CudaFunction>>,
+}
+
+impl Sum8Funcs {
+    /// The index of `s8_{kind}_{mode}_r{rt}_c{nt}` in `mm` (rt and nt 1, 2 or 4).
+    fn at(kind: usize, mode: usize, rt: usize, nt: usize) -> usize {
+        ((kind * 3 + mode) * 3 + rt.ilog2() as usize) * 3 + nt.ilog2() as usize
+    }
+
+    /// Dynamic shared memory of an `s8_*` kernel: two stage buffers.
+    fn smem(kind: Pack, mode: usize, rt: usize, nt: usize) -> usize {
+        let qb = kind.quant_bytes();
+        let r = if mode == 2 { 2 } else { 1 };
+        2 * batch_plan::s8_stage_bytes(
+            qb,
+            kind == Pack::Q4K,
+            r * 16 * rt,
+            8 * nt,
+            batch_plan::s8_round_blocks(qb),
+        )
+    }
+
+    fn load(
+        module: &Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
+    ) -> Result<Option<Self>> {
+        let kinds = [
+            (Pack::Q4_0, "q4_0"),
+            (Pack::Q4_1, "q4_1"),
+            (Pack::Q8, "q8_0"),
+            (Pack::Q4K, "q4_k"),
+        ];
+        let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
+            Ok([
+                modes(module, &format!("{p}_q4_0"))?,
+                modes(module, &format!("{p}_q4_1"))?,
+                modes(module, &format!("{p}_q8_0"))?,
+                modes(module, &format!("{p}_q4_k"))?,
+            ])
+        };
+        let mut mm = vec![None; 4 * 3 * 3 * 3];
+        for (ki, (kind, kname)) in kinds.iter().enumerate() {
+            for (mode, mname) in ["store", "add", "swiglu"].iter().enumerate() {
+                for rt in [1, 2, 4] {
+                    if mode == 2 && rt == 4 {
+                        continue;
+                    }
+                    for nt in [1, 2, 4] {
+                        let f = module
+                            .load_function(&format!("s8_{kname}_{mname}_r{rt}_c{nt}"))
+                            .map_err(err)?;
+                        let raised = f.set_attribute(
+                            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            Self::smem(*kind, mode, rt, nt) as i32,
+                        );
+                        if raised.is_err() {
+                            return Ok(None);
+                        }
+                        mm[Self::at(ki, mode, rt, nt)] = Some(f);
+                    }
+                }
+            }
+        }
+        Ok(Some(Self {
+            mv: set("mv8")?,
+            mvq: set("mvq8")?,
+            mm,
+        }))
+    }
 }
 
 struct Inner {
@@ -206,6 +286,14 @@ struct Inner {
     /// Blocks per head of a batched attention launch (0: `batch_plan::attn_blocks_per_head`;
     /// `CANDELA_CUDA_ATT_BLOCKS`); `candela doctor` varies it.
     att_hb: std::cell::Cell<usize>,
+    /// Whether the projections add their terms in eight parts (sum8.cuh: `mv8_*`,
+    /// `mvq8_*` single-stream and `s8_*` batched, bit-identical to each other) rather
+    /// than in the 32-lane order of `mv_*` and the tensor-core kernels of tc.cuh
+    /// (`CANDELA_CUDA_SUM8=1`; needs compute capability 8.0).
+    sum8: bool,
+    /// Rows of each `s8_*` block (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64; None: by size,
+    /// `batch_plan::s8_tile`).
+    s8_rows: Option<usize>,
     /// Whether batched attention takes each KV group's query heads together in a block
     /// (`CANDELA_CUDA_ATT_GROUP=1`, `attention_bg`: every cached K/V row read once for up
     /// to four heads, the same bits on an H100) rather than a block per query head (the
@@ -648,6 +736,11 @@ impl FusedDecoder {
         } else {
             (None, None)
         };
+        let s8 = if tc.is_some() {
+            Sum8Funcs::load(&module)?
+        } else {
+            None
+        };
         let f = Funcs {
             mv: [
                 mv_set("q4_0")?,
@@ -677,6 +770,7 @@ impl FusedDecoder {
             tc,
             tcs32v,
             tcs16,
+            s8,
             embed_rows: load("embed_rows")?,
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
@@ -763,6 +857,7 @@ impl FusedDecoder {
         } else {
             batch_plan::attn_chunks(cfg.n_heads, sms)
         };
+        let sum8 = env_switch("CANDELA_CUDA_SUM8").unwrap_or(false) && f.s8.is_some();
         let inner = Inner {
             cfg: cfg.clone(),
             ctx,
@@ -811,6 +906,8 @@ impl FusedDecoder {
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
+            sum8,
+            s8_rows: env_usize("CANDELA_CUDA_SUM8_ROWS"),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
             mm_tcs16: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS16")),
@@ -918,6 +1015,13 @@ impl FusedDecoder {
     pub fn tensor_cores(&self) -> bool {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.f.tc.is_some() && g.mm_tc.get()
+    }
+
+    /// Whether the projections add their terms in eight parts (`CANDELA_CUDA_SUM8=1`:
+    /// sum8.cuh's kernels, single-stream and batched).
+    pub fn sum8(&self) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sum8
     }
 
     /// Split decode attention over position chunks (the default where the model has
@@ -1035,7 +1139,14 @@ impl FusedDecoder {
     pub fn bench_report(&self, cache: &mut SeqCache, positions: &[usize]) -> Result<String> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let nl = g.cfg.n_layers as f64;
-        let mut s = String::new();
+        let mut s = format!(
+            "projection sums: {}\n",
+            if g.sum8 {
+                "eight parts a row (sum8.cuh)"
+            } else {
+                "32 lanes a row"
+            }
+        );
         for &p in positions {
             cache.reserve(p + 1)?;
             let (parts, step) = step_sum(&g.bench(cache, p)?, nl);

@@ -140,11 +140,17 @@ impl Inner {
             (0, Some(_)) => batch_plan::mv_blocks_per_sm(m.k),
             (n, _) => n,
         };
-        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
+        // The eight-part kernels take 4 rows a warp.
+        let s8 = self.f.s8.as_ref().filter(|_| self.sum8);
+        let rows_per_warp = if s8.is_some() { 4 } else { 1 };
+        let blocks = rows.div_ceil(warps * rows_per_warp).min(self.sms * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
         let (k, n) = (m.k as i32, m.n as i32);
         let Some((x, norm)) = input else {
-            let f = &self.f.mvq[m.kind as usize][mode];
+            let f = match s8 {
+                Some(s8) => &s8.mvq[m.kind as usize][mode],
+                None => &self.f.mvq[m.kind as usize][mode],
+            };
             let q = if m.kind == Pack::Q8 {
                 self.aq.ptr + self.aq_k as u64
             } else {
@@ -161,11 +167,14 @@ impl Inner {
                 arg(&out),
             ];
             // SAFETY: argument types and order match `mvq_*` (`MATVEC_ENTRY`) in
-            // decode.cu; q and ads hold the input `qact` wrote, every other pointer a
+            // decode.cu, as `mvq8_*`'s (`MATVEC8_ENTRY` in sum8.cuh) do; q and ads hold the input `qact` wrote, every other pointer a
             // live device allocation of the sizes the kernel indexes.
             return unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) };
         };
-        let f = &self.f.mv[m.kind as usize][mode];
+        let f = match s8 {
+            Some(s8) => &s8.mv[m.kind as usize][mode],
+            None => &self.f.mv[m.kind as usize][mode],
+        };
         let eps = self.cfg.rms_eps as f32;
         let mut args = [
             arg(&x),
@@ -178,7 +187,8 @@ impl Inner {
             arg(&n),
             arg(&out),
         ];
-        // SAFETY: argument types and order match `MATVEC_ENTRY` in decode.cu; every
+        // SAFETY: argument types and order match `MATVEC_ENTRY` in decode.cu (and
+        // `MATVEC8_ENTRY` in sum8.cuh); every
         // pointer is a live device allocation of the sizes the kernel indexes.
         unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) }
     }
