@@ -1050,6 +1050,17 @@ mod tests {
         assert!(sequential_differs > 100, "{sequential_differs}");
     }
 
+    /// The mat-mats' `i2f_exact` (prefill.cuh): an integer sum's float by adding it to
+    /// the bits of 1.5 * 2^23 and taking 1.5 * 2^23 away is `(float)c` for every |c| <
+    /// 2^22 (an mma's sums stay under 2^19).
+    #[test]
+    fn integer_sums_convert_exactly_without_the_conversion_unit() {
+        let i2f = |c: i32| f32::from_bits((0x4B40_0000 + c) as u32) - 12_582_912.0;
+        for c in (-(1 << 22) + 1)..(1 << 22) {
+            assert_eq!(i2f(c).to_bits(), (c as f32).to_bits(), "{c}");
+        }
+    }
+
     #[test]
     fn eight_part_tiles_cover_the_card_with_the_most_rows_they_can() {
         // Llama-3-8B's shape at 32 columns on an H100 (132 multiprocessors).

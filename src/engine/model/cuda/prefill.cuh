@@ -70,6 +70,14 @@ __device__ __forceinline__ int a_word_staged(const uint8_t* wb, int h, int t) {
     return nibble_word<KIND>(*(const unsigned*)(wb + h * 8 + 4 * (t & 1)), t);
 }
 
+// (float)c for |c| < 2^22 (every sum of an mma here), without the conversion unit (I2F
+// runs at an eighth of the FP32 rate on Hopper, and the mat-mats convert every output's
+// sum of every block): c added to the bits of 1.5 * 2^23 gives the float 1.5 * 2^23 + c,
+// and taking 1.5 * 2^23 away leaves c; both steps are exact, so the bits are (float)c's.
+__device__ __forceinline__ float i2f_exact(int c) {
+    return __fsub_rn(__int_as_float(0x4B400000 + c), 12582912.f);
+}
+
 // One mma accumulator's f32 steps for half-block h, rows_dot's to the bit: z += (weight
 // scale * activation scale) * the integer sum c, and for the kinds with an offset, once a
 // block (h == 0), weight offset * activation sum term. w: the weight's (scale, offset) or
@@ -77,7 +85,7 @@ __device__ __forceinline__ int a_word_staged(const uint8_t* wb, int h, int t) {
 template <int KIND>
 __device__ __forceinline__ void mma_scale_add(float& z, float2 w, float2 x, int h, int c) {
     const float wd = KIND == KIND_Q8_0 ? (h ? w.y : w.x) : w.x;
-    z = __fmaf_rn(__fmul_rn(wd, x.x), (float)c, z);
+    z = __fmaf_rn(__fmul_rn(wd, x.x), i2f_exact(c), z);
     if ((KIND == KIND_Q4_1 || KIND == KIND_Q4_K) && h == 0) z = __fmaf_rn(w.y, x.y, z);
 }
 

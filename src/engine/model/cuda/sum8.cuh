@@ -350,8 +350,8 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
                                 const float xd = d[j][e & 1].x;
-                                z[e] = __fmaf_rn(__fmul_rn(sc[e >> 1].x, xd), (float)c0h[e], z[e]);
-                                z[e] = __fmaf_rn(__fmul_rn(sc[e >> 1].y, xd), (float)c1h[e], z[e]);
+                                z[e] = __fmaf_rn(__fmul_rn(sc[e >> 1].x, xd), i2f_exact(c0h[e]), z[e]);
+                                z[e] = __fmaf_rn(__fmul_rn(sc[e >> 1].y, xd), i2f_exact(c1h[e]), z[e]);
                             }
                         } else {
                             int c[4];
@@ -359,7 +359,7 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
                                 const float2 w = sc[e >> 1], x = d[j][e & 1];
-                                z[e] = __fmaf_rn(__fmul_rn(w.x, x.x), (float)c[e], z[e]);
+                                z[e] = __fmaf_rn(__fmul_rn(w.x, x.x), i2f_exact(c[e]), z[e]);
                                 if (KIND == KIND_Q4_1 || KIND == KIND_Q4_K)
                                     z[e] = __fmaf_rn(w.y, x.y, z[e]);
                             }
