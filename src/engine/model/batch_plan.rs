@@ -298,14 +298,27 @@ pub fn s8_stage_bytes(quant_bytes: usize, q4k: bool, rr: usize, cols: usize, rb:
     up16(act + cols * (rb * 32 + 16) + cols * (rb + 1) * 8)
 }
 
+/// Stage buffers of an `s8_*` kernel (sum8.cuh's `s8_stages`) for `r` matrices (2 for
+/// SwiGLU) of `rt` row tiles by `nt` column tiles: small tiles do little between rounds,
+/// so more rounds' copies are in flight while one is multiplied (4 buffers for 1 or 2
+/// tiles of 16 by 8, 3 for 4, 2 for 8 and more: two blocks a multiprocessor each way).
+pub fn s8_stages(r: usize, rt: usize, nt: usize) -> usize {
+    match r * rt * nt {
+        0..=2 => 4,
+        3..=4 => 3,
+        _ => 2,
+    }
+}
+
 /// The tile of an `s8_*` launch for a projection of `rows` output rows (of each of the
 /// two matrices for SwiGLU's gate and up) in a step of `bucket` columns on a card of
-/// `sms` multiprocessors: (row tiles of 16, column tiles of 8) a block. Columns: 8 for
-/// buckets of up to 8, 16 up to 16, else 32. Rows: the most of 64, 32, 16 (32, 16 for
-/// SwiGLU, whose block holds both matrices' sums) whose blocks still cover the
-/// multiprocessors once — more rows a block read each staged column for more of them,
-/// fewer give more blocks. `forced` (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64) wins where
-/// the kernel has it.
+/// `sms` multiprocessors: (row tiles of 16, column tiles of 8) a block. Column tiles up
+/// to the bucket's (1 for buckets of up to 8, 2 up to 16, else 4), row tiles 1, 2 or 4
+/// (1 or 2 for SwiGLU, whose block holds both matrices' sums). The largest tile whose
+/// blocks still cover the multiprocessors once (a larger tile reads each staged column
+/// for more rows and each staged row for more columns; more columns first), else the
+/// smallest (small matrices want blocks on every multiprocessor). `forced`
+/// (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64) fixes the rows where the kernel has them.
 pub fn s8_tile(
     rows: usize,
     swiglu: bool,
@@ -313,22 +326,28 @@ pub fn s8_tile(
     sms: usize,
     forced: Option<usize>,
 ) -> (usize, usize) {
-    let nt = match bucket {
+    let nt_max = match bucket {
         0..=8 => 1,
         9..=16 => 2,
         _ => 4,
     };
-    let most = if swiglu { 2 } else { 4 };
-    let col_blocks = bucket.div_ceil(8 * nt);
-    let rt = match forced {
-        Some(r) if [16, 32, 64].contains(&r) => (r / 16).min(most),
-        _ => [4, 2]
-            .into_iter()
-            .filter(|&rt| rt <= most)
-            .find(|&rt| rows.div_ceil(16 * rt) * col_blocks >= sms)
-            .unwrap_or(1),
-    };
-    (rt, nt)
+    let rt_max = if swiglu { 2 } else { 4 };
+    let forced_rt = forced
+        .filter(|r| [16, 32, 64].contains(r))
+        .map(|r| (r / 16).min(rt_max));
+    let blocks = |rt: usize, nt: usize| rows.div_ceil(16 * rt) * bucket.div_ceil(8 * nt);
+    let mut best: Option<(usize, usize)> = None;
+    for nt in [4, 2, 1].into_iter().filter(|&nt| nt <= nt_max) {
+        for rt in [4, 2, 1].into_iter().filter(|&rt| rt <= rt_max) {
+            if forced_rt.is_some_and(|f| f != rt) || blocks(rt, nt) < sms {
+                continue;
+            }
+            if best.is_none_or(|(br, bn)| rt * nt > br * bn) {
+                best = Some((rt, nt));
+            }
+        }
+    }
+    best.unwrap_or((forced_rt.unwrap_or(1), 1))
 }
 
 /// Most position chunks one head's decode attention is split into (the kernels'
@@ -1062,24 +1081,40 @@ mod tests {
     }
 
     #[test]
-    fn eight_part_tiles_cover_the_card_with_the_most_rows_they_can() {
+    fn eight_part_tiles_are_the_largest_that_cover_the_card() {
         // Llama-3-8B's shape at 32 columns on an H100 (132 multiprocessors).
         assert_eq!(s8_tile(14336, true, 32, 132, None), (2, 4)); // gate|up: 448 blocks
         assert_eq!(s8_tile(5120, false, 32, 132, None), (2, 4)); // Q|K: 160 blocks
         assert_eq!(s8_tile(4096, false, 32, 132, None), (1, 4)); // down, output: 256
-        assert_eq!(s8_tile(1024, false, 32, 132, None), (1, 4));
+        assert_eq!(s8_tile(1024, false, 32, 132, None), (1, 1)); // V: 256 blocks
         assert_eq!(s8_tile(128_256, false, 32, 132, None), (4, 4));
         // 64 columns: two column blocks a row tile.
         assert_eq!(s8_tile(4096, false, 64, 132, None), (2, 4));
         // Narrow buckets take narrow column tiles.
         assert_eq!(s8_tile(14336, true, 8, 132, None), (2, 1));
-        assert_eq!(s8_tile(576, false, 16, 132, None), (1, 2));
+        assert_eq!(s8_tile(4096, false, 8, 132, None), (1, 1));
+        // SmolLM2's small matrices: the smallest tile, blocks on every multiprocessor.
+        assert_eq!(s8_tile(576, false, 32, 132, None), (1, 1));
+        assert_eq!(s8_tile(960, false, 32, 132, None), (1, 1));
+        assert_eq!(s8_tile(1536, true, 32, 132, None), (1, 2));
+        assert_eq!(s8_tile(576, false, 16, 132, None), (1, 1));
         assert_eq!(s8_tile(576, false, 2, 132, None), (1, 1));
-        // Forced, within what the kernels have.
-        assert_eq!(s8_tile(576, false, 32, 132, Some(64)), (4, 4));
-        assert_eq!(s8_tile(576, true, 32, 132, Some(64)), (2, 4));
-        assert_eq!(s8_tile(14336, true, 32, 132, Some(16)), (1, 4));
+        assert_eq!(s8_tile(49152, false, 32, 132, None), (4, 4));
+        // Forced rows, within what the kernels have.
+        assert_eq!(s8_tile(49152, false, 32, 132, Some(16)), (1, 4));
+        assert_eq!(s8_tile(576, false, 32, 132, Some(64)), (4, 1));
+        assert_eq!(s8_tile(49152, true, 32, 132, Some(64)), (2, 4));
         assert_eq!(s8_tile(14336, true, 32, 132, Some(48)), (2, 4));
+        // Every tile is one the kernels have.
+        for rows in [1, 16, 576, 1024, 4096, 14336, 128_256] {
+            for bucket in BUCKETS {
+                for swiglu in [false, true] {
+                    let (rt, nt) = s8_tile(rows, swiglu, bucket, 132, None);
+                    assert!([1, 2, 4].contains(&rt) && [1, 2, 4].contains(&nt));
+                    assert!(!swiglu || rt <= 2);
+                }
+            }
+        }
     }
 
     #[test]
@@ -1095,12 +1130,23 @@ mod tests {
             s8_stage_bytes(32, false, 64, 32, 8),
             17408 + 4608 + 8704 + 2304
         );
-        // Two stage buffers of the largest fit twice in an H100's 227 KiB.
+        // Every kernel's stage buffers fit twice in an H100's 227 KiB.
         for (qb, q4k) in [(16, true), (16, false), (32, false)] {
             let rb = s8_round_blocks(qb);
-            assert!(4 * s8_stage_bytes(qb, q4k, 64, 32, rb) <= 227 << 10);
-            assert_eq!(s8_stage_bytes(qb, q4k, 16, 8, rb) % 16, 0);
+            for (r, rt) in [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)] {
+                for nt in [1, 2, 4] {
+                    let bytes = s8_stage_bytes(qb, q4k, 16 * r * rt, 8 * nt, rb);
+                    assert_eq!(bytes % 16, 0);
+                    assert!(
+                        2 * s8_stages(r, rt, nt) * bytes <= 227 << 10,
+                        "{r} {rt} {nt}"
+                    );
+                }
+            }
         }
+        assert_eq!(s8_stages(1, 1, 2), 4);
+        assert_eq!(s8_stages(1, 1, 4), 3);
+        assert_eq!(s8_stages(2, 2, 4), 2);
     }
 
     #[test]

@@ -155,17 +155,18 @@ impl Sum8Funcs {
         ((kind * 3 + mode) * 3 + rt.ilog2() as usize) * 3 + nt.ilog2() as usize
     }
 
-    /// Dynamic shared memory of an `s8_*` kernel: two stage buffers.
+    /// Dynamic shared memory of an `s8_*` kernel: its stage buffers.
     fn smem(kind: Pack, mode: usize, rt: usize, nt: usize) -> usize {
         let qb = kind.quant_bytes();
         let r = if mode == 2 { 2 } else { 1 };
-        2 * batch_plan::s8_stage_bytes(
-            qb,
-            kind == Pack::Q4K,
-            r * 16 * rt,
-            8 * nt,
-            batch_plan::s8_round_blocks(qb),
-        )
+        batch_plan::s8_stages(r, rt, nt)
+            * batch_plan::s8_stage_bytes(
+                qb,
+                kind == Pack::Q4K,
+                r * 16 * rt,
+                8 * nt,
+                batch_plan::s8_round_blocks(qb),
+            )
     }
 
     fn load(

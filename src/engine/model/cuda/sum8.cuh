@@ -22,33 +22,36 @@
 // 16 bytes of nibbles (or 32 of Q8_0) in one load. s8: a block of 8 warps takes 16 RT
 // rows (of each of R matrices) and 8 NT columns; warp w is part w: it multiplies the
 // blocks w, w + 8, ... of its rows against the columns with m16n8k32 (Q8_0: two
-// m16n8k16, one a half), rounds of RB blocks staged through shared memory by cp.async,
-// double-buffered.
+// m16n8k16, one a half), rounds of RB blocks staged through shared memory by cp.async
+// (two to four rounds in flight).
 
 #define S8_PARTS 8
 
-// Block b of weight row `row`: nibble kinds' 32 values unpacked into two words per 8
-// (w0: elements 0-7 then 16-23, w1: 8-15 then 24-31, quantize_cols' order of the
-// activations), or Q8_0's 32 bytes; and the block's scale pair.
+// Block b of weight row `row` as stored (16 bytes of nibbles, or Q8_0's 32 bytes in w
+// and w8) and its scale pair.
 template <int KIND>
-__device__ __forceinline__ void s8_load(const uint8_t* __restrict__ qs,
-                                        const float2* __restrict__ dm, int row, int nb, int b,
-                                        int4& w0, int4& w1, float2& sc) {
+struct S8Block {
+    uint4 w;
+    uint4 w8;  // Q8_0: the second 16 bytes
+    float2 sc;
+};
+
+template <int KIND>
+__device__ __forceinline__ S8Block<KIND> s8_load(const uint8_t* __restrict__ qs,
+                                                 const float2* __restrict__ dm, int row,
+                                                 int nb, int b) {
+    S8Block<KIND> r;
     if (KIND == KIND_Q8_0) {
-        const int4* p = (const int4*)(qs + ((size_t)row * nb + b) * 32);
-        w0 = __ldg(p);
-        w1 = __ldg(p + 1);
-        sc = __ldg(dm + (size_t)row * nb + b);
+        const uint4* p = (const uint4*)(qs + ((size_t)row * nb + b) * 32);
+        r.w = __ldg(p);
+        r.w8 = __ldg(p + 1);
+        r.sc = __ldg(dm + (size_t)row * nb + b);
     } else {
-        const uint4 w = __ldg((const uint4*)(qs + ((size_t)row * nb + b) * 16));
-        const unsigned m = 0x0f0f0f0fu;
-        w0 = make_int4((int)(w.x & m), (int)(w.y & m), (int)((w.x >> 4) & m),
-                       (int)((w.y >> 4) & m));
-        w1 = make_int4((int)(w.z & m), (int)(w.w & m), (int)((w.z >> 4) & m),
-                       (int)((w.w >> 4) & m));
+        r.w = __ldg((const uint4*)(qs + ((size_t)row * nb + b) * 16));
         const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
-        sc = nibble_pair<KIND>(dm + (size_t)row * nb, srow, nb, b);
+        r.sc = nibble_pair<KIND>(dm + (size_t)row * nb, srow, nb, b);
     }
+    return r;
 }
 
 __device__ __forceinline__ int dot16(int4 w, int4 a, int s) {
@@ -59,16 +62,27 @@ __device__ __forceinline__ int dot16(int4 w, int4 a, int s) {
 }
 
 // One block of a row into its part z (the order above); xq: the column's 32 quantized
-// values of the block, ds: their (scale, scale * sum).
+// values of the block (quantize_cols' layout: a nibble kind's elements 0-7, 16-23, 8-15,
+// 24-31, matching the low then high nibbles of bytes 0-7, then of bytes 8-15), ds: their
+// (scale, scale * sum).
 template <int KIND>
-__device__ __forceinline__ float s8_add(float z, int4 w0, int4 w1, float2 sc,
-                                        const int8_t* xq, float2 ds) {
+__device__ __forceinline__ float s8_add(float z, const S8Block<KIND>& wb, const int8_t* xq,
+                                        float2 ds) {
     const int4 a0 = *(const int4*)xq, a1 = *(const int4*)(xq + 16);
+    const float2 sc = wb.sc;
     if (KIND == KIND_Q8_0) {
+        const int4 w0 = make_int4((int)wb.w.x, (int)wb.w.y, (int)wb.w.z, (int)wb.w.w);
+        const int4 w1 = make_int4((int)wb.w8.x, (int)wb.w8.y, (int)wb.w8.z, (int)wb.w8.w);
         const int s0 = dot16(w0, a0, 0), s1 = dot16(w1, a1, 0);
         z = __fmaf_rn(__fmul_rn(sc.x, ds.x), (float)s0, z);
         return __fmaf_rn(__fmul_rn(sc.y, ds.x), (float)s1, z);
     }
+    const unsigned m = 0x0f0f0f0fu;
+    const uint4 w = wb.w;
+    const int4 w0 = make_int4((int)(w.x & m), (int)(w.y & m), (int)((w.x >> 4) & m),
+                              (int)((w.y >> 4) & m));
+    const int4 w1 = make_int4((int)(w.z & m), (int)(w.w & m), (int)((w.z >> 4) & m),
+                              (int)((w.w >> 4) & m));
     int s = dot16(w1, a1, dot16(w0, a0, 0));
     if (KIND == KIND_Q4_0) {
         const int4 one = make_int4(0x01010101, 0x01010101, 0x01010101, 0x01010101);
@@ -79,8 +93,22 @@ __device__ __forceinline__ float s8_add(float z, int4 w0, int4 w1, float2 sc,
     return z;
 }
 
+// Before a mat-vec waits for its input: each warp starts its first 4 rows (and their `up`
+// twins) into L2, 8 lanes a row.
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_prefetch8(const uint8_t* __restrict__ qs,
+                                             const float2* __restrict__ dm, int nb, int rows) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int r = 4 * (blockIdx.x * nw + warp) + (lane >> 3);
+    if (r < rows) {
+        for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t)
+            prefetch_row<KIND>(qs, dm, nb, (size_t)r + (size_t)t * rows, lane & 7, 8);
+    }
+}
+
 // The single-stream rows: each warp of the grid takes 4 rows at a time (grid-stride),
-// against the activations in shared memory (sq, sds).
+// against the activations in shared memory (sq, sds). A lane has U blocks of a row in
+// flight at once (a row's part has nb / 8 of them: 16 on rows of 4,096).
 template <int KIND, int MODE>
 __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, int K,
                                          const uint8_t* __restrict__ qs,
@@ -88,7 +116,7 @@ __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, in
                                          const float* __restrict__ bias, int rows,
                                          float* __restrict__ out) {
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    constexpr int U = R == 1 ? 4 : 2;  // blocks a lane loads before adding them
+    constexpr int U = R == 1 ? 8 : 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int p = lane & 7, rr = lane >> 3;
     const int nb = K / QK;
@@ -98,14 +126,12 @@ __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, in
 #pragma unroll
         for (int m = 0; m < R; ++m) z[m] = 0.f;
         for (int b0 = p; b0 < nb; b0 += S8_PARTS * U) {
-            int4 w0[U][R], w1[U][R];
-            float2 sc[U][R];
+            S8Block<KIND> wb[U][R];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int b = min(b0 + S8_PARTS * u, nb - 1);  // past the end: not added
 #pragma unroll
-                for (int m = 0; m < R; ++m)
-                    s8_load<KIND>(qs, dm, r + m * rows, nb, b, w0[u][m], w1[u][m], sc[u][m]);
+                for (int m = 0; m < R; ++m) wb[u][m] = s8_load<KIND>(qs, dm, r + m * rows, nb, b);
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -113,8 +139,7 @@ __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, in
                 if (b < nb) {
 #pragma unroll
                     for (int m = 0; m < R; ++m)
-                        z[m] = s8_add<KIND>(z[m], w0[u][m], w1[u][m], sc[u][m], sq + b * QK,
-                                            sds[b]);
+                        z[m] = s8_add<KIND>(z[m], wb[u][m], sq + b * QK, sds[b]);
                 }
             }
         }
@@ -194,6 +219,13 @@ __host__ __device__ constexpr int s8_round_blocks() {
     return KIND == KIND_Q8_0 ? 8 : 16;
 }
 
+// Stage buffers of a tile of R matrices' 16 RT rows by 8 NT columns (batch_plan::s8_stages):
+// small tiles do little between rounds, so more rounds' copies are in flight while one is
+// multiplied (4 buffers for 1 or 2 tiles of 16 by 8, 3 for 4, 2 for 8 and more).
+__host__ __device__ constexpr int s8_stages(int r, int rt, int nt) {
+    return r * rt * nt <= 2 ? 4 : (r * rt * nt <= 4 ? 3 : 2);
+}
+
 template <int KIND, int MODE, int RT, int NT>
 __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
                           const uint8_t* __restrict__ qs, const float2* __restrict__ dm,
@@ -204,9 +236,10 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
     constexpr int ROWS = 16 * RT, RR = R * ROWS, NC = 8 * NT;
     constexpr int RB = s8_round_blocks<KIND>();
+    constexpr int NS = s8_stages(R, RT, NT);
     using L = S8Layout<KIND, RR, NC, RB>;
     constexpr int QB = L::QB;
-    static_assert(4 * R * RT * NT * 32 * 4 * (int)sizeof(float) <= 2 * L::BYTES,
+    static_assert(4 * R * RT * NT * 32 * 4 * (int)sizeof(float) <= NS * L::BYTES,
                   "the reduction reuses the stage buffers");
     const int nb = K / QK;
     const int rows = MODE == MODE_SWIGLU ? Nrows / 2 : Nrows;
@@ -215,9 +248,9 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
     const int c0 = blockIdx.x * NC;
     const int r0 = blockIdx.y * ROWS;
     pdl_launch_dependents();
-    // The weights of round k into buffer k & 1 (rows past the end repeat the last one).
+    // The weights of round k into buffer k % NS (rows past the end repeat the last one).
     auto stage_w = [&](int k) {
-        uint8_t* s = smem + (k & 1) * L::BYTES;
+        uint8_t* s = smem + (k % NS) * L::BYTES;
         const int b0 = k * RB, nbk = min(RB, nb - b0);
         constexpr int CH = RB * QB / 16;  // 16-byte chunks of a row's round
         for (int c = threadIdx.x; c < RR * CH; c += blockDim.x) {
@@ -255,7 +288,7 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
     };
     // The step's activations of round k (columns past the step's n repeat its last).
     auto stage_a = [&](int k, int n) {
-        uint8_t* s = smem + (k & 1) * L::BYTES;
+        uint8_t* s = smem + (k % NS) * L::BYTES;
         const int b0 = k * RB, nbk = min(RB, nb - b0);
         for (int c = threadIdx.x; c < NC * RB * 2; c += blockDim.x) {
             const int cc = c / (RB * 2), ch = c % (RB * 2);
@@ -283,6 +316,15 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
     const int rounds = (nb + RB - 1) / RB;
     stage_a(0, n);
     cp_async_commit();
+    // Rounds 1 .. NS - 2 in flight too (a group a round, empty past the end).
+#pragma unroll
+    for (int k = 1; k < NS - 1; ++k) {
+        if (k < rounds) {
+            stage_w(k);
+            stage_a(k, n);
+        }
+        cp_async_commit();
+    }
     float acc[R][RT][NT][4];
 #pragma unroll
     for (int m = 0; m < R; ++m)
@@ -293,14 +335,16 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[m][rt][j][e] = 0.f;
     for (int k = 0; k < rounds; ++k) {
-        if (k + 1 < rounds) {
-            stage_w(k + 1);
-            stage_a(k + 1, n);
+        // Round k + NS - 1 into the buffer round k - 1 used (free since the barrier after
+        // it), then wait for round k's copies.
+        if (k + NS - 1 < rounds) {
+            stage_w(k + NS - 1);
+            stage_a(k + NS - 1, n);
         }
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait<NS - 1>();
         __syncthreads();
-        const uint8_t* s = smem + (k & 1) * L::BYTES;
+        const uint8_t* s = smem + (k % NS) * L::BYTES;
 #pragma unroll
         for (int i = 0; i < RB / S8_PARTS; ++i) {
             const int bl = warp + S8_PARTS * i;  // this part's next block of the round
@@ -406,8 +450,8 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
 #endif
 }
 
-// s8_<kind>_<mode>_r<RT>_c<NT> (16 RT rows, 8 NT columns a block): 256 threads, two stage buffers of dynamic shared
-// memory (2 * batch_plan::s8_stage_bytes, checked). At most 128 registers a thread, so
+// s8_<kind>_<mode>_r<RT>_c<NT> (16 RT rows, 8 NT columns a block): 256 threads, s8_stages
+// stage buffers of dynamic shared memory (batch_plan::s8_stage_bytes each, checked). At most 128 registers a thread, so
 // that two blocks share a multiprocessor.
 #define S8_ENTRY(KIND, KNAME, MODE, MNAME, RT, NT)                                           \
     extern "C" __global__ void __launch_bounds__(256, 2)                                     \
@@ -419,7 +463,7 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
         constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
         extern __shared__ __align__(16) uint8_t dsmem[];                                     \
         using L = S8Layout<KIND, R * 16 * RT, 8 * NT, s8_round_blocks<KIND>()>;              \
-        if (dyn_smem() < 2 * L::BYTES) __trap();                                             \
+        if (dyn_smem() < s8_stages(R, RT, NT) * L::BYTES) __trap();                           \
         s8_matmat<KIND, MODE, RT, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem);    \
     }
 #define S8_COLS(KIND, KNAME, MODE, MNAME, RT)                                                \
