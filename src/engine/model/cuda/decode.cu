@@ -456,7 +456,11 @@ __device__ __forceinline__ void load_cols(const int8_t* __restrict__ q,
     __syncthreads();
 }
 
-// The rows of a mat-vec in sum8.cuh's order (mv8_*, mvq8_*; defined there).
+// The rows of a mat-vec in sum8.cuh's order (mv8_*, mvq8_*; defined there), and their
+// prefetch (4 rows a warp).
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_prefetch8(const uint8_t* __restrict__ qs,
+                                             const float2* __restrict__ dm, int nb, int rows);
 template <int KIND, int MODE>
 __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, int K,
                                          const uint8_t* __restrict__ qs,
@@ -487,7 +491,11 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
     float2* sds = (float2*)(sq + K);
     const int rows = MODE == MODE_SWIGLU ? N / 2 : N;
     pdl_launch_dependents();
-    mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
+    if constexpr (S8) {
+        mv_prefetch8<KIND, MODE>(qs, dm, K / QK, rows);
+    } else {
+        mv_prefetch<KIND, MODE>(qs, dm, K / QK, rows);
+    }
     pdl_wait();
     if (q != nullptr) {
         load_cols(q, ds, K, 1, sq, sds);

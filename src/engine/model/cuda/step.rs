@@ -140,8 +140,10 @@ impl Inner {
             (0, Some(_)) => batch_plan::mv_blocks_per_sm(m.k),
             (n, _) => n,
         };
+        // The eight-part kernels take 4 rows a warp.
         let s8 = self.f.s8.as_ref().filter(|_| self.sum8);
-        let blocks = rows.div_ceil(warps).min(self.sms * per_sm) as u32;
+        let rows_per_warp = if s8.is_some() { 4 } else { 1 };
+        let blocks = rows.div_ceil(warps * rows_per_warp).min(self.sms * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
         let (k, n) = (m.k as i32, m.n as i32);
         let Some((x, norm)) = input else {

@@ -18,8 +18,8 @@
 // sums instead of 32, so that a tensor-core block can hold many rows' sums in registers
 // and read each staged column of activations for all of them.
 //
-// mv8: a warp takes a row, 4 lanes a part (lane 4p + j: quarter j of part p's blocks,
-// their integer sums added across the four by shuffles, which is exact). s8: a block of 8 warps takes 16 RT
+// mv8: a warp takes 4 rows, 8 lanes a row (lane 8 r + p: part p of row r); the block's
+// 16 bytes of nibbles (or 32 of Q8_0) in one load. s8: a block of 8 warps takes 16 RT
 // rows (of each of R matrices) and 8 NT columns; warp w is part w: it multiplies the
 // blocks w, w + 8, ... of its rows against the columns with m16n8k32 (Q8_0: two
 // m16n8k16, one a half), rounds of RB blocks staged through shared memory by cp.async
@@ -27,72 +27,88 @@
 
 #define S8_PARTS 8
 
-// A lane's quarter of block b of weight row `row`: word j of the block's 16 bytes of
-// nibbles (elements 4j.. in the low nibbles, 16 + 4j.. in the high ones), or Q8_0's bytes
-// 8j .. 8j + 7; and the block's scale pair (the same for the block's four lanes).
+// Block b of weight row `row` as stored (16 bytes of nibbles, or Q8_0's 32 bytes in w
+// and w8) and its scale pair.
 template <int KIND>
-struct S8Quarter {
-    uint2 w;  // nibble kinds: w.x only
+struct S8Block {
+    uint4 w;
+    uint4 w8;  // Q8_0: the second 16 bytes
     float2 sc;
 };
 
 template <int KIND>
-__device__ __forceinline__ S8Quarter<KIND> s8_load(const uint8_t* __restrict__ qs,
-                                                   const float2* __restrict__ dm, int row,
-                                                   int nb, int b, int j) {
-    S8Quarter<KIND> r;
+__device__ __forceinline__ S8Block<KIND> s8_load(const uint8_t* __restrict__ qs,
+                                                 const float2* __restrict__ dm, int row,
+                                                 int nb, int b) {
+    S8Block<KIND> r;
     if (KIND == KIND_Q8_0) {
-        r.w = __ldg((const uint2*)(qs + ((size_t)row * nb + b) * 32) + j);
+        const uint4* p = (const uint4*)(qs + ((size_t)row * nb + b) * 32);
+        r.w = __ldg(p);
+        r.w8 = __ldg(p + 1);
         r.sc = __ldg(dm + (size_t)row * nb + b);
     } else {
-        r.w.x = __ldg((const unsigned*)(qs + ((size_t)row * nb + b) * 16) + j);
+        r.w = __ldg((const uint4*)(qs + ((size_t)row * nb + b) * 16));
         const uint8_t* srow = (const uint8_t*)dm + (size_t)row * scale_bytes<KIND>(nb);
         r.sc = nibble_pair<KIND>(dm + (size_t)row * nb, srow, nb, b);
     }
     return r;
 }
 
-// One block of a row into its part z (the order above), on the block's four lanes j = 0..3
-// (lanes 4p + j of the warp: partners 1 and 2 apart): each dots its quarter with the
-// matching activations (xq: the column's 32 quantized values of the block in
-// quantize_cols' layout — a nibble kind's elements 0-7, 16-23, 8-15, 24-31 — ds their
-// (scale, scale * sum)), the integer sums are added across the four (exact), and each
-// lane makes the same f32 steps on the same values, so all four hold the same z. `grp`:
-// the four lanes' mask (parts of a row have different counts of blocks, so only a
-// block's own lanes are sure to be here together).
+__device__ __forceinline__ int dot16(int4 w, int4 a, int s) {
+    s = __dp4a(w.x, a.x, s);
+    s = __dp4a(w.y, a.y, s);
+    s = __dp4a(w.z, a.z, s);
+    return __dp4a(w.w, a.w, s);
+}
+
+// One block of a row into its part z (the order above); xq: the column's 32 quantized
+// values of the block (quantize_cols' layout: a nibble kind's elements 0-7, 16-23, 8-15,
+// 24-31, matching the low then high nibbles of bytes 0-7, then of bytes 8-15), ds: their
+// (scale, scale * sum).
 template <int KIND>
-__device__ __forceinline__ float s8_add(float z, const S8Quarter<KIND>& wq, const int8_t* xq,
-                                        float2 ds, int j, unsigned grp) {
-    const float2 sc = wq.sc;
+__device__ __forceinline__ float s8_add(float z, const S8Block<KIND>& wb, const int8_t* xq,
+                                        float2 ds) {
+    const int4 a0 = *(const int4*)xq, a1 = *(const int4*)(xq + 16);
+    const float2 sc = wb.sc;
     if (KIND == KIND_Q8_0) {
-        const int2 a = *(const int2*)(xq + 8 * j);
-        int s = __dp4a((int)wq.w.x, a.x, 0);
-        s = __dp4a((int)wq.w.y, a.y, s);
-        s += __shfl_xor_sync(grp, s, 1);  // lanes 0, 1: the first half; 2, 3: the second
-        const int so = __shfl_xor_sync(grp, s, 2);
-        const int s0 = j < 2 ? s : so, s1 = j < 2 ? so : s;
+        const int4 w0 = make_int4((int)wb.w.x, (int)wb.w.y, (int)wb.w.z, (int)wb.w.w);
+        const int4 w1 = make_int4((int)wb.w8.x, (int)wb.w8.y, (int)wb.w8.z, (int)wb.w8.w);
+        const int s0 = dot16(w0, a0, 0), s1 = dot16(w1, a1, 0);
         z = __fmaf_rn(__fmul_rn(sc.x, ds.x), (float)s0, z);
         return __fmaf_rn(__fmul_rn(sc.y, ds.x), (float)s1, z);
     }
     const unsigned m = 0x0f0f0f0fu;
-    // Word j's low nibbles are elements 4j.., stored at activation byte a; its high ones
-    // 16 + 4j.., at a + 8.
-    const int at = (j >> 1) * 16 + (j & 1) * 4;
-    const int a0 = *(const int*)(xq + at), a1 = *(const int*)(xq + at + 8);
-    int s = __dp4a((int)(wq.w.x & m), a0, 0);
-    s = __dp4a((int)((wq.w.x >> 4) & m), a1, s);
-    if (KIND == KIND_Q4_0) s -= 8 * __dp4a(0x01010101, a1, __dp4a(0x01010101, a0, 0));
-    s += __shfl_xor_sync(grp, s, 1);
-    s += __shfl_xor_sync(grp, s, 2);
+    const uint4 w = wb.w;
+    const int4 w0 = make_int4((int)(w.x & m), (int)(w.y & m), (int)((w.x >> 4) & m),
+                              (int)((w.y >> 4) & m));
+    const int4 w1 = make_int4((int)(w.z & m), (int)(w.w & m), (int)((w.z >> 4) & m),
+                              (int)((w.w >> 4) & m));
+    int s = dot16(w1, a1, dot16(w0, a0, 0));
+    if (KIND == KIND_Q4_0) {
+        const int4 one = make_int4(0x01010101, 0x01010101, 0x01010101, 0x01010101);
+        s -= 8 * dot16(one, a1, dot16(one, a0, 0));
+    }
     z = __fmaf_rn(__fmul_rn(sc.x, ds.x), (float)s, z);
     if (KIND == KIND_Q4_1 || KIND == KIND_Q4_K) z = __fmaf_rn(sc.y, ds.y, z);
     return z;
 }
 
-// The single-stream rows: each warp of the grid takes a row at a time (grid-stride),
-// against the activations in shared memory (sq, sds): lane 4p + j is quarter j of part
-// p's blocks, with U of them in flight at once (a part has nb / 8 blocks: 16 on rows of
-// 4,096); the parts then add in the tree (partners 16, 8, 4 apart: parts 4, 2, 1).
+// Before a mat-vec waits for its input: each warp starts its first 4 rows (and their `up`
+// twins) into L2, 8 lanes a row.
+template <int KIND, int MODE>
+__device__ __forceinline__ void mv_prefetch8(const uint8_t* __restrict__ qs,
+                                             const float2* __restrict__ dm, int nb, int rows) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int r = 4 * (blockIdx.x * nw + warp) + (lane >> 3);
+    if (r < rows) {
+        for (int t = 0; t < (MODE == MODE_SWIGLU ? 2 : 1); ++t)
+            prefetch_row<KIND>(qs, dm, nb, (size_t)r + (size_t)t * rows, lane & 7, 8);
+    }
+}
+
+// The single-stream rows: each warp of the grid takes 4 rows at a time (grid-stride),
+// against the activations in shared memory (sq, sds). A lane has U blocks of a row in
+// flight at once (a row's part has nb / 8 of them: 16 on rows of 4,096).
 template <int KIND, int MODE>
 __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, int K,
                                          const uint8_t* __restrict__ qs,
@@ -100,41 +116,39 @@ __device__ __forceinline__ void mv_rows8(const int8_t* sq, const float2* sds, in
                                          const float* __restrict__ bias, int rows,
                                          float* __restrict__ out) {
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
-    constexpr int U = R == 1 ? 8 : 4;
+    constexpr int U = R == 1 ? 8 : 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int p = lane >> 2, j = lane & 3;
-    const unsigned grp = 0xfu << (4 * p);
+    const int p = lane & 7, rr = lane >> 3;
     const int nb = K / QK;
-    for (int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
+    for (int q = blockIdx.x * nw + warp; 4 * q < rows; q += gridDim.x * nw) {
+        const int r = min(4 * q + rr, rows - 1);
         float z[R];
 #pragma unroll
         for (int m = 0; m < R; ++m) z[m] = 0.f;
         for (int b0 = p; b0 < nb; b0 += S8_PARTS * U) {
-            S8Quarter<KIND> wq[U][R];
+            S8Block<KIND> wb[U][R];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int b = min(b0 + S8_PARTS * u, nb - 1);  // past the end: not added
+#pragma unroll
+                for (int m = 0; m < R; ++m) wb[u][m] = s8_load<KIND>(qs, dm, r + m * rows, nb, b);
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int b = b0 + S8_PARTS * u;
                 if (b < nb) {
 #pragma unroll
                     for (int m = 0; m < R; ++m)
-                        wq[u][m] = s8_load<KIND>(qs, dm, r + m * rows, nb, b, j);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int b = b0 + S8_PARTS * u;
-                if (b < nb) {  // the same for a block's four lanes (the shuffles' partners)
-#pragma unroll
-                    for (int m = 0; m < R; ++m)
-                        z[m] = s8_add<KIND>(z[m], wq[u][m], sq + b * QK, sds[b], j, grp);
+                        z[m] = s8_add<KIND>(z[m], wb[u][m], sq + b * QK, sds[b]);
                 }
             }
         }
 #pragma unroll
-        for (int o = 16; o >= 4; o >>= 1)
+        for (int o = 4; o > 0; o >>= 1)
 #pragma unroll
             for (int m = 0; m < R; ++m) z[m] = z[m] + __shfl_xor_sync(0xffffffffu, z[m], o);
-        if (lane == 0) store_out<MODE>(out + r, z[0], z[R - 1], bias, r);
+        const int ro = 4 * q + rr;
+        if (p == 0 && ro < rows) store_out<MODE>(out + ro, z[0], z[R - 1], bias, ro);
     }
 }
 
