@@ -303,28 +303,9 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
             cp_async8(s + L::ASC + cc * L::ASCROW + bb * 8, pds + (size_t)col * nb + b0 + bb);
         }
     };
-    // The weights do not depend on the previous kernel: the first round's copies start
-    // before waiting for it.
-    stage_w(0);
-    pdl_wait();
-    const int n = (int)step[BSTEP_N];
-    if (c0 >= n || r0 >= rows) {  // the whole block
-        cp_async_commit();
-        cp_async_wait<0>();
-        return;
-    }
     const int rounds = (nb + RB - 1) / RB;
-    stage_a(0, n);
-    cp_async_commit();
-    // Rounds 1 .. NS - 2 in flight too (a group a round, empty past the end).
-#pragma unroll
-    for (int k = 1; k < NS - 1; ++k) {
-        if (k < rounds) {
-            stage_w(k);
-            stage_a(k, n);
-        }
-        cp_async_commit();
-    }
+    const int n = staged_start<NS>(stage_w, stage_a, step, c0, r0, rows, rounds);
+    if (n == 0) return;
     float acc[R][RT][NT][4];
 #pragma unroll
     for (int m = 0; m < R; ++m)
@@ -335,15 +316,7 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[m][rt][j][e] = 0.f;
     for (int k = 0; k < rounds; ++k) {
-        // Round k + NS - 1 into the buffer round k - 1 used (free since the barrier after
-        // it), then wait for round k's copies.
-        if (k + NS - 1 < rounds) {
-            stage_w(k + NS - 1);
-            stage_a(k + NS - 1, n);
-        }
-        cp_async_commit();
-        cp_async_wait<NS - 1>();
-        __syncthreads();
+        staged_next<NS>(stage_w, stage_a, k, rounds, n);
         const uint8_t* s = smem + (k % NS) * L::BYTES;
 #pragma unroll
         for (int i = 0; i < RB / S8_PARTS; ++i) {

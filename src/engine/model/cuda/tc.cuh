@@ -248,6 +248,52 @@ __device__ __forceinline__ unsigned dyn_smem() {
     return r;
 }
 
+// The round pipeline of the staged kernels (tcs32_*, sum8.cuh's s8_*), given their
+// copies of round k into stage buffer k % NS: stage_w(k) the weights, stage_a(k, n) the
+// step's activations. staged_start: round 0's weights before waiting for the previous
+// kernel (they do not depend on it), then the step's column count n; when the block has
+// work (column c0 < n, row r0 < rows), round 0's activations and rounds 1 .. NS - 2, a
+// commit group a round (empty past the end). Returns n, or 0 for a block with none (its
+// copies waited for).
+template <int NS, class SW, class SA>
+__device__ __forceinline__ int staged_start(const SW& stage_w, const SA& stage_a,
+                                            const unsigned long long* __restrict__ step,
+                                            int c0, int r0, int rows, int rounds) {
+    stage_w(0);
+    pdl_wait();
+    const int n = (int)step[BSTEP_N];
+    if (c0 >= n || r0 >= rows) {  // the whole block
+        cp_async_commit();
+        cp_async_wait<0>();
+        return 0;
+    }
+    stage_a(0, n);
+    cp_async_commit();
+#pragma unroll
+    for (int k = 1; k < NS - 1; ++k) {
+        if (k < rounds) {
+            stage_w(k);
+            stage_a(k, n);
+        }
+        cp_async_commit();
+    }
+    return n;
+}
+
+// Before round k: round k + NS - 1 into the buffer round k - 1 used (free since the
+// barrier after it), then wait for round k's copies.
+template <int NS, class SW, class SA>
+__device__ __forceinline__ void staged_next(const SW& stage_w, const SA& stage_a, int k,
+                                            int rounds, int n) {
+    if (k + NS - 1 < rounds) {
+        stage_w(k + NS - 1);
+        stage_a(k + NS - 1, n);
+    }
+    cp_async_commit();
+    cp_async_wait<NS - 1>();
+    __syncthreads();
+}
+
 #define TCS_BLOCKS 16  // 32-value blocks of a row a round stages
 
 template <int KIND, int MODE>
@@ -523,28 +569,9 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
             cp_async8(&s.asc[cc][bb], pds + (size_t)col * nb + b0 + bb);
         }
     };
-    // The weights do not depend on the previous kernel: the first round's copies start
-    // before waiting for it.
-    stage_w(0);
-    pdl_wait();
-    const int n = (int)step[BSTEP_N];
-    if (c0 >= n || r0 >= rows) {  // the whole block
-        cp_async_commit();
-        cp_async_wait<0>();
-        return;
-    }
     const int rounds = (nb + RB - 1) / RB;
-    stage_a(0, n);
-    cp_async_commit();
-    // Rounds 1 .. NS - 2 in flight too (a group a round, empty past the end).
-#pragma unroll
-    for (int k = 1; k < NS - 1; ++k) {
-        if (k < rounds) {
-            stage_w(k);
-            stage_a(k, n);
-        }
-        cp_async_commit();
-    }
+    const int n = staged_start<NS>(stage_w, stage_a, step, c0, r0, rows, rounds);
+    if (n == 0) return;
     float acc[R][LPW][NT][4] = {};
     // Half-block `il` of the staged round `s` (block il / 2, half il % 2) into the lane
     // sums acc[.][L] (L: the lane it stands for is w + 16 L).
@@ -582,17 +609,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
             }
         }
     };
-    // Start round k + NS - 1 (into the buffer round k - 1 used, free since the barrier
-    // after it), then wait for round k's copies.
-    auto next = [&](int k) {
-        if (k + NS - 1 < rounds) {
-            stage_w(k + NS - 1);
-            stage_a(k + NS - 1, n);
-        }
-        cp_async_commit();
-        cp_async_wait<NS - 1>();
-        __syncthreads();
-    };
+    auto next = [&](int k) { staged_next<NS>(stage_w, stage_a, k, rounds, n); };
     if constexpr (RB == 8) {
         // Two rounds a turn, so that the lane a half-block stands for (w, then w + 16)
         // is known at compile time.
