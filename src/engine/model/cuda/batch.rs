@@ -676,7 +676,8 @@ impl Inner {
             ];
             if let Some(s8) = s8 {
                 // The eight-part order (the single-stream kernels are mv8_*/mvq8_*).
-                let (rt, nt) = batch_plan::s8_tile(rows, mode == 2, bucket, self.sms, self.s8_rows);
+                let (rt, nt) =
+                    batch_plan::s8_tile(rows, mode == 2, bucket, self.sms, self.s8_rows.get());
                 let f = s8.mm[Sum8Funcs::at(m.kind as usize, mode, rt, nt)]
                     .as_ref()
                     .ok_or_else(|| err("no s8 kernel for this tile"))?;

@@ -293,8 +293,8 @@ struct Inner {
     /// (`CANDELA_CUDA_SUM8=1`; needs compute capability 8.0).
     sum8: bool,
     /// Rows of each `s8_*` block (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64; None: by size,
-    /// `batch_plan::s8_tile`).
-    s8_rows: Option<usize>,
+    /// `batch_plan::s8_tile`); `candela doctor` times each.
+    s8_rows: std::cell::Cell<Option<usize>>,
     /// Whether batched attention takes each KV group's query heads together in a block
     /// (`CANDELA_CUDA_ATT_GROUP=1`, `attention_bg`: every cached K/V row read once for up
     /// to four heads, the same bits on an H100) rather than a block per query head (the
@@ -908,7 +908,7 @@ impl FusedDecoder {
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
             sum8,
-            s8_rows: env_usize("CANDELA_CUDA_SUM8_ROWS"),
+            s8_rows: std::cell::Cell::new(env_usize("CANDELA_CUDA_SUM8_ROWS")),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
             mm_tcs16: std::cell::Cell::new(env_switch("CANDELA_CUDA_TCS16")),
@@ -1244,7 +1244,9 @@ impl FusedDecoder {
             (32, default_tc),
             (64, default_tc),
         ];
-        if g.f.tc.is_some() {
+        // (With sums in eight parts every batched projection is `s8_*`: the 32-lane
+        // variants below would time the same kernels; its own tiles are timed instead.)
+        if g.f.tc.is_some() && !g.sum8 {
             for bucket in [8, 32] {
                 runs.push((bucket, !default_tc));
             }
@@ -1268,7 +1270,22 @@ impl FusedDecoder {
         // each matrix's by its size: batch_plan::tc_kernels, and batch_plan::mmq for the
         // dp4a kernels on once-quantized columns, off for these).
         let default_mmq = g.mm_q.get();
-        if g.f.tc.is_some() {
+        if g.sum8 {
+            // The eight-part tiles with their rows forced for every projection.
+            let default_rows = g.s8_rows.get();
+            for bucket in [8, 32] {
+                for rows in [16, 32, 64] {
+                    g.s8_rows.set(Some(rows));
+                    cache.reserve(256 + bucket)?;
+                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
+                    s += &format!(
+                        "batched kernels, {bucket} rows, sums in eight parts, blocks of {rows} weight rows (32 for SwiGLU's pair at 64), us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+                        bucket as f64 * 1e6 / step
+                    );
+                }
+            }
+            g.s8_rows.set(default_rows);
+        } else if g.f.tc.is_some() {
             g.mm_tc.set(true);
             g.mm_q.set(Some(false));
             // (rows, 32-column blocks, staging, tcs32 shape, label)
