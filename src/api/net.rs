@@ -59,14 +59,14 @@ fn class_v6(ip: Ipv6Addr) -> &'static str {
     }
 }
 
-/// Body size from `Content-Length` or the body's exact size hint. Bodies of known size
-/// are counted up front and left untouched, so hyper still sends `Content-Length` and
-/// empty bodies cost nothing.
 /// The `Content-Length` a message declares.
 fn declared_len(h: &HeaderMap) -> Option<u64> {
     h.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// Body size from `Content-Length` or the body's exact size hint. Bodies of known size
+/// are counted up front and left untouched, so hyper still sends `Content-Length` and
+/// empty bodies cost nothing.
 fn known_len(h: &HeaderMap, body: &Body) -> Option<u64> {
     declared_len(h).or_else(|| body.size_hint().exact())
 }

@@ -172,22 +172,14 @@ impl Sum8Funcs {
     fn load(
         module: &Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
     ) -> Result<Option<Self>> {
-        let kinds = [
+        let layouts = [
             (Pack::Q4_0, "q4_0"),
             (Pack::Q4_1, "q4_1"),
             (Pack::Q8, "q8_0"),
             (Pack::Q4K, "q4_k"),
         ];
-        let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
-            Ok([
-                modes(module, &format!("{p}_q4_0"))?,
-                modes(module, &format!("{p}_q4_1"))?,
-                modes(module, &format!("{p}_q8_0"))?,
-                modes(module, &format!("{p}_q4_k"))?,
-            ])
-        };
         let mut mm = vec![None; 4 * 3 * 3 * 3];
-        for (ki, (kind, kname)) in kinds.iter().enumerate() {
+        for (ki, (kind, kname)) in layouts.iter().enumerate() {
             for (mode, mname) in ["store", "add", "swiglu"].iter().enumerate() {
                 for rt in [1, 2, 4] {
                     if mode == 2 && rt == 4 {
@@ -210,8 +202,8 @@ impl Sum8Funcs {
             }
         }
         Ok(Some(Self {
-            mv: set("mv8")?,
-            mvq: set("mvq8")?,
+            mv: kinds(module, "mv8")?,
+            mvq: kinds(module, "mvq8")?,
             mm,
         }))
     }
@@ -430,6 +422,26 @@ fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+impl Inner {
+    /// `candela doctor`'s line for a batched step of `bucket` rows from `pos` of `cache`
+    /// (kernel costs in a graph, `bench_batch`); `what` names the variant after "rows".
+    fn batch_line(
+        &mut self,
+        cache: &mut SeqCache,
+        pos: usize,
+        bucket: usize,
+        what: &str,
+    ) -> Result<String> {
+        cache.reserve(pos + bucket)?;
+        let nl = self.cfg.n_layers as f64;
+        let (parts, step) = step_sum(&self.bench_batch(cache, pos, bucket)?, nl);
+        Ok(format!(
+            "batched kernels, {bucket} rows{what}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
+            bucket as f64 * 1e6 / step
+        ))
+    }
+}
+
 fn step_sum(r: &[(Op, f64)], n_layers: f64) -> (String, f64) {
     let step = r
         .iter()
@@ -491,6 +503,20 @@ where
         p
     };
     Ok(Buf { ptr, slice })
+}
+
+/// A kernel family's `{prefix}_{kind}_{mode}` for every layout (in `Pack` order) and
+/// epilogue.
+fn kinds(
+    module: &Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
+    prefix: &str,
+) -> Result<[[CudaFunction; 3]; 4]> {
+    Ok([
+        modes(module, &format!("{prefix}_q4_0"))?,
+        modes(module, &format!("{prefix}_q4_1"))?,
+        modes(module, &format!("{prefix}_q8_0"))?,
+        modes(module, &format!("{prefix}_q4_k"))?,
+    ])
 }
 
 /// A kernel's three epilogue variants from `module`: `{prefix}_store`, `_add` and
@@ -625,8 +651,6 @@ impl FusedDecoder {
             .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(PTX))
             .map_err(err)?;
         let load = |name: &str| module.load_function(name).map_err(err);
-        let mv_set = |k: &str| modes(&module, &format!("mv_{k}"));
-        let mvq_set = |k: &str| modes(&module, &format!("mvq_{k}"));
         // `CANDELA_CUDA_MM_SMEM_KB` asks for another limit (more columns per chunk, so
         // fewer passes over the weights for wide inputs, at fewer blocks per SM).
         let want_smem = std::env::var("CANDELA_CUDA_MM_SMEM_KB")
@@ -687,15 +711,12 @@ impl FusedDecoder {
         };
         let wide_f = wide::WideFuncs::load(&module, &context, hd)?;
         let tc = if context.compute_capability().map_err(err)?.0 >= 8 {
-            let set = |p: &str| -> Result<[[CudaFunction; 3]; 4]> {
-                Ok([
-                    modes(&module, &format!("{p}_q4_0"))?,
-                    modes(&module, &format!("{p}_q4_1"))?,
-                    modes(&module, &format!("{p}_q8_0"))?,
-                    modes(&module, &format!("{p}_q4_k"))?,
-                ])
-            };
-            Some([set("tc")?, set("tc32")?, set("tcs")?, set("tcs32")?])
+            Some([
+                kinds(&module, "tc")?,
+                kinds(&module, "tc32")?,
+                kinds(&module, "tcs")?,
+                kinds(&module, "tcs32")?,
+            ])
         } else {
             None
         };
@@ -743,18 +764,8 @@ impl FusedDecoder {
             None
         };
         let f = Funcs {
-            mv: [
-                mv_set("q4_0")?,
-                mv_set("q4_1")?,
-                mv_set("q8_0")?,
-                mv_set("q4_k")?,
-            ],
-            mvq: [
-                mvq_set("q4_0")?,
-                mvq_set("q4_1")?,
-                mvq_set("q8_0")?,
-                mvq_set("q4_k")?,
-            ],
+            mv: kinds(&module, "mv")?,
+            mvq: kinds(&module, "mvq")?,
             qact: load("qact")?,
             qact_w: load("qact_w")?,
             embed: load("embed_row")?,
@@ -1176,16 +1187,12 @@ impl FusedDecoder {
                 for (nch, blocks) in split {
                     g.att_nch.set(nch);
                     g.att_hb.set(blocks);
-                    cache.reserve(p + 8)?;
-                    let (parts, step) = step_sum(&g.bench_batch(cache, p, 8)?, nl);
                     let by = match blocks {
                         0 => String::new(),
                         b => format!(", {b} blocks a head"),
                     };
-                    s += &format!(
-                        "batched kernels, 8 rows from pos {p}, attention in {nch} chunk(s) a head{by}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                        8e6 / step
-                    );
+                    let what = format!(" from pos {p}, attention in {nch} chunk(s) a head{by}");
+                    s += &g.batch_line(cache, p, 8, &what)?;
                 }
                 g.att_hb.set(hb);
             }
@@ -1254,17 +1261,12 @@ impl FusedDecoder {
         let (default_tc32, default_tcs) = (g.mm_tc32.get(), g.mm_tcs.get());
         for (i, (bucket, tc)) in runs.into_iter().enumerate() {
             g.mm_tc.set(tc);
-            cache.reserve(256 + bucket)?;
-            let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
             let variant = match (i < 4, tc) {
                 (true, _) => "",
                 (false, true) => ", tensor cores",
                 (false, false) => ", dp4a",
             };
-            s += &format!(
-                "batched kernels, {bucket} rows{variant}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                bucket as f64 * 1e6 / step
-            );
+            s += &g.batch_line(cache, 256, bucket, variant)?;
         }
         // The tensor-core variants forced on and off for every matrix (the default picks
         // each matrix's by its size: batch_plan::tc_kernels, and batch_plan::mmq for the
@@ -1276,12 +1278,10 @@ impl FusedDecoder {
             for bucket in [8, 32] {
                 for rows in [16, 32, 64] {
                     g.s8_rows.set(Some(rows));
-                    cache.reserve(256 + bucket)?;
-                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
-                    s += &format!(
-                        "batched kernels, {bucket} rows, sums in eight parts, blocks of {rows} weight rows (32 for SwiGLU's pair at 64), us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                        bucket as f64 * 1e6 / step
+                    let what = format!(
+                        ", sums in eight parts, blocks of {rows} weight rows (32 for SwiGLU's pair at 64)"
                     );
+                    s += &g.batch_line(cache, 256, bucket, &what)?;
                 }
             }
             g.s8_rows.set(default_rows);
@@ -1384,12 +1384,7 @@ impl FusedDecoder {
                 g.mm_tc32.set(tc32);
                 g.mm_tcs.set(tcs);
                 g.mm_tcs32v.set(shape);
-                cache.reserve(256 + bucket)?;
-                let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
-                s += &format!(
-                    "batched kernels, {bucket} rows, tensor cores, {label}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                    bucket as f64 * 1e6 / step
-                );
+                s += &g.batch_line(cache, 256, bucket, &format!(", tensor cores, {label}"))?;
             }
             g.mm_tcs32v.set(default_v);
             g.mm_tc32.set(default_tc32);
@@ -1400,13 +1395,9 @@ impl FusedDecoder {
                 let default_16 = g.mm_tcs16.get();
                 for (bucket, on) in [(16, true), (16, false), (32, true), (64, true)] {
                     g.mm_tcs16.set(Some(on));
-                    cache.reserve(256 + bucket)?;
-                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, bucket)?, nl);
                     let cols = if on { 16 } else { 32 };
-                    s += &format!(
-                        "batched kernels, {bucket} rows, tensor cores, staged, {cols} columns a block, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                        bucket as f64 * 1e6 / step
-                    );
+                    let what = format!(", tensor cores, staged, {cols} columns a block");
+                    s += &g.batch_line(cache, 256, bucket, &what)?;
                 }
                 g.mm_tcs16.set(default_16);
             }
@@ -1415,12 +1406,8 @@ impl FusedDecoder {
             if g.f.mmq.is_some() {
                 for (on, label) in [(true, "every"), (false, "no")] {
                     g.mm_q.set(Some(on));
-                    cache.reserve(256 + 8)?;
-                    let (parts, step) = step_sum(&g.bench_batch(cache, 256, 8)?, nl);
-                    s += &format!(
-                        "batched kernels, 8 rows, dp4a on columns quantized once for {label} matrix, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} rows/s)\n",
-                        8e6 / step
-                    );
+                    let what = format!(", dp4a on columns quantized once for {label} matrix");
+                    s += &g.batch_line(cache, 256, 8, &what)?;
                 }
             }
         }

@@ -167,8 +167,9 @@ impl Inner {
                 arg(&out),
             ];
             // SAFETY: argument types and order match `mvq_*` (`MATVEC_ENTRY`) in
-            // decode.cu, as `mvq8_*`'s (`MATVEC8_ENTRY` in sum8.cuh) do; q and ads hold the input `qact` wrote, every other pointer a
-            // live device allocation of the sizes the kernel indexes.
+            // decode.cu, as `mvq8_*`'s (`MATVEC8_ENTRY` in sum8.cuh) do; q and ads hold
+            // the input `qact` wrote, every other pointer a live device allocation of the
+            // sizes the kernel indexes.
             return unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) };
         };
         let f = match s8 {
@@ -188,8 +189,8 @@ impl Inner {
             arg(&out),
         ];
         // SAFETY: argument types and order match `MATVEC_ENTRY` in decode.cu (and
-        // `MATVEC8_ENTRY` in sum8.cuh); every
-        // pointer is a live device allocation of the sizes the kernel indexes.
+        // `MATVEC8_ENTRY` in sum8.cuh); every pointer is a live device allocation of the
+        // sizes the kernel indexes.
         unsafe { self.go(f, blocks, MV_THREADS, smem, &mut args, true) }
     }
 
