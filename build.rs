@@ -23,6 +23,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/engine/model/cuda/sum8.cuh");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/mma.cuh");
     println!("cargo:rerun-if-changed=src/engine/model/cuda/attn.cuh");
+    println!("cargo:rerun-if-changed=src/engine/model/cuda/attn_tc.cuh");
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
         .or_else(|| {

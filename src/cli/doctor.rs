@@ -196,7 +196,83 @@ fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineEr
             alone.len()
         );
     }
+    // The other decode attention (tensor cores or a block per query head), where the
+    // card and model have both: its rates, and the longest sequence's logits step by
+    // step against these (fed the same tokens; the kernels sum in other orders).
+    let tc = model.attn_tc();
+    if model.set_attn_tc(!tc) {
+        let other = if tc {
+            "a block per query head"
+        } else {
+            "on tensor cores"
+        };
+        let r = other_attention(model, &ids, n, other);
+        model.set_attn_tc(tc);
+        let theirs = r?;
+        let (_, ours) = forced_steps(model, &ids, Some(&theirs.0), n)?;
+        let worst = ours
+            .iter()
+            .zip(&theirs.1)
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            })
+            .fold(0f32, f32::max);
+        let same = ours
+            .iter()
+            .zip(&theirs.1)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        println!(
+            "attention {other} against the default at position {len}+, {} steps fed the same \
+             tokens: argmax equal {same}/{}, largest |dlogit| {worst:.4}",
+            ours.len(),
+            ours.len()
+        );
+    }
     Ok(())
+}
+
+/// `long_batch_report`'s rates with the other attention kernel switched on, then the
+/// longest sequence's greedy tokens and logits for `n` steps.
+fn other_attention(
+    model: &Model,
+    ids: &[u32],
+    n: usize,
+    other: &str,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), EngineError> {
+    let len = ids.len();
+    for k in [8, 32] {
+        let (rate, ..) = batched(model, ids, k, n)?;
+        println!(
+            "{k} sequences at position {}-{len}, attention {other}: {rate:.1} tok/s aggregate",
+            len - 7
+        );
+    }
+    forced_steps(model, ids, None, n)
+}
+
+/// `prompt` prefilled, then `steps` steps fed `tokens` (or each step's argmax): the
+/// tokens fed and every step's logits.
+fn forced_steps(
+    model: &Model,
+    prompt: &[u32],
+    tokens: Option<&[u32]>,
+    steps: usize,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), EngineError> {
+    let mut cache = SeqCache::new(model.cache_layout(KvDtype::F16), model.device());
+    let mut logits = forward1(model, prompt, &mut cache)?;
+    let steps = tokens.map_or(steps, |t| t.len().min(steps));
+    let (mut fed, mut all) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    for i in 0..steps {
+        let t = tokens.map_or_else(|| argmax(&logits), |t| t[i]);
+        fed.push(t);
+        logits = forward1(model, &[t], &mut cache)?;
+        all.push(logits.clone());
+    }
+    Ok((fed, all))
 }
 
 /// Prompt prefill on the fused GPU path: batched prefill steps (past the default limit
@@ -265,6 +341,15 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
             model.set_attn_split(true);
             let (_, unsplit) = unsplit?;
             line += &format!(", attention unsplit ({})", compare(&fused, &unsplit));
+        }
+        // The other decode attention kernel (batched prefill steps attend through it).
+        let tc = model.attn_tc();
+        if model.set_attn_tc(!tc) {
+            let other = time(&ids, 1).and_then(|_| time(&ids, 1));
+            model.set_attn_tc(tc);
+            let (_, other) = other?;
+            let what = if tc { "per head" } else { "on tensor cores" };
+            line += &format!(", attention {what} ({})", compare(&fused, &other));
         }
         model.set_fused_decode(false);
         let tensor = time(&ids, 1).and_then(|_| time(&ids, reps));

@@ -385,6 +385,31 @@ pub fn attn_head_groups(n_heads: usize, n_kv_heads: usize) -> (usize, usize) {
     (group.div_ceil(parts), parts)
 }
 
+/// Query heads of one KV group the tensor-core decode attention takes at most (the rows
+/// of its products: `ATC_ROWS` in attn_tc.cuh).
+pub const ATC_ROWS: usize = 16;
+/// Warps of a tensor-core attention block (`ATC_WARPS`).
+pub const ATC_WARPS: usize = 4;
+
+/// Whether the tensor-core decode attention (attn_tc.cuh) covers a model: heads of 64 or
+/// 128 values (its kernels' sizes) and KV groups of at most [`ATC_ROWS`] query heads.
+pub fn attn_tc_fits(head_dim: usize, n_heads: usize, n_kv_heads: usize) -> bool {
+    matches!(head_dim, 64 | 128)
+        && n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && n_heads / n_kv_heads <= ATC_ROWS
+}
+
+/// Dynamic shared memory (bytes) of a tensor-core attention block for groups of `group`
+/// query heads: the group's queries (always [`ATC_ROWS`] rows), the new K and V, each
+/// warp's max and sum per row and its output rows.
+pub fn attn_tc_smem(head_dim: usize, group: usize) -> usize {
+    4 * (ATC_ROWS * head_dim
+        + 2 * head_dim
+        + 2 * ATC_WARPS * ATC_ROWS
+        + ATC_WARPS * group * head_dim)
+}
+
 /// Blocks per multiprocessor of a single-stream mat-vec over rows of `k` values. Each
 /// block quantizes the whole activation vector into its shared memory before it takes
 /// rows, so long rows want fewer blocks: on an H100, 8 blocks won on SmolLM2's shape
@@ -1215,5 +1240,26 @@ mod tests {
                 .collect();
             assert_eq!(fed, (0..n).collect::<Vec<_>>(), "sequence {i}");
         }
+    }
+
+    #[test]
+    fn tensor_core_attention_covers_the_common_shapes_within_default_shared_memory() {
+        // Llama-3-8B, SmolLM2-135M, Qwen2.5-0.5B, Qwen2.5-7B: covered.
+        for (hd, nh, nkv) in [(128, 32, 8), (64, 9, 3), (64, 14, 2), (128, 28, 4)] {
+            assert!(attn_tc_fits(hd, nh, nkv), "{hd} {nh} {nkv}");
+        }
+        // Gemma 3's 256-value heads, 80-value heads, groups past 16 heads, no KV heads.
+        for (hd, nh, nkv) in [
+            (256, 8, 4),
+            (80, 32, 32),
+            (128, 64, 2),
+            (128, 8, 0),
+            (128, 12, 8),
+        ] {
+            assert!(!attn_tc_fits(hd, nh, nkv), "{hd} {nh} {nkv}");
+        }
+        // The largest block fits the 48 KiB a launch gets without an attribute.
+        assert!(attn_tc_smem(128, ATC_ROWS) <= 48 * 1024);
+        assert_eq!(attn_tc_smem(64, 3), 4 * (16 * 64 + 128 + 128 + 4 * 3 * 64));
     }
 }

@@ -12,6 +12,8 @@ mod batch_plan;
 mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(test)]
+mod cuda_emu;
 mod cuda_pack;
 #[cfg(feature = "cuda")]
 mod fused;
@@ -434,6 +436,27 @@ impl Model {
         None
     }
 
+    /// Run the fused path's decode attention on the tensor cores (`CANDELA_CUDA_ATT_TC=1`)
+    /// or in its per-head kernels; returns whether this card and model have the
+    /// tensor-core kernels at all (if not, nothing changes).
+    pub fn set_attn_tc(&self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_attn_tc(on);
+        }
+        let _ = on;
+        false
+    }
+
+    /// Whether the fused path's decode attention runs on the tensor cores.
+    pub fn attn_tc(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.attn_tc();
+        }
+        false
+    }
+
     /// Split the fused path's decode attention over position chunks at long contexts
     /// (the default) or not; returns whether this model's fused path splits at all.
     pub fn set_attn_split(&self, on: bool) -> bool {
@@ -509,7 +532,7 @@ impl Model {
         #[cfg(feature = "cuda")]
         if let Some(d) = &self.fused {
             return Some(format!(
-                "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}",
+                "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}, decode attention {}",
                 if d.sum8() {
                     "tensor cores (sums in eight parts)"
                 } else if d.tensor_cores() {
@@ -521,6 +544,11 @@ impl Model {
                     (true, WideGemm::F16) => "wide (f16 GEMMs)",
                     (true, WideGemm::Int8) => "wide (int8 GEMMs)",
                     (false, _) => "on the tensor path",
+                },
+                if d.attn_tc() {
+                    "on tensor cores"
+                } else {
+                    "a block per query head"
                 }
             ));
         }

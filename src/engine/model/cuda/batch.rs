@@ -813,7 +813,10 @@ impl Inner {
         // taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
         // Blocks' units: query heads, or parts of KV groups of `gs` heads, `nsub` a group.
-        let (gs, nsub, units) = if self.att_group {
+        let tc = self.f.attention_tc.as_ref().filter(|_| self.att_tc.get());
+        let (gs, nsub, units) = if tc.is_some() {
+            (1, 1, cfg.n_kv_heads)
+        } else if self.att_group {
             let (gs, nsub) = batch_plan::attn_head_groups(cfg.n_heads, cfg.n_kv_heads);
             (gs, nsub, cfg.n_kv_heads * nsub)
         } else {
@@ -835,8 +838,12 @@ impl Inner {
             arg(&b.att_part.ptr),
             arg(&b.att_cnt.ptr),
         ];
-        let threads = ATT_THREADS as u32;
-        let (f, smem) = if self.att_group {
+        let mut threads = ATT_THREADS as u32;
+        let (f, smem) = if let Some(tc) = tc {
+            threads = batch_plan::ATC_WARPS as u32 * 32;
+            let group = cfg.n_heads / cfg.n_kv_heads;
+            (&tc[1], batch_plan::attn_tc_smem(hd, group) as u32)
+        } else if self.att_group {
             tail.extend([arg(&gsi), arg(&nsubi)]);
             let floats = (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * ATT_THREADS;
             (&self.f.attention_bg, (floats * 4) as u32)
@@ -844,7 +851,8 @@ impl Inner {
             (&self.f.attention_b, ((3 * hd) as u32 + 8 * threads) * 4)
         };
         let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
-        // SAFETY: matches `attention_b` (or `attention_bg` with its two trailing ints);
+        // SAFETY: matches `attention_b` (`attention_btc*`: the same arguments;
+        // `attention_bg` with its two trailing ints);
         // each record holds its sequence's cache pointers, att_part and att_cnt hold
         // `att_max >= nch` chunks for every head of `bucket` rows.
         unsafe {

@@ -1084,6 +1084,7 @@ extern "C" __global__ void attention(const float* __restrict__ qkv,
 }
 
 #include "batch.cuh"
+#include "attn_tc.cuh"
 #include "prefill.cuh"
 #include "tc.cuh"
 #include "sum8.cuh"

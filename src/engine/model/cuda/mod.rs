@@ -137,6 +137,10 @@ struct Funcs {
     kv_write_b: CudaFunction,
     attention_b: CudaFunction,
     attention_bg: CudaFunction,
+    /// The tensor-core decode attention for this model's head size (attn_tc.cuh):
+    /// `[single-stream, batched]`, with `attention`'s and `attention_b`'s arguments (None
+    /// below compute capability 8.0 or where `batch_plan::attn_tc_fits` says no).
+    attention_tc: Option<[CudaFunction; 2]>,
 }
 
 /// The kernels of sum8.cuh: single-stream mat-vecs and the batched tensor-core mat-mat
@@ -294,6 +298,12 @@ struct Inner {
     /// but its attention takes 1.5-1.7 times as long with short caches, where latency
     /// rather than the cache's bytes bounds it).
     att_group: bool,
+    /// Whether decode attention runs on the tensor cores (`attention_tc*` single-stream,
+    /// `attention_btc*` batched: a block per KV group and position chunk, the same bits
+    /// as each other, agreeing with the per-head kernels to rounding;
+    /// `CANDELA_CUDA_ATT_TC=1`, where `Funcs::attention_tc` loaded); `candela doctor`
+    /// compares both.
+    att_tc: std::cell::Cell<bool>,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
@@ -763,6 +773,20 @@ impl FusedDecoder {
         } else {
             None
         };
+        // Optional: without them (a module built below compute capability 8.0) attention
+        // stays in the per-head kernels.
+        let attention_tc =
+            if tc.is_some() && batch_plan::attn_tc_fits(hd, cfg.n_heads, cfg.n_kv_heads) {
+                match (
+                    load(&format!("attention_tc{hd}")),
+                    load(&format!("attention_btc{hd}")),
+                ) {
+                    (Ok(single), Ok(batched)) => Some([single, batched]),
+                    _ => None,
+                }
+            } else {
+                None
+            };
         let f = Funcs {
             mv: kinds(&module, "mv")?,
             mvq: kinds(&module, "mvq")?,
@@ -787,6 +811,7 @@ impl FusedDecoder {
             kv_write_b: load("kv_write_b")?,
             attention_b: load("attention_b")?,
             attention_bg: load("attention_bg")?,
+            attention_tc,
         };
         let mut rd = Reader {
             ct,
@@ -864,8 +889,13 @@ impl FusedDecoder {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(err)?
             .max(1) as usize;
+        let att_tc = env_switch("CANDELA_CUDA_ATT_TC").unwrap_or(false) && f.attention_tc.is_some();
+        // Chunks enough for the card's blocks: a block a query head, or a KV group on the
+        // tensor cores.
         let att_max = if env_switch("CANDELA_CUDA_ATTN_SPLIT") == Some(false) {
             1
+        } else if att_tc {
+            batch_plan::attn_chunks(cfg.n_kv_heads, sms)
         } else {
             batch_plan::attn_chunks(cfg.n_heads, sms)
         };
@@ -918,6 +948,7 @@ impl FusedDecoder {
             mv_per_sm: std::cell::Cell::new(env_usize("CANDELA_CUDA_MV_BLOCKS").unwrap_or(0)),
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
+            att_tc: std::cell::Cell::new(att_tc),
             sum8,
             s8_rows: std::cell::Cell::new(env_usize("CANDELA_CUDA_SUM8_ROWS")),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
@@ -1034,6 +1065,28 @@ impl FusedDecoder {
     pub fn sum8(&self) -> bool {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.sum8
+    }
+
+    /// Decode attention on the tensor cores (`CANDELA_CUDA_ATT_TC=1`) or in the per-head
+    /// kernels; the captured graphs are dropped when that changes. Returns whether this
+    /// card and model have the tensor-core kernels (if not, nothing changes).
+    pub fn set_attn_tc(&self, on: bool) -> bool {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.f.attention_tc.is_none() {
+            return false;
+        }
+        if g.att_tc.get() != on {
+            g.att_tc.set(on);
+            g.graph = None;
+            g.drop_batch_graphs();
+        }
+        true
+    }
+
+    /// Whether decode attention runs on the tensor cores.
+    pub fn attn_tc(&self) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.att_tc.get()
     }
 
     /// Split decode attention over position chunks (the default where the model has
@@ -1159,6 +1212,14 @@ impl FusedDecoder {
                 "32 lanes a row"
             }
         );
+        s += &format!(
+            "decode attention: {}\n",
+            match (g.att_tc.get(), g.f.attention_tc.is_some()) {
+                (true, _) => "on tensor cores (a block per KV group)",
+                (false, true) => "a block per query head (tensor cores available)",
+                (false, false) => "a block per query head",
+            }
+        );
         for &p in positions {
             cache.reserve(p + 1)?;
             let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
@@ -1197,6 +1258,42 @@ impl FusedDecoder {
                 g.att_hb.set(hb);
             }
             g.att_nch.set(split);
+        }
+        // The other decode attention (tensor cores or a block per query head), where the
+        // card and model have both: single-stream at each position, batched at the longest.
+        if g.f.attention_tc.is_some() {
+            let was = g.att_tc.get();
+            g.att_tc.set(!was);
+            let what = if was {
+                "a block per query head"
+            } else {
+                "on tensor cores"
+            };
+            let mut lines = || -> Result<String> {
+                let mut s = String::new();
+                for &p in positions {
+                    cache.reserve(p + 1)?;
+                    let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
+                    s += &format!(
+                        "kernels at pos {p}, attention {what}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
+                        1e6 / step
+                    );
+                }
+                if let Some(&p) = positions.iter().max() {
+                    for rows in [8, 32] {
+                        s += &g.batch_line(
+                            cache,
+                            p,
+                            rows,
+                            &format!(" from pos {p}, attention {what}"),
+                        )?;
+                    }
+                }
+                Ok(s)
+            };
+            let r = lines();
+            g.att_tc.set(was);
+            s += &r?;
         }
         // Whole steps: the graph replayed back to back against whole steps with the
         // host's part, to tell the device's time from the host's.

@@ -340,14 +340,32 @@ impl Inner {
                     arg(&self.att_part.ptr),
                     arg(&self.att_cnt.ptr),
                 ];
-                let threads = ATT_THREADS as u32;
-                let smem = ((3 * hd) as u32 + 8 * threads) * 4;
-                // SAFETY: matches `attention`; the step buffer holds the cache pointers,
-                // att_part and att_cnt hold `att_max >= nch` chunks for every head.
+                // A block a query head, or on the tensor cores a KV group (its heads'
+                // products together), each in `nch` position chunks.
+                let (f, units, threads, smem) = match &self.f.attention_tc {
+                    Some(tc) if self.att_tc.get() => {
+                        let group = cfg.n_heads / cfg.n_kv_heads;
+                        let smem = batch_plan::attn_tc_smem(hd, group) as u32;
+                        (
+                            &tc[0],
+                            cfg.n_kv_heads,
+                            batch_plan::ATC_WARPS as u32 * 32,
+                            smem,
+                        )
+                    }
+                    _ => {
+                        let threads = ATT_THREADS as u32;
+                        let smem = ((3 * hd) as u32 + 8 * threads) * 4;
+                        (&self.f.attention, cfg.n_heads, threads, smem)
+                    }
+                };
+                // SAFETY: matches `attention` (and `attention_tc*`, the same arguments);
+                // the step buffer holds the cache pointers, att_part and att_cnt hold
+                // `att_max >= nch` chunks for every head.
                 unsafe {
                     self.go(
-                        &self.f.attention,
-                        (cfg.n_heads * nch as usize) as u32,
+                        f,
+                        (units * nch as usize) as u32,
                         threads,
                         smem,
                         &mut args,
