@@ -598,7 +598,7 @@ wide8b)
     for m in $MODELS; do
         echo "== doctor --prefill on $m at ${SECONDS} s"
         /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
-            --prefill 2>"$OUT/doctor_pf_$m.err" | tee "$OUT/doctor_pf_$m.txt" | grep -E "^prefill|^8 prompts" \
+            --prefill 2>"$OUT/doctor_pf_$m.err" | tee "$OUT/doctor_pf_$m.txt" | grep -E "^prefill|^(8|32) prompts" \
             || tail -n 20 "$OUT/doctor_pf_$m.err"
         # DOCTOR_ENV="CANDELA_CUDA_...=..." : the prefill lines again with those settings.
         if [ -n "${DOCTOR_ENV:-}" ]; then

@@ -381,13 +381,42 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
         .iter()
         .map(|p| time(p, 1).map(|(_, l)| l))
         .collect::<Result<_, _>>()?;
+    let (ms, out) = one_pass(model, &prompts)?;
+    let same = out
+        .iter()
+        .zip(&alone)
+        .filter(|(v, a)| v.iter().zip(*a).all(|(x, y)| x.to_bits() == y.to_bits()))
+        .count();
+    println!(
+        "8 prompts (17-24 tokens) prefilled in one pass: {ms:.2} ms; last logits bit-identical \
+         to each prefilled alone {same}/8"
+    );
+    // Packed wide passes, where the card prefills wide: prompts of several sequences in
+    // shared wide passes against the same prompts in batched steps or each alone.
+    let was = model.fused_wide_pack();
+    if model.fused_wide() && model.set_fused_wide_pack(true) {
+        model.set_fused_prefill_max(limit);
+        let r = packed_checks(model, &prompts, &alone, ms, &ids_of);
+        model.set_fused_prefill_max(usize::MAX);
+        model.set_fused_wide_pack(was);
+        r?;
+    }
+    Ok(())
+}
+
+/// `prompts` prefilled in one forward pass, five times: the median time and the last
+/// run's last logits of each prompt.
+fn one_pass(model: &Model, prompts: &[Vec<u32>]) -> Result<(f64, Vec<Vec<f32>>), EngineError> {
     let mut ms = Vec::new();
-    let mut same = 0;
+    let mut last = Vec::new();
     for _ in 0..5 {
-        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| fresh()).collect();
+        let mut caches: Vec<SeqCache> = prompts
+            .iter()
+            .map(|_| SeqCache::new(model.cache_layout(KvDtype::F16), model.device()))
+            .collect();
         let mut inputs: Vec<SeqInput<'_>> = caches
             .iter_mut()
-            .zip(&prompts)
+            .zip(prompts)
             .map(|(cache, p)| SeqInput {
                 tokens: p,
                 cache,
@@ -397,16 +426,71 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
         let t = Instant::now();
         let out = model.forward(&mut inputs)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
-        same = 0;
-        for (o, a) in out.iter().zip(&alone) {
-            let v = o.squeeze(0)?.to_vec1::<f32>()?;
-            same += usize::from(v.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()));
-        }
+        last = out
+            .iter()
+            .map(|o| o.squeeze(0)?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
     }
+    Ok((median(&ms), last))
+}
+
+/// The largest logit gap between two sets of rows, and in how many the argmax agrees.
+fn compare_rows(a: &[Vec<f32>], b: &[Vec<f32>]) -> String {
+    let gap = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    let same = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    format!("argmax equal {same}/{}, max |dlogit| {gap:.4}", a.len())
+}
+
+/// With packed wide passes on (and the batched steps' default limit): the eight short
+/// prompts, 32 prompts of 30 tokens and eight of 100 to 296 tokens, each set in one pass,
+/// against the same in batched steps (`batched_ms`, `batched`) or each prompt alone.
+fn packed_checks(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    batched: &[Vec<f32>],
+    batched_ms: f64,
+    ids_of: &dyn Fn(usize, u32) -> Vec<u32>,
+) -> Result<(), EngineError> {
+    let (ms, out) = one_pass(model, prompts)?;
     println!(
-        "8 prompts (17-24 tokens) prefilled in one pass: {:.2} ms; last logits bit-identical \
-         to each prefilled alone {same}/8",
-        median(&ms)
+        "8 prompts (17-24 tokens) in packed wide passes: {ms:.2} ms (batched steps \
+         {batched_ms:.2} ms); against batched steps: {}",
+        compare_rows(&out, batched)
+    );
+    let many: Vec<Vec<u32>> = (0..32).map(|i| ids_of(30, 100 + i)).collect();
+    model.set_fused_wide_pack(false);
+    let steps = one_pass(model, &many);
+    model.set_fused_wide_pack(true);
+    let (steps_ms, steps) = steps?;
+    let (ms, out) = one_pass(model, &many)?;
+    println!(
+        "32 prompts (30 tokens) in packed wide passes: {ms:.2} ms, in batched steps \
+         {steps_ms:.2} ms; {}",
+        compare_rows(&out, &steps)
+    );
+    let long: Vec<Vec<u32>> = (0..8)
+        .map(|i| ids_of(100 + 28 * i, 200 + i as u32))
+        .collect();
+    let mut alone_ms = 0.0;
+    let mut alone = Vec::with_capacity(long.len());
+    for p in &long {
+        let (ms, mut l) = one_pass(model, std::slice::from_ref(p))?;
+        alone_ms += ms;
+        alone.push(l.remove(0));
+    }
+    let (ms, out) = one_pass(model, &long)?;
+    println!(
+        "8 prompts (100-296 tokens) in packed wide passes: {ms:.2} ms, each alone (wide) \
+         {alone_ms:.2} ms in all; {}",
+        compare_rows(&out, &alone)
     );
     Ok(())
 }

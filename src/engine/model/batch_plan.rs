@@ -95,6 +95,47 @@ pub fn wide_by_default(hidden: usize, f16_gemms: bool, layouts_checked: bool) ->
 /// attending to the cache the earlier ones wrote.
 pub const WIDE_ROWS: usize = 1024;
 
+/// One sequence's rows in a packed wide pass: its tokens `start..start + n` (of the chunk
+/// it prefills), at rows `row..row + n` of the pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WideSeg {
+    pub seq: usize,
+    pub start: usize,
+    pub n: usize,
+    pub row: usize,
+}
+
+/// Several sequences' prompt chunks (`lens` tokens each) packed into wide passes of up to
+/// `cap` rows: in order, a sequence cut where a pass is full and continued at the start
+/// of the next (its later rows attend to the cache its earlier ones wrote). Every pass
+/// multiplies each weight matrix once for all its sequences' rows.
+pub fn wide_passes(lens: &[usize], cap: usize) -> Vec<Vec<WideSeg>> {
+    let cap = cap.max(1);
+    let mut passes: Vec<Vec<WideSeg>> = Vec::new();
+    let mut used = cap; // a new pass on the first row
+    for (seq, &len) in lens.iter().enumerate() {
+        let mut start = 0;
+        while start < len {
+            if used == cap {
+                passes.push(Vec::new());
+                used = 0;
+            }
+            let n = (len - start).min(cap - used);
+            if let Some(p) = passes.last_mut() {
+                p.push(WideSeg {
+                    seq,
+                    start,
+                    n,
+                    row: used,
+                });
+            }
+            used += n;
+            start += n;
+        }
+    }
+    passes
+}
+
 /// Bytes of the cuBLAS workspace the f16 GEMMs are given (cuBLAS's own default on
 /// Hopper), allocated with the pass's buffers so that it is counted with them rather
 /// than taken by the library on first use.
@@ -1261,5 +1302,54 @@ mod tests {
         // The largest block fits the 48 KiB a launch gets without an attribute.
         assert!(attn_tc_smem(128, ATC_ROWS) <= 48 * 1024);
         assert_eq!(attn_tc_smem(64, 3), 4 * (16 * 64 + 128 + 128 + 4 * 3 * 64));
+    }
+
+    #[test]
+    fn packed_wide_passes_cover_every_row_once_in_order() {
+        let lens = [30, 1, 700, 500, 0, 9];
+        let passes = wide_passes(&lens, 1024);
+        assert_eq!(passes.len(), 2);
+        for p in &passes {
+            // Rows of a pass are consecutive from 0 and within the cap.
+            let mut row = 0;
+            for s in p {
+                assert_eq!(s.row, row);
+                row += s.n;
+            }
+            assert!(row <= 1024 && row > 0);
+        }
+        // The 500-token chunk is cut at the first pass's end and continues the next.
+        assert_eq!(
+            passes[0].last(),
+            Some(&WideSeg {
+                seq: 3,
+                start: 0,
+                n: 293,
+                row: 731
+            })
+        );
+        assert_eq!(
+            passes[1][0],
+            WideSeg {
+                seq: 3,
+                start: 293,
+                n: 207,
+                row: 0
+            }
+        );
+        for (seq, &len) in lens.iter().enumerate() {
+            let mut next = 0;
+            for s in passes.iter().flatten().filter(|s| s.seq == seq) {
+                assert_eq!(s.start, next, "sequence {seq}");
+                next += s.n;
+            }
+            assert_eq!(next, len, "sequence {seq}");
+        }
+        // A chunk longer than several passes; nothing at all.
+        let long = wide_passes(&[2500], 1024);
+        let ns: Vec<usize> = long.iter().map(|p| p[0].n).collect();
+        assert_eq!(ns, [1024, 1024, 452]);
+        assert!(wide_passes(&[], 1024).is_empty());
+        assert!(wide_passes(&[0, 0], 1024).is_empty());
     }
 }

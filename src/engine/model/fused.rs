@@ -31,6 +31,30 @@ impl Model {
         // Chunks past the limit (and past `wide_min`) prefill wide where the card has it
         // (each sequence in its own passes); caches are committed once every sequence ran.
         let wide_past = max.max(dec.wide_min());
+        // Several sequences' prompt chunks with more rows in all than that: packed into
+        // shared wide passes where that is on (each weight matrix multiplied once for all).
+        let rows: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if dec.wide_pack()
+            && batch.len() > 1
+            && rows > wide_past
+            && batch.iter().any(|s| s.tokens.len() > 1)
+            && batch
+                .iter()
+                .all(|s| !s.all_logits && FusedDecoder::supports(s.cache))
+        {
+            let vocab = self.config.vocab;
+            let seqs: Vec<(&[u32], &SeqCache)> =
+                batch.iter().map(|s| (s.tokens, &*s.cache)).collect();
+            let rows = dec.run_wide_packed(&seqs)?;
+            let mut out = Vec::with_capacity(batch.len());
+            for v in rows {
+                out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?.into());
+            }
+            for s in batch.iter_mut() {
+                s.cache.commit(s.tokens);
+            }
+            return Ok(Some(out));
+        }
         if dec.wide()
             && batch.iter().all(|s| {
                 s.tokens.len() > wide_past && !s.all_logits && FusedDecoder::supports(s.cache)

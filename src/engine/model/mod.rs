@@ -497,6 +497,27 @@ impl Model {
         self.fused_on.load(Ordering::Relaxed) && self.fused_wide()
     }
 
+    /// Whether a prefill pass of several sequences past the fused limit's rows runs as
+    /// shared wide passes (`CANDELA_CUDA_WIDE_PACK=1`).
+    pub fn fused_wide_pack(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return self.fused_on.load(Ordering::Relaxed) && d.wide_pack();
+        }
+        false
+    }
+
+    /// Turn packed wide passes on or off, returning whether the card has the wide
+    /// prefill at all.
+    pub fn set_fused_wide_pack(&self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_wide_pack(on);
+        }
+        let _ = on;
+        false
+    }
+
     /// Whether prompt chunks past the fused limit prefill wide.
     pub fn fused_wide(&self) -> bool {
         #[cfg(feature = "cuda")]

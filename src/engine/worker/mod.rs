@@ -73,6 +73,11 @@ pub(crate) trait Forward: Sync {
     fn prefill_wide(&self) -> bool {
         false
     }
+    /// Whether device caches' prompt chunks of any length share a pass, the device
+    /// packing several sequences' rows into shared wide passes ([`Model::fused_wide_pack`]).
+    fn prefill_packed(&self) -> bool {
+        false
+    }
 }
 
 impl Forward for Model {
@@ -90,6 +95,9 @@ impl Forward for Model {
     }
     fn prefill_wide(&self) -> bool {
         Model::prefills_wide(self)
+    }
+    fn prefill_packed(&self) -> bool {
+        Model::fused_wide_pack(self)
     }
 }
 

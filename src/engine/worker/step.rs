@@ -66,11 +66,17 @@ pub(super) fn prefill_together(
 pub(super) fn prefill(model: &impl Forward, tok: &Tok, seqs: &mut [Seq], picked: &[Part]) {
     // Host caches, or chunks short enough for the fused GPU path, which steps them
     // together one token position at a time (a GPU batch with one long chunk would send
-    // all of them to the tensor path instead).
+    // all of them to the tensor path instead); chunks of any length where the GPU packs
+    // several sequences into shared wide passes.
     let chunks = picked
         .iter()
         .map(|&(i, take)| (seqs[i].cache.is_host(), take));
-    let together = prefill_together(chunks, model.fused_chunk());
+    let limit = if model.prefill_packed() {
+        usize::MAX
+    } else {
+        model.fused_chunk()
+    };
+    let together = prefill_together(chunks, limit);
     if together && pass(model, tok, seqs, picked).is_ok() {
         return;
     }

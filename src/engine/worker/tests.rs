@@ -482,6 +482,8 @@ fn short_prompt_chunks_on_a_fused_gpu_prefill_together() {
     assert!(!prefill_together([dev(40), dev(65)], 64));
     assert!(!prefill_together([dev(4), dev(5)], 0));
     assert!(!prefill_together([dev(4)], 64));
+    // A device that packs sequences into shared wide passes takes any lengths.
+    assert!(prefill_together([dev(900), dev(3), dev(2000)], usize::MAX));
 }
 
 #[test]

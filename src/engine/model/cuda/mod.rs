@@ -365,6 +365,10 @@ pub struct FusedDecoder {
     /// Chunks past `prefill_max` up to this long take the tensor path even with
     /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::WIDE_MIN`).
     wide_min: AtomicUsize,
+    /// Whether a prefill pass of several sequences with more rows than batched steps take
+    /// (past `prefill_max`) runs as shared wide passes (`CANDELA_CUDA_WIDE_PACK=1`; with
+    /// `wide_on`), rather than each long chunk in its own and short ones in batched steps.
+    wide_pack: AtomicBool,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -1001,6 +1005,7 @@ impl FusedDecoder {
             wide_min: AtomicUsize::new(
                 env_usize("CANDELA_CUDA_WIDE_MIN").unwrap_or(batch_plan::WIDE_MIN),
             ),
+            wide_pack: AtomicBool::new(env_switch("CANDELA_CUDA_WIDE_PACK").unwrap_or(false)),
             prefill_max: AtomicUsize::new(
                 std::env::var("CANDELA_CUDA_PREFILL_MAX")
                     .ok()
@@ -1156,6 +1161,27 @@ impl FusedDecoder {
     pub fn run_wide(&self, tokens: &[u32], cache: &SeqCache) -> Result<Vec<f32>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.prefill_wide(tokens, cache, cache.len())
+    }
+
+    /// Several sequences' prompt chunks (`(tokens, cache)`, each cache reserved for its
+    /// chunk; not committed) packed into shared wide passes: each chunk's last logits as
+    /// host floats, in order.
+    pub fn run_wide_packed(&self, seqs: &[(&[u32], &SeqCache)]) -> Result<Vec<Vec<f32>>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.prefill_wide_packed(seqs)
+    }
+
+    /// Whether prefill passes of several sequences past [`Self::prefill_max`] rows pack
+    /// into shared wide passes.
+    pub fn wide_pack(&self) -> bool {
+        self.wide() && self.wide_pack.load(Ordering::Relaxed)
+    }
+
+    /// Turn packed wide passes on or off (`candela doctor` compares them); returns
+    /// whether the card has the wide prefill at all.
+    pub fn set_wide_pack(&self, on: bool) -> bool {
+        self.wide_pack.store(on, Ordering::Relaxed);
+        self.wide_ok
     }
 
     /// Whether prompts prefill through batched steps.

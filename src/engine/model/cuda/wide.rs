@@ -13,7 +13,7 @@
 //! 154 against 26 ms for an 8B model's (`candela doctor --prefill`, docs/gpu.md).
 
 use super::*;
-use crate::engine::model::batch_plan::{SeqRecord, WideShape, BLAS_WORKSPACE, WIDE_ROWS};
+use crate::engine::model::batch_plan::{self, SeqRecord, WideShape, BLAS_WORKSPACE, WIDE_ROWS};
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 
 /// Rows a `quant_rows` block takes, and a GEMM block's weight rows and token rows
@@ -109,6 +109,16 @@ enum Proj {
 enum Src {
     Rows(u64, u64),
     SwiGlu,
+}
+
+/// One sequence's rows of a wide pass: rows `row..row + n` at positions `pos..pos + n` of
+/// the cache whose layer pointers are `kv` (capacity `cap`).
+struct PassSeg<'a> {
+    row: usize,
+    pos: usize,
+    n: usize,
+    kv: &'a [(u64, u64)],
+    cap: usize,
 }
 
 /// Device buffers of a wide pass, for `cap` rows (sizes from `WideShape::buffers`).
@@ -208,7 +218,14 @@ impl Inner {
                 nl,
                 &mut w.step.slice,
             )?;
-            self.wide_pass(n, pos, &kv, cap)?;
+            let seg = PassSeg {
+                row: 0,
+                pos,
+                n,
+                kv: &kv,
+                cap,
+            };
+            self.wide_pass(n, &[seg])?;
             last = n;
         }
         let w = self.wide.as_ref().ok_or_else(|| err("no wide buffers"))?;
@@ -226,6 +243,93 @@ impl Inner {
             .memcpy_dtoh(&self.logits.slice, &mut out)
             .map_err(err)?;
         self.stream.synchronize().map_err(err)?;
+        self.steps += 1;
+        Ok(out)
+    }
+
+    /// Several sequences' prompt chunks (`(tokens, cache)`, each after its cache's
+    /// positions, reserved past the end; not committed) packed into shared wide passes
+    /// (`batch_plan::wide_passes`): every projection multiplies all their rows at once,
+    /// RoPE and attention run per sequence. The logits of each chunk's last token as
+    /// host floats, in order.
+    pub(super) fn prefill_wide_packed(
+        &mut self,
+        seqs: &[(&[u32], &SeqCache)],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.stream.context().bind_to_thread().map_err(err)?;
+        if self.wide_f.is_none() {
+            return Err(err("no wide prefill on this card"));
+        }
+        let mut kvs = Vec::with_capacity(seqs.len());
+        for &(tokens, cache) in seqs {
+            if tokens.is_empty() || cache.len() + tokens.len() > cache.capacity() {
+                return Err(err("cache has no room for the prompt"));
+            }
+            kvs.push(self.cache_ptrs(cache)?);
+        }
+        self.after_candle()?;
+        let nl = self.cfg.n_layers;
+        let hidden = self.cfg.hidden;
+        let lens: Vec<usize> = seqs.iter().map(|(t, _)| t.len()).collect();
+        let mut out = vec![Vec::new(); seqs.len()];
+        for pass in batch_plan::wide_passes(&lens, WIDE_ROWS) {
+            let rows: usize = pass.iter().map(|s| s.n).sum();
+            self.ensure_wide(rows)?;
+            let mut recs = Vec::with_capacity(rows);
+            let mut segs = Vec::with_capacity(pass.len());
+            for s in &pass {
+                let (tokens, cache) = seqs[s.seq];
+                let (pos, cap) = (cache.len() + s.start, cache.capacity());
+                recs.extend((0..s.n).map(|j| SeqRecord {
+                    token: tokens[s.start + j],
+                    pos: pos + j,
+                    cap,
+                    kv: kvs[s.seq].clone(),
+                }));
+                segs.push(PassSeg {
+                    row: s.row,
+                    pos,
+                    n: s.n,
+                    kv: &kvs[s.seq],
+                    cap,
+                });
+            }
+            let w = self.wide.as_mut().ok_or_else(|| err("no wide buffers"))?;
+            batch::upload_step(
+                &self.stream,
+                &mut self.words,
+                &recs,
+                rows,
+                nl,
+                &mut w.step.slice,
+            )?;
+            self.wide_pass(rows, &segs)?;
+            // The logits of each chunk that ends in this pass, before the next pass
+            // overwrites its rows.
+            let x = self
+                .wide
+                .as_ref()
+                .ok_or_else(|| err("no wide buffers"))?
+                .x
+                .ptr;
+            for s in pass.iter().filter(|s| s.start + s.n == lens[s.seq]) {
+                let x_last = x + 4 * ((s.row + s.n - 1) * hidden) as u64;
+                self.matvec(
+                    &self.output,
+                    0,
+                    x_last,
+                    self.out_norm.ptr,
+                    0,
+                    self.logits.ptr,
+                )?;
+                let mut v = vec![0f32; self.output.n];
+                self.stream
+                    .memcpy_dtoh(&self.logits.slice, &mut v)
+                    .map_err(err)?;
+                self.stream.synchronize().map_err(err)?;
+                out[s.seq] = v;
+            }
+        }
         self.steps += 1;
         Ok(out)
     }
@@ -290,8 +394,9 @@ impl Inner {
         Ok(())
     }
 
-    /// One pass of `n` rows at positions `pos..pos + n` (the step buffer written).
-    fn wide_pass(&self, n: usize, pos: usize, kv: &[(u64, u64)], cap: usize) -> Result<()> {
+    /// One pass of `n` rows, the sequences' rows `segs` (the step buffer written): the
+    /// projections over all rows, RoPE and attention sequence by sequence.
+    fn wide_pass(&self, n: usize, segs: &[PassSeg<'_>]) -> Result<()> {
         let w = self.wide.as_ref().ok_or_else(|| err("no wide buffers"))?;
         let f = self.wide_f.as_ref().ok_or_else(|| err("no wide kernels"))?;
         let cfg = &self.cfg;
@@ -299,7 +404,6 @@ impl Inner {
         let nq = cfg.n_heads * hd;
         let qkv_w = nq + 2 * cfg.n_kv_heads * hd;
         let ffn = self.layers.first().map_or(0, |l| l.gate_up.n / 2);
-        let ni = n as i32;
         self.embed_rows(w.step.ptr, w.x.ptr, n)?;
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, l) in self.layers.iter().enumerate() {
@@ -314,61 +418,67 @@ impl Inner {
             }
             let h = self.rope_head(w.qkv.ptr, w.step.ptr, li)?;
             self.kv_write(&h, n, false)?;
-            let (qkv_wi, posi) = (qkv_w as i32, pos as i32);
-            let mut args = [
-                arg(&w.qkv.ptr),
-                arg(&qkv_wi),
-                arg(&posi),
-                arg(&h.nh),
-                arg(&h.hd),
-                arg(&h.cos),
-                arg(&h.sin),
-                arg(&h.neox),
-                arg(&w.qr.ptr),
-            ];
-            // SAFETY: matches `q_rope_rows`; qkv and qr hold n rows.
-            unsafe {
-                self.go2(
-                    &f.q_rope,
-                    (cfg.n_heads as u32, n as u32),
-                    64,
-                    0,
-                    &mut args,
-                    false,
-                )?
-            }
+            let qkv_wi = qkv_w as i32;
             let n_rep = (cfg.n_heads / cfg.n_kv_heads) as i32;
-            let len = (pos + n) as i32;
-            let (zero, hs) = (0i32, (cap * hd) as i64);
-            let (q_row, q_head) = (nq as i32, h.hd);
-            let (kp, vp) = kv[li];
-            let mut args = [
-                arg(&w.qr.ptr),
-                arg(&kp),
-                arg(&vp),
-                arg(&w.att.ptr),
-                arg(&ni),
-                arg(&n_rep),
-                arg(&len),
-                arg(&posi),
-                arg(&zero),
-                arg(&zero),
-                arg(&hs),
-                arg(&scale),
-                arg(&q_row),
-                arg(&q_head),
-            ];
-            let blocks = (n * cfg.n_heads / cfg.n_kv_heads).div_ceil(FLASH_ROWS) as u32;
-            // SAFETY: matches `flash_prefill_{64,128}`; the cache holds pos + n rows.
-            unsafe {
-                self.go2(
-                    &f.flash,
-                    (blocks, cfg.n_kv_heads as u32),
-                    128,
-                    0,
-                    &mut args,
-                    false,
-                )?
+            for seg in segs {
+                let (posi, ni) = (seg.pos as i32, seg.n as i32);
+                let qkv = w.qkv.ptr + 4 * (seg.row * qkv_w) as u64;
+                let qr = w.qr.ptr + 4 * (seg.row * nq) as u64;
+                let att = w.att.ptr + 4 * (seg.row * nq) as u64;
+                let mut args = [
+                    arg(&qkv),
+                    arg(&qkv_wi),
+                    arg(&posi),
+                    arg(&h.nh),
+                    arg(&h.hd),
+                    arg(&h.cos),
+                    arg(&h.sin),
+                    arg(&h.neox),
+                    arg(&qr),
+                ];
+                // SAFETY: matches `q_rope_rows`; qkv and qr hold the segment's rows.
+                unsafe {
+                    self.go2(
+                        &f.q_rope,
+                        (cfg.n_heads as u32, seg.n as u32),
+                        64,
+                        0,
+                        &mut args,
+                        false,
+                    )?
+                }
+                let len = (seg.pos + seg.n) as i32;
+                let (zero, hs) = (0i32, (seg.cap * hd) as i64);
+                let (q_row, q_head) = (nq as i32, h.hd);
+                let (kp, vp) = seg.kv[li];
+                let mut args = [
+                    arg(&qr),
+                    arg(&kp),
+                    arg(&vp),
+                    arg(&att),
+                    arg(&ni),
+                    arg(&n_rep),
+                    arg(&len),
+                    arg(&posi),
+                    arg(&zero),
+                    arg(&zero),
+                    arg(&hs),
+                    arg(&scale),
+                    arg(&q_row),
+                    arg(&q_head),
+                ];
+                let blocks = (seg.n * cfg.n_heads / cfg.n_kv_heads).div_ceil(FLASH_ROWS) as u32;
+                // SAFETY: matches `flash_prefill_{64,128}`; the cache holds pos + n rows.
+                unsafe {
+                    self.go2(
+                        &f.flash,
+                        (blocks, cfg.n_kv_heads as u32),
+                        128,
+                        0,
+                        &mut args,
+                        false,
+                    )?
+                }
             }
             let (x, att, d) = (w.x.ptr, w.att.ptr, cfg.hidden);
             self.wide_proj(f, w, &l.wo, Proj::Add, n, Src::Rows(att, 0), x, d)?;
