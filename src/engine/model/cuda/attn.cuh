@@ -109,3 +109,23 @@ __device__ __forceinline__ void att_new_qkv(const float* __restrict__ qkv, int h
         }
     }
 }
+
+// After a block's chunks of heads h0 .. h0 + ng - 1 (ng <= 32; `done` of them each, their
+// slots `hstride` floats apart from hp): for each head, the block whose ticket in `cnt`
+// brings its count to n_c combines its chunks into out (rows hd apart). `last` holds ng
+// flags in shared memory.
+__device__ __forceinline__ void att_tickets_combine(const float* hp, size_t hstride, int n_c,
+                                                    int hd, float* __restrict__ out,
+                                                    unsigned* __restrict__ cnt, int ng,
+                                                    unsigned done, unsigned* last) {
+    __threadfence();
+    __syncthreads();
+    if ((int)threadIdx.x < ng) last[threadIdx.x] = atomicAdd(cnt + threadIdx.x, done) + done == (unsigned)n_c;
+    __syncthreads();
+    for (int h = 0; h < ng; ++h) {
+        if (!last[h]) continue;
+        att_combine(hp + (size_t)h * hstride, n_c, hd, out + (size_t)h * hd, cnt + h);
+        __syncthreads();  // its weights are read before the next head's combination writes them
+    }
+}
+

@@ -244,17 +244,8 @@ __device__ void attend_tc(const float* __restrict__ qkv,
         ++done;
     }
     if (n_c == 1) return;
-    // The tickets: for each head, the block that brings its count to n_c combines.
-    __threadfence();
-    __syncthreads();
-    if (tid < ng) last[tid] = atomicAdd(cnt + h0 + tid, done) + done == (unsigned)n_c;
-    __syncthreads();
-    for (int h = 0; h < ng; ++h) {
-        if (!last[h]) continue;
-        att_combine(cpart + (size_t)(h0 + h) * hstride, n_c, HD, out + (size_t)(h0 + h) * HD,
-                    cnt + h0 + h);
-        __syncthreads();  // its weights are read before the next head's combination writes them
-    }
+    att_tickets_combine(cpart + (size_t)h0 * hstride, hstride, n_c, HD, out + (size_t)h0 * HD,
+                        cnt + h0, ng, done, last);
 }
 
 // Single stream: grid nkvh * nch, KV group blockIdx.x / nch, chunk blockIdx.x % nch (the

@@ -1056,16 +1056,7 @@ __device__ void attend_group(const float* __restrict__ qkv,
         __syncthreads();  // pm is free again
         ++done;
     }
-    // The tickets: for each head, the block that brings its count to n_c combines.
-    __threadfence();
-    __syncthreads();
-    if (tid < ng) last[tid] = atomicAdd(cnt + h0 + tid, done) + done == (unsigned)n_c;
-    __syncthreads();
-    for (int h = 0; h < ng; ++h) {
-        if (!last[h]) continue;
-        att_combine(hp + (size_t)h * hstride, n_c, hd, out + (size_t)(h0 + h) * hd, cnt + h0 + h);
-        __syncthreads();  // its weights are read before the next head's combination writes them
-    }
+    att_tickets_combine(hp, hstride, n_c, hd, out + (size_t)h0 * hd, cnt + h0, ng, done, last);
 }
 
 // Grid nh * nch: head blockIdx.x / nch, chunk blockIdx.x % nch (see attend).

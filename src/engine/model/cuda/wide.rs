@@ -228,22 +228,22 @@ impl Inner {
             self.wide_pass(n, &[seg])?;
             last = n;
         }
+        let out = self.pass_logits(last - 1)?;
+        self.steps += 1;
+        Ok(out)
+    }
+
+    /// The logits of row `row` of the last wide pass (its final norm and the vocabulary
+    /// projection), as host floats.
+    fn pass_logits(&self, row: usize) -> Result<Vec<f32>> {
         let w = self.wide.as_ref().ok_or_else(|| err("no wide buffers"))?;
-        let x_last = w.x.ptr + 4 * ((last - 1) * self.cfg.hidden) as u64;
-        self.matvec(
-            &self.output,
-            0,
-            x_last,
-            self.out_norm.ptr,
-            0,
-            self.logits.ptr,
-        )?;
+        let x = w.x.ptr + 4 * (row * self.cfg.hidden) as u64;
+        self.matvec(&self.output, 0, x, self.out_norm.ptr, 0, self.logits.ptr)?;
         let mut out = vec![0f32; self.output.n];
         self.stream
             .memcpy_dtoh(&self.logits.slice, &mut out)
             .map_err(err)?;
         self.stream.synchronize().map_err(err)?;
-        self.steps += 1;
         Ok(out)
     }
 
@@ -269,7 +269,6 @@ impl Inner {
         }
         self.after_candle()?;
         let nl = self.cfg.n_layers;
-        let hidden = self.cfg.hidden;
         let lens: Vec<usize> = seqs.iter().map(|(t, _)| t.len()).collect();
         let mut out = vec![Vec::new(); seqs.len()];
         for pass in batch_plan::wide_passes(&lens, WIDE_ROWS) {
@@ -306,28 +305,8 @@ impl Inner {
             self.wide_pass(rows, &segs)?;
             // The logits of each chunk that ends in this pass, before the next pass
             // overwrites its rows.
-            let x = self
-                .wide
-                .as_ref()
-                .ok_or_else(|| err("no wide buffers"))?
-                .x
-                .ptr;
             for s in pass.iter().filter(|s| s.start + s.n == lens[s.seq]) {
-                let x_last = x + 4 * ((s.row + s.n - 1) * hidden) as u64;
-                self.matvec(
-                    &self.output,
-                    0,
-                    x_last,
-                    self.out_norm.ptr,
-                    0,
-                    self.logits.ptr,
-                )?;
-                let mut v = vec![0f32; self.output.n];
-                self.stream
-                    .memcpy_dtoh(&self.logits.slice, &mut v)
-                    .map_err(err)?;
-                self.stream.synchronize().map_err(err)?;
-                out[s.seq] = v;
+                out[s.seq] = self.pass_logits(s.row + s.n - 1)?;
             }
         }
         self.steps += 1;
