@@ -93,6 +93,11 @@
 #       and llama-server's time to first token on them, built in the background meanwhile
 #       (MODELS=..., PEER=0: no llama.cpp, HTTP_ENV="CANDELA_CUDA_...=..." in place of the
 #       defaults, several runs separated by '|' (empty: the defaults), DOCTOR_ENV="..." the doctor's prefill lines again with those settings).
+#   scripts/cuda/lease.sh pack     carry .device/s (as synth): packed wide passes, one call:
+#       candela over HTTP at 8 and 32 streams (max time to first token, aggregate decode)
+#       on each model (MODELS=..., default llama3-8b smollm2-shape) with its defaults and
+#       with CANDELA_CUDA_WIDE_PACK=1, then `candela doctor --prefill`'s packed lines
+#       (several prompts in one pass, packed against batched steps or each alone).
 #   scripts/cuda/lease.sh prof     carry .device/s: Nsight Compute on `candela doctor --quick`
 #       (KERNELS=regex, COUNT=n, MODEL_NAME=llama3-8b, SECTIONS="..."), report in $OUT.
 #   scripts/cuda/lease.sh window   carry .device/w: candela.xz, gemma3.gguf
@@ -661,6 +666,24 @@ prof)
         "${secs[@]}" /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
         --tokens 32 --no-cpu --quick >"$OUT/ncu_$m.txt" 2>"$OUT/ncu_$m.err" || tail -n 20 "$OUT/ncu_$m.err"
     grep -E "^  [a-z_0-9]+ ?\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|L1/TEX Hit|L2 Hit|Executed Ipc A" "$OUT/ncu_$m.txt" | head -n 200
+    ;;
+pack)
+    MODELS="${MODELS:-llama3-8b smollm2-shape}"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    synth_models $MODELS || exit 1
+    port=8200
+    for m in $MODELS; do
+        for v in "" "CANDELA_CUDA_WIDE_PACK=1"; do
+            port=$((port + 1))
+            echo "== candela over HTTP on $m ${v:-(defaults)} at ${SECONDS} s"
+            candela_http "$(echo "candela-$m-${v:-defaults}" | tr '=' '_')" /root/synth/$m.gguf \
+                $port "$v" --streams 8,32
+        done
+        echo "== doctor --prefill on $m at ${SECONDS} s"
+        /root/candela doctor --device cuda --model /root/synth/$m.gguf --data-dir /tmp/cdoctor \
+            --prefill 2>"$OUT/doctor_pack_$m.err" | tee "$OUT/doctor_pack_$m.txt" \
+            | grep -E "^(8|32) prompts" || tail -n 20 "$OUT/doctor_pack_$m.err"
+    done
     ;;
 tune)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
