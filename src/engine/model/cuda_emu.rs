@@ -1,35 +1,38 @@
-//! Host emulation tests of CUDA kernels, for CI without a GPU: `cuda/attn_tc_emu.cpp`
-//! compiles the tensor-core decode attention's own source (attn.cuh, attn_tc.cuh) with
-//! CUDA's built-ins emulated (threads, warp shuffles, m16n8k16 fragments) and checks it
-//! against a double-precision reference and batched against single-stream. Test-only;
-//! needs a C++20 compiler (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
+//! Host emulation tests of the CUDA kernels, for CI without a GPU: each `cuda/*_emu.cpp`
+//! compiles the kernels' own sources (decode.cu and its headers) with CUDA's built-ins
+//! emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and tensor-core
+//! fragments exchanged in the PTX layouts) and checks an invariant of the fused path: the
+//! tensor-core decode attention against a double-precision reference and batched against
+//! single-stream (`attn_tc_emu.cpp`), the eight-part projections' batched mat-mat against
+//! their single-stream mat-vec bit for bit (`sum8_emu.cpp`). Test-only; needs a C++20
+//! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    #[test]
-    fn tensor_core_decode_attention_in_host_emulation() {
+    /// Compile `cuda/<name>.cpp` and run it; its output on failure.
+    fn emulate(name: &str) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine/model/cuda");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let exe = std::env::temp_dir().join(format!("candela-attn-tc-emu-{}", std::process::id()));
+        let exe = std::env::temp_dir().join(format!("candela-{name}-{}", std::process::id()));
         let built = Command::new(&cxx)
             .args([
                 "-std=c++20",
-                "-O2",
+                "-O1",
                 "-ffp-contract=off",
                 "-fno-strict-aliasing",
-                "-pthread",
             ])
-            .arg(dir.join("attn_tc_emu.cpp"))
+            .args(["-pthread", "-Wno-unknown-pragmas"])
+            .arg(dir.join(format!("{name}.cpp")))
             .arg("-o")
             .arg(&exe)
             .output()
             .unwrap_or_else(|e| panic!("running {cxx} (a C++20 compiler is needed): {e}"));
         assert!(
             built.status.success(),
-            "{cxx} failed:\n{}",
+            "{cxx} failed on {name}.cpp:\n{}",
             String::from_utf8_lossy(&built.stderr)
         );
         let run = Command::new(&exe).output();
@@ -41,5 +44,15 @@ mod tests {
             String::from_utf8_lossy(&run.stdout),
             String::from_utf8_lossy(&run.stderr)
         );
+    }
+
+    #[test]
+    fn tensor_core_decode_attention_in_host_emulation() {
+        emulate("attn_tc_emu");
+    }
+
+    #[test]
+    fn eight_part_projections_batched_equal_single_stream_in_host_emulation() {
+        emulate("sum8_emu");
     }
 }

@@ -28,15 +28,13 @@
 //   output is dimension c * J + j.
 // Masked positions (past the chunk) read zeros for K and V and score -inf.
 
-#ifndef ATC_EMULATE
 #include "mma.cuh"
-#endif
 
 #define ATC_WARPS 4
 #define ATC_THREADS (ATC_WARPS * 32)
 #define ATC_ROWS 16
 
-#if __CUDA_ARCH__ >= 800 || defined(ATC_EMULATE)
+#if __CUDA_ARCH__ >= 800
 
 // Two f32 values as an f16 pair (low half: a).
 __device__ __forceinline__ uint32_t atc_pack(float a, float b) {
@@ -58,11 +56,7 @@ __device__ void attend_tc(const float* __restrict__ qkv,
     constexpr int KU = HD / 32;  // 16-byte K loads a position row per lane
     constexpr int J = HD / 8;    // 8-column output tiles; V values a lane reads a row
     constexpr int VW = J / 2;    // their 32-bit words
-#ifndef ATC_EMULATE
-    extern __shared__ float sm[];
-#else
-    float* sm = atc_emu_smem();  // the host emulation test's block buffer
-#endif
+    DYN_SMEM(float, sm);
     __shared__ unsigned last[ATC_ROWS];
     const int ng = nh / nkvh;  // the group's query heads (<= ATC_ROWS, checked by the host)
     const int h0 = g * ng;

@@ -1,8 +1,8 @@
 // Host emulation of the tensor-core decode attention (attn_tc.cuh), for machines without
 // a GPU: the kernel's own source, compiled by a C++20 compiler with CUDA's built-ins
-// emulated — a block's threads as OS threads, warp shuffles and m16n8k16 products as
-// warp-wide exchanges (the PTX fragment layouts), __syncthreads as a block barrier,
-// blocks run one after another. Checks, for head sizes 64 and 128, groups of 1 to 16
+// emulated (emu.h: a block's threads as OS threads, warp shuffles and m16n8k16 products
+// as warp-wide exchanges in the PTX fragment layouts, __syncthreads as a block barrier,
+// blocks one after another). Checks, for head sizes 64 and 128, groups of 1 to 16
 // query heads, lengths around the tile and chunk edges, whole and split over position
 // chunks: each head's output against a double-precision softmax(q·K^T·scale)·V over the
 // same f16 values (within the f16 rounding of the weights), and the batched kernel's
@@ -11,125 +11,12 @@
 // non-zero after reporting every failure. Built with -fno-strict-aliasing: the kernel reads
 // f16 cache rows as 16-byte words, as CUDA code does.
 
-#include <algorithm>
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <memory>
-#include <random>
-#include <thread>
-#include <vector>
+#include "emu.h"
 
-// ---- CUDA built-ins -------------------------------------------------------------------
-#define ATC_EMULATE
-#define __device__
-#define __forceinline__ inline
-#define __global__
-#define __restrict__ __restrict
-#define __launch_bounds__(...)
-#define __shared__ static
-
-struct Dim3 {
-    unsigned x = 0, y = 0, z = 0;
-};
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 blockDim, gridDim;
-
-typedef _Float16 __half;
-struct __half2 {
-    __half x, y;
-};
-struct uint4 {
-    uint32_t x, y, z, w;
-};
-struct float2 {
-    float x, y;
-};
-inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
-inline __half __float2half_rn(float f) { return (__half)f; }
-inline float __half2float(__half h) { return (float)h; }
-inline __half2 __floats2half2_rn(float a, float b) { return {(__half)a, (__half)b}; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __ldcg(const float* p) { return *p; }
-inline void __threadfence() {}
-inline int min(int a, int b) { return a < b ? a : b; }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    return std::atomic_ref<unsigned>(*p).fetch_add(v);
-}
-inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
-    const uint64_t b = (uint64_t)x | ((uint64_t)y << 32);
-    uint32_t r = 0;
-    for (int i = 0; i < 4; ++i) r |= (uint32_t)((b >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
-    return r;
-}
+// decode.cu's, for attn.cuh and attn_tc.cuh alone.
 inline void pdl_wait() {}
 inline void pdl_launch_dependents() {}
 inline float round_f16(float x) { return (float)(__half)x; }
-
-// A block in flight: its barrier, and per warp an exchange area for shuffles and products.
-struct Warp {
-    std::barrier<> bar{32};
-    float f[32];
-    uint32_t a[32][4], b[32][2];
-};
-struct Block {
-    explicit Block(int threads) : bar(threads), warps(threads / 32) {}
-    std::barrier<> bar;
-    std::vector<Warp> warps;
-    std::vector<float> smem;
-};
-thread_local Block* cur = nullptr;
-
-inline float* atc_emu_smem() { return cur->smem.data(); }
-inline void __syncthreads() { cur->bar.arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-    const int lane = threadIdx.x & 31;
-    Warp& w = cur->warps[threadIdx.x >> 5];
-    w.f[lane] = v;
-    w.bar.arrive_and_wait();
-    const float r = w.f[lane ^ o];
-    w.bar.arrive_and_wait();
-    return r;
-}
-
-inline float half_of(uint32_t r, int hi) {
-    const uint16_t bits = hi ? (uint16_t)(r >> 16) : (uint16_t)r;
-    __half h;
-    std::memcpy(&h, &bits, 2);
-    return (float)h;
-}
-
-// c (16x8) += a (16x16, row) * b (16x8, col), the PTX m16n8k16 f16 fragment layouts:
-// lane 4g + t holds A (g, 2t..) (g + 8, 2t..) (g, 2t + 8..) (g + 8, 2t + 8..), B (2t..,
-// g) (2t + 8.., g), C (g, 2t..) (g + 8, 2t..).
-inline void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    const int lane = threadIdx.x & 31;
-    Warp& w = cur->warps[threadIdx.x >> 5];
-    for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
-    w.b[lane][0] = b0;
-    w.b[lane][1] = b1;
-    w.bar.arrive_and_wait();
-    auto A = [&](int row, int k) {
-        const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-        return half_of(w.a[(row % 8) * 4 + (k % 8) / 2][reg], k & 1);
-    };
-    auto B = [&](int k, int col) {
-        return half_of(w.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0], k & 1);
-    };
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 4; ++e) {
-        const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-        double s = 0;
-        for (int k = 0; k < 16; ++k) s += (double)A(row, k) * B(k, col);
-        c[e] = (float)(s + c[e]);
-    }
-    w.bar.arrive_and_wait();
-}
 
 // ---- the kernel ----------------------------------------------------------------------
 #define STEP_TOKEN 0
@@ -140,33 +27,6 @@ inline void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
 #define BSTEP_REC 1
 #include "attn.cuh"
 #include "attn_tc.cuh"
-
-// Run `body` for every block of `grid` (one after another, every other launch from the
-// last block back: no block may count on another having run), `threads` threads a block.
-static unsigned launches = 0;
-template <class F>
-void launch(Dim3 grid, int threads, size_t smem_floats, F body) {
-    blockDim = {(unsigned)threads, 1, 1};
-    gridDim = grid;
-    const bool back = launches++ % 2 == 0;
-    for (unsigned iy = 0; iy < grid.y; ++iy) {
-        for (unsigned ix = 0; ix < grid.x; ++ix) {
-            const unsigned by = back ? grid.y - 1 - iy : iy, bx = back ? grid.x - 1 - ix : ix;
-            Block blk(threads);
-            blk.smem.assign(smem_floats, NAN);
-            std::vector<std::thread> ts;
-            for (int i = 0; i < threads; ++i) {
-                ts.emplace_back([&, i] {
-                    threadIdx = {(unsigned)i, 0, 0};
-                    blockIdx = {bx, by, 0};
-                    cur = &blk;
-                    body();
-                });
-            }
-            for (auto& t : ts) t.join();
-        }
-    }
-}
 
 // ---- the check -----------------------------------------------------------------------
 struct Seq {
@@ -220,7 +80,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
         Seq& s = seqs[b];
         std::vector<float> out((size_t)nh * HD, NAN), part((size_t)nh * nch * (HD + 2), NAN);
         std::vector<unsigned> cnt(nh, 0);
-        launch({(unsigned)(nkvh * nch), 1, 0}, ATC_THREADS, smem, [&] {
+        emu_launch({(unsigned)(nkvh * nch), 1, 0}, ATC_THREADS, 4 * smem, [&] {
             (HD == 64 ? attention_tc64 : attention_tc128)(
                 s.qkv.data(), s.step.data(), 0, 1, nh, nkvh, HD, cos_t.data(), sin_t.data(), 0,
                 scale, nullptr, ctx, out.data(), nch, part.data(), cnt.data());
@@ -300,7 +160,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
         std::vector<float> out((size_t)bucket * nh * HD, NAN),
             part((size_t)bucket * nh * nch * (HD + 2), NAN);
         std::vector<unsigned> cnt((size_t)bucket * nh, 0);
-        launch({(unsigned)(nkvh * hb), (unsigned)bucket, 0}, ATC_THREADS, smem, [&] {
+        emu_launch({(unsigned)(nkvh * hb), (unsigned)bucket, 0}, ATC_THREADS, 4 * smem, [&] {
             (HD == 64 ? attention_btc64 : attention_btc128)(
                 bqkv.data(), bstep.data(), stride, 0, 1, nh, nkvh, HD, cos_t.data(), sin_t.data(),
                 0, scale, nullptr, ctx, out.data(), write, nch, hb, part.data(), cnt.data());

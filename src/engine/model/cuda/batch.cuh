@@ -32,7 +32,7 @@ __device__ void matmat(const unsigned long long* __restrict__ step,
                        const float* __restrict__ bias, int Nrows, float* __restrict__ out,
                        int ld, int ch, const int8_t* __restrict__ pq = nullptr,
                        const float2* __restrict__ pds = nullptr) {
-    extern __shared__ int4 smem_v[];
+    DYN_SMEM(int4, smem_v);
     __shared__ float part[MAX_CH * 8];
     __shared__ float mrow[MAX_CH];
     const int nb = K / QK;

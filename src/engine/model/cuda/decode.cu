@@ -18,7 +18,9 @@
 // K/V, RMSNorm as v / sqrt(mean(v^2) + eps) * g. Float sums run in a different order
 // than on the CPU, so results agree to rounding, not bit for bit.
 
+#ifndef CANDELA_EMU
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 #define QK 32
@@ -33,6 +35,12 @@
 #define STEP_POS 1
 #define STEP_CAP 2
 #define STEP_PTRS 3
+
+// A kernel's dynamic shared memory as `T name[]` (every declaration in a launch names the
+// same bytes). The host emulation tests (`*_emu.cpp`, CANDELA_EMU) define it themselves.
+#ifndef CANDELA_EMU
+#define DYN_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
 
 // Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
 // start while its predecessor finishes; `pdl_wait` blocks until the predecessor's
@@ -52,7 +60,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef CANDELA_EMU
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -484,7 +496,7 @@ __device__ void matvec(const float* __restrict__ x, const float* __restrict__ no
                        const float* __restrict__ bias, int N, float* __restrict__ out,
                        const int8_t* __restrict__ q = nullptr,
                        const float2* __restrict__ ds = nullptr) {
-    extern __shared__ int4 smem_v[];
+    DYN_SMEM(int4, smem_v);
     __shared__ float part[8];
     __shared__ float mrow[1];
     int8_t* sq = (int8_t*)smem_v;
@@ -790,7 +802,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ qkv,
                                        float* __restrict__ out, int h, bool write, int chunk0,
                                        int cstep, int nch, float* __restrict__ cpart,
                                        unsigned* __restrict__ cnt) {
-    extern __shared__ float sm[];
+    DYN_SMEM(float, sm);
     __shared__ float red[32];
     float* q = sm;
     float* kn = sm + hd;
@@ -962,7 +974,7 @@ __device__ void attend_group(const float* __restrict__ qkv,
                              float* __restrict__ out, int h0, int ng, bool write, int chunk0,
                              int cstep, int nch, float* __restrict__ cpart,
                              unsigned* __restrict__ cnt) {
-    extern __shared__ float sm[];
+    DYN_SMEM(float, sm);
     __shared__ float red[32];
     __shared__ unsigned last[ATT_GROUP_MAX];
     float* q = sm;

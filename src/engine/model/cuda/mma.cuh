@@ -1,7 +1,7 @@
 // The f16 tensor-core product shared by flash.cu and prefill.cuh (sm_80 and later).
 #pragma once
 
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CANDELA_EMU)
 // c (16x8, f32) += a (16x16, f16, row) * b (16x8, f16, col).
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     asm volatile(

@@ -30,7 +30,7 @@ __device__ void quant_rows(const float* __restrict__ x, const float* __restrict_
                         xds + (size_t)r0 * (K / QK), part, mrow);
 }
 
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CANDELA_EMU)
 // c (16x8, s32) = a (16x16, s8, row) * b (16x8, s8, col).
 __device__ __forceinline__ void mma_s8(int* c, int a0, int a1, int b0) {
     asm volatile(

@@ -179,7 +179,7 @@ MATVEC8_ENTRIES(KIND_Q4_K, q4_k)
 // ---------------------------------------------------------------------------------
 // s8_*: the batched mat-mat in this order on tensor cores.
 
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CANDELA_EMU)
 // c (16x8, s32) = a (16x32, s8, row) * b (32x8, s8, col).
 __device__ __forceinline__ void mma_s8_k32(int* c, const int (&a)[4], const int (&b)[2]) {
     asm volatile(
@@ -434,7 +434,7 @@ __device__ void s8_matmat(const unsigned long long* __restrict__ step, int K,
             const float* __restrict__ bias, int N, float* __restrict__ out, int ld,          \
             const int8_t* __restrict__ pq, const float2* __restrict__ pds) {                 \
         constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
-        extern __shared__ __align__(16) uint8_t dsmem[];                                     \
+        DYN_SMEM(uint8_t, dsmem);                                                            \
         using L = S8Layout<KIND, R * 16 * RT, 8 * NT, s8_round_blocks<KIND>()>;              \
         if (dyn_smem() < s8_stages(R, RT, NT) * L::BYTES) __trap();                           \
         s8_matmat<KIND, MODE, RT, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds, dsmem);    \

@@ -225,7 +225,7 @@ TC_ENTRIES(KIND_Q4_K, q4_k)
 // the scales as f32 pairs), double-buffered, so that the warps build their A fragments
 // and scales from shared memory instead of issuing scattered 4-byte loads to L1.
 
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CANDELA_EMU)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -242,11 +242,13 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 
 // Bytes of dynamic shared memory the block was launched with.
+#ifndef CANDELA_EMU
 __device__ __forceinline__ unsigned dyn_smem() {
     unsigned r;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
 }
+#endif
 
 // The round pipeline of the staged kernels (tcs32_*, sum8.cuh's s8_*), given their
 // copies of round k into stage buffer k % NS: stage_w(k) the weights, stage_a(k, n) the
@@ -662,7 +664,7 @@ __device__ void tcs32_matmat(const unsigned long long* __restrict__ step, int K,
 #define TCS32_DYN(NAME, KIND, MODE, MINB, RB, NS, NT)                                        \
     TCS32_SIG(NAME, MINB) {                                                                  \
         constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;                                       \
-        extern __shared__ __align__(16) uint8_t dsmem[];                                     \
+        DYN_SMEM(uint8_t, dsmem);                                                            \
         if (dyn_smem() < NS * sizeof(Tcs32Stage<KIND, R, RB, 8 * NT>)) __trap();             \
         tcs32_matmat<KIND, MODE, RB, NS, NT>(step, K, qs, dm, bias, N, out, ld, pq, pds,     \
                                              dsmem);                                         \
