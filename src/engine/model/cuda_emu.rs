@@ -3,8 +3,9 @@
 //! emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and tensor-core
 //! fragments exchanged in the PTX layouts) and checks an invariant of the fused path: the
 //! tensor-core decode attention against a double-precision reference and batched against
-//! single-stream (`attn_tc_emu.cpp`), the eight-part projections' batched mat-mat against
-//! their single-stream mat-vec bit for bit (`sum8_emu.cpp`). Test-only; needs a C++20
+//! single-stream (`attn_tc_emu.cpp`); every batched projection kernel against the
+//! single-stream mat-vec bit for bit, in the default order (`batched_emu.cpp`) and in
+//! eight parts (`sum8_emu.cpp`). Test-only; needs a C++20
 //! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
 
 #[cfg(test)]
@@ -49,6 +50,11 @@ mod tests {
     #[test]
     fn tensor_core_decode_attention_in_host_emulation() {
         emulate("attn_tc_emu");
+    }
+
+    #[test]
+    fn batched_projections_equal_single_stream_in_host_emulation() {
+        emulate("batched_emu");
     }
 
     #[test]

@@ -12,49 +12,12 @@
 #include "emu.h"
 #include "decode.cu"
 
+#include "emu_weights.h"
+
 static int failures = 0;
 
-template <int KIND>
-struct Weights {
-    int rows, K, nb;  // rows of the matrix (both halves for SwiGLU)
-    std::vector<uint8_t> qs, dm;
-};
-
-template <int KIND>
-static Weights<KIND> weights(int rows, int K, std::mt19937& rng) {
-    Weights<KIND> w{rows, K, K / QK, {}, {}};
-    const int qb = KIND == KIND_Q8_0 ? 32 : 16;
-    std::uniform_int_distribution<int> byte(0, 255);
-    w.qs.resize((size_t)rows * w.nb * qb);
-    for (auto& b : w.qs) b = (uint8_t)byte(rng);
-    std::uniform_real_distribution<float> sc(-0.02f, 0.02f);
-    w.dm.resize((size_t)rows * scale_bytes<KIND>(w.nb));
-    for (int r = 0; r < rows; ++r) {
-        uint8_t* row = w.dm.data() + (size_t)r * scale_bytes<KIND>(w.nb);
-        if (KIND == KIND_Q4_K) {
-            // Per super-block (d, -dmin) as f32, then each block's 6-bit (sc, m).
-            float* dd = (float*)row;
-            for (int s = 0; s < w.nb / 8; ++s) {
-                dd[2 * s] = std::fabs(sc(rng)) * 0.1f;
-                dd[2 * s + 1] = -std::fabs(sc(rng)) * 0.1f;
-            }
-            uint8_t* sm = row + w.nb;
-            for (int b = 0; b < 2 * w.nb; ++b) sm[b] = (uint8_t)(byte(rng) & 63);
-        } else {
-            float* f = (float*)row;
-            for (int b = 0; b < 2 * w.nb; ++b) f[b] = sc(rng);
-        }
-    }
-    return w;
-}
-
-static const char* kind_name(int k) {
-    static const char* n[] = {"q4_0", "q4_1", "q8_0", "q4_k"};
-    return n[k];
-}
-
 template <int KIND, int MODE, int RT, int NT>
-static void check_tile(const Weights<KIND>& w, int cols, const std::vector<float>& x,
+static void check_tile(const EmuWeights& w, int cols, const std::vector<float>& x,
                        const std::vector<float>& norm, const std::vector<float>& bias,
                        const std::vector<float>& init, const std::vector<float>& single) {
     const int K = w.K, nb = w.nb;
@@ -83,7 +46,7 @@ static void check_tile(const Weights<KIND>& w, int cols, const std::vector<float
                                       w.rows, out.data(), rows, q.data(), ds.data(), dsmem);
     });
     if (std::memcmp(out.data(), single.data(), sizeof(float) * (size_t)cols * rows) != 0) {
-        std::printf("FAIL s8 %s mode %d tile %dx%d against mv8\n", kind_name(KIND), MODE, 16 * RT,
+        std::printf("FAIL s8 %s mode %d tile %dx%d against mv8\n", emu_kind_name(KIND), MODE, 16 * RT,
                     8 * NT);
         ++failures;
     }
@@ -94,17 +57,9 @@ static void check(std::mt19937& rng) {
     // Rows of 18 blocks (SmolLM2's 576: the eight parts get 3 or 2 blocks each) or, for
     // Q4_K's 8-block super-blocks, 24.
     const int K = KIND == KIND_Q4_K ? 768 : 576, rows = 88, cols = 11;
-    const Weights<KIND> w = weights<KIND>(MODE == MODE_SWIGLU ? 2 * rows : rows, K, rng);
-    std::normal_distribution<float> nd(0.f, 1.f);
-    std::vector<float> x((size_t)16 * K * 4), norm(K), bias, init((size_t)cols * rows, 0.f);
-    for (auto& v : x) v = nd(rng);
-    for (auto& v : norm) v = 1.f + 0.1f * nd(rng);
-    if (MODE == MODE_STORE) {
-        bias.resize(rows);
-        for (auto& v : bias) v = nd(rng);
-    }
-    if (MODE == MODE_ADD)
-        for (auto& v : init) v = nd(rng);
+    const EmuWeights w = emu_weights<KIND>(MODE == MODE_SWIGLU ? 2 * rows : rows, K, rng);
+    const EmuInputs in = emu_inputs<MODE>(K, rows, cols, rng);
+    const std::vector<float>&x = in.x, &norm = in.norm, &bias = in.bias, &init = in.init;
     const float eps = 1e-5f;
     const float* b = bias.empty() ? nullptr : bias.data();
     // Each column alone through the single-stream mat-vec.
