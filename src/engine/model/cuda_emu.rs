@@ -2,8 +2,8 @@
 //! compiles the kernels' own sources (decode.cu and its headers) with CUDA's built-ins
 //! emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and tensor-core
 //! fragments exchanged in the PTX layouts) and checks an invariant of the fused path: the
-//! tensor-core decode attention against a double-precision reference and batched against
-//! single-stream (`attn_tc_emu.cpp`); every batched projection kernel against the
+//! decode attention kernels (tensor-core, per head, grouped) against a double-precision
+//! reference and batched against single-stream (`attn_emu.cpp`); every batched projection kernel against the
 //! single-stream mat-vec bit for bit, in the default order (`batched_emu.cpp`) and in
 //! eight parts (`sum8_emu.cpp`). Test-only; needs a C++20
 //! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
@@ -48,8 +48,8 @@ mod tests {
     }
 
     #[test]
-    fn tensor_core_decode_attention_in_host_emulation() {
-        emulate("attn_tc_emu");
+    fn decode_attention_in_host_emulation() {
+        emulate("attn_emu");
     }
 
     #[test]

@@ -1,6 +1,5 @@
 // Decode attention pieces shared by the per-head, grouped and tensor-core kernels
-// (included by decode.cu after STEP_* and round_f16; the tensor-core kernel's host
-// emulation test includes it too).
+// (included by decode.cu after STEP_* and round_f16).
 
 #pragma once
 

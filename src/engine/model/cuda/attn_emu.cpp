@@ -1,34 +1,20 @@
-// Host emulation of the tensor-core decode attention (attn_tc.cuh), for machines without
-// a GPU: the kernel's own source, compiled by a C++20 compiler with CUDA's built-ins
-// emulated (emu.h: a block's threads as OS threads, warp shuffles and m16n8k16 products
-// as warp-wide exchanges in the PTX fragment layouts, __syncthreads as a block barrier,
-// blocks one after another). Checks, for head sizes 64 and 128, groups of 1 to 16
-// query heads, lengths around the tile and chunk edges, whole and split over position
-// chunks: each head's output against a double-precision softmax(q·K^T·scale)·V over the
-// same f16 values (within the f16 rounding of the weights), and the batched kernel's
-// output (several sequences, blocks per group from 1 to all chunks) bit for bit against
-// the single-stream kernel's. Run by `cargo test` (src/engine/model/cuda_emu.rs); exits
-// non-zero after reporting every failure. Built with -fno-strict-aliasing: the kernel reads
-// f16 cache rows as 16-byte words, as CUDA code does.
+// Host emulation of the decode attention kernels through decode.cu itself, for machines
+// without a GPU (emu.h says how). For head sizes 64 and 128, groups of 1 to 16 query
+// heads, lengths around the tile and chunk edges, whole and split over position chunks:
+// - the tensor-core kernels (attn_tc.cuh): each head's output against a double-precision
+//   softmax(q·K^T·scale)·V over the same f16 values (within the f16 rounding of the
+//   weights), the new K/V in the cache, the chunk tickets reset, and the batched kernel
+//   (several sequences, 1 to all blocks a group, the new K/V written or already there)
+//   bit for bit against the single-stream one;
+// - on some of the same shapes, the per-head kernels (`attention`, `attention_b`) and the
+//   grouped one (`attention_bg`): against the reference, and batched and grouped bit for
+//   bit against single-stream.
+// Run by `cargo test` (src/engine/model/cuda_emu.rs); exits non-zero after reporting every
+// failure.
 
 #include "emu.h"
+#include "decode.cu"
 
-// decode.cu's, for attn.cuh and attn_tc.cuh alone.
-inline void pdl_wait() {}
-inline void pdl_launch_dependents() {}
-inline float round_f16(float x) { return (float)(__half)x; }
-
-// ---- the kernel ----------------------------------------------------------------------
-#define STEP_TOKEN 0
-#define STEP_POS 1
-#define STEP_CAP 2
-#define STEP_PTRS 3
-#define BSTEP_N 0
-#define BSTEP_REC 1
-#include "attn.cuh"
-#include "attn_tc.cuh"
-
-// ---- the check -----------------------------------------------------------------------
 struct Seq {
     int pos;
     std::vector<__half> k, v;  // (nkvh, cap, hd) of layer 0
@@ -44,8 +30,73 @@ static void fail(const char* what, int hd, int ng, int len, int nch) {
     ++failures;
 }
 
+// The per-head and grouped kernels on the same sequences (their new K/V already in the
+// caches, the same values): single-stream against the reference, batched and grouped
+// against single-stream bit for bit.
 template <int HD>
-static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937& rng) {
+static void check_heads(std::vector<Seq>& seqs, const std::vector<std::vector<double>>& refs,
+                        const std::vector<unsigned long long>& bstep,
+                        const std::vector<float>& bqkv, int ng, int nkvh, int nch, int ctx,
+                        const std::vector<float>& cos_t, const std::vector<float>& sin_t,
+                        float scale) {
+    const int nh = ng * nkvh, threads = 256, stride = 5;
+    const int n = (int)seqs.size();
+    std::vector<std::vector<float>> single(n);
+    for (int b = 0; b < n; ++b) {
+        Seq& s = seqs[b];
+        std::vector<float> out((size_t)nh * HD, NAN), part((size_t)nh * nch * (HD + 2), NAN),
+            scores((size_t)nh * ctx);
+        std::vector<unsigned> cnt(nh, 0);
+        emu_launch({(unsigned)(nh * nch), 1, 0}, threads, 4 * (3 * HD + 8 * threads), [&] {
+            attention(s.qkv.data(), s.step.data(), 0, 1, nh, nkvh, HD, cos_t.data(), sin_t.data(),
+                      0, scale, scores.data(), ctx, out.data(), nch, part.data(), cnt.data());
+        });
+        double worst = 0;
+        for (size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::fabs(refs[b][i] - out[i]));
+        if (!(worst < 4e-3)) {
+            std::printf("  largest error %g\n", worst);
+            fail("per-head kernel against the reference", HD, ng, s.pos + 1, nch);
+        }
+        single[b] = out;
+    }
+    const int bucket = n + 1;
+    auto batched = [&](bool grouped, int hb) {
+        std::vector<float> out((size_t)bucket * nh * HD, NAN),
+            part((size_t)bucket * nh * nch * (HD + 2), NAN), scores((size_t)bucket * nh * ctx);
+        std::vector<unsigned> cnt((size_t)bucket * nh, 0);
+        const int nsub = (ng + ATT_GROUP_MAX - 1) / ATT_GROUP_MAX;
+        const int gs = (ng + nsub - 1) / nsub;
+        const int units = grouped ? nkvh * nsub : nh;
+        const size_t smem = grouped ? 4 * ((ATT_GROUP_MAX + 2) * HD + ATT_GROUP_MAX * 8 * threads)
+                                    : 4 * (3 * HD + 8 * threads);
+        emu_launch({(unsigned)(units * hb), (unsigned)bucket, 0}, threads, smem, [&] {
+            if (grouped)
+                attention_bg(bqkv.data(), bstep.data(), stride, 0, 1, nh, nkvh, HD, cos_t.data(),
+                             sin_t.data(), 0, scale, scores.data(), ctx, out.data(), 0, nch, hb,
+                             part.data(), cnt.data(), gs, nsub);
+            else
+                attention_b(bqkv.data(), bstep.data(), stride, 0, 1, nh, nkvh, HD, cos_t.data(),
+                            sin_t.data(), 0, scale, scores.data(), ctx, out.data(), 0, nch, hb,
+                            part.data(), cnt.data());
+        });
+        for (int b = 0; b < n; ++b) {
+            if (std::memcmp(out.data() + (size_t)b * nh * HD, single[b].data(),
+                            sizeof(float) * nh * HD)) {
+                std::printf("  %s, %d block(s) a unit\n", grouped ? "grouped" : "per head", hb);
+                fail("batched per-head kernels against single-stream bits", HD, ng,
+                     seqs[b].pos + 1, nch);
+            }
+        }
+    };
+    for (int hb : {1, nch}) {
+        batched(false, hb);
+        batched(true, hb);
+    }
+}
+
+template <int HD>
+static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937& rng,
+                  bool heads = false) {
     const int nh = ng * nkvh, qkv_w = (nh + 2 * nkvh) * HD, half = HD / 2;
     int maxlen = *std::max_element(lens.begin(), lens.end());
     const int cap = maxlen + 5, ctx = cap;
@@ -76,6 +127,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
     const size_t smem = (size_t)ATC_ROWS * HD + 2 * HD + 2 * ATC_WARPS * ATC_ROWS +
                         (size_t)ATC_WARPS * ng * HD;
     std::vector<std::vector<float>> single(seqs.size());
+    std::vector<std::vector<double>> refs(seqs.size());
     for (size_t b = 0; b < seqs.size(); ++b) {
         Seq& s = seqs[b];
         std::vector<float> out((size_t)nh * HD, NAN), part((size_t)nh * nch * (HD + 2), NAN);
@@ -90,6 +142,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
         // The reference: the new K/V (RoPE'd, f16) at pos, softmax in double.
         const int len = lens[b];
         double worst = 0;
+        std::vector<double> ref((size_t)nh * HD);
         for (int h = 0; h < nh; ++h) {
             const int g = h / ng;
             std::vector<double> q(HD), kn(HD), vn(HD);
@@ -124,6 +177,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
                     o += sc[j] * vv;
                 }
                 worst = std::max(worst, std::fabs(o / l - out[(size_t)h * HD + d]));
+                ref[(size_t)h * HD + d] = o / l;
             }
             // The new K/V went to the cache.
             for (int d = 0; d < HD; ++d) {
@@ -140,6 +194,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
             fail("output against the reference", HD, ng, len, nch);
         }
         single[b] = out;
+        refs[b] = std::move(ref);
     }
     // Batched: every sequence in one launch, for each number of blocks a group.
     const int stride = 3 + 2;
@@ -172,17 +227,22 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
             }
         }
     }
+    if (heads) check_heads<HD>(seqs, refs, bstep, bqkv, ng, nkvh, nch, ctx, cos_t, sin_t, scale);
 }
 
 int main() {
     std::mt19937 rng(7);
-    const int lens[] = {1, 2, 15, 16, 17, 63, 64, 65, 200, 256, 257, 300, 700};
+    const int lens[] = {1, 15, 17, 64, 65, 257, 700};
     for (int len : lens) {
         for (int nch : {1, 4}) {
             check<64>(3, 2, {len, std::max(1, len - 7)}, nch, rng);
             check<128>(4, 2, {len, std::max(1, len - 3)}, nch, rng);
         }
     }
+    // The per-head and grouped kernels too, on a few shapes (their blocks are 256 threads).
+    check<64>(3, 2, {300, 21}, 4, rng, true);
+    check<128>(7, 1, {700, 64}, 4, rng, true);
+    check<128>(4, 2, {40, 1}, 1, rng, true);
     for (int ng : {1, 7, 9, 16}) {
         check<64>(ng, 1, {300, 40}, 4, rng);
         check<128>(ng, 1, {300, 40}, 4, rng);
@@ -191,6 +251,6 @@ int main() {
         std::printf("%d failure(s)\n", failures);
         return 1;
     }
-    std::printf("tensor-core decode attention: all checks passed\n");
+    std::printf("decode attention: all checks passed\n");
     return 0;
 }
