@@ -13,7 +13,7 @@
 #include "emu.h"
 #include "decode.cu"
 
-#include "emu_weights.h"
+#include "emu_proj.h"
 
 static int failures = 0;
 
@@ -26,25 +26,12 @@ static void check(std::mt19937& rng) {
     const float* b = in.bias.empty() ? nullptr : in.bias.data();
     const float2* dm = (const float2*)w.dm.data();
     const int nb = K / QK;
-    // Each column alone through the single-stream mat-vec.
-    std::vector<float> single = in.init;
-    for (int c = 0; c < cols; ++c) {
-        emu_launch({2, 1, 0}, 256, (size_t)K + 8 * nb, [&] {
-            matvec<KIND, MODE, false>(in.x.data() + (size_t)c * K, in.norm.data(), eps, K,
-                                      w.qs.data(), dm, b, w.rows,
-                                      single.data() + (size_t)c * rows);
-        });
-    }
+    const std::vector<float> single = emu_single<KIND, MODE, false>(w, in, cols, rows);
     std::vector<unsigned long long> step(1, (unsigned long long)cols);
     const int bucket = 32;
-    std::vector<int8_t> q((size_t)bucket * K);
-    std::vector<float2> ds((size_t)bucket * nb);
-    emu_launch({(unsigned)bucket, 1, 0}, 256, 0, [&] {
-        if (KIND == KIND_Q4_0) qcols_q4_0(step.data(), in.x.data(), in.norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q4_1) qcols_q4_1(step.data(), in.x.data(), in.norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q8_0) qcols_q8_0(step.data(), in.x.data(), in.norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q4_K) qcols_q4_k(step.data(), in.x.data(), in.norm.data(), eps, K, q.data(), ds.data());
-    });
+    std::vector<int8_t> q;
+    std::vector<float2> ds;
+    emu_qcols<KIND>(step, in, K, bucket, q, ds);
     auto compare = [&](const char* what, const std::vector<float>& out) {
         if (std::memcmp(out.data(), single.data(), sizeof(float) * (size_t)cols * rows) != 0) {
             std::printf("FAIL %s %s mode %d against the single-stream mat-vec\n", what,
@@ -115,23 +102,15 @@ static void check(std::mt19937& rng) {
     }
 }
 
-template <int KIND>
-static void check_kind(std::mt19937& rng) {
-    check<KIND, MODE_STORE>(rng);
-    check<KIND, MODE_ADD>(rng);
-    check<KIND, MODE_SWIGLU>(rng);
-}
+struct Check {
+    template <int KIND, int MODE>
+    static void run(std::mt19937& rng) {
+        check<KIND, MODE>(rng);
+    }
+};
 
 int main() {
     std::mt19937 rng(5);
-    check_kind<KIND_Q4_0>(rng);
-    check_kind<KIND_Q4_1>(rng);
-    check_kind<KIND_Q8_0>(rng);
-    check_kind<KIND_Q4_K>(rng);
-    if (failures) {
-        std::printf("%d failure(s)\n", failures);
-        return 1;
-    }
-    std::printf("default projections: every batched kernel bit-identical to single-stream\n");
-    return 0;
+    return emu_every_layout<Check>(rng, failures,
+                                   "default projections: every batched kernel bit-identical to single-stream");
 }

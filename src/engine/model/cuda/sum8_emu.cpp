@@ -12,33 +12,26 @@
 #include "emu.h"
 #include "decode.cu"
 
-#include "emu_weights.h"
+#include "emu_proj.h"
 
 static int failures = 0;
 
 template <int KIND, int MODE, int RT, int NT>
-static void check_tile(const EmuWeights& w, int cols, const std::vector<float>& x,
-                       const std::vector<float>& norm, const std::vector<float>& bias,
-                       const std::vector<float>& init, const std::vector<float>& single) {
-    const int K = w.K, nb = w.nb;
+static void check_tile(const EmuWeights& w, int cols, const EmuInputs& in,
+                       const std::vector<float>& single) {
+    const int K = w.K;
     const int rows = MODE == MODE_SWIGLU ? w.rows / 2 : w.rows;
-    const float eps = 1e-5f;
     std::vector<unsigned long long> step(1, (unsigned long long)cols);
     const int bucket = ((cols + 7) / 8) * 8;
     // The columns quantized once, as a batched step does.
-    std::vector<int8_t> q((size_t)bucket * K);
-    std::vector<float2> ds((size_t)bucket * nb);
-    emu_launch({(unsigned)bucket, 1, 0}, 256, 0, [&] {
-        if (KIND == KIND_Q4_0) qcols_q4_0(step.data(), x.data(), norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q4_1) qcols_q4_1(step.data(), x.data(), norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q8_0) qcols_q8_0(step.data(), x.data(), norm.data(), eps, K, q.data(), ds.data());
-        if (KIND == KIND_Q4_K) qcols_q4_k(step.data(), x.data(), norm.data(), eps, K, q.data(), ds.data());
-    });
+    std::vector<int8_t> q;
+    std::vector<float2> ds;
+    emu_qcols<KIND>(step, in, K, bucket, q, ds);
     constexpr int R = MODE == MODE_SWIGLU ? 2 : 1;
     using L = S8Layout<KIND, R * 16 * RT, 8 * NT, s8_round_blocks<KIND>()>;
     const size_t smem = (size_t)s8_stages(R, RT, NT) * L::BYTES;
-    std::vector<float> out = init;
-    const float* b = bias.empty() ? nullptr : bias.data();
+    std::vector<float> out = in.init;
+    const float* b = in.bias.empty() ? nullptr : in.bias.data();
     const Dim3 grid{(unsigned)((cols + 8 * NT - 1) / (8 * NT)), (unsigned)((rows + 16 * RT - 1) / (16 * RT)), 0};
     emu_launch(grid, 256, smem, [&] {
         DYN_SMEM(uint8_t, dsmem);
@@ -59,42 +52,22 @@ static void check(std::mt19937& rng) {
     const int K = KIND == KIND_Q4_K ? 768 : 576, rows = 88, cols = 11;
     const EmuWeights w = emu_weights<KIND>(MODE == MODE_SWIGLU ? 2 * rows : rows, K, rng);
     const EmuInputs in = emu_inputs<MODE>(K, rows, cols, rng);
-    const std::vector<float>&x = in.x, &norm = in.norm, &bias = in.bias, &init = in.init;
-    const float eps = 1e-5f;
-    const float* b = bias.empty() ? nullptr : bias.data();
-    // Each column alone through the single-stream mat-vec.
-    std::vector<float> single = init;
-    const size_t smem = (size_t)K + 8 * (K / QK);
-    for (int c = 0; c < cols; ++c) {
-        emu_launch({3, 1, 0}, 256, smem, [&] {
-            matvec<KIND, MODE, true>(x.data() + (size_t)c * K, norm.data(), eps, K, w.qs.data(),
-                                     (const float2*)w.dm.data(), b, w.rows,
-                                     single.data() + (size_t)c * rows);
-        });
-    }
-    check_tile<KIND, MODE, 1, 1>(w, cols, x, norm, bias, init, single);
-    check_tile<KIND, MODE, 2, 2>(w, cols, x, norm, bias, init, single);
-    check_tile<KIND, MODE, 1, 4>(w, cols, x, norm, bias, init, single);
-    if constexpr (MODE != MODE_SWIGLU) check_tile<KIND, MODE, 4, 1>(w, cols, x, norm, bias, init, single);
+    const std::vector<float> single = emu_single<KIND, MODE, true>(w, in, cols, rows);
+    check_tile<KIND, MODE, 1, 1>(w, cols, in, single);
+    check_tile<KIND, MODE, 2, 2>(w, cols, in, single);
+    check_tile<KIND, MODE, 1, 4>(w, cols, in, single);
+    if constexpr (MODE != MODE_SWIGLU) check_tile<KIND, MODE, 4, 1>(w, cols, in, single);
 }
 
-template <int KIND>
-static void check_kind(std::mt19937& rng) {
-    check<KIND, MODE_STORE>(rng);
-    check<KIND, MODE_ADD>(rng);
-    check<KIND, MODE_SWIGLU>(rng);
-}
+struct Check {
+    template <int KIND, int MODE>
+    static void run(std::mt19937& rng) {
+        check<KIND, MODE>(rng);
+    }
+};
 
 int main() {
     std::mt19937 rng(11);
-    check_kind<KIND_Q4_0>(rng);
-    check_kind<KIND_Q4_1>(rng);
-    check_kind<KIND_Q8_0>(rng);
-    check_kind<KIND_Q4_K>(rng);
-    if (failures) {
-        std::printf("%d failure(s)\n", failures);
-        return 1;
-    }
-    std::printf("eight-part projections: batched bit-identical to single-stream in every case\n");
-    return 0;
+    return emu_every_layout<Check>(rng, failures,
+                                   "eight-part projections: batched bit-identical to single-stream in every case");
 }
