@@ -638,6 +638,14 @@ pub fn packed_prefill(lens: &[usize]) -> bool {
     lens != [1] && !batched(lens, 1)
 }
 
+/// Whether a pass of sequences feeding `lens` new tokens each goes to packed wide passes
+/// (where that is on): several sequences, not a decode step (some chunk of more than one
+/// token), and more rows in all than `wide_past` (the longest chunk that prefills in
+/// batched steps, or on the tensor path before the wide prefill takes over).
+pub fn packed_wide(lens: &[usize], wide_past: usize) -> bool {
+    lens.len() > 1 && lens.iter().any(|&n| n > 1) && lens.iter().sum::<usize>() > wide_past
+}
+
 /// Whether a pass of sequences feeding `lens` new tokens each runs as batched steps:
 /// two or more sequences, each with 1..=`max` tokens (prompt chunks go one token of
 /// every sequence per step).
@@ -1351,5 +1359,19 @@ mod tests {
         assert_eq!(ns, [1024, 1024, 452]);
         assert!(wide_passes(&[], 1024).is_empty());
         assert!(wide_passes(&[0, 0], 1024).is_empty());
+    }
+
+    #[test]
+    fn packed_wide_passes_take_several_prompts_past_the_batched_limit() {
+        // 32 prompts of 30 tokens with a 32-token limit: 960 rows, packed.
+        assert!(packed_wide(&[30; 32], 32));
+        // Long and short chunks together.
+        assert!(packed_wide(&[500, 3, 1], 64));
+        // A decode step of 40 sequences is never packed, however many rows.
+        assert!(!packed_wide(&[1; 40], 32));
+        // One sequence: its own wide passes; few rows: batched steps.
+        assert!(!packed_wide(&[4000], 64));
+        assert!(!packed_wide(&[20, 30], 64));
+        assert!(!packed_wide(&[], 0));
     }
 }

@@ -33,11 +33,9 @@ impl Model {
         let wide_past = max.max(dec.wide_min());
         // Several sequences' prompt chunks with more rows in all than that: packed into
         // shared wide passes where that is on (each weight matrix multiplied once for all).
-        let rows: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
         if dec.wide_pack()
-            && batch.len() > 1
-            && rows > wide_past
-            && batch.iter().any(|s| s.tokens.len() > 1)
+            && batch_plan::packed_wide(&lens, wide_past)
             && batch
                 .iter()
                 .all(|s| !s.all_logits && FusedDecoder::supports(s.cache))
@@ -79,7 +77,6 @@ impl Model {
         }
         let vocab = self.config.vocab;
         let mut out = Vec::with_capacity(batch.len());
-        let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
         if prefill && batch_plan::packed_prefill(&lens) {
             let out = self.fused_prefill(dec, batch)?;
             return Ok(Some(out.into_iter().map(Logits::from).collect()));
