@@ -210,26 +210,11 @@ fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineEr
         model.set_attn_tc(tc);
         let theirs = r?;
         let (_, ours) = forced_steps(model, &ids, Some(&theirs.0), n)?;
-        let worst = ours
-            .iter()
-            .zip(&theirs.1)
-            .map(|(a, b)| {
-                a.iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max)
-            })
-            .fold(0f32, f32::max);
-        let same = ours
-            .iter()
-            .zip(&theirs.1)
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
         println!(
             "attention {other} against the default at position {len}+, {} steps fed the same \
-             tokens: argmax equal {same}/{}, largest |dlogit| {worst:.4}",
+             tokens: {}",
             ours.len(),
-            ours.len()
+            compare_rows(&ours, &theirs.1)
         );
     }
     Ok(())

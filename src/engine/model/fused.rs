@@ -28,40 +28,32 @@ impl Model {
         if !self.fused_on.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        // Chunks past the limit (and past `wide_min`) prefill wide where the card has it
-        // (each sequence in its own passes); caches are committed once every sequence ran.
+        // Chunks past the limit (and past `wide_min`) prefill wide where the card has it,
+        // each sequence in its own passes; or, where packing is on, several sequences'
+        // chunks with more rows in all than that share passes (each weight matrix
+        // multiplied once for all). Caches are committed once every sequence ran.
         let wide_past = max.max(dec.wide_min());
-        // Several sequences' prompt chunks with more rows in all than that: packed into
-        // shared wide passes where that is on (each weight matrix multiplied once for all).
         let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-        if dec.wide_pack()
+        let wide_ok = |s: &SeqInput<'_>| !s.all_logits && FusedDecoder::supports(s.cache);
+        let packed = dec.wide_pack()
             && batch_plan::packed_wide(&lens, wide_past)
+            && batch.iter().all(wide_ok);
+        let alone = dec.wide()
             && batch
                 .iter()
-                .all(|s| !s.all_logits && FusedDecoder::supports(s.cache))
-        {
+                .all(|s| s.tokens.len() > wide_past && wide_ok(s));
+        if packed || alone {
             let vocab = self.config.vocab;
             let seqs: Vec<(&[u32], &SeqCache)> =
                 batch.iter().map(|s| (s.tokens, &*s.cache)).collect();
-            let rows = dec.run_wide_packed(&seqs)?;
+            let rows = if packed {
+                dec.run_wide_packed(&seqs)?
+            } else {
+                let each = seqs.iter().map(|&(t, c)| dec.run_wide(t, c));
+                each.collect::<Result<Vec<_>>>()?
+            };
             let mut out = Vec::with_capacity(batch.len());
             for v in rows {
-                out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?.into());
-            }
-            for s in batch.iter_mut() {
-                s.cache.commit(s.tokens);
-            }
-            return Ok(Some(out));
-        }
-        if dec.wide()
-            && batch.iter().all(|s| {
-                s.tokens.len() > wide_past && !s.all_logits && FusedDecoder::supports(s.cache)
-            })
-        {
-            let vocab = self.config.vocab;
-            let mut out = Vec::with_capacity(batch.len());
-            for s in batch.iter() {
-                let v = dec.run_wide(s.tokens, s.cache)?;
                 out.push(Tensor::from_vec(v, (1, vocab), &Device::Cpu)?.into());
             }
             for s in batch.iter_mut() {

@@ -119,7 +119,8 @@ __device__ __forceinline__ void att_tickets_combine(const float* hp, size_t hstr
                                                     unsigned done, unsigned* last) {
     __threadfence();
     __syncthreads();
-    if ((int)threadIdx.x < ng) last[threadIdx.x] = atomicAdd(cnt + threadIdx.x, done) + done == (unsigned)n_c;
+    const int tid = threadIdx.x;
+    if (tid < ng) last[tid] = atomicAdd(cnt + tid, done) + done == (unsigned)n_c;
     __syncthreads();
     for (int h = 0; h < ng; ++h) {
         if (!last[h]) continue;

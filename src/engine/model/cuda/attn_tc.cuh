@@ -36,12 +36,6 @@
 
 #if __CUDA_ARCH__ >= 800
 
-// Two f32 values as an f16 pair (low half: a).
-__device__ __forceinline__ uint32_t atc_pack(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *(const uint32_t*)&h;
-}
-
 // Dynamic shared memory (floats): the group's queries (ATC_ROWS * HD), new K and V (2 *
 // HD), each warp's max and sum per row (2 * ATC_WARPS * ATC_ROWS) and output rows
 // (ATC_WARPS * ng * HD).
@@ -86,10 +80,10 @@ __device__ void attend_tc(const float* __restrict__ qkv,
         const float* r0 = q + gq * HD + d;
         const float* r1 = q + (gq + 8) * HD + d;
         const bool v0 = gq < ng, v1 = gq + 8 < ng;
-        qa[s][0] = v0 ? atc_pack(r0[0], r0[1]) : 0u;
-        qa[s][1] = v1 ? atc_pack(r1[0], r1[1]) : 0u;
-        qa[s][2] = v0 ? atc_pack(r0[2], r0[3]) : 0u;
-        qa[s][3] = v1 ? atc_pack(r1[2], r1[3]) : 0u;
+        qa[s][0] = v0 ? pack_half2(r0[0], r0[1]) : 0u;
+        qa[s][1] = v1 ? pack_half2(r1[0], r1[1]) : 0u;
+        qa[s][2] = v0 ? pack_half2(r0[2], r0[3]) : 0u;
+        qa[s][3] = v1 ? pack_half2(r1[2], r1[3]) : 0u;
     }
     const __half* kc = a.kc;
     const __half* vc = a.vc;
@@ -167,8 +161,8 @@ __device__ void attend_tc(const float* __restrict__ qkv,
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) lrun[r] = fmaf(lrun[r], alpha[r], ls[r]);
-            const uint32_t pa[4] = {atc_pack(c[0][0], c[0][1]), atc_pack(c[0][2], c[0][3]),
-                                    atc_pack(c[1][0], c[1][1]), atc_pack(c[1][2], c[1][3])};
+            const uint32_t pa[4] = {pack_half2(c[0][0], c[0][1]), pack_half2(c[0][2], c[0][3]),
+                                    pack_half2(c[1][0], c[1][1]), pack_half2(c[1][2], c[1][3])};
             const uint32_t* v32[4] = {(const uint32_t*)vr[0], (const uint32_t*)vr[1],
                                       (const uint32_t*)vr[2], (const uint32_t*)vr[3]};
 #pragma unroll

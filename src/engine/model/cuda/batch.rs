@@ -813,7 +813,7 @@ impl Inner {
         // taken by `hb` blocks.
         let nch = self.att_nch.get().min(self.att_max);
         // Blocks' units: query heads, or parts of KV groups of `gs` heads, `nsub` a group.
-        let tc = self.f.attention_tc.as_ref().filter(|_| self.att_tc.get());
+        let tc = self.att_tc_launch();
         let (gs, nsub, units) = if tc.is_some() {
             (1, 1, cfg.n_kv_heads)
         } else if self.att_group {
@@ -838,17 +838,19 @@ impl Inner {
             arg(&b.att_part.ptr),
             arg(&b.att_cnt.ptr),
         ];
-        let mut threads = ATT_THREADS as u32;
-        let (f, smem) = if let Some(tc) = tc {
-            threads = batch_plan::ATC_WARPS as u32 * 32;
-            let group = cfg.n_heads / cfg.n_kv_heads;
-            (&tc[1], batch_plan::attn_tc_smem(hd, group) as u32)
+        let threads = ATT_THREADS as u32;
+        let (f, threads, smem) = if let Some((tc, tc_threads, smem)) = tc {
+            (&tc[1], tc_threads, smem)
         } else if self.att_group {
             tail.extend([arg(&gsi), arg(&nsubi)]);
             let floats = (ATT_GROUP_MAX + 2) * hd + ATT_GROUP_MAX * 8 * ATT_THREADS;
-            (&self.f.attention_bg, (floats * 4) as u32)
+            (&self.f.attention_bg, threads, (floats * 4) as u32)
         } else {
-            (&self.f.attention_b, ((3 * hd) as u32 + 8 * threads) * 4)
+            (
+                &self.f.attention_b,
+                threads,
+                ((3 * hd) as u32 + 8 * threads) * 4,
+            )
         };
         let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
         // SAFETY: matches `attention_b` (`attention_btc*`: the same arguments;

@@ -24,11 +24,6 @@ namespace {
 constexpr int BQ = 64;  // query rows per block (16 per warp)
 constexpr int BK = 64;  // keys per tile
 
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
 #include "mma.cuh"
 
 template <int HD>

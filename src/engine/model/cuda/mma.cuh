@@ -1,5 +1,12 @@
-// The f16 tensor-core product shared by flash.cu and prefill.cuh (sm_80 and later).
+// The f16 tensor-core product shared by flash.cu, prefill.cuh and attn_tc.cuh (sm_80 and
+// later), and the packing of its f16 operands.
 #pragma once
+
+// Two f32 values rounded to an f16 pair in one register (low half: lo).
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
 
 #if __CUDA_ARCH__ >= 800 && !defined(CANDELA_EMU)
 // c (16x8, f32) += a (16x16, f16, row) * b (16x8, f16, col).

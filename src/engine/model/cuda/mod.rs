@@ -437,6 +437,27 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 impl Inner {
+    /// The tensor-core attention kernels (`[single-stream, batched]`) where decode
+    /// attention runs on them, with their blocks' threads and dynamic shared memory.
+    fn att_tc_launch(&self) -> Option<(&[CudaFunction; 2], u32, u32)> {
+        let f = self.f.attention_tc.as_ref().filter(|_| self.att_tc.get())?;
+        let group = self.cfg.n_heads / self.cfg.n_kv_heads;
+        let smem = batch_plan::attn_tc_smem(self.cfg.head_dim, group) as u32;
+        Some((f, batch_plan::ATC_WARPS as u32 * 32, smem))
+    }
+
+    /// `candela doctor`'s line for a single-stream step at `pos` of `cache` (kernel costs
+    /// in a graph, `bench`); `what` names the variant after the position.
+    fn kernel_line(&mut self, cache: &mut SeqCache, pos: usize, what: &str) -> Result<String> {
+        cache.reserve(pos + 1)?;
+        let nl = self.cfg.n_layers as f64;
+        let (parts, step) = step_sum(&self.bench(cache, pos)?, nl);
+        Ok(format!(
+            "kernels at pos {pos}{what}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
+            1e6 / step
+        ))
+    }
+
     /// `candela doctor`'s line for a batched step of `bucket` rows from `pos` of `cache`
     /// (kernel costs in a graph, `bench_batch`); `what` names the variant after "rows".
     fn batch_line(
@@ -1160,7 +1181,7 @@ impl FusedDecoder {
     /// `reserve`d for it, not committed): the last token's logits as host floats.
     pub fn run_wide(&self, tokens: &[u32], cache: &SeqCache) -> Result<Vec<f32>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.prefill_wide(tokens, cache, cache.len())
+        g.prefill_wide(tokens, cache)
     }
 
     /// Several sequences' prompt chunks (`(tokens, cache)`, each cache reserved for its
@@ -1229,7 +1250,6 @@ impl FusedDecoder {
     /// lines with the sum over a step; `cache` is a scratch cache of this model.
     pub fn bench_report(&self, cache: &mut SeqCache, positions: &[usize]) -> Result<String> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let nl = g.cfg.n_layers as f64;
         let mut s = format!(
             "projection sums: {}\n",
             if g.sum8 {
@@ -1247,12 +1267,7 @@ impl FusedDecoder {
             }
         );
         for &p in positions {
-            cache.reserve(p + 1)?;
-            let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
-            s += &format!(
-                "kernels at pos {p}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
-                1e6 / step
-            );
+            s += &g.kernel_line(cache, p, "")?;
         }
         // Attention split over position chunks or not, at the longest position and for
         // 8 batched rows from 1024.
@@ -1261,12 +1276,8 @@ impl FusedDecoder {
             if let Some(&p) = positions.iter().max() {
                 for nch in [1, g.att_max] {
                     g.att_nch.set(nch);
-                    cache.reserve(p + 1)?;
-                    let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
-                    s += &format!(
-                        "kernels at pos {p}, attention in {nch} chunk(s) a head, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
-                        1e6 / step
-                    );
+                    s +=
+                        &g.kernel_line(cache, p, &format!(", attention in {nch} chunk(s) a head"))?;
                 }
                 let hb = g.att_hb.get();
                 let m = g.att_max;
@@ -1298,12 +1309,7 @@ impl FusedDecoder {
             let mut lines = || -> Result<String> {
                 let mut s = String::new();
                 for &p in positions {
-                    cache.reserve(p + 1)?;
-                    let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
-                    s += &format!(
-                        "kernels at pos {p}, attention {what}, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
-                        1e6 / step
-                    );
+                    s += &g.kernel_line(cache, p, &format!(", attention {what}"))?;
                 }
                 if let Some(&p) = positions.iter().max() {
                     for rows in [8, 32] {
@@ -1345,23 +1351,16 @@ impl FusedDecoder {
             let per_sm = g.mv_per_sm.get();
             for n in [2, 4, 8] {
                 g.mv_per_sm.set(n);
-                cache.reserve(p + 1)?;
-                let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
-                s += &format!(
-                    "kernels at pos {p}, mat-vecs at most {n} block(s) per multiprocessor, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
-                    1e6 / step
-                );
+                let what = format!(", mat-vecs at most {n} block(s) per multiprocessor");
+                s += &g.kernel_line(cache, p, &what)?;
             }
             g.mv_per_sm.set(per_sm);
             // Every mat-vec on activations quantized once (`qact`), then none.
             let mv_q = g.mv_q.get();
             for (on, what) in [(true, "every"), (false, "no")] {
                 g.mv_q.set(Some(on));
-                let (parts, step) = step_sum(&g.bench(cache, p)?, nl);
-                s += &format!(
-                    "kernels at pos {p}, {what} mat-vec on activations quantized once, us per launch in a graph: {parts}; step sum {step:.0} us ({:.0} tok/s)\n",
-                    1e6 / step
-                );
+                let what = format!(", {what} mat-vec on activations quantized once");
+                s += &g.kernel_line(cache, p, &what)?;
             }
             g.mv_q.set(mv_q);
         }

@@ -342,18 +342,9 @@ impl Inner {
                 ];
                 // A block a query head, or on the tensor cores a KV group (its heads'
                 // products together), each in `nch` position chunks.
-                let (f, units, threads, smem) = match &self.f.attention_tc {
-                    Some(tc) if self.att_tc.get() => {
-                        let group = cfg.n_heads / cfg.n_kv_heads;
-                        let smem = batch_plan::attn_tc_smem(hd, group) as u32;
-                        (
-                            &tc[0],
-                            cfg.n_kv_heads,
-                            batch_plan::ATC_WARPS as u32 * 32,
-                            smem,
-                        )
-                    }
-                    _ => {
+                let (f, units, threads, smem) = match self.att_tc_launch() {
+                    Some((tc, threads, smem)) => (&tc[0], cfg.n_kv_heads, threads, smem),
+                    None => {
                         let threads = ATT_THREADS as u32;
                         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
                         (&self.f.attention, cfg.n_heads, threads, smem)

@@ -1,8 +1,9 @@
-//! Wide prefill: a long prompt chunk of one sequence in passes of up to [`WIDE_ROWS`]
-//! positions, each projection one int8 tensor-core GEMM over all the pass's rows
-//! (`prefill.cuh`: the activations quantized once, then `gemm_*`), the attention flash
-//! style over the cache (`flash.cu`). Launched directly (no graph: a pass is long enough
-//! that launches do not matter); needs compute capability 8.0 and heads of 64 or 128.
+//! Wide prefill: long prompt chunks (one sequence's, or several packed together) in
+//! passes of up to [`WIDE_ROWS`] rows, each projection one int8 tensor-core GEMM over all
+//! the pass's rows (`prefill.cuh`: the activations quantized once, then `gemm_*`), the
+//! attention flash style over each sequence's cache (`flash.cu`). Launched directly (no
+//! graph: a pass is long enough that launches do not matter); needs compute capability
+//! 8.0 and heads of 64 or 128.
 //!
 //! By default the projections run as f16 GEMMs instead ([`WideGemm::F16`]): each weight
 //! matrix dequantized into an f16 scratch matrix once a pass, the input rows converted
@@ -175,62 +176,13 @@ impl Inner {
         }
     }
 
-    /// Run `tokens` after position `pos0` of `cache` (filled up to it, reserved past the
-    /// end; not committed) in wide passes: the logits of the last token as host floats.
-    pub(super) fn prefill_wide(
-        &mut self,
-        tokens: &[u32],
-        cache: &SeqCache,
-        pos0: usize,
-    ) -> Result<Vec<f32>> {
-        self.stream.context().bind_to_thread().map_err(err)?;
-        if self.wide_f.is_none() {
-            return Err(err("no wide prefill on this card"));
-        }
-        let cap = cache.capacity();
-        if tokens.is_empty() || pos0 + tokens.len() > cap {
-            return Err(err("cache has no room for the prompt"));
-        }
-        let kv = self.cache_ptrs(cache)?;
-        self.after_candle()?;
-        let nl = self.cfg.n_layers;
-        let mut last = 0;
-        for (i, part) in tokens.chunks(WIDE_ROWS).enumerate() {
-            let pos = pos0 + i * WIDE_ROWS;
-            let n = part.len();
-            self.ensure_wide(n)?;
-            let recs: Vec<SeqRecord> = part
-                .iter()
-                .enumerate()
-                .map(|(j, &token)| SeqRecord {
-                    token,
-                    pos: pos + j,
-                    cap,
-                    kv: kv.clone(),
-                })
-                .collect();
-            let w = self.wide.as_mut().ok_or_else(|| err("no wide buffers"))?;
-            batch::upload_step(
-                &self.stream,
-                &mut self.words,
-                &recs,
-                n,
-                nl,
-                &mut w.step.slice,
-            )?;
-            let seg = PassSeg {
-                row: 0,
-                pos,
-                n,
-                kv: &kv,
-                cap,
-            };
-            self.wide_pass(n, &[seg])?;
-            last = n;
-        }
-        let out = self.pass_logits(last - 1)?;
-        self.steps += 1;
-        Ok(out)
+    /// Run `tokens` after the positions of `cache` (reserved past the end; not committed)
+    /// in wide passes: the logits of the last token as host floats (`prefill_wide_packed`
+    /// for one sequence).
+    pub(super) fn prefill_wide(&mut self, tokens: &[u32], cache: &SeqCache) -> Result<Vec<f32>> {
+        let mut out = self.prefill_wide_packed(&[(tokens, cache)])?;
+        out.pop()
+            .ok_or_else(|| err("no logits from the wide prefill"))
     }
 
     /// The logits of row `row` of the last wide pass (its final norm and the vocabulary
