@@ -1,9 +1,11 @@
 //! With the `cuda` feature, compile the fused decode kernels (src/engine/model/cuda/decode.cu)
 //! and the prefill attention (flash.cu) to PTX with nvcc (`NVCC`, else
-//! `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) for `CUDA_COMPUTE_CAP` (default 61: dp4a is
-//! the newest instruction the decode kernels use; the attention's tensor-core code needs 80
-//! and is left out below that; the driver compiles the PTX for the card at load). The
-//! default build does nothing here.
+//! `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) for the compute capability that candle's own
+//! kernels are built for: `CUDA_COMPUTE_CAP`, else the first card `nvidia-smi` lists
+//! (cudaforge's detection, which candle-kernels uses, so both agree). The decode kernels need
+//! 6.1 (dp4a); the tensor-core code needs 8.0 and is left out below that; the driver
+//! compiles the PTX for the card at load, so a build for 8.0 runs on any later card too.
+//! The default build does nothing here.
 
 // A build script reports a failure by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -34,8 +36,7 @@ fn main() {
                 .find(|p| p.exists())
         })
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "61".into());
-    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    let cap = compute_cap();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     for (src, ptx) in [
         ("src/engine/model/cuda/decode.cu", "decode.ptx"),
@@ -57,4 +58,26 @@ fn main() {
             });
         assert!(status.success(), "nvcc failed on {src}");
     }
+}
+
+/// The compute capability to build for, as candle-kernels detects it.
+#[cfg(feature = "cuda")]
+fn compute_cap() -> usize {
+    let cap = match cudaforge::detect_compute_cap() {
+        Ok(arch) => arch.base(),
+        Err(e) => panic!(
+            "the cuda feature needs the card's compute capability: {e} \
+             (set CUDA_COMPUTE_CAP, e.g. 90 for H100/H200, 89 for RTX 40xx, 86 for RTX 30xx)"
+        ),
+    };
+    assert!(
+        cap >= 61,
+        "CUDA_COMPUTE_CAP {cap}: candela's CUDA kernels need compute capability 6.1 or later"
+    );
+    cap
+}
+
+#[cfg(not(feature = "cuda"))]
+fn compute_cap() -> usize {
+    unreachable!("only the cuda feature compiles kernels")
 }
