@@ -1,11 +1,13 @@
 //! Host emulation tests of the CUDA kernels, for CI without a GPU: each `cuda/*_emu.cpp`
-//! compiles the kernels' own sources (decode.cu and its headers) with CUDA's built-ins
+//! compiles the kernels' own sources (decode.cu and its headers, flash.cu) with CUDA's built-ins
 //! emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and tensor-core
 //! fragments exchanged in the PTX layouts) and checks an invariant of the fused path: the
 //! decode attention kernels (tensor-core, per head, grouped) against a double-precision
 //! reference and batched against single-stream (`attn_emu.cpp`); every batched projection kernel against the
 //! single-stream mat-vec bit for bit, in the default order (`batched_emu.cpp`) and in
-//! eight parts (`sum8_emu.cpp`). Test-only; needs a C++20
+//! eight parts (`sum8_emu.cpp`); the prefill flash attention (flash.cu) against a
+//! double-precision causal softmax, windows and ring caches included (`flash_emu.cpp`).
+//! Test-only; needs a C++20
 //! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
 
 #[cfg(test)]
@@ -60,5 +62,10 @@ mod tests {
     #[test]
     fn eight_part_projections_batched_equal_single_stream_in_host_emulation() {
         emulate("sum8_emu");
+    }
+
+    #[test]
+    fn prefill_flash_attention_in_host_emulation() {
+        emulate("flash_emu");
     }
 }

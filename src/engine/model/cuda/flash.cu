@@ -16,7 +16,9 @@
 //   sees slots j < len with start + j <= its position (and, with window > 0, start + j >
 //   its position - window).
 
+#ifndef CANDELA_EMU
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 namespace {
