@@ -6,7 +6,9 @@
 //! reference and batched against single-stream (`attn_emu.cpp`); every batched projection kernel against the
 //! single-stream mat-vec bit for bit, in the default order (`batched_emu.cpp`) and in
 //! eight parts (`sum8_emu.cpp`); the prefill flash attention (flash.cu) against a
-//! double-precision causal softmax, windows and ring caches included (`flash_emu.cpp`).
+//! double-precision causal softmax, windows and ring caches included (`flash_emu.cpp`);
+//! the wide prefill's kernels (int8 GEMMs, f16 dequantization, RMS-normed f16 rows,
+//! SwiGLU, bias, RoPE) against the mat-vec row by row (`wide_emu.cpp`).
 //! Test-only; needs a C++20
 //! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
 
@@ -67,5 +69,10 @@ mod tests {
     #[test]
     fn prefill_flash_attention_in_host_emulation() {
         emulate("flash_emu");
+    }
+
+    #[test]
+    fn wide_prefill_rows_equal_the_mat_vec_in_host_emulation() {
+        emulate("wide_emu");
     }
 }
