@@ -673,7 +673,7 @@ pack)
     synth_models $MODELS || exit 1
     port=8200
     for m in $MODELS; do
-        for v in "" "CANDELA_CUDA_WIDE_PACK=1"; do
+        for v in "" "CANDELA_CUDA_WIDE_PACK=0"; do
             port=$((port + 1))
             echo "== candela over HTTP on $m ${v:-(defaults)} at ${SECONDS} s"
             candela_http "$(echo "candela-$m-${v:-defaults}" | tr '=' '_')" /root/synth/$m.gguf \

@@ -366,7 +366,13 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
         .iter()
         .map(|p| time(p, 1).map(|(_, l)| l))
         .collect::<Result<_, _>>()?;
-    let (ms, out) = one_pass(model, &prompts)?;
+    // In batched steps (packed wide passes, on by default where the card prefills wide,
+    // are timed against them below).
+    let was = model.fused_wide_pack();
+    model.set_fused_wide_pack(false);
+    let pass = one_pass(model, &prompts);
+    model.set_fused_wide_pack(was);
+    let (ms, out) = pass?;
     let same = out
         .iter()
         .zip(&alone)
@@ -378,7 +384,6 @@ fn prefill_checks(model: &Model, ctx: usize, limit: usize) -> Result<(), EngineE
     );
     // Packed wide passes, where the card prefills wide: prompts of several sequences in
     // shared wide passes against the same prompts in batched steps or each alone.
-    let was = model.fused_wide_pack();
     if model.fused_wide() && model.set_fused_wide_pack(true) {
         model.set_fused_prefill_max(limit);
         let r = packed_checks(model, &prompts, &alone, ms, &ids_of);

@@ -914,7 +914,7 @@ impl FusedDecoder {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(err)?
             .max(1) as usize;
-        let att_tc = env_switch("CANDELA_CUDA_ATT_TC").unwrap_or(false) && f.attention_tc.is_some();
+        let att_tc = env_switch("CANDELA_CUDA_ATT_TC").unwrap_or(true) && f.attention_tc.is_some();
         // Chunks enough for the card's blocks: a block a query head, or a KV group on the
         // tensor cores.
         let att_max = if env_switch("CANDELA_CUDA_ATTN_SPLIT") == Some(false) {
@@ -1026,7 +1026,7 @@ impl FusedDecoder {
             wide_min: AtomicUsize::new(
                 env_usize("CANDELA_CUDA_WIDE_MIN").unwrap_or(batch_plan::WIDE_MIN),
             ),
-            wide_pack: AtomicBool::new(env_switch("CANDELA_CUDA_WIDE_PACK").unwrap_or(false)),
+            wide_pack: AtomicBool::new(env_switch("CANDELA_CUDA_WIDE_PACK").unwrap_or(true)),
             prefill_max: AtomicUsize::new(
                 std::env::var("CANDELA_CUDA_PREFILL_MAX")
                     .ok()
