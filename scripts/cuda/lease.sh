@@ -96,7 +96,7 @@
 #   scripts/cuda/lease.sh pack     carry .device/s (as synth): packed wide passes, one call:
 #       candela over HTTP at 8 and 32 streams (max time to first token, aggregate decode)
 #       on each model (MODELS=..., default llama3-8b smollm2-shape) with its defaults and
-#       with CANDELA_CUDA_WIDE_PACK=1, then `candela doctor --prefill`'s packed lines
+#       with CANDELA_CUDA_WIDE_PACK=0 (packing off), then `candela doctor --prefill`'s packed lines
 #       (several prompts in one pass, packed against batched steps or each alone).
 #   scripts/cuda/lease.sh prof     carry .device/s: Nsight Compute on `candela doctor --quick`
 #       (KERNELS=regex, COUNT=n, MODEL_NAME=llama3-8b, SECTIONS="..."), report in $OUT.

@@ -436,7 +436,7 @@ impl Model {
         None
     }
 
-    /// Run the fused path's decode attention on the tensor cores (`CANDELA_CUDA_ATT_TC=1`)
+    /// Run the fused path's decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off)
     /// or in its per-head kernels; returns whether this card and model have the
     /// tensor-core kernels at all (if not, nothing changes).
     pub fn set_attn_tc(&self, on: bool) -> bool {
@@ -498,7 +498,7 @@ impl Model {
     }
 
     /// Whether a prefill pass of several sequences past the fused limit's rows runs as
-    /// shared wide passes (`CANDELA_CUDA_WIDE_PACK=1`).
+    /// shared wide passes (by default; `CANDELA_CUDA_WIDE_PACK=0` turns it off).
     pub fn fused_wide_pack(&self) -> bool {
         #[cfg(feature = "cuda")]
         if let Some(d) = &self.fused {

@@ -301,7 +301,7 @@ struct Inner {
     /// Whether decode attention runs on the tensor cores (`attention_tc*` single-stream,
     /// `attention_btc*` batched: a block per KV group and position chunk, the same bits
     /// as each other, agreeing with the per-head kernels to rounding;
-    /// `CANDELA_CUDA_ATT_TC=1`, where `Funcs::attention_tc` loaded); `candela doctor`
+    /// wherever `Funcs::attention_tc` loaded unless `CANDELA_CUDA_ATT_TC=0`); `candela doctor`
     /// compares both.
     att_tc: std::cell::Cell<bool>,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
@@ -366,7 +366,7 @@ pub struct FusedDecoder {
     /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::WIDE_MIN`).
     wide_min: AtomicUsize,
     /// Whether a prefill pass of several sequences with more rows than batched steps take
-    /// (past `prefill_max`) runs as shared wide passes (`CANDELA_CUDA_WIDE_PACK=1`; with
+    /// (past `prefill_max`) runs as shared wide passes (by default, `CANDELA_CUDA_WIDE_PACK=0` off; with
     /// `wide_on`), rather than each long chunk in its own and short ones in batched steps.
     wide_pack: AtomicBool,
 }
@@ -1093,7 +1093,7 @@ impl FusedDecoder {
         g.sum8
     }
 
-    /// Decode attention on the tensor cores (`CANDELA_CUDA_ATT_TC=1`) or in the per-head
+    /// Decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off) or in the per-head
     /// kernels; the captured graphs are dropped when that changes. Returns whether this
     /// card and model have the tensor-core kernels (if not, nothing changes).
     pub fn set_attn_tc(&self, on: bool) -> bool {
