@@ -1,16 +1,16 @@
 //! Host emulation tests of the CUDA kernels, for CI without a GPU: each `cuda/*_emu.cpp`
-//! compiles the kernels' own sources (decode.cu and its headers, flash.cu) with CUDA's built-ins
-//! emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and tensor-core
-//! fragments exchanged in the PTX layouts) and checks an invariant of the fused path: the
-//! decode attention kernels (tensor-core, per head, grouped) against a double-precision
-//! reference and batched against single-stream (`attn_emu.cpp`); every batched projection kernel against the
-//! single-stream mat-vec bit for bit, in the default order (`batched_emu.cpp`) and in
-//! eight parts (`sum8_emu.cpp`); the prefill flash attention (flash.cu) against a
-//! double-precision causal softmax, windows and ring caches included (`flash_emu.cpp`);
-//! the wide prefill's kernels (int8 GEMMs, f16 dequantization, RMS-normed f16 rows,
-//! SwiGLU, bias, RoPE) against the mat-vec row by row (`wide_emu.cpp`).
-//! Test-only; needs a C++20
-//! compiler with `_Float16` (`$CXX`, else `c++`), not a GPU or the `cuda` feature.
+//! compiles the kernels' own sources (decode.cu and its headers, flash.cu) with CUDA's
+//! built-ins emulated (`cuda/emu.h`: a block's threads as threads, warp shuffles and
+//! tensor-core fragments exchanged in the PTX layouts) and checks an invariant of the fused
+//! path: the decode attention kernels (tensor-core, per head, grouped) against a
+//! double-precision reference and batched against single-stream (`attn_emu.cpp`); every
+//! batched projection kernel against the single-stream mat-vec bit for bit, in the default
+//! order (`batched_emu.cpp`) and in eight parts (`sum8_emu.cpp`); the prefill flash
+//! attention (flash.cu) against a double-precision causal softmax, windows and ring caches
+//! included (`flash_emu.cpp`); the wide prefill's kernels (int8 GEMMs, f16
+//! dequantization, RMS-normed f16 rows, SwiGLU, bias, RoPE) against the mat-vec row by row
+//! (`wide_emu.cpp`). Test-only; needs a C++20 compiler with `_Float16` (`$CXX`, else
+//! `c++`), not a GPU or the `cuda` feature.
 
 #[cfg(test)]
 mod tests {

@@ -436,8 +436,8 @@ impl Model {
         None
     }
 
-    /// Run the fused path's decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off)
-    /// or in its per-head kernels; returns whether this card and model have the
+    /// Run the fused path's decode attention on the tensor cores (the default;
+    /// `CANDELA_CUDA_ATT_TC=0` off) or in its per-head kernels; returns whether this card and model have the
     /// tensor-core kernels at all (if not, nothing changes).
     pub fn set_attn_tc(&self, on: bool) -> bool {
         #[cfg(feature = "cuda")]

@@ -366,8 +366,9 @@ pub struct FusedDecoder {
     /// `wide_on` (`CANDELA_CUDA_WIDE_MIN`, default `batch_plan::WIDE_MIN`).
     wide_min: AtomicUsize,
     /// Whether a prefill pass of several sequences with more rows than batched steps take
-    /// (past `prefill_max`) runs as shared wide passes (by default, `CANDELA_CUDA_WIDE_PACK=0` off; with
-    /// `wide_on`), rather than each long chunk in its own and short ones in batched steps.
+    /// (past `prefill_max`) runs as shared wide passes (by default with `wide_on`;
+    /// `CANDELA_CUDA_WIDE_PACK=0` off), rather than each long chunk in its own and short
+    /// ones in batched steps.
     wide_pack: AtomicBool,
 }
 
@@ -1093,9 +1094,9 @@ impl FusedDecoder {
         g.sum8
     }
 
-    /// Decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off) or in the per-head
-    /// kernels; the captured graphs are dropped when that changes. Returns whether this
-    /// card and model have the tensor-core kernels (if not, nothing changes).
+    /// Decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off) or
+    /// in the per-head kernels; the captured graphs are dropped when that changes. Returns
+    /// whether this card and model have the tensor-core kernels (if not, nothing changes).
     pub fn set_attn_tc(&self, on: bool) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.f.attention_tc.is_none() {
