@@ -49,7 +49,10 @@ template <int KIND, int MODE>
 static auto gemm_k() {
 #define PICK(K)                                                                              \
     (MODE == MODE_STORE ? gemm_##K##_store : MODE == MODE_ADD ? gemm_##K##_add : gemm_##K##_swiglu)
-    return KIND == KIND_Q4_0 ? PICK(q4_0) : KIND == KIND_Q4_1 ? PICK(q4_1) : KIND == KIND_Q8_0 ? PICK(q8_0) : PICK(q4_k);
+    return KIND == KIND_Q4_0   ? PICK(q4_0)
+           : KIND == KIND_Q4_1 ? PICK(q4_1)
+           : KIND == KIND_Q8_0 ? PICK(q8_0)
+                               : PICK(q4_k);
 #undef PICK
 }
 
@@ -158,7 +161,8 @@ static void check(int rows, int T, std::mt19937& rng) {
                 for (int r = 0; r < n_out; ++r) {
                     double s = 0, a = 0;
                     for (int i = 0; i < K; ++i) {
-                        const double p = (double)wh[(size_t)r * K + i] * (double)xh[(size_t)t * K + i];
+                        const double p =
+                            (double)wh[(size_t)r * K + i] * (double)xh[(size_t)t * K + i];
                         s += p;
                         a += std::fabs(p);
                     }
@@ -197,7 +201,8 @@ static void check(int rows, int T, std::mt19937& rng) {
                 const double d = std::fabs((double)out[i] - single[i]);
                 e = std::max(e, std::isfinite(out[i]) ? d / tol[i] : INFINITY);
             }
-            if (!(e <= 1.0)) fail("f16 GEMM parts (dequant, bias, SwiGLU): error / bound", KIND, MODE, T, e);
+            if (!(e <= 1.0))
+                fail("f16 GEMM parts (dequant, bias, SwiGLU): error / bound", KIND, MODE, T, e);
         }
     }
 }
@@ -223,11 +228,13 @@ static void check_rope(int neox, std::mt19937& rng) {
             for (int i = 0; i < half; ++i) {
                 const int a = neox ? i : 2 * i, bb = neox ? i + half : 2 * i + 1;
                 const float* q = qkv.data() + (size_t)t * qkv_w + h * hd;
-                const float c = cs[(size_t)(pos0 + t) * half + i], s = sn[(size_t)(pos0 + t) * half + i];
+                const size_t at = (size_t)(pos0 + t) * half + i;
+                const float c = cs[at], s = sn[at];
                 const float want0 = q[a] * c - q[bb] * s, want1 = q[a] * s + q[bb] * c;
                 const float* o = qr.data() + ((size_t)t * nh + h) * hd;
                 if (o[a] != want0 || o[bb] != want1) {
-                    std::printf("FAIL q_rope_rows (neox %d) at row %d head %d pair %d\n", neox, t, h, i);
+                    std::printf("FAIL q_rope_rows (neox %d) at row %d head %d pair %d\n", neox, t,
+                                h, i);
                     ++failures;
                     return;
                 }
@@ -247,6 +254,6 @@ int main() {
     std::mt19937 rng(13);
     check_rope(0, rng);
     check_rope(1, rng);
-    return emu_every_layout<Check>(rng, failures,
-                                   "wide prefill: the int8 and f16 GEMMs' rows agree with the mat-vec");
+    return emu_every_layout<Check>(
+        rng, failures, "wide prefill: the int8 and f16 GEMMs' rows agree with the mat-vec");
 }
