@@ -239,6 +239,9 @@ int main() {
             check<128>(4, 2, {len, std::max(1, len - 3)}, nch, rng);
         }
     }
+    // The most chunks a launch takes.
+    check<64>(3, 1, {700, 130}, 16, rng);
+    check<128>(4, 2, {1100, 300}, 16, rng);
     // The per-head and grouped kernels too, on a few shapes (their blocks are 256 threads).
     check<64>(3, 2, {300, 21}, 4, rng, true);
     check<128>(7, 1, {700, 64}, 4, rng, true);
