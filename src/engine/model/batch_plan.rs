@@ -391,6 +391,42 @@ pub fn s8_tile(
     best.unwrap_or((forced_rt.unwrap_or(1), 1))
 }
 
+/// Which projections add their terms in eight parts a row (sum8.cuh: `mv8_*`/`mvq8_*`
+/// single-stream, `s8_*` batched) rather than in the 32-lane order (`mv_*`, tc.cuh);
+/// either way single-stream and batched steps use the same order for a projection, so
+/// batched logits keep the single-stream bits. `CANDELA_CUDA_SUM8`: `0` none (the
+/// default), `gate_up` the gate|up projection only, `1` every projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sum8 {
+    Off,
+    /// The gate|up projection (the SwiGLU pair) only: on an H100 its eight-part kernels
+    /// were faster for single streams and for batches alike on Llama-3-8B's and
+    /// SmolLM2's shapes, while the other projections' single-stream mat-vecs were slower.
+    GateUp,
+    All,
+}
+
+impl Sum8 {
+    /// The setting's value (`0`/`off`, `gate_up`, `1`/`all`); None for anything else.
+    pub fn parse(v: &str) -> Option<Sum8> {
+        match v {
+            "0" | "off" => Some(Sum8::Off),
+            "gate_up" => Some(Sum8::GateUp),
+            "1" | "all" => Some(Sum8::All),
+            _ => None,
+        }
+    }
+
+    /// Whether a projection (`swiglu`: the gate|up pair) sums in eight parts.
+    pub fn applies(self, swiglu: bool) -> bool {
+        match self {
+            Sum8::Off => false,
+            Sum8::GateUp => swiglu,
+            Sum8::All => true,
+        }
+    }
+}
+
 /// Most position chunks one head's decode attention is split into (the kernels'
 /// `ATT_MAX_CHUNKS`).
 pub const ATT_MAX_CHUNKS: usize = 16;
@@ -665,6 +701,22 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sum8_settings_pick_their_projections() {
+        assert_eq!(Sum8::parse("0"), Some(Sum8::Off));
+        assert_eq!(Sum8::parse("off"), Some(Sum8::Off));
+        assert_eq!(Sum8::parse("1"), Some(Sum8::All));
+        assert_eq!(Sum8::parse("all"), Some(Sum8::All));
+        assert_eq!(Sum8::parse("gate_up"), Some(Sum8::GateUp));
+        assert_eq!(Sum8::parse("yes"), None);
+        assert_eq!(Sum8::parse(""), None);
+        for swiglu in [false, true] {
+            assert!(!Sum8::Off.applies(swiglu));
+            assert!(Sum8::All.applies(swiglu));
+            assert_eq!(Sum8::GateUp.applies(swiglu), swiglu);
+        }
+    }
 
     #[test]
     fn head_groups_cover_each_kv_group_in_parts_of_at_most_four() {

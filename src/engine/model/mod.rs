@@ -554,8 +554,10 @@ impl Model {
         if let Some(d) = &self.fused {
             return Some(format!(
                 "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}, decode attention {}",
-                if d.sum8() {
+                if d.sum8() == batch_plan::Sum8::All {
                     "tensor cores (sums in eight parts)"
+                } else if d.sum8() == batch_plan::Sum8::GateUp {
+                    "tensor cores (gate|up summed in eight parts)"
                 } else if d.tensor_cores() {
                     "tensor cores"
                 } else {

@@ -283,11 +283,11 @@ struct Inner {
     /// Blocks per head of a batched attention launch (0: `batch_plan::attn_blocks_per_head`;
     /// `CANDELA_CUDA_ATT_BLOCKS`); `candela doctor` varies it.
     att_hb: std::cell::Cell<usize>,
-    /// Whether the projections add their terms in eight parts (sum8.cuh: `mv8_*`,
-    /// `mvq8_*` single-stream and `s8_*` batched, bit-identical to each other) rather
-    /// than in the 32-lane order of `mv_*` and the tensor-core kernels of tc.cuh
-    /// (`CANDELA_CUDA_SUM8=1`; needs compute capability 8.0).
-    sum8: bool,
+    /// Which projections add their terms in eight parts (sum8.cuh: `mv8_*`, `mvq8_*`
+    /// single-stream and `s8_*` batched, bit-identical to each other) rather than in the
+    /// 32-lane order of `mv_*` and the tensor-core kernels of tc.cuh
+    /// (`CANDELA_CUDA_SUM8`, `batch_plan::Sum8`; Off below compute capability 8.0).
+    sum8: batch_plan::Sum8,
     /// Rows of each `s8_*` block (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64; None: by size,
     /// `batch_plan::s8_tile`); `candela doctor` times each.
     s8_rows: std::cell::Cell<Option<usize>>,
@@ -925,7 +925,14 @@ impl FusedDecoder {
         } else {
             batch_plan::attn_chunks(cfg.n_heads, sms)
         };
-        let sum8 = env_switch("CANDELA_CUDA_SUM8").unwrap_or(false) && f.s8.is_some();
+        let sum8 = match std::env::var("CANDELA_CUDA_SUM8")
+            .ok()
+            .as_deref()
+            .and_then(batch_plan::Sum8::parse)
+        {
+            Some(s) if f.s8.is_some() => s,
+            _ => batch_plan::Sum8::Off,
+        };
         let inner = Inner {
             cfg: cfg.clone(),
             ctx,
@@ -1087,9 +1094,9 @@ impl FusedDecoder {
         g.f.tc.is_some() && g.mm_tc.get()
     }
 
-    /// Whether the projections add their terms in eight parts (`CANDELA_CUDA_SUM8=1`:
-    /// sum8.cuh's kernels, single-stream and batched).
-    pub fn sum8(&self) -> bool {
+    /// Which projections add their terms in eight parts (`CANDELA_CUDA_SUM8`: sum8.cuh's
+    /// kernels, single-stream and batched).
+    pub fn sum8(&self) -> batch_plan::Sum8 {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.sum8
     }
@@ -1253,10 +1260,11 @@ impl FusedDecoder {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = format!(
             "projection sums: {}\n",
-            if g.sum8 {
-                "eight parts a row (sum8.cuh)"
-            } else {
-                "32 lanes a row"
+            match g.sum8 {
+                batch_plan::Sum8::All => "eight parts a row (sum8.cuh)",
+                batch_plan::Sum8::GateUp =>
+                    "eight parts a row for gate|up (sum8.cuh), 32 lanes a row for the rest",
+                batch_plan::Sum8::Off => "32 lanes a row",
             }
         );
         s += &format!(
@@ -1376,7 +1384,7 @@ impl FusedDecoder {
         ];
         // (With sums in eight parts every batched projection is `s8_*`: the 32-lane
         // variants below would time the same kernels; its own tiles are timed instead.)
-        if g.f.tc.is_some() && !g.sum8 {
+        if g.f.tc.is_some() && g.sum8 != batch_plan::Sum8::All {
             for bucket in [8, 32] {
                 runs.push((bucket, !default_tc));
             }
@@ -1395,7 +1403,7 @@ impl FusedDecoder {
         // each matrix's by its size: batch_plan::tc_kernels, and batch_plan::mmq for the
         // dp4a kernels on once-quantized columns, off for these).
         let default_mmq = g.mm_q.get();
-        if g.sum8 {
+        if g.sum8 == batch_plan::Sum8::All {
             // The eight-part tiles with their rows forced for every projection.
             let default_rows = g.s8_rows.get();
             for bucket in [8, 32] {
