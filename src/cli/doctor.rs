@@ -17,7 +17,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use crate::engine::decode::sampling::argmax;
-use crate::engine::model::{Model, SeqInput, WideGemm};
+use crate::engine::model::{Model, SeqInput, Sum8, WideGemm};
 use crate::engine::text::tokenizer::Tok;
 use crate::engine::{fetch, pick_device, EngineError};
 use crate::kv::{KvDtype, SeqCache};
@@ -130,10 +130,11 @@ fn batched(model: &Model, prompt: &[u32], k: usize, n: usize) -> Result<Batched,
 }
 
 /// Batched decoding against each sequence stepped alone: aggregate tok/s at 8, 16 and 32
-/// sequences, and how many sequences have the same tokens and the same logits bits.
-fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineError> {
+/// sequences, and how many sequences have the same tokens and the same logits bits
+/// (`what`, when not empty, names a variant after the count of sequences).
+fn batch_report(model: &Model, prompt: &[u32], n: usize, what: &str) -> Result<(), EngineError> {
     let (single_rate, ..) = batched(model, prompt, 1, n)?;
-    println!("1 sequence: {single_rate:.1} tok/s");
+    println!("1 sequence{what}: {single_rate:.1} tok/s");
     for k in [8, 16, 32] {
         batched(model, prompt, k, 4)?; // warm-up: this width's graph
         model.fused_host_phases();
@@ -155,7 +156,7 @@ fn batch_report(model: &Model, prompt: &[u32], n: usize) -> Result<(), EngineErr
             same_bits += usize::from(h1[0] == hashes[i]);
         }
         println!(
-            "{k} sequences stepped together: {rate:.1} tok/s aggregate; against each stepped \
+            "{k} sequences{what} stepped together: {rate:.1} tok/s aggregate; against each stepped \
              alone ({} distinct prompts): tokens identical {same_toks}/{}, logits bit-identical \
              at every step {same_bits}/{}",
             k.min(8),
@@ -835,7 +836,21 @@ pub fn run(
             println!("{}", report("device", &r, c.as_ref()));
         }
     }
-    batch_report(&model, &short, n.min(64))?;
+    batch_report(&model, &short, n.min(64), "")?;
+    // The other eight-part setting where the card has those kernels (gate|up alone
+    // against the 32-lane order, or the 32-lane order against a setting that is on): its
+    // rates and its own batched-against-single-stream bits.
+    let sum8 = model.sum8();
+    let other = if sum8 == Sum8::Off {
+        Sum8::GateUp
+    } else {
+        Sum8::Off
+    };
+    if model.has_fused_decode() && model.set_sum8(other) {
+        let r = batch_report(&model, &short, n.min(64), &format!(" ({})", other.label()));
+        model.set_sum8(sum8);
+        r?;
+    }
     if model.has_fused_decode() {
         long_batch_report(&model, ctx, n.min(32))?;
     }

@@ -417,6 +417,15 @@ impl Sum8 {
         }
     }
 
+    /// The setting in words (`candela doctor`'s lines).
+    pub fn label(self) -> &'static str {
+        match self {
+            Sum8::Off => "sums in 32 lanes",
+            Sum8::GateUp => "gate|up summed in eight parts",
+            Sum8::All => "every projection summed in eight parts",
+        }
+    }
+
     /// Whether a projection (`swiglu`: the gate|up pair) sums in eight parts.
     pub fn applies(self, swiglu: bool) -> bool {
         match self {

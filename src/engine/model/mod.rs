@@ -25,6 +25,7 @@ mod moe;
 mod rope;
 mod swiglu;
 
+pub use batch_plan::Sum8;
 pub use config::{Act, Family, ModelConfig, Moe, RopeScaling, SlidingWindow, SUPPORTED};
 pub use gguf::metadata_strings;
 pub use logits::{HostRows, Logits};
@@ -437,8 +438,8 @@ impl Model {
     }
 
     /// Run the fused path's decode attention on the tensor cores (the default;
-    /// `CANDELA_CUDA_ATT_TC=0` off) or in its per-head kernels; returns whether this card and model have the
-    /// tensor-core kernels at all (if not, nothing changes).
+    /// `CANDELA_CUDA_ATT_TC=0` off) or in its per-head kernels; returns whether this card
+    /// and model have the tensor-core kernels at all (if not, nothing changes).
     pub fn set_attn_tc(&self, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         if let Some(d) = &self.fused {
@@ -446,6 +447,26 @@ impl Model {
         }
         let _ = on;
         false
+    }
+
+    /// Which projections of the fused path sum in eight parts (`CANDELA_CUDA_SUM8`);
+    /// returns whether this card has the eight-part kernels (if not, nothing changes).
+    pub fn set_sum8(&self, s: batch_plan::Sum8) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_sum8(s);
+        }
+        let _ = s;
+        false
+    }
+
+    /// Which projections of the fused path sum in eight parts (Off without it).
+    pub fn sum8(&self) -> batch_plan::Sum8 {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.sum8();
+        }
+        batch_plan::Sum8::Off
     }
 
     /// Whether the fused path's decode attention runs on the tensor cores.

@@ -632,7 +632,11 @@ impl Inner {
         let warps = (MV_THREADS / 32) as usize;
         let eps = self.cfg.rms_eps as f32;
         let k = m.k as i32;
-        let s8 = self.f.s8.as_ref().filter(|_| self.sum8.applies(mode == 2));
+        let s8 = self
+            .f
+            .s8
+            .as_ref()
+            .filter(|_| self.sum8.get().applies(mode == 2));
         if let Some(tc) = self
             .f
             .tc

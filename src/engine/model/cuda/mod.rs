@@ -287,7 +287,7 @@ struct Inner {
     /// single-stream and `s8_*` batched, bit-identical to each other) rather than in the
     /// 32-lane order of `mv_*` and the tensor-core kernels of tc.cuh
     /// (`CANDELA_CUDA_SUM8`, `batch_plan::Sum8`; Off below compute capability 8.0).
-    sum8: batch_plan::Sum8,
+    sum8: std::cell::Cell<batch_plan::Sum8>,
     /// Rows of each `s8_*` block (`CANDELA_CUDA_SUM8_ROWS`: 16, 32 or 64; None: by size,
     /// `batch_plan::s8_tile`); `candela doctor` times each.
     s8_rows: std::cell::Cell<Option<usize>>,
@@ -982,7 +982,7 @@ impl FusedDecoder {
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
             att_tc: std::cell::Cell::new(att_tc),
-            sum8,
+            sum8: std::cell::Cell::new(sum8),
             s8_rows: std::cell::Cell::new(env_usize("CANDELA_CUDA_SUM8_ROWS")),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
             mm_tcs32v: std::cell::Cell::new(tcs32_shape_from_env()),
@@ -1098,7 +1098,23 @@ impl FusedDecoder {
     /// kernels, single-stream and batched).
     pub fn sum8(&self) -> batch_plan::Sum8 {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.sum8
+        g.sum8.get()
+    }
+
+    /// Set which projections sum in eight parts; the captured graphs are dropped when
+    /// that changes. Returns whether this card has the eight-part kernels (if not,
+    /// nothing changes).
+    pub fn set_sum8(&self, s: batch_plan::Sum8) -> bool {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.f.s8.is_none() {
+            return false;
+        }
+        if g.sum8.get() != s {
+            g.sum8.set(s);
+            g.graph = None;
+            g.drop_batch_graphs();
+        }
+        true
     }
 
     /// Decode attention on the tensor cores (the default; `CANDELA_CUDA_ATT_TC=0` off) or
@@ -1260,7 +1276,7 @@ impl FusedDecoder {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = format!(
             "projection sums: {}\n",
-            match g.sum8 {
+            match g.sum8.get() {
                 batch_plan::Sum8::All => "eight parts a row (sum8.cuh)",
                 batch_plan::Sum8::GateUp =>
                     "eight parts a row for gate|up (sum8.cuh), 32 lanes a row for the rest",
@@ -1384,7 +1400,7 @@ impl FusedDecoder {
         ];
         // (With sums in eight parts every batched projection is `s8_*`: the 32-lane
         // variants below would time the same kernels; its own tiles are timed instead.)
-        if g.f.tc.is_some() && g.sum8 != batch_plan::Sum8::All {
+        if g.f.tc.is_some() && g.sum8.get() != batch_plan::Sum8::All {
             for bucket in [8, 32] {
                 runs.push((bucket, !default_tc));
             }
@@ -1403,7 +1419,7 @@ impl FusedDecoder {
         // each matrix's by its size: batch_plan::tc_kernels, and batch_plan::mmq for the
         // dp4a kernels on once-quantized columns, off for these).
         let default_mmq = g.mm_q.get();
-        if g.sum8 == batch_plan::Sum8::All {
+        if g.sum8.get() == batch_plan::Sum8::All {
             // The eight-part tiles with their rows forced for every projection.
             let default_rows = g.s8_rows.get();
             for bucket in [8, 32] {

@@ -141,7 +141,11 @@ impl Inner {
             (n, _) => n,
         };
         // The eight-part kernels take 4 rows a warp.
-        let s8 = self.f.s8.as_ref().filter(|_| self.sum8.applies(mode == 2));
+        let s8 = self
+            .f
+            .s8
+            .as_ref()
+            .filter(|_| self.sum8.get().applies(mode == 2));
         let rows_per_warp = if s8.is_some() { 4 } else { 1 };
         let blocks = rows.div_ceil(warps * rows_per_warp).min(self.sms * per_sm) as u32;
         let smem = (m.k + 8 * (m.k / 32)) as u32;
