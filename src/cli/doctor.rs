@@ -197,6 +197,19 @@ fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineEr
             alone.len()
         );
     }
+    // The tensor-core attention with its other least chunk length (64 against the
+    // default 256, or back), where it runs: its rates and its own batched-against-alone
+    // bits (chunks are cut by the length alone, so they hold under either).
+    if model.attn_tc() {
+        if let Some(was) = model.set_attn_tc_chunk(64) {
+            let other = if was == 64 { 256 } else { 64 };
+            model.set_attn_tc_chunk(other);
+            let cuts: Vec<usize> = alone.iter().map(|(cut, ..)| *cut).collect();
+            let r = chunk_rates(model, &ids, n, other, &cuts);
+            model.set_attn_tc_chunk(was);
+            r?;
+        }
+    }
     // The other decode attention (tensor cores or a block per query head), where the
     // card and model have both: its rates, and the longest sequence's logits step by
     // step against these (fed the same tokens; the kernels sum in other orders).
@@ -216,6 +229,40 @@ fn long_batch_report(model: &Model, ctx: usize, n: usize) -> Result<(), EngineEr
              tokens: {}",
             ours.len(),
             compare_rows(&ours, &theirs.1)
+        );
+    }
+    Ok(())
+}
+
+/// `long_batch_report`'s rates and bit checks (the sequences whose prompts are cut by
+/// `cuts` stepped alone) with the tensor-core attention in chunks of at least `chunk`
+/// positions.
+fn chunk_rates(
+    model: &Model,
+    ids: &[u32],
+    n: usize,
+    chunk: usize,
+    cuts: &[usize],
+) -> Result<(), EngineError> {
+    let len = ids.len();
+    // Its own single-stream runs: the chunking changes the sums' order.
+    let mut mine = Vec::with_capacity(cuts.len());
+    for &cut in cuts {
+        let (_, toks, hashes) = batched(model, &ids[..len - cut], 1, n)?;
+        mine.push((cut, toks, hashes));
+    }
+    for k in [8, 32] {
+        let (rate, toks, hashes) = batched(model, ids, k, n)?;
+        let same = mine
+            .iter()
+            .filter(|(i, t, h)| toks[*i] == t[0] && hashes[*i] == h[0])
+            .count();
+        println!(
+            "{k} sequences at position {}-{len}, attention on tensor cores in chunks of at \
+             least {chunk}: {rate:.1} tok/s aggregate; tokens and logits bits as stepped \
+             alone: {same}/{}",
+            len - 7,
+            mine.len()
         );
     }
     Ok(())

@@ -436,6 +436,19 @@ impl Sum8 {
     }
 }
 
+/// Least positions of a position chunk of the per-head decode attention (attn.cuh's
+/// `ATT_MIN_CHUNK`), and by default of the tensor-core one.
+pub const ATT_MIN_CHUNK: usize = 256;
+
+/// The tensor-core decode attention's least chunk length from a setting
+/// (`CANDELA_CUDA_ATT_TC_CHUNK`): a multiple of 64 (its block's four warps take
+/// 16-position tiles) from 64 to [`ATT_MIN_CHUNK`]; None for anything else.
+pub fn atc_chunk(v: &str) -> Option<usize> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (64..=ATT_MIN_CHUNK).contains(n) && n % 64 == 0)
+}
+
 /// Most position chunks one head's decode attention is split into (the kernels'
 /// `ATT_MAX_CHUNKS`).
 pub const ATT_MAX_CHUNKS: usize = 16;
@@ -710,6 +723,22 @@ pub fn token_steps(lens: &[usize]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_core_attention_chunks_are_whole_rounds_of_its_warps() {
+        assert_eq!(atc_chunk("64"), Some(64));
+        assert_eq!(atc_chunk("128"), Some(128));
+        assert_eq!(atc_chunk("256"), Some(ATT_MIN_CHUNK));
+        for bad in ["0", "32", "96", "320", "512", "x", ""] {
+            assert_eq!(atc_chunk(bad), None, "{bad}");
+        }
+        // The kernels' own constant.
+        let src = include_str!("cuda/attn.cuh");
+        assert!(
+            src.contains(&format!("#define ATT_MIN_CHUNK {ATT_MIN_CHUNK}\n")),
+            "attn.cuh's ATT_MIN_CHUNK differs from the host's"
+        );
+    }
 
     #[test]
     fn sum8_settings_pick_their_projections() {

@@ -469,6 +469,18 @@ impl Model {
         batch_plan::Sum8::Off
     }
 
+    /// Set the fused path's tensor-core attention's least chunk length in positions (64,
+    /// 128, 192 or 256); returns the previous one, or None without that path or for
+    /// another value.
+    pub fn set_attn_tc_chunk(&self, n: usize) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.fused {
+            return d.set_attn_tc_chunk(n);
+        }
+        let _ = n;
+        None
+    }
+
     /// Whether the fused path's decode attention runs on the tensor cores.
     pub fn attn_tc(&self) -> bool {
         #[cfg(feature = "cuda")]

@@ -13,9 +13,9 @@
 // chunk0 + cstep, ... of head h. A length of one chunk takes the unsplit code.
 #define ATT_MIN_CHUNK 256
 #define ATT_MAX_CHUNKS 16
-__device__ __forceinline__ int attn_chunk_len(int len, int nch) {
+__device__ __forceinline__ int attn_chunk_len(int len, int nch, int min_chunk = ATT_MIN_CHUNK) {
     const int c = (((len + nch - 1) / nch) + 63) & ~63;
-    return c > ATT_MIN_CHUNK ? c : ATT_MIN_CHUNK;
+    return c > min_chunk ? c : min_chunk;
 }
 
 // The combination of a head's n_c chunk results in hp (slots of hd + 2 floats: the
@@ -50,8 +50,8 @@ __device__ __forceinline__ void att_combine(const float* hp, int n_c, int hd,
 }
 
 // Where a decode step's attention for KV group `g` reads: the step's position, its
-// length in chunks of `clen` (`n_c` of them; one when `nch` is 1) and the group's cached
-// K and V rows of `layer`.
+// length in chunks of `clen` (`n_c` of them; one when `nch` is 1; chunks of at least
+// `min_chunk` positions) and the group's cached K and V rows of `layer`.
 struct AttSpan {
     int pos, len, clen, n_c;
     __half* kc;
@@ -59,11 +59,12 @@ struct AttSpan {
 };
 
 __device__ __forceinline__ AttSpan att_span(const unsigned long long* __restrict__ step,
-                                            int layer, int n_layers, int g, int hd, int nch) {
+                                            int layer, int n_layers, int g, int hd, int nch,
+                                            int min_chunk = ATT_MIN_CHUNK) {
     AttSpan a;
     a.pos = (int)step[STEP_POS];
     a.len = a.pos + 1;
-    a.clen = nch > 1 ? attn_chunk_len(a.len, nch) : a.len;
+    a.clen = nch > 1 ? attn_chunk_len(a.len, nch, min_chunk) : a.len;
     a.n_c = (a.len + a.clen - 1) / a.clen;
     const size_t cap = (size_t)step[STEP_CAP];
     a.kc = (__half*)step[STEP_PTRS + layer] + (size_t)g * cap * hd;

@@ -1,6 +1,7 @@
 // Host emulation of the decode attention kernels through decode.cu itself, for machines
 // without a GPU (emu.h says how). For head sizes 64 and 128, groups of 1 to 16 query
-// heads, lengths around the tile and chunk edges, whole and split over position chunks:
+// heads, lengths around the tile and chunk edges, whole and split over position chunks
+// (of at least 256 positions, and for the tensor-core kernels also of at least 64):
 // - the tensor-core kernels (attn_tc.cuh): each head's output against a double-precision
 //   softmax(q·K^T·scale)·V over the same f16 values (within the f16 rounding of the
 //   weights), the new K/V in the cache, the chunk tickets reset, and the batched kernel
@@ -23,10 +24,12 @@ struct Seq {
 };
 
 static int failures = 0;
+// The tensor-core kernels' least chunk length (their last argument).
+static int min_chunk = ATT_MIN_CHUNK;
 
 static void fail(const char* what, int hd, int ng, int len, int nch) {
-    std::printf("FAIL %s: hd %d, %d heads a group, length %d, %d chunk(s)\n", what, hd, ng, len,
-                nch);
+    std::printf("FAIL %s: hd %d, %d heads a group, length %d, %d chunk(s), chunks of >= %d\n",
+                what, hd, ng, len, nch, min_chunk);
     ++failures;
 }
 
@@ -135,7 +138,7 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
         emu_launch({(unsigned)(nkvh * nch), 1, 0}, ATC_THREADS, 4 * smem, [&] {
             (HD == 64 ? attention_tc64 : attention_tc128)(
                 s.qkv.data(), s.step.data(), 0, 1, nh, nkvh, HD, cos_t.data(), sin_t.data(), 0,
-                scale, nullptr, ctx, out.data(), nch, part.data(), cnt.data());
+                scale, nullptr, ctx, out.data(), nch, part.data(), cnt.data(), min_chunk);
         });
         if (std::any_of(cnt.begin(), cnt.end(), [](unsigned c) { return c != 0; }))
             fail("tickets not reset", HD, ng, lens[b], nch);
@@ -218,7 +221,8 @@ static void check(int ng, int nkvh, std::vector<int> lens, int nch, std::mt19937
         emu_launch({(unsigned)(nkvh * hb), (unsigned)bucket, 0}, ATC_THREADS, 4 * smem, [&] {
             (HD == 64 ? attention_btc64 : attention_btc128)(
                 bqkv.data(), bstep.data(), stride, 0, 1, nh, nkvh, HD, cos_t.data(), sin_t.data(),
-                0, scale, nullptr, ctx, out.data(), write, nch, hb, part.data(), cnt.data());
+                0, scale, nullptr, ctx, out.data(), write, nch, hb, part.data(), cnt.data(),
+                min_chunk);
         });
         for (size_t b = 0; b < seqs.size(); ++b) {
             if (std::memcmp(out.data() + b * nh * HD, single[b].data(), sizeof(float) * nh * HD)) {
@@ -242,6 +246,15 @@ int main() {
     // The most chunks a launch takes.
     check<64>(3, 1, {700, 130}, 16, rng);
     check<128>(4, 2, {1100, 300}, 16, rng);
+    // The tensor-core kernels in chunks of at least 64 positions.
+    min_chunk = 64;
+    for (int len : {65, 130, 257, 700}) {
+        check<64>(3, 2, {len, std::max(1, len - 7)}, 4, rng);
+        check<128>(4, 2, {len, std::max(1, len - 3)}, 4, rng);
+    }
+    check<64>(3, 1, {700, 130}, 16, rng);
+    check<128>(4, 2, {1100, 300}, 16, rng);
+    min_chunk = ATT_MIN_CHUNK;
     // The per-head and grouped kernels too, on a few shapes (their blocks are 256 threads).
     check<64>(3, 2, {300, 21}, 4, rng, true);
     check<128>(7, 1, {700, 64}, 4, rng, true);

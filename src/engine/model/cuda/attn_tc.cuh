@@ -1,6 +1,7 @@
 // Decode attention on the tensor cores (included by decode.cu; compute capability 8.0 and
 // later): one block of ATC_WARPS warps per KV group of a sequence (and, past
-// ATT_MIN_CHUNK positions, per position chunk: the same chunks as `attend`), the
+// `min_chunk` positions, per position chunk: cut as `attend` cuts them, in chunks of at
+// least `min_chunk` positions, a multiple of 64 from 64 to ATT_MIN_CHUNK), the
 // group's query heads (at most 16) as the rows of m16n8k16 f16 products, so each cached
 // K and V row is read once for the whole group and the dot products run on the tensor
 // cores instead of in eight-lane FMA chains.
@@ -45,7 +46,8 @@ __device__ void attend_tc(const float* __restrict__ qkv,
                           int nh, int nkvh, const float* __restrict__ cos_t,
                           const float* __restrict__ sin_t, int neox, float scale,
                           float* __restrict__ out, int g, bool write, int chunk0, int cstep,
-                          int nch, float* __restrict__ cpart, unsigned* __restrict__ cnt) {
+                          int nch, float* __restrict__ cpart, unsigned* __restrict__ cnt,
+                          int min_chunk) {
     constexpr int KS = HD / 16;  // k-steps of a score product
     constexpr int KU = HD / 32;  // 16-byte K loads a position row per lane
     constexpr int J = HD / 8;    // 8-column output tiles; V values a lane reads a row
@@ -60,7 +62,7 @@ __device__ void attend_tc(const float* __restrict__ qkv,
     float* wm = vn + HD;
     float* wl = wm + ATC_WARPS * ATC_ROWS;
     float* wo = wl + ATC_WARPS * ATC_ROWS;
-    const AttSpan a = att_span(step, layer, n_layers, g, HD, nch);
+    const AttSpan a = att_span(step, layer, n_layers, g, HD, nch, min_chunk);
     if (chunk0 >= a.n_c) return;  // the whole block: this length has no such chunk
     const int pos = a.pos, len = a.len, clen = a.clen, n_c = a.n_c;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -237,27 +239,29 @@ __device__ void attend_tc(const float* __restrict__ qkv,
 }
 
 // Single stream: grid nkvh * nch, KV group blockIdx.x / nch, chunk blockIdx.x % nch (the
-// arguments of `attention`; scores, ctx and hd unused).
+// arguments of `attention`, scores, ctx and hd unused, then the least chunk length).
 // Batched: grid (nkvh * hb, bucket), group blockIdx.x / hb of sequence blockIdx.y, chunks
-// blockIdx.x % hb, + hb, ... (the arguments of `attention_b`).
+// blockIdx.x % hb, + hb, ... (the arguments of `attention_b`, then the least chunk length).
 #define ATTENTION_TC(HD)                                                                    \
     extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc##HD(             \
         const float* __restrict__ qkv, const unsigned long long* __restrict__ step,        \
         int layer, int n_layers, int nh, int nkvh, int hd, const float* __restrict__ cos_t, \
         const float* __restrict__ sin_t, int neox, float scale, float* __restrict__ scores, \
         int ctx, float* __restrict__ out, int nch, float* __restrict__ part,               \
-        unsigned* __restrict__ cnt) {                                                       \
+        unsigned* __restrict__ cnt, int min_chunk) {                                        \
         pdl_launch_dependents();                                                            \
         pdl_wait();                                                                         \
         attend_tc<HD>(qkv, step, layer, n_layers, nh, nkvh, cos_t, sin_t, neox, scale, out, \
-                      blockIdx.x / nch, true, blockIdx.x % nch, nch, nch, part, cnt);       \
+                      blockIdx.x / nch, true, blockIdx.x % nch, nch, nch, part, cnt,        \
+                      min_chunk);                                                           \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_btc##HD(            \
         const float* __restrict__ qkv, const unsigned long long* __restrict__ step,        \
         int stride, int layer, int n_layers, int nh, int nkvh, int hd,                     \
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, int neox,        \
         float scale, float* __restrict__ scores, int ctx, float* __restrict__ out,         \
-        int write, int nch, int hb, float* __restrict__ part, unsigned* __restrict__ cnt) { \
+        int write, int nch, int hb, float* __restrict__ part, unsigned* __restrict__ cnt,  \
+        int min_chunk) {                                                                    \
         pdl_launch_dependents();                                                            \
         pdl_wait();                                                                         \
         const int b = blockIdx.y;                                                           \
@@ -267,7 +271,7 @@ __device__ void attend_tc(const float* __restrict__ qkv,
                       n_layers, nh, nkvh, cos_t, sin_t, neox, scale,                        \
                       out + (size_t)b * nh * HD, blockIdx.x / hb, write != 0,               \
                       blockIdx.x % hb, hb, nch, part + (size_t)b * nh * nch * (HD + 2),     \
-                      cnt + (size_t)b * nh);                                                \
+                      cnt + (size_t)b * nh, min_chunk);                                     \
     }
 
 ATTENTION_TC(64)

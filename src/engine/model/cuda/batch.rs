@@ -831,6 +831,7 @@ impl Inner {
             n => n.clamp(1, nch),
         };
         let (nchi, hbi, gsi, nsubi) = (nch as i32, hb as i32, gs as i32, nsub as i32);
+        let min_chunk = self.atc_chunk.get() as i32;
         let mut tail = vec![
             arg(&scale),
             arg(&b.scores.ptr),
@@ -844,6 +845,7 @@ impl Inner {
         ];
         let threads = ATT_THREADS as u32;
         let (f, threads, smem) = if let Some((tc, tc_threads, smem)) = tc {
+            tail.push(arg(&min_chunk));
             (&tc[1], tc_threads, smem)
         } else if self.att_group {
             tail.extend([arg(&gsi), arg(&nsubi)]);
@@ -857,7 +859,8 @@ impl Inner {
             )
         };
         let mut args: Vec<*mut c_void> = h.args().iter().chain(&tail).copied().collect();
-        // SAFETY: matches `attention_b` (`attention_btc*`: the same arguments;
+        // SAFETY: matches `attention_b` (`attention_btc*`: the same arguments and the
+        // least chunk length;
         // `attention_bg` with its two trailing ints);
         // each record holds its sequence's cache pointers, att_part and att_cnt hold
         // `att_max >= nch` chunks for every head of `bucket` rows.

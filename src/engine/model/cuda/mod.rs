@@ -304,6 +304,10 @@ struct Inner {
     /// wherever `Funcs::attention_tc` loaded unless `CANDELA_CUDA_ATT_TC=0`); `candela doctor`
     /// compares both.
     att_tc: std::cell::Cell<bool>,
+    /// The tensor-core attention's least chunk length in positions when it splits
+    /// (`CANDELA_CUDA_ATT_TC_CHUNK`, `batch_plan::atc_chunk`; default
+    /// `batch_plan::ATT_MIN_CHUNK`, the per-head kernels' own); `candela doctor` compares 64.
+    atc_chunk: std::cell::Cell<usize>,
     /// Whether the batched mat-mats run on tensor cores where the card has them (by
     /// default; `CANDELA_CUDA_MM_TC=0`: the dp4a kernels); `candela doctor` times both.
     mm_tc: std::cell::Cell<bool>,
@@ -982,6 +986,13 @@ impl FusedDecoder {
             att_hb: std::cell::Cell::new(env_usize("CANDELA_CUDA_ATT_BLOCKS").unwrap_or(0)),
             att_group: env_switch("CANDELA_CUDA_ATT_GROUP").unwrap_or(false),
             att_tc: std::cell::Cell::new(att_tc),
+            atc_chunk: std::cell::Cell::new(
+                std::env::var("CANDELA_CUDA_ATT_TC_CHUNK")
+                    .ok()
+                    .as_deref()
+                    .and_then(batch_plan::atc_chunk)
+                    .unwrap_or(batch_plan::ATT_MIN_CHUNK),
+            ),
             sum8: std::cell::Cell::new(sum8),
             s8_rows: std::cell::Cell::new(env_usize("CANDELA_CUDA_SUM8_ROWS")),
             mm_tcs: std::cell::Cell::new(env_switch("CANDELA_CUDA_TC_SMEM")),
@@ -1131,6 +1142,21 @@ impl FusedDecoder {
             g.drop_batch_graphs();
         }
         true
+    }
+
+    /// Set the tensor-core attention's least chunk length (a `batch_plan::atc_chunk`
+    /// value); the captured graphs are dropped when it changes. Returns the previous
+    /// one, or None where the value is not one of those (nothing changes).
+    pub fn set_attn_tc_chunk(&self, n: usize) -> Option<usize> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        batch_plan::atc_chunk(&n.to_string())?;
+        let was = g.atc_chunk.get();
+        if was != n {
+            g.atc_chunk.set(n);
+            g.graph = None;
+            g.drop_batch_graphs();
+        }
+        Some(was)
     }
 
     /// Whether decode attention runs on the tensor cores.
@@ -1350,6 +1376,34 @@ impl FusedDecoder {
             };
             let r = lines();
             g.att_tc.set(was);
+            s += &r?;
+        }
+        // The tensor-core attention's other least chunk length (64 against the default
+        // 256, or back), where it runs: single-stream at each position, batched at the
+        // longest.
+        if g.att_tc.get() && g.f.attention_tc.is_some() {
+            let was = g.atc_chunk.get();
+            let other = if was == batch_plan::ATT_MIN_CHUNK {
+                64
+            } else {
+                batch_plan::ATT_MIN_CHUNK
+            };
+            g.atc_chunk.set(other);
+            let what = format!("attention on tensor cores in chunks of at least {other}");
+            let mut lines = || -> Result<String> {
+                let mut s = String::new();
+                for &p in positions {
+                    s += &g.kernel_line(cache, p, &format!(", {what}"))?;
+                }
+                if let Some(&p) = positions.iter().max() {
+                    for rows in [8, 32] {
+                        s += &g.batch_line(cache, p, rows, &format!(" from pos {p}, {what}"))?;
+                    }
+                }
+                Ok(s)
+            };
+            let r = lines();
+            g.atc_chunk.set(was);
             s += &r?;
         }
         // Whole steps: the graph replayed back to back against whole steps with the

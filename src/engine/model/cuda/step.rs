@@ -325,7 +325,8 @@ impl Inner {
                 let ctx = self.ctx as i32;
                 // Each head in `nch` blocks, one a position chunk (see `attend`).
                 let nch = self.att_nch.get().min(self.att_max) as i32;
-                let mut args = [
+                let min_chunk = self.atc_chunk.get() as i32;
+                let mut args = vec![
                     arg(&self.qkv.ptr),
                     arg(&self.step.ptr),
                     arg(&li),
@@ -347,14 +348,18 @@ impl Inner {
                 // A block a query head, or on the tensor cores a KV group (its heads'
                 // products together), each in `nch` position chunks.
                 let (f, units, threads, smem) = match self.att_tc_launch() {
-                    Some((tc, threads, smem)) => (&tc[0], cfg.n_kv_heads, threads, smem),
+                    Some((tc, threads, smem)) => {
+                        args.push(arg(&min_chunk));
+                        (&tc[0], cfg.n_kv_heads, threads, smem)
+                    }
                     None => {
                         let threads = ATT_THREADS as u32;
                         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
                         (&self.f.attention, cfg.n_heads, threads, smem)
                     }
                 };
-                // SAFETY: matches `attention` (and `attention_tc*`, the same arguments);
+                // SAFETY: matches `attention` (and `attention_tc*`, the same arguments and
+                // the least chunk length);
                 // the step buffer holds the cache pointers, att_part and att_cnt hold
                 // `att_max >= nch` chunks for every head.
                 unsafe {
