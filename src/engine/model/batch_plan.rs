@@ -444,9 +444,13 @@ pub const ATT_MIN_CHUNK: usize = 256;
 /// (`CANDELA_CUDA_ATT_TC_CHUNK`): a multiple of 64 (its block's four warps take
 /// 16-position tiles) from 64 to [`ATT_MIN_CHUNK`]; None for anything else.
 pub fn atc_chunk(v: &str) -> Option<usize> {
-    v.parse::<usize>()
-        .ok()
-        .filter(|n| (64..=ATT_MIN_CHUNK).contains(n) && n % 64 == 0)
+    v.parse::<usize>().ok().filter(|&n| atc_chunk_ok(n))
+}
+
+/// Whether `n` positions can be the tensor-core attention's least chunk length (see
+/// [`atc_chunk`]).
+pub fn atc_chunk_ok(n: usize) -> bool {
+    (64..=ATT_MIN_CHUNK).contains(&n) && n.is_multiple_of(64)
 }
 
 /// Most position chunks one head's decode attention is split into (the kernels'

@@ -587,14 +587,11 @@ impl Model {
         if let Some(d) = &self.fused {
             return Some(format!(
                 "fused decode, batched mat-mats on {}, long prompts {}, flash attention {flash}, decode attention {}",
-                if d.sum8() == batch_plan::Sum8::All {
-                    "tensor cores (sums in eight parts)"
-                } else if d.sum8() == batch_plan::Sum8::GateUp {
-                    "tensor cores (gate|up summed in eight parts)"
-                } else if d.tensor_cores() {
-                    "tensor cores"
-                } else {
-                    "dp4a"
+                match d.sum8() {
+                    batch_plan::Sum8::All => "tensor cores (sums in eight parts)",
+                    batch_plan::Sum8::GateUp => "tensor cores (gate|up summed in eight parts)",
+                    batch_plan::Sum8::Off if d.tensor_cores() => "tensor cores",
+                    batch_plan::Sum8::Off => "dp4a",
                 },
                 match (d.wide(), d.wide_gemm()) {
                     (true, WideGemm::F16) => "wide (f16 GEMMs)",

@@ -104,20 +104,19 @@ std::vector<float> emu_single(const EmuWeights& w, const EmuInputs& in, int cols
 
 // C::template run<KIND, MODE>(rng) for every weight layout and epilogue; then the
 // verdict from `failures`: exit status 1 after printing the count, else 0 after `ok`.
+template <class C, int KIND>
+void emu_every_mode(std::mt19937& rng) {
+    C::template run<KIND, MODE_STORE>(rng);
+    C::template run<KIND, MODE_ADD>(rng);
+    C::template run<KIND, MODE_SWIGLU>(rng);
+}
+
 template <class C>
 int emu_every_layout(std::mt19937& rng, const int& failures, const char* ok) {
-    C::template run<KIND_Q4_0, MODE_STORE>(rng);
-    C::template run<KIND_Q4_0, MODE_ADD>(rng);
-    C::template run<KIND_Q4_0, MODE_SWIGLU>(rng);
-    C::template run<KIND_Q4_1, MODE_STORE>(rng);
-    C::template run<KIND_Q4_1, MODE_ADD>(rng);
-    C::template run<KIND_Q4_1, MODE_SWIGLU>(rng);
-    C::template run<KIND_Q8_0, MODE_STORE>(rng);
-    C::template run<KIND_Q8_0, MODE_ADD>(rng);
-    C::template run<KIND_Q8_0, MODE_SWIGLU>(rng);
-    C::template run<KIND_Q4_K, MODE_STORE>(rng);
-    C::template run<KIND_Q4_K, MODE_ADD>(rng);
-    C::template run<KIND_Q4_K, MODE_SWIGLU>(rng);
+    emu_every_mode<C, KIND_Q4_0>(rng);
+    emu_every_mode<C, KIND_Q4_1>(rng);
+    emu_every_mode<C, KIND_Q8_0>(rng);
+    emu_every_mode<C, KIND_Q4_K>(rng);
     if (failures) {
         std::printf("%d failure(s)\n", failures);
         return 1;

@@ -442,6 +442,23 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 impl Inner {
+    /// Set the setting `cell` of `self` to `v`, dropping the captured graphs (which bake
+    /// in the kernels and arguments it picks) where that changes it; returns the previous
+    /// value.
+    fn set_recaptured<T: Copy + PartialEq>(
+        &mut self,
+        cell: impl Fn(&Self) -> &std::cell::Cell<T>,
+        v: T,
+    ) -> T {
+        let was = cell(self).get();
+        if was != v {
+            cell(self).set(v);
+            self.graph = None;
+            self.drop_batch_graphs();
+        }
+        was
+    }
+
     /// The tensor-core attention kernels (`[single-stream, batched]`) where decode
     /// attention runs on them, with their blocks' threads and dynamic shared memory.
     fn att_tc_launch(&self) -> Option<(&[CudaFunction; 2], u32, u32)> {
@@ -1120,11 +1137,7 @@ impl FusedDecoder {
         if g.f.s8.is_none() {
             return false;
         }
-        if g.sum8.get() != s {
-            g.sum8.set(s);
-            g.graph = None;
-            g.drop_batch_graphs();
-        }
+        g.set_recaptured(|i| &i.sum8, s);
         true
     }
 
@@ -1136,27 +1149,16 @@ impl FusedDecoder {
         if g.f.attention_tc.is_none() {
             return false;
         }
-        if g.att_tc.get() != on {
-            g.att_tc.set(on);
-            g.graph = None;
-            g.drop_batch_graphs();
-        }
+        g.set_recaptured(|i| &i.att_tc, on);
         true
     }
 
-    /// Set the tensor-core attention's least chunk length (a `batch_plan::atc_chunk`
-    /// value); the captured graphs are dropped when it changes. Returns the previous
+    /// Set the tensor-core attention's least chunk length (`batch_plan::atc_chunk_ok`);
+    /// the captured graphs are dropped when it changes. Returns the previous
     /// one, or None where the value is not one of those (nothing changes).
     pub fn set_attn_tc_chunk(&self, n: usize) -> Option<usize> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        batch_plan::atc_chunk(&n.to_string())?;
-        let was = g.atc_chunk.get();
-        if was != n {
-            g.atc_chunk.set(n);
-            g.graph = None;
-            g.drop_batch_graphs();
-        }
-        Some(was)
+        batch_plan::atc_chunk_ok(n).then(|| g.set_recaptured(|i| &i.atc_chunk, n))
     }
 
     /// Whether decode attention runs on the tensor cores.
@@ -1171,11 +1173,7 @@ impl FusedDecoder {
     pub fn set_attn_split(&self, on: bool) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let want = if on { g.att_max } else { 1 };
-        if g.att_nch.get() != want {
-            g.att_nch.set(want);
-            g.graph = None;
-            g.drop_batch_graphs();
-        }
+        g.set_recaptured(|i| &i.att_nch, want);
         g.att_max > 1
     }
 

@@ -326,7 +326,9 @@ impl Inner {
                 // Each head in `nch` blocks, one a position chunk (see `attend`).
                 let nch = self.att_nch.get().min(self.att_max) as i32;
                 let min_chunk = self.atc_chunk.get() as i32;
-                let mut args = vec![
+                // The tensor-core kernels take the least chunk length last; the per-head
+                // kernel the arguments before it.
+                let mut args = [
                     arg(&self.qkv.ptr),
                     arg(&self.step.ptr),
                     arg(&li),
@@ -344,18 +346,17 @@ impl Inner {
                     arg(&nch),
                     arg(&self.att_part.ptr),
                     arg(&self.att_cnt.ptr),
+                    arg(&min_chunk),
                 ];
+                let n_args = args.len();
                 // A block a query head, or on the tensor cores a KV group (its heads'
                 // products together), each in `nch` position chunks.
-                let (f, units, threads, smem) = match self.att_tc_launch() {
-                    Some((tc, threads, smem)) => {
-                        args.push(arg(&min_chunk));
-                        (&tc[0], cfg.n_kv_heads, threads, smem)
-                    }
+                let (f, units, threads, smem, n_args) = match self.att_tc_launch() {
+                    Some((tc, threads, smem)) => (&tc[0], cfg.n_kv_heads, threads, smem, n_args),
                     None => {
                         let threads = ATT_THREADS as u32;
                         let smem = ((3 * hd) as u32 + 8 * threads) * 4;
-                        (&self.f.attention, cfg.n_heads, threads, smem)
+                        (&self.f.attention, cfg.n_heads, threads, smem, n_args - 1)
                     }
                 };
                 // SAFETY: matches `attention` (and `attention_tc*`, the same arguments and
@@ -368,7 +369,7 @@ impl Inner {
                         (units * nch as usize) as u32,
                         threads,
                         smem,
-                        &mut args,
+                        &mut args[..n_args],
                         true,
                     )
                 }
