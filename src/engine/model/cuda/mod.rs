@@ -480,6 +480,26 @@ impl Inner {
         ))
     }
 
+    /// `candela doctor`'s lines for a variant (`what`) of the decode step: single-stream
+    /// kernels at each of `positions`, batched ones at 8 and 32 rows from the longest.
+    fn variant_lines(
+        &mut self,
+        cache: &mut SeqCache,
+        positions: &[usize],
+        what: &str,
+    ) -> Result<String> {
+        let mut s = String::new();
+        for &p in positions {
+            s += &self.kernel_line(cache, p, &format!(", {what}"))?;
+        }
+        if let Some(&p) = positions.iter().max() {
+            for rows in [8, 32] {
+                s += &self.batch_line(cache, p, rows, &format!(" from pos {p}, {what}"))?;
+            }
+        }
+        Ok(s)
+    }
+
     /// `candela doctor`'s line for a batched step of `bucket` rows from `pos` of `cache`
     /// (kernel costs in a graph, `bench_batch`); `what` names the variant after "rows".
     fn batch_line(
@@ -1351,28 +1371,11 @@ impl FusedDecoder {
             let was = g.att_tc.get();
             g.att_tc.set(!was);
             let what = if was {
-                "a block per query head"
+                "attention a block per query head"
             } else {
-                "on tensor cores"
+                "attention on tensor cores"
             };
-            let mut lines = || -> Result<String> {
-                let mut s = String::new();
-                for &p in positions {
-                    s += &g.kernel_line(cache, p, &format!(", attention {what}"))?;
-                }
-                if let Some(&p) = positions.iter().max() {
-                    for rows in [8, 32] {
-                        s += &g.batch_line(
-                            cache,
-                            p,
-                            rows,
-                            &format!(" from pos {p}, attention {what}"),
-                        )?;
-                    }
-                }
-                Ok(s)
-            };
-            let r = lines();
+            let r = g.variant_lines(cache, positions, what);
             g.att_tc.set(was);
             s += &r?;
         }
@@ -1388,19 +1391,7 @@ impl FusedDecoder {
             };
             g.atc_chunk.set(other);
             let what = format!("attention on tensor cores in chunks of at least {other}");
-            let mut lines = || -> Result<String> {
-                let mut s = String::new();
-                for &p in positions {
-                    s += &g.kernel_line(cache, p, &format!(", {what}"))?;
-                }
-                if let Some(&p) = positions.iter().max() {
-                    for rows in [8, 32] {
-                        s += &g.batch_line(cache, p, rows, &format!(" from pos {p}, {what}"))?;
-                    }
-                }
-                Ok(s)
-            };
-            let r = lines();
+            let r = g.variant_lines(cache, positions, &what);
             g.atc_chunk.set(was);
             s += &r?;
         }
